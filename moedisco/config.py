@@ -1,0 +1,285 @@
+"""The job spec: one pydantic model per paper stage, composed into `JobSpec`.
+
+The spec is the single source of truth: the YAML a user writes, the JSON the REST API takes, and the copy saved
+in the output folder and next to every checkpoint.
+
+    spec = load_spec("examples/tiny.yaml", overrides=["submodel.steps=50"])
+    spec.model.num_experts  # -> 4
+
+Defaults follow the paper: submodels train with AdamW, lr 1e-4, constant schedule (Table 4); the fine-tune and the
+full-parameter baseline with AdamW, lr 3e-4, cosine, warmup ratio 0.03, weight decay 0.01 (Table 5).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class SpecError(ValueError):
+    """A job spec that cannot be loaded; the message names the offending field."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are almost always typos ("lerning_rate"), so they are errors, not silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    train: Path = Field(description="Training corpus: a .jsonl/.json/.parquet/.txt file or a folder of them.")
+    format: Literal["auto", "jsonl", "json", "parquet", "text"] = Field(
+        "auto", description="File format; `auto` picks it from the file extension."
+    )
+    text_field: str = Field("text", min_length=1, description="Field holding the document text in JSON/Parquet.")
+    eval: Path | None = Field(None, description="Separate held-out corpus; when unset, `eval_fraction` is split off.")
+    eval_fraction: float = Field(0.05, ge=0.0, lt=0.5, description="Fraction of documents held out for evaluation.")
+    on_error: Literal["raise", "skip"] = Field(
+        "raise", description="Malformed lines: `raise` an error naming file and line, or `skip` and count them."
+    )
+    max_documents: int | None = Field(None, gt=0, description="Use at most this many documents (for quick runs).")
+    sequence_length: int = Field(256, ge=8, le=131072, description="Tokens per packed training sequence.")
+
+
+class TokenizerConfig(_Section):
+    path: Path | None = Field(None, description="Local Hugging Face tokenizer folder; unset trains a byte-level BPE.")
+    vocab_size: int = Field(4096, ge=300, le=1_000_000, description="Vocabulary size of the trained BPE tokenizer.")
+    min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a BPE merge.")
+
+
+class EmbedConfig(_Section):
+    model_path: Path | None = Field(
+        None, description="Local embedding model folder; unset uses the bundled all-MiniLM-L6-v2 (offline)."
+    )
+    mode: Literal["token_mean", "sentence"] = Field(
+        "token_mean",
+        description="`token_mean`: mean of the input embedding layer over tokens (paper eq. 1); "
+        "`sentence`: the full sentence-encoder embedding.",
+    )
+    batch_size: int = Field(64, ge=1, description="Documents per embedding batch.")
+    max_length: int = Field(256, ge=8, le=8192, description="Tokens of each document seen by the embedder.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for the embedding model.")
+
+
+class ClusterConfig(_Section):
+    method: Literal["kmeans", "balanced_kmeans", "random"] = Field(
+        "kmeans", description="`kmeans` (paper), `balanced_kmeans` (sizes bounded, as c-BTM) or `random` (ablation)."
+    )
+    normalize: bool = Field(True, description="L2-normalise embeddings before clustering (cosine geometry).")
+    n_init: int = Field(4, ge=1, le=100, description="k-means restarts; the best objective is kept.")
+    balance_slack: float = Field(
+        0.25, ge=0.0, le=10.0, description="balanced_kmeans: no cluster exceeds (1 + slack) x N / K documents."
+    )
+
+
+ARCHITECTURES = ("qwen2_moe", "mixtral", "olmoe", "qwen3_moe")
+
+
+class ModelConfig(_Section):
+    arch: Literal["qwen2_moe", "mixtral", "olmoe", "qwen3_moe"] = Field(
+        "qwen2_moe", description="Hugging Face MoE architecture (`model_type`)."
+    )
+    pretrained: Path | None = Field(
+        None, description="Local pretrained MoE checkpoint folder; unset builds the model from this config."
+    )
+    num_experts: int = Field(4, ge=2, le=256, description="Experts per MoE layer (= number of clusters).")
+    num_experts_per_tok: int = Field(2, ge=1, description="Experts each token is routed to (top-k).")
+    hidden_size: int = Field(64, ge=8, description="Model width.")
+    intermediate_size: int = Field(128, ge=8, description="FFN width of dense layers (and Mixtral's experts).")
+    moe_intermediate_size: int = Field(64, ge=8, description="Expert FFN width (Qwen/OLMoE families).")
+    shared_expert_intermediate_size: int = Field(64, ge=8, description="Shared expert FFN width (qwen2_moe).")
+    num_hidden_layers: int = Field(2, ge=1, description="Transformer layers.")
+    num_attention_heads: int = Field(4, ge=1, description="Attention heads.")
+    num_key_value_heads: int = Field(2, ge=1, description="Key/value heads (grouped-query attention).")
+    max_position_embeddings: int = Field(4096, ge=8, description="Longest position the model supports.")
+    router_aux_loss_coef: float = Field(0.01, ge=0.0, description="Load-balancing loss weight in the fine-tune.")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Extra Hugging Face config keys, passed through unchanged."
+    )
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> ModelConfig:
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError("num_experts_per_tok must be <= num_experts")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be divisible by num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be divisible by num_key_value_heads")
+        return self
+
+
+class TrainConfig(_Section):
+    steps: int = Field(200, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(16, ge=1, description="Sequences per optimizer step (Tables 4-5: 16).")
+    lr: float = Field(3e-4, gt=0.0, le=1.0, description="Peak learning rate.")
+    schedule: Literal["constant", "cosine", "linear"] = Field("cosine", description="Learning-rate schedule.")
+    warmup_ratio: float = Field(0.03, ge=0.0, le=0.5, description="Fraction of steps of linear warm-up.")
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    grad_clip: float = Field(1.0, ge=0.0, description="Max gradient norm; 0 disables clipping.")
+    eval_every: int = Field(50, ge=1, description="Steps between held-out evaluations.")
+    eval_batches: int = Field(8, ge=1, description="Held-out batches per evaluation.")
+    checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints (resume granularity).")
+    keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept on disk.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto` uses CUDA when present.")
+    dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="`auto`: bf16 autocast on CUDA, fp32 on CPU.")
+
+
+def _submodel_defaults() -> TrainConfig:
+    # Paper Table 4: AdamW, lr 1e-4, constant.
+    return TrainConfig(lr=1e-4, schedule="constant", warmup_ratio=0.0)
+
+
+class MergeConfig(_Section):
+    weighting: Literal["samples", "uniform"] = Field(
+        "samples", description="Shared-parameter average: by cluster sample counts (WP-SGD) or uniform."
+    )
+    router_init: Literal["concat", "centroid", "random"] = Field(
+        "concat",
+        description="`concat`: the submodels' router rows (paper); `centroid`: mean hidden state of each cluster; "
+        "`random`: fresh initialisation.",
+    )
+    centroid_sequences: int = Field(16, ge=1, description="centroid: sequences per cluster used to estimate rows.")
+
+
+class TierConfig(_Section):
+    label: str = Field(description="Value of the node label `gpu_type` the tier's nodes carry.")
+    device_type: str = Field(description="Key into `prices` and `devices` for this tier's accelerator.")
+    num_devices: int = Field(1, ge=1, description="Devices one stage task uses on this tier.")
+
+
+class DeviceSpec(_Section):
+    memory_gb: float = Field(gt=0, description="Device memory in GB.")
+    bf16_tflops: float = Field(gt=0, description="Published dense bf16 peak, TFLOP/s.")
+
+
+class ResourcesConfig(_Section):
+    label_key: str = Field("gpu_type", min_length=1, description="Node label that names the tier.")
+    submodel_tier: TierConfig = Field(
+        default_factory=lambda: TierConfig(label="4090", device_type="rtx4090"),
+        description="Cheap tier: submodel training (and the shared warm-up).",
+    )
+    finetune_tier: TierConfig = Field(
+        default_factory=lambda: TierConfig(label="A100", device_type="a100"),
+        description="Expensive tier: fine-tune and full-parameter baseline.",
+    )
+    prices: dict[str, float] = Field(
+        default_factory=lambda: {"rtx4090": 0.35, "a100": 2.28, "cpu": 0.0},
+        description="Dollars per device-hour, by device type (paper sec. 4.4).",
+    )
+    devices: dict[str, DeviceSpec] = Field(
+        default_factory=lambda: {
+            "rtx4090": DeviceSpec(memory_gb=24, bf16_tflops=165.2),
+            "a100": DeviceSpec(memory_gb=80, bf16_tflops=312.0),
+        },
+        description="Memory and peak throughput by device type (for `estimate` and the FLOP cost model).",
+    )
+    workers_per_expert: int = Field(1, ge=1, description="Ray: data-parallel workers per submodel trainer.")
+    max_failures: int = Field(3, ge=0, description="Ray: restarts of a failed trainer (resumes from checkpoint).")
+    storage_path: Path | None = Field(None, description="Ray: shared storage for checkpoints; unset = output_dir.")
+
+    @field_validator("prices")
+    @classmethod
+    def _non_negative(cls, prices: dict[str, float]) -> dict[str, float]:
+        bad = [name for name, price in prices.items() if price < 0]
+        if bad:
+            raise ValueError(f"prices must be >= 0 (negative: {', '.join(bad)})")
+        return prices
+
+    @model_validator(mode="after")
+    def _tiers_priced(self) -> ResourcesConfig:
+        for tier in (self.submodel_tier, self.finetune_tier):
+            if tier.device_type not in self.prices:
+                raise ValueError(f"device_type {tier.device_type!r} has no entry in prices")
+        return self
+
+
+class JobSpec(_Section):
+    name: str = Field("moedisco-job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", description="Job name.")
+    method: Literal["moe_disco", "full_parameter"] = Field(
+        "moe_disco", description="`moe_disco` (split, train submodels, merge, fine-tune) or the baseline."
+    )
+    output_dir: Path = Field(description="Folder for every artifact; re-running on it resumes the job.")
+    seed: int = Field(0, ge=0, description="Seed for data split, initialisation, clustering and training.")
+    max_cost_usd: float | None = Field(None, gt=0, description="Budget: stop at a stage boundary before exceeding it.")
+    data: DataConfig
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    submodel: TrainConfig = Field(default_factory=_submodel_defaults, description="Submodel training (cheap tier).")
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    finetune: TrainConfig = Field(default_factory=TrainConfig, description="Global fine-tune (expensive tier).")
+    full_parameter: TrainConfig = Field(default_factory=TrainConfig, description="Full-parameter baseline training.")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_yaml())
+
+
+def _parse_scalar(text: str) -> Any:
+    # YAML parsing gives `--set a.b=3e-4` a float, `=true` a bool and `=[1,2]` a list, like the YAML file itself.
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` overrides to a raw spec dict (in place) and return it."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"override {item!r} must look like key.path=value")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise SpecError(f"override {key!r}: {part!r} is not a section")
+            node = child
+        node[leaf] = _parse_scalar(value)
+    return raw
+
+
+def _format_errors(error: ValidationError) -> str:
+    lines = [f"  {'.'.join(str(p) for p in err['loc']) or '(spec)'}: {err['msg']}" for err in error.errors()]
+    return "invalid job spec:\n" + "\n".join(lines)
+
+
+def build_spec(raw: dict[str, Any], base_dir: Path | None = None) -> JobSpec:
+    """Validate a raw dict; relative data paths are resolved against `base_dir` when they exist there."""
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as error:
+        raise SpecError(_format_errors(error)) from None
+    if base_dir is not None:
+        _resolve_relative(spec, base_dir)
+    return spec
+
+
+def _resolve_relative(spec: JobSpec, base_dir: Path) -> None:
+    # Paths in a YAML are relative to the working directory, but fall back to the YAML's folder so that
+    # `moedisco run /elsewhere/spec.yaml` finds data that lives beside the spec.
+    for section, field in (("data", "train"), ("data", "eval"), ("tokenizer", "path"), ("model", "pretrained")):
+        obj = getattr(spec, section)
+        path = getattr(obj, field)
+        if path is not None and not path.is_absolute() and not path.exists() and (base_dir / path).exists():
+            setattr(obj, field, base_dir / path)
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    """Load a YAML job spec, apply `--set` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise SpecError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: the spec must be a mapping of sections")
+    return build_spec(apply_overrides(raw, overrides or []), base_dir=path.parent)

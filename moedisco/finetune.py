@@ -1,0 +1,57 @@
+"""Global fine-tune of the merged MoE, and the full-parameter baseline (paper sec. 3.1.3 step 3, sec. 4).
+
+    result = finetune(OUTPUT / "merged", train_NL, eval_NL, spec, run_dir, metrics)      # -> OUTPUT/final
+    result = train_full_parameter(source_model, train_NL, eval_NL, spec, run_dir, metrics)
+
+Both train every parameter of the full MoE with the router's load-balancing loss switched on
+(`output_router_logits`, weighted by `router_aux_loss_coef`), so the router learns to spread tokens over experts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from moedisco.config import JobSpec
+from moedisco.metrics import MetricsWriter
+from moedisco.train import TrainHooks, TrainResult, train
+
+
+def load_moe(folder: Path) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
+
+
+def enable_router_loss(model: PreTrainedModel, coef: float) -> PreTrainedModel:
+    model.config.output_router_logits = True
+    model.config.router_aux_loss_coef = coef
+    # Some architectures copy the coefficient onto the model at construction time.
+    if hasattr(model, "router_aux_loss_coef"):
+        model.router_aux_loss_coef = coef
+    return model
+
+
+def finetune(merged: Path, train_NL: torch.Tensor, eval_NL: torch.Tensor, spec: JobSpec, run_dir: Path,
+             metrics: MetricsWriter, hooks: TrainHooks | None = None, progress: bool = True) -> tuple[PreTrainedModel, TrainResult]:
+    model = enable_router_loss(load_moe(merged), spec.model.router_aux_loss_coef)
+    result = train(model, train_NL, eval_NL, spec.finetune, run_dir, stage="finetune", seed=spec.seed,
+                   metrics=metrics, spec_yaml=spec.to_yaml(), hooks=hooks, progress=progress)
+    return model, result
+
+
+def train_full_parameter(model: PreTrainedModel, train_NL: torch.Tensor, eval_NL: torch.Tensor, spec: JobSpec,
+                         run_dir: Path, metrics: MetricsWriter, hooks: TrainHooks | None = None,
+                         progress: bool = True) -> tuple[PreTrainedModel, TrainResult]:
+    model = enable_router_loss(model, spec.model.router_aux_loss_coef)
+    result = train(model, train_NL, eval_NL, spec.full_parameter, run_dir, stage="full_parameter", seed=spec.seed,
+                   metrics=metrics, spec_yaml=spec.to_yaml(), hooks=hooks, progress=progress)
+    return model, result
+
+
+def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> Path:
+    """The job's deliverable: a standard Hugging Face model folder with its tokenizer."""
+    model.config.output_router_logits = False
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

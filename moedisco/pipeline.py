@@ -1,0 +1,196 @@
+"""The local, in-process runner: every stage of a job in order, idempotently.
+
+    summary = run_job(load_spec("examples/tiny.yaml"))
+
+Each stage is a function of (spec, paths) that reads its inputs from and writes its outputs to the job's output
+folder, and leaves `stages/<name>.json` when it is done. Re-running a job skips finished stages and resumes an
+interrupted training stage from its last checkpoint. The Ray runner (`ray_cluster/`) calls these same functions,
+placed on the right nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moedisco import cluster, data, embed, merge, split
+from moedisco.config import JobSpec
+from moedisco.cost import CostLedger
+from moedisco.evaluate import evaluate_loss
+from moedisco.finetune import finetune, load_moe, save_final, train_full_parameter
+from moedisco.metrics import MetricsWriter
+from moedisco.train import TrainHooks, train
+
+log = logging.getLogger(__name__)
+Events = Callable[[dict], None]
+
+
+class BudgetExceeded(RuntimeError):
+    """The job stopped at a stage boundary because its next stage would exceed `max_cost_usd`."""
+
+
+@dataclass(frozen=True)
+class JobPaths:
+    root: Path
+
+    data = property(lambda self: self.root / "data")
+    tokenizer = property(lambda self: self.root / "data" / "tokenizer")
+    embeddings = property(lambda self: self.root / "embed" / "embeddings.npy")
+    clusters = property(lambda self: self.root / "cluster")
+    source = property(lambda self: self.root / "source")
+    merged = property(lambda self: self.root / "merged")
+    final = property(lambda self: self.root / "final")
+    metrics = property(lambda self: self.root / "metrics.jsonl")
+    cost = property(lambda self: self.root / "cost.json")
+    report = property(lambda self: self.root / "report.png")
+
+    def submodel(self, expert: int) -> Path:
+        return self.root / "submodels" / str(expert)
+
+    def run(self, stage: str) -> Path:
+        return self.root / "runs" / stage
+
+    def marker(self, stage: str) -> Path:
+        return self.root / "stages" / f"{stage}.json"
+
+
+def is_done(paths: JobPaths, stage: str) -> bool:
+    return paths.marker(stage).is_file()
+
+
+def mark_done(paths: JobPaths, stage: str, summary: dict) -> dict:
+    paths.marker(stage).parent.mkdir(parents=True, exist_ok=True)
+    paths.marker(stage).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def stage_result(paths: JobPaths, stage: str) -> dict:
+    return json.loads(paths.marker(stage).read_text())
+
+
+# --- data -------------------------------------------------------------------------------------------------------
+
+
+def stage_prepare(spec: JobSpec, paths: JobPaths) -> dict:
+    """Read, split, tokenize. Writes data/{train,eval}.jsonl, data/{train,eval}_tokens.npz and data/tokenizer/."""
+    report = data.ReadReport()
+    docs = data.read_documents(spec.data.train, spec.data, report)
+    if spec.data.eval is not None:
+        train_docs, eval_docs = docs, data.read_documents(spec.data.eval, spec.data)
+    else:
+        train_docs, eval_docs = data.split_documents(docs, spec.data.eval_fraction, spec.seed)
+    tokenizer = data.load_tokenizer(spec.tokenizer.path) if spec.tokenizer.path else data.train_tokenizer(
+        train_docs, spec.tokenizer)
+    paths.data.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(paths.tokenizer)
+    for name, docs_part in (("train", train_docs), ("eval", eval_docs)):
+        with (paths.data / f"{name}.jsonl").open("w") as handle:
+            handle.writelines(json.dumps({"text": t}) + "\n" for t in docs_part)
+        data.TokenizedCorpus.from_texts(docs_part, tokenizer).save(paths.data / f"{name}_tokens.npz")
+    return {"train_documents": len(train_docs), "eval_documents": len(eval_docs), "skipped": report.num_skipped,
+            "vocab_size": len(tokenizer)}
+
+
+def load_texts(path: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in path.read_text().splitlines() if line]
+
+
+def load_corpus(paths: JobPaths, split_name: str) -> data.TokenizedCorpus:
+    return data.TokenizedCorpus.load(paths.data / f"{split_name}_tokens.npz")
+
+
+def eval_sequences(spec: JobSpec, paths: JobPaths) -> torch.Tensor:
+    return load_corpus(paths, "eval").pack(spec.data.sequence_length)
+
+
+def stage_embed(spec: JobSpec, paths: JobPaths, metrics: MetricsWriter) -> dict:
+    started = time.perf_counter()
+    vectors_ND = embed.Embedder(spec.embed)(load_texts(paths.data / "train.jsonl"), progress=True)
+    paths.embeddings.parent.mkdir(parents=True, exist_ok=True)
+    np.save(paths.embeddings, vectors_ND)
+    seconds = time.perf_counter() - started
+    metrics.write({"stage": "embed", "step": len(vectors_ND), "documents": len(vectors_ND), "seconds": seconds,
+                   "device": str(embed.resolve_device(spec.embed.device))})
+    return {"documents": len(vectors_ND), "dim": int(vectors_ND.shape[1]), "seconds": seconds}
+
+
+def stage_cluster(spec: JobSpec, paths: JobPaths, metrics: MetricsWriter) -> dict:
+    started = time.perf_counter()
+    result = cluster.fit_clusters(np.load(paths.embeddings), spec.cluster, spec.model.num_experts, spec.seed)
+    result.save(paths.clusters)
+    seconds = time.perf_counter() - started
+    metrics.write({"stage": "cluster", "step": 0, "sizes": result.sizes, "inertia": result.inertia,
+                   "seconds": seconds, "device": "cpu"})
+    return {"sizes": result.sizes, "inertia": result.inertia, "method": result.method, "seconds": seconds}
+
+
+# --- model ------------------------------------------------------------------------------------------------------
+
+
+def stage_source(spec: JobSpec, paths: JobPaths) -> dict:
+    tokenizer = data.load_tokenizer(paths.tokenizer)
+    model = split.build_source_moe(spec, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    split.save_weights(model, paths.source)
+    return {"arch": model.config.model_type, "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def cluster_doc_ids(paths: JobPaths, expert: int) -> np.ndarray:
+    return np.flatnonzero(cluster.ClusterResult.load(paths.clusters).assignments == expert)
+
+
+def stage_submodel(spec: JobSpec, paths: JobPaths, expert: int, metrics: MetricsWriter,
+                   hooks: TrainHooks | None = None, progress: bool = True) -> dict:
+    """Train submodel `expert` on its cluster; its weights end in submodels/<expert>/model.safetensors."""
+    model = split.load_submodel(paths.source, expert)
+    train_NL = load_corpus(paths, "train").pack(spec.data.sequence_length, cluster_doc_ids(paths, expert))
+    result = train(model, train_NL, eval_sequences(spec, paths), spec.submodel, paths.submodel(expert),
+                   stage="submodel", expert=expert, seed=spec.seed + expert, metrics=metrics,
+                   spec_yaml=spec.to_yaml(), hooks=hooks, progress=progress)
+    return {"expert": expert, "sequences": len(train_NL), **result.__dict__}
+
+
+def stage_merge(spec: JobSpec, paths: JobPaths, metrics: MetricsWriter) -> dict:
+    started = time.perf_counter()
+    sizes = cluster.ClusterResult.load(paths.clusters).sizes
+    weights = merge.averaging_weights(sizes, spec.merge.weighting)
+    files = [paths.submodel(k) / split.WEIGHTS_FILE for k in range(spec.model.num_experts)]
+    merge.merge_submodels(paths.source, files, weights, spec.merge.router_init, paths.merged, seed=spec.seed)
+    model = load_moe(paths.merged)
+    if spec.merge.router_init == "centroid":
+        corpus = load_corpus(paths, "train")
+        samples = [corpus.pack(spec.data.sequence_length, cluster_doc_ids(paths, k))[: spec.merge.centroid_sequences]
+                   for k in range(spec.model.num_experts)]
+        merge.init_router_from_centroids(model, samples)
+        split.save_weights(model, paths.merged)
+    data.load_tokenizer(paths.tokenizer).save_pretrained(paths.merged)
+    eval_loss = evaluate_loss(model, eval_sequences(spec, paths), spec.finetune.batch_size,
+                              spec.finetune.eval_batches, torch.device("cpu"))
+    seconds = time.perf_counter() - started
+    metrics.write({"stage": "merge", "step": 0, "eval_loss": eval_loss, "weights": weights, "seconds": seconds,
+                   "device": "cpu"})
+    return {"weights": weights, "eval_loss": eval_loss, "seconds": seconds}
+
+
+def stage_finetune(spec: JobSpec, paths: JobPaths, metrics: MetricsWriter, hooks: TrainHooks | None = None,
+                   progress: bool = True) -> dict:
+    train_NL = load_corpus(paths, "train").pack(spec.data.sequence_length)
+    model, result = finetune(paths.merged, train_NL, eval_sequences(spec, paths), spec, paths.run("finetune"),
+                             metrics, hooks, progress)
+    save_final(model, data.load_tokenizer(paths.tokenizer), paths.final)
+    return result.__dict__
+
+
+def stage_full_parameter(spec: JobSpec, paths: JobPaths, metrics: MetricsWriter, hooks: TrainHooks | None = None,
+                         progress: bool = True) -> dict:
+    train_NL = load_corpus(paths, "train").pack(spec.data.sequence_length)
+    model, result = train_full_parameter(load_moe(paths.source), train_NL, eval_sequences(spec, paths), spec,
+                                         paths.run("full_parameter"), metrics, hooks, progress)
+    save_final(model, data.load_tokenizer(paths.tokenizer), paths.final)
+    return result.__dict__

@@ -1,0 +1,65 @@
+"""`OUTPUT/report.png`: held-out loss per stage (paper Fig. 4) and dollars per stage (paper Table 3), for one job.
+
+    write_report(OUTPUT / "metrics.jsonl", OUTPUT / "cost.json", OUTPUT / "report.png", title="tiny")
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+from moedisco.metrics import read_metrics  # noqa: E402
+
+TRAINING_STAGES = ("warmup", "submodel", "finetune", "full_parameter")
+
+
+def loss_curves(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
+    """Label -> (steps, held-out losses); submodels are one curve each, the merge is the fine-tune's step 0."""
+    curves: dict[str, tuple[list[int], list[float]]] = {}
+    for record in records:
+        if record.get("eval_loss") is None:
+            continue
+        stage = record["stage"]
+        if stage == "merge":
+            label = "finetune"
+        elif stage in TRAINING_STAGES:
+            label = stage if record.get("expert") is None else f"{stage} {record['expert']}"
+        else:
+            continue
+        steps, losses = curves.setdefault(label, ([], []))
+        steps.append(record["step"])
+        losses.append(record["eval_loss"])
+    return curves
+
+
+def cost_bars(cost_path: Path) -> dict[str, float]:
+    if not cost_path.is_file():
+        return {}
+    bars: dict[str, float] = {}
+    for row in json.loads(cost_path.read_text())["stages"]:
+        bars[row["stage"]] = bars.get(row["stage"], 0.0) + row["usd"]
+    return bars
+
+
+def write_report(metrics_path: Path, cost_path: Path, out: Path, title: str = "") -> Path:
+    curves = loss_curves(read_metrics(metrics_path))
+    bars = cost_bars(cost_path)
+    fig, (ax_loss, ax_cost) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for label, (steps, losses) in sorted(curves.items()):
+        ax_loss.plot(steps, losses, marker="o", markersize=3, label=label)
+    ax_loss.set(xlabel="step", ylabel="held-out loss", title=f"{title}: held-out loss per stage")
+    if curves:
+        ax_loss.legend(fontsize=8)
+    ax_cost.bar(list(bars), list(bars.values()), color="tab:green")
+    ax_cost.set(ylabel="USD", title=f"cost per stage (total ${sum(bars.values()):.4f})")
+    ax_cost.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

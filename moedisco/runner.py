@@ -1,0 +1,114 @@
+"""Runs a whole job in this process, stage after stage, with cost ledger, events, budget and report.
+
+    summary = run_job(load_spec("examples/tiny.yaml"), events=print)
+
+`events` receives dicts such as {"event": "stage_started", "stage": "submodel", "expert": 1} and every training
+progress record, which is what the service stores and the CLI draws as progress bars.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import yaml
+
+from moedisco import pipeline as stages
+from moedisco.config import JobSpec, TierConfig
+from moedisco.cost import CostLedger
+from moedisco.metrics import MetricsWriter
+from moedisco.pipeline import BudgetExceeded, Events, JobPaths
+from moedisco.report import write_report
+from moedisco.train import TrainHooks
+
+log = logging.getLogger(__name__)
+
+# Sections whose change makes earlier artifacts meaningless: resuming with them changed would mix two jobs.
+IDENTITY_SECTIONS = ("method", "data", "tokenizer", "embed", "cluster", "model", "seed")
+
+
+def check_same_job(spec: JobSpec, paths: JobPaths) -> None:
+    saved_path = paths.root / "spec.yaml"
+    if not saved_path.is_file():
+        return
+    saved = yaml.safe_load(saved_path.read_text())
+    current = spec.model_dump(mode="json")
+    changed = [key for key in IDENTITY_SECTIONS if saved.get(key) != current.get(key)]
+    if changed:
+        raise ValueError(f"output_dir {paths.root} holds a job with different {', '.join(changed)}; "
+                         "use a new output_dir to start over")
+
+
+class LocalRunner:
+    """One job, in process. Stages are methods so the Ray runner can reuse the bookkeeping around them."""
+
+    def __init__(self, spec: JobSpec, events: Events | None = None, progress: bool = True,
+                 should_stop: Callable[[], bool] | None = None):
+        self.spec, self.paths = spec, JobPaths(spec.output_dir)
+        self.events = events or (lambda event: None)
+        self.progress, self.should_stop = progress, should_stop
+        self.metrics = MetricsWriter(self.paths.metrics)
+        self.ledger = CostLedger(self.paths.cost, spec.resources)
+
+    def hooks(self, **extra) -> TrainHooks:
+        return TrainHooks(on_progress=lambda record: self.events({"event": "progress", **record}),
+                          should_stop=self.should_stop, extra=extra)
+
+    def stage(self, name: str, tier: TierConfig | None, work: Callable[[], dict], expert: int | None = None) -> dict:
+        """Run `work` unless the stage is done; record its cost and mark it done."""
+        marker = name if expert is None else f"{name}_{expert}"
+        if stages.is_done(self.paths, marker):
+            self.events({"event": "stage_skipped", "stage": name, "expert": expert})
+            return stages.stage_result(self.paths, marker)
+        self.check_budget(name)
+        self.events({"event": "stage_started", "stage": name, "expert": expert})
+        started = time.perf_counter()
+        summary = work()
+        seconds = summary.get("seconds", time.perf_counter() - started)
+        if tier is not None:
+            device = summary.get("device", "cpu")
+            self.ledger.record(name, tier, seconds, device=device, expert=expert)
+        self.events({"event": "stage_finished", "stage": name, "expert": expert, "summary": summary})
+        return stages.mark_done(self.paths, marker, summary)
+
+    def check_budget(self, stage: str) -> None:
+        budget = self.spec.max_cost_usd
+        if budget is not None and self.ledger.total_usd() >= budget:
+            raise BudgetExceeded(f"stopped before stage {stage!r}: ${self.ledger.total_usd():.4f} spent of the "
+                                 f"${budget:.4f} budget (max_cost_usd)")
+
+    def run(self) -> dict:
+        spec, paths = self.spec, self.paths
+        check_same_job(spec, paths)
+        spec.save(paths.root / "spec.yaml")
+        cheap, dear = spec.resources.submodel_tier, spec.resources.finetune_tier
+        self.stage("prepare", None, lambda: stages.stage_prepare(spec, paths))
+        if spec.method == "full_parameter":
+            self.stage("source", None, lambda: stages.stage_source(spec, paths))
+            self.stage("full_parameter", dear, lambda: stages.stage_full_parameter(
+                spec, paths, self.metrics, self.hooks(), self.progress))
+        else:
+            self.run_moe_disco(cheap, dear)
+        write_report(paths.metrics, paths.cost, paths.report, title=spec.name)
+        return {"output_dir": str(paths.root), "final": str(paths.final), "cost": self.ledger.summary()}
+
+    def run_moe_disco(self, cheap: TierConfig, dear: TierConfig) -> None:
+        spec, paths = self.spec, self.paths
+        self.stage("embed", cheap, lambda: stages.stage_embed(spec, paths, self.metrics))
+        self.stage("cluster", cheap, lambda: stages.stage_cluster(spec, paths, self.metrics))
+        self.stage("source", None, lambda: stages.stage_source(spec, paths))
+        for expert in range(spec.model.num_experts):
+            self.stage("submodel", cheap, lambda k=expert: stages.stage_submodel(
+                spec, paths, k, self.metrics, self.hooks(), self.progress), expert=expert)
+        self.stage("merge", cheap, lambda: stages.stage_merge(spec, paths, self.metrics))
+        self.stage("finetune", dear, lambda: stages.stage_finetune(
+            spec, paths, self.metrics, self.hooks(), self.progress))
+
+
+def run_job(spec: JobSpec, events: Events | None = None, progress: bool = True,
+            should_stop: Callable[[], bool] | None = None) -> dict:
+    return LocalRunner(spec, events, progress, should_stop).run()
+
+
+__all__ = ["BudgetExceeded", "LocalRunner", "run_job"]

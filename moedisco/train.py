@@ -1,0 +1,254 @@
+"""The one training loop: submodels, the fine-tune and the full-parameter baseline all run through `train`.
+
+    result = train(model, train_NL, eval_NL, spec.submodel, run_dir, stage="submodel", expert=2,
+                   seed=spec.seed, metrics=MetricsWriter(OUTPUT / "metrics.jsonl"), spec_yaml=spec.to_yaml())
+
+AdamW with a constant/cosine/linear schedule and linear warm-up, gradient clipping, bf16 autocast on CUDA and fp32
+on the CPU. Checkpoints (safetensors weights, optimizer state, RNG state, step) land in `run_dir/checkpoints/`
+every `checkpoint_every` steps; calling `train` again on the same `run_dir` resumes from the newest one, and
+returns at once if the run already finished. Data order is a pure function of (seed, step), so a resumed run sees
+exactly the batches it would have seen.
+
+Legend: N = sequences, L = sequence length, B = batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from moedisco.config import TrainConfig
+from moedisco.data import batch_for_step
+from moedisco.embed import resolve_device
+from moedisco.evaluate import evaluate_loss, router_load
+from moedisco.metrics import MetricsWriter
+from moedisco.split import unique_state_dict
+
+RESULT_FILE = "result.json"
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    eval_loss: float | None
+    resumed_from: int = 0
+    device: str = "cpu"
+
+
+@dataclass
+class TrainHooks:
+    """Optional callbacks through which a runner (Ray, the service) watches and steers a run."""
+
+    on_progress: Callable[[dict], None] | None = None  # every logged step: the metrics record
+    on_checkpoint: Callable[[int, Path], None] | None = None  # after each checkpoint is written
+    should_stop: Callable[[], bool] | None = None  # polled each step; True stops after a checkpoint
+    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None  # e.g. DistributedDataParallel
+    rank: int = 0
+    world_size: int = 1
+    extra: dict = field(default_factory=dict)  # added to every metrics record (node, gpu_type, ...)
+
+
+class StopRequested(RuntimeError):
+    """Raised when `should_stop` asked the run to end early; its last checkpoint is on disk."""
+
+
+def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def lr_multiplier(cfg: TrainConfig, step: int) -> float:
+    warmup = int(cfg.warmup_ratio * cfg.steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, cfg.steps - warmup)
+    if cfg.schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    # No weight decay on norms and biases (1-D tensors), the usual practice for transformers.
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    folder = run_dir / "checkpoints"
+    done = [d for d in folder.glob("step_*") if (d / "trainer_state.json").is_file()] if folder.is_dir() else []
+    return sorted(done, key=lambda d: int(d.name.split("_")[1]))
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, state: dict, spec_yaml: str | None, keep: int) -> Path:
+    final = run_dir / "checkpoints" / f"step_{state['step']:08d}"
+    partial = final.with_name(final.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    save_file(unique_state_dict(model), partial / "model.safetensors", metadata={"format": "pt"})
+    torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+    torch.save({"cpu": torch.get_rng_state(), "cuda": _cuda_rng()}, partial / "rng.pt")
+    if spec_yaml is not None:
+        (partial / "spec.yaml").write_text(spec_yaml)
+    # trainer_state.json is written last and the folder renamed into place, so a crash mid-save never leaves a
+    # checkpoint that looks complete.
+    (partial / "trainer_state.json").write_text(json.dumps(state))
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
+    for old in checkpoint_dirs(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _cuda_rng():
+    return torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+
+def load_checkpoint(ckpt: Path, model, optimizer) -> dict:
+    model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
+    rng = torch.load(ckpt / "rng.pt", weights_only=False)
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((ckpt / "trainer_state.json").read_text())
+
+
+def finished_result(run_dir: Path) -> TrainResult | None:
+    path = run_dir / RESULT_FILE
+    return TrainResult(**json.loads(path.read_text())) if path.is_file() else None
+
+
+def _local_batch(train_NL: torch.Tensor, step: int, cfg: TrainConfig, seed: int, hooks: TrainHooks) -> torch.Tensor:
+    batch_BL = batch_for_step(train_NL, step, cfg.batch_size, seed)
+    return batch_BL[hooks.rank :: hooks.world_size]
+
+
+def train(model, train_NL: torch.Tensor, eval_NL: torch.Tensor | None, cfg: TrainConfig, run_dir: Path, *,
+          stage: str, seed: int, metrics: MetricsWriter, expert: int | None = None, spec_yaml: str | None = None,
+          hooks: TrainHooks | None = None, progress: bool = True) -> TrainResult:
+    """Train `model` in place for `cfg.steps` steps, resuming from `run_dir` when it holds a checkpoint."""
+    hooks = hooks or TrainHooks()
+    done = finished_result(run_dir)
+    if done is not None:
+        model.load_state_dict(load_file(run_dir / "model.safetensors"), strict=False)
+        return done
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    model.to(device)
+    optimizer = make_optimizer(model, cfg)
+    state = {"step": 0, "seconds": 0.0, "eval_loss": None}
+    checkpoints = checkpoint_dirs(run_dir)
+    if checkpoints:
+        state = load_checkpoint(checkpoints[-1], model, optimizer)
+    resumed_from = state["step"]
+    torch.manual_seed(seed + resumed_from)
+    net = hooks.wrap_model(model) if hooks.wrap_model else model
+    loop = _Loop(net, model, optimizer, train_NL, eval_NL, cfg, run_dir, stage, seed, metrics, expert, spec_yaml,
+                 hooks, device, state)
+    loop.run(progress)
+    result = TrainResult(steps=cfg.steps, tokens=loop.tokens(cfg.steps), seconds=state["seconds"],
+                         eval_loss=state["eval_loss"], resumed_from=resumed_from, device=str(device))
+    if hooks.rank == 0:
+        save_file(unique_state_dict(model), run_dir / "model.safetensors", metadata={"format": "pt"})
+        (run_dir / RESULT_FILE).write_text(json.dumps(asdict(result)))
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return result
+
+
+class _Loop:
+    """The step loop's state, split out of `train` so each piece stays small."""
+
+    def __init__(self, net, model, optimizer, train_NL, eval_NL, cfg, run_dir, stage, seed, metrics, expert,
+                 spec_yaml, hooks, device, state):
+        self.net, self.model, self.optimizer = net, model, optimizer
+        self.train_NL, self.eval_NL, self.cfg, self.run_dir = train_NL, eval_NL, cfg, run_dir
+        self.stage, self.seed, self.metrics, self.expert = stage, seed, metrics, expert
+        self.spec_yaml, self.hooks, self.device, self.state = spec_yaml, hooks, device, state
+        self.amp = amp_dtype(cfg, device)
+        self.router_counts: torch.Tensor | None = None
+
+    def tokens(self, step: int) -> int:
+        return step * self.cfg.batch_size * self.train_NL.shape[1]
+
+    def run(self, progress: bool) -> None:
+        cfg = self.cfg
+        bar = tqdm(total=cfg.steps, initial=self.state["step"], desc=self._label(), disable=not progress, leave=False)
+        losses: list[float] = []
+        while self.state["step"] < cfg.steps:
+            started = time.perf_counter()
+            losses.append(self._step(self.state["step"]))
+            self.state["step"] += 1
+            self.state["seconds"] += time.perf_counter() - started
+            bar.update(1)
+            step = self.state["step"]
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                self._log(step, sum(losses) / len(losses))
+                losses = []
+            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                self._checkpoint()
+                if self.hooks.should_stop and self.hooks.should_stop():
+                    raise StopRequested(f"{self._label()} stopped at step {step}")
+        bar.close()
+
+    def _label(self) -> str:
+        return self.stage if self.expert is None else f"{self.stage}[{self.expert}]"
+
+    def _step(self, step: int) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr * lr_multiplier(self.cfg, step)
+        batch_BL = _local_batch(self.train_NL, step, self.cfg, self.seed, self.hooks).to(self.device)
+        self.net.train()
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            outputs = self.net(input_ids=batch_BL, labels=batch_BL)
+        outputs.loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._count_routes(outputs)
+        return float(outputs.loss.detach())
+
+    def _count_routes(self, outputs) -> None:
+        logits = getattr(outputs, "router_logits", None)
+        if logits:
+            counts = router_load(logits, self.model.config.num_experts_per_tok)
+            self.router_counts = counts if self.router_counts is None else self.router_counts + counts
+
+    def _log(self, step: int, train_loss: float) -> None:
+        if self.eval_NL is not None:
+            self.state["eval_loss"] = evaluate_loss(self.model, self.eval_NL, self.cfg.batch_size,
+                                                    self.cfg.eval_batches, self.device, self.amp)
+        record = {"stage": self.stage, "expert": self.expert, "step": step, "total_steps": self.cfg.steps,
+                  "tokens": self.tokens(step), "loss": train_loss, "eval_loss": self.state["eval_loss"],
+                  "seconds": round(self.state["seconds"], 3), "device": str(self.device), **self.hooks.extra}
+        if self.router_counts is not None:
+            record["router_load"] = (self.router_counts / self.router_counts.sum()).tolist()
+            self.router_counts = None
+        if self.hooks.rank == 0:
+            self.metrics.write(record)
+        if self.hooks.on_progress:
+            self.hooks.on_progress(record)
+
+    def _checkpoint(self) -> None:
+        if self.hooks.rank == 0:
+            ckpt = save_checkpoint(self.run_dir, self.model, self.optimizer, dict(self.state), self.spec_yaml,
+                                   self.cfg.keep_checkpoints)
+            if self.hooks.on_checkpoint:
+                self.hooks.on_checkpoint(self.state["step"], ckpt)
