@@ -1,0 +1,81 @@
+"""The job spec: every example validates; a mistake raises an error that names the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from moedisco.config import JobSpec, SpecError, build_spec, load_spec
+from tests.conftest import REPO
+
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_validates(path):
+    spec = load_spec(path)
+    assert spec.model.num_experts >= 2
+
+
+def test_paper_defaults():
+    spec = build_spec({"output_dir": "x", "data": {"train": "corpus.jsonl"}})
+    assert (spec.submodel.lr, spec.submodel.schedule) == (1e-4, "constant")
+    assert (spec.finetune.lr, spec.finetune.schedule, spec.finetune.warmup_ratio, spec.finetune.weight_decay) == (
+        3e-4, "cosine", 0.03, 0.01)
+    assert spec.full_parameter == spec.finetune
+    assert spec.resources.prices["rtx4090"] == 0.35 and spec.resources.prices["a100"] == 2.28
+
+
+BAD_SPECS = [
+    ({"data": {"train": "c.jsonl"}}, "output_dir"),
+    ({"output_dir": "x"}, "data"),
+    ({"output_dir": "x", "data": {"train": "c.jsonl", "eval_fraction": 0.9}}, "data.eval_fraction"),
+    ({"output_dir": "x", "data": {"train": "c.jsonl"}, "model": {"num_experts": 1}}, "model.num_experts"),
+    ({"output_dir": "x", "data": {"train": "c.jsonl"}, "model": {"arch": "gpt2"}}, "model.arch"),
+    ({"output_dir": "x", "data": {"train": "c.jsonl"}, "submodel": {"lerning_rate": 1}}, "submodel.lerning_rate"),
+    ({"output_dir": "x", "data": {"train": "c.jsonl"}, "finetune": {"steps": 0}}, "finetune.steps"),
+    ({"output_dir": "x", "data": {"train": "c.jsonl"}, "model": {"num_experts": 2, "num_experts_per_tok": 3}},
+     "model"),
+    ({"output_dir": "x", "data": {"train": "c.jsonl"}, "cluster": {"method": "dbscan"}}, "cluster.method"),
+    ({"output_dir": "x", "data": {"train": "c.jsonl"}, "resources": {"prices": {"rtx4090": -1, "a100": 1}}},
+     "resources.prices"),
+    ({"output_dir": "x", "data": {"train": "c.jsonl"}, "name": "bad name!"}, "name"),
+]
+
+
+@pytest.mark.parametrize("raw,field", BAD_SPECS, ids=[f for _, f in BAD_SPECS])
+def test_bad_spec_names_the_field(raw, field):
+    with pytest.raises(SpecError) as error:
+        build_spec(raw)
+    assert f"  {field}" in str(error.value)
+
+
+def test_overrides_and_yaml_round_trip(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text("output_dir: out\ndata:\n  train: c.jsonl\n")
+    spec = load_spec(path, ["submodel.steps=7", "finetune.lr=3e-5", "merge.router_init=centroid",
+                            "model.overrides.rope_theta=10000.0"])
+    assert (spec.submodel.steps, spec.finetune.lr, spec.merge.router_init) == (7, 3e-5, "centroid")
+    assert spec.model.overrides == {"rope_theta": 10000.0}
+    (tmp_path / "again.yaml").write_text(spec.to_yaml())
+    assert load_spec(tmp_path / "again.yaml") == spec
+    with pytest.raises(SpecError, match="key.path=value"):
+        load_spec(path, ["submodel.steps"])
+    with pytest.raises(SpecError, match="submodel.steps"):
+        load_spec(path, ["submodel.steps=many"])
+
+
+def test_missing_or_broken_file(tmp_path):
+    with pytest.raises(SpecError, match="not found"):
+        load_spec(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("data: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(tmp_path / "bad.yaml")
+
+
+def test_data_path_relative_to_spec_folder(tmp_path):
+    (tmp_path / "corpus.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "spec.yaml").write_text("output_dir: out\ndata:\n  train: corpus.jsonl\n")
+    assert load_spec(tmp_path / "spec.yaml").data.train == tmp_path / "corpus.jsonl"
+    assert isinstance(JobSpec.model_json_schema()["properties"]["data"], dict)

@@ -1,0 +1,128 @@
+"""Model decoupling and reintegration: the properties the paper's algorithm relies on, for every architecture."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from moedisco.merge import averaging_weights, merge_submodels
+from moedisco.split import WEIGHTS_FILE, load_submodel, parameter_roles, save_weights, unique_state_dict
+from tests.conftest import tiny_hf_config
+
+
+def _source(arch, tmp_path, seed=0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_hf_config(arch)).eval()
+    save_weights(model, tmp_path / "source")
+    return model
+
+
+def _save_submodels(tmp_path, num_experts, transform=None):
+    files = []
+    for k in range(num_experts):
+        sub = load_submodel(tmp_path / "source", k)
+        if transform is not None:
+            transform(k, sub)
+        path = tmp_path / f"sub{k}.safetensors"
+        save_file(unique_state_dict(sub), path)
+        files.append(path)
+    return files
+
+
+def test_roles_cover_experts_router_and_shared(arch):
+    roles = parameter_roles(tiny_hf_config(arch))
+    assert {"shared", "expert", "router"} == set(roles.values())
+    assert all(".experts." in name for name, role in roles.items() if role == "expert")
+    assert all(name.endswith("mlp.gate.weight") for name, role in roles.items() if role == "router")
+    assert roles["model.embed_tokens.weight"] == "shared" and roles["lm_head.weight"] == "shared"
+
+
+def test_split_then_merge_restores_source_bit_for_bit(arch, tmp_path):
+    source = _source(arch, tmp_path)
+    files = _save_submodels(tmp_path, 4)
+    merge_submodels(tmp_path / "source", files, averaging_weights([5, 5, 5, 5], "uniform"), "concat",
+                    tmp_path / "merged")
+    merged = load_file(tmp_path / "merged" / WEIGHTS_FILE)
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(merged[name], tensor), name
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), source.state_dict().values()))
+
+
+def test_shared_parameters_are_the_sample_weighted_mean(tmp_path):
+    _source("qwen2_moe", tmp_path)
+    sizes = [10, 30, 20, 40]
+
+    def perturb(k, sub):  # each submodel's shared tensors move by a different known amount
+        with torch.no_grad():
+            sub.model.embed_tokens.weight.add_(float(k + 1))
+
+    files = _save_submodels(tmp_path, 4, perturb)
+    weights = averaging_weights(sizes, "samples")
+    assert weights == [0.1, 0.3, 0.2, 0.4]
+    merge_submodels(tmp_path / "source", files, weights, "concat", tmp_path / "merged")
+    merged = load_file(tmp_path / "merged" / WEIGHTS_FILE)["model.embed_tokens.weight"]
+    copies = [load_file(f)["model.embed_tokens.weight"] for f in files]
+    expected = sum(w * c for w, c in zip(weights, copies))
+    torch.testing.assert_close(merged, expected, rtol=0, atol=1e-6)
+
+
+def _force_expert(model, expert):
+    """Make every router send all weight to `expert` by overriding its logits."""
+    def hook(module, args, output):
+        logits, _, _ = output
+        forced = torch.full_like(logits, -1e4)
+        forced[:, expert] = 1e4
+        probs = torch.softmax(forced.float(), dim=-1)
+        values, indices = probs.topk(module.top_k, dim=-1)
+        if getattr(module, "norm_topk_prob", False):
+            values = values / values.sum(-1, keepdim=True)
+        return forced, values.to(logits.dtype), indices
+
+    return [m.register_forward_hook(hook) for n, m in model.named_modules() if n.endswith("mlp.gate")]
+
+
+def test_submodel_forward_equals_source_routed_to_that_expert(arch, tmp_path):
+    source = _source(arch, tmp_path)
+    input_ids = torch.randint(0, 97, (2, 16))
+    for expert in (0, 3):
+        sub = load_submodel(tmp_path / "source", expert).eval()
+        hooks = _force_expert(source, expert)
+        try:
+            expected = source(input_ids=input_ids).logits
+        finally:
+            for h in hooks:
+                h.remove()
+        torch.testing.assert_close(sub(input_ids=input_ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_submodel_is_smaller_and_router_gets_no_gradient(tmp_path):
+    source = _source("qwen2_moe", tmp_path)
+    sub = load_submodel(tmp_path / "source", 1)
+    assert sum(p.numel() for p in sub.parameters()) < sum(p.numel() for p in source.parameters())
+    ids = torch.randint(0, 97, (2, 8))
+    sub(input_ids=ids, labels=ids).loss.backward()
+    gate = sub.model.layers[0].mlp.gate.weight
+    assert gate.grad is None or torch.count_nonzero(gate.grad) == 0
+    assert torch.count_nonzero(sub.model.layers[0].mlp.experts.gate_up_proj.grad) > 0
+
+
+def test_random_router_init_differs_from_concat(tmp_path):
+    source = _source("mixtral", tmp_path)
+    files = _save_submodels(tmp_path, 4)
+    merge_submodels(tmp_path / "source", files, [0.25] * 4, "random", tmp_path / "merged", seed=1)
+    merged = load_file(tmp_path / "merged" / WEIGHTS_FILE)
+    gate = "model.layers.0.mlp.gate.weight"
+    assert merged[gate].shape == source.state_dict()[gate].shape
+    assert not torch.equal(merged[gate], source.state_dict()[gate])
+    assert torch.equal(merged["model.layers.0.mlp.experts.down_proj"], source.state_dict()["model.layers.0.mlp.experts.down_proj"])
+
+
+def test_sharded_merge_loads(tmp_path):
+    source = _source("olmoe", tmp_path)
+    files = _save_submodels(tmp_path, 4)
+    merge_submodels(tmp_path / "source", files, [0.25] * 4, "concat", tmp_path / "merged", max_shard_bytes=20_000)
+    assert (tmp_path / "merged" / "model.safetensors.index.json").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), source.state_dict().values()))
