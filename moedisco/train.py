@@ -191,6 +191,8 @@ class _Loop:
         cfg = self.cfg
         bar = tqdm(total=cfg.steps, initial=self.state["step"], desc=self._label(), disable=not progress, leave=False)
         losses: list[float] = []
+        if self.state["step"] == 0 and self.eval_NL is not None:
+            self._log(0, None)  # the curve starts at the untrained (or freshly merged) model
         while self.state["step"] < cfg.steps:
             started = time.perf_counter()
             losses.append(self._step(self.state["step"]))
@@ -231,7 +233,7 @@ class _Loop:
             counts = router_load(logits, self.model.config.num_experts_per_tok)
             self.router_counts = counts if self.router_counts is None else self.router_counts + counts
 
-    def _log(self, step: int, train_loss: float) -> None:
+    def _log(self, step: int, train_loss: float | None) -> None:
         if self.eval_NL is not None:
             self.state["eval_loss"] = evaluate_loss(self.model, self.eval_NL, self.cfg.batch_size,
                                                     self.cfg.eval_batches, self.device, self.amp)

@@ -43,11 +43,11 @@ def tiny_spec_dict(output_dir: Path, **sections) -> dict:
         "tokenizer": {"vocab_size": 512},
         "embed": {"batch_size": 64, "max_length": 128},
         "model": tiny_model_config("qwen2_moe").model_dump(mode="json"),
-        "submodel": {"steps": 12, "batch_size": 4, "lr": 3e-3, "eval_every": 4, "eval_batches": 2,
+        "submodel": {"steps": 12, "batch_size": 4, "lr": 6e-3, "eval_every": 4, "eval_batches": 2,
                      "checkpoint_every": 4},
-        "finetune": {"steps": 8, "batch_size": 4, "lr": 3e-3, "eval_every": 4, "eval_batches": 2,
+        "finetune": {"steps": 8, "batch_size": 4, "lr": 6e-3, "eval_every": 4, "eval_batches": 2,
                      "checkpoint_every": 4},
-        "full_parameter": {"steps": 12, "batch_size": 4, "lr": 3e-3, "eval_every": 4, "eval_batches": 2,
+        "full_parameter": {"steps": 12, "batch_size": 4, "lr": 6e-3, "eval_every": 4, "eval_batches": 2,
                            "checkpoint_every": 4},
     }
     for key, value in sections.items():

@@ -1,0 +1,108 @@
+"""The whole job, in process, on the bundled corpus with a tiny Qwen2-MoE: losses fall, outputs load, it resumes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from moedisco.config import build_spec
+from moedisco.metrics import read_metrics
+from moedisco.runner import run_job
+from moedisco.train import StopRequested
+from tests.conftest import tiny_spec_dict
+
+pytestmark = pytest.mark.slow
+
+
+def _first_last(records, **match):
+    rows = [r for r in records if all(r.get(k) == v for k, v in match.items()) and r.get("eval_loss") is not None]
+    return rows[0]["eval_loss"], rows[-1]["eval_loss"]
+
+
+@pytest.fixture(scope="module")
+def finished_job(tmp_path_factory):
+    spec = build_spec(tiny_spec_dict(tmp_path_factory.mktemp("job") / "out"))
+    events = []
+    summary = run_job(spec, events=events.append, progress=False)
+    return spec, summary, events
+
+
+def test_losses_fall_in_every_training_stage(finished_job):
+    spec, _, _ = finished_job
+    records = read_metrics(spec.output_dir / "metrics.jsonl")
+    for expert in range(spec.model.num_experts):
+        first, last = _first_last(records, stage="submodel", expert=expert)
+        assert last < first - 0.2, f"submodel {expert}: {first} -> {last}"
+    first, last = _first_last(records, stage="finetune")
+    assert last < first
+    assert {r["stage"] for r in records} >= {"embed", "cluster", "submodel", "merge", "finetune"}
+    required = {"stage", "step", "tokens", "loss", "eval_loss", "seconds", "device"}
+    assert all(required <= set(r) for r in records if r["stage"] in ("submodel", "finetune"))
+
+
+def test_outputs_are_standard_hugging_face_folders(finished_job):
+    spec, summary, _ = finished_job
+    for folder in ("merged", "final"):
+        model = AutoModelForCausalLM.from_pretrained(spec.output_dir / folder)
+        assert model.config.num_experts == spec.model.num_experts
+    assert (spec.output_dir / "final" / "tokenizer.json").is_file()
+    assert (spec.output_dir / "report.png").stat().st_size > 10_000
+    saved = (spec.output_dir / "spec.yaml").read_text()
+    assert "num_experts: 4" in saved
+
+
+def test_cost_ledger_prices_every_stage(finished_job):
+    spec, summary, _ = finished_job
+    cost = json.loads((spec.output_dir / "cost.json").read_text())
+    stages = [(r["stage"], r["expert"]) for r in cost["stages"]]
+    assert [("submodel", k) in stages for k in range(4)] == [True] * 4 and ("finetune", None) in stages
+    finetune = next(r for r in cost["stages"] if r["stage"] == "finetune")
+    assert finetune["tier"] == "A100" and finetune["price_per_hour"] == 2.28 and finetune["simulated"] is True
+    assert cost["total_usd"] == pytest.approx(sum(r["usd"] for r in cost["stages"]))
+    assert summary["cost"]["total_usd"] > 0
+
+
+def test_rerun_skips_finished_stages(finished_job):
+    spec, _, _ = finished_job
+    events = []
+    run_job(spec, events=events.append, progress=False)
+    assert {e["event"] for e in events} == {"stage_skipped"}
+
+
+def test_interrupted_stage_resumes_from_checkpoint(tmp_path):
+    spec = build_spec(tiny_spec_dict(tmp_path / "out", model={"num_experts": 2, "num_experts_per_tok": 1}))
+    calls = {"n": 0}
+
+    def stop_in_second_submodel():
+        calls["n"] += 1
+        return calls["n"] == 3  # submodel 0 checkpoints at steps 4 and 8; submodel 1 stops at its step 4
+
+    with pytest.raises(StopRequested):
+        run_job(spec, progress=False, should_stop=stop_in_second_submodel)
+    assert (spec.output_dir / "submodels" / "1" / "checkpoints" / "step_00000004").is_dir()
+    events = []
+    run_job(spec, events=events.append, progress=False)
+    finished = {(e["stage"], e["expert"]): e["summary"] for e in events if e["event"] == "stage_finished"}
+    assert ("submodel", 0) not in finished  # it was done before the interruption
+    assert finished[("submodel", 1)]["resumed_from"] == 4
+    steps = [r["step"] for r in read_metrics(spec.output_dir / "metrics.jsonl", "submodel") if r["expert"] == 1]
+    assert steps == [0, 4, 8, 12]
+
+
+def test_full_parameter_baseline(tmp_path):
+    spec = build_spec(tiny_spec_dict(tmp_path / "out", method="full_parameter"))
+    run_job(spec, progress=False)
+    records = read_metrics(spec.output_dir / "metrics.jsonl", "full_parameter")
+    first, last = _first_last(records, stage="full_parameter")
+    assert last < first - 0.2
+    assert "router_load" in records[-1] and len(records[-1]["router_load"]) == 4
+    AutoModelForCausalLM.from_pretrained(spec.output_dir / "final")
+
+
+def test_changed_identity_is_refused(finished_job):
+    spec, _, _ = finished_job
+    changed = spec.model_copy(update={"seed": 5})
+    with pytest.raises(ValueError, match="seed"):
+        run_job(changed, progress=False)
