@@ -91,7 +91,21 @@ def estimate(spec: SpecArg, set_: SetOpt = None,
         render_estimate(result, console)
 
 
+def _register_optional_commands() -> None:
+    # The control plane (`serve`, `submit`, `jobs`, ...) and the Ray cluster commands live with their packages;
+    # each exposes `register(app)`. They are optional so the algorithm's CLI works without them.
+    import importlib
+
+    for module in ("ray_cluster.cli", "service.cli"):
+        try:
+            importlib.import_module(module).register(app)
+        except ModuleNotFoundError as error:
+            if error.name is None or not module.startswith(error.name.split(".")[0]):
+                raise
+
+
 def main() -> None:
+    _register_optional_commands()
     app()
 
 
