@@ -12,6 +12,7 @@ Legend: N = sequences, L = sequence length, T = routed tokens, E = experts.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 
@@ -49,3 +50,37 @@ def router_load(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Te
         layer = torch.bincount(chosen, minlength=logits_TE.shape[-1]).float().cpu()
         counts = layer if counts is None else counts + layer
     return counts if counts is not None else torch.zeros(0)
+
+
+@contextmanager
+def force_expert(model, expert: int):
+    """Route every token of every MoE layer to `expert` alone (weight 1), e.g. for oracle routing."""
+
+    def hook(module, args, output):
+        logits_TE = output[0]
+        forced_TE = torch.full_like(logits_TE, -1e4)
+        forced_TE[:, expert] = 1e4
+        weights, indices = torch.softmax(forced_TE.float(), dim=-1).topk(module.top_k, dim=-1)
+        return forced_TE, weights.to(logits_TE.dtype), indices
+
+    gates = [m for name, m in model.named_modules() if name.endswith("mlp.gate") and hasattr(m, "top_k")]
+    handles = [gate.register_forward_hook(hook) for gate in gates]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def oracle_loss(model, cluster_eval: list[torch.Tensor], batch_size: int, num_batches: int,
+                device: torch.device) -> float | None:
+    """Held-out loss when each cluster's documents go to that cluster's expert: the bound a router could reach."""
+    total, count = 0.0, 0
+    for expert, eval_NL in enumerate(cluster_eval):
+        if len(eval_NL) == 0:
+            continue
+        with force_expert(model, expert):
+            loss = evaluate_loss(model, eval_NL, batch_size, num_batches, device)
+        used = min(len(eval_NL), batch_size * num_batches)
+        total, count = total + loss * used, count + used
+    return total / count if count else None

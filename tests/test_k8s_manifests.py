@@ -35,6 +35,10 @@ LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: the three CRD
 MAX_NAME_LENGTH = {"RayCluster": 53, "RayService": 47, "RayJob": 47}
 DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# Kubernetes label syntax, which KubeRay's validateRayGroupLabels applies to Ray node labels (length aside).
+DNS_SUBDOMAIN = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+LABEL_KEY = re.compile(rf"^({DNS_SUBDOMAIN}/)?[A-Za-z0-9]([-\w.]*[A-Za-z0-9])?$")
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-\w.]*)?[A-Za-z0-9])?$")
 # KubeRay >= 1.5 takes Ray node labels and custom resources as top-level group fields (`labels`, `resources`);
 # validation.go rejects rayStartParams["labels"], and GPUs come from the container's nvidia.com/gpu limit.
 FORBIDDEN_START_PARAMS = {"labels", "resources", "num-gpus"}
@@ -68,10 +72,8 @@ def doc_id(doc: dict) -> str:
 
 
 KUBERAY_DOCS = [doc for _, doc in manifests() if str(doc.get("apiVersion", "")).startswith("ray.io/")]
-RAY_CLUSTERS = [
-    pytest.param(doc, doc["spec"][key] if (key := CLUSTER_SPEC_KEY[doc["kind"]]) else doc["spec"], id=doc_id(doc))
-    for doc in KUBERAY_DOCS
-]
+CLUSTERS = [doc["spec"][key] if (key := CLUSTER_SPEC_KEY[doc["kind"]]) else doc["spec"] for doc in KUBERAY_DOCS]
+CLUSTER_PARAMS = [pytest.param(cluster, id=doc_id(doc)) for doc, cluster in zip(KUBERAY_DOCS, CLUSTERS)]
 
 
 def strict(schema: dict) -> dict:
@@ -122,8 +124,12 @@ def ray_container(group: dict) -> dict:
 
 def pod_labels(group_name: str, group: dict) -> dict[str, str]:
     """Labels the pod ends up with: the template's plus those KubeRay sets (ray.io/cluster is generated)."""
-    node_type = "head" if group_name == "head" else "worker"
-    kuberay = {"ray.io/node-type": node_type, "ray.io/is-ray-node": "yes", "ray.io/group": group_name}
+    head = group_name == "head"
+    kuberay = {
+        "ray.io/node-type": "head" if head else "worker",
+        "ray.io/group": "headgroup" if head else group_name,
+        "ray.io/is-ray-node": "yes",
+    }
     return {**group["template"].get("metadata", {}).get("labels", {}), **kuberay}
 
 
@@ -133,7 +139,8 @@ def port_names(group: dict) -> set[str]:
 
 def gpu_groups(cluster: dict) -> dict[str, dict]:
     """Worker groups by their Ray node label gpu_type."""
-    return {g["labels"]["gpu_type"]: g for g in cluster.get("workerGroupSpecs", []) if "gpu_type" in g.get("labels", {})}
+    workers = cluster.get("workerGroupSpecs", [])
+    return {g["labels"]["gpu_type"]: g for g in workers if "gpu_type" in g.get("labels", {})}
 
 
 # ---- every document ---------------------------------------------------------------------------------------------
@@ -198,8 +205,8 @@ def test_name_within_kuberay_limits(doc: dict) -> None:
     assert DNS1035_LABEL.match(name), f"{name!r} is not a DNS-1035 label"
 
 
-@pytest.mark.parametrize(("doc", "cluster"), RAY_CLUSTERS)
-def test_worker_groups_follow_kuberay_rules(doc: dict, cluster: dict) -> None:
+@pytest.mark.parametrize("cluster", CLUSTER_PARAMS)
+def test_worker_groups_follow_kuberay_rules(cluster: dict) -> None:
     names = [g["groupName"] for g in cluster["workerGroupSpecs"]]
     assert len(names) == len(set(names)), f"duplicate worker group names {names}"
     for group in cluster["workerGroupSpecs"]:
@@ -207,14 +214,16 @@ def test_worker_groups_follow_kuberay_rules(doc: dict, cluster: dict) -> None:
         low, high = group["minReplicas"], group["maxReplicas"]
         assert low <= group.get("replicas", low) <= high, f"{group['groupName']}: replicas outside [min, max]"
     for name, group in groups(cluster):
+        for key, value in group.get("labels", {}).items():
+            assert LABEL_KEY.match(key) and LABEL_VALUE.match(value), f"{name}: bad Ray label {key}={value}"
         params = {key.lstrip("-") for key in group.get("rayStartParams", {})}
         assert not params & FORBIDDEN_START_PARAMS, f"{name}: {params & FORBIDDEN_START_PARAMS} in rayStartParams"
         containers = group["template"]["spec"]["containers"]
         assert containers, f"{name}: KubeRay needs at least one container"
 
 
-@pytest.mark.parametrize(("doc", "cluster"), RAY_CLUSTERS)
-def test_autoscaler_v2_scales_idle_groups_to_zero(doc: dict, cluster: dict) -> None:
+@pytest.mark.parametrize("cluster", CLUSTER_PARAMS)
+def test_autoscaler_v2_scales_idle_groups_to_zero(cluster: dict) -> None:
     assert cluster.get("enableInTreeAutoscaling") is True
     options = cluster["autoscalerOptions"]
     assert options.get("version") == "v2"
@@ -227,8 +236,8 @@ def test_autoscaler_v2_scales_idle_groups_to_zero(doc: dict, cluster: dict) -> N
         assert group["minReplicas"] == 0 and group.get("replicas", 0) == 0, f"{group['groupName']} does not idle at 0"
 
 
-@pytest.mark.parametrize(("doc", "cluster"), RAY_CLUSTERS)
-def test_gpu_tiers(doc: dict, cluster: dict) -> None:
+@pytest.mark.parametrize("cluster", CLUSTER_PARAMS)
+def test_gpu_tiers(cluster: dict) -> None:
     tiers = gpu_groups(cluster)
     assert set(tiers) == {"4090", "A100"}
     assert tiers["4090"]["groupName"] == "cheap-4090" and tiers["4090"]["maxReplicas"] >= 1
@@ -243,8 +252,8 @@ def test_gpu_tiers(doc: dict, cluster: dict) -> None:
     assert GPU not in ray_container(cluster["headGroupSpec"])["resources"].get("limits", {}), "the head has a GPU"
 
 
-@pytest.mark.parametrize(("doc", "cluster"), RAY_CLUSTERS)
-def test_every_pod_shares_the_data_volume(doc: dict, cluster: dict) -> None:
+@pytest.mark.parametrize("cluster", CLUSTER_PARAMS)
+def test_every_pod_shares_the_data_volume(cluster: dict) -> None:
     claims = {pvc["metadata"]["name"]: pvc for pvc in docs_of("PersistentVolumeClaim")}
     for name, group in groups(cluster):
         spec, container = group["template"]["spec"], ray_container(group)
@@ -307,7 +316,7 @@ def test_service_and_monitors_select_real_pods() -> None:
     assert not selector.items() <= pod_labels("head", head_group).items(), "the Service also selects RayJob heads"
     assert {str(p["targetPort"]) for p in service["spec"]["ports"]} <= port_names(control["headGroupSpec"])
 
-    all_groups = [(n, g) for _, cluster in (p.values for p in RAY_CLUSTERS) for n, g in groups(cluster)]
+    all_groups = [(name, group) for cluster in CLUSTERS for name, group in groups(cluster)]
     pod_monitor = the("PodMonitor")["spec"]
     for name, group in all_groups:
         assert pod_monitor["selector"]["matchLabels"].items() <= pod_labels(name, group).items(), name
@@ -349,7 +358,7 @@ def test_job_spec_and_ray_labels_agree_with_moedisco_config() -> None:
     config = pytest.importorskip("moedisco.config")
     spec = config.build_spec(yaml.safe_load(job_spec_text()))
     resources = spec.resources
-    for _, cluster in (p.values for p in RAY_CLUSTERS):
+    for cluster in CLUSTERS:
         labels = {g["groupName"]: g["labels"].get(resources.label_key) for g in cluster["workerGroupSpecs"]}
         assert labels == {"cheap-4090": resources.submodel_tier.label, "expensive-a100": resources.finetune_tier.label}
 
@@ -362,7 +371,10 @@ def test_image_ray_version_matches_the_clusters() -> None:
     (ray_version,) = re.findall(r"^ARG RAY_VERSION=(\S+)$", dockerfile, flags=re.MULTILINE)
     assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-\S+-gpu$", dockerfile, flags=re.MULTILINE)
     assert re.search(r"pip install .*--constraint \S+ \.$", dockerfile, flags=re.MULTILINE), "project not installed"
-    clusters = [cluster for _, cluster in (p.values for p in RAY_CLUSTERS)]
-    assert {cluster["rayVersion"] for cluster in clusters} == {ray_version}
-    images = {c["image"] for cluster in clusters for _, g in groups(cluster) for c in g["template"]["spec"]["containers"]}
+    assert {cluster["rayVersion"] for cluster in CLUSTERS} == {ray_version}
+    constraints = REPO / "constraints.txt"  # the tested versions, which the image installs with
+    pins = re.findall(r"^ray==(\S+)$", constraints.read_text(), flags=re.MULTILINE) if constraints.exists() else []
+    assert set(pins) <= {ray_version}, f"constraints.txt pins ray {pins}, the image has {ray_version}"
+    pods = [g["template"]["spec"] for cluster in CLUSTERS for _, g in groups(cluster)]
+    images = {container["image"] for pod in pods for container in pod["containers"]}
     assert len(images) == 1, f"Ray pods run different images: {images}"

@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from moedisco.evaluate import force_expert
 from moedisco.merge import averaging_weights, merge_submodels
 from moedisco.split import WEIGHTS_FILE, load_submodel, parameter_roles, save_weights, unique_state_dict
 from tests.conftest import tiny_hf_config
@@ -68,32 +69,13 @@ def test_shared_parameters_are_the_sample_weighted_mean(tmp_path):
     torch.testing.assert_close(merged, expected, rtol=0, atol=1e-6)
 
 
-def _force_expert(model, expert):
-    """Make every router send all weight to `expert` by overriding its logits."""
-    def hook(module, args, output):
-        logits, _, _ = output
-        forced = torch.full_like(logits, -1e4)
-        forced[:, expert] = 1e4
-        probs = torch.softmax(forced.float(), dim=-1)
-        values, indices = probs.topk(module.top_k, dim=-1)
-        if getattr(module, "norm_topk_prob", False):
-            values = values / values.sum(-1, keepdim=True)
-        return forced, values.to(logits.dtype), indices
-
-    return [m.register_forward_hook(hook) for n, m in model.named_modules() if n.endswith("mlp.gate")]
-
-
 def test_submodel_forward_equals_source_routed_to_that_expert(arch, tmp_path):
     source = _source(arch, tmp_path)
     input_ids = torch.randint(0, 97, (2, 16))
     for expert in (0, 3):
         sub = load_submodel(tmp_path / "source", expert).eval()
-        hooks = _force_expert(source, expert)
-        try:
+        with force_expert(source, expert):
             expected = source(input_ids=input_ids).logits
-        finally:
-            for h in hooks:
-                h.remove()
         torch.testing.assert_close(sub(input_ids=input_ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
