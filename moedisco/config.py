@@ -132,6 +132,15 @@ def _submodel_defaults() -> TrainConfig:
     return TrainConfig(lr=1e-4, schedule="constant", warmup_ratio=0.0)
 
 
+class BranchConfig(_Section):
+    warmup_steps: int = Field(
+        0, ge=0,
+        description="Steps of shared warm-up on the whole corpus before branching into submodels (cheap tier); "
+        "0 keeps the paper's recipe of branching straight from the initial model.",
+    )
+    warmup_lr: float | None = Field(None, gt=0.0, le=1.0, description="Warm-up learning rate; unset = submodel.lr.")
+
+
 class MergeConfig(_Section):
     weighting: Literal["samples", "uniform"] = Field(
         "samples", description="Shared-parameter average: by cluster sample counts (WP-SGD) or uniform."
@@ -209,6 +218,7 @@ class JobSpec(_Section):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    branch: BranchConfig = Field(default_factory=BranchConfig, description="How submodels branch off.")
     submodel: TrainConfig = Field(default_factory=_submodel_defaults, description="Submodel training (cheap tier).")
     merge: MergeConfig = Field(default_factory=MergeConfig)
     finetune: TrainConfig = Field(default_factory=TrainConfig, description="Global fine-tune (expensive tier).")

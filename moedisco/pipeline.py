@@ -23,7 +23,7 @@ import torch
 from moedisco import cluster, data, embed, merge, split
 from moedisco.config import JobSpec
 from moedisco.cost import CostLedger
-from moedisco.evaluate import evaluate_loss
+from moedisco.evaluate import evaluate_loss, oracle_loss
 from moedisco.finetune import finetune, load_moe, save_final, train_full_parameter
 from moedisco.metrics import MetricsWriter
 from moedisco.train import TrainHooks, train
@@ -45,6 +45,7 @@ class JobPaths:
     embeddings = property(lambda self: self.root / "embed" / "embeddings.npy")
     clusters = property(lambda self: self.root / "cluster")
     source = property(lambda self: self.root / "source")
+    branched = property(lambda self: self.root / "branched")
     merged = property(lambda self: self.root / "merged")
     final = property(lambda self: self.root / "final")
     metrics = property(lambda self: self.root / "metrics.jsonl")
@@ -145,15 +146,61 @@ def cluster_doc_ids(paths: JobPaths, expert: int) -> np.ndarray:
     return np.flatnonzero(cluster.ClusterResult.load(paths.clusters).assignments == expert)
 
 
+def branch_point(spec: JobSpec, paths: JobPaths) -> Path:
+    """The MoE the submodels branch from: the warmed-up one when there is a shared warm-up."""
+    return paths.branched if spec.branch.warmup_steps > 0 else paths.source
+
+
+def stage_warmup(spec: JobSpec, paths: JobPaths, metrics: MetricsWriter, hooks: TrainHooks | None = None,
+                 progress: bool = True) -> dict:
+    """Train one dense submodel on the whole corpus, then upcycle it: every expert starts as its FFN.
+
+    Submodels branched from one common, already-trained model stay close enough in weight space that averaging
+    their backbones costs little (Branch-Train-MiX branches from a seed model for the same reason).
+    """
+    model = split.load_submodel(paths.source, 0)
+    cfg = spec.submodel.model_copy(update={"steps": spec.branch.warmup_steps,
+                                           "lr": spec.branch.warmup_lr or spec.submodel.lr})
+    train_NL = load_corpus(paths, "train").pack(spec.data.sequence_length)
+    result = train(model, train_NL, eval_sequences(spec, paths), cfg, paths.run("warmup"), stage="warmup",
+                   seed=spec.seed, metrics=metrics, spec_yaml=spec.to_yaml(), hooks=hooks, progress=progress)
+    split.upcycle(paths.source, paths.run("warmup") / split.WEIGHTS_FILE, paths.branched)
+    return result.__dict__
+
+
+def eval_assignments(spec: JobSpec, paths: JobPaths) -> np.ndarray:
+    """Cluster of every held-out document, by nearest centroid (computed once, cached next to the clusters)."""
+    cached = paths.clusters / "eval_assignments.npy"
+    if not cached.is_file():
+        vectors_ND = embed.Embedder(spec.embed)(load_texts(paths.data / "eval.jsonl"))
+        np.save(cached, cluster.ClusterResult.load(paths.clusters).assign(vectors_ND))
+    return np.load(cached)
+
+
+def cluster_eval_sequences(spec: JobSpec, paths: JobPaths) -> list[torch.Tensor]:
+    """Held-out sequences of each cluster (empty where a cluster has too few held-out tokens)."""
+    corpus, labels = load_corpus(paths, "eval"), eval_assignments(spec, paths)
+    seqs = []
+    for expert in range(spec.model.num_experts):
+        try:
+            seqs.append(corpus.pack(spec.data.sequence_length, np.flatnonzero(labels == expert)))
+        except data.DataError:
+            seqs.append(torch.zeros(0, spec.data.sequence_length, dtype=torch.long))
+    return seqs
+
+
 def stage_submodel(spec: JobSpec, paths: JobPaths, expert: int, metrics: MetricsWriter,
                    hooks: TrainHooks | None = None, progress: bool = True) -> dict:
     """Train submodel `expert` on its cluster; its weights end in submodels/<expert>/model.safetensors."""
-    model = split.load_submodel(paths.source, expert)
+    model = split.load_submodel(branch_point(spec, paths), expert)
     train_NL = load_corpus(paths, "train").pack(spec.data.sequence_length, cluster_doc_ids(paths, expert))
     result = train(model, train_NL, eval_sequences(spec, paths), spec.submodel, paths.submodel(expert),
                    stage="submodel", expert=expert, seed=spec.seed + expert, metrics=metrics,
                    spec_yaml=spec.to_yaml(), hooks=hooks, progress=progress)
-    return {"expert": expert, "sequences": len(train_NL), **result.__dict__}
+    own_NL = cluster_eval_sequences(spec, paths)[expert]
+    own_loss = evaluate_loss(model, own_NL, spec.submodel.batch_size, spec.submodel.eval_batches,
+                             next(model.parameters()).device) if len(own_NL) else None
+    return {"expert": expert, "sequences": len(train_NL), "cluster_eval_loss": own_loss, **result.__dict__}
 
 
 def stage_merge(spec: JobSpec, paths: JobPaths, metrics: MetricsWriter) -> dict:
@@ -161,7 +208,8 @@ def stage_merge(spec: JobSpec, paths: JobPaths, metrics: MetricsWriter) -> dict:
     sizes = cluster.ClusterResult.load(paths.clusters).sizes
     weights = merge.averaging_weights(sizes, spec.merge.weighting)
     files = [paths.submodel(k) / split.WEIGHTS_FILE for k in range(spec.model.num_experts)]
-    merge.merge_submodels(paths.source, files, weights, spec.merge.router_init, paths.merged, seed=spec.seed)
+    merge.merge_submodels(branch_point(spec, paths), files, weights, spec.merge.router_init, paths.merged,
+                          seed=spec.seed)
     model = load_moe(paths.merged)
     if spec.merge.router_init == "centroid":
         corpus = load_corpus(paths, "train")
@@ -170,12 +218,13 @@ def stage_merge(spec: JobSpec, paths: JobPaths, metrics: MetricsWriter) -> dict:
         merge.init_router_from_centroids(model, samples)
         split.save_weights(model, paths.merged)
     data.load_tokenizer(paths.tokenizer).save_pretrained(paths.merged)
-    eval_loss = evaluate_loss(model, eval_sequences(spec, paths), spec.finetune.batch_size,
-                              spec.finetune.eval_batches, torch.device("cpu"))
+    cpu, cfg = torch.device("cpu"), spec.finetune
+    eval_loss = evaluate_loss(model, eval_sequences(spec, paths), cfg.batch_size, cfg.eval_batches, cpu)
+    oracle = oracle_loss(model, cluster_eval_sequences(spec, paths), cfg.batch_size, cfg.eval_batches, cpu)
     seconds = time.perf_counter() - started
-    metrics.write({"stage": "merge", "step": 0, "eval_loss": eval_loss, "weights": weights, "seconds": seconds,
-                   "device": "cpu"})
-    return {"weights": weights, "eval_loss": eval_loss, "seconds": seconds}
+    metrics.write({"stage": "merge", "step": 0, "eval_loss": eval_loss, "oracle_eval_loss": oracle,
+                   "weights": weights, "seconds": seconds, "device": "cpu"})
+    return {"weights": weights, "eval_loss": eval_loss, "oracle_eval_loss": oracle, "seconds": seconds}
 
 
 def stage_finetune(spec: JobSpec, paths: JobPaths, metrics: MetricsWriter, hooks: TrainHooks | None = None,

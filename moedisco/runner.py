@@ -25,7 +25,7 @@ from moedisco.train import TrainHooks
 log = logging.getLogger(__name__)
 
 # Sections whose change makes earlier artifacts meaningless: resuming with them changed would mix two jobs.
-IDENTITY_SECTIONS = ("method", "data", "tokenizer", "embed", "cluster", "model", "seed")
+IDENTITY_SECTIONS = ("method", "data", "tokenizer", "embed", "cluster", "model", "branch", "seed")
 
 
 def check_same_job(spec: JobSpec, paths: JobPaths) -> None:
@@ -98,6 +98,9 @@ class LocalRunner:
         self.stage("embed", cheap, lambda: stages.stage_embed(spec, paths, self.metrics))
         self.stage("cluster", cheap, lambda: stages.stage_cluster(spec, paths, self.metrics))
         self.stage("source", None, lambda: stages.stage_source(spec, paths))
+        if spec.branch.warmup_steps > 0:
+            self.stage("warmup", cheap, lambda: stages.stage_warmup(spec, paths, self.metrics, self.hooks(),
+                                                                    self.progress))
         for expert in range(spec.model.num_experts):
             self.stage("submodel", cheap, lambda k=expert: stages.stage_submodel(
                 spec, paths, k, self.metrics, self.hooks(), self.progress), expert=expert)

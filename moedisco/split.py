@@ -167,3 +167,28 @@ def load_submodel(source: Path, expert: int) -> PreTrainedModel:
 
 def read_config(folder: Path) -> PretrainedConfig:
     return AutoConfig.from_pretrained(str(folder), local_files_only=True)
+
+
+def upcycle(source: Path, dense_weights: Path, out: Path) -> Path:
+    """A full MoE whose shared parameters and every expert come from a trained one-expert model (sparse upcycling).
+
+    Router rows keep the source's initialisation: the one-expert model's single row carries no routing information.
+    """
+    config = read_config(source)
+    roles = parameter_roles(config)
+    num_experts = num_experts_of(config)
+    state = {}
+    with safe_open(dense_weights, framework="pt") as dense, safe_open(source / WEIGHTS_FILE, framework="pt") as src:
+        for name, role in roles.items():
+            if name not in set(src.keys()):
+                continue  # tied lm_head
+            if role == "shared":
+                state[name] = dense.get_tensor(name)
+            elif role == "expert":
+                state[name] = dense.get_tensor(name).expand(num_experts, *dense.get_slice(name).get_shape()[1:]).clone()
+            else:
+                state[name] = src.get_tensor(name)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out)
+    save_file(state, out / WEIGHTS_FILE, metadata={"format": "pt"})
+    return out

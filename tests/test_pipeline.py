@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from moedisco.config import build_spec
@@ -106,3 +108,21 @@ def test_changed_identity_is_refused(finished_job):
     changed = spec.model_copy(update={"seed": 5})
     with pytest.raises(ValueError, match="seed"):
         run_job(changed, progress=False)
+
+
+def test_shared_warmup_then_branch_and_diagnostics(tmp_path):
+    spec = build_spec(tiny_spec_dict(tmp_path / "out", branch={"warmup_steps": 8},
+                                     model={"num_experts": 2, "num_experts_per_tok": 1}))
+    events = []
+    run_job(spec, events=events.append, progress=False)
+    finished = {(e["stage"], e["expert"]): e["summary"] for e in events if e["event"] == "stage_finished"}
+    assert finished[("warmup", None)]["steps"] == 8
+    branched = load_file(spec.output_dir / "branched" / "model.safetensors")
+    warm = load_file(spec.output_dir / "runs" / "warmup" / "model.safetensors")
+    experts = branched["model.layers.0.mlp.experts.down_proj"]
+    assert torch.equal(experts[0], experts[1]) and torch.equal(experts[:1], warm["model.layers.0.mlp.experts.down_proj"])
+    assert torch.equal(branched["model.embed_tokens.weight"], warm["model.embed_tokens.weight"])
+    for expert in (0, 1):
+        assert finished[("submodel", expert)]["cluster_eval_loss"] is not None
+    merge_record = read_metrics(spec.output_dir / "metrics.jsonl", "merge")[-1]
+    assert merge_record["oracle_eval_loss"] is not None and merge_record["eval_loss"] is not None
