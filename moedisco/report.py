@@ -46,15 +46,21 @@ def cost_bars(cost_path: Path) -> dict[str, float]:
     return bars
 
 
+def _plot_curves(ax, curves: dict, labels: tuple[str, ...], title: str) -> None:
+    for label, (steps, losses) in sorted(curves.items()):
+        if label.split(" ")[0] in labels:
+            ax.plot(steps, losses, marker="o", markersize=3, label=label)
+    ax.set(xlabel="step", ylabel="held-out loss", title=title)
+    if ax.get_lines():
+        ax.legend(fontsize=8)
+
+
 def write_report(metrics_path: Path, cost_path: Path, out: Path, title: str = "") -> Path:
     curves = loss_curves(read_metrics(metrics_path))
     bars = cost_bars(cost_path)
-    fig, (ax_loss, ax_cost) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for label, (steps, losses) in sorted(curves.items()):
-        ax_loss.plot(steps, losses, marker="o", markersize=3, label=label)
-    ax_loss.set(xlabel="step", ylabel="held-out loss", title=f"{title}: held-out loss per stage")
-    if curves:
-        ax_loss.legend(fontsize=8)
+    fig, (ax_cheap, ax_dear, ax_cost) = plt.subplots(1, 3, figsize=(15, 4.5))
+    _plot_curves(ax_cheap, curves, ("warmup", "submodel"), f"{title}: cheap tier (warm-up, submodels)")
+    _plot_curves(ax_dear, curves, ("finetune", "full_parameter"), "expensive tier (step 0 = merged model)")
     ax_cost.bar(list(bars), list(bars.values()), color="tab:green")
     ax_cost.set(ylabel="USD", title=f"cost per stage (total ${sum(bars.values()):.4f})")
     ax_cost.tick_params(axis="x", rotation=30)

@@ -1,0 +1,72 @@
+"""Peak training memory of a submodel vs the full MoE, next to the parameter bound and `moedisco estimate`.
+
+    python benchmarks/memory.py [--quick]
+
+Each measurement trains a few AdamW steps in its own process (CPU: peak resident memory above the process's
+baseline after imports; GPU: torch.cuda.max_memory_allocated). The parameter bound for the ratio is
+(shared + one expert) / (shared + all experts); the estimate is moedisco.estimate.memory_plan for the same batch.
+Targets: measured ratio within 5% of the bound; estimate within 20% of measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from _common import peak_rss_mb, run_child, sized_config
+
+SEQ_LEN, BATCH, STEPS = 128, 4, 3
+
+
+def child(payload: dict) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moedisco.config import TrainConfig
+    from moedisco.estimate import memory_plan
+    from moedisco.split import with_num_experts
+
+    torch.set_num_threads(2)
+    config = sized_config(payload["hidden"], num_experts=payload["experts"])
+    if payload["which"] == "submodel":
+        config = with_num_experts(config, 1)
+    before = peak_rss_mb()
+    model = AutoModelForCausalLM.from_config(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for _ in range(STEPS):
+        ids = torch.randint(0, config.vocab_size, (BATCH, SEQ_LEN))
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    params = sum(p.numel() for p in model.parameters())
+    plan = memory_plan(params, config, TrainConfig(batch_size=BATCH, dtype="fp32"), SEQ_LEN, 24.0, on_gpu=False)
+    return {"params": params, "peak_mb": peak_rss_mb() - before, "estimate_mb": plan["total_gb"] * 1000}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--child")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return {}
+    sizes = [256, 512] if args.quick else [256, 512, 768]
+    rows = []
+    for hidden in sizes:
+        full = run_child(__file__, {"hidden": hidden, "experts": 4, "which": "full"})
+        sub = run_child(__file__, {"hidden": hidden, "experts": 4, "which": "submodel"})
+        bound = sub["params"] / full["params"]
+        measured = sub["peak_mb"] / full["peak_mb"]
+        rows.append({"hidden": hidden, "full": full, "submodel": sub, "param_bound_ratio": bound,
+                     "measured_ratio": measured, "ratio_error": measured / bound - 1,
+                     "estimate_error_full": full["estimate_mb"] / full["peak_mb"] - 1,
+                     "estimate_error_submodel": sub["estimate_mb"] / sub["peak_mb"] - 1})
+    result = {"benchmark": "memory", "device": "cpu", "seq_len": SEQ_LEN, "batch": BATCH, "rows": rows}
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)

@@ -1,0 +1,84 @@
+"""Time and peak memory of merging E submodels as the model grows.
+
+    python benchmarks/merge.py [--quick]
+
+For each size: E submodel files are written, then merged in a fresh process that records its peak resident memory
+above its baseline. Target: peak <= about one shard plus the largest tensor (not E submodels); time close to
+reading and writing the files (measured separately in the same child as `io_seconds`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from _common import peak_rss_mb, run_child, sized_config
+
+NUM_EXPERTS = 4
+
+
+def write_submodels(hidden: int, folder: Path) -> dict:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from moedisco.split import load_submodel, save_weights, unique_state_dict
+
+    torch.manual_seed(0)
+    save_weights(AutoModelForCausalLM.from_config(sized_config(hidden, NUM_EXPERTS)), folder / "source")
+    sizes = []
+    for k in range(NUM_EXPERTS):
+        state = unique_state_dict(load_submodel(folder / "source", k))
+        save_file(state, folder / f"sub{k}.safetensors")
+        sizes.append((folder / f"sub{k}.safetensors").stat().st_size)
+    return {"submodel_mb": sizes[0] / 1e6, "largest_tensor_mb": max(t.nbytes for t in state.values()) / 1e6}
+
+
+def child(payload: dict) -> dict:
+    from safetensors.torch import load_file, save_file
+
+    from moedisco.merge import merge_submodels
+
+    folder = Path(payload["folder"])
+    files = [folder / f"sub{k}.safetensors" for k in range(NUM_EXPERTS)]
+    before = peak_rss_mb()
+    started = time.perf_counter()
+    merge_submodels(folder / "source", files, [1 / NUM_EXPERTS] * NUM_EXPERTS, "concat", folder / "merged",
+                    max_shard_bytes=payload["shard_bytes"])
+    merge_seconds = time.perf_counter() - started
+    peak = peak_rss_mb() - before
+    started = time.perf_counter()  # the I/O floor: read every input once, write the output once
+    for path in files:
+        load_file(path)
+    for index, shard in enumerate(sorted((folder / "merged").glob("*.safetensors"))):
+        save_file(load_file(shard), folder / f"io_probe{index}.safetensors")
+    return {"merge_seconds": merge_seconds, "peak_mb": peak, "io_seconds": time.perf_counter() - started}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--child")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return {}
+    rows = []
+    for hidden in ([256, 512] if args.quick else [256, 512, 1024]):
+        with tempfile.TemporaryDirectory() as tmp:
+            sizes = write_submodels(hidden, Path(tmp))
+            shard = int(sizes["submodel_mb"] * 1e6)  # one shard = one submodel's size
+            row = {"hidden": hidden, **sizes, **run_child(__file__, {"folder": tmp, "shard_bytes": shard})}
+            row["bound_mb"] = row["submodel_mb"] + row["largest_tensor_mb"]
+            row["peak_over_bound"] = row["peak_mb"] / row["bound_mb"]
+            rows.append(row)
+    result = {"benchmark": "merge", "num_experts": NUM_EXPERTS, "rows": rows}
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""The paper's Table 1 / Table 3 / Fig. 6 at small scale, plus the merge-quality grid (issue: warm-up x router init).
+
+    python benchmarks/paper_table.py --quick                       # a few minutes on a laptop CPU
+    python benchmarks/paper_table.py --data my.jsonl --warmup 0 100 --router-init concat centroid random
+
+Runs, on one corpus with one tiny MoE config, tokenizer and held-out split:
+  * the full-parameter baseline for B steps (expensive tier);
+  * MoE-DisCo for every combination of clustering x warm-up steps x router init: E submodels x S steps (cheap tier),
+    merge, fine-tune F steps (expensive tier).
+Prints one JSON object: per run the held-out loss after the merge (fine-tune step 0) and at the end, the fine-tune
+step at which it first reaches the baseline's final loss, total tokens seen, and cost under two models:
+  (a) `wallclock`: this machine's seconds per stage priced at each tier's rate (one CPU stands in for both tiers);
+  (b) `flop`: 6 x active parameters x tokens / (device bf16 peak x utilisation) x price, per stage.
+`cost_ratio` = run total / baseline total under each model; `step_ratio` = expensive-tier steps to reach the
+baseline's final loss / B. Writes the loss curves (paper Fig. 4 style) to `--plot`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from moedisco.config import build_spec  # noqa: E402
+from moedisco.cost import flop_cost_usd  # noqa: E402
+from moedisco.estimate import DEFAULT_UTILISATION, parameter_counts  # noqa: E402
+from moedisco.metrics import read_metrics  # noqa: E402
+from moedisco.runner import run_job  # noqa: E402
+from moedisco.split import read_config  # noqa: E402
+
+TRAINED_STAGES = ("warmup", "submodel", "finetune", "full_parameter")
+
+
+def base_spec(args) -> dict:
+    raw = yaml.safe_load((REPO / "examples" / "tiny.yaml").read_text())
+    raw["data"].update({"train": str(args.data), "max_documents": args.max_documents})
+    for section, steps in (("submodel", args.submodel_steps), ("finetune", args.finetune_steps),
+                           ("full_parameter", args.baseline_steps)):
+        raw[section].update({"steps": steps, "checkpoint_every": max(steps, 1), "eval_batches": args.eval_batches})
+    raw["finetune"]["eval_every"] = max(1, args.finetune_steps // 10)
+    raw["full_parameter"]["eval_every"] = max(1, args.baseline_steps // 20)
+    raw["submodel"]["eval_every"] = max(1, args.submodel_steps // 5)
+    return raw
+
+
+def variants(args) -> list[tuple[str, dict]]:
+    runs = [("full_parameter", {"method": "full_parameter"})]
+    for clustering, warmup, router in itertools.product(args.clustering, args.warmup, args.router_init):
+        name = f"{clustering}-w{warmup}-{router}"
+        runs.append((name, {"cluster": {"method": clustering}, "branch": {"warmup_steps": warmup},
+                            "merge": {"router_init": router}}))
+    return runs
+
+
+def build_variant(raw: dict, name: str, changes: dict, root: Path):
+    spec = json.loads(json.dumps(raw))
+    for key, value in changes.items():
+        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
+    spec.update({"name": name, "output_dir": str(root / name)})
+    return build_spec(spec)
+
+
+def curve(records: list[dict], stage: str) -> list[tuple[int, float]]:
+    points = [(r["step"], r["eval_loss"]) for r in records if r["stage"] == stage and r.get("eval_loss") is not None]
+    if stage == "finetune":
+        points = [(0, r["eval_loss"]) for r in records if r["stage"] == "merge"][-1:] + [p for p in points if p[0] > 0]
+    return points
+
+
+def first_step_reaching(points: list[tuple[int, float]], target: float) -> int | None:
+    return next((step for step, loss in points if loss <= target), None)
+
+
+def flop_costs(spec, records: list[dict]) -> dict[str, float]:
+    """Dollars per stage under the FLOP model, from the tokens each stage actually trained on."""
+    counts = parameter_counts(read_config(spec.output_dir / "source"))
+    res = spec.resources
+    tiers = {"warmup": res.submodel_tier, "submodel": res.submodel_tier, "finetune": res.finetune_tier,
+             "full_parameter": res.finetune_tier}
+    active = {"warmup": counts["submodel"], "submodel": counts["submodel"], "finetune": counts["active"],
+              "full_parameter": counts["active"]}
+    costs: dict[str, float] = {}
+    last_tokens: dict[tuple, int] = {}
+    for r in records:
+        if r["stage"] in TRAINED_STAGES and "tokens" in r:
+            last_tokens[(r["stage"], r.get("expert"))] = r["tokens"]
+    for (stage, _), tokens in last_tokens.items():
+        device = tiers[stage].device_type
+        usd = flop_cost_usd(active[stage], tokens, res.devices[device].bf16_tflops, DEFAULT_UTILISATION,
+                            res.prices[device])["usd"]
+        costs[stage] = costs.get(stage, 0.0) + usd
+    return costs
+
+
+def summarise(spec, seconds: float) -> dict:
+    records = read_metrics(spec.output_dir / "metrics.jsonl")
+    cost = json.loads((spec.output_dir / "cost.json").read_text())
+    wall = {}
+    for row in cost["stages"]:
+        wall[row["stage"]] = wall.get(row["stage"], 0.0) + row["usd"]
+    flop = flop_costs(spec, records)
+    tokens = {}
+    for r in records:
+        if r["stage"] in TRAINED_STAGES and "tokens" in r:
+            tokens[(r["stage"], r.get("expert"))] = r["tokens"]
+    main_stage = "full_parameter" if spec.method == "full_parameter" else "finetune"
+    points = curve(records, main_stage)
+    merge = next((r for r in records if r["stage"] == "merge"), {})
+    return {"curve": points, "final_loss": points[-1][1], "loss_at_merge": merge.get("eval_loss"),
+            "oracle_loss_at_merge": merge.get("oracle_eval_loss"), "tokens": sum(tokens.values()),
+            "cost_usd": {"wallclock": wall, "flop": flop, "wallclock_total": sum(wall.values()),
+                         "flop_total": sum(flop.values())}, "run_seconds": round(seconds, 1)}
+
+
+def compare(results: dict, baseline_steps: int) -> None:
+    base = results["full_parameter"]
+    for name, run in results.items():
+        if name == "full_parameter":
+            continue
+        step = first_step_reaching(run["curve"], base["final_loss"])
+        run["finetune_steps_to_baseline"] = step
+        run["step_ratio"] = None if step is None else step / baseline_steps
+        run["cost_ratio"] = {m: run["cost_usd"][f"{m}_total"] / base["cost_usd"][f"{m}_total"]
+                             for m in ("wallclock", "flop")}
+        run["beats_baseline_at_step0"] = run["loss_at_merge"] <= base["final_loss"]
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for name, run in results.items():
+        steps, losses = zip(*run["curve"])
+        ax.plot(steps, losses, label=name, linewidth=2.5 if name == "full_parameter" else 1.2)
+    ax.set(xlabel="expensive-tier step (baseline training / MoE-DisCo fine-tune)", ylabel="held-out loss",
+           title="MoE-DisCo fine-tune vs full-parameter training")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=REPO / "examples" / "data" / "corpus.jsonl")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-paper")
+    parser.add_argument("--plot", type=Path, default=REPO / "benchmarks" / "paper_table.png")
+    parser.add_argument("--max-documents", type=int, default=3000)
+    parser.add_argument("--baseline-steps", type=int, default=600)
+    parser.add_argument("--submodel-steps", type=int, default=300)
+    parser.add_argument("--finetune-steps", type=int, default=100)
+    parser.add_argument("--eval-batches", type=int, default=8)
+    parser.add_argument("--clustering", nargs="+", default=["kmeans", "random"])
+    parser.add_argument("--warmup", nargs="+", type=int, default=[0])
+    parser.add_argument("--router-init", nargs="+", default=["concat"])
+    parser.add_argument("--quick", action="store_true", help="Small steps: finishes in a few minutes.")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.max_documents, args.baseline_steps, args.submodel_steps, args.finetune_steps = 800, 200, 100, 40
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    raw = base_spec(args)
+    results = {}
+    for name, changes in variants(args):
+        spec = build_variant(raw, name, changes, args.out)
+        started = time.perf_counter()
+        run_job(spec, progress=False)
+        results[name] = summarise(spec, time.perf_counter() - started)
+    compare(results, args.baseline_steps)
+    plot(results, args.plot)
+    output = {"benchmark": "paper_table", "settings": {k: str(v) if isinstance(v, Path) else v
+                                                       for k, v in vars(args).items()}, "runs": results}
+    print(json.dumps(output, indent=1))
+    return output
+
+
+if __name__ == "__main__":
+    main()
