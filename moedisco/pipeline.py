@@ -27,6 +27,7 @@ from moedisco.evaluate import evaluate_loss, oracle_loss
 from moedisco.finetune import finetune, load_moe, save_final, train_full_parameter
 from moedisco.metrics import MetricsWriter
 from moedisco.train import TrainHooks, train
+from moedisco.upcycle import upcycle_submodel
 
 log = logging.getLogger(__name__)
 Events = Callable[[dict], None]
@@ -164,7 +165,7 @@ def stage_warmup(spec: JobSpec, paths: JobPaths, metrics: MetricsWriter, hooks: 
     train_NL = load_corpus(paths, "train").pack(spec.data.sequence_length)
     result = train(model, train_NL, eval_sequences(spec, paths), cfg, paths.run("warmup"), stage="warmup",
                    seed=spec.seed, metrics=metrics, spec_yaml=spec.to_yaml(), hooks=hooks, progress=progress)
-    split.upcycle(paths.source, paths.run("warmup") / split.WEIGHTS_FILE, paths.branched)
+    upcycle_submodel(paths.source, paths.run("warmup") / split.WEIGHTS_FILE, paths.branched)
     return result.__dict__
 
 

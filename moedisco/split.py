@@ -104,20 +104,26 @@ def parameter_roles(config: PretrainedConfig) -> dict[str, Role]:
 def build_source_moe(spec: JobSpec, vocab_size: int, eos_id: int, pad_id: int) -> PreTrainedModel:
     """The MoE every run starts from: a local pretrained checkpoint, or a seeded fresh initialisation."""
     if spec.model.pretrained is not None:
-        return load_pretrained_moe(spec.model.pretrained, spec.model.num_experts)
+        return load_pretrained_moe(spec.model.pretrained, spec.model)
     torch.manual_seed(spec.seed)
     return AutoModelForCausalLM.from_config(build_moe_config(spec.model, vocab_size, eos_id, pad_id))
 
 
-def load_pretrained_moe(path: Path, num_experts: int) -> PreTrainedModel:
+def load_pretrained_moe(path: Path, cfg: ModelConfig) -> PreTrainedModel:
+    """A local MoE checkpoint as it is, or a dense one upcycled into an MoE (see `moedisco.upcycle`)."""
     if not (path / "config.json").is_file():
         raise ValueError(f"model.pretrained {path}: no config.json (expected a Hugging Face model folder)")
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    from moedisco.upcycle import DENSE_TO_MOE, upcycle_dense
+
+    if config.model_type in DENSE_TO_MOE:
+        return upcycle_dense(path, cfg)
     if config.model_type not in ARCHITECTURES:
-        raise ValueError(f"model.pretrained {path}: model_type {config.model_type!r} is not one of {ARCHITECTURES}")
-    if num_experts_of(config) != num_experts:
+        raise ValueError(f"model.pretrained {path}: model_type {config.model_type!r} is neither an MoE "
+                         f"{ARCHITECTURES} nor a dense model to upcycle {tuple(DENSE_TO_MOE)}")
+    if num_experts_of(config) != cfg.num_experts:
         raise ValueError(
-            f"model.num_experts is {num_experts} but the checkpoint at {path} has {num_experts_of(config)} experts"
+            f"model.num_experts is {cfg.num_experts} but the checkpoint at {path} has {num_experts_of(config)} experts"
         )
     return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
 
@@ -168,27 +174,3 @@ def load_submodel(source: Path, expert: int) -> PreTrainedModel:
 def read_config(folder: Path) -> PretrainedConfig:
     return AutoConfig.from_pretrained(str(folder), local_files_only=True)
 
-
-def upcycle(source: Path, dense_weights: Path, out: Path) -> Path:
-    """A full MoE whose shared parameters and every expert come from a trained one-expert model (sparse upcycling).
-
-    Router rows keep the source's initialisation: the one-expert model's single row carries no routing information.
-    """
-    config = read_config(source)
-    roles = parameter_roles(config)
-    num_experts = num_experts_of(config)
-    state = {}
-    with safe_open(dense_weights, framework="pt") as dense, safe_open(source / WEIGHTS_FILE, framework="pt") as src:
-        for name, role in roles.items():
-            if name not in set(src.keys()):
-                continue  # tied lm_head
-            if role == "shared":
-                state[name] = dense.get_tensor(name)
-            elif role == "expert":
-                state[name] = dense.get_tensor(name).expand(num_experts, *dense.get_slice(name).get_shape()[1:]).clone()
-            else:
-                state[name] = src.get_tensor(name)
-    out.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(out)
-    save_file(state, out / WEIGHTS_FILE, metadata={"format": "pt"})
-    return out
