@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from _common import peak_rss_mb, run_child, sized_config
 
-SEQ_LEN, BATCH, STEPS = 128, 4, 3
+SEQ_LEN, BATCH, STEPS = 64, 2, 3  # small activations: the state memory the bound speaks of dominates
 
 
 def child(payload: dict) -> dict:
@@ -52,7 +51,7 @@ def main(argv=None) -> dict:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return {}
-    sizes = [256, 512] if args.quick else [256, 512, 768]
+    sizes = [256, 512] if args.quick else [256, 512, 1024]
     rows = []
     for hidden in sizes:
         full = run_child(__file__, {"hidden": hidden, "experts": 4, "which": "full"})
@@ -69,4 +68,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    main()

@@ -137,14 +137,17 @@ def render_estimate(result: dict, console) -> None:
     console.print(f"[bold]{result['arch']}[/bold], {result['num_experts']} experts: "
                   f"{counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active, "
                   f"submodel {counts['submodel'] / 1e6:.2f}M ({counts['submodel'] / counts['total']:.0%} of the MoE)")
-    table = Table(title="memory plan (GB)")
-    for column in ("model", "weights", "grads", "optimizer", "activations", "total", "device", "fits", "to fit"):
+    table = Table(title="memory plan per device (GB)")
+    for column in ("model", "weights", "grads", "optimizer", "activations", "total", "device", "fits"):
         table.add_column(column)
     for name, plan in result["memory"].items():
         table.add_row(name, *(f"{plan[k]:.2f}" for k in ("weights_gb", "gradients_gb", "optimizer_gb",
                                                         "activations_gb", "total_gb", "device_gb")),
-                      "yes" if plan["fits"] else "no", ", ".join(plan["measures"]))
+                      "yes" if plan["fits"] else "[red]no[/red]")
     console.print(table)
+    for name, plan in result["memory"].items():
+        if plan["measures"]:
+            console.print(f"to fit {name}: " + " -> ".join(plan["measures"]))
     cost = result["cost"]
     console.print(f"cost ({cost['model']}): submodels ${cost['submodels_usd']:.2f} + fine-tune "
                   f"${cost['finetune_usd']:.2f} = ${cost['total_usd']:.2f}; full-parameter baseline "

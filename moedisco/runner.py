@@ -73,10 +73,17 @@ class LocalRunner:
         return stages.mark_done(self.paths, marker, summary)
 
     def check_budget(self, stage: str) -> None:
+        """Stop before a stage when the money spent, plus what a stage of the same kind cost last time
+        (the previous submodel, say), would exceed `max_cost_usd`."""
         budget = self.spec.max_cost_usd
-        if budget is not None and self.ledger.total_usd() >= budget:
-            raise BudgetExceeded(f"stopped before stage {stage!r}: ${self.ledger.total_usd():.4f} spent of the "
-                                 f"${budget:.4f} budget (max_cost_usd)")
+        if budget is None:
+            return
+        spent = self.ledger.total_usd()
+        similar = [row["usd"] for row in self.ledger.rows if row["stage"] == stage]
+        projected = similar[-1] if similar else 0.0
+        if spent + projected > budget or spent >= budget:
+            raise BudgetExceeded(f"stopped before stage {stage!r}: ${spent:.4f} spent + ${projected:.4f} projected "
+                                 f"exceeds the ${budget:.4f} budget (max_cost_usd)")
 
     def run(self) -> dict:
         spec, paths = self.spec, self.paths

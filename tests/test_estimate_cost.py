@@ -1,0 +1,67 @@
+"""`moedisco estimate`, the cost ledger and the budget guardrail."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from moedisco.config import ResourcesConfig, build_spec, load_spec
+from moedisco.cost import CostLedger, flop_cost_usd
+from moedisco.estimate import estimate_job, parameter_counts
+from moedisco.runner import BudgetExceeded, run_job
+from moedisco.split import with_num_experts
+from tests.conftest import REPO, tiny_hf_config, tiny_spec_dict
+
+
+def _numel(config) -> int:
+    return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])
+def test_parameter_counts_match_the_models(arch):
+    config = tiny_hf_config(arch)
+    counts = parameter_counts(config)
+    assert counts["total"] == _numel(config)
+    assert counts["submodel"] == _numel(with_num_experts(config, 1))
+    assert counts["shared"] < counts["submodel"] < counts["active"] < counts["total"]
+
+
+def test_estimate_plans_both_tiers_and_prices_the_paper_setting():
+    result = estimate_job(load_spec(REPO / "examples" / "qwen1.5-moe-a2.7b.yaml"))
+    assert 2.0e9 < result["parameters"]["total"] < 3.5e9
+    sub, full = result["memory"]["submodel"], result["memory"]["full_moe"]
+    assert sub["device_gb"] == 24 and full["device_gb"] == 80
+    assert sub["weights_gb"] < full["weights_gb"]
+    assert not sub["fits"] and "activation checkpointing" in sub["measures"]
+    cost = result["cost"]
+    assert 0 < cost["total_usd"] < cost["full_parameter_usd"]
+
+
+def test_flop_cost_model():
+    out = flop_cost_usd(active_params=1_000_000_000, tokens=1_000_000, peak_tflops=100.0, utilisation=0.5, price=3.6)
+    assert out["flops"] == 6e15 and out["seconds"] == pytest.approx(120.0) and out["usd"] == pytest.approx(0.12)
+
+
+def test_ledger_replaces_rows_on_resume_and_sums(tmp_path):
+    resources = ResourcesConfig()
+    ledger = CostLedger(tmp_path / "cost.json", resources)
+    ledger.record("submodel", resources.submodel_tier, 3600, device="cpu", expert=0)
+    ledger.record("submodel", resources.submodel_tier, 7200, device="cuda:0", expert=0)
+    ledger.record("finetune", resources.finetune_tier, 1800, device="cuda:0")
+    saved = json.loads((tmp_path / "cost.json").read_text())
+    assert len(saved["stages"]) == 2
+    assert saved["total_usd"] == pytest.approx(2 * 0.35 + 0.5 * 2.28)
+    assert saved["by_tier_usd"] == pytest.approx({"4090": 0.70, "A100": 1.14})
+    assert saved["simulated"] is False
+    assert CostLedger(tmp_path / "cost.json", resources).total_usd() == pytest.approx(saved["total_usd"])
+
+
+def test_budget_stops_at_a_stage_boundary(tmp_path):
+    spec = build_spec(tiny_spec_dict(tmp_path / "out", max_cost_usd=1e-9))
+    with pytest.raises(BudgetExceeded, match="max_cost_usd"):
+        run_job(spec, progress=False)
+    done = sorted(p.stem for p in (spec.output_dir / "stages").glob("*.json"))
+    assert done == ["embed", "prepare"]  # embed spent the (tiny) budget; the cluster stage never started
+    assert (spec.output_dir / "embed" / "embeddings.npy").is_file()
