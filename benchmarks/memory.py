@@ -10,10 +10,9 @@ Targets: measured ratio within 5% of the bound; estimate within 20% of measured.
 
 from __future__ import annotations
 
-import argparse
 import json
 
-from _common import peak_rss_mb, run_child, sized_config
+from _common import bench_args, peak_rss_mb, reset_peak_rss, run_child, sized_config
 
 SEQ_LEN, BATCH, STEPS = 64, 2, 3  # small activations: the state memory the bound speaks of dominates
 
@@ -30,7 +29,7 @@ def child(payload: dict) -> dict:
     config = sized_config(payload["hidden"], num_experts=payload["experts"])
     if payload["which"] == "submodel":
         config = with_num_experts(config, 1)
-    before = peak_rss_mb()
+    before = reset_peak_rss()
     model = AutoModelForCausalLM.from_config(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for _ in range(STEPS):
@@ -44,12 +43,8 @@ def child(payload: dict) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--child")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+    args = bench_args(__doc__, child, argv)
+    if args is None:
         return {}
     sizes = [256, 512] if args.quick else [256, 512, 1024]
     rows = []

@@ -3,19 +3,18 @@
     python benchmarks/merge.py [--quick]
 
 For each size: E submodel files are written, then merged in a fresh process that records its peak resident memory
-above its baseline. Target: peak <= about one shard plus the largest tensor (not E submodels); time close to
+above its baseline. Target: peak anonymous memory <= about one shard plus the largest tensor (not E submodels); time close to
 reading and writing the files (measured separately in the same child as `io_seconds`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
 from pathlib import Path
 
-from _common import peak_rss_mb, run_child, sized_config
+from _common import AnonPeak, bench_args, run_child, sized_config
 
 NUM_EXPERTS = 4
 
@@ -44,12 +43,12 @@ def child(payload: dict) -> dict:
 
     folder = Path(payload["folder"])
     files = [folder / f"sub{k}.safetensors" for k in range(NUM_EXPERTS)]
-    before = peak_rss_mb()
     started = time.perf_counter()
-    merge_submodels(folder / "source", files, [1 / NUM_EXPERTS] * NUM_EXPERTS, "concat", folder / "merged",
-                    max_shard_bytes=payload["shard_bytes"])
+    with AnonPeak() as memory:
+        merge_submodels(folder / "source", files, [1 / NUM_EXPERTS] * NUM_EXPERTS, "concat", folder / "merged",
+                        max_shard_bytes=payload["shard_bytes"])
     merge_seconds = time.perf_counter() - started
-    peak = peak_rss_mb() - before
+    peak = memory.peak_mb
     started = time.perf_counter()  # the I/O floor: read every input once, write the output once
     for path in files:
         load_file(path)
@@ -59,12 +58,8 @@ def child(payload: dict) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--child")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+    args = bench_args(__doc__, child, argv)
+    if args is None:
         return {}
     rows = []
     for hidden in ([256, 512] if args.quick else [256, 512, 1024]):
