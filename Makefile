@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/moedisco run examples/tiny.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	bash scripts/run_tests.sh
 
 clean:
 	rm -rf runs $(VENV)

@@ -1,0 +1,25 @@
+"""moedisco's control plane: a REST API over a job store, with jobs run as detached Ray actors.
+
+    moedisco serve                       # Ray Serve on a running (or a local simulated) Ray cluster
+    moedisco serve --no-ray-serve        # plain uvicorn, for debugging
+    moedisco submit examples/tiny.yaml && moedisco jobs && moedisco status ID --follow
+
+Layout (after full-stack-fastapi-template's backend):
+    core/config.py   settings from MOEDISCO_* environment variables
+    core/db.py       SQLAlchemy engine (SQLite file by default, PostgreSQL by URL)
+    models.py        tables: jobs, stage states, events, cost rows
+    schemas.py       request and response bodies (JobCreate / JobPublic ...)
+    specs.py         what the service adds to spec validation (job folder, input paths, finite numbers)
+    store.py         reads and writes of the tables; recorder.py folds runner events into them
+    api/             deps.py (Annotated dependencies) and one router per resource in api/routes/
+    costs.py         the cost view (live rows, baseline, savings); report.py the HTML report; prometheus.py
+    executor.py      the detached Ray actor that runs one job and writes its progress into the store
+    dispatcher.py    the queue (start queued jobs up to a limit) and reconciliation of lost runners
+    main.py          `create_app()`: the FastAPI app, importable and testable without Ray Serve
+    serve.py         the Ray Serve deployment wrapping it: `service.serve:build_app`
+    cli.py           `moedisco submit|jobs|status|cost|cancel` (client.py, progress.py); serve_cli.py `serve`
+    testing.py       helpers for tests: free ports, a live server, the service as a subprocess
+    scripts/         start_postgres.sh: a throwaway PostgreSQL for the store tests
+
+The service holds no training logic: it calls `moedisco.runner.run_job` or `ray_cluster.orchestrate.run_job_on_ray`.
+"""

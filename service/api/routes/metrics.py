@@ -1,0 +1,48 @@
+"""A job's training metrics: the records of OUTPUT/metrics.jsonl (losses, tokens, router load ...).
+
+    GET /v1/jobs/{id}/metrics?stage=submodel&expert=1&offset=0&limit=1000
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from service.api.deps import JobDep
+from service.schemas import Message, MetricsPublic
+from service.store import json_safe
+
+router = APIRouter(prefix="/jobs", tags=["metrics"])
+
+MAX_RECORDS = 10_000
+
+
+def read_records(path: Path) -> list[dict]:
+    """Like moedisco.metrics.read_metrics, but a line being written (or damaged) is skipped, not a 500."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(json_safe(record))
+    return records
+
+
+@router.get("/{job_id}/metrics", response_model=MetricsPublic, responses={404: {"model": Message}})
+def read_job_metrics(job: JobDep, stage: Annotated[str | None, Query(max_length=64)] = None,
+                     expert: Annotated[int | None, Query(ge=0, le=100_000)] = None,
+                     offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+                     limit: Annotated[int, Query(ge=1, le=MAX_RECORDS)] = 1000) -> MetricsPublic:
+    """Metrics records, oldest first, optionally of one stage and expert."""
+    records = [r for r in read_records(Path(job.output_dir) / "metrics.jsonl")
+               if (stage is None or r.get("stage") == stage) and (expert is None or r.get("expert") == expert)]
+    return MetricsPublic(data=records[offset:offset + limit], count=len(records), offset=offset, limit=limit)

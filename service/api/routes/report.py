@@ -1,0 +1,27 @@
+"""A job's report page: held-out loss curves per stage and cost bars (matplotlib images inlined in HTML).
+
+    GET /v1/jobs/{id}/report
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import HTMLResponse
+
+from service.api.deps import JobDep, StoreDep
+from service.api.routes.metrics import read_records
+from service.costs import job_cost
+from service.schemas import Message
+
+router = APIRouter(prefix="/jobs", tags=["report"])
+
+
+@router.get("/{job_id}/report", response_class=HTMLResponse, responses={404: {"model": Message}})
+def read_report(job: JobDep, store: StoreDep) -> HTMLResponse:
+    """An HTML page, live while the job runs (it reloads itself)."""
+    from service.report import render_report  # matplotlib: loaded on the first report, not at start-up
+
+    records = read_records(Path(job.output_dir) / "metrics.jsonl")
+    return HTMLResponse(render_report(job, store.stages(job.id), records, job_cost(store, job)))

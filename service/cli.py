@@ -1,0 +1,141 @@
+"""`moedisco serve | submit | jobs | status | cost | cancel`: the service and its command-line client.
+
+    moedisco serve                                   # Ray Serve on a local simulated cluster, http://127.0.0.1:8000
+    moedisco serve --address auto                    # ... on the running cluster (`moedisco cluster start`)
+    moedisco serve --no-ray-serve --runner local     # plain uvicorn in this process (debugging)
+    moedisco submit examples/tiny.yaml --set submodel.steps=20 --follow
+    moedisco jobs --state running
+    moedisco status 3f2a9c1b7d4e --follow            # progress bars per stage and expert
+    moedisco cost 3f2a9c1b7d4e
+    moedisco cancel 3f2a9c1b7d4e
+
+The client commands read MOEDISCO_API_URL (default http://127.0.0.1:8000) and MOEDISCO_API_TOKEN.
+`moedisco.cli` calls `register(app)` to add these commands.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+from rich.table import Table
+
+from moedisco.cli import SetOpt, console, print_cost
+from moedisco.config import SpecError, apply_overrides
+from service.client import ApiClient, ApiError
+from service.progress import TERMINAL, follow_job, stage_table
+from service.schemas import INPUT_PATHS
+
+JobIdArg = Annotated[str, typer.Argument(help="Job id (from `moedisco submit` or `moedisco jobs`).")]
+
+
+def _client() -> ApiClient:
+    return ApiClient()
+
+
+def _call(method, *args, **kwargs):
+    try:
+        return method(*args, **kwargs)
+    except ApiError as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2 if error.status_code in (400, 404, 409, 422) else 1) from None
+
+
+def read_spec_file(path: Path, overrides: list[str]) -> dict:
+    """The YAML as a dict, with --set applied and local input paths made absolute; the server validates it."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise SpecError(f"{path}: the spec must be a mapping of sections")
+        apply_overrides(raw, overrides)
+    except (OSError, yaml.YAMLError, SpecError) as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
+    _absolute_local_inputs(raw, path.parent)
+    return raw
+
+
+def _absolute_local_inputs(raw: dict, spec_dir: Path) -> None:
+    """Same rule as `moedisco run`: a relative input path is relative to the working directory, else to the
+    spec's folder, when it exists there; one that exists in neither is left for the server to resolve."""
+    for section, field in INPUT_PATHS:
+        fields = raw.get(section)
+        value = fields.get(field) if isinstance(fields, dict) else None
+        if not isinstance(value, str) or Path(value).is_absolute():
+            continue
+        found = [base / value for base in (Path.cwd(), spec_dir) if (base / value).exists()]
+        if found:
+            fields[field] = str(found[0].resolve())
+
+
+def submit(spec: Annotated[Path, typer.Argument(help="Job spec YAML.")], set_: SetOpt = None,
+           follow: Annotated[bool, typer.Option(help="Then follow it like `status --follow`.")] = False) -> None:
+    """Submit a job. Relative input paths that exist here are sent as absolute paths; the others are resolved by
+    the server against MOEDISCO_DATA_DIR. The spec's output_dir is replaced by the server's job folder."""
+    job = _call(_client().submit, read_spec_file(spec, set_ or []))
+    console.print(f"submitted [bold]{job['id']}[/bold] ({job['name']}): {job['state']}, output {job['output_dir']}")
+    if follow:
+        status(job["id"], follow=True)
+
+
+def jobs(state: Annotated[list[str] | None, typer.Option(help="Only jobs in this state (repeatable).")] = None,
+         limit: Annotated[int, typer.Option(help="Jobs per page.")] = 20,
+         offset: Annotated[int, typer.Option(help="Jobs to skip.")] = 0) -> None:
+    """List jobs, newest first."""
+    page = _call(_client().jobs, state, offset, limit)
+    table = Table(title=f"jobs {offset + 1}-{offset + len(page['data'])} of {page['count']}")
+    for column in ("id", "name", "method", "state", "stage", "created", "reason"):
+        table.add_column(column)
+    for job in page["data"]:
+        table.add_row(job["id"], job["name"], job["method"], job["state"], job["current_stage"] or "",
+                      job["created_at"][:19].replace("T", " "), job["reason"] or "")
+    console.print(table)
+
+
+def status(job_id: JobIdArg,
+           follow: Annotated[bool, typer.Option(help="Progress bars per stage and expert until the job ends.")] = False,
+           interval: Annotated[float, typer.Option(help="Seconds between polls with --follow.")] = 2.0) -> None:
+    """A job's state and its stages (per expert: step, losses). With --follow, exits 1 unless it succeeded."""
+    client = _client()
+    job = _call(follow_job, client, job_id, interval, console) if follow else _call(client.job, job_id)
+    console.print(f"job [bold]{job['id']}[/bold] ({job['name']}): [bold]{job['state']}[/bold]"
+                  + (f" - {job['reason']}" if job["reason"] else "")
+                  + (" (cancel requested)" if job["cancel_requested"] and job["state"] not in TERMINAL else ""))
+    if not follow:
+        console.print(stage_table(job["stages"]))
+    if follow and job["state"] != "succeeded":
+        raise typer.Exit(1)
+
+
+def cost(job_id: JobIdArg) -> None:
+    """Dollars per stage and tier, the total, and the full-parameter baseline with the savings."""
+    view = _call(_client().cost, job_id)
+    print_cost(view)
+    if view["live"]:
+        console.print("[yellow]job running: stages in progress are priced so far[/yellow]")
+    baseline = view["baseline"]
+    if baseline is not None:
+        source = f"job {baseline['job_id']}" if baseline["job_id"] else "FLOP-model estimate"
+        console.print(f"full-parameter baseline ({baseline['kind']}, {source}): ${baseline['usd']:.3g}")
+    if view["savings_pct"] is not None:
+        console.print(f"savings ({view['savings_basis']}): [bold]{view['savings_pct']:.1f}%[/bold]")
+    if view["note"]:
+        console.print(f"[dim]{view['note']}[/dim]")
+
+
+def cancel(job_id: JobIdArg) -> None:
+    """Cancel a job: a queued one at once, a running one at its next stage boundary or checkpoint."""
+    job = _call(_client().cancel, job_id)
+    word = "cancelled" if job["state"] == "cancelled" else "cancel requested (stops at the next stage boundary)"
+    console.print(f"job {job['id']}: {word}")
+
+
+def register(app: typer.Typer) -> None:
+    from service.serve_cli import serve
+
+    app.command()(serve)
+    for command in (submit, jobs, status, cost, cancel):
+        app.command()(command)
+

@@ -1,0 +1,66 @@
+"""A small client of the REST API, used by the CLI (`moedisco submit|jobs|status|cost|cancel`).
+
+    client = ApiClient()              # MOEDISCO_API_URL (default http://127.0.0.1:8000), MOEDISCO_API_TOKEN
+    job = client.submit(spec_dict); client.job(job["id"])["state"]
+
+Errors come back as `ApiError` whose message lists a 422's fields one per line.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class ApiError(RuntimeError):
+    def __init__(self, status_code: int, message: str):
+        super().__init__(message)
+        self.status_code = status_code
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail", response.text)
+    except ValueError:
+        detail = response.text
+    if isinstance(detail, list):  # FastAPI's field errors
+        lines = [f"  {'.'.join(str(p) for p in e.get('loc', [])[1:]) or '(body)'}: {e.get('msg')}" for e in detail]
+        detail = "invalid job spec:\n" + "\n".join(lines)
+    return f"HTTP {response.status_code}: {detail}"
+
+
+class ApiClient:
+    def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30.0,
+                 transport: httpx.BaseTransport | None = None):
+        url = url or os.environ.get("MOEDISCO_API_URL") or DEFAULT_URL
+        token = token or os.environ.get("MOEDISCO_API_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=url, headers=headers, timeout=timeout, transport=transport)
+
+    def request(self, method: str, path: str, **kwargs) -> Any:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as error:
+            raise ApiError(0, f"cannot reach the moedisco API at {self.http.base_url} ({error})") from None
+        if response.is_error:
+            raise ApiError(response.status_code, _message(response))
+        return response.json()
+
+    def submit(self, spec: dict) -> dict:
+        return self.request("POST", "/v1/jobs", json=spec)
+
+    def jobs(self, states: list[str] | None = None, offset: int = 0, limit: int = 20) -> dict:
+        return self.request("GET", "/v1/jobs", params={"state": states or [], "offset": offset, "limit": limit})
+
+    def job(self, job_id: str) -> dict:
+        return self.request("GET", f"/v1/jobs/{job_id}")
+
+    def cost(self, job_id: str) -> dict:
+        return self.request("GET", f"/v1/jobs/{job_id}/cost")
+
+    def cancel(self, job_id: str) -> dict:
+        return self.request("POST", f"/v1/jobs/{job_id}/cancel")

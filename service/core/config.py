@@ -1,0 +1,80 @@
+"""Service settings, read from `MOEDISCO_*` environment variables (pydantic-settings).
+
+    settings = Settings()                          # MOEDISCO_API_TOKEN, MOEDISCO_DATABASE_URL, MOEDISCO_DATA_DIR ...
+    settings = Settings(data_dir=tmp, runner="local", api_token="t")   # tests pass values directly
+    settings.effective_host()                      # 127.0.0.1 whenever no token is configured
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+
+
+def is_loopback(host: str | None) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MOEDISCO_", extra="ignore")
+
+    api_token: SecretStr | None = Field(None, description="Bearer token every route but /healthz requires.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; unset = SQLite file DATA_DIR/moedisco.db.")
+    data_dir: Path = Field(Path.home() / ".moedisco", description="Jobs live in DATA_DIR/jobs/<id>/.")
+    input_roots: list[Path] = Field(
+        default_factory=list,
+        description="Folders a spec's input paths (data, tokenizer, models) may point into, besides DATA_DIR.")
+    host: str = Field(LOOPBACK, description="Address to bind; forced to loopback when no token is set.")
+    port: int = Field(8000, ge=1, le=65535, description="Port to bind.")
+    runner: Literal["local", "ray"] = Field("ray", description="`ray`: stages placed on the cluster's tiers; "
+                                                              "`local`: the whole job inside its actor.")
+    max_running_jobs: int = Field(2, ge=1, description="Jobs running at once; the others wait in the queue.")
+    max_attempts: int = Field(3, ge=1, description="Runner starts of one job before a lost runner fails it.")
+    ray_address: str | None = Field(None, description="Ray cluster to join when not already inside one.")
+    ray_namespace: str = Field("moedisco", description="Ray namespace of the detached job actors.")
+    dispatch_interval_s: float = Field(2.0, gt=0, description="Seconds between queue/reconcile passes.")
+
+    @field_validator("api_token", mode="after")
+    @classmethod
+    def _blank_is_unset(cls, token: SecretStr | None) -> SecretStr | None:
+        return token if token is not None and token.get_secret_value().strip() else None
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir.resolve() / 'moedisco.db'}"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir.resolve() / "jobs"
+
+    @property
+    def allowed_input_roots(self) -> list[Path]:
+        return [self.data_dir.resolve(), *(root.resolve() for root in self.input_roots)]
+
+    def effective_host(self) -> str:
+        """Without a token, anyone who reaches the port could run jobs: bind to loopback only, and say so."""
+        if self.api_token is None and not is_loopback(self.host):
+            log.warning("MOEDISCO_API_TOKEN is not set: binding to %s instead of %s (loopback only)",
+                        LOOPBACK, self.host)
+            return LOOPBACK
+        return self.host
+
+    def startup_notice(self) -> str:
+        if self.api_token is None:
+            return ("no MOEDISCO_API_TOKEN configured: the API is open, so it serves loopback clients only "
+                    "(set MOEDISCO_API_TOKEN to serve other hosts)")
+        return "bearer-token auth enabled (MOEDISCO_API_TOKEN)"

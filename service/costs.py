@@ -1,0 +1,96 @@
+"""A job's cost view: priced stages from the store, the running stages so far, the baseline and the savings.
+
+    view = job_cost(store, job)      # -> schemas.CostPublic
+    view.total_usd, view.baseline.kind, view.savings_pct
+
+Finished stages are the runner's own ledger rows (OUTPUT/cost.json, copied into the store as each stage ends).
+While a job runs, each running stage adds a provisional row (`final: false`): its wall time so far at its tier's
+price. The baseline is a measured full-parameter job on the same data and model when the store has one, else
+moedisco's FLOP-model estimate, marked `estimate`.
+"""
+
+from __future__ import annotations
+
+from service.models import CostRow, JobRow, StageRow, utcnow
+from service.schemas import BaselinePublic, CostPublic, CostRowPublic
+from service.store import Store
+
+# Which tier pays for which stage, as moedisco.runner prices them; stages not listed (prepare, source) are free.
+STAGE_TIER = {"embed": "submodel_tier", "cluster": "submodel_tier", "warmup": "submodel_tier",
+              "submodel": "submodel_tier", "merge": "submodel_tier", "finetune": "finetune_tier",
+              "full_parameter": "finetune_tier"}
+
+
+def _final_row(row: CostRow) -> CostRowPublic:
+    fields = {name: getattr(row, name) for name in CostRowPublic.model_fields if name != "final"}
+    return CostRowPublic(**fields, final=True)
+
+
+def _live_row(stage: StageRow, resources: dict) -> CostRowPublic | None:
+    tier = resources.get(STAGE_TIER.get(stage.stage, ""), None)
+    if tier is None or stage.started_at is None:
+        return None
+    seconds = max(0.0, (utcnow() - stage.started_at).total_seconds())
+    price = resources.get("prices", {}).get(tier["device_type"], 0.0)
+    hours = tier["num_devices"] * seconds / 3600.0
+    return CostRowPublic(stage=stage.stage, expert=stage.expert, tier=tier["label"], device_type=tier["device_type"],
+                         num_devices=tier["num_devices"], seconds=round(seconds, 3), device_hours=hours,
+                         price_per_hour=price, usd=hours * price, simulated=False, device=None, node=None,
+                         final=False)
+
+
+def _pipeline_order(row: CostRowPublic) -> tuple[int, int]:
+    order = list(STAGE_TIER)  # written in pipeline order
+    return order.index(row.stage) if row.stage in order else len(order), row.expert or 0
+
+
+def _rows(store: Store, job: JobRow) -> list[CostRowPublic]:
+    priced = store.cost_rows(job.id)
+    rows = [_final_row(row) for row in priced]
+    if job.state == "running":
+        done = {row.key for row in priced}
+        resources = job.spec.get("resources", {})
+        live = (_live_row(s, resources) for s in store.stages(job.id) if s.state == "running" and s.key not in done)
+        rows += [row for row in live if row is not None]
+    return sorted(rows, key=_pipeline_order)
+
+
+def _savings(baseline_usd: float, usd: float) -> float | None:
+    return round(100.0 * (baseline_usd - usd) / baseline_usd, 2) if baseline_usd > 0 else None
+
+
+def _baseline(store: Store, job: JobRow, total_usd: float) -> tuple[BaselinePublic | None, float | None, str | None]:
+    """(baseline, savings %, basis). An estimated baseline is compared with this job's estimate, not its bill:
+    a CPU run priced at GPU rates and a GPU FLOP model are not the same currency."""
+    found = store.find_baseline(job)
+    if found is not None:
+        baseline_job, usd = found
+        return BaselinePublic(kind="measured", usd=usd, job_id=baseline_job.id), _savings(usd, total_usd), "measured"
+    estimate = job.estimate or {}
+    if job.method != "full_parameter" and estimate.get("full_parameter_usd") is not None:
+        usd = estimate["full_parameter_usd"]
+        return BaselinePublic(kind="estimate", usd=usd), _savings(usd, estimate.get("total_usd", 0.0)), "estimate"
+    return None, None, None
+
+
+def _note(job: JobRow, baseline: BaselinePublic | None) -> str | None:
+    if job.method == "full_parameter":
+        return "this job is a full-parameter baseline"
+    if baseline is None:
+        return "no baseline yet: the estimate is computed when the job starts"
+    if baseline.kind == "estimate":
+        return "no measured full-parameter job on the same data and model; baseline and savings are FLOP estimates"
+    return None
+
+
+def job_cost(store: Store, job: JobRow) -> CostPublic:
+    rows = _rows(store, job)
+    by_tier: dict[str, float] = {}
+    for row in rows:
+        by_tier[row.tier] = by_tier.get(row.tier, 0.0) + row.usd
+    total = sum(row.usd for row in rows)
+    baseline, savings, basis = _baseline(store, job, total)
+    return CostPublic(job_id=job.id, state=job.state, live=job.state == "running", stages=rows, by_tier_usd=by_tier,
+                      total_usd=total, simulated=any(row.simulated for row in rows),
+                      prices_per_hour=job.spec.get("resources", {}).get("prices", {}), baseline=baseline,
+                      savings_pct=savings, savings_basis=basis, note=_note(job, baseline))

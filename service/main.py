@@ -1,0 +1,69 @@
+"""The FastAPI application: importable and testable without Ray Serve (which wraps it in `service.serve`).
+
+    app = create_app(Settings(data_dir=tmp, api_token="t"), dispatch=False)   # API only, jobs stay queued
+    with TestClient(app) as client: client.get("/healthz")
+    uvicorn.run(create_app(), host=..., port=...)                              # API + queue on a Ray cluster
+
+With `dispatch=True` the app's lifespan joins Ray (unless already inside it) and runs the dispatcher thread that
+starts queued jobs and resumes jobs whose runner is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry
+
+from service.api.main import api_router
+from service.api.routes import health
+from service.core.config import Settings
+from service.dispatcher import Dispatcher, RayLauncher
+from service.prometheus import StoreCollector
+from service.store import Store, json_safe
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Train Mixture-of-Experts LMs the MoE-DisCo way and see what they cost.
+
+Every route but `/healthz` needs `Authorization: Bearer <MOEDISCO_API_TOKEN>` (without a configured token the
+service serves loopback clients only). This page and `/openapi.json` are open: they describe, they hold no data."""
+
+
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    # FastAPI's own handler echoes the offending input, and a NaN in it would turn the 422 into a 500.
+    return JSONResponse({"detail": json_safe(jsonable_encoder(error.errors()))},
+                        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
+def create_app(settings: Settings | None = None, dispatch: bool = True) -> FastAPI:
+    settings = settings or Settings()
+    store = Store(settings.effective_database_url)
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(StoreCollector(store))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        log.warning("moedisco service: %s; data in %s; store %s", settings.startup_notice(), settings.data_dir,
+                    store.engine.url.render_as_string(hide_password=True))
+        dispatcher = Dispatcher(store, RayLauncher(settings), settings) if dispatch else None
+        if dispatcher is not None:
+            dispatcher.start()
+        app.state.dispatcher = dispatcher
+        try:
+            yield
+        finally:
+            if dispatcher is not None:
+                dispatcher.stop()
+            store.close()
+
+    app = FastAPI(title="moedisco", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings, app.state.store, app.state.registry, app.state.dispatcher = settings, store, registry, None
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.include_router(health.router)
+    app.include_router(api_router, prefix="/v1")
+    return app

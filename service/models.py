@@ -1,0 +1,118 @@
+"""Tables of the job store: one row per job, per stage (and expert), per event and per priced stage.
+
+    job = session.get(JobRow, job_id); job.state  # "queued" | "running" | "succeeded" | "failed" | "cancelled"
+
+A stage row's `key` is "submodel/1" for an expert's stage and "merge" for the others, so (job_id, key) is a plain
+primary key on SQLite and PostgreSQL alike (a nullable expert column cannot be part of one).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator):
+    """Always timezone-aware UTC; SQLite keeps no zone and would hand back naive datetimes."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        return value.astimezone(timezone.utc) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value
+
+
+def stage_key(stage: str, expert: int | None) -> str:
+    return stage if expert is None else f"{stage}/{expert}"
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON}
+
+
+class JobRow(Base):
+    __tablename__ = "moedisco_jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    method: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    runner: Mapped[str] = mapped_column(String(16))
+    spec: Mapped[dict[str, Any]]
+    output_dir: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str | None] = mapped_column(Text)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    current_stage: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    result: Mapped[dict[str, Any] | None]
+    estimate: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class _PerStage:
+    """Columns of a row kept per stage (and expert) of a job; `key` is `stage_key(stage, expert)`."""
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("moedisco_jobs.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    stage: Mapped[str] = mapped_column(Text)
+    expert: Mapped[int | None]
+
+
+class StageRow(_PerStage, Base):
+    __tablename__ = "moedisco_stages"
+
+    state: Mapped[str] = mapped_column(String(16))  # running | finished | skipped | failed | stopped
+    step: Mapped[int | None]
+    total_steps: Mapped[int | None]
+    loss: Mapped[float | None] = mapped_column(Float)
+    eval_loss: Mapped[float | None] = mapped_column(Float)
+    seconds: Mapped[float | None] = mapped_column(Float)
+    runner_state: Mapped[str | None] = mapped_column(Text)  # the Ray runner's word for an expert
+    summary: Mapped[dict[str, Any] | None]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+class EventRow(Base):
+    __tablename__ = "moedisco_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("moedisco_jobs.id", ondelete="CASCADE"), index=True)
+    time: Mapped[datetime] = mapped_column(default=utcnow)
+    event: Mapped[str] = mapped_column(Text)
+    stage: Mapped[str | None] = mapped_column(Text)
+    expert: Mapped[int | None]
+    data: Mapped[dict[str, Any] | None]
+
+
+class CostRow(_PerStage, Base):
+    __tablename__ = "moedisco_costs"
+
+    tier: Mapped[str] = mapped_column(Text)  # labels and device names come from the spec: no length limit
+    device_type: Mapped[str] = mapped_column(Text)
+    num_devices: Mapped[int]
+    seconds: Mapped[float] = mapped_column(Float)
+    device_hours: Mapped[float] = mapped_column(Float)
+    price_per_hour: Mapped[float] = mapped_column(Float)
+    usd: Mapped[float] = mapped_column(Float)
+    simulated: Mapped[bool] = mapped_column(Boolean)
+    device: Mapped[str | None] = mapped_column(Text)
+    node: Mapped[str | None] = mapped_column(Text)

@@ -1,0 +1,57 @@
+"""Prometheus metrics, read from the store at scrape time so every replica (and a restarted one) agrees.
+
+    registry = CollectorRegistry(); registry.register(StoreCollector(store))
+    generate_latest(registry)   # moedisco_jobs{state=...}, moedisco_stage_duration_seconds_*, moedisco_spent_usd_total
+
+The store, not process memory, is the source: a job's stages may have run under an API process long gone.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from service.models import JOB_STATES
+from service.store import Store
+
+DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 24 * 3600)
+
+
+def _histogram(values: list[float]) -> tuple[list[tuple[str, float]], float]:
+    counts = [0] * (len(DURATION_BUCKETS) + 1)
+    for value in values:
+        counts[bisect.bisect_left(DURATION_BUCKETS, value)] += 1
+    cumulative, buckets = 0, []
+    for bound, count in zip([*map(str, DURATION_BUCKETS), "+Inf"], counts):
+        cumulative += count
+        buckets.append((bound, cumulative))
+    return buckets, sum(values)
+
+
+class StoreCollector(Collector):
+    def __init__(self, store: Store):
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self.store.count_by_state()
+        jobs = GaugeMetricFamily("moedisco_jobs", "Jobs by state.", labels=["state"])
+        for state in JOB_STATES:
+            jobs.add_metric([state], counts.get(state, 0))
+        yield jobs
+        durations = HistogramMetricFamily("moedisco_stage_duration_seconds", "Wall time of finished stages.",
+                                          labels=["stage"])
+        by_stage: dict[str, list[float]] = {}
+        for stage, seconds in self.store.finished_stage_seconds():
+            by_stage.setdefault(stage, []).append(seconds)
+        for stage, values in sorted(by_stage.items()):
+            buckets, total = _histogram(values)
+            durations.add_metric([stage], buckets, total)
+        yield durations
+        spent = CounterMetricFamily("moedisco_spent_usd", "Dollars spent by tier (priced stages of all jobs).",
+                                    labels=["tier"])
+        for tier, usd in sorted(self.store.usd_by_tier().items()):
+            spent.add_metric([tier], usd or 0.0)
+        yield spent

@@ -1,0 +1,116 @@
+"""The HTML report of one job: held-out loss curves per training stage and cost bars, as inline PNG images.
+
+    html = render_report(job, stages, records, cost)     # GET /v1/jobs/{id}/report
+
+Images are embedded as data: URIs, so the page needs no further (authenticated) requests. Figures are drawn with
+matplotlib's object API, not pyplot, because requests render in parallel threads and pyplot keeps global state.
+The page reloads itself every few seconds while the job runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from html import escape
+
+from matplotlib.figure import Figure
+
+from moedisco.report import loss_curves
+from service.models import JobRow, StageRow
+from service.schemas import CostPublic
+
+REFRESH_S = 10
+STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1100px} table{border-collapse:collapse;margin:1em 0}"
+         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right} th{background:#f3f3f3}"
+         "td:first-child,th:first-child{text-align:left} img{max-width:100%} .bad{color:#b00}")
+
+
+def _png(fig: Figure) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
+def loss_figures(records: list[dict]) -> dict[str, str]:
+    """Training stage -> <img> of its held-out loss curves (one line per expert)."""
+    groups: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
+    for label, curve in loss_curves(records).items():
+        groups.setdefault(label.split(" ")[0], {})[label] = curve
+    images = {}
+    for stage, curves in groups.items():
+        fig = Figure(figsize=(6.5, 3.6))
+        ax = fig.add_subplot()
+        for label, (steps, losses) in sorted(curves.items()):
+            ax.plot(steps, losses, marker="o", markersize=3, label=label)
+        ax.set(xlabel="step", ylabel="held-out loss", title=f"{stage}: held-out loss")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        images[stage] = _png(fig)
+    return images
+
+
+def cost_figure(cost: CostPublic) -> str:
+    bars: dict[tuple[str, str], float] = {}
+    for row in cost.stages:
+        bars[(row.stage, row.tier)] = bars.get((row.stage, row.tier), 0.0) + row.usd
+    fig = Figure(figsize=(6.5, 3.6))
+    ax = fig.add_subplot()
+    tiers = sorted({tier for _, tier in bars})
+    for index, tier in enumerate(tiers):
+        stages = [stage for stage, t in bars if t == tier]
+        ax.bar(stages, [bars[(s, tier)] for s in stages], color=f"C{index}", label=f"tier {tier}")
+    ax.set(ylabel="USD", title=f"cost per stage (total ${cost.total_usd:.4f})")
+    ax.tick_params(axis="x", rotation=30)
+    if tiers:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _table(header: list[str], rows: list[list[object]]) -> str:
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _stage_table(stages: list[StageRow]) -> str:
+    rows = [[s.stage, "" if s.expert is None else s.expert, s.state,
+             "" if s.step is None else f"{s.step}/{s.total_steps}", _fmt(s.loss), _fmt(s.eval_loss),
+             _fmt(s.seconds, 1)] for s in stages]
+    return _table(["stage", "expert", "state", "step", "loss", "held-out loss", "seconds"], rows)
+
+
+def _cost_section(cost: CostPublic) -> str:
+    rows = [[r.stage, "" if r.expert is None else r.expert, r.tier, r.device_type, r.num_devices,
+             f"{r.device_hours:.5f}", f"{r.price_per_hour:.2f}", f"{r.usd:.5f}" + ("" if r.final else " (so far)")]
+            for r in cost.stages]
+    rows.append(["total", "", "", "", "", "", "", f"{cost.total_usd:.5f}"])
+    lines = []
+    if cost.baseline is not None:
+        lines.append(f"full-parameter baseline ({cost.baseline.kind}): ${cost.baseline.usd:.3g}")
+    if cost.savings_pct is not None:
+        lines.append(f"savings ({cost.savings_basis}): {cost.savings_pct:.1f}%")
+    if cost.simulated:
+        lines.append("simulated devices: wall time priced at each tier's rate")
+    if cost.note:
+        lines.append(cost.note)
+    notes = "".join(f"<p>{escape(line)}</p>" for line in lines)
+    return _table(["stage", "expert", "tier", "device", "devices", "hours", "$/h", "$"], rows) + notes
+
+
+def render_report(job: JobRow, stages: list[StageRow], records: list[dict], cost: CostPublic) -> str:
+    refresh = f'<meta http-equiv="refresh" content="{REFRESH_S}">' if job.state in ("queued", "running") else ""
+    reason = f'<p class="bad">{escape(job.reason)}</p>' if job.reason else ""
+    curves = "".join(f"<h3>{escape(stage)}</h3>{image}" for stage, image in loss_figures(records).items())
+    return (f"<!doctype html><html><head><meta charset='utf-8'>{refresh}<title>moedisco job {escape(job.id)}</title>"
+            f"<style>{STYLE}</style></head><body>"
+            f"<h1>{escape(job.name)} <small>({escape(job.id)})</small></h1>"
+            f"<p>state: <b>{escape(job.state)}</b>, method {escape(job.method)}, runner {escape(job.runner)}, "
+            f"current stage {escape(job.current_stage or '-')}</p>{reason}"
+            f"<h2>stages</h2>{_stage_table(stages)}"
+            f"<h2>held-out loss</h2>{curves or '<p>no evaluations yet</p>'}"
+            f"<h2>cost</h2>{cost_figure(cost)}{_cost_section(cost)}</body></html>")

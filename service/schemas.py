@@ -1,0 +1,139 @@
+"""Request and response bodies of the API (they are its OpenAPI schema at /docs).
+
+    JobCreate.model_validate(yaml.safe_load(open("examples/tiny.yaml")))   # the body of POST /v1/jobs
+    JobPublic.model_validate(job_row)                                        # a job in responses
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from moedisco.config import JobSpec
+
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+# (section, field) of every spec path the job reads: resolved and checked by the service, made absolute by the CLI.
+INPUT_PATHS = (("data", "train"), ("data", "eval"), ("tokenizer", "path"), ("embed", "model_path"),
+               ("model", "pretrained"))
+
+
+class JobCreate(JobSpec):
+    """A moedisco job spec (the same document as the YAML that `moedisco run` takes)."""
+
+    output_dir: Path | None = Field(
+        None, description="Ignored: the service always writes a job to MOEDISCO_DATA_DIR/jobs/<id>/ "
+                          "(the job's `output_dir` in responses).")
+
+
+class _FromRow(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class JobPublic(_FromRow):
+    id: str
+    name: str
+    method: str
+    state: JobState
+    runner: str = Field(description="`local` (whole job in one actor) or `ray` (stages placed on the tiers).")
+    reason: str | None = Field(None, description="Why the job failed or was cancelled.")
+    cancel_requested: bool
+    current_stage: str | None = Field(None, description="Last stage started, e.g. `submodel/1`.")
+    attempts: int = Field(description="Runner starts so far (more than 1 after a lost runner was resumed).")
+    output_dir: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class StagePublic(_FromRow):
+    stage: str
+    expert: int | None
+    state: str = Field(description="running, finished, skipped (already done on resume), failed or stopped.")
+    step: int | None = Field(None, description="Latest logged training step.")
+    total_steps: int | None
+    loss: float | None = Field(None, description="Latest training loss.")
+    eval_loss: float | None = Field(None, description="Latest held-out loss.")
+    seconds: float | None
+    runner_state: str | None = Field(None, description="The Ray runner's state of this expert.")
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobDetail(JobPublic):
+    stages: list[StagePublic]
+    spec: dict[str, Any] = Field(description="The spec as run, with the job's real output_dir.")
+    result: dict[str, Any] | None = Field(None, description="The runner's summary once the job succeeded.")
+
+
+class JobsPublic(BaseModel):
+    data: list[JobPublic]
+    count: int = Field(description="Jobs matching the filter, over all pages.")
+    offset: int
+    limit: int
+
+
+class CostRowPublic(BaseModel):
+    stage: str
+    expert: int | None
+    tier: str
+    device_type: str
+    num_devices: int
+    seconds: float
+    device_hours: float
+    price_per_hour: float
+    usd: float
+    simulated: bool = Field(description="True when the device was not the tier's accelerator (priced wall time).")
+    device: str | None
+    node: str | None
+    final: bool = Field(description="False for a stage still running: its dollars so far, at the tier's price.")
+
+
+class BaselinePublic(BaseModel):
+    kind: Literal["measured", "estimate"] = Field(
+        description="`measured`: a finished full-parameter job on the same data and model; "
+                    "`estimate`: moedisco's FLOP-model estimate (6 x active params x tokens).")
+    usd: float
+    job_id: str | None = Field(None, description="The measured baseline job.")
+
+
+class CostPublic(BaseModel):
+    job_id: str
+    state: JobState
+    live: bool = Field(description="True while the job runs: totals include running stages so far.")
+    stages: list[CostRowPublic]
+    by_tier_usd: dict[str, float]
+    total_usd: float
+    simulated: bool
+    prices_per_hour: dict[str, float]
+    baseline: BaselinePublic | None
+    savings_pct: float | None = Field(None, description="100 x (baseline - this job) / baseline.")
+    savings_basis: Literal["measured", "estimate"] | None = Field(
+        None, description="`estimate` compares the estimates of both methods, so simulated CPU time is never "
+                          "compared with a GPU FLOP model.")
+    note: str | None = None
+
+
+class MetricsPublic(BaseModel):
+    data: list[dict[str, Any]] = Field(description="Records of OUTPUT/metrics.jsonl, oldest first.")
+    count: int
+    offset: int
+    limit: int
+
+
+class ArtifactPublic(BaseModel):
+    path: str = Field(description="Relative to the job's output_dir; download at /v1/jobs/{id}/artifacts/{path}.")
+    size: int
+    modified: datetime
+
+
+class ArtifactsPublic(BaseModel):
+    data: list[ArtifactPublic]
+    count: int
+
+
+class Message(BaseModel):
+    detail: str

@@ -1,0 +1,107 @@
+"""`moedisco serve`: start the API on Ray Serve (default) or on plain uvicorn (`--no-ray-serve`, for debugging).
+
+    moedisco serve                                  # joins the Ray cluster at --address, else starts a local one
+    moedisco serve --address auto --port 8000
+    moedisco serve --no-ray-serve --runner local    # API and queue in this process; jobs still run as Ray actors
+
+Settings come from MOEDISCO_* variables; the options here override them. Without MOEDISCO_API_TOKEN the service
+binds to 127.0.0.1 whatever --host says, and prints that it does.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from typing import Annotated
+
+import typer
+
+from moedisco.cli import console
+from service.core.config import Settings
+
+
+def _connect_ray(settings: Settings, address: str | None) -> bool:
+    """Join the cluster at `address`, else start a local one; True when this process started it (and stops it).
+
+    With the Ray runner the local cluster is ray_cluster's simulated one, whose nodes carry the gpu_type labels
+    the runner places stages by; the local runner needs no labels."""
+    import ray
+
+    if address:
+        ray.init(address=address, namespace=settings.ray_namespace)
+        return False
+    if settings.runner == "ray":
+        try:
+            from ray_cluster.cluster import start_local_cluster
+        except ModuleNotFoundError:
+            console.print("[red]--runner ray without --address needs ray_cluster's local cluster, which is not "
+                          "installed: pass --address of a labelled cluster, or --runner local[/red]")
+            raise typer.Exit(2) from None
+        cluster_address = start_local_cluster(num_cheap=2)
+        if not ray.is_initialized():
+            ray.init(address=cluster_address, namespace=settings.ray_namespace)
+        return True
+    ray.init(address="local", namespace=settings.ray_namespace)  # "local": never join a cluster by accident
+    return True
+
+
+def _stop_local_cluster(settings: Settings) -> None:
+    import ray
+
+    if settings.runner == "ray":
+        from ray_cluster.cluster import stop_local_cluster
+
+        stop_local_cluster()
+    ray.shutdown()
+
+
+def _run_uvicorn(settings: Settings, host: str) -> None:
+    import uvicorn
+
+    from service.main import create_app
+
+    uvicorn.run(create_app(settings), host=host, port=settings.port, log_level="info")
+
+
+def _run_ray_serve(settings: Settings, host: str) -> None:
+    from ray import serve
+
+    from service.serve import build_app
+
+    serve.start(http_options={"host": host, "port": settings.port})
+    args = settings.model_dump(mode="json", exclude_none=True)
+    if settings.api_token is not None:
+        args["api_token"] = settings.api_token.get_secret_value()
+    serve.run(build_app(args), name="moedisco-api", route_prefix="/", blocking=False)
+    console.print(f"moedisco API on http://{host}:{settings.port} (Ray Serve); Ctrl-C stops it")
+    # SIGTERM (docker stop, kill) ends like Ctrl-C, so Serve and a cluster started here are shut down too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()
+
+
+def serve(host: Annotated[str | None, typer.Option(help="Address to bind (MOEDISCO_HOST, default 127.0.0.1).")] = None,
+          port: Annotated[int | None, typer.Option(help="Port (MOEDISCO_PORT, default 8000).")] = None,
+          address: Annotated[str | None, typer.Option(help="Ray cluster to join; unset starts a local one.")] = None,
+          runner: Annotated[str | None, typer.Option(help="`ray` or `local` (MOEDISCO_RUNNER, default ray).")] = None,
+          ray_serve: Annotated[bool, typer.Option(help="Serve through Ray Serve; --no-ray-serve: uvicorn.")] = True,
+          ) -> None:
+    """Start the moedisco API (jobs run as detached Ray actors; the store is MOEDISCO_DATABASE_URL)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    overrides = {"host": host, "port": port, "runner": runner, "ray_address": address}
+    settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
+    bind = settings.effective_host()
+    console.print(f"[bold]{settings.startup_notice()}[/bold]")
+    started_here = _connect_ray(settings, settings.ray_address)
+    try:
+        (_run_ray_serve if ray_serve else _run_uvicorn)(settings, bind)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if started_here:
+            _stop_local_cluster(settings)

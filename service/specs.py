@@ -1,0 +1,94 @@
+"""Turns a submitted spec into the spec the service runs, or a 422 naming every offending field.
+
+    spec_dict = prepare_spec(job_in, job_id, settings)   # raises RequestValidationError
+
+Pydantic has already checked types and ranges. On top of that the service:
+  - puts the job in MOEDISCO_DATA_DIR/jobs/<id>/, whatever `output_dir` the client sent (it never escapes);
+  - keeps `resources.storage_path` (where the Ray runner writes checkpoints) inside MOEDISCO_DATA_DIR;
+  - resolves input paths (data, tokenizer, models) against MOEDISCO_DATA_DIR, requires them to exist and to lie
+    inside MOEDISCO_DATA_DIR or MOEDISCO_INPUT_ROOTS, so a token holder cannot read arbitrary server files;
+  - refuses NaN/infinity and NUL characters, which JSON responses and PostgreSQL cannot hold.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+
+from moedisco.config import JobSpec
+from service.core.config import Settings
+from service.schemas import INPUT_PATHS, JobCreate
+
+
+def _error(loc: tuple, msg: str, value: Any = None) -> dict:
+    return {"type": "value_error", "loc": ("body", *loc), "msg": msg, "input": str(value)[:200]}
+
+
+def _unstorable(value: Any, loc: tuple = ()) -> Iterator[dict]:
+    if isinstance(value, float) and not math.isfinite(value):
+        yield _error(loc, "must be a finite number", value)
+    elif isinstance(value, (str, Path)) and "\x00" in str(value):
+        yield _error(loc, "must not contain NUL characters", value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _unstorable(key, (*loc, str(key)))
+            yield from _unstorable(item, (*loc, str(key)))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from _unstorable(item, (*loc, index))
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    return any(path.is_relative_to(root) for root in roots)
+
+
+def _check_input(raw: dict, section: str, field: str, settings: Settings) -> dict | None:
+    """Resolve one input path in place; return an error, or None."""
+    value = raw[section].get(field)
+    if value is None:
+        return None
+    try:
+        path = (settings.data_dir / value).resolve()  # an absolute value replaces data_dir
+        exists = path.exists()
+    except (OSError, ValueError) as error:
+        return _error((section, field), f"not a usable path ({error})", value)
+    roots = settings.allowed_input_roots
+    if not _inside(path, roots):
+        return _error((section, field), "must be inside MOEDISCO_DATA_DIR or MOEDISCO_INPUT_ROOTS "
+                                        f"({', '.join(map(str, roots))}); relative paths start at MOEDISCO_DATA_DIR",
+                      value)
+    if not exists:
+        return _error((section, field), f"does not exist on the server ({path})", value)
+    raw[section][field] = str(path)
+    return None
+
+
+def _check_storage(raw: dict, settings: Settings) -> dict | None:
+    value = raw["resources"].get("storage_path")
+    if value is None:
+        return None
+    try:
+        path = (settings.data_dir / value).resolve()
+    except (OSError, ValueError) as error:
+        return _error(("resources", "storage_path"), f"not a usable path ({error})", value)
+    if not _inside(path, [settings.data_dir.resolve()]):
+        return _error(("resources", "storage_path"), "must be inside MOEDISCO_DATA_DIR", value)
+    raw["resources"]["storage_path"] = str(path)
+    return None
+
+
+def prepare_spec(job_in: JobCreate, job_id: str, settings: Settings) -> dict:
+    errors = list(_unstorable(job_in.model_dump()))
+    if errors:
+        raise RequestValidationError(errors)
+    raw = job_in.model_dump(mode="json")
+    raw["output_dir"] = str(settings.jobs_dir / job_id)
+    checks = [_check_input(raw, section, field, settings) for section, field in INPUT_PATHS]
+    errors = [error for error in (*checks, _check_storage(raw, settings)) if error is not None]
+    if errors:
+        raise RequestValidationError(errors)
+    return JobSpec.model_validate(raw).model_dump(mode="json")

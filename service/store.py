@@ -1,0 +1,167 @@
+"""The job store: every read and write of the tables, shared by the API, the dispatcher and the job actors.
+
+    store = Store("sqlite:////tmp/moedisco.db")
+    job = store.create_job("a1b2c3", spec_dict, runner="local")
+    rows, count = store.list_jobs(states=["queued"], offset=0, limit=20)
+    claimed = store.claim_next_queued()            # queued -> running, atomically (no job starts twice)
+
+State changes are conditional UPDATEs (`... WHERE state = 'queued'`), so two processes racing on one job cannot
+both win, on SQLite or PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from service.core.db import init_db, make_engine, session_factory
+from service.models import TERMINAL_STATES, CostRow, EventRow, JobRow, StageRow, utcnow
+
+# A full-parameter job is the measured baseline of a MoE-DisCo job when it trained on the same data and model.
+BASELINE_MATCH = ("data", "tokenizer", "model", "seed")
+
+
+def json_safe(value: Any) -> Any:
+    """NaN and infinities become None: they are not JSON, and PostgreSQL and JSON responses refuse them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+class Store:
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = make_engine(url)
+        init_db(self.engine)
+        self.session: type[Session] = session_factory(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- jobs ---------------------------------------------------------------------------------------------------
+
+    def create_job(self, job_id: str, spec: dict, runner: str) -> JobRow:
+        job = JobRow(id=job_id, name=spec["name"], method=spec["method"], state="queued", runner=runner,
+                     spec=json_safe(spec), output_dir=spec["output_dir"], cancel_requested=False, attempts=0)
+        with self.session() as session, session.begin():
+            session.add(job)
+        return job
+
+    def get_job(self, job_id: str) -> JobRow | None:
+        with self.session() as session:
+            return session.get(JobRow, job_id)
+
+    def list_jobs(self, states: Iterable[str] | None, offset: int, limit: int) -> tuple[list[JobRow], int]:
+        query = select(JobRow)
+        if states:
+            query = query.where(JobRow.state.in_(list(states)))
+        with self.session() as session:
+            count = session.scalar(select(func.count()).select_from(query.subquery()))
+            rows = session.scalars(query.order_by(JobRow.created_at.desc(), JobRow.id.desc())
+                                   .offset(offset).limit(limit)).all()
+        return list(rows), count or 0
+
+    def stages(self, job_id: str) -> list[StageRow]:
+        with self.session() as session:
+            rows = session.scalars(select(StageRow).where(StageRow.job_id == job_id)).all()
+        return sorted(rows, key=lambda r: (r.started_at is None, r.started_at or utcnow(), r.key))
+
+    def events(self, job_id: str, event: str | None = None) -> list[EventRow]:
+        query = select(EventRow).where(EventRow.job_id == job_id)
+        if event is not None:
+            query = query.where(EventRow.event == event)
+        with self.session() as session:
+            return list(session.scalars(query.order_by(EventRow.id)).all())
+
+    def cost_rows(self, job_id: str) -> list[CostRow]:
+        with self.session() as session:
+            return list(session.scalars(select(CostRow).where(CostRow.job_id == job_id)).all())
+
+    # --- queue and lifecycle ------------------------------------------------------------------------------------
+
+    def _update_job(self, job_id: str, where: Iterable, **values) -> bool:
+        with self.session() as session, session.begin():
+            result = session.execute(update(JobRow).where(JobRow.id == job_id, *where)
+                                     .values(updated_at=utcnow(), **values))
+        return result.rowcount == 1
+
+    def jobs_in_state(self, state: str) -> list[JobRow]:
+        with self.session() as session:
+            return list(session.scalars(select(JobRow).where(JobRow.state == state)
+                                        .order_by(JobRow.created_at, JobRow.id)).all())
+
+    def count_in_state(self, state: str) -> int:
+        with self.session() as session:
+            return session.scalar(select(func.count()).where(JobRow.state == state)) or 0
+
+    def claim_next_queued(self) -> JobRow | None:
+        """Move the oldest queued job to running; None when the queue is empty."""
+        for job in self.jobs_in_state("queued"):
+            if self._update_job(job.id, [JobRow.state == "queued"], state="running", started_at=utcnow()):
+                return self.get_job(job.id)
+        return None
+
+    def begin_attempt(self, job_id: str) -> None:
+        self._update_job(job_id, [JobRow.state == "running"], attempts=JobRow.attempts + 1)
+
+    def finish(self, job_id: str, state: str, reason: str | None = None, result: dict | None = None) -> bool:
+        """Enter a terminal state, unless the job already is in one (the first word is kept)."""
+        assert state in TERMINAL_STATES, state
+        done = self._update_job(job_id, [JobRow.state.not_in(TERMINAL_STATES)], state=state, reason=reason,
+                                result=json_safe(result), finished_at=utcnow())
+        if done and state != "succeeded":
+            self._close_open_stages(job_id, "stopped" if state == "cancelled" else "failed")
+        return done
+
+    def _close_open_stages(self, job_id: str, stage_state: str) -> None:
+        with self.session() as session, session.begin():
+            session.execute(update(StageRow).where(StageRow.job_id == job_id, StageRow.state == "running")
+                            .values(state=stage_state, finished_at=utcnow()))
+
+    def request_cancel(self, job_id: str) -> JobRow | None:
+        """A queued job is cancelled at once; a running one is asked to stop at its next stage boundary."""
+        self._update_job(job_id, [JobRow.state == "queued"], state="cancelled", cancel_requested=True,
+                         reason="cancelled before it started", finished_at=utcnow())
+        self._update_job(job_id, [JobRow.state == "running"], cancel_requested=True)
+        return self.get_job(job_id)
+
+    def is_cancel_requested(self, job_id: str) -> bool:
+        with self.session() as session:
+            return bool(session.scalar(select(JobRow.cancel_requested).where(JobRow.id == job_id)))
+
+    def set_estimate(self, job_id: str, estimate: dict) -> None:
+        self._update_job(job_id, [], estimate=json_safe(estimate))
+
+    # --- cost, baseline and Prometheus aggregates ----------------------------------------------------------------
+
+    def find_baseline(self, job: JobRow) -> tuple[JobRow, float] | None:
+        """The newest succeeded full-parameter job on the same data and model, with its dollars."""
+        if job.method == "full_parameter":
+            return None
+        wanted = {key: job.spec.get(key) for key in BASELINE_MATCH}
+        for candidate in reversed(self.jobs_in_state("succeeded")):
+            if candidate.method == "full_parameter" and all(
+                    candidate.spec.get(key) == value for key, value in wanted.items()):
+                return candidate, sum(row.usd for row in self.cost_rows(candidate.id))
+        return None
+
+    def count_by_state(self) -> dict[str, int]:
+        with self.session() as session:
+            return dict(session.execute(select(JobRow.state, func.count()).group_by(JobRow.state)).all())
+
+    def finished_stage_seconds(self) -> list[tuple[str, float]]:
+        with self.session() as session:
+            return list(session.execute(select(StageRow.stage, StageRow.seconds).where(
+                StageRow.state == "finished", StageRow.seconds.is_not(None))).all())
+
+    def usd_by_tier(self) -> dict[str, float]:
+        with self.session() as session:
+            return dict(session.execute(select(CostRow.tier, func.sum(CostRow.usd)).group_by(CostRow.tier)).all())

@@ -1,0 +1,125 @@
+"""Helpers for tests of the service (like `fastapi.testclient` or `ray.cluster_utils`): ports, servers, polling.
+
+    with LiveServer(create_app(settings)) as url: httpx.get(url + "/healthz")        # uvicorn in a thread
+    with ServiceProcess(["--address", address], env) as service: service.kill()      # `moedisco serve` subprocess
+    job = wait_for_state(client, job_id, TERMINAL, timeout_s=120)
+
+Everything binds to 127.0.0.1, every loop is bounded in time, and every process started here is stopped here.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+
+from service.client import ApiClient
+
+T = TypeVar("T")
+TERMINAL = ("succeeded", "failed", "cancelled")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], T], timeout_s: float, interval_s: float = 0.25, what: str = "") -> T:
+    """Poll `predicate` until it returns something truthy, which is returned; TimeoutError after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not within {timeout_s:.0f} s: {what or predicate}")
+        time.sleep(interval_s)
+
+
+def wait_for_state(client: ApiClient, job_id: str, states: tuple[str, ...], timeout_s: float) -> dict:
+    def reached() -> dict | None:
+        job = client.job(job_id)
+        return job if job["state"] in states else None
+
+    return wait_until(reached, timeout_s, 0.5, f"job {job_id} in {states}")
+
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+class LiveServer:
+    """The app on uvicorn in a background thread, on a free loopback port."""
+
+    def __init__(self, app, timeout_s: float = 60):
+        import uvicorn
+
+        self.port, self.timeout_s = free_port(), timeout_s
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        wait_until(lambda: self.server.started, self.timeout_s, what="uvicorn started")
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+class ServiceProcess:
+    """`python -m moedisco.cli serve --no-ray-serve ARGS` as a subprocess, output in `log_path`."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path, timeout_s: float = 120):
+        self.port = free_port()
+        self.args, self.env, self.log_path, self.timeout_s = args, env, log_path, timeout_s
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ServiceProcess:
+        command = [sys.executable, "-m", "moedisco.cli", "serve", "--no-ray-serve", "--port", str(self.port),
+                   *self.args]
+        with self.log_path.open("a") as log:
+            self.process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **self.env}, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until(lambda: healthy(self.url) or self._exited(), self.timeout_s, 0.5, "service healthy")
+        if self._exited():
+            raise RuntimeError(f"service exited with {self.process.returncode}:\n{self.log_path.read_text()[-3000:]}")
+        return self
+
+    def _exited(self) -> bool:
+        return self.process is not None and self.process.poll() is not None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no shutdown hooks run."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def __enter__(self) -> ServiceProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.kill()

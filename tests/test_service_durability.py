@@ -1,0 +1,107 @@
+"""Durability: `kill -9` the service mid-job, then its runner too; restarted, the service finishes the job.
+
+A Ray cluster (ray.cluster_utils.Cluster) outlives everything else here. The service runs as a subprocess
+(`moedisco serve --no-ray-serve --address ...`), so SIGKILL takes it down with no shutdown hook:
+  1. the service is killed mid-training: the job's detached runner keeps training and recording into the store;
+  2. the runner is killed too, after a checkpoint of the stage it trains;
+  3. a new service reconciles: the job marked running has no runner, so it is relaunched on its output_dir.
+The job then succeeds with every finished stage skipped and the interrupted one resumed from its checkpoint.
+
+    pytest tests/test_service_durability.py -q
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from service.client import ApiClient
+from service.store import Store
+from service.testing import TERMINAL, ServiceProcess, free_port, wait_for_state, wait_until
+from tests.conftest import CORPUS, tiny_spec_dict
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "durable-token"
+NAMESPACE = "moedisco-durability"
+TRAINING = ("submodel", "finetune")
+# 40 steps, a checkpoint every 4: a wide window in which a stage is past a checkpoint and not yet finished.
+SPEC = tiny_spec_dict("x", name="durable", model={"num_experts": 2, "num_experts_per_tok": 1},
+                      submodel={"steps": 40, "checkpoint_every": 4, "eval_every": 4})
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "object_store_memory": 150 * 2**20, "include_dashboard": False,
+        "dashboard_port": free_port()})  # Ray's default 8265 may belong to another cluster on this machine
+    ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def service_env(tmp_path) -> dict[str, str]:
+    return {"MOEDISCO_DATA_DIR": str(tmp_path / "data"), "MOEDISCO_API_TOKEN": TOKEN,
+            "MOEDISCO_DATABASE_URL": f"sqlite:///{tmp_path / 'data' / 'moedisco.db'}",
+            "MOEDISCO_INPUT_ROOTS": json.dumps([str(CORPUS.parent)]), "MOEDISCO_RAY_NAMESPACE": NAMESPACE,
+            "MOEDISCO_RUNNER": "local", "MOEDISCO_DISPATCH_INTERVAL_S": "0.5"}
+
+
+def training_stage_past_checkpoint(store: Store, job_id: str):
+    """The running training stage once it logged a step past a checkpoint and still has 12 steps to go."""
+    for stage in store.stages(job_id):
+        if (stage.state == "running" and stage.stage in TRAINING and stage.step is not None
+                and 8 <= stage.step <= stage.total_steps - 12):
+            return stage
+    return None
+
+
+def runner_alive(job_id: str) -> bool:
+    try:
+        ray.get_actor(f"job-{job_id}", namespace=NAMESPACE)
+        return True
+    except ValueError:
+        return False
+
+
+def test_job_survives_the_service_and_resumes_after_its_runner_dies(cluster, tmp_path):
+    env, log = service_env(tmp_path), tmp_path / "service.log"
+    store = Store(f"sqlite:///{tmp_path / 'data' / 'moedisco.db'}")
+    with ServiceProcess(["--address", cluster.address], env, log) as first:
+        job_id = ApiClient(first.url, TOKEN).submit(SPEC)["id"]
+        wait_until(lambda: training_stage_past_checkpoint(store, job_id), 300, what="training under way")
+        first.kill()
+    events_at_kill = len(store.events(job_id))
+
+    # 1. The API is gone; the detached runner is not, and it keeps recording.
+    assert runner_alive(job_id)
+    wait_until(lambda: len(store.events(job_id)) > events_at_kill, 120, what="progress while the API is down")
+
+    # 2. The runner dies too, mid-stage, past a checkpoint.
+    killed = wait_until(lambda: training_stage_past_checkpoint(store, job_id), 120, what="a stage to interrupt")
+    ray.kill(ray.get_actor(f"job-{job_id}", namespace=NAMESPACE))
+    wait_until(lambda: not runner_alive(job_id), 30, what="runner gone")
+
+    # 3. A new service resumes it.
+    with ServiceProcess(["--address", cluster.address], env, log) as second:
+        client = ApiClient(second.url, TOKEN)
+        assert job_id in [job["id"] for job in client.jobs()["data"]]
+        job = wait_for_state(client, job_id, TERMINAL, 300)
+    assert job["state"] == "succeeded", (job["reason"], log.read_text()[-3000:])
+    assert job["attempts"] == 2
+
+    starts = Counter(e.stage if e.expert is None else f"{e.stage}/{e.expert}"
+                     for e in store.events(job_id, "stage_started"))
+    assert starts[killed.key] == 2 and all(n == 1 for key, n in starts.items() if key != killed.key), starts
+    resumed = next(s for s in store.stages(job_id) if s.key == killed.key)
+    assert resumed.summary["resumed_from"] >= 4  # continued from a checkpoint, not from step 0
+    skipped = {e.stage for e in store.events(job_id, "stage_skipped")}
+    assert {"prepare", "embed", "cluster"} <= skipped  # done before the runner died: not run again
+    store.close()

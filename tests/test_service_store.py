@@ -1,0 +1,178 @@
+"""The job store, the event recorder and the executor's outcomes, on SQLite and on PostgreSQL alike.
+
+PostgreSQL runs where MOEDISCO_TEST_POSTGRES_URL names a database (CI starts one with
+service/scripts/start_postgres.sh); elsewhere those cases skip. Runners are replaced by fakes that emit the
+events moedisco's runners emit, so no training runs here.
+
+    MOEDISCO_TEST_POSTGRES_URL=$(bash service/scripts/start_postgres.sh) pytest tests/test_service_store.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import pytest
+
+from moedisco.pipeline import BudgetExceeded
+from moedisco.train import StopRequested
+from service import executor
+from service.models import Base
+from service.recorder import EventRecorder
+from service.store import Store
+from tests.conftest import tiny_spec_dict
+
+POSTGRES_URL = os.environ.get("MOEDISCO_TEST_POSTGRES_URL")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'store.db'}"
+    elif POSTGRES_URL:
+        url = POSTGRES_URL
+    else:
+        pytest.skip("PostgreSQL: set MOEDISCO_TEST_POSTGRES_URL (bash service/scripts/start_postgres.sh prints one)")
+    store = Store(url)
+    Base.metadata.drop_all(store.engine)  # a shared PostgreSQL database: start every test from empty tables
+    Base.metadata.create_all(store.engine)
+    yield store
+    store.close()
+
+
+def make_job(store: Store, tmp_path, job_id: str, **sections):
+    spec = tiny_spec_dict(tmp_path / job_id, **sections)
+    spec.setdefault("method", "moe_disco")
+    return store.create_job(job_id, spec, runner="local")
+
+
+def test_list_filters_and_pages_newest_first(store, tmp_path):
+    ids = [f"{i:012x}" for i in range(5)]
+    for job_id in ids:
+        make_job(store, tmp_path, job_id, name=f"job-{job_id}")
+    store.claim_next_queued()
+    rows, count = store.list_jobs(None, offset=1, limit=2)
+    assert count == 5 and [r.id for r in rows] == ids[::-1][1:3]
+    rows, count = store.list_jobs(["running"], 0, 10)
+    assert count == 1 and rows[0].id == ids[0] and rows[0].started_at is not None
+    assert store.list_jobs(["queued", "succeeded"], 0, 10)[1] == 4
+    assert store.count_by_state() == {"queued": 4, "running": 1}
+
+
+def test_concurrent_claims_start_each_job_once(store, tmp_path):
+    ids = [f"{i:012x}" for i in range(12)]
+    for job_id in ids:
+        make_job(store, tmp_path, job_id)
+    claimed: list[str] = []
+
+    def claim_all() -> None:
+        while (job := store.claim_next_queued()) is not None:
+            claimed.append(job.id)
+
+    threads = [threading.Thread(target=claim_all) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(claimed) == ids
+
+
+def test_terminal_state_is_final_and_cancel_depends_on_state(store, tmp_path):
+    make_job(store, tmp_path, "a" * 12)
+    make_job(store, tmp_path, "b" * 12)
+    assert store.request_cancel("a" * 12).state == "cancelled"
+    running = store.claim_next_queued()
+    after = store.request_cancel(running.id)
+    assert after.state == "running" and after.cancel_requested and store.is_cancel_requested(running.id)
+    assert store.finish(running.id, "cancelled", "asked")
+    assert not store.finish(running.id, "succeeded")
+    assert store.get_job(running.id).state == "cancelled" and store.get_job(running.id).reason == "asked"
+
+
+def test_recorder_folds_events_into_stages_and_costs(store, tmp_path):
+    job = make_job(store, tmp_path, "c" * 12)
+    output = tmp_path / "out"
+    output.mkdir()
+    record = EventRecorder(store, job.id, output)
+    record({"event": "stage_started", "stage": "submodel", "expert": 1})
+    record({"event": "expert_state", "stage": "submodel", "expert": 1, "state": "running"})
+    record({"event": "progress", "stage": "submodel", "expert": 1, "step": 4, "total_steps": 12, "loss": 5.0,
+            "eval_loss": 5.5})
+    record({"event": "progress", "stage": "submodel", "expert": 1, "step": 8, "total_steps": 12,
+            "loss": float("nan"), "eval_loss": float("inf")})
+    stage = store.stages(job.id)[0]
+    assert (stage.state, stage.step, stage.loss, stage.eval_loss, stage.runner_state) == (
+        "running", 8, 5.0, 5.5, "running")
+    ledger = {"stages": [{"stage": "submodel", "expert": 1, "tier": "4090", "device_type": "rtx4090",
+                          "num_devices": 1, "seconds": 36.0, "device_hours": 0.01, "price_per_hour": 0.35,
+                          "usd": 0.0035, "simulated": True, "device": "cpu", "node": None}]}
+    (output / "cost.json").write_text(json.dumps(ledger))
+    record({"event": "stage_finished", "stage": "submodel", "expert": 1, "summary": {"seconds": 36.0,
+                                                                                     "eval_loss": 4.9}})
+    record({"event": "stage_skipped", "stage": "submodel", "expert": 1})
+    stage = store.stages(job.id)[0]
+    assert (stage.state, stage.seconds, stage.eval_loss) == ("finished", 36.0, 4.9)
+    assert store.get_job(job.id).current_stage == "submodel/1"
+    (cost,) = store.cost_rows(job.id)
+    assert (cost.tier, cost.usd, cost.expert) == ("4090", 0.0035, 1)
+    assert store.usd_by_tier() == {"4090": 0.0035}
+    assert [e.event for e in store.events(job.id)][-2:] == ["stage_finished", "stage_skipped"]
+    assert store.finished_stage_seconds() == [("submodel", 36.0)]
+
+
+def test_a_measured_baseline_must_match_data_and_model(store, tmp_path):
+    moe = make_job(store, tmp_path, "d" * 12, seed=1)
+    other = make_job(store, tmp_path, "e" * 12, method="full_parameter", seed=2)
+    same = make_job(store, tmp_path, "f" * 12, method="full_parameter", seed=1)
+    for job in (other, same):
+        store.claim_next_queued()
+    for job in (moe, other, same):
+        store.finish(job.id, "succeeded")
+    assert store.find_baseline(store.get_job(moe.id))[0].id == same.id
+    assert store.find_baseline(store.get_job(same.id)) is None
+
+
+def fake_runner(outcome):
+    """A runner that starts a stage, logs a step, then ends with `outcome` (an exception, or a summary)."""
+    def run(spec, events, should_stop):
+        events({"event": "stage_started", "stage": "finetune", "expert": None})
+        events({"event": "progress", "stage": "finetune", "expert": None, "step": 1, "total_steps": 2,
+                "loss": 1.0, "eval_loss": None})
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+    return run
+
+
+@pytest.mark.parametrize(("outcome", "cancel", "state", "reason"), [
+    ({"final": "x"}, False, "succeeded", None),
+    (BudgetExceeded("stopped before stage 'merge': $1 spent of the $0.5 budget (max_cost_usd)"), False, "failed",
+     "budget exceeded: stopped before stage 'merge'"),
+    (StopRequested("finetune stopped at step 1"), True, "cancelled", "cancelled on request"),
+    (RuntimeError("CUDA out of memory"), False, "failed", "RuntimeError: CUDA out of memory"),
+])
+def test_executor_turns_runner_outcomes_into_states(store, tmp_path, monkeypatch, outcome, cancel, state, reason):
+    monkeypatch.setitem(executor.RUNNERS, "local", fake_runner(outcome))
+    monkeypatch.setattr(executor, "record_estimate", lambda *args: None)
+    job = make_job(store, tmp_path, "1" * 12)
+    store.claim_next_queued()
+    if cancel:
+        store.request_cancel(job.id)
+    assert executor.execute_job(store, job.id, "local") == state
+    done = store.get_job(job.id)
+    assert done.state == state and done.finished_at is not None
+    assert (done.reason or "").startswith(reason or "") and (reason is None) == (done.reason is None)
+    assert store.stages(job.id)[0].state == {"succeeded": "running", "failed": "failed",
+                                             "cancelled": "stopped"}[state]
+    assert executor.execute_job(store, job.id, "local") is None  # a finished job is never run again
+
+
+def test_cancel_before_a_stage_stops_the_local_runner(store, tmp_path, monkeypatch):
+    monkeypatch.setitem(executor.RUNNERS, "local", fake_runner({"final": "x"}))
+    monkeypatch.setattr(executor, "record_estimate", lambda *args: None)
+    job = make_job(store, tmp_path, "2" * 12)
+    store.claim_next_queued()
+    store.request_cancel(job.id)
+    assert executor.execute_job(store, job.id, "local") == "cancelled"
+    assert "before stage 'finetune'" in store.get_job(job.id).reason
