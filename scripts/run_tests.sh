@@ -12,4 +12,4 @@ if [ -z "${MOEDISCO_TEST_POSTGRES_URL:-}" ] && { [ "${CI:-}" = "true" ] || [ "${
     echo "run_tests: could not start PostgreSQL; its tests will skip" >&2
   fi
 fi
-exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 tests "$@"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "${@:-tests}"
