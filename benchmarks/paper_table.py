@@ -53,10 +53,11 @@ def base_spec(args) -> dict:
 
 def variants(args) -> list[tuple[str, dict]]:
     runs = [("full_parameter", {"method": "full_parameter"})]
-    for clustering, warmup, router in itertools.product(args.clustering, args.warmup, args.router_init):
-        name = f"{clustering}-w{warmup}-{router}"
-        runs.append((name, {"cluster": {"method": clustering}, "branch": {"warmup_steps": warmup},
-                            "merge": {"router_init": router}}))
+    grid = itertools.product(args.clustering, args.warmup, args.router_init, args.shared_lr_scale)
+    for clustering, warmup, router, scale in grid:
+        name = f"{clustering}-w{warmup}-{router}-s{scale:g}"
+        runs.append((name, {"cluster": {"method": clustering}, "merge": {"router_init": router},
+                            "branch": {"warmup_steps": warmup, "shared_lr_scale": scale}}))
     return runs
 
 
@@ -163,10 +164,15 @@ def parse_args(argv=None):
     parser.add_argument("--clustering", nargs="+", default=["kmeans", "random"])
     parser.add_argument("--warmup", nargs="+", type=int, default=[0])
     parser.add_argument("--router-init", nargs="+", default=["concat"])
+    parser.add_argument("--shared-lr-scale", nargs="+", type=float, default=[1.0])
     parser.add_argument("--quick", action="store_true", help="Small steps: finishes in a few minutes.")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.max_documents, args.baseline_steps, args.submodel_steps, args.finetune_steps = 800, 200, 100, 40
+    if args.quick:  # smaller defaults, but an explicitly given value wins
+        given = set(argv if argv is not None else sys.argv[1:])
+        for flag, value in (("--max-documents", 800), ("--baseline-steps", 200), ("--submodel-steps", 100),
+                            ("--finetune-steps", 40)):
+            if flag not in given:
+                setattr(args, flag.lstrip("-").replace("-", "_"), value)
     return args
 
 

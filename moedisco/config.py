@@ -139,6 +139,11 @@ class BranchConfig(_Section):
         "0 keeps the paper's recipe of branching straight from the initial model.",
     )
     warmup_lr: float | None = Field(None, gt=0.0, le=1.0, description="Warm-up learning rate; unset = submodel.lr.")
+    shared_lr_scale: float = Field(
+        1.0, ge=0.0, le=1.0,
+        description="Learning-rate multiplier of the shared parameters while submodels train; 0 freezes the "
+        "backbone so only experts train (block coordinate descent over experts; nothing to average at the merge).",
+    )
 
 
 class MergeConfig(_Section):

@@ -195,9 +195,12 @@ def stage_submodel(spec: JobSpec, paths: JobPaths, expert: int, metrics: Metrics
     """Train submodel `expert` on its cluster; its weights end in submodels/<expert>/model.safetensors."""
     model = split.load_submodel(branch_point(spec, paths), expert)
     train_NL = load_corpus(paths, "train").pack(spec.data.sequence_length, cluster_doc_ids(paths, expert))
+    roles = split.parameter_roles(split.read_config(paths.source))
+    scale = spec.branch.shared_lr_scale
     result = train(model, train_NL, eval_sequences(spec, paths), spec.submodel, paths.submodel(expert),
                    stage="submodel", expert=expert, seed=spec.seed + expert, metrics=metrics,
-                   spec_yaml=spec.to_yaml(), hooks=hooks, progress=progress)
+                   spec_yaml=spec.to_yaml(), hooks=hooks, progress=progress,
+                   lr_scale=lambda name: scale if roles[name] == "shared" else 1.0)
     own_NL = cluster_eval_sequences(spec, paths)[expert]
     own_loss = evaluate_loss(model, own_NL, spec.submodel.batch_size, spec.submodel.eval_batches,
                              next(model.parameters()).device) if len(own_NL) else None

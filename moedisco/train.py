@@ -81,13 +81,22 @@ def lr_multiplier(cfg: TrainConfig, step: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    # No weight decay on norms and biases (1-D tensors), the usual practice for transformers.
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,
+                   lr_scale: Callable[[str], float] | None = None) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; `lr_scale(name)` multiplies a parameter's learning rate, and a
+    parameter scaled by 0 is frozen (no gradient, no optimizer state)."""
+    groups: dict[tuple[bool, float], list] = {}
+    for name, param in model.named_parameters():
+        scale = lr_scale(name) if lr_scale else 1.0
+        if scale == 0.0:
+            param.requires_grad_(False)
+        if not param.requires_grad:
+            continue
+        # No weight decay on norms and biases (1-D tensors), the usual practice for transformers.
+        groups.setdefault((param.ndim >= 2, scale), []).append(param)
+    param_groups = [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_scale": scale}
+                    for (decay, scale), params in groups.items()]
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=cfg.betas)
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -142,7 +151,8 @@ def _local_batch(train_NL: torch.Tensor, step: int, cfg: TrainConfig, seed: int,
 
 def train(model, train_NL: torch.Tensor, eval_NL: torch.Tensor | None, cfg: TrainConfig, run_dir: Path, *,
           stage: str, seed: int, metrics: MetricsWriter, expert: int | None = None, spec_yaml: str | None = None,
-          hooks: TrainHooks | None = None, progress: bool = True) -> TrainResult:
+          hooks: TrainHooks | None = None, progress: bool = True,
+          lr_scale: Callable[[str], float] | None = None) -> TrainResult:
     """Train `model` in place for `cfg.steps` steps, resuming from `run_dir` when it holds a checkpoint."""
     hooks = hooks or TrainHooks()
     done = finished_result(run_dir)
@@ -152,7 +162,7 @@ def train(model, train_NL: torch.Tensor, eval_NL: torch.Tensor | None, cfg: Trai
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     model.to(device)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg, lr_scale)
     state = {"step": 0, "seconds": 0.0, "eval_loss": None}
     checkpoints = checkpoint_dirs(run_dir)
     if checkpoints:
@@ -214,7 +224,7 @@ class _Loop:
 
     def _step(self, step: int) -> float:
         for group in self.optimizer.param_groups:
-            group["lr"] = self.cfg.lr * lr_multiplier(self.cfg, step)
+            group["lr"] = self.cfg.lr * lr_multiplier(self.cfg, step) * group["lr_scale"]
         batch_BL = _local_batch(self.train_NL, step, self.cfg, self.seed, self.hooks).to(self.device)
         self.net.train()
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
