@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/moedisco run examples/tiny.yaml
+	$(BIN)/moedisco demo
 
 test: $(STAMP)
 	bash scripts/run_tests.sh

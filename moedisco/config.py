@@ -151,9 +151,9 @@ class MergeConfig(_Section):
         "samples", description="Shared-parameter average: by cluster sample counts (WP-SGD) or uniform."
     )
     router_init: Literal["concat", "centroid", "random"] = Field(
-        "concat",
-        description="`concat`: the submodels' router rows (paper); `centroid`: mean hidden state of each cluster; "
-        "`random`: fresh initialisation.",
+        "centroid",
+        description="`centroid` (default, measured best): row k = mean hidden state of cluster k's tokens; "
+        "`concat`: the submodels' router rows (the paper's); `random`: fresh initialisation.",
     )
     centroid_sequences: int = Field(16, ge=1, description="centroid: sequences per cluster used to estimate rows.")
 

@@ -133,9 +133,11 @@ def cancel(job_id: JobIdArg) -> None:
 
 
 def register(app: typer.Typer) -> None:
+    from service.demo import demo
     from service.serve_cli import serve
 
     app.command()(serve)
+    app.command()(demo)
     for command in (submit, jobs, status, cost, cancel):
         app.command()(command)
 
