@@ -1,0 +1,14 @@
+"""The Ray execution layer of moedisco: where and when each stage runs. It calls `moedisco/`, never re-implements it.
+
+    from ray_cluster.cluster import start_local_cluster, stop_local_cluster
+    from ray_cluster.orchestrate import run_job_on_ray
+
+    address = start_local_cluster(num_cheap=2)          # head + 2 `gpu_type=4090` nodes + 1 `gpu_type=A100` node
+    summary = run_job_on_ray(spec, address=address)     # the same summary as moedisco.runner.run_job
+    stop_local_cluster()
+
+Modules: `cluster` (the simulated labelled cluster), `data` (Ray Data embedding and clustering), `trainers`
+(TorchTrainers pinned by label), `worker` (the Ray Train worker around moedisco's loop), `tracking` (events, expert
+states, cancellation), `orchestrate` (the job), `progress` (terminal output), `cli` (`moedisco cluster ...`).
+Nothing is imported here, so `moedisco` commands that never touch Ray do not pay for importing it.
+"""

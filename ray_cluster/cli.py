@@ -1,0 +1,84 @@
+"""`moedisco cluster ...`: a local simulated heterogeneous cluster for one machine.
+
+    moedisco cluster start --cheap-nodes 4     # head + 4 x gpu_type=4090 + 1 x gpu_type=A100, dashboard on :8265
+    moedisco run examples/tiny.yaml --runner ray --address auto
+    moedisco cluster status [--address ADDR]
+    moedisco cluster stop
+
+`moedisco.cli` calls `register(app)` when this package is installed.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ray_cluster import cluster as local
+
+console = Console()
+cluster_app = typer.Typer(help="A local simulated Ray cluster with labelled cheap and expensive nodes.",
+                          no_args_is_help=True)
+
+
+@cluster_app.command()
+def start(cheap_nodes: Annotated[int, typer.Option(help="Nodes labelled as the cheap tier.", min=1)] = 2,
+          expensive_nodes: Annotated[int, typer.Option(help="Nodes labelled as the expensive tier.", min=0)] = 1,
+          label_key: Annotated[str, typer.Option(help="Node label naming the tier.")] = "gpu_type",
+          cheap_label: Annotated[str, typer.Option(help="Label value of cheap nodes.")] = "4090",
+          expensive_label: Annotated[str, typer.Option(help="Label value of expensive nodes.")] = "A100",
+          cpus_per_node: Annotated[float, typer.Option(help="Logical CPUs per node (one trainer worker each).")] = 1.0,
+          ) -> None:
+    """Start the cluster in the background; it runs until `moedisco cluster stop`."""
+    spec = local.LocalClusterSpec(num_cheap=cheap_nodes, num_expensive=expensive_nodes, label_key=label_key,
+                                  cheap_label=cheap_label, expensive_label=expensive_label,
+                                  cpus_per_node=cpus_per_node)
+    try:
+        address = local.start_local_cluster(detach=True, spec=spec)
+    except (RuntimeError, TimeoutError) as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(1) from None
+    dashboard = (local.read_state() or {}).get("dashboard")
+    console.print(f"cluster up at [bold]{address}[/bold]; dashboard {dashboard}\n"
+                  f"run a job on it: moedisco run SPEC --runner ray --address {address}")
+
+
+@cluster_app.command()
+def stop() -> None:
+    """Stop the cluster started by `moedisco cluster start` (only its own processes)."""
+    console.print("stopped" if local.stop_local_cluster() else "no local cluster is running")
+
+
+@cluster_app.command()
+def status(address: Annotated[str | None, typer.Option(help="Cluster address; default: the local one.")] = None
+           ) -> None:
+    """Nodes of the cluster with their labels and logical resources."""
+    import ray
+
+    state = local.read_state()
+    address = address or (state or {}).get("address")
+    if address is None:
+        console.print("no local cluster is running; pass --address for another one")
+        raise typer.Exit(1)
+    ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    try:
+        nodes = local.describe_nodes()
+    finally:
+        ray.shutdown()
+    table = Table(title=f"cluster {address}")
+    for column in ("node", "labels", "resources"):
+        table.add_column(column)
+    for node in nodes:
+        table.add_row(node["node_id"][:12], " ".join(f"{k}={v}" for k, v in node["labels"].items()),
+                      " ".join(_resource(k, v) for k, v in node["resources"].items() if k != "memory"))
+    console.print(table)
+
+
+def _resource(name: str, amount: float) -> str:
+    return f"{name}={amount / 2**20:.0f}MB" if name == "object_store_memory" else f"{name}={amount:g}"
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(cluster_app, name="cluster")

@@ -1,0 +1,233 @@
+"""A simulated heterogeneous Ray cluster on one machine: a head, N cheap nodes and M expensive nodes.
+
+    address = start_local_cluster(num_cheap=2)            # in this process; gone when it exits
+    address = start_local_cluster(num_cheap=4, detach=True)  # a keeper process holds it (`moedisco cluster start`)
+    describe_nodes(address)   # [{"node_id": ..., "labels": {"gpu_type": "4090"}, "resources": {...}}, ...]
+    stop_local_cluster()      # the in-process one, else the detached one
+
+Every node is a separate raylet with its own logical resources (CPUs standing in for GPUs: one CPU per node, so one
+trainer worker fits on a node, as one on a single-GPU machine) and the label `gpu_type` (`4090` cheap, `A100`
+expensive; key and values from the spec's `resources`). The dashboard runs on the head at its usual port 8265.
+
+A detached cluster is owned by a keeper process (`python -m ray_cluster.cluster`); `stop` signals that process, which
+shuts down exactly the nodes it started: no `ray stop`, which would also kill other Ray instances on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+STATE_FILE = Path(os.environ.get("MOEDISCO_CLUSTER_STATE", Path.home() / ".cache" / "moedisco" / "local_cluster.json"))
+DASHBOARD_PORT = 8265
+START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 60.0
+
+_in_process = None  # the ray.cluster_utils.Cluster this process started, if any
+
+
+@dataclass
+class LocalClusterSpec:
+    num_cheap: int = 2
+    num_expensive: int = 1
+    label_key: str = "gpu_type"
+    cheap_label: str = "4090"
+    expensive_label: str = "A100"
+    cpus_per_node: float = 1.0
+    head_cpus: float = 2.0  # Ray starts at most this many worker processes at once on a node
+    object_store_mb: int = 150  # the default 30% of RAM per node would reserve ~7 GB each on a 24 GB machine
+    dashboard_port: int = DASHBOARD_PORT
+
+    @classmethod
+    def from_resources(cls, resources, **overrides) -> LocalClusterSpec:
+        """Labels taken from a spec's `resources` section, so the simulated tiers match what the job selects."""
+        return cls(label_key=resources.label_key, cheap_label=resources.submodel_tier.label,
+                   expensive_label=resources.finetune_tier.label, **overrides)
+
+    def node_labels(self) -> list[dict[str, str]]:
+        return ([{self.label_key: self.cheap_label}] * self.num_cheap
+                + [{self.label_key: self.expensive_label}] * self.num_expensive)
+
+
+def _quiet_ray_env() -> None:
+    # Set before the raylets start so every worker inherits them.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # already the default in 2.60; explicit for older Rays
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")  # the dashboard's Train view lists the trainers
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _port_is_free(port: int) -> bool:
+    # Another Ray cluster on this machine may hold the dashboard's usual port; ours then takes a free one.
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+
+
+def _build_cluster(spec: LocalClusterSpec):
+    import ray.util
+    from ray.cluster_utils import Cluster
+
+    _quiet_ray_env()
+    memory = spec.object_store_mb * 2**20
+    gcs_port = _free_port()
+    dashboard_port = spec.dashboard_port if _port_is_free(spec.dashboard_port) else _free_port()
+    head = {"num_cpus": spec.head_cpus, "object_store_memory": memory, "include_dashboard": True,
+            "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port, "gcs_server_port": gcs_port,
+            "labels": {spec.label_key: "head"}}
+    # Ray's internals (Ray Train's placement-group cleaner, the state API) find "their" cluster by address
+    # auto-detection, which picks the newest Ray instance on the machine: with two clusters on one machine they
+    # talk to the wrong one. Every process of these nodes inherits RAY_ADDRESS, which auto-detection obeys.
+    with _environment(RAY_ADDRESS=f"{ray.util.get_node_ip_address()}:{gcs_port}"):
+        cluster = Cluster(initialize_head=True, head_node_args=head)
+        for labels in spec.node_labels():
+            cluster.add_node(num_cpus=spec.cpus_per_node, object_store_memory=memory, labels=labels)
+    return cluster
+
+
+def start_local_cluster(num_cheap: int = 2, num_expensive: int = 1, detach: bool = False,
+                        spec: LocalClusterSpec | None = None) -> str:
+    """Start the simulated cluster and return its address (`ip:port` of the head's GCS)."""
+    global _in_process
+    spec = spec or LocalClusterSpec(num_cheap=num_cheap, num_expensive=num_expensive)
+    if detach:
+        return _start_keeper(spec)
+    if _in_process is not None:
+        raise RuntimeError("a local cluster is already running in this process; call stop_local_cluster() first")
+    _in_process = _build_cluster(spec)
+    return _in_process.address
+
+
+def stop_local_cluster() -> bool:
+    """Stop the cluster this process started, else the detached one. Returns whether one was stopped."""
+    global _in_process
+    if _in_process is not None:
+        cluster, _in_process = _in_process, None
+        cluster.shutdown()
+        return True
+    return _stop_keeper()
+
+
+# --- detached cluster: a keeper process that owns the nodes -------------------------------------------------------
+
+
+def read_state() -> dict | None:
+    if not STATE_FILE.is_file():
+        return None
+    state = json.loads(STATE_FILE.read_text())
+    return state if _alive(state["pid"]) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _start_keeper(spec: LocalClusterSpec) -> str:
+    if (state := read_state()) is not None:
+        raise RuntimeError(f"a local cluster is already running at {state['address']} (pid {state['pid']}); "
+                           "`moedisco cluster stop` first")
+    STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
+    STATE_FILE.unlink(missing_ok=True)
+    log = open(STATE_FILE.with_suffix(".log"), "w")
+    cmd = [sys.executable, "-m", "ray_cluster.cluster", "--spec", json.dumps(asdict(spec))]
+    # A new session, so the keeper (and the nodes it owns) outlive the terminal that ran `cluster start`.
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if (state := read_state()) is not None:
+            return state["address"]
+        if process.poll() is not None:
+            raise RuntimeError(f"the cluster keeper exited with {process.returncode}; see {log.name}")
+        time.sleep(0.5)
+    process.terminate()
+    raise TimeoutError(f"the local cluster did not start within {START_TIMEOUT_S:.0f}s; see {log.name}")
+
+
+def _stop_keeper() -> bool:
+    state = read_state()
+    if state is None:
+        return False
+    os.kill(state["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while _alive(state["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _alive(state["pid"]):
+        # The keeper's nodes were started with a reaper that kills them when their parent dies.
+        os.kill(state["pid"], signal.SIGKILL)
+    STATE_FILE.unlink(missing_ok=True)
+    return True
+
+
+def _keep(spec: LocalClusterSpec) -> None:
+    """Body of the keeper process: start the nodes, publish the address, hold them until SIGTERM."""
+    cluster = _build_cluster(spec)
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
+    state = {"address": cluster.address, "pid": os.getpid(), "dashboard": f"http://{cluster.webui_url}",
+             "spec": asdict(spec)}
+    tmp = STATE_FILE.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(STATE_FILE)
+    while not stop["now"]:
+        time.sleep(0.5)
+    cluster.shutdown()
+    STATE_FILE.unlink(missing_ok=True)
+
+
+# --- inspection ---------------------------------------------------------------------------------------------------
+
+
+def describe_nodes() -> list[dict]:
+    """The alive nodes of the connected cluster with their labels and logical resources."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    return [{"node_id": n["NodeID"], "labels": {k: v for k, v in n.get("Labels", {}).items()
+                                                 if not k.startswith("ray.io/")},
+             "resources": {k: v for k, v in n["Resources"].items() if not k.startswith("node:")}}
+            for n in nodes]
+
+
+def nodes_with_label(label_key: str, label: str) -> list[dict]:
+    return [n for n in describe_nodes() if n["labels"].get(label_key) == label]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Keeper process of a detached local simulated cluster.")
+    parser.add_argument("--spec", required=True, help="LocalClusterSpec as JSON.")
+    _keep(LocalClusterSpec(**json.loads(parser.parse_args().spec)))

@@ -1,0 +1,202 @@
+"""The data stage on Ray Data: embed the corpus with an actor pool on the cheap tier, cluster it, shard it per expert.
+
+    embed_summary = embed_stage(spec, paths, num_actors=2)        # STORAGE/<job>/embeddings/*.parquet
+    cluster_summary = cluster_stage(spec, paths)                  # OUTPUT/cluster/ + STORAGE/<job>/clusters/cluster=k/
+
+1. The prepare stage's OUTPUT/data/train.jsonl is streamed into Parquet shards with an explicit `doc_id` (its line),
+   so document order, and therefore every later index into the cluster assignments, matches the local runner.
+2. `map_batches` over an `ActorPoolStrategy` pool pinned to the cheap tier embeds the shards; each actor loads the
+   embedding model once (`moedisco.embed.Embedder`).
+3. k-means is fitted with `moedisco.cluster.fit_clusters` on the embeddings of at most `max_fit_documents` documents
+   (all of them when the corpus is that small, else a uniform `random_sample`), streamed in with `iter_batches`. A
+   sample this size gives centroids whose objective on the full corpus is within a few percent of a full fit, and
+   keeps the paper's exact algorithm (k-means++ and `n_init` restarts) instead of mini-batch k-means.
+4. A second `map_batches` assigns every document: by the fit itself when it saw every document (identical to the
+   local runner, for every `cluster.method`), else to its nearest centroid. The rows are written as one Parquet shard
+   set per cluster (hive partitions `cluster=k`), and only the small (doc_id, cluster, distance) columns are read back
+   to save OUTPUT/cluster/ in `ClusterResult` form, which `stage_submodel` uses unchanged.
+No step holds the corpus text, or all its embeddings beyond the fit sample, in one process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import ray
+import ray.data
+
+from moedisco import cluster
+from moedisco.config import EmbedConfig, JobSpec
+from moedisco.metrics import MetricsWriter
+from ray_cluster.placement import job_storage, label_selector, tier_has_gpu
+
+if TYPE_CHECKING:
+    from moedisco.pipeline import JobPaths
+
+MAX_FIT_DOCUMENTS = 100_000  # 100k x 384 float64 = 300 MB in the fitting process
+ROWS_PER_SHARD = 4096
+
+
+def _fresh(folder: Path) -> str:
+    # A stage interrupted half-way left partial files; a re-run rewrites the folder whole.
+    shutil.rmtree(folder, ignore_errors=True)
+    return str(folder)
+
+
+def _quiet_data_context() -> None:
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+# --- 1. corpus with document ids ----------------------------------------------------------------------------------
+
+
+def index_corpus(train_jsonl: Path, out_dir: Path, rows_per_shard: int = ROWS_PER_SHARD) -> int:
+    """Stream train.jsonl into Parquet shards of (doc_id, text); returns the number of documents."""
+    out_dir = Path(_fresh(out_dir))
+    out_dir.mkdir(parents=True)
+    num_docs = 0
+    with train_jsonl.open() as handle:
+        lines = (line for line in handle if line.strip())  # as moedisco.pipeline.load_texts reads it
+        while chunk := list(itertools.islice(lines, rows_per_shard)):
+            texts = [json.loads(line)["text"] for line in chunk]
+            doc_ids = np.arange(num_docs, num_docs + len(texts))
+            pq.write_table(pa.table({"doc_id": doc_ids, "text": texts}), out_dir / f"corpus-{num_docs:010d}.parquet")
+            num_docs += len(texts)
+    return num_docs
+
+
+# --- 2. embeddings ------------------------------------------------------------------------------------------------
+
+
+class EmbedBatches:
+    """Ray Data actor UDF: the embedding model is loaded once per actor, in `__init__`."""
+
+    def __init__(self, cfg: EmbedConfig):
+        from moedisco.embed import Embedder  # transformers: only the embedding actors need it
+
+        self.embedder = Embedder(cfg)
+
+    def __call__(self, batch: dict) -> dict:
+        vectors_BD = self.embedder(list(batch["text"]))
+        return {"doc_id": batch["doc_id"], "text": batch["text"], "embedding": vectors_BD}
+
+
+def embed_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int) -> dict:
+    """Index and embed the train split on the cheap tier; embeddings land in STORAGE/<job>/embeddings/."""
+    _quiet_data_context()
+    started = time.perf_counter()
+    storage, tier = job_storage(spec), spec.resources.submodel_tier
+    num_docs = index_corpus(paths.data / "train.jsonl", storage / "corpus")
+    # A fixed pool, one actor per cheap node, no larger than there are shards to embed: the nodes it holds are
+    # what the stage costs.
+    num_actors = max(1, min(num_cheap_nodes, -(-num_docs // ROWS_PER_SHARD)))
+    gpu = tier_has_gpu(spec, tier)
+    embedded = ray.data.read_parquet(str(storage / "corpus")).map_batches(
+        EmbedBatches, fn_constructor_kwargs={"cfg": spec.embed}, batch_size=spec.embed.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=1, num_gpus=int(gpu),
+        label_selector=label_selector(spec, tier))
+    embedded.write_parquet(_fresh(storage / "embeddings"))
+    seconds = time.perf_counter() - started
+    device = "cuda" if gpu else "cpu"
+    MetricsWriter(paths.metrics).write({"stage": "embed", "step": num_docs, "documents": num_docs,
+                                        "seconds": seconds, "device": device, "num_nodes": num_actors})
+    return {"documents": num_docs, "seconds": seconds, "device": device, "num_nodes": num_actors}
+
+
+# --- 3. k-means on the embeddings (a sample once the corpus is large) -----------------------------------------------
+
+
+def read_embeddings(embeddings_dir: Path, max_documents: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(doc_ids, vectors_ND) of every document, or of a uniform sample of about `max_documents`; and the total."""
+    ds = ray.data.read_parquet(str(embeddings_dir)).select_columns(["doc_id", "embedding"])
+    num_docs = count_rows(embeddings_dir)
+    if num_docs > max_documents:
+        ds = ds.random_sample(max_documents / num_docs, seed=seed)
+    doc_ids, vectors = [], []
+    for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
+        doc_ids.append(batch["doc_id"]), vectors.append(batch["embedding"])
+    doc_ids_N = np.concatenate(doc_ids)
+    order = np.argsort(doc_ids_N, kind="stable")  # the fit sees documents in corpus order, as in process
+    return doc_ids_N[order], np.concatenate(vectors)[order], num_docs
+
+
+def fit_on_sample(spec: JobSpec, embeddings_dir: Path, max_documents: int) -> tuple[cluster.ClusterResult, bool]:
+    """Fit the spec's clustering on (a sample of) the embeddings; True when the fit saw every document."""
+    doc_ids, vectors_ND, num_docs = read_embeddings(embeddings_dir, max_documents, spec.seed)
+    covers_all = len(doc_ids) == num_docs
+    if not covers_all and spec.cluster.method == "random":
+        raise ValueError(f"cluster.method=random needs every document in one fit; the corpus has {num_docs} "
+                         f"documents, more than the {max_documents} the Ray runner fits at once")
+    return cluster.fit_clusters(vectors_ND, spec.cluster, spec.model.num_experts, spec.seed), covers_all
+
+
+# --- 4. assignment and per-cluster shards -----------------------------------------------------------------------------
+
+
+def assign_batch(batch: dict, result: cluster.ClusterResult, fitted: np.ndarray | None) -> dict:
+    """Cluster of each document (from the fit when it saw all of them) and its squared distance to the centroid."""
+    vectors_BD = cluster._prepare(batch["embedding"], result.normalize)  # the same geometry the fit used
+    assignments_B = fitted[batch["doc_id"]] if fitted is not None else result.assign(batch["embedding"])
+    sq_distance_B = ((vectors_BD - result.centroids[assignments_B]) ** 2).sum(1)
+    return {"doc_id": batch["doc_id"], "text": batch["text"], "cluster": assignments_B, "sq_distance": sq_distance_B}
+
+
+def collect_assignments(shards_dir: Path, num_docs: int) -> tuple[np.ndarray, float]:
+    """The small per-document columns of the shards: assignments [num_docs] (int64) and the k-means objective.
+
+    Read with pyarrow in this process, a batch at a time: a few bytes per document, and on a small corpus a Ray Data
+    round trip costs more than the read.
+    """
+    assignments = np.full(num_docs, -1, dtype=np.int64)
+    inertia = 0.0
+    shards = pads.dataset(str(shards_dir), format="parquet", partitioning="hive")
+    for batch in shards.to_batches(columns=["doc_id", "sq_distance", "cluster"]):
+        assignments[batch["doc_id"].to_numpy()] = batch["cluster"].to_numpy()
+        inertia += float(pc.sum(batch["sq_distance"]).as_py() or 0.0)
+    assert (assignments >= 0).all(), "every document is in exactly one shard"
+    return assignments, inertia
+
+
+def count_rows(parquet_dir: Path) -> int:
+    return pads.dataset(str(parquet_dir), format="parquet").count_rows()  # from the footers, no data read
+
+
+def cluster_stage(spec: JobSpec, paths: JobPaths, max_fit_documents: int = MAX_FIT_DOCUMENTS) -> dict:
+    """Fit, assign, shard; saves OUTPUT/cluster/ exactly as `moedisco.cluster.ClusterResult.save` does."""
+    _quiet_data_context()
+    started = time.perf_counter()
+    storage, tier = job_storage(spec), spec.resources.submodel_tier
+    fit = ray.remote(fit_on_sample).options(num_cpus=1, label_selector=label_selector(spec, tier))
+    result, covers_all = ray.get(fit.remote(spec, storage / "embeddings", max_fit_documents))
+    fitted = result.assignments if covers_all else None
+    embeddings = ray.data.read_parquet(str(storage / "embeddings"))
+    assigned = embeddings.map_batches(assign_batch, fn_kwargs={"result": result, "fitted": fitted},
+                                      batch_format="numpy", label_selector=label_selector(spec, tier))
+    assigned.write_parquet(_fresh(storage / "clusters"), partition_cols=["cluster"])
+    num_docs = count_rows(storage / "embeddings")
+    assignments, inertia = collect_assignments(storage / "clusters", num_docs)
+    full = cluster.ClusterResult(assignments, result.centroids, inertia, result.normalize, result.method)
+    if min(full.sizes) == 0:
+        raise ValueError("clustering left an expert with no documents; try cluster.method=balanced_kmeans")
+    full.save(paths.clusters)
+    # Submodels look up the held-out documents' clusters in a cache next to the clusters that the first of them
+    # writes; written here, before any trainer starts, the concurrent submodels never race to write it.
+    from moedisco.pipeline import eval_assignments
+
+    eval_assignments(spec, paths)
+    seconds = time.perf_counter() - started
+    fit_documents = num_docs if covers_all else int(len(result.assignments))
+    MetricsWriter(paths.metrics).write({"stage": "cluster", "step": 0, "sizes": full.sizes, "inertia": inertia,
+                                        "seconds": seconds, "device": "cpu", "fit_documents": fit_documents})
+    return {"sizes": full.sizes, "inertia": inertia, "method": full.method, "seconds": seconds, "device": "cpu",
+            "fit_documents": fit_documents, "shards": str(storage / "clusters"), "num_nodes": 1}

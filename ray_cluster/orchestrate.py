@@ -1,0 +1,169 @@
+"""Run a whole job on Ray: the local runner's stages and bookkeeping, each stage placed on its tier.
+
+    summary = run_job_on_ray(load_spec("examples/tiny.yaml"))                    # fresh local simulated cluster
+    summary = run_job_on_ray(spec, address="10.0.0.5:6379", events=store.add, should_stop=job.cancelled)
+
+`RayRunner` is `moedisco.runner.LocalRunner` with one method replaced: `stage` keeps its skip-if-done, budget,
+events, cost ledger and stage markers, but swaps the in-process work for its Ray placement:
+
+| stage          | where it runs                                                              |
+| prepare/source | a Ray task                                                                 |
+| embed, cluster | Ray Data on the cheap tier (`ray_cluster.data`)                            |
+| warmup         | a TorchTrainer on the cheap tier (when `branch.warmup_steps` > 0)          |
+| submodel       | one TorchTrainer per expert on the cheap tier, all queued at the first     |
+| merge          | a Ray task on the cheap tier, reading the submodels from storage           |
+| finetune       | a TorchTrainer on the expensive tier (also the full-parameter baseline)    |
+
+Re-running a job whose driver died skips finished stages (their markers) and resumes the interrupted one from its
+checkpoints. Events are the local runner's plus `{"event": "expert_state", "expert": k, "state": "waiting" |
+"running" | "done" | "cancelled"}`; `should_stop()` turning true cancels the job (`JobCancelled`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+
+import ray
+
+from moedisco import pipeline as stages
+from moedisco.config import JobSpec, TierConfig
+from moedisco.metrics import MetricsWriter
+from moedisco.runner import LocalRunner
+from ray_cluster import data
+from ray_cluster.cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster
+from ray_cluster.progress import ConsoleProgress
+from ray_cluster.tracking import JobCancelled, Tracker
+from ray_cluster.placement import label_selector, on_driver_node, tier_nodes, tier_of
+from ray_cluster.trainers import build_trainer, num_workers
+
+Events = Callable[[dict], None]
+
+
+class RayRunner(LocalRunner):
+    def __init__(self, spec: JobSpec, events: Events | None = None, progress: bool = True,
+                 should_stop: Callable[[], bool] | None = None):
+        super().__init__(spec, events, progress, should_stop)
+        self.announced: set = set()
+        self.submodels_launched = False
+        self.events = self._without_late_starts(self.events)
+        self.tracker = Tracker(self.events, should_stop)
+
+    def _without_late_starts(self, emit: Events) -> Events:
+        # Submodel trainers all start at once, and their "stage_started" is sent then; the base class sends it
+        # again when it comes to wait for each expert in turn.
+        def forward(event: dict) -> None:
+            key = (event.get("stage"), event.get("expert"))
+            if event["event"] == "stage_started" and key in self.announced:
+                return
+            emit(event)
+        return forward
+
+    def stage(self, name: str, tier: TierConfig | None, work: Callable[[], dict], expert: int | None = None) -> dict:
+        """The base class's stage bookkeeping around the stage's Ray placement (`work`, in process, is not run)."""
+        if name == "submodel" and not self.submodels_launched:
+            self.launch_submodels()
+        summary = super().stage(name, tier, lambda: self.run_placed(name, expert), expert)
+        if tier is not None and "num_nodes" in summary:
+            # The base class records device time; record again with the nodes that ran the stage.
+            self.ledger.record(name, tier, summary["seconds"], device=summary.get("device", "cpu"), expert=expert,
+                               node=summary.get("node"), num_devices=summary["num_nodes"])
+        return summary
+
+    def run_placed(self, name: str, expert: int | None) -> dict:
+        spec, paths = self.spec, self.paths
+        cheap = label_selector(spec, spec.resources.submodel_tier)
+        if name in ("prepare", "source"):
+            work = stages.stage_prepare if name == "prepare" else stages.stage_source
+            return self.remote((name, None), work, spec, paths)
+        if name == "embed":
+            num_nodes = len(tier_nodes(spec, spec.resources.submodel_tier))
+            return self.remote((name, None), data.embed_stage, spec, paths, num_nodes, options=on_driver_node())
+        if name == "cluster":
+            return self.remote((name, None), data.cluster_stage, spec, paths, options=on_driver_node())
+        if name == "merge":
+            summary = self.remote((name, None), stages.stage_merge, spec, paths, MetricsWriter(paths.metrics),
+                                  options={"num_cpus": 1, "label_selector": cheap})
+            return {**summary, "num_nodes": 1}
+        if name == "submodel":
+            return self.trainer_result(name, expert)
+        self.launch_trainer(name)
+        return self.trainer_result(name, None)
+
+    def remote(self, key, function, *args, options: dict | None = None) -> dict:
+        ref = ray.remote(function).options(max_retries=0, **(options or {"num_cpus": 1})).remote(*args)
+        self.tracker.submit(key, ref)
+        return self.tracker.wait(key)
+
+    def launch_submodels(self) -> None:
+        """Queue a trainer for every expert not yet done; as many run at once as there are cheap nodes."""
+        self.check_budget("submodel")
+        for expert in range(self.spec.model.num_experts):
+            if stages.is_done(self.paths, f"submodel_{expert}"):
+                continue
+            self.events({"event": "stage_started", "stage": "submodel", "expert": expert})
+            self.announced.add(("submodel", expert))
+            self.launch_trainer("submodel", expert)
+        self.submodels_launched = True
+
+    def launch_trainer(self, stage: str, expert: int | None = None) -> None:
+        """Queue a trainer; it starts when its tier has a free slot. With no node of the tier yet (an autoscaler
+        starting from zero) one trainer is submitted, whose pending placement group asks for a node."""
+        spec, tier = self.spec, tier_of(self.spec, stage)
+
+        def start():
+            return self.tracker.launcher.fit.remote(build_trainer(spec, stage, expert, events=self.tracker.queue))
+
+        def slots() -> int:
+            return max(1, len(tier_nodes(spec, tier)) // num_workers(spec, stage))
+
+        self.tracker.enqueue((stage, expert), start, slots)
+
+    def trainer_result(self, stage: str, expert: int | None) -> dict:
+        summary = self.tracker.wait((stage, expert))
+        if summary.get("stopped"):
+            raise JobCancelled(f"{stage} stopped on request")
+        billed = self.tracker.billed_seconds((stage, expert), summary)
+        return {**summary, "train_seconds": summary["seconds"], "seconds": billed}
+
+    def run(self) -> dict:
+        try:
+            return super().run()
+        finally:
+            self.tracker.close()  # after an error or a cancel nothing of this job keeps running
+
+
+@contextlib.contextmanager
+def ray_connection(spec: JobSpec, address: str | None) -> Iterator[str]:
+    """Reuse an initialised Ray, else connect to `address` (or RAY_ADDRESS), else start a local simulated cluster.
+
+    Whatever this function started or connected it also stops; an already-initialised Ray is left as it was.
+    """
+    if ray.is_initialized():
+        yield "existing"
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    started_cluster = address is None
+    if started_cluster:
+        address = start_local_cluster(spec=LocalClusterSpec.from_resources(spec.resources))
+    try:
+        # Worker output goes to the session logs and the dashboard; the driver shows progress instead.
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        yield address
+    finally:
+        ray.shutdown()
+        if started_cluster:
+            stop_local_cluster()
+
+
+def run_job_on_ray(spec: JobSpec, address: str | None = None, progress: bool = True,
+                   events: Events | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
+    """Run `spec` on a Ray cluster, idempotently; returns {"output_dir", "final", "cost"} like `run_job`."""
+    emit = ConsoleProgress(forward=events) if progress else (events or (lambda event: None))
+    with ray_connection(spec, address):
+        return RayRunner(spec, emit, progress=False, should_stop=should_stop).run()
+
+
+__all__ = ["JobCancelled", "RayRunner", "ray_connection", "run_job_on_ray"]

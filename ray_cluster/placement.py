@@ -1,0 +1,54 @@
+"""Where a stage runs: tier label selectors, device detection, storage locations. Light to import on purpose
+(no torch), since every Ray worker that unpickles a stage's function imports it.
+
+    label_selector(spec, spec.resources.submodel_tier)   # {"gpu_type": "4090"}
+    storage_root(spec)                                   # resources.storage_path, else output_dir
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ray
+
+from moedisco.config import JobSpec, TierConfig
+from ray_cluster.cluster import nodes_with_label
+
+
+EXPENSIVE_STAGES = ("finetune", "full_parameter")  # the rest (embed ... merge) run on the cheap tier
+
+
+def storage_root(spec: JobSpec) -> Path:
+    return Path(spec.resources.storage_path or spec.output_dir).resolve()
+
+
+def job_storage(spec: JobSpec) -> Path:
+    """Ray's own files of this job (corpus and embedding shards, per-cluster shards, Ray Train runs)."""
+    return storage_root(spec) / spec.name
+
+
+def run_name(spec: JobSpec, stage: str, expert: int | None) -> str:
+    return f"{spec.name}/{stage}" if expert is None else f"{spec.name}/{stage}_{expert}"
+
+
+def tier_of(spec: JobSpec, stage: str) -> TierConfig:
+    return spec.resources.finetune_tier if stage in EXPENSIVE_STAGES else spec.resources.submodel_tier
+
+
+def label_selector(spec: JobSpec, tier: TierConfig) -> dict[str, str]:
+    return {spec.resources.label_key: tier.label}
+
+
+def tier_nodes(spec: JobSpec, tier: TierConfig) -> list[dict]:
+    return nodes_with_label(spec.resources.label_key, tier.label)
+
+
+def tier_has_gpu(spec: JobSpec, tier: TierConfig) -> bool:
+    """Workers ask for a GPU only when the tier's nodes have one (the simulated tiers are CPU-only)."""
+    return any(n["resources"].get("GPU", 0) > 0 for n in tier_nodes(spec, tier))
+
+
+def on_driver_node() -> dict:
+    """Options that keep a zero-CPU coordinating task or actor on the driver's node, as Ray Train does with its
+    controller: it is no work for the tiers, and it goes away with the driver."""
+    return {"num_cpus": 0, "label_selector": {"ray.io/node-id": ray.get_runtime_context().get_node_id()}}

@@ -1,0 +1,63 @@
+"""Progress of a Ray job on the terminal, drawn from the job's events.
+
+    emit = ConsoleProgress(forward=store.add)   # prints, then passes every event on
+    run_job_on_ray(spec, events=emit, progress=False)
+
+Stage starts and ends, one line per change of the experts' states (which are waiting for a node, running, done),
+and the loss at every evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from rich.console import Console
+
+
+class ConsoleProgress:
+    def __init__(self, forward: Callable[[dict], None] | None = None, console: Console | None = None):
+        self.forward, self.console = forward, console or Console()
+        self.expert_states: dict[int, str] = {}
+
+    def __call__(self, event: dict) -> None:
+        handler = getattr(self, f"on_{event['event']}", None)
+        if handler is not None:
+            handler(event)
+        if self.forward is not None:
+            self.forward(event)
+
+    @staticmethod
+    def _name(event: dict) -> str:
+        return event["stage"] if event.get("expert") is None else f"{event['stage']}[{event['expert']}]"
+
+    def on_stage_started(self, event: dict) -> None:
+        self.console.print(f"[cyan]start[/cyan] {self._name(event)}")
+
+    def on_stage_skipped(self, event: dict) -> None:
+        self.console.print(f"[dim]skip {self._name(event)} (already done)[/dim]")
+
+    def on_stage_finished(self, event: dict) -> None:
+        summary = event["summary"]
+        loss = summary.get("eval_loss")
+        where = f" on {summary['gpu_type']}" if summary.get("gpu_type") else ""
+        took = f" in {summary['seconds']:.1f}s" if "seconds" in summary else ""
+        self.console.print(f"[green]done[/green] {self._name(event)}{where}{took}"
+                           + (f"  held-out loss {loss:.4f}" if loss is not None else ""))
+
+    def on_expert_state(self, event: dict) -> None:
+        if event["stage"] != "submodel":
+            self.console.print(f"  {event['stage']}: {event['state']}")
+            return
+        self.expert_states[event["expert"]] = event["state"]
+        groups = {state: sorted(k for k, s in self.expert_states.items() if s == state)
+                  for state in ("waiting", "running", "done", "cancelled")}
+        self.console.print("  experts  " + "  ".join(f"{state}: {ks}" for state, ks in groups.items() if ks))
+
+    def on_progress(self, event: dict) -> None:
+        if event.get("loss") is not None:
+            self.console.print(f"  {self._name(event)} step {event['step']}/{event['total_steps']}  "
+                               f"loss {event['loss']:.4f}  held-out {event.get('eval_loss') or float('nan'):.4f}"
+                               f"  on {event.get('gpu_type')}")
+
+    def on_job_cancelled(self, event: dict) -> None:
+        self.console.print("[yellow]cancelled[/yellow]: trainers stopped; finished stages and checkpoints kept")

@@ -1,0 +1,176 @@
+"""Waiting on a job's remote work: events from workers, expert states, node slots, cancellation.
+
+    tracker = Tracker(emit=print, should_stop=lambda: False)
+    tracker.enqueue(("submodel", 0), start=lambda: tracker.launcher.fit.remote(trainer), slots=lambda: 2)
+    summary = tracker.wait(("submodel", 0))   # starts it when a slot is free, forwards progress, honours should_stop
+
+Workers push events to an `EventQueue` actor (fire and forget, so a slow driver never slows training); the driver
+drains it every `poll_s` while it waits, so every event reaches the job's callback from the driver's thread.
+
+Trainers are queued and started while their tier has a free slot (its nodes / workers per trainer, re-read every
+poll, so nodes that join are used at once). An expert is `waiting` in that queue, `running` once rank 0 of its
+trainer starts, `done` when it finishes. Trainers are not left to wait inside Ray Train: a trainer whose placement
+group is still pending when its controller dies would hold its nodes until the driver exits (Ray removes the
+placement group of a dead non-detached creator only with its job), and a cancel must free them.
+
+Cancelling (`should_stop()` turned true) raises the queue's stop flag, which each worker reads at its next
+checkpoint (`TrainHooks.should_stop`) and returns early, so Ray Train shuts the trainer down cleanly; a trainer that
+has not stopped within `STOP_GRACE_S` is killed with the launcher. Finished stages and checkpoints stay on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import ray
+
+from moedisco.train import StopRequested
+from ray_cluster.placement import on_driver_node
+
+log = logging.getLogger(__name__)
+Key = tuple[str, int | None]  # (stage, expert)
+STOP_GRACE_S = 60.0
+RAY_CALL_TIMEOUT_S = 60.0
+
+
+class JobCancelled(StopRequested):
+    """The job was cancelled: its trainers were stopped; finished stages and checkpoints are kept."""
+
+
+@ray.remote
+class EventQueue:
+    """Events from workers to the driver, and the driver's stop request back to the workers."""
+
+    def __init__(self):
+        self.events: list[dict] = []
+        self.stop = False
+
+    def push(self, event: dict) -> None:
+        self.events.append(event)
+
+    def drain(self) -> list[dict]:
+        events, self.events = self.events, []
+        return events
+
+    def request_stop(self) -> None:
+        self.stop = True
+
+    def stop_requested(self) -> bool:
+        return self.stop
+
+
+class Tracker:
+    def __init__(self, emit: Callable[[dict], None], should_stop: Callable[[], bool] | None, poll_s: float = 0.5):
+        self.emit, self.should_stop, self.poll_s = emit, should_stop, poll_s
+        self.queue = EventQueue.options(**on_driver_node()).remote()
+        self._launcher = None
+        self.queued: list[tuple[Key, Callable[[], ray.ObjectRef], Callable[[], int]]] = []
+        self.pending: dict[Key, ray.ObjectRef] = {}
+        self.trainers: set[Key] = set()
+        self.states: dict[Key, str] = {}
+        self.first_start: dict[Key, float] = {}
+        self.attempts: dict[Key, int] = {}
+
+    @property
+    def launcher(self):
+        """The actor whose threads run this job's `trainer.fit()` calls; started on first use."""
+        if self._launcher is None:
+            from ray_cluster.trainers import TrainerLauncher
+
+            self._launcher = TrainerLauncher.options(**on_driver_node()).remote()
+        return self._launcher
+
+    def submit(self, key: Key, ref: ray.ObjectRef) -> None:
+        self.pending[key] = ref
+
+    def enqueue(self, key: Key, start: Callable[[], ray.ObjectRef], slots: Callable[[], int]) -> None:
+        """Queue a trainer; `start()` submits it once fewer than `slots()` trainers of its stage are running."""
+        self.queued.append((key, start, slots))
+        self.trainers.add(key)
+        self.set_state(key, "waiting")
+
+    def running_trainers(self, stage: str) -> int:
+        """Trainers of `stage` submitted and not finished; the finished ones are marked done on the way."""
+        refs = {ref: key for key, ref in self.pending.items() if key in self.trainers and key[0] == stage}
+        if not refs:
+            return 0
+        finished, running = ray.wait(list(refs), num_returns=len(refs), timeout=0)
+        for ref in finished:
+            self.set_state(refs[ref], "done")
+        return len(running)
+
+    def start_queued(self) -> None:
+        for item in list(self.queued):
+            key, start, slots = item
+            if self.running_trainers(key[0]) < slots():
+                self.queued.remove(item)
+                self.pending[key] = start()
+
+    def set_state(self, key: Key, state: str) -> None:
+        if self.states.get(key) != state:
+            self.states[key] = state
+            self.emit({"event": "expert_state", "stage": key[0], "expert": key[1], "state": state,
+                       "attempt": self.attempts.get(key, 0)})
+
+    def wait(self, key: Key) -> dict:
+        """Block until the work under `key` returns its summary, pumping events and starting queued trainers."""
+        while True:
+            self.start_queued()
+            if key in self.pending and ray.wait([self.pending[key]], timeout=self.poll_s)[0]:
+                break
+            self.pump()
+        summary = ray.get(self.pending.pop(key))
+        self.pump()  # events the worker pushed just before returning
+        if key in self.trainers:
+            self.set_state(key, "done")
+        return summary
+
+    def billed_seconds(self, key: Key, summary: dict) -> float:
+        """Node time from the first start of the trainer's workers to its end: waiting for nodes is not billed."""
+        return summary["finished_at"] - self.first_start.get(key, summary["started_at"])
+
+    def pump(self) -> None:
+        for event in ray.get(self.queue.drain.remote(), timeout=RAY_CALL_TIMEOUT_S):
+            self.handle(event)
+        if self.should_stop is not None and self.should_stop():
+            self.cancel_all()
+            self.emit({"event": "job_cancelled"})
+            raise JobCancelled("the job was cancelled; finished stages and checkpoints are kept")
+
+    def handle(self, event: dict) -> None:
+        key = (event["stage"], event["expert"])
+        if event["event"] == "worker_started":
+            self.first_start.setdefault(key, event["time"])
+            self.attempts[key] = self.attempts.get(key, 0) + 1
+            self.states.pop(key, None)  # a restart after a failure is announced again
+            self.set_state(key, "running")
+        elif event["event"] == "progress":
+            self.emit(event)
+
+    def close(self) -> None:
+        """Stop what is still running and free this job's helper actors (the service runs many jobs per process)."""
+        self.cancel_all()
+        ray.kill(self.queue)
+
+    def cancel_all(self) -> None:
+        """Stop every trainer (gracefully, else by force) and cancel every task; wait until they are gone."""
+        for key, _, _ in self.queued:
+            self.set_state(key, "cancelled")
+        self.queued.clear()
+        trainer_refs = [ref for key, ref in self.pending.items() if key in self.trainers]
+        if trainer_refs:
+            ray.get(self.queue.request_stop.remote(), timeout=RAY_CALL_TIMEOUT_S)
+            ray.wait(trainer_refs, num_returns=len(trainer_refs), timeout=STOP_GRACE_S)
+        if self._launcher is not None:
+            ray.kill(self._launcher)  # its fit() threads own the controllers of any trainer that did not stop
+            self._launcher = None
+        task_refs = [ref for key, ref in self.pending.items() if key not in self.trainers]
+        for ref in task_refs:
+            ray.cancel(ref, force=True, recursive=True)
+        if task_refs:
+            ray.wait(task_refs, num_returns=len(task_refs), timeout=RAY_CALL_TIMEOUT_S)
+        for key in self.pending:
+            if key in self.trainers:
+                self.set_state(key, "cancelled")
+        self.pending.clear()

@@ -1,0 +1,217 @@
+"""The job on a real local Ray cluster: a head, two `gpu_type=4090` nodes and one `gpu_type=A100` node.
+
+One job runs through every property the Ray layer promises, to pay for Ray's process start-ups once:
+1. it is cancelled as soon as a submodel trainer reports progress (the trainers must stop, finished stages stay);
+2. it is run again, as after a dead driver: finished stages are skipped, the interrupted experts resume, and one
+   training worker is SIGKILLed mid-stage (Ray Train must restart it from its last checkpoint);
+3. the same spec runs in process with the local runner, for the comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+
+import numpy as np
+import pytest
+import ray
+
+from moedisco.cluster import ClusterResult
+from moedisco.config import build_spec
+from moedisco.metrics import read_metrics
+from moedisco.pipeline import JobPaths, stage_result
+from moedisco.runner import LocalRunner
+from ray_cluster.cluster import LocalClusterSpec, describe_nodes, start_local_cluster, stop_local_cluster
+from ray_cluster.orchestrate import run_job_on_ray
+from ray_cluster.tracking import JobCancelled
+from tests.conftest import tiny_spec_dict
+
+pytestmark = pytest.mark.slow
+
+# 40 steps give the driver time to act between a trainer's first progress report and its end.
+TRAIN = {"steps": 40, "checkpoint_every": 4, "eval_every": 4}
+TRAINER_ACTORS = ("RayTrainWorker", "TrainController", "TrainerLauncher")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    # Ray's default dashboard port may belong to another cluster on this machine.
+    address = start_local_cluster(spec=LocalClusterSpec(num_cheap=2, num_expensive=1, dashboard_port=free_port()))
+    ray.init(address=address, log_to_driver=False)
+    try:
+        yield address
+    finally:
+        ray.shutdown()
+        stop_local_cluster()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def alive_trainer_actors() -> list[str]:
+    from ray.util.state import list_actors
+
+    address = ray.get_runtime_context().gcs_address  # never auto-detect: other clusters may run on this machine
+    actors = list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000,
+                         raise_on_missing_output=False)
+    return [a.class_name for a in actors if any(name in a.class_name for name in TRAINER_ACTORS)]
+
+
+def wait_until(condition, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def cancelled_run(spec) -> dict:
+    events = []
+
+    def first_submodel_progress() -> bool:
+        return any(e["event"] == "progress" and e["stage"] == "submodel" and e["step"] > 0 for e in events)
+
+    with pytest.raises(JobCancelled):
+        run_job_on_ray(spec, progress=False, events=events.append, should_stop=first_submodel_progress)
+    stopped = wait_until(lambda: not alive_trainer_actors(), timeout_s=60)
+    return {"events": events, "trainers_stopped": stopped, "alive": alive_trainer_actors()}
+
+
+def resumed_run_with_a_killed_worker(spec) -> dict:
+    events, killed = [], {}
+
+    def kill_first_worker(event: dict) -> None:
+        events.append(event)
+        if (not killed and event["event"] == "progress" and event["stage"] == "submodel"
+                and 0 < event["step"] < event["total_steps"]):
+            killed.update(expert=event["expert"], step=event["step"], pid=event["pid"])
+            os.kill(event["pid"], signal.SIGKILL)
+
+    started = time.perf_counter()
+    summary = run_job_on_ray(spec, progress=False, events=kill_first_worker)
+    return {"events": events, "killed": killed, "summary": summary, "seconds": time.perf_counter() - started}
+
+
+def local_submodels(spec) -> JobPaths:
+    """The local runner's stages up to the submodels, in process (merge and fine-tune are not compared)."""
+    runner = LocalRunner(spec, progress=False)
+    cheap = spec.resources.submodel_tier
+    from moedisco import pipeline as stages
+
+    runner.stage("prepare", None, lambda: stages.stage_prepare(spec, runner.paths))
+    runner.stage("embed", cheap, lambda: stages.stage_embed(spec, runner.paths, runner.metrics))
+    runner.stage("cluster", cheap, lambda: stages.stage_cluster(spec, runner.paths, runner.metrics))
+    runner.stage("source", None, lambda: stages.stage_source(spec, runner.paths))
+    for expert in range(spec.model.num_experts):
+        runner.stage("submodel", cheap, lambda k=expert: stages.stage_submodel(
+            spec, runner.paths, k, runner.metrics, runner.hooks(), progress=False), expert=expert)
+    return runner.paths
+
+
+@pytest.fixture(scope="module")
+def job(ray_cluster, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ray")
+    spec = build_spec(tiny_spec_dict(root / "ray", submodel=TRAIN))
+    cancelled = cancelled_run(spec)
+    resumed = resumed_run_with_a_killed_worker(spec)
+    local_spec = build_spec(tiny_spec_dict(root / "local", submodel=TRAIN))
+    return {"spec": spec, "paths": JobPaths(spec.output_dir), "cancelled": cancelled, "resumed": resumed,
+            "local": local_submodels(local_spec), "nodes": describe_nodes()}
+
+
+def submodel_summaries(job) -> dict[int, dict]:
+    return {k: stage_result(job["paths"], f"submodel_{k}") for k in range(job["spec"].model.num_experts)}
+
+
+def test_cluster_has_labelled_tiers(job):
+    labels = sorted(n["labels"]["gpu_type"] for n in job["nodes"])
+    assert labels == ["4090", "4090", "A100", "head"]
+
+
+def test_cancel_stops_trainers_and_keeps_finished_stages(job):
+    cancelled = job["cancelled"]
+    assert cancelled["trainers_stopped"], f"still alive after cancel: {cancelled['alive']}"
+    assert {"event": "job_cancelled"} in cancelled["events"]
+    assert {"expert_state"} <= {e["event"] for e in cancelled["events"]}
+    states = {e["state"] for e in cancelled["events"] if e["event"] == "expert_state"}
+    assert "cancelled" in states
+    # The rerun skipped every stage finished before the cancel instead of redoing it.
+    skipped = {e["stage"] for e in job["resumed"]["events"] if e["event"] == "stage_skipped"}
+    assert {"prepare", "embed", "cluster", "source"} <= skipped
+
+
+def test_interrupted_experts_resume_from_their_checkpoints(job):
+    interrupted = {e["expert"] for e in job["cancelled"]["events"]
+                   if e["event"] == "progress" and e["stage"] == "submodel" and e["step"] > 0}
+    summaries = submodel_summaries(job)
+    assert interrupted and all(summaries[k]["resumed_from"] > 0 for k in interrupted
+                               if k != job["resumed"]["killed"]["expert"])
+
+
+def test_killed_worker_restarts_from_its_last_checkpoint(job):
+    killed = job["resumed"]["killed"]
+    assert killed, "no submodel progress was seen to kill a worker on"
+    expert = killed["expert"]
+    summary = submodel_summaries(job)[expert]
+    assert summary["steps"] == TRAIN["steps"] and summary["pid"] != killed["pid"]
+    attempts = [e["attempt"] for e in job["resumed"]["events"]
+                if e["event"] == "expert_state" and e["expert"] == expert and e["state"] == "running"]
+    assert max(attempts) >= 2, "Ray Train did not restart the killed worker group"
+    # Everything the killed worker logged was at most one checkpoint interval ahead of where it resumed.
+    before_kill = [r["step"] for r in read_metrics(job["paths"].metrics, "submodel")
+                   if r["expert"] == expert and r["pid"] == killed["pid"]]
+    assert max(before_kill) - summary["resumed_from"] <= TRAIN["checkpoint_every"]
+    steps = [r["step"] for r in read_metrics(job["paths"].metrics, "submodel") if r["expert"] == expert]
+    assert steps[-1] == TRAIN["steps"]
+
+
+def test_every_expert_completes_at_most_two_at_a_time(job):
+    summaries = submodel_summaries(job)
+    assert all(s["steps"] == TRAIN["steps"] for s in summaries.values())
+    intervals = [(s["started_at"], s["finished_at"]) for s in summaries.values()]
+    overlap = max(sum(start <= t < end for start, end in intervals) for t, _ in intervals)
+    assert overlap <= 2
+    states = [e["state"] for e in job["resumed"]["events"] if e["event"] == "expert_state"
+              and e["stage"] == "submodel"]
+    assert {"waiting", "running", "done"} <= set(states)
+
+
+def test_tiers_read_back_from_metrics(job):
+    records = read_metrics(job["paths"].metrics)
+    submodel = {r["gpu_type"] for r in records if r["stage"] == "submodel"}
+    finetune = {r["gpu_type"] for r in records if r["stage"] == "finetune"}
+    assert submodel == {"4090"} and finetune == {"A100"}
+    cheap_nodes = {n["node_id"] for n in job["nodes"] if n["labels"]["gpu_type"] == "4090"}
+    assert {r["node"] for r in records if r["stage"] == "submodel"} <= cheap_nodes
+
+
+def test_cost_ledger_records_tier_nodes_and_time(job):
+    cost = json.loads(job["paths"].cost.read_text())
+    rows = {(r["stage"], r["expert"]): r for r in cost["stages"]}
+    assert rows[("finetune", None)]["tier"] == "A100" and rows[("finetune", None)]["num_devices"] == 1
+    assert all(rows[("submodel", k)]["tier"] == "4090" and rows[("submodel", k)]["node"] for k in range(4))
+    assert rows[("embed", None)]["num_devices"] >= 1 and rows[("merge", None)]["tier"] == "4090"
+    assert job["resumed"]["summary"]["cost"]["total_usd"] == pytest.approx(cost["total_usd"])
+
+
+def test_ray_and_local_runner_agree(job):
+    ray_clusters, local_clusters = (ClusterResult.load(p.clusters) for p in (job["paths"], job["local"]))
+    np.testing.assert_array_equal(ray_clusters.assignments, local_clusters.assignments)
+    assert ray_clusters.inertia == pytest.approx(local_clusters.inertia, rel=1e-6)
+    for expert in range(job["spec"].model.num_experts):
+        ray_loss = stage_result(job["paths"], f"submodel_{expert}")["eval_loss"]
+        local_loss = stage_result(job["local"], f"submodel_{expert}")["eval_loss"]
+        assert ray_loss == pytest.approx(local_loss, abs=0.02), f"expert {expert}"
+
+
+def test_outputs_and_shards(job):
+    assert (job["paths"].final / "config.json").is_file()
+    shards = sorted(p.name for p in (job["spec"].output_dir / job["spec"].name / "clusters").iterdir())
+    assert shards == [f"cluster={k}" for k in range(4)]
