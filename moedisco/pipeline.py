@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -174,7 +175,10 @@ def eval_assignments(spec: JobSpec, paths: JobPaths) -> np.ndarray:
     cached = paths.clusters / "eval_assignments.npy"
     if not cached.is_file():
         vectors_ND = embed.Embedder(spec.embed)(load_texts(paths.data / "eval.jsonl"))
-        np.save(cached, cluster.ClusterResult.load(paths.clusters).assign(vectors_ND))
+        # Written aside and renamed: concurrent submodel trainers may fill the cache at the same time.
+        partial = cached.with_name(f"eval_assignments.{os.getpid()}.npy")
+        np.save(partial, cluster.ClusterResult.load(paths.clusters).assign(vectors_ND))
+        partial.replace(cached)
     return np.load(cached)
 
 

@@ -68,7 +68,8 @@ class LocalRunner:
         seconds = summary.get("seconds", time.perf_counter() - started)
         if tier is not None:
             device = summary.get("device", "cpu")
-            self.ledger.record(name, tier, seconds, device=device, expert=expert)
+            self.ledger.record(name, tier, seconds, device=device, expert=expert, node=summary.get("node"),
+                               num_devices=summary.get("num_nodes"))
         self.events({"event": "stage_finished", "stage": name, "expert": expert, "summary": summary})
         return stages.mark_done(self.paths, marker, summary)
 

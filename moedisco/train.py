@@ -224,7 +224,7 @@ class _Loop:
 
     def _step(self, step: int) -> float:
         for group in self.optimizer.param_groups:
-            group["lr"] = self.cfg.lr * lr_multiplier(self.cfg, step) * group["lr_scale"]
+            group["lr"] = self.cfg.lr * lr_multiplier(self.cfg, step) * group.get("lr_scale", 1.0)
         batch_BL = _local_batch(self.train_NL, step, self.cfg, self.seed, self.hooks).to(self.device)
         self.net.train()
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
