@@ -47,7 +47,7 @@ def on_ray(spec, paths, num_cheap: int, fit_sample: int) -> dict:
     from ray_cluster import data
     from ray_cluster.cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster
 
-    start_local_cluster(spec=LocalClusterSpec(num_cheap=num_cheap, num_expensive=0))
+    start_local_cluster(spec=LocalClusterSpec(num_cheap=num_cheap))
     try:
         if not ray.is_initialized():
             ray.init(address="auto")
