@@ -124,7 +124,6 @@ def router_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 def cluster_mean_hidden(model, cluster_seqs: Sequence[torch.Tensor], batch_size: int = 8) -> dict[str, torch.Tensor]:
     """For every router: [E, H] mean of the hidden states entering it, row k over cluster k's tokens."""
     gates = router_modules(model)
-    sums: dict[str, torch.Tensor] = {}
     current: dict[str, torch.Tensor] = {}
     hooks = [module.register_forward_hook(lambda mod, args, out, name=name: current.__setitem__(
         name, args[0].reshape(-1, args[0].shape[-1]).float().mean(0))) for name, module in gates.items()]

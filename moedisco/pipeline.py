@@ -23,7 +23,6 @@ import torch
 
 from moedisco import cluster, data, embed, merge, split
 from moedisco.config import JobSpec
-from moedisco.cost import CostLedger
 from moedisco.evaluate import evaluate_loss, oracle_loss
 from moedisco.finetune import finetune, load_moe, save_final, train_full_parameter
 from moedisco.metrics import MetricsWriter
