@@ -46,14 +46,17 @@ def on_ray(spec, paths, num_cheap: int, fit_sample: int) -> dict:
 
     from ray_cluster import data
     from ray_cluster.cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster
+    from ray_cluster.placement import on_driver_node
 
     start_local_cluster(spec=LocalClusterSpec(num_cheap=num_cheap))
     try:
         if not ray.is_initialized():
             ray.init(address="auto")
+        # Ray Data runs inside a task on the driver's node, exactly as the Ray runner places these stages.
+        where = on_driver_node()
         started = time.perf_counter()
-        embedded = data.embed_stage(spec, paths, num_cheap)
-        clustered = data.cluster_stage(spec, paths, max_fit_documents=fit_sample)
+        embedded = ray.get(ray.remote(data.embed_stage).options(**where).remote(spec, paths, num_cheap))
+        clustered = ray.get(ray.remote(data.cluster_stage).options(**where).remote(spec, paths, fit_sample))
         seconds = time.perf_counter() - started
     finally:
         ray.shutdown()
