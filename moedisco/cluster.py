@@ -36,7 +36,7 @@ class ClusterResult:
 
     def assign(self, vectors_ND: np.ndarray) -> np.ndarray:
         """Nearest centroid for new documents (what a router of new data would do)."""
-        return _nearest(_prepare(vectors_ND, self.normalize), self.centroids)
+        return _nearest(prepare_vectors(vectors_ND, self.normalize), self.centroids)
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -57,7 +57,8 @@ class ClusterResult:
         )
 
 
-def _prepare(vectors_ND: np.ndarray, normalize: bool) -> np.ndarray:
+def prepare_vectors(vectors_ND: np.ndarray, normalize: bool) -> np.ndarray:
+    """The geometry clustering works in: float64, L2-normalised when the spec says so."""
     vectors_ND = np.asarray(vectors_ND, dtype=np.float64)
     return l2_normalize(vectors_ND) if normalize else vectors_ND
 
@@ -115,7 +116,7 @@ def _random_split(vectors_ND: np.ndarray, num_clusters: int, seed: int) -> tuple
 def fit_clusters(vectors_ND: np.ndarray, cfg: ClusterConfig, num_clusters: int, seed: int) -> ClusterResult:
     if len(vectors_ND) < num_clusters:
         raise ValueError(f"{len(vectors_ND)} documents cannot fill {num_clusters} clusters (model.num_experts)")
-    vectors_ND = _prepare(vectors_ND, cfg.normalize)
+    vectors_ND = prepare_vectors(vectors_ND, cfg.normalize)
     if cfg.method == "kmeans":
         km = KMeans(num_clusters, n_init=cfg.n_init, random_state=seed).fit(vectors_ND)
         assignments, centroids = km.labels_.astype(np.int64), km.cluster_centers_

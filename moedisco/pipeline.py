@@ -181,16 +181,17 @@ def eval_assignments(spec: JobSpec, paths: JobPaths) -> np.ndarray:
     return np.load(cached)
 
 
+def cluster_eval_sequence(spec: JobSpec, paths: JobPaths, expert: int) -> torch.Tensor:
+    """Held-out sequences of cluster `expert` (empty when the cluster has too few held-out tokens)."""
+    doc_ids = np.flatnonzero(eval_assignments(spec, paths) == expert)
+    try:
+        return load_corpus(paths, "eval").pack(spec.data.sequence_length, doc_ids)
+    except data.DataError:
+        return torch.zeros(0, spec.data.sequence_length, dtype=torch.long)
+
+
 def cluster_eval_sequences(spec: JobSpec, paths: JobPaths) -> list[torch.Tensor]:
-    """Held-out sequences of each cluster (empty where a cluster has too few held-out tokens)."""
-    corpus, labels = load_corpus(paths, "eval"), eval_assignments(spec, paths)
-    seqs = []
-    for expert in range(spec.model.num_experts):
-        try:
-            seqs.append(corpus.pack(spec.data.sequence_length, np.flatnonzero(labels == expert)))
-        except data.DataError:
-            seqs.append(torch.zeros(0, spec.data.sequence_length, dtype=torch.long))
-    return seqs
+    return [cluster_eval_sequence(spec, paths, k) for k in range(spec.model.num_experts)]
 
 
 def stage_submodel(spec: JobSpec, paths: JobPaths, expert: int, metrics: MetricsWriter,
@@ -204,7 +205,7 @@ def stage_submodel(spec: JobSpec, paths: JobPaths, expert: int, metrics: Metrics
                    stage="submodel", expert=expert, seed=spec.seed + expert, metrics=metrics,
                    spec_yaml=spec.to_yaml(), hooks=hooks, progress=progress,
                    lr_scale=lambda name: scale if roles[name] == "shared" else 1.0)
-    own_NL = cluster_eval_sequences(spec, paths)[expert]
+    own_NL = cluster_eval_sequence(spec, paths, expert)
     own_loss = evaluate_loss(model, own_NL, spec.submodel.batch_size, spec.submodel.eval_batches,
                              next(model.parameters()).device) if len(own_NL) else None
     return {"expert": expert, "sequences": len(train_NL), "cluster_eval_loss": own_loss, **result.__dict__}

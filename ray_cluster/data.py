@@ -145,7 +145,7 @@ def fit_on_sample(spec: JobSpec, embeddings_dir: Path, max_documents: int) -> tu
 
 def assign_batch(batch: dict, result: cluster.ClusterResult, fitted: np.ndarray | None) -> dict:
     """Cluster of each document (from the fit when it saw all of them) and its squared distance to the centroid."""
-    vectors_BD = cluster._prepare(batch["embedding"], result.normalize)  # the same geometry the fit used
+    vectors_BD = cluster.prepare_vectors(batch["embedding"], result.normalize)  # the same geometry the fit used
     assignments_B = fitted[batch["doc_id"]] if fitted is not None else result.assign(batch["embedding"])
     sq_distance_B = ((vectors_BD - result.centroids[assignments_B]) ** 2).sum(1)
     return {"doc_id": batch["doc_id"], "text": batch["text"], "cluster": assignments_B, "sq_distance": sq_distance_B}

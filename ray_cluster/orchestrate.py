@@ -65,12 +65,8 @@ class RayRunner(LocalRunner):
         """The base class's stage bookkeeping around the stage's Ray placement (`work`, in process, is not run)."""
         if name == "submodel" and not self.submodels_launched:
             self.launch_submodels()
-        summary = super().stage(name, tier, lambda: self.run_placed(name, expert), expert)
-        if tier is not None and "num_nodes" in summary:
-            # The base class records device time; record again with the nodes that ran the stage.
-            self.ledger.record(name, tier, summary["seconds"], device=summary.get("device", "cpu"), expert=expert,
-                               node=summary.get("node"), num_devices=summary["num_nodes"])
-        return summary
+        # The base class records the stage's cost with the node and node count from its summary.
+        return super().stage(name, tier, lambda: self.run_placed(name, expert), expert)
 
     def run_placed(self, name: str, expert: int | None) -> dict:
         spec, paths = self.spec, self.paths
