@@ -1,22 +1,41 @@
-"""Control-plane latency under load, and time from submission to the first submodel training step.
+"""Control-plane latency under load, and the time from submission to the first training steps.
 
-    python benchmarks/api_load.py [--quick] [--clients 50] [--seconds 20]
+    python benchmarks/api_load.py [--quick] [--clients 50] [--seconds 20] [--interval 0.5]
 
-Starts the real service (`moedisco serve --runner ray`: Ray Serve on a local simulated cluster) on loopback,
-submits examples/tiny.yaml, records the seconds from `POST /v1/jobs` until the job reports its first submodel
-training record (the loop's step-0 evaluation, logged right before step 1), then runs `--clients` concurrent
-clients for `--seconds` alternating `GET /v1/jobs/{id}` and `GET /v1/jobs/{id}/cost`. Targets: p99 < 50 ms;
-< 10 s to the first submodel step. Only 127.0.0.1 is contacted; every loop is bounded in count and time.
+Starts the real service (`moedisco serve --runner ray`: Ray Serve on a local simulated cluster) on loopback and
+submits examples/tiny.yaml. Then:
+
+1. **time to first step**: seconds from `POST /v1/jobs` until the job reports its first training record on the cheap
+   tier (any stage: the shared warm-up counts) and its first submodel record (the loop's step-0 evaluation, logged
+   right before step 1), with when each stage before them started and finished;
+2. **while the job trains**, `--clients` concurrent clients for `--seconds`, each alternating
+   `GET /v1/jobs/{id}` and `GET /v1/jobs/{id}/cost`, twice:
+   - `closed_loop` (saturation): every client sends its next request as soon as the previous one answers, so the
+     latency is what 50 clients that never pause can drive the service to; by Little's law it is about
+     clients / throughput, whatever the server does;
+   - `paced` (a dashboard or `moedisco status --follow`): every client sends one request every `--interval`
+     seconds on a fixed schedule (clients staggered over the interval). Latency is counted from the *scheduled*
+     send time, so a service that falls behind shows it (no coordinated omission); `late` counts requests that
+     could not be sent on time because the client's previous one had not answered yet;
+3. **idle**: the same two phases once the job has finished (the service idle, the machine not training).
+
+Each phase records the machine's load average (1/5/15 min) before and after, and the job's state and stage. Only
+127.0.0.1 is contacted; every loop is bounded in count and time. Targets: p99 < 50 ms; < 10 s to the first
+submodel step. Prints one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
-import statistics
+import math
+import os
+import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -26,73 +45,192 @@ from service.cli import read_spec_file
 from service.demo import _start_service, _stop_service, _wait_healthy
 
 MAX_REQUESTS = 200_000
+CHEAP_TRAINING_STAGES = ("warmup", "submodel")
+TERMINAL = ("succeeded", "failed", "cancelled")
 
 
-def seconds_to_first_submodel_step(url: str, job_id: str, submitted: float, timeout_s: float = 600.0) -> float:
-    deadline = time.monotonic() + timeout_s
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+
+
+# --- time to the first training steps -----------------------------------------------------------------------------
+
+
+def _stage_timeline(job: dict) -> list[dict]:
+    """When each stage started and finished, in seconds after the job was created (the server's clock)."""
+    created = _parse_time(job["created_at"])
+
+    def since(value: str | None) -> float | None:
+        moment = _parse_time(value)
+        return None if moment is None else round((moment - created).total_seconds(), 2)
+
+    return [{"stage": s["stage"] if s["expert"] is None else f"{s['stage']}/{s['expert']}",
+             "started_s": since(s["started_at"]), "finished_s": since(s["finished_at"])} for s in job["stages"]]
+
+
+def time_to_first_steps(url: str, job_id: str, submitted: float, timeout_s: float = 900.0) -> dict:
+    """Poll the job every 0.1 s until a submodel has logged its first record."""
+    deadline, seen = time.monotonic() + timeout_s, {}
     while time.monotonic() < deadline:
-        job = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=10).json()
-        if any(s["stage"] == "submodel" and s.get("step") is not None for s in job.get("stages", [])):
-            return time.monotonic() - submitted
-        if job["state"] in ("failed", "cancelled"):
+        job = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=30).json()
+        now = time.monotonic() - submitted
+        if job["state"] == "running":
+            seen.setdefault("job_running_s", now)
+        stepped = {s["stage"] for s in job["stages"] if s.get("step") is not None}
+        if stepped & set(CHEAP_TRAINING_STAGES):
+            seen.setdefault("post_to_first_training_step_s", now)
+        if "submodel" in stepped:
+            seen["post_to_first_submodel_step_s"] = now
+            break
+        if job["state"] in TERMINAL:
             raise RuntimeError(f"job {job_id} {job['state']}: {job.get('reason')}")
-        time.sleep(0.2)
-    raise TimeoutError(f"no submodel step within {timeout_s} s")
+        time.sleep(0.1)
+    else:
+        raise TimeoutError(f"no submodel step within {timeout_s} s")
+    started = _parse_time(job["started_at"])
+    seen["created_to_claimed_s"] = (started - _parse_time(job["created_at"])).total_seconds() if started else None
+    return {key: round(value, 2) if isinstance(value, float) else value for key, value in seen.items()} | {
+        "stages_s_after_post": _stage_timeline(job)}
 
 
-async def _client(http: httpx.AsyncClient, paths: list[str], until: float, latencies: dict, budget: list[int]):
-    turn = 0
-    while time.monotonic() < until and budget[0] > 0:
+# --- load --------------------------------------------------------------------------------------------------------
+
+
+def _percentile(sorted_ms: list[float], q: float) -> float | None:
+    if not sorted_ms:
+        return None
+    return round(sorted_ms[min(len(sorted_ms) - 1, math.ceil(q * len(sorted_ms)) - 1)], 2)
+
+
+def _summary(latencies_s: list[float]) -> dict:
+    ms = sorted(1000 * x for x in latencies_s)
+    return {"requests": len(ms), "p50_ms": _percentile(ms, 0.50), "p90_ms": _percentile(ms, 0.90),
+            "p99_ms": _percentile(ms, 0.99), "max_ms": round(ms[-1], 2) if ms else None,
+            "mean_ms": round(sum(ms) / len(ms), 2) if ms else None}
+
+
+async def _get(http: httpx.AsyncClient, path: str) -> int:
+    try:
+        return (await http.get(path)).status_code
+    except httpx.HTTPError:
+        return 0  # a timeout or a refused connection: counted as an error
+
+
+async def _closed_loop_client(http, paths, first, until, records, budget):
+    turn = first
+    while time.perf_counter() < until and budget[0] > 0:
         budget[0] -= 1
         path = paths[turn % len(paths)]
-        started = time.perf_counter()
-        response = await http.get(path)
-        latencies[path].append(time.perf_counter() - started)
-        if response.status_code != 200:
-            latencies["errors"].append(response.status_code)
+        sent = time.perf_counter()
+        status_code = await _get(http, path)
+        records.append((path, time.perf_counter() - sent, status_code, False))
         turn += 1
 
 
-async def load(url: str, job_id: str, clients: int, seconds: float) -> dict:
-    paths = [f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/cost"]
-    latencies: dict[str, list] = {path: [] for path in paths} | {"errors": []}
+async def _paced_client(http, paths, first, start, interval_s, until, records):
+    turn = 0
+    while (scheduled := start + turn * interval_s) < until:
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        late = time.perf_counter() - scheduled > 0.010  # the previous request of this client was still out
+        path = paths[(first + turn) % len(paths)]
+        status_code = await _get(http, path)
+        records.append((path, time.perf_counter() - scheduled, status_code, late))
+        turn += 1
+
+
+async def _load(url: str, paths: list[str], clients: int, seconds: float, interval_s: float | None) -> tuple:
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    records: list[tuple] = []
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as http:
-        until, budget = time.monotonic() + seconds, [MAX_REQUESTS]
-        await asyncio.gather(*(_client(http, paths, until, latencies, budget) for _ in range(clients)))
-    summary = {}
+        await asyncio.gather(*(http.get(path) for path in paths))  # open a connection; warm the routes
+        start = time.perf_counter()
+        until = start + seconds
+        if interval_s is None:
+            budget = [MAX_REQUESTS]
+            runs = [_closed_loop_client(http, paths, i, until, records, budget) for i in range(clients)]
+        else:
+            runs = [_paced_client(http, paths, i, start + i * interval_s / clients, interval_s, until, records)
+                    for i in range(clients)]
+        await asyncio.gather(*runs)
+        elapsed = time.perf_counter() - start
+    return records, elapsed
+
+
+def run_phase(url: str, job_id: str, clients: int, seconds: float, interval_s: float | None) -> dict:
+    paths = [f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/cost"]
+    before = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=30).json()
+    load_before = load_average()
+    records, elapsed = asyncio.run(_load(url, paths, clients, seconds, interval_s))
+    load_after = load_average()
+    after = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=30).json()
+    result = {"mode": "closed_loop" if interval_s is None else "paced", "clients": clients, "seconds": seconds}
+    if interval_s is not None:
+        result["interval_s"] = interval_s
+        result["offered_requests_per_s"] = round(clients / interval_s, 1)
+        result["latency_from"] = "scheduled send time"
     for path in paths:
-        ms = sorted(1000 * x for x in latencies[path])
-        summary[path.replace(job_id, "{id}")] = {
-            "requests": len(ms), "p50_ms": statistics.median(ms), "p99_ms": ms[int(0.99 * (len(ms) - 1))],
-            "max_ms": ms[-1]}
-    summary["errors"] = len(latencies["errors"])
-    summary["requests_per_s"] = sum(len(latencies[p]) for p in paths) / seconds
-    return summary
+        result[path.replace(job_id, "{id}")] = _summary([r[1] for r in records if r[0] == path])
+    result["all"] = _summary([r[1] for r in records])
+    result["requests_per_s"] = round(len(records) / elapsed, 1)
+    result["errors"] = sum(1 for r in records if r[2] != 200)
+    if interval_s is not None:
+        result["late"] = sum(1 for r in records if r[3])
+    result["load_average_before"], result["load_average_after"] = load_before, load_after
+    result["job_before"] = {"state": before["state"], "stage": before["current_stage"]}
+    result["job_after"] = {"state": after["state"], "stage": after["current_stage"]}
+    return result
+
+
+def wait_for_end(url: str, job_id: str, timeout_s: float = 900.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=30).json()
+        if job["state"] in TERMINAL:
+            return job
+        time.sleep(1.0)
+    raise TimeoutError(f"job {job_id} did not finish within {timeout_s} s")
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=50)
-    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--seconds", type=float, default=20.0, help="Length of each load phase.")
+    parser.add_argument("--interval", type=float, default=0.5, help="Seconds between a paced client's requests.")
     parser.add_argument("--port", type=int, default=8123)
-    parser.add_argument("--quick", action="store_true", help="10 s of load.")
+    parser.add_argument("--quick", action="store_true", help="10 s per load phase.")
+    parser.add_argument("--no-idle", action="store_true", help="Skip the idle phases (no wait for the job's end).")
     args = parser.parse_args(argv)
     seconds = 10.0 if args.quick else args.seconds
     url = f"http://127.0.0.1:{args.port}"
-    with tempfile.TemporaryDirectory() as tmp:
+    result = {"benchmark": "api_load", "load_average_at_start": load_average(), "cpus": os.cpu_count()}
+    # The service helpers print status lines; stdout carries only the JSON.
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
         server = _start_service(args.port, Path(tmp))
         try:
             _wait_healthy(url, server, Path(tmp) / "service.log")
             submitted = time.monotonic()
             job = httpx.post(f"{url}/v1/jobs", json=read_spec_file(REPO / "examples" / "tiny.yaml", []),
                              timeout=30).json()
-            first_step = seconds_to_first_submodel_step(url, job["id"], submitted)
-            latency = asyncio.run(load(url, job["id"], args.clients, seconds))
+            result["time_to_first_step"] = time_to_first_steps(url, job["id"], submitted)
+            result["training"] = {
+                "closed_loop": run_phase(url, job["id"], args.clients, seconds, None),
+                "paced": run_phase(url, job["id"], args.clients, seconds, args.interval)}
+            if not args.no_idle:
+                finished = wait_for_end(url, job["id"])
+                result["job_state"] = finished["state"]
+                time.sleep(5.0)  # let the finished job's processes exit
+                result["idle"] = {
+                    "closed_loop": run_phase(url, job["id"], args.clients, seconds, None),
+                    "paced": run_phase(url, job["id"], args.clients, seconds, args.interval)}
         finally:
             _stop_service(server)
-    result = {"benchmark": "api_load", "clients": args.clients, "seconds": seconds, "latency": latency,
-              "seconds_post_to_first_submodel_step": first_step, "targets": {"p99_ms": 50, "first_step_s": 10}}
+    result["targets"] = {"p99_ms": 50, "post_to_first_submodel_step_s": 10}
     print(json.dumps(result, indent=1))
     return result
 
