@@ -147,8 +147,10 @@ class BranchConfig(_Section):
 
 
 class MergeConfig(_Section):
-    weighting: Literal["samples", "uniform"] = Field(
-        "samples", description="Shared-parameter average: by cluster sample counts (WP-SGD) or uniform."
+    weighting: Literal["samples", "uniform", "fisher"] = Field(
+        "samples", description="Shared-parameter average: by cluster sample counts (WP-SGD), uniform, or "
+        "`fisher`: sample counts times each submodel's diagonal Fisher estimate (AdamW's second moment, saved at "
+        "the end of submodel training), element by element.",
     )
     router_init: Literal["concat", "centroid", "random"] = Field(
         "centroid",

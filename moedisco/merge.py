@@ -5,10 +5,13 @@
     AutoModelForCausalLM.from_pretrained(OUTPUT / "merged")   # a standard Hugging Face folder
 
 Experts are concatenated along the expert axis; shared parameters are the weighted mean of the submodels' copies
-(WP-SGD weights gamma_k = n_k / sum n, or uniform 1/E); router rows come from the submodels (`concat`, the
-paper's choice), from a fresh initialisation (`random`), or from each cluster's mean hidden state (`centroid`,
-applied afterwards by `init_router_from_centroids`). The merge reads one tensor of one submodel at a time and
-writes shards as it goes, so its peak memory is about one shard plus the largest tensor, not E submodels.
+(WP-SGD weights gamma_k = n_k / sum n, or uniform 1/E), or, with `fisher`, the element-wise Fisher-weighted mean:
+an element a submodel's loss was not sensitive to (an embedding row of a token its cluster lacks) does not dilute
+the copies that learned something. Router rows come
+from the submodels (`concat`, the paper's choice), from a fresh initialisation (`random`), or from each cluster's
+mean hidden state (`centroid`, applied afterwards by `init_router_from_centroids`). The merge reads one tensor of
+one submodel at a time and writes shards as it goes, so its peak memory is about one shard plus the largest
+tensor, not E submodels.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from safetensors.torch import save_file
 from moedisco.split import WEIGHTS_FILE, Role, num_experts_of, parameter_roles, read_config
 
 INDEX_FILE = "model.safetensors.index.json"
+FISHER_FLOOR = 1e-30
 
 
 def averaging_weights(cluster_sizes: Sequence[int], weighting: str) -> list[float]:
@@ -75,15 +79,41 @@ class ShardWriter:
         (self.out / INDEX_FILE).write_text(json.dumps(index_payload, indent=2))
 
 
-def _merged_tensor(name: str, role: Role, handles: list, weights: list[float], router_init: str,
-                   init_std: float, generator: torch.Generator) -> torch.Tensor:
+def _weighted_sum(name: str, handles: list, weights: Sequence[float]) -> torch.Tensor:
+    """sum_k weights[k] * tensor_k, accumulated in fp32 one submodel at a time: only the running sum and one copy
+    are ever in memory."""
+    total = None
+    for handle, weight in zip(handles, weights):
+        tensor = handle.get_tensor(name)
+        total = tensor.float() * weight if total is None else total.add_(tensor.float(), alpha=weight)
+    return total.to(tensor.dtype)
+
+
+def _fisher_sum(name: str, handles: list, fisher_handles: list, weights: Sequence[float]) -> torch.Tensor:
+    """sum_k gamma_k F_k theta_k / sum_k gamma_k F_k element-wise (Fisher-weighted averaging, Matena & Raffel 2022).
+
+    FISHER_FLOOR is far below any squared gradient a trained element sees, so it only matters where no submodel's
+    loss was sensitive (e.g. the embedding row of a token no cluster contains): there the result is the plain
+    gamma-weighted mean.
+    """
+    numerator = denominator = None
+    for handle, fisher_handle, gamma in zip(handles, fisher_handles, weights):
+        tensor = handle.get_tensor(name)
+        f_gamma = fisher_handle.get_tensor(name).float().add_(FISHER_FLOOR).mul_(gamma)
+        if numerator is None:
+            numerator, denominator = tensor.float() * f_gamma, f_gamma
+        else:
+            numerator.addcmul_(tensor.float(), f_gamma)
+            denominator.add_(f_gamma)
+    return numerator.div_(denominator).to(tensor.dtype)
+
+
+def _merged_tensor(name: str, role: Role, handles: list, weights: Sequence[float], router_init: str,
+                   init_std: float, generator: torch.Generator, fisher_handles: list | None) -> torch.Tensor:
     if role == "shared":
-        # Accumulate in fp32 one submodel at a time: only the running sum and one copy are ever in memory.
-        total = None
-        for handle, weight in zip(handles, weights):
-            tensor = handle.get_tensor(name)
-            total = tensor.float() * weight if total is None else total.add_(tensor.float(), alpha=weight)
-        return total.to(tensor.dtype)
+        if fisher_handles is not None:
+            return _fisher_sum(name, handles, fisher_handles, weights)
+        return _weighted_sum(name, handles, weights)
     if role == "router" and router_init == "random":
         shape = (len(handles), *handles[0].get_slice(name).get_shape()[1:])
         return torch.randn(shape, generator=generator) * init_std
@@ -91,22 +121,34 @@ def _merged_tensor(name: str, role: Role, handles: list, weights: list[float], r
 
 
 def merge_submodels(source: Path, submodels: Sequence[Path], weights: Sequence[float], router_init: str,
-                    out: Path, seed: int = 0, max_shard_bytes: int = 1 << 30) -> Path:
-    """Write the merged MoE to `out` (config.json + safetensors) and return `out`."""
+                    out: Path, seed: int = 0, max_shard_bytes: int = 1 << 30,
+                    fisher: Sequence[Path] | None = None) -> Path:
+    """Write the merged MoE to `out` (config.json + safetensors) and return `out`.
+
+    `fisher`, when given, holds each submodel's diagonal Fisher estimate (`train.second_moments`): shared
+    parameters are then Fisher-weighted averages, each element scaled by gamma_k F_k.
+    """
     config = read_config(source)
     roles = parameter_roles(config)
     if len(submodels) != len(weights):
         raise ValueError(f"{len(submodels)} submodels but {len(weights)} weights")
+    if fisher is not None and len(fisher) != len(submodels):
+        raise ValueError(f"{len(submodels)} submodels but {len(fisher)} Fisher files")
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
     writer = ShardWriter(out, max_shard_bytes)
     with ExitStack() as stack:
         handles = [stack.enter_context(safe_open(path, framework="pt")) for path in submodels]
+        fisher_handles = None if fisher is None else [stack.enter_context(safe_open(path, framework="pt"))
+                                                      for path in fisher]
         stored = set(handles[0].keys())
+        # Parameters frozen while branching have no second moment; their copies are all equal anyway.
+        with_fisher = set(fisher_handles[0].keys()) if fisher_handles else set()
         for name, role in roles.items():
             if name in stored:  # a tied lm_head is stored once, as the embedding
+                name_fisher = fisher_handles if name in with_fisher else None
                 writer.add(name, _merged_tensor(name, role, handles, list(weights), router_init,
-                                                config.initializer_range, generator))
+                                                config.initializer_range, generator, name_fisher))
     writer.close()
     config.save_pretrained(out)
     return out

@@ -26,7 +26,7 @@ from moedisco.config import JobSpec
 from moedisco.evaluate import evaluate_loss, oracle_loss
 from moedisco.finetune import finetune, load_moe, save_final, train_full_parameter
 from moedisco.metrics import MetricsWriter
-from moedisco.train import TrainHooks, train
+from moedisco.train import SECOND_MOMENT_FILE, TrainHooks, train
 from moedisco.upcycle import upcycle_submodel
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,8 @@ def stage_submodel(spec: JobSpec, paths: JobPaths, expert: int, metrics: Metrics
     result = train(model, train_NL, eval_sequences(spec, paths), spec.submodel, paths.submodel(expert),
                    stage="submodel", expert=expert, seed=spec.seed + expert, metrics=metrics,
                    spec_yaml=spec.to_yaml(), hooks=hooks, progress=progress,
-                   lr_scale=lambda name: scale if roles[name] == "shared" else 1.0)
+                   lr_scale=lambda name: scale if roles[name] == "shared" else 1.0,
+                   save_second_moment=spec.merge.weighting == "fisher")
     own_NL = cluster_eval_sequence(spec, paths, expert)
     own_loss = evaluate_loss(model, own_NL, spec.submodel.batch_size, spec.submodel.eval_batches,
                              next(model.parameters()).device) if len(own_NL) else None
@@ -214,10 +215,16 @@ def stage_submodel(spec: JobSpec, paths: JobPaths, expert: int, metrics: Metrics
 def stage_merge(spec: JobSpec, paths: JobPaths, metrics: MetricsWriter) -> dict:
     started = time.perf_counter()
     sizes = cluster.ClusterResult.load(paths.clusters).sizes
-    weights = merge.averaging_weights(sizes, spec.merge.weighting)
+    fisher = spec.merge.weighting == "fisher"
+    weights = merge.averaging_weights(sizes, "samples" if fisher else spec.merge.weighting)
     files = [paths.submodel(k) / split.WEIGHTS_FILE for k in range(spec.model.num_experts)]
+    moments = [paths.submodel(k) / SECOND_MOMENT_FILE for k in range(spec.model.num_experts)] if fisher else None
+    missing = [str(path) for path in moments or [] if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"merge.weighting is 'fisher' but {', '.join(missing)} do not exist: submodels "
+                                "save their second moments only when trained with that setting; re-run them")
     merge.merge_submodels(branch_point(spec, paths), files, weights, spec.merge.router_init, paths.merged,
-                          seed=spec.seed)
+                          seed=spec.seed, fisher=moments)
     model = load_moe(paths.merged)
     if spec.merge.router_init == "centroid":
         corpus = load_corpus(paths, "train")

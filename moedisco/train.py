@@ -34,6 +34,7 @@ from moedisco.metrics import MetricsWriter
 from moedisco.split import unique_state_dict
 
 RESULT_FILE = "result.json"
+SECOND_MOMENT_FILE = "second_moment.safetensors"
 
 
 @dataclass
@@ -99,6 +100,24 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,
     return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=cfg.betas)
 
 
+def second_moments(model: torch.nn.Module, optimizer: torch.optim.AdamW) -> dict[str, torch.Tensor]:
+    """Per parameter, AdamW's bias-corrected second moment: a running mean of the squared gradient over the last
+    ~1/(1-beta2) steps, i.e. a diagonal empirical Fisher estimate that training already paid for.
+
+    Stored in bf16 (the squares need range, not precision) to keep the file at half the fp32 weights. Frozen
+    parameters have no optimizer state and are left out.
+    """
+    beta2 = optimizer.param_groups[0]["betas"][1]
+    moments = {}
+    for name, param in model.named_parameters():
+        state = optimizer.state.get(param)
+        if not state or "exp_avg_sq" not in state:
+            continue
+        correction = 1.0 - beta2 ** float(state["step"])
+        moments[name] = (state["exp_avg_sq"].float() / correction).to(torch.bfloat16).cpu().contiguous()
+    return moments
+
+
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
     folder = run_dir / "checkpoints"
     done = [d for d in folder.glob("step_*") if (d / "trainer_state.json").is_file()] if folder.is_dir() else []
@@ -152,8 +171,12 @@ def _local_batch(train_NL: torch.Tensor, step: int, cfg: TrainConfig, seed: int,
 def train(model, train_NL: torch.Tensor, eval_NL: torch.Tensor | None, cfg: TrainConfig, run_dir: Path, *,
           stage: str, seed: int, metrics: MetricsWriter, expert: int | None = None, spec_yaml: str | None = None,
           hooks: TrainHooks | None = None, progress: bool = True,
-          lr_scale: Callable[[str], float] | None = None) -> TrainResult:
-    """Train `model` in place for `cfg.steps` steps, resuming from `run_dir` when it holds a checkpoint."""
+          lr_scale: Callable[[str], float] | None = None, save_second_moment: bool = False) -> TrainResult:
+    """Train `model` in place for `cfg.steps` steps, resuming from `run_dir` when it holds a checkpoint.
+
+    `save_second_moment` also writes AdamW's bias-corrected second moments next to the weights (see
+    `second_moments`), which the merge can use as each submodel's diagonal Fisher estimate.
+    """
     hooks = hooks or TrainHooks()
     done = finished_result(run_dir)
     if done is not None:
@@ -177,6 +200,8 @@ def train(model, train_NL: torch.Tensor, eval_NL: torch.Tensor | None, cfg: Trai
                          eval_loss=state["eval_loss"], resumed_from=resumed_from, device=str(device))
     if hooks.rank == 0:
         save_file(unique_state_dict(model), run_dir / "model.safetensors", metadata={"format": "pt"})
+        if save_second_moment:
+            save_file(second_moments(model, optimizer), run_dir / SECOND_MOMENT_FILE, metadata={"format": "pt"})
         (run_dir / RESULT_FILE).write_text(json.dumps(asdict(result)))
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return result

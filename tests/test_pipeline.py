@@ -110,8 +110,8 @@ def test_changed_identity_is_refused(finished_job):
         run_job(changed, progress=False)
 
 
-def test_shared_warmup_then_branch_and_diagnostics(tmp_path):
-    spec = build_spec(tiny_spec_dict(tmp_path / "out", branch={"warmup_steps": 8},
+def test_shared_warmup_then_branch_fisher_merge_and_diagnostics(tmp_path):
+    spec = build_spec(tiny_spec_dict(tmp_path / "out", branch={"warmup_steps": 8}, merge={"weighting": "fisher"},
                                      model={"num_experts": 2, "num_experts_per_tok": 1}))
     events = []
     run_job(spec, events=events.append, progress=False)
@@ -126,3 +126,13 @@ def test_shared_warmup_then_branch_and_diagnostics(tmp_path):
         assert finished[("submodel", expert)]["cluster_eval_loss"] is not None
     merge_record = read_metrics(spec.output_dir / "metrics.jsonl", "merge")[-1]
     assert merge_record["oracle_eval_loss"] is not None and merge_record["eval_loss"] is not None
+    # Fisher merge: every shared element is a convex combination of the submodels' copies, but not their
+    # sample-weighted mean (the weights differ element by element).
+    name = "model.embed_tokens.weight"
+    copies = torch.stack([load_file(spec.output_dir / "submodels" / str(k) / "model.safetensors")[name]
+                          for k in (0, 1)])
+    assert all((spec.output_dir / "submodels" / str(k) / "second_moment.safetensors").is_file() for k in (0, 1))
+    merged = load_file(spec.output_dir / "merged" / "model.safetensors")[name]
+    assert (merged >= copies.min(0).values - 1e-6).all() and (merged <= copies.max(0).values + 1e-6).all()
+    plain = sum(w * c for w, c in zip(merge_record["weights"], copies))
+    assert not torch.allclose(merged, plain, atol=1e-6)

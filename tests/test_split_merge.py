@@ -108,3 +108,22 @@ def test_sharded_merge_loads(tmp_path):
     assert (tmp_path / "merged" / "model.safetensors.index.json").is_file()
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), source.state_dict().values()))
+
+
+def test_fisher_merge_weighs_each_element_by_its_sensitivity(tmp_path):
+    _source("mixtral", tmp_path)
+    files = _save_submodels(tmp_path, 2, lambda k, sub: sub.model.norm.weight.data.fill_(float(k + 1)))
+    norm = "model.norm.weight"
+    hidden = load_file(files[0])[norm].numel()
+    fisher = []
+    for k, f in enumerate(files):
+        moments = {name: torch.ones_like(t) for name, t in load_file(f).items()}
+        sensitive = torch.zeros(hidden)
+        sensitive[: hidden // 2] = 3.0 if k == 0 else 1.0  # first half: submodel 0 three times as sensitive
+        moments[norm] = sensitive  # second half: nobody sensitive -> the plain sample-weighted mean
+        save_file(moments, tmp_path / f"fisher{k}.safetensors")
+        fisher.append(tmp_path / f"fisher{k}.safetensors")
+    merge_submodels(tmp_path / "source", files, [0.5, 0.5], "concat", tmp_path / "merged", fisher=fisher)
+    merged = load_file(tmp_path / "merged" / WEIGHTS_FILE)[norm]
+    torch.testing.assert_close(merged[: hidden // 2], torch.full((hidden // 2,), 0.75 * 1 + 0.25 * 2))
+    torch.testing.assert_close(merged[hidden // 2 :], torch.full((hidden - hidden // 2,), 1.5))

@@ -42,3 +42,21 @@ def test_a_partial_checkpoint_is_never_resumed_from(tmp_path):
     (tmp_path / "checkpoints" / "step_00000004" / "trainer_state.json").write_text("{}")
     (tmp_path / "checkpoints" / "step_00000012").mkdir()  # no trainer_state.json: a crash mid-save
     assert [d.name for d in checkpoint_dirs(tmp_path)] == ["step_00000004"]
+
+
+def test_second_moments_are_saved_and_zero_for_unseen_tokens(tmp_path):
+    from safetensors.torch import load_file
+
+    from moedisco.train import SECOND_MOMENT_FILE
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_hf_config("qwen2_moe"))
+    seqs = torch.randint(0, 50, (16, 16))  # tokens 50.. never occur: their embedding rows get no gradient
+    cfg = TrainConfig(steps=3, batch_size=4, lr=1e-2, eval_every=3, checkpoint_every=3)
+    train(model, seqs, None, cfg, tmp_path / "run", stage="submodel", seed=0,
+          metrics=MetricsWriter(tmp_path / "m.jsonl"), progress=False, save_second_moment=True)
+    moments = load_file(tmp_path / "run" / SECOND_MOMENT_FILE)
+    assert set(moments) == {name for name, p in model.named_parameters()}
+    assert all((m >= 0).all() for m in moments.values())
+    embedding = moments["model.embed_tokens.weight"].float()
+    assert embedding[:50].sum() > 0 and torch.count_nonzero(embedding[50:]) == 0
