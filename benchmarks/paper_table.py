@@ -29,7 +29,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moedisco.config import build_spec  # noqa: E402
+from moedisco.config import apply_overrides, build_spec  # noqa: E402
 from moedisco.cost import flop_cost_usd  # noqa: E402
 from moedisco.estimate import DEFAULT_UTILISATION, parameter_counts  # noqa: E402
 from moedisco.metrics import read_metrics  # noqa: E402
@@ -40,7 +40,7 @@ TRAINED_STAGES = ("warmup", "submodel", "finetune", "full_parameter")
 
 
 def base_spec(args) -> dict:
-    raw = yaml.safe_load((REPO / "examples" / "tiny.yaml").read_text())
+    raw = apply_overrides(yaml.safe_load((REPO / "examples" / "tiny.yaml").read_text()), args.set)
     raw["data"].update({"train": str(args.data), "max_documents": args.max_documents})
     for section, steps in (("submodel", args.submodel_steps), ("finetune", args.finetune_steps),
                            ("full_parameter", args.baseline_steps)):
@@ -53,10 +53,10 @@ def base_spec(args) -> dict:
 
 def variants(args) -> list[tuple[str, dict]]:
     runs = [("full_parameter", {"method": "full_parameter"})]
-    grid = itertools.product(args.clustering, args.warmup, args.router_init, args.shared_lr_scale)
-    for clustering, warmup, router, scale in grid:
-        name = f"{clustering}-w{warmup}-{router}-s{scale:g}"
-        runs.append((name, {"cluster": {"method": clustering}, "merge": {"router_init": router},
+    grid = itertools.product(args.clustering, args.warmup, args.router_init, args.shared_lr_scale, args.weighting)
+    for clustering, warmup, router, scale, weighting in grid:
+        name = f"{clustering}-w{warmup}-{router}-s{scale:g}-{weighting}"
+        runs.append((name, {"cluster": {"method": clustering}, "merge": {"router_init": router, "weighting": weighting},
                             "branch": {"warmup_steps": warmup, "shared_lr_scale": scale}}))
     return runs
 
@@ -165,6 +165,9 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", nargs="+", type=int, default=[0])
     parser.add_argument("--router-init", nargs="+", default=["concat"])
     parser.add_argument("--shared-lr-scale", nargs="+", type=float, default=[1.0])
+    parser.add_argument("--weighting", nargs="+", default=["samples"], help="merge.weighting values to compare.")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="Override the base spec (examples/tiny.yaml), e.g. model.moe_intermediate_size=512.")
     parser.add_argument("--quick", action="store_true", help="Small steps: finishes in a few minutes.")
     args = parser.parse_args(argv)
     if args.quick:  # smaller defaults, but an explicitly given value wins
