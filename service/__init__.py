@@ -13,10 +13,11 @@ Layout (after full-stack-fastapi-template's backend):
     store.py         reads and writes of the tables; recorder.py folds runner events into them
     api/             deps.py (Annotated dependencies) and one router per resource in api/routes/
     costs.py         the cost view (live rows, baseline, savings); report.py the HTML report; prometheus.py
+    views.py         the polled views (a job, its cost) as JSON, rebuilt only when the job's version changes
     executor.py      the detached Ray actor that runs one job and writes its progress into the store
     dispatcher.py    the queue (start queued jobs up to a limit) and reconciliation of lost runners
     main.py          `create_app()`: the FastAPI app, importable and testable without Ray Serve
-    serve.py         the Ray Serve deployment wrapping it: `service.serve:build_app`
+    serve.py         the Ray Serve deployments wrapping it: `service.serve:build_app`
     cli.py           `moedisco submit|jobs|status|cost|cancel` (client.py, progress.py); serve_cli.py `serve`
     testing.py       helpers for tests: free ports, a live server, the service as a subprocess
     scripts/         start_postgres.sh: a throwaway PostgreSQL for the store tests

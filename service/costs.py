@@ -2,14 +2,21 @@
 
     view = job_cost(store, job)      # -> schemas.CostPublic
     view.total_usd, view.baseline.kind, view.savings_pct
+    inputs = cost_inputs(store, job); cost_view(inputs, utcnow())   # the same, in two steps: reads, then arithmetic
 
 Finished stages are the runner's own ledger rows (OUTPUT/cost.json, copied into the store as each stage ends).
 While a job runs, each running stage adds a provisional row (`final: false`): its wall time so far at its tier's
 price. The baseline is a measured full-parameter job on the same data and model when the store has one, else
 moedisco's FLOP-model estimate, marked `estimate`.
+
+`cost_inputs` does every read and `cost_view` only arithmetic, so the API can keep the inputs while the store says
+nothing changed (`service.views`) and still price running stages up to the moment of each request.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
 
 from service.models import CostRow, JobRow, StageRow, utcnow
 from service.schemas import BaselinePublic, CostPublic, CostRowPublic
@@ -26,11 +33,11 @@ def _final_row(row: CostRow) -> CostRowPublic:
     return CostRowPublic(**fields, final=True)
 
 
-def _live_row(stage: StageRow, resources: dict) -> CostRowPublic | None:
+def _live_row(stage: StageRow, resources: dict, now: datetime) -> CostRowPublic | None:
     tier = resources.get(STAGE_TIER.get(stage.stage, ""), None)
     if tier is None or stage.started_at is None:
         return None
-    seconds = max(0.0, (utcnow() - stage.started_at).total_seconds())
+    seconds = max(0.0, (now - stage.started_at).total_seconds())
     price = resources.get("prices", {}).get(tier["device_type"], 0.0)
     hours = tier["num_devices"] * seconds / 3600.0
     return CostRowPublic(stage=stage.stage, expert=stage.expert, tier=tier["label"], device_type=tier["device_type"],
@@ -44,25 +51,44 @@ def _pipeline_order(row: CostRowPublic) -> tuple[int, int]:
     return order.index(row.stage) if row.stage in order else len(order), row.expert or 0
 
 
-def _rows(store: Store, job: JobRow) -> list[CostRowPublic]:
+@dataclass(frozen=True)
+class CostInputs:
+    """What a job's cost view reads from the store."""
+
+    job: JobRow
+    priced: list[CostRowPublic]  # the runner's ledger rows
+    running: list[StageRow]  # stages running and not priced yet (only while the job runs)
+    measured_baseline: tuple[JobRow, float] | None
+
+    @property
+    def static(self) -> bool:
+        """True when the view does not change with the clock (no running stage is priced by its time so far)."""
+        return not self.running
+
+
+def cost_inputs(store: Store, job: JobRow) -> CostInputs:
     priced = store.cost_rows(job.id)
-    rows = [_final_row(row) for row in priced]
+    running = []
     if job.state == "running":
         done = {row.key for row in priced}
-        resources = job.spec.get("resources", {})
-        live = (_live_row(s, resources) for s in store.stages(job.id) if s.state == "running" and s.key not in done)
-        rows += [row for row in live if row is not None]
-    return sorted(rows, key=_pipeline_order)
+        running = [s for s in store.stages(job.id) if s.state == "running" and s.key not in done]
+    return CostInputs(job, [_final_row(row) for row in priced], running, store.find_baseline(job))
+
+
+def _rows(inputs: CostInputs, now: datetime) -> list[CostRowPublic]:
+    resources = inputs.job.spec.get("resources", {})
+    live = (_live_row(stage, resources, now) for stage in inputs.running)
+    return sorted(inputs.priced + [row for row in live if row is not None], key=_pipeline_order)
 
 
 def _savings(baseline_usd: float, usd: float) -> float | None:
     return round(100.0 * (baseline_usd - usd) / baseline_usd, 2) if baseline_usd > 0 else None
 
 
-def _baseline(store: Store, job: JobRow, total_usd: float) -> tuple[BaselinePublic | None, float | None, str | None]:
+def _baseline(inputs: CostInputs, total_usd: float) -> tuple[BaselinePublic | None, float | None, str | None]:
     """(baseline, savings %, basis). An estimated baseline is compared with this job's estimate, not its bill:
     a CPU run priced at GPU rates and a GPU FLOP model are not the same currency."""
-    found = store.find_baseline(job)
+    job, found = inputs.job, inputs.measured_baseline
     if found is not None:
         baseline_job, usd = found
         return BaselinePublic(kind="measured", usd=usd, job_id=baseline_job.id), _savings(usd, total_usd), "measured"
@@ -83,14 +109,18 @@ def _note(job: JobRow, baseline: BaselinePublic | None) -> str | None:
     return None
 
 
-def job_cost(store: Store, job: JobRow) -> CostPublic:
-    rows = _rows(store, job)
+def cost_view(inputs: CostInputs, now: datetime) -> CostPublic:
+    job, rows = inputs.job, _rows(inputs, now)
     by_tier: dict[str, float] = {}
     for row in rows:
         by_tier[row.tier] = by_tier.get(row.tier, 0.0) + row.usd
     total = sum(row.usd for row in rows)
-    baseline, savings, basis = _baseline(store, job, total)
+    baseline, savings, basis = _baseline(inputs, total)
     return CostPublic(job_id=job.id, state=job.state, live=job.state == "running", stages=rows, by_tier_usd=by_tier,
                       total_usd=total, simulated=any(row.simulated for row in rows),
                       prices_per_hour=job.spec.get("resources", {}).get("prices", {}), baseline=baseline,
                       savings_pct=savings, savings_basis=basis, note=_note(job, baseline))
+
+
+def job_cost(store: Store, job: JobRow) -> CostPublic:
+    return cost_view(cost_inputs(store, job), utcnow())

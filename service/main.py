@@ -6,6 +6,9 @@
 
 With `dispatch=True` the app's lifespan joins Ray (unless already inside it) and runs the dispatcher thread that
 starts queued jobs and resumes jobs whose runner is gone.
+
+The two routes clients poll (a job, its cost) answer from `service.views`, rebuilt only when the store says the
+job changed; the dependencies that do no I/O are `async`, so a request makes at most one thread hop.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from service.core.config import Settings
 from service.dispatcher import Dispatcher, RayLauncher
 from service.prometheus import StoreCollector
 from service.store import Store, json_safe
+from service.views import JobViews
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +44,9 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
                         status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
-def create_app(settings: Settings | None = None, dispatch: bool = True) -> FastAPI:
+def create_app(settings: Settings | None = None, dispatch: bool = True, waker=None) -> FastAPI:
+    """`waker`: with dispatch=False, what a submission wakes instead (an object with `wake()`), e.g. the dispatcher
+    deployment of `service.serve` when the API has several replicas."""
     settings = settings or Settings()
     store = Store(settings.effective_database_url)
     registry = CollectorRegistry(auto_describe=True)
@@ -53,7 +59,7 @@ def create_app(settings: Settings | None = None, dispatch: bool = True) -> FastA
         dispatcher = Dispatcher(store, RayLauncher(settings), settings) if dispatch else None
         if dispatcher is not None:
             dispatcher.start()
-        app.state.dispatcher = dispatcher
+        app.state.dispatcher = dispatcher or waker
         try:
             yield
         finally:
@@ -63,6 +69,7 @@ def create_app(settings: Settings | None = None, dispatch: bool = True) -> FastA
 
     app = FastAPI(title="moedisco", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings, app.state.store, app.state.registry, app.state.dispatcher = settings, store, registry, None
+    app.state.views = JobViews(store, max_age_s=settings.read_cache_max_age_s)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.include_router(health.router)
     app.include_router(api_router, prefix="/v1")

@@ -2,6 +2,10 @@
 
     job = session.get(JobRow, job_id); job.state  # "queued" | "running" | "succeeded" | "failed" | "cancelled"
 
+A job's `version` grows by one with every write to the job, its stages or its cost rows (`service.store` and
+`service.recorder` bump it in the same transaction), so a reader can tell with one primary-key lookup whether
+anything it built from them has changed (`service.views`).
+
 A stage row's `key` is "submodel/1" for an expert's stage and "merge" for the others, so (job_id, key) is a plain
 primary key on SQLite and PostgreSQL alike (a nullable expert column cannot be part of one).
 """
@@ -65,6 +69,7 @@ class JobRow(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class _PerStage:

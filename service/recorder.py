@@ -4,7 +4,8 @@
     run_job(spec, events=recorder, should_stop=lambda: store.is_cancel_requested(job_id))
 
 Each event is appended to the events table and folded into its stage row (state, latest step and losses); a
-finished stage also copies the runner's OUTPUT/cost.json rows into the cost table, so /cost is live.
+finished stage also copies the runner's OUTPUT/cost.json rows into the cost table, so /cost is live. Each write
+bumps the job's version in its transaction, which tells the API's read cache that its views changed.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import threading
 from pathlib import Path
 
 from service.models import CostRow, EventRow, JobRow, StageRow, stage_key, utcnow
-from service.store import Store, json_safe
+from service.store import Store, bump_version, json_safe
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class EventRecorder:
             session.add(EventRow(job_id=self.job_id, event=str(event.get("event")), stage=event.get("stage"),
                                  expert=event.get("expert"), data=event))
             self._apply(session, event)
+            bump_version(session, self.job_id)
         if event.get("event") == "stage_finished":
             self.sync_costs()
 
@@ -77,6 +79,7 @@ class EventRecorder:
                     value = entry.get(field)
                     setattr(row, field, 0 if value is None and field not in ("device", "node") else value)
                 session.add(row)
+            bump_version(session, self.job_id)
 
 
 def _apply_progress(row: StageRow, event: dict) -> None:

@@ -6,7 +6,8 @@
     claimed = store.claim_next_queued()            # queued -> running, atomically (no job starts twice)
 
 State changes are conditional UPDATEs (`... WHERE state = 'queued'`), so two processes racing on one job cannot
-both win, on SQLite or PostgreSQL.
+both win, on SQLite or PostgreSQL. Every write to a job, its stages or its costs also bumps the job's `version`
+in the same transaction (`bump_version`), which is what `view_versions` reads to validate cached views.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from service.core.db import init_db, make_engine, session_factory
@@ -34,6 +35,23 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
+
+
+# The version queries run on every read of a polled view: built once, on the tables (no ORM), with a bound job id.
+_JOBS = JobRow.__table__
+_BASELINES = _JOBS.alias("baselines")
+_IS_BASELINE = (_BASELINES.c.state == "succeeded", _BASELINES.c.method == "full_parameter")
+JOB_VERSION = select(_JOBS.c.version).where(_JOBS.c.id == bindparam("job_id"))
+VIEW_VERSIONS = select(
+    _JOBS.c.version,
+    select(func.count()).select_from(_BASELINES).where(*_IS_BASELINE).scalar_subquery(),
+    select(func.coalesce(func.sum(_BASELINES.c.version), 0)).where(*_IS_BASELINE).scalar_subquery(),
+).where(_JOBS.c.id == bindparam("job_id"))
+
+
+def bump_version(session: Session, job_id: str) -> None:
+    """Mark the job as changed; call inside the transaction that changes it, its stages or its cost rows."""
+    session.execute(update(JobRow).where(JobRow.id == job_id).values(version=JobRow.version + 1))
 
 
 class Store:
@@ -90,7 +108,7 @@ class Store:
     def _update_job(self, job_id: str, where: Iterable, **values) -> bool:
         with self.session() as session, session.begin():
             result = session.execute(update(JobRow).where(JobRow.id == job_id, *where)
-                                     .values(updated_at=utcnow(), **values))
+                                     .values(updated_at=utcnow(), version=JobRow.version + 1, **values))
         return result.rowcount == 1
 
     def jobs_in_state(self, state: str) -> list[JobRow]:
@@ -125,6 +143,7 @@ class Store:
         with self.session() as session, session.begin():
             session.execute(update(StageRow).where(StageRow.job_id == job_id, StageRow.state == "running")
                             .values(state=stage_state, finished_at=utcnow()))
+            bump_version(session, job_id)
 
     def request_cancel(self, job_id: str) -> JobRow | None:
         """A queued job is cancelled at once; a running one is asked to stop at its next stage boundary."""
@@ -147,11 +166,31 @@ class Store:
         if job.method == "full_parameter":
             return None
         wanted = {key: job.spec.get(key) for key in BASELINE_MATCH}
-        for candidate in reversed(self.jobs_in_state("succeeded")):
-            if candidate.method == "full_parameter" and all(
-                    candidate.spec.get(key) == value for key, value in wanted.items()):
+        with self.session() as session:
+            candidates = session.scalars(select(JobRow).where(JobRow.state == "succeeded",
+                                                              JobRow.method == "full_parameter")
+                                         .order_by(JobRow.created_at.desc(), JobRow.id.desc())).all()
+        for candidate in candidates:
+            if all(candidate.spec.get(key) == value for key, value in wanted.items()):
                 return candidate, sum(row.usd for row in self.cost_rows(candidate.id))
         return None
+
+    # --- versions of the read views -----------------------------------------------------------------------------
+
+    def job_version(self, job_id: str) -> int | None:
+        """The job's version (None when there is no such job): one primary-key lookup."""
+        with self.engine.connect() as connection:
+            return connection.execute(JOB_VERSION, {"job_id": job_id}).scalar()
+
+    def view_versions(self, job_id: str) -> tuple[int, int, int] | None:
+        """(the job's version, and the number and summed versions of the succeeded full-parameter jobs), or None
+        when there is no such job. One primary-key lookup and one indexed count, in one round trip.
+
+        A job's detail changes exactly when its version does; its cost view also when a possible measured baseline
+        appears or changes, which the last two numbers capture (both only grow, so no change goes unnoticed)."""
+        with self.engine.connect() as connection:
+            row = connection.execute(VIEW_VERSIONS, {"job_id": job_id}).first()
+        return None if row is None else (int(row[0]), int(row[1]), int(row[2]))
 
     def count_by_state(self) -> dict[str, int]:
         with self.session() as session:

@@ -8,7 +8,11 @@ The app runs with `dispatch=False`, so submitted jobs stay queued; job states ar
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -18,7 +22,8 @@ from service.core.config import Settings
 from service.main import create_app
 from service.models import StageRow, utcnow
 from service.recorder import EventRecorder
-from tests.conftest import CORPUS, tiny_spec_dict
+from service.store import Store
+from tests.conftest import CORPUS, REPO, tiny_spec_dict
 
 TOKEN = "test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -227,3 +232,94 @@ def test_cost_is_live_while_a_stage_runs(client):
     (row,) = cost["stages"]
     assert cost["live"] and not row["final"] and (row["stage"], row["tier"]) == ("finetune", "A100")
     assert row["usd"] == pytest.approx(2.28, rel=0.01) and cost["total_usd"] == row["usd"]
+
+
+@pytest.fixture
+def cached_client(settings):
+    """The API with cache entries that never expire by age: only a version change may refresh a view."""
+    app = create_app(settings.model_copy(update={"read_cache_max_age_s": 3600.0}), dispatch=False)
+    with TestClient(app, headers=AUTH) as test_client:
+        yield test_client
+
+
+def test_polled_views_are_cached_until_the_job_changes_in_any_process(cached_client, settings):
+    client, views = cached_client, cached_client.app.state.views
+    job = submit(client)
+    base = f"/v1/jobs/{job['id']}"
+    first = client.get(base).content
+    hits = views.hits
+    assert client.get(base).content == first and views.hits == hits + 1  # unchanged: served from the cache
+    # The job actor writes through a store of its own (another process, another engine) on the same database.
+    actor_store = Store(settings.effective_database_url)
+    try:
+        actor_store.claim_next_queued()
+        assert client.get(base).json()["state"] == "running"
+        record = EventRecorder(actor_store, job["id"], job["output_dir"])
+        record({"event": "stage_started", "stage": "submodel", "expert": 1})
+        record({"event": "progress", "stage": "submodel", "expert": 1, "step": 4, "total_steps": 12, "loss": 5.0})
+        (stage,) = client.get(base).json()["stages"]
+        assert (stage["stage"], stage["expert"], stage["step"], stage["loss"]) == ("submodel", 1, 4, 5.0)
+        record({"event": "progress", "stage": "submodel", "expert": 1, "step": 8, "total_steps": 12, "loss": 4.0})
+        assert client.get(base).json()["stages"][0]["step"] == 8
+        actor_store.request_cancel(job["id"])
+        assert client.get(base).json()["cancel_requested"] is True
+        actor_store.finish(job["id"], "cancelled", "asked")
+        detail = client.get(base).json()
+        assert (detail["state"], detail["reason"], detail["stages"][0]["state"]) == ("cancelled", "asked", "stopped")
+    finally:
+        actor_store.close()
+
+
+def test_cached_cost_prices_running_stages_up_to_each_request(cached_client):
+    client, store = cached_client, cached_client.app.state.store
+    job = submit(client)
+    store.claim_next_queued()
+    EventRecorder(store, job["id"], job["output_dir"])({"event": "stage_started", "stage": "submodel", "expert": 0})
+    path = f"/v1/jobs/{job['id']}/cost"
+    first = client.get(path).json()["stages"][0]
+    time.sleep(0.05)
+    hits = client.app.state.views.hits
+    second = client.get(path).json()["stages"][0]
+    assert client.app.state.views.hits == hits + 1  # the store was not read again ...
+    assert not second["final"] and second["seconds"] > first["seconds"]  # ... and yet the clock was
+
+
+def test_cached_cost_sees_a_new_measured_baseline(cached_client, tmp_path):
+    client, store = cached_client, cached_client.app.state.store
+    moe = submit(client)
+    path = f"/v1/jobs/{moe['id']}/cost"
+    assert client.get(path).json()["baseline"] is None
+    baseline = submit(client, method="full_parameter")
+    store.claim_next_queued()
+    store.claim_next_queued()
+    assert client.get(path).json()["baseline"] is None  # running: not a baseline yet
+    ledger = Path(baseline["output_dir"]) / "cost.json"
+    ledger.parent.mkdir(parents=True)
+    ledger.write_text(json.dumps({"stages": [{"stage": "full_parameter", "expert": None, "tier": "A100",
+                                              "device_type": "a100", "num_devices": 1, "seconds": 3600.0,
+                                              "device_hours": 1.0, "price_per_hour": 2.28, "usd": 2.28,
+                                              "simulated": True, "device": "cpu", "node": None}]}))
+    EventRecorder(store, baseline["id"], baseline["output_dir"]).sync_costs()
+    store.finish(baseline["id"], "succeeded")
+    cost = client.get(path).json()
+    assert cost["baseline"] == {"kind": "measured", "usd": 2.28, "job_id": baseline["id"]}
+
+
+def test_a_replica_can_run_at_a_given_niceness(tmp_path):
+    """Niceness is per thread on Linux: every thread of the replica's process must move, not only the main one.
+    Raising it needs no privilege, so a child process raises its own to 7 and reports each thread's."""
+    script = """
+import os, threading, json
+from service.serve import set_process_niceness
+stop = threading.Event()
+threads = [threading.Thread(target=stop.wait) for _ in range(3)]
+for thread in threads: thread.start()
+ok = set_process_niceness(7)
+print(json.dumps([ok] + [os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir("/proc/self/task")]))
+stop.set()
+"""
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("per-thread niceness is Linux's")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO)
+    ok, *niceness = json.loads(out.stdout.strip().splitlines()[-1])
+    assert ok and len(niceness) >= 4 and set(niceness) == {7}

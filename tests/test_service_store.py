@@ -176,3 +176,88 @@ def test_cancel_before_a_stage_stops_the_local_runner(store, tmp_path, monkeypat
     store.request_cancel(job.id)
     assert executor.execute_job(store, job.id, "local") == "cancelled"
     assert "before stage 'finetune'" in store.get_job(job.id).reason
+
+
+def test_every_write_to_a_job_bumps_its_version(store, tmp_path):
+    """The API's read cache trusts the version: a write that changes what a view shows without bumping it would
+    leave clients looking at an old job."""
+    job = make_job(store, tmp_path, "3" * 12)
+    other = make_job(store, tmp_path, "4" * 12)
+    output = tmp_path / "out3"
+    output.mkdir()
+    record = EventRecorder(store, job.id, output)
+    versions = [store.job_version(job.id)]
+
+    def changed(what: str) -> None:
+        versions.append(store.job_version(job.id))
+        assert versions[-1] > versions[-2], f"{what} did not bump the version"
+
+    store.claim_next_queued()
+    changed("claim")
+    store.begin_attempt(job.id)
+    changed("begin_attempt")
+    store.set_estimate(job.id, {"total_usd": 1.0})
+    changed("set_estimate")
+    record({"event": "stage_started", "stage": "submodel", "expert": 0})
+    changed("stage_started")
+    record({"event": "progress", "stage": "submodel", "expert": 0, "step": 4, "total_steps": 12, "loss": 5.0})
+    changed("progress")
+    record({"event": "expert_state", "stage": "submodel", "expert": 0, "state": "running"})
+    changed("expert_state")
+    (output / "cost.json").write_text(json.dumps({"stages": [{"stage": "submodel", "expert": 0, "tier": "4090",
+                                                              "device_type": "rtx4090", "num_devices": 1,
+                                                              "seconds": 1.0, "device_hours": 0.0003,
+                                                              "price_per_hour": 0.35, "usd": 0.0001,
+                                                              "simulated": True, "device": "cpu", "node": None}]}))
+    record.sync_costs()
+    changed("sync_costs")
+    store.request_cancel(job.id)
+    changed("request_cancel")
+    before_finish = versions[-1]
+    assert store.finish(job.id, "cancelled", "asked")
+    changed("finish")
+    assert versions[-1] >= before_finish + 2, "closing the running stages is a write of its own"
+    assert store.stages(job.id)[0].state == "stopped"
+    assert not store.finish(job.id, "failed")  # no change, no bump
+    assert store.job_version(job.id) == versions[-1]
+    assert store.job_version(other.id) == 0 and store.job_version("no-such-job") is None
+
+
+def test_view_versions_change_when_a_possible_baseline_does(store, tmp_path):
+    moe = make_job(store, tmp_path, "5" * 12)
+    baseline = make_job(store, tmp_path, "6" * 12, method="full_parameter")
+    first = store.view_versions(moe.id)
+    store.claim_next_queued()  # the MoE job: its own version moves
+    assert store.view_versions(moe.id)[0] > first[0]
+    second = store.view_versions(moe.id)
+    store.claim_next_queued()  # a running full-parameter job is no baseline yet
+    assert store.view_versions(moe.id) == second
+    store.finish(baseline.id, "succeeded")
+    third = store.view_versions(moe.id)
+    assert third[0] == second[0] and third[1:] != second[1:]
+    EventRecorder(store, baseline.id, tmp_path)({"event": "stage_skipped", "stage": "full_parameter"})
+    assert store.view_versions(moe.id)[1:] != third[1:]  # a write to the baseline job
+    assert store.view_versions("no-such-job") is None
+
+
+def test_a_store_from_before_versions_gets_the_column(tmp_path):
+    """`create_all` never alters a table: a database created without `version` gets it, every job at 0."""
+    from sqlalchemy import create_engine, inspect, text
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    first = Store(url)
+    make_job(first, tmp_path, "7" * 12)
+    first.close()
+    engine = create_engine(url)
+    with engine.begin() as connection:  # the table as an older moedisco created it, with a job in it
+        connection.execute(text("ALTER TABLE moedisco_jobs DROP COLUMN version"))
+    assert "version" not in {c["name"] for c in inspect(engine).get_columns("moedisco_jobs")}
+    engine.dispose()
+    for _ in range(2):  # a second start finds the column and leaves it
+        store = Store(url)
+        assert store.job_version("7" * 12) == 0
+        store.close()
+    store = Store(url)
+    store.claim_next_queued()
+    assert store.job_version("7" * 12) == 1
+    store.close()

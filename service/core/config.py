@@ -47,6 +47,17 @@ class Settings(BaseSettings):
     ray_address: str | None = Field(None, description="Ray cluster to join when not already inside one.")
     ray_namespace: str = Field("moedisco", description="Ray namespace of the detached job actors.")
     dispatch_interval_s: float = Field(2.0, gt=0, description="Seconds between queue/reconcile passes.")
+    serve_num_replicas: int = Field(1, ge=1, description="Ray Serve replicas of the API; with more than one, "
+                                                         "the dispatcher runs in a deployment of its own.")
+    serve_max_ongoing_requests: int = Field(64, ge=1, description="Requests one API replica works on at once; "
+                                                                  "the rest wait in Serve's proxy.")
+    serve_access_log: bool = Field(True, description="Ray Serve's log line per request (replica logs).")
+    api_niceness: int | None = Field(
+        0, ge=-20, le=19, description="Niceness of the API's Ray Serve replicas (Ray starts workers at 15, as low "
+                                      "as training); lowering it needs CAP_SYS_NICE. None keeps Ray's.")
+    read_cache_max_age_s: float = Field(
+        2.0, ge=0, description="The job and cost views are rebuilt whenever the job changes (its version in the "
+                               "store), and at the latest after this many seconds; 0 rebuilds them on every read.")
 
     @field_validator("api_token", mode="after")
     @classmethod

@@ -1,7 +1,7 @@
 """The SQLAlchemy engine: a SQLite file by default, PostgreSQL (psycopg 3) through a `postgresql://` URL.
 
     engine = make_engine("sqlite:////var/lib/moedisco/moedisco.db")
-    init_db(engine)                                  # creates missing tables; safe on every start
+    init_db(engine)                                  # creates missing tables and columns; safe on every start
     with session_factory(engine)() as session: ...
 
 The API process and every job actor open their own engine on the same URL, so SQLite runs in WAL mode with a
@@ -12,13 +12,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import sessionmaker
 
 from service.models import Base
 
 SQLITE_BUSY_TIMEOUT_S = 30
+
+# Columns added to a table after its first release: `create_all` never alters an existing table, so a store created
+# by an older moedisco gets them here. Same DDL on SQLite and PostgreSQL.
+ADDED_COLUMNS = {("moedisco_jobs", "version"): "INTEGER NOT NULL DEFAULT 0"}
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -40,8 +45,21 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+def _columns(engine: Engine, table: str) -> set[str]:
+    return {column["name"] for column in inspect(engine).get_columns(table)}
+
+
 def init_db(engine: Engine) -> None:
     Base.metadata.create_all(engine)
+    for (table, column), ddl in ADDED_COLUMNS.items():
+        if column in _columns(engine, table):
+            continue
+        try:
+            with engine.begin() as connection:
+                connection.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}"))
+        except DBAPIError:
+            if column not in _columns(engine, table):  # not another process (the API, a job actor) adding it first
+                raise
 
 
 def session_factory(engine: Engine) -> sessionmaker:

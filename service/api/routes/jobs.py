@@ -2,7 +2,7 @@
 
     POST /v1/jobs                 the job spec as JSON -> 201 JobPublic (422 names each bad field)
     GET  /v1/jobs?state=running&offset=0&limit=20
-    GET  /v1/jobs/{id}            JobDetail
+    GET  /v1/jobs/{id}            JobDetail (from `service.views`: rebuilt only when the job changed)
     POST /v1/jobs/{id}/cancel     queued: cancelled now; running: stops at the next stage boundary or checkpoint
 """
 
@@ -13,9 +13,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 
-from service.api.deps import JobDep, SettingsDep, StoreDep
+from service.api.deps import JobDep, JobIdPath, SettingsDep, StoreDep, ViewsDep, view_response
 from service.models import TERMINAL_STATES
-from service.schemas import JobCreate, JobDetail, JobPublic, JobsPublic, JobState, Message, StagePublic
+from service.schemas import JobCreate, JobDetail, JobPublic, JobsPublic, JobState, Message
 from service.specs import prepare_spec
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -49,10 +49,9 @@ def list_jobs(store: StoreDep,
 
 
 @router.get("/{job_id}", response_model=JobDetail, responses={404: {"model": Message}})
-def read_job(job: JobDep, store: StoreDep) -> JobDetail:
+async def read_job(job_id: JobIdPath, views: ViewsDep) -> Response:
     """State, current stage, and per stage (and expert): state, latest step and losses."""
-    stages = [StagePublic.model_validate(row) for row in store.stages(job.id)]
-    return JobDetail(**JobPublic.model_validate(job).model_dump(), stages=stages, spec=job.spec, result=job.result)
+    return await view_response(views.job_if_fresh, views.build_job, job_id)
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses={404: {"model": Message},
