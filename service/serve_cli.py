@@ -21,6 +21,8 @@ import typer
 from moedisco.cli import console
 from service.core.config import Settings
 
+PROXY_NICENESS_CHECK_S = 30.0
+
 
 def _connect_ray(settings: Settings, address: str | None) -> bool:
     """Join the cluster at `address`, else start a local one; True when this process started it (and stops it).
@@ -68,9 +70,11 @@ def _run_uvicorn(settings: Settings, host: str) -> None:
 def _run_ray_serve(settings: Settings, host: str) -> None:
     from ray import serve
 
-    from service.serve import build_app
+    from service.serve import build_app, prioritise_local_proxies
 
-    serve.start(http_options={"host": host, "port": settings.port})
+    # One HTTP proxy, on the head node (as k8s/rayservice.yaml configures it): a proxy per node is a process per
+    # node that every request could go through.
+    serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": settings.port})
     args = settings.model_dump(mode="json", exclude_none=True)
     if settings.api_token is not None:
         args["api_token"] = settings.api_token.get_secret_value()
@@ -79,8 +83,12 @@ def _run_ray_serve(settings: Settings, host: str) -> None:
     # SIGTERM (docker stop, kill) ends like Ctrl-C, so Serve and a cluster started here are shut down too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        while True:
-            time.sleep(3600)
+        while True:  # the proxies at the API's niceness, again after Serve restarts one
+            try:
+                prioritise_local_proxies(settings.api_niceness)
+            except Exception as error:  # the state API is a nicety here: the API serves without it
+                logging.getLogger(__name__).warning("could not set the proxies' niceness: %s", error)
+            time.sleep(PROXY_NICENESS_CHECK_S)
     finally:
         serve.shutdown()
 

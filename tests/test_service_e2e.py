@@ -1,7 +1,8 @@
 """End to end: the API on Ray Serve over real HTTP, jobs in detached Ray actors (local runner), the CLI against it.
 
-One local Ray instance and one Serve application for the module. Three jobs are submitted at once with room for
-two: the third waits in the queue. One job trains to `succeeded` (cost, report, metrics and artifacts then answer
+One local Ray instance and one Serve application for the module, with two API replicas (so the queue runs in its
+own `MoediscoDispatcher` deployment, woken through a handle on every submission). Three jobs are submitted at once
+with room for two: the third waits in the queue. One job trains to `succeeded` (cost, report, metrics and artifacts then answer
 with its real numbers), one stops at its budget, and the queued one is cancelled while it runs.
 
     pytest tests/test_service_e2e.py -q
@@ -42,7 +43,8 @@ def service(tmp_path_factory):
         serve.run(build_app({"data_dir": str(data_dir), "database_url": f"sqlite:///{data_dir / 'moedisco.db'}",
                              "api_token": TOKEN, "runner": "local",
                              "input_roots": [str(CORPUS.parent)], "max_running_jobs": 2,
-                             "dispatch_interval_s": 0.5, "ray_namespace": "moedisco-e2e"}),
+                             "dispatch_interval_s": 0.5, "ray_namespace": "moedisco-e2e",
+                             "serve_num_replicas": 2}),
                   name="moedisco-api", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -78,6 +80,12 @@ def cli(url: str, *args: str):
 
 def test_queue_holds_the_third_job(jobs):
     assert jobs["third_while_two_ran"] == "queued"
+
+
+def test_two_api_replicas_share_one_dispatcher(service):
+    deployments = serve.status().applications["moedisco-api"].deployments
+    running = {name: d.replica_states.get("RUNNING", 0) for name, d in deployments.items()}
+    assert running == {"MoediscoAPI": 2, "MoediscoDispatcher": 1}
 
 
 def test_tiny_job_succeeds_and_reports_real_numbers(service, client, jobs):
