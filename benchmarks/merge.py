@@ -3,8 +3,9 @@
     python benchmarks/merge.py [--quick]
 
 For each size: E submodel files are written, then merged in a fresh process that records its peak resident memory
-above its baseline. Target: peak anonymous memory <= about one shard plus the largest tensor (not E submodels); time close to
-reading and writing the files (measured separately in the same child as `io_seconds`).
+above its baseline, once with sample weights and once Fisher-weighted (each submodel also has a second-moment file,
+as `merge.weighting: fisher` writes). Target: peak anonymous memory <= about one shard plus the largest tensor
+(not E submodels); time close to reading and writing the files (measured in the same child as `io_seconds`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def write_submodels(hidden: int, folder: Path) -> dict:
     for k in range(NUM_EXPERTS):
         state = unique_state_dict(load_submodel(folder / "source", k))
         save_file(state, folder / f"sub{k}.safetensors")
+        moments = {name: torch.rand_like(t).to(torch.bfloat16) for name, t in state.items()}
+        save_file(moments, folder / f"moments{k}.safetensors")
         sizes.append((folder / f"sub{k}.safetensors").stat().st_size)
     return {"submodel_mb": sizes[0] / 1e6, "largest_tensor_mb": max(t.nbytes for t in state.values()) / 1e6}
 
@@ -43,10 +46,11 @@ def child(payload: dict) -> dict:
 
     folder = Path(payload["folder"])
     files = [folder / f"sub{k}.safetensors" for k in range(NUM_EXPERTS)]
+    fisher = [folder / f"moments{k}.safetensors" for k in range(NUM_EXPERTS)] if payload["fisher"] else None
     started = time.perf_counter()
     with AnonPeak() as memory:
         merge_submodels(folder / "source", files, [1 / NUM_EXPERTS] * NUM_EXPERTS, "concat", folder / "merged",
-                        max_shard_bytes=payload["shard_bytes"])
+                        max_shard_bytes=payload["shard_bytes"], fisher=fisher)
     merge_seconds = time.perf_counter() - started
     peak = memory.peak_mb
     started = time.perf_counter()  # the I/O floor: read every input once, write the output once
@@ -66,10 +70,13 @@ def main(argv=None) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             sizes = write_submodels(hidden, Path(tmp))
             shard = int(sizes["submodel_mb"] * 1e6)  # one shard = one submodel's size
-            row = {"hidden": hidden, **sizes, **run_child(__file__, {"folder": tmp, "shard_bytes": shard})}
-            row["bound_mb"] = row["submodel_mb"] + row["largest_tensor_mb"]
-            row["peak_over_bound"] = row["peak_mb"] / row["bound_mb"]
-            rows.append(row)
+            for fisher in (False, True):
+                payload = {"folder": tmp, "shard_bytes": shard, "fisher": fisher}
+                row = {"hidden": hidden, "weighting": "fisher" if fisher else "samples", **sizes,
+                       **run_child(__file__, payload)}
+                row["bound_mb"] = row["submodel_mb"] + row["largest_tensor_mb"]
+                row["peak_over_bound"] = row["peak_mb"] / row["bound_mb"]
+                rows.append(row)
     result = {"benchmark": "merge", "num_experts": NUM_EXPERTS, "rows": rows}
     print(json.dumps(result, indent=1))
     return result
