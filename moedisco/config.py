@@ -147,10 +147,12 @@ class BranchConfig(_Section):
 
 
 class MergeConfig(_Section):
-    weighting: Literal["samples", "uniform", "fisher"] = Field(
-        "samples", description="Shared-parameter average: by cluster sample counts (WP-SGD), uniform, or "
-        "`fisher`: sample counts times each submodel's diagonal Fisher estimate (AdamW's second moment, saved at "
-        "the end of submodel training), element by element.",
+    weighting: Literal["fisher", "samples", "uniform"] = Field(
+        "fisher",
+        description="Shared-parameter average. `fisher` (default, measured best): element by element, weight "
+        "gamma_k x F_k, where gamma_k is cluster k's sample share and F_k submodel k's diagonal Fisher estimate "
+        "(AdamW's second moment, saved next to its weights: half their size again on disk); `samples`: gamma_k "
+        "alone (the paper's WP-SGD); `uniform`: 1/E.",
     )
     router_init: Literal["concat", "centroid", "random"] = Field(
         "centroid",
