@@ -86,7 +86,8 @@ def flop_costs(spec, records: list[dict]) -> dict[str, float]:
     res = spec.resources
     tiers = {"warmup": res.submodel_tier, "submodel": res.submodel_tier, "finetune": res.finetune_tier,
              "full_parameter": res.finetune_tier}
-    active = {"warmup": counts["submodel"], "submodel": counts["submodel"], "finetune": counts["active"],
+    warmup_active = counts["submodel"] if spec.branch.warmup_model == "dense" else counts["active"]
+    active = {"warmup": warmup_active, "submodel": counts["submodel"], "finetune": counts["active"],
               "full_parameter": counts["active"]}
     costs: dict[str, float] = {}
     last_tokens: dict[tuple, int] = {}

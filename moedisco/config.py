@@ -139,6 +139,12 @@ class BranchConfig(_Section):
         "0 keeps the paper's recipe of branching straight from the initial model.",
     )
     warmup_lr: float | None = Field(None, gt=0.0, le=1.0, description="Warm-up learning rate; unset = submodel.lr.")
+    warmup_model: Literal["dense", "moe"] = Field(
+        "dense",
+        description="What the warm-up trains. `dense` (default): one submodel (shared backbone + one expert), then "
+        "every expert starts as a copy of its FFN; it fits wherever a submodel fits. `moe`: the full MoE with its "
+        "router, so experts start different; needs a cheap-tier device that holds the whole MoE.",
+    )
     shared_lr_scale: float = Field(
         1.0, ge=0.0, le=1.0,
         description="Learning-rate multiplier of the shared parameters while submodels train; 0 freezes the "

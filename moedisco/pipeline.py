@@ -24,7 +24,7 @@ import torch
 from moedisco import cluster, data, embed, merge, split
 from moedisco.config import JobSpec
 from moedisco.evaluate import evaluate_loss, oracle_loss
-from moedisco.finetune import finetune, load_moe, save_final, train_full_parameter
+from moedisco.finetune import enable_router_loss, finetune, load_moe, save_final, train_full_parameter
 from moedisco.metrics import MetricsWriter
 from moedisco.train import SECOND_MOMENT_FILE, TrainHooks, train
 from moedisco.upcycle import upcycle_submodel
@@ -154,18 +154,25 @@ def branch_point(spec: JobSpec, paths: JobPaths) -> Path:
 
 def stage_warmup(spec: JobSpec, paths: JobPaths, metrics: MetricsWriter, hooks: TrainHooks | None = None,
                  progress: bool = True) -> dict:
-    """Train one dense submodel on the whole corpus, then upcycle it: every expert starts as its FFN.
+    """Train on the whole corpus before branching: one dense submodel, upcycled so that every expert starts as its
+    FFN (`branch.warmup_model: dense`), or the full MoE with its router (`moe`).
 
     Submodels branched from one common, already-trained model stay close enough in weight space that averaging
     their backbones costs little (Branch-Train-MiX branches from a seed model for the same reason).
     """
-    model = split.load_submodel(paths.source, 0)
     cfg = spec.submodel.model_copy(update={"steps": spec.branch.warmup_steps,
                                            "lr": spec.branch.warmup_lr or spec.submodel.lr})
     train_NL = load_corpus(paths, "train").pack(spec.data.sequence_length)
+    dense = spec.branch.warmup_model == "dense"
+    model = split.load_submodel(paths.source, 0) if dense else enable_router_loss(
+        load_moe(paths.source), spec.model.router_aux_loss_coef)
     result = train(model, train_NL, eval_sequences(spec, paths), cfg, paths.run("warmup"), stage="warmup",
                    seed=spec.seed, metrics=metrics, spec_yaml=spec.to_yaml(), hooks=hooks, progress=progress)
-    upcycle_submodel(paths.source, paths.run("warmup") / split.WEIGHTS_FILE, paths.branched)
+    if dense:
+        upcycle_submodel(paths.source, paths.run("warmup") / split.WEIGHTS_FILE, paths.branched)
+    else:
+        model.config.output_router_logits = False
+        split.save_weights(model, paths.branched)
     return result.__dict__
 
 

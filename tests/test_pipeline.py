@@ -136,3 +136,17 @@ def test_shared_warmup_then_branch_fisher_merge_and_diagnostics(tmp_path):
     assert (merged >= copies.min(0).values - 1e-6).all() and (merged <= copies.max(0).values + 1e-6).all()
     plain = sum(w * c for w, c in zip(merge_record["weights"], copies))
     assert not torch.allclose(merged, plain, atol=1e-6)
+
+
+def test_moe_warmup_branches_from_the_trained_moe(tmp_path):
+    spec = build_spec(tiny_spec_dict(tmp_path / "out", branch={"warmup_steps": 4, "warmup_model": "moe"},
+                                     model={"num_experts": 2, "num_experts_per_tok": 1}))
+    run_job(spec, progress=False)
+    source = load_file(spec.output_dir / "source" / "model.safetensors")
+    branched = load_file(spec.output_dir / "branched" / "model.safetensors")
+    assert branched.keys() == source.keys()
+    gate, experts = "model.layers.0.mlp.gate.weight", "model.layers.0.mlp.experts.down_proj"
+    assert not torch.equal(branched[gate], source[gate])  # the router trained with the experts
+    assert not torch.equal(branched[experts][0], branched[experts][1])  # experts start different
+    first_submodel = load_file(spec.output_dir / "submodels" / "0" / "model.safetensors")
+    assert first_submodel[experts].shape[0] == 1
