@@ -127,3 +127,16 @@ def test_fisher_merge_weighs_each_element_by_its_sensitivity(tmp_path):
     merged = load_file(tmp_path / "merged" / WEIGHTS_FILE)[norm]
     torch.testing.assert_close(merged[: hidden // 2], torch.full((hidden // 2,), 0.75 * 1 + 0.25 * 2))
     torch.testing.assert_close(merged[hidden // 2 :], torch.full((hidden - hidden // 2,), 1.5))
+
+
+def test_fisher_merge_falls_back_to_weights_for_tensors_without_moments(tmp_path):
+    _source("qwen2_moe", tmp_path)
+    files = _save_submodels(tmp_path, 2, lambda k, sub: sub.model.norm.weight.data.fill_(float(k + 1)))
+    fisher = []
+    for k, f in enumerate(files):  # the norm was frozen: no optimizer state, no second moment
+        moments = {name: torch.ones_like(t) for name, t in load_file(f).items() if name != "model.norm.weight"}
+        save_file(moments, tmp_path / f"fisher{k}.safetensors")
+        fisher.append(tmp_path / f"fisher{k}.safetensors")
+    merge_submodels(tmp_path / "source", files, [0.25, 0.75], "concat", tmp_path / "merged", fisher=fisher)
+    merged = load_file(tmp_path / "merged" / WEIGHTS_FILE)["model.norm.weight"]
+    torch.testing.assert_close(merged, torch.full_like(merged, 0.25 * 1 + 0.75 * 2))
