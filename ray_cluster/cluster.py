@@ -65,6 +65,11 @@ def _quiet_ray_env() -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")  # the dashboard's Train view lists the trainers
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Ray Train's controller polls its workers every 2 s by default, so a trainer's start and end each wait up to
+    # that long; and it starts a preemption watcher (one more process per trainer) that has nothing to watch on
+    # nodes that are processes of this machine.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def _port_is_free(port: int) -> bool:

@@ -16,6 +16,14 @@
    set per cluster (hive partitions `cluster=k`), and only the small (doc_id, cluster, distance) columns are read back
    to save OUTPUT/cluster/ in `ClusterResult` form, which `stage_submodel` uses unchanged.
 No step holds the corpus text, or all its embeddings beyond the fit sample, in one process.
+
+A corpus of at most one shard (`ROWS_PER_SHARD` documents), which Ray Data would embed with a single actor anyway,
+skips Ray Data: `ray_cluster.prestart.DataWorker`, one actor on the cheap tier, runs the job's data stages in one
+process (`embed_in_process`, `cluster_in_process`, and prepare and source as they are) and writes the same shards
+and OUTPUT files. Ray Data's start-up (listing and footer-reader tasks and actors, stats and autoscaling actors, the
+actor pool, each a fresh process importing its libraries) cost the tiny example 20 s per stage on two cores; in
+one process the imports and the embedding model are loaded once. The fit sees every document and assigns by the
+fit itself, as step 4 does for a corpus this size, so both paths give the same clusters.
 """
 
 from __future__ import annotations
@@ -91,6 +99,13 @@ class EmbedBatches:
         return {"doc_id": batch["doc_id"], "text": batch["text"], "embedding": vectors_BD}
 
 
+def _embedded(spec: JobSpec, paths: JobPaths, num_docs: int, started: float, device: str, num_nodes: int) -> dict:
+    seconds = time.perf_counter() - started
+    MetricsWriter(paths.metrics).write({"stage": "embed", "step": num_docs, "documents": num_docs,
+                                        "seconds": seconds, "device": device, "num_nodes": num_nodes})
+    return {"documents": num_docs, "seconds": seconds, "device": device, "num_nodes": num_nodes}
+
+
 def embed_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int) -> dict:
     """Index and embed the train split on the cheap tier; embeddings land in STORAGE/<job>/embeddings/."""
     _quiet_data_context()
@@ -106,11 +121,7 @@ def embed_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int) -> dict:
         compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=1, num_gpus=int(gpu),
         label_selector=label_selector(spec, tier))
     embedded.write_parquet(_fresh(storage / "embeddings"))
-    seconds = time.perf_counter() - started
-    device = "cuda" if gpu else "cpu"
-    MetricsWriter(paths.metrics).write({"stage": "embed", "step": num_docs, "documents": num_docs,
-                                        "seconds": seconds, "device": device, "num_nodes": num_actors})
-    return {"documents": num_docs, "seconds": seconds, "device": device, "num_nodes": num_actors}
+    return _embedded(spec, paths, num_docs, started, "cuda" if gpu else "cpu", num_actors)
 
 
 # --- 3. k-means on the embeddings (a sample once the corpus is large) -----------------------------------------------
@@ -183,6 +194,14 @@ def cluster_stage(spec: JobSpec, paths: JobPaths, max_fit_documents: int = MAX_F
     assigned = embeddings.map_batches(assign_batch, fn_kwargs={"result": result, "fitted": fitted},
                                       batch_format="numpy", label_selector=label_selector(spec, tier))
     assigned.write_parquet(_fresh(storage / "clusters"), partition_cols=["cluster"])
+    fit_documents = count_rows(storage / "embeddings") if covers_all else len(result.assignments)
+    return _clustered(spec, paths, result, fit_documents, started)
+
+
+def _clustered(spec: JobSpec, paths: JobPaths, result: cluster.ClusterResult, fit_documents: int,
+               started: float) -> dict:
+    """Read the assignments back from the per-cluster shards and save OUTPUT/cluster/ (both paths end here)."""
+    storage = job_storage(spec)
     num_docs = count_rows(storage / "embeddings")
     assignments, inertia = collect_assignments(storage / "clusters", num_docs)
     full = cluster.ClusterResult(assignments, result.centroids, inertia, result.normalize, result.method)
@@ -195,8 +214,39 @@ def cluster_stage(spec: JobSpec, paths: JobPaths, max_fit_documents: int = MAX_F
 
     eval_assignments(spec, paths)
     seconds = time.perf_counter() - started
-    fit_documents = num_docs if covers_all else int(len(result.assignments))
     MetricsWriter(paths.metrics).write({"stage": "cluster", "step": 0, "sizes": full.sizes, "inertia": inertia,
                                         "seconds": seconds, "device": "cpu", "fit_documents": fit_documents})
     return {"sizes": full.sizes, "inertia": inertia, "method": full.method, "seconds": seconds, "device": "cpu",
             "fit_documents": fit_documents, "shards": str(storage / "clusters"), "num_nodes": 1}
+
+
+# --- a corpus of one shard: every data stage in one process ----------------------------------------------------------
+
+
+def embed_in_process(spec: JobSpec, paths: JobPaths, embedder) -> dict:
+    """`embed_stage`'s outputs (corpus and embedding shards, metrics line) from `embedder` in this process."""
+    from ray.data.extensions import ArrowTensorArray
+
+    started = time.perf_counter()
+    storage = job_storage(spec)
+    num_docs = index_corpus(paths.data / "train.jsonl", storage / "corpus")
+    corpus = pads.dataset(str(storage / "corpus"), format="parquet").to_table().sort_by("doc_id")
+    vectors_ND = embedder(corpus["text"].to_pylist())
+    out = Path(_fresh(storage / "embeddings"))
+    out.mkdir(parents=True)
+    pq.write_table(corpus.append_column("embedding", ArrowTensorArray.from_numpy(vectors_ND)),
+                   out / "embeddings-0000000000.parquet")
+    return _embedded(spec, paths, num_docs, started, str(embedder.device.type), 1)
+
+
+def cluster_in_process(spec: JobSpec, paths: JobPaths) -> dict:
+    """`cluster_stage`'s outputs with the fit, the assignment and the shard writes in this process."""
+    started = time.perf_counter()
+    storage = job_storage(spec)
+    table = pads.dataset(str(storage / "embeddings"), format="parquet").to_table().sort_by("doc_id")
+    batch = {"doc_id": table["doc_id"].to_numpy(), "text": table["text"].to_pylist(),
+             "embedding": np.concatenate([chunk.to_numpy() for chunk in table["embedding"].chunks])}
+    result = cluster.fit_clusters(batch["embedding"], spec.cluster, spec.model.num_experts, spec.seed)
+    assigned = assign_batch(batch, result, result.assignments)  # the fit saw every document, in doc_id order
+    pq.write_to_dataset(pa.table(assigned), _fresh(storage / "clusters"), partition_cols=["cluster"])
+    return _clustered(spec, paths, result, len(batch["doc_id"]), started)

@@ -6,13 +6,20 @@
 `RayRunner` is `moedisco.runner.LocalRunner` with one method replaced: `stage` keeps its skip-if-done, budget,
 events, cost ledger and stage markers, but swaps the in-process work for its Ray placement:
 
-| stage          | where it runs                                                              |
-| prepare/source | a Ray task                                                                 |
-| embed, cluster | Ray Data on the cheap tier (`ray_cluster.data`)                            |
-| warmup         | a TorchTrainer on the cheap tier (when `branch.warmup_steps` > 0)          |
-| submodel       | one TorchTrainer per expert on the cheap tier, all queued at the first     |
-| merge          | a Ray task on the cheap tier, reading the submodels from storage           |
-| finetune       | a TorchTrainer on the expensive tier (also the full-parameter baseline)    |
+| stage          | where it runs                                                                  |
+| prepare/source | a Ray task                                                                     |
+| embed, cluster | Ray Data on the cheap tier (`ray_cluster.data`)                                |
+| one-shard data | prepare, embed, cluster and source in one `DataWorker` actor on the cheap tier |
+| warmup         | a Ray Train trainer on the cheap tier (when `branch.warmup_steps` > 0)         |
+| submodel       | one Ray Train trainer per expert on the cheap tier, all queued at the first    |
+| merge          | a Ray task on the cheap tier, reading the submodels from storage               |
+| finetune       | a Ray Train trainer on the expensive tier (also the full-parameter baseline)   |
+
+A MoE-DisCo job whose train split fits one shard (`ray_cluster.prestart.fits_one_process`: known from
+`data.max_documents` before prepare, else counted after it) runs its data stages in one process. That data worker
+and the trainers' launcher are started with the job (`ray_cluster.prestart`, by the service before it even imports
+this module), so their imports overlap the job's own start; the worker is stopped before the first training stage,
+which frees its node.
 
 Re-running a job whose driver died skips finished stages (their markers) and resumes the interrupted one from its
 checkpoints. Events are the local runner's plus `{"event": "expert_state", "expert": k, "state": "waiting" |
@@ -32,11 +39,11 @@ from moedisco import pipeline as stages
 from moedisco.config import JobSpec, TierConfig
 from moedisco.metrics import MetricsWriter
 from moedisco.runner import LocalRunner
-from ray_cluster import data
+from ray_cluster import data, prestart
 from ray_cluster.cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster
+from ray_cluster.placement import label_selector, on_driver_node, tier_nodes, tier_of
 from ray_cluster.progress import ConsoleProgress
 from ray_cluster.tracking import JobCancelled, Tracker
-from ray_cluster.placement import label_selector, on_driver_node, tier_nodes, tier_of
 from ray_cluster.trainers import build_trainer, num_workers
 
 Events = Callable[[dict], None]
@@ -50,6 +57,7 @@ class RayRunner(LocalRunner):
         self.submodels_launched = False
         self.events = self._without_late_starts(self.events)
         self.tracker = Tracker(self.events, should_stop)
+        self.data_worker = None
 
     def _without_late_starts(self, emit: Events) -> Events:
         # Submodel trainers all start at once, and their "stage_started" is sent then; the base class sends it
@@ -63,6 +71,8 @@ class RayRunner(LocalRunner):
 
     def stage(self, name: str, tier: TierConfig | None, work: Callable[[], dict], expert: int | None = None) -> dict:
         """The base class's stage bookkeeping around the stage's Ray placement (`work`, in process, is not run)."""
+        if name not in prestart.DATA_STAGES:
+            self.stop_data_worker()  # its node is the first trainer's
         if name == "submodel" and not self.submodels_launched:
             self.launch_submodels()
         # The base class records the stage's cost with the node and node count from its summary.
@@ -73,7 +83,13 @@ class RayRunner(LocalRunner):
         cheap = label_selector(spec, spec.resources.submodel_tier)
         if name in ("prepare", "source"):
             work = stages.stage_prepare if name == "prepare" else stages.stage_source
+            if self.data_worker is not None:
+                return self.on_data_worker(name, "run", work, spec, paths)
             return self.remote((name, None), work, spec, paths)
+        if name in ("embed", "cluster") and self.data_worker is None and prestart.data_stages_in_one_process(spec):
+            self.data_worker = prestart.start_data_worker(spec)  # the corpus's size was known only after prepare
+        if name in ("embed", "cluster") and self.data_worker is not None:
+            return self.on_data_worker(name, name, spec, paths)
         if name == "embed":
             num_nodes = len(tier_nodes(spec, spec.resources.submodel_tier))
             return self.remote((name, None), data.embed_stage, spec, paths, num_nodes, options=on_driver_node())
@@ -87,6 +103,21 @@ class RayRunner(LocalRunner):
             return self.trainer_result(name, expert)
         self.launch_trainer(name)
         return self.trainer_result(name, None)
+
+    def on_data_worker(self, name: str, method: str, *args) -> dict:
+        self.tracker.submit((name, None), getattr(self.data_worker, method).remote(*args), actor=self.data_worker)
+        return self.tracker.wait((name, None))
+
+    def stop_data_worker(self) -> None:
+        if self.data_worker is not None:
+            ray.kill(self.data_worker)
+            self.data_worker = None
+
+    def prestart(self) -> None:
+        """Adopt the helpers started for this job (`ray_cluster.prestart`), else start them now."""
+        helpers = prestart.take_prestarted(self.spec) or prestart.start_helpers(self.spec)
+        self.tracker.adopt_launcher(helpers.launcher)
+        self.data_worker = helpers.data_worker
 
     def remote(self, key, function, *args, options: dict | None = None) -> dict:
         ref = ray.remote(function).options(max_retries=0, **(options or {"num_cpus": 1})).remote(*args)
@@ -126,8 +157,10 @@ class RayRunner(LocalRunner):
 
     def run(self) -> dict:
         try:
+            self.prestart()
             return super().run()
         finally:
+            self.stop_data_worker()
             self.tracker.close()  # after an error or a cancel nothing of this job keeps running
 
 

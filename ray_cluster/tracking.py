@@ -71,18 +71,26 @@ class Tracker:
         self.states: dict[Key, str] = {}
         self.first_start: dict[Key, float] = {}
         self.attempts: dict[Key, int] = {}
+        self.actors: dict[Key, ray.actor.ActorHandle] = {}
 
     @property
     def launcher(self):
         """The actor whose threads run this job's `trainer.fit()` calls; started on first use."""
         if self._launcher is None:
-            from ray_cluster.trainers import TrainerLauncher
+            from ray_cluster.prestart import start_launcher
 
-            self._launcher = TrainerLauncher.options(**on_driver_node()).remote()
+            self._launcher = start_launcher()
         return self._launcher
 
-    def submit(self, key: Key, ref: ray.ObjectRef) -> None:
+    def adopt_launcher(self, launcher) -> None:
+        """Use a launcher started ahead of time (`ray_cluster.prestart`); killed with the job's trainers."""
+        self._launcher = launcher
+
+    def submit(self, key: Key, ref: ray.ObjectRef, actor=None) -> None:
+        """Track a task's result, or an actor method's (`actor`: cancelling kills that actor)."""
         self.pending[key] = ref
+        if actor is not None:
+            self.actors[key] = actor
 
     def enqueue(self, key: Key, start: Callable[[], ray.ObjectRef], slots: Callable[[], int]) -> None:
         """Queue a trainer; `start()` submits it once fewer than `slots()` trainers of its stage are running."""
@@ -121,6 +129,7 @@ class Tracker:
                 break
             self.pump()
         summary = ray.get(self.pending.pop(key))
+        self.actors.pop(key, None)
         self.pump()  # events the worker pushed just before returning
         if key in self.trainers:
             self.set_state(key, "done")
@@ -166,8 +175,11 @@ class Tracker:
             ray.kill(self._launcher)  # its fit() threads own the controllers of any trainer that did not stop
             self._launcher = None
         task_refs = [ref for key, ref in self.pending.items() if key not in self.trainers]
-        for ref in task_refs:
-            ray.cancel(ref, force=True, recursive=True)
+        for key, ref in self.pending.items():
+            if key in self.actors:
+                ray.kill(self.actors.pop(key))  # force-cancelling is for tasks; an actor method stops with it
+            elif key not in self.trainers:
+                ray.cancel(ref, force=True, recursive=True)
         if task_refs:
             ray.wait(task_refs, num_returns=len(task_refs), timeout=RAY_CALL_TIMEOUT_S)
         for key in self.pending:

@@ -1,30 +1,36 @@
 """Ray Train trainers for the training stages, pinned to a tier by node label, all run side by side.
 
-    launcher = TrainerLauncher.options(**on_driver_node()).remote()
+    launcher = TrainerLauncher.options(**on_driver_node()).remote()   # ray_cluster.prestart
     ref = launcher.fit.remote(build_trainer(spec, "submodel", expert=2, events=queue))   # -> stage summary
 
-Each trainer is a `TorchTrainer` whose workers carry `label_selector={label_key: tier.label}`, whose `RunConfig` is
+Each trainer is a Ray Train trainer (a `TorchTrainer`; with a single worker a `DataParallelTrainer`, see below)
+whose workers carry `label_selector={label_key: tier.label}`, whose `RunConfig` is
 `storage_path=<resources.storage_path or output_dir>, name=<job>/<stage>[_<expert>]`, and whose `FailureConfig`
 restarts a failed worker group up to `resources.max_failures` times, from the latest reported checkpoint.
 
+A `TorchTrainer` adds one thing to a `DataParallelTrainer`: a torch.distributed process group across its workers,
+which data parallelism needs (`workers_per_expert` > 1, several fine-tune devices). A single worker never uses it,
+and setting it up costs the trainer's controller a torch import and its worker a process group: a trainer of a
+trivial function took 9.6 s to start and finish as a `TorchTrainer` and 6.4 s without (two busy cores). So
+single-worker trainers go without it (`DataParallelTrainer` is Ray Train's base class, a DeveloperAPI).
+
 All of a job's `fit()` calls run as threads of one launcher actor on the driver's node (Ray Train V2 runs `fit` off
-the main thread, as Tune does), so submitting every expert at once costs one process, not one per expert. Ray then
-places each trainer's workers as cheap nodes free up, or as the autoscaler adds them: the elastic part. While too
-few nodes are free a trainer's placement group stays pending; Ray Train V2 retries such a start timeout without
-charging `max_failures`. Killing the launcher kills the trainers' controllers, which own the workers: a cancel.
+the main thread, as Tune does), so submitting every expert at once costs one process, not one per expert; the job
+starts it with itself (`ray_cluster.prestart`), so its imports are done by the first trainer. Ray then places each
+trainer's workers as cheap nodes free up, or as the autoscaler adds them: the elastic part. While too few nodes are
+free a trainer's placement group stays pending; Ray Train V2 retries such a start timeout without charging
+`max_failures`. Killing the launcher kills the trainers' controllers, which own the workers: a cancel.
 """
 
 from __future__ import annotations
 
-import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from moedisco.config import JobSpec
 from ray_cluster.placement import label_selector, run_name, storage_root, tier_has_gpu, tier_of
 from ray_cluster.worker import train_func
-
-MAX_CONCURRENT_TRAINERS = 256
 
 
 def num_workers(spec: JobSpec, stage: str) -> int:
@@ -43,7 +49,7 @@ def scaling_config(spec: JobSpec, stage: str) -> ScalingConfig:
                          label_selector=label_selector(spec, tier))
 
 
-def build_trainer(spec: JobSpec, stage: str, expert: int | None = None, events=None) -> TorchTrainer:
+def build_trainer(spec: JobSpec, stage: str, expert: int | None = None, events=None) -> DataParallelTrainer:
     train_cfg = spec.submodel if stage == "warmup" else getattr(spec, stage)  # the warm-up trains with submodel's
     run_config = RunConfig(
         name=run_name(spec, stage, expert), storage_path=str(storage_root(spec)),
@@ -51,15 +57,6 @@ def build_trainer(spec: JobSpec, stage: str, expert: int | None = None, events=N
         checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.keep_checkpoints),
     )
     config = {"spec": spec, "stage": stage, "expert": expert, "events": events}
-    return TorchTrainer(train_func, train_loop_config=config, scaling_config=scaling_config(spec, stage),
-                        run_config=run_config)
-
-
-@ray.remote(max_concurrency=MAX_CONCURRENT_TRAINERS)
-class TrainerLauncher:
-    def fit(self, trainer: TorchTrainer) -> dict:
-        """Run the trainer to the end; rank 0's stage summary (the train function's return value)."""
-        result = trainer.fit()
-        if result.error is not None:
-            raise result.error
-        return result.return_value
+    trainer = TorchTrainer if num_workers(spec, stage) > 1 else DataParallelTrainer
+    return trainer(train_func, train_loop_config=config, scaling_config=scaling_config(spec, stage),
+                   run_config=run_config)

@@ -50,6 +50,17 @@ def _stop_at_stage_boundaries(events: Callable[[dict], None], should_stop: Shoul
     return wrapped
 
 
+def prestart_ray_helpers(spec: JobSpec) -> None:
+    """Start the job's Ray helpers (trainers' launcher, data worker) before this process's heavy imports (the
+    estimate's, the runner's), so that theirs run alongside; the Ray runner adopts them."""
+    try:
+        from ray_cluster.prestart import prestart_job
+
+        prestart_job(spec)
+    except Exception as error:  # the runner starts them itself, or reports what is wrong with Ray
+        log.warning("job %s: helpers not started ahead (%s)", spec.name, error)
+
+
 def record_estimate(store: Store, job_id: str, spec: JobSpec) -> None:
     """The FLOP-model estimate (with its full-parameter baseline), computed here so the API never loads models."""
     try:
@@ -70,6 +81,8 @@ def execute_job(store: Store, job_id: str, runner: str) -> str | None:
         spec = build_spec(job.spec)
     except SpecError as error:  # a spec stored by an older moedisco that this one no longer accepts
         return _finish(store, job_id, recorder, "failed", str(error))
+    if runner == "ray":
+        prestart_ray_helpers(spec)
     if job.estimate is None:
         record_estimate(store, job_id, spec)
     state, reason, result = run_to_outcome(spec, runner, recorder, lambda: store.is_cancel_requested(job_id))

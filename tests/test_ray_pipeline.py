@@ -5,12 +5,16 @@ One job runs through every property the Ray layer promises, to pay for Ray's pro
 2. it is run again, as after a dead driver: finished stages are skipped, the interrupted experts resume, and one
    training worker is SIGKILLed mid-stage (Ray Train must restart it from its last checkpoint);
 3. the same spec runs in process with the local runner, for the comparison.
+
+The tiny corpus fits one shard, so the job runs its data stages in one `DataWorker` process; Ray Data's path is run
+on the same prepared data too, and both must give the local runner's clusters.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import time
@@ -24,8 +28,10 @@ from moedisco.config import build_spec
 from moedisco.metrics import read_metrics
 from moedisco.pipeline import JobPaths, stage_result
 from moedisco.runner import LocalRunner
+from ray_cluster import data
 from ray_cluster.cluster import LocalClusterSpec, describe_nodes, start_local_cluster, stop_local_cluster
 from ray_cluster.orchestrate import run_job_on_ray
+from ray_cluster.placement import on_driver_node
 from ray_cluster.tracking import JobCancelled
 from tests.conftest import tiny_spec_dict
 
@@ -33,7 +39,7 @@ pytestmark = pytest.mark.slow
 
 # 40 steps give the driver time to act between a trainer's first progress report and its end.
 TRAIN = {"steps": 40, "checkpoint_every": 4, "eval_every": 4}
-TRAINER_ACTORS = ("RayTrainWorker", "TrainController", "TrainerLauncher")
+TRAINER_ACTORS = ("RayTrainWorker", "TrainController", "TrainerLauncher", "DataWorker")
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +221,31 @@ def test_outputs_and_shards(job):
     assert (job["paths"].final / "config.json").is_file()
     shards = sorted(p.name for p in (job["spec"].output_dir / job["spec"].name / "clusters").iterdir())
     assert shards == [f"cluster={k}" for k in range(4)]
+
+
+def test_one_shard_corpus_skips_ray_data_and_both_paths_agree(job, tmp_path_factory):
+    embed_records = read_metrics(job["paths"].metrics, "embed")
+    assert embed_records and all(r["num_nodes"] == 1 for r in embed_records)  # one DataWorker, no actor pool
+    assert len(list((job["spec"].output_dir / job["spec"].name / "embeddings").glob("*.parquet"))) == 1
+    spec = build_spec(tiny_spec_dict(tmp_path_factory.mktemp("ray-data") / "job", submodel=TRAIN))
+    paths = JobPaths(spec.output_dir)
+    shutil.copytree(job["paths"].data, paths.data)  # the same prepared corpus, through Ray Data this time
+    where = on_driver_node()
+    ray.get(ray.remote(data.embed_stage).options(**where).remote(spec, paths, 2))
+    ray.get(ray.remote(data.cluster_stage).options(**where).remote(spec, paths))
+    one_process, ray_data = (ClusterResult.load(p.clusters) for p in (job["paths"], paths))
+    np.testing.assert_array_equal(one_process.assignments, ray_data.assignments)
+    assert one_process.inertia == pytest.approx(ray_data.inertia, rel=1e-6)
+    shards = sorted(p.name for p in (spec.output_dir / spec.name / "clusters").iterdir())
+    assert shards == [f"cluster={k}" for k in range(spec.model.num_experts)]
+
+
+def test_single_worker_trainers_go_without_a_process_group(ray_cluster, tiny_spec_factory):
+    """A TorchTrainer only adds a torch.distributed group; one worker never uses it, and it costs seconds."""
+    from ray.train.torch import TorchTrainer
+
+    from ray_cluster.trainers import build_trainer
+
+    alone = build_trainer(tiny_spec_factory(), "submodel", 0)
+    data_parallel = build_trainer(tiny_spec_factory(resources={"workers_per_expert": 2}), "submodel", 0)
+    assert not isinstance(alone, TorchTrainer) and isinstance(data_parallel, TorchTrainer)

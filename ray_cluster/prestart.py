@@ -1,0 +1,131 @@
+"""The processes a job on Ray will need, started before its driver has imported the stages (light to import on
+purpose: Ray and the spec only), so that their start-ups and imports overlap the driver's own.
+
+    prestart_job(spec)                       # e.g. the service's job actor, first thing
+    helpers = take_prestarted(spec)          # RayRunner: the handles started above, else None
+    helpers = start_helpers(spec)            # RayRunner, when nothing was started ahead
+
+- `TrainerLauncher`: the actor whose threads run the job's `trainer.fit()` calls (`ray_cluster.trainers`); it
+  imports torch when it starts, which unpickling the first trainer would otherwise do then.
+- `DataWorker`: for a MoE-DisCo job whose train split fits one shard (`fits_one_process`), one actor on the cheap
+  tier that runs the data stages in one process: prepare and source as they are, embed and cluster through
+  `ray_cluster.data.embed_in_process` / `cluster_in_process` (Ray Data's own start-up would cost more than the
+  work). It imports moedisco's stages when it starts and loads the embedding model once.
+
+A started helper belongs to the process that started it: if that process ends, Ray ends the helpers with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from moedisco.config import JobSpec
+from ray_cluster.placement import label_selector, on_driver_node, tier_has_gpu
+
+MAX_CONCURRENT_TRAINERS = 256
+ONE_PROCESS_MAX_DOCUMENTS = 4096  # ray_cluster.data.ROWS_PER_SHARD: Ray Data would embed it with one actor anyway
+DATA_STAGES = ("prepare", "embed", "cluster", "source")
+
+
+@ray.remote(max_concurrency=MAX_CONCURRENT_TRAINERS)
+class TrainerLauncher:
+    def __init__(self):
+        # Unpickling the first trainer imports torch (its backend config): done here, while the job's first
+        # stages run, rather than when the first trainer is due (seconds on a busy machine).
+        import torch  # noqa: F401
+
+    def fit(self, trainer) -> dict:
+        """Run the trainer to the end; rank 0's stage summary (the train function's return value)."""
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+        return result.return_value
+
+
+class DataWorker:
+    """One process on the cheap tier for the data stages of a one-shard corpus (`start_data_worker`)."""
+
+    def __init__(self):
+        from moedisco import pipeline  # noqa: F401  (torch, transformers, scikit-learn: once, here)
+
+        self.embedder = None
+
+    def run(self, function, *args):
+        return function(*args)
+
+    def embed(self, spec: JobSpec, paths) -> dict:
+        from ray_cluster.data import embed_in_process
+
+        if self.embedder is None:
+            from moedisco.embed import Embedder
+
+            self.embedder = Embedder(spec.embed)
+        return embed_in_process(spec, paths, self.embedder)
+
+    def cluster(self, spec: JobSpec, paths) -> dict:
+        from ray_cluster.data import cluster_in_process
+
+        return cluster_in_process(spec, paths)
+
+
+def fits_one_process(num_documents: int | None) -> bool:
+    return num_documents is not None and num_documents <= ONE_PROCESS_MAX_DOCUMENTS
+
+
+def train_documents(spec: JobSpec) -> int | None:
+    """Documents in the train split: counted once prepare has written it, else at most `data.max_documents`."""
+    train = Path(spec.output_dir) / "data" / "train.jsonl"  # moedisco.pipeline.JobPaths(...).data
+    if train.is_file():
+        with train.open() as handle:
+            return sum(1 for line in handle if line.strip())
+    return spec.data.max_documents
+
+
+def data_stages_in_one_process(spec: JobSpec) -> bool:
+    return spec.method != "full_parameter" and fits_one_process(train_documents(spec))
+
+
+def data_stages_pending(spec: JobSpec) -> bool:
+    markers = Path(spec.output_dir) / "stages"  # moedisco.pipeline.JobPaths(...).marker(stage).parent
+    return any(not (markers / f"{stage}.json").is_file() for stage in DATA_STAGES)
+
+
+def start_data_worker(spec: JobSpec):
+    """The data worker, placed like the Ray Data path's embedding actors: one cheap node (and its GPU, if any)."""
+    tier = spec.resources.submodel_tier
+    return ray.remote(DataWorker).options(
+        num_cpus=1, num_gpus=int(tier_has_gpu(spec, tier)), label_selector=label_selector(spec, tier),
+        max_restarts=0).remote()
+
+
+def start_launcher():
+    return TrainerLauncher.options(**on_driver_node()).remote()
+
+
+@dataclass
+class Helpers:
+    launcher: Any
+    data_worker: Any | None
+
+
+_started: dict[str, Helpers] = {}
+
+
+def start_helpers(spec: JobSpec) -> Helpers:
+    """The job's launcher and, when its data stages will run in one process and some are left, the data worker."""
+    worker = start_data_worker(spec) if data_stages_in_one_process(spec) and data_stages_pending(spec) else None
+    return Helpers(start_launcher(), worker)
+
+
+def prestart_job(spec: JobSpec) -> Helpers:
+    """`start_helpers`, kept for the job's runner to `take_prestarted` (in this process)."""
+    helpers = _started[str(Path(spec.output_dir).resolve())] = start_helpers(spec)
+    return helpers
+
+
+def take_prestarted(spec: JobSpec) -> Helpers | None:
+    return _started.pop(str(Path(spec.output_dir).resolve()), None)
