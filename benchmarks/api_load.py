@@ -15,8 +15,9 @@ submits examples/tiny.yaml. Then:
      clients / throughput, whatever the server does;
    - `paced` (a dashboard or `moedisco status --follow`): every client sends one request every `--interval`
      seconds on a fixed schedule (clients staggered over the interval). Latency is counted from the *scheduled*
-     send time, so a service that falls behind shows it (no coordinated omission); `late` counts requests that
-     could not be sent on time because the client's previous one had not answered yet;
+     send time, so a service that falls behind shows it (no coordinated omission); `late` counts requests sent
+     more than 10 ms after their time (the client's previous one had not answered, or the load generator itself
+     got no CPU in time), and `all_from_send` times the same requests from when they were actually sent;
 3. **idle**: the same two phases once the job has finished (the service idle, the machine not training).
 
 Each phase records the machine's load average (1/5/15 min) before and after, and the job's state and stage. Only
@@ -130,7 +131,8 @@ async def _closed_loop_client(http, paths, first, until, records, budget):
         path = paths[turn % len(paths)]
         sent = time.perf_counter()
         status_code = await _get(http, path)
-        records.append((path, time.perf_counter() - sent, status_code, False))
+        done = time.perf_counter()
+        records.append((path, done - sent, status_code, False, done - sent))
         turn += 1
 
 
@@ -140,10 +142,12 @@ async def _paced_client(http, paths, first, start, interval_s, until, records):
         delay = scheduled - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        late = time.perf_counter() - scheduled > 0.010  # the previous request of this client was still out
+        sent = time.perf_counter()
+        late = sent - scheduled > 0.010  # the previous request was still out, or this process got no CPU in time
         path = paths[(first + turn) % len(paths)]
         status_code = await _get(http, path)
-        records.append((path, time.perf_counter() - scheduled, status_code, late))
+        done = time.perf_counter()
+        records.append((path, done - scheduled, status_code, late, done - sent))
         turn += 1
 
 
@@ -182,6 +186,8 @@ def run_phase(url: str, job_id: str, clients: int, seconds: float, interval_s: f
     for path in paths:
         result[path.replace(job_id, "{id}")] = _summary([r[1] for r in records if r[0] == path])
     result["all"] = _summary([r[1] for r in records])
+    if interval_s is not None:  # the same requests timed from when they were actually sent
+        result["all_from_send"] = _summary([r[4] for r in records])
     result["requests_per_s"] = round(len(records) / elapsed, 1)
     result["errors"] = sum(1 for r in records if r[2] != 200)
     if interval_s is not None:

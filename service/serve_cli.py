@@ -11,6 +11,7 @@ binds to 127.0.0.1 whatever --host says, and prints that it does.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -24,6 +25,13 @@ from service.core.config import Settings
 PROXY_NICENESS_CHECK_S = 30.0
 
 
+# Set in the environment of the cluster this command starts, so Serve's processes inherit it: requests go from the
+# HTTP proxy to the replica over gRPC instead of Ray actor calls, which took the proxy and the replica together 3 ms
+# of CPU per request instead of 5 (measured on two cores; the transport of Ray's RAY_SERVE_THROUGHPUT_OPTIMIZED).
+# A cluster started elsewhere (--address, KubeRay) needs it in its own nodes' environment.
+SERVE_ENV = {"RAY_SERVE_PROXY_USE_GRPC": "1"}
+
+
 def _connect_ray(settings: Settings, address: str | None) -> bool:
     """Join the cluster at `address`, else start a local one; True when this process started it (and stops it).
 
@@ -31,6 +39,9 @@ def _connect_ray(settings: Settings, address: str | None) -> bool:
     the runner places stages by; the local runner needs no labels."""
     import ray
 
+    if not address:
+        for key, value in SERVE_ENV.items():
+            os.environ.setdefault(key, value)
     if address:
         ray.init(address=address, namespace=settings.ray_namespace)
         return False
