@@ -15,9 +15,10 @@ redeployed without touching them; the new dispatcher reconciles.
 
 Serve options come from Settings: `serve_max_ongoing_requests` per replica, `serve_access_log` (Serve's per-request
 log line), and `api_niceness`: Ray starts every worker process at niceness 15 (RAY_worker_niceness), the same as
-the training workers, so on a node that also trains (a laptop, the local simulated cluster) the API would get a
-third of a core among two trainers. The replicas move themselves to `api_niceness` (default 0, the niceness of any
-ordinary server); lowering a niceness needs CAP_SYS_NICE, and without it the replica says so and keeps Ray's.
+the training workers, so on a node that also trains (a laptop, the local simulated cluster) each request waits
+its turn behind them (paced p99 86-105 ms at 15, 21-39 ms at 0, measured beside two niceness-15 CPU hogs on two
+cores). The replicas move themselves to `api_niceness` (default 0, the niceness of any ordinary server); lowering
+a niceness needs CAP_SYS_NICE, and without it the replica says so and keeps Ray's.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ bearer = HTTPBearer(auto_error=False, description="MOEDISCO_API_TOKEN, sent as `
 
 
 async def require_token(request: Request, settings: SettingsDep,
-                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+                        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
     token = settings.api_token
     if token is None:
         # No token configured: the service is open, so only this machine may use it (it also binds to loopback,
