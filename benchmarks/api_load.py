@@ -20,7 +20,9 @@ submits examples/tiny.yaml. Then:
      got no CPU in time), and `all_from_send` times the same requests from when they were actually sent;
 3. **idle**: the same two phases once the job has finished (the service idle, the machine not training).
 
-Each phase records the machine's load average (1/5/15 min) before and after, and the job's state and stage. Only
+Each phase records the machine's load average (1/5/15 min) before and after, the job's state and stage, and how late
+the load generator's own event loop woke up (`client_loop_lag_ms`: on a saturated machine the generator waits for
+the CPU too, and that wait is inside every latency it reports). Only
 127.0.0.1 is contacted; every loop is bounded in count and time. Targets: p99 < 50 ms; < 10 s to the first
 submodel step. Prints one JSON object.
 """
@@ -151,10 +153,20 @@ async def _paced_client(http, paths, first, start, interval_s, until, records):
         turn += 1
 
 
+async def _heartbeat(until: float, lags: list[float], period_s: float = 0.01) -> None:
+    """How late this process's event loop wakes up: on a saturated machine the load generator itself waits for the
+    CPU, and that wait is in every latency it measures."""
+    while time.perf_counter() < until:
+        asked = time.perf_counter()
+        await asyncio.sleep(period_s)
+        lags.append(time.perf_counter() - asked - period_s)
+
+
 async def _load(url: str, paths: list[str], clients: int, seconds: float, interval_s: float | None) -> tuple:
     # aiohttp, not httpx: on two cores the load generator's own CPU time is taken from the service it measures,
     # and aiohttp's client needs several times less per request.
     records: list[tuple] = []
+    lags: list[float] = []
     connector = aiohttp.TCPConnector(limit=clients)
     async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as http:
         await asyncio.gather(*(_get(http, path) for path in paths))  # open a connection; warm the routes
@@ -166,16 +178,16 @@ async def _load(url: str, paths: list[str], clients: int, seconds: float, interv
         else:
             runs = [_paced_client(http, paths, i, start + i * interval_s / clients, interval_s, until, records)
                     for i in range(clients)]
-        await asyncio.gather(*runs)
+        await asyncio.gather(_heartbeat(until, lags), *runs)
         elapsed = time.perf_counter() - start
-    return records, elapsed
+    return records, elapsed, lags
 
 
 def run_phase(url: str, job_id: str, clients: int, seconds: float, interval_s: float | None) -> dict:
     paths = [f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/cost"]
     before = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=30).json()
     load_before = load_average()
-    records, elapsed = asyncio.run(_load(url, paths, clients, seconds, interval_s))
+    records, elapsed, lags = asyncio.run(_load(url, paths, clients, seconds, interval_s))
     load_after = load_average()
     after = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=30).json()
     result = {"mode": "closed_loop" if interval_s is None else "paced", "clients": clients, "seconds": seconds}
@@ -192,6 +204,8 @@ def run_phase(url: str, job_id: str, clients: int, seconds: float, interval_s: f
     result["errors"] = sum(1 for r in records if r[2] != 200)
     if interval_s is not None:
         result["late"] = sum(1 for r in records if r[3])
+    lag_ms = _summary(lags)
+    result["client_loop_lag_ms"] = {key: lag_ms[key] for key in ("p50_ms", "p99_ms", "max_ms")}
     result["load_average_before"], result["load_average_after"] = load_before, load_after
     result["job_before"] = {"state": before["state"], "stage": before["current_stage"]}
     result["job_after"] = {"state": after["state"], "stage": after["current_stage"]}
