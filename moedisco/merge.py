@@ -7,11 +7,10 @@
 Experts are concatenated along the expert axis; shared parameters are the weighted mean of the submodels' copies
 (WP-SGD weights gamma_k = n_k / sum n, or uniform 1/E), or, with `fisher`, the element-wise Fisher-weighted mean:
 an element a submodel's loss was not sensitive to (an embedding row of a token its cluster lacks) does not dilute
-the copies that learned something. Router rows come
-from the submodels (`concat`, the paper's choice), from a fresh initialisation (`random`), or from each cluster's
-mean hidden state (`centroid`, applied afterwards by `init_router_from_centroids`). The merge reads one tensor of
-one submodel at a time and writes shards as it goes, so its peak memory is about one shard plus the largest
-tensor, not E submodels.
+the copies that learned something. Router rows come from the submodels (`concat`, the paper's choice), from a
+fresh initialisation (`random`), or from each cluster's mean hidden state (`centroid`, applied afterwards by
+`init_router_from_centroids`). The merge reads one tensor of one submodel at a time and writes shards as it goes,
+so its peak memory is about one shard plus the largest tensor (plus a few more with `fisher`), not E submodels.
 """
 
 from __future__ import annotations
