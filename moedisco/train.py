@@ -124,14 +124,23 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(done, key=lambda d: int(d.name.split("_")[1]))
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, state: dict, spec_yaml: str | None, keep: int) -> Path:
-    final = run_dir / "checkpoints" / f"step_{state['step']:08d}"
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:08d}"
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, state: dict, spec_yaml: str | None, keep: int,
+                    moments: bool = False) -> Path:
+    """Weights, optimizer, RNG and loop state in `run_dir/checkpoints/step_N`; `moments` adds the second moments
+    (`second_moments`), which a synchronisation round averages with."""
+    final = checkpoint_dir(run_dir, state["step"])
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     save_file(unique_state_dict(model), partial / "model.safetensors", metadata={"format": "pt"})
     torch.save(optimizer.state_dict(), partial / "optimizer.pt")
     torch.save({"cpu": torch.get_rng_state(), "cuda": _cuda_rng()}, partial / "rng.pt")
+    if moments:
+        save_file(second_moments(model, optimizer), partial / SECOND_MOMENT_FILE, metadata={"format": "pt"})
     if spec_yaml is not None:
         (partial / "spec.yaml").write_text(spec_yaml)
     # trainer_state.json is written last and the folder renamed into place, so a crash mid-save never leaves a
@@ -171,12 +180,18 @@ def _local_batch(train_NL: torch.Tensor, step: int, cfg: TrainConfig, seed: int,
 def train(model, train_NL: torch.Tensor, eval_NL: torch.Tensor | None, cfg: TrainConfig, run_dir: Path, *,
           stage: str, seed: int, metrics: MetricsWriter, expert: int | None = None, spec_yaml: str | None = None,
           hooks: TrainHooks | None = None, progress: bool = True,
-          lr_scale: Callable[[str], float] | None = None, save_second_moment: bool = False) -> TrainResult:
+          lr_scale: Callable[[str], float] | None = None, save_second_moment: bool = False,
+          stop_at: int | None = None) -> TrainResult:
     """Train `model` in place for `cfg.steps` steps, resuming from `run_dir` when it holds a checkpoint.
 
     `save_second_moment` also writes AdamW's bias-corrected second moments next to the weights (see
     `second_moments`), which the merge can use as each submodel's diagonal Fisher estimate.
+    `stop_at` < `cfg.steps` ends the call at that step with a checkpoint there (with the second moments when
+    `save_second_moment`) and no final weights: the learning-rate schedule stays that of `cfg.steps`, and a
+    later call resumes from the checkpoint, which may have been edited in between (a synchronisation round).
     """
+    if stop_at is not None and not 0 < stop_at <= cfg.steps:
+        raise ValueError(f"stop_at {stop_at} is outside 1..{cfg.steps} (steps)")
     hooks = hooks or TrainHooks()
     done = finished_result(run_dir)
     if done is not None:
@@ -195,7 +210,11 @@ def train(model, train_NL: torch.Tensor, eval_NL: torch.Tensor | None, cfg: Trai
     net = hooks.wrap_model(model) if hooks.wrap_model else model
     loop = _Loop(net, model, optimizer, train_NL, eval_NL, cfg, run_dir, stage, seed, metrics, expert, spec_yaml,
                  hooks, device, state)
-    loop.run(progress)
+    end = stop_at or cfg.steps
+    loop.run(progress, end, moments_at_end=save_second_moment)
+    if end < cfg.steps:
+        return TrainResult(steps=state["step"], tokens=loop.tokens(state["step"]), seconds=state["seconds"],
+                           eval_loss=state["eval_loss"], resumed_from=resumed_from, device=str(device))
     result = TrainResult(steps=cfg.steps, tokens=loop.tokens(cfg.steps), seconds=state["seconds"],
                          eval_loss=state["eval_loss"], resumed_from=resumed_from, device=str(device))
     if hooks.rank == 0:
@@ -222,13 +241,14 @@ class _Loop:
     def tokens(self, step: int) -> int:
         return step * self.cfg.batch_size * self.train_NL.shape[1]
 
-    def run(self, progress: bool) -> None:
+    def run(self, progress: bool, end: int, moments_at_end: bool) -> None:
+        """Steps up to `end`; an `end` short of `cfg.steps` is checkpointed (with moments if asked)."""
         cfg = self.cfg
         bar = tqdm(total=cfg.steps, initial=self.state["step"], desc=self._label(), disable=not progress, leave=False)
         losses: list[float] = []
         if self.state["step"] == 0 and self.eval_NL is not None:
             self._log(0, None)  # the curve starts at the untrained (or freshly merged) model
-        while self.state["step"] < cfg.steps:
+        while self.state["step"] < end:
             started = time.perf_counter()
             losses.append(self._step(self.state["step"]))
             self.state["step"] += 1
@@ -238,8 +258,9 @@ class _Loop:
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 self._log(step, sum(losses) / len(losses))
                 losses = []
-            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                self._checkpoint()
+            round_end = step == end < cfg.steps
+            if (step % cfg.checkpoint_every == 0 and step < cfg.steps) or round_end:
+                self._checkpoint(moments=round_end and moments_at_end)
                 if self.hooks.should_stop and self.hooks.should_stop():
                     raise StopRequested(f"{self._label()} stopped at step {step}")
         bar.close()
@@ -283,9 +304,9 @@ class _Loop:
         if self.hooks.on_progress:
             self.hooks.on_progress(record)
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, moments: bool = False) -> None:
         if self.hooks.rank == 0:
             ckpt = save_checkpoint(self.run_dir, self.model, self.optimizer, dict(self.state), self.spec_yaml,
-                                   self.cfg.keep_checkpoints)
+                                   self.cfg.keep_checkpoints, moments)
             if self.hooks.on_checkpoint:
                 self.hooks.on_checkpoint(self.state["step"], ckpt)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from moedisco.config import TrainConfig
 from moedisco.metrics import MetricsWriter
 from moedisco.split import parameter_roles
-from moedisco.train import checkpoint_dirs, lr_multiplier, train
+from moedisco.train import SECOND_MOMENT_FILE, checkpoint_dir, checkpoint_dirs, lr_multiplier, train
 from tests.conftest import tiny_hf_config
 
 
@@ -45,10 +46,6 @@ def test_a_partial_checkpoint_is_never_resumed_from(tmp_path):
 
 
 def test_second_moments_are_saved_and_zero_for_unseen_tokens(tmp_path):
-    from safetensors.torch import load_file
-
-    from moedisco.train import SECOND_MOMENT_FILE
-
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_hf_config("qwen2_moe"))
     seqs = torch.randint(0, 50, (16, 16))  # tokens 50.. never occur: their embedding rows get no gradient
@@ -60,3 +57,44 @@ def test_second_moments_are_saved_and_zero_for_unseen_tokens(tmp_path):
     assert all((m >= 0).all() for m in moments.values())
     embedding = moments["model.embed_tokens.weight"].float()
     assert embedding[:50].sum() > 0 and torch.count_nonzero(embedding[50:]) == 0
+
+
+def _train_tiny(run_dir, steps: int, stop_at: int | None = None):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_hf_config("qwen2_moe"))
+    seqs = torch.randint(0, 97, (32, 16), generator=torch.Generator().manual_seed(1))
+    cfg = TrainConfig(steps=steps, batch_size=4, lr=1e-2, schedule="cosine", warmup_ratio=0.2, eval_every=2,
+                      checkpoint_every=4)
+    result = train(model, seqs, seqs[:4], cfg, run_dir, stage="submodel", seed=0,
+                   metrics=MetricsWriter(run_dir.parent / "m.jsonl"), progress=False, save_second_moment=True,
+                   stop_at=stop_at)
+    return model, result
+
+
+def test_stop_at_checkpoints_mid_schedule_and_a_resume_continues_it_exactly(tmp_path):
+    """A synchronisation round's contract: stopping at any step and resuming equals one uninterrupted run."""
+    straight, _ = _train_tiny(tmp_path / "straight", steps=10)
+    _, first = _train_tiny(tmp_path / "split", steps=10, stop_at=7)  # 7: not a checkpoint_every multiple
+    assert first.steps == 7 and not (tmp_path / "split" / "model.safetensors").exists()
+    ckpt = checkpoint_dir(tmp_path / "split", 7)
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / SECOND_MOMENT_FILE).is_file()
+    resumed, second = _train_tiny(tmp_path / "split", steps=10)
+    assert second.resumed_from == 7 and second.steps == 10
+    for name, tensor in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], tensor, msg=name)
+
+
+def test_a_resume_after_stop_at_starts_from_the_edited_checkpoint(tmp_path):
+    _train_tiny(tmp_path / "run", steps=6, stop_at=3)
+    ckpt = checkpoint_dir(tmp_path / "run", 3) / "model.safetensors"
+    state = load_file(ckpt)
+    state["model.norm.weight"] = torch.full_like(state["model.norm.weight"], 7.0)
+    save_file(state, ckpt)
+    model, result = _train_tiny(tmp_path / "run", steps=6, stop_at=4)
+    assert result.resumed_from == 3 and result.steps == 4
+    assert (model.state_dict()["model.norm.weight"] - 7.0).abs().max() < 0.1  # one step of lr 1e-2 from 7
+
+
+def test_stop_at_outside_the_run_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="stop_at 11 is outside 1..10"):
+        _train_tiny(tmp_path / "run", steps=10, stop_at=11)
