@@ -107,12 +107,39 @@ def _fisher_sum(name: str, handles: list, fisher_handles: list, weights: Sequenc
     return numerator.div_(denominator).to(tensor.dtype)
 
 
+def _shared_average(name: str, handles: list, weights: Sequence[float], fisher_handles: list | None) -> torch.Tensor:
+    # Parameters frozen while branching have no second moment; their copies are all equal anyway.
+    if fisher_handles is not None and name in fisher_handles[0].keys():
+        return _fisher_sum(name, handles, fisher_handles, weights)
+    return _weighted_sum(name, handles, weights)
+
+
+def _open_all(stack: ExitStack, submodels: Sequence[Path], weights: Sequence[float],
+              fisher: Sequence[Path] | None) -> tuple[list, list | None]:
+    if len(submodels) != len(weights):
+        raise ValueError(f"{len(submodels)} submodels but {len(weights)} weights")
+    if fisher is not None and len(fisher) != len(submodels):
+        raise ValueError(f"{len(submodels)} submodels but {len(fisher)} Fisher files")
+    handles = [stack.enter_context(safe_open(path, framework="pt")) for path in submodels]
+    fisher_handles = None if fisher is None else [stack.enter_context(safe_open(path, framework="pt"))
+                                                  for path in fisher]
+    return handles, fisher_handles
+
+
+def average_shared(roles: dict[str, Role], submodels: Sequence[Path], weights: Sequence[float],
+                   fisher: Sequence[Path] | None = None) -> dict[str, torch.Tensor]:
+    """The merge's average of every shared tensor the submodel files hold, as one state dict (the backbone)."""
+    with ExitStack() as stack:
+        handles, fisher_handles = _open_all(stack, submodels, weights, fisher)
+        stored = set(handles[0].keys())
+        return {name: _shared_average(name, handles, weights, fisher_handles)
+                for name, role in roles.items() if role == "shared" and name in stored}
+
+
 def _merged_tensor(name: str, role: Role, handles: list, weights: Sequence[float], router_init: str,
                    init_std: float, generator: torch.Generator, fisher_handles: list | None) -> torch.Tensor:
     if role == "shared":
-        if fisher_handles is not None:
-            return _fisher_sum(name, handles, fisher_handles, weights)
-        return _weighted_sum(name, handles, weights)
+        return _shared_average(name, handles, weights, fisher_handles)
     if role == "router" and router_init == "random":
         shape = (len(handles), *handles[0].get_slice(name).get_shape()[1:])
         return torch.randn(shape, generator=generator) * init_std
@@ -129,25 +156,16 @@ def merge_submodels(source: Path, submodels: Sequence[Path], weights: Sequence[f
     """
     config = read_config(source)
     roles = parameter_roles(config)
-    if len(submodels) != len(weights):
-        raise ValueError(f"{len(submodels)} submodels but {len(weights)} weights")
-    if fisher is not None and len(fisher) != len(submodels):
-        raise ValueError(f"{len(submodels)} submodels but {len(fisher)} Fisher files")
-    out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
-    writer = ShardWriter(out, max_shard_bytes)
     with ExitStack() as stack:
-        handles = [stack.enter_context(safe_open(path, framework="pt")) for path in submodels]
-        fisher_handles = None if fisher is None else [stack.enter_context(safe_open(path, framework="pt"))
-                                                      for path in fisher]
+        handles, fisher_handles = _open_all(stack, submodels, weights, fisher)
+        out.mkdir(parents=True, exist_ok=True)
+        writer = ShardWriter(out, max_shard_bytes)
         stored = set(handles[0].keys())
-        # Parameters frozen while branching have no second moment; their copies are all equal anyway.
-        with_fisher = set(fisher_handles[0].keys()) if fisher_handles else set()
         for name, role in roles.items():
             if name in stored:  # a tied lm_head is stored once, as the embedding
-                name_fisher = fisher_handles if name in with_fisher else None
                 writer.add(name, _merged_tensor(name, role, handles, list(weights), router_init,
-                                                config.initializer_range, generator, name_fisher))
+                                                config.initializer_range, generator, fisher_handles))
     writer.close()
     config.save_pretrained(out)
     return out
