@@ -23,8 +23,17 @@ class CostLedger:
         self.rows: list[dict] = json.loads(self.path.read_text())["stages"] if self.path.is_file() else []
 
     def record(self, stage: str, tier: TierConfig, seconds: float, device: str, expert: int | None = None,
-               node: str | None = None, num_devices: int | None = None) -> dict:
-        """Add (or, on a resumed run, replace) the row of `stage`/`expert` and rewrite cost.json."""
+               node: str | None = None, num_devices: int | None = None, round_index: int | None = None) -> dict:
+        """Add (or, on a resumed run, replace) the row of `stage`/`expert` and rewrite cost.json.
+
+        A stage that runs in synchronisation rounds keeps one row whose `seconds` add up its rounds (`rounds`:
+        seconds per round); recording a round again replaces that round's part.
+        """
+        rounds = None
+        if round_index is not None:
+            previous = next((r for r in self.rows if (r["stage"], r["expert"]) == (stage, expert)), {})
+            rounds = {**previous.get("rounds", {}), str(round_index): round(seconds, 3)}
+            seconds = sum(rounds.values())
         price = self.resources.prices[tier.device_type]
         devices = num_devices or tier.num_devices
         row = {
@@ -32,6 +41,7 @@ class CostLedger:
             "num_devices": devices, "seconds": round(seconds, 3), "device_hours": devices * seconds / 3600.0,
             "price_per_hour": price, "usd": devices * seconds / 3600.0 * price,
             "simulated": not device.startswith("cuda"), "device": device, "node": node,
+            **({"rounds": rounds} if rounds is not None else {}),
         }
         self.rows = [r for r in self.rows if (r["stage"], r["expert"]) != (stage, expert)] + [row]
         self._save()

@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-STAGES = ("embed", "cluster", "warmup", "submodel", "merge", "finetune", "full_parameter")
+STAGES = ("embed", "cluster", "warmup", "submodel", "sync", "merge", "finetune", "full_parameter")
 
 
 class MetricsWriter:

@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moedisco import cluster, data, embed, merge, split
+from moedisco import cluster, data, embed, merge, split, sync
 from moedisco.config import JobSpec
 from moedisco.evaluate import evaluate_loss, oracle_loss
 from moedisco.finetune import enable_router_loss, finetune, load_moe, save_final, train_full_parameter
 from moedisco.metrics import MetricsWriter
-from moedisco.train import SECOND_MOMENT_FILE, TrainHooks, train
+from moedisco.train import SECOND_MOMENT_FILE, TrainHooks, checkpoint_dir, train
 from moedisco.upcycle import upcycle_submodel
 
 log = logging.getLogger(__name__)
@@ -201,9 +201,30 @@ def cluster_eval_sequences(spec: JobSpec, paths: JobPaths) -> list[torch.Tensor]
     return [cluster_eval_sequence(spec, paths, k) for k in range(spec.model.num_experts)]
 
 
+def round_ends(spec: JobSpec) -> list[int]:
+    """The submodel step at which each synchronisation round ends (`branch.sync_rounds`); the last is the end."""
+    steps, rounds = spec.submodel.steps, spec.branch.sync_rounds
+    return [steps * (r + 1) // rounds for r in range(rounds)]
+
+
+def submodel_marker(spec: JobSpec, expert: int, round_index: int) -> str:
+    """Stage marker of one expert's round; the last round's is the plain `submodel_<k>` of a job without rounds."""
+    last = round_index == spec.branch.sync_rounds - 1
+    return f"submodel_{expert}" if last else f"submodel_{expert}_round_{round_index}"
+
+
 def stage_submodel(spec: JobSpec, paths: JobPaths, expert: int, metrics: MetricsWriter,
-                   hooks: TrainHooks | None = None, progress: bool = True) -> dict:
-    """Train submodel `expert` on its cluster; its weights end in submodels/<expert>/model.safetensors."""
+                   hooks: TrainHooks | None = None, progress: bool = True, round_index: int | None = None) -> dict:
+    """Train submodel `expert` on its cluster; its weights end in submodels/<expert>/model.safetensors.
+
+    With `branch.sync_rounds` > 1 this is called once per round (`round_index`, default the last): every round but
+    the last stops at a checkpoint at the round's end, for `stage_sync`. `seconds` is this round's training time.
+    """
+    rounds = spec.branch.sync_rounds
+    round_index = rounds - 1 if round_index is None else round_index
+    if not 0 <= round_index < rounds:
+        raise ValueError(f"round {round_index} out of range for branch.sync_rounds = {rounds}")
+    last = round_index == rounds - 1
     model = split.load_submodel(branch_point(spec, paths), expert)
     train_NL = load_corpus(paths, "train").pack(spec.data.sequence_length, cluster_doc_ids(paths, expert))
     roles = split.parameter_roles(split.read_config(paths.source))
@@ -212,11 +233,34 @@ def stage_submodel(spec: JobSpec, paths: JobPaths, expert: int, metrics: Metrics
                    stage="submodel", expert=expert, seed=spec.seed + expert, metrics=metrics,
                    spec_yaml=spec.to_yaml(), hooks=hooks, progress=progress,
                    lr_scale=lambda name: scale if roles[name] == "shared" else 1.0,
-                   save_second_moment=spec.merge.weighting == "fisher")
-    own_NL = cluster_eval_sequence(spec, paths, expert)
-    own_loss = evaluate_loss(model, own_NL, spec.submodel.batch_size, spec.submodel.eval_batches,
-                             next(model.parameters()).device) if len(own_NL) else None
-    return {"expert": expert, "sequences": len(train_NL), "cluster_eval_loss": own_loss, **result.__dict__}
+                   save_second_moment=spec.merge.weighting == "fisher",
+                   stop_at=None if last else round_ends(spec)[round_index])
+    before = (stage_result(paths, submodel_marker(spec, expert, round_index - 1))["train_seconds_total"]
+              if round_index > 0 else 0.0)
+    summary = {"expert": expert, "round": round_index, "sequences": len(train_NL), **result.__dict__,
+               "train_seconds_total": result.seconds, "seconds": max(0.0, result.seconds - before)}
+    if last:
+        own_NL = cluster_eval_sequence(spec, paths, expert)
+        summary["cluster_eval_loss"] = evaluate_loss(model, own_NL, spec.submodel.batch_size,
+                                                     spec.submodel.eval_batches,
+                                                     next(model.parameters()).device) if len(own_NL) else None
+    return summary
+
+
+def stage_sync(spec: JobSpec, paths: JobPaths, round_index: int, metrics: MetricsWriter) -> dict:
+    """Average the submodels' shared parameters at the end of round `round_index` (see `moedisco.sync`)."""
+    started = time.perf_counter()
+    step = round_ends(spec)[round_index]
+    checkpoints = [checkpoint_dir(paths.submodel(k), step) for k in range(spec.model.num_experts)]
+    sizes = cluster.ClusterResult.load(paths.clusters).sizes
+    fisher = spec.merge.weighting == "fisher"
+    weights = merge.averaging_weights(sizes, "samples" if fisher else spec.merge.weighting)
+    roles = split.parameter_roles(split.read_config(paths.source))
+    result = sync.sync_round(roles, checkpoints, weights, fisher, paths.root / "sync" / f"round_{round_index}.safetensors")
+    seconds = time.perf_counter() - started
+    metrics.write({"stage": "sync", "round": round_index, "step": step, "divergence": result["divergence"],
+                   "seconds": seconds, "device": "cpu"})
+    return {"round": round_index, "step": step, **result, "seconds": seconds, "device": "cpu"}
 
 
 def stage_merge(spec: JobSpec, paths: JobPaths, metrics: MetricsWriter) -> dict:

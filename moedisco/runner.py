@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 import yaml
+from pydantic import ValidationError
 
 from moedisco import pipeline as stages
 from moedisco.config import JobSpec, TierConfig
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 
 # Sections whose change makes earlier artifacts meaningless: resuming with them changed would mix two jobs.
 IDENTITY_SECTIONS = ("method", "data", "tokenizer", "embed", "cluster", "model", "branch", "seed")
+# What a job saved before a field existed did, where that differs from the field's default.
+BEFORE_FIELD_EXISTED = {("branch", "sync_rounds"): 1}
 
 
 def check_same_job(spec: JobSpec, paths: JobPaths) -> None:
@@ -33,6 +36,13 @@ def check_same_job(spec: JobSpec, paths: JobPaths) -> None:
     if not saved_path.is_file():
         return
     saved = yaml.safe_load(saved_path.read_text())
+    for (section, key), value in BEFORE_FIELD_EXISTED.items():
+        if isinstance(saved.get(section), dict):
+            saved[section].setdefault(key, value)
+    try:  # a spec saved by an older version lacks newer fields: compare with their defaults filled in
+        saved = JobSpec.model_validate(saved).model_dump(mode="json")
+    except ValidationError:
+        pass
     current = spec.model_dump(mode="json")
     changed = [key for key in IDENTITY_SECTIONS if saved.get(key) != current.get(key)]
     if changed:
@@ -55,23 +65,36 @@ class LocalRunner:
         return TrainHooks(on_progress=lambda record: self.events({"event": "progress", **record}),
                           should_stop=self.should_stop, extra=extra)
 
-    def stage(self, name: str, tier: TierConfig | None, work: Callable[[], dict], expert: int | None = None) -> dict:
-        """Run `work` unless the stage is done; record its cost and mark it done."""
-        marker = name if expert is None else f"{name}_{expert}"
+    def stage(self, name: str, tier: TierConfig | None, work: Callable[[], dict], expert: int | None = None,
+              round_index: int | None = None) -> dict:
+        """Run `work` unless the stage is done; record its cost and mark it done.
+
+        `round_index` is set for the stages that repeat per synchronisation round (submodels, sync); a round's
+        cost is added to the stage's row (`CostLedger.record`), and events carry `round`.
+        """
+        marker = self.marker(name, expert, round_index)
+        ids = {"stage": name, "expert": expert, **({} if round_index is None else {"round": round_index})}
         if stages.is_done(self.paths, marker):
-            self.events({"event": "stage_skipped", "stage": name, "expert": expert})
+            self.events({"event": "stage_skipped", **ids})
             return stages.stage_result(self.paths, marker)
         self.check_budget(name)
-        self.events({"event": "stage_started", "stage": name, "expert": expert})
+        self.events({"event": "stage_started", **ids})
         started = time.perf_counter()
         summary = work()
         seconds = summary.get("seconds", time.perf_counter() - started)
         if tier is not None:
             device = summary.get("device", "cpu")
             self.ledger.record(name, tier, seconds, device=device, expert=expert, node=summary.get("node"),
-                               num_devices=summary.get("num_nodes"))
-        self.events({"event": "stage_finished", "stage": name, "expert": expert, "summary": summary})
+                               num_devices=summary.get("num_nodes"), round_index=round_index)
+        self.events({"event": "stage_finished", **ids, "summary": summary})
         return stages.mark_done(self.paths, marker, summary)
+
+    def marker(self, name: str, expert: int | None, round_index: int | None) -> str:
+        if name == "submodel":
+            return stages.submodel_marker(self.spec, expert, self.spec.branch.sync_rounds - 1
+                                          if round_index is None else round_index)
+        base = name if expert is None else f"{name}_{expert}"
+        return base if round_index is None else f"{base}_{round_index}"
 
     def check_budget(self, stage: str) -> None:
         """Stop before a stage when the money spent, plus what a stage of the same kind cost last time
@@ -109,9 +132,15 @@ class LocalRunner:
         if spec.branch.warmup_steps > 0:
             self.stage("warmup", cheap, lambda: stages.stage_warmup(spec, paths, self.metrics, self.hooks(),
                                                                     self.progress))
-        for expert in range(spec.model.num_experts):
-            self.stage("submodel", cheap, lambda k=expert: stages.stage_submodel(
-                spec, paths, k, self.metrics, self.hooks(), self.progress), expert=expert)
+        rounds = spec.branch.sync_rounds
+        for round_index in range(rounds):
+            if round_index > 0:
+                self.stage("sync", cheap, lambda r=round_index - 1: stages.stage_sync(spec, paths, r, self.metrics),
+                           round_index=round_index - 1)
+            for expert in range(spec.model.num_experts):
+                self.stage("submodel", cheap, lambda k=expert, r=round_index: stages.stage_submodel(
+                    spec, paths, k, self.metrics, self.hooks(), self.progress, r), expert=expert,
+                    round_index=round_index if rounds > 1 else None)
         self.stage("merge", cheap, lambda: stages.stage_merge(spec, paths, self.metrics))
         self.stage("finetune", dear, lambda: stages.stage_finetune(
             spec, paths, self.metrics, self.hooks(), self.progress))

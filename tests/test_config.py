@@ -40,6 +40,7 @@ BAD_SPECS = [
     ({"output_dir": "x", "data": {"train": "c.jsonl"}, "resources": {"prices": {"rtx4090": -1, "a100": 1}}},
      "resources.prices"),
     ({"output_dir": "x", "data": {"train": "c.jsonl"}, "name": "bad name!"}, "name"),
+    ({"output_dir": "x", "data": {"train": "c.jsonl"}, "branch": {"sync_rounds": 0}}, "branch.sync_rounds"),
 ]
 
 
@@ -48,6 +49,14 @@ def test_bad_spec_names_the_field(raw, field):
     with pytest.raises(SpecError) as error:
         build_spec(raw)
     assert f"  {field}" in str(error.value)
+
+
+def test_more_sync_rounds_than_submodel_steps_is_refused():
+    raw = {"output_dir": "x", "data": {"train": "c.jsonl"}, "submodel": {"steps": 3}, "branch": {"sync_rounds": 4}}
+    with pytest.raises(SpecError, match=r"branch.sync_rounds \(4\) exceeds submodel.steps \(3\)"):
+        build_spec(raw)
+    raw["branch"] = {}  # the default number of rounds shrinks to fit instead
+    assert build_spec(raw).branch.sync_rounds == 3
 
 
 def test_overrides_and_yaml_round_trip(tmp_path):

@@ -6,12 +6,14 @@ import json
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from moedisco.config import build_spec
 from moedisco.metrics import read_metrics
-from moedisco.runner import run_job
+from moedisco.pipeline import JobPaths
+from moedisco.runner import check_same_job, run_job
 from moedisco.train import StopRequested
 from tests.conftest import tiny_spec_dict
 
@@ -74,7 +76,8 @@ def test_rerun_skips_finished_stages(finished_job):
 
 
 def test_interrupted_stage_resumes_from_checkpoint(tmp_path):
-    spec = build_spec(tiny_spec_dict(tmp_path / "out", model={"num_experts": 2, "num_experts_per_tok": 1}))
+    spec = build_spec(tiny_spec_dict(tmp_path / "out", model={"num_experts": 2, "num_experts_per_tok": 1},
+                                     branch={"sync_rounds": 1}))
     calls = {"n": 0}
 
     def stop_in_second_submodel():
@@ -108,6 +111,17 @@ def test_changed_identity_is_refused(finished_job):
     changed = spec.model_copy(update={"seed": 5})
     with pytest.raises(ValueError, match="seed"):
         run_job(changed, progress=False)
+
+
+def test_a_job_saved_before_sync_rounds_existed_resumes_only_as_one_round(tmp_path):
+    spec = build_spec(tiny_spec_dict(tmp_path / "out"))
+    saved = spec.model_dump(mode="json")
+    del saved["branch"]["sync_rounds"]
+    spec.output_dir.mkdir(parents=True)
+    (spec.output_dir / "spec.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(ValueError, match="different branch"):
+        check_same_job(spec, JobPaths(spec.output_dir))
+    check_same_job(build_spec(tiny_spec_dict(tmp_path / "out", branch={"sync_rounds": 1})), JobPaths(spec.output_dir))
 
 
 def test_shared_warmup_then_branch_fisher_merge_and_diagnostics(tmp_path):
@@ -150,3 +164,39 @@ def test_moe_warmup_branches_from_the_trained_moe(tmp_path):
     assert not torch.equal(branched[experts][0], branched[experts][1])  # experts start different
     first_submodel = load_file(spec.output_dir / "submodels" / "0" / "model.safetensors")
     assert first_submodel[experts].shape[0] == 1
+
+
+def test_sync_rounds_average_backbones_between_rounds_and_resume_across_them(tmp_path):
+    spec = build_spec(tiny_spec_dict(tmp_path / "out", branch={"sync_rounds": 3},
+                                     model={"num_experts": 2, "num_experts_per_tok": 1}))
+    out, calls = spec.output_dir, {"n": 0}
+
+    def stop_at_the_end_of_expert_1s_second_round():
+        calls["n"] += 1  # polled after every checkpoint: steps 4 of experts 0, 1, then steps 8 of experts 0, 1
+        return calls["n"] == 4
+
+    with pytest.raises(StopRequested):
+        run_job(spec, progress=False, should_stop=stop_at_the_end_of_expert_1s_second_round)
+    # Round 1 started from the average: both experts' step-4 checkpoints hold the same backbone, their own experts.
+    synced = load_file(out / "sync" / "round_0.safetensors")
+    step4 = [load_file(out / "submodels" / str(k) / "checkpoints" / "step_00000004" / "model.safetensors")
+             for k in (0, 1)]
+    assert "model.embed_tokens.weight" in synced
+    assert all(torch.equal(state[name], tensor) for state in step4 for name, tensor in synced.items())
+    expert = "model.layers.0.mlp.experts.down_proj"
+    assert expert not in synced and not torch.equal(step4[0][expert], step4[1][expert])
+
+    events = []
+    run_job(spec, events=events.append, progress=False)
+    finished = [(e["stage"], e["expert"], e.get("round")) for e in events if e["event"] == "stage_finished"]
+    assert finished[:4] == [("submodel", 1, 1), ("sync", None, 1), ("submodel", 0, 2), ("submodel", 1, 2)]
+    for k in (0, 1):  # every step logged once: each round continued where the previous one stopped
+        steps = [r["step"] for r in read_metrics(out / "metrics.jsonl", "submodel") if r["expert"] == k]
+        assert steps == [0, 4, 8, 12]
+    syncs = read_metrics(out / "metrics.jsonl", "sync")
+    assert [r["step"] for r in syncs] == [4, 8] and all(r["divergence"] > 0 for r in syncs)
+    cost = json.loads((out / "cost.json").read_text())
+    submodel_rows = [r for r in cost["stages"] if r["stage"] == "submodel"]
+    assert len(submodel_rows) == 2 and all(set(r["rounds"]) == {"0", "1", "2"} for r in submodel_rows)
+    assert all(r["seconds"] == pytest.approx(sum(r["rounds"].values()), abs=1e-3) for r in submodel_rows)
+    assert (out / "final" / "config.json").is_file()
