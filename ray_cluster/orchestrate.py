@@ -12,6 +12,8 @@ events, cost ledger and stage markers, but swaps the in-process work for its Ray
 | one-shard data | prepare, embed, cluster and source in one `DataWorker` actor on the cheap tier |
 | warmup         | a Ray Train trainer on the cheap tier (when `branch.warmup_steps` > 0)         |
 | submodel       | one Ray Train trainer per expert on the cheap tier, all queued at the first    |
+|                | (per synchronisation round with `branch.sync_rounds` > 1)                      |
+| sync           | a Ray task on the cheap tier, between rounds, reading the round's checkpoints  |
 | merge          | a Ray task on the cheap tier, reading the submodels from storage               |
 | finetune       | a Ray Train trainer on the expensive tier (also the full-parameter baseline)   |
 
@@ -54,7 +56,7 @@ class RayRunner(LocalRunner):
                  should_stop: Callable[[], bool] | None = None):
         super().__init__(spec, events, progress, should_stop)
         self.announced: set = set()
-        self.submodels_launched = False
+        self.launched_round: int | None = None  # the synchronisation round whose submodel trainers are queued
         self.events = self._without_late_starts(self.events)
         self.tracker = Tracker(self.events, should_stop)
         self.data_worker = None
@@ -63,22 +65,23 @@ class RayRunner(LocalRunner):
         # Submodel trainers all start at once, and their "stage_started" is sent then; the base class sends it
         # again when it comes to wait for each expert in turn.
         def forward(event: dict) -> None:
-            key = (event.get("stage"), event.get("expert"))
+            key = (event.get("stage"), event.get("expert"), event.get("round"))
             if event["event"] == "stage_started" and key in self.announced:
                 return
             emit(event)
         return forward
 
-    def stage(self, name: str, tier: TierConfig | None, work: Callable[[], dict], expert: int | None = None) -> dict:
+    def stage(self, name: str, tier: TierConfig | None, work: Callable[[], dict], expert: int | None = None,
+              round_index: int | None = None) -> dict:
         """The base class's stage bookkeeping around the stage's Ray placement (`work`, in process, is not run)."""
         if name not in prestart.DATA_STAGES:
             self.stop_data_worker()  # its node is the first trainer's
-        if name == "submodel" and not self.submodels_launched:
-            self.launch_submodels()
+        if name == "submodel" and self.launched_round != (round_index or 0):
+            self.launch_submodels(round_index)
         # The base class records the stage's cost with the node and node count from its summary.
-        return super().stage(name, tier, lambda: self.run_placed(name, expert), expert)
+        return super().stage(name, tier, lambda: self.run_placed(name, expert, round_index), expert, round_index)
 
-    def run_placed(self, name: str, expert: int | None) -> dict:
+    def run_placed(self, name: str, expert: int | None, round_index: int | None = None) -> dict:
         spec, paths = self.spec, self.paths
         cheap = label_selector(spec, spec.resources.submodel_tier)
         if name in ("prepare", "source"):
@@ -98,6 +101,10 @@ class RayRunner(LocalRunner):
         if name == "merge":
             summary = self.remote((name, None), stages.stage_merge, spec, paths, MetricsWriter(paths.metrics),
                                   options={"num_cpus": 1, "label_selector": cheap})
+            return {**summary, "num_nodes": 1}
+        if name == "sync":
+            summary = self.remote((name, None), stages.stage_sync, spec, paths, round_index,
+                                  MetricsWriter(paths.metrics), options={"num_cpus": 1, "label_selector": cheap})
             return {**summary, "num_nodes": 1}
         if name == "submodel":
             return self.trainer_result(name, expert)
@@ -124,24 +131,27 @@ class RayRunner(LocalRunner):
         self.tracker.submit(key, ref)
         return self.tracker.wait(key)
 
-    def launch_submodels(self) -> None:
-        """Queue a trainer for every expert not yet done; as many run at once as there are cheap nodes."""
+    def launch_submodels(self, round_index: int | None) -> None:
+        """Queue a trainer for every expert not yet done (in this synchronisation round, if there are rounds); as
+        many run at once as there are cheap nodes."""
         self.check_budget("submodel")
         for expert in range(self.spec.model.num_experts):
-            if stages.is_done(self.paths, f"submodel_{expert}"):
+            if stages.is_done(self.paths, self.marker("submodel", expert, round_index)):
                 continue
-            self.events({"event": "stage_started", "stage": "submodel", "expert": expert})
-            self.announced.add(("submodel", expert))
-            self.launch_trainer("submodel", expert)
-        self.submodels_launched = True
+            ids = {"stage": "submodel", "expert": expert, **({} if round_index is None else {"round": round_index})}
+            self.events({"event": "stage_started", **ids})
+            self.announced.add(("submodel", expert, round_index))
+            self.launch_trainer("submodel", expert, round_index)
+        self.launched_round = round_index or 0
 
-    def launch_trainer(self, stage: str, expert: int | None = None) -> None:
+    def launch_trainer(self, stage: str, expert: int | None = None, round_index: int | None = None) -> None:
         """Queue a trainer; it starts when its tier has a free slot. With no node of the tier yet (an autoscaler
         starting from zero) one trainer is submitted, whose pending placement group asks for a node."""
         spec, tier = self.spec, tier_of(self.spec, stage)
 
         def start():
-            return self.tracker.launcher.fit.remote(build_trainer(spec, stage, expert, events=self.tracker.queue))
+            trainer = build_trainer(spec, stage, expert, events=self.tracker.queue, round_index=round_index)
+            return self.tracker.launcher.fit.remote(trainer)
 
         def slots() -> int:
             return max(1, len(tier_nodes(spec, tier)) // num_workers(spec, stage))
@@ -153,6 +163,7 @@ class RayRunner(LocalRunner):
         if summary.get("stopped"):
             raise JobCancelled(f"{stage} stopped on request")
         billed = self.tracker.billed_seconds((stage, expert), summary)
+        self.tracker.forget((stage, expert))  # the next synchronisation round's trainer reuses the key
         return {**summary, "train_seconds": summary["seconds"], "seconds": billed}
 
     def run(self) -> dict:

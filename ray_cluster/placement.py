@@ -27,8 +27,12 @@ def job_storage(spec: JobSpec) -> Path:
     return storage_root(spec) / spec.name
 
 
-def run_name(spec: JobSpec, stage: str, expert: int | None) -> str:
-    return f"{spec.name}/{stage}" if expert is None else f"{spec.name}/{stage}_{expert}"
+def run_name(spec: JobSpec, stage: str, expert: int | None, round_index: int | None = None) -> str:
+    """Ray Train's run name; every synchronisation round but the last is a run of its own, so that a restarted
+    worker restores the round's own checkpoints, not an earlier round's copy from before its sync."""
+    name = f"{spec.name}/{stage}" if expert is None else f"{spec.name}/{stage}_{expert}"
+    last = round_index is None or round_index == spec.branch.sync_rounds - 1
+    return name if last else f"{name}_round_{round_index}"
 
 
 def tier_of(spec: JobSpec, stage: str) -> TierConfig:

@@ -28,7 +28,8 @@ class ConsoleProgress:
 
     @staticmethod
     def _name(event: dict) -> str:
-        return event["stage"] if event.get("expert") is None else f"{event['stage']}[{event['expert']}]"
+        name = event["stage"] if event.get("expert") is None else f"{event['stage']}[{event['expert']}]"
+        return name if event.get("round") is None else f"{name} round {event['round'] + 1}"
 
     def on_stage_started(self, event: dict) -> None:
         self.console.print(f"[cyan]start[/cyan] {self._name(event)}")

@@ -139,6 +139,11 @@ class Tracker:
         """Node time from the first start of the trainer's workers to its end: waiting for nodes is not billed."""
         return summary["finished_at"] - self.first_start.get(key, summary["started_at"])
 
+    def forget(self, key: Key) -> None:
+        """Drop a finished trainer's start time and attempt count, so that the key can be queued again."""
+        self.first_start.pop(key, None)
+        self.attempts.pop(key, None)
+
     def pump(self) -> None:
         for event in ray.get(self.queue.drain.remote(), timeout=RAY_CALL_TIMEOUT_S):
             self.handle(event)

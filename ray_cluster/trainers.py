@@ -49,14 +49,16 @@ def scaling_config(spec: JobSpec, stage: str) -> ScalingConfig:
                          label_selector=label_selector(spec, tier))
 
 
-def build_trainer(spec: JobSpec, stage: str, expert: int | None = None, events=None) -> DataParallelTrainer:
+def build_trainer(spec: JobSpec, stage: str, expert: int | None = None, events=None,
+                  round_index: int | None = None) -> DataParallelTrainer:
+    """`round_index`: the synchronisation round a submodel trainer runs (`branch.sync_rounds`); None = the last."""
     train_cfg = spec.submodel if stage == "warmup" else getattr(spec, stage)  # the warm-up trains with submodel's
     run_config = RunConfig(
-        name=run_name(spec, stage, expert), storage_path=str(storage_root(spec)),
+        name=run_name(spec, stage, expert, round_index), storage_path=str(storage_root(spec)),
         failure_config=FailureConfig(max_failures=spec.resources.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.keep_checkpoints),
     )
-    config = {"spec": spec, "stage": stage, "expert": expert, "events": events}
+    config = {"spec": spec, "stage": stage, "expert": expert, "events": events, "round": round_index}
     trainer = TorchTrainer if num_workers(spec, stage) > 1 else DataParallelTrainer
     return trainer(train_func, train_loop_config=config, scaling_config=scaling_config(spec, stage),
                    run_config=run_config)

@@ -125,7 +125,8 @@ def _run_stage(config: dict, paths, hooks) -> dict:
 
     spec, stage, metrics = config["spec"], config["stage"], MetricsWriter(paths.metrics)
     if stage == "submodel":
-        return stages.stage_submodel(spec, paths, config["expert"], metrics, hooks, progress=False)
+        return stages.stage_submodel(spec, paths, config["expert"], metrics, hooks, progress=False,
+                                     round_index=config.get("round"))
     if stage == "warmup":
         return stages.stage_warmup(spec, paths, metrics, hooks, progress=False)
     if stage == "finetune":

@@ -24,7 +24,8 @@ from service.store import Store
 
 # Which tier pays for which stage, as moedisco.runner prices them; stages not listed (prepare, source) are free.
 STAGE_TIER = {"embed": "submodel_tier", "cluster": "submodel_tier", "warmup": "submodel_tier",
-              "submodel": "submodel_tier", "merge": "submodel_tier", "finetune": "finetune_tier",
+              "submodel": "submodel_tier", "sync": "submodel_tier", "merge": "submodel_tier",
+              "finetune": "finetune_tier",
               "full_parameter": "finetune_tier"}
 
 

@@ -39,6 +39,7 @@ pytestmark = pytest.mark.slow
 
 # 40 steps give the driver time to act between a trainer's first progress report and its end.
 TRAIN = {"steps": 40, "checkpoint_every": 4, "eval_every": 4}
+ONE_ROUND = {"sync_rounds": 1}
 TRAINER_ACTORS = ("RayTrainWorker", "TrainController", "TrainerLauncher", "DataWorker")
 
 
@@ -124,10 +125,11 @@ def local_submodels(spec) -> JobPaths:
 @pytest.fixture(scope="module")
 def job(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("ray")
-    spec = build_spec(tiny_spec_dict(root / "ray", submodel=TRAIN))
+    # One round: this job is about one trainer's preemption and resume (`test_sync_rounds_...` covers rounds).
+    spec = build_spec(tiny_spec_dict(root / "ray", submodel=TRAIN, branch=ONE_ROUND))
     cancelled = cancelled_run(spec)
     resumed = resumed_run_with_a_killed_worker(spec)
-    local_spec = build_spec(tiny_spec_dict(root / "local", submodel=TRAIN))
+    local_spec = build_spec(tiny_spec_dict(root / "local", submodel=TRAIN, branch=ONE_ROUND))
     return {"spec": spec, "paths": JobPaths(spec.output_dir), "cancelled": cancelled, "resumed": resumed,
             "local": local_submodels(local_spec), "nodes": describe_nodes()}
 
@@ -227,7 +229,7 @@ def test_one_shard_corpus_skips_ray_data_and_both_paths_agree(job, tmp_path_fact
     embed_records = read_metrics(job["paths"].metrics, "embed")
     assert embed_records and all(r["num_nodes"] == 1 for r in embed_records)  # one DataWorker, no actor pool
     assert len(list((job["spec"].output_dir / job["spec"].name / "embeddings").glob("*.parquet"))) == 1
-    spec = build_spec(tiny_spec_dict(tmp_path_factory.mktemp("ray-data") / "job", submodel=TRAIN))
+    spec = build_spec(tiny_spec_dict(tmp_path_factory.mktemp("ray-data") / "job", submodel=TRAIN, branch=ONE_ROUND))
     paths = JobPaths(spec.output_dir)
     shutil.copytree(job["paths"].data, paths.data)  # the same prepared corpus, through Ray Data this time
     where = on_driver_node()
@@ -249,3 +251,28 @@ def test_single_worker_trainers_go_without_a_process_group(ray_cluster, tiny_spe
     alone = build_trainer(tiny_spec_factory(), "submodel", 0)
     data_parallel = build_trainer(tiny_spec_factory(resources={"workers_per_expert": 2}), "submodel", 0)
     assert not isinstance(alone, TorchTrainer) and isinstance(data_parallel, TorchTrainer)
+
+
+def test_sync_rounds_on_ray_match_the_local_runner(ray_cluster, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rounds")
+    sections = {"branch": {"sync_rounds": 2}, "model": {"num_experts": 2, "num_experts_per_tok": 1},
+                "submodel": {"steps": 8, "checkpoint_every": 4, "eval_every": 4}}
+    spec = build_spec(tiny_spec_dict(root / "ray", **sections))
+    events = []
+    run_job_on_ray(spec, progress=False, events=events.append)
+    local = build_spec(tiny_spec_dict(root / "local", **sections))
+    LocalRunner(local, progress=False).run()
+    finished = [(e["stage"], e["expert"], e.get("round")) for e in events if e["event"] == "stage_finished"
+                and e["stage"] in ("submodel", "sync")]
+    assert finished == [("submodel", 0, 0), ("submodel", 1, 0), ("sync", None, 0), ("submodel", 0, 1),
+                        ("submodel", 1, 1)]
+    # Each round is a Ray Train run of its own, so a restarted worker never restores an unsynced checkpoint.
+    assert {"submodel_0_round_0", "submodel_0", "submodel_1_round_0", "submodel_1"} <= {
+        p.name for p in (spec.output_dir / spec.name).iterdir()}
+    for expert in (0, 1):
+        on_ray, in_process = (stage_result(JobPaths(s.output_dir), f"submodel_{expert}") for s in (spec, local))
+        assert on_ray["resumed_from"] == 4 and on_ray["gpu_type"] == "4090"
+        assert on_ray["eval_loss"] == pytest.approx(in_process["eval_loss"], abs=0.02), f"expert {expert}"
+    rows = {(r["stage"], r["expert"]): r for r in json.loads(JobPaths(spec.output_dir).cost.read_text())["stages"]}
+    assert all(set(rows[("submodel", k)]["rounds"]) == {"0", "1"} for k in (0, 1))
+    assert rows[("sync", None)]["tier"] == "4090" and (spec.output_dir / "final" / "config.json").is_file()
