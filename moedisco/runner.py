@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 # Sections whose change makes earlier artifacts meaningless: resuming with them changed would mix two jobs.
 IDENTITY_SECTIONS = ("method", "data", "tokenizer", "embed", "cluster", "model", "branch", "seed")
+MOE_DISCO_ONLY = ("embed", "cluster", "branch")  # a full-parameter baseline never reads these
 # What a job saved before a field existed did, where that differs from the field's default.
 BEFORE_FIELD_EXISTED = {("branch", "sync_rounds"): 1}
 
@@ -44,7 +45,8 @@ def check_same_job(spec: JobSpec, paths: JobPaths) -> None:
     except ValidationError:
         pass
     current = spec.model_dump(mode="json")
-    changed = [key for key in IDENTITY_SECTIONS if saved.get(key) != current.get(key)]
+    sections = [key for key in IDENTITY_SECTIONS if spec.method == "moe_disco" or key not in MOE_DISCO_ONLY]
+    changed = [key for key in sections if saved.get(key) != current.get(key)]
     if changed:
         raise ValueError(f"output_dir {paths.root} holds a job with different {', '.join(changed)}; "
                          "use a new output_dir to start over")

@@ -124,6 +124,16 @@ def test_a_job_saved_before_sync_rounds_existed_resumes_only_as_one_round(tmp_pa
     check_same_job(build_spec(tiny_spec_dict(tmp_path / "out", branch={"sync_rounds": 1})), JobPaths(spec.output_dir))
 
 
+def test_moe_disco_only_settings_do_not_make_a_baseline_another_job(tmp_path):
+    baseline = build_spec(tiny_spec_dict(tmp_path / "out", method="full_parameter"))
+    baseline.save(baseline.output_dir / "spec.yaml")
+    other = build_spec(tiny_spec_dict(tmp_path / "out", method="full_parameter", cluster={"method": "random"},
+                                      branch={"warmup_steps": 5}))
+    check_same_job(other, JobPaths(baseline.output_dir))
+    with pytest.raises(ValueError, match="different seed"):
+        check_same_job(other.model_copy(update={"seed": 3}), JobPaths(baseline.output_dir))
+
+
 def test_shared_warmup_then_branch_fisher_merge_and_diagnostics(tmp_path):
     spec = build_spec(tiny_spec_dict(tmp_path / "out", branch={"warmup_steps": 8}, merge={"weighting": "fisher"},
                                      model={"num_experts": 2, "num_experts_per_tok": 1}))
