@@ -62,6 +62,9 @@ class JobPaths:
     def marker(self, stage: str) -> Path:
         return self.root / "stages" / f"{stage}.json"
 
+    def sync_average(self, round_index: int) -> Path:
+        return self.root / "sync" / f"round_{round_index}.safetensors"
+
 
 def is_done(paths: JobPaths, stage: str) -> bool:
     return paths.marker(stage).is_file()
@@ -237,7 +240,8 @@ def stage_submodel(spec: JobSpec, paths: JobPaths, expert: int, metrics: Metrics
                    stop_at=None if last else round_ends(spec)[round_index])
     before = (stage_result(paths, submodel_marker(spec, expert, round_index - 1))["train_seconds_total"]
               if round_index > 0 else 0.0)
-    summary = {"expert": expert, "round": round_index, "sequences": len(train_NL), **result.__dict__,
+    summary = {"expert": expert, "round": round_index, "total_steps": spec.submodel.steps,
+               "sequences": len(train_NL), **result.__dict__,
                "train_seconds_total": result.seconds, "seconds": max(0.0, result.seconds - before)}
     if last:
         own_NL = cluster_eval_sequence(spec, paths, expert)
@@ -252,22 +256,25 @@ def stage_sync(spec: JobSpec, paths: JobPaths, round_index: int, metrics: Metric
     started = time.perf_counter()
     step = round_ends(spec)[round_index]
     checkpoints = [checkpoint_dir(paths.submodel(k), step) for k in range(spec.model.num_experts)]
-    sizes = cluster.ClusterResult.load(paths.clusters).sizes
-    fisher = spec.merge.weighting == "fisher"
-    weights = merge.averaging_weights(sizes, "samples" if fisher else spec.merge.weighting)
+    weights, fisher = shared_weighting(spec, paths)
     roles = split.parameter_roles(split.read_config(paths.source))
-    result = sync.sync_round(roles, checkpoints, weights, fisher, paths.root / "sync" / f"round_{round_index}.safetensors")
+    result = sync.sync_round(roles, checkpoints, weights, fisher, paths.sync_average(round_index))
     seconds = time.perf_counter() - started
     metrics.write({"stage": "sync", "round": round_index, "step": step, "divergence": result["divergence"],
                    "seconds": seconds, "device": "cpu"})
     return {"round": round_index, "step": step, **result, "seconds": seconds, "device": "cpu"}
 
 
-def stage_merge(spec: JobSpec, paths: JobPaths, metrics: MetricsWriter) -> dict:
-    started = time.perf_counter()
+def shared_weighting(spec: JobSpec, paths: JobPaths) -> tuple[list[float], bool]:
+    """gamma_k of the shared-parameter average (merge and sync alike), and whether it is Fisher-weighted."""
     sizes = cluster.ClusterResult.load(paths.clusters).sizes
     fisher = spec.merge.weighting == "fisher"
-    weights = merge.averaging_weights(sizes, "samples" if fisher else spec.merge.weighting)
+    return merge.averaging_weights(sizes, "samples" if fisher else spec.merge.weighting), fisher
+
+
+def stage_merge(spec: JobSpec, paths: JobPaths, metrics: MetricsWriter) -> dict:
+    started = time.perf_counter()
+    weights, fisher = shared_weighting(spec, paths)
     files = [paths.submodel(k) / split.WEIGHTS_FILE for k in range(spec.model.num_experts)]
     moments = [paths.submodel(k) / SECOND_MOMENT_FILE for k in range(spec.model.num_experts)] if fisher else None
     missing = [str(path) for path in moments or [] if not path.is_file()]

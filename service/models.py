@@ -84,7 +84,7 @@ class _PerStage:
 class StageRow(_PerStage, Base):
     __tablename__ = "moedisco_stages"
 
-    state: Mapped[str] = mapped_column(String(16))  # running | finished | skipped | failed | stopped
+    state: Mapped[str] = mapped_column(String(16))  # running | between_rounds | finished | skipped | failed | stopped
     step: Mapped[int | None]
     total_steps: Mapped[int | None]
     loss: Mapped[float | None] = mapped_column(Float)

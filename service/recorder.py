@@ -54,6 +54,9 @@ class EventRecorder:
             session.get(JobRow, self.job_id).current_stage = key
         elif kind == "stage_finished":
             summary = event.get("summary") or {}
+            if summary.get("steps", 0) < summary.get("total_steps", 0):  # a synchronisation round, not the stage
+                row.state, row.step, row.summary = "between_rounds", summary["steps"], summary
+                return
             row.state, row.finished_at, row.summary = "finished", utcnow(), summary
             row.seconds = summary.get("seconds", row.seconds)
             row.eval_loss = summary.get("eval_loss", row.eval_loss)

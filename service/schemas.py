@@ -52,7 +52,8 @@ class JobPublic(_FromRow):
 class StagePublic(_FromRow):
     stage: str
     expert: int | None
-    state: str = Field(description="running, finished, skipped (already done on resume), failed or stopped.")
+    state: str = Field(description="running, between_rounds (a submodel waiting for its next synchronisation "
+                       "round), finished, skipped (already done on resume), failed or stopped.")
     step: int | None = Field(None, description="Latest logged training step.")
     total_steps: int | None
     loss: float | None = Field(None, description="Latest training loss.")

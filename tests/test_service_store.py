@@ -121,6 +121,21 @@ def test_recorder_folds_events_into_stages_and_costs(store, tmp_path):
     assert store.finished_stage_seconds() == [("submodel", 36.0)]
 
 
+def test_a_finished_sync_round_is_not_a_finished_stage(store, tmp_path):
+    job = make_job(store, tmp_path, "r" * 12)
+    record = EventRecorder(store, job.id, tmp_path)
+    record({"event": "stage_started", "stage": "submodel", "expert": 0, "round": 0})
+    record({"event": "stage_finished", "stage": "submodel", "expert": 0, "round": 0,
+            "summary": {"steps": 25, "total_steps": 100, "seconds": 9.0}})
+    stage = store.stages(job.id)[0]
+    assert (stage.state, stage.step, stage.finished_at) == ("between_rounds", 25, None)
+    assert store.finished_stage_seconds() == []
+    record({"event": "stage_started", "stage": "submodel", "expert": 0, "round": 1})
+    record({"event": "stage_finished", "stage": "submodel", "expert": 0, "round": 1,
+            "summary": {"steps": 100, "total_steps": 100, "seconds": 27.0}})
+    assert store.stages(job.id)[0].state == "finished"
+
+
 def test_a_measured_baseline_must_match_data_and_model(store, tmp_path):
     moe = make_job(store, tmp_path, "d" * 12, seed=1)
     other = make_job(store, tmp_path, "e" * 12, method="full_parameter", seed=2)
