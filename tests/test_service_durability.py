@@ -29,9 +29,10 @@ pytestmark = pytest.mark.slow
 TOKEN = "durable-token"
 NAMESPACE = "moedisco-durability"
 TRAINING = ("submodel", "finetune")
-# 40 steps, a checkpoint every 4: a wide window in which a stage is past a checkpoint and not yet finished.
+# 40 steps, a checkpoint every 4: a wide window in which a stage is past a checkpoint and not yet finished. One
+# synchronisation round, so that the window is not cut by round ends (tests/test_pipeline.py resumes across rounds).
 SPEC = tiny_spec_dict("x", name="durable", model={"num_experts": 2, "num_experts_per_tok": 1},
-                      submodel={"steps": 40, "checkpoint_every": 4, "eval_every": 4})
+                      submodel={"steps": 40, "checkpoint_every": 4, "eval_every": 4}, branch={"sync_rounds": 1})
 
 
 @pytest.fixture(scope="module")
