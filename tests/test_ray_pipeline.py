@@ -253,11 +253,12 @@ def test_single_worker_trainers_go_without_a_process_group(ray_cluster, tiny_spe
     assert not isinstance(alone, TorchTrainer) and isinstance(data_parallel, TorchTrainer)
 
 
-def test_sync_rounds_on_ray_match_the_local_runner(ray_cluster, tmp_path_factory):
+def test_sync_rounds_with_data_parallel_submodels_match_the_local_runner(ray_cluster, tmp_path_factory):
+    """Two rounds, each expert trained by two data-parallel workers (one per cheap node), against one process."""
     root = tmp_path_factory.mktemp("rounds")
     sections = {"branch": {"sync_rounds": 2}, "model": {"num_experts": 2, "num_experts_per_tok": 1},
                 "submodel": {"steps": 8, "checkpoint_every": 4, "eval_every": 4}}
-    spec = build_spec(tiny_spec_dict(root / "ray", **sections))
+    spec = build_spec(tiny_spec_dict(root / "ray", **sections, resources={"workers_per_expert": 2}))
     events = []
     run_job_on_ray(spec, progress=False, events=events.append)
     local = build_spec(tiny_spec_dict(root / "local", **sections))
@@ -271,8 +272,9 @@ def test_sync_rounds_on_ray_match_the_local_runner(ray_cluster, tmp_path_factory
         p.name for p in (spec.output_dir / spec.name).iterdir()}
     for expert in (0, 1):
         on_ray, in_process = (stage_result(JobPaths(s.output_dir), f"submodel_{expert}") for s in (spec, local))
-        assert on_ray["resumed_from"] == 4 and on_ray["gpu_type"] == "4090"
+        assert on_ray["resumed_from"] == 4 and on_ray["gpu_type"] == "4090" and on_ray["num_nodes"] == 2
         assert on_ray["eval_loss"] == pytest.approx(in_process["eval_loss"], abs=0.02), f"expert {expert}"
     rows = {(r["stage"], r["expert"]): r for r in json.loads(JobPaths(spec.output_dir).cost.read_text())["stages"]}
-    assert all(set(rows[("submodel", k)]["rounds"]) == {"0", "1"} for k in (0, 1))
+    assert all(set(rows[("submodel", k)]["rounds"]) == {"0", "1"} and rows[("submodel", k)]["num_devices"] == 2
+               for k in (0, 1))
     assert rows[("sync", None)]["tier"] == "4090" and (spec.output_dir / "final" / "config.json").is_file()
