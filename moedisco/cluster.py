@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.cluster import KMeans
-from sklearn.metrics.pairwise import euclidean_distances
-from sklearn.preprocessing import normalize as l2_normalize
 
 from moedisco.config import ClusterConfig
+
+# scikit-learn is imported where it is used: it takes about 2 s, and every training process and Ray task that only
+# loads a `ClusterResult` (or reads cached assignments) would pay for it at start-up.
 
 
 @dataclass
@@ -59,11 +59,15 @@ class ClusterResult:
 
 def prepare_vectors(vectors_ND: np.ndarray, normalize: bool) -> np.ndarray:
     """The geometry clustering works in: float64, L2-normalised when the spec says so."""
+    from sklearn.preprocessing import normalize as l2_normalize
+
     vectors_ND = np.asarray(vectors_ND, dtype=np.float64)
     return l2_normalize(vectors_ND) if normalize else vectors_ND
 
 
 def _sq_distances(vectors_ND: np.ndarray, centroids_KD: np.ndarray) -> np.ndarray:
+    from sklearn.metrics.pairwise import euclidean_distances
+
     return euclidean_distances(vectors_ND, centroids_KD, squared=True)
 
 
@@ -93,6 +97,8 @@ def _capacity_assign(distances_NK: np.ndarray, capacity: int) -> np.ndarray:
 def balanced_kmeans(vectors_ND: np.ndarray, num_clusters: int, slack: float, seed: int, n_init: int,
                     max_iter: int = 20) -> tuple[np.ndarray, np.ndarray]:
     """k-means initialised by scikit-learn, then Lloyd iterations whose assignment step respects the size cap."""
+    from sklearn.cluster import KMeans
+
     capacity = int(np.ceil((1.0 + slack) * len(vectors_ND) / num_clusters))
     centroids = KMeans(num_clusters, n_init=n_init, random_state=seed).fit(vectors_ND).cluster_centers_
     assignments = np.full(len(vectors_ND), -1)
@@ -118,6 +124,8 @@ def fit_clusters(vectors_ND: np.ndarray, cfg: ClusterConfig, num_clusters: int, 
         raise ValueError(f"{len(vectors_ND)} documents cannot fill {num_clusters} clusters (model.num_experts)")
     vectors_ND = prepare_vectors(vectors_ND, cfg.normalize)
     if cfg.method == "kmeans":
+        from sklearn.cluster import KMeans
+
         km = KMeans(num_clusters, n_init=cfg.n_init, random_state=seed).fit(vectors_ND)
         assignments, centroids = km.labels_.astype(np.int64), km.cluster_centers_
     elif cfg.method == "balanced_kmeans":
