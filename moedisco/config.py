@@ -268,6 +268,21 @@ class JobSpec(_Section):
         path.write_text(self.to_yaml())
 
 
+# What a spec saved in full by an earlier moedisco meant by a field it did not have yet, where that differs from the
+# field's default today.
+BEFORE_FIELD_EXISTED = {("branch", "sync_rounds"): 1}
+
+
+def upgrade_saved_spec(raw: dict[str, Any]) -> dict[str, Any]:
+    """A full spec saved by an earlier moedisco (a job's spec.yaml, the service's stored spec), with each field it
+    predates set to what that version did, so that resuming the job keeps its meaning. Not for specs users write,
+    where a missing field means its default."""
+    raw = {key: dict(value) if isinstance(value, dict) else value for key, value in raw.items()}
+    for (section, key), value in BEFORE_FIELD_EXISTED.items():
+        raw.setdefault(section, {}).setdefault(key, value)
+    return raw
+
+
 def _parse_scalar(text: str) -> Any:
     # YAML parsing gives `--set a.b=3e-4` a float, `=true` a bool and `=[1,2]` a list, like the YAML file itself.
     return yaml.safe_load(text) if text != "" else ""

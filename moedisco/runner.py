@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
 from moedisco import pipeline as stages
-from moedisco.config import JobSpec, TierConfig
+from moedisco.config import JobSpec, TierConfig, upgrade_saved_spec
 from moedisco.cost import CostLedger
 from moedisco.metrics import MetricsWriter
 from moedisco.pipeline import BudgetExceeded, Events, JobPaths
@@ -28,28 +29,34 @@ log = logging.getLogger(__name__)
 # Sections whose change makes earlier artifacts meaningless: resuming with them changed would mix two jobs.
 IDENTITY_SECTIONS = ("method", "data", "tokenizer", "embed", "cluster", "model", "branch", "seed")
 MOE_DISCO_ONLY = ("embed", "cluster", "branch")  # a full-parameter baseline never reads these
-# What a job saved before a field existed did, where that differs from the field's default.
-BEFORE_FIELD_EXISTED = {("branch", "sync_rounds"): 1}
+
+
+def _differences(saved: Any, current: Any, path: str) -> list[str]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [diff for key in sorted(set(saved) | set(current), key=str)
+                for diff in _differences(saved.get(key), current.get(key), f"{path}.{key}")]
+    return [] if saved == current else [f"{path} ({saved!r} there, {current!r} here)"]
 
 
 def check_same_job(spec: JobSpec, paths: JobPaths) -> None:
+    """Refuse to resume a job folder with a spec that would make its finished stages mean something else."""
     saved_path = paths.root / "spec.yaml"
     if not saved_path.is_file():
         return
-    saved = yaml.safe_load(saved_path.read_text())
-    for (section, key), value in BEFORE_FIELD_EXISTED.items():
-        if isinstance(saved.get(section), dict):
-            saved[section].setdefault(key, value)
-    try:  # a spec saved by an older version lacks newer fields: compare with their defaults filled in
+    saved = upgrade_saved_spec(yaml.safe_load(saved_path.read_text()))
+    try:  # fields newer than the saved spec get their defaults
         saved = JobSpec.model_validate(saved).model_dump(mode="json")
     except ValidationError:
         pass
     current = spec.model_dump(mode="json")
-    sections = [key for key in IDENTITY_SECTIONS if spec.method == "moe_disco" or key not in MOE_DISCO_ONLY]
-    changed = [key for key in sections if saved.get(key) != current.get(key)]
+    moe_disco = spec.method == "moe_disco"
+    sections = [key for key in IDENTITY_SECTIONS if moe_disco or key not in MOE_DISCO_ONLY]
+    changed = [diff for key in sections for diff in _differences(saved.get(key), current.get(key), key)]
+    if moe_disco and spec.branch.sync_rounds > 1:  # round ends are fractions of the submodel steps
+        changed += _differences(saved.get("submodel", {}).get("steps"), spec.submodel.steps, "submodel.steps")
     if changed:
-        raise ValueError(f"output_dir {paths.root} holds a job with different {', '.join(changed)}; "
-                         "use a new output_dir to start over")
+        raise ValueError(f"output_dir {paths.root} holds a job with different {'; '.join(changed)}. Set them "
+                         "back to resume it, or use a new output_dir to start over")
 
 
 class LocalRunner:
@@ -98,15 +105,18 @@ class LocalRunner:
         base = name if expert is None else f"{name}_{expert}"
         return base if round_index is None else f"{base}_{round_index}"
 
+    def after_sync(self, round_index: int) -> None:
+        """Once a sync is marked done its average lives in the checkpoints; the copy kept for re-running it goes
+        (a backbone per round: gigabytes at real scale)."""
+        self.paths.sync_average(round_index).unlink(missing_ok=True)
+
     def check_budget(self, stage: str) -> None:
         """Stop before a stage when the money spent, plus what a stage of the same kind cost last time
-        (the previous submodel, say), would exceed `max_cost_usd`."""
+        (the previous submodel, or its previous round), would exceed `max_cost_usd`."""
         budget = self.spec.max_cost_usd
         if budget is None:
             return
-        spent = self.ledger.total_usd()
-        similar = [row["usd"] for row in self.ledger.rows if row["stage"] == stage]
-        projected = similar[-1] if similar else 0.0
+        spent, projected = self.ledger.total_usd(), self.ledger.last_usd(stage)
         if spent + projected > budget or spent >= budget:
             raise BudgetExceeded(f"stopped before stage {stage!r}: ${spent:.4f} spent + ${projected:.4f} projected "
                                  f"exceeds the ${budget:.4f} budget (max_cost_usd)")
@@ -139,6 +149,7 @@ class LocalRunner:
             if round_index > 0:
                 self.stage("sync", cheap, lambda r=round_index - 1: stages.stage_sync(spec, paths, r, self.metrics),
                            round_index=round_index - 1)
+                self.after_sync(round_index - 1)
             for expert in range(spec.model.num_experts):
                 self.stage("submodel", cheap, lambda k=expert, r=round_index: stages.stage_submodel(
                     spec, paths, k, self.metrics, self.hooks(), self.progress, r), expert=expert,

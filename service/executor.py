@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from moedisco.config import JobSpec, SpecError, build_spec
+from moedisco.config import JobSpec, SpecError, build_spec, upgrade_saved_spec
 from service.recorder import EventRecorder
 from service.store import Store
 
@@ -78,7 +78,7 @@ def execute_job(store: Store, job_id: str, runner: str) -> str | None:
         return None
     recorder = EventRecorder(store, job_id, job.output_dir)
     try:
-        spec = build_spec(job.spec)
+        spec = build_spec(upgrade_saved_spec(job.spec))  # stored in full when submitted, perhaps by an older version
     except SpecError as error:  # a spec stored by an older moedisco that this one no longer accepts
         return _finish(store, job_id, recorder, "failed", str(error))
     if runner == "ray":

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from moedisco.config import JobSpec, SpecError, build_spec, load_spec
+from moedisco.config import JobSpec, SpecError, build_spec, load_spec, upgrade_saved_spec
 from tests.conftest import REPO
 
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
@@ -57,6 +57,14 @@ def test_more_sync_rounds_than_submodel_steps_is_refused():
         build_spec(raw)
     raw["branch"] = {}  # the default number of rounds shrinks to fit instead
     assert build_spec(raw).branch.sync_rounds == 3
+
+
+def test_a_spec_saved_before_sync_rounds_keeps_one_round():
+    raw = {"output_dir": "x", "data": {"train": "c.jsonl"}}
+    saved = build_spec(raw).model_dump(mode="json")
+    del saved["branch"]["sync_rounds"]
+    assert build_spec(upgrade_saved_spec(saved)).branch.sync_rounds == 1  # what the older version did
+    assert build_spec(raw).branch.sync_rounds == 4 and "sync_rounds" not in raw.get("branch", {})
 
 
 def test_overrides_and_yaml_round_trip(tmp_path):

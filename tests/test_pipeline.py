@@ -11,9 +11,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from moedisco.config import build_spec
-from moedisco.metrics import read_metrics
-from moedisco.pipeline import JobPaths
+from moedisco.metrics import MetricsWriter, read_metrics
+from moedisco.pipeline import JobPaths, stage_sync
 from moedisco.runner import check_same_job, run_job
+from moedisco.split import parameter_roles, read_config
 from moedisco.train import StopRequested
 from tests.conftest import tiny_spec_dict
 
@@ -119,9 +120,20 @@ def test_a_job_saved_before_sync_rounds_existed_resumes_only_as_one_round(tmp_pa
     del saved["branch"]["sync_rounds"]
     spec.output_dir.mkdir(parents=True)
     (spec.output_dir / "spec.yaml").write_text(yaml.safe_dump(saved))
-    with pytest.raises(ValueError, match="different branch"):
+    with pytest.raises(ValueError, match=r"different branch.sync_rounds \(1 there, 4 here\)\. Set them back"):
         check_same_job(spec, JobPaths(spec.output_dir))
     check_same_job(build_spec(tiny_spec_dict(tmp_path / "out", branch={"sync_rounds": 1})), JobPaths(spec.output_dir))
+
+
+def test_with_sync_rounds_the_submodel_steps_are_part_of_the_job(tmp_path):
+    spec = build_spec(tiny_spec_dict(tmp_path / "out", branch={"sync_rounds": 3}))
+    spec.save(spec.output_dir / "spec.yaml")
+    longer = build_spec(tiny_spec_dict(tmp_path / "out", branch={"sync_rounds": 3}, submodel={"steps": 18}))
+    with pytest.raises(ValueError, match=r"submodel.steps \(12 there, 18 here\)"):  # the rounds would end elsewhere
+        check_same_job(longer, JobPaths(spec.output_dir))
+    one_round = build_spec(tiny_spec_dict(tmp_path / "one", branch={"sync_rounds": 1}))
+    one_round.save(one_round.output_dir / "spec.yaml")
+    check_same_job(one_round.model_copy(update={"submodel": longer.submodel}), JobPaths(one_round.output_dir))
 
 
 def test_moe_disco_only_settings_do_not_make_a_baseline_another_job(tmp_path):
@@ -188,13 +200,13 @@ def test_sync_rounds_average_backbones_between_rounds_and_resume_across_them(tmp
     with pytest.raises(StopRequested):
         run_job(spec, progress=False, should_stop=stop_at_the_end_of_expert_1s_second_round)
     # Round 1 started from the average: both experts' step-4 checkpoints hold the same backbone, their own experts.
-    synced = load_file(out / "sync" / "round_0.safetensors")
     step4 = [load_file(out / "submodels" / str(k) / "checkpoints" / "step_00000004" / "model.safetensors")
              for k in (0, 1)]
-    assert "model.embed_tokens.weight" in synced
-    assert all(torch.equal(state[name], tensor) for state in step4 for name, tensor in synced.items())
-    expert = "model.layers.0.mlp.experts.down_proj"
-    assert expert not in synced and not torch.equal(step4[0][expert], step4[1][expert])
+    roles = parameter_roles(read_config(out / "source"))
+    assert all(torch.equal(step4[0][name], step4[1][name]) == (roles[name] == "shared") for name in step4[0])
+    assert not (out / "sync" / "round_0.safetensors").exists()  # the copy kept for re-running the sync is gone
+    with pytest.raises(ValueError, match="newest checkpoint is step_00000008, not step_00000004"):
+        stage_sync(spec, JobPaths(out), 0, MetricsWriter(out / "metrics.jsonl"))  # round 1 already went on
 
     events = []
     run_job(spec, events=events.append, progress=False)

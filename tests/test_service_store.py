@@ -18,6 +18,7 @@ import pytest
 from moedisco.pipeline import BudgetExceeded
 from moedisco.train import StopRequested
 from service import executor
+from service.costs import job_cost
 from service.models import Base
 from service.recorder import EventRecorder
 from service.store import Store
@@ -122,7 +123,11 @@ def test_recorder_folds_events_into_stages_and_costs(store, tmp_path):
 
 
 def test_a_finished_sync_round_is_not_a_finished_stage(store, tmp_path):
-    job = make_job(store, tmp_path, "r" * 12)
+    from moedisco.config import build_spec
+
+    full = build_spec(tiny_spec_dict(tmp_path / "r")).model_dump(mode="json")  # stored in full, as the API does
+    job = store.create_job("r" * 12, full, runner="local")
+    store.claim_next_queued()
     record = EventRecorder(store, job.id, tmp_path)
     record({"event": "stage_started", "stage": "submodel", "expert": 0, "round": 0})
     record({"event": "stage_finished", "stage": "submodel", "expert": 0, "round": 0,
@@ -131,9 +136,19 @@ def test_a_finished_sync_round_is_not_a_finished_stage(store, tmp_path):
     assert (stage.state, stage.step, stage.finished_at) == ("between_rounds", 25, None)
     assert store.finished_stage_seconds() == []
     record({"event": "stage_started", "stage": "submodel", "expert": 0, "round": 1})
+    ledger = {"stages": [{"stage": "submodel", "expert": 0, "tier": "4090", "device_type": "rtx4090",
+                          "num_devices": 1, "seconds": 9.0, "device_hours": 0.0025, "price_per_hour": 0.35,
+                          "usd": 0.000875, "simulated": True, "device": "cpu", "node": None}]}
+    (tmp_path / "cost.json").write_text(json.dumps(ledger))
+    record.sync_costs()
+    # Round 1 runs: round 0's priced row is not final, and round 1 is priced by its time so far.
+    rows = job_cost(store, store.get_job(job.id)).stages
+    assert [(row.stage, row.expert, row.final) for row in rows] == [("submodel", 0, False)] * 2
+    assert rows[0].usd + rows[1].usd > 0.000875
     record({"event": "stage_finished", "stage": "submodel", "expert": 0, "round": 1,
             "summary": {"steps": 100, "total_steps": 100, "seconds": 27.0}})
-    assert store.stages(job.id)[0].state == "finished"
+    stage = store.stages(job.id)[0]
+    assert stage.state == "finished" and stage.seconds == 36.0  # both rounds
 
 
 def test_a_measured_baseline_must_match_data_and_model(store, tmp_path):
@@ -276,3 +291,25 @@ def test_a_store_from_before_versions_gets_the_column(tmp_path):
     store.claim_next_queued()
     assert store.job_version("7" * 12) == 1
     store.close()
+
+
+def test_a_job_stored_before_sync_rounds_resumes_as_one_round(store, tmp_path, monkeypatch):
+    """The service stores a job's full spec at submission; one stored by an older version lacks later fields."""
+    from moedisco.config import build_spec
+    from moedisco.pipeline import JobPaths
+    from moedisco.runner import check_same_job
+
+    def resume(spec, events, should_stop):
+        check_same_job(spec, JobPaths(spec.output_dir))  # what a real runner does first
+        return {"sync_rounds": spec.branch.sync_rounds}
+
+    monkeypatch.setitem(executor.RUNNERS, "local", resume)
+    monkeypatch.setattr(executor, "record_estimate", lambda *args: None)
+    full = build_spec(tiny_spec_dict(tmp_path / "old")).model_dump(mode="json")
+    del full["branch"]["sync_rounds"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "spec.yaml").write_text(json.dumps(full))  # the older runner saved it too (JSON is YAML)
+    job = store.create_job("0" * 12, full, runner="local")
+    store.claim_next_queued()
+    assert executor.execute_job(store, job.id, "local") == "succeeded", store.get_job(job.id).reason
+    assert store.get_job(job.id).result == {"sync_rounds": 1}
