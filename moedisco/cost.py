@@ -47,6 +47,17 @@ class CostLedger:
         self._save()
         return row
 
+    def last_usd(self, stage: str) -> float:
+        """What the most recently recorded run of `stage` cost: one round of it when it runs in rounds."""
+        rows = [row for row in self.rows if row["stage"] == stage]
+        if not rows:
+            return 0.0
+        row = rows[-1]
+        if not row.get("rounds") or row["seconds"] <= 0:
+            return row["usd"]
+        last_round = max(row["rounds"], key=int)
+        return row["usd"] * row["rounds"][last_round] / row["seconds"]
+
     def total_usd(self) -> float:
         return sum(r["usd"] for r in self.rows)
 

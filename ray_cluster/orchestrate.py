@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 from collections.abc import Callable, Iterator
 
 import ray
@@ -43,7 +44,7 @@ from moedisco.metrics import MetricsWriter
 from moedisco.runner import LocalRunner
 from ray_cluster import data, prestart
 from ray_cluster.cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster
-from ray_cluster.placement import label_selector, on_driver_node, tier_nodes, tier_of
+from ray_cluster.placement import label_selector, on_driver_node, run_name, storage_root, tier_nodes, tier_of
 from ray_cluster.progress import ConsoleProgress
 from ray_cluster.tracking import JobCancelled, Tracker
 from ray_cluster.trainers import build_trainer, num_workers
@@ -111,6 +112,14 @@ class RayRunner(LocalRunner):
         self.launch_trainer(name)
         return self.trainer_result(name, None)
 
+    def after_sync(self, round_index: int) -> None:
+        """Also drop the round's Ray Train runs: their reported checkpoint copies are never read again (the next
+        round is a run of its own and resumes from the synced checkpoints in the job folder)."""
+        super().after_sync(round_index)
+        for expert in range(self.spec.model.num_experts):
+            shutil.rmtree(storage_root(self.spec) / run_name(self.spec, "submodel", expert, round_index),
+                          ignore_errors=True)
+
     def on_data_worker(self, name: str, method: str, *args) -> dict:
         self.tracker.submit((name, None), getattr(self.data_worker, method).remote(*args), actor=self.data_worker)
         return self.tracker.wait((name, None))
@@ -134,10 +143,11 @@ class RayRunner(LocalRunner):
     def launch_submodels(self, round_index: int | None) -> None:
         """Queue a trainer for every expert not yet done (in this synchronisation round, if there are rounds); as
         many run at once as there are cheap nodes."""
-        self.check_budget("submodel")
-        for expert in range(self.spec.model.num_experts):
-            if stages.is_done(self.paths, self.marker("submodel", expert, round_index)):
-                continue
+        pending = [k for k in range(self.spec.model.num_experts)
+                   if not stages.is_done(self.paths, self.marker("submodel", k, round_index))]
+        if pending:  # a resumed job skips finished rounds without a budget check each
+            self.check_budget("submodel")
+        for expert in pending:
             ids = {"stage": "submodel", "expert": expert, **({} if round_index is None else {"round": round_index})}
             self.events({"event": "stage_started", **ids})
             self.announced.add(("submodel", expert, round_index))

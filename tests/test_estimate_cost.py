@@ -58,6 +58,18 @@ def test_ledger_replaces_rows_on_resume_and_sums(tmp_path):
     assert CostLedger(tmp_path / "cost.json", resources).total_usd() == pytest.approx(saved["total_usd"])
 
 
+def test_a_stage_in_rounds_adds_up_and_projects_one_round(tmp_path):
+    resources = build_spec(tiny_spec_dict(tmp_path / "out")).resources
+    ledger = CostLedger(tmp_path / "cost.json", resources)
+    ledger.record("submodel", resources.submodel_tier, 3600, device="cpu", expert=0, round_index=0)
+    ledger.record("submodel", resources.submodel_tier, 1800, device="cpu", expert=0, round_index=1)
+    ledger.record("submodel", resources.submodel_tier, 900, device="cpu", expert=0, round_index=1)  # a resumed round
+    (row,) = ledger.rows
+    assert row["rounds"] == {"0": 3600, "1": 900} and row["usd"] == pytest.approx(1.25 * 0.35)
+    assert ledger.last_usd("submodel") == pytest.approx(0.25 * 0.35)  # the next stage is one round, not all so far
+    assert ledger.last_usd("merge") == 0.0
+
+
 def test_budget_stops_at_a_stage_boundary(tmp_path):
     spec = build_spec(tiny_spec_dict(tmp_path / "out", max_cost_usd=1e-9))
     with pytest.raises(BudgetExceeded, match="max_cost_usd"):
