@@ -26,7 +26,7 @@ from moedisco.config import JobSpec
 from moedisco.evaluate import evaluate_loss, oracle_loss
 from moedisco.finetune import enable_router_loss, finetune, load_moe, save_final, train_full_parameter
 from moedisco.metrics import MetricsWriter
-from moedisco.train import SECOND_MOMENT_FILE, TrainHooks, checkpoint_dir, train
+from moedisco.train import SECOND_MOMENT_FILE, TrainHooks, checkpoint_dir, checkpoint_dirs, finished_result, train
 from moedisco.upcycle import upcycle_submodel
 
 log = logging.getLogger(__name__)
@@ -228,11 +228,15 @@ def stage_submodel(spec: JobSpec, paths: JobPaths, expert: int, metrics: Metrics
     if not 0 <= round_index < rounds:
         raise ValueError(f"round {round_index} out of range for branch.sync_rounds = {rounds}")
     last = round_index == rounds - 1
+    run_dir = paths.submodel(expert)
+    if round_index > 0 and finished_result(run_dir) is None and not checkpoint_dirs(run_dir):
+        raise FileNotFoundError(f"submodel {expert} has no checkpoint in {run_dir} to start round {round_index} "
+                                "from; a later round never starts over from the branch point")
     model = split.load_submodel(branch_point(spec, paths), expert)
     train_NL = load_corpus(paths, "train").pack(spec.data.sequence_length, cluster_doc_ids(paths, expert))
     roles = split.parameter_roles(split.read_config(paths.source))
     scale = spec.branch.shared_lr_scale
-    result = train(model, train_NL, eval_sequences(spec, paths), spec.submodel, paths.submodel(expert),
+    result = train(model, train_NL, eval_sequences(spec, paths), spec.submodel, run_dir,
                    stage="submodel", expert=expert, seed=spec.seed + expert, metrics=metrics,
                    spec_yaml=spec.to_yaml(), hooks=hooks, progress=progress,
                    lr_scale=lambda name: scale if roles[name] == "shared" else 1.0,
@@ -256,6 +260,12 @@ def stage_sync(spec: JobSpec, paths: JobPaths, round_index: int, metrics: Metric
     started = time.perf_counter()
     step = round_ends(spec)[round_index]
     checkpoints = [checkpoint_dir(paths.submodel(k), step) for k in range(spec.model.num_experts)]
+    for expert, checkpoint in enumerate(checkpoints):
+        newest = checkpoint_dirs(paths.submodel(expert))[-1:]
+        if newest != [checkpoint]:  # averaging anything else would resume the next round from unsynced weights
+            found = newest[0].name if newest else "none"
+            raise ValueError(f"submodel {expert}'s newest checkpoint is {found}, not {checkpoint.name} where round "
+                             f"{round_index} ends: the job's submodel.steps or branch.sync_rounds changed")
     weights, fisher = shared_weighting(spec, paths)
     roles = split.parameter_roles(split.read_config(paths.source))
     result = sync.sync_round(roles, checkpoints, weights, fisher, paths.sync_average(round_index))

@@ -29,9 +29,9 @@ STAGE_TIER = {"embed": "submodel_tier", "cluster": "submodel_tier", "warmup": "s
               "full_parameter": "finetune_tier"}
 
 
-def _final_row(row: CostRow) -> CostRowPublic:
+def _priced_row(row: CostRow, final: bool) -> CostRowPublic:
     fields = {name: getattr(row, name) for name in CostRowPublic.model_fields if name != "final"}
-    return CostRowPublic(**fields, final=True)
+    return CostRowPublic(**fields, final=final)
 
 
 def _live_row(stage: StageRow, resources: dict, now: datetime) -> CostRowPublic | None:
@@ -58,7 +58,7 @@ class CostInputs:
 
     job: JobRow
     priced: list[CostRowPublic]  # the runner's ledger rows
-    running: list[StageRow]  # stages running and not priced yet (only while the job runs)
+    running: list[StageRow]  # stages running, priced by their time so far (only while the job runs)
     measured_baseline: tuple[JobRow, float] | None
 
     @property
@@ -69,11 +69,11 @@ class CostInputs:
 
 def cost_inputs(store: Store, job: JobRow) -> CostInputs:
     priced = store.cost_rows(job.id)
-    running = []
-    if job.state == "running":
-        done = {row.key for row in priced}
-        running = [s for s in store.stages(job.id) if s.state == "running" and s.key not in done]
-    return CostInputs(job, [_final_row(row) for row in priced], running, store.find_baseline(job))
+    running = [s for s in store.stages(job.id) if s.state == "running"] if job.state == "running" else []
+    # A stage both priced and running is in a later synchronisation round: its priced rounds are not final yet.
+    busy = {stage.key for stage in running}
+    return CostInputs(job, [_priced_row(row, final=row.key not in busy) for row in priced], running,
+                      store.find_baseline(job))
 
 
 def _rows(inputs: CostInputs, now: datetime) -> list[CostRowPublic]:

@@ -54,8 +54,12 @@ class EventRecorder:
             session.get(JobRow, self.job_id).current_stage = key
         elif kind == "stage_finished":
             summary = event.get("summary") or {}
+            if event.get("round") is not None:  # a stage run in rounds: its time is the sum of its rounds
+                rounds = {**(row.summary or {}).get("round_seconds", {}), str(event["round"]): summary.get("seconds")}
+                summary = {**summary, "round_seconds": rounds, "seconds": sum(v or 0.0 for v in rounds.values())}
             if summary.get("steps", 0) < summary.get("total_steps", 0):  # a synchronisation round, not the stage
                 row.state, row.step, row.summary = "between_rounds", summary["steps"], summary
+                row.seconds = summary.get("seconds", row.seconds)
                 return
             row.state, row.finished_at, row.summary = "finished", utcnow(), summary
             row.seconds = summary.get("seconds", row.seconds)
