@@ -119,6 +119,9 @@ def cost(job_id: JobIdArg) -> None:
     if baseline is not None:
         source = f"job {baseline['job_id']}" if baseline["job_id"] else "FLOP-model estimate"
         console.print(f"full-parameter baseline ({baseline['kind']}, {source}): ${baseline['usd']:.3g}")
+        if baseline["kind"] == "estimate" and view.get("estimate_usd") is not None:
+            console.print(f"this job under the same FLOP model: ${view['estimate_usd']:.3g} (the table above is "
+                          "wall time at tier prices)")
     if view["savings_pct"] is not None:
         console.print(f"savings ({view['savings_basis']}): [bold]{view['savings_pct']:.1f}%[/bold]")
     if view["note"]:

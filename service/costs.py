@@ -120,7 +120,8 @@ def cost_view(inputs: CostInputs, now: datetime) -> CostPublic:
     return CostPublic(job_id=job.id, state=job.state, live=job.state == "running", stages=rows, by_tier_usd=by_tier,
                       total_usd=total, simulated=any(row.simulated for row in rows),
                       prices_per_hour=job.spec.get("resources", {}).get("prices", {}), baseline=baseline,
-                      savings_pct=savings, savings_basis=basis, note=_note(job, baseline))
+                      savings_pct=savings, savings_basis=basis, note=_note(job, baseline),
+                      estimate_usd=(job.estimate or {}).get("total_usd"))
 
 
 def job_cost(store: Store, job: JobRow) -> CostPublic:

@@ -92,6 +92,8 @@ def _cost_section(cost: CostPublic) -> str:
     lines = []
     if cost.baseline is not None:
         lines.append(f"full-parameter baseline ({cost.baseline.kind}): ${cost.baseline.usd:.3g}")
+        if cost.baseline.kind == "estimate" and cost.estimate_usd is not None:
+            lines.append(f"this job under the same FLOP model: ${cost.estimate_usd:.3g}")
     if cost.savings_pct is not None:
         lines.append(f"savings ({cost.savings_basis}): {cost.savings_pct:.1f}%")
     if cost.simulated:

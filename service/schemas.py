@@ -115,6 +115,8 @@ class CostPublic(BaseModel):
     savings_basis: Literal["measured", "estimate"] | None = Field(
         None, description="`estimate` compares the estimates of both methods, so simulated CPU time is never "
                           "compared with a GPU FLOP model.")
+    estimate_usd: float | None = Field(
+        None, description="This job's own FLOP-model estimate: what an estimated baseline is compared with.")
     note: str | None = None
 
 

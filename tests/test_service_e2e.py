@@ -106,6 +106,8 @@ def test_tiny_job_succeeds_and_reports_real_numbers(service, client, jobs):
     assert cost["total_usd"] == pytest.approx(sum(r["usd"] for r in cost["stages"])) and not cost["live"]
     assert cost["baseline"]["kind"] == "estimate" and cost["baseline"]["usd"] > 0
     assert cost["savings_basis"] == "estimate" and cost["savings_pct"] is not None
+    # The savings compare two estimates, both shown: 100 x (baseline - this job's estimate) / baseline.
+    assert cost["savings_pct"] == pytest.approx(100 * (1 - cost["estimate_usd"] / cost["baseline"]["usd"]), abs=0.01)
     ledger = json.loads(http_get(service, f"/v1/jobs/{job_id}/artifacts/cost.json").text)
     assert ledger["total_usd"] == pytest.approx(cost["total_usd"])
 
