@@ -82,10 +82,20 @@ def _port_is_free(port: int) -> bool:
         return True
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        return probe.getsockname()[1]
+# Ports Ray's components take by default. An ephemeral port the OS hands out can be one of them (52365 is in
+# Linux's ephemeral range), and Ray then refuses to start: "is trying to use a port number ... used by other
+# components".
+RAY_DEFAULT_PORTS = frozenset({6379, 8265, 10001, 52365})
+
+
+def free_port() -> int:
+    """A port free on this machine now that none of Ray's components takes by default."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            port = probe.getsockname()[1]
+        if port not in RAY_DEFAULT_PORTS:
+            return port
 
 
 @contextlib.contextmanager
@@ -105,8 +115,8 @@ def _build_cluster(spec: LocalClusterSpec):
 
     _quiet_ray_env()
     memory = spec.object_store_mb * 2**20
-    gcs_port = _free_port()
-    dashboard_port = spec.dashboard_port if _port_is_free(spec.dashboard_port) else _free_port()
+    gcs_port = free_port()
+    dashboard_port = spec.dashboard_port if _port_is_free(spec.dashboard_port) else free_port()
     head = {"num_cpus": spec.head_cpus, "object_store_memory": memory, "include_dashboard": True,
             "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port, "gcs_server_port": gcs_port,
             "labels": {spec.label_key: "head"}}

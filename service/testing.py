@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,17 +21,12 @@ from typing import TypeVar
 
 import httpx
 
+from ray_cluster.cluster import free_port
 from service.client import ApiClient
 
 T = TypeVar("T")
 TERMINAL = ("succeeded", "failed", "cancelled")
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(predicate: Callable[[], T], timeout_s: float, interval_s: float = 0.25, what: str = "") -> T:

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import time
 
 import numpy as np
@@ -29,7 +28,7 @@ from moedisco.metrics import read_metrics
 from moedisco.pipeline import JobPaths, stage_result
 from moedisco.runner import LocalRunner
 from ray_cluster import data
-from ray_cluster.cluster import LocalClusterSpec, describe_nodes, start_local_cluster, stop_local_cluster
+from ray_cluster.cluster import LocalClusterSpec, describe_nodes, free_port, start_local_cluster, stop_local_cluster
 from ray_cluster.orchestrate import run_job_on_ray
 from ray_cluster.placement import on_driver_node
 from ray_cluster.tracking import JobCancelled
@@ -53,12 +52,6 @@ def ray_cluster():
     finally:
         ray.shutdown()
         stop_local_cluster()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def alive_trainer_actors() -> list[str]:
