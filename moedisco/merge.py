@@ -16,7 +16,7 @@ so its peak memory is about one shard plus the largest tensor (plus a few more w
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -108,14 +108,15 @@ def _fisher_sum(name: str, handles: list, fisher_handles: list, weights: Sequenc
 
 
 def _shared_average(name: str, handles: list, weights: Sequence[float], fisher_handles: list | None) -> torch.Tensor:
-    # Parameters frozen while branching have no second moment; their copies are all equal anyway.
-    if fisher_handles is not None and name in fisher_handles[0].keys():
+    if fisher_handles is not None:
         return _fisher_sum(name, handles, fisher_handles, weights)
     return _weighted_sum(name, handles, weights)
 
 
 def _open_all(stack: ExitStack, submodels: Sequence[Path], weights: Sequence[float],
-              fisher: Sequence[Path] | None) -> tuple[list, list | None]:
+              fisher: Sequence[Path] | None) -> tuple[list, Callable[[str], list | None]]:
+    """Open every submodel file (and Fisher file); returns the handles and, per tensor name, the Fisher handles to
+    weight it with (None: plain weights)."""
     if len(submodels) != len(weights):
         raise ValueError(f"{len(submodels)} submodels but {len(weights)} weights")
     if fisher is not None and len(fisher) != len(submodels):
@@ -123,16 +124,18 @@ def _open_all(stack: ExitStack, submodels: Sequence[Path], weights: Sequence[flo
     handles = [stack.enter_context(safe_open(path, framework="pt")) for path in submodels]
     fisher_handles = None if fisher is None else [stack.enter_context(safe_open(path, framework="pt"))
                                                   for path in fisher]
-    return handles, fisher_handles
+    # Parameters frozen while branching have no second moment; their copies are all equal anyway.
+    with_fisher = set(fisher_handles[0].keys()) if fisher_handles else set()
+    return handles, lambda name: fisher_handles if name in with_fisher else None
 
 
 def average_shared(roles: dict[str, Role], submodels: Sequence[Path], weights: Sequence[float],
                    fisher: Sequence[Path] | None = None) -> dict[str, torch.Tensor]:
     """The merge's average of every shared tensor the submodel files hold, as one state dict (the backbone)."""
     with ExitStack() as stack:
-        handles, fisher_handles = _open_all(stack, submodels, weights, fisher)
+        handles, fisher_for = _open_all(stack, submodels, weights, fisher)
         stored = set(handles[0].keys())
-        return {name: _shared_average(name, handles, weights, fisher_handles)
+        return {name: _shared_average(name, handles, weights, fisher_for(name))
                 for name, role in roles.items() if role == "shared" and name in stored}
 
 
@@ -158,14 +161,14 @@ def merge_submodels(source: Path, submodels: Sequence[Path], weights: Sequence[f
     roles = parameter_roles(config)
     generator = torch.Generator().manual_seed(seed)
     with ExitStack() as stack:
-        handles, fisher_handles = _open_all(stack, submodels, weights, fisher)
+        handles, fisher_for = _open_all(stack, submodels, weights, fisher)
         out.mkdir(parents=True, exist_ok=True)
         writer = ShardWriter(out, max_shard_bytes)
         stored = set(handles[0].keys())
         for name, role in roles.items():
             if name in stored:  # a tied lm_head is stored once, as the embedding
                 writer.add(name, _merged_tensor(name, role, handles, list(weights), router_init,
-                                                config.initializer_range, generator, fisher_handles))
+                                                config.initializer_range, generator, fisher_for(name)))
     writer.close()
     config.save_pretrained(out)
     return out
