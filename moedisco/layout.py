@@ -1,0 +1,92 @@
+"""The job folder's layout: where every stage reads and writes, in one place that imports nothing heavy.
+
+    paths = JobPaths(spec.output_dir)
+    paths.metrics                     # OUTPUT/metrics.jsonl
+    paths.run_dir("submodel", 2)      # OUTPUT/submodels/2 (a training stage's run folder)
+    mark_done(paths, "merge", summary); is_done(paths, "merge"); stage_result(paths, "merge")
+
+Every layer uses it: the stages (`moedisco.pipeline`), both runners, the Ray workers, the service's recorder and
+routes. It imports no torch, so a Ray worker or the API that only needs a path never pays for the training stack.
+
+    OUTPUT/
+      spec.yaml  metrics.jsonl  cost.json  report.png
+      data/{train,eval}.jsonl  data/{train,eval}_tokens.npz  data/tokenizer/
+      embed/embeddings.npy  cluster/  source/  branched/
+      submodels/<k>/            a submodel's run folder (checkpoints/, model.safetensors, result.json)
+      sync/round_<r>.safetensors
+      runs/<stage>/             the run folder of warmup, finetune, full_parameter
+      merged/  final/
+      stages/<marker>.json      one per finished stage (its summary)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class JobPaths:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    spec = property(lambda self: self.root / "spec.yaml")
+    data = property(lambda self: self.root / "data")
+    tokenizer = property(lambda self: self.root / "data" / "tokenizer")
+    embeddings = property(lambda self: self.root / "embed" / "embeddings.npy")
+    clusters = property(lambda self: self.root / "cluster")
+    source = property(lambda self: self.root / "source")
+    branched = property(lambda self: self.root / "branched")
+    merged = property(lambda self: self.root / "merged")
+    final = property(lambda self: self.root / "final")
+    metrics = property(lambda self: self.root / "metrics.jsonl")
+    cost = property(lambda self: self.root / "cost.json")
+    report = property(lambda self: self.root / "report.png")
+    markers = property(lambda self: self.root / "stages")
+    submodels = property(lambda self: self.root / "submodels")
+
+    def texts(self, split_name: str) -> Path:
+        """One JSON line ({"text": ...}) per document of the `train` or `eval` split."""
+        return self.data / f"{split_name}.jsonl"
+
+    def tokens(self, split_name: str) -> Path:
+        return self.data / f"{split_name}_tokens.npz"
+
+    def submodel(self, expert: int) -> Path:
+        return self.submodels / str(expert)
+
+    def run(self, stage: str) -> Path:
+        return self.root / "runs" / stage
+
+    def run_dir(self, stage: str, expert: int | None = None) -> Path:
+        """A training stage's run folder: a submodel's is its own folder, the others' are under runs/."""
+        return self.submodel(expert) if stage == "submodel" else self.run(stage)
+
+    def marker(self, name: str) -> Path:
+        return self.markers / f"{name}.json"
+
+    def sync_average(self, round_index: int) -> Path:
+        return self.root / "sync" / f"round_{round_index}.safetensors"
+
+
+def is_done(paths: JobPaths, marker: str) -> bool:
+    return paths.marker(marker).is_file()
+
+
+def mark_done(paths: JobPaths, marker: str, summary: dict) -> dict:
+    """Write the stage's summary as its marker, through a temporary file renamed into place, so a marker that
+    exists is complete."""
+    target = paths.marker(marker)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    partial.write_text(json.dumps(summary, indent=2))
+    partial.replace(target)
+    return summary
+
+
+def stage_result(paths: JobPaths, marker: str) -> dict:
+    return json.loads(paths.marker(marker).read_text())
