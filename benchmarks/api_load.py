@@ -45,11 +45,12 @@ import aiohttp
 import httpx
 from _common import REPO
 
+from moedisco.stages import STAGES
 from service.cli import read_spec_file
 from service.demo import _start_service, _stop_service, _wait_healthy
 
 MAX_REQUESTS = 200_000
-CHEAP_TRAINING_STAGES = ("warmup", "submodel")
+CHEAP_TRAINING_STAGES = {stage.name for stage in STAGES if stage.trained and stage.tier == "submodel_tier"}
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -85,7 +86,7 @@ def time_to_first_steps(url: str, job_id: str, submitted: float, timeout_s: floa
         if job["state"] == "running":
             seen.setdefault("job_running_s", now)
         stepped = {s["stage"] for s in job["stages"] if s.get("step") is not None}
-        if stepped & set(CHEAP_TRAINING_STAGES):
+        if stepped & CHEAP_TRAINING_STAGES:
             seen.setdefault("post_to_first_training_step_s", now)
         if "submodel" in stepped:
             seen["post_to_first_submodel_step_s"] = now

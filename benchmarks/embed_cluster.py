@@ -23,7 +23,10 @@ from _common import REPO
 from moedisco.cluster import fit_clusters
 from moedisco.config import build_spec
 from moedisco.embed import Embedder
-from moedisco.pipeline import JobPaths, load_texts, stage_prepare
+from moedisco.layout import JobPaths
+from moedisco.metrics import MetricsWriter
+from moedisco.pipeline import load_texts, stage_prepare
+from moedisco.stages import StageRun, Task
 
 
 def _spec(out: Path, documents: int):
@@ -33,7 +36,7 @@ def _spec(out: Path, documents: int):
 
 
 def in_process(spec, paths) -> dict:
-    texts = load_texts(paths.data / "train.jsonl")
+    texts = load_texts(paths.texts("train"))
     started = time.perf_counter()
     vectors = Embedder(spec.embed)(texts)
     result = fit_clusters(vectors, spec.cluster, spec.model.num_experts, spec.seed)
@@ -78,7 +81,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         spec = _spec(Path(tmp) / "job", documents)
         paths = JobPaths(spec.output_dir)
-        stage_prepare(spec, paths)
+        stage_prepare(StageRun(spec, paths, MetricsWriter(paths.metrics), Task("prepare")))
         reference = in_process(spec, paths)
         for nodes in (1, 2):
             rows.append(on_ray(spec, paths, nodes, args.fit_sample))

@@ -32,11 +32,13 @@ sys.path.insert(0, str(REPO))
 from moedisco.config import apply_overrides, build_spec  # noqa: E402
 from moedisco.cost import flop_cost_usd  # noqa: E402
 from moedisco.estimate import DEFAULT_UTILISATION, parameter_counts  # noqa: E402
+from moedisco.layout import JobPaths  # noqa: E402
 from moedisco.metrics import read_metrics  # noqa: E402
 from moedisco.runner import run_job  # noqa: E402
 from moedisco.split import read_config  # noqa: E402
+from moedisco.stages import STAGES, tier_of  # noqa: E402
 
-TRAINED_STAGES = ("warmup", "submodel", "finetune", "full_parameter")
+TRAINED_STAGES = tuple(stage.name for stage in STAGES if stage.trained)
 
 
 def base_spec(args) -> dict:
@@ -85,8 +87,6 @@ def flop_costs(spec, records: list[dict]) -> dict[str, float]:
     """Dollars per stage under the FLOP model, from the tokens each stage actually trained on."""
     counts = parameter_counts(read_config(spec.output_dir / "source"))
     res = spec.resources
-    tiers = {"warmup": res.submodel_tier, "submodel": res.submodel_tier, "finetune": res.finetune_tier,
-             "full_parameter": res.finetune_tier}
     warmup_active = counts["submodel"] if spec.branch.warmup_model == "dense" else counts["active"]
     active = {"warmup": warmup_active, "submodel": counts["submodel"], "finetune": counts["active"],
               "full_parameter": counts["active"]}
@@ -96,7 +96,7 @@ def flop_costs(spec, records: list[dict]) -> dict[str, float]:
         if r["stage"] in TRAINED_STAGES and "tokens" in r:
             last_tokens[(r["stage"], r.get("expert"))] = r["tokens"]
     for (stage, _), tokens in last_tokens.items():
-        device = tiers[stage].device_type
+        device = tier_of(res, stage).device_type
         usd = flop_cost_usd(active[stage], tokens, res.devices[device].bf16_tflops, DEFAULT_UTILISATION,
                             res.prices[device])["usd"]
         costs[stage] = costs.get(stage, 0.0) + usd
@@ -104,8 +104,9 @@ def flop_costs(spec, records: list[dict]) -> dict[str, float]:
 
 
 def summarise(spec, seconds: float) -> dict:
-    records = read_metrics(spec.output_dir / "metrics.jsonl")
-    cost = json.loads((spec.output_dir / "cost.json").read_text())
+    paths = JobPaths(spec.output_dir)
+    records = read_metrics(paths.metrics)
+    cost = json.loads(paths.cost.read_text())
     wall = {}
     for row in cost["stages"]:
         wall[row["stage"]] = wall.get(row["stage"], 0.0) + row["usd"]

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 from moedisco.config import TrainConfig
 from moedisco.data import batch_for_step
 from moedisco.metrics import MetricsWriter
-from moedisco.train import train
+from moedisco.train import TrainContext, train
 
 SEQ_LEN, BATCH = 128, 8
 
@@ -43,8 +43,9 @@ def plain_loop(model, seqs, steps: int) -> float:
 def moedisco_loop(model, seqs, steps: int) -> float:
     cfg = TrainConfig(steps=steps, batch_size=BATCH, lr=1e-4, eval_every=10**6, checkpoint_every=10**6)
     with tempfile.TemporaryDirectory() as tmp:
-        result = train(model, seqs, None, cfg, Path(tmp) / "run", stage="submodel", seed=0,
-                       metrics=MetricsWriter(Path(tmp) / "m.jsonl"), progress=False)
+        context = TrainContext(Path(tmp) / "run", stage="submodel", seed=0,
+                               metrics=MetricsWriter(Path(tmp) / "m.jsonl"), progress=False)
+        result = train(model, seqs, None, cfg, context)
     return steps * BATCH * SEQ_LEN / result.seconds
 
 

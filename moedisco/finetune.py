@@ -1,7 +1,7 @@
 """Global fine-tune of the merged MoE, and the full-parameter baseline (paper sec. 3.1.3 step 3, sec. 4).
 
-    result = finetune(OUTPUT / "merged", train_NL, eval_NL, spec, run_dir, metrics)      # -> OUTPUT/final
-    result = train_full_parameter(source_model, train_NL, eval_NL, spec, run_dir, metrics)
+    model, result = finetune(OUTPUT / "merged", train_NL, eval_NL, spec, TrainContext(run_dir, "finetune", ...))
+    model, result = train_full_parameter(source_model, train_NL, eval_NL, spec, context)
 
 Both train every parameter of the full MoE with the router's load-balancing loss switched on
 (`output_router_logits`, weighted by `router_aux_loss_coef`), so the router learns to spread tokens over experts.
@@ -15,8 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from moedisco.config import JobSpec
-from moedisco.metrics import MetricsWriter
-from moedisco.train import TrainHooks, TrainResult, train
+from moedisco.train import TrainContext, TrainResult, train
 
 
 def load_moe(folder: Path) -> PreTrainedModel:
@@ -32,21 +31,16 @@ def enable_router_loss(model: PreTrainedModel, coef: float) -> PreTrainedModel:
     return model
 
 
-def finetune(merged: Path, train_NL: torch.Tensor, eval_NL: torch.Tensor, spec: JobSpec, run_dir: Path,
-             metrics: MetricsWriter, hooks: TrainHooks | None = None, progress: bool = True) -> tuple[PreTrainedModel, TrainResult]:
+def finetune(merged: Path, train_NL: torch.Tensor, eval_NL: torch.Tensor, spec: JobSpec,
+             ctx: TrainContext) -> tuple[PreTrainedModel, TrainResult]:
     model = enable_router_loss(load_moe(merged), spec.model.router_aux_loss_coef)
-    result = train(model, train_NL, eval_NL, spec.finetune, run_dir, stage="finetune", seed=spec.seed,
-                   metrics=metrics, spec_yaml=spec.to_yaml(), hooks=hooks, progress=progress)
-    return model, result
+    return model, train(model, train_NL, eval_NL, spec.finetune, ctx)
 
 
 def train_full_parameter(model: PreTrainedModel, train_NL: torch.Tensor, eval_NL: torch.Tensor, spec: JobSpec,
-                         run_dir: Path, metrics: MetricsWriter, hooks: TrainHooks | None = None,
-                         progress: bool = True) -> tuple[PreTrainedModel, TrainResult]:
+                         ctx: TrainContext) -> tuple[PreTrainedModel, TrainResult]:
     model = enable_router_loss(model, spec.model.router_aux_loss_coef)
-    result = train(model, train_NL, eval_NL, spec.full_parameter, run_dir, stage="full_parameter", seed=spec.seed,
-                   metrics=metrics, spec_yaml=spec.to_yaml(), hooks=hooks, progress=progress)
-    return model, result
+    return model, train(model, train_NL, eval_NL, spec.full_parameter, ctx)
 
 
 def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> Path:

@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-STAGES = ("embed", "cluster", "warmup", "submodel", "sync", "merge", "finetune", "full_parameter")
+from moedisco.stages import STAGE_NAMES
 
 
 class MetricsWriter:
@@ -24,8 +24,8 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict) -> None:
-        if record.get("stage") not in STAGES:
-            raise ValueError(f"unknown stage {record.get('stage')!r}; expected one of {STAGES}")
+        if record.get("stage") not in STAGE_NAMES:
+            raise ValueError(f"unknown stage {record.get('stage')!r}; expected one of {STAGE_NAMES}")
         line = json.dumps({"time": round(time.time(), 3), **record}) + "\n"
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:

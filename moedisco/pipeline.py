@@ -1,11 +1,11 @@
-"""The local, in-process runner: every stage of a job in order, idempotently.
+"""The stage functions: what each stage of a job does, in this process (the stages are declared in
+`moedisco.stages`, which names these functions; the runners call them through `moedisco.stages.run_stage`).
 
-    summary = run_job(load_spec("examples/tiny.yaml"))
+    summary = stage_merge(StageRun(spec, JobPaths(spec.output_dir), metrics, task=Task("merge")))
 
-Each stage is a function of (spec, paths) that reads its inputs from and writes its outputs to the job's output
-folder, and leaves `stages/<name>.json` when it is done. Re-running a job skips finished stages and resumes an
-interrupted training stage from its last checkpoint. The Ray runner (`ray_cluster/`) calls these same functions,
-placed on the right nodes.
+Each takes a `StageRun` (the spec, the job folder, the metrics writer, the task, the training hooks), reads its
+inputs from and writes its outputs to the job folder (`moedisco.layout`), and returns its summary, which the runner
+keeps as the stage's marker. A training stage called again resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,66 +23,20 @@ from moedisco import cluster, data, embed, merge, split, sync
 from moedisco.config import JobSpec
 from moedisco.evaluate import evaluate_loss, oracle_loss
 from moedisco.finetune import enable_router_loss, finetune, load_moe, save_final, train_full_parameter
-from moedisco.metrics import MetricsWriter
-from moedisco.train import SECOND_MOMENT_FILE, TrainHooks, checkpoint_dir, checkpoint_dirs, finished_result, train
+from moedisco.layout import JobPaths, stage_result
+from moedisco.stages import StageRun, round_ends, submodel_task
+from moedisco.train import SECOND_MOMENT_FILE, TrainContext, checkpoint_dir, checkpoint_dirs, finished_result, train
 from moedisco.upcycle import upcycle_submodel
 
 log = logging.getLogger(__name__)
-Events = Callable[[dict], None]
-
-
-class BudgetExceeded(RuntimeError):
-    """The job stopped at a stage boundary because its next stage would exceed `max_cost_usd`."""
-
-
-@dataclass(frozen=True)
-class JobPaths:
-    root: Path
-
-    data = property(lambda self: self.root / "data")
-    tokenizer = property(lambda self: self.root / "data" / "tokenizer")
-    embeddings = property(lambda self: self.root / "embed" / "embeddings.npy")
-    clusters = property(lambda self: self.root / "cluster")
-    source = property(lambda self: self.root / "source")
-    branched = property(lambda self: self.root / "branched")
-    merged = property(lambda self: self.root / "merged")
-    final = property(lambda self: self.root / "final")
-    metrics = property(lambda self: self.root / "metrics.jsonl")
-    cost = property(lambda self: self.root / "cost.json")
-    report = property(lambda self: self.root / "report.png")
-
-    def submodel(self, expert: int) -> Path:
-        return self.root / "submodels" / str(expert)
-
-    def run(self, stage: str) -> Path:
-        return self.root / "runs" / stage
-
-    def marker(self, stage: str) -> Path:
-        return self.root / "stages" / f"{stage}.json"
-
-    def sync_average(self, round_index: int) -> Path:
-        return self.root / "sync" / f"round_{round_index}.safetensors"
-
-
-def is_done(paths: JobPaths, stage: str) -> bool:
-    return paths.marker(stage).is_file()
-
-
-def mark_done(paths: JobPaths, stage: str, summary: dict) -> dict:
-    paths.marker(stage).parent.mkdir(parents=True, exist_ok=True)
-    paths.marker(stage).write_text(json.dumps(summary, indent=2))
-    return summary
-
-
-def stage_result(paths: JobPaths, stage: str) -> dict:
-    return json.loads(paths.marker(stage).read_text())
 
 
 # --- data -------------------------------------------------------------------------------------------------------
 
 
-def stage_prepare(spec: JobSpec, paths: JobPaths) -> dict:
+def stage_prepare(run: StageRun) -> dict:
     """Read, split, tokenize. Writes data/{train,eval}.jsonl, data/{train,eval}_tokens.npz and data/tokenizer/."""
+    spec, paths = run.spec, run.paths
     report = data.ReadReport()
     docs = data.read_documents(spec.data.train, spec.data, report)
     if spec.data.eval is not None:
@@ -96,9 +48,9 @@ def stage_prepare(spec: JobSpec, paths: JobPaths) -> dict:
     paths.data.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(paths.tokenizer)
     for name, docs_part in (("train", train_docs), ("eval", eval_docs)):
-        with (paths.data / f"{name}.jsonl").open("w") as handle:
+        with paths.texts(name).open("w") as handle:
             handle.writelines(json.dumps({"text": t}) + "\n" for t in docs_part)
-        data.TokenizedCorpus.from_texts(docs_part, tokenizer).save(paths.data / f"{name}_tokens.npz")
+        data.TokenizedCorpus.from_texts(docs_part, tokenizer).save(paths.tokens(name))
     return {"train_documents": len(train_docs), "eval_documents": len(eval_docs), "skipped": report.num_skipped,
             "vocab_size": len(tokenizer)}
 
@@ -108,41 +60,43 @@ def load_texts(path: Path) -> list[str]:
 
 
 def load_corpus(paths: JobPaths, split_name: str) -> data.TokenizedCorpus:
-    return data.TokenizedCorpus.load(paths.data / f"{split_name}_tokens.npz")
+    return data.TokenizedCorpus.load(paths.tokens(split_name))
 
 
 def eval_sequences(spec: JobSpec, paths: JobPaths) -> torch.Tensor:
     return load_corpus(paths, "eval").pack(spec.data.sequence_length)
 
 
-def stage_embed(spec: JobSpec, paths: JobPaths, metrics: MetricsWriter) -> dict:
+def stage_embed(run: StageRun) -> dict:
+    spec, paths = run.spec, run.paths
     started = time.perf_counter()
-    vectors_ND = embed.Embedder(spec.embed)(load_texts(paths.data / "train.jsonl"), progress=True)
+    vectors_ND = embed.Embedder(spec.embed)(load_texts(paths.texts("train")), progress=run.progress)
     paths.embeddings.parent.mkdir(parents=True, exist_ok=True)
     np.save(paths.embeddings, vectors_ND)
     seconds = time.perf_counter() - started
-    metrics.write({"stage": "embed", "step": len(vectors_ND), "documents": len(vectors_ND), "seconds": seconds,
-                   "device": str(embed.resolve_device(spec.embed.device))})
+    run.metrics.write({"stage": "embed", "step": len(vectors_ND), "documents": len(vectors_ND), "seconds": seconds,
+                       "device": str(embed.resolve_device(spec.embed.device))})
     return {"documents": len(vectors_ND), "dim": int(vectors_ND.shape[1]), "seconds": seconds}
 
 
-def stage_cluster(spec: JobSpec, paths: JobPaths, metrics: MetricsWriter) -> dict:
+def stage_cluster(run: StageRun) -> dict:
+    spec, paths = run.spec, run.paths
     started = time.perf_counter()
     result = cluster.fit_clusters(np.load(paths.embeddings), spec.cluster, spec.model.num_experts, spec.seed)
     result.save(paths.clusters)
     seconds = time.perf_counter() - started
-    metrics.write({"stage": "cluster", "step": 0, "sizes": result.sizes, "inertia": result.inertia,
-                   "seconds": seconds, "device": "cpu"})
+    run.metrics.write({"stage": "cluster", "step": 0, "sizes": result.sizes, "inertia": result.inertia,
+                       "seconds": seconds, "device": "cpu"})
     return {"sizes": result.sizes, "inertia": result.inertia, "method": result.method, "seconds": seconds}
 
 
 # --- model ------------------------------------------------------------------------------------------------------
 
 
-def stage_source(spec: JobSpec, paths: JobPaths) -> dict:
-    tokenizer = data.load_tokenizer(paths.tokenizer)
-    model = split.build_source_moe(spec, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
-    split.save_weights(model, paths.source)
+def stage_source(run: StageRun) -> dict:
+    tokenizer = data.load_tokenizer(run.paths.tokenizer)
+    model = split.build_source_moe(run.spec, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    split.save_weights(model, run.paths.source)
     return {"arch": model.config.model_type, "parameters": sum(p.numel() for p in model.parameters())}
 
 
@@ -155,22 +109,29 @@ def branch_point(spec: JobSpec, paths: JobPaths) -> Path:
     return paths.branched if spec.branch.warmup_steps > 0 else paths.source
 
 
-def stage_warmup(spec: JobSpec, paths: JobPaths, metrics: MetricsWriter, hooks: TrainHooks | None = None,
-                 progress: bool = True) -> dict:
+def train_context(run: StageRun, seed: int, **options) -> TrainContext:
+    """The training loop's context for this stage's task: its run folder, metrics, hooks and `options`."""
+    task = run.task
+    return TrainContext(run_dir=run.paths.run_dir(task.stage, task.expert), stage=task.stage, expert=task.expert,
+                        seed=seed, metrics=run.metrics, spec_yaml=run.spec.to_yaml(), hooks=run.hooks,
+                        progress=run.progress, **options)
+
+
+def stage_warmup(run: StageRun) -> dict:
     """Train on the whole corpus before branching: one dense submodel, upcycled so that every expert starts as its
     FFN (`branch.warmup_model: dense`), or the full MoE with its router (`moe`).
 
     Submodels branched from one common, already-trained model stay close enough in weight space that averaging
     their backbones costs little (Branch-Train-MiX branches from a seed model for the same reason).
     """
+    spec, paths = run.spec, run.paths
     cfg = spec.submodel.model_copy(update={"steps": spec.branch.warmup_steps,
                                            "lr": spec.branch.warmup_lr or spec.submodel.lr})
     train_NL = load_corpus(paths, "train").pack(spec.data.sequence_length)
     dense = spec.branch.warmup_model == "dense"
     model = split.load_submodel(paths.source, 0) if dense else enable_router_loss(
         load_moe(paths.source), spec.model.router_aux_loss_coef)
-    result = train(model, train_NL, eval_sequences(spec, paths), cfg, paths.run("warmup"), stage="warmup",
-                   seed=spec.seed, metrics=metrics, spec_yaml=spec.to_yaml(), hooks=hooks, progress=progress)
+    result = train(model, train_NL, eval_sequences(spec, paths), cfg, train_context(run, spec.seed))
     if dense:
         upcycle_submodel(paths.source, paths.run("warmup") / split.WEIGHTS_FILE, paths.branched)
     else:
@@ -183,7 +144,7 @@ def eval_assignments(spec: JobSpec, paths: JobPaths) -> np.ndarray:
     """Cluster of every held-out document, by nearest centroid (computed once, cached next to the clusters)."""
     cached = paths.clusters / "eval_assignments.npy"
     if not cached.is_file():
-        vectors_ND = embed.Embedder(spec.embed)(load_texts(paths.data / "eval.jsonl"))
+        vectors_ND = embed.Embedder(spec.embed)(load_texts(paths.texts("eval")))
         # Written aside and renamed: concurrent submodel trainers may fill the cache at the same time.
         partial = cached.with_name(f"eval_assignments.{os.getpid()}.npy")
         np.save(partial, cluster.ClusterResult.load(paths.clusters).assign(vectors_ND))
@@ -204,27 +165,14 @@ def cluster_eval_sequences(spec: JobSpec, paths: JobPaths) -> list[torch.Tensor]
     return [cluster_eval_sequence(spec, paths, k) for k in range(spec.model.num_experts)]
 
 
-def round_ends(spec: JobSpec) -> list[int]:
-    """The submodel step at which each synchronisation round ends (`branch.sync_rounds`); the last is the end."""
-    steps, rounds = spec.submodel.steps, spec.branch.sync_rounds
-    return [steps * (r + 1) // rounds for r in range(rounds)]
-
-
-def submodel_marker(spec: JobSpec, expert: int, round_index: int) -> str:
-    """Stage marker of one expert's round; the last round's is the plain `submodel_<k>` of a job without rounds."""
-    last = round_index == spec.branch.sync_rounds - 1
-    return f"submodel_{expert}" if last else f"submodel_{expert}_round_{round_index}"
-
-
-def stage_submodel(spec: JobSpec, paths: JobPaths, expert: int, metrics: MetricsWriter,
-                   hooks: TrainHooks | None = None, progress: bool = True, round_index: int | None = None) -> dict:
+def stage_submodel(run: StageRun) -> dict:
     """Train submodel `expert` on its cluster; its weights end in submodels/<expert>/model.safetensors.
 
-    With `branch.sync_rounds` > 1 this is called once per round (`round_index`, default the last): every round but
-    the last stops at a checkpoint at the round's end, for `stage_sync`. `seconds` is this round's training time.
+    With `branch.sync_rounds` > 1 this runs once per round (`run.round_index`): every round but the last stops at a
+    checkpoint at the round's end, for `stage_sync`. `seconds` is this round's training time.
     """
+    spec, paths, expert, round_index = run.spec, run.paths, run.task.expert, run.round_index
     rounds = spec.branch.sync_rounds
-    round_index = rounds - 1 if round_index is None else round_index
     if not 0 <= round_index < rounds:
         raise ValueError(f"round {round_index} out of range for branch.sync_rounds = {rounds}")
     last = round_index == rounds - 1
@@ -236,13 +184,11 @@ def stage_submodel(spec: JobSpec, paths: JobPaths, expert: int, metrics: Metrics
     train_NL = load_corpus(paths, "train").pack(spec.data.sequence_length, cluster_doc_ids(paths, expert))
     roles = split.parameter_roles(split.read_config(paths.source))
     scale = spec.branch.shared_lr_scale
-    result = train(model, train_NL, eval_sequences(spec, paths), spec.submodel, run_dir,
-                   stage="submodel", expert=expert, seed=spec.seed + expert, metrics=metrics,
-                   spec_yaml=spec.to_yaml(), hooks=hooks, progress=progress,
-                   lr_scale=lambda name: scale if roles[name] == "shared" else 1.0,
-                   save_second_moment=spec.merge.weighting == "fisher",
-                   stop_at=None if last else round_ends(spec)[round_index])
-    before = (stage_result(paths, submodel_marker(spec, expert, round_index - 1))["train_seconds_total"]
+    context = train_context(run, spec.seed + expert, lr_scale=lambda name: scale if roles[name] == "shared" else 1.0,
+                            save_second_moment=spec.merge.weighting == "fisher",
+                            stop_at=None if last else round_ends(spec)[round_index])
+    result = train(model, train_NL, eval_sequences(spec, paths), spec.submodel, context)
+    before = (stage_result(paths, submodel_task(spec, expert, round_index - 1).marker)["train_seconds_total"]
               if round_index > 0 else 0.0)
     summary = {"expert": expert, "round": round_index, "total_steps": spec.submodel.steps,
                "sequences": len(train_NL), **result.__dict__,
@@ -255,8 +201,9 @@ def stage_submodel(spec: JobSpec, paths: JobPaths, expert: int, metrics: Metrics
     return summary
 
 
-def stage_sync(spec: JobSpec, paths: JobPaths, round_index: int, metrics: MetricsWriter) -> dict:
-    """Average the submodels' shared parameters at the end of round `round_index` (see `moedisco.sync`)."""
+def stage_sync(run: StageRun) -> dict:
+    """Average the submodels' shared parameters at the end of the task's round (see `moedisco.sync`)."""
+    spec, paths, round_index = run.spec, run.paths, run.task.round
     started = time.perf_counter()
     step = round_ends(spec)[round_index]
     checkpoints = [checkpoint_dir(paths.submodel(k), step) for k in range(spec.model.num_experts)]
@@ -270,8 +217,8 @@ def stage_sync(spec: JobSpec, paths: JobPaths, round_index: int, metrics: Metric
     roles = split.parameter_roles(split.read_config(paths.source))
     result = sync.sync_round(roles, checkpoints, weights, fisher, paths.sync_average(round_index))
     seconds = time.perf_counter() - started
-    metrics.write({"stage": "sync", "round": round_index, "step": step, "divergence": result["divergence"],
-                   "seconds": seconds, "device": "cpu"})
+    run.metrics.write({"stage": "sync", "round": round_index, "step": step, "divergence": result["divergence"],
+                       "seconds": seconds, "device": "cpu"})
     return {"round": round_index, "step": step, **result, "seconds": seconds, "device": "cpu"}
 
 
@@ -282,7 +229,8 @@ def shared_weighting(spec: JobSpec, paths: JobPaths) -> tuple[list[float], bool]
     return merge.averaging_weights(sizes, "samples" if fisher else spec.merge.weighting), fisher
 
 
-def stage_merge(spec: JobSpec, paths: JobPaths, metrics: MetricsWriter) -> dict:
+def stage_merge(run: StageRun) -> dict:
+    spec, paths = run.spec, run.paths
     started = time.perf_counter()
     weights, fisher = shared_weighting(spec, paths)
     files = [paths.submodel(k) / split.WEIGHTS_FILE for k in range(spec.model.num_experts)]
@@ -305,24 +253,24 @@ def stage_merge(spec: JobSpec, paths: JobPaths, metrics: MetricsWriter) -> dict:
     eval_loss = evaluate_loss(model, eval_sequences(spec, paths), cfg.batch_size, cfg.eval_batches, cpu)
     oracle = oracle_loss(model, cluster_eval_sequences(spec, paths), cfg.batch_size, cfg.eval_batches, cpu)
     seconds = time.perf_counter() - started
-    metrics.write({"stage": "merge", "step": 0, "eval_loss": eval_loss, "oracle_eval_loss": oracle,
-                   "weights": weights, "seconds": seconds, "device": "cpu"})
+    run.metrics.write({"stage": "merge", "step": 0, "eval_loss": eval_loss, "oracle_eval_loss": oracle,
+                       "weights": weights, "seconds": seconds, "device": "cpu"})
     return {"weights": weights, "eval_loss": eval_loss, "oracle_eval_loss": oracle, "seconds": seconds}
 
 
-def stage_finetune(spec: JobSpec, paths: JobPaths, metrics: MetricsWriter, hooks: TrainHooks | None = None,
-                   progress: bool = True) -> dict:
+def stage_finetune(run: StageRun) -> dict:
+    spec, paths = run.spec, run.paths
     train_NL = load_corpus(paths, "train").pack(spec.data.sequence_length)
-    model, result = finetune(paths.merged, train_NL, eval_sequences(spec, paths), spec, paths.run("finetune"),
-                             metrics, hooks, progress)
+    model, result = finetune(paths.merged, train_NL, eval_sequences(spec, paths), spec,
+                             train_context(run, spec.seed))
     save_final(model, data.load_tokenizer(paths.tokenizer), paths.final)
     return result.__dict__
 
 
-def stage_full_parameter(spec: JobSpec, paths: JobPaths, metrics: MetricsWriter, hooks: TrainHooks | None = None,
-                         progress: bool = True) -> dict:
+def stage_full_parameter(run: StageRun) -> dict:
+    spec, paths = run.spec, run.paths
     train_NL = load_corpus(paths, "train").pack(spec.data.sequence_length)
     model, result = train_full_parameter(load_moe(paths.source), train_NL, eval_sequences(spec, paths), spec,
-                                         paths.run("full_parameter"), metrics, hooks, progress)
+                                         train_context(run, spec.seed))
     save_final(model, data.load_tokenizer(paths.tokenizer), paths.final)
     return result.__dict__

@@ -14,8 +14,7 @@ matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 from moedisco.metrics import read_metrics  # noqa: E402
-
-TRAINING_STAGES = ("warmup", "submodel", "finetune", "full_parameter")
+from moedisco.stages import STAGE  # noqa: E402
 
 
 def loss_curves(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
@@ -27,7 +26,7 @@ def loss_curves(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]
         stage = record["stage"]
         if stage == "merge":
             label = "finetune"
-        elif stage in TRAINING_STAGES:
+        elif STAGE[stage].trained:
             label = stage if record.get("expert") is None else f"{stage} {record['expert']}"
         else:
             continue

@@ -1,28 +1,33 @@
-"""Runs a whole job in this process, stage after stage, with cost ledger, events, budget and report.
+"""Runs a job: its plan (`moedisco.stages.plan`) through an executor, with markers, events, budget, cost and report.
 
-    summary = run_job(load_spec("examples/tiny.yaml"), events=print)
+    summary = run_job(load_spec("examples/tiny.yaml"), events=print)            # every stage in this process
+    summary = JobRunner(spec, RayExecutor(), events=store_events).run()         # ray_cluster.orchestrate
 
-`events` receives dicts such as {"event": "stage_started", "stage": "submodel", "expert": 1} and every training
-progress record, which is what the service stores and the CLI draws as progress bars.
+`JobRunner` does a job's bookkeeping, the same whichever executor runs the stages: it skips tasks whose marker
+exists, stops before a task when the job is cancelled or its budget would be exceeded, announces and records each
+task (`moedisco.events`), prices it into the ledger and leaves its marker. An `Executor` only runs tasks: the
+`LocalExecutor` here calls each stage's function in this process; the Ray one places it on its tier.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import yaml
 from pydantic import ValidationError
 
-from moedisco import pipeline as stages
-from moedisco.config import JobSpec, TierConfig, upgrade_saved_spec
+from moedisco.config import JobSpec, upgrade_saved_spec
 from moedisco.cost import CostLedger
+from moedisco.events import Events, JobCancelledEvent, StageFinished, StageSkipped, StageStarted, ignore, progress_event
+from moedisco.layout import JobPaths, is_done, mark_done
 from moedisco.metrics import MetricsWriter
-from moedisco.pipeline import BudgetExceeded, Events, JobPaths
 from moedisco.report import write_report
-from moedisco.train import TrainHooks
+from moedisco.stages import StageRun, Task, plan, run_stage, tier_of
+from moedisco.train import StopRequested, TrainHooks
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +45,7 @@ def _differences(saved: Any, current: Any, path: str) -> list[str]:
 
 def check_same_job(spec: JobSpec, paths: JobPaths) -> None:
     """Refuse to resume a job folder with a spec that would make its finished stages mean something else."""
-    saved_path = paths.root / "spec.yaml"
+    saved_path = paths.spec
     if not saved_path.is_file():
         return
     saved = upgrade_saved_spec(yaml.safe_load(saved_path.read_text()))
@@ -59,56 +64,133 @@ def check_same_job(spec: JobSpec, paths: JobPaths) -> None:
                          "back to resume it, or use a new output_dir to start over")
 
 
-class LocalRunner:
-    """One job, in process. Stages are methods so the Ray runner can reuse the bookkeeping around them."""
+class BudgetExceeded(RuntimeError):
+    """The job stopped at a stage boundary because its next stage would exceed `max_cost_usd`."""
 
-    def __init__(self, spec: JobSpec, events: Events | None = None, progress: bool = True,
+
+class JobCancelled(StopRequested):
+    """The job was cancelled: its running stages were stopped; finished stages and checkpoints are kept."""
+
+
+@dataclass
+class JobContext:
+    """What an executor gets of the job it runs."""
+
+    spec: JobSpec
+    paths: JobPaths
+    metrics: MetricsWriter
+    events: Events
+    should_stop: Callable[[], bool] | None = None
+
+    def stage_run(self, task: Task, hooks: TrainHooks | None = None, progress: bool = False) -> StageRun:
+        return StageRun(self.spec, self.paths, self.metrics, task, hooks, progress)
+
+
+Started = Callable[[Task], None]
+
+
+class Executor(Protocol):
+    """Runs the tasks of a job; the `JobRunner` keeps the books."""
+
+    def open(self, job: JobContext) -> None:
+        """Before the job's first task."""
+
+    def run(self, tasks: list[Task], started: Started) -> Iterator[tuple[Task, dict]]:
+        """Run `tasks` (one group of the plan: they may run at once), calling `started(task)` as each starts,
+        and yield each with its summary, in order. Code after a `yield` runs once the runner has recorded it."""
+
+    def close(self) -> None:
+        """After the job, also after an error or a cancel: nothing of the job may keep running."""
+
+
+class LocalExecutor:
+    """Every task in this process, one after another."""
+
+    def __init__(self, progress: bool = True):
+        self.progress = progress
+
+    def open(self, job: JobContext) -> None:
+        self.job = job
+
+    def run(self, tasks: list[Task], started: Started) -> Iterator[tuple[Task, dict]]:
+        for task in tasks:
+            started(task)
+            yield task, run_stage(self.job.stage_run(task, self.hooks(), self.progress))
+
+    def hooks(self) -> TrainHooks:
+        return TrainHooks(on_progress=lambda record: self.job.events(progress_event(record)),
+                          should_stop=self.job.should_stop)
+
+    def close(self) -> None:
+        pass
+
+
+class JobRunner:
+    def __init__(self, spec: JobSpec, executor: Executor, events: Events | None = None,
                  should_stop: Callable[[], bool] | None = None):
-        self.spec, self.paths = spec, JobPaths(spec.output_dir)
-        self.events = events or (lambda event: None)
-        self.progress, self.should_stop = progress, should_stop
-        self.metrics = MetricsWriter(self.paths.metrics)
-        self.ledger = CostLedger(self.paths.cost, spec.resources)
+        paths = JobPaths(spec.output_dir)
+        self.job = JobContext(spec, paths, MetricsWriter(paths.metrics), events or ignore, should_stop)
+        self.executor, self.ledger = executor, CostLedger(paths.cost, spec.resources)
+        self.plan = plan(spec)
+        self.last_task = {task.key: task for group in self.plan for task in group}  # a stage's last round
+        self.started_at: dict[Task, float] = {}
 
-    def hooks(self, **extra) -> TrainHooks:
-        return TrainHooks(on_progress=lambda record: self.events({"event": "progress", **record}),
-                          should_stop=self.should_stop, extra=extra)
+    @property
+    def spec(self) -> JobSpec:
+        return self.job.spec
 
-    def stage(self, name: str, tier: TierConfig | None, work: Callable[[], dict], expert: int | None = None,
-              round_index: int | None = None) -> dict:
-        """Run `work` unless the stage is done; record its cost and mark it done.
+    @property
+    def paths(self) -> JobPaths:
+        return self.job.paths
 
-        `round_index` is set for the stages that repeat per synchronisation round (submodels, sync); a round's
-        cost is added to the stage's row (`CostLedger.record`), and events carry `round`.
-        """
-        marker = self.marker(name, expert, round_index)
-        ids = {"stage": name, "expert": expert, **({} if round_index is None else {"round": round_index})}
-        if stages.is_done(self.paths, marker):
-            self.events({"event": "stage_skipped", **ids})
-            return stages.stage_result(self.paths, marker)
-        self.check_budget(name)
-        self.events({"event": "stage_started", **ids})
-        started = time.perf_counter()
-        summary = work()
-        seconds = summary.get("seconds", time.perf_counter() - started)
+    def run(self) -> dict:
+        check_same_job(self.spec, self.paths)
+        self.spec.save(self.paths.spec)
+        self.executor.open(self.job)
+        try:
+            for group in self.plan:
+                self.run_group(group)
+        finally:
+            self.executor.close()
+        write_report(self.paths.metrics, self.paths.cost, self.paths.report, title=self.spec.name)
+        return {"output_dir": str(self.paths.root), "final": str(self.paths.final), "cost": self.ledger.summary()}
+
+    def run_group(self, group: list[Task]) -> None:
+        todo = []
+        for task in group:
+            if is_done(self.paths, task.marker):
+                self.job.events(StageSkipped(**task.ids))
+            else:
+                todo.append(task)
+        if todo:
+            for task, summary in self.executor.run(todo, self.start):
+                self.finish(task, summary)
+
+    def start(self, task: Task) -> None:
+        """Called by the executor as `task` starts: the last moment to stop before it."""
+        self.check_cancelled(task)
+        self.check_budget(task.stage)
+        self.started_at[task] = time.perf_counter()
+        self.job.events(StageStarted(**task.ids))
+
+    def finish(self, task: Task, summary: dict) -> None:
+        seconds = summary.get("seconds", time.perf_counter() - self.started_at.pop(task, time.perf_counter()))
+        tier = tier_of(self.spec.resources, task.stage)
         if tier is not None:
-            device = summary.get("device", "cpu")
-            self.ledger.record(name, tier, seconds, device=device, expert=expert, node=summary.get("node"),
-                               num_devices=summary.get("num_nodes"), round_index=round_index)
-        self.events({"event": "stage_finished", **ids, "summary": summary})
-        return stages.mark_done(self.paths, marker, summary)
+            self.ledger.record(task.stage, tier, seconds, device=summary.get("device", "cpu"), expert=task.expert,
+                               node=summary.get("node"), num_devices=summary.get("num_nodes"),
+                               round_index=task.round)
+        self.job.events(StageFinished(**task.ids, summary=summary, final=self.last_task[task.key] == task))
+        mark_done(self.paths, task.marker, summary)
+        if task.stage == "sync":
+            # Once a sync is marked done its average lives in the checkpoints; the copy kept for re-running it
+            # goes (a backbone per round: gigabytes at real scale).
+            self.paths.sync_average(task.round).unlink(missing_ok=True)
 
-    def marker(self, name: str, expert: int | None, round_index: int | None) -> str:
-        if name == "submodel":
-            return stages.submodel_marker(self.spec, expert, self.spec.branch.sync_rounds - 1
-                                          if round_index is None else round_index)
-        base = name if expert is None else f"{name}_{expert}"
-        return base if round_index is None else f"{base}_{round_index}"
-
-    def after_sync(self, round_index: int) -> None:
-        """Once a sync is marked done its average lives in the checkpoints; the copy kept for re-running it goes
-        (a backbone per round: gigabytes at real scale)."""
-        self.paths.sync_average(round_index).unlink(missing_ok=True)
+    def check_cancelled(self, task: Task) -> None:
+        if self.job.should_stop is not None and self.job.should_stop():
+            self.job.events(JobCancelledEvent())
+            raise JobCancelled(f"stopped before stage {task.stage!r}")
 
     def check_budget(self, stage: str) -> None:
         """Stop before a stage when the money spent, plus what a stage of the same kind cost last time
@@ -121,47 +203,11 @@ class LocalRunner:
             raise BudgetExceeded(f"stopped before stage {stage!r}: ${spent:.4f} spent + ${projected:.4f} projected "
                                  f"exceeds the ${budget:.4f} budget (max_cost_usd)")
 
-    def run(self) -> dict:
-        spec, paths = self.spec, self.paths
-        check_same_job(spec, paths)
-        spec.save(paths.root / "spec.yaml")
-        cheap, dear = spec.resources.submodel_tier, spec.resources.finetune_tier
-        self.stage("prepare", None, lambda: stages.stage_prepare(spec, paths))
-        if spec.method == "full_parameter":
-            self.stage("source", None, lambda: stages.stage_source(spec, paths))
-            self.stage("full_parameter", dear, lambda: stages.stage_full_parameter(
-                spec, paths, self.metrics, self.hooks(), self.progress))
-        else:
-            self.run_moe_disco(cheap, dear)
-        write_report(paths.metrics, paths.cost, paths.report, title=spec.name)
-        return {"output_dir": str(paths.root), "final": str(paths.final), "cost": self.ledger.summary()}
-
-    def run_moe_disco(self, cheap: TierConfig, dear: TierConfig) -> None:
-        spec, paths = self.spec, self.paths
-        self.stage("embed", cheap, lambda: stages.stage_embed(spec, paths, self.metrics))
-        self.stage("cluster", cheap, lambda: stages.stage_cluster(spec, paths, self.metrics))
-        self.stage("source", None, lambda: stages.stage_source(spec, paths))
-        if spec.branch.warmup_steps > 0:
-            self.stage("warmup", cheap, lambda: stages.stage_warmup(spec, paths, self.metrics, self.hooks(),
-                                                                    self.progress))
-        rounds = spec.branch.sync_rounds
-        for round_index in range(rounds):
-            if round_index > 0:
-                self.stage("sync", cheap, lambda r=round_index - 1: stages.stage_sync(spec, paths, r, self.metrics),
-                           round_index=round_index - 1)
-                self.after_sync(round_index - 1)
-            for expert in range(spec.model.num_experts):
-                self.stage("submodel", cheap, lambda k=expert, r=round_index: stages.stage_submodel(
-                    spec, paths, k, self.metrics, self.hooks(), self.progress, r), expert=expert,
-                    round_index=round_index if rounds > 1 else None)
-        self.stage("merge", cheap, lambda: stages.stage_merge(spec, paths, self.metrics))
-        self.stage("finetune", dear, lambda: stages.stage_finetune(
-            spec, paths, self.metrics, self.hooks(), self.progress))
-
 
 def run_job(spec: JobSpec, events: Events | None = None, progress: bool = True,
             should_stop: Callable[[], bool] | None = None) -> dict:
-    return LocalRunner(spec, events, progress, should_stop).run()
+    """Run `spec` in this process, idempotently; returns {"output_dir", "final", "cost"}."""
+    return JobRunner(spec, LocalExecutor(progress), events, should_stop).run()
 
 
-__all__ = ["BudgetExceeded", "LocalRunner", "run_job"]
+__all__ = ["BudgetExceeded", "Executor", "JobCancelled", "JobContext", "JobRunner", "LocalExecutor", "run_job"]

@@ -1,7 +1,8 @@
 """The one training loop: submodels, the fine-tune and the full-parameter baseline all run through `train`.
 
-    result = train(model, train_NL, eval_NL, spec.submodel, run_dir, stage="submodel", expert=2,
-                   seed=spec.seed, metrics=MetricsWriter(OUTPUT / "metrics.jsonl"), spec_yaml=spec.to_yaml())
+    context = TrainContext(run_dir, stage="submodel", expert=2, seed=spec.seed,
+                           metrics=MetricsWriter(OUTPUT / "metrics.jsonl"), spec_yaml=spec.to_yaml())
+    result = train(model, train_NL, eval_NL, spec.submodel, context)
 
 AdamW with a constant/cosine/linear schedule and linear warm-up, gradient clipping, bf16 autocast on CUDA and fp32
 on the CPU. Checkpoints (safetensors weights, optimizer state, RNG state, step) land in `run_dir/checkpoints/`
@@ -58,6 +59,30 @@ class TrainHooks:
     rank: int = 0
     world_size: int = 1
     extra: dict = field(default_factory=dict)  # added to every metrics record (node, gpu_type, ...)
+
+
+@dataclass
+class TrainContext:
+    """One run of the loop: where it writes, what it is, who watches it; how it steps is its `TrainConfig`."""
+
+    run_dir: Path  # checkpoints/, then the final weights and result.json
+    stage: str
+    seed: int  # with the step, fixes the data order and the initial RNG state
+    metrics: MetricsWriter
+    expert: int | None = None
+    spec_yaml: str | None = None  # saved next to every checkpoint
+    hooks: TrainHooks | None = None
+    progress: bool = True  # a progress bar
+    lr_scale: Callable[[str], float] | None = None  # per parameter name; 0 freezes it
+    save_second_moment: bool = False  # AdamW's second moments next to the weights (`second_moments`)
+    stop_at: int | None = None  # end this call at that step with a checkpoint (a synchronisation round)
+
+    def __post_init__(self) -> None:
+        self.hooks = self.hooks or TrainHooks()
+
+    @property
+    def label(self) -> str:
+        return self.stage if self.expert is None else f"{self.stage}[{self.expert}]"
 
 
 class StopRequested(RuntimeError):
@@ -177,22 +202,19 @@ def _local_batch(train_NL: torch.Tensor, step: int, cfg: TrainConfig, seed: int,
     return batch_BL[hooks.rank :: hooks.world_size]
 
 
-def train(model, train_NL: torch.Tensor, eval_NL: torch.Tensor | None, cfg: TrainConfig, run_dir: Path, *,
-          stage: str, seed: int, metrics: MetricsWriter, expert: int | None = None, spec_yaml: str | None = None,
-          hooks: TrainHooks | None = None, progress: bool = True,
-          lr_scale: Callable[[str], float] | None = None, save_second_moment: bool = False,
-          stop_at: int | None = None) -> TrainResult:
-    """Train `model` in place for `cfg.steps` steps, resuming from `run_dir` when it holds a checkpoint.
+def train(model, train_NL: torch.Tensor, eval_NL: torch.Tensor | None, cfg: TrainConfig,
+          ctx: TrainContext) -> TrainResult:
+    """Train `model` in place for `cfg.steps` steps, resuming from `ctx.run_dir` when it holds a checkpoint.
 
-    `save_second_moment` also writes AdamW's bias-corrected second moments next to the weights (see
+    `ctx.save_second_moment` also writes AdamW's bias-corrected second moments next to the weights (see
     `second_moments`), which the merge can use as each submodel's diagonal Fisher estimate.
-    `stop_at` < `cfg.steps` ends the call at that step with a checkpoint there (with the second moments when
+    `ctx.stop_at` < `cfg.steps` ends the call at that step with a checkpoint there (with the second moments when
     `save_second_moment`) and no final weights: the learning-rate schedule stays that of `cfg.steps`, and a
     later call resumes from the checkpoint, which may have been edited in between (a synchronisation round).
     """
-    if stop_at is not None and not 0 < stop_at <= cfg.steps:
-        raise ValueError(f"stop_at {stop_at} is outside 1..{cfg.steps} (steps)")
-    hooks = hooks or TrainHooks()
+    if ctx.stop_at is not None and not 0 < ctx.stop_at <= cfg.steps:
+        raise ValueError(f"stop_at {ctx.stop_at} is outside 1..{cfg.steps} (steps)")
+    run_dir, hooks = ctx.run_dir, ctx.hooks
     done = finished_result(run_dir)
     if done is not None:
         model.load_state_dict(load_file(run_dir / "model.safetensors"), strict=False)
@@ -200,26 +222,24 @@ def train(model, train_NL: torch.Tensor, eval_NL: torch.Tensor | None, cfg: Trai
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     model.to(device)
-    optimizer = make_optimizer(model, cfg, lr_scale)
+    optimizer = make_optimizer(model, cfg, ctx.lr_scale)
     state = {"step": 0, "seconds": 0.0, "eval_loss": None}
     checkpoints = checkpoint_dirs(run_dir)
     if checkpoints:
         state = load_checkpoint(checkpoints[-1], model, optimizer)
     resumed_from = state["step"]
-    torch.manual_seed(seed + resumed_from)
+    torch.manual_seed(ctx.seed + resumed_from)
     net = hooks.wrap_model(model) if hooks.wrap_model else model
-    loop = _Loop(net, model, optimizer, train_NL, eval_NL, cfg, run_dir, stage, seed, metrics, expert, spec_yaml,
-                 hooks, device, state)
-    end = stop_at or cfg.steps
-    loop.run(progress, end, moments_at_end=save_second_moment)
-    if end < cfg.steps:
-        return TrainResult(steps=state["step"], tokens=loop.tokens(state["step"]), seconds=state["seconds"],
-                           eval_loss=state["eval_loss"], resumed_from=resumed_from, device=str(device))
-    result = TrainResult(steps=cfg.steps, tokens=loop.tokens(cfg.steps), seconds=state["seconds"],
+    loop = _Loop(net, model, optimizer, train_NL, eval_NL, cfg, ctx, device, state)
+    end = ctx.stop_at or cfg.steps
+    loop.run(end)
+    result = TrainResult(steps=state["step"], tokens=loop.tokens(state["step"]), seconds=state["seconds"],
                          eval_loss=state["eval_loss"], resumed_from=resumed_from, device=str(device))
+    if end < cfg.steps:
+        return result
     if hooks.rank == 0:
         save_file(unique_state_dict(model), run_dir / "model.safetensors", metadata={"format": "pt"})
-        if save_second_moment:
+        if ctx.save_second_moment:
             save_file(second_moments(model, optimizer), run_dir / SECOND_MOMENT_FILE, metadata={"format": "pt"})
         (run_dir / RESULT_FILE).write_text(json.dumps(asdict(result)))
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -229,22 +249,22 @@ def train(model, train_NL: torch.Tensor, eval_NL: torch.Tensor | None, cfg: Trai
 class _Loop:
     """The step loop's state, split out of `train` so each piece stays small."""
 
-    def __init__(self, net, model, optimizer, train_NL, eval_NL, cfg, run_dir, stage, seed, metrics, expert,
-                 spec_yaml, hooks, device, state):
+    def __init__(self, net, model, optimizer, train_NL, eval_NL, cfg: TrainConfig, ctx: TrainContext, device,
+                 state: dict):
         self.net, self.model, self.optimizer = net, model, optimizer
-        self.train_NL, self.eval_NL, self.cfg, self.run_dir = train_NL, eval_NL, cfg, run_dir
-        self.stage, self.seed, self.metrics, self.expert = stage, seed, metrics, expert
-        self.spec_yaml, self.hooks, self.device, self.state = spec_yaml, hooks, device, state
+        self.train_NL, self.eval_NL, self.cfg, self.ctx = train_NL, eval_NL, cfg, ctx
+        self.hooks, self.device, self.state = ctx.hooks, device, state
         self.amp = amp_dtype(cfg, device)
         self.router_counts: torch.Tensor | None = None
 
     def tokens(self, step: int) -> int:
         return step * self.cfg.batch_size * self.train_NL.shape[1]
 
-    def run(self, progress: bool, end: int, moments_at_end: bool) -> None:
+    def run(self, end: int) -> None:
         """Steps up to `end`; an `end` short of `cfg.steps` is checkpointed (with moments if asked)."""
         cfg = self.cfg
-        bar = tqdm(total=cfg.steps, initial=self.state["step"], desc=self._label(), disable=not progress, leave=False)
+        bar = tqdm(total=cfg.steps, initial=self.state["step"], desc=self.ctx.label, disable=not self.ctx.progress,
+                   leave=False)
         losses: list[float] = []
         if self.state["step"] == 0 and self.eval_NL is not None:
             self._log(0, None)  # the curve starts at the untrained (or freshly merged) model
@@ -260,18 +280,15 @@ class _Loop:
                 losses = []
             round_end = step == end < cfg.steps
             if (step % cfg.checkpoint_every == 0 and step < cfg.steps) or round_end:
-                self._checkpoint(moments=round_end and moments_at_end)
+                self._checkpoint(moments=round_end and self.ctx.save_second_moment)
                 if self.hooks.should_stop and self.hooks.should_stop():
-                    raise StopRequested(f"{self._label()} stopped at step {step}")
+                    raise StopRequested(f"{self.ctx.label} stopped at step {step}")
         bar.close()
-
-    def _label(self) -> str:
-        return self.stage if self.expert is None else f"{self.stage}[{self.expert}]"
 
     def _step(self, step: int) -> float:
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.lr * lr_multiplier(self.cfg, step) * group.get("lr_scale", 1.0)
-        batch_BL = _local_batch(self.train_NL, step, self.cfg, self.seed, self.hooks).to(self.device)
+        batch_BL = _local_batch(self.train_NL, step, self.cfg, self.ctx.seed, self.hooks).to(self.device)
         self.net.train()
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             outputs = self.net(input_ids=batch_BL, labels=batch_BL)
@@ -293,20 +310,20 @@ class _Loop:
         if self.eval_NL is not None:
             self.state["eval_loss"] = evaluate_loss(self.model, self.eval_NL, self.cfg.batch_size,
                                                     self.cfg.eval_batches, self.device, self.amp)
-        record = {"stage": self.stage, "expert": self.expert, "step": step, "total_steps": self.cfg.steps,
+        record = {"stage": self.ctx.stage, "expert": self.ctx.expert, "step": step, "total_steps": self.cfg.steps,
                   "tokens": self.tokens(step), "loss": train_loss, "eval_loss": self.state["eval_loss"],
                   "seconds": round(self.state["seconds"], 3), "device": str(self.device), **self.hooks.extra}
         if self.router_counts is not None:
             record["router_load"] = (self.router_counts / self.router_counts.sum()).tolist()
             self.router_counts = None
         if self.hooks.rank == 0:
-            self.metrics.write(record)
+            self.ctx.metrics.write(record)
         if self.hooks.on_progress:
             self.hooks.on_progress(record)
 
     def _checkpoint(self, moments: bool = False) -> None:
         if self.hooks.rank == 0:
-            ckpt = save_checkpoint(self.run_dir, self.model, self.optimizer, dict(self.state), self.spec_yaml,
-                                   self.cfg.keep_checkpoints, moments)
+            ckpt = save_checkpoint(self.ctx.run_dir, self.model, self.optimizer, dict(self.state),
+                                   self.ctx.spec_yaml, self.cfg.keep_checkpoints, moments)
             if self.hooks.on_checkpoint:
                 self.hooks.on_checkpoint(self.state["step"], ckpt)

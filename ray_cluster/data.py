@@ -49,7 +49,7 @@ from moedisco.metrics import MetricsWriter
 from ray_cluster.placement import job_storage, label_selector, tier_has_gpu
 
 if TYPE_CHECKING:
-    from moedisco.pipeline import JobPaths
+    from moedisco.layout import JobPaths
 
 MAX_FIT_DOCUMENTS = 100_000  # 100k x 384 float64 = 300 MB in the fitting process
 ROWS_PER_SHARD = 4096
@@ -111,7 +111,7 @@ def embed_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int) -> dict:
     _quiet_data_context()
     started = time.perf_counter()
     storage, tier = job_storage(spec), spec.resources.submodel_tier
-    num_docs = index_corpus(paths.data / "train.jsonl", storage / "corpus")
+    num_docs = index_corpus(paths.texts("train"), storage / "corpus")
     # A fixed pool, one actor per cheap node, no larger than there are shards to embed: the nodes it holds are
     # what the stage costs.
     num_actors = max(1, min(num_cheap_nodes, -(-num_docs // ROWS_PER_SHARD)))
@@ -229,7 +229,7 @@ def embed_in_process(spec: JobSpec, paths: JobPaths, embedder) -> dict:
 
     started = time.perf_counter()
     storage = job_storage(spec)
-    num_docs = index_corpus(paths.data / "train.jsonl", storage / "corpus")
+    num_docs = index_corpus(paths.texts("train"), storage / "corpus")
     corpus = pads.dataset(str(storage / "corpus"), format="parquet").to_table().sort_by("doc_id")
     vectors_ND = embedder(corpus["text"].to_pylist())
     out = Path(_fresh(storage / "embeddings"))

@@ -11,11 +11,9 @@ from pathlib import Path
 
 import ray
 
+from moedisco import stages
 from moedisco.config import JobSpec, TierConfig
 from ray_cluster.cluster import nodes_with_label
-
-
-EXPENSIVE_STAGES = ("finetune", "full_parameter")  # the rest (embed ... merge) run on the cheap tier
 
 
 def storage_root(spec: JobSpec) -> Path:
@@ -36,7 +34,8 @@ def run_name(spec: JobSpec, stage: str, expert: int | None, round_index: int | N
 
 
 def tier_of(spec: JobSpec, stage: str) -> TierConfig:
-    return spec.resources.finetune_tier if stage in EXPENSIVE_STAGES else spec.resources.submodel_tier
+    """The tier a stage is placed on: its declared one; free set-up work goes to the cheap tier."""
+    return stages.tier_of(spec.resources, stage) or spec.resources.submodel_tier
 
 
 def label_selector(spec: JobSpec, tier: TierConfig) -> dict[str, str]:

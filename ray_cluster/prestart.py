@@ -24,11 +24,13 @@ from typing import Any
 import ray
 
 from moedisco.config import JobSpec
+from moedisco.layout import JobPaths, is_done
+from moedisco.stages import STAGES
 from ray_cluster.placement import label_selector, on_driver_node, tier_has_gpu
 
 MAX_CONCURRENT_TRAINERS = 256
 ONE_PROCESS_MAX_DOCUMENTS = 4096  # ray_cluster.data.ROWS_PER_SHARD: Ray Data would embed it with one actor anyway
-DATA_STAGES = ("prepare", "embed", "cluster", "source")
+SETUP_STAGES = tuple(stage.name for stage in STAGES if stage.setup)  # what the data worker may run
 
 
 @ray.remote(max_concurrency=MAX_CONCURRENT_TRAINERS)
@@ -54,8 +56,11 @@ class DataWorker:
 
         self.embedder = None
 
-    def run(self, function, *args):
-        return function(*args)
+    def run(self, run) -> dict:
+        """A set-up stage as it is (`moedisco.stages.StageRun`)."""
+        from moedisco.stages import run_stage
+
+        return run_stage(run)
 
     def embed(self, spec: JobSpec, paths) -> dict:
         from ray_cluster.data import embed_in_process
@@ -78,7 +83,7 @@ def fits_one_process(num_documents: int | None) -> bool:
 
 def train_documents(spec: JobSpec) -> int | None:
     """Documents in the train split: counted once prepare has written it, else at most `data.max_documents`."""
-    train = Path(spec.output_dir) / "data" / "train.jsonl"  # moedisco.pipeline.JobPaths(...).data
+    train = JobPaths(spec.output_dir).texts("train")
     if train.is_file():
         with train.open() as handle:
             return sum(1 for line in handle if line.strip())
@@ -90,8 +95,8 @@ def data_stages_in_one_process(spec: JobSpec) -> bool:
 
 
 def data_stages_pending(spec: JobSpec) -> bool:
-    markers = Path(spec.output_dir) / "stages"  # moedisco.pipeline.JobPaths(...).marker(stage).parent
-    return any(not (markers / f"{stage}.json").is_file() for stage in DATA_STAGES)
+    paths = JobPaths(spec.output_dir)
+    return any(not is_done(paths, stage) for stage in SETUP_STAGES)
 
 
 def start_data_worker(spec: JobSpec):

@@ -25,17 +25,14 @@ from collections.abc import Callable
 
 import ray
 
-from moedisco.train import StopRequested
+from moedisco.events import Event, ExpertState, JobCancelledEvent, Progress, WorkerStarted
+from moedisco.runner import JobCancelled
 from ray_cluster.placement import on_driver_node
 
 log = logging.getLogger(__name__)
-Key = tuple[str, int | None]  # (stage, expert)
+Key = tuple[str, int | None]  # (stage, expert): `moedisco.stages.Task.key`
 STOP_GRACE_S = 60.0
 RAY_CALL_TIMEOUT_S = 60.0
-
-
-class JobCancelled(StopRequested):
-    """The job was cancelled: its trainers were stopped; finished stages and checkpoints are kept."""
 
 
 @ray.remote
@@ -43,13 +40,13 @@ class EventQueue:
     """Events from workers to the driver, and the driver's stop request back to the workers."""
 
     def __init__(self):
-        self.events: list[dict] = []
+        self.events: list[Event] = []
         self.stop = False
 
-    def push(self, event: dict) -> None:
+    def push(self, event: Event) -> None:
         self.events.append(event)
 
-    def drain(self) -> list[dict]:
+    def drain(self) -> list[Event]:
         events, self.events = self.events, []
         return events
 
@@ -61,7 +58,7 @@ class EventQueue:
 
 
 class Tracker:
-    def __init__(self, emit: Callable[[dict], None], should_stop: Callable[[], bool] | None, poll_s: float = 0.5):
+    def __init__(self, emit: Callable[[Event], None], should_stop: Callable[[], bool] | None, poll_s: float = 0.5):
         self.emit, self.should_stop, self.poll_s = emit, should_stop, poll_s
         self.queue = EventQueue.options(**on_driver_node()).remote()
         self._launcher = None
@@ -118,8 +115,7 @@ class Tracker:
     def set_state(self, key: Key, state: str) -> None:
         if self.states.get(key) != state:
             self.states[key] = state
-            self.emit({"event": "expert_state", "stage": key[0], "expert": key[1], "state": state,
-                       "attempt": self.attempts.get(key, 0)})
+            self.emit(ExpertState(stage=key[0], expert=key[1], state=state, attempt=self.attempts.get(key, 0)))
 
     def wait(self, key: Key) -> dict:
         """Block until the work under `key` returns its summary, pumping events and starting queued trainers."""
@@ -149,17 +145,17 @@ class Tracker:
             self.handle(event)
         if self.should_stop is not None and self.should_stop():
             self.cancel_all()
-            self.emit({"event": "job_cancelled"})
+            self.emit(JobCancelledEvent())
             raise JobCancelled("the job was cancelled; finished stages and checkpoints are kept")
 
-    def handle(self, event: dict) -> None:
-        key = (event["stage"], event["expert"])
-        if event["event"] == "worker_started":
-            self.first_start.setdefault(key, event["time"])
+    def handle(self, event: Event) -> None:
+        key = (event.stage, event.expert)
+        if isinstance(event, WorkerStarted):
+            self.first_start.setdefault(key, event.time)
             self.attempts[key] = self.attempts.get(key, 0) + 1
             self.states.pop(key, None)  # a restart after a failure is announced again
             self.set_state(key, "running")
-        elif event["event"] == "progress":
+        elif isinstance(event, Progress):
             self.emit(event)
 
     def close(self) -> None:

@@ -1,7 +1,7 @@
 """Ray Train trainers for the training stages, pinned to a tier by node label, all run side by side.
 
     launcher = TrainerLauncher.options(**on_driver_node()).remote()   # ray_cluster.prestart
-    ref = launcher.fit.remote(build_trainer(spec, "submodel", expert=2, events=queue))   # -> stage summary
+    ref = launcher.fit.remote(build_trainer(spec, Task("submodel", expert=2), events=queue))   # -> stage summary
 
 Each trainer is a Ray Train trainer (a `TorchTrainer`; with a single worker a `DataParallelTrainer`, see below)
 whose workers carry `label_selector={label_key: tier.label}`, whose `RunConfig` is
@@ -29,6 +29,7 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from moedisco.config import JobSpec
+from moedisco.stages import STAGE, Task
 from ray_cluster.placement import label_selector, run_name, storage_root, tier_has_gpu, tier_of
 from ray_cluster.worker import train_func
 
@@ -49,16 +50,15 @@ def scaling_config(spec: JobSpec, stage: str) -> ScalingConfig:
                          label_selector=label_selector(spec, tier))
 
 
-def build_trainer(spec: JobSpec, stage: str, expert: int | None = None, events=None,
-                  round_index: int | None = None) -> DataParallelTrainer:
-    """`round_index`: the synchronisation round a submodel trainer runs (`branch.sync_rounds`); None = the last."""
-    train_cfg = spec.submodel if stage == "warmup" else getattr(spec, stage)  # the warm-up trains with submodel's
+def build_trainer(spec: JobSpec, task: Task, events=None) -> DataParallelTrainer:
+    """The trainer of one training task (a submodel's synchronisation round, the warm-up, the fine-tune)."""
+    train_cfg = getattr(spec, STAGE[task.stage].train_config)
     run_config = RunConfig(
-        name=run_name(spec, stage, expert, round_index), storage_path=str(storage_root(spec)),
+        name=run_name(spec, task.stage, task.expert, task.round), storage_path=str(storage_root(spec)),
         failure_config=FailureConfig(max_failures=spec.resources.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.keep_checkpoints),
     )
-    config = {"spec": spec, "stage": stage, "expert": expert, "events": events, "round": round_index}
-    trainer = TorchTrainer if num_workers(spec, stage) > 1 else DataParallelTrainer
-    return trainer(train_func, train_loop_config=config, scaling_config=scaling_config(spec, stage),
+    config = {"spec": spec, "task": task, "events": events}
+    trainer = TorchTrainer if num_workers(spec, task.stage) > 1 else DataParallelTrainer
+    return trainer(train_func, train_loop_config=config, scaling_config=scaling_config(spec, task.stage),
                    run_config=run_config)

@@ -1,10 +1,9 @@
 """The Ray Train worker: a plain `train_func(config)` that runs one moedisco training stage.
 
-    TorchTrainer(train_func, train_loop_config={"spec": spec, "stage": "submodel", "expert": 2, "events": queue}, ...)
+    TorchTrainer(train_func, train_loop_config={"spec": spec, "task": Task("submodel", 2), "events": queue}, ...)
 
-The loop is moedisco's own (`pipeline.stage_warmup`, `stage_submodel`, `stage_finetune`, `stage_full_parameter`);
-this module only
-connects it to Ray Train through `TrainHooks`:
+The stage is moedisco's own (`moedisco.stages.run_stage` of the task, e.g. `pipeline.stage_submodel`); this module
+only connects it to Ray Train through `TrainHooks`:
 - every checkpoint moedisco writes is reported with `ray.train.report(..., checkpoint=...)`, and a restarted worker
   first puts the latest reported checkpoint back into the run folder, so `train` resumes from it;
 - every metrics line says which node and `gpu_type` ran it (`TrainHooks.extra`);
@@ -24,24 +23,23 @@ from pathlib import Path
 import ray
 import ray.train
 
+from moedisco.events import WorkerStarted, progress_event
+from moedisco.layout import JobPaths
+from moedisco.stages import StageRun
+
 # moedisco's training modules (torch, transformers) are imported inside the functions: Ray Train's controller
 # unpickles `train_func`, and should not pay seconds of imports for a loop it never runs.
 
 
-def replica_paths(root: Path, rank: int):
+def replica_paths(root: Path, rank: int) -> JobPaths:
     """A data-parallel replica's view of the job folder: its copy of the final model goes to scratch, so that only
     rank 0 writes OUTPUT/final (moedisco's fine-tune saves the model on every rank)."""
-    from moedisco.pipeline import JobPaths
 
     @dataclass(frozen=True)
     class ReplicaPaths(JobPaths):
         final = property(lambda self: self.root / "runs" / "replicas" / f"final_rank{rank}")
 
     return ReplicaPaths(root)
-
-
-def run_dir_of(paths, stage: str, expert: int | None) -> Path:
-    return paths.submodel(expert) if stage == "submodel" else paths.run(stage)
 
 
 def node_identity(label_key: str) -> dict:
@@ -70,7 +68,7 @@ class RayTrainBridge:
     """Builds the `TrainHooks` that connect moedisco's loop to Ray Train on one worker."""
 
     def __init__(self, config: dict, rank: int, world_size: int):
-        self.events, self.stage, self.expert = config.get("events"), config["stage"], config.get("expert")
+        self.events, self.task = config.get("events"), config["task"]
         self.rank, self.world_size = rank, world_size
         self.identity = node_identity(config["spec"].resources.label_key)
         self.latest_checkpoint: tuple[int, Path] | None = None
@@ -82,12 +80,15 @@ class RayTrainBridge:
                           should_stop=self.at_checkpoint_boundary, wrap_model=self.wrap_model,
                           rank=self.rank, world_size=self.world_size, extra={**self.identity, "rank": self.rank})
 
-    def push(self, event: dict) -> None:
+    def push(self, event) -> None:
         if self.events is not None and self.rank == 0:
-            self.events.push.remote({"stage": self.stage, "expert": self.expert, "time": time.time(), **event})
+            self.events.push.remote(event)
+
+    def started(self) -> None:
+        self.push(WorkerStarted(stage=self.task.stage, expert=self.task.expert, time=time.time(), **self.identity))
 
     def on_progress(self, record: dict) -> None:
-        self.push({"event": "progress", **record})
+        self.push(progress_event({**record, "round": self.task.round, "time": time.time()}))
 
     def on_checkpoint(self, step: int, folder: Path) -> None:
         self.latest_checkpoint = (step, folder)
@@ -119,42 +120,27 @@ class RayTrainBridge:
         return ray.train.torch.prepare_model(model, move_to_device=False)
 
 
-def _run_stage(config: dict, paths, hooks) -> dict:
-    from moedisco import pipeline as stages
-    from moedisco.metrics import MetricsWriter
-
-    spec, stage, metrics = config["spec"], config["stage"], MetricsWriter(paths.metrics)
-    if stage == "submodel":
-        return stages.stage_submodel(spec, paths, config["expert"], metrics, hooks, progress=False,
-                                     round_index=config.get("round"))
-    if stage == "warmup":
-        return stages.stage_warmup(spec, paths, metrics, hooks, progress=False)
-    if stage == "finetune":
-        return stages.stage_finetune(spec, paths, metrics, hooks, progress=False)
-    return stages.stage_full_parameter(spec, paths, metrics, hooks, progress=False)
-
-
 def train_func(config: dict) -> dict:
     """Runs on every Ray Train worker; returns rank 0's stage summary (the trainer's `Result.return_value`)."""
-    spec, stage, expert = config["spec"], config["stage"], config.get("expert")
+    spec, task = config["spec"], config["task"]
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    from moedisco.pipeline import JobPaths
-
     paths = JobPaths(spec.output_dir) if rank == 0 else replica_paths(spec.output_dir, rank)
     bridge = RayTrainBridge(config, rank, world_size)
     started = time.time()
-    bridge.push({"event": "worker_started", **bridge.identity})
+    bridge.started()
     if rank == 0:
-        restore_reported_checkpoint(ray.train.get_checkpoint(), run_dir_of(paths, stage, expert))
+        restore_reported_checkpoint(ray.train.get_checkpoint(), paths.run_dir(task.stage, task.expert))
     if world_size > 1:
         import torch.distributed
 
         torch.distributed.barrier()  # no rank may read the run folder before rank 0 has restored it
+    from moedisco.metrics import MetricsWriter
+    from moedisco.stages import run_stage
     from moedisco.train import StopRequested
 
     try:
-        summary = _run_stage(config, paths, bridge.hooks())
+        summary = run_stage(StageRun(spec, paths, MetricsWriter(paths.metrics), task, bridge.hooks(), progress=False))
     except StopRequested:
         return {"stopped": True}  # a clean return, so Ray Train shuts the trainer down instead of retrying it
     return {**summary, **bridge.identity, "num_nodes": world_size, "started_at": started, "finished_at": time.time()}

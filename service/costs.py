@@ -18,38 +18,38 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from service.models import CostRow, JobRow, StageRow, utcnow
+from pydantic import ValidationError
+
+from moedisco.config import ResourcesConfig
+from moedisco.cost import CostRow, price_row
+from moedisco.stages import STAGE_NAMES, pipeline_order, tier_of
+from service.models import JobRow, StageRow, stage_key, utcnow
 from service.schemas import BaselinePublic, CostPublic, CostRowPublic
 from service.store import Store
 
-# Which tier pays for which stage, as moedisco.runner prices them; stages not listed (prepare, source) are free.
-STAGE_TIER = {"embed": "submodel_tier", "cluster": "submodel_tier", "warmup": "submodel_tier",
-              "submodel": "submodel_tier", "sync": "submodel_tier", "merge": "submodel_tier",
-              "finetune": "finetune_tier",
-              "full_parameter": "finetune_tier"}
+
+def _public(row: CostRow, final: bool) -> CostRowPublic:
+    return CostRowPublic(**row.model_dump(), final=final)
 
 
-def _priced_row(row: CostRow, final: bool) -> CostRowPublic:
-    fields = {name: getattr(row, name) for name in CostRowPublic.model_fields if name != "final"}
-    return CostRowPublic(**fields, final=final)
-
-
-def _live_row(stage: StageRow, resources: dict, now: datetime) -> CostRowPublic | None:
-    tier = resources.get(STAGE_TIER.get(stage.stage, ""), None)
+def _live_row(stage: StageRow, resources: ResourcesConfig, now: datetime) -> CostRowPublic | None:
+    """A running stage's wall time so far at its tier's price (`moedisco.cost.price_row`, as the ledger does)."""
+    tier = tier_of(resources, stage.stage) if stage.stage in STAGE_NAMES else None
     if tier is None or stage.started_at is None:
         return None
     seconds = max(0.0, (now - stage.started_at).total_seconds())
-    price = resources.get("prices", {}).get(tier["device_type"], 0.0)
-    hours = tier["num_devices"] * seconds / 3600.0
-    return CostRowPublic(stage=stage.stage, expert=stage.expert, tier=tier["label"], device_type=tier["device_type"],
-                         num_devices=tier["num_devices"], seconds=round(seconds, 3), device_hours=hours,
-                         price_per_hour=price, usd=hours * price, simulated=False, device=None, node=None,
-                         final=False)
+    return _public(price_row(stage.stage, tier, resources.prices, seconds, expert=stage.expert), final=False)
 
 
 def _pipeline_order(row: CostRowPublic) -> tuple[int, int]:
-    order = list(STAGE_TIER)  # written in pipeline order
-    return order.index(row.stage) if row.stage in order else len(order), row.expert or 0
+    return pipeline_order(row.stage), row.expert or 0
+
+
+def _resources(job: JobRow) -> ResourcesConfig | None:
+    try:  # stored in full when submitted, so it validates unless an older moedisco wrote it
+        return ResourcesConfig.model_validate(job.spec.get("resources", {}))
+    except ValidationError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,7 @@ class CostInputs:
     """What a job's cost view reads from the store."""
 
     job: JobRow
+    resources: ResourcesConfig | None  # the job's tiers and prices (None: a spec this version cannot read)
     priced: list[CostRowPublic]  # the runner's ledger rows
     running: list[StageRow]  # stages running, priced by their time so far (only while the job runs)
     measured_baseline: tuple[JobRow, float] | None
@@ -72,13 +73,12 @@ def cost_inputs(store: Store, job: JobRow) -> CostInputs:
     running = [s for s in store.stages(job.id) if s.state == "running"] if job.state == "running" else []
     # A stage both priced and running is in a later synchronisation round: its priced rounds are not final yet.
     busy = {stage.key for stage in running}
-    return CostInputs(job, [_priced_row(row, final=row.key not in busy) for row in priced], running,
-                      store.find_baseline(job))
+    return CostInputs(job, _resources(job), [_public(row, final=stage_key(*row.key) not in busy) for row in priced],
+                      running, store.find_baseline(job))
 
 
 def _rows(inputs: CostInputs, now: datetime) -> list[CostRowPublic]:
-    resources = inputs.job.spec.get("resources", {})
-    live = (_live_row(stage, resources, now) for stage in inputs.running)
+    live = [] if inputs.resources is None else [_live_row(stage, inputs.resources, now) for stage in inputs.running]
     return sorted(inputs.priced + [row for row in live if row is not None], key=_pipeline_order)
 
 
@@ -119,7 +119,7 @@ def cost_view(inputs: CostInputs, now: datetime) -> CostPublic:
     baseline, savings, basis = _baseline(inputs, total)
     return CostPublic(job_id=job.id, state=job.state, live=job.state == "running", stages=rows, by_tier_usd=by_tier,
                       total_usd=total, simulated=any(row.simulated for row in rows),
-                      prices_per_hour=job.spec.get("resources", {}).get("prices", {}), baseline=baseline,
+                      prices_per_hour=dict(inputs.resources.prices) if inputs.resources else {}, baseline=baseline,
                       savings_pct=savings, savings_basis=basis, note=_note(job, baseline),
                       estimate_usd=(job.estimate or {}).get("total_usd"))
 

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 
 from moedisco.config import JobSpec, SpecError, build_spec, upgrade_saved_spec
+from moedisco.events import Events
 from service.recorder import EventRecorder
 from service.store import Store
 
@@ -23,31 +24,19 @@ log = logging.getLogger(__name__)
 ShouldStop = Callable[[], bool]
 
 
-def _run_local(spec: JobSpec, events: Callable[[dict], None], should_stop: ShouldStop) -> dict:
+def _run_local(spec: JobSpec, events: Events, should_stop: ShouldStop) -> dict:
     from moedisco.runner import run_job
 
     return run_job(spec, events=events, progress=False, should_stop=should_stop)
 
 
-def _run_ray(spec: JobSpec, events: Callable[[dict], None], should_stop: ShouldStop) -> dict:
+def _run_ray(spec: JobSpec, events: Events, should_stop: ShouldStop) -> dict:
     from ray_cluster.orchestrate import run_job_on_ray  # written in parallel: import only when used
 
     return run_job_on_ray(spec, progress=False, events=events, should_stop=should_stop)
 
 
 RUNNERS = {"local": _run_local, "ray": _run_ray}
-
-
-def _stop_at_stage_boundaries(events: Callable[[dict], None], should_stop: ShouldStop) -> Callable[[dict], None]:
-    """The local runner polls `should_stop` only inside training loops; this also stops before any stage."""
-    from moedisco.train import StopRequested
-
-    def wrapped(event: dict) -> None:
-        events(event)
-        if event.get("event") == "stage_started" and should_stop():
-            raise StopRequested(f"stopped before stage {event.get('stage')!r}")
-
-    return wrapped
 
 
 def prestart_ray_helpers(spec: JobSpec) -> None:
@@ -89,19 +78,17 @@ def execute_job(store: Store, job_id: str, runner: str) -> str | None:
     return _finish(store, job_id, recorder, state, reason, result)
 
 
-def run_to_outcome(spec: JobSpec, runner: str, events: Callable[[dict], None],
+def run_to_outcome(spec: JobSpec, runner: str, events: Events,
                    should_stop: ShouldStop) -> tuple[str, str | None, dict | None]:
     """(state, reason, result): what the runner's return value or exception means for the job."""
-    from moedisco.pipeline import BudgetExceeded
+    from moedisco.runner import BudgetExceeded
     from moedisco.train import StopRequested
 
-    if runner == "local":
-        events = _stop_at_stage_boundaries(events, should_stop)
     try:
         return "succeeded", None, RUNNERS[runner](spec, events, should_stop)
     except BudgetExceeded as error:
         return "failed", f"budget exceeded: {error}", None
-    except StopRequested as error:  # ray_cluster's JobCancelled is one too
+    except StopRequested as error:  # the runner's JobCancelled is one too
         if should_stop():
             return "cancelled", f"cancelled on request: {error}", None
         return "failed", f"stopped: {error}", None

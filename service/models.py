@@ -108,7 +108,9 @@ class EventRow(Base):
     data: Mapped[dict[str, Any] | None]
 
 
-class CostRow(_PerStage, Base):
+class StoredCost(_PerStage, Base):
+    """A `moedisco.cost.CostRow` as stored (its columns are that row's fields, less the per-round seconds)."""
+
     __tablename__ = "moedisco_costs"
 
     tier: Mapped[str] = mapped_column(Text)  # labels and device names come from the spec: no length limit

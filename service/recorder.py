@@ -15,61 +15,53 @@ import logging
 import threading
 from pathlib import Path
 
-from service.models import CostRow, EventRow, JobRow, StageRow, stage_key, utcnow
+from moedisco.cost import CostRow
+from moedisco.events import Event, ExpertState, Progress, StageFinished, StageSkipped, StageStarted, parse_event
+from moedisco.layout import JobPaths
+from service.models import EventRow, JobRow, StageRow, StoredCost, stage_key, utcnow
 from service.store import Store, bump_version, json_safe
 
 log = logging.getLogger(__name__)
 
-COST_FIELDS = ("tier", "device_type", "num_devices", "seconds", "device_hours", "price_per_hour", "usd",
-               "simulated", "device", "node")
+STORED_COST_FIELDS = [name for name in CostRow.model_fields if name in StoredCost.__table__.columns]
 
 
 class EventRecorder:
     def __init__(self, store: Store, job_id: str, output_dir: Path | str):
-        self.store, self.job_id, self.cost_path = store, job_id, Path(output_dir) / "cost.json"
+        self.store, self.job_id, self.cost_path = store, job_id, JobPaths(output_dir).cost
         # The Ray runner may call back from several threads; one writer at a time keeps stage rows consistent.
         self._lock = threading.Lock()
 
-    def __call__(self, event: dict) -> None:
-        event = json_safe(event)
+    def __call__(self, event: Event) -> None:
+        data = json_safe(event.model_dump(mode="json"))
+        event = parse_event(data)  # as stored: NaN and infinite losses are None
         with self._lock, self.store.session() as session, session.begin():
-            session.add(EventRow(job_id=self.job_id, event=str(event.get("event")), stage=event.get("stage"),
-                                 expert=event.get("expert"), data=event))
+            session.add(EventRow(job_id=self.job_id, event=event.event, stage=event.stage, expert=event.expert,
+                                 data=data))
             self._apply(session, event)
             bump_version(session, self.job_id)
-        if event.get("event") == "stage_finished":
+        if isinstance(event, StageFinished):
             self.sync_costs()
 
-    def _apply(self, session, event: dict) -> None:
-        kind, stage, expert = event.get("event"), event.get("stage"), event.get("expert")
-        if not stage:
+    def _apply(self, session, event: Event) -> None:
+        if not event.stage:
             return
-        key = stage_key(stage, expert)
+        key = stage_key(event.stage, event.expert)
         row = session.get(StageRow, (self.job_id, key))
         if row is None:
-            row = StageRow(job_id=self.job_id, key=key, stage=stage, expert=expert, state="running")
+            row = StageRow(job_id=self.job_id, key=key, stage=event.stage, expert=event.expert, state="running")
             session.add(row)
-        if kind == "stage_started":
+        if isinstance(event, StageStarted):
             row.state, row.started_at, row.finished_at = "running", utcnow(), None
             session.get(JobRow, self.job_id).current_stage = key
-        elif kind == "stage_finished":
-            summary = event.get("summary") or {}
-            if event.get("round") is not None:  # a stage run in rounds: its time is the sum of its rounds
-                rounds = {**(row.summary or {}).get("round_seconds", {}), str(event["round"]): summary.get("seconds")}
-                summary = {**summary, "round_seconds": rounds, "seconds": sum(v or 0.0 for v in rounds.values())}
-            if summary.get("steps", 0) < summary.get("total_steps", 0):  # a synchronisation round, not the stage
-                row.state, row.step, row.summary = "between_rounds", summary["steps"], summary
-                row.seconds = summary.get("seconds", row.seconds)
-                return
-            row.state, row.finished_at, row.summary = "finished", utcnow(), summary
-            row.seconds = summary.get("seconds", row.seconds)
-            row.eval_loss = summary.get("eval_loss", row.eval_loss)
-        elif kind == "stage_skipped":
+        elif isinstance(event, StageFinished):
+            _apply_finished(row, event)
+        elif isinstance(event, StageSkipped):
             row.state = "finished" if row.state == "finished" else "skipped"
-        elif kind == "progress":
+        elif isinstance(event, Progress):
             _apply_progress(row, event)
-        elif kind == "expert_state":
-            row.runner_state = str(event.get("state"))
+        elif isinstance(event, ExpertState):
+            row.runner_state = event.state
 
     def sync_costs(self) -> None:
         """Copy OUTPUT/cost.json into the cost table (a resumed stage's row replaces its earlier one)."""
@@ -78,21 +70,33 @@ class EventRecorder:
         except (OSError, ValueError):  # no priced stage yet
             return
         with self._lock, self.store.session() as session, session.begin():
-            for entry in json_safe(ledger.get("stages", [])):
-                key = stage_key(entry["stage"], entry.get("expert"))
-                row = session.get(CostRow, (self.job_id, key)) or CostRow(
-                    job_id=self.job_id, key=key, stage=entry["stage"], expert=entry.get("expert"))
-                for field in COST_FIELDS:
-                    value = entry.get(field)
-                    setattr(row, field, 0 if value is None and field not in ("device", "node") else value)
-                session.add(row)
+            for entry in ledger.get("stages", []):
+                row = CostRow.model_validate(json_safe(entry))
+                key = stage_key(row.stage, row.expert)
+                stored = session.get(StoredCost, (self.job_id, key)) or StoredCost(job_id=self.job_id, key=key)
+                for name in STORED_COST_FIELDS:
+                    setattr(stored, name, getattr(row, name))
+                session.add(stored)
             bump_version(session, self.job_id)
 
 
-def _apply_progress(row: StageRow, event: dict) -> None:
-    row.step = event.get("step", row.step)
-    row.total_steps = event.get("total_steps", row.total_steps)
-    if event.get("loss") is not None:
-        row.loss = event["loss"]
-    if event.get("eval_loss") is not None:
-        row.eval_loss = event["eval_loss"]
+def _apply_finished(row: StageRow, event: StageFinished) -> None:
+    summary = event.summary
+    if event.round is not None:  # a stage run in rounds: its time is the sum of its rounds
+        rounds = {**(row.summary or {}).get("round_seconds", {}), str(event.round): summary.get("seconds")}
+        summary = {**summary, "round_seconds": rounds, "seconds": sum(v or 0.0 for v in rounds.values())}
+    row.summary, row.seconds = summary, summary.get("seconds", row.seconds)
+    if not event.final:  # a synchronisation round ended; the stage goes on in the next one
+        row.state, row.step = "between_rounds", summary.get("steps", row.step)
+        return
+    row.state, row.finished_at = "finished", utcnow()
+    row.eval_loss = summary.get("eval_loss", row.eval_loss)
+
+
+def _apply_progress(row: StageRow, event: Progress) -> None:
+    row.step = event.step
+    row.total_steps = event.total_steps if event.total_steps is not None else row.total_steps
+    if event.loss is not None:
+        row.loss = event.loss
+    if event.eval_loss is not None:
+        row.eval_loss = event.eval_loss

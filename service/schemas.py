@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from moedisco.config import JobSpec
+from moedisco.cost import CostRow
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -77,19 +78,9 @@ class JobsPublic(BaseModel):
     limit: int
 
 
-class CostRowPublic(BaseModel):
-    stage: str
-    expert: int | None
-    tier: str
-    device_type: str
-    num_devices: int
-    seconds: float
-    device_hours: float
-    price_per_hour: float
-    usd: float
-    simulated: bool = Field(description="True when the device was not the tier's accelerator (priced wall time).")
-    device: str | None
-    node: str | None
+class CostRowPublic(CostRow):
+    """A priced stage: the runner's ledger row (`moedisco.cost.CostRow`), and whether it is final."""
+
     final: bool = Field(description="False for a stage still running: its dollars so far, at the tier's price.")
 
 

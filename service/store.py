@@ -20,7 +20,8 @@ from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from service.core.db import init_db, make_engine, session_factory
-from service.models import TERMINAL_STATES, CostRow, EventRow, JobRow, StageRow, utcnow
+from moedisco.cost import CostRow
+from service.models import TERMINAL_STATES, EventRow, JobRow, StageRow, StoredCost, utcnow
 
 # A full-parameter job is the measured baseline of a MoE-DisCo job when it trained on the same data and model.
 BASELINE_MATCH = ("data", "tokenizer", "model", "seed")
@@ -100,8 +101,10 @@ class Store:
             return list(session.scalars(query.order_by(EventRow.id)).all())
 
     def cost_rows(self, job_id: str) -> list[CostRow]:
+        """The job's priced stages, as the runner's ledger wrote them."""
         with self.session() as session:
-            return list(session.scalars(select(CostRow).where(CostRow.job_id == job_id)).all())
+            stored = session.scalars(select(StoredCost).where(StoredCost.job_id == job_id)).all()
+            return [CostRow.model_validate(row, from_attributes=True) for row in stored]
 
     # --- queue and lifecycle ------------------------------------------------------------------------------------
 
@@ -203,4 +206,5 @@ class Store:
 
     def usd_by_tier(self) -> dict[str, float]:
         with self.session() as session:
-            return dict(session.execute(select(CostRow.tier, func.sum(CostRow.usd)).group_by(CostRow.tier)).all())
+            totals = select(StoredCost.tier, func.sum(StoredCost.usd)).group_by(StoredCost.tier)
+            return dict(session.execute(totals).all())

@@ -65,7 +65,7 @@ def test_a_stage_in_rounds_adds_up_and_projects_one_round(tmp_path):
     ledger.record("submodel", resources.submodel_tier, 1800, device="cpu", expert=0, round_index=1)
     ledger.record("submodel", resources.submodel_tier, 900, device="cpu", expert=0, round_index=1)  # a resumed round
     (row,) = ledger.rows
-    assert row["rounds"] == {"0": 3600, "1": 900} and row["usd"] == pytest.approx(1.25 * 0.35)
+    assert row.rounds == {"0": 3600, "1": 900} and row.usd == pytest.approx(1.25 * 0.35)
     assert ledger.last_usd("submodel") == pytest.approx(0.25 * 0.35)  # the next stage is one round, not all so far
     assert ledger.last_usd("merge") == 0.0
 

@@ -12,8 +12,10 @@ from transformers import AutoModelForCausalLM
 
 from moedisco.config import build_spec
 from moedisco.metrics import MetricsWriter, read_metrics
-from moedisco.pipeline import JobPaths, stage_sync
+from moedisco.layout import JobPaths
+from moedisco.pipeline import stage_sync
 from moedisco.runner import check_same_job, run_job
+from moedisco.stages import STAGE, StageRun, Task, plan
 from moedisco.split import parameter_roles, read_config
 from moedisco.train import StopRequested
 from tests.conftest import tiny_spec_dict
@@ -58,6 +60,15 @@ def test_outputs_are_standard_hugging_face_folders(finished_job):
     assert "num_experts: 4" in saved
 
 
+def test_every_stage_left_what_it_declares_and_its_marker(finished_job):
+    spec, _, _ = finished_job
+    paths = JobPaths(spec.output_dir)
+    for task in (task for group in plan(spec) for task in group):
+        assert (paths.markers / f"{task.marker}.json").is_file()
+        for name in STAGE[task.stage].writes:
+            assert getattr(paths, name).exists(), f"{task.stage} declares {name}"
+
+
 def test_cost_ledger_prices_every_stage(finished_job):
     spec, summary, _ = finished_job
     cost = json.loads((spec.output_dir / "cost.json").read_text())
@@ -73,24 +84,23 @@ def test_rerun_skips_finished_stages(finished_job):
     spec, _, _ = finished_job
     events = []
     run_job(spec, events=events.append, progress=False)
-    assert {e["event"] for e in events} == {"stage_skipped"}
+    assert {e.event for e in events} == {"stage_skipped"}
 
 
 def test_interrupted_stage_resumes_from_checkpoint(tmp_path):
     spec = build_spec(tiny_spec_dict(tmp_path / "out", model={"num_experts": 2, "num_experts_per_tok": 1},
                                      branch={"sync_rounds": 1}))
-    calls = {"n": 0}
+    second = spec.output_dir / "submodels" / "1" / "checkpoints" / "step_00000004"
 
-    def stop_in_second_submodel():
-        calls["n"] += 1
-        return calls["n"] == 3  # submodel 0 checkpoints at steps 4 and 8; submodel 1 stops at its step 4
+    def stop_in_second_submodel():  # polled before each stage and after each checkpoint
+        return second.is_dir()
 
     with pytest.raises(StopRequested):
         run_job(spec, progress=False, should_stop=stop_in_second_submodel)
     assert (spec.output_dir / "submodels" / "1" / "checkpoints" / "step_00000004").is_dir()
     events = []
     run_job(spec, events=events.append, progress=False)
-    finished = {(e["stage"], e["expert"]): e["summary"] for e in events if e["event"] == "stage_finished"}
+    finished = {(e.stage, e.expert): e.summary for e in events if e.event == "stage_finished"}
     assert ("submodel", 0) not in finished  # it was done before the interruption
     assert finished[("submodel", 1)]["resumed_from"] == 4
     steps = [r["step"] for r in read_metrics(spec.output_dir / "metrics.jsonl", "submodel") if r["expert"] == 1]
@@ -151,7 +161,7 @@ def test_shared_warmup_then_branch_fisher_merge_and_diagnostics(tmp_path):
                                      model={"num_experts": 2, "num_experts_per_tok": 1}))
     events = []
     run_job(spec, events=events.append, progress=False)
-    finished = {(e["stage"], e["expert"]): e["summary"] for e in events if e["event"] == "stage_finished"}
+    finished = {(e.stage, e.expert): e.summary for e in events if e.event == "stage_finished"}
     assert finished[("warmup", None)]["steps"] == 8
     branched = load_file(spec.output_dir / "branched" / "model.safetensors")
     warm = load_file(spec.output_dir / "runs" / "warmup" / "model.safetensors")
@@ -191,11 +201,10 @@ def test_moe_warmup_branches_from_the_trained_moe(tmp_path):
 def test_sync_rounds_average_backbones_between_rounds_and_resume_across_them(tmp_path):
     spec = build_spec(tiny_spec_dict(tmp_path / "out", branch={"sync_rounds": 3},
                                      model={"num_experts": 2, "num_experts_per_tok": 1}))
-    out, calls = spec.output_dir, {"n": 0}
+    out = spec.output_dir
 
-    def stop_at_the_end_of_expert_1s_second_round():
-        calls["n"] += 1  # polled after every checkpoint: steps 4 of experts 0, 1, then steps 8 of experts 0, 1
-        return calls["n"] == 4
+    def stop_at_the_end_of_expert_1s_second_round():  # polled before each stage and after each checkpoint
+        return (out / "submodels" / "1" / "checkpoints" / "step_00000008").is_dir()
 
     with pytest.raises(StopRequested):
         run_job(spec, progress=False, should_stop=stop_at_the_end_of_expert_1s_second_round)
@@ -206,11 +215,11 @@ def test_sync_rounds_average_backbones_between_rounds_and_resume_across_them(tmp
     assert all(torch.equal(step4[0][name], step4[1][name]) == (roles[name] == "shared") for name in step4[0])
     assert not (out / "sync" / "round_0.safetensors").exists()  # the copy kept for re-running the sync is gone
     with pytest.raises(ValueError, match="newest checkpoint is step_00000008, not step_00000004"):
-        stage_sync(spec, JobPaths(out), 0, MetricsWriter(out / "metrics.jsonl"))  # round 1 already went on
+        stage_sync(StageRun(spec, JobPaths(out), MetricsWriter(out / "metrics.jsonl"), Task("sync", round=0)))
 
     events = []
     run_job(spec, events=events.append, progress=False)
-    finished = [(e["stage"], e["expert"], e.get("round")) for e in events if e["event"] == "stage_finished"]
+    finished = [(e.stage, e.expert, e.round) for e in events if e.event == "stage_finished"]
     assert finished[:4] == [("submodel", 1, 1), ("sync", None, 1), ("submodel", 0, 2), ("submodel", 1, 2)]
     for k in (0, 1):  # every step logged once: each round continued where the previous one stopped
         steps = [r["step"] for r in read_metrics(out / "metrics.jsonl", "submodel") if r["expert"] == k]

@@ -25,13 +25,14 @@ import ray
 from moedisco.cluster import ClusterResult
 from moedisco.config import build_spec
 from moedisco.metrics import read_metrics
-from moedisco.pipeline import JobPaths, stage_result
-from moedisco.runner import LocalRunner
+from moedisco.events import JobCancelledEvent
+from moedisco.layout import JobPaths, stage_result
+from moedisco.runner import JobCancelled, JobRunner, LocalExecutor, run_job
+from moedisco.stages import Task
 from ray_cluster import data
 from ray_cluster.cluster import LocalClusterSpec, describe_nodes, free_port, start_local_cluster, stop_local_cluster
 from ray_cluster.orchestrate import run_job_on_ray
 from ray_cluster.placement import on_driver_node
-from ray_cluster.tracking import JobCancelled
 from tests.conftest import tiny_spec_dict
 
 pytestmark = pytest.mark.slow
@@ -76,7 +77,7 @@ def cancelled_run(spec) -> dict:
     events = []
 
     def first_submodel_progress() -> bool:
-        return any(e["event"] == "progress" and e["stage"] == "submodel" and e["step"] > 0 for e in events)
+        return any(e.event == "progress" and e.stage == "submodel" and e.step > 0 for e in events)
 
     with pytest.raises(JobCancelled):
         run_job_on_ray(spec, progress=False, events=events.append, should_stop=first_submodel_progress)
@@ -87,12 +88,12 @@ def cancelled_run(spec) -> dict:
 def resumed_run_with_a_killed_worker(spec) -> dict:
     events, killed = [], {}
 
-    def kill_first_worker(event: dict) -> None:
+    def kill_first_worker(event) -> None:
         events.append(event)
-        if (not killed and event["event"] == "progress" and event["stage"] == "submodel"
-                and 0 < event["step"] < event["total_steps"]):
-            killed.update(expert=event["expert"], step=event["step"], pid=event["pid"])
-            os.kill(event["pid"], signal.SIGKILL)
+        if (not killed and event.event == "progress" and event.stage == "submodel"
+                and 0 < event.step < event.total_steps):
+            killed.update(expert=event.expert, step=event.step, pid=event.pid)
+            os.kill(event.pid, signal.SIGKILL)
 
     started = time.perf_counter()
     summary = run_job_on_ray(spec, progress=False, events=kill_first_worker)
@@ -101,17 +102,12 @@ def resumed_run_with_a_killed_worker(spec) -> dict:
 
 def local_submodels(spec) -> JobPaths:
     """The local runner's stages up to the submodels, in process (merge and fine-tune are not compared)."""
-    runner = LocalRunner(spec, progress=False)
-    cheap = spec.resources.submodel_tier
-    from moedisco import pipeline as stages
-
-    runner.stage("prepare", None, lambda: stages.stage_prepare(spec, runner.paths))
-    runner.stage("embed", cheap, lambda: stages.stage_embed(spec, runner.paths, runner.metrics))
-    runner.stage("cluster", cheap, lambda: stages.stage_cluster(spec, runner.paths, runner.metrics))
-    runner.stage("source", None, lambda: stages.stage_source(spec, runner.paths))
-    for expert in range(spec.model.num_experts):
-        runner.stage("submodel", cheap, lambda k=expert: stages.stage_submodel(
-            spec, runner.paths, k, runner.metrics, runner.hooks(), progress=False), expert=expert)
+    runner = JobRunner(spec, LocalExecutor(progress=False))
+    runner.executor.open(runner.job)
+    for group in runner.plan:
+        if group[0].stage == "merge":
+            break
+        runner.run_group(group)
     return runner.paths
 
 
@@ -139,18 +135,18 @@ def test_cluster_has_labelled_tiers(job):
 def test_cancel_stops_trainers_and_keeps_finished_stages(job):
     cancelled = job["cancelled"]
     assert cancelled["trainers_stopped"], f"still alive after cancel: {cancelled['alive']}"
-    assert {"event": "job_cancelled"} in cancelled["events"]
-    assert {"expert_state"} <= {e["event"] for e in cancelled["events"]}
-    states = {e["state"] for e in cancelled["events"] if e["event"] == "expert_state"}
+    assert JobCancelledEvent() in cancelled["events"]
+    assert {"expert_state"} <= {e.event for e in cancelled["events"]}
+    states = {e.state for e in cancelled["events"] if e.event == "expert_state"}
     assert "cancelled" in states
     # The rerun skipped every stage finished before the cancel instead of redoing it.
-    skipped = {e["stage"] for e in job["resumed"]["events"] if e["event"] == "stage_skipped"}
+    skipped = {e.stage for e in job["resumed"]["events"] if e.event == "stage_skipped"}
     assert {"prepare", "embed", "cluster", "source"} <= skipped
 
 
 def test_interrupted_experts_resume_from_their_checkpoints(job):
-    interrupted = {e["expert"] for e in job["cancelled"]["events"]
-                   if e["event"] == "progress" and e["stage"] == "submodel" and e["step"] > 0}
+    interrupted = {e.expert for e in job["cancelled"]["events"]
+                   if e.event == "progress" and e.stage == "submodel" and e.step > 0}
     summaries = submodel_summaries(job)
     assert interrupted and all(summaries[k]["resumed_from"] > 0 for k in interrupted
                                if k != job["resumed"]["killed"]["expert"])
@@ -162,8 +158,8 @@ def test_killed_worker_restarts_from_its_last_checkpoint(job):
     expert = killed["expert"]
     summary = submodel_summaries(job)[expert]
     assert summary["steps"] == TRAIN["steps"] and summary["pid"] != killed["pid"]
-    attempts = [e["attempt"] for e in job["resumed"]["events"]
-                if e["event"] == "expert_state" and e["expert"] == expert and e["state"] == "running"]
+    attempts = [e.attempt for e in job["resumed"]["events"]
+                if e.event == "expert_state" and e.expert == expert and e.state == "running"]
     assert max(attempts) >= 2, "Ray Train did not restart the killed worker group"
     # Everything the killed worker logged was at most one checkpoint interval ahead of where it resumed.
     before_kill = [r["step"] for r in read_metrics(job["paths"].metrics, "submodel")
@@ -179,8 +175,8 @@ def test_every_expert_completes_at_most_two_at_a_time(job):
     intervals = [(s["started_at"], s["finished_at"]) for s in summaries.values()]
     overlap = max(sum(start <= t < end for start, end in intervals) for t, _ in intervals)
     assert overlap <= 2
-    states = [e["state"] for e in job["resumed"]["events"] if e["event"] == "expert_state"
-              and e["stage"] == "submodel"]
+    states = [e.state for e in job["resumed"]["events"] if e.event == "expert_state"
+              and e.stage == "submodel"]
     assert {"waiting", "running", "done"} <= set(states)
 
 
@@ -241,8 +237,8 @@ def test_single_worker_trainers_go_without_a_process_group(ray_cluster, tiny_spe
 
     from ray_cluster.trainers import build_trainer
 
-    alone = build_trainer(tiny_spec_factory(), "submodel", 0)
-    data_parallel = build_trainer(tiny_spec_factory(resources={"workers_per_expert": 2}), "submodel", 0)
+    alone = build_trainer(tiny_spec_factory(), Task("submodel", 0))
+    data_parallel = build_trainer(tiny_spec_factory(resources={"workers_per_expert": 2}), Task("submodel", 0))
     assert not isinstance(alone, TorchTrainer) and isinstance(data_parallel, TorchTrainer)
 
 
@@ -255,9 +251,9 @@ def test_sync_rounds_with_data_parallel_submodels_match_the_local_runner(ray_clu
     events = []
     run_job_on_ray(spec, progress=False, events=events.append)
     local = build_spec(tiny_spec_dict(root / "local", **sections))
-    LocalRunner(local, progress=False).run()
-    finished = [(e["stage"], e["expert"], e.get("round")) for e in events if e["event"] == "stage_finished"
-                and e["stage"] in ("submodel", "sync")]
+    run_job(local, progress=False)
+    finished = [(e.stage, e.expert, e.round) for e in events if e.event == "stage_finished"
+                and e.stage in ("submodel", "sync")]
     assert finished == [("submodel", 0, 0), ("submodel", 1, 0), ("sync", None, 0), ("submodel", 0, 1),
                         ("submodel", 1, 1)]
     # Each round is a Ray Train run of its own, so a restarted worker never restores an unsynced checkpoint; a

@@ -18,6 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
+from moedisco.events import Progress, StageStarted
 from service.core.config import Settings
 from service.main import create_app
 from service.models import StageRow, utcnow
@@ -225,7 +226,7 @@ def test_cost_is_live_while_a_stage_runs(client):
     job = submit(client)
     store = client.app.state.store
     store.claim_next_queued()
-    EventRecorder(store, job["id"], job["output_dir"])({"event": "stage_started", "stage": "finetune", "expert": None})
+    EventRecorder(store, job["id"], job["output_dir"])(StageStarted(stage="finetune"))
     with store.session() as session, session.begin():  # the stage started an hour ago
         session.execute(update(StageRow).values(started_at=utcnow() - timedelta(hours=1)))
     cost = client.get(f"/v1/jobs/{job['id']}/cost").json()
@@ -255,11 +256,11 @@ def test_polled_views_are_cached_until_the_job_changes_in_any_process(cached_cli
         actor_store.claim_next_queued()
         assert client.get(base).json()["state"] == "running"
         record = EventRecorder(actor_store, job["id"], job["output_dir"])
-        record({"event": "stage_started", "stage": "submodel", "expert": 1})
-        record({"event": "progress", "stage": "submodel", "expert": 1, "step": 4, "total_steps": 12, "loss": 5.0})
+        record(StageStarted(stage="submodel", expert=1))
+        record(Progress(stage="submodel", expert=1, step=4, total_steps=12, loss=5.0))
         (stage,) = client.get(base).json()["stages"]
         assert (stage["stage"], stage["expert"], stage["step"], stage["loss"]) == ("submodel", 1, 4, 5.0)
-        record({"event": "progress", "stage": "submodel", "expert": 1, "step": 8, "total_steps": 12, "loss": 4.0})
+        record(Progress(stage="submodel", expert=1, step=8, total_steps=12, loss=4.0))
         assert client.get(base).json()["stages"][0]["step"] == 8
         actor_store.request_cancel(job["id"])
         assert client.get(base).json()["cancel_requested"] is True
@@ -274,7 +275,7 @@ def test_cached_cost_prices_running_stages_up_to_each_request(cached_client):
     client, store = cached_client, cached_client.app.state.store
     job = submit(client)
     store.claim_next_queued()
-    EventRecorder(store, job["id"], job["output_dir"])({"event": "stage_started", "stage": "submodel", "expert": 0})
+    EventRecorder(store, job["id"], job["output_dir"])(StageStarted(stage="submodel", expert=0))
     path = f"/v1/jobs/{job['id']}/cost"
     first = client.get(path).json()["stages"][0]
     time.sleep(0.05)

@@ -16,6 +16,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.configuration import set_hypothesis_home_dir
 
+from moedisco.events import Progress, StageFinished, StageStarted
 from service.core.config import Settings
 from service.main import create_app
 from service.recorder import EventRecorder
@@ -49,11 +50,9 @@ def _seed_job(app) -> str:
          "seconds": 3.0, "device_hours": 0.001, "price_per_hour": 0.35, "usd": 0.00035, "simulated": True,
          "device": "cpu", "node": None}]}))
     record = EventRecorder(store, job_id, output)
-    for event in ({"event": "stage_started", "stage": "embed", "expert": None},
-                  {"event": "stage_finished", "stage": "embed", "expert": None, "summary": {"seconds": 3.0}},
-                  {"event": "stage_started", "stage": "submodel", "expert": 0},
-                  {"event": "progress", "stage": "submodel", "expert": 0, "step": 4, "total_steps": 12,
-                   "loss": 6.0, "eval_loss": 5.9}):
+    for event in (StageStarted(stage="embed"), StageFinished(stage="embed", summary={"seconds": 3.0}),
+                  StageStarted(stage="submodel", expert=0),
+                  Progress(stage="submodel", expert=0, step=4, total_steps=12, loss=6.0, eval_loss=5.9)):
         record(event)
     return job_id
 

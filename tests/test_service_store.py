@@ -15,7 +15,8 @@ import threading
 
 import pytest
 
-from moedisco.pipeline import BudgetExceeded
+from moedisco.events import StageSkipped, parse_event
+from moedisco.runner import BudgetExceeded
 from moedisco.train import StopRequested
 from service import executor
 from service.costs import job_cost
@@ -96,12 +97,12 @@ def test_recorder_folds_events_into_stages_and_costs(store, tmp_path):
     output = tmp_path / "out"
     output.mkdir()
     record = EventRecorder(store, job.id, output)
-    record({"event": "stage_started", "stage": "submodel", "expert": 1})
-    record({"event": "expert_state", "stage": "submodel", "expert": 1, "state": "running"})
-    record({"event": "progress", "stage": "submodel", "expert": 1, "step": 4, "total_steps": 12, "loss": 5.0,
-            "eval_loss": 5.5})
-    record({"event": "progress", "stage": "submodel", "expert": 1, "step": 8, "total_steps": 12,
-            "loss": float("nan"), "eval_loss": float("inf")})
+    record(parse_event({"event": "stage_started", "stage": "submodel", "expert": 1}))
+    record(parse_event({"event": "expert_state", "stage": "submodel", "expert": 1, "state": "running"}))
+    record(parse_event({"event": "progress", "stage": "submodel", "expert": 1, "step": 4, "total_steps": 12,
+                        "loss": 5.0, "eval_loss": 5.5}))
+    record(parse_event({"event": "progress", "stage": "submodel", "expert": 1, "step": 8, "total_steps": 12,
+                        "loss": float("nan"), "eval_loss": float("inf")}))
     stage = store.stages(job.id)[0]
     assert (stage.state, stage.step, stage.loss, stage.eval_loss, stage.runner_state) == (
         "running", 8, 5.0, 5.5, "running")
@@ -109,9 +110,9 @@ def test_recorder_folds_events_into_stages_and_costs(store, tmp_path):
                           "num_devices": 1, "seconds": 36.0, "device_hours": 0.01, "price_per_hour": 0.35,
                           "usd": 0.0035, "simulated": True, "device": "cpu", "node": None}]}
     (output / "cost.json").write_text(json.dumps(ledger))
-    record({"event": "stage_finished", "stage": "submodel", "expert": 1, "summary": {"seconds": 36.0,
-                                                                                     "eval_loss": 4.9}})
-    record({"event": "stage_skipped", "stage": "submodel", "expert": 1})
+    record(parse_event({"event": "stage_finished", "stage": "submodel", "expert": 1,
+                        "summary": {"seconds": 36.0, "eval_loss": 4.9}}))
+    record(parse_event({"event": "stage_skipped", "stage": "submodel", "expert": 1}))
     stage = store.stages(job.id)[0]
     assert (stage.state, stage.seconds, stage.eval_loss) == ("finished", 36.0, 4.9)
     assert store.get_job(job.id).current_stage == "submodel/1"
@@ -129,13 +130,13 @@ def test_a_finished_sync_round_is_not_a_finished_stage(store, tmp_path):
     job = store.create_job("r" * 12, full, runner="local")
     store.claim_next_queued()
     record = EventRecorder(store, job.id, tmp_path)
-    record({"event": "stage_started", "stage": "submodel", "expert": 0, "round": 0})
-    record({"event": "stage_finished", "stage": "submodel", "expert": 0, "round": 0,
-            "summary": {"steps": 25, "total_steps": 100, "seconds": 9.0}})
+    record(parse_event({"event": "stage_started", "stage": "submodel", "expert": 0, "round": 0}))
+    record(parse_event({"event": "stage_finished", "stage": "submodel", "expert": 0, "round": 0, "final": False,
+                        "summary": {"steps": 25, "total_steps": 100, "seconds": 9.0}}))
     stage = store.stages(job.id)[0]
     assert (stage.state, stage.step, stage.finished_at) == ("between_rounds", 25, None)
     assert store.finished_stage_seconds() == []
-    record({"event": "stage_started", "stage": "submodel", "expert": 0, "round": 1})
+    record(parse_event({"event": "stage_started", "stage": "submodel", "expert": 0, "round": 1}))
     ledger = {"stages": [{"stage": "submodel", "expert": 0, "tier": "4090", "device_type": "rtx4090",
                           "num_devices": 1, "seconds": 9.0, "device_hours": 0.0025, "price_per_hour": 0.35,
                           "usd": 0.000875, "simulated": True, "device": "cpu", "node": None}]}
@@ -145,8 +146,8 @@ def test_a_finished_sync_round_is_not_a_finished_stage(store, tmp_path):
     rows = job_cost(store, store.get_job(job.id)).stages
     assert [(row.stage, row.expert, row.final) for row in rows] == [("submodel", 0, False)] * 2
     assert rows[0].usd + rows[1].usd > 0.000875
-    record({"event": "stage_finished", "stage": "submodel", "expert": 0, "round": 1,
-            "summary": {"steps": 100, "total_steps": 100, "seconds": 27.0}})
+    record(parse_event({"event": "stage_finished", "stage": "submodel", "expert": 0, "round": 1,
+                        "summary": {"steps": 100, "total_steps": 100, "seconds": 27.0}}))
     stage = store.stages(job.id)[0]
     assert stage.state == "finished" and stage.seconds == 36.0  # both rounds
 
@@ -166,9 +167,9 @@ def test_a_measured_baseline_must_match_data_and_model(store, tmp_path):
 def fake_runner(outcome):
     """A runner that starts a stage, logs a step, then ends with `outcome` (an exception, or a summary)."""
     def run(spec, events, should_stop):
-        events({"event": "stage_started", "stage": "finetune", "expert": None})
-        events({"event": "progress", "stage": "finetune", "expert": None, "step": 1, "total_steps": 2,
-                "loss": 1.0, "eval_loss": None})
+        events(parse_event({"event": "stage_started", "stage": "finetune", "expert": None}))
+        events(parse_event({"event": "progress", "stage": "finetune", "expert": None, "step": 1, "total_steps": 2,
+                            "loss": 1.0, "eval_loss": None}))
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
@@ -199,13 +200,14 @@ def test_executor_turns_runner_outcomes_into_states(store, tmp_path, monkeypatch
 
 
 def test_cancel_before_a_stage_stops_the_local_runner(store, tmp_path, monkeypatch):
-    monkeypatch.setitem(executor.RUNNERS, "local", fake_runner({"final": "x"}))
+    """The real runner: it polls the cancel flag before every stage, not only inside training loops."""
     monkeypatch.setattr(executor, "record_estimate", lambda *args: None)
     job = make_job(store, tmp_path, "2" * 12)
     store.claim_next_queued()
     store.request_cancel(job.id)
     assert executor.execute_job(store, job.id, "local") == "cancelled"
-    assert "before stage 'finetune'" in store.get_job(job.id).reason
+    assert "before stage 'prepare'" in store.get_job(job.id).reason
+    assert [e.event for e in store.events(job.id)] == ["job_cancelled"]
 
 
 def test_every_write_to_a_job_bumps_its_version(store, tmp_path):
@@ -228,11 +230,12 @@ def test_every_write_to_a_job_bumps_its_version(store, tmp_path):
     changed("begin_attempt")
     store.set_estimate(job.id, {"total_usd": 1.0})
     changed("set_estimate")
-    record({"event": "stage_started", "stage": "submodel", "expert": 0})
+    record(parse_event({"event": "stage_started", "stage": "submodel", "expert": 0}))
     changed("stage_started")
-    record({"event": "progress", "stage": "submodel", "expert": 0, "step": 4, "total_steps": 12, "loss": 5.0})
+    record(parse_event({"event": "progress", "stage": "submodel", "expert": 0, "step": 4, "total_steps": 12,
+                        "loss": 5.0}))
     changed("progress")
-    record({"event": "expert_state", "stage": "submodel", "expert": 0, "state": "running"})
+    record(parse_event({"event": "expert_state", "stage": "submodel", "expert": 0, "state": "running"}))
     changed("expert_state")
     (output / "cost.json").write_text(json.dumps({"stages": [{"stage": "submodel", "expert": 0, "tier": "4090",
                                                               "device_type": "rtx4090", "num_devices": 1,
@@ -265,7 +268,7 @@ def test_view_versions_change_when_a_possible_baseline_does(store, tmp_path):
     store.finish(baseline.id, "succeeded")
     third = store.view_versions(moe.id)
     assert third[0] == second[0] and third[1:] != second[1:]
-    EventRecorder(store, baseline.id, tmp_path)({"event": "stage_skipped", "stage": "full_parameter"})
+    EventRecorder(store, baseline.id, tmp_path)(StageSkipped(stage="full_parameter"))
     assert store.view_versions(moe.id)[1:] != third[1:]  # a write to the baseline job
     assert store.view_versions("no-such-job") is None
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from moedisco.config import TrainConfig
 from moedisco.metrics import MetricsWriter
 from moedisco.split import parameter_roles
-from moedisco.train import SECOND_MOMENT_FILE, checkpoint_dir, checkpoint_dirs, lr_multiplier, train
+from moedisco.train import SECOND_MOMENT_FILE, TrainContext, checkpoint_dir, checkpoint_dirs, lr_multiplier, train
 from tests.conftest import tiny_hf_config
 
 
@@ -29,9 +29,9 @@ def test_zero_lr_scale_freezes_the_shared_backbone(tmp_path):
     before = {name: t.clone() for name, t in model.state_dict().items()}
     seqs = torch.randint(0, 97, (16, 16))
     cfg = TrainConfig(steps=3, batch_size=4, lr=1e-2, eval_every=3, checkpoint_every=3)
-    train(model, seqs, None, cfg, tmp_path / "run", stage="submodel", seed=0,
-          metrics=MetricsWriter(tmp_path / "m.jsonl"), progress=False,
-          lr_scale=lambda name: 0.0 if roles[name] == "shared" else 1.0)
+    train(model, seqs, None, cfg, TrainContext(tmp_path / "run", stage="submodel", seed=0,
+                                               metrics=MetricsWriter(tmp_path / "m.jsonl"), progress=False,
+                                               lr_scale=lambda name: 0.0 if roles[name] == "shared" else 1.0))
     after = model.state_dict()
     assert all(torch.equal(before[n], after[n]) for n, role in roles.items() if role == "shared")
     assert not torch.equal(before["model.layers.0.mlp.experts.down_proj"], after["model.layers.0.mlp.experts.down_proj"])
@@ -50,8 +50,9 @@ def test_second_moments_are_saved_and_zero_for_unseen_tokens(tmp_path):
     model = AutoModelForCausalLM.from_config(tiny_hf_config("qwen2_moe"))
     seqs = torch.randint(0, 50, (16, 16))  # tokens 50.. never occur: their embedding rows get no gradient
     cfg = TrainConfig(steps=3, batch_size=4, lr=1e-2, eval_every=3, checkpoint_every=3)
-    train(model, seqs, None, cfg, tmp_path / "run", stage="submodel", seed=0,
-          metrics=MetricsWriter(tmp_path / "m.jsonl"), progress=False, save_second_moment=True)
+    train(model, seqs, None, cfg, TrainContext(tmp_path / "run", stage="submodel", seed=0,
+                                               metrics=MetricsWriter(tmp_path / "m.jsonl"), progress=False,
+                                               save_second_moment=True))
     moments = load_file(tmp_path / "run" / SECOND_MOMENT_FILE)
     assert set(moments) == {name for name, p in model.named_parameters()}
     assert all((m >= 0).all() for m in moments.values())
@@ -65,9 +66,9 @@ def _train_tiny(run_dir, steps: int, stop_at: int | None = None):
     seqs = torch.randint(0, 97, (32, 16), generator=torch.Generator().manual_seed(1))
     cfg = TrainConfig(steps=steps, batch_size=4, lr=1e-2, schedule="cosine", warmup_ratio=0.2, eval_every=2,
                       checkpoint_every=4)
-    result = train(model, seqs, seqs[:4], cfg, run_dir, stage="submodel", seed=0,
-                   metrics=MetricsWriter(run_dir.parent / "m.jsonl"), progress=False, save_second_moment=True,
-                   stop_at=stop_at)
+    context = TrainContext(run_dir, stage="submodel", seed=0, metrics=MetricsWriter(run_dir.parent / "m.jsonl"),
+                           progress=False, save_second_moment=True, stop_at=stop_at)
+    result = train(model, seqs, seqs[:4], cfg, context)
     return model, result
 
 

@@ -11,6 +11,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from moedisco.layout import JobPaths
 from service.api.deps import JobDep
 from service.schemas import Message, MetricsPublic
 from service.store import json_safe
@@ -43,6 +44,6 @@ def read_job_metrics(job: JobDep, stage: Annotated[str | None, Query(max_length=
                      offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
                      limit: Annotated[int, Query(ge=1, le=MAX_RECORDS)] = 1000) -> MetricsPublic:
     """Metrics records, oldest first, optionally of one stage and expert."""
-    records = [r for r in read_records(Path(job.output_dir) / "metrics.jsonl")
+    records = [r for r in read_records(JobPaths(job.output_dir).metrics)
                if (stage is None or r.get("stage") == stage) and (expert is None or r.get("expert") == expert)]
     return MetricsPublic(data=records[offset:offset + limit], count=len(records), offset=offset, limit=limit)

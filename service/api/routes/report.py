@@ -5,11 +5,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
+from moedisco.layout import JobPaths
 from service.api.deps import JobDep, StoreDep
 from service.api.routes.metrics import read_records
 from service.costs import job_cost
@@ -23,5 +22,5 @@ def read_report(job: JobDep, store: StoreDep) -> HTMLResponse:
     """An HTML page, live while the job runs (it reloads itself)."""
     from service.report import render_report  # matplotlib: loaded on the first report, not at start-up
 
-    records = read_records(Path(job.output_dir) / "metrics.jsonl")
+    records = read_records(JobPaths(job.output_dir).metrics)
     return HTMLResponse(render_report(job, store.stages(job.id), records, job_cost(store, job)))
