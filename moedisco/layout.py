@@ -9,7 +9,7 @@ Every layer uses it: the stages (`moedisco.pipeline`), both runners, the Ray wor
 routes. It imports no torch, so a Ray worker or the API that only needs a path never pays for the training stack.
 
     OUTPUT/
-      spec.yaml  metrics.jsonl  cost.json  report.png
+      spec.yaml  metrics.jsonl  cost.json  report.png  owner.json (the runner that may write here)
       data/{train,eval}.jsonl  data/{train,eval}_tokens.npz  data/tokenizer/
       embed/embeddings.npy  cluster/  source/  branched/
       submodels/<k>/            a submodel's run folder (checkpoints/, model.safetensors, result.json)
@@ -35,6 +35,7 @@ class JobPaths:
         object.__setattr__(self, "root", Path(self.root))
 
     spec = property(lambda self: self.root / "spec.yaml")
+    owner = property(lambda self: self.root / "owner.json")
     data = property(lambda self: self.root / "data")
     tokenizer = property(lambda self: self.root / "data" / "tokenizer")
     embeddings = property(lambda self: self.root / "embed" / "embeddings.npy")
@@ -73,18 +74,39 @@ class JobPaths:
         return self.root / "sync" / f"round_{round_index}.safetensors"
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Through a temporary file renamed into place: a reader sees the old content or the new, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
+def claim(paths: JobPaths, runner: str) -> None:
+    """Make `runner` the job folder's owner: a runner that finds another name there has been replaced."""
+    write_atomically(paths.owner, json.dumps({"runner": runner, "pid": os.getpid()}))
+
+
+def owner_of(paths: JobPaths) -> str | None:
+    try:
+        return json.loads(paths.owner.read_text())["runner"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def is_done(paths: JobPaths, marker: str) -> bool:
-    return paths.marker(marker).is_file()
+    """True when the stage's marker holds its summary; an unreadable one (truncated by a crash of an older
+    moedisco, which wrote markers in place) means the stage runs again, which every stage may."""
+    try:
+        json.loads(paths.marker(marker).read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def mark_done(paths: JobPaths, marker: str, summary: dict) -> dict:
-    """Write the stage's summary as its marker, through a temporary file renamed into place, so a marker that
-    exists is complete."""
-    target = paths.marker(marker)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    partial.write_text(json.dumps(summary, indent=2))
-    partial.replace(target)
+    """Write the stage's summary as its marker, atomically: a marker that exists is complete."""
+    write_atomically(paths.marker(marker), json.dumps(summary, indent=2))
     return summary
 
 

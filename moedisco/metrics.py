@@ -11,11 +11,14 @@ machine) can share the file without interleaving partial lines.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
 
 from moedisco.stages import STAGE_NAMES
+
+log = logging.getLogger(__name__)
 
 
 class MetricsWriter:
@@ -35,8 +38,25 @@ class MetricsWriter:
 
 
 def read_metrics(path: Path, stage: str | None = None) -> list[dict]:
+    """The records of `path` (of one `stage`), oldest first. A line that is not a JSON object (being written, or
+    torn by concurrent appends on a network filesystem) is skipped with a warning naming it, never an error."""
     path = Path(path)
-    if not path.is_file():
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:  # not written yet
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, torn = [], []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            torn.append(number)
+    if torn:
+        log.warning("%s: skipped %d torn line(s): %s", path, len(torn), ", ".join(map(str, torn[:10])))
     return [r for r in records if stage is None or r.get("stage") == stage]

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from moedisco.config import JobSpec, upgrade_saved_spec
 from moedisco.cost import CostLedger
 from moedisco.events import Events, JobCancelledEvent, StageFinished, StageSkipped, StageStarted, ignore, progress_event
-from moedisco.layout import JobPaths, is_done, mark_done
+from moedisco.layout import JobPaths, claim, is_done, mark_done, owner_of
 from moedisco.metrics import MetricsWriter
 from moedisco.report import write_report
 from moedisco.stages import StageRun, Task, plan, run_stage, tier_of
@@ -70,6 +70,11 @@ class BudgetExceeded(RuntimeError):
 
 class JobCancelled(StopRequested):
     """The job was cancelled: its running stages were stopped; finished stages and checkpoints are kept."""
+
+
+class NotOwner(RuntimeError):
+    """Another runner took the job folder over (its owner file names that runner): this one stops, writing
+    nothing more, and leaves the job to it."""
 
 
 @dataclass
@@ -126,10 +131,14 @@ class LocalExecutor:
 
 
 class JobRunner:
+    """`owner`: this runner's id, when several may be started on one job folder (the service's relaunches): it
+    claims the folder, and stops with `NotOwner` before any write once another runner has claimed it since."""
+
     def __init__(self, spec: JobSpec, executor: Executor, events: Events | None = None,
-                 should_stop: Callable[[], bool] | None = None):
+                 should_stop: Callable[[], bool] | None = None, owner: str | None = None):
         paths = JobPaths(spec.output_dir)
-        self.job = JobContext(spec, paths, MetricsWriter(paths.metrics), events or ignore, should_stop)
+        self.owner, self.user_should_stop = owner, should_stop
+        self.job = JobContext(spec, paths, MetricsWriter(paths.metrics), events or ignore, self.should_stop)
         self.executor, self.ledger = executor, CostLedger(paths.cost, spec.resources)
         self.plan = plan(spec)
         self.last_task = {task.key: task for group in self.plan for task in group}  # a stage's last round
@@ -145,6 +154,8 @@ class JobRunner:
 
     def run(self) -> dict:
         check_same_job(self.spec, self.paths)
+        if self.owner is not None:
+            claim(self.paths, self.owner)
         self.spec.save(self.paths.spec)
         self.executor.open(self.job)
         try:
@@ -174,6 +185,7 @@ class JobRunner:
         self.job.events(StageStarted(**task.ids))
 
     def finish(self, task: Task, summary: dict) -> None:
+        self.check_owner()
         seconds = summary.get("seconds", time.perf_counter() - self.started_at.pop(task, time.perf_counter()))
         tier = tier_of(self.spec.resources, task.stage)
         if tier is not None:
@@ -187,8 +199,17 @@ class JobRunner:
             # goes (a backbone per round: gigabytes at real scale).
             self.paths.sync_average(task.round).unlink(missing_ok=True)
 
+    def check_owner(self) -> None:
+        if self.owner is not None and owner_of(self.paths) != self.owner:
+            raise NotOwner(f"{self.paths.root} now belongs to runner {owner_of(self.paths)}, not {self.owner}")
+
+    def should_stop(self) -> bool:
+        """What the executor and the training loops poll: the user's stop flag; a lost folder raises `NotOwner`."""
+        self.check_owner()
+        return self.user_should_stop is not None and self.user_should_stop()
+
     def check_cancelled(self, task: Task) -> None:
-        if self.job.should_stop is not None and self.job.should_stop():
+        if self.should_stop():
             self.job.events(JobCancelledEvent())
             raise JobCancelled(f"stopped before stage {task.stage!r}")
 
@@ -205,9 +226,10 @@ class JobRunner:
 
 
 def run_job(spec: JobSpec, events: Events | None = None, progress: bool = True,
-            should_stop: Callable[[], bool] | None = None) -> dict:
+            should_stop: Callable[[], bool] | None = None, owner: str | None = None) -> dict:
     """Run `spec` in this process, idempotently; returns {"output_dir", "final", "cost"}."""
-    return JobRunner(spec, LocalExecutor(progress), events, should_stop).run()
+    return JobRunner(spec, LocalExecutor(progress), events, should_stop, owner).run()
 
 
-__all__ = ["BudgetExceeded", "Executor", "JobCancelled", "JobContext", "JobRunner", "LocalExecutor", "run_job"]
+__all__ = ["BudgetExceeded", "Executor", "JobCancelled", "JobContext", "JobRunner", "LocalExecutor", "NotOwner",
+           "run_job"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -143,10 +144,19 @@ def second_moments(model: torch.nn.Module, optimizer: torch.optim.AdamW) -> dict
     return moments
 
 
+CHECKPOINT_NAME = re.compile(r"step_(\d+)")
+
+
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """The complete checkpoints in `run_dir`, oldest first: folders named exactly `step_N` (not a `.partial` one
+    being written or restored, even when it already holds its files) with their `trainer_state.json`."""
     folder = run_dir / "checkpoints"
-    done = [d for d in folder.glob("step_*") if (d / "trainer_state.json").is_file()] if folder.is_dir() else []
-    return sorted(done, key=lambda d: int(d.name.split("_")[1]))
+    steps = {}
+    for child in folder.iterdir() if folder.is_dir() else ():
+        match = CHECKPOINT_NAME.fullmatch(child.name)
+        if match and (child / "trainer_state.json").is_file():
+            steps[int(match.group(1))] = child
+    return [steps[step] for step in sorted(steps)]
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:

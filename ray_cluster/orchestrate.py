@@ -100,7 +100,10 @@ class RayExecutor:
             self.remote(task, run_stage, self.job.stage_run(task))
 
     def remote(self, task: Task, function, *args, options: dict | None = None) -> None:
-        ref = ray.remote(function).options(max_retries=0, **(options or {"num_cpus": 1})).remote(*args)
+        """A Ray task; every stage outside Ray Train is idempotent, so a lost node or a preempted pod re-runs it
+        (up to `resources.max_failures` times, as a trainer restarts)."""
+        retries = self.spec.resources.max_failures
+        ref = ray.remote(function).options(max_retries=retries, **(options or {"num_cpus": 1})).remote(*args)
         self.tracker.submit(task.key, ref)
 
     def launch_trainer(self, task: Task) -> None:
@@ -168,11 +171,12 @@ def ray_connection(spec: JobSpec, address: str | None) -> Iterator[str]:
 
 
 def run_job_on_ray(spec: JobSpec, address: str | None = None, progress: bool = True,
-                   events: Events | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
+                   events: Events | None = None, should_stop: Callable[[], bool] | None = None,
+                   owner: str | None = None) -> dict:
     """Run `spec` on a Ray cluster, idempotently; returns {"output_dir", "final", "cost"} like `run_job`."""
     emit = ConsoleProgress(forward=events) if progress else events
     with ray_connection(spec, address):
-        return JobRunner(spec, RayExecutor(), emit, should_stop).run()
+        return JobRunner(spec, RayExecutor(), emit, should_stop, owner).run()
 
 
 __all__ = ["JobCancelled", "RayExecutor", "ray_connection", "run_job_on_ray"]

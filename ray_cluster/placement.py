@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import ray
@@ -20,15 +21,24 @@ def storage_root(spec: JobSpec) -> Path:
     return Path(spec.resources.storage_path or spec.output_dir).resolve()
 
 
+def job_key(spec: JobSpec) -> str:
+    """The job's folder name on shared storage: its name (for people) and a digest of its output_dir (one per
+    job), so two jobs of the same name on one storage path never share, restore or delete each other's files."""
+    digest = hashlib.sha256(str(Path(spec.output_dir).resolve()).encode()).hexdigest()[:12]
+    return f"{spec.name}-{digest}"
+
+
 def job_storage(spec: JobSpec) -> Path:
     """Ray's own files of this job (corpus and embedding shards, per-cluster shards, Ray Train runs)."""
-    return storage_root(spec) / spec.name
+    return storage_root(spec) / job_key(spec)
 
 
 def run_name(spec: JobSpec, stage: str, expert: int | None, round_index: int | None = None) -> str:
-    """Ray Train's run name; every synchronisation round but the last is a run of its own, so that a restarted
-    worker restores the round's own checkpoints, not an earlier round's copy from before its sync."""
-    name = f"{spec.name}/{stage}" if expert is None else f"{spec.name}/{stage}_{expert}"
+    """Ray Train's run name, under the job's storage folder; every synchronisation round but the last is a run
+    of its own, so that a restarted worker restores the round's own checkpoints, not an earlier round's copy
+    from before its sync."""
+    key = job_key(spec)
+    name = f"{key}/{stage}" if expert is None else f"{key}/{stage}_{expert}"
     last = round_index is None or round_index == spec.branch.sync_rounds - 1
     return name if last else f"{name}_round_{round_index}"
 

@@ -100,11 +100,12 @@ def data_stages_pending(spec: JobSpec) -> bool:
 
 
 def start_data_worker(spec: JobSpec):
-    """The data worker, placed like the Ray Data path's embedding actors: one cheap node (and its GPU, if any)."""
-    tier = spec.resources.submodel_tier
+    """The data worker, placed like the Ray Data path's embedding actors: one cheap node (and its GPU, if any).
+    Its stages are idempotent: on a lost node it restarts elsewhere and the call in flight runs again."""
+    tier, retries = spec.resources.submodel_tier, spec.resources.max_failures
     return ray.remote(DataWorker).options(
         num_cpus=1, num_gpus=int(tier_has_gpu(spec, tier)), label_selector=label_selector(spec, tier),
-        max_restarts=0).remote()
+        max_restarts=retries, max_task_retries=retries).remote()
 
 
 def start_launcher():

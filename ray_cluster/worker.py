@@ -14,8 +14,10 @@ only connects it to Ray Train through `TrainHooks`:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,9 @@ import ray.train
 from moedisco.events import WorkerStarted, progress_event
 from moedisco.layout import JobPaths
 from moedisco.stages import StageRun
+from ray_cluster.placement import storage_root
+
+log = logging.getLogger(__name__)
 
 # moedisco's training modules (torch, transformers) are imported inside the functions: Ray Train's controller
 # unpickles `train_func`, and should not pay seconds of imports for a loop it never runs.
@@ -47,20 +52,48 @@ def node_identity(label_key: str) -> dict:
     return {"node": context.get_node_id(), "gpu_type": context.get_node_labels().get(label_key), "pid": os.getpid()}
 
 
-def restore_reported_checkpoint(checkpoint: ray.train.Checkpoint | None, run_dir: Path) -> int | None:
-    """Copy Ray's latest reported checkpoint into `run_dir/checkpoints/` unless the folder already has it.
+POINTER_FILE = "moedisco_checkpoint.json"
 
-    On shared storage the folder usually still holds it; on a replacement node with an empty disk it does not.
+
+def reportable_checkpoint(folder: Path, storage: Path, scratch: Path) -> Path:
+    """What to hand `ray.train.report` for moedisco's checkpoint `folder`: the folder itself (Ray copies it to its
+    storage) when it lies outside Ray's storage, else a small pointer written under `scratch`. A checkpoint that
+    is already on the shared storage needs no second copy (25-29 GB per Qwen1.5-MoE submodel)."""
+    if not folder.resolve().is_relative_to(storage.resolve()):
+        return folder
+    scratch.mkdir(parents=True, exist_ok=True)
+    (scratch / POINTER_FILE).write_text(json.dumps({"path": str(folder.resolve())}))
+    return scratch
+
+
+def restore_reported_checkpoint(checkpoint: ray.train.Checkpoint | None, run_dir: Path) -> int | None:
+    """Put Ray's latest reported checkpoint back into `run_dir/checkpoints/` unless the folder already has it;
+    returns its step.
+
+    A pointer names a checkpoint on the shared storage, which a restarted worker finds where it was. A full copy
+    (moedisco's folder was not on Ray's storage) is copied into a `.partial` folder renamed when complete, so an
+    interrupted restore never looks like a checkpoint.
     """
-    from moedisco.train import checkpoint_dirs, finished_result
+    from moedisco.train import checkpoint_dir, checkpoint_dirs, finished_result
 
     if checkpoint is None or finished_result(run_dir) is not None:
         return None
     with checkpoint.as_directory() as folder:
+        pointer = Path(folder) / POINTER_FILE
+        if pointer.is_file():
+            source = Path(json.loads(pointer.read_text())["path"])
+            if source not in checkpoint_dirs(source.parent.parent):
+                log.warning("reported checkpoint %s is gone; resuming from the newest one left", source)
+                return None
+            return json.loads((source / "trainer_state.json").read_text())["step"]
         step = json.loads((Path(folder) / "trainer_state.json").read_text())["step"]
-        target = run_dir / "checkpoints" / f"step_{step:08d}"  # moedisco's checkpoint folder name
+        target = checkpoint_dir(run_dir, step)
         if target not in checkpoint_dirs(run_dir):
-            shutil.copytree(folder, target, dirs_exist_ok=True)
+            partial = target.with_name(target.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(folder, partial)
+            shutil.rmtree(target, ignore_errors=True)
+            partial.rename(target)
     return step
 
 
@@ -68,9 +101,10 @@ class RayTrainBridge:
     """Builds the `TrainHooks` that connect moedisco's loop to Ray Train on one worker."""
 
     def __init__(self, config: dict, rank: int, world_size: int):
-        self.events, self.task = config.get("events"), config["task"]
+        self.events, self.task, spec = config.get("events"), config["task"], config["spec"]
         self.rank, self.world_size = rank, world_size
-        self.identity = node_identity(config["spec"].resources.label_key)
+        self.identity = node_identity(spec.resources.label_key)
+        self.storage = storage_root(spec)
         self.latest_checkpoint: tuple[int, Path] | None = None
 
     def hooks(self):
@@ -97,10 +131,12 @@ class RayTrainBridge:
         # moedisco polls `should_stop` on every rank right after each checkpoint, and only rank 0 gets
         # `on_checkpoint`; `ray.train.report` is a barrier that every rank must reach, so it is called here.
         step, checkpoint = None, None
-        if self.rank == 0 and self.latest_checkpoint is not None:
-            step, folder = self.latest_checkpoint
-            checkpoint = ray.train.Checkpoint.from_directory(str(folder))
-        ray.train.report({"step": step, **self.identity}, checkpoint=checkpoint)
+        with tempfile.TemporaryDirectory() as scratch:  # report copies the checkpoint before it returns
+            if self.rank == 0 and self.latest_checkpoint is not None:
+                step, folder = self.latest_checkpoint
+                reported = reportable_checkpoint(folder, self.storage, Path(scratch) / f"step_{step}")
+                checkpoint = ray.train.Checkpoint.from_directory(str(reported))
+            ray.train.report({"step": step, **self.identity}, checkpoint=checkpoint)
         return self.stop_requested()
 
     def stop_requested(self) -> bool:

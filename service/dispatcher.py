@@ -3,8 +3,12 @@
     dispatcher = Dispatcher(store, RayLauncher(settings), settings)
     dispatcher.tick()      # one pass; `start()` runs passes in a thread every MOEDISCO_DISPATCH_INTERVAL_S
 
-A pass first reconciles: a job marked running whose actor is not alive (the API and the cluster restarted, the
-actor's node died) is relaunched on its output_dir, which resumes it; after MOEDISCO_MAX_ATTEMPTS starts it fails.
+A pass first reconciles: a job marked running whose runner is gone (the API and the cluster restarted, the actor's
+node died) is relaunched on its output_dir, which resumes it; after MOEDISCO_MAX_ATTEMPTS starts it fails. A runner
+is gone when no actor of the job is alive in this cluster and nobody renewed the job's lease in the store for
+MOEDISCO_LEASE_TTL_S: during a RayService upgrade the old cluster's runner keeps its lease, so the new cluster's
+dispatcher leaves the job to it, and takes it over once that runner has stopped. Several dispatchers on one store
+launch a job once: the launch itself is a conditional update of the lease (`Store.begin_attempt`).
 Then it starts queued jobs, oldest first, while fewer than MOEDISCO_MAX_RUNNING_JOBS run.
 """
 
@@ -12,9 +16,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from datetime import datetime, timedelta
 
 from service.core.config import Settings
 from service.executor import JobActor
+from service.models import utcnow
 from service.store import Store
 
 log = logging.getLogger(__name__)
@@ -52,7 +58,7 @@ class RayLauncher:
         actor = ray.remote(JobActor).options(
             name=self.actor_name(job_id), namespace=self.settings.ray_namespace, lifetime="detached",
             get_if_exists=True, max_restarts=0, num_cpus=1 if runner == "local" else 0,
-        ).remote(self.settings.effective_database_url)
+        ).remote(self.settings.effective_database_url, self.settings.lease_ttl_s)
         actor.run.remote(job_id, runner)  # fire and forget: the actor reports through the store
 
 
@@ -66,9 +72,12 @@ class Dispatcher:
         self.reconcile()
         self.start_queued()
 
+    def stale_before(self) -> datetime:
+        return utcnow() - timedelta(seconds=self.settings.lease_ttl_s)
+
     def reconcile(self) -> None:
         for job in self.store.jobs_in_state("running"):
-            if self.launcher.is_alive(job.id):
+            if self.launcher.is_alive(job.id) or self.store.lease_is_fresh(job, self.stale_before()):
                 continue
             if job.cancel_requested:
                 self.store.finish(job.id, "cancelled", "cancelled on request (its runner had already stopped)")
@@ -89,8 +98,8 @@ class Dispatcher:
             self._launch(job.id, job.runner)
 
     def _launch(self, job_id: str, runner: str) -> None:
-        self.store.begin_attempt(job_id)
-        self.launcher.launch(job_id, runner)
+        if self.store.begin_attempt(job_id, self.stale_before()):  # else another dispatcher just launched it
+            self.launcher.launch(job_id, runner)
 
     # --- background thread --------------------------------------------------------------------------------------
 

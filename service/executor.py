@@ -6,16 +6,21 @@
 The actor talks to the store directly, not to the API, so a job keeps running and recording while the API
 process (a Serve replica, a uvicorn process) is restarted. Re-running a job on its output_dir resumes it: finished
 stages are skipped and an interrupted training stage continues from its last checkpoint, which is what makes
-relaunching a lost runner safe.
+relaunching a lost runner safe. Two runners never work on one job: each holds the job's lease in the store
+(`Lease`), and the job folder's owner file fences off one that was taken for dead (`moedisco.runner.NotOwner`).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import uuid
 from collections.abc import Callable
+from datetime import timedelta
 
 from moedisco.config import JobSpec, SpecError, build_spec, upgrade_saved_spec
 from moedisco.events import Events
+from service.models import utcnow
 from service.recorder import EventRecorder
 from service.store import Store
 
@@ -24,16 +29,16 @@ log = logging.getLogger(__name__)
 ShouldStop = Callable[[], bool]
 
 
-def _run_local(spec: JobSpec, events: Events, should_stop: ShouldStop) -> dict:
+def _run_local(spec: JobSpec, events: Events, should_stop: ShouldStop, owner: str) -> dict:
     from moedisco.runner import run_job
 
-    return run_job(spec, events=events, progress=False, should_stop=should_stop)
+    return run_job(spec, events=events, progress=False, should_stop=should_stop, owner=owner)
 
 
-def _run_ray(spec: JobSpec, events: Events, should_stop: ShouldStop) -> dict:
+def _run_ray(spec: JobSpec, events: Events, should_stop: ShouldStop, owner: str) -> dict:
     from ray_cluster.orchestrate import run_job_on_ray  # written in parallel: import only when used
 
-    return run_job_on_ray(spec, progress=False, events=events, should_stop=should_stop)
+    return run_job_on_ray(spec, progress=False, events=events, should_stop=should_stop, owner=owner)
 
 
 RUNNERS = {"local": _run_local, "ray": _run_ray}
@@ -60,11 +65,55 @@ def record_estimate(store: Store, job_id: str, spec: JobSpec) -> None:
         log.warning("job %s: no cost estimate (%s)", job_id, error)
 
 
-def execute_job(store: Store, job_id: str, runner: str) -> str | None:
-    """Run a `running` job to a terminal state; returns that state (None when the job was not running)."""
+class Lease:
+    """This runner's lease on a job in the store, renewed from a thread every third of `ttl_s` while the job runs,
+    so that a dispatcher (of this cluster, or of the next one during an upgrade) relaunches the job only once
+    nobody has renewed it for `ttl_s`. The runner's id is also the job folder's owner (`moedisco.layout.claim`):
+    a runner taken for dead that wakes up finds another owner there and stops before it writes."""
+
+    def __init__(self, store: Store, job_id: str, ttl_s: float):
+        self.store, self.job_id, self.ttl_s = store, job_id, ttl_s
+        self.runner_id = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name=f"lease-{job_id}", daemon=True)
+
+    def claim(self) -> bool:
+        return self.store.claim_lease(self.job_id, self.runner_id, utcnow() - timedelta(seconds=self.ttl_s))
+
+    def __enter__(self) -> Lease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                if not self.store.renew_lease(self.job_id, self.runner_id):
+                    log.warning("job %s: runner %s lost its lease to another runner", self.job_id, self.runner_id)
+                    return
+            except Exception:  # a database hiccup: the next renewal may succeed before the lease goes stale
+                log.exception("job %s: could not renew the lease", self.job_id)
+
+
+def execute_job(store: Store, job_id: str, runner: str, lease_ttl_s: float = 60.0) -> str | None:
+    """Run a `running` job to a terminal state; returns that state (None when the job was not running, another
+    runner holds its lease, or took it over while this one ran)."""
     job = store.get_job(job_id)
     if job is None or job.state != "running":
         return None
+    lease = Lease(store, job_id, lease_ttl_s)
+    if not lease.claim():
+        log.warning("job %s: another runner holds its lease; not running it twice", job_id)
+        return None
+    with lease:
+        return _execute(store, job, runner, lease.runner_id)
+
+
+def _execute(store: Store, job, runner: str, runner_id: str) -> str | None:
+    job_id = job.id
     recorder = EventRecorder(store, job_id, job.output_dir)
     try:
         spec = build_spec(upgrade_saved_spec(job.spec))  # stored in full when submitted, perhaps by an older version
@@ -74,18 +123,27 @@ def execute_job(store: Store, job_id: str, runner: str) -> str | None:
         prestart_ray_helpers(spec)
     if job.estimate is None:
         record_estimate(store, job_id, spec)
-    state, reason, result = run_to_outcome(spec, runner, recorder, lambda: store.is_cancel_requested(job_id))
+    state, reason, result = run_to_outcome(spec, runner, recorder, lambda: store.is_cancel_requested(job_id),
+                                           runner_id)
+    if state == HANDED_OVER:  # the job is the other runner's now: it records the outcome
+        log.warning("job %s: %s", job_id, reason)
+        return None
     return _finish(store, job_id, recorder, state, reason, result)
 
 
-def run_to_outcome(spec: JobSpec, runner: str, events: Events,
-                   should_stop: ShouldStop) -> tuple[str, str | None, dict | None]:
+HANDED_OVER = "handed_over"  # not a job state: another runner took the job over
+
+
+def run_to_outcome(spec: JobSpec, runner: str, events: Events, should_stop: ShouldStop,
+                   owner: str) -> tuple[str, str | None, dict | None]:
     """(state, reason, result): what the runner's return value or exception means for the job."""
-    from moedisco.runner import BudgetExceeded
+    from moedisco.runner import BudgetExceeded, NotOwner
     from moedisco.train import StopRequested
 
     try:
-        return "succeeded", None, RUNNERS[runner](spec, events, should_stop)
+        return "succeeded", None, RUNNERS[runner](spec, events, should_stop, owner)
+    except NotOwner as error:
+        return HANDED_OVER, str(error), None
     except BudgetExceeded as error:
         return "failed", f"budget exceeded: {error}", None
     except StopRequested as error:  # the runner's JobCancelled is one too
@@ -108,8 +166,8 @@ def _finish(store: Store, job_id: str, recorder: EventRecorder, state: str, reas
 class JobActor:
     """One job's runner. Detached and named after the job, so it outlives the process that started it."""
 
-    def __init__(self, database_url: str):
-        self.database_url = database_url
+    def __init__(self, database_url: str, lease_ttl_s: float = 60.0):
+        self.database_url, self.lease_ttl_s = database_url, lease_ttl_s
         self.started = False
 
     def run(self, job_id: str, runner: str) -> str | None:
@@ -120,7 +178,7 @@ class JobActor:
         self.started = True
         store = Store(self.database_url)
         try:
-            return execute_job(store, job_id, runner)
+            return execute_job(store, job_id, runner, self.lease_ttl_s)
         finally:
             store.close()
             ray.actor.exit_actor()  # free the actor's name and CPU: detached actors otherwise live forever

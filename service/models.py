@@ -63,6 +63,8 @@ class JobRow(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     current_stage: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    runner_id: Mapped[str | None] = mapped_column(String(32))  # the lease: which runner holds the job ...
+    heartbeat_at: Mapped[datetime | None]  # ... and when it (or its launch) last renewed it
     result: Mapped[dict[str, Any] | None]
     estimate: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from service.core.db import init_db, make_engine, session_factory
 from moedisco.cost import CostRow
+from service.core.db import init_db, make_engine, session_factory
 from service.models import TERMINAL_STATES, EventRow, JobRow, StageRow, StoredCost, utcnow
 
 # A full-parameter job is the measured baseline of a MoE-DisCo job when it trained on the same data and model.
@@ -130,8 +131,36 @@ class Store:
                 return self.get_job(job.id)
         return None
 
-    def begin_attempt(self, job_id: str) -> None:
-        self._update_job(job_id, [JobRow.state == "running"], attempts=JobRow.attempts + 1)
+    def begin_attempt(self, job_id: str, stale_before: datetime | None = None) -> bool:
+        """Count a launch of the job's runner and reserve its lease (renewed now, held by no runner yet), unless
+        a runner renewed it since `stale_before`; True when this caller may launch (one of several dispatchers)."""
+        lease_free = [JobRow.state == "running"]
+        if stale_before is not None:
+            lease_free.append(or_(JobRow.heartbeat_at.is_(None), JobRow.heartbeat_at < stale_before))
+        return self._update_job(job_id, lease_free, attempts=JobRow.attempts + 1, runner_id=None,
+                                heartbeat_at=utcnow())
+
+    # --- the runner's lease -------------------------------------------------------------------------------------
+
+    def claim_lease(self, job_id: str, runner_id: str, stale_before: datetime) -> bool:
+        """Take the running job's lease for `runner_id`: free when reserved by its launch, or stale."""
+        free = or_(JobRow.runner_id.is_(None), JobRow.heartbeat_at.is_(None), JobRow.heartbeat_at < stale_before)
+        return self._renew(job_id, [JobRow.state == "running", free], runner_id=runner_id)
+
+    def renew_lease(self, job_id: str, runner_id: str) -> bool:
+        """Renew the lease; False when another runner holds it now (this one was taken for dead)."""
+        return self._renew(job_id, [JobRow.runner_id == runner_id], runner_id=runner_id)
+
+    def _renew(self, job_id: str, where: list, **values) -> bool:
+        # No version bump: a heartbeat changes nothing a view shows.
+        with self.session() as session, session.begin():
+            result = session.execute(update(JobRow).where(JobRow.id == job_id, *where)
+                                     .values(heartbeat_at=utcnow(), **values))
+        return result.rowcount == 1
+
+    @staticmethod
+    def lease_is_fresh(job: JobRow, stale_before: datetime) -> bool:
+        return job.heartbeat_at is not None and job.heartbeat_at >= stale_before
 
     def finish(self, job_id: str, state: str, reason: str | None = None, result: dict | None = None) -> bool:
         """Enter a terminal state, unless the job already is in one (the first word is kept)."""
@@ -154,6 +183,13 @@ class Store:
                          reason="cancelled before it started", finished_at=utcnow())
         self._update_job(job_id, [JobRow.state == "running"], cancel_requested=True)
         return self.get_job(job_id)
+
+    def resume_job(self, job_id: str) -> bool:
+        """Queue a failed or cancelled job again on its output_dir, where its runner skips what is done and
+        resumes an interrupted stage from its checkpoint; False for a job in another state."""
+        return self._update_job(job_id, [JobRow.state.in_(("failed", "cancelled"))], state="queued", reason=None,
+                                cancel_requested=False, attempts=0, finished_at=None, result=None,
+                                runner_id=None, heartbeat_at=None)
 
     def is_cancel_requested(self, job_id: str) -> bool:
         with self.session() as session:

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 
 import numpy as np
@@ -32,7 +33,8 @@ from moedisco.stages import Task
 from ray_cluster import data
 from ray_cluster.cluster import LocalClusterSpec, describe_nodes, free_port, start_local_cluster, stop_local_cluster
 from ray_cluster.orchestrate import run_job_on_ray
-from ray_cluster.placement import on_driver_node
+from ray_cluster.placement import job_storage, on_driver_node
+from ray_cluster.worker import POINTER_FILE
 from tests.conftest import tiny_spec_dict
 
 pytestmark = pytest.mark.slow
@@ -85,7 +87,25 @@ def cancelled_run(spec) -> dict:
     return {"events": events, "trainers_stopped": stopped, "alive": alive_trainer_actors()}
 
 
+def kill_running_task(name: str, killed: dict) -> None:
+    """SIGKILL the worker of the first running Ray task called `name`, as a lost node would end it."""
+    from ray.util.state import list_tasks
+
+    address = ray.get_runtime_context().gcs_address
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        running = list_tasks(address=address, filters=[("name", "=", name), ("state", "=", "RUNNING")],
+                             raise_on_missing_output=False)
+        pids = [task.worker_pid for task in running if task.worker_pid]
+        if pids:
+            killed["merge_pid"] = pids[0]
+            os.kill(pids[0], signal.SIGKILL)
+            return
+        time.sleep(0.1)
+
+
 def resumed_run_with_a_killed_worker(spec) -> dict:
+    """Resume the cancelled job, killing one submodel worker mid-training and the merge task's worker once."""
     events, killed = [], {}
 
     def kill_first_worker(event) -> None:
@@ -94,6 +114,8 @@ def resumed_run_with_a_killed_worker(spec) -> dict:
                 and 0 < event.step < event.total_steps):
             killed.update(expert=event.expert, step=event.step, pid=event.pid)
             os.kill(event.pid, signal.SIGKILL)
+        if event.event == "stage_started" and event.stage == "merge":
+            threading.Thread(target=kill_running_task, args=("run_stage", killed), daemon=True).start()
 
     started = time.perf_counter()
     summary = run_job_on_ray(spec, progress=False, events=kill_first_worker)
@@ -169,6 +191,21 @@ def test_killed_worker_restarts_from_its_last_checkpoint(job):
     assert steps[-1] == TRAIN["steps"]
 
 
+def test_ray_train_holds_pointers_to_checkpoints_already_on_its_storage(job):
+    """moedisco's checkpoints lie in the job folder, which is Ray's storage here: no second copy of them."""
+    runs = [job_storage(job["spec"]) / f"submodel_{k}" for k in range(job["spec"].model.num_experts)]
+    reported = [path for run in runs for path in run.rglob("*") if path.is_file() and "checkpoint_" in str(path)]
+    assert any(path.name == POINTER_FILE for path in reported), [str(p) for p in reported]
+    assert all(path.stat().st_size < 4096 for path in reported), [p for p in reported if p.stat().st_size >= 4096]
+
+
+def test_a_stage_outside_ray_train_reruns_after_its_worker_is_lost(job):
+    """The merge is a plain Ray task: killing its worker process (a lost node) re-runs it, and the job ends."""
+    assert job["resumed"]["killed"].get("merge_pid"), "the merge task was never seen running"
+    assert stage_result(job["paths"], "merge")["eval_loss"] > 0
+    assert (job["paths"].final / "config.json").is_file()
+
+
 def test_every_expert_completes_at_most_two_at_a_time(job):
     summaries = submodel_summaries(job)
     assert all(s["steps"] == TRAIN["steps"] for s in summaries.values())
@@ -210,14 +247,14 @@ def test_ray_and_local_runner_agree(job):
 
 def test_outputs_and_shards(job):
     assert (job["paths"].final / "config.json").is_file()
-    shards = sorted(p.name for p in (job["spec"].output_dir / job["spec"].name / "clusters").iterdir())
+    shards = sorted(p.name for p in (job_storage(job["spec"]) / "clusters").iterdir())
     assert shards == [f"cluster={k}" for k in range(4)]
 
 
 def test_one_shard_corpus_skips_ray_data_and_both_paths_agree(job, tmp_path_factory):
     embed_records = read_metrics(job["paths"].metrics, "embed")
     assert embed_records and all(r["num_nodes"] == 1 for r in embed_records)  # one DataWorker, no actor pool
-    assert len(list((job["spec"].output_dir / job["spec"].name / "embeddings").glob("*.parquet"))) == 1
+    assert len(list((job_storage(job["spec"]) / "embeddings").glob("*.parquet"))) == 1
     spec = build_spec(tiny_spec_dict(tmp_path_factory.mktemp("ray-data") / "job", submodel=TRAIN, branch=ONE_ROUND))
     paths = JobPaths(spec.output_dir)
     shutil.copytree(job["paths"].data, paths.data)  # the same prepared corpus, through Ray Data this time
@@ -227,7 +264,7 @@ def test_one_shard_corpus_skips_ray_data_and_both_paths_agree(job, tmp_path_fact
     one_process, ray_data = (ClusterResult.load(p.clusters) for p in (job["paths"], paths))
     np.testing.assert_array_equal(one_process.assignments, ray_data.assignments)
     assert one_process.inertia == pytest.approx(ray_data.inertia, rel=1e-6)
-    shards = sorted(p.name for p in (spec.output_dir / spec.name / "clusters").iterdir())
+    shards = sorted(p.name for p in (job_storage(spec) / "clusters").iterdir())
     assert shards == [f"cluster={k}" for k in range(spec.model.num_experts)]
 
 
@@ -258,7 +295,7 @@ def test_sync_rounds_with_data_parallel_submodels_match_the_local_runner(ray_clu
                         ("submodel", 1, 1)]
     # Each round is a Ray Train run of its own, so a restarted worker never restores an unsynced checkpoint; a
     # round's run is deleted once its sync is done.
-    runs = {p.name for p in (spec.output_dir / spec.name).iterdir()}
+    runs = {p.name for p in job_storage(spec).iterdir()}
     assert {"submodel_0", "submodel_1"} <= runs and not {"submodel_0_round_0", "submodel_1_round_0"} & runs
     for expert in (0, 1):
         on_ray, in_process = (stage_result(JobPaths(s.output_dir), f"submodel_{expert}") for s in (spec, local))

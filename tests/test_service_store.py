@@ -166,7 +166,7 @@ def test_a_measured_baseline_must_match_data_and_model(store, tmp_path):
 
 def fake_runner(outcome):
     """A runner that starts a stage, logs a step, then ends with `outcome` (an exception, or a summary)."""
-    def run(spec, events, should_stop):
+    def run(spec, events, should_stop, owner):
         events(parse_event({"event": "stage_started", "stage": "finetune", "expert": None}))
         events(parse_event({"event": "progress", "stage": "finetune", "expert": None, "step": 1, "total_steps": 2,
                             "loss": 1.0, "eval_loss": None}))
@@ -299,10 +299,10 @@ def test_a_store_from_before_versions_gets_the_column(tmp_path):
 def test_a_job_stored_before_sync_rounds_resumes_as_one_round(store, tmp_path, monkeypatch):
     """The service stores a job's full spec at submission; one stored by an older version lacks later fields."""
     from moedisco.config import build_spec
-    from moedisco.pipeline import JobPaths
+    from moedisco.layout import JobPaths
     from moedisco.runner import check_same_job
 
-    def resume(spec, events, should_stop):
+    def resume(spec, events, should_stop, owner):
         check_same_job(spec, JobPaths(spec.output_dir))  # what a real runner does first
         return {"sync_rounds": spec.branch.sync_rounds}
 

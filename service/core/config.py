@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     ray_address: str | None = Field(None, description="Ray cluster to join when not already inside one.")
     ray_namespace: str = Field("moedisco", description="Ray namespace of the detached job actors.")
     dispatch_interval_s: float = Field(2.0, gt=0, description="Seconds between queue/reconcile passes.")
+    lease_ttl_s: float = Field(
+        60.0, gt=0, description="A job's runner renews its lease in the store every third of this; a running job "
+                                "is relaunched only once its lease is older (its runner is gone, on any cluster).")
     serve_num_replicas: int = Field(1, ge=1, description="Ray Serve replicas of the API; with more than one, "
                                                          "the dispatcher runs in a deployment of its own.")
     serve_max_ongoing_requests: int = Field(64, ge=1, description="Requests one API replica works on at once; "

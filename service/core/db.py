@@ -23,7 +23,9 @@ SQLITE_BUSY_TIMEOUT_S = 30
 
 # Columns added to a table after its first release: `create_all` never alters an existing table, so a store created
 # by an older moedisco gets them here. Same DDL on SQLite and PostgreSQL.
-ADDED_COLUMNS = {("moedisco_jobs", "version"): "INTEGER NOT NULL DEFAULT 0"}
+ADDED_COLUMNS = {("moedisco_jobs", "version"): "INTEGER NOT NULL DEFAULT 0",
+                 ("moedisco_jobs", "runner_id"): "VARCHAR(32)",
+                 ("moedisco_jobs", "heartbeat_at"): "TIMESTAMP WITH TIME ZONE"}
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

@@ -12,6 +12,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from moedisco.layout import JobPaths
+from moedisco.metrics import read_metrics
 from service.api.deps import JobDep
 from service.schemas import Message, MetricsPublic
 from service.store import json_safe
@@ -22,20 +23,8 @@ MAX_RECORDS = 10_000
 
 
 def read_records(path: Path) -> list[dict]:
-    """Like moedisco.metrics.read_metrics, but a line being written (or damaged) is skipped, not a 500."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return []
-    records = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(json_safe(record))
-    return records
+    """moedisco's metrics records, JSON-safe (a torn line is skipped there, never a 500)."""
+    return [json_safe(record) for record in read_metrics(path)]
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsPublic, responses={404: {"model": Message}})
