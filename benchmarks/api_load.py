@@ -45,8 +45,8 @@ import aiohttp
 import httpx
 from _common import REPO
 
-from service.cli import read_spec_file
-from service.demo import _start_service, _stop_service, _wait_healthy
+from moedisco_cli.common import read_spec_file
+from moedisco_cli.demo import start_service, stop_service, wait_healthy
 
 MAX_REQUESTS = 200_000
 CHEAP_TRAINING_STAGES = ("warmup", "submodel")
@@ -236,9 +236,9 @@ def main(argv=None) -> dict:
     result = {"benchmark": "api_load", "load_average_at_start": load_average(), "cpus": os.cpu_count()}
     # The service helpers print status lines; stdout carries only the JSON.
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
-        server = _start_service(args.port, Path(tmp))
+        server = start_service(args.port, Path(tmp))
         try:
-            _wait_healthy(url, server, Path(tmp) / "service.log")
+            wait_healthy(url, server, Path(tmp) / "service.log")
             submitted = time.monotonic()
             job = httpx.post(f"{url}/v1/jobs", json=read_spec_file(REPO / "examples" / "tiny.yaml", []),
                              timeout=30).json()
@@ -254,7 +254,7 @@ def main(argv=None) -> dict:
                     "closed_loop": run_phase(url, job["id"], args.clients, seconds, None),
                     "paced": run_phase(url, job["id"], args.clients, seconds, args.interval)}
         finally:
-            _stop_service(server)
+            stop_service(server)
     result["targets"] = {"p99_ms": 50, "post_to_first_submodel_step_s": 10}
     print(json.dumps(result, indent=1))
     return result

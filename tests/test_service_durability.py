@@ -19,10 +19,10 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from service.client import ApiClient
+from moedisco_cli.api_client import ApiClient
 from service.store import Store
-from service.testing import TERMINAL, ServiceProcess, free_port, wait_for_state, wait_until
 from tests.conftest import CORPUS, tiny_spec_dict
+from tests.helpers import TERMINAL, ServiceProcess, free_port, wait_for_state, wait_until
 
 pytestmark = pytest.mark.slow
 

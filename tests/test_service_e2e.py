@@ -15,15 +15,14 @@ import json
 import httpx
 import pytest
 import ray
-import typer
 from ray import serve
 from typer.testing import CliRunner
 
-from service.cli import register
-from service.client import ApiClient
+from moedisco_cli.api_client import ApiClient
+from moedisco_cli.main import app
 from service.serve import build_app
-from service.testing import TERMINAL, free_port, wait_for_state, wait_until
 from tests.conftest import CORPUS, tiny_spec_dict
+from tests.helpers import TERMINAL, free_port, wait_for_state, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -72,8 +71,6 @@ def jobs(client) -> dict:
 
 
 def cli(url: str, *args: str):
-    app = typer.Typer()
-    register(app)
     return CliRunner().invoke(app, list(args), env={"MOEDISCO_API_URL": url, "MOEDISCO_API_TOKEN": TOKEN,
                                                      "COLUMNS": "200"})
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 import pytest
 import ray
 
-from service.client import ApiClient
+from moedisco_cli.api_client import ApiClient
 from service.core.config import Settings
 from service.main import create_app
-from service.testing import TERMINAL, LiveServer, free_port, wait_for_state
 from tests.conftest import CORPUS, tiny_spec_dict
+from tests.helpers import TERMINAL, LiveServer, free_port, wait_for_state
 
 try:
     from ray_cluster.cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster

@@ -15,12 +15,14 @@ import os
 import signal
 import sys
 import time
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from moedisco.cli import console
-from service.core.config import Settings
+from moedisco_cli.common import console
+
+if TYPE_CHECKING:  # imported in `serve()`: the other commands never load the service
+    from service.core.config import Settings
 
 PROXY_NICENESS_CHECK_S = 30.0
 
@@ -111,6 +113,8 @@ def serve(host: Annotated[str | None, typer.Option(help="Address to bind (MOEDIS
           ray_serve: Annotated[bool, typer.Option(help="Serve through Ray Serve; --no-ray-serve: uvicorn.")] = True,
           ) -> None:
     """Start the moedisco API (jobs run as detached Ray actors; the store is MOEDISCO_DATABASE_URL)."""
+    from service.core.config import Settings
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     overrides = {"host": host, "port": port, "runner": runner, "ray_address": address}
     settings = Settings(**{key: value for key, value in overrides.items() if value is not None})

@@ -1,5 +1,7 @@
 """Helpers for tests of the service (like `fastapi.testclient` or `ray.cluster_utils`): ports, servers, polling.
 
+    from tests.helpers import LiveServer, ServiceProcess, wait_for_state
+
     with LiveServer(create_app(settings)) as url: httpx.get(url + "/healthz")        # uvicorn in a thread
     with ServiceProcess(["--address", address], env) as service: service.kill()      # `moedisco serve` subprocess
     job = wait_for_state(client, job_id, TERMINAL, timeout_s=120)
@@ -21,8 +23,8 @@ from typing import TypeVar
 
 import httpx
 
+from moedisco_cli.api_client import ApiClient
 from ray_cluster.cluster import free_port
-from service.client import ApiClient
 
 T = TypeVar("T")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -81,7 +83,7 @@ class LiveServer:
 
 
 class ServiceProcess:
-    """`python -m moedisco.cli serve --no-ray-serve ARGS` as a subprocess, output in `log_path`."""
+    """`python -m moedisco_cli.main serve --no-ray-serve ARGS` as a subprocess, output in `log_path`."""
 
     def __init__(self, args: list[str], env: dict[str, str], log_path: Path, timeout_s: float = 120):
         self.port = free_port()
@@ -93,7 +95,7 @@ class ServiceProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> ServiceProcess:
-        command = [sys.executable, "-m", "moedisco.cli", "serve", "--no-ray-serve", "--port", str(self.port),
+        command = [sys.executable, "-m", "moedisco_cli.main", "serve", "--no-ray-serve", "--port", str(self.port),
                    *self.args]
         with self.log_path.open("a") as log:
             self.process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **self.env}, stdout=log,

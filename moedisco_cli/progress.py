@@ -1,4 +1,5 @@
-"""Drawing a job's stages in the terminal: a table, or live rich progress bars per stage and expert.
+"""Drawing a job's stages in the terminal from what the API returns: a table, or live progress bars per stage and
+expert.
 
     job = follow_job(ApiClient(), job_id, interval_s=2.0, console=console)   # returns the final job
     console.print(stage_table(job["stages"]))
@@ -12,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from service.client import ApiClient
+from moedisco_cli.api_client import ApiClient
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 DONE = ("finished", "skipped")
