@@ -14,8 +14,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from moedisco.config import SpecError, apply_overrides
-from service.schemas import INPUT_PATHS
+from moedisco.config import INPUT_PATHS, SpecError, apply_overrides, resolve_relative
 
 console = Console()
 
@@ -50,13 +49,13 @@ def read_spec_file(path: Path, overrides: list[str]) -> dict:
 
 
 def _absolute_local_inputs(raw: dict, spec_dir: Path) -> None:
-    """Same rule as `moedisco run`: a relative input path is relative to the working directory, else to the
-    spec's folder, when it exists there; one that exists in neither is left for the server to resolve."""
+    """Same rule as `moedisco run` (`config.resolve_relative`), on the raw dict, and only for paths found here:
+    one that exists neither here nor beside the spec is left for the server to resolve."""
     for section, field in INPUT_PATHS:
         fields = raw.get(section)
         value = fields.get(field) if isinstance(fields, dict) else None
         if not isinstance(value, str) or Path(value).is_absolute():
             continue
-        found = [base / value for base in (Path.cwd(), spec_dir) if (base / value).exists()]
-        if found:
-            fields[field] = str(found[0].resolve())
+        found = resolve_relative(Path(value), spec_dir)
+        if found.exists():
+            fields[field] = str(found.resolve())

@@ -16,10 +16,6 @@ from moedisco.config import JobSpec
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
-# (section, field) of every spec path the job reads: resolved and checked by the service, made absolute by the CLI.
-INPUT_PATHS = (("data", "train"), ("data", "eval"), ("tokenizer", "path"), ("embed", "model_path"),
-               ("model", "pretrained"))
-
 
 class JobCreate(JobSpec):
     """A moedisco job spec (the same document as the YAML that `moedisco run` takes)."""
