@@ -47,10 +47,10 @@ from _common import REPO
 
 from moedisco_cli.common import read_spec_file
 from moedisco_cli.demo import start_service, stop_service, wait_healthy
+from service.schemas import TERMINAL_STATES
 
 MAX_REQUESTS = 200_000
 CHEAP_TRAINING_STAGES = ("warmup", "submodel")
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def load_average() -> list[float]:
@@ -90,7 +90,7 @@ def time_to_first_steps(url: str, job_id: str, submitted: float, timeout_s: floa
         if "submodel" in stepped:
             seen["post_to_first_submodel_step_s"] = now
             break
-        if job["state"] in TERMINAL:
+        if job["state"] in TERMINAL_STATES:
             raise RuntimeError(f"job {job_id} {job['state']}: {job.get('reason')}")
         time.sleep(0.1)
     else:
@@ -216,7 +216,7 @@ def wait_for_end(url: str, job_id: str, timeout_s: float = 900.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         job = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=30).json()
-        if job["state"] in TERMINAL:
+        if job["state"] in TERMINAL_STATES:
             return job
         time.sleep(1.0)
     raise TimeoutError(f"job {job_id} did not finish within {timeout_s} s")

@@ -20,7 +20,8 @@ from rich.table import Table
 
 from moedisco_cli.api_client import ApiClient, ApiError
 from moedisco_cli.common import SetOpt, console, print_cost, read_spec_file
-from moedisco_cli.progress import TERMINAL, follow_job, stage_table
+from moedisco_cli.progress import follow_job, stage_table
+from service.schemas import TERMINAL_STATES
 
 JobIdArg = Annotated[str, typer.Argument(help="Job id (from `moedisco submit` or `moedisco jobs`).")]
 
@@ -69,7 +70,7 @@ def status(job_id: JobIdArg,
     job = _call(follow_job, client, job_id, interval, console) if follow else _call(client.job, job_id)
     console.print(f"job [bold]{job['id']}[/bold] ({job['name']}): [bold]{job['state']}[/bold]"
                   + (f" - {job['reason']}" if job["reason"] else "")
-                  + (" (cancel requested)" if job["cancel_requested"] and job["state"] not in TERMINAL else ""))
+                  + (" (cancel requested)" if job["cancel_requested"] and job["state"] not in TERMINAL_STATES else ""))
     if not follow:
         console.print(stage_table(job["stages"]))
     if follow and job["state"] != "succeeded":

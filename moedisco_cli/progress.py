@@ -14,8 +14,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from moedisco_cli.api_client import ApiClient
+from service.schemas import TERMINAL_STATES
 
-TERMINAL = ("succeeded", "failed", "cancelled")
 DONE = ("finished", "skipped")
 
 
@@ -72,7 +72,7 @@ def follow_job(client: ApiClient, job_id: str, interval_s: float, console: Conso
             job = client.job(job_id)
             progress.update(header, description=f"job {job['id']}", info=job["state"])
             _update_bars(progress, bars, job)
-            if job["state"] in TERMINAL:
+            if job["state"] in TERMINAL_STATES:
                 progress.update(header, total=1, completed=1)
                 return job
             time.sleep(interval_s)

@@ -14,7 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from moedisco.config import JobSpec
 
-JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+# Here rather than in models.py so the client (moedisco_cli) knows when a job is over without importing SQLAlchemy.
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+JobState = Literal[JOB_STATES]
 
 
 class JobCreate(JobSpec):

@@ -4,7 +4,7 @@
 
     with LiveServer(create_app(settings)) as url: httpx.get(url + "/healthz")        # uvicorn in a thread
     with ServiceProcess(["--address", address], env) as service: service.kill()      # `moedisco serve` subprocess
-    job = wait_for_state(client, job_id, TERMINAL, timeout_s=120)
+    job = wait_for_state(client, job_id, TERMINAL_STATES, timeout_s=120)
 
 Everything binds to 127.0.0.1, every loop is bounded in time, and every process started here is stopped here.
 """
@@ -27,7 +27,6 @@ from moedisco_cli.api_client import ApiClient
 from ray_cluster.cluster import free_port
 
 T = TypeVar("T")
-TERMINAL = ("succeeded", "failed", "cancelled")
 REPO = Path(__file__).resolve().parents[1]
 
 
