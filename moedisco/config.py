@@ -18,7 +18,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
 # (section, field) of every spec path a job reads: resolved against the spec's folder here, made absolute by
 # `moedisco submit`, checked against the allowed input roots by the service.
 INPUT_PATHS = (("data", "train"), ("data", "eval"), ("tokenizer", "path"), ("embed", "model_path"),
