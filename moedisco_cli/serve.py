@@ -48,12 +48,8 @@ def _connect_ray(settings: Settings, address: str | None) -> bool:
         ray.init(address=address, namespace=settings.ray_namespace)
         return False
     if settings.runner == "ray":
-        try:
-            from ray_cluster.cluster import start_local_cluster
-        except ModuleNotFoundError:
-            console.print("[red]--runner ray without --address needs ray_cluster's local cluster, which is not "
-                          "installed: pass --address of a labelled cluster, or --runner local[/red]")
-            raise typer.Exit(2) from None
+        from ray_cluster.cluster import start_local_cluster
+
         cluster_address = start_local_cluster(num_cheap=2)
         if not ray.is_initialized():
             ray.init(address=cluster_address, namespace=settings.ray_namespace)
