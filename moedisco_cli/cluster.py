@@ -82,5 +82,3 @@ def status(address: Annotated[str | None, typer.Option(help="Cluster address; de
 
 def _resource(name: str, amount: float) -> str:
     return f"{name}={amount / 2**20:.0f}MB" if name == "object_store_memory" else f"{name}={amount:g}"
-
-
