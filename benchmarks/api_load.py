@@ -46,12 +46,12 @@ import httpx
 from _common import REPO
 
 from moedisco.stages import STAGES
-from service.cli import read_spec_file
-from service.demo import _start_service, _stop_service, _wait_healthy
+from moedisco_cli.common import read_spec_file
+from moedisco_cli.demo import start_service, stop_service, wait_healthy
+from service.schemas import TERMINAL_STATES
 
 MAX_REQUESTS = 200_000
 CHEAP_TRAINING_STAGES = {stage.name for stage in STAGES if stage.trained and stage.tier == "submodel_tier"}
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def load_average() -> list[float]:
@@ -91,7 +91,7 @@ def time_to_first_steps(url: str, job_id: str, submitted: float, timeout_s: floa
         if "submodel" in stepped:
             seen["post_to_first_submodel_step_s"] = now
             break
-        if job["state"] in TERMINAL:
+        if job["state"] in TERMINAL_STATES:
             raise RuntimeError(f"job {job_id} {job['state']}: {job.get('reason')}")
         time.sleep(0.1)
     else:
@@ -217,7 +217,7 @@ def wait_for_end(url: str, job_id: str, timeout_s: float = 900.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         job = httpx.get(f"{url}/v1/jobs/{job_id}", timeout=30).json()
-        if job["state"] in TERMINAL:
+        if job["state"] in TERMINAL_STATES:
             return job
         time.sleep(1.0)
     raise TimeoutError(f"job {job_id} did not finish within {timeout_s} s")
@@ -237,9 +237,9 @@ def main(argv=None) -> dict:
     result = {"benchmark": "api_load", "load_average_at_start": load_average(), "cpus": os.cpu_count()}
     # The service helpers print status lines; stdout carries only the JSON.
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
-        server = _start_service(args.port, Path(tmp))
+        server = start_service(args.port, Path(tmp))
         try:
-            _wait_healthy(url, server, Path(tmp) / "service.log")
+            wait_healthy(url, server, Path(tmp) / "service.log")
             submitted = time.monotonic()
             job = httpx.post(f"{url}/v1/jobs", json=read_spec_file(REPO / "examples" / "tiny.yaml", []),
                              timeout=30).json()
@@ -255,7 +255,7 @@ def main(argv=None) -> dict:
                     "closed_loop": run_phase(url, job["id"], args.clients, seconds, None),
                     "paced": run_phase(url, job["id"], args.clients, seconds, args.interval)}
         finally:
-            _stop_service(server)
+            stop_service(server)
     result["targets"] = {"p99_ms": 50, "post_to_first_submodel_step_s": 10}
     print(json.dumps(result, indent=1))
     return result

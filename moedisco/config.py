@@ -18,6 +18,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+# (section, field) of every spec path a job reads: resolved against the spec's folder here, made absolute by
+# `moedisco submit`, checked against the allowed input roots by the service.
+INPUT_PATHS = (("data", "train"), ("data", "eval"), ("tokenizer", "path"), ("embed", "model_path"),
+               ("model", "pretrained"))
+
 
 class SpecError(ValueError):
     """A job spec that cannot be loaded; the message names the offending field."""
@@ -311,24 +316,32 @@ def _format_errors(error: ValidationError) -> str:
 
 
 def build_spec(raw: dict[str, Any], base_dir: Path | None = None) -> JobSpec:
-    """Validate a raw dict; relative data paths are resolved against `base_dir` when they exist there."""
+    """Validate a raw dict; relative input paths are resolved against `base_dir` when they exist there."""
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as error:
         raise SpecError(_format_errors(error)) from None
     if base_dir is not None:
-        _resolve_relative(spec, base_dir)
+        _resolve_inputs(spec, base_dir)
     return spec
 
 
-def _resolve_relative(spec: JobSpec, base_dir: Path) -> None:
-    # Paths in a YAML are relative to the working directory, but fall back to the YAML's folder so that
-    # `moedisco run /elsewhere/spec.yaml` finds data that lives beside the spec.
-    for section, field in (("data", "train"), ("data", "eval"), ("tokenizer", "path"), ("model", "pretrained")):
+def resolve_relative(path: Path, base_dir: Path) -> Path:
+    """`path` as given when it is absolute or exists here, else `base_dir / path` when that exists.
+
+    Paths in a YAML are relative to the working directory, but fall back to the YAML's folder so that
+    `moedisco run /elsewhere/spec.yaml` (and `moedisco submit`) find data that lives beside the spec."""
+    if not path.is_absolute() and not path.exists() and (base_dir / path).exists():
+        return base_dir / path
+    return path
+
+
+def _resolve_inputs(spec: JobSpec, base_dir: Path) -> None:
+    for section, field in INPUT_PATHS:
         obj = getattr(spec, section)
         path = getattr(obj, field)
-        if path is not None and not path.is_absolute() and not path.exists() and (base_dir / path).exists():
-            setattr(obj, field, base_dir / path)
+        if path is not None:
+            setattr(obj, field, resolve_relative(path, base_dir))
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:

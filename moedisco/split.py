@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from moedisco.config import ARCHITECTURES, JobSpec, ModelConfig
+from moedisco.dense_to_moe import DENSE_TO_MOE, upcycle_dense
 
 Role = Literal["shared", "expert", "router"]
 WEIGHTS_FILE = "model.safetensors"
@@ -110,12 +111,10 @@ def build_source_moe(spec: JobSpec, vocab_size: int, eos_id: int, pad_id: int) -
 
 
 def load_pretrained_moe(path: Path, cfg: ModelConfig) -> PreTrainedModel:
-    """A local MoE checkpoint as it is, or a dense one upcycled into an MoE (see `moedisco.upcycle`)."""
+    """A local MoE checkpoint as it is, or a dense one upcycled into an MoE (see `moedisco.dense_to_moe`)."""
     if not (path / "config.json").is_file():
         raise ValueError(f"model.pretrained {path}: no config.json (expected a Hugging Face model folder)")
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    from moedisco.upcycle import DENSE_TO_MOE, upcycle_dense
-
     if config.model_type in DENSE_TO_MOE:
         return upcycle_dense(path, cfg)
     if config.model_type not in ARCHITECTURES:

@@ -9,6 +9,7 @@
 
 Modules: `cluster` (the simulated labelled cluster), `data` (Ray Data embedding and clustering), `trainers`
 (TorchTrainers pinned by label), `worker` (the Ray Train worker around moedisco's loop), `tracking` (events, expert
-states, cancellation), `orchestrate` (the job), `progress` (terminal output), `cli` (`moedisco cluster ...`).
+states, cancellation), `orchestrate` (the job), `progress` (terminal output). `moedisco cluster ...` is in
+`moedisco_cli/cluster.py`.
 Nothing is imported here, so `moedisco` commands that never touch Ray do not pay for importing it.
 """

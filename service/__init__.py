@@ -18,9 +18,10 @@ Layout (after full-stack-fastapi-template's backend):
     dispatcher.py    the queue (start queued jobs up to a limit) and reconciliation of lost runners
     main.py          `create_app()`: the FastAPI app, importable and testable without Ray Serve
     serve.py         the Ray Serve deployments wrapping it: `service.serve:build_app`
-    cli.py           `moedisco submit|jobs|status|cost|cancel` (client.py, progress.py); serve_cli.py `serve`
-    testing.py       helpers for tests: free ports, a live server, the service as a subprocess
     scripts/         start_postgres.sh: a throwaway PostgreSQL for the store tests
+
+Its clients live a layer up, in `moedisco_cli/`: the commands (`serve`, `submit`, `jobs`, ...) and the API client;
+test helpers (a live server, the service as a subprocess) are in `tests/helpers.py`.
 
 The service holds no training logic: it calls `moedisco.runner.run_job` or `ray_cluster.orchestrate.run_job_on_ray`.
 """

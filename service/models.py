@@ -18,8 +18,7 @@ from typing import Any
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+from service.schemas import JOB_STATES, TERMINAL_STATES  # noqa: F401  (service.store and the jobs route read them here)
 
 
 def utcnow() -> datetime:

@@ -15,11 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from moedisco.config import JobSpec
 from moedisco.cost import CostRow
 
-JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-
-# (section, field) of every spec path the job reads: resolved and checked by the service, made absolute by the CLI.
-INPUT_PATHS = (("data", "train"), ("data", "eval"), ("tokenizer", "path"), ("embed", "model_path"),
-               ("model", "pretrained"))
+# Here rather than in models.py so the client (moedisco_cli) knows when a job is over without importing SQLAlchemy.
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+JobState = Literal[JOB_STATES]
 
 
 class JobCreate(JobSpec):

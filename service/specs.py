@@ -19,9 +19,9 @@ from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 
-from moedisco.config import JobSpec
+from moedisco.config import INPUT_PATHS, JobSpec
 from service.core.config import Settings
-from service.schemas import INPUT_PATHS, JobCreate
+from service.schemas import JobCreate
 
 
 def _error(loc: tuple, msg: str, value: Any = None) -> dict:

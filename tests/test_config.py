@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-
 import pytest
+import yaml
 
-from moedisco.config import JobSpec, SpecError, build_spec, load_spec, upgrade_saved_spec
+from moedisco.config import INPUT_PATHS, JobSpec, SpecError, build_spec, load_spec, upgrade_saved_spec
+from moedisco_cli.common import read_spec_file
 from tests.conftest import REPO
 
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
@@ -95,3 +96,19 @@ def test_data_path_relative_to_spec_folder(tmp_path):
     (tmp_path / "spec.yaml").write_text("output_dir: out\ndata:\n  train: corpus.jsonl\n")
     assert load_spec(tmp_path / "spec.yaml").data.train == tmp_path / "corpus.jsonl"
     assert isinstance(JobSpec.model_json_schema()["properties"]["data"], dict)
+
+
+def test_run_and_submit_find_every_input_beside_the_spec(tmp_path, monkeypatch):
+    """`moedisco run` (load_spec) and `moedisco submit` (read_spec_file) resolve the same paths the same way."""
+    spec_dir = tmp_path / "specs"
+    raw = {"output_dir": "out"}
+    for section, field in INPUT_PATHS:
+        (spec_dir / f"{section}-{field}").mkdir(parents=True)
+        raw.setdefault(section, {})[field] = f"{section}-{field}"
+    (spec_dir / "spec.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)  # not beside the spec: only the fallback to the spec's folder finds them
+    spec, sent = load_spec(spec_dir / "spec.yaml"), read_spec_file(spec_dir / "spec.yaml", [])
+    for section, field in INPUT_PATHS:
+        expected = spec_dir / f"{section}-{field}"
+        assert getattr(getattr(spec, section), field) == expected
+        assert sent[section][field] == str(expected.resolve())

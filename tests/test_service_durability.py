@@ -19,10 +19,11 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from service.client import ApiClient
+from moedisco_cli.api_client import ApiClient
+from service.schemas import TERMINAL_STATES
 from service.store import Store
-from service.testing import TERMINAL, ServiceProcess, free_port, wait_for_state, wait_until
 from tests.conftest import CORPUS, tiny_spec_dict
+from tests.helpers import ServiceProcess, free_port, wait_for_state, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -94,7 +95,7 @@ def test_job_survives_the_service_and_resumes_after_its_runner_dies(cluster, tmp
     with ServiceProcess(["--address", cluster.address], env, log) as second:
         client = ApiClient(second.url, TOKEN)
         assert job_id in [job["id"] for job in client.jobs()["data"]]
-        job = wait_for_state(client, job_id, TERMINAL, 300)
+        job = wait_for_state(client, job_id, TERMINAL_STATES, 300)
     assert job["state"] == "succeeded", (job["reason"], log.read_text()[-3000:])
     assert job["attempts"] == 2
 

@@ -15,15 +15,15 @@ import json
 import httpx
 import pytest
 import ray
-import typer
 from ray import serve
 from typer.testing import CliRunner
 
-from service.cli import register
-from service.client import ApiClient
+from moedisco_cli.api_client import ApiClient
+from moedisco_cli.main import app
+from service.schemas import TERMINAL_STATES
 from service.serve import build_app
-from service.testing import TERMINAL, free_port, wait_for_state, wait_until
 from tests.conftest import CORPUS, tiny_spec_dict
+from tests.helpers import free_port, wait_for_state, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -72,8 +72,6 @@ def jobs(client) -> dict:
 
 
 def cli(url: str, *args: str):
-    app = typer.Typer()
-    register(app)
     return CliRunner().invoke(app, list(args), env={"MOEDISCO_API_URL": url, "MOEDISCO_API_TOKEN": TOKEN,
                                                      "COLUMNS": "200"})
 
@@ -119,7 +117,7 @@ def http_get(url: str, path: str, **params) -> httpx.Response:
 
 
 def test_report_metrics_and_artifacts_of_the_finished_job(service, client, jobs):
-    job_id = wait_for_state(client, jobs["tiny"]["id"], TERMINAL, JOB_TIMEOUT_S)["id"]
+    job_id = wait_for_state(client, jobs["tiny"]["id"], TERMINAL_STATES, JOB_TIMEOUT_S)["id"]
     report = http_get(service, f"/v1/jobs/{job_id}/report").text
     assert report.count("data:image/png;base64,") >= 3  # submodel curves, fine-tune curve, cost bars
     assert "held-out loss" in report and "total" in report
@@ -135,7 +133,7 @@ def test_report_metrics_and_artifacts_of_the_finished_job(service, client, jobs)
 
 
 def test_budget_stops_the_job_at_a_stage_boundary(client, jobs):
-    job = wait_for_state(client, jobs["budget"]["id"], TERMINAL, JOB_TIMEOUT_S)
+    job = wait_for_state(client, jobs["budget"]["id"], TERMINAL_STATES, JOB_TIMEOUT_S)
     assert job["state"] == "failed" and "max_cost_usd" in job["reason"] and "budget" in job["reason"]
     started = {s["stage"] for s in job["stages"]}
     assert "embed" in started and "submodel" not in started  # it stopped before spending more
@@ -147,7 +145,7 @@ def test_cancel_a_running_job_from_the_cli(service, client, jobs):
                "the long job training")
     result = cli(service, "cancel", job_id)
     assert result.exit_code == 0 and "cancel requested" in result.output
-    job = wait_for_state(client, job_id, TERMINAL, 120)
+    job = wait_for_state(client, job_id, TERMINAL_STATES, 120)
     assert job["state"] == "cancelled" and job["reason"].startswith("cancelled on request")
     assert [s["state"] for s in job["stages"] if s["stage"] == "submodel"][-1] == "stopped"
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 import pytest
 import ray
 
-from service.client import ApiClient
+from moedisco_cli.api_client import ApiClient
 from service.core.config import Settings
 from service.main import create_app
-from service.testing import TERMINAL, LiveServer, free_port, wait_for_state
+from service.schemas import TERMINAL_STATES
 from tests.conftest import CORPUS, tiny_spec_dict
+from tests.helpers import LiveServer, free_port, wait_for_state
 
 try:
     from ray_cluster.cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster
@@ -53,7 +54,7 @@ def test_tiny_job_on_the_labelled_tiers(service_url):
     client = ApiClient(service_url, TOKEN, timeout=60)
     spec = tiny_spec_dict("x", method="full_parameter", model={"num_experts": 2, "num_experts_per_tok": 1})
     job_id = client.submit(spec)["id"]
-    job = wait_for_state(client, job_id, TERMINAL, 600)
+    job = wait_for_state(client, job_id, TERMINAL_STATES, 600)
     assert job["state"] == "succeeded", job["reason"]
     assert job["runner"] == "ray" and job["result"]["final"].endswith("final")
     trained = next(s for s in job["stages"] if s["stage"] == "full_parameter")

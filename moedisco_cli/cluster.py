@@ -5,7 +5,7 @@
     moedisco cluster status [--address ADDR]
     moedisco cluster stop
 
-`moedisco.cli` calls `register(app)` when this package is installed.
+`ray_cluster` is imported inside each command, so that `moedisco` commands that never touch Ray do not import it.
 """
 
 from __future__ import annotations
@@ -13,12 +13,10 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from ray_cluster import cluster as local
+from moedisco_cli.common import console
 
-console = Console()
 cluster_app = typer.Typer(help="A local simulated Ray cluster with labelled cheap and expensive nodes.",
                           no_args_is_help=True)
 
@@ -32,6 +30,8 @@ def start(cheap_nodes: Annotated[int, typer.Option(help="Nodes labelled as the c
           cpus_per_node: Annotated[float, typer.Option(help="Logical CPUs per node (one trainer worker each).")] = 1.0,
           ) -> None:
     """Start the cluster in the background; it runs until `moedisco cluster stop`."""
+    from ray_cluster import cluster as local
+
     spec = local.LocalClusterSpec(num_cheap=cheap_nodes, num_expensive=expensive_nodes, label_key=label_key,
                                   cheap_label=cheap_label, expensive_label=expensive_label,
                                   cpus_per_node=cpus_per_node)
@@ -48,6 +48,8 @@ def start(cheap_nodes: Annotated[int, typer.Option(help="Nodes labelled as the c
 @cluster_app.command()
 def stop() -> None:
     """Stop the cluster started by `moedisco cluster start` (only its own processes)."""
+    from ray_cluster import cluster as local
+
     console.print("stopped" if local.stop_local_cluster() else "no local cluster is running")
 
 
@@ -56,6 +58,8 @@ def status(address: Annotated[str | None, typer.Option(help="Cluster address; de
            ) -> None:
     """Nodes of the cluster with their labels and logical resources."""
     import ray
+
+    from ray_cluster import cluster as local
 
     state = local.read_state()
     address = address or (state or {}).get("address")
@@ -78,7 +82,3 @@ def status(address: Annotated[str | None, typer.Option(help="Cluster address; de
 
 def _resource(name: str, amount: float) -> str:
     return f"{name}={amount / 2**20:.0f}MB" if name == "object_store_memory" else f"{name}={amount:g}"
-
-
-def register(app: typer.Typer) -> None:
-    app.add_typer(cluster_app, name="cluster")

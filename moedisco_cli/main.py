@@ -1,7 +1,8 @@
-"""The `moedisco` command line.
+"""The `moedisco` command line (the entry point of the `moedisco` script).
 
     moedisco run examples/tiny.yaml --set submodel.steps=50
     moedisco estimate examples/qwen1.5-moe-a2.7b.yaml
+    moedisco --help                                   # also: cluster, serve, submit, jobs, status, cost, cancel, demo
 """
 
 from __future__ import annotations
@@ -12,17 +13,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from moedisco.config import SpecError, load_spec
+from moedisco_cli import cluster, demo, jobs, serve
+from moedisco_cli.common import SetOpt, console, print_cost
 
 app = typer.Typer(help="Train Mixture-of-Experts models cheaply (MoE-DisCo).", no_args_is_help=True,
                   pretty_exceptions_enable=False)
-console = Console()
 
 SpecArg = Annotated[Path, typer.Argument(help="Job spec YAML.")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a spec key: --set submodel.steps=50")]
 
 
 def _load(spec_path: Path, overrides: list[str] | None):
@@ -31,19 +30,6 @@ def _load(spec_path: Path, overrides: list[str] | None):
     except SpecError as error:
         console.print(f"[red]{error}[/red]")
         raise typer.Exit(2) from None
-
-
-def print_cost(summary: dict) -> None:
-    table = Table(title="cost" + (" (simulated devices: wall time priced at each tier's rate)"
-                                  if summary.get("simulated") else ""))
-    for column in ("stage", "expert", "tier", "device", "devices", "hours", "$/h", "$"):
-        table.add_column(column, justify="right" if column in ("devices", "hours", "$/h", "$") else "left")
-    for row in summary["stages"]:
-        table.add_row(row["stage"], "" if row["expert"] is None else str(row["expert"]), row["tier"],
-                      row["device_type"], str(row["num_devices"]), f"{row['device_hours']:.5f}",
-                      f"{row['price_per_hour']:.2f}", f"{row['usd']:.5f}")
-    table.add_row("total", "", "", "", "", "", "", f"{summary['total_usd']:.5f}", style="bold")
-    console.print(table)
 
 
 @app.command()
@@ -91,21 +77,14 @@ def estimate(spec: SpecArg, set_: SetOpt = None,
         render_estimate(result, console)
 
 
-def _register_optional_commands() -> None:
-    # The control plane (`serve`, `submit`, `jobs`, ...) and the Ray cluster commands live with their packages;
-    # each exposes `register(app)`. They are optional so the algorithm's CLI works without them.
-    import importlib
-
-    for module in ("ray_cluster.cli", "service.cli"):
-        try:
-            importlib.import_module(module).register(app)
-        except ModuleNotFoundError as error:
-            if error.name is None or not module.startswith(error.name.split(".")[0]):
-                raise
+# The order of `moedisco --help`: the service, the demo, the API client's commands; groups (cluster) come last.
+app.command()(serve.serve)
+app.command()(demo.demo)
+jobs.register(app)
+app.add_typer(cluster.cluster_app, name="cluster")
 
 
 def main() -> None:
-    _register_optional_commands()
     app()
 
 

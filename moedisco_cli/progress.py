@@ -1,4 +1,5 @@
-"""Drawing a job's stages in the terminal: a table, or live rich progress bars per stage and expert.
+"""Drawing a job's stages in the terminal from what the API returns: a table, or live progress bars per stage and
+expert.
 
     job = follow_job(ApiClient(), job_id, interval_s=2.0, console=console)   # returns the final job
     console.print(stage_table(job["stages"]))
@@ -12,9 +13,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from service.client import ApiClient
+from moedisco_cli.api_client import ApiClient
+from service.schemas import TERMINAL_STATES
 
-TERMINAL = ("succeeded", "failed", "cancelled")
 DONE = ("finished", "skipped")
 
 
@@ -71,7 +72,7 @@ def follow_job(client: ApiClient, job_id: str, interval_s: float, console: Conso
             job = client.job(job_id)
             progress.update(header, description=f"job {job['id']}", info=job["state"])
             _update_bars(progress, bars, job)
-            if job["state"] in TERMINAL:
+            if job["state"] in TERMINAL_STATES:
                 progress.update(header, total=1, completed=1)
                 return job
             time.sleep(interval_s)

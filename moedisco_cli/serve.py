@@ -15,12 +15,14 @@ import os
 import signal
 import sys
 import time
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from moedisco.cli import console
-from service.core.config import Settings
+from moedisco_cli.common import console
+
+if TYPE_CHECKING:  # imported in `serve()`: the other commands never load the service
+    from service.core.config import Settings
 
 PROXY_NICENESS_CHECK_S = 30.0
 
@@ -46,12 +48,8 @@ def _connect_ray(settings: Settings, address: str | None) -> bool:
         ray.init(address=address, namespace=settings.ray_namespace)
         return False
     if settings.runner == "ray":
-        try:
-            from ray_cluster.cluster import start_local_cluster
-        except ModuleNotFoundError:
-            console.print("[red]--runner ray without --address needs ray_cluster's local cluster, which is not "
-                          "installed: pass --address of a labelled cluster, or --runner local[/red]")
-            raise typer.Exit(2) from None
+        from ray_cluster.cluster import start_local_cluster
+
         cluster_address = start_local_cluster(num_cheap=2)
         if not ray.is_initialized():
             ray.init(address=cluster_address, namespace=settings.ray_namespace)
@@ -111,6 +109,8 @@ def serve(host: Annotated[str | None, typer.Option(help="Address to bind (MOEDIS
           ray_serve: Annotated[bool, typer.Option(help="Serve through Ray Serve; --no-ray-serve: uvicorn.")] = True,
           ) -> None:
     """Start the moedisco API (jobs run as detached Ray actors; the store is MOEDISCO_DATABASE_URL)."""
+    from service.core.config import Settings
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     overrides = {"host": host, "port": port, "runner": runner, "ray_address": address}
     settings = Settings(**{key: value for key, value in overrides.items() if value is not None})

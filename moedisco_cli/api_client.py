@@ -1,4 +1,4 @@
-"""A small client of the REST API, used by the CLI (`moedisco submit|jobs|status|cost|cancel`).
+"""A small client of the REST API, used by the CLI (`moedisco submit|jobs|status|cost|cancel`, `moedisco demo`).
 
     client = ApiClient()              # MOEDISCO_API_URL (default http://127.0.0.1:8000), MOEDISCO_API_TOKEN
     job = client.submit(spec_dict); client.job(job["id"])["state"]

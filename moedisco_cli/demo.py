@@ -8,6 +8,8 @@
 2. submits the spec over REST and follows it with progress bars per stage and expert;
 3. prints the cost table, the report's URL and the Ray dashboard's URL;
 4. stops the service and the cluster on the way out, Ctrl-C included.
+
+`start_service`, `wait_healthy` and `stop_service` also start the real service for benchmarks/api_load.py.
 """
 
 from __future__ import annotations
@@ -24,27 +26,26 @@ from typing import Annotated
 import httpx
 import typer
 
-from moedisco.cli import console
-from ray_cluster.cluster import DASHBOARD_PORT
-from service.cli import SetOpt, cost, read_spec_file
-from service.client import ApiClient
-from service.progress import follow_job
+from moedisco_cli.api_client import ApiClient
+from moedisco_cli.common import SetOpt, console, read_spec_file
+from moedisco_cli.jobs import cost
+from moedisco_cli.progress import follow_job
 
 REPO = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 300.0
 
 
-def _start_service(port: int, data_dir: Path) -> subprocess.Popen:
+def start_service(port: int, data_dir: Path) -> subprocess.Popen:
     env = {**os.environ, "MOEDISCO_DATA_DIR": str(data_dir), "MOEDISCO_PORT": str(port), "MOEDISCO_RUNNER": "ray",
            "MOEDISCO_INPUT_ROOTS": json.dumps([str(REPO / "examples"), str(Path.cwd())])}
     env.pop("MOEDISCO_API_TOKEN", None)  # loopback-only demo: no token, the service says so at start
     log = (data_dir / "service.log").open("a")
     # A session of its own: Ctrl-C reaches this process only, which then stops the service in order.
-    return subprocess.Popen([sys.executable, "-m", "moedisco.cli", "serve", "--port", str(port)], env=env,
+    return subprocess.Popen([sys.executable, "-m", "moedisco_cli.main", "serve", "--port", str(port)], env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _wait_healthy(url: str, server: subprocess.Popen, log: Path) -> None:
+def wait_healthy(url: str, server: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     with console.status("starting the local Ray cluster and the API..."):
         while time.monotonic() < deadline:
@@ -59,7 +60,7 @@ def _wait_healthy(url: str, server: subprocess.Popen, log: Path) -> None:
     raise RuntimeError(f"the service did not answer on {url} within {STARTUP_TIMEOUT_S:.0f} s; see {log}")
 
 
-def _stop_service(server: subprocess.Popen) -> None:
+def stop_service(server: subprocess.Popen) -> None:
     if server.poll() is not None:
         return
     console.print("stopping the service and the local cluster...")
@@ -76,12 +77,14 @@ def demo(spec: Annotated[Path, typer.Option(help="Job spec to submit.")] = REPO 
          port: Annotated[int, typer.Option(help="Port of the API.")] = 8000,
          data_dir: Annotated[Path, typer.Option(help="Service data folder (jobs, store).")] = Path("runs/demo")) -> None:
     """Start a local simulated cluster and the service, submit a job over REST, follow it, print its cost."""
+    from ray_cluster.cluster import DASHBOARD_PORT
+
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     url = f"http://127.0.0.1:{port}"
-    server = _start_service(port, data_dir)
+    server = start_service(port, data_dir)
     try:
-        _wait_healthy(url, server, data_dir / "service.log")
+        wait_healthy(url, server, data_dir / "service.log")
         console.print(f"API {url} (docs {url}/docs), Ray dashboard http://127.0.0.1:{DASHBOARD_PORT}")
         client = ApiClient(url)
         job = client.submit(read_spec_file(spec, set_ or []))
@@ -100,4 +103,4 @@ def demo(spec: Annotated[Path, typer.Option(help="Job spec to submit.")] = REPO 
         console.print("[yellow]interrupted[/yellow]")
         raise typer.Exit(130) from None
     finally:
-        _stop_service(server)
+        stop_service(server)

@@ -1,8 +1,10 @@
 """Helpers for tests of the service (like `fastapi.testclient` or `ray.cluster_utils`): ports, servers, polling.
 
+    from tests.helpers import LiveServer, ServiceProcess, wait_for_state
+
     with LiveServer(create_app(settings)) as url: httpx.get(url + "/healthz")        # uvicorn in a thread
     with ServiceProcess(["--address", address], env) as service: service.kill()      # `moedisco serve` subprocess
-    job = wait_for_state(client, job_id, TERMINAL, timeout_s=120)
+    job = wait_for_state(client, job_id, TERMINAL_STATES, timeout_s=120)
 
 Everything binds to 127.0.0.1, every loop is bounded in time, and every process started here is stopped here.
 """
@@ -21,11 +23,10 @@ from typing import TypeVar
 
 import httpx
 
+from moedisco_cli.api_client import ApiClient
 from ray_cluster.cluster import free_port
-from service.client import ApiClient
 
 T = TypeVar("T")
-TERMINAL = ("succeeded", "failed", "cancelled")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -81,7 +82,7 @@ class LiveServer:
 
 
 class ServiceProcess:
-    """`python -m moedisco.cli serve --no-ray-serve ARGS` as a subprocess, output in `log_path`."""
+    """`python -m moedisco_cli.main serve --no-ray-serve ARGS` as a subprocess, output in `log_path`."""
 
     def __init__(self, args: list[str], env: dict[str, str], log_path: Path, timeout_s: float = 120):
         self.port = free_port()
@@ -93,7 +94,7 @@ class ServiceProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> ServiceProcess:
-        command = [sys.executable, "-m", "moedisco.cli", "serve", "--no-ray-serve", "--port", str(self.port),
+        command = [sys.executable, "-m", "moedisco_cli.main", "serve", "--no-ray-serve", "--port", str(self.port),
                    *self.args]
         with self.log_path.open("a") as log:
             self.process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **self.env}, stdout=log,

@@ -1,16 +1,13 @@
-"""`moedisco serve | submit | jobs | status | cost | cancel`: the service and its command-line client.
+"""`moedisco submit | jobs | status | cost | cancel`: the command-line client of the REST API.
 
-    moedisco serve                                   # Ray Serve on a local simulated cluster, http://127.0.0.1:8000
-    moedisco serve --address auto                    # ... on the running cluster (`moedisco cluster start`)
-    moedisco serve --no-ray-serve --runner local     # plain uvicorn in this process (debugging)
     moedisco submit examples/tiny.yaml --set submodel.steps=20 --follow
     moedisco jobs --state running
     moedisco status 3f2a9c1b7d4e --follow            # progress bars per stage and expert
     moedisco cost 3f2a9c1b7d4e
     moedisco cancel 3f2a9c1b7d4e
 
-The client commands read MOEDISCO_API_URL (default http://127.0.0.1:8000) and MOEDISCO_API_TOKEN.
-`moedisco.cli` calls `register(app)` to add these commands.
+The commands read MOEDISCO_API_URL (default http://127.0.0.1:8000) and MOEDISCO_API_TOKEN.
+`moedisco_cli.main` calls `register(app)` to add them.
 """
 
 from __future__ import annotations
@@ -19,14 +16,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-import yaml
 from rich.table import Table
 
-from moedisco.cli import SetOpt, console, print_cost
-from moedisco.config import SpecError, apply_overrides
-from service.client import ApiClient, ApiError
-from service.progress import TERMINAL, follow_job, stage_table
-from service.schemas import INPUT_PATHS
+from moedisco_cli.api_client import ApiClient, ApiError
+from moedisco_cli.common import SetOpt, console, print_cost, read_spec_file
+from moedisco_cli.progress import follow_job, stage_table
+from service.schemas import TERMINAL_STATES
 
 JobIdArg = Annotated[str, typer.Argument(help="Job id (from `moedisco submit` or `moedisco jobs`).")]
 
@@ -41,33 +36,6 @@ def _call(method, *args, **kwargs):
     except ApiError as error:
         console.print(f"[red]{error}[/red]")
         raise typer.Exit(2 if error.status_code in (400, 404, 409, 422) else 1) from None
-
-
-def read_spec_file(path: Path, overrides: list[str]) -> dict:
-    """The YAML as a dict, with --set applied and local input paths made absolute; the server validates it."""
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise SpecError(f"{path}: the spec must be a mapping of sections")
-        apply_overrides(raw, overrides)
-    except (OSError, yaml.YAMLError, SpecError) as error:
-        console.print(f"[red]{error}[/red]")
-        raise typer.Exit(2) from None
-    _absolute_local_inputs(raw, path.parent)
-    return raw
-
-
-def _absolute_local_inputs(raw: dict, spec_dir: Path) -> None:
-    """Same rule as `moedisco run`: a relative input path is relative to the working directory, else to the
-    spec's folder, when it exists there; one that exists in neither is left for the server to resolve."""
-    for section, field in INPUT_PATHS:
-        fields = raw.get(section)
-        value = fields.get(field) if isinstance(fields, dict) else None
-        if not isinstance(value, str) or Path(value).is_absolute():
-            continue
-        found = [base / value for base in (Path.cwd(), spec_dir) if (base / value).exists()]
-        if found:
-            fields[field] = str(found[0].resolve())
 
 
 def submit(spec: Annotated[Path, typer.Argument(help="Job spec YAML.")], set_: SetOpt = None,
@@ -102,7 +70,7 @@ def status(job_id: JobIdArg,
     job = _call(follow_job, client, job_id, interval, console) if follow else _call(client.job, job_id)
     console.print(f"job [bold]{job['id']}[/bold] ({job['name']}): [bold]{job['state']}[/bold]"
                   + (f" - {job['reason']}" if job["reason"] else "")
-                  + (" (cancel requested)" if job["cancel_requested"] and job["state"] not in TERMINAL else ""))
+                  + (" (cancel requested)" if job["cancel_requested"] and job["state"] not in TERMINAL_STATES else ""))
     if not follow:
         console.print(stage_table(job["stages"]))
     if follow and job["state"] != "succeeded":
@@ -136,11 +104,5 @@ def cancel(job_id: JobIdArg) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    from service.demo import demo
-    from service.serve_cli import serve
-
-    app.command()(serve)
-    app.command()(demo)
     for command in (submit, jobs, status, cost, cancel):
         app.command()(command)
-

@@ -1,0 +1,61 @@
+"""What several commands share: the console, the `--set` option, the cost table and reading a spec file.
+
+    raw = read_spec_file(Path("examples/tiny.yaml"), ["submodel.steps=20"])   # a dict for POST /v1/jobs
+    print_cost(summary["cost"])                                               # `moedisco run`, `moedisco cost`
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from moedisco.config import INPUT_PATHS, SpecError, apply_overrides, resolve_relative
+
+console = Console()
+
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a spec key: --set submodel.steps=50")]
+
+
+def print_cost(summary: dict) -> None:
+    table = Table(title="cost" + (" (simulated devices: wall time priced at each tier's rate)"
+                                  if summary.get("simulated") else ""))
+    for column in ("stage", "expert", "tier", "device", "devices", "hours", "$/h", "$"):
+        table.add_column(column, justify="right" if column in ("devices", "hours", "$/h", "$") else "left")
+    for row in summary["stages"]:
+        table.add_row(row["stage"], "" if row["expert"] is None else str(row["expert"]), row["tier"],
+                      row["device_type"], str(row["num_devices"]), f"{row['device_hours']:.5f}",
+                      f"{row['price_per_hour']:.2f}", f"{row['usd']:.5f}")
+    table.add_row("total", "", "", "", "", "", "", f"{summary['total_usd']:.5f}", style="bold")
+    console.print(table)
+
+
+def read_spec_file(path: Path, overrides: list[str]) -> dict:
+    """The YAML as a dict, with --set applied and local input paths made absolute; the server validates it."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise SpecError(f"{path}: the spec must be a mapping of sections")
+        apply_overrides(raw, overrides)
+    except (OSError, yaml.YAMLError, SpecError) as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
+    _absolute_local_inputs(raw, path.parent)
+    return raw
+
+
+def _absolute_local_inputs(raw: dict, spec_dir: Path) -> None:
+    """Same rule as `moedisco run` (`config.resolve_relative`), on the raw dict, and only for paths found here:
+    one that exists neither here nor beside the spec is left for the server to resolve."""
+    for section, field in INPUT_PATHS:
+        fields = raw.get(section)
+        value = fields.get(field) if isinstance(fields, dict) else None
+        if not isinstance(value, str) or Path(value).is_absolute():
+            continue
+        found = resolve_relative(Path(value), spec_dir)
+        if found.exists():
+            fields[field] = str(found.resolve())

@@ -1,0 +1,123 @@
+"""The layers depend downward only, and no module imports itself around a cycle (read off the source with `ast`).
+
+    moedisco/ (the algorithm) <- ray_cluster/ (where and when) <- service/ (HTTP, job store) <- moedisco_cli/
+
+Every import counts, also one inside a function: a lazy import still ties the lower layer to the upper one. So does
+a module's name in a string (`importlib.import_module("a.b")`, `python -m a.b`), which the layer check also reads.
+Imports under `if TYPE_CHECKING:` run only in a type checker, so the cycle check skips them (the layer check does
+not).
+
+    pytest tests/test_layers.py -q
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAYERS = ("moedisco", "ray_cluster", "service", "moedisco_cli")  # bottom first
+
+
+def module_files() -> dict[str, Path]:
+    """Dotted module name -> file, for every .py of every layer (a package is its __init__.py)."""
+    modules = {}
+    for package in LAYERS:
+        for path in sorted((REPO / package).rglob("*.py")):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+MODULES = module_files()
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _absolute(module: str, node: ast.ImportFrom) -> str:
+    """`from .x import y` in `module` as an absolute name."""
+    if not node.level:
+        return node.module or ""
+    is_package = MODULES[module].name == "__init__.py"
+    base = module.split(".")[: len(module.split(".")) - node.level + is_package]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def imported_names(module: str, skip_type_checking: bool) -> Iterator[str]:
+    """Every module `module` imports: `a.b` for `import a.b`; `a.b`, and `a.b.c` if it is a module, for
+    `from a.b import c`."""
+    tree = ast.parse(MODULES[module].read_text(), str(MODULES[module]))
+    skipped = set()
+    if skip_type_checking:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and _is_type_checking(node):
+                skipped.update(id(child) for stmt in node.body for child in ast.walk(stmt))
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            source = _absolute(module, node)
+            yield source
+            yield from (f"{source}.{alias.name}" for alias in node.names if f"{source}.{alias.name}" in MODULES)
+
+
+def named_modules(module: str) -> set[str]:
+    """The project's modules named by a string in `module`: `import_module("a.b")`, `python -m a.b`."""
+    tree = ast.parse(MODULES[module].read_text())
+    return {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and node.value in MODULES}
+
+
+def project_imports(module: str, skip_type_checking: bool = False) -> set[str]:
+    return {name for name in imported_names(module, skip_type_checking) if name in MODULES} - {module}
+
+
+def layer(module: str) -> int:
+    return LAYERS.index(module.split(".")[0])
+
+
+@pytest.mark.parametrize("package", LAYERS)
+def test_no_package_imports_a_layer_above_it(package):
+    upward = {f"{module} imports {name}" for module in MODULES if module.split(".")[0] == package
+              for name in {*imported_names(module, skip_type_checking=False), *named_modules(module)}
+              if name.split(".")[0] in LAYERS and layer(name) > layer(module)}
+    assert not upward, "\n".join(sorted(upward))
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for child in graph[todo.pop()] - seen:
+            seen.add(child)
+            todo.append(child)
+    return seen
+
+
+def import_cycles() -> set[frozenset[str]]:
+    """The modules on each import cycle (a module reaches itself; two reach each other: the same cycle)."""
+    graph = {module: project_imports(module, skip_type_checking=True) for module in MODULES}
+    reach = {module: reachable(graph, module) for module in graph}
+    return {frozenset({module} | {other for other in reach[module] if module in reach[other]})
+            for module in graph if module in reach[module]}
+
+
+def test_no_import_cycles():
+    assert not import_cycles(), f"import cycles: {sorted(sorted(cycle) for cycle in import_cycles())}"
+
+
+def test_the_command_line_imports_neither_ray_nor_the_server():
+    """`moedisco estimate` and `moedisco run --runner local` must not pay for Ray, the FastAPI app or the store."""
+    heavy = ("ray", "ray_cluster.orchestrate", "fastapi", "sqlalchemy", "service.store", "service.main", "torch")
+    probe = f"import sys, moedisco_cli.main; print(' '.join(m for m in {heavy!r} if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    assert loaded.stdout.split() == []
