@@ -316,13 +316,31 @@ def _format_errors(error: ValidationError) -> str:
 
 
 def build_spec(raw: dict[str, Any], base_dir: Path | None = None) -> JobSpec:
-    """Validate a raw dict; relative input paths are resolved against `base_dir` when they exist there."""
+    """Validate a raw dict; relative input paths are resolved against `base_dir` when they exist there, and then
+    every path is made absolute (`absolute_paths`)."""
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as error:
         raise SpecError(_format_errors(error)) from None
     if base_dir is not None:
         _resolve_inputs(spec, base_dir)
+        spec = absolute_paths(spec)
+    return spec
+
+
+SPEC_PATHS = (*INPUT_PATHS, ("resources", "storage_path"))  # besides `output_dir`
+
+
+def absolute_paths(spec: JobSpec) -> JobSpec:
+    """A copy of `spec` whose paths are absolute, against this process's working directory. Done once, where a
+    spec is accepted (the CLI, the runner): a relative `output_dir` would otherwise mean another folder in every
+    pod or Ray worker with its own working directory."""
+    spec = spec.model_copy(deep=True, update={"output_dir": Path(spec.output_dir).absolute()})
+    for section, field in SPEC_PATHS:
+        obj = getattr(spec, section)
+        path = getattr(obj, field)
+        if path is not None and not path.is_absolute():
+            setattr(obj, field, path.absolute())
     return spec
 
 

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import yaml
 from pydantic import ValidationError
 
-from moedisco.config import JobSpec, upgrade_saved_spec
+from moedisco.config import JobSpec, absolute_paths, upgrade_saved_spec
 from moedisco.cost import CostLedger
 from moedisco.events import Events, JobCancelledEvent, StageFinished, StageSkipped, StageStarted, ignore, progress_event
 from moedisco.layout import JobPaths, claim, is_done, mark_done, owner_of
@@ -49,8 +49,8 @@ def check_same_job(spec: JobSpec, paths: JobPaths) -> None:
     if not saved_path.is_file():
         return
     saved = upgrade_saved_spec(yaml.safe_load(saved_path.read_text()))
-    try:  # fields newer than the saved spec get their defaults
-        saved = JobSpec.model_validate(saved).model_dump(mode="json")
+    try:  # fields newer than the saved spec get their defaults; an older version saved relative paths as given
+        saved = absolute_paths(JobSpec.model_validate(saved)).model_dump(mode="json")
     except ValidationError:
         pass
     current = spec.model_dump(mode="json")
@@ -136,6 +136,7 @@ class JobRunner:
 
     def __init__(self, spec: JobSpec, executor: Executor, events: Events | None = None,
                  should_stop: Callable[[], bool] | None = None, owner: str | None = None):
+        spec = absolute_paths(spec)  # every process the job reaches reads the same folders
         paths = JobPaths(spec.output_dir)
         self.owner, self.user_should_stop = owner, should_stop
         self.job = JobContext(spec, paths, MetricsWriter(paths.metrics), events or ignore, self.should_stop)

@@ -64,3 +64,6 @@ class ApiClient:
 
     def cancel(self, job_id: str) -> dict:
         return self.request("POST", f"/v1/jobs/{job_id}/cancel")
+
+    def resume(self, job_id: str) -> dict:
+        return self.request("POST", f"/v1/jobs/{job_id}/resume")

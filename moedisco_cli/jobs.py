@@ -1,10 +1,11 @@
-"""`moedisco submit | jobs | status | cost | cancel`: the command-line client of the REST API.
+"""`moedisco submit | jobs | status | cost | cancel | resume`: the command-line client of the REST API.
 
     moedisco submit examples/tiny.yaml --set submodel.steps=20 --follow
     moedisco jobs --state running
     moedisco status 3f2a9c1b7d4e --follow            # progress bars per stage and expert
     moedisco cost 3f2a9c1b7d4e
     moedisco cancel 3f2a9c1b7d4e
+    moedisco resume 3f2a9c1b7d4e --follow            # a failed or cancelled job, on its output_dir
 
 The commands read MOEDISCO_API_URL (default http://127.0.0.1:8000) and MOEDISCO_API_TOKEN.
 `moedisco_cli.main` calls `register(app)` to add them.
@@ -103,6 +104,16 @@ def cancel(job_id: JobIdArg) -> None:
     console.print(f"job {job['id']}: {word}")
 
 
+def resume(job_id: JobIdArg,
+           follow: Annotated[bool, typer.Option(help="Then follow it like `status --follow`.")] = False) -> None:
+    """Queue a failed or cancelled job again: it skips its finished stages and resumes the interrupted one from
+    its last checkpoint."""
+    job = _call(_client().resume, job_id)
+    console.print(f"job {job['id']}: queued again on {job['output_dir']}")
+    if follow:
+        status(job_id, follow=True)
+
+
 def register(app: typer.Typer) -> None:
-    for command in (submit, jobs, status, cost, cancel):
+    for command in (submit, jobs, status, cost, cancel, resume):
         app.command()(command)

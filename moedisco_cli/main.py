@@ -17,6 +17,7 @@ import typer
 from moedisco.config import SpecError, load_spec
 from moedisco_cli import cluster, demo, jobs, serve
 from moedisco_cli.common import SetOpt, console, print_cost
+from moedisco_cli.job_events import ConsoleProgress
 
 app = typer.Typer(help="Train Mixture-of-Experts models cheaply (MoE-DisCo).", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -43,25 +44,17 @@ def run(spec: SpecArg, set_: SetOpt = None,
     if runner == "ray":
         from ray_cluster.orchestrate import run_job_on_ray
 
-        summary = run_job_on_ray(job, address=address, progress=not quiet)
+        summary = run_job_on_ray(job, address=address, events=None if quiet else ConsoleProgress())
     elif runner == "local":
         from moedisco.runner import run_job
 
-        summary = run_job(job, events=_echo_stage_events, progress=not quiet)
+        # Training steps are tqdm bars here; the events say when stages start, end or are skipped.
+        summary = run_job(job, events=ConsoleProgress(steps=False), progress=not quiet)
     else:
         console.print(f"[red]--runner must be `local` or `ray`, got {runner!r}[/red]")
         raise typer.Exit(2)
     print_cost(summary["cost"])
     console.print(f"final model: {summary['final']}\nreport: {Path(summary['output_dir']) / 'report.png'}")
-
-
-def _echo_stage_events(event: dict) -> None:
-    if event["event"] == "stage_finished":
-        expert = "" if event["expert"] is None else f" {event['expert']}"
-        loss = event["summary"].get("eval_loss")
-        console.print(f"[green]done[/green] {event['stage']}{expert}" + (f"  held-out loss {loss:.4f}" if loss else ""))
-    elif event["event"] == "stage_skipped":
-        console.print(f"[dim]skip {event['stage']} (already done)[/dim]")
 
 
 @app.command()

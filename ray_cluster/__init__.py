@@ -7,9 +7,10 @@
     summary = run_job_on_ray(spec, address=address)     # the same summary as moedisco.runner.run_job
     stop_local_cluster()
 
-Modules: `cluster` (the simulated labelled cluster), `data` (Ray Data embedding and clustering), `trainers`
-(TorchTrainers pinned by label), `worker` (the Ray Train worker around moedisco's loop), `tracking` (events, expert
-states, cancellation), `orchestrate` (the job), `progress` (terminal output). `moedisco cluster ...` is in
-`moedisco_cli/cluster.py`.
+Modules: `cluster` (the simulated labelled cluster), `placement` (tiers, labels, storage folders), `data` (Ray Data
+embedding and clustering), `prestart` (the job's launcher and data worker), `trainers` (Ray Train trainers pinned
+by label), `worker` (the Ray Train worker around moedisco's stage), `tracking` (events from workers, expert states,
+cancellation), `orchestrate` (`RayExecutor`: moedisco's `JobRunner` with each task placed on its tier).
+`moedisco cluster ...` is in `moedisco_cli/cluster.py`.
 Nothing is imported here, so `moedisco` commands that never touch Ray do not pay for importing it.
 """

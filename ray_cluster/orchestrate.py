@@ -41,7 +41,6 @@ from moedisco.stages import STAGE, Task, run_stage
 from ray_cluster import data, prestart
 from ray_cluster.cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster
 from ray_cluster.placement import label_selector, on_driver_node, run_name, storage_root, tier_nodes, tier_of
-from ray_cluster.progress import ConsoleProgress
 from ray_cluster.tracking import Tracker
 from ray_cluster.trainers import build_trainer, num_workers
 
@@ -170,13 +169,11 @@ def ray_connection(spec: JobSpec, address: str | None) -> Iterator[str]:
             stop_local_cluster()
 
 
-def run_job_on_ray(spec: JobSpec, address: str | None = None, progress: bool = True,
-                   events: Events | None = None, should_stop: Callable[[], bool] | None = None,
-                   owner: str | None = None) -> dict:
+def run_job_on_ray(spec: JobSpec, address: str | None = None, events: Events | None = None,
+                   should_stop: Callable[[], bool] | None = None, owner: str | None = None) -> dict:
     """Run `spec` on a Ray cluster, idempotently; returns {"output_dir", "final", "cost"} like `run_job`."""
-    emit = ConsoleProgress(forward=events) if progress else events
     with ray_connection(spec, address):
-        return JobRunner(spec, RayExecutor(), emit, should_stop, owner).run()
+        return JobRunner(spec, RayExecutor(), events, should_stop, owner).run()
 
 
 __all__ = ["JobCancelled", "RayExecutor", "ray_connection", "run_job_on_ray"]

@@ -38,7 +38,7 @@ def _run_local(spec: JobSpec, events: Events, should_stop: ShouldStop, owner: st
 def _run_ray(spec: JobSpec, events: Events, should_stop: ShouldStop, owner: str) -> dict:
     from ray_cluster.orchestrate import run_job_on_ray  # written in parallel: import only when used
 
-    return run_job_on_ray(spec, progress=False, events=events, should_stop=should_stop, owner=owner)
+    return run_job_on_ray(spec, events=events, should_stop=should_stop, owner=owner)
 
 
 RUNNERS = {"local": _run_local, "ray": _run_ray}

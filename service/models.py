@@ -18,7 +18,6 @@ from typing import Any
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from service.schemas import JOB_STATES, TERMINAL_STATES  # noqa: F401  (service.store and the jobs route read them here)
 
 
 def utcnow() -> datetime:

@@ -22,7 +22,8 @@ from sqlalchemy.orm import Session
 
 from moedisco.cost import CostRow
 from service.core.db import init_db, make_engine, session_factory
-from service.models import TERMINAL_STATES, EventRow, JobRow, StageRow, StoredCost, utcnow
+from service.models import EventRow, JobRow, StageRow, StoredCost, utcnow
+from service.schemas import TERMINAL_STATES
 
 # A full-parameter job is the measured baseline of a MoE-DisCo job when it trained on the same data and model.
 BASELINE_MATCH = ("data", "tokenizer", "model", "seed")

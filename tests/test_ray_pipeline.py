@@ -82,7 +82,7 @@ def cancelled_run(spec) -> dict:
         return any(e.event == "progress" and e.stage == "submodel" and e.step > 0 for e in events)
 
     with pytest.raises(JobCancelled):
-        run_job_on_ray(spec, progress=False, events=events.append, should_stop=first_submodel_progress)
+        run_job_on_ray(spec, events=events.append, should_stop=first_submodel_progress)
     stopped = wait_until(lambda: not alive_trainer_actors(), timeout_s=60)
     return {"events": events, "trainers_stopped": stopped, "alive": alive_trainer_actors()}
 
@@ -118,7 +118,7 @@ def resumed_run_with_a_killed_worker(spec) -> dict:
             threading.Thread(target=kill_running_task, args=("run_stage", killed), daemon=True).start()
 
     started = time.perf_counter()
-    summary = run_job_on_ray(spec, progress=False, events=kill_first_worker)
+    summary = run_job_on_ray(spec, events=kill_first_worker)
     return {"events": events, "killed": killed, "summary": summary, "seconds": time.perf_counter() - started}
 
 
@@ -286,7 +286,7 @@ def test_sync_rounds_with_data_parallel_submodels_match_the_local_runner(ray_clu
                 "submodel": {"steps": 8, "checkpoint_every": 4, "eval_every": 4}}
     spec = build_spec(tiny_spec_dict(root / "ray", **sections, resources={"workers_per_expert": 2}))
     events = []
-    run_job_on_ray(spec, progress=False, events=events.append)
+    run_job_on_ray(spec, events=events.append)
     local = build_spec(tiny_spec_dict(root / "local", **sections))
     run_job(local, progress=False)
     finished = [(e.stage, e.expert, e.round) for e in events if e.event == "stage_finished"

@@ -53,7 +53,8 @@ def service_env(tmp_path) -> dict[str, str]:
     return {"MOEDISCO_DATA_DIR": str(tmp_path / "data"), "MOEDISCO_API_TOKEN": TOKEN,
             "MOEDISCO_DATABASE_URL": f"sqlite:///{tmp_path / 'data' / 'moedisco.db'}",
             "MOEDISCO_INPUT_ROOTS": json.dumps([str(CORPUS.parent)]), "MOEDISCO_RAY_NAMESPACE": NAMESPACE,
-            "MOEDISCO_RUNNER": "local", "MOEDISCO_DISPATCH_INTERVAL_S": "0.5"}
+            "MOEDISCO_RUNNER": "local", "MOEDISCO_DISPATCH_INTERVAL_S": "0.5",
+            "MOEDISCO_LEASE_TTL_S": "6"}  # a killed runner is taken for gone after 6 s without renewing
 
 
 def training_stage_past_checkpoint(store: Store, job_id: str):

@@ -11,6 +11,7 @@ with its real numbers), one stops at its budget, and the queued one is cancelled
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -170,3 +171,18 @@ def test_submit_from_a_yaml_file(service, tmp_path, client):
     assert client.job(job_id)["name"] == "from-cli"
     client.cancel(job_id)
 
+
+def test_resume_finishes_a_cancelled_job_training_only_what_was_left(service, client, jobs):
+    job = wait_for_state(client, jobs["cancel"]["id"], TERMINAL_STATES, 120)
+    assert job["state"] == "cancelled"
+    markers = Path(job["output_dir"]) / "stages"
+    done_before = {path.stem: path.read_text() for path in markers.glob("*.json")}
+    interrupted = next(k for k in (0, 1) if f"submodel_{k}" not in done_before)  # stopped at a checkpoint
+    result = cli(service, "resume", job["id"])
+    assert result.exit_code == 0 and "queued again" in result.output, result.output
+    job = wait_for_state(client, job["id"], TERMINAL_STATES, JOB_TIMEOUT_S)
+    assert job["state"] == "succeeded", job["reason"]
+    assert all((markers / f"{name}.json").read_text() == text for name, text in done_before.items())
+    assert json.loads((markers / f"submodel_{interrupted}.json").read_text())["resumed_from"] > 0
+    again = cli(service, "resume", job["id"])
+    assert again.exit_code == 2 and "409" in again.output and "only a failed or cancelled" in again.output

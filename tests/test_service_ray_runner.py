@@ -18,7 +18,7 @@ from service.core.config import Settings
 from service.main import create_app
 from service.schemas import TERMINAL_STATES
 from tests.conftest import CORPUS, tiny_spec_dict
-from tests.helpers import LiveServer, free_port, wait_for_state
+from tests.helpers import LiveServer, free_port, wait_for_state, wait_until
 
 try:
     from ray_cluster.cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster
@@ -63,3 +63,32 @@ def test_tiny_job_on_the_labelled_tiers(service_url):
     cost = client.cost(job_id)
     assert [(row["stage"], row["tier"]) for row in cost["stages"]] == [("full_parameter", "A100")]
     assert cost["total_usd"] > 0 and cost["note"] == "this job is a full-parameter baseline"
+
+
+def test_two_dispatchers_on_one_store_launch_one_runner(service_url, tmp_path):
+    """A RayService upgrade: the new cluster's dispatcher finds no job actor of its own (another namespace here,
+    as another cluster there) while the old cluster's runner holds the lease; it leaves the job to that runner."""
+    from ray.util.state import list_actors
+
+    from service.dispatcher import Dispatcher, RayLauncher
+    from service.store import Store
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    store = Store(url)
+    settings = [Settings(data_dir=tmp_path, database_url=url, runner="local", ray_namespace=f"moedisco-{name}",
+                         lease_ttl_s=30) for name in ("old", "new")]
+    old, new = (Dispatcher(store, RayLauncher(each), each) for each in settings)
+    job = store.create_job("d" * 12, tiny_spec_dict(tmp_path / "job"), runner="local")
+    old.tick()  # starts the queued job: its runner in the old cluster's namespace
+    new.tick()
+    assert wait_until(lambda: store.get_job(job.id).runner_id is not None, 120, what="the runner's lease")
+    new.tick()
+    store.request_cancel(job.id)
+    assert wait_until(lambda: store.get_job(job.id).state in TERMINAL_STATES, 120, what="the job cancelled")
+    new.tick()
+    done = store.get_job(job.id)
+    assert (done.state, done.attempts) == ("cancelled", 1)
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("name", "=", f"job-{job.id}")],
+                         detail=True, raise_on_missing_output=False)
+    assert [actor.ray_namespace for actor in actors] == ["moedisco-old"]
+    store.close()

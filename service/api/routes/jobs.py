@@ -4,6 +4,7 @@
     GET  /v1/jobs?state=running&offset=0&limit=20
     GET  /v1/jobs/{id}            JobDetail (from `service.views`: rebuilt only when the job changed)
     POST /v1/jobs/{id}/cancel     queued: cancelled now; running: stops at the next stage boundary or checkpoint
+    POST /v1/jobs/{id}/resume     failed or cancelled: queued again on its output_dir (finished stages are kept)
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 
 from service.api.deps import JobDep, JobIdPath, SettingsDep, StoreDep, ViewsDep, view_response
-from service.models import TERMINAL_STATES
-from service.schemas import JobCreate, JobDetail, JobPublic, JobsPublic, JobState, Message
+from service.schemas import TERMINAL_STATES, JobCreate, JobDetail, JobPublic, JobsPublic, JobState, Message
 from service.specs import prepare_spec
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -31,9 +31,7 @@ def submit_job(job_in: JobCreate, request: Request, response: Response, settings
     job_id = uuid.uuid4().hex[:12]
     spec = prepare_spec(job_in, job_id, settings)
     job = store.create_job(job_id, spec, runner=settings.runner)
-    dispatcher = getattr(request.app.state, "dispatcher", None)
-    if dispatcher is not None:
-        dispatcher.wake()
+    _wake_dispatcher(request)
     response.headers["Location"] = f"/v1/jobs/{job_id}"
     return JobPublic.model_validate(job)
 
@@ -61,3 +59,22 @@ def cancel_job(job: JobDep, store: StoreDep) -> JobPublic:
     if job.state in TERMINAL_STATES:
         raise HTTPException(status.HTTP_409_CONFLICT, f"job {job.id} is already {job.state}")
     return JobPublic.model_validate(store.request_cancel(job.id))
+
+
+@router.post("/{job_id}/resume", response_model=JobPublic, responses={404: {"model": Message},
+                                                                      409: {"model": Message}})
+def resume_job(job: JobDep, request: Request, store: StoreDep) -> JobPublic:
+    """Queue a failed or cancelled job again on its output_dir: its runner skips the finished stages and resumes
+    an interrupted one from its last checkpoint."""
+    if not store.resume_job(job.id):
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job.id} is {job.state}: only a failed or cancelled "
+                                                      "job can be resumed")
+    _wake_dispatcher(request)
+    return JobPublic.model_validate(store.get_job(job.id))
+
+
+def _wake_dispatcher(request: Request) -> None:
+    """Start a queued job now rather than at the dispatcher's next pass (none runs in tests of the bare app)."""
+    dispatcher = getattr(request.app.state, "dispatcher", None)
+    if dispatcher is not None:
+        dispatcher.wake()

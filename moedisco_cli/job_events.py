@@ -1,10 +1,10 @@
-"""Progress of a Ray job on the terminal, drawn from the job's events.
+"""A job's events on the terminal (`moedisco run`, in process or on Ray).
 
-    emit = ConsoleProgress(forward=store.add)   # prints, then passes every event on
-    run_job_on_ray(spec, events=emit, progress=False)
+    run_job_on_ray(spec, events=ConsoleProgress())
+    run_job(spec, events=ConsoleProgress(steps=False))   # training steps are drawn as progress bars instead
 
-Stage starts and ends, one line per change of the experts' states (which are waiting for a node, running, done),
-and the loss at every evaluation.
+Stage starts and ends, one line per change of the experts' states on Ray (which are waiting for a node, running,
+done), and the loss at every evaluation.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from moedisco.events import Event, ExpertState, JobCancelledEvent, Progress, Sta
 
 
 class ConsoleProgress:
-    def __init__(self, forward: Callable[[Event], None] | None = None, console: Console | None = None):
-        self.forward, self.console = forward, console or Console()
+    def __init__(self, forward: Callable[[Event], None] | None = None, console: Console | None = None,
+                 steps: bool = True):
+        self.forward, self.console, self.steps = forward, console or Console(), steps
         self.expert_states: dict[int, str] = {}
         self.handlers = {StageStarted: self.on_stage_started, StageSkipped: self.on_stage_skipped,
                          StageFinished: self.on_stage_finished, ExpertState: self.on_expert_state,
@@ -60,7 +61,7 @@ class ConsoleProgress:
         self.console.print("  experts  " + "  ".join(f"{state}: {ks}" for state, ks in groups.items() if ks))
 
     def on_progress(self, event: Progress) -> None:
-        if event.loss is not None:
+        if self.steps and event.loss is not None:
             held_out = event.eval_loss if event.eval_loss is not None else float("nan")
             self.console.print(f"  {self._name(event)} step {event.step}/{event.total_steps}  "
                                f"loss {event.loss:.4f}  held-out {held_out:.4f}  on {getattr(event, 'gpu_type', None)}")
