@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from moedisco.config import ClusterConfig
+from moedisco.layout import write_atomically
 
 # scikit-learn is imported where it is used: it takes about 2 s, and every training process and Ray task that only
 # loads a `ClusterResult` (or reads cached assignments) would pay for it at start-up.
@@ -43,7 +44,7 @@ class ClusterResult:
         np.save(folder / "assignments.npy", self.assignments)
         np.save(folder / "centroids.npy", self.centroids)
         summary = {"method": self.method, "normalize": self.normalize, "inertia": self.inertia, "sizes": self.sizes}
-        (folder / "clusters.json").write_text(json.dumps(summary, indent=2))
+        write_atomically(folder / "clusters.json", json.dumps(summary, indent=2))  # written last: the result is whole
 
     @classmethod
     def load(cls, folder: Path) -> ClusterResult:

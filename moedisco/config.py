@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from moedisco.layout import write_atomically
+
 # (section, field) of every spec path a job reads: resolved against the spec's folder here, made absolute by
 # `moedisco submit`, checked against the allowed input roots by the service.
 INPUT_PATHS = (("data", "train"), ("data", "eval"), ("tokenizer", "path"), ("embed", "model_path"),
@@ -269,8 +271,7 @@ class JobSpec(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_yaml())
+        write_atomically(path, self.to_yaml())
 
 
 # What a spec saved in full by an earlier moedisco meant by a field it did not have yet, where that differs from the

@@ -20,6 +20,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from moedisco.config import ResourcesConfig, TierConfig
+from moedisco.layout import write_atomically
 
 
 class CostRow(BaseModel):
@@ -106,10 +107,7 @@ class CostLedger:
                 "prices_per_hour": dict(self.resources.prices)}
 
     def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.summary(), indent=2))
-        tmp.replace(self.path)
+        write_atomically(self.path, json.dumps(self.summary(), indent=2))
 
 
 def flop_cost_usd(active_params: int, tokens: int, peak_tflops: float, utilisation: float, price: float) -> dict:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,9 +78,14 @@ class JobPaths:
 def write_atomically(path: Path, text: str) -> None:
     """Through a temporary file renamed into place: a reader sees the old content or the new, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.partial")  # one per writer, also per thread
     partial.write_text(text)
     partial.replace(path)
+
+
+class NotOwner(RuntimeError):
+    """Another runner took the job folder over (its owner file names that runner): this one stops, writing
+    nothing more, and leaves the job to it."""
 
 
 def claim(paths: JobPaths, runner: str) -> None:
@@ -88,10 +94,19 @@ def claim(paths: JobPaths, runner: str) -> None:
 
 
 def owner_of(paths: JobPaths) -> str | None:
+    """The runner named in the owner file; None when there is none or it cannot be read right now."""
     try:
         return json.loads(paths.owner.read_text())["runner"]
     except (OSError, ValueError, KeyError):
         return None
+
+
+def check_owner(paths: JobPaths, runner: str | None) -> None:
+    """Raise `NotOwner` when the folder names another runner than `runner` (None: nobody claimed it). A file that
+    cannot be read (a network filesystem's hiccup) is no proof of a takeover, so it is not one."""
+    current = owner_of(paths)
+    if runner is not None and current is not None and current != runner:
+        raise NotOwner(f"{paths.root} now belongs to runner {current}, not {runner}")
 
 
 def is_done(paths: JobPaths, marker: str) -> bool:

@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from moedisco.layout import write_atomically
 from moedisco.split import WEIGHTS_FILE, Role, num_experts_of, parameter_roles, read_config
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -75,7 +76,7 @@ class ShardWriter:
             (self.out / f"shard-{index:05d}.tmp").rename(self.out / final)
             weight_map.update({name: final for name in names})
         index_payload = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.out / INDEX_FILE).write_text(json.dumps(index_payload, indent=2))
+        write_atomically(self.out / INDEX_FILE, json.dumps(index_payload, indent=2))
 
 
 def _weighted_sum(name: str, handles: list, weights: Sequence[float]) -> torch.Tensor:

@@ -42,9 +42,12 @@ def read_metrics(path: Path, stage: str | None = None) -> list[dict]:
     torn by concurrent appends on a network filesystem) is skipped with a warning naming it, never an error."""
     path = Path(path)
     try:
-        lines = path.read_text().splitlines()
+        text = path.read_text()
     except OSError:  # not written yet
         return []
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines.pop()  # being appended right now: not torn, just not there yet
     records, torn = [], []
     for number, line in enumerate(lines, start=1):
         if not line.strip():

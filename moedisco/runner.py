@@ -23,10 +23,10 @@ from pydantic import ValidationError
 from moedisco.config import JobSpec, absolute_paths, upgrade_saved_spec
 from moedisco.cost import CostLedger
 from moedisco.events import Events, JobCancelledEvent, StageFinished, StageSkipped, StageStarted, ignore, progress_event
-from moedisco.layout import JobPaths, claim, is_done, mark_done, owner_of
+from moedisco.layout import JobPaths, NotOwner, check_owner, claim, is_done, mark_done
 from moedisco.metrics import MetricsWriter
 from moedisco.report import write_report
-from moedisco.stages import StageRun, Task, plan, run_stage, tier_of
+from moedisco.stages import STAGE, StageRun, Task, plan, run_stage, tier_of
 from moedisco.train import StopRequested, TrainHooks
 
 log = logging.getLogger(__name__)
@@ -72,9 +72,6 @@ class JobCancelled(StopRequested):
     """The job was cancelled: its running stages were stopped; finished stages and checkpoints are kept."""
 
 
-class NotOwner(RuntimeError):
-    """Another runner took the job folder over (its owner file names that runner): this one stops, writing
-    nothing more, and leaves the job to it."""
 
 
 @dataclass
@@ -86,6 +83,8 @@ class JobContext:
     metrics: MetricsWriter
     events: Events
     should_stop: Callable[[], bool] | None = None
+    owner: str | None = None  # the runner's id: its stages check the folder's owner file before they write
+    may_write: Callable[[], None] = lambda: None  # raises `NotOwner` once another runner owns the folder
 
     def stage_run(self, task: Task, hooks: TrainHooks | None = None, progress: bool = False) -> StageRun:
         return StageRun(self.spec, self.paths, self.metrics, task, hooks, progress)
@@ -102,7 +101,10 @@ class Executor(Protocol):
 
     def run(self, tasks: list[Task], started: Started) -> Iterator[tuple[Task, dict]]:
         """Run `tasks` (one group of the plan: they may run at once), calling `started(task)` as each starts,
-        and yield each with its summary, in order. Code after a `yield` runs once the runner has recorded it."""
+        and yield each with its summary, in order."""
+
+    def done(self, task: Task) -> None:
+        """`task` is done (recorded now, or found done on a re-run): drop what only it needed."""
 
     def close(self) -> None:
         """After the job, also after an error or a cancel: nothing of the job may keep running."""
@@ -124,7 +126,10 @@ class LocalExecutor:
 
     def hooks(self) -> TrainHooks:
         return TrainHooks(on_progress=lambda record: self.job.events(progress_event(record)),
-                          should_stop=self.job.should_stop)
+                          should_stop=self.job.should_stop, before_write=self.job.may_write)
+
+    def done(self, task: Task) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -138,8 +143,10 @@ class JobRunner:
                  should_stop: Callable[[], bool] | None = None, owner: str | None = None):
         spec = absolute_paths(spec)  # every process the job reaches reads the same folders
         paths = JobPaths(spec.output_dir)
-        self.owner, self.user_should_stop = owner, should_stop
-        self.job = JobContext(spec, paths, MetricsWriter(paths.metrics), events or ignore, self.should_stop)
+        self.owner, self.user_should_stop, self.user_events = owner, should_stop, events or ignore
+        self.replaced = False
+        self.job = JobContext(spec, paths, MetricsWriter(paths.metrics), self.emit, self.should_stop, owner,
+                              self.check_owner)
         self.executor, self.ledger = executor, CostLedger(paths.cost, spec.resources)
         self.plan = plan(spec)
         self.last_task = {task.key: task for group in self.plan for task in group}  # a stage's last round
@@ -154,12 +161,12 @@ class JobRunner:
         return self.job.paths
 
     def run(self) -> dict:
-        check_same_job(self.spec, self.paths)
-        if self.owner is not None:
-            claim(self.paths, self.owner)
-        self.spec.save(self.paths.spec)
         self.executor.open(self.job)
         try:
+            check_same_job(self.spec, self.paths)
+            if self.owner is not None:
+                claim(self.paths, self.owner)
+            self.spec.save(self.paths.spec)
             for group in self.plan:
                 self.run_group(group)
         finally:
@@ -171,19 +178,21 @@ class JobRunner:
         todo = []
         for task in group:
             if is_done(self.paths, task.marker):
-                self.job.events(StageSkipped(**task.ids))
+                self.emit(StageSkipped(**task.ids))
+                self.done(task)
             else:
                 todo.append(task)
-        if todo:
-            for task, summary in self.executor.run(todo, self.start):
-                self.finish(task, summary)
+        for number, (task, summary) in enumerate(self.executor.run(todo, self.start) if todo else (), start=1):
+            self.finish(task, summary)
+            if number < len(todo):  # the others of the group may still be stopped (they run at once on Ray)
+                self.check_budget(task.stage)
 
     def start(self, task: Task) -> None:
         """Called by the executor as `task` starts: the last moment to stop before it."""
         self.check_cancelled(task)
         self.check_budget(task.stage)
         self.started_at[task] = time.perf_counter()
-        self.job.events(StageStarted(**task.ids))
+        self.emit(StageStarted(**task.ids))
 
     def finish(self, task: Task, summary: dict) -> None:
         self.check_owner()
@@ -193,25 +202,44 @@ class JobRunner:
             self.ledger.record(task.stage, tier, seconds, device=summary.get("device", "cpu"), expert=task.expert,
                                node=summary.get("node"), num_devices=summary.get("num_nodes"),
                                round_index=task.round)
-        self.job.events(StageFinished(**task.ids, summary=summary, final=self.last_task[task.key] == task))
+        # A trained stage run in rounds goes on in its next round; anything else ends with its task.
+        final = self.last_task[task.key] == task or not STAGE[task.stage].trained
+        self.emit(StageFinished(**task.ids, summary=summary, final=final))
         mark_done(self.paths, task.marker, summary)
+        self.done(task)
+
+    def done(self, task: Task) -> None:
         if task.stage == "sync":
             # Once a sync is marked done its average lives in the checkpoints; the copy kept for re-running it
             # goes (a backbone per round: gigabytes at real scale).
             self.paths.sync_average(task.round).unlink(missing_ok=True)
+        self.executor.done(task)
+
+    def emit(self, event) -> None:
+        """The user's callback, until this runner was replaced: then the job's events are the new runner's."""
+        if not self.replaced:
+            self.user_events(event)
 
     def check_owner(self) -> None:
-        if self.owner is not None and owner_of(self.paths) != self.owner:
-            raise NotOwner(f"{self.paths.root} now belongs to runner {owner_of(self.paths)}, not {self.owner}")
+        self.fenced(lambda: check_owner(self.paths, self.owner))
 
     def should_stop(self) -> bool:
-        """What the executor and the training loops poll: the user's stop flag; a lost folder raises `NotOwner`."""
+        """What the executor and the training loops poll: the user's stop flag; a lost folder (or the user's
+        `should_stop` raising `NotOwner`: the service's lease was taken) raises `NotOwner`."""
         self.check_owner()
-        return self.user_should_stop is not None and self.user_should_stop()
+        return bool(self.user_should_stop is not None and self.fenced(self.user_should_stop))
+
+    def fenced(self, check: Callable):
+        """`check()`; once it raises `NotOwner` this runner is replaced and says nothing more."""
+        try:
+            return check()
+        except NotOwner:
+            self.replaced = True
+            raise
 
     def check_cancelled(self, task: Task) -> None:
         if self.should_stop():
-            self.job.events(JobCancelledEvent())
+            self.emit(JobCancelledEvent())
             raise JobCancelled(f"stopped before stage {task.stage!r}")
 
     def check_budget(self, stage: str) -> None:

@@ -32,6 +32,7 @@ from moedisco.config import TrainConfig
 from moedisco.data import batch_for_step
 from moedisco.embed import resolve_device
 from moedisco.evaluate import evaluate_loss, router_load
+from moedisco.layout import write_atomically
 from moedisco.metrics import MetricsWriter
 from moedisco.split import unique_state_dict
 
@@ -57,9 +58,15 @@ class TrainHooks:
     on_checkpoint: Callable[[int, Path], None] | None = None  # after each checkpoint is written
     should_stop: Callable[[], bool] | None = None  # polled each step; True stops after a checkpoint
     wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None  # e.g. DistributedDataParallel
+    before_write: Callable[[], None] | None = None  # before each metrics line, checkpoint and the final weights;
+    # raises to stop a run whose job folder another runner took over (`moedisco.layout.NotOwner`)
     rank: int = 0
     world_size: int = 1
     extra: dict = field(default_factory=dict)  # added to every metrics record (node, gpu_type, ...)
+
+    def check_write(self) -> None:
+        if self.before_write is not None:
+            self.before_write()
 
 
 @dataclass
@@ -248,10 +255,11 @@ def train(model, train_NL: torch.Tensor, eval_NL: torch.Tensor | None, cfg: Trai
     if end < cfg.steps:
         return result
     if hooks.rank == 0:
+        hooks.check_write()
         save_file(unique_state_dict(model), run_dir / "model.safetensors", metadata={"format": "pt"})
         if ctx.save_second_moment:
             save_file(second_moments(model, optimizer), run_dir / SECOND_MOMENT_FILE, metadata={"format": "pt"})
-        (run_dir / RESULT_FILE).write_text(json.dumps(asdict(result)))
+        write_atomically(run_dir / RESULT_FILE, json.dumps(asdict(result)))  # the run's "done", so whole or absent
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return result
 
@@ -327,12 +335,14 @@ class _Loop:
             record["router_load"] = (self.router_counts / self.router_counts.sum()).tolist()
             self.router_counts = None
         if self.hooks.rank == 0:
+            self.hooks.check_write()
             self.ctx.metrics.write(record)
         if self.hooks.on_progress:
             self.hooks.on_progress(record)
 
     def _checkpoint(self, moments: bool = False) -> None:
         if self.hooks.rank == 0:
+            self.hooks.check_write()
             ckpt = save_checkpoint(self.ctx.run_dir, self.model, self.optimizer, dict(self.state),
                                    self.ctx.spec_yaml, self.cfg.keep_checkpoints, moments)
             if self.hooks.on_checkpoint:

@@ -48,6 +48,10 @@ from ray_cluster.trainers import build_trainer, num_workers
 class RayExecutor:
     """Places each task of a job on its tier of a Ray cluster (the `moedisco.runner.Executor` interface)."""
 
+    def __init__(self):
+        self.tracker: Tracker | None = None
+        self.data_worker = None
+
     def open(self, job: JobContext) -> None:
         self.job, self.spec, self.paths = job, job.spec, job.paths
         self.tracker = Tracker(job.events, job.should_stop)
@@ -63,12 +67,15 @@ class RayExecutor:
             self.submit(task)
         for task in tasks:
             yield task, self.result(task)
-            if task.stage == "sync":  # marked done by now
-                self.drop_round_runs(task.round)
+
+    def done(self, task: Task) -> None:
+        if task.stage == "sync":
+            self.drop_round_runs(task.round)
 
     def close(self) -> None:
         self.stop_data_worker()
-        self.tracker.close()  # after an error or a cancel nothing of this job keeps running
+        if self.tracker is not None:
+            self.tracker.close()  # after an error or a cancel nothing of this job keeps running
 
     # --- placement ----------------------------------------------------------------------------------------------
 
@@ -111,7 +118,8 @@ class RayExecutor:
         spec, tier = self.spec, tier_of(self.spec, task.stage)
 
         def start():
-            return self.tracker.launcher.fit.remote(build_trainer(spec, task, events=self.tracker.queue))
+            trainer = build_trainer(spec, task, events=self.tracker.queue, owner=self.job.owner)
+            return self.tracker.launcher.fit.remote(trainer)
 
         def slots() -> int:
             return max(1, len(tier_nodes(spec, tier)) // num_workers(spec, task.stage))
@@ -122,6 +130,8 @@ class RayExecutor:
         summary = self.tracker.wait(task.key)
         if not STAGE[task.stage].trained:
             return summary if STAGE[task.stage].setup else {**summary, "num_nodes": 1}
+        if summary.get("not_owner"):
+            self.job.may_write()  # raises NotOwner: the folder is another runner's
         if summary.get("stopped"):
             raise JobCancelled(f"{task.stage} stopped on request")
         billed = self.tracker.billed_seconds(task.key, summary)

@@ -2,8 +2,8 @@
 purpose: Ray and the spec only), so that their start-ups and imports overlap the driver's own.
 
     prestart_job(spec)                       # e.g. the service's job actor, first thing
-    helpers = take_prestarted(spec)          # RayRunner: the handles started above, else None
-    helpers = start_helpers(spec)            # RayRunner, when nothing was started ahead
+    helpers = take_prestarted(spec)          # RayExecutor: the handles started above, else None
+    helpers = start_helpers(spec)            # RayExecutor, when nothing was started ahead
 
 - `TrainerLauncher`: the actor whose threads run the job's `trainer.fit()` calls (`ray_cluster.trainers`); it
   imports torch when it starts, which unpickling the first trainer would otherwise do then.

@@ -50,7 +50,7 @@ def scaling_config(spec: JobSpec, stage: str) -> ScalingConfig:
                          label_selector=label_selector(spec, tier))
 
 
-def build_trainer(spec: JobSpec, task: Task, events=None) -> DataParallelTrainer:
+def build_trainer(spec: JobSpec, task: Task, events=None, owner: str | None = None) -> DataParallelTrainer:
     """The trainer of one training task (a submodel's synchronisation round, the warm-up, the fine-tune)."""
     train_cfg = getattr(spec, STAGE[task.stage].train_config)
     run_config = RunConfig(
@@ -58,7 +58,7 @@ def build_trainer(spec: JobSpec, task: Task, events=None) -> DataParallelTrainer
         failure_config=FailureConfig(max_failures=spec.resources.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.keep_checkpoints),
     )
-    config = {"spec": spec, "task": task, "events": events}
+    config = {"spec": spec, "task": task, "events": events, "owner": owner}
     trainer = TorchTrainer if num_workers(spec, task.stage) > 1 else DataParallelTrainer
     return trainer(train_func, train_loop_config=config, scaling_config=scaling_config(spec, task.stage),
                    run_config=run_config)

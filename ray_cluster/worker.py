@@ -26,7 +26,7 @@ import ray
 import ray.train
 
 from moedisco.events import WorkerStarted, progress_event
-from moedisco.layout import JobPaths
+from moedisco.layout import JobPaths, NotOwner, check_owner
 from moedisco.stages import StageRun
 from ray_cluster.placement import storage_root
 
@@ -102,6 +102,7 @@ class RayTrainBridge:
 
     def __init__(self, config: dict, rank: int, world_size: int):
         self.events, self.task, spec = config.get("events"), config["task"], config["spec"]
+        self.paths, self.owner = JobPaths(spec.output_dir), config.get("owner")
         self.rank, self.world_size = rank, world_size
         self.identity = node_identity(spec.resources.label_key)
         self.storage = storage_root(spec)
@@ -112,6 +113,7 @@ class RayTrainBridge:
 
         return TrainHooks(on_progress=self.on_progress, on_checkpoint=self.on_checkpoint,
                           should_stop=self.at_checkpoint_boundary, wrap_model=self.wrap_model,
+                          before_write=lambda: check_owner(self.paths, self.owner),
                           rank=self.rank, world_size=self.world_size, extra={**self.identity, "rank": self.rank})
 
     def push(self, event) -> None:
@@ -179,4 +181,6 @@ def train_func(config: dict) -> dict:
         summary = run_stage(StageRun(spec, paths, MetricsWriter(paths.metrics), task, bridge.hooks(), progress=False))
     except StopRequested:
         return {"stopped": True}  # a clean return, so Ray Train shuts the trainer down instead of retrying it
+    except NotOwner:
+        return {"stopped": True, "not_owner": True}  # the job is another runner's: retrying cannot help
     return {**summary, **bridge.identity, "num_nodes": world_size, "started_at": started, "finished_at": time.time()}

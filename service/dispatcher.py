@@ -77,13 +77,17 @@ class Dispatcher:
 
     def reconcile(self) -> None:
         for job in self.store.jobs_in_state("running"):
-            if self.launcher.is_alive(job.id) or self.store.lease_is_fresh(job, self.stale_before()):
+            stale_before = self.stale_before()
+            if self.launcher.is_alive(job.id) or self.store.lease_is_fresh(job, stale_before):
                 continue
+            # Finished only if nobody renewed the lease in between (a runner starting, another dispatcher).
             if job.cancel_requested:
-                self.store.finish(job.id, "cancelled", "cancelled on request (its runner had already stopped)")
+                self.store.finish(job.id, "cancelled", "cancelled on request (its runner had already stopped)",
+                                  stale_before=stale_before)
             elif job.attempts >= self.settings.max_attempts:
                 self.store.finish(job.id, "failed", f"runner lost {job.attempts} times; giving up "
-                                                    f"(MOEDISCO_MAX_ATTEMPTS={self.settings.max_attempts})")
+                                                    f"(MOEDISCO_MAX_ATTEMPTS={self.settings.max_attempts})",
+                                  stale_before=stale_before)
             else:
                 log.warning("job %s is running but its runner is gone: resuming it (attempt %d)",
                             job.id, job.attempts + 1)

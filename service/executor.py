@@ -20,6 +20,7 @@ from datetime import timedelta
 
 from moedisco.config import JobSpec, SpecError, build_spec, upgrade_saved_spec
 from moedisco.events import Events
+from moedisco.layout import NotOwner
 from service.models import utcnow
 from service.recorder import EventRecorder
 from service.store import Store
@@ -74,6 +75,7 @@ class Lease:
     def __init__(self, store: Store, job_id: str, ttl_s: float):
         self.store, self.job_id, self.ttl_s = store, job_id, ttl_s
         self.runner_id = uuid.uuid4().hex
+        self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew, name=f"lease-{job_id}", daemon=True)
 
@@ -88,12 +90,25 @@ class Lease:
         self._stop.set()
         self._thread.join(timeout=10)
 
+    def renew(self) -> None:
+        """Renew now; raise `NotOwner` once another runner holds the lease (this one was taken for dead)."""
+        if not self.lost.is_set() and not self.store.renew_lease(self.job_id, self.runner_id):
+            log.warning("job %s: runner %s lost its lease to another runner", self.job_id, self.runner_id)
+            self.lost.set()
+        self.check()
+
+    def check(self) -> bool:
+        """False while the lease is held (what a `should_stop` adds); `NotOwner` once it is lost."""
+        if self.lost.is_set():
+            raise NotOwner(f"job {self.job_id}: another runner holds its lease")
+        return False
+
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
             try:
-                if not self.store.renew_lease(self.job_id, self.runner_id):
-                    log.warning("job %s: runner %s lost its lease to another runner", self.job_id, self.runner_id)
-                    return
+                self.renew()
+            except NotOwner:
+                return
             except Exception:  # a database hiccup: the next renewal may succeed before the lease goes stale
                 log.exception("job %s: could not renew the lease", self.job_id)
 
@@ -109,38 +124,44 @@ def execute_job(store: Store, job_id: str, runner: str, lease_ttl_s: float = 60.
         log.warning("job %s: another runner holds its lease; not running it twice", job_id)
         return None
     with lease:
-        return _execute(store, job, runner, lease.runner_id)
+        return _execute(store, job, runner, lease)
 
 
-def _execute(store: Store, job, runner: str, runner_id: str) -> str | None:
-    job_id = job.id
+def _execute(store: Store, job, runner: str, lease: Lease) -> str | None:
+    job_id, runner_id = job.id, lease.runner_id
     recorder = EventRecorder(store, job_id, job.output_dir)
     try:
         spec = build_spec(upgrade_saved_spec(job.spec))  # stored in full when submitted, perhaps by an older version
     except SpecError as error:  # a spec stored by an older moedisco that this one no longer accepts
-        return _finish(store, job_id, recorder, "failed", str(error))
+        return _finish(store, job_id, recorder, "failed", str(error), runner_id=runner_id)
     if runner == "ray":
         prestart_ray_helpers(spec)
     if job.estimate is None:
         record_estimate(store, job_id, spec)
-    state, reason, result = run_to_outcome(spec, runner, recorder, lambda: store.is_cancel_requested(job_id),
-                                           runner_id)
+
+    def should_stop() -> bool:
+        return lease.check() or store.is_cancel_requested(job_id)
+
+    state, reason, result = run_to_outcome(spec, runner, recorder, should_stop, runner_id, before=lease.renew)
     if state == HANDED_OVER:  # the job is the other runner's now: it records the outcome
         log.warning("job %s: %s", job_id, reason)
         return None
-    return _finish(store, job_id, recorder, state, reason, result)
+    return _finish(store, job_id, recorder, state, reason, result, runner_id)
 
 
 HANDED_OVER = "handed_over"  # not a job state: another runner took the job over
 
 
-def run_to_outcome(spec: JobSpec, runner: str, events: Events, should_stop: ShouldStop,
-                   owner: str) -> tuple[str, str | None, dict | None]:
-    """(state, reason, result): what the runner's return value or exception means for the job."""
-    from moedisco.runner import BudgetExceeded, NotOwner
+def run_to_outcome(spec: JobSpec, runner: str, events: Events, should_stop: ShouldStop, owner: str,
+                   before: Callable[[], None] = lambda: None) -> tuple[str, str | None, dict | None]:
+    """(state, reason, result): what the runner's return value or exception means for the job. `before()` runs
+    first (the lease's last renewal before the runner claims the job folder: a runner that was taken for dead
+    while it prepared must not claim it back)."""
+    from moedisco.runner import BudgetExceeded
     from moedisco.train import StopRequested
 
     try:
+        before()
         return "succeeded", None, RUNNERS[runner](spec, events, should_stop, owner)
     except NotOwner as error:
         return HANDED_OVER, str(error), None
@@ -156,9 +177,9 @@ def run_to_outcome(spec: JobSpec, runner: str, events: Events, should_stop: Shou
 
 
 def _finish(store: Store, job_id: str, recorder: EventRecorder, state: str, reason: str | None,
-            result: dict | None = None) -> str:
+            result: dict | None = None, runner_id: str | None = None) -> str:
     recorder.sync_costs()
-    store.finish(job_id, state, reason=reason, result=result)
+    store.finish(job_id, state, reason=reason, result=result, runner_id=runner_id)
     log.info("job %s %s%s", job_id, state, f": {reason}" if reason else "")
     return state
 

@@ -163,11 +163,19 @@ class Store:
     def lease_is_fresh(job: JobRow, stale_before: datetime) -> bool:
         return job.heartbeat_at is not None and job.heartbeat_at >= stale_before
 
-    def finish(self, job_id: str, state: str, reason: str | None = None, result: dict | None = None) -> bool:
-        """Enter a terminal state, unless the job already is in one (the first word is kept)."""
+    def finish(self, job_id: str, state: str, reason: str | None = None, result: dict | None = None,
+               runner_id: str | None = None, stale_before: datetime | None = None) -> bool:
+        """Enter a terminal state, unless the job already is in one (the first word is kept); only while
+        `runner_id` holds its lease (a runner's own outcome), or while its lease is older than `stale_before`
+        (the dispatcher giving up on a runner that is gone)."""
         assert state in TERMINAL_STATES, state
-        done = self._update_job(job_id, [JobRow.state.not_in(TERMINAL_STATES)], state=state, reason=reason,
-                                result=json_safe(result), finished_at=utcnow())
+        where = [JobRow.state.not_in(TERMINAL_STATES)]
+        if runner_id is not None:
+            where.append(JobRow.runner_id == runner_id)
+        if stale_before is not None:
+            where.append(or_(JobRow.heartbeat_at.is_(None), JobRow.heartbeat_at < stale_before))
+        done = self._update_job(job_id, where, state=state, reason=reason, result=json_safe(result),
+                                finished_at=utcnow())
         if done and state != "succeeded":
             self._close_open_stages(job_id, "stopped" if state == "cancelled" else "failed")
         return done

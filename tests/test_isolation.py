@@ -30,10 +30,12 @@ def test_a_runner_that_was_replaced_stops_before_it_writes_again(tmp_path):
 
     with pytest.raises(NotOwner, match="now belongs to runner b"):
         run_job(spec, progress=False, owner="a", should_stop=take_over_at_the_first_checkpoint)
-    assert not paths.marker("submodel_0").exists()  # runner a stopped at its next checkpoint, before the marker
-    assert [r["step"] for r in read_metrics(paths.metrics, "submodel")] == [0, 4, 8]
+    # Runner a stopped before its next write: no metrics line, checkpoint or marker after the takeover.
+    assert [r["step"] for r in read_metrics(paths.metrics, "submodel")] == [0, 4]
+    assert [d.name for d in checkpoint_dirs(paths.submodel(0))] == ["step_00000004"]
+    assert not paths.marker("submodel_0").exists()
     summary = run_job(spec, progress=False, owner="b")
-    assert json.loads(paths.marker("submodel_0").read_text())["resumed_from"] == 8
+    assert json.loads(paths.marker("submodel_0").read_text())["resumed_from"] == 4
     assert owner_of(paths) == "b" and (paths.final / "config.json").is_file() and summary["cost"]["total_usd"] > 0
 
 

@@ -335,6 +335,9 @@ def test_a_lease_is_launched_once_claimed_once_and_renewed_only_by_its_holder(st
     assert store.begin_attempt(job.id, later) and store.claim_lease(job.id, "b", later)
     assert not store.renew_lease(job.id, "a")  # the old runner learns that it was replaced
     assert store.get_job(job.id).attempts == 2
+    assert not store.finish(job.id, "failed", "a stage failed", runner_id="a")  # nor may it end b's job
+    assert not store.finish(job.id, "failed", "runner lost", stale_before=an_hour_ago)  # b renewed since
+    assert store.finish(job.id, "succeeded", runner_id="b") and store.get_job(job.id).state == "succeeded"
 
 
 def test_only_a_failed_or_cancelled_job_is_queued_again(store, tmp_path):
