@@ -85,7 +85,7 @@ class RayExecutor:
         elif STAGE[task.stage].setup:
             self.submit_setup(task)
         else:  # sync, merge: work on the checkpoints in storage, on a cheap node
-            options = {"num_cpus": 1, "label_selector": label_selector(self.spec, self.spec.resources.submodel_tier)}
+            options = {"num_cpus": 1, "label_selector": label_selector(self.spec, tier_of(self.spec, task.stage))}
             self.remote(task, run_stage, self.job.stage_run(task), options=options)
 
     def submit_setup(self, task: Task) -> None:
