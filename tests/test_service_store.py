@@ -59,7 +59,7 @@ def test_list_filters_and_pages_newest_first(store, tmp_path):
     rows, count = store.list_jobs(["running"], 0, 10)
     assert count == 1 and rows[0].id == ids[0] and rows[0].started_at is not None
     assert store.list_jobs(["queued", "succeeded"], 0, 10)[1] == 4
-    assert store.count_by_state() == {"queued": 4, "running": 1}
+    assert store.count_by_owner_and_state() == {("admin", "queued"): 4, ("admin", "running"): 1}
 
 
 def test_concurrent_claims_start_each_job_once(store, tmp_path):
@@ -118,7 +118,7 @@ def test_recorder_folds_events_into_stages_and_costs(store, tmp_path):
     assert store.get_job(job.id).current_stage == "submodel/1"
     (cost,) = store.cost_rows(job.id)
     assert (cost.tier, cost.usd, cost.expert) == ("4090", 0.0035, 1)
-    assert store.usd_by_tier() == {"4090": 0.0035}
+    assert store.usd_by_owner_and_tier() == {("admin", "4090"): 0.0035}
     assert [e.event for e in store.events(job.id)][-2:] == ["stage_finished", "stage_skipped"]
     assert store.finished_stage_seconds() == [("submodel", 36.0)]
 
@@ -166,7 +166,7 @@ def test_a_measured_baseline_must_match_data_and_model(store, tmp_path):
 
 def fake_runner(outcome):
     """A runner that starts a stage, logs a step, then ends with `outcome` (an exception, or a summary)."""
-    def run(spec, events, should_stop, owner):
+    def run(spec, events, should_stop, owner, budget_left=None):
         events(parse_event({"event": "stage_started", "stage": "finetune", "expert": None}))
         events(parse_event({"event": "progress", "stage": "finetune", "expert": None, "step": 1, "total_steps": 2,
                             "loss": 1.0, "eval_loss": None}))
@@ -302,7 +302,7 @@ def test_a_job_stored_before_sync_rounds_resumes_as_one_round(store, tmp_path, m
     from moedisco.layout import JobPaths
     from moedisco.runner import check_same_job
 
-    def resume(spec, events, should_stop, owner):
+    def resume(spec, events, should_stop, owner, budget_left=None):
         check_same_job(spec, JobPaths(spec.output_dir))  # what a real runner does first
         return {"sync_rounds": spec.branch.sync_rounds}
 
