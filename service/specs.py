@@ -25,7 +25,7 @@ from service.schemas import JobCreate
 
 
 def _error(loc: tuple, msg: str, value: Any = None) -> dict:
-    return {"type": "value_error", "loc": ("body", *loc), "msg": msg, "input": str(value)[:200]}
+    return {"type": "value_error", "loc": ("body", *loc), "msg": msg, "input": str(value)}  # clipped when sent
 
 
 def _unstorable(value: Any, loc: tuple = ()) -> Iterator[dict]:
