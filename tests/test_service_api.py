@@ -217,7 +217,7 @@ def test_a_queued_job_answers_every_read_route(client):
     assert client.get(f"{base}/metrics").json()["count"] == 0
     assert client.get(f"{base}/artifacts").json()["count"] == 0
     assert "<html>" in client.get(f"{base}/report").text
-    assert 'moedisco_jobs{state="queued"} 1.0' in client.get("/metrics").text
+    assert 'moedisco_jobs{owner="admin",state="queued"} 1.0' in client.get("/metrics").text
     assert client.get("/openapi.json").json()["paths"]["/v1/jobs"]["post"]
     assert client.get("/docs").status_code == 200
 
