@@ -206,3 +206,32 @@ def test_a_422_echoes_only_a_short_prefix_of_a_huge_value(tmp_path):
             assert response.status_code == 422 and len(response.content) < 10_000, len(response.content)
             assert any(error["loc"][:2] in (["body", "name"], ["body", "junk"], ["body", "data"])
                        for error in response.json()["detail"])
+
+
+def test_the_command_line_manages_users_and_tokens(service):
+    from typer.testing import CliRunner
+
+    from moedisco_cli.main import app as cli_app
+
+    _, url = service
+
+    def cli(token: str, *args: str):
+        result = CliRunner().invoke(cli_app, list(args), env={"MOEDISCO_API_URL": url, "MOEDISCO_API_TOKEN": token,
+                                                              "COLUMNS": "200"})
+        return result.exit_code, result.output
+
+    code, output = cli(TOKEN, "users", "create", "ada", "--budget", "50", "--max-queued", "4")
+    assert code == 0 and "user ada created" in output
+    secret = next(word for word in output.split() if word.startswith("mdt_"))
+    code, output = cli(secret, "users", "me")
+    assert code == 0 and "ada" in output and "$50.0000" in output
+    code, output = cli(secret, "tokens", "create", "ada", "--label", "laptop")
+    token_id = output.split()[1]
+    assert code == 0 and "laptop" in cli(secret, "tokens", "list", "ada")[1]
+    assert cli(TOKEN, "users", "set", "ada", "--no-budget")[0] == 0
+    assert cli(TOKEN, "users", "list")[1].count("ada") == 1
+    assert cli(secret, "users", "list")[0] == 2  # not an admin: refused, and said so
+    assert cli(TOKEN, "tokens", "revoke", "ada", token_id)[0] == 0
+    assert cli(TOKEN, "users", "revoke", "ada")[0] == 0
+    code, output = cli(secret, "users", "me")
+    assert code == 2 and "HTTP 401" in output
