@@ -246,5 +246,5 @@ def run_job(spec: JobSpec, events: Events | None = None, progress: bool = True,
     return JobRunner(spec, LocalExecutor(progress), events, should_stop, owner, budget_left).run()
 
 
-__all__ = ["BudgetExceeded", "BudgetLeft", "Executor", "JobCancelled", "JobContext", "JobRunner", "LocalExecutor", "NotOwner",
-           "run_job"]
+__all__ = ["BudgetExceeded", "BudgetLeft", "Executor", "JobCancelled", "JobContext", "JobRunner", "LocalExecutor",
+           "NotOwner", "run_job"]
