@@ -82,6 +82,7 @@ BAD_FIELDS = [
     ("data.text_field", "te\x00xt"),
     ("resources.storage_path", "/tmp/elsewhere"),
     ("submodel.betas", [0.9, "x"]),
+    ("model.hidden_size", 1_000_000_000),  # beyond MOEDISCO_MAX_MODEL_PARAMETERS
 ]
 
 

@@ -23,6 +23,7 @@ from tests.helpers import LiveServer
 
 TOKEN = "bootstrap-admin-token"
 ARTIFACT = "final/config.json"
+LONG_FINETUNE = {"steps": 1_000_000, "batch_size": 10_000}
 
 
 @pytest.fixture
@@ -170,7 +171,7 @@ def test_monthly_budget_is_checked_at_submission(team):
     admin.patch("/v1/users/ada", json={"monthly_budget_usd": 1.0})
     job = submit(ada).json()
     assert app.state.store.get_job(job["id"]).estimate["total_usd"] < 1.0  # estimated once, here
-    huge = submit(ada, model={**tiny_spec_dict("x")["model"], "hidden_size": 1_000_000_000})
+    huge = submit(ada, finetune=LONG_FINETUNE)  # some 10^12 tokens
     assert huge.status_code == 403 and "estimated at $" in huge.json()["detail"]
     _spend(app, job["id"], 1.5)
     me = ada.get("/v1/users/me").json()
@@ -183,7 +184,7 @@ def test_monthly_budget_is_checked_at_submission(team):
     assert ada.get("/v1/users/me").json()["month_spend_usd"] == 0
     assert ada.post(f"/v1/jobs/{job['id']}/resume").status_code == 200
     admin.patch("/v1/users/ada", json={"monthly_budget_usd": None})
-    assert submit(ada, model={**tiny_spec_dict("x")["model"], "hidden_size": 1_000_000_000}).status_code == 201
+    assert submit(ada, finetune=LONG_FINETUNE).status_code == 201
 
 
 def test_request_bodies_are_bounded(service):

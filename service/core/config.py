@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         1_000_000, ge=1024, description="Largest request body accepted; a longer one is refused with 413 before it "
                                         "is read (a job spec is a few kB).")
+    max_model_parameters: float = Field(
+        1e13, gt=0, description="A spec whose model (built from its widths, not a checkpoint) would have more "
+                                "parameters than this is refused with 422: a sanity bound, not a memory plan.")
     max_queued_jobs_per_user: int | None = Field(
         20, ge=0, description="Jobs one user may have queued at once, unless their own `max_queued_jobs` says "
                               "otherwise; None: no limit. The bootstrap admin has none.")
