@@ -100,7 +100,7 @@ def _check_size(spec: JobSpec, settings: Settings) -> dict | None:
     if bound <= settings.max_model_parameters:
         return None
     model = spec.model
-    return _error(("model",), f"about {bound:.2g} parameters at most (hidden_size {model.hidden_size}, "
+    return _error(("model",), f"up to about {bound:.2g} parameters (hidden_size {model.hidden_size}, "
                               f"{model.num_hidden_layers} layers, {model.num_experts} experts): more than "
                               f"MOEDISCO_MAX_MODEL_PARAMETERS ({settings.max_model_parameters:.2g})", model.hidden_size)
 
