@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from service.models import BOOTSTRAP_ADMIN
 from service.schemas import JOB_STATES
 from service.store import Store
 
@@ -39,8 +40,9 @@ class StoreCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         counts = self.store.count_by_owner_and_state()
         jobs = GaugeMetricFamily("moedisco_jobs", "Jobs by owner and state.", labels=["owner", "state"])
-        # Every state of every owner, zeros included, so a rate or an alert never sees a series vanish.
-        for owner in sorted({owner for owner, _ in counts}):
+        # Every state of every owner (the admin's even in an empty store), zeros included, so a rate or an alert
+        # never sees a series vanish.
+        for owner in sorted({BOOTSTRAP_ADMIN, *(owner for owner, _ in counts)}):
             for state in JOB_STATES:
                 jobs.add_metric([owner, state], counts.get((owner, state), 0))
         yield jobs

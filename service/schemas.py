@@ -135,7 +135,9 @@ class Message(BaseModel):
 
 
 # Lower case, digits and . _ -: a name is a Prometheus label value and a path segment, and must read the same.
-UserName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
+USER_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+TOKEN_ID_PATTERN = r"^[0-9a-f]{12}$"
+UserName = Annotated[str, StringConstraints(pattern=USER_NAME_PATTERN)]
 Dollars = Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)]
 
 
@@ -172,7 +174,8 @@ class UserAccount(UserLimits):
 class TokenCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    label: str | None = Field(None, max_length=64, description="What the token is for, e.g. `laptop`.")
+    label: str | None = Field(None, max_length=64, pattern=r"^[^\x00-\x1f]*$",  # PostgreSQL refuses NUL
+                              description="What the token is for, e.g. `laptop`.")
 
 
 class TokenPublic(_FromRow):

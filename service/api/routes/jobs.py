@@ -18,7 +18,8 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from service.api.deps import (Caller, CallerDep, JobDep, JobIdPath, SettingsDep, StoreDep, UsersDep, ViewsDep,
                               view_response)
 from service.api.quotas import check_budget, check_queue_limit
-from service.schemas import TERMINAL_STATES, JobCreate, JobDetail, JobPublic, JobsPublic, JobState, Message
+from service.schemas import (TERMINAL_STATES, USER_NAME_PATTERN, JobCreate, JobDetail, JobPublic, JobsPublic, JobState,
+                             Message)
 from service.specs import prepare_spec
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -52,8 +53,8 @@ def submit_job(job_in: JobCreate, request: Request, response: Response, settings
 @router.get("", response_model=JobsPublic)
 def list_jobs(store: StoreDep, caller: CallerDep,
               state: Annotated[list[JobState] | None, Query(description="Only jobs in these states.")] = None,
-              owner: Annotated[str | None, Query(max_length=64, description="Only this user's jobs (admins; "
-                                                                            "others see only their own).")] = None,
+              owner: Annotated[str | None, Query(pattern=USER_NAME_PATTERN, description="Only this user's jobs "
+                                                 "(admins; others see only their own).")] = None,
               offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
               limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 20) -> JobsPublic:
     """The caller's jobs (an admin's: everyone's), newest first."""

@@ -22,13 +22,15 @@ from fastapi import Path as PathParam
 
 from service.api.deps import AdminDep, Caller, CallerDep, UsersDep
 from service.models import BOOTSTRAP_ADMIN, UserRow
-from service.schemas import Message, TokenCreate, TokenCreated, TokenPublic, UserAccount, UserCreate, UserLimits
+from service.schemas import (TOKEN_ID_PATTERN, USER_NAME_PATTERN, Message, TokenCreate, TokenCreated,
+                             TokenPublic, UserAccount, UserCreate, UserLimits)
 from service.users import UserExists, Users
 
 router = APIRouter(prefix="/users", tags=["users"])
 
 RESERVED_NAMES = (BOOTSTRAP_ADMIN, "me")  # the bootstrap admin's jobs' owner, and the caller's own account
-UserPath = Annotated[str, PathParam(max_length=64, description="A user's name.")]
+UserPath = Annotated[str, PathParam(pattern=USER_NAME_PATTERN, description="A user's name.")]
+TokenIdPath = Annotated[str, PathParam(pattern=TOKEN_ID_PATTERN, description="From the user's token list.")]
 NOT_FOUND = {404: {"model": Message}}
 
 
@@ -114,8 +116,7 @@ def list_tokens(name: UserPath, users: UsersDep, caller: CallerDep) -> list[Toke
 
 
 @router.delete("/{name}/tokens/{token_id}", status_code=status.HTTP_204_NO_CONTENT, responses=NOT_FOUND)
-def revoke_token(name: UserPath, token_id: Annotated[str, PathParam(max_length=16)], users: UsersDep,
-                 caller: CallerDep) -> Response:
+def revoke_token(name: UserPath, token_id: TokenIdPath, users: UsersDep, caller: CallerDep) -> Response:
     """Refuse the token from the next request on."""
     visible_user(users, caller, name)
     if not users.revoke_token(name, token_id):
