@@ -74,6 +74,7 @@ class JobRow(Base):
     finished_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The user who submitted the job (not the runner holding its folder: that is `runner_id`).
     owner: Mapped[str] = mapped_column(String(64), default=BOOTSTRAP_ADMIN, server_default=BOOTSTRAP_ADMIN)
 
 

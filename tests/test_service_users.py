@@ -69,7 +69,7 @@ def test_tokens_are_shown_once_and_stored_hashed(service):
     assert secret.startswith("mdt_") and len(secret) > 40
     listed = admin.get("/v1/users/ada/tokens").json()
     assert [t["id"] for t in listed] == [created["id"]] and "token" not in listed[0]
-    (app.state.store.engine.dispose())  # flush SQLite's WAL into the file before reading its bytes
+    app.state.store.engine.dispose()  # flush SQLite's WAL into the file before reading its bytes
     stored = b"".join(p.read_bytes() for p in app.state.settings.data_dir.glob("moedisco.db*"))
     assert secret.encode() not in stored and hashlib.sha256(secret.encode()).hexdigest().encode() in stored
     me = client(url, secret).get("/v1/users/me").json()

@@ -59,7 +59,8 @@ ViewsDep = Annotated[JobViews, Depends(get_views)]
 UsersDep = Annotated[Users, Depends(get_users)]
 JobIdPath = Annotated[str, PathParam(description="Job id (12 hex digits).")]
 
-bearer = HTTPBearer(auto_error=False, description="MOEDISCO_API_TOKEN, sent as `Authorization: Bearer <token>`.")
+bearer = HTTPBearer(auto_error=False, description="MOEDISCO_API_TOKEN (the admin) or a user's token, sent as "
+                                                    "`Authorization: Bearer <token>`.")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 monthly budget (the running job's runner checks the budget again before each stage: `service.executor`).
 
     check_queue_limit(users, settings, caller)                    # 429 when the caller has too many jobs queued
-    estimate = check_budget(users, caller, spec_dict)             # 403 when the estimate exceeds what is left
+    estimate = check_monthly_budget(users, caller, spec_dict)     # 403 when the estimate exceeds what is left
 
 The bootstrap admin (MOEDISCO_API_TOKEN) has no user row, hence no limits. Two submissions racing past the queue
 limit at the same instant can both pass it: the limit keeps a queue fair, it is not an accounting boundary.
@@ -43,16 +43,23 @@ def estimate_cost(spec: dict) -> dict:
                                               f"{str(error)[:200]})"}]) from None
 
 
-def check_budget(users: Users, caller: Caller, spec: dict | None) -> dict | None:
+def _over_budget(caller: Caller, left: float, why: str) -> HTTPException:
+    return HTTPException(status.HTTP_403_FORBIDDEN, f"monthly budget of user {caller.name!r}: "
+                                                    f"${max(left, 0.0):.4f} left this month, {why}")
+
+
+def check_monthly_budget(users: Users, caller: Caller, spec: dict | None) -> dict | None:
     """Refuse a job whose estimate exceeds what its owner may still spend this month; returns the estimate
     (None when the caller has no budget, so the API loads no model code). `spec` None: a resumed job, which
-    needs only some budget left."""
+    needs only some budget left (its runner checks each stage)."""
     left = users.budget_left(caller.name)
     if left is None:
         return None
-    estimate = estimate_cost(spec) if spec is not None else {"total_usd": 0.0}
-    if left <= 0 or estimate["total_usd"] > left:
-        raise HTTPException(status.HTTP_403_FORBIDDEN,
-                            f"monthly budget of user {caller.name!r}: ${max(left, 0.0):.4f} left this month, "
-                            f"this job is estimated at ${estimate['total_usd']:.4f}")
-    return estimate if spec is not None else None
+    if left <= 0:
+        raise _over_budget(caller, left, "nothing can run")
+    if spec is None:
+        return None
+    estimate = estimate_cost(spec)
+    if estimate["total_usd"] > left:
+        raise _over_budget(caller, left, f"this job is estimated at ${estimate['total_usd']:.4f}")
+    return estimate

@@ -17,7 +17,7 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 
 from service.api.deps import (Caller, CallerDep, JobDep, JobIdPath, SettingsDep, StoreDep, UsersDep, ViewsDep,
                               view_response)
-from service.api.quotas import check_budget, check_queue_limit
+from service.api.quotas import check_monthly_budget, check_queue_limit
 from service.schemas import (TERMINAL_STATES, USER_NAME_PATTERN, JobCreate, JobDetail, JobPublic, JobsPublic, JobState,
                              Message)
 from service.specs import prepare_spec
@@ -41,7 +41,7 @@ def submit_job(job_in: JobCreate, request: Request, response: Response, settings
     job_id = uuid.uuid4().hex[:12]
     spec = prepare_spec(job_in, job_id, settings)
     check_queue_limit(users, settings, caller)
-    estimate = check_budget(users, caller, spec)
+    estimate = check_monthly_budget(users, caller, spec)
     job = store.create_job(job_id, spec, runner=settings.runner, owner=caller.name)
     if estimate is not None:  # computed already: the runner need not redo it
         store.set_estimate(job_id, estimate)
@@ -85,7 +85,7 @@ def resume_job(job: JobDep, request: Request, store: StoreDep, users: UsersDep, 
     if job.state in RESUMABLE_STATES:  # else the 409 below, whatever the quotas say
         owner = Caller(job.owner, is_admin=False)  # an admin resuming someone's job queues it under their limits
         check_queue_limit(users, settings, owner)
-        check_budget(users, owner, None)
+        check_monthly_budget(users, owner, None)
     if not store.resume_job(job.id):
         raise HTTPException(status.HTTP_409_CONFLICT, f"job {job.id} is {job.state}: only a failed or cancelled "
                                                       "job can be resumed")
