@@ -43,10 +43,10 @@ def jobs(state: Annotated[list[str] | None, typer.Option(help="Only jobs in this
     """List jobs, newest first."""
     page = api_call(ApiClient().jobs, state, offset, limit)
     table = Table(title=f"jobs {offset + 1}-{offset + len(page['data'])} of {page['count']}")
-    for column in ("id", "name", "method", "state", "stage", "created", "reason"):
+    for column in ("id", "name", "owner", "method", "state", "stage", "created", "reason"):
         table.add_column(column)
     for job in page["data"]:
-        table.add_row(job["id"], job["name"], job["method"], job["state"], job["current_stage"] or "",
+        table.add_row(job["id"], job["name"], job["owner"], job["method"], job["state"], job["current_stage"] or "",
                       job["created_at"][:19].replace("T", " "), job["reason"] or "")
     console.print(table)
 
