@@ -98,7 +98,8 @@ async def get_caller(request: Request, settings: SettingsDep, users: UsersDep,
             return Caller(user.name, user.is_admin)
     if settings.api_token is None:
         # No token configured: the service is open, so only this machine may use it (it also binds to loopback,
-        # but Ray Serve's proxy may be told to listen elsewhere).
+        # but Ray Serve's proxy may be told to listen elsewhere). An unknown token counts as none: on loopback,
+        # anyone is the admin anyway.
         if not is_loopback(request.client.host if request.client else None):
             raise HTTPException(status.HTTP_403_FORBIDDEN, "no MOEDISCO_API_TOKEN configured: loopback clients only")
         return BOOTSTRAP
