@@ -78,7 +78,7 @@ def test_two_dispatchers_on_one_store_launch_one_runner(service_url, tmp_path):
     settings = [Settings(data_dir=tmp_path, database_url=url, runner="local", ray_namespace=f"moedisco-{name}",
                          lease_ttl_s=30) for name in ("old", "new")]
     old, new = (Dispatcher(store, RayLauncher(each), each) for each in settings)
-    job = store.create_job("d" * 12, tiny_spec_dict(tmp_path / "job"), runner="local")
+    job = store.create_job("d" * 12, {**tiny_spec_dict(tmp_path / "job"), "method": "moe_disco"}, runner="local")
     old.tick()  # starts the queued job: its runner in the old cluster's namespace
     new.tick()
     assert wait_until(lambda: store.get_job(job.id).runner_id is not None, 120, what="the runner's lease")
