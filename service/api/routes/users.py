@@ -82,8 +82,8 @@ def read_user(name: UserPath, users: UsersDep, caller: CallerDep) -> UserAccount
 @router.patch("/{name}", response_model=UserAccount, responses=NOT_FOUND)
 def update_user(name: UserPath, limits: UserLimits, users: UsersDep, _: AdminDep) -> UserAccount:
     """Change a user's budget or queue limit; only the fields sent change, `null` removes a limit."""
-    user = users.update_user(name, **limits.model_dump(exclude_unset=True)) if limits.model_fields_set else \
-        users.get_user(name)
+    changes = limits.model_dump(exclude_unset=True)
+    user = users.update_user(name, **changes) if changes else users.get_user(name)
     if user is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no user {name!r}")
     return account(users, user)
