@@ -95,6 +95,7 @@ class BaselinePublic(BaseModel):
 
 class CostPublic(BaseModel):
     job_id: str
+    owner: str = Field(description="The user who submitted the job.")
     state: JobState
     live: bool = Field(description="True while the job runs: totals include running stages so far.")
     stages: list[CostRowPublic]

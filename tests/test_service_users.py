@@ -125,6 +125,7 @@ def test_another_users_job_is_404_on_every_route(team):
     assert admin.get("/v1/jobs", params={"owner": "bob"}).json()["count"] == 0
     assert bob.get("/v1/jobs", params={"owner": "ada"}).json()["count"] == 0  # only admins pick an owner
     assert admin.get(f"/v1/jobs/{job['id']}").json()["owner"] == "ada"
+    assert ada.get(f"/v1/jobs/{job['id']}/cost").json()["owner"] == "ada"
     assert 'moedisco_jobs{owner="ada",state="queued"}' in admin.get("/metrics").text
 
 
