@@ -135,16 +135,24 @@ class LocalExecutor:
         pass
 
 
+BudgetLeft = Callable[[], float | None]
+
+
 class JobRunner:
     """`owner`: this runner's id, when several may be started on one job folder (the service's relaunches): it
-    claims the folder, and stops with `NotOwner` before any write once another runner has claimed it since."""
+    claims the folder, and stops with `NotOwner` before any write once another runner has claimed it since.
+
+    `budget_left`: dollars that may still be spent beyond what is spent so far, asked before every stage (None:
+    no limit), for a budget wider than the job's `max_cost_usd`, e.g. the service's monthly budget per user,
+    which other jobs spend too. What this job spent is already counted in it."""
 
     def __init__(self, spec: JobSpec, executor: Executor, events: Events | None = None,
-                 should_stop: Callable[[], bool] | None = None, owner: str | None = None):
+                 should_stop: Callable[[], bool] | None = None, owner: str | None = None,
+                 budget_left: BudgetLeft | None = None):
         spec = absolute_paths(spec)  # every process the job reaches reads the same folders
         paths = JobPaths(spec.output_dir)
         self.owner, self.user_should_stop, self.user_events = owner, should_stop, events or ignore
-        self.replaced = False
+        self.budget_left, self.replaced = budget_left, False
         self.job = JobContext(spec, paths, MetricsWriter(paths.metrics), self.emit, self.should_stop, owner,
                               self.check_owner)
         self.executor, self.ledger = executor, CostLedger(paths.cost, spec.resources)
@@ -244,21 +252,27 @@ class JobRunner:
 
     def check_budget(self, stage: str) -> None:
         """Stop before a stage when the money spent, plus what a stage of the same kind cost last time
-        (the previous submodel, or its previous round), would exceed `max_cost_usd`."""
+        (the previous submodel, or its previous round), would exceed `max_cost_usd`, or when that projection
+        exceeds what `budget_left` says is left."""
+        projected = self.ledger.last_usd(stage)
         budget = self.spec.max_cost_usd
-        if budget is None:
-            return
-        spent, projected = self.ledger.total_usd(), self.ledger.last_usd(stage)
-        if spent + projected > budget or spent >= budget:
-            raise BudgetExceeded(f"stopped before stage {stage!r}: ${spent:.4f} spent + ${projected:.4f} projected "
-                                 f"exceeds the ${budget:.4f} budget (max_cost_usd)")
+        if budget is not None:
+            spent = self.ledger.total_usd()
+            if spent + projected > budget or spent >= budget:
+                raise BudgetExceeded(f"stopped before stage {stage!r}: ${spent:.4f} spent + ${projected:.4f} "
+                                     f"projected exceeds the ${budget:.4f} budget (max_cost_usd)")
+        left = self.budget_left() if self.budget_left is not None else None
+        if left is not None and (projected > left or left <= 0):
+            raise BudgetExceeded(f"stopped before stage {stage!r}: ${projected:.4f} projected exceeds the "
+                                 f"${max(left, 0.0):.4f} left of the owner's budget")
 
 
 def run_job(spec: JobSpec, events: Events | None = None, progress: bool = True,
-            should_stop: Callable[[], bool] | None = None, owner: str | None = None) -> dict:
+            should_stop: Callable[[], bool] | None = None, owner: str | None = None,
+            budget_left: BudgetLeft | None = None) -> dict:
     """Run `spec` in this process, idempotently; returns {"output_dir", "final", "cost"}."""
-    return JobRunner(spec, LocalExecutor(progress), events, should_stop, owner).run()
+    return JobRunner(spec, LocalExecutor(progress), events, should_stop, owner, budget_left).run()
 
 
-__all__ = ["BudgetExceeded", "Executor", "JobCancelled", "JobContext", "JobRunner", "LocalExecutor", "NotOwner",
-           "run_job"]
+__all__ = ["BudgetExceeded", "BudgetLeft", "Executor", "JobCancelled", "JobContext", "JobRunner", "LocalExecutor",
+           "NotOwner", "run_job"]

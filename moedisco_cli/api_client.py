@@ -1,7 +1,9 @@
-"""A small client of the REST API, used by the CLI (`moedisco submit|jobs|status|cost|cancel`, `moedisco demo`).
+"""A small client of the REST API, used by the CLI (`moedisco submit|jobs|status|cost|cancel|users|tokens`,
+`moedisco demo`).
 
     client = ApiClient()              # MOEDISCO_API_URL (default http://127.0.0.1:8000), MOEDISCO_API_TOKEN
     job = client.submit(spec_dict); client.job(job["id"])["state"]
+    client.create_user("ada", monthly_budget_usd=50.0); client.create_token("ada")["token"]   # an admin's token
 
 Errors come back as `ApiError` whose message lists a 422's fields one per line.
 """
@@ -48,7 +50,7 @@ class ApiClient:
             raise ApiError(0, f"cannot reach the moedisco API at {self.http.base_url} ({error})") from None
         if response.is_error:
             raise ApiError(response.status_code, _message(response))
-        return response.json()
+        return response.json() if response.content else None
 
     def submit(self, spec: dict) -> dict:
         return self.request("POST", "/v1/jobs", json=spec)
@@ -67,3 +69,30 @@ class ApiClient:
 
     def resume(self, job_id: str) -> dict:
         return self.request("POST", f"/v1/jobs/{job_id}/resume")
+
+    # --- users and tokens ---------------------------------------------------------------------------------------
+
+    def me(self) -> dict:
+        return self.request("GET", "/v1/users/me")
+
+    def users(self) -> list[dict]:
+        return self.request("GET", "/v1/users")
+
+    def create_user(self, name: str, **limits) -> dict:
+        """`limits`: is_admin, monthly_budget_usd, max_queued_jobs."""
+        return self.request("POST", "/v1/users", json={"name": name, **limits})
+
+    def update_user(self, name: str, **limits) -> dict:
+        return self.request("PATCH", f"/v1/users/{name}", json=limits)
+
+    def revoke_user(self, name: str) -> dict:
+        return self.request("POST", f"/v1/users/{name}/revoke")
+
+    def create_token(self, user: str, label: str | None = None) -> dict:
+        return self.request("POST", f"/v1/users/{user}/tokens", json={"label": label})
+
+    def tokens(self, user: str) -> list[dict]:
+        return self.request("GET", f"/v1/users/{user}/tokens")
+
+    def revoke_token(self, user: str, token_id: str) -> None:
+        self.request("DELETE", f"/v1/users/{user}/tokens/{token_id}")

@@ -1,7 +1,9 @@
-"""What several commands share: the console, the `--set` option, the cost table and reading a spec file.
+"""What several commands share: the console, the `--set` option, the cost table, reading a spec file and calling
+the API.
 
     raw = read_spec_file(Path("examples/tiny.yaml"), ["submodel.steps=20"])   # a dict for POST /v1/jobs
     print_cost(summary["cost"])                                               # `moedisco run`, `moedisco cost`
+    job = api_call(ApiClient().job, job_id)                 # an API error is printed, then exits 2 (4xx) or 1
 """
 
 from __future__ import annotations
@@ -15,10 +17,20 @@ from rich.console import Console
 from rich.table import Table
 
 from moedisco.config import INPUT_PATHS, SpecError, apply_overrides, resolve_relative
+from moedisco_cli.api_client import ApiError
 
 console = Console()
 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a spec key: --set submodel.steps=50")]
+
+
+def api_call(method, *args, **kwargs):
+    """`method(*args, **kwargs)` of an `ApiClient`; an error is printed and ends the command."""
+    try:
+        return method(*args, **kwargs)
+    except ApiError as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2 if 400 <= error.status_code < 500 else 1) from None
 
 
 def print_cost(summary: dict) -> None:

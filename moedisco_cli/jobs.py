@@ -19,31 +19,19 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from moedisco_cli.api_client import ApiClient, ApiError
-from moedisco_cli.common import SetOpt, console, print_cost, read_spec_file
+from moedisco_cli.api_client import ApiClient
+from moedisco_cli.common import SetOpt, api_call, console, print_cost, read_spec_file
 from moedisco_cli.progress import follow_job, stage_table
 from service.schemas import TERMINAL_STATES
 
 JobIdArg = Annotated[str, typer.Argument(help="Job id (from `moedisco submit` or `moedisco jobs`).")]
 
 
-def _client() -> ApiClient:
-    return ApiClient()
-
-
-def _call(method, *args, **kwargs):
-    try:
-        return method(*args, **kwargs)
-    except ApiError as error:
-        console.print(f"[red]{error}[/red]")
-        raise typer.Exit(2 if error.status_code in (400, 404, 409, 422) else 1) from None
-
-
 def submit(spec: Annotated[Path, typer.Argument(help="Job spec YAML.")], set_: SetOpt = None,
            follow: Annotated[bool, typer.Option(help="Then follow it like `status --follow`.")] = False) -> None:
     """Submit a job. Relative input paths that exist here are sent as absolute paths; the others are resolved by
     the server against MOEDISCO_DATA_DIR. The spec's output_dir is replaced by the server's job folder."""
-    job = _call(_client().submit, read_spec_file(spec, set_ or []))
+    job = api_call(ApiClient().submit, read_spec_file(spec, set_ or []))
     console.print(f"submitted [bold]{job['id']}[/bold] ({job['name']}): {job['state']}, output {job['output_dir']}")
     if follow:
         status(job["id"], follow=True)
@@ -53,12 +41,12 @@ def jobs(state: Annotated[list[str] | None, typer.Option(help="Only jobs in this
          limit: Annotated[int, typer.Option(help="Jobs per page.")] = 20,
          offset: Annotated[int, typer.Option(help="Jobs to skip.")] = 0) -> None:
     """List jobs, newest first."""
-    page = _call(_client().jobs, state, offset, limit)
+    page = api_call(ApiClient().jobs, state, offset, limit)
     table = Table(title=f"jobs {offset + 1}-{offset + len(page['data'])} of {page['count']}")
-    for column in ("id", "name", "method", "state", "stage", "created", "reason"):
+    for column in ("id", "name", "owner", "method", "state", "stage", "created", "reason"):
         table.add_column(column)
     for job in page["data"]:
-        table.add_row(job["id"], job["name"], job["method"], job["state"], job["current_stage"] or "",
+        table.add_row(job["id"], job["name"], job["owner"], job["method"], job["state"], job["current_stage"] or "",
                       job["created_at"][:19].replace("T", " "), job["reason"] or "")
     console.print(table)
 
@@ -67,8 +55,8 @@ def status(job_id: JobIdArg,
            follow: Annotated[bool, typer.Option(help="Progress bars per stage and expert until the job ends.")] = False,
            interval: Annotated[float, typer.Option(help="Seconds between polls with --follow.")] = 2.0) -> None:
     """A job's state and its stages (per expert: step, losses). With --follow, exits 1 unless it succeeded."""
-    client = _client()
-    job = _call(follow_job, client, job_id, interval, console) if follow else _call(client.job, job_id)
+    client = ApiClient()
+    job = api_call(follow_job, client, job_id, interval, console) if follow else api_call(client.job, job_id)
     console.print(f"job [bold]{job['id']}[/bold] ({job['name']}): [bold]{job['state']}[/bold]"
                   + (f" - {job['reason']}" if job["reason"] else "")
                   + (" (cancel requested)" if job["cancel_requested"] and job["state"] not in TERMINAL_STATES else ""))
@@ -80,7 +68,7 @@ def status(job_id: JobIdArg,
 
 def cost(job_id: JobIdArg) -> None:
     """Dollars per stage and tier, the total, and the full-parameter baseline with the savings."""
-    view = _call(_client().cost, job_id)
+    view = api_call(ApiClient().cost, job_id)
     print_cost(view)
     if view["live"]:
         console.print("[yellow]job running: stages in progress are priced so far[/yellow]")
@@ -99,7 +87,7 @@ def cost(job_id: JobIdArg) -> None:
 
 def cancel(job_id: JobIdArg) -> None:
     """Cancel a job: a queued one at once, a running one at its next stage boundary or checkpoint."""
-    job = _call(_client().cancel, job_id)
+    job = api_call(ApiClient().cancel, job_id)
     word = "cancelled" if job["state"] == "cancelled" else "cancel requested (stops at the next stage boundary)"
     console.print(f"job {job['id']}: {word}")
 
@@ -108,7 +96,7 @@ def resume(job_id: JobIdArg,
            follow: Annotated[bool, typer.Option(help="Then follow it like `status --follow`.")] = False) -> None:
     """Queue a failed or cancelled job again: it skips its finished stages and resumes the interrupted one from
     its last checkpoint."""
-    job = _call(_client().resume, job_id)
+    job = api_call(ApiClient().resume, job_id)
     console.print(f"job {job['id']}: queued again on {job['output_dir']}")
     if follow:
         status(job_id, follow=True)

@@ -2,7 +2,7 @@
 
     moedisco run examples/tiny.yaml --set submodel.steps=50
     moedisco estimate examples/qwen1.5-moe-a2.7b.yaml
-    moedisco --help                                   # also: cluster, serve, submit, jobs, status, cost, cancel, demo
+    moedisco --help              # also: cluster, serve, submit, jobs, status, cost, cancel, demo, users, tokens
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from moedisco.config import SpecError, load_spec
-from moedisco_cli import cluster, demo, jobs, serve
+from moedisco_cli import cluster, demo, jobs, serve, users
 from moedisco_cli.common import SetOpt, console, print_cost
 from moedisco_cli.job_events import ConsoleProgress
 
@@ -75,6 +75,8 @@ app.command()(serve.serve)
 app.command()(demo.demo)
 jobs.register(app)
 app.add_typer(cluster.cluster_app, name="cluster")
+app.add_typer(users.users_app, name="users")
+app.add_typer(users.tokens_app, name="tokens")
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ import ray
 
 from moedisco.config import JobSpec
 from moedisco.events import Events
-from moedisco.runner import JobCancelled, JobContext, JobRunner, Started
+from moedisco.runner import BudgetLeft, JobCancelled, JobContext, JobRunner, Started
 from moedisco.stages import STAGE, Task, run_stage
 from ray_cluster import data, prestart
 from ray_cluster.cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster
@@ -180,10 +180,11 @@ def ray_connection(spec: JobSpec, address: str | None) -> Iterator[str]:
 
 
 def run_job_on_ray(spec: JobSpec, address: str | None = None, events: Events | None = None,
-                   should_stop: Callable[[], bool] | None = None, owner: str | None = None) -> dict:
+                   should_stop: Callable[[], bool] | None = None, owner: str | None = None,
+                   budget_left: BudgetLeft | None = None) -> dict:
     """Run `spec` on a Ray cluster, idempotently; returns {"output_dir", "final", "cost"} like `run_job`."""
     with ray_connection(spec, address):
-        return JobRunner(spec, RayExecutor(), events, should_stop, owner).run()
+        return JobRunner(spec, RayExecutor(), events, should_stop, owner, budget_left).run()
 
 
 __all__ = ["JobCancelled", "RayExecutor", "ray_connection", "run_job_on_ray"]

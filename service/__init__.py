@@ -7,11 +7,14 @@
 Layout (after full-stack-fastapi-template's backend):
     core/config.py   settings from MOEDISCO_* environment variables
     core/db.py       SQLAlchemy engine (SQLite file by default, PostgreSQL by URL)
-    models.py        tables: jobs, stage states, events, cost rows
-    schemas.py       request and response bodies (JobCreate / JobPublic ...)
-    specs.py         what the service adds to spec validation (job folder, input paths, finite numbers)
+    models.py        tables: jobs (with their owner), stage states, events, cost rows, users, API tokens
+    schemas.py       request and response bodies (JobCreate / JobPublic, UserCreate / UserAccount ...)
+    specs.py         what the service adds to spec validation (job folder, input paths, finite numbers, size)
     store.py         reads and writes of the tables; recorder.py folds runner events into them
-    api/             deps.py (Annotated dependencies) and one router per resource in api/routes/
+    users.py         users, hashed tokens, a user's spend this month and budget left
+    limits.py        the request body limit (413) and what an error may echo of a value
+    api/             deps.py (Annotated dependencies: the caller, their job), quotas.py (queue limit, budget at
+                     submission) and one router per resource in api/routes/
     costs.py         the cost view (live rows, baseline, savings); report.py the HTML report; prometheus.py
     views.py         the polled views (a job, its cost) as JSON, rebuilt only when the job's version changes
     executor.py      the detached Ray actor that runs one job and writes its progress into the store

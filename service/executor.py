@@ -21,25 +21,30 @@ from datetime import timedelta
 from moedisco.config import JobSpec, SpecError, build_spec, upgrade_saved_spec
 from moedisco.events import Events
 from moedisco.layout import NotOwner
+from moedisco.runner import BudgetLeft
 from service.models import utcnow
 from service.recorder import EventRecorder
 from service.store import Store
+from service.users import Users
 
 log = logging.getLogger(__name__)
 
 ShouldStop = Callable[[], bool]
 
 
-def _run_local(spec: JobSpec, events: Events, should_stop: ShouldStop, owner: str) -> dict:
+def _run_local(spec: JobSpec, events: Events, should_stop: ShouldStop, owner: str,
+               budget_left: BudgetLeft | None = None) -> dict:
     from moedisco.runner import run_job
 
-    return run_job(spec, events=events, progress=False, should_stop=should_stop, owner=owner)
+    return run_job(spec, events=events, progress=False, should_stop=should_stop, owner=owner,
+                   budget_left=budget_left)
 
 
-def _run_ray(spec: JobSpec, events: Events, should_stop: ShouldStop, owner: str) -> dict:
+def _run_ray(spec: JobSpec, events: Events, should_stop: ShouldStop, owner: str,
+             budget_left: BudgetLeft | None = None) -> dict:
     from ray_cluster.orchestrate import run_job_on_ray  # written in parallel: import only when used
 
-    return run_job_on_ray(spec, events=events, should_stop=should_stop, owner=owner)
+    return run_job_on_ray(spec, events=events, should_stop=should_stop, owner=owner, budget_left=budget_left)
 
 
 RUNNERS = {"local": _run_local, "ray": _run_ray}
@@ -138,11 +143,13 @@ def _execute(store: Store, job, runner: str, lease: Lease) -> str | None:
         prestart_ray_helpers(spec)
     if job.estimate is None:
         record_estimate(store, job_id, spec)
+    users = Users(store)
 
     def should_stop() -> bool:
         return lease.check() or store.is_cancel_requested(job_id)
 
-    state, reason, result = run_to_outcome(spec, runner, recorder, should_stop, runner_id, before=lease.renew)
+    state, reason, result = run_to_outcome(spec, runner, recorder, should_stop, runner_id,
+                                           lambda: users.budget_left(job.owner), before=lease.renew)
     if state == HANDED_OVER:  # the job is the other runner's now: it records the outcome
         log.warning("job %s: %s", job_id, reason)
         return None
@@ -153,16 +160,18 @@ HANDED_OVER = "handed_over"  # not a job state: another runner took the job over
 
 
 def run_to_outcome(spec: JobSpec, runner: str, events: Events, should_stop: ShouldStop, owner: str,
+                   budget_left: BudgetLeft | None = None,
                    before: Callable[[], None] = lambda: None) -> tuple[str, str | None, dict | None]:
-    """(state, reason, result): what the runner's return value or exception means for the job. `before()` runs
-    first (the lease's last renewal before the runner claims the job folder: a runner that was taken for dead
-    while it prepared must not claim it back)."""
+    """(state, reason, result): what the runner's return value or exception means for the job; `budget_left`:
+    what its owner may still spend this month (`service.users.Users.budget_left`), asked before every stage.
+    `before()` runs first (the lease's last renewal before the runner claims the job folder: a runner that was
+    taken for dead while it prepared must not claim it back)."""
     from moedisco.runner import BudgetExceeded
     from moedisco.train import StopRequested
 
     try:
         before()
-        return "succeeded", None, RUNNERS[runner](spec, events, should_stop, owner)
+        return "succeeded", None, RUNNERS[runner](spec, events, should_stop, owner, budget_left)
     except NotOwner as error:
         return HANDED_OVER, str(error), None
     except BudgetExceeded as error:

@@ -26,21 +26,27 @@ from service.api.main import api_router
 from service.api.routes import health
 from service.core.config import Settings
 from service.dispatcher import Dispatcher, RayLauncher
+from service.limits import BodyLimit, clip_input
 from service.prometheus import StoreCollector
 from service.store import Store, json_safe
+from service.users import Users
 from service.views import JobViews
 
 log = logging.getLogger(__name__)
 
 DESCRIPTION = """Train Mixture-of-Experts LMs the MoE-DisCo way and see what they cost.
 
-Every route but `/healthz` needs `Authorization: Bearer <MOEDISCO_API_TOKEN>` (without a configured token the
-service serves loopback clients only). This page and `/openapi.json` are open: they describe, they hold no data."""
+Every route but `/healthz` needs `Authorization: Bearer <token>`: MOEDISCO_API_TOKEN (the admin, who creates users
+and their tokens under `/v1/users`) or a user's token (without a configured MOEDISCO_API_TOKEN the service serves
+loopback clients only). A user sees only their own jobs. This page and `/openapi.json` are open: they describe,
+they hold no data."""
 
 
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-    # FastAPI's own handler echoes the offending input, and a NaN in it would turn the 422 into a 500.
-    return JSONResponse({"detail": json_safe(jsonable_encoder(error.errors()))},
+    # FastAPI's own handler echoes the whole offending input (the whole body, for a missing field), and a NaN in it
+    # would turn the 422 into a 500: echo a short prefix of it at most.
+    errors = [{**e, "input": clip_input(e["input"])} if "input" in e else e for e in error.errors()]
+    return JSONResponse({"detail": json_safe(jsonable_encoder(errors))},
                         status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
@@ -70,7 +76,9 @@ def create_app(settings: Settings | None = None, dispatch: bool = True, waker=No
     app = FastAPI(title="moedisco", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings, app.state.store, app.state.registry, app.state.dispatcher = settings, store, registry, None
     app.state.views = JobViews(store, max_age_s=settings.read_cache_max_age_s)
+    app.state.users = Users(store)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     app.include_router(health.router)
     app.include_router(api_router, prefix="/v1")
     return app

@@ -1,6 +1,8 @@
-"""Tables of the job store: one row per job, per stage (and expert), per event and per priced stage.
+"""Tables of the job store: one row per job, per stage (and expert), per event and per priced stage; the users
+who own jobs and their API tokens.
 
     job = session.get(JobRow, job_id); job.state  # "queued" | "running" | "succeeded" | "failed" | "cancelled"
+    job.owner                                      # a UserRow's name; "admin" for the bootstrap token's jobs
 
 A job's `version` grows by one with every write to the job, its stages or its cost rows (`service.store` and
 `service.recorder` bump it in the same transaction), so a reader can tell with one primary-key lookup whether
@@ -18,6 +20,8 @@ from typing import Any
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+# Who MOEDISCO_API_TOKEN (or an open, loopback-only service) acts as; jobs stored before users existed are its.
+BOOTSTRAP_ADMIN = "admin"
 
 
 def utcnow() -> datetime:
@@ -70,6 +74,36 @@ class JobRow(Base):
     finished_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The user who submitted the job (not the runner holding its folder: that is `runner_id`).
+    owner: Mapped[str] = mapped_column(String(64), default=BOOTSTRAP_ADMIN, server_default=BOOTSTRAP_ADMIN)
+
+
+class UserRow(Base):
+    """Someone who submits jobs. `monthly_budget_usd` and `max_queued_jobs` None: no limit of their own
+    (MOEDISCO_MAX_QUEUED_JOBS_PER_USER still applies to queued jobs)."""
+
+    __tablename__ = "moedisco_users"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    monthly_budget_usd: Mapped[float | None] = mapped_column(Float)
+    max_queued_jobs: Mapped[int | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]  # a revoked user's tokens are all refused; their jobs stay
+
+
+class TokenRow(Base):
+    """An API token, stored as the sha256 of its secret (the secret is shown once, when it is created): looking a
+    presented token up by its hash is one primary-key read, and the store never holds anything that logs in."""
+
+    __tablename__ = "moedisco_tokens"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    id: Mapped[str] = mapped_column(String(16), unique=True)  # what lists show and revoke names
+    user: Mapped[str] = mapped_column(ForeignKey("moedisco_users.name", ondelete="CASCADE"), index=True)
+    label: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
 
 
 class _PerStage:
@@ -123,3 +157,4 @@ class StoredCost(_PerStage, Base):
     simulated: Mapped[bool] = mapped_column(Boolean)
     device: Mapped[str | None] = mapped_column(Text)
     node: Mapped[str | None] = mapped_column(Text)
+    priced_at: Mapped[datetime | None]  # the month its dollars count in

@@ -1,7 +1,8 @@
 """Prometheus metrics, read from the store at scrape time so every replica (and a restarted one) agrees.
 
     registry = CollectorRegistry(); registry.register(StoreCollector(store))
-    generate_latest(registry)   # moedisco_jobs{state=...}, moedisco_stage_duration_seconds_*, moedisco_spent_usd_total
+    generate_latest(registry)   # moedisco_jobs{owner,state}, moedisco_stage_duration_seconds_*,
+                                # moedisco_spent_usd_total{owner,tier}
 
 The store, not process memory, is the source: a job's stages may have run under an API process long gone.
 """
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from service.models import BOOTSTRAP_ADMIN
 from service.schemas import JOB_STATES
 from service.store import Store
 
@@ -36,10 +38,13 @@ class StoreCollector(Collector):
         self.store = store
 
     def collect(self) -> Iterator[Metric]:
-        counts = self.store.count_by_state()
-        jobs = GaugeMetricFamily("moedisco_jobs", "Jobs by state.", labels=["state"])
-        for state in JOB_STATES:
-            jobs.add_metric([state], counts.get(state, 0))
+        counts = self.store.count_by_owner_and_state()
+        jobs = GaugeMetricFamily("moedisco_jobs", "Jobs by owner and state.", labels=["owner", "state"])
+        # Every state of every owner (the admin's even in an empty store), zeros included, so a rate or an alert
+        # never sees a series vanish.
+        for owner in sorted({BOOTSTRAP_ADMIN, *(owner for owner, _ in counts)}):
+            for state in JOB_STATES:
+                jobs.add_metric([owner, state], counts.get((owner, state), 0))
         yield jobs
         durations = HistogramMetricFamily("moedisco_stage_duration_seconds", "Wall time of finished stages.",
                                           labels=["stage"])
@@ -50,8 +55,8 @@ class StoreCollector(Collector):
             buckets, total = _histogram(values)
             durations.add_metric([stage], buckets, total)
         yield durations
-        spent = CounterMetricFamily("moedisco_spent_usd", "Dollars spent by tier (priced stages of all jobs).",
-                                    labels=["tier"])
-        for tier, usd in sorted(self.store.usd_by_tier().items()):
-            spent.add_metric([tier], usd or 0.0)
+        spent = CounterMetricFamily("moedisco_spent_usd", "Dollars spent by owner and tier (priced stages of all "
+                                                          "jobs).", labels=["owner", "tier"])
+        for (owner, tier), usd in sorted(self.store.usd_by_owner_and_tier().items()):
+            spent.add_metric([owner, tier], usd or 0.0)
         yield spent

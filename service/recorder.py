@@ -74,6 +74,8 @@ class EventRecorder:
                 row = CostRow.model_validate(json_safe(entry))
                 key = stage_key(row.stage, row.expert)
                 stored = session.get(StoredCost, (self.job_id, key)) or StoredCost(job_id=self.job_id, key=key)
+                if stored.usd != row.usd:  # new or re-priced: its dollars count in this month's budget
+                    stored.priced_at = utcnow()
                 for name in STORED_COST_FIELDS:
                     setattr(stored, name, getattr(row, name))
                 session.add(stored)

@@ -2,15 +2,16 @@
 
     JobCreate.model_validate(yaml.safe_load(open("examples/tiny.yaml")))   # the body of POST /v1/jobs
     JobPublic.model_validate(job_row)                                        # a job in responses
+    UserCreate(name="ada", monthly_budget_usd=50)                            # the body of POST /v1/users
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from moedisco.config import JobSpec
 from moedisco.cost import CostRow
@@ -39,6 +40,7 @@ class JobPublic(_FromRow):
     method: str
     state: JobState
     runner: str = Field(description="`local` (whole job in one actor) or `ray` (stages placed on the tiers).")
+    owner: str = Field(description="The user who submitted the job (`admin`: MOEDISCO_API_TOKEN).")
     reason: str | None = Field(None, description="Why the job failed or was cancelled.")
     cancel_requested: bool
     current_stage: str | None = Field(None, description="Last stage started, e.g. `submodel/1`.")
@@ -93,6 +95,7 @@ class BaselinePublic(BaseModel):
 
 class CostPublic(BaseModel):
     job_id: str
+    owner: str = Field(description="The user who submitted the job.")
     state: JobState
     live: bool = Field(description="True while the job runs: totals include running stages so far.")
     stages: list[CostRowPublic]
@@ -130,3 +133,59 @@ class ArtifactsPublic(BaseModel):
 
 class Message(BaseModel):
     detail: str
+
+
+# Lower case, digits and . _ -: a name is a Prometheus label value and a path segment, and must read the same.
+USER_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+TOKEN_ID_PATTERN = r"^[0-9a-f]{12}$"
+UserName = Annotated[str, StringConstraints(pattern=USER_NAME_PATTERN)]
+Dollars = Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)]
+
+
+class UserLimits(BaseModel):
+    """A user's own limits; unset (null) means none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    monthly_budget_usd: Dollars | None = Field(
+        None, description="Dollars the user's jobs may spend per calendar month (UTC): checked at submission "
+                          "against the job's estimate, and before every stage of a running job.")
+    max_queued_jobs: int | None = Field(
+        None, ge=0, le=100_000, description="Jobs the user may have queued at once (else "
+                                            "MOEDISCO_MAX_QUEUED_JOBS_PER_USER).")
+
+
+class UserCreate(UserLimits):
+    name: UserName = Field(description="Lower case letters, digits, `.`, `_`, `-`; at most 64 characters.")
+    is_admin: bool = Field(False, description="Admins manage users and see every job.")
+
+
+class UserAccount(UserLimits):
+    """A user, with this month's spend."""
+
+    name: str
+    is_admin: bool
+    created_at: datetime | None = Field(description="None for the bootstrap admin (MOEDISCO_API_TOKEN).")
+    revoked_at: datetime | None = Field(None, description="Set once revoked: every token of the user is refused.")
+    month_spend_usd: float = Field(description="Dollars of this user's priced stages this calendar month (UTC).")
+    budget_left_usd: float | None = Field(None, description="monthly_budget_usd - month_spend_usd; null: no budget.")
+    queued_jobs: int
+
+
+class TokenCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    label: str | None = Field(None, max_length=64, pattern=r"^[^\x00-\x1f]*$",  # PostgreSQL refuses NUL
+                              description="What the token is for, e.g. `laptop`.")
+
+
+class TokenPublic(_FromRow):
+    id: str = Field(description="Names the token in lists and to revoke it; not the secret.")
+    user: str
+    label: str | None
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class TokenCreated(TokenPublic):
+    token: str = Field(description="The secret, shown only in this response: send it as `Authorization: Bearer`.")

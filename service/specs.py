@@ -7,7 +7,10 @@ Pydantic has already checked types and ranges. On top of that the service:
   - keeps `resources.storage_path` (where the Ray runner writes checkpoints) inside MOEDISCO_DATA_DIR;
   - resolves input paths (data, tokenizer, models) against MOEDISCO_DATA_DIR, requires them to exist and to lie
     inside MOEDISCO_DATA_DIR or MOEDISCO_INPUT_ROOTS, so a token holder cannot read arbitrary server files;
-  - refuses NaN/infinity and NUL characters, which JSON responses and PostgreSQL cannot hold.
+  - refuses NaN/infinity and NUL characters, which JSON responses and PostgreSQL cannot hold;
+  - refuses a model built from the spec whose size is absurd (`model.hidden_size: 1000000000`): a rough upper bound
+    of its parameter count, from the widths alone, beyond MOEDISCO_MAX_MODEL_PARAMETERS. Not a memory plan (whether
+    a job fits its tiers): a sanity bound that needs no torch in the API.
 """
 
 from __future__ import annotations
@@ -19,13 +22,13 @@ from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 
-from moedisco.config import INPUT_PATHS, JobSpec
+from moedisco.config import INPUT_PATHS, JobSpec, ModelConfig
 from service.core.config import Settings
 from service.schemas import JobCreate
 
 
 def _error(loc: tuple, msg: str, value: Any = None) -> dict:
-    return {"type": "value_error", "loc": ("body", *loc), "msg": msg, "input": str(value)[:200]}
+    return {"type": "value_error", "loc": ("body", *loc), "msg": msg, "input": str(value)}  # clipped when sent
 
 
 def _unstorable(value: Any, loc: tuple = ()) -> Iterator[dict]:
@@ -81,6 +84,27 @@ def _check_storage(raw: dict, settings: Settings) -> dict | None:
     return None
 
 
+def parameter_upper_bound(model: ModelConfig, vocab_size: int) -> int:
+    """At least as many parameters as the model has: embeddings and head, and per layer attention plus every
+    expert (and a shared one) at the widest FFN width. Exact enough to tell 10^9 from 10^18."""
+    ffn = max(model.intermediate_size, model.moe_intermediate_size, model.shared_expert_intermediate_size)
+    per_layer = 4 * model.hidden_size**2 + (model.num_experts + 1) * 3 * model.hidden_size * ffn
+    return 2 * vocab_size * model.hidden_size + model.num_hidden_layers * per_layer
+
+
+def _check_size(spec: JobSpec, settings: Settings) -> dict | None:
+    if spec.model.pretrained is not None:  # a checkpoint on disk is as large as it is
+        return None
+    vocab = spec.model.overrides.get("vocab_size", spec.tokenizer.vocab_size)
+    bound = parameter_upper_bound(spec.model, vocab if isinstance(vocab, int) else spec.tokenizer.vocab_size)
+    if bound <= settings.max_model_parameters:
+        return None
+    model = spec.model
+    return _error(("model",), f"up to about {bound:.2g} parameters (hidden_size {model.hidden_size}, "
+                              f"{model.num_hidden_layers} layers, {model.num_experts} experts): more than "
+                              f"MOEDISCO_MAX_MODEL_PARAMETERS ({settings.max_model_parameters:.2g})", model.hidden_size)
+
+
 def prepare_spec(job_in: JobCreate, job_id: str, settings: Settings) -> dict:
     errors = list(_unstorable(job_in.model_dump()))
     if errors:
@@ -91,4 +115,8 @@ def prepare_spec(job_in: JobCreate, job_id: str, settings: Settings) -> dict:
     errors = [error for error in (*checks, _check_storage(raw, settings)) if error is not None]
     if errors:
         raise RequestValidationError(errors)
-    return JobSpec.model_validate(raw).model_dump(mode="json")
+    spec = JobSpec.model_validate(raw)
+    error = _check_size(spec, settings)
+    if error is not None:
+        raise RequestValidationError([error])
+    return spec.model_dump(mode="json")

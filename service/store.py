@@ -1,8 +1,8 @@
 """The job store: every read and write of the tables, shared by the API, the dispatcher and the job actors.
 
     store = Store("sqlite:////tmp/moedisco.db")
-    job = store.create_job("a1b2c3", spec_dict, runner="local")
-    rows, count = store.list_jobs(states=["queued"], offset=0, limit=20)
+    job = store.create_job("a1b2c3", spec_dict, runner="local", owner="ada")
+    rows, count = store.list_jobs(states=["queued"], offset=0, limit=20, owner="ada")   # owner None: everyone's
     claimed = store.claim_next_queued()            # queued -> running, atomically (no job starts twice)
 
 State changes are conditional UPDATEs (`... WHERE state = 'queued'`), so two processes racing on one job cannot
@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from moedisco.cost import CostRow
 from service.core.db import init_db, make_engine, session_factory
-from service.models import EventRow, JobRow, StageRow, StoredCost, utcnow
+from service.models import BOOTSTRAP_ADMIN, EventRow, JobRow, StageRow, StoredCost, utcnow
 from service.schemas import TERMINAL_STATES
 
 # A full-parameter job is the measured baseline of a MoE-DisCo job when it trained on the same data and model.
@@ -50,6 +50,9 @@ VIEW_VERSIONS = select(
     select(func.count()).select_from(_BASELINES).where(*_IS_BASELINE).scalar_subquery(),
     select(func.coalesce(func.sum(_BASELINES.c.version), 0)).where(*_IS_BASELINE).scalar_subquery(),
 ).where(_JOBS.c.id == bindparam("job_id"))
+# The same, for a caller who may only see their own jobs: another user's job reads as no job at all.
+OWN_JOB = _JOBS.c.owner == bindparam("owner")
+OWN_VERSION, OWN_VIEW_VERSIONS = JOB_VERSION.where(OWN_JOB), VIEW_VERSIONS.where(OWN_JOB)
 
 
 def bump_version(session: Session, job_id: str) -> None:
@@ -69,9 +72,10 @@ class Store:
 
     # --- jobs ---------------------------------------------------------------------------------------------------
 
-    def create_job(self, job_id: str, spec: dict, runner: str) -> JobRow:
+    def create_job(self, job_id: str, spec: dict, runner: str, owner: str = BOOTSTRAP_ADMIN) -> JobRow:
         job = JobRow(id=job_id, name=spec["name"], method=spec["method"], state="queued", runner=runner,
-                     spec=json_safe(spec), output_dir=spec["output_dir"], cancel_requested=False, attempts=0)
+                     spec=json_safe(spec), output_dir=spec["output_dir"], cancel_requested=False, attempts=0,
+                     owner=owner)
         with self.session() as session, session.begin():
             session.add(job)
         return job
@@ -80,10 +84,13 @@ class Store:
         with self.session() as session:
             return session.get(JobRow, job_id)
 
-    def list_jobs(self, states: Iterable[str] | None, offset: int, limit: int) -> tuple[list[JobRow], int]:
+    def list_jobs(self, states: Iterable[str] | None, offset: int, limit: int,
+                  owner: str | None = None) -> tuple[list[JobRow], int]:
         query = select(JobRow)
         if states:
             query = query.where(JobRow.state.in_(list(states)))
+        if owner is not None:
+            query = query.where(JobRow.owner == owner)
         with self.session() as session:
             count = session.scalar(select(func.count()).select_from(query.subquery()))
             rows = session.scalars(query.order_by(JobRow.created_at.desc(), JobRow.id.desc())
@@ -225,31 +232,40 @@ class Store:
 
     # --- versions of the read views -----------------------------------------------------------------------------
 
-    def job_version(self, job_id: str) -> int | None:
-        """The job's version (None when there is no such job): one primary-key lookup."""
+    def job_version(self, job_id: str, owner: str | None = None) -> int | None:
+        """The job's version (None when there is no such job, or `owner` is given and does not own it): one
+        primary-key lookup."""
+        query, params = _versions_query(JOB_VERSION, OWN_VERSION, job_id, owner)
         with self.engine.connect() as connection:
-            return connection.execute(JOB_VERSION, {"job_id": job_id}).scalar()
+            return connection.execute(query, params).scalar()
 
-    def view_versions(self, job_id: str) -> tuple[int, int, int] | None:
+    def view_versions(self, job_id: str, owner: str | None = None) -> tuple[int, int, int] | None:
         """(the job's version, and the number and summed versions of the succeeded full-parameter jobs), or None
         when there is no such job. One primary-key lookup and one indexed count, in one round trip.
 
         A job's detail changes exactly when its version does; its cost view also when a possible measured baseline
         appears or changes, which the last two numbers capture (both only grow, so no change goes unnoticed)."""
+        query, params = _versions_query(VIEW_VERSIONS, OWN_VIEW_VERSIONS, job_id, owner)
         with self.engine.connect() as connection:
-            row = connection.execute(VIEW_VERSIONS, {"job_id": job_id}).first()
+            row = connection.execute(query, params).first()
         return None if row is None else (int(row[0]), int(row[1]), int(row[2]))
 
-    def count_by_state(self) -> dict[str, int]:
+    def count_by_owner_and_state(self) -> dict[tuple[str, str], int]:
         with self.session() as session:
-            return dict(session.execute(select(JobRow.state, func.count()).group_by(JobRow.state)).all())
+            counts = select(JobRow.owner, JobRow.state, func.count()).group_by(JobRow.owner, JobRow.state)
+            return {(owner, state): count for owner, state, count in session.execute(counts).all()}
 
     def finished_stage_seconds(self) -> list[tuple[str, float]]:
         with self.session() as session:
             return list(session.execute(select(StageRow.stage, StageRow.seconds).where(
                 StageRow.state == "finished", StageRow.seconds.is_not(None))).all())
 
-    def usd_by_tier(self) -> dict[str, float]:
+    def usd_by_owner_and_tier(self) -> dict[tuple[str, str], float]:
         with self.session() as session:
-            totals = select(StoredCost.tier, func.sum(StoredCost.usd)).group_by(StoredCost.tier)
-            return dict(session.execute(totals).all())
+            totals = (select(JobRow.owner, StoredCost.tier, func.sum(StoredCost.usd))
+                      .join(JobRow, JobRow.id == StoredCost.job_id).group_by(JobRow.owner, StoredCost.tier))
+            return {(owner, tier): usd for owner, tier, usd in session.execute(totals).all()}
+
+
+def _versions_query(everyone, own, job_id: str, owner: str | None) -> tuple:
+    return (everyone, {"job_id": job_id}) if owner is None else (own, {"job_id": job_id, "owner": owner})

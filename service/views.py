@@ -4,6 +4,7 @@ change of the job and reused while the store says nothing changed.
     views = JobViews(store, max_age_s=2.0)
     body = views.job(job_id)      # bytes of schemas.JobDetail; None when there is no such job
     body = views.cost(job_id)     # bytes of schemas.CostPublic, running stages priced up to this call
+    views.job_if_fresh(job_id, owner="ada")   # (None, None) unless ada owns the job: others' jobs do not exist
 
 Every call first reads the job's version: one primary-key lookup (the cost view also counts the succeeded
 full-parameter jobs, any of which could become its measured baseline, and sums their versions). Every writer bumps
@@ -69,9 +70,10 @@ class JobViews:
     # Each view has a fast path, `*_if_fresh` (the version lookup and, when the entry is current, its bytes: no thread
     # hop needed), and `build_*`, which does the store reads; `job` and `cost` are both in one call.
 
-    def job_if_fresh(self, job_id: str) -> tuple[int | None, bytes | None]:
-        """(the job's version, its cached view when current); (None, None) when there is no such job."""
-        version = self.store.job_version(job_id)
+    def job_if_fresh(self, job_id: str, owner: str | None = None) -> tuple[int | None, bytes | None]:
+        """(the job's version, its cached view when current); (None, None) when there is no such job (of `owner`,
+        when given)."""
+        version = self.store.job_version(job_id, owner)
         entry = None if version is None else self._cached(("job", job_id), version)
         return version, None if entry is None else entry.body
 
@@ -90,9 +92,10 @@ class JobViews:
         version, body = self.job_if_fresh(job_id)
         return body if body is not None or version is None else self.build_job(job_id, version)
 
-    def cost_if_fresh(self, job_id: str) -> tuple[Any, bytes | None]:
-        """(the cost view's versions, its bytes when the cached inputs are current); (None, None) when no such job."""
-        version = self.store.view_versions(job_id)
+    def cost_if_fresh(self, job_id: str, owner: str | None = None) -> tuple[Any, bytes | None]:
+        """(the cost view's versions, its bytes when the cached inputs are current); (None, None) when no such job
+        (of `owner`, when given)."""
+        version = self.store.view_versions(job_id, owner)
         entry = None if version is None else self._cached(("cost", job_id), version)
         return version, None if entry is None else self._cost_body(entry)
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from moedisco.config import ResourcesConfig, build_spec, load_spec
 from moedisco.cost import CostLedger, flop_cost_usd
 from moedisco.estimate import estimate_job, parameter_counts
-from moedisco.runner import BudgetExceeded, run_job
+from moedisco.runner import BudgetExceeded, JobRunner, LocalExecutor, run_job
 from moedisco.split import with_num_experts
 from tests.conftest import REPO, tiny_hf_config, tiny_spec_dict
 
@@ -77,3 +77,20 @@ def test_budget_stops_at_a_stage_boundary(tmp_path):
     done = sorted(p.stem for p in (spec.output_dir / "stages").glob("*.json"))
     assert done == ["embed", "prepare"]  # embed spent the (tiny) budget; the cluster stage never started
     assert (spec.output_dir / "embed" / "embeddings.npy").is_file()
+
+
+def test_a_budget_left_hook_stops_before_a_stage_it_cannot_pay(tmp_path):
+    """`budget_left` (the service's monthly budget per user) is asked before every stage, on top of max_cost_usd."""
+    spec = build_spec(tiny_spec_dict(tmp_path / "out"))
+    left = [1.0]
+    runner = JobRunner(spec, LocalExecutor(progress=False), budget_left=lambda: left[0])
+    runner.check_budget("submodel")  # nothing spent, nothing projected yet
+    runner.ledger.record("submodel", spec.resources.submodel_tier, 3600, device="cpu", expert=0)
+    runner.check_budget("submodel")  # one more submodel-hour ($0.35) fits in $1
+    left[0] = 0.3  # other jobs of the owner spent the rest meanwhile
+    with pytest.raises(BudgetExceeded, match=r"\$0.3000 left of the owner's budget"):
+        runner.check_budget("submodel")
+    left[0] = 0.0
+    with pytest.raises(BudgetExceeded):
+        runner.check_budget("merge")  # nothing at all left: not even a stage that was free last time
+    JobRunner(spec, LocalExecutor(progress=False), budget_left=lambda: None).check_budget("submodel")  # no budget

@@ -82,6 +82,7 @@ BAD_FIELDS = [
     ("data.text_field", "te\x00xt"),
     ("resources.storage_path", "/tmp/elsewhere"),
     ("submodel.betas", [0.9, "x"]),
+    ("model.hidden_size", 1_000_000_000),  # beyond MOEDISCO_MAX_MODEL_PARAMETERS
 ]
 
 
@@ -139,6 +140,7 @@ ROUTES = [("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("GET", "/v1/jobs/012345678
           ("POST", "/v1/jobs/0123456789ab/cancel"), ("GET", "/v1/jobs/0123456789ab/cost"),
           ("GET", "/v1/jobs/0123456789ab/metrics"), ("GET", "/v1/jobs/0123456789ab/artifacts"),
           ("GET", "/v1/jobs/0123456789ab/artifacts/cost.json"), ("GET", "/v1/jobs/0123456789ab/report"),
+          ("GET", "/v1/users/me"), ("GET", "/v1/users"), ("POST", "/v1/users/ada/tokens"),
           ("GET", "/metrics")]
 
 
@@ -217,7 +219,7 @@ def test_a_queued_job_answers_every_read_route(client):
     assert client.get(f"{base}/metrics").json()["count"] == 0
     assert client.get(f"{base}/artifacts").json()["count"] == 0
     assert "<html>" in client.get(f"{base}/report").text
-    assert 'moedisco_jobs{state="queued"} 1.0' in client.get("/metrics").text
+    assert 'moedisco_jobs{owner="admin",state="queued"} 1.0' in client.get("/metrics").text
     assert client.get("/openapi.json").json()["paths"]["/v1/jobs"]["post"]
     assert client.get("/docs").status_code == 200
 

@@ -128,9 +128,9 @@ def test_report_metrics_and_artifacts_of_the_finished_job(service, client, jobs)
     files = {a["path"] for a in http_get(service, f"/v1/jobs/{job_id}/artifacts").json()["data"]}
     assert {"spec.yaml", "cost.json", "metrics.jsonl", "report.png", "final/model.safetensors"} <= files
     exposition = http_get(service, "/metrics").text
-    assert 'moedisco_jobs{state="succeeded"} 1.0' in exposition
+    assert 'moedisco_jobs{owner="admin",state="succeeded"} 1.0' in exposition
     assert 'moedisco_stage_duration_seconds_count{stage="submodel"} 2.0' in exposition
-    assert 'moedisco_spent_usd_total{tier="A100"}' in exposition
+    assert 'moedisco_spent_usd_total{owner="admin",tier="A100"}' in exposition
 
 
 def test_budget_stops_the_job_at_a_stage_boundary(client, jobs):

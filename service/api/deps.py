@@ -1,7 +1,12 @@
-"""`Annotated` dependencies of the routes: settings, the store, the bearer token and the job named in the path.
+"""`Annotated` dependencies of the routes: settings, the store, the caller (from the bearer token) and the job
+named in the path, which must be the caller's own (or the caller an admin): another user's job is a 404.
 
     @router.get("/{job_id}/artifacts")
     def read_artifacts(job: JobDep) -> ArtifactsPublic: ...
+    def submit_job(caller: CallerDep, ...): caller.name, caller.is_admin
+
+The bearer token is MOEDISCO_API_TOKEN (the bootstrap admin, `admin`) or a user's token (`service.users`), looked
+up in the store on every request, so a revoked one is refused at once.
 
 The dependencies that do no I/O are `async def`: FastAPI runs every plain `def` dependency in its threadpool, a
 thread hop per dependency per request. `get_job` reads the store and stays a `def`.
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, Response, status
@@ -23,8 +29,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.core.config import Settings, is_loopback
-from service.models import JobRow
+from service.models import BOOTSTRAP_ADMIN, JobRow
 from service.store import Store
+from service.users import Users
 from service.views import JobViews
 
 JOB_ID = re.compile(r"^[0-9a-f]{12}$")
@@ -42,37 +49,83 @@ async def get_views(request: Request) -> JobViews:
     return request.app.state.views
 
 
+async def get_users(request: Request) -> Users:
+    return request.app.state.users
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
 ViewsDep = Annotated[JobViews, Depends(get_views)]
+UsersDep = Annotated[Users, Depends(get_users)]
 JobIdPath = Annotated[str, PathParam(description="Job id (12 hex digits).")]
 
-bearer = HTTPBearer(auto_error=False, description="MOEDISCO_API_TOKEN, sent as `Authorization: Bearer <token>`.")
+bearer = HTTPBearer(auto_error=False, description="MOEDISCO_API_TOKEN (the admin) or a user's token, sent as "
+                                                    "`Authorization: Bearer <token>`.")
 
 
-async def require_token(request: Request, settings: SettingsDep,
-                        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+@dataclass(frozen=True)
+class Caller:
+    """Who sent the request: a user's name, or `admin` for MOEDISCO_API_TOKEN."""
+
+    name: str
+    is_admin: bool
+
+    @property
+    def sees_only(self) -> str | None:
+        """The owner whose jobs this caller may see; None: every job (an admin)."""
+        return None if self.is_admin else self.name
+
+    def may_see(self, owner: str) -> bool:
+        return self.is_admin or owner == self.name
+
+
+BOOTSTRAP = Caller(BOOTSTRAP_ADMIN, is_admin=True)
+
+
+def _is_bootstrap_token(settings: Settings, presented: str) -> bool:
+    # Compare bytes: compare_digest refuses non-ASCII str, and a header may carry any latin-1 text.
     token = settings.api_token
-    if token is None:
+    return token is not None and secrets.compare_digest(presented.encode(), token.get_secret_value().encode())
+
+
+async def get_caller(request: Request, settings: SettingsDep, users: UsersDep,
+                     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
+    if credentials is not None:
+        if _is_bootstrap_token(settings, credentials.credentials):
+            return BOOTSTRAP
+        user = users.authenticate(credentials.credentials)  # one primary-key read: cheaper than a thread hop
+        if user is not None:
+            return Caller(user.name, user.is_admin)
+    if settings.api_token is None:
         # No token configured: the service is open, so only this machine may use it (it also binds to loopback,
-        # but Ray Serve's proxy may be told to listen elsewhere).
+        # but Ray Serve's proxy may be told to listen elsewhere). An unknown token counts as none: on loopback,
+        # anyone is the admin anyway.
         if not is_loopback(request.client.host if request.client else None):
             raise HTTPException(status.HTTP_403_FORBIDDEN, "no MOEDISCO_API_TOKEN configured: loopback clients only")
-        return
-    # Compare bytes: compare_digest refuses non-ASCII str, and a header may carry any latin-1 text.
-    if credentials is None or not secrets.compare_digest(credentials.credentials.encode(),
-                                                         token.get_secret_value().encode()):
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong bearer token",
-                            headers={"WWW-Authenticate": "Bearer"})
+        return BOOTSTRAP
+    raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing, wrong or revoked bearer token",
+                        headers={"WWW-Authenticate": "Bearer"})
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+async def require_admin(caller: CallerDep) -> Caller:
+    if not caller.is_admin:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"user {caller.name!r} is not an admin")
+    return caller
+
+
+AdminDep = Annotated[Caller, Depends(require_admin)]
 
 
 def no_such_job(job_id: str) -> HTTPException:
     return HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id!r}")
 
 
-def get_job(job_id: JobIdPath, store: StoreDep) -> JobRow:
+def get_job(job_id: JobIdPath, store: StoreDep, caller: CallerDep) -> JobRow:
     job = store.get_job(job_id) if JOB_ID.match(job_id) else None
-    if job is None:
+    if job is None or not caller.may_see(job.owner):  # someone else's job does not exist for this caller
         raise no_such_job(job_id)
     return job
 
@@ -80,9 +133,10 @@ def get_job(job_id: JobIdPath, store: StoreDep) -> JobRow:
 JobDep = Annotated[JobRow, Depends(get_job)]
 
 
-async def view_response(if_fresh, build, job_id: str) -> Response:
-    """The JSON of a polled view (`JobViews.job_if_fresh` / `build_job`, or the cost pair); 404 without the job."""
-    version, body = if_fresh(job_id) if JOB_ID.match(job_id) else (None, None)
+async def view_response(if_fresh, build, job_id: str, caller: Caller) -> Response:
+    """The JSON of a polled view (`JobViews.job_if_fresh` / `build_job`, or the cost pair); 404 without the job,
+    or when it is not the caller's."""
+    version, body = if_fresh(job_id, caller.sees_only) if JOB_ID.match(job_id) else (None, None)
     if body is None and version is not None:
         body = await run_in_threadpool(build, job_id, version)
     if body is None:

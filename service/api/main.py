@@ -1,4 +1,4 @@
-"""All routes under /v1 (each requires the bearer token); /healthz and /metrics are added by `service.main`.
+"""All routes under /v1 (each requires a bearer token); /healthz and /metrics are added by `service.main`.
 
     app.include_router(api_router, prefix="/v1")
 """
@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from service.api.deps import require_token
-from service.api.routes import artifacts, cost, jobs, metrics, report
+from service.api.deps import get_caller
+from service.api.routes import artifacts, cost, jobs, metrics, report, users
 
-api_router = APIRouter(dependencies=[Depends(require_token)],
-                       responses={401: {"description": "Missing or wrong bearer token."}})
-for module in (jobs, cost, metrics, artifacts, report):
+api_router = APIRouter(dependencies=[Depends(get_caller)],
+                       responses={401: {"description": "Missing, wrong or revoked bearer token."}})
+for module in (jobs, cost, metrics, artifacts, report, users):
     api_router.include_router(module.router)

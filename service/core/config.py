@@ -32,7 +32,9 @@ def is_loopback(host: str | None) -> bool:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MOEDISCO_", extra="ignore")
 
-    api_token: SecretStr | None = Field(None, description="Bearer token every route but /healthz requires.")
+    api_token: SecretStr | None = Field(
+        None, description="The bootstrap admin's bearer token (user `admin`): it creates users and their tokens "
+                          "(`moedisco users create`), and owns the jobs stored before users existed.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; unset = SQLite file DATA_DIR/moedisco.db.")
     data_dir: Path = Field(Path.home() / ".moedisco", description="Jobs live in DATA_DIR/jobs/<id>/.")
     input_roots: list[Path] = Field(
@@ -58,6 +60,15 @@ class Settings(BaseSettings):
     api_niceness: int | None = Field(
         0, ge=-20, le=19, description="Niceness of the API's Ray Serve replicas (Ray starts workers at 15, as low "
                                       "as training); lowering it needs CAP_SYS_NICE. None keeps Ray's.")
+    max_request_bytes: int = Field(
+        1_000_000, ge=1024, description="Largest request body accepted; a longer one is refused with 413 before it "
+                                        "is read (a job spec is a few kB).")
+    max_model_parameters: float = Field(
+        1e13, gt=0, description="A spec whose model (built from its widths, not a checkpoint) would have more "
+                                "parameters than this is refused with 422: a sanity bound, not a memory plan.")
+    max_queued_jobs_per_user: int | None = Field(
+        20, ge=0, description="Jobs one user may have queued at once, unless their own `max_queued_jobs` says "
+                              "otherwise; None: no limit. The bootstrap admin has none.")
     read_cache_max_age_s: float = Field(
         2.0, ge=0, description="The job and cost views are rebuilt whenever the job changes (its version in the "
                                "store), and at the latest after this many seconds; 0 rebuilds them on every read.")
@@ -91,4 +102,4 @@ class Settings(BaseSettings):
         if self.api_token is None:
             return ("no MOEDISCO_API_TOKEN configured: the API is open, so it serves loopback clients only "
                     "(set MOEDISCO_API_TOKEN to serve other hosts)")
-        return "bearer-token auth enabled (MOEDISCO_API_TOKEN)"
+        return "bearer-token auth enabled (MOEDISCO_API_TOKEN is the admin; users' tokens are in the store)"

@@ -2,6 +2,7 @@
 
     engine = make_engine("sqlite:////var/lib/moedisco/moedisco.db")
     init_db(engine)                                  # creates missing tables and columns; safe on every start
+                                                     # (new tables, e.g. users and tokens, come from create_all)
     with session_factory(engine)() as session: ...
 
 The API process and every job actor open their own engine on the same URL, so SQLite runs in WAL mode with a
@@ -25,7 +26,11 @@ SQLITE_BUSY_TIMEOUT_S = 30
 # by an older moedisco gets them here. Same DDL on SQLite and PostgreSQL.
 ADDED_COLUMNS = {("moedisco_jobs", "version"): "INTEGER NOT NULL DEFAULT 0",
                  ("moedisco_jobs", "runner_id"): "VARCHAR(32)",
-                 ("moedisco_jobs", "heartbeat_at"): "TIMESTAMP WITH TIME ZONE"}
+                 ("moedisco_jobs", "heartbeat_at"): "TIMESTAMP WITH TIME ZONE",
+                 # Jobs from before users existed belong to the bootstrap admin (MOEDISCO_API_TOKEN).
+                 ("moedisco_jobs", "owner"): "VARCHAR(64) NOT NULL DEFAULT 'admin'",
+                 # Cost rows from before then have none: they count in the month their job was created.
+                 ("moedisco_costs", "priced_at"): "TIMESTAMP WITH TIME ZONE"}
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from service.api.deps import JobIdPath, ViewsDep, view_response
+from service.api.deps import CallerDep, JobIdPath, ViewsDep, view_response
 from service.schemas import CostPublic, Message
 
 router = APIRouter(prefix="/jobs", tags=["cost"])
 
 
 @router.get("/{job_id}/cost", response_model=CostPublic, responses={404: {"model": Message}})
-async def read_cost(job_id: JobIdPath, views: ViewsDep) -> Response:
+async def read_cost(job_id: JobIdPath, views: ViewsDep, caller: CallerDep) -> Response:
     """Dollars per stage and tier, the full-parameter baseline (measured or estimated) and the savings."""
-    return await view_response(views.cost_if_fresh, views.build_cost, job_id)
+    return await view_response(views.cost_if_fresh, views.build_cost, job_id, caller)

@@ -1,7 +1,7 @@
 """Liveness and Prometheus metrics.
 
     GET /healthz    no auth: {"status": "ok"} when the store answers, else 503
-    GET /metrics    Prometheus text: jobs by state, stage durations, dollars spent by tier (bearer token)
+    GET /metrics    Prometheus text: jobs by owner and state, stage durations, dollars by owner and tier (admins)
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Request, Response, status
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
-from service.api.deps import StoreDep, require_token
+from service.api.deps import StoreDep, require_admin
 
 router = APIRouter(tags=["health"])
 
@@ -27,8 +27,9 @@ def healthz(store: StoreDep, response: Response) -> dict[str, str]:
     return {"status": "ok", "database": "ok"}
 
 
-@router.get("/metrics", dependencies=[Depends(require_token)], response_class=Response,
-            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+@router.get("/metrics", dependencies=[Depends(require_admin)], response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, 403: {"description": "Not an admin."}})
 def prometheus_metrics(request: Request) -> Response:
-    """Prometheus exposition format, computed from the store at scrape time."""
+    """Prometheus exposition format, computed from the store at scrape time. Admins only: it names every user
+    and what they spent."""
     return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
