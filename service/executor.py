@@ -17,15 +17,18 @@ import threading
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from moedisco.config import JobSpec, SpecError, build_spec, upgrade_saved_spec
 from moedisco.events import Events
 from moedisco.layout import NotOwner
-from moedisco.runner import BudgetLeft
 from service.models import utcnow
 from service.recorder import EventRecorder
 from service.store import Store
 from service.users import Users
+
+if TYPE_CHECKING:
+    from moedisco.runner import BudgetLeft  # the runner (torch) is imported only where a job runs
 
 log = logging.getLogger(__name__)
 
