@@ -40,9 +40,10 @@ from moedisco.runner import JobCancelled, JobContext, JobRunner, Started
 from moedisco.stages import STAGE, Task, run_stage
 from ray_cluster import data, prestart
 from ray_cluster.cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster
-from ray_cluster.placement import label_selector, on_driver_node, run_name, storage_root, tier_nodes, tier_of
+from ray_cluster.placement import (TierUnreachable, check_tiers_reachable, on_driver_node, run_name,
+                                   run_stage_on_tier, storage_root, task_options, tier_nodes)
 from ray_cluster.tracking import Tracker
-from ray_cluster.trainers import build_trainer, num_workers
+from ray_cluster.trainers import build_trainer
 
 
 class RayExecutor:
@@ -50,8 +51,14 @@ class RayExecutor:
 
     def open(self, job: JobContext) -> None:
         self.job, self.spec, self.paths = job, job.spec, job.paths
+        helpers = prestart.take_prestarted(self.spec)
+        try:
+            check_tiers_reachable(self.spec)  # else the first placement on a missing tier waits forever
+        except TierUnreachable:
+            prestart.stop_helpers(helpers)
+            raise
         self.tracker = Tracker(job.events, job.should_stop)
-        helpers = prestart.take_prestarted(self.spec) or prestart.start_helpers(self.spec)
+        helpers = helpers or prestart.start_helpers(self.spec)
         self.tracker.adopt_launcher(helpers.launcher)
         self.data_worker = helpers.data_worker
 
@@ -78,8 +85,8 @@ class RayExecutor:
         elif STAGE[task.stage].setup:
             self.submit_setup(task)
         else:  # sync, merge: work on the checkpoints in storage, on a cheap node
-            options = {"num_cpus": 1, "label_selector": label_selector(self.spec, self.spec.resources.submodel_tier)}
-            self.remote(task, run_stage, self.job.stage_run(task), options=options)
+            tier = self.spec.resources.submodel_tier
+            self.remote(task, run_stage_on_tier, self.job.stage_run(task), tier, options=task_options(self.spec, tier))
 
     def submit_setup(self, task: Task) -> None:
         spec, paths = self.spec, self.paths
@@ -106,17 +113,15 @@ class RayExecutor:
         self.tracker.submit(task.key, ref)
 
     def launch_trainer(self, task: Task) -> None:
-        """Queue a trainer; it starts when its tier has a free slot. With no node of the tier yet (an autoscaler
-        starting from zero) one trainer is submitted, whose pending placement group asks for a node."""
-        spec, tier = self.spec, tier_of(self.spec, task.stage)
+        """Queue a trainer; up to `resources.max_parallel` of a stage (default: all) are submitted at once. How many
+        run at once is then up to the cluster: each submitted trainer waits in Ray for its tier's nodes, and its
+        pending placement group is what tells an autoscaler to add one (from zero pods, as many as are asked)."""
+        spec = self.spec
 
         def start():
             return self.tracker.launcher.fit.remote(build_trainer(spec, task, events=self.tracker.queue))
 
-        def slots() -> int:
-            return max(1, len(tier_nodes(spec, tier)) // num_workers(spec, task.stage))
-
-        self.tracker.enqueue(task.key, start, slots)
+        self.tracker.enqueue(task.key, start, max_parallel(spec))
 
     def result(self, task: Task) -> dict:
         summary = self.tracker.wait(task.key)
@@ -144,6 +149,11 @@ class RayExecutor:
 
 
 RAY_DATA_STAGES = ("embed", "cluster")  # set-up stages with a Ray Data implementation (`ray_cluster.data`)
+
+
+def max_parallel(spec: JobSpec) -> int:
+    """Trainers of one stage submitted at once: the job's cap, else every expert of a round."""
+    return spec.resources.max_parallel or spec.model.num_experts
 
 
 @contextlib.contextmanager

@@ -1,17 +1,18 @@
 """Waiting on a job's remote work: events from workers, expert states, node slots, cancellation.
 
     tracker = Tracker(emit=print, should_stop=lambda: False)
-    tracker.enqueue(("submodel", 0), start=lambda: tracker.launcher.fit.remote(trainer), slots=lambda: 2)
+    tracker.enqueue(("submodel", 0), start=lambda: tracker.launcher.fit.remote(trainer), limit=4)
     summary = tracker.wait(("submodel", 0))   # starts it when a slot is free, forwards progress, honours should_stop
 
 Workers push events to an `EventQueue` actor (fire and forget, so a slow driver never slows training); the driver
 drains it every `poll_s` while it waits, so every event reaches the job's callback from the driver's thread.
 
-Trainers are queued and started while their tier has a free slot (its nodes / workers per trainer, re-read every
-poll, so nodes that join are used at once). An expert is `waiting` in that queue, `running` once rank 0 of its
-trainer starts, `done` when it finishes. Trainers are not left to wait inside Ray Train: a trainer whose placement
-group is still pending when its controller dies would hold its nodes until the driver exits (Ray removes the
-placement group of a dead non-detached creator only with its job), and a cancel must free them.
+Trainers are queued and submitted while fewer than `limit` of their stage are running (the job's
+`resources.max_parallel`, default every expert of a round). A submitted trainer waits inside Ray Train for its
+tier's nodes; its pending placement group is the demand an autoscaler reads, so counting alive nodes here would
+starve a tier that starts at zero pods. An expert is `waiting` until rank 0 of its trainer starts, then `running`,
+`done` when it finishes. A cancel kills the launcher, which owns the trainers' controllers; Ray Train's
+placement-group cleaner then removes the placement groups they left pending.
 
 Cancelling (`should_stop()` turned true) raises the queue's stop flag, which each worker reads at its next
 checkpoint (`TrainHooks.should_stop`) and returns early, so Ray Train shuts the trainer down cleanly; a trainer that
@@ -62,7 +63,7 @@ class Tracker:
         self.emit, self.should_stop, self.poll_s = emit, should_stop, poll_s
         self.queue = EventQueue.options(**on_driver_node()).remote()
         self._launcher = None
-        self.queued: list[tuple[Key, Callable[[], ray.ObjectRef], Callable[[], int]]] = []
+        self.queued: list[tuple[Key, Callable[[], ray.ObjectRef], int]] = []
         self.pending: dict[Key, ray.ObjectRef] = {}
         self.trainers: set[Key] = set()
         self.states: dict[Key, str] = {}
@@ -89,9 +90,9 @@ class Tracker:
         if actor is not None:
             self.actors[key] = actor
 
-    def enqueue(self, key: Key, start: Callable[[], ray.ObjectRef], slots: Callable[[], int]) -> None:
-        """Queue a trainer; `start()` submits it once fewer than `slots()` trainers of its stage are running."""
-        self.queued.append((key, start, slots))
+    def enqueue(self, key: Key, start: Callable[[], ray.ObjectRef], limit: int) -> None:
+        """Queue a trainer; `start()` submits it once fewer than `limit` trainers of its stage are running."""
+        self.queued.append((key, start, limit))
         self.trainers.add(key)
         self.set_state(key, "waiting")
 
@@ -107,8 +108,8 @@ class Tracker:
 
     def start_queued(self) -> None:
         for item in list(self.queued):
-            key, start, slots = item
-            if self.running_trainers(key[0]) < slots():
+            key, start, limit = item
+            if self.running_trainers(key[0]) < limit:
                 self.queued.remove(item)
                 self.pending[key] = start()
 
@@ -168,7 +169,10 @@ class Tracker:
         for key, _, _ in self.queued:
             self.set_state(key, "cancelled")
         self.queued.clear()
-        trainer_refs = [ref for key, ref in self.pending.items() if key in self.trainers]
+        # Only trainers whose workers run can stop at a checkpoint; one still waiting for nodes goes with the
+        # launcher at once, or a cancel would wait out the grace period for it.
+        trainer_refs = [ref for key, ref in self.pending.items()
+                        if key in self.trainers and self.states.get(key) == "running"]
         if trainer_refs:
             ray.get(self.queue.request_stop.remote(), timeout=RAY_CALL_TIMEOUT_S)
             ray.wait(trainer_refs, num_returns=len(trainer_refs), timeout=STOP_GRACE_S)
