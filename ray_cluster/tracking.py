@@ -11,8 +11,11 @@ Trainers are queued and submitted while fewer than `limit` of their stage are ru
 `resources.max_parallel`, default every expert of a round). A submitted trainer waits inside Ray Train for its
 tier's nodes; its pending placement group is the demand an autoscaler reads, so counting alive nodes here would
 starve a tier that starts at zero pods. An expert is `waiting` until rank 0 of its trainer starts, then `running`,
-`done` when it finishes. A cancel kills the launcher, which owns the trainers' controllers; Ray Train's
-placement-group cleaner then removes the placement groups they left pending.
+`done` when it finishes. A cancel kills the launcher, which owns the trainers' controllers. A controller killed
+while its placement group is still pending leaves it behind: Ray Train's cleaner only knows groups whose workers
+started, and Ray removes a dead creator's groups only with its job, the driver; once created such a group would
+hold a GPU node (or keep a pod alive) for nobody. The tracker removes them (`remove_orphaned_placement_groups`):
+after a cancel, and when the next job of this driver starts.
 
 Cancelling (`should_stop()` turned true) raises the queue's stop flag, which each worker reads at its next
 checkpoint (`TrainHooks.should_stop`) and returns early, so Ray Train shuts the trainer down cleanly; a trainer that
@@ -22,6 +25,7 @@ has not stopped within `STOP_GRACE_S` is killed with the launcher. Finished stag
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import ray
@@ -34,6 +38,7 @@ log = logging.getLogger(__name__)
 Key = tuple[str, int | None]  # (stage, expert): `moedisco.stages.Task.key`
 STOP_GRACE_S = 60.0
 RAY_CALL_TIMEOUT_S = 60.0
+ORPHAN_WAIT_S = 10.0  # for the killed launcher's controllers to be marked dead
 
 
 @ray.remote
@@ -58,9 +63,28 @@ class EventQueue:
         return self.stop
 
 
+def remove_orphaned_placement_groups() -> int:
+    """Remove this driver's placement groups whose creator actor is dead (a trainer's controller killed before
+    its workers started); returns how many. Read from the GCS table, the one place that records the creator."""
+    from ray._private.state import state
+    from ray.core.generated.gcs_pb2 import PlacementGroupTableData
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    job_id = ray.get_runtime_context().get_job_id()
+    removed = 0
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        group = PlacementGroupTableData.FromString(raw)
+        if (group.creator_actor_dead and not group.is_detached and group.creator_job_id.hex() == job_id
+                and group.state != PlacementGroupTableData.REMOVED):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
+            removed += 1
+    return removed
+
+
 class Tracker:
     def __init__(self, emit: Callable[[Event], None], should_stop: Callable[[], bool] | None, poll_s: float = 0.5):
         self.emit, self.should_stop, self.poll_s = emit, should_stop, poll_s
+        remove_orphaned_placement_groups()  # left by an earlier job of this driver that was cancelled
         self.queue = EventQueue.options(**on_driver_node()).remote()
         self._launcher = None
         self.queued: list[tuple[Key, Callable[[], ray.ObjectRef], int]] = []
@@ -164,6 +188,15 @@ class Tracker:
         self.cancel_all()
         ray.kill(self.queue)
 
+    def remove_orphans_of_killed_controllers(self) -> None:
+        """The controllers die a moment after their launcher; wait for the GCS to mark them, removing what they
+        leave, until a pass finds nothing after the first few seconds."""
+        killed_at = time.monotonic()
+        while time.monotonic() - killed_at < ORPHAN_WAIT_S:
+            if not remove_orphaned_placement_groups() and time.monotonic() - killed_at > 3.0:
+                return
+            time.sleep(self.poll_s)
+
     def cancel_all(self) -> None:
         """Stop every trainer (gracefully, else by force) and cancel every task; wait until they are gone."""
         for key, _, _ in self.queued:
@@ -179,6 +212,8 @@ class Tracker:
         if self._launcher is not None:
             ray.kill(self._launcher)  # its fit() threads own the controllers of any trainer that did not stop
             self._launcher = None
+            if any(key in self.trainers for key in self.pending):
+                self.remove_orphans_of_killed_controllers()
         task_refs = [ref for key, ref in self.pending.items() if key not in self.trainers]
         for key, ref in self.pending.items():
             if key in self.actors:

@@ -154,6 +154,12 @@ class RayTrainBridge:
     def wrap_model(self, model):
         if self.world_size == 1:
             return model
+        if next(model.parameters()).device.type == "cpu":
+            from torch.nn.parallel import DistributedDataParallel
+
+            # What prepare_model does on the CPU; it would look this worker's GPU up in CUDA_VISIBLE_DEVICES,
+            # which a simulated device has hidden (`placement.prepare_worker`).
+            return DistributedDataParallel(model)
         import ray.train.torch
 
         return ray.train.torch.prepare_model(model, move_to_device=False)
