@@ -37,11 +37,11 @@ import ray
 from moedisco.config import JobSpec
 from moedisco.events import Events
 from moedisco.runner import JobCancelled, JobContext, JobRunner, Started
-from moedisco.stages import STAGE, Task, run_stage
+from moedisco.stages import STAGE, Task
 from ray_cluster import data, prestart
 from ray_cluster.cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster
 from ray_cluster.placement import (TierUnreachable, check_tiers_reachable, on_driver_node, run_name,
-                                   run_stage_on_tier, storage_root, task_options, tier_nodes)
+                                   run_stage_on_tier, storage_root, task_options, tier_nodes, tier_of)
 from ray_cluster.tracking import Tracker
 from ray_cluster.trainers import build_trainer
 
@@ -102,8 +102,8 @@ class RayExecutor:
             self.remote(task, data.embed_stage, spec, paths, num_nodes, options=on_driver_node())
         elif task.stage == "cluster":
             self.remote(task, data.cluster_stage, spec, paths, options=on_driver_node())
-        else:
-            self.remote(task, run_stage, self.job.stage_run(task))
+        else:  # prepare, source: anywhere, with the threads of the node they land on
+            self.remote(task, run_stage_on_tier, self.job.stage_run(task), tier_of(spec, task.stage))
 
     def remote(self, task: Task, function, *args, options: dict | None = None) -> None:
         """A Ray task; every stage outside Ray Train is idempotent, so a lost node or a preempted pod re-runs it
