@@ -9,8 +9,8 @@ where and how each task of the plan (`moedisco.stages.plan`) runs:
 | stage             | where it runs                                                                     |
 | set-up stages     | prepare, source: a Ray task; embed, cluster: Ray Data on the cheap tier           |
 |                   | (`ray_cluster.data`); all four in one `DataWorker` actor for a one-shard corpus   |
-| training stages   | one Ray Train trainer per task on the stage's tier; a round's experts are queued |
-|                   | at once and start as the tier's nodes free up                                     |
+| training stages   | one Ray Train trainer per task on the stage's tier; a round's experts are all    |
+|                   | submitted (`resources.max_parallel` caps them) and wait in Ray for nodes          |
 | sync, merge       | a Ray task on the cheap tier, reading the checkpoints from storage                |
 
 A MoE-DisCo job whose train split fits one shard (`ray_cluster.prestart.fits_one_process`: known from
@@ -18,6 +18,10 @@ A MoE-DisCo job whose train split fits one shard (`ray_cluster.prestart.fits_one
 and the trainers' launcher are started with the job (`ray_cluster.prestart`, by the service before it even imports
 this module), so their imports overlap the job's own start; the worker is stopped before the first stage that is
 not set-up, which frees its node.
+
+Every placement asks for what the task's tier declares (`ray_cluster.placement.task_options`), and before the
+first stage the job checks that each tier's label is on some node or that an autoscaler may add one
+(`check_tiers_reachable`), so a job never waits forever for a pod that cannot come.
 
 Re-running a job whose driver died skips finished stages (their markers) and resumes the interrupted one from its
 checkpoints. Besides the runner's events, the executor sends `ExpertState` (waiting / running / done / cancelled);
