@@ -18,8 +18,8 @@ from ray.util.state import list_actors
 
 from moedisco.config import build_spec
 from moedisco.events import ExpertState
-from moedisco.metrics import read_metrics
 from moedisco.layout import JobPaths
+from moedisco.metrics import read_metrics
 from ray_cluster.cluster import (CONTROL_PLANE_LABEL, SIMULATED_LABEL, LocalClusterSpec, add_local_node, free_port,
                                  start_local_cluster, stop_local_cluster)
 from ray_cluster.orchestrate import run_job_on_ray
