@@ -186,10 +186,46 @@ class MergeConfig(_Section):
     centroid_sequences: int = Field(16, ge=1, description="centroid: sequences per cluster used to estimate rows.")
 
 
+CPU_DEVICE_TYPE = "cpu"  # the `device_type` of a tier without accelerators
+
+
 class TierConfig(_Section):
+    """Where a tier's stages run, and what each of their Ray workers asks for.
+
+        TierConfig(label="4090", device_type="rtx4090").gpus_per_worker_needed()        # 1
+        TierConfig(label="cpu", device_type="cpu").gpus_per_worker_needed()             # 0
+        TierConfig(label="4090", device_type="rtx4090", simulated=True)                 # logical GPUs, torch on CPU
+    """
+
     label: str = Field(description="Value of the node label `gpu_type` the tier's nodes carry.")
-    device_type: str = Field(description="Key into `prices` and `devices` for this tier's accelerator.")
-    num_devices: int = Field(1, ge=1, description="Devices one stage task uses on this tier.")
+    device_type: str = Field(description="Key into `prices` and `devices` for this tier's accelerator; `cpu` for "
+                             "a tier without one.")
+    num_devices: int = Field(1, ge=1, description="Devices one stage task uses on this tier (the fine-tune runs "
+                             "one worker per device).")
+    gpus_per_worker: float | None = Field(
+        None, ge=0,
+        description="Ray: GPUs each worker of this tier asks for. Unset: 1 for an accelerator `device_type`, 0 for "
+        "`cpu`. Declared, not read from the nodes alive at job start, so that a tier scaled from zero pods gets "
+        "its GPUs and its pending requests tell the autoscaler which pods to add.",
+    )
+    simulated: bool = Field(
+        False,
+        description="Ray: the tier's GPUs are logical (the local simulated cluster; tests): workers still ask for "
+        "them, so placement is as on a real cluster, but they hide CUDA and run torch on the CPU, so a real local "
+        "GPU is never shared unaccounted, and the ledger prices their wall time (`simulated: true`).",
+    )
+
+    @model_validator(mode="after")
+    def _cpu_has_no_gpus(self) -> TierConfig:
+        if self.device_type == CPU_DEVICE_TYPE and self.gpus_per_worker:
+            raise ValueError(f"gpus_per_worker is {self.gpus_per_worker}, but a `cpu` tier has no GPUs")
+        return self
+
+    def gpus_per_worker_needed(self) -> float:
+        """The GPUs a worker of this tier asks Ray for (the override, else from `device_type`)."""
+        if self.gpus_per_worker is not None:
+            return self.gpus_per_worker
+        return 0.0 if self.device_type == CPU_DEVICE_TYPE else 1.0
 
 
 class DeviceSpec(_Section):
@@ -221,6 +257,18 @@ class ResourcesConfig(_Section):
     workers_per_expert: int = Field(1, ge=1, description="Ray: data-parallel workers per submodel trainer.")
     max_failures: int = Field(3, ge=0, description="Ray: restarts of a failed trainer (resumes from checkpoint).")
     storage_path: Path | None = Field(None, description="Ray: shared storage for checkpoints; unset = output_dir.")
+    max_parallel: int | None = Field(
+        None, ge=1,
+        description="Ray: most trainers of one stage (the experts of a round) submitted at once; unset = all of "
+        "them. Each submitted trainer's pending placement group is demand the autoscaler sees, so a cap is also "
+        "the most pods the job asks for at once.",
+    )
+    autoscaling: bool | None = Field(
+        None,
+        description="Ray: whether the cluster adds nodes on demand. Unset: asked of the cluster (an autoscaler "
+        "has reported its state to the head; KubeRay's `enableInTreeAutoscaling` with autoscaler v2). Without "
+        "one, a job whose tier label no alive node carries fails at once, naming the label, instead of waiting.",
+    )
 
     @field_validator("prices")
     @classmethod

@@ -5,9 +5,14 @@
     describe_nodes(address)   # [{"node_id": ..., "labels": {"gpu_type": "4090"}, "resources": {...}}, ...]
     stop_local_cluster()      # the in-process one, else the detached one
 
-Every node is a separate raylet with its own logical resources (CPUs standing in for GPUs: one CPU per node, so one
+Every node is a separate raylet with its own logical resources (one CPU and one logical GPU per node, so one
 trainer worker fits on a node, as one on a single-GPU machine) and the label `gpu_type` (`4090` cheap, `A100`
-expensive; key and values from the spec's `resources`). The dashboard runs on the head at its usual port 8265.
+expensive; key and values from the spec's `resources`). Their GPUs are logical: the nodes carry `SIMULATED_LABEL`,
+and a worker on one hides CUDA and trains on the CPU (`ray_cluster.placement.prepare_worker`). A real GPU of this
+machine (`local_gpu_count`) goes to the expensive nodes instead, which then carry no simulated label: the
+fine-tune gets the card to itself and the ledger bills it as real, while the simulated cheap nodes stay off it.
+The head carries `moedisco.io/role=control-plane`, as the KubeRay head does (k8s/), so drivers are pinned to it.
+The dashboard runs on the head at its usual port 8265.
 
 A detached cluster is owned by a keeper process (`python -m ray_cluster.cluster`); `stop` signals that process, which
 shuts down exactly the nodes it started: no `ray stop`, which would also kill other Ray instances on the machine.
@@ -24,7 +29,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 STATE_FILE = Path(os.environ.get("MOEDISCO_CLUSTER_STATE", Path.home() / ".cache" / "moedisco" / "local_cluster.json"))
@@ -33,6 +38,18 @@ START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 60.0
 
 _in_process = None  # the ray.cluster_utils.Cluster this process started, if any
+_in_process_memory = 0  # its nodes' object store size (bytes), for nodes added later
+SIMULATED_LABEL = ("moedisco.io/simulated", "true")  # a node whose GPU is logical
+CONTROL_PLANE_LABEL = {"moedisco.io/role": "control-plane"}  # the head's, here and in k8s/ (drivers go there)
+
+
+def local_gpu_count() -> int:
+    """NVIDIA GPUs this process may use: CUDA_VISIBLE_DEVICES when set, else the driver's device files (no torch
+    import: the cluster starts before anything heavy is loaded)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([device for device in visible.split(",") if device.strip() and device.strip() != "-1"])
+    return len(list(Path("/dev").glob("nvidia[0-9]*")))
 
 
 @dataclass
@@ -43,6 +60,7 @@ class LocalClusterSpec:
     cheap_label: str = "4090"
     expensive_label: str = "A100"
     cpus_per_node: float = 1.0
+    real_gpus: int = field(default_factory=local_gpu_count)  # this machine's, given to the expensive nodes
     head_cpus: float = 2.0  # Ray starts at most this many worker processes at once on a node
     object_store_mb: int = 150  # the default 30% of RAM per node would reserve ~7 GB each on a 24 GB machine
     dashboard_port: int = DASHBOARD_PORT
@@ -53,9 +71,13 @@ class LocalClusterSpec:
         return cls(label_key=resources.label_key, cheap_label=resources.submodel_tier.label,
                    expensive_label=resources.finetune_tier.label, **overrides)
 
-    def node_labels(self) -> list[dict[str, str]]:
-        return ([{self.label_key: self.cheap_label}] * self.num_cheap
-                + [{self.label_key: self.expensive_label}] * self.num_expensive)
+    def nodes(self) -> list[tuple[dict[str, str], int]]:
+        """(labels, GPUs) of every node but the head: a logical GPU each, or this machine's real ones."""
+        simulated = dict([SIMULATED_LABEL])
+        cheap = [({self.label_key: self.cheap_label, **simulated}, 1)] * self.num_cheap
+        if self.real_gpus:
+            return cheap + [({self.label_key: self.expensive_label}, self.real_gpus)] * self.num_expensive
+        return cheap + [({self.label_key: self.expensive_label, **simulated}, 1)] * self.num_expensive
 
 
 def _quiet_ray_env() -> None:
@@ -119,28 +141,43 @@ def _build_cluster(spec: LocalClusterSpec):
     dashboard_port = spec.dashboard_port if _port_is_free(spec.dashboard_port) else free_port()
     head = {"num_cpus": spec.head_cpus, "object_store_memory": memory, "include_dashboard": True,
             "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port, "gcs_server_port": gcs_port,
-            "labels": {spec.label_key: "head"}}
+            "labels": {spec.label_key: "head", **CONTROL_PLANE_LABEL}}
     # Ray's internals (Ray Train's placement-group cleaner, the state API) find "their" cluster by address
     # auto-detection, which picks the newest Ray instance on the machine: with two clusters on one machine they
     # talk to the wrong one. Every process of these nodes inherits RAY_ADDRESS, which auto-detection obeys.
     with _environment(RAY_ADDRESS=f"{ray.util.get_node_ip_address()}:{gcs_port}"):
         cluster = Cluster(initialize_head=True, head_node_args=head)
-        for labels in spec.node_labels():
-            cluster.add_node(num_cpus=spec.cpus_per_node, object_store_memory=memory, labels=labels)
+        for labels, num_gpus in spec.nodes():
+            cluster.add_node(num_cpus=spec.cpus_per_node, num_gpus=num_gpus, object_store_memory=memory,
+                             labels=labels)
     return cluster
 
 
 def start_local_cluster(num_cheap: int = 2, num_expensive: int = 1, detach: bool = False,
                         spec: LocalClusterSpec | None = None) -> str:
     """Start the simulated cluster and return its address (`ip:port` of the head's GCS)."""
-    global _in_process
+    global _in_process, _in_process_memory
     spec = spec or LocalClusterSpec(num_cheap=num_cheap, num_expensive=num_expensive)
     if detach:
         return _start_keeper(spec)
     if _in_process is not None:
         raise RuntimeError("a local cluster is already running in this process; call stop_local_cluster() first")
     _in_process = _build_cluster(spec)
+    _in_process_memory = spec.object_store_mb * 2**20
     return _in_process.address
+
+
+def add_local_node(labels: dict[str, str], num_gpus: int = 1, num_cpus: float = 1.0) -> str:
+    """Add a node to the cluster this process started, as an autoscaler adds a pod; returns its node id.
+
+        add_local_node({"gpu_type": "4090"})          # one more cheap node with a logical GPU
+    """
+    if _in_process is None:
+        raise RuntimeError("no local cluster runs in this process; start_local_cluster() first")
+    with _environment(RAY_ADDRESS=_in_process.address):  # as `_build_cluster` starts its nodes
+        node = _in_process.add_node(num_cpus=num_cpus, num_gpus=num_gpus, object_store_memory=_in_process_memory,
+                                    labels=labels)
+    return node.node_id
 
 
 def stop_local_cluster() -> bool:

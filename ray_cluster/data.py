@@ -44,9 +44,9 @@ import ray
 import ray.data
 
 from moedisco import cluster
-from moedisco.config import EmbedConfig, JobSpec
+from moedisco.config import EmbedConfig, JobSpec, TierConfig
 from moedisco.metrics import MetricsWriter
-from ray_cluster.placement import job_storage, label_selector, tier_has_gpu
+from ray_cluster.placement import job_storage, label_selector, prepare_worker, task_options, tier_simulated
 
 if TYPE_CHECKING:
     from moedisco.layout import JobPaths
@@ -89,9 +89,10 @@ def index_corpus(train_jsonl: Path, out_dir: Path, rows_per_shard: int = ROWS_PE
 class EmbedBatches:
     """Ray Data actor UDF: the embedding model is loaded once per actor, in `__init__`."""
 
-    def __init__(self, cfg: EmbedConfig):
+    def __init__(self, cfg: EmbedConfig, tier: TierConfig):
         from moedisco.embed import Embedder  # transformers: only the embedding actors need it
 
+        prepare_worker(tier)
         self.embedder = Embedder(cfg)
 
     def __call__(self, batch: dict) -> dict:
@@ -115,13 +116,13 @@ def embed_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int) -> dict:
     # A fixed pool, one actor per cheap node, no larger than there are shards to embed: the nodes it holds are
     # what the stage costs.
     num_actors = max(1, min(num_cheap_nodes, -(-num_docs // ROWS_PER_SHARD)))
-    gpu = tier_has_gpu(spec, tier)
+    options = task_options(spec, tier)
     embedded = ray.data.read_parquet(str(storage / "corpus")).map_batches(
-        EmbedBatches, fn_constructor_kwargs={"cfg": spec.embed}, batch_size=spec.embed.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=1, num_gpus=int(gpu),
-        label_selector=label_selector(spec, tier))
+        EmbedBatches, fn_constructor_kwargs={"cfg": spec.embed, "tier": tier}, batch_size=spec.embed.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=num_actors), **options)
     embedded.write_parquet(_fresh(storage / "embeddings"))
-    return _embedded(spec, paths, num_docs, started, "cuda" if gpu else "cpu", num_actors)
+    on_gpu = options["num_gpus"] > 0 and not tier_simulated(spec, tier)
+    return _embedded(spec, paths, num_docs, started, "cuda" if on_gpu else "cpu", num_actors)
 
 
 # --- 3. k-means on the embeddings (a sample once the corpus is large) -----------------------------------------------

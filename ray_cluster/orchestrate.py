@@ -9,8 +9,8 @@ where and how each task of the plan (`moedisco.stages.plan`) runs:
 | stage             | where it runs                                                                     |
 | set-up stages     | prepare, source: a Ray task; embed, cluster: Ray Data on the cheap tier           |
 |                   | (`ray_cluster.data`); all four in one `DataWorker` actor for a one-shard corpus   |
-| training stages   | one Ray Train trainer per task on the stage's tier; a round's experts are queued |
-|                   | at once and start as the tier's nodes free up                                     |
+| training stages   | one Ray Train trainer per task on the stage's tier; a round's experts are all    |
+|                   | submitted (`resources.max_parallel` caps them) and wait in Ray for nodes          |
 | sync, merge       | a Ray task on the cheap tier, reading the checkpoints from storage                |
 
 A MoE-DisCo job whose train split fits one shard (`ray_cluster.prestart.fits_one_process`: known from
@@ -18,6 +18,10 @@ A MoE-DisCo job whose train split fits one shard (`ray_cluster.prestart.fits_one
 and the trainers' launcher are started with the job (`ray_cluster.prestart`, by the service before it even imports
 this module), so their imports overlap the job's own start; the worker is stopped before the first stage that is
 not set-up, which frees its node.
+
+Every placement asks for what the task's tier declares (`ray_cluster.placement.task_options`), and before the
+first stage the job checks that each tier's label is on some node or that an autoscaler may add one
+(`check_tiers_reachable`), so a job never waits forever for a pod that cannot come.
 
 Re-running a job whose driver died skips finished stages (their markers) and resumes the interrupted one from its
 checkpoints. Besides the runner's events, the executor sends `ExpertState` (waiting / running / done / cancelled);
@@ -37,12 +41,13 @@ import ray
 from moedisco.config import JobSpec
 from moedisco.events import Events
 from moedisco.runner import BudgetLeft, JobCancelled, JobContext, JobRunner, Started
-from moedisco.stages import STAGE, Task, run_stage
+from moedisco.stages import STAGE, Task
 from ray_cluster import data, prestart
 from ray_cluster.cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster
-from ray_cluster.placement import label_selector, on_driver_node, run_name, storage_root, tier_nodes, tier_of
+from ray_cluster.placement import (TierUnreachable, check_tiers_reachable, on_driver_node, run_name,
+                                   run_stage_on_tier, storage_root, task_options, tier_nodes, tier_of)
 from ray_cluster.tracking import Tracker
-from ray_cluster.trainers import build_trainer, num_workers
+from ray_cluster.trainers import build_trainer
 
 
 class RayExecutor:
@@ -54,8 +59,14 @@ class RayExecutor:
 
     def open(self, job: JobContext) -> None:
         self.job, self.spec, self.paths = job, job.spec, job.paths
+        helpers = prestart.take_prestarted(self.spec)
+        try:
+            check_tiers_reachable(self.spec)  # else the first placement on a missing tier waits forever
+        except TierUnreachable:
+            prestart.stop_helpers(helpers)
+            raise
         self.tracker = Tracker(job.events, job.should_stop)
-        helpers = prestart.take_prestarted(self.spec) or prestart.start_helpers(self.spec)
+        helpers = helpers or prestart.start_helpers(self.spec)
         self.tracker.adopt_launcher(helpers.launcher)
         self.data_worker = helpers.data_worker
 
@@ -85,8 +96,8 @@ class RayExecutor:
         elif STAGE[task.stage].setup:
             self.submit_setup(task)
         else:  # sync, merge: work on the checkpoints in storage, on a cheap node
-            options = {"num_cpus": 1, "label_selector": label_selector(self.spec, tier_of(self.spec, task.stage))}
-            self.remote(task, run_stage, self.job.stage_run(task), options=options)
+            tier = tier_of(self.spec, task.stage)
+            self.remote(task, run_stage_on_tier, self.job.stage_run(task), tier, options=task_options(self.spec, tier))
 
     def submit_setup(self, task: Task) -> None:
         spec, paths = self.spec, self.paths
@@ -102,8 +113,8 @@ class RayExecutor:
             self.remote(task, data.embed_stage, spec, paths, num_nodes, options=on_driver_node())
         elif task.stage == "cluster":
             self.remote(task, data.cluster_stage, spec, paths, options=on_driver_node())
-        else:
-            self.remote(task, run_stage, self.job.stage_run(task))
+        else:  # prepare, source: anywhere, with the threads of the node they land on
+            self.remote(task, run_stage_on_tier, self.job.stage_run(task), tier_of(spec, task.stage))
 
     def remote(self, task: Task, function, *args, options: dict | None = None) -> None:
         """A Ray task; every stage outside Ray Train is idempotent, so a lost node or a preempted pod re-runs it
@@ -113,18 +124,16 @@ class RayExecutor:
         self.tracker.submit(task.key, ref)
 
     def launch_trainer(self, task: Task) -> None:
-        """Queue a trainer; it starts when its tier has a free slot. With no node of the tier yet (an autoscaler
-        starting from zero) one trainer is submitted, whose pending placement group asks for a node."""
-        spec, tier = self.spec, tier_of(self.spec, task.stage)
+        """Queue a trainer; up to `resources.max_parallel` of a stage (default: all) are submitted at once. How many
+        run at once is then up to the cluster: each submitted trainer waits in Ray for its tier's nodes, and its
+        pending placement group is what tells an autoscaler to add one (from zero pods, as many as are asked)."""
+        spec = self.spec
 
         def start():
             trainer = build_trainer(spec, task, events=self.tracker.queue, owner=self.job.owner)
             return self.tracker.launcher.fit.remote(trainer)
 
-        def slots() -> int:
-            return max(1, len(tier_nodes(spec, tier)) // num_workers(spec, task.stage))
-
-        self.tracker.enqueue(task.key, start, slots)
+        self.tracker.enqueue(task.key, start, max_parallel(spec))
 
     def result(self, task: Task) -> dict:
         summary = self.tracker.wait(task.key)
@@ -154,6 +163,11 @@ class RayExecutor:
 
 
 RAY_DATA_STAGES = ("embed", "cluster")  # set-up stages with a Ray Data implementation (`ray_cluster.data`)
+
+
+def max_parallel(spec: JobSpec) -> int:
+    """Trainers of one stage submitted at once: the job's cap, else every expert of a round."""
+    return spec.resources.max_parallel or spec.model.num_experts
 
 
 @contextlib.contextmanager

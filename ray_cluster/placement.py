@@ -2,19 +2,30 @@
 (no torch), since every Ray worker that unpickles a stage's function imports it.
 
     label_selector(spec, spec.resources.submodel_tier)   # {"gpu_type": "4090"}
+    worker_resources(spec.resources.submodel_tier)       # {"CPU": 1, "GPU": 1}: from the tier's declaration
+    check_tiers_reachable(spec)                          # raises TierUnreachable naming a label nothing offers
+    on_control_plane()                                   # options that keep the job's driver on the head
     storage_root(spec)                                   # resources.storage_path, else output_dir
+
+A tier's resource need is declared (`TierConfig.gpus_per_worker_needed`), never read from the nodes alive at job
+start: on a cluster whose GPU groups start at zero pods nothing of the tier is alive yet, and the request itself
+is what makes the autoscaler add a pod of the right kind.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 from pathlib import Path
 
 import ray
 
 from moedisco import stages
 from moedisco.config import JobSpec, TierConfig
-from ray_cluster.cluster import nodes_with_label
+from ray_cluster.cluster import CONTROL_PLANE_LABEL, SIMULATED_LABEL, describe_nodes, nodes_with_label
+
+log = logging.getLogger(__name__)
 
 
 def storage_root(spec: JobSpec) -> Path:
@@ -56,9 +67,109 @@ def tier_nodes(spec: JobSpec, tier: TierConfig) -> list[dict]:
     return nodes_with_label(spec.resources.label_key, tier.label)
 
 
-def tier_has_gpu(spec: JobSpec, tier: TierConfig) -> bool:
-    """Workers ask for a GPU only when the tier's nodes have one (the simulated tiers are CPU-only)."""
-    return any(n["resources"].get("GPU", 0) > 0 for n in tier_nodes(spec, tier))
+def worker_resources(tier: TierConfig) -> dict[str, float]:
+    """What one worker of `tier` asks Ray for: a CPU (one simulated node holds one worker) and its GPUs. Every
+    placement reads it: trainers' workers, the embedding actors, the data worker, the sync and merge tasks."""
+    gpus = tier.gpus_per_worker_needed()
+    return {"CPU": 1, "GPU": gpus} if gpus else {"CPU": 1}
+
+
+def task_options(spec: JobSpec, tier: TierConfig) -> dict:
+    """Ray task or actor options for one worker of `tier`: its resources and the tier's label selector."""
+    resources = worker_resources(tier)
+    return {"num_cpus": resources["CPU"], "num_gpus": resources.get("GPU", 0),
+            "label_selector": label_selector(spec, tier)}
+
+
+def tier_simulated(spec: JobSpec, tier: TierConfig) -> bool:
+    """Whether `tier`'s GPUs are logical, as the driver sees it: declared so, or the tier's nodes are the local
+    simulated cluster's (which exist from its start: no autoscaler adds them)."""
+    key, value = SIMULATED_LABEL
+    return tier.simulated or any(node["labels"].get(key) == value for node in tier_nodes(spec, tier))
+
+
+def on_simulated_device(tier: TierConfig) -> bool:
+    """True in a worker whose GPU is logical: its tier is declared simulated, or its node is one of the local
+    simulated cluster's (`ray_cluster.cluster.SIMULATED_LABEL`), whatever the job declared."""
+    key, value = SIMULATED_LABEL
+    return tier.simulated or ray.get_runtime_context().get_node_labels().get(key) == value
+
+
+def prepare_worker(tier: TierConfig) -> None:
+    """Call first thing in a Ray worker of `tier`, before torch touches CUDA.
+
+    On a simulated device Ray still sets CUDA_VISIBLE_DEVICES to the logical GPU's index, which on a machine with
+    one real GPU is that GPU: hidden, `device: auto` picks the CPU, so simulated workers never share the real card
+    (torch reads the variable when CUDA first initialises). And Ray sets OMP_NUM_THREADS to a task's CPUs (1),
+    which leaves torch one thread on a pod of six: CPU work gets the threads the node offers."""
+    if on_simulated_device(tier):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    import torch
+
+    torch.set_num_threads(node_cpus())
+
+
+def node_cpus() -> int:
+    """Logical CPUs of the node this worker runs on (a pod's CPU limit on KubeRay), at least 1."""
+    node_id = ray.get_runtime_context().get_node_id()
+    cpus = next((node["Resources"].get("CPU", 1) for node in ray.nodes() if node["NodeID"] == node_id), 1)
+    return max(1, int(cpus))
+
+
+def run_stage_on_tier(run: stages.StageRun, tier: TierConfig) -> dict:
+    """`moedisco.stages.run_stage` as a Ray task on `tier` (sync, merge)."""
+    prepare_worker(tier)
+    return stages.run_stage(run)
+
+
+class TierUnreachable(RuntimeError):
+    """A tier's label is on no alive node and no autoscaler will add one: the job would wait forever."""
+
+
+def autoscaler_present(spec: JobSpec) -> bool:
+    """`resources.autoscaling` when set, else whether an autoscaler has reported its state to this cluster's
+    GCS (KubeRay's in-tree autoscaler v2 does every few seconds; a plain `ray start` cluster has none)."""
+    if spec.resources.autoscaling is not None:
+        return spec.resources.autoscaling
+    from ray._raylet import GcsClient
+    from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
+
+    reply = GetClusterStatusReply()
+    reply.ParseFromString(GcsClient(ray.get_runtime_context().gcs_address).get_cluster_status(timeout_s=10))
+    return reply.HasField("autoscaling_state") and bool(reply.autoscaling_state.autoscaler_state_version)
+
+
+def check_tiers_reachable(spec: JobSpec) -> None:
+    """Raise `TierUnreachable` naming the first label of the job's tiers that no alive node carries, unless an
+    autoscaler may still add such a node (then the job's pending requests are what asks it to)."""
+    labels = dict.fromkeys(tier_of(spec, task.stage).label for group in stages.plan(spec) for task in group)
+    offered = {node["labels"].get(spec.resources.label_key) for node in describe_nodes()}
+    missing = [label for label in labels if label not in offered]
+    if missing and not autoscaler_present(spec):
+        raise TierUnreachable(
+            f"no alive node carries the label {spec.resources.label_key}={missing[0]} and this cluster has no "
+            "autoscaler to add one; start such a node, or set resources.autoscaling=true if nodes are added "
+            "another way")
+
+
+def control_plane_selector() -> dict[str, str] | None:
+    """The head's label selector (`CONTROL_PLANE_LABEL`, as k8s/ and the local cluster label it); None, with a
+    warning, on a cluster whose nodes do not carry it (a plain `ray start`), where pinning would wait forever."""
+    [(key, value)] = CONTROL_PLANE_LABEL.items()
+    if not ray.is_initialized():  # an application builder run before Ray is up: the manifest's args decide
+        return None
+    if any(node["labels"].get(key) == value for node in describe_nodes()):
+        return dict(CONTROL_PLANE_LABEL)
+    log.warning("no node carries %s=%s: the job's driver may land on any node", key, value)
+    return None
+
+
+def on_control_plane() -> dict:
+    """Options that keep a zero-CPU driver (the service's job actor, the API's replicas) on the head: a spot GPU
+    pod that goes away would take every expert's controller with it, since the trainers' launcher and event
+    queue follow the driver (`on_driver_node`)."""
+    selector = control_plane_selector()
+    return {"num_cpus": 0, **({"label_selector": selector} if selector else {})}
 
 
 def on_driver_node() -> dict:

@@ -23,10 +23,10 @@ from typing import Any
 
 import ray
 
-from moedisco.config import JobSpec
+from moedisco.config import JobSpec, TierConfig
 from moedisco.layout import JobPaths, is_done
 from moedisco.stages import STAGES
-from ray_cluster.placement import label_selector, on_driver_node, tier_has_gpu
+from ray_cluster.placement import on_driver_node, prepare_worker, task_options
 
 MAX_CONCURRENT_TRAINERS = 256
 ONE_PROCESS_MAX_DOCUMENTS = 4096  # ray_cluster.data.ROWS_PER_SHARD: Ray Data would embed it with one actor anyway
@@ -51,7 +51,8 @@ class TrainerLauncher:
 class DataWorker:
     """One process on the cheap tier for the data stages of a one-shard corpus (`start_data_worker`)."""
 
-    def __init__(self):
+    def __init__(self, tier: TierConfig):
+        prepare_worker(tier)  # before the imports below touch torch
         from moedisco import pipeline  # noqa: F401  (torch, transformers, scikit-learn: once, here)
 
         self.embedder = None
@@ -103,9 +104,8 @@ def start_data_worker(spec: JobSpec):
     """The data worker, placed like the Ray Data path's embedding actors: one cheap node (and its GPU, if any).
     Its stages are idempotent: on a lost node it restarts elsewhere and the call in flight runs again."""
     tier, retries = spec.resources.submodel_tier, spec.resources.max_failures
-    return ray.remote(DataWorker).options(
-        num_cpus=1, num_gpus=int(tier_has_gpu(spec, tier)), label_selector=label_selector(spec, tier),
-        max_restarts=retries, max_task_retries=retries).remote()
+    return ray.remote(DataWorker).options(**task_options(spec, tier), max_restarts=retries,
+                                          max_task_retries=retries).remote(tier)
 
 
 def start_launcher():
@@ -125,6 +125,13 @@ def start_helpers(spec: JobSpec) -> Helpers:
     """The job's launcher and, when its data stages will run in one process and some are left, the data worker."""
     worker = start_data_worker(spec) if data_stages_in_one_process(spec) and data_stages_pending(spec) else None
     return Helpers(start_launcher(), worker)
+
+
+def stop_helpers(helpers: Helpers | None) -> None:
+    """Kill helpers that no job will use (it failed before its first stage)."""
+    for actor in (helpers.launcher, helpers.data_worker) if helpers is not None else ():
+        if actor is not None:
+            ray.kill(actor)
 
 
 def prestart_job(spec: JobSpec) -> Helpers:

@@ -1,17 +1,21 @@
 """Waiting on a job's remote work: events from workers, expert states, node slots, cancellation.
 
     tracker = Tracker(emit=print, should_stop=lambda: False)
-    tracker.enqueue(("submodel", 0), start=lambda: tracker.launcher.fit.remote(trainer), slots=lambda: 2)
+    tracker.enqueue(("submodel", 0), start=lambda: tracker.launcher.fit.remote(trainer), limit=4)
     summary = tracker.wait(("submodel", 0))   # starts it when a slot is free, forwards progress, honours should_stop
 
 Workers push events to an `EventQueue` actor (fire and forget, so a slow driver never slows training); the driver
 drains it every `poll_s` while it waits, so every event reaches the job's callback from the driver's thread.
 
-Trainers are queued and started while their tier has a free slot (its nodes / workers per trainer, re-read every
-poll, so nodes that join are used at once). An expert is `waiting` in that queue, `running` once rank 0 of its
-trainer starts, `done` when it finishes. Trainers are not left to wait inside Ray Train: a trainer whose placement
-group is still pending when its controller dies would hold its nodes until the driver exits (Ray removes the
-placement group of a dead non-detached creator only with its job), and a cancel must free them.
+Trainers are queued and submitted while fewer than `limit` of their stage are running (the job's
+`resources.max_parallel`, default every expert of a round). A submitted trainer waits inside Ray Train for its
+tier's nodes; its pending placement group is the demand an autoscaler reads, so counting alive nodes here would
+starve a tier that starts at zero pods. An expert is `waiting` until rank 0 of its trainer starts, then `running`,
+`done` when it finishes. A cancel kills the launcher, which owns the trainers' controllers. A controller killed
+while its placement group is still pending leaves it behind: Ray Train's cleaner only knows groups whose workers
+started, and Ray removes a dead creator's groups only with its job, the driver; once created such a group would
+hold a GPU node (or keep a pod alive) for nobody. The tracker removes them (`remove_orphaned_placement_groups`):
+after a cancel, and when the next job of this driver starts.
 
 Cancelling (`should_stop()` turned true) raises the queue's stop flag, which each worker reads at its next
 checkpoint (`TrainHooks.should_stop`) and returns early, so Ray Train shuts the trainer down cleanly; a trainer that
@@ -21,6 +25,7 @@ has not stopped within `STOP_GRACE_S` is killed with the launcher. Finished stag
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import ray
@@ -33,6 +38,7 @@ log = logging.getLogger(__name__)
 Key = tuple[str, int | None]  # (stage, expert): `moedisco.stages.Task.key`
 STOP_GRACE_S = 60.0
 RAY_CALL_TIMEOUT_S = 60.0
+ORPHAN_WAIT_S = 10.0  # for the killed launcher's controllers to be marked dead
 
 
 @ray.remote
@@ -57,12 +63,31 @@ class EventQueue:
         return self.stop
 
 
+def remove_orphaned_placement_groups() -> int:
+    """Remove this driver's placement groups whose creator actor is dead (a trainer's controller killed before
+    its workers started); returns how many. Read from the GCS table, the one place that records the creator."""
+    from ray._private.state import state
+    from ray.core.generated.gcs_pb2 import PlacementGroupTableData
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    job_id = ray.get_runtime_context().get_job_id()
+    removed = 0
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        group = PlacementGroupTableData.FromString(raw)
+        if (group.creator_actor_dead and not group.is_detached and group.creator_job_id.hex() == job_id
+                and group.state != PlacementGroupTableData.REMOVED):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
+            removed += 1
+    return removed
+
+
 class Tracker:
     def __init__(self, emit: Callable[[Event], None], should_stop: Callable[[], bool] | None, poll_s: float = 0.5):
         self.emit, self.should_stop, self.poll_s = emit, should_stop, poll_s
+        remove_orphaned_placement_groups()  # left by an earlier job of this driver that was cancelled
         self.queue = EventQueue.options(**on_driver_node()).remote()
         self._launcher = None
-        self.queued: list[tuple[Key, Callable[[], ray.ObjectRef], Callable[[], int]]] = []
+        self.queued: list[tuple[Key, Callable[[], ray.ObjectRef], int]] = []
         self.pending: dict[Key, ray.ObjectRef] = {}
         self.trainers: set[Key] = set()
         self.states: dict[Key, str] = {}
@@ -89,9 +114,9 @@ class Tracker:
         if actor is not None:
             self.actors[key] = actor
 
-    def enqueue(self, key: Key, start: Callable[[], ray.ObjectRef], slots: Callable[[], int]) -> None:
-        """Queue a trainer; `start()` submits it once fewer than `slots()` trainers of its stage are running."""
-        self.queued.append((key, start, slots))
+    def enqueue(self, key: Key, start: Callable[[], ray.ObjectRef], limit: int) -> None:
+        """Queue a trainer; `start()` submits it once fewer than `limit` trainers of its stage are running."""
+        self.queued.append((key, start, limit))
         self.trainers.add(key)
         self.set_state(key, "waiting")
 
@@ -107,8 +132,8 @@ class Tracker:
 
     def start_queued(self) -> None:
         for item in list(self.queued):
-            key, start, slots = item
-            if self.running_trainers(key[0]) < slots():
+            key, start, limit = item
+            if self.running_trainers(key[0]) < limit:
                 self.queued.remove(item)
                 self.pending[key] = start()
 
@@ -163,18 +188,32 @@ class Tracker:
         self.cancel_all()
         ray.kill(self.queue)
 
+    def remove_orphans_of_killed_controllers(self) -> None:
+        """The controllers die a moment after their launcher; wait for the GCS to mark them, removing what they
+        leave, until a pass finds nothing after the first few seconds."""
+        killed_at = time.monotonic()
+        while time.monotonic() - killed_at < ORPHAN_WAIT_S:
+            if not remove_orphaned_placement_groups() and time.monotonic() - killed_at > 3.0:
+                return
+            time.sleep(self.poll_s)
+
     def cancel_all(self) -> None:
         """Stop every trainer (gracefully, else by force) and cancel every task; wait until they are gone."""
         for key, _, _ in self.queued:
             self.set_state(key, "cancelled")
         self.queued.clear()
-        trainer_refs = [ref for key, ref in self.pending.items() if key in self.trainers]
+        # Only trainers whose workers run can stop at a checkpoint; one still waiting for nodes goes with the
+        # launcher at once, or a cancel would wait out the grace period for it.
+        trainer_refs = [ref for key, ref in self.pending.items()
+                        if key in self.trainers and self.states.get(key) == "running"]
         if trainer_refs:
             ray.get(self.queue.request_stop.remote(), timeout=RAY_CALL_TIMEOUT_S)
             ray.wait(trainer_refs, num_returns=len(trainer_refs), timeout=STOP_GRACE_S)
         if self._launcher is not None:
             ray.kill(self._launcher)  # its fit() threads own the controllers of any trainer that did not stop
             self._launcher = None
+            if any(key in self.trainers for key in self.pending):
+                self.remove_orphans_of_killed_controllers()
         task_refs = [ref for key, ref in self.pending.items() if key not in self.trainers]
         for key, ref in self.pending.items():
             if key in self.actors:

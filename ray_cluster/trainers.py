@@ -25,12 +25,13 @@ free a trainer's placement group stays pending; Ray Train V2 retries such a star
 from __future__ import annotations
 
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from moedisco.config import JobSpec
 from moedisco.stages import STAGE, Task
-from ray_cluster.placement import label_selector, run_name, storage_root, tier_has_gpu, tier_of
+from ray_cluster.placement import (label_selector, run_name, storage_root, tier_of, tier_simulated,
+                                   worker_resources)
 from ray_cluster.worker import train_func
 
 
@@ -42,12 +43,18 @@ def num_workers(spec: JobSpec, stage: str) -> int:
 
 
 def scaling_config(spec: JobSpec, stage: str) -> ScalingConfig:
+    """The tier's declared need per worker (`placement.worker_resources`): a cheap pod or a simulated node holds
+    one worker, so no two experts share a one-GPU node."""
     tier = tier_of(spec, stage)
-    use_gpu = tier_has_gpu(spec, tier)
-    # One device (or, simulated, one node's single logical CPU) per worker, so a worker occupies a cheap node.
-    resources = {"CPU": 1, "GPU": 1} if use_gpu else {"CPU": 1}
-    return ScalingConfig(num_workers=num_workers(spec, stage), use_gpu=use_gpu, resources_per_worker=resources,
-                         label_selector=label_selector(spec, tier))
+    resources = worker_resources(tier)
+    return ScalingConfig(num_workers=num_workers(spec, stage), use_gpu="GPU" in resources,
+                         resources_per_worker=resources, label_selector=label_selector(spec, tier))
+
+
+def torch_config(spec: JobSpec, stage: str) -> TorchConfig:
+    # Ray Train picks NCCL whenever workers hold GPUs; a simulated tier's GPUs are logical and its workers train
+    # on the CPU (`placement.prepare_worker`), where only gloo works.
+    return TorchConfig(backend="gloo" if tier_simulated(spec, tier_of(spec, stage)) else None)
 
 
 def build_trainer(spec: JobSpec, task: Task, events=None, owner: str | None = None) -> DataParallelTrainer:
@@ -59,6 +66,9 @@ def build_trainer(spec: JobSpec, task: Task, events=None, owner: str | None = No
         checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.keep_checkpoints),
     )
     config = {"spec": spec, "task": task, "events": events, "owner": owner}
-    trainer = TorchTrainer if num_workers(spec, task.stage) > 1 else DataParallelTrainer
-    return trainer(train_func, train_loop_config=config, scaling_config=scaling_config(spec, task.stage),
-                   run_config=run_config)
+    scaling = scaling_config(spec, task.stage)
+    if num_workers(spec, task.stage) == 1:
+        return DataParallelTrainer(train_func, train_loop_config=config, scaling_config=scaling,
+                                   run_config=run_config)
+    return TorchTrainer(train_func, train_loop_config=config, scaling_config=scaling, run_config=run_config,
+                        torch_config=torch_config(spec, task.stage))

@@ -6,7 +6,7 @@ The stage is moedisco's own (`moedisco.stages.run_stage` of the task, e.g. `pipe
 only connects it to Ray Train through `TrainHooks`:
 - every checkpoint moedisco writes is reported with `ray.train.report(..., checkpoint=...)`, and a restarted worker
   first puts the latest reported checkpoint back into the run folder, so `train` resumes from it;
-- every metrics line says which node and `gpu_type` ran it (`TrainHooks.extra`);
+- every metrics line says which node, `gpu_type` and GPUs ran it (`TrainHooks.extra`);
 - rank 0 pushes progress records to the job's event queue, and at every checkpoint reads the driver's stop flag;
 - with several workers the model is wrapped for data parallelism.
 """
@@ -28,7 +28,7 @@ import ray.train
 from moedisco.events import WorkerStarted, progress_event
 from moedisco.layout import JobPaths, NotOwner, check_owner
 from moedisco.stages import StageRun
-from ray_cluster.placement import storage_root
+from ray_cluster.placement import prepare_worker, storage_root, tier_of
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,8 @@ class RayTrainBridge:
         self.paths, self.owner = JobPaths(spec.output_dir), config.get("owner")
         self.rank, self.world_size = rank, world_size
         self.identity = node_identity(spec.resources.label_key)
+        # The node's GPUs Ray gave this worker (logical ones too): what the ledger's row for it stands for.
+        self.gpu_ids = [str(gpu) for gpu in ray.get_gpu_ids()]
         self.storage = storage_root(spec)
         self.latest_checkpoint: tuple[int, Path] | None = None
 
@@ -114,7 +116,8 @@ class RayTrainBridge:
         return TrainHooks(on_progress=self.on_progress, on_checkpoint=self.on_checkpoint,
                           should_stop=self.at_checkpoint_boundary, wrap_model=self.wrap_model,
                           before_write=lambda: check_owner(self.paths, self.owner),
-                          rank=self.rank, world_size=self.world_size, extra={**self.identity, "rank": self.rank})
+                          rank=self.rank, world_size=self.world_size, extra={**self.identity, "rank": self.rank,
+                                                                             "gpu_ids": self.gpu_ids})
 
     def push(self, event) -> None:
         if self.events is not None and self.rank == 0:
@@ -153,6 +156,12 @@ class RayTrainBridge:
     def wrap_model(self, model):
         if self.world_size == 1:
             return model
+        if next(model.parameters()).device.type == "cpu":
+            from torch.nn.parallel import DistributedDataParallel
+
+            # What prepare_model does on the CPU; it would look this worker's GPU up in CUDA_VISIBLE_DEVICES,
+            # which a simulated device has hidden (`placement.prepare_worker`).
+            return DistributedDataParallel(model)
         import ray.train.torch
 
         return ray.train.torch.prepare_model(model, move_to_device=False)
@@ -161,6 +170,7 @@ class RayTrainBridge:
 def train_func(config: dict) -> dict:
     """Runs on every Ray Train worker; returns rank 0's stage summary (the trainer's `Result.return_value`)."""
     spec, task = config["spec"], config["task"]
+    prepare_worker(tier_of(spec, task.stage))
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     paths = JobPaths(spec.output_dir) if rank == 0 else replica_paths(spec.output_dir, rank)

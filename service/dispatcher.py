@@ -26,6 +26,17 @@ from service.store import Store
 log = logging.getLogger(__name__)
 
 
+def job_actor_placement(runner: str) -> dict:
+    """A local-runner actor trains in its own process, so it holds a CPU and goes where one is free; a Ray-runner
+    actor only orchestrates, on the head (`ray_cluster.placement.on_control_plane`), with the trainers' launcher
+    and event queue beside it."""
+    if runner == "local":
+        return {"num_cpus": 1}
+    from ray_cluster.placement import on_control_plane
+
+    return on_control_plane()
+
+
 class RayLauncher:
     """Starts and finds job actors: detached, named `job-<id>` in the service's Ray namespace."""
 
@@ -54,10 +65,9 @@ class RayLauncher:
     def launch(self, job_id: str, runner: str) -> None:
         import ray
 
-        # A local-runner actor trains in its own process, so it holds a CPU; a Ray-runner actor only orchestrates.
         actor = ray.remote(JobActor).options(
             name=self.actor_name(job_id), namespace=self.settings.ray_namespace, lifetime="detached",
-            get_if_exists=True, max_restarts=0, num_cpus=1 if runner == "local" else 0,
+            get_if_exists=True, max_restarts=0, **job_actor_placement(runner),
         ).remote(self.settings.effective_database_url, self.settings.lease_ttl_s)
         actor.run.remote(job_id, runner)  # fire and forget: the actor reports through the store
 

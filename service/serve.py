@@ -6,7 +6,8 @@
 `args` (a RayService's `args:` block) override the MOEDISCO_* environment, key by key, with Settings' field names
 (api_token, database_url, data_dir, runner, max_running_jobs, serve_num_replicas ...). Two more keys place the
 replicas: `num_cpus` (default 0: the API is light and must not take a CPU from training) and `label_selector`
-(e.g. {"moedisco.io/role": "control-plane"} to keep it on the head node, as k8s/rayservice.yaml labels it).
+(default: the head's {"moedisco.io/role": "control-plane"} when a node carries it, as k8s/ and the local cluster
+label the head, so a replica never keeps a GPU pod alive nor goes with one; k8s/rayservice.yaml also says so).
 
 The queue must have one dispatcher (two would race on it). With one API replica (the default) that replica runs it;
 with `serve_num_replicas` > 1 it runs in a deployment of its own, `MoediscoDispatcher` (one replica), which the API
@@ -31,6 +32,7 @@ from typing import Any
 from ray import serve
 from ray.serve.schema import LoggingConfig
 
+from ray_cluster.placement import control_plane_selector
 from service.core.config import Settings
 from service.main import create_app
 
@@ -127,7 +129,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """Ray Serve application builder (import path `service.serve:build_app`)."""
     args = dict(args or {})
     actor_options: dict[str, Any] = {"num_cpus": args.pop("num_cpus", 0)}
-    label_selector = args.pop("label_selector", None)
+    label_selector = args.pop("label_selector", None) or control_plane_selector()
     if label_selector:
         actor_options["label_selector"] = label_selector
     # Validate here, on the driver, so a bad args block fails `serve run` at once rather than in the replica.

@@ -42,6 +42,13 @@ BAD_SPECS = [
      "resources.prices"),
     ({"output_dir": "x", "data": {"train": "c.jsonl"}, "name": "bad name!"}, "name"),
     ({"output_dir": "x", "data": {"train": "c.jsonl"}, "branch": {"sync_rounds": 0}}, "branch.sync_rounds"),
+    ({"output_dir": "x", "data": {"train": "c.jsonl"}, "resources": {"max_parallel": 0}}, "resources.max_parallel"),
+    ({"output_dir": "x", "data": {"train": "c.jsonl"},
+      "resources": {"submodel_tier": {"label": "4090", "device_type": "rtx4090", "gpus_per_worker": -1}}},
+     "resources.submodel_tier.gpus_per_worker"),
+    ({"output_dir": "x", "data": {"train": "c.jsonl"},
+      "resources": {"submodel_tier": {"label": "cpu", "device_type": "cpu", "gpus_per_worker": 1}}},
+     "resources.submodel_tier"),
 ]
 
 
@@ -112,3 +119,13 @@ def test_run_and_submit_find_every_input_beside_the_spec(tmp_path, monkeypatch):
         expected = spec_dir / f"{section}-{field}"
         assert getattr(getattr(spec, section), field) == expected
         assert sent[section][field] == str(expected.resolve())
+
+
+def test_a_tier_asks_for_the_gpus_its_device_type_declares():
+    resources = build_spec({"output_dir": "x", "data": {"train": "c.jsonl"}, "resources": {
+        "finetune_tier": {"label": "A100", "device_type": "a100", "num_devices": 2, "gpus_per_worker": 0.5},
+        "submodel_tier": {"label": "cpu-pool", "device_type": "cpu"}}}).resources
+    default = build_spec({"output_dir": "x", "data": {"train": "c.jsonl"}}).resources
+    assert default.submodel_tier.gpus_per_worker_needed() == 1 and default.finetune_tier.gpus_per_worker_needed() == 1
+    assert resources.submodel_tier.gpus_per_worker_needed() == 0  # `cpu`
+    assert resources.finetune_tier.gpus_per_worker_needed() == 0.5  # the explicit override

@@ -280,6 +280,19 @@ def test_serve_config_runs_the_api_on_the_head() -> None:
     assert {6379, 8265, 8000, 8080} <= set(ports.values())
 
 
+def test_drivers_and_the_api_are_pinned_to_the_head_label() -> None:
+    from ray_cluster.cluster import CONTROL_PLANE_LABEL
+
+    service = the("RayService")
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    assert app["args"]["label_selector"] == CONTROL_PLANE_LABEL
+    for kind, spec_key in (("RayService", "rayClusterConfig"), ("RayJob", "rayClusterSpec")):
+        cluster = the(kind)["spec"][spec_key]
+        assert CONTROL_PLANE_LABEL.items() <= cluster["headGroupSpec"]["labels"].items(), kind
+        for group in cluster["workerGroupSpecs"]:
+            assert not CONTROL_PLANE_LABEL.keys() & group.get("labels", {}).keys(), group["groupName"]
+
+
 def secret_refs() -> list[dict]:
     refs, stack = [], [doc for _, doc in manifests()]
     while stack:

@@ -115,7 +115,7 @@ def resumed_run_with_a_killed_worker(spec) -> dict:
             killed.update(expert=event.expert, step=event.step, pid=event.pid)
             os.kill(event.pid, signal.SIGKILL)
         if event.event == "stage_started" and event.stage == "merge":
-            threading.Thread(target=kill_running_task, args=("run_stage", killed), daemon=True).start()
+            threading.Thread(target=kill_running_task, args=("run_stage_on_tier", killed), daemon=True).start()
 
     started = time.perf_counter()
     summary = run_job_on_ray(spec, events=kill_first_worker)
