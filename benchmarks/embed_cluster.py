@@ -21,12 +21,13 @@ import numpy as np
 from _common import REPO
 
 from moedisco.cluster import fit_clusters
-from moedisco.config import build_spec
+from moedisco.spec_loading import build_spec
 from moedisco.embed import Embedder
 from moedisco.layout import JobPaths
 from moedisco.metrics import MetricsWriter
 from moedisco.pipeline import load_texts, stage_prepare
-from moedisco.stages import StageRun, Task
+from moedisco.stage_run import StageRun
+from moedisco.stages import Task
 
 
 def _spec(out: Path, documents: int):

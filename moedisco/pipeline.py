@@ -1,5 +1,5 @@
 """The stage functions: what each stage of a job does, in this process (the stages are declared in
-`moedisco.stages`, which names these functions; the runners call them through `moedisco.stages.run_stage`).
+`moedisco.stages`, which names these functions; the runners call them through `moedisco.stage_run.run_stage`).
 
     summary = stage_merge(StageRun(spec, JobPaths(spec.output_dir), metrics, task=Task("merge")))
 
@@ -24,7 +24,8 @@ from moedisco.config import JobSpec
 from moedisco.evaluate import evaluate_loss, oracle_loss
 from moedisco.finetune import enable_router_loss, finetune, load_moe, save_final, train_full_parameter
 from moedisco.layout import JobPaths, stage_result
-from moedisco.stages import StageRun, round_ends, submodel_task
+from moedisco.stage_run import StageRun
+from moedisco.stages import round_ends, submodel_task
 from moedisco.train import SECOND_MOMENT_FILE, TrainContext, checkpoint_dir, checkpoint_dirs, finished_result, train
 from moedisco.upcycle import upcycle_submodel
 

@@ -20,13 +20,15 @@ from typing import Any, Protocol
 import yaml
 from pydantic import ValidationError
 
-from moedisco.config import JobSpec, absolute_paths, upgrade_saved_spec
+from moedisco.config import JobSpec
+from moedisco.spec_loading import absolute_paths, upgrade_saved_spec
 from moedisco.cost import CostLedger
 from moedisco.events import Events, JobCancelledEvent, StageFinished, StageSkipped, StageStarted, ignore, progress_event
 from moedisco.layout import JobPaths, NotOwner, check_owner, claim, is_done, mark_done
 from moedisco.metrics import MetricsWriter
 from moedisco.report import write_report
-from moedisco.stages import STAGE, StageRun, Task, plan, run_stage, tier_of
+from moedisco.stage_run import StageRun, run_stage
+from moedisco.stages import STAGE, Task, plan, tier_of
 from moedisco.train import StopRequested, TrainHooks
 
 log = logging.getLogger(__name__)

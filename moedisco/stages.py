@@ -3,7 +3,8 @@ the service and the benchmarks. Light to import (no torch): the functions are na
 
     STAGE["submodel"].tier                        # "submodel_tier": the cheap tier pays for it
     for group in plan(spec): ...                  # [[Task("prepare")], ..., [Task("submodel", 0, 0), ...], ...]
-    run_stage(StageRun(spec, paths, metrics, task=Task("merge")))   # in this process
+
+What a stage function gets and how one is called in this process is `moedisco.stage_run`.
 
 A job is a sequence of groups of tasks (`plan`); the tasks of one group (the experts of one synchronisation round)
 may run at the same time, and a group starts once the one before it has finished. Each task leaves a marker
@@ -12,16 +13,11 @@ may run at the same time, and a group starts once the one before it has finished
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from moedisco.config import JobSpec, ResourcesConfig, TierConfig
-    from moedisco.layout import JobPaths
-    from moedisco.metrics import MetricsWriter
-    from moedisco.train import TrainHooks
 
 Tier = Literal["submodel_tier", "finetune_tier"]
 
@@ -128,30 +124,3 @@ def round_ends(spec: JobSpec) -> list[int]:
     """The submodel step at which each synchronisation round ends (`branch.sync_rounds`); the last is the end."""
     steps, rounds = spec.submodel.steps, spec.branch.sync_rounds
     return [steps * (r + 1) // rounds for r in range(rounds)]
-
-
-@dataclass
-class StageRun:
-    """Everything a stage function gets: the job, where it writes, and how it is watched."""
-
-    spec: JobSpec
-    paths: JobPaths
-    metrics: MetricsWriter
-    task: Task
-    hooks: TrainHooks | None = None
-    progress: bool = True
-
-    @property
-    def round_index(self) -> int:
-        """The synchronisation round of a per-round stage (a job without rounds runs round 0 only)."""
-        return self.task.round if self.task.round is not None else self.spec.branch.sync_rounds - 1
-
-
-def stage_function(stage: str) -> Callable[[StageRun], dict]:
-    module, name = STAGE[stage].function.split(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def run_stage(run: StageRun) -> dict:
-    """Run one task in this process; returns its summary."""
-    return stage_function(run.task.stage)(run)

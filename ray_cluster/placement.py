@@ -23,6 +23,7 @@ import ray
 
 from moedisco import stages
 from moedisco.config import JobSpec, TierConfig
+from moedisco.stage_run import StageRun, run_stage
 from ray_cluster.cluster import CONTROL_PLANE_LABEL, SIMULATED_LABEL, describe_nodes, nodes_with_label
 
 log = logging.getLogger(__name__)
@@ -116,10 +117,10 @@ def node_cpus() -> int:
     return max(1, int(cpus))
 
 
-def run_stage_on_tier(run: stages.StageRun, tier: TierConfig) -> dict:
-    """`moedisco.stages.run_stage` as a Ray task on `tier` (sync, merge)."""
+def run_stage_on_tier(run: StageRun, tier: TierConfig) -> dict:
+    """`moedisco.stage_run.run_stage` as a Ray task on `tier` (sync, merge)."""
     prepare_worker(tier)
-    return stages.run_stage(run)
+    return run_stage(run)
 
 
 class TierUnreachable(RuntimeError):

@@ -58,8 +58,8 @@ class DataWorker:
         self.embedder = None
 
     def run(self, run) -> dict:
-        """A set-up stage as it is (`moedisco.stages.StageRun`)."""
-        from moedisco.stages import run_stage
+        """A set-up stage as it is (`moedisco.stage_run.StageRun`)."""
+        from moedisco.stage_run import run_stage
 
         return run_stage(run)
 

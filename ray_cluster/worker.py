@@ -2,7 +2,7 @@
 
     TorchTrainer(train_func, train_loop_config={"spec": spec, "task": Task("submodel", 2), "events": queue}, ...)
 
-The stage is moedisco's own (`moedisco.stages.run_stage` of the task, e.g. `pipeline.stage_submodel`); this module
+The stage is moedisco's own (`moedisco.stage_run.run_stage` of the task, e.g. `pipeline.stage_submodel`); this module
 only connects it to Ray Train through `TrainHooks`:
 - every checkpoint moedisco writes is reported with `ray.train.report(..., checkpoint=...)`, and a restarted worker
   first puts the latest reported checkpoint back into the run folder, so `train` resumes from it;
@@ -27,7 +27,7 @@ import ray.train
 
 from moedisco.events import WorkerStarted, progress_event
 from moedisco.layout import JobPaths, NotOwner, check_owner
-from moedisco.stages import StageRun
+from moedisco.stage_run import StageRun
 from ray_cluster.placement import prepare_worker, storage_root, tier_of
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def train_func(config: dict) -> dict:
 
         torch.distributed.barrier()  # no rank may read the run folder before rank 0 has restored it
     from moedisco.metrics import MetricsWriter
-    from moedisco.stages import run_stage
+    from moedisco.stage_run import run_stage
     from moedisco.train import StopRequested
 
     try:

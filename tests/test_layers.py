@@ -4,8 +4,8 @@
 
 Every import counts, also one inside a function: a lazy import still ties the lower layer to the upper one. So does
 a module's name in a string (`importlib.import_module("a.b")`, `python -m a.b`), which the layer check also reads.
-Imports under `if TYPE_CHECKING:` run only in a type checker, so the cycle check skips them (the layer check does
-not).
+Imports under `if TYPE_CHECKING:` count too: a cycle through a type annotation is still two modules that each
+need the other to be read.
 
     pytest tests/test_layers.py -q
 """
@@ -37,12 +37,6 @@ def module_files() -> dict[str, Path]:
 MODULES = module_files()
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
-
-
 def _absolute(module: str, node: ast.ImportFrom) -> str:
     """`from .x import y` in `module` as an absolute name."""
     if not node.level:
@@ -52,18 +46,11 @@ def _absolute(module: str, node: ast.ImportFrom) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
-def imported_names(module: str, skip_type_checking: bool) -> Iterator[str]:
+def imported_names(module: str) -> Iterator[str]:
     """Every module `module` imports: `a.b` for `import a.b`; `a.b`, and `a.b.c` if it is a module, for
     `from a.b import c`."""
     tree = ast.parse(MODULES[module].read_text(), str(MODULES[module]))
-    skipped = set()
-    if skip_type_checking:
-        for node in ast.walk(tree):
-            if isinstance(node, ast.If) and _is_type_checking(node):
-                skipped.update(id(child) for stmt in node.body for child in ast.walk(stmt))
     for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
         if isinstance(node, ast.Import):
             yield from (alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -78,8 +65,8 @@ def named_modules(module: str) -> set[str]:
     return {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and node.value in MODULES}
 
 
-def project_imports(module: str, skip_type_checking: bool = False) -> set[str]:
-    return {name for name in imported_names(module, skip_type_checking) if name in MODULES} - {module}
+def project_imports(module: str) -> set[str]:
+    return {name for name in imported_names(module) if name in MODULES} - {module}
 
 
 def layer(module: str) -> int:
@@ -89,7 +76,7 @@ def layer(module: str) -> int:
 @pytest.mark.parametrize("package", LAYERS)
 def test_no_package_imports_a_layer_above_it(package):
     upward = {f"{module} imports {name}" for module in MODULES if module.split(".")[0] == package
-              for name in {*imported_names(module, skip_type_checking=False), *named_modules(module)}
+              for name in {*imported_names(module), *named_modules(module)}
               if name.split(".")[0] in LAYERS and layer(name) > layer(module)}
     assert not upward, "\n".join(sorted(upward))
 
@@ -105,7 +92,7 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 
 def import_cycles() -> set[frozenset[str]]:
     """The modules on each import cycle (a module reaches itself; two reach each other: the same cycle)."""
-    graph = {module: project_imports(module, skip_type_checking=True) for module in MODULES}
+    graph = {module: project_imports(module) for module in MODULES}
     reach = {module: reachable(graph, module) for module in graph}
     return {frozenset({module} | {other for other in reach[module] if module in reach[other]})
             for module in graph if module in reach[module]}

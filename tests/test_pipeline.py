@@ -10,12 +10,13 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from moedisco.config import build_spec
+from moedisco.spec_loading import build_spec
 from moedisco.metrics import MetricsWriter, read_metrics
 from moedisco.layout import JobPaths
 from moedisco.pipeline import stage_sync
 from moedisco.runner import check_same_job, run_job
-from moedisco.stages import STAGE, StageRun, Task, plan
+from moedisco.stage_run import StageRun
+from moedisco.stages import STAGE, Task, plan
 from moedisco.split import parameter_roles, read_config
 from moedisco.train import StopRequested
 from tests.conftest import tiny_spec_dict

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from moedisco.config import build_spec
+from moedisco.spec_loading import build_spec
 from moedisco.layout import JobPaths
-from moedisco.stages import STAGE, STAGES, Task, plan, stage_function, submodel_task, tier_of
+from moedisco.stage_run import stage_function
+from moedisco.stages import STAGE, STAGES, Task, plan, submodel_task, tier_of
 from tests.conftest import tiny_spec_dict
 
 
