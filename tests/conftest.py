@@ -12,7 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
-from moedisco.config import ARCHITECTURES, ModelConfig, build_spec  # noqa: E402
+from moedisco.config import ARCHITECTURES, ModelConfig  # noqa: E402
+from moedisco.spec_loading import build_spec
 from moedisco.split import build_moe_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,3 +62,32 @@ def tiny_spec_factory(tmp_path):
         return build_spec(tiny_spec_dict(tmp_path / "job", **sections))
 
     return make
+
+
+POSTGRES_URL = os.environ.get("MOEDISCO_TEST_POSTGRES_URL")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    """A job store on SQLite, and on PostgreSQL where MOEDISCO_TEST_POSTGRES_URL names a database (CI starts one
+    with service/scripts/start_postgres.sh); that case skips elsewhere."""
+    from service.models import Base
+    from service.store import Store
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'store.db'}"
+    elif POSTGRES_URL:
+        url = POSTGRES_URL
+    else:
+        pytest.skip("PostgreSQL: set MOEDISCO_TEST_POSTGRES_URL (bash service/scripts/start_postgres.sh prints one)")
+    store = Store(url)
+    Base.metadata.drop_all(store.engine)  # a shared PostgreSQL database: start every test from empty tables
+    Base.metadata.create_all(store.engine)
+    yield store
+    store.close()
+
+
+def make_job(store, tmp_path, job_id: str, owner: str = "admin", **sections):
+    spec = tiny_spec_dict(tmp_path / job_id, **sections)
+    spec.setdefault("method", "moe_disco")
+    return store.create_job(job_id, spec, runner="local", owner=owner)

@@ -1,19 +1,16 @@
 """The job store, the event recorder and the executor's outcomes, on SQLite and on PostgreSQL alike.
 
-PostgreSQL runs where MOEDISCO_TEST_POSTGRES_URL names a database (CI starts one with
-service/scripts/start_postgres.sh); elsewhere those cases skip. Runners are replaced by fakes that emit the
-events moedisco's runners emit, so no training runs here.
+PostgreSQL runs where MOEDISCO_TEST_POSTGRES_URL names a database (the `store` fixture in tests/conftest.py);
+elsewhere those cases skip. Runners are replaced by fakes that emit the events moedisco's runners emit, so no
+training runs here. The runner's lease: tests/test_service_lease.py; users and budgets: test_service_budgets.py.
 
     MOEDISCO_TEST_POSTGRES_URL=$(bash service/scripts/start_postgres.sh) pytest tests/test_service_store.py -q
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import threading
-from datetime import timedelta
 
 import pytest
 
@@ -22,34 +19,10 @@ from moedisco.runner import BudgetExceeded
 from moedisco.train import StopRequested
 from service import executor
 from service.costs import job_cost
-from service.models import Base, utcnow
 from service.recorder import EventRecorder
 from service.store import Store
-from service.users import UserExists, Users, month_start
-from tests.conftest import tiny_spec_dict
+from tests.conftest import make_job, tiny_spec_dict
 
-POSTGRES_URL = os.environ.get("MOEDISCO_TEST_POSTGRES_URL")
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'store.db'}"
-    elif POSTGRES_URL:
-        url = POSTGRES_URL
-    else:
-        pytest.skip("PostgreSQL: set MOEDISCO_TEST_POSTGRES_URL (bash service/scripts/start_postgres.sh prints one)")
-    store = Store(url)
-    Base.metadata.drop_all(store.engine)  # a shared PostgreSQL database: start every test from empty tables
-    Base.metadata.create_all(store.engine)
-    yield store
-    store.close()
-
-
-def make_job(store: Store, tmp_path, job_id: str, owner: str = "admin", **sections):
-    spec = tiny_spec_dict(tmp_path / job_id, **sections)
-    spec.setdefault("method", "moe_disco")
-    return store.create_job(job_id, spec, runner="local", owner=owner)
 
 
 def test_list_filters_and_pages_newest_first(store, tmp_path):
@@ -127,7 +100,7 @@ def test_recorder_folds_events_into_stages_and_costs(store, tmp_path):
 
 
 def test_a_finished_sync_round_is_not_a_finished_stage(store, tmp_path):
-    from moedisco.config import build_spec
+    from moedisco.spec_loading import build_spec
 
     full = build_spec(tiny_spec_dict(tmp_path / "r")).model_dump(mode="json")  # stored in full, as the API does
     job = store.create_job("r" * 12, full, runner="local")
@@ -301,7 +274,7 @@ def test_a_store_from_before_versions_gets_the_column(tmp_path):
 
 def test_a_job_stored_before_sync_rounds_resumes_as_one_round(store, tmp_path, monkeypatch):
     """The service stores a job's full spec at submission; one stored by an older version lacks later fields."""
-    from moedisco.config import build_spec
+    from moedisco.spec_loading import build_spec
     from moedisco.layout import JobPaths
     from moedisco.runner import check_same_job
 
@@ -321,129 +294,3 @@ def test_a_job_stored_before_sync_rounds_resumes_as_one_round(store, tmp_path, m
     assert store.get_job(job.id).result == {"sync_rounds": 1}
 
 
-def test_a_lease_is_launched_once_claimed_once_and_renewed_only_by_its_holder(store, tmp_path):
-    from datetime import timedelta
-
-    from service.models import utcnow
-
-    job = make_job(store, tmp_path, "4" * 12)
-    store.claim_next_queued()
-    an_hour_ago, later = utcnow() - timedelta(hours=1), utcnow() + timedelta(hours=1)
-    assert store.begin_attempt(job.id, an_hour_ago)  # the launch reserves the lease ...
-    assert not store.begin_attempt(job.id, an_hour_ago)  # ... so a second dispatcher does not launch it again
-    assert store.claim_lease(job.id, "a", an_hour_ago) and not store.claim_lease(job.id, "b", an_hour_ago)
-    assert store.renew_lease(job.id, "a") and not store.renew_lease(job.id, "b")
-    assert store.lease_is_fresh(store.get_job(job.id), an_hour_ago)
-    assert not store.lease_is_fresh(store.get_job(job.id), later)  # nobody renewed it since `later`: runner gone
-    assert store.begin_attempt(job.id, later) and store.claim_lease(job.id, "b", later)
-    assert not store.renew_lease(job.id, "a")  # the old runner learns that it was replaced
-    assert store.get_job(job.id).attempts == 2
-    assert not store.finish(job.id, "failed", "a stage failed", runner_id="a")  # nor may it end b's job
-    assert not store.finish(job.id, "failed", "runner lost", stale_before=an_hour_ago)  # b renewed since
-    assert store.finish(job.id, "succeeded", runner_id="b") and store.get_job(job.id).state == "succeeded"
-
-
-def test_only_a_failed_or_cancelled_job_is_queued_again(store, tmp_path):
-    done, failed = make_job(store, tmp_path, "5" * 12), make_job(store, tmp_path, "6" * 12)
-    store.claim_next_queued()
-    store.claim_next_queued()
-    store.finish(done.id, "succeeded")
-    store.finish(failed.id, "failed", reason="node lost")
-    assert not store.resume_job(done.id) and store.resume_job(failed.id)
-    again = store.get_job(failed.id)
-    assert (again.state, again.reason, again.attempts, again.finished_at) == ("queued", None, 0, None)
-
-
-def test_a_second_runner_of_a_job_does_not_run_it(store, tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setitem(executor.RUNNERS, "local", lambda *args: calls.append(args) or {"final": "x"})
-    monkeypatch.setattr(executor, "record_estimate", lambda *args: None)
-    job = make_job(store, tmp_path, "7" * 12)
-    store.claim_next_queued()
-    assert executor.Lease(store, job.id, ttl_s=60).claim()  # a runner that is alive, elsewhere
-    assert executor.execute_job(store, job.id, "local") is None and not calls
-    assert store.get_job(job.id).state == "running"
-
-
-def _price(store: Store, tmp_path, job_id: str, usd: float) -> None:
-    """One priced stage of the job, copied from its ledger file by the recorder as a finished stage would."""
-    output = tmp_path / f"out-{job_id}"
-    output.mkdir(exist_ok=True)
-    (output / "cost.json").write_text(json.dumps({"stages": [
-        {"stage": "finetune", "expert": None, "tier": "A100", "device_type": "a100", "num_devices": 1,
-         "seconds": 60.0, "device_hours": 1 / 60, "price_per_hour": 2.28, "usd": usd, "simulated": True,
-         "device": "cpu", "node": None}]}))
-    EventRecorder(store, job_id, output).sync_costs()
-
-
-def test_month_spend_and_budget_left_come_from_the_owners_cost_rows(store, tmp_path):
-    users = Users(store)
-    users.create_user("ada", monthly_budget_usd=2.0)
-    with pytest.raises(UserExists):
-        users.create_user("ada")
-    for job_id, owner, usd in (("a" * 12, "ada", 0.5), ("b" * 12, "ada", 0.25), ("c" * 12, "bob", 9.0)):
-        make_job(store, tmp_path, job_id, owner)
-        _price(store, tmp_path, job_id, usd)
-    assert users.month_spend("ada") == pytest.approx(0.75) and users.budget_left("ada") == pytest.approx(1.25)
-    assert users.budget_left("bob") is None  # no user row: no budget
-    _price(store, tmp_path, "a" * 12, 0.5)  # synced again, unchanged: still counted once, in this month
-    assert users.month_spend("ada") == pytest.approx(0.75)
-    next_month = month_start(utcnow()) + timedelta(days=32)
-    assert users.month_spend("ada", now=next_month) == 0.0
-    assert users.count_queued("ada") == 2 and store.list_jobs(None, 0, 10, owner="bob")[1] == 1
-
-
-def test_tokens_authenticate_until_revoked(store):
-    users = Users(store)
-    users.create_user("ada")
-    token, secret = users.create_token("ada", "laptop")
-    assert token.sha256 == hashlib.sha256(secret.encode()).hexdigest() and secret not in token.sha256
-    assert users.authenticate(secret).name == "ada"
-    assert users.authenticate(secret + "x") is None and users.authenticate("é") is None
-    _, other = users.create_token("ada")
-    assert users.revoke_token("ada", token.id) and not users.revoke_token("ada", token.id)
-    assert users.authenticate(secret) is None and users.authenticate(other).name == "ada"
-    users.revoke_user("ada")
-    assert users.authenticate(other) is None
-
-
-def test_the_runner_is_asked_the_owners_budget_left(store, tmp_path, monkeypatch):
-    """The executor hands the runner a hook that reads the owner's budget left from the store at each call."""
-    asked = []
-
-    def run(spec, events, should_stop, owner, budget_left=None):
-        asked.append(budget_left())
-        _price(store, tmp_path, job.id, 0.75)
-        asked.append(budget_left())
-        return {}
-
-    monkeypatch.setitem(executor.RUNNERS, "local", run)
-    monkeypatch.setattr(executor, "record_estimate", lambda *args: None)
-    Users(store).create_user("ada", monthly_budget_usd=1.0)
-    job = make_job(store, tmp_path, "d" * 12, "ada")
-    store.claim_next_queued()
-    assert executor.execute_job(store, job.id, "local") == "succeeded"
-    assert asked == [1.0, 0.25]
-
-
-def test_a_store_from_before_users_is_migrated(store, tmp_path):
-    """A store as the previous release left it (no owner, no priced_at, no users or tokens tables) keeps its jobs,
-    owned by the bootstrap admin, and their dollars count in the month each job was created."""
-    from sqlalchemy import inspect, text
-
-    make_job(store, tmp_path, "e" * 12)
-    _price(store, tmp_path, "e" * 12, 0.5)
-    with store.engine.begin() as connection:
-        connection.execute(text("DROP TABLE moedisco_tokens"))
-        connection.execute(text("DROP TABLE moedisco_users"))
-        connection.execute(text("ALTER TABLE moedisco_jobs DROP COLUMN owner"))
-        connection.execute(text("ALTER TABLE moedisco_costs DROP COLUMN priced_at"))
-    assert "owner" not in {c["name"] for c in inspect(store.engine).get_columns("moedisco_jobs")}
-    for _ in range(2):  # a second start finds everything in place
-        migrated = Store(store.url)
-        users = Users(migrated)
-        assert migrated.get_job("e" * 12).owner == "admin"
-        assert users.month_spend("admin") == pytest.approx(0.5)
-        migrated.close()
-    users.create_user("ada")
-    assert users.authenticate(users.create_token("ada")[1]).name == "ada"
