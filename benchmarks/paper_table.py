@@ -29,7 +29,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moedisco.config import apply_overrides, build_spec  # noqa: E402
+from moedisco.spec_loading import apply_overrides, build_spec  # noqa: E402
 from moedisco.cost import flop_cost_usd  # noqa: E402
 from moedisco.estimate import DEFAULT_UTILISATION, parameter_counts  # noqa: E402
 from moedisco.layout import JobPaths  # noqa: E402

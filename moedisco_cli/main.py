@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from moedisco.config import SpecError, load_spec
+from moedisco.spec_loading import SpecError, load_spec
 from moedisco_cli import cluster, demo, jobs, serve, users
 from moedisco_cli.common import SetOpt, console, print_cost
 from moedisco_cli.job_events import ConsoleProgress

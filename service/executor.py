@@ -19,7 +19,8 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from moedisco.config import JobSpec, SpecError, build_spec, upgrade_saved_spec
+from moedisco.config import JobSpec
+from moedisco.spec_loading import SpecError, build_spec, upgrade_saved_spec
 from moedisco.events import Events
 from moedisco.layout import NotOwner
 from service.models import utcnow

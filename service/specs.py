@@ -22,7 +22,8 @@ from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 
-from moedisco.config import INPUT_PATHS, JobSpec, ModelConfig
+from moedisco.config import JobSpec, ModelConfig
+from moedisco.spec_loading import INPUT_PATHS
 from service.core.config import Settings
 from service.schemas import JobCreate
 

@@ -7,7 +7,8 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM
 
-from moedisco.config import ResourcesConfig, build_spec, load_spec
+from moedisco.config import ResourcesConfig
+from moedisco.spec_loading import build_spec, load_spec
 from moedisco.cost import CostLedger, flop_cost_usd
 from moedisco.estimate import estimate_job, parameter_counts
 from moedisco.runner import BudgetExceeded, JobRunner, LocalExecutor, run_job

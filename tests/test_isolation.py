@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from moedisco.config import build_spec
+from moedisco.spec_loading import build_spec
 from moedisco.layout import JobPaths, claim, owner_of
 from moedisco.metrics import read_metrics
 from moedisco.runner import NotOwner, run_job

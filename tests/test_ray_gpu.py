@@ -16,7 +16,7 @@ import pytest
 import ray
 from ray.util.state import list_actors
 
-from moedisco.config import build_spec
+from moedisco.spec_loading import build_spec
 from moedisco.events import ExpertState
 from moedisco.layout import JobPaths
 from moedisco.metrics import read_metrics

@@ -24,7 +24,7 @@ import pytest
 import ray
 
 from moedisco.cluster import ClusterResult
-from moedisco.config import build_spec
+from moedisco.spec_loading import build_spec
 from moedisco.metrics import read_metrics
 from moedisco.events import JobCancelledEvent
 from moedisco.layout import JobPaths, stage_result
