@@ -56,11 +56,13 @@ def base_spec(args) -> dict:
 def variants(args) -> list[tuple[str, dict]]:
     runs = [("full_parameter", {"method": "full_parameter"})]
     grid = itertools.product(args.clustering, args.warmup, args.router_init, args.shared_lr_scale, args.weighting,
-                             args.sync_rounds)
-    for clustering, warmup, router, scale, weighting, rounds in grid:
-        name = f"{clustering}-w{warmup}-{router}-s{scale:g}-{weighting}" + (f"-r{rounds}" if rounds != 1 else "")
+                             args.sync_rounds, args.outer_optimizer)
+    for clustering, warmup, router, scale, weighting, rounds, outer in grid:
+        name = (f"{clustering}-w{warmup}-{router}-s{scale:g}-{weighting}" + (f"-r{rounds}" if rounds != 1 else "")
+                + (f"-{outer}" if outer != "average" else ""))
         runs.append((name, {"cluster": {"method": clustering}, "merge": {"router_init": router, "weighting": weighting},
-                            "branch": {"warmup_steps": warmup, "shared_lr_scale": scale, "sync_rounds": rounds}}))
+                            "branch": {"warmup_steps": warmup, "shared_lr_scale": scale, "sync_rounds": rounds,
+                                       "outer_optimizer": outer}}))
     return runs
 
 
@@ -170,6 +172,7 @@ def parse_args(argv=None):
     parser.add_argument("--shared-lr-scale", nargs="+", type=float, default=[1.0])
     parser.add_argument("--weighting", nargs="+", default=["samples"], help="merge.weighting values to compare.")
     parser.add_argument("--sync-rounds", nargs="+", type=int, default=[1], help="branch.sync_rounds values.")
+    parser.add_argument("--outer-optimizer", nargs="+", default=["average"], help="branch.outer_optimizer values.")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="Override the base spec (examples/tiny.yaml), e.g. model.moe_intermediate_size=512.")
     parser.add_argument("--quick", action="store_true", help="Small steps: finishes in a few minutes.")

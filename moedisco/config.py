@@ -158,6 +158,15 @@ class BranchConfig(_Section):
         "only the job's storage; each round ends at a barrier. The default is lowered to submodel.steps when "
         "there are fewer steps.",
     )
+    outer_optimizer: Literal["average", "nesterov"] = Field(
+        "average",
+        description="What a synchronisation round writes back. `average`: the shared parameters' average (outer "
+        "SGD with lr 1, no momentum). `nesterov`: DiLoCo's outer step, SGD with Nesterov momentum on the "
+        "pseudo-gradient (the round's start minus the average), its momentum kept in the job folder. The merge "
+        "after the last round is the plain average either way.",
+    )
+    outer_lr: float = Field(0.7, gt=0.0, le=2.0, description="`nesterov`: outer learning rate (DiLoCo: 0.7).")
+    outer_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="`nesterov`: outer momentum (DiLoCo: 0.9).")
 
 
 class MergeConfig(_Section):

@@ -13,7 +13,7 @@ routes. It imports no torch, so a Ray worker or the API that only needs a path n
       data/{train,eval}.jsonl  data/{train,eval}_tokens.npz  data/tokenizer/
       embed/embeddings.npy  cluster/  source/  branched/
       submodels/<k>/            a submodel's run folder (checkpoints/, model.safetensors, result.json)
-      sync/round_<r>.safetensors
+      sync/round_<r>.safetensors  sync/outer_<r>.safetensors (the outer optimizer's state after round r)
       runs/<stage>/             the run folder of warmup, finetune, full_parameter
       merged/  final/
       stages/<marker>.json      one per finished stage (its summary)
@@ -73,6 +73,10 @@ class JobPaths:
 
     def sync_average(self, round_index: int) -> Path:
         return self.root / "sync" / f"round_{round_index}.safetensors"
+
+    def outer_state(self, round_index: int) -> Path:
+        """`branch.outer_optimizer: nesterov`: the backbone and momentum after round `round_index`'s sync."""
+        return self.root / "sync" / f"outer_{round_index}.safetensors"
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -216,11 +216,22 @@ def stage_sync(run: StageRun) -> dict:
                              f"{round_index} ends: the job's submodel.steps or branch.sync_rounds changed")
     weights, fisher = shared_weighting(spec, paths)
     roles = split.parameter_roles(split.read_config(paths.source))
-    result = sync.sync_round(roles, checkpoints, weights, fisher, paths.sync_average(round_index))
+    result = sync.sync_round(roles, checkpoints, weights, fisher, paths.sync_average(round_index),
+                             outer_step(spec, paths, round_index))
     seconds = time.perf_counter() - started
     run.metrics.write({"stage": "sync", "round": round_index, "step": step, "divergence": result["divergence"],
                        "seconds": seconds, "device": "cpu"})
     return {"round": round_index, "step": step, **result, "seconds": seconds, "device": "cpu"}
+
+
+def outer_step(spec: JobSpec, paths: JobPaths, round_index: int) -> sync.OuterStep | None:
+    """`branch.outer_optimizer`'s step for this round: None for the plain average."""
+    branch = spec.branch
+    if branch.outer_optimizer == "average":
+        return None
+    previous = (paths.outer_state(round_index - 1) if round_index > 0
+                else branch_point(spec, paths) / split.WEIGHTS_FILE)
+    return sync.OuterStep(branch.outer_lr, branch.outer_momentum, previous, paths.outer_state(round_index))
 
 
 def shared_weighting(spec: JobSpec, paths: JobPaths) -> tuple[list[float], bool]:

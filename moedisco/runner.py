@@ -223,6 +223,8 @@ class JobRunner:
             # Once a sync is marked done its average lives in the checkpoints; the copy kept for re-running it
             # goes (a backbone per round: gigabytes at real scale).
             self.paths.sync_average(task.round).unlink(missing_ok=True)
+            if task.round > 0:  # the outer optimizer's state: the next round's sync only reads this round's
+                self.paths.outer_state(task.round - 1).unlink(missing_ok=True)
         self.executor.done(task)
 
     def emit(self, event) -> None:

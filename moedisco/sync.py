@@ -13,15 +13,23 @@ the backbone. Trainers exchange nothing directly: the average goes through the j
 
 The average is written to `out` first and applied after, so a sync interrupted half-way is finished by re-running
 it: applying the same average twice is a no-op.
+
+`branch.outer_optimizer: nesterov` replaces the plain average by DiLoCo's outer step (Douillard et al. 2023): the
+pseudo-gradient delta = theta_prev - average(theta_k) (theta_prev: the backbone every submodel started the round
+from) drives SGD with Nesterov momentum, m = mu m + delta, theta = theta_prev - lr (delta + mu m); lr 1 and mu 0
+are the plain average. theta and m are one state, kept in `sync/outer_<r>.safetensors` after round r (`OuterState`),
+which round r + 1 reads and which serves as round r's `out` too; a resumed job reads it back bit for bit.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from moedisco.merge import average_shared
@@ -52,24 +60,70 @@ def backbone_average(roles: dict[str, Role], checkpoints: Sequence[Path], weight
     return shared
 
 
-def apply_backbone(shared: dict[str, torch.Tensor], checkpoint: Path) -> float:
-    """Overwrite the shared tensors of one checkpoint's weights; returns the squared distance it moved them."""
+@dataclass(frozen=True)
+class OuterStep:
+    """DiLoCo's outer optimizer: where its state is and how it steps (`branch.outer_lr`, `branch.outer_momentum`)."""
+
+    lr: float
+    momentum: float
+    previous: Path  # the state the round started from: the previous round's, or the branch point's weights
+    out: Path  # this round's state
+
+
+BACKBONE, MOMENTUM = "backbone/", "momentum/"  # key prefixes in an outer state file
+
+
+def _start_of_round(previous: Path, names: Sequence[str]) -> tuple[dict, dict]:
+    """theta_prev and m: an outer state file, or (round 0) the branch point's weights with no momentum yet."""
+    with safe_open(previous, framework="pt") as handle:
+        keys = set(handle.keys())
+        if any(key.startswith(BACKBONE) for key in keys):
+            return ({name: handle.get_tensor(BACKBONE + name) for name in names},
+                    {name: handle.get_tensor(MOMENTUM + name) for name in names})
+        return {name: handle.get_tensor(name).float() for name in names}, {}
+
+
+def nesterov_backbone(average: dict[str, torch.Tensor], step: OuterStep) -> dict[str, torch.Tensor]:
+    """The backbone after one Nesterov outer step towards `average`, computed once and kept in `step.out` with the
+    new momentum (fp32, whatever the weights' dtype)."""
+    if not step.out.is_file():
+        theta, momentum = _start_of_round(step.previous, list(average))
+        state = {}
+        for name, mean in average.items():
+            delta = theta[name] - mean.float()
+            m = momentum[name].mul(step.momentum).add_(delta) if name in momentum else delta
+            state[BACKBONE + name] = theta[name] - step.lr * (delta + step.momentum * m)
+            state[MOMENTUM + name] = m
+        step.out.parent.mkdir(parents=True, exist_ok=True)
+        _save_atomically(state, step.out)
+    return {name[len(BACKBONE):]: tensor for name, tensor in load_file(step.out).items()
+            if name.startswith(BACKBONE)}
+
+
+def apply_backbone(shared: dict[str, torch.Tensor], checkpoint: Path,
+                   reference: dict[str, torch.Tensor] | None = None) -> float:
+    """Overwrite the shared tensors of one checkpoint's weights; returns their squared distance from `reference`
+    (default: `shared`, how far they moved) before."""
     state = load_file(checkpoint / WEIGHTS_FILE)
-    moved = sum(float((state[name].float() - tensor.float()).pow(2).sum()) for name, tensor in shared.items())
-    state.update(shared)
+    reference = shared if reference is None else reference
+    moved = sum(float((state[name].float() - tensor.float()).pow(2).sum()) for name, tensor in reference.items())
+    state.update({name: tensor.to(state[name].dtype) for name, tensor in shared.items()})
     _save_atomically(state, checkpoint / WEIGHTS_FILE)
     return moved
 
 
 def sync_round(roles: dict[str, Role], checkpoints: Sequence[Path], weights: Sequence[float], fisher: bool,
-               out: Path) -> dict:
-    """Average the submodels' backbones in `checkpoints` and write the average back into each of them.
+               out: Path, outer: OuterStep | None = None) -> dict:
+    """Average the submodels' backbones in `checkpoints` and write the average back into each of them; with `outer`,
+    write back the backbone after a Nesterov outer step towards the average instead.
 
     Returns `divergence`: sqrt(sum_k gamma_k ||theta_k - theta_avg||^2) / ||theta_avg|| over the shared
-    parameters before the sync, how far the backbones had drifted apart in the round (0 after a repeated sync).
+    parameters before the sync, how far the backbones had drifted apart in the round (0 after a repeated sync of
+    plain averages).
     """
-    shared = backbone_average(roles, checkpoints, weights, fisher, out)
-    moved = [apply_backbone(shared, checkpoint) for checkpoint in checkpoints]
-    norm = math.sqrt(sum(float(tensor.float().pow(2).sum()) for tensor in shared.values()))
+    average = backbone_average(roles, checkpoints, weights, fisher, out)
+    shared = average if outer is None else nesterov_backbone(average, outer)
+    moved = [apply_backbone(shared, checkpoint, average) for checkpoint in checkpoints]
+    norm = math.sqrt(sum(float(tensor.float().pow(2).sum()) for tensor in average.values()))
     spread = math.sqrt(sum(gamma * distance for gamma, distance in zip(weights, moved)))
     return {"divergence": spread / norm if norm > 0 else 0.0, "tensors": len(shared)}

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from moedisco.metrics import read_metrics
+from moedisco.runner import run_job
+from moedisco.spec_loading import build_spec
 from moedisco.split import WEIGHTS_FILE, load_submodel, parameter_roles, save_weights, unique_state_dict
-from moedisco.sync import sync_round
-from moedisco.train import SECOND_MOMENT_FILE
-from tests.conftest import tiny_hf_config
+from moedisco.sync import BACKBONE, MOMENTUM, OuterStep, sync_round
+from moedisco.train import SECOND_MOMENT_FILE, StopRequested
+from tests.conftest import tiny_hf_config, tiny_spec_dict
 
 EMBED, EXPERT = "model.embed_tokens.weight", "model.layers.0.mlp.experts.down_proj"
 
@@ -73,3 +78,61 @@ def test_sync_names_the_missing_checkpoint(tmp_path):
         sync_round(roles, folders, [0.5, 0.5], fisher=False, out=tmp_path / "sync.safetensors")
     with pytest.raises(FileNotFoundError, match=SECOND_MOMENT_FILE):
         sync_round(roles, folders[:1], [1.0], fisher=True, out=tmp_path / "sync.safetensors")
+
+
+def test_nesterov_sync_takes_diloco_outer_steps_and_carries_its_momentum(tmp_path):
+    roles, folders = _checkpoints(tmp_path)
+    start = load_file(tmp_path / "source" / WEIGHTS_FILE)[EMBED]
+    locals_0 = [load_file(f / WEIGHTS_FILE)[EMBED] for f in folders]
+    outer_0 = OuterStep(0.7, 0.9, tmp_path / "source" / WEIGHTS_FILE, tmp_path / "sync" / "outer_0.safetensors")
+    sync_round(roles, folders, [0.5, 0.5], fisher=False, out=tmp_path / "sync" / "round_0.safetensors", outer=outer_0)
+    delta_0 = start - (locals_0[0] + locals_0[1]) / 2  # the pseudo-gradient; no momentum before round 0
+    theta_1 = start - 0.7 * (delta_0 + 0.9 * delta_0)
+    assert all(torch.allclose(load_file(f / WEIGHTS_FILE)[EMBED], theta_1, atol=1e-5) for f in folders)
+    # Round 1: the local models moved on from theta_1; the momentum remembers round 0's pseudo-gradient.
+    for k, folder in enumerate(folders):
+        state = load_file(folder / WEIGHTS_FILE)
+        state[EMBED] = theta_1 + (k + 1) * 0.01
+        save_file(state, folder / WEIGHTS_FILE)
+    outer_1 = OuterStep(0.7, 0.9, outer_0.out, tmp_path / "sync" / "outer_1.safetensors")
+    sync_round(roles, folders, [0.5, 0.5], fisher=False, out=tmp_path / "sync" / "round_1.safetensors", outer=outer_1)
+    delta_1 = torch.full_like(theta_1, -0.015)
+    momentum_1 = 0.9 * delta_0 + delta_1
+    saved = load_file(outer_1.out)
+    torch.testing.assert_close(saved[MOMENTUM + EMBED], momentum_1)
+    torch.testing.assert_close(saved[BACKBONE + EMBED], theta_1 - 0.7 * (delta_1 + 0.9 * momentum_1))
+    assert torch.equal(load_file(folders[0] / WEIGHTS_FILE)[EMBED], saved[BACKBONE + EMBED])
+
+
+def test_nesterov_with_lr_1_and_no_momentum_is_the_plain_average(tmp_path):
+    roles, folders = _checkpoints(tmp_path)
+    before = [load_file(f / WEIGHTS_FILE)[EMBED] for f in folders]
+    outer = OuterStep(1.0, 0.0, tmp_path / "source" / WEIGHTS_FILE, tmp_path / "outer.safetensors")
+    sync_round(roles, folders, [0.25, 0.75], fisher=False, out=tmp_path / "avg.safetensors", outer=outer)
+    torch.testing.assert_close(load_file(folders[1] / WEIGHTS_FILE)[EMBED], 0.25 * before[0] + 0.75 * before[1])
+
+
+def test_a_resumed_nesterov_job_continues_the_outer_momentum_bit_for_bit(tmp_path):
+    def spec_in(folder):
+        return build_spec(tiny_spec_dict(folder, branch={"sync_rounds": 3, "outer_optimizer": "nesterov"},
+                                         model={"num_experts": 2, "num_experts_per_tok": 1},
+                                         data={"max_documents": 160}, submodel={"steps": 6, "checkpoint_every": 2},
+                                         finetune={"steps": 1}))
+
+    whole, resumed = spec_in(tmp_path / "whole"), spec_in(tmp_path / "resumed")
+    out = resumed.output_dir
+    with pytest.raises(StopRequested):  # the data stages once, for both jobs
+        run_job(whole, progress=False, should_stop=lambda: (whole.output_dir / "source").is_dir())
+    shutil.copytree(whole.output_dir, out)
+    run_job(whole, progress=False)
+    with pytest.raises(StopRequested):  # stops with round 0's outer state on disk, round 1's sync still to come
+        run_job(resumed, progress=False,
+                should_stop=lambda: (out / "submodels" / "1" / "checkpoints" / "step_00000004").is_dir())
+    assert (out / "sync" / "outer_0.safetensors").is_file() and not (out / "sync" / "outer_1.safetensors").exists()
+    run_job(resumed, progress=False)
+    assert not (out / "sync" / "outer_0.safetensors").exists()  # only the newest outer state is kept
+    for k in (0, 1):
+        ours, theirs = (load_file(root / "submodels" / str(k) / WEIGHTS_FILE) for root in (out, whole.output_dir))
+        assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+    syncs = [r["divergence"] for r in read_metrics(out / "metrics.jsonl", "sync")]
+    assert syncs == [r["divergence"] for r in read_metrics(whole.output_dir / "metrics.jsonl", "sync")]
