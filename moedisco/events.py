@@ -61,7 +61,8 @@ class Progress(Event):
 
 class ExpertState(Event):
     event: Literal["expert_state"] = "expert_state"
-    state: Literal["waiting", "running", "done", "cancelled"]
+    state: Literal["waiting", "running", "done", "cancelled", "preempted"]  # preempted: checkpointed on notice,
+    # its trainer starts again from that step
     attempt: int = 0
 
 
@@ -71,6 +72,7 @@ class WorkerStarted(Event):
     node: str | None = None
     gpu_type: str | None = None
     pid: int | None = None
+    resume_step: int | None = None  # the checkpoint step this worker starts from (0: from the beginning)
 
 
 class JobCancelledEvent(Event):

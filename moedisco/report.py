@@ -45,6 +45,16 @@ def cost_bars(cost_path: Path) -> dict[str, float]:
     return bars
 
 
+def lost_bars(cost_path: Path) -> dict[str, float]:
+    """Per stage, the dollars that paid for steps trained twice (`CostRow.lost_usd`): failures and preemptions."""
+    if not cost_path.is_file():
+        return {}
+    bars: dict[str, float] = {}
+    for row in json.loads(cost_path.read_text())["stages"]:
+        bars[row["stage"]] = bars.get(row["stage"], 0.0) + row.get("lost_usd", 0.0)
+    return bars
+
+
 def _plot_curves(ax, curves: dict, labels: tuple[str, ...], title: str) -> None:
     for label, (steps, losses) in sorted(curves.items()):
         if label.split(" ")[0] in labels:
@@ -61,7 +71,12 @@ def write_report(metrics_path: Path, cost_path: Path, out: Path, title: str = ""
     _plot_curves(ax_cheap, curves, ("warmup", "submodel"), f"{title}: cheap tier (warm-up, submodels)")
     _plot_curves(ax_dear, curves, ("finetune", "full_parameter"), "expensive tier (step 0 = merged model)")
     ax_cost.bar(list(bars), list(bars.values()), color="tab:green")
-    ax_cost.set(ylabel="USD", title=f"cost per stage (total ${sum(bars.values()):.4f})")
+    lost = lost_bars(cost_path)
+    if any(lost.values()):  # the part of each bar that paid for work redone after restarts
+        ax_cost.bar(list(lost), list(lost.values()), color="tab:red", label="lost to restarts")
+        ax_cost.legend(fontsize=8)
+    ax_cost.set(ylabel="USD", title=f"cost per stage (total ${sum(bars.values()):.4f}, "
+                f"lost ${sum(lost.values()):.4f})")
     ax_cost.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ task (`moedisco.events`), prices it into the ledger and leaves its marker. An `E
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +30,7 @@ from moedisco.metrics import MetricsWriter
 from moedisco.report import write_report
 from moedisco.stage_run import StageRun, run_stage
 from moedisco.stages import STAGE, Task, plan, tier_of
+from moedisco.preemption import PreemptionNotice
 from moedisco.train import StopRequested, TrainHooks
 
 log = logging.getLogger(__name__)
@@ -119,7 +121,11 @@ class LocalExecutor:
         self.progress = progress
 
     def open(self, job: JobContext) -> None:
-        self.job = job
+        self.job, self.notice = job, PreemptionNotice()
+        # SIGTERM (a spot node's notice) checkpoints the running stage at its step and raises `train.Preempted`;
+        # re-running the job resumes there.
+        self.sigterm = contextlib.ExitStack()
+        self.sigterm.enter_context(self.notice.on_sigterm())
 
     def run(self, tasks: list[Task], started: Started) -> Iterator[tuple[Task, dict]]:
         for task in tasks:
@@ -128,13 +134,13 @@ class LocalExecutor:
 
     def hooks(self) -> TrainHooks:
         return TrainHooks(on_progress=lambda record: self.job.events(progress_event(record)),
-                          should_stop=self.job.should_stop, before_write=self.job.may_write)
+                          should_stop=self.job.should_stop, before_write=self.job.may_write, preempted=self.notice)
 
     def done(self, task: Task) -> None:
         pass
 
     def close(self) -> None:
-        pass
+        self.sigterm.close()
 
 
 BudgetLeft = Callable[[], float | None]
@@ -211,7 +217,7 @@ class JobRunner:
         if tier is not None:
             self.ledger.record(task.stage, tier, seconds, device=summary.get("device", "cpu"), expert=task.expert,
                                node=summary.get("node"), num_devices=summary.get("num_nodes"),
-                               round_index=task.round)
+                               round_index=task.round, work=summary)
         # A trained stage run in rounds goes on in its next round; anything else ends with its task.
         final = self.last_task[task.key] == task or not STAGE[task.stage].trained
         self.emit(StageFinished(**task.ids, summary=summary, final=final))

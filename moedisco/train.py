@@ -57,6 +57,7 @@ class TrainHooks:
     on_progress: Callable[[dict], None] | None = None  # every logged step: the metrics record
     on_checkpoint: Callable[[int, Path], None] | None = None  # after each checkpoint is written
     should_stop: Callable[[], bool] | None = None  # polled each step; True stops after a checkpoint
+    preempted: Callable[[], bool] | None = None  # polled after every step; True: checkpoint it, raise `Preempted`
     wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None  # e.g. DistributedDataParallel
     before_write: Callable[[], None] | None = None  # before each metrics line, checkpoint and the final weights;
     # raises to stop a run whose job folder another runner took over (`moedisco.layout.NotOwner`)
@@ -95,6 +96,15 @@ class TrainContext:
 
 class StopRequested(RuntimeError):
     """Raised when `should_stop` asked the run to end early; its last checkpoint is on disk."""
+
+
+class Preempted(StopRequested):
+    """Raised when `TrainHooks.preempted` said the node is being taken back (`moedisco.preemption`): the run
+    checkpointed `step`, the step it had reached, and resumes there."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
 
 
 def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -297,8 +307,11 @@ class _Loop:
                 self._log(step, sum(losses) / len(losses))
                 losses = []
             round_end = step == end < cfg.steps
-            if (step % cfg.checkpoint_every == 0 and step < cfg.steps) or round_end:
+            preempted = self.hooks.preempted is not None and self.hooks.preempted() and step < cfg.steps
+            if (step % cfg.checkpoint_every == 0 and step < cfg.steps) or round_end or preempted:
                 self._checkpoint(moments=round_end and self.ctx.save_second_moment)
+                if preempted:
+                    raise Preempted(f"{self.ctx.label} preempted at step {step}, checkpointed there", step)
                 if self.hooks.should_stop and self.hooks.should_stop():
                     raise StopRequested(f"{self.ctx.label} stopped at step {step}")
         bar.close()

@@ -49,6 +49,8 @@ from ray_cluster.placement import (TierUnreachable, check_tiers_reachable, on_dr
 from ray_cluster.tracking import Tracker
 from ray_cluster.trainers import build_trainer
 
+log = logging.getLogger(__name__)
+
 
 class RayExecutor:
     """Places each task of a job on its tier of a Ray cluster (the `moedisco.runner.Executor` interface)."""
@@ -137,6 +139,12 @@ class RayExecutor:
 
     def result(self, task: Task) -> dict:
         summary = self.tracker.wait(task.key)
+        while summary.get("preempted"):  # checkpointed on notice: only this trainer starts again, from there
+            log.warning("%s[%s] preempted at step %s (%s); starting it again", task.stage, task.expert,
+                        summary["step"], summary.get("reason"))
+            self.tracker.preempted(task.key, summary)
+            self.launch_trainer(task)
+            summary = self.tracker.wait(task.key)
         if not STAGE[task.stage].trained:
             return summary if STAGE[task.stage].setup else {**summary, "num_nodes": 1}
         if summary.get("not_owner"):
@@ -144,8 +152,9 @@ class RayExecutor:
         if summary.get("stopped"):
             raise JobCancelled(f"{task.stage} stopped on request")
         billed = self.tracker.billed_seconds(task.key, summary)
+        work = self.tracker.work_done(task.key).summary(summary["steps"])
         self.tracker.forget(task.key)  # the next synchronisation round's trainer reuses the key
-        return {**summary, "train_seconds": summary["seconds"], "seconds": billed}
+        return {**summary, **work, "train_seconds": summary["seconds"], "seconds": billed}
 
     # --- helpers ------------------------------------------------------------------------------------------------
 

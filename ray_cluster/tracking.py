@@ -17,6 +17,12 @@ started, and Ray removes a dead creator's groups only with its job, the driver; 
 hold a GPU node (or keep a pod alive) for nobody. The tracker removes them (`remove_orphaned_placement_groups`):
 after a cancel, and when the next job of this driver starts.
 
+Work redone is counted per trainer (`lost_steps`): when a worker starts again (Ray Train restarting a failed worker
+group, or the driver restarting a preempted trainer), the steps between the furthest step its predecessor reported
+and the checkpoint it starts from are trained twice. A preempted worker reports the exact step it checkpointed, so
+its restart loses none; a killed one is known only up to its last logged step (`eval_every`), so what it lost
+past that is not counted. Preemptions are counted apart (`preemptions`): they never use up `max_failures`.
+
 Cancelling (`should_stop()` turned true) raises the queue's stop flag, which each worker reads at its next
 checkpoint (`TrainHooks.should_stop`) and returns early, so Ray Train shuts the trainer down cleanly; a trainer that
 has not stopped within `STOP_GRACE_S` is killed with the launcher. Finished stages and checkpoints stay on disk.
@@ -27,6 +33,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import ray
 
@@ -39,6 +46,29 @@ Key = tuple[str, int | None]  # (stage, expert): `moedisco.stages.Task.key`
 STOP_GRACE_S = 60.0
 RAY_CALL_TIMEOUT_S = 60.0
 ORPHAN_WAIT_S = 10.0  # for the killed launcher's controllers to be marked dead
+
+
+@dataclass
+class WorkDone:
+    """One trainer's steps across its restarts: how far it got, and what restarts made it train twice."""
+
+    reached: int = 0  # the furthest step reported
+    first_step: int | None = None  # where its first worker started
+    lost_steps: int = 0
+    preemptions: int = 0
+    preempted_seconds: float = 0.0  # node time of its runs that ended in a preemption
+
+    def started(self, resume_step: int | None) -> None:
+        if resume_step is None:
+            return
+        if self.first_step is None:
+            self.first_step = self.reached = resume_step
+        self.lost_steps += max(0, self.reached - resume_step)
+
+    def summary(self, final_step: int) -> dict:
+        """`steps_run`: every step trained, redone ones included (what the trainer's node time paid for)."""
+        run = final_step - (self.first_step or 0) + self.lost_steps
+        return {"lost_steps": self.lost_steps, "steps_run": run, "preemptions": self.preemptions}
 
 
 @ray.remote
@@ -93,6 +123,7 @@ class Tracker:
         self.states: dict[Key, str] = {}
         self.first_start: dict[Key, float] = {}
         self.attempts: dict[Key, int] = {}
+        self.work: dict[Key, WorkDone] = {}
         self.actors: dict[Key, ray.actor.ActorHandle] = {}
 
     @property
@@ -157,13 +188,30 @@ class Tracker:
         return summary
 
     def billed_seconds(self, key: Key, summary: dict) -> float:
-        """Node time from the first start of the trainer's workers to its end: waiting for nodes is not billed."""
-        return summary["finished_at"] - self.first_start.get(key, summary["started_at"])
+        """Node time from the first start of the trainer's workers to its end, plus that of its preempted runs:
+        waiting for nodes is not billed."""
+        seconds = summary["finished_at"] - self.first_start.get(key, summary["started_at"])
+        return seconds + self.work_done(key).preempted_seconds
+
+    def work_done(self, key: Key) -> WorkDone:
+        return self.work.setdefault(key, WorkDone())
+
+    def preempted(self, key: Key, summary: dict) -> None:
+        """A trainer returned after checkpointing on a preemption notice: bill its run, count it; it is started
+        again (by the executor) from `summary["step"]`."""
+        work = self.work_done(key)
+        work.preempted_seconds = self.billed_seconds(key, summary)  # this run's and the earlier preempted ones'
+        work.preemptions += 1
+        work.reached = max(work.reached, summary["step"])
+        self.first_start.pop(key, None)
+        self.set_state(key, "preempted")
 
     def forget(self, key: Key) -> None:
-        """Drop a finished trainer's start time and attempt count, so that the key can be queued again."""
+        """Drop a finished trainer's start time, attempt count and work record, so that the key can be queued
+        again."""
         self.first_start.pop(key, None)
         self.attempts.pop(key, None)
+        self.work.pop(key, None)
 
     def pump(self) -> None:
         for event in ray.get(self.queue.drain.remote(), timeout=RAY_CALL_TIMEOUT_S):
@@ -176,11 +224,13 @@ class Tracker:
     def handle(self, event: Event) -> None:
         key = (event.stage, event.expert)
         if isinstance(event, WorkerStarted):
+            self.work_done(key).started(event.resume_step)
             self.first_start.setdefault(key, event.time)
             self.attempts[key] = self.attempts.get(key, 0) + 1
             self.states.pop(key, None)  # a restart after a failure is announced again
             self.set_state(key, "running")
         elif isinstance(event, Progress):
+            self.work_done(key).reached = max(self.work_done(key).reached, event.step)
             self.emit(event)
 
     def close(self) -> None:

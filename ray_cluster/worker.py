@@ -8,6 +8,11 @@ only connects it to Ray Train through `TrainHooks`:
   first puts the latest reported checkpoint back into the run folder, so `train` resumes from it;
 - every metrics line says which node, `gpu_type` and GPUs ran it (`TrainHooks.extra`);
 - rank 0 pushes progress records to the job's event queue, and at every checkpoint reads the driver's stop flag;
+- after every step every rank asks Ray Train whether its node is being preempted (`ray.train.get_preemption_info`:
+  Ray marks a node draining when the cloud or KubeRay gives it up, and `ray start` does when its pod gets
+  SIGTERM); if so the loop checkpoints that step, the checkpoint is reported, and the worker returns
+  `{"preempted": True}`, so the driver starts only this trainer again, from that step, counting a preemption
+  instead of one of `max_failures` (`moedisco.preemption`);
 - with several workers the model is wrapped for data parallelism.
 """
 
@@ -27,6 +32,7 @@ import ray.train
 
 from moedisco.events import WorkerStarted, progress_event
 from moedisco.layout import JobPaths, NotOwner, check_owner
+from moedisco.preemption import PreemptionNotice
 from moedisco.stage_run import StageRun
 from ray_cluster.placement import prepare_worker, storage_root, tier_of
 
@@ -97,6 +103,17 @@ def restore_reported_checkpoint(checkpoint: ray.train.Checkpoint | None, run_dir
     return step
 
 
+def resume_step(run_dir: Path) -> int:
+    """The step a training run in `run_dir` starts from: its newest checkpoint's, or the end when it finished."""
+    from moedisco.train import checkpoint_dirs, finished_result
+
+    done = finished_result(run_dir)
+    if done is not None:
+        return done.steps
+    newest = checkpoint_dirs(run_dir)[-1:]
+    return json.loads((newest[0] / "trainer_state.json").read_text())["step"] if newest else 0
+
+
 class RayTrainBridge:
     """Builds the `TrainHooks` that connect moedisco's loop to Ray Train on one worker."""
 
@@ -109,12 +126,14 @@ class RayTrainBridge:
         self.gpu_ids = [str(gpu) for gpu in ray.get_gpu_ids()]
         self.storage = storage_root(spec)
         self.latest_checkpoint: tuple[int, Path] | None = None
+        self.notice = PreemptionNotice()
 
     def hooks(self):
         from moedisco.train import TrainHooks
 
         return TrainHooks(on_progress=self.on_progress, on_checkpoint=self.on_checkpoint,
                           should_stop=self.at_checkpoint_boundary, wrap_model=self.wrap_model,
+                          preempted=self.preempted,
                           before_write=lambda: check_owner(self.paths, self.owner),
                           rank=self.rank, world_size=self.world_size, extra={**self.identity, "rank": self.rank,
                                                                              "gpu_ids": self.gpu_ids})
@@ -123,8 +142,17 @@ class RayTrainBridge:
         if self.events is not None and self.rank == 0:
             self.events.push.remote(event)
 
-    def started(self) -> None:
-        self.push(WorkerStarted(stage=self.task.stage, expert=self.task.expert, time=time.time(), **self.identity))
+    def started(self, resume_step: int | None) -> None:
+        self.push(WorkerStarted(stage=self.task.stage, expert=self.task.expert, time=time.time(),
+                                resume_step=resume_step, **self.identity))
+
+    def preempted(self) -> bool:
+        # A barrier that broadcasts rank 0's answer: every rank asks after every step, so all stop at one step.
+        info = ray.train.get_preemption_info()
+        if info is not None:
+            deadline = f", deadline {info.deadline_ms / 1000:.0f}" if info.deadline_ms else ""
+            self.notice.notify(f"node {self.identity['node']} is being preempted{deadline}")
+        return self.notice()
 
     def on_progress(self, record: dict) -> None:
         self.push(progress_event({**record, "round": self.task.round, "time": time.time()}))
@@ -135,6 +163,10 @@ class RayTrainBridge:
     def at_checkpoint_boundary(self) -> bool:
         # moedisco polls `should_stop` on every rank right after each checkpoint, and only rank 0 gets
         # `on_checkpoint`; `ray.train.report` is a barrier that every rank must reach, so it is called here.
+        self.report_checkpoint()
+        return self.stop_requested()
+
+    def report_checkpoint(self) -> None:
         step, checkpoint = None, None
         with tempfile.TemporaryDirectory() as scratch:  # report copies the checkpoint before it returns
             if self.rank == 0 and self.latest_checkpoint is not None:
@@ -142,7 +174,6 @@ class RayTrainBridge:
                 reported = reportable_checkpoint(folder, self.storage, Path(scratch) / f"step_{step}")
                 checkpoint = ray.train.Checkpoint.from_directory(str(reported))
             ray.train.report({"step": step, **self.identity}, checkpoint=checkpoint)
-        return self.stop_requested()
 
     def stop_requested(self) -> bool:
         """The driver's cancel flag, read by rank 0 and shared, so that all ranks stop at the same step."""
@@ -176,19 +207,24 @@ def train_func(config: dict) -> dict:
     paths = JobPaths(spec.output_dir) if rank == 0 else replica_paths(spec.output_dir, rank)
     bridge = RayTrainBridge(config, rank, world_size)
     started = time.time()
-    bridge.started()
     if rank == 0:
-        restore_reported_checkpoint(ray.train.get_checkpoint(), paths.run_dir(task.stage, task.expert))
+        run_dir = paths.run_dir(task.stage, task.expert)
+        restore_reported_checkpoint(ray.train.get_checkpoint(), run_dir)
+        bridge.started(resume_step(run_dir))
     if world_size > 1:
         import torch.distributed
 
         torch.distributed.barrier()  # no rank may read the run folder before rank 0 has restored it
     from moedisco.metrics import MetricsWriter
     from moedisco.stage_run import run_stage
-    from moedisco.train import StopRequested
+    from moedisco.train import Preempted, StopRequested
 
     try:
         summary = run_stage(StageRun(spec, paths, MetricsWriter(paths.metrics), task, bridge.hooks(), progress=False))
+    except Preempted as stop:
+        bridge.report_checkpoint()
+        return {"preempted": True, "step": stop.step, "reason": bridge.notice.reason, **bridge.identity,
+                "started_at": started, "finished_at": time.time()}
     except StopRequested:
         return {"stopped": True}  # a clean return, so Ray Train shuts the trainer down instead of retrying it
     except NotOwner:

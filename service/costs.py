@@ -118,7 +118,7 @@ def cost_view(inputs: CostInputs, now: datetime) -> CostPublic:
     total = sum(row.usd for row in rows)
     baseline, savings, basis = _baseline(inputs, total)
     return CostPublic(job_id=job.id, owner=job.owner, state=job.state, live=job.state == "running", stages=rows,
-                      by_tier_usd=by_tier, total_usd=total, simulated=any(row.simulated for row in rows),
+                      by_tier_usd=by_tier, total_usd=total, lost_usd=sum(row.lost_usd for row in rows), simulated=any(row.simulated for row in rows),
                       prices_per_hour=dict(inputs.resources.prices) if inputs.resources else {}, baseline=baseline,
                       savings_pct=savings, savings_basis=basis, note=_note(job, baseline),
                       estimate_usd=(job.estimate or {}).get("total_usd"))

@@ -157,4 +157,7 @@ class StoredCost(_PerStage, Base):
     simulated: Mapped[bool] = mapped_column(Boolean)
     device: Mapped[str | None] = mapped_column(Text)
     node: Mapped[str | None] = mapped_column(Text)
+    lost_steps: Mapped[int] = mapped_column(Integer, default=0)
+    lost_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    preemptions: Mapped[int] = mapped_column(Integer, default=0)
     priced_at: Mapped[datetime | None]  # the month its dollars count in

@@ -101,6 +101,8 @@ class CostPublic(BaseModel):
     stages: list[CostRowPublic]
     by_tier_usd: dict[str, float]
     total_usd: float
+    lost_usd: float = Field(0.0, description="Of `total_usd`, what paid for steps trained twice after failures and "
+                            "preemptions restarted trainers (per stage and expert: each row's `lost_usd`).")
     simulated: bool
     prices_per_hour: dict[str, float]
     baseline: BaselinePublic | None

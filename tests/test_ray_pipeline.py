@@ -187,6 +187,11 @@ def test_killed_worker_restarts_from_its_last_checkpoint(job):
     before_kill = [r["step"] for r in read_metrics(job["paths"].metrics, "submodel")
                    if r["expert"] == expert and r["pid"] == killed["pid"]]
     assert max(before_kill) - summary["resumed_from"] <= TRAIN["checkpoint_every"]
+    # The ledger prices what the restart trained twice: from the checkpoint to the furthest step the driver saw.
+    cost = json.loads(job["paths"].cost.read_text())
+    row = next(r for r in cost["stages"] if r["stage"] == "submodel" and r["expert"] == expert)
+    assert killed["step"] - summary["resumed_from"] <= row["lost_steps"] <= max(before_kill) - summary["resumed_from"]
+    assert row["preemptions"] == 0 and (row["lost_usd"] > 0) == (row["lost_steps"] > 0)
     steps = [r["step"] for r in read_metrics(job["paths"].metrics, "submodel") if r["expert"] == expert]
     assert steps[-1] == TRAIN["steps"]
 

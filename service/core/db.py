@@ -30,7 +30,11 @@ ADDED_COLUMNS = {("moedisco_jobs", "version"): "INTEGER NOT NULL DEFAULT 0",
                  # Jobs from before users existed belong to the bootstrap admin (MOEDISCO_API_TOKEN).
                  ("moedisco_jobs", "owner"): "VARCHAR(64) NOT NULL DEFAULT 'admin'",
                  # Cost rows from before then have none: they count in the month their job was created.
-                 ("moedisco_costs", "priced_at"): "TIMESTAMP WITH TIME ZONE"}
+                 ("moedisco_costs", "priced_at"): "TIMESTAMP WITH TIME ZONE",
+                 # Work lost to restarts, counted since spot preemptions were: none before.
+                 ("moedisco_costs", "lost_steps"): "INTEGER NOT NULL DEFAULT 0",
+                 ("moedisco_costs", "lost_usd"): "DOUBLE PRECISION NOT NULL DEFAULT 0",
+                 ("moedisco_costs", "preemptions"): "INTEGER NOT NULL DEFAULT 0"}
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

@@ -1,0 +1,78 @@
+"""Checkpoint on notice: SIGTERM checkpoints the step reached, the resumed run loses none; lost work is priced."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from moedisco.config import ResourcesConfig, TrainConfig
+from moedisco.cost import CostLedger
+from moedisco.metrics import MetricsWriter
+from moedisco.preemption import PreemptionNotice
+from moedisco.train import Preempted, TrainContext, TrainHooks, checkpoint_dir, checkpoint_dirs, train
+from ray_cluster.tracking import WorkDone
+from tests.conftest import tiny_hf_config
+
+# No periodic checkpoint before the round ends at step 5: only the notice can save step 2.
+CFG = TrainConfig(steps=6, batch_size=4, lr=1e-2, eval_every=1, checkpoint_every=100)
+ROUND_END = 5
+
+
+def _train(run_dir, hooks: TrainHooks | None = None):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_hf_config("qwen2_moe"))
+    seqs = torch.randint(0, 97, (16, 16), generator=torch.Generator().manual_seed(1))
+    context = TrainContext(run_dir, stage="submodel", seed=0, metrics=MetricsWriter(run_dir.parent / "m.jsonl"),
+                           hooks=hooks, progress=False, stop_at=ROUND_END)
+    return train(model, seqs, None, CFG, context)
+
+
+def test_sigterm_mid_round_checkpoints_the_step_reached_and_the_resumed_run_loses_none(tmp_path):
+    notice = PreemptionNotice()
+
+    def sigterm_at_step_2(record: dict) -> None:  # the signal a spot node's pod gets, delivered to this process
+        if record["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with notice.on_sigterm(), pytest.raises(Preempted) as stopped:
+        _train(tmp_path / "run", TrainHooks(on_progress=sigterm_at_step_2, preempted=notice))
+    assert stopped.value.step == 2 and notice.reason == "SIGTERM"
+    assert checkpoint_dirs(tmp_path / "run") == [checkpoint_dir(tmp_path / "run", 2)]
+    assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
+    resumed = _train(tmp_path / "run")
+    assert resumed.resumed_from == 2 and resumed.steps == ROUND_END  # nothing redone, the round finished
+    _train(tmp_path / "whole")
+    ours, theirs = (load_file(checkpoint_dir(tmp_path / run, ROUND_END) / "model.safetensors")
+                    for run in ("run", "whole"))
+    assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+
+
+def test_restarts_count_the_steps_trained_twice_and_preemptions_lose_none():
+    work = WorkDone()
+    work.started(resume_step=4)  # the round's trainer starts at a checkpoint
+    work.reached = 11  # then reports step 11 and is killed (SIGKILL: no notice)
+    work.started(resume_step=8)  # Ray Train restarts it from its checkpoint at 8: steps 9-11 are redone
+    work.reached, work.preemptions = 15, 1  # then checkpointed step 15 on a notice
+    work.started(resume_step=15)
+    assert work.summary(final_step=20) == {"lost_steps": 3, "steps_run": 19, "preemptions": 1}
+
+
+def test_the_ledger_prices_lost_steps_per_round(tmp_path):
+    resources = ResourcesConfig()
+    ledger = CostLedger(tmp_path / "cost.json", resources)
+    tier = resources.submodel_tier
+    ledger.record("submodel", tier, 3600.0, "cuda:0", expert=1, round_index=0,
+                  work={"lost_steps": 3, "steps_run": 12, "preemptions": 1})
+    row = ledger.record("submodel", tier, 1800.0, "cuda:0", expert=1, round_index=1,
+                        work={"lost_steps": 0, "steps_run": 10, "preemptions": 2})
+    price = resources.prices[tier.device_type]
+    assert row.usd == pytest.approx(1.5 * price) and row.lost_steps == 3 and row.preemptions == 3
+    assert row.lost_usd == pytest.approx(price * 3 / 12)
+    again = ledger.record("submodel", tier, 3600.0, "cuda:0", expert=1, round_index=0)  # round 0 re-run cleanly
+    assert again.lost_steps == 0 and again.lost_usd == 0.0 and again.preemptions == 2
+    assert CostLedger(tmp_path / "cost.json", resources).summary()["lost_usd"] == 0.0
