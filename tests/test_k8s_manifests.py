@@ -137,10 +137,11 @@ def port_names(group: dict) -> set[str]:
     return {port["name"] for port in ray_container(group).get("ports", [])}
 
 
-def gpu_groups(cluster: dict) -> dict[str, dict]:
-    """Worker groups by their Ray node label gpu_type."""
+def gpu_groups(cluster: dict, market: str = "on-demand") -> dict[str, dict]:
+    """Worker groups of one capacity type (Ray node label `market`) by their Ray node label gpu_type."""
     workers = cluster.get("workerGroupSpecs", [])
-    return {g["labels"]["gpu_type"]: g for g in workers if "gpu_type" in g.get("labels", {})}
+    return {g["labels"]["gpu_type"]: g for g in workers
+            if "gpu_type" in g.get("labels", {}) and g["labels"].get("market") == market}
 
 
 # ---- every document ---------------------------------------------------------------------------------------------
@@ -250,6 +251,32 @@ def test_gpu_tiers(cluster: dict) -> None:
         assert spec.get("nodeSelector") or spec.get("affinity"), f"{tier}: could land on any GPU node"
         assert any(t.get("key") == GPU for t in spec.get("tolerations", [])), f"{tier}: does not tolerate {GPU}"
     assert GPU not in ray_container(cluster["headGroupSpec"])["resources"].get("limits", {}), "the head has a GPU"
+
+
+SPOT_SELECTORS = {"cloud.google.com/gke-spot": "true", "eks.amazonaws.com/capacityType": "SPOT"}
+
+
+@pytest.mark.parametrize("cluster", CLUSTER_PARAMS)
+def test_a_spot_4090_group_beside_the_on_demand_one_and_no_spot_a100(cluster: dict) -> None:
+    spot, on_demand = gpu_groups(cluster, "spot"), gpu_groups(cluster, "on-demand")
+    assert set(spot) == {"4090"}, "only the cheap tier runs on spot capacity"
+    group = spot["4090"]
+    assert group["groupName"] == "cheap-4090-spot" and group["minReplicas"] == 0 and group["maxReplicas"] >= 1
+    spec, twin = group["template"]["spec"], on_demand["4090"]["template"]["spec"]
+    selector = {key: value for key, value in spec["nodeSelector"].items() if key in SPOT_SELECTORS}
+    assert selector and all(SPOT_SELECTORS[key] == value for key, value in selector.items())
+    tolerated = {(t["key"], t.get("value")) for t in spec["tolerations"]}
+    assert set(selector.items()) <= tolerated, "the spot node pool's taint is not tolerated"
+    for other in on_demand.values():  # on-demand pods never land on spot nodes
+        assert not set(other["template"]["spec"]["nodeSelector"]) & set(SPOT_SELECTORS)
+        assert not {t["key"] for t in other["template"]["spec"]["tolerations"]} & set(SPOT_SELECTORS)
+    # Same pod as the on-demand group's but for where it runs and the notice: a drain, within the grace period.
+    assert ray_container(group)["resources"] == ray_container(on_demand["4090"])["resources"]
+    assert spec["nodeSelector"]["nvidia.com/gpu.product"] == twin["nodeSelector"]["nvidia.com/gpu.product"]
+    (command,) = [ray_container(group)["lifecycle"]["preStop"]["exec"]["command"][-1]]
+    assert "ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION" in command
+    waits = [int(n) for n in re.findall(r"(?:deadline-remaining-seconds|sleep) (\d+)", command)]
+    assert len(waits) == 2 and max(waits) < spec["terminationGracePeriodSeconds"]
 
 
 @pytest.mark.parametrize("cluster", CLUSTER_PARAMS)
@@ -373,7 +400,8 @@ def test_job_spec_and_ray_labels_agree_with_moedisco_config() -> None:
     resources = spec.resources
     for cluster in CLUSTERS:
         labels = {g["groupName"]: g["labels"].get(resources.label_key) for g in cluster["workerGroupSpecs"]}
-        assert labels == {"cheap-4090": resources.submodel_tier.label, "expensive-a100": resources.finetune_tier.label}
+        assert labels == {"cheap-4090": resources.submodel_tier.label, "cheap-4090-spot": resources.submodel_tier.label,
+                          "expensive-a100": resources.finetune_tier.label}
 
 
 # ---- the image --------------------------------------------------------------------------------------------------
