@@ -17,8 +17,13 @@ it: applying the same average twice is a no-op.
 `branch.outer_optimizer: nesterov` replaces the plain average by DiLoCo's outer step (Douillard et al. 2023): the
 pseudo-gradient delta = theta_prev - average(theta_k) (theta_prev: the backbone every submodel started the round
 from) drives SGD with Nesterov momentum, m = mu m + delta, theta = theta_prev - lr (delta + mu m); lr 1 and mu 0
-are the plain average. theta and m are one state, kept in `sync/outer_<r>.safetensors` after round r (`OuterState`),
-which round r + 1 reads and which serves as round r's `out` too; a resumed job reads it back bit for bit.
+are the plain average. theta and m (fp32) are written once to `sync/outer_<r>.safetensors` after round r's average
+(`OuterStep.out`) and before any checkpoint changes, so a re-run sync applies the same step, and round r + 1 reads
+them back bit for bit, also in a resumed job. Round 0 starts from the branch point's backbone with m = 0.
+
+The merge after the last round stays the plain (Fisher) average, not a last outer step: DiLoCo's outer step is
+followed by more inner steps, which adapt the experts to the extrapolated backbone, but after the merge only the
+router is initialised (from hidden states of the backbone the experts were trained with) before the fine-tune.
 """
 
 from __future__ import annotations
