@@ -64,6 +64,7 @@ class ExpertState(Event):
     state: Literal["waiting", "running", "done", "cancelled", "preempted"]  # preempted: checkpointed on notice,
     # its trainer starts again from that step
     attempt: int = 0
+    step: int | None = None  # preempted: the step it checkpointed and starts again from
 
 
 class WorkerStarted(Event):

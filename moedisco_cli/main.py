@@ -47,9 +47,13 @@ def run(spec: SpecArg, set_: SetOpt = None,
         summary = run_job_on_ray(job, address=address, events=None if quiet else ConsoleProgress())
     elif runner == "local":
         from moedisco.runner import run_job
+        from moedisco.train import Preempted
 
-        # Training steps are tqdm bars here; the events say when stages start, end or are skipped.
-        summary = run_job(job, events=ConsoleProgress(steps=False), progress=not quiet)
+        try:  # Training steps are tqdm bars here; the events say when stages start, end or are skipped.
+            summary = run_job(job, events=ConsoleProgress(steps=False), progress=not quiet)
+        except Preempted as stop:  # SIGTERM: the stage checkpointed its step; a re-run resumes there
+            console.print(f"[yellow]{stop}; run again to resume[/yellow]")
+            raise typer.Exit(143) from None  # 128 + SIGTERM, as a process ended by the signal would
     else:
         console.print(f"[red]--runner must be `local` or `ray`, got {runner!r}[/red]")
         raise typer.Exit(2)

@@ -204,7 +204,9 @@ class Tracker:
         work.preemptions += 1
         work.reached = max(work.reached, summary["step"])
         self.first_start.pop(key, None)
-        self.set_state(key, "preempted")
+        self.states[key] = "preempted"
+        self.emit(ExpertState(stage=key[0], expert=key[1], state="preempted", attempt=self.attempts.get(key, 0),
+                              step=summary["step"]))
 
     def forget(self, key: Key) -> None:
         """Drop a finished trainer's start time, attempt count and work record, so that the key can be queued
