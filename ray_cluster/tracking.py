@@ -183,7 +183,7 @@ class Tracker:
         summary = ray.get(self.pending.pop(key))
         self.actors.pop(key, None)
         self.pump()  # events the worker pushed just before returning
-        if key in self.trainers:
+        if key in self.trainers and not summary.get("preempted"):  # a preempted one starts again (`preempted`)
             self.set_state(key, "done")
         return summary
 
