@@ -330,14 +330,15 @@ def test_a_preempted_expert_checkpoints_on_notice_and_only_it_starts_again(job, 
     """Expert 0's spot node is drained mid-training: it checkpoints the step it reached, and only it starts again,
     on the replacement node, from that step, with no failure budget (`max_failures: 0`) to spend."""
     out, source = tmp_path / "spot", job["paths"].root
-    shutil.copytree(source, out, ignore=shutil.ignore_patterns("merged", "final", "runs", "metrics.jsonl"))
+    # Ray's own files of the other job (its Ray Train runs point at its folder) stay behind.
+    shutil.copytree(source, out, ignore=shutil.ignore_patterns("merged", "final", "runs", "metrics.jsonl",
+                                                               job_storage(job["spec"]).name))
     shutil.rmtree(out / "submodels" / "0")  # expert 0 trains again; the others and the data stages stay done
     for marker in ("submodel_0", "merge", "finetune"):
         (out / "stages" / f"{marker}.json").unlink()
     spec = build_spec(tiny_spec_dict(out, submodel={"steps": 300, "checkpoint_every": 1000, "eval_every": 4},
                                      branch=ONE_ROUND, resources={"max_failures": 0, "submodel_tier": {
                                          "label": "spot", "device_type": "rtx4090"}}))
-    shutil.rmtree(job_storage(spec) / "submodel_0")  # the copied Ray Train run points at the other job's folder
     spot = {"gpu_type": "spot", **dict([SIMULATED_LABEL])}
     nodes, events = [add_local_node(spot)], []
 
