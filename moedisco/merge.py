@@ -9,13 +9,17 @@ Experts are concatenated along the expert axis; shared parameters are the weight
 an element a submodel's loss was not sensitive to (an embedding row of a token its cluster lacks) does not dilute
 the copies that learned something. Router rows come from the submodels (`concat`, the paper's choice), from a
 fresh initialisation (`random`), or from each cluster's mean hidden state (`centroid`, applied afterwards by
-`init_router_from_centroids`). The merge reads one tensor of one submodel at a time and writes shards as it goes,
+`centroid_router_rows` + `patch_tensors`, which run the merged model one decoder layer at a time and overwrite
+only the router tensors in the written shards; `init_router_from_centroids` does the same on a loaded model).
+The merge reads one tensor of one submodel at a time and writes shards as it goes,
 so its peak memory is about one shard plus the largest tensor (plus a few more with `fisher`), not E submodels.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import struct
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -24,10 +28,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from moedisco.layerwise import INDEX_FILE, SavedWeights, shard_of, stream_layers
 from moedisco.layout import write_atomically
 from moedisco.split import WEIGHTS_FILE, Role, num_experts_of, parameter_roles, read_config
 
-INDEX_FILE = "model.safetensors.index.json"
 FISHER_FLOOR = 1e-30
 
 
@@ -175,12 +179,78 @@ def merge_submodels(source: Path, submodels: Sequence[Path], weights: Sequence[f
     return out
 
 
-def router_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The gate of every MoE layer: modules named `*.mlp.gate` holding an [E, H] weight."""
-    num_experts = num_experts_of(model.config)
+def router_modules(model: torch.nn.Module, num_experts: int | None = None) -> dict[str, torch.nn.Module]:
+    """The gate of every MoE layer: modules named `*.mlp.gate` holding an [E, H] weight (E: the model's)."""
+    num_experts = num_experts or num_experts_of(model.config)
     return {name: module for name, module in model.named_modules()
             if name.endswith("mlp.gate") and getattr(module, "weight", None) is not None
             and module.weight.shape[0] == num_experts}
+
+
+def _mean_input_hooks(gates: dict[str, torch.nn.Module], current: dict[str, torch.Tensor]) -> list:
+    """Hooks leaving, per gate, the mean over the batch's tokens of the hidden state entering it in `current`."""
+    return [module.register_forward_hook(lambda mod, args, out, name=name: current.__setitem__(
+        name, args[0].reshape(-1, args[0].shape[-1]).float().mean(0))) for name, module in gates.items()]
+
+
+def centroid_router_rows(folder: Path, cluster_seqs: Sequence[torch.Tensor],
+                         batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """`init_router_from_centroids`'s rows for the model saved in `folder`, keyed by router tensor name, computed
+    one decoder layer at a time (`moedisco.layerwise`): the whole MoE is never in memory.
+
+    The hidden state entering layer l's router depends on the routing of the layers below, which mixes every
+    expert, so a submodel (the backbone and one expert) would give other rows. Layer by layer the rows are the
+    full model's, with one layer's weights and the sampled sequences' hidden states in memory.
+    """
+    num_batches = [math.ceil(len(seqs_NL) / batch_size) for seqs_NL in cluster_seqs]
+    sums: dict[str, list[torch.Tensor]] = {}
+    with SavedWeights(folder) as weights:
+        num_experts = num_experts_of(weights.config)
+
+        def on_layer(index: int, layer: torch.nn.Module):
+            gates = {f"model.layers.{index}.{name}": module
+                     for name, module in router_modules(layer, num_experts).items()}
+            current: dict[str, torch.Tensor] = {}
+            _mean_input_hooks(gates, current)  # the layer goes back to the meta device, hooks and all, after use
+            sums.update({name: [torch.zeros(weights.config.hidden_size) for _ in cluster_seqs] for name in gates})
+
+            def after_batch(group: int) -> None:
+                for name in gates:
+                    sums[name][group] += current[name]
+
+            return after_batch
+
+        stream_layers(weights, cluster_seqs, batch_size, on_layer)
+    return {f"{name}.weight": _unit_rows(torch.stack([total / count for total, count in zip(rows, num_batches)]))
+            for name, rows in sums.items()}
+
+
+def _unit_rows(means_EH: torch.Tensor) -> torch.Tensor:
+    """Router row k := unit-normalised mean hidden state of cluster k, so tokens start at their cluster's expert."""
+    return torch.nn.functional.normalize(means_EH, dim=-1)
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def patch_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Overwrite `tensors` in place in the safetensors files of `folder`, cast to each stored tensor's dtype.
+
+    A tensor of unchanged shape and dtype occupies the same bytes, so only those bytes are written: no shard is
+    read or rewritten whole. (safetensors has no update API; the format is an 8-byte little-endian header length,
+    a JSON header of `data_offsets`, then the raw little-endian data.)
+    """
+    files = shard_of(folder)
+    for name, tensor in tensors.items():
+        with files[name].open("r+b") as handle:
+            header_len = struct.unpack("<Q", handle.read(8))[0]
+            entry = json.loads(handle.read(header_len))[name]
+            stored = tensor.to(SAFETENSORS_DTYPES[entry["dtype"]]).contiguous()
+            begin, end = entry["data_offsets"]
+            if list(stored.shape) != entry["shape"] or stored.nbytes != end - begin:
+                raise ValueError(f"{name}: new shape {tuple(stored.shape)} is not the stored {entry['shape']}")
+            handle.seek(8 + header_len + begin)
+            handle.write(stored.view(torch.uint8).numpy().tobytes())
 
 
 @torch.no_grad()
@@ -188,8 +258,7 @@ def cluster_mean_hidden(model, cluster_seqs: Sequence[torch.Tensor], batch_size:
     """For every router: [E, H] mean of the hidden states entering it, row k over cluster k's tokens."""
     gates = router_modules(model)
     current: dict[str, torch.Tensor] = {}
-    hooks = [module.register_forward_hook(lambda mod, args, out, name=name: current.__setitem__(
-        name, args[0].reshape(-1, args[0].shape[-1]).float().mean(0))) for name, module in gates.items()]
+    hooks = _mean_input_hooks(gates, current)
     try:
         rows: dict[str, list[torch.Tensor]] = {name: [] for name in gates}
         model.eval()
@@ -210,8 +279,8 @@ def cluster_mean_hidden(model, cluster_seqs: Sequence[torch.Tensor], batch_size:
 
 
 def init_router_from_centroids(model, cluster_seqs: Sequence[torch.Tensor]) -> None:
-    """Router row k := unit-normalised mean hidden state of cluster k, so tokens start at their cluster's expert."""
+    """Router row k := unit-normalised mean hidden state of cluster k (`_unit_rows`) on a loaded model."""
     means = cluster_mean_hidden(model, cluster_seqs)
     for name, module in router_modules(model).items():
-        rows_EH = torch.nn.functional.normalize(means[name], dim=-1)
+        rows_EH = _unit_rows(means[name])
         module.weight.data.copy_(rows_EH.to(module.weight.dtype))

@@ -242,14 +242,13 @@ def stage_merge(run: StageRun) -> dict:
                                 "save their second moments only when trained with that setting; re-run them")
     merge.merge_submodels(branch_point(spec, paths), files, weights, spec.merge.router_init, paths.merged,
                           seed=spec.seed, fisher=moments)
-    model = load_moe(paths.merged)
-    if spec.merge.router_init == "centroid":
+    if spec.merge.router_init == "centroid":  # one decoder layer at a time, then only the router bytes rewritten
         corpus = load_corpus(paths, "train")
         samples = [corpus.pack(spec.data.sequence_length, cluster_doc_ids(paths, k))[: spec.merge.centroid_sequences]
                    for k in range(spec.model.num_experts)]
-        merge.init_router_from_centroids(model, samples)
-        split.save_weights(model, paths.merged)
+        merge.patch_tensors(paths.merged, merge.centroid_router_rows(paths.merged, samples))
     data.load_tokenizer(paths.tokenizer).save_pretrained(paths.merged)
+    model = load_moe(paths.merged)
     cpu, cfg = torch.device("cpu"), spec.finetune
     eval_loss = evaluate_loss(model, eval_sequences(spec, paths), cfg.batch_size, cfg.eval_batches, cpu)
     oracle = oracle_loss(model, cluster_eval_sequences(spec, paths), cfg.batch_size, cfg.eval_batches, cpu)
