@@ -12,7 +12,8 @@ fresh initialisation (`random`), or from each cluster's mean hidden state (`cent
 `centroid_router_rows` + `patch_tensors`, which run the merged model one decoder layer at a time and overwrite
 only the router tensors in the written shards; `init_router_from_centroids` does the same on a loaded model).
 The merge reads one tensor of one submodel at a time and writes shards as it goes,
-so its peak memory is about one shard plus the largest tensor (plus a few more with `fisher`), not E submodels.
+so its peak memory is about one shard plus the largest tensor (`fisher` works a block of rows at a time to stay
+there), not E submodels.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from moedisco.layout import write_atomically
 from moedisco.split import WEIGHTS_FILE, Role, num_experts_of, parameter_roles, read_config
 
 FISHER_FLOOR = 1e-30
+FISHER_BLOCK_BYTES = 1 << 23  # 8 MB
 
 
 def averaging_weights(cluster_sizes: Sequence[int], weighting: str) -> list[float]:
@@ -98,12 +100,27 @@ def _fisher_sum(name: str, handles: list, fisher_handles: list, weights: Sequenc
 
     FISHER_FLOOR is far below any squared gradient a trained element sees, so it only matters where no submodel's
     loss was sensitive (e.g. the embedding row of a token no cluster contains): there the result is the plain
-    gamma-weighted mean.
+    gamma-weighted mean. Computed a block of rows at a time (FISHER_BLOCK_BYTES of fp32 per temporary), so its
+    fp32 numerator, denominator and copies never hold more than a block next to the result.
     """
+    shape = handles[0].get_slice(name).get_shape()
+    if not shape:
+        return _fisher_rows(name, handles, fisher_handles, weights, ())
+    rows_per_block = max(1, FISHER_BLOCK_BYTES // (4 * math.prod(shape[1:])))
+    merged = None
+    for start in range(0, shape[0], rows_per_block):
+        rows = slice(start, start + rows_per_block)
+        block = _fisher_rows(name, handles, fisher_handles, weights, rows)
+        merged = torch.empty(shape, dtype=block.dtype) if merged is None else merged
+        merged[rows] = block
+    return merged
+
+
+def _fisher_rows(name: str, handles: list, fisher_handles: list, weights: Sequence[float], rows) -> torch.Tensor:
     numerator = denominator = None
     for handle, fisher_handle, gamma in zip(handles, fisher_handles, weights):
-        tensor = handle.get_tensor(name)
-        f_gamma = fisher_handle.get_tensor(name).float().add_(FISHER_FLOOR).mul_(gamma)
+        tensor = handle.get_slice(name)[rows]
+        f_gamma = fisher_handle.get_slice(name)[rows].float().add_(FISHER_FLOOR).mul_(gamma)
         if numerator is None:
             numerator, denominator = tensor.float() * f_gamma, f_gamma
         else:
