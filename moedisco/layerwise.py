@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from pathlib import Path
 
 import torch
@@ -94,12 +94,14 @@ def _load_layer(weights: SavedWeights, layers: torch.nn.ModuleList, index: int) 
 
 @torch.no_grad()
 def stream_layers(weights: SavedWeights, groups_NL: Sequence[torch.Tensor], batch_size: int,
-                  on_layer: Callable[[int, torch.nn.Module], Callable[[int], None]]) -> None:
-    """Run every group of token sequences through the saved model, one decoder layer at a time.
+                  on_layer: Callable[[int, torch.nn.Module], Callable[[int], AbstractContextManager]] | None = None,
+                  ) -> list[torch.Tensor]:
+    """Run every group of token sequences through the saved model, one decoder layer at a time; returns each
+    group's final hidden states (after the final norm, N x L x H), as the model's decoder would.
 
-    For each layer, `on_layer(index, layer)` is called with the loaded layer (to register hooks on it) and returns
-    `after_batch(group)`, called after each batch of `batch_size` sequences of that group went through it: the
-    batches are those the whole model would see, so per-batch statistics come out the same.
+    For each layer, `on_layer(index, layer)` is called with the loaded layer (to hook into it) and returns
+    `batch(group)`, a context entered around each batch of `batch_size` sequences of that group going through
+    it: the batches are those the whole model would see, so per-batch statistics come out the same.
     """
     decoder, layers = _stem(weights)
     decoder.eval()
@@ -112,15 +114,19 @@ def stream_layers(weights: SavedWeights, groups_NL: Sequence[torch.Tensor], batc
         decoder.layers = torch.nn.ModuleList([layer])
         if types is not None:
             decoder.config.layer_types = [types[index]]
-        after_batch = on_layer(index, layer)
+        batch = on_layer(index, layer) if on_layer else lambda group: nullcontext()
         for group, hidden_NLH in enumerate(hidden):
-            outputs = [_through(decoder, layer, hidden_NLH[start : start + batch_size], after_batch, group)
-                       for start in range(0, len(hidden_NLH), batch_size)]
-            hidden[group] = torch.cat(outputs) if outputs else hidden_NLH
+            for start in range(0, len(hidden_NLH), batch_size):
+                with batch(group):
+                    # In place: a batch's input is spent once its output exists.
+                    hidden_NLH[start : start + batch_size] = _through(decoder, layer,
+                                                                      hidden_NLH[start : start + batch_size])
         layers[index] = layer.to("meta")  # frees its weights before the next layer is read
+    return [decoder.norm(hidden_NLH) for hidden_NLH in hidden]
 
 
-def _through(decoder, layer, hidden_BLH: torch.Tensor, after_batch: Callable[[int], None], group: int):
+def _through(decoder, layer, hidden_BLH: torch.Tensor) -> torch.Tensor:
+    """`layer`'s output for `hidden_BLH`, run by the decoder's own forward (its mask and rotary embeddings)."""
     captured = {}
     handle = layer.register_forward_hook(
         lambda module, args, out: captured.__setitem__("out", out[0] if isinstance(out, tuple) else out))
@@ -128,5 +134,15 @@ def _through(decoder, layer, hidden_BLH: torch.Tensor, after_batch: Callable[[in
         decoder(inputs_embeds=hidden_BLH, use_cache=False)
     finally:
         handle.remove()
-    after_batch(group)
     return captured["out"]
+
+
+def output_head(weights: SavedWeights) -> torch.nn.Linear:
+    """The model's vocabulary projection (the embedding where the two are tied and stored once)."""
+    name = "lm_head.weight" if "lm_head.weight" in weights.files else "model.embed_tokens.weight"
+    weight_VH = _fp32(weights.get(name))
+    with torch.device("meta"):
+        head = torch.nn.Linear(weight_VH.shape[1], weight_VH.shape[0], bias=False)
+    head.load_state_dict({"weight": weight_VH}, assign=True)
+    return head
+

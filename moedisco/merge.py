@@ -22,14 +22,15 @@ import json
 import math
 import struct
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from moedisco.layerwise import INDEX_FILE, SavedWeights, shard_of, stream_layers
+from moedisco.evaluate import force_expert, hidden_loss_sum
+from moedisco.layerwise import INDEX_FILE, SavedWeights, output_head, shard_of, stream_layers
 from moedisco.layout import write_atomically
 from moedisco.split import WEIGHTS_FILE, Role, num_experts_of, parameter_roles, read_config
 
@@ -231,11 +232,13 @@ def centroid_router_rows(folder: Path, cluster_seqs: Sequence[torch.Tensor],
             _mean_input_hooks(gates, current)  # the layer goes back to the meta device, hooks and all, after use
             sums.update({name: [torch.zeros(weights.config.hidden_size) for _ in cluster_seqs] for name in gates})
 
-            def after_batch(group: int) -> None:
+            @contextmanager
+            def batch(group: int):
+                yield
                 for name in gates:
                     sums[name][group] += current[name]
 
-            return after_batch
+            return batch
 
         stream_layers(weights, cluster_seqs, batch_size, on_layer)
     return {f"{name}.weight": _unit_rows(torch.stack([total / count for total, count in zip(rows, num_batches)]))
@@ -301,3 +304,30 @@ def init_router_from_centroids(model, cluster_seqs: Sequence[torch.Tensor]) -> N
     for name, module in router_modules(model).items():
         rows_EH = _unit_rows(means[name])
         module.weight.data.copy_(rows_EH.to(module.weight.dtype))
+
+
+@torch.no_grad()
+def merged_losses(folder: Path, eval_NL: torch.Tensor, cluster_eval: Sequence[torch.Tensor], batch_size: int,
+                  num_batches: int) -> tuple[float, float | None]:
+    """`evaluate.evaluate_loss` and `evaluate.oracle_loss` of the model saved in `folder`, in one pass over its
+    decoder layers (`moedisco.layerwise`): the held-out batches, and each cluster's with its tokens forced to that
+    cluster's expert, go through each layer in turn, so the whole MoE is never in memory."""
+    used = batch_size * num_batches
+    clusters = [(expert, seqs_NL[:used]) for expert, seqs_NL in enumerate(cluster_eval) if len(seqs_NL)]
+    groups = [eval_NL[:used]] + [seqs_NL for _, seqs_NL in clusters]
+    forced = [None] + [expert for expert, _ in clusters]
+    with SavedWeights(folder) as weights:
+        hidden = stream_layers(weights, groups, batch_size, lambda index, layer: lambda group: (
+            nullcontext() if forced[group] is None else force_expert(layer, forced[group])))
+        head = output_head(weights)
+        losses = [_mean_loss(hidden_NLH, group_NL, head, batch_size) for hidden_NLH, group_NL in zip(hidden, groups)]
+    counts = [len(seqs_NL) for _, seqs_NL in clusters]
+    oracle = sum(loss * n for loss, n in zip(losses[1:], counts)) / sum(counts) if counts else None
+    return losses[0], oracle
+
+
+def _mean_loss(hidden_NLH: torch.Tensor, seqs_NL: torch.Tensor, head: torch.nn.Linear, batch_size: int) -> float:
+    total = sum(hidden_loss_sum(hidden_NLH[start : start + batch_size], seqs_NL[start : start + batch_size], head)
+                for start in range(0, len(seqs_NL), batch_size))
+    return total / max(1, seqs_NL[:, 1:].numel())
+

@@ -21,7 +21,7 @@ import torch
 
 from moedisco import cluster, data, embed, merge, split, sync
 from moedisco.config import JobSpec
-from moedisco.evaluate import evaluate_loss, oracle_loss
+from moedisco.evaluate import evaluate_loss
 from moedisco.finetune import enable_router_loss, finetune, load_moe, save_final, train_full_parameter
 from moedisco.layout import JobPaths, stage_result
 from moedisco.stage_run import StageRun
@@ -248,10 +248,9 @@ def stage_merge(run: StageRun) -> dict:
                    for k in range(spec.model.num_experts)]
         merge.patch_tensors(paths.merged, merge.centroid_router_rows(paths.merged, samples))
     data.load_tokenizer(paths.tokenizer).save_pretrained(paths.merged)
-    model = load_moe(paths.merged)
-    cpu, cfg = torch.device("cpu"), spec.finetune
-    eval_loss = evaluate_loss(model, eval_sequences(spec, paths), cfg.batch_size, cfg.eval_batches, cpu)
-    oracle = oracle_loss(model, cluster_eval_sequences(spec, paths), cfg.batch_size, cfg.eval_batches, cpu)
+    cfg = spec.finetune  # evaluated one decoder layer at a time too: the merge never holds the whole MoE
+    eval_loss, oracle = merge.merged_losses(paths.merged, eval_sequences(spec, paths),
+                                            cluster_eval_sequences(spec, paths), cfg.batch_size, cfg.eval_batches)
     seconds = time.perf_counter() - started
     run.metrics.write({"stage": "merge", "step": 0, "eval_loss": eval_loss, "oracle_eval_loss": oracle,
                        "weights": weights, "seconds": seconds, "device": "cpu"})

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from moedisco.evaluate import force_expert
+from moedisco.evaluate import evaluate_loss, force_expert, oracle_loss
 from moedisco.merge import (averaging_weights, centroid_router_rows, init_router_from_centroids, merge_submodels,
-                            patch_tensors)
+                            merged_losses, patch_tensors)
 from moedisco.split import WEIGHTS_FILE, load_submodel, parameter_roles, save_weights, unique_state_dict
 from tests.conftest import tiny_hf_config
 
@@ -160,3 +161,9 @@ def test_streamed_centroid_rows_equal_the_full_moe_ones_and_patch_only_the_route
             torch.testing.assert_close(after[name], tensor, rtol=0, atol=1e-6)
         else:
             assert torch.equal(after[name], before[name]), name
+    # The merge's evaluation, streamed the same way, gives the loaded model's losses.
+    held_out, cluster_eval = seqs[1], [seqs[0], seqs[3][:0], seqs[3], seqs[2]]
+    eval_loss, oracle = merged_losses(tmp_path / "merged", held_out, cluster_eval, batch_size=2, num_batches=3)
+    cpu = torch.device("cpu")
+    assert eval_loss == pytest.approx(evaluate_loss(source, held_out, 2, 3, cpu), rel=1e-5)
+    assert oracle == pytest.approx(oracle_loss(source, cluster_eval, 2, 3, cpu), rel=1e-5)
