@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM
 from moedisco.split import WEIGHTS_FILE, read_config
 
 INDEX_FILE = "model.safetensors.index.json"
+PASS_TOKENS = 1024  # tokens run through a layer at once: bounds the activations (an expert's are tokens x 2I)
 
 
 def shard_of(folder: Path) -> dict[str, Path]:
@@ -101,7 +102,9 @@ def stream_layers(weights: SavedWeights, groups_NL: Sequence[torch.Tensor], batc
 
     For each layer, `on_layer(index, layer)` is called with the loaded layer (to hook into it) and returns
     `batch(group)`, a context entered around each batch of `batch_size` sequences of that group going through
-    it: the batches are those the whole model would see, so per-batch statistics come out the same.
+    it: the batches are those the whole model would see, so per-batch statistics come out the same. A batch goes
+    through in passes of about PASS_TOKENS tokens (whole sequences): tokens of different sequences never meet in a
+    causal decoder, so only the activations' size changes, not what they are.
     """
     decoder, layers = _stem(weights)
     decoder.eval()
@@ -116,11 +119,13 @@ def stream_layers(weights: SavedWeights, groups_NL: Sequence[torch.Tensor], batc
             decoder.config.layer_types = [types[index]]
         batch = on_layer(index, layer) if on_layer else lambda group: nullcontext()
         for group, hidden_NLH in enumerate(hidden):
+            step = max(1, min(batch_size, PASS_TOKENS // max(1, hidden_NLH.shape[1])))
             for start in range(0, len(hidden_NLH), batch_size):
                 with batch(group):
-                    # In place: a batch's input is spent once its output exists.
-                    hidden_NLH[start : start + batch_size] = _through(decoder, layer,
-                                                                      hidden_NLH[start : start + batch_size])
+                    for first in range(start, min(start + batch_size, len(hidden_NLH)), step):
+                        rows = slice(first, min(first + step, start + batch_size))
+                        # In place: a pass's input is spent once its output exists.
+                        hidden_NLH[rows] = _through(decoder, layer, hidden_NLH[rows])
         layers[index] = layer.to("meta")  # frees its weights before the next layer is read
     return [decoder.norm(hidden_NLH) for hidden_NLH in hidden]
 

@@ -205,10 +205,21 @@ def router_modules(model: torch.nn.Module, num_experts: int | None = None) -> di
             and module.weight.shape[0] == num_experts}
 
 
-def _mean_input_hooks(gates: dict[str, torch.nn.Module], current: dict[str, torch.Tensor]) -> list:
-    """Hooks leaving, per gate, the mean over the batch's tokens of the hidden state entering it in `current`."""
-    return [module.register_forward_hook(lambda mod, args, out, name=name: current.__setitem__(
-        name, args[0].reshape(-1, args[0].shape[-1]).float().mean(0))) for name, module in gates.items()]
+def _input_sum_hooks(gates: dict[str, torch.nn.Module], sums: dict[str, list]) -> list:
+    """Hooks adding, per gate, the sum over the tokens of the hidden states entering it and their count to
+    `sums[name]` ([sum_H, count]; a batch that goes through in several passes adds up)."""
+
+    def add(name: str, hidden: torch.Tensor) -> None:
+        hidden_TH = hidden.reshape(-1, hidden.shape[-1]).float()
+        sums[name][0] += hidden_TH.sum(0).cpu()
+        sums[name][1] += len(hidden_TH)
+
+    return [module.register_forward_hook(lambda mod, args, out, name=name: add(name, args[0]))
+            for name, module in gates.items()]
+
+
+def _batch_sums(names, hidden_size: int) -> dict[str, list]:
+    return {name: [torch.zeros(hidden_size), 0] for name in names}
 
 
 def centroid_router_rows(folder: Path, cluster_seqs: Sequence[torch.Tensor],
@@ -228,15 +239,16 @@ def centroid_router_rows(folder: Path, cluster_seqs: Sequence[torch.Tensor],
         def on_layer(index: int, layer: torch.nn.Module):
             gates = {f"model.layers.{index}.{name}": module
                      for name, module in router_modules(layer, num_experts).items()}
-            current: dict[str, torch.Tensor] = {}
-            _mean_input_hooks(gates, current)  # the layer goes back to the meta device, hooks and all, after use
+            current = _batch_sums(gates, weights.config.hidden_size)
+            _input_sum_hooks(gates, current)  # the layer goes back to the meta device, hooks and all, after use
             sums.update({name: [torch.zeros(weights.config.hidden_size) for _ in cluster_seqs] for name in gates})
 
             @contextmanager
             def batch(group: int):
+                current.update(_batch_sums(gates, weights.config.hidden_size))
                 yield
-                for name in gates:
-                    sums[name][group] += current[name]
+                for name, (total_H, count) in current.items():
+                    sums[name][group] += total_H / count
 
             return batch
 
@@ -277,8 +289,8 @@ def patch_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
 def cluster_mean_hidden(model, cluster_seqs: Sequence[torch.Tensor], batch_size: int = 8) -> dict[str, torch.Tensor]:
     """For every router: [E, H] mean of the hidden states entering it, row k over cluster k's tokens."""
     gates = router_modules(model)
-    current: dict[str, torch.Tensor] = {}
-    hooks = _mean_input_hooks(gates, current)
+    current = _batch_sums(gates, model.config.hidden_size)
+    hooks = _input_sum_hooks(gates, current)
     try:
         rows: dict[str, list[torch.Tensor]] = {name: [] for name in gates}
         model.eval()
@@ -286,10 +298,11 @@ def cluster_mean_hidden(model, cluster_seqs: Sequence[torch.Tensor], batch_size:
             sums = {name: torch.zeros(model.config.hidden_size) for name in gates}
             num_batches = 0
             for start in range(0, len(seqs_NL), batch_size):
+                current.update(_batch_sums(gates, model.config.hidden_size))
                 model(input_ids=seqs_NL[start : start + batch_size])
                 num_batches += 1
-                for name in gates:
-                    sums[name] += current[name].cpu()
+                for name, (total_H, count) in current.items():
+                    sums[name] += total_H / count
             for name in gates:
                 rows[name].append(sums[name] / num_batches)
     finally:

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from moedisco import layerwise
 from moedisco.evaluate import evaluate_loss, force_expert, oracle_loss
 from moedisco.merge import (averaging_weights, centroid_router_rows, init_router_from_centroids, merge_submodels,
                             merged_losses, patch_tensors)
@@ -144,7 +145,8 @@ def test_fisher_merge_falls_back_to_weights_for_tensors_without_moments(tmp_path
     torch.testing.assert_close(merged, torch.full_like(merged, 0.25 * 1 + 0.75 * 2))
 
 
-def test_streamed_centroid_rows_equal_the_full_moe_ones_and_patch_only_the_routers(arch, tmp_path):
+def test_streamed_centroid_rows_equal_the_full_moe_ones_and_patch_only_the_routers(arch, tmp_path, monkeypatch):
+    monkeypatch.setattr(layerwise, "PASS_TOKENS", 24)  # batches of 8 sequences of 12 tokens go through in 4 passes
     source = _source(arch, tmp_path)
     files = _save_submodels(tmp_path, 4)
     merge_submodels(tmp_path / "source", files, [0.25] * 4, "concat", tmp_path / "merged", max_shard_bytes=20_000)
