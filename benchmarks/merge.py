@@ -3,13 +3,17 @@
     python benchmarks/merge.py [--quick]
 
 For each size: E submodel files are written, then merged in a fresh process that records its peak resident memory
-above its baseline, once with sample weights and once Fisher-weighted (each submodel also has a second-moment file,
-as `merge.weighting: fisher` writes). Target: peak anonymous memory <= about one shard plus the largest tensor
-(not E submodels); time close to reading and writing the files (measured in the same child as `io_seconds`).
+above its baseline, with sample weights and Fisher-weighted (each submodel also has a second-moment file, as
+`merge.weighting: fisher` writes), each with the submodels' router rows (`concat`) and with the default `centroid`
+rows (CENTROID_SEQUENCES sequences of SEQUENCE_LENGTH random tokens per cluster, run through the merged model one
+decoder layer at a time, then patched into the shards as `stage_merge` does). Target: peak anonymous memory
+<= 1.3 x (one submodel + the largest tensor), not E submodels; time close to reading and writing the files
+(measured in the same child as `io_seconds`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
 import time
@@ -18,6 +22,8 @@ from pathlib import Path
 from _common import AnonPeak, bench_args, run_child, sized_config
 
 NUM_EXPERTS = 4
+CENTROID_SEQUENCES = 16  # merge.centroid_sequences' default
+SEQUENCE_LENGTH = 512
 
 
 def write_submodels(hidden: int, folder: Path) -> dict:
@@ -42,15 +48,22 @@ def write_submodels(hidden: int, folder: Path) -> dict:
 def child(payload: dict) -> dict:
     from safetensors.torch import load_file, save_file
 
-    from moedisco.merge import merge_submodels
+    import torch
+
+    from moedisco.merge import centroid_router_rows, merge_submodels, patch_tensors
 
     folder = Path(payload["folder"])
+    generator = torch.Generator().manual_seed(0)
+    samples = [torch.randint(0, 8192, (CENTROID_SEQUENCES, SEQUENCE_LENGTH), generator=generator)
+               for _ in range(NUM_EXPERTS)]
     files = [folder / f"sub{k}.safetensors" for k in range(NUM_EXPERTS)]
     fisher = [folder / f"moments{k}.safetensors" for k in range(NUM_EXPERTS)] if payload["fisher"] else None
     started = time.perf_counter()
     with AnonPeak() as memory:
         merge_submodels(folder / "source", files, [1 / NUM_EXPERTS] * NUM_EXPERTS, "concat", folder / "merged",
                         max_shard_bytes=payload["shard_bytes"], fisher=fisher)
+        if payload["router_init"] == "centroid":
+            patch_tensors(folder / "merged", centroid_router_rows(folder / "merged", samples))
     merge_seconds = time.perf_counter() - started
     peak = memory.peak_mb
     started = time.perf_counter()  # the I/O floor: read every input once, write the output once
@@ -70,14 +83,15 @@ def main(argv=None) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             sizes = write_submodels(hidden, Path(tmp))
             shard = int(sizes["submodel_mb"] * 1e6)  # one shard = one submodel's size
-            for fisher in (False, True):
-                payload = {"folder": tmp, "shard_bytes": shard, "fisher": fisher}
-                row = {"hidden": hidden, "weighting": "fisher" if fisher else "samples", **sizes,
-                       **run_child(__file__, payload)}
+            for fisher, router_init in itertools.product((False, True), ("concat", "centroid")):
+                payload = {"folder": tmp, "shard_bytes": shard, "fisher": fisher, "router_init": router_init}
+                row = {"hidden": hidden, "weighting": "fisher" if fisher else "samples", "router_init": router_init,
+                       **sizes, **run_child(__file__, payload)}
                 row["bound_mb"] = row["submodel_mb"] + row["largest_tensor_mb"]
                 row["peak_over_bound"] = row["peak_mb"] / row["bound_mb"]
                 rows.append(row)
-    result = {"benchmark": "merge", "num_experts": NUM_EXPERTS, "rows": rows}
+    result = {"benchmark": "merge", "num_experts": NUM_EXPERTS, "centroid_sequences": CENTROID_SEQUENCES,
+              "sequence_length": SEQUENCE_LENGTH, "rows": rows}
     print(json.dumps(result, indent=1))
     return result
 

@@ -45,8 +45,13 @@ def batch_loss_sum(model, batch_BL: torch.Tensor, logits_per_chunk: int = LOGITS
     made, reduced to a loss and freed. On CUDA the chunk's logits are bf16 (the loss itself is summed in fp32).
     """
     hidden_BLH = model.get_decoder()(input_ids=batch_BL, output_router_logits=False).last_hidden_state
+    return hidden_loss_sum(hidden_BLH, batch_BL, model.get_output_embeddings(), logits_per_chunk)
+
+
+def hidden_loss_sum(hidden_BLH: torch.Tensor, batch_BL: torch.Tensor, head: torch.nn.Linear,
+                    logits_per_chunk: int = LOGITS_PER_CHUNK) -> float:
+    """`batch_loss_sum` from the decoder's final hidden states of the batch and the output head."""
     hidden_TH, targets_T = hidden_BLH[:, :-1].flatten(0, 1), batch_BL[:, 1:].flatten()
-    head = model.get_output_embeddings()
     tokens_per_chunk = max(1, logits_per_chunk // head.out_features)
     logits_dtype = torch.bfloat16 if hidden_TH.is_cuda else None
     total = 0.0

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from moedisco import sharding
 from moedisco.config import JobSpec
 from moedisco.train import TrainContext, TrainResult, train
 
@@ -44,8 +45,15 @@ def train_full_parameter(model: PreTrainedModel, train_NL: torch.Tensor, eval_NL
 
 
 def save_final(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> Path:
-    """The job's deliverable: a standard Hugging Face model folder with its tokenizer."""
+    """The job's deliverable: a standard Hugging Face model folder with its tokenizer. A sharded model's weights
+    are gathered (every rank calls this) and written by rank 0 alone."""
     model.config.output_router_logits = False
-    model.save_pretrained(folder)
+    if sharding.is_sharded(model):
+        state = sharding.full_state_dict(model)
+        if not state:
+            return folder
+        model.save_pretrained(folder, state_dict=state)
+    else:
+        model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

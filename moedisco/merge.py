@@ -9,26 +9,33 @@ Experts are concatenated along the expert axis; shared parameters are the weight
 an element a submodel's loss was not sensitive to (an embedding row of a token its cluster lacks) does not dilute
 the copies that learned something. Router rows come from the submodels (`concat`, the paper's choice), from a
 fresh initialisation (`random`), or from each cluster's mean hidden state (`centroid`, applied afterwards by
-`init_router_from_centroids`). The merge reads one tensor of one submodel at a time and writes shards as it goes,
-so its peak memory is about one shard plus the largest tensor (plus a few more with `fisher`), not E submodels.
+`centroid_router_rows` + `patch_tensors`, which run the merged model one decoder layer at a time and overwrite
+only the router tensors in the written shards; `init_router_from_centroids` does the same on a loaded model).
+The merge reads one tensor of one submodel at a time and writes shards as it goes,
+so its peak memory is about one shard plus the largest tensor (`fisher` works a block of rows at a time to stay
+there), not E submodels.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import struct
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from moedisco.evaluate import force_expert, hidden_loss_sum
+from moedisco.layerwise import INDEX_FILE, SavedWeights, output_head, shard_of, stream_layers
 from moedisco.layout import write_atomically
 from moedisco.split import WEIGHTS_FILE, Role, num_experts_of, parameter_roles, read_config
 
-INDEX_FILE = "model.safetensors.index.json"
 FISHER_FLOOR = 1e-30
+FISHER_BLOCK_BYTES = 1 << 23  # 8 MB
 
 
 def averaging_weights(cluster_sizes: Sequence[int], weighting: str) -> list[float]:
@@ -94,12 +101,27 @@ def _fisher_sum(name: str, handles: list, fisher_handles: list, weights: Sequenc
 
     FISHER_FLOOR is far below any squared gradient a trained element sees, so it only matters where no submodel's
     loss was sensitive (e.g. the embedding row of a token no cluster contains): there the result is the plain
-    gamma-weighted mean.
+    gamma-weighted mean. Computed a block of rows at a time (FISHER_BLOCK_BYTES of fp32 per temporary), so its
+    fp32 numerator, denominator and copies never hold more than a block next to the result.
     """
+    shape = handles[0].get_slice(name).get_shape()
+    if not shape:
+        return _fisher_rows(name, handles, fisher_handles, weights, ())
+    rows_per_block = max(1, FISHER_BLOCK_BYTES // (4 * math.prod(shape[1:])))
+    merged = None
+    for start in range(0, shape[0], rows_per_block):
+        rows = slice(start, start + rows_per_block)
+        block = _fisher_rows(name, handles, fisher_handles, weights, rows)
+        merged = torch.empty(shape, dtype=block.dtype) if merged is None else merged
+        merged[rows] = block
+    return merged
+
+
+def _fisher_rows(name: str, handles: list, fisher_handles: list, weights: Sequence[float], rows) -> torch.Tensor:
     numerator = denominator = None
     for handle, fisher_handle, gamma in zip(handles, fisher_handles, weights):
-        tensor = handle.get_tensor(name)
-        f_gamma = fisher_handle.get_tensor(name).float().add_(FISHER_FLOOR).mul_(gamma)
+        tensor = handle.get_slice(name)[rows]
+        f_gamma = fisher_handle.get_slice(name)[rows].float().add_(FISHER_FLOOR).mul_(gamma)
         if numerator is None:
             numerator, denominator = tensor.float() * f_gamma, f_gamma
         else:
@@ -175,21 +197,100 @@ def merge_submodels(source: Path, submodels: Sequence[Path], weights: Sequence[f
     return out
 
 
-def router_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The gate of every MoE layer: modules named `*.mlp.gate` holding an [E, H] weight."""
-    num_experts = num_experts_of(model.config)
+def router_modules(model: torch.nn.Module, num_experts: int | None = None) -> dict[str, torch.nn.Module]:
+    """The gate of every MoE layer: modules named `*.mlp.gate` holding an [E, H] weight (E: the model's)."""
+    num_experts = num_experts or num_experts_of(model.config)
     return {name: module for name, module in model.named_modules()
             if name.endswith("mlp.gate") and getattr(module, "weight", None) is not None
             and module.weight.shape[0] == num_experts}
+
+
+def _input_sum_hooks(gates: dict[str, torch.nn.Module], sums: dict[str, list]) -> list:
+    """Hooks adding, per gate, the sum over the tokens of the hidden states entering it and their count to
+    `sums[name]` ([sum_H, count]; a batch that goes through in several passes adds up)."""
+
+    def add(name: str, hidden: torch.Tensor) -> None:
+        hidden_TH = hidden.reshape(-1, hidden.shape[-1]).float()
+        sums[name][0] += hidden_TH.sum(0).cpu()
+        sums[name][1] += len(hidden_TH)
+
+    return [module.register_forward_hook(lambda mod, args, out, name=name: add(name, args[0]))
+            for name, module in gates.items()]
+
+
+def _batch_sums(names, hidden_size: int) -> dict[str, list]:
+    return {name: [torch.zeros(hidden_size), 0] for name in names}
+
+
+def centroid_router_rows(folder: Path, cluster_seqs: Sequence[torch.Tensor],
+                         batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """`init_router_from_centroids`'s rows for the model saved in `folder`, keyed by router tensor name, computed
+    one decoder layer at a time (`moedisco.layerwise`): the whole MoE is never in memory.
+
+    The hidden state entering layer l's router depends on the routing of the layers below, which mixes every
+    expert, so a submodel (the backbone and one expert) would give other rows. Layer by layer the rows are the
+    full model's, with one layer's weights and the sampled sequences' hidden states in memory.
+    """
+    num_batches = [math.ceil(len(seqs_NL) / batch_size) for seqs_NL in cluster_seqs]
+    sums: dict[str, list[torch.Tensor]] = {}
+    with SavedWeights(folder) as weights:
+        num_experts = num_experts_of(weights.config)
+
+        def on_layer(index: int, layer: torch.nn.Module):
+            gates = {f"model.layers.{index}.{name}": module
+                     for name, module in router_modules(layer, num_experts).items()}
+            current = _batch_sums(gates, weights.config.hidden_size)
+            _input_sum_hooks(gates, current)  # the layer goes back to the meta device, hooks and all, after use
+            sums.update({name: [torch.zeros(weights.config.hidden_size) for _ in cluster_seqs] for name in gates})
+
+            @contextmanager
+            def batch(group: int):
+                current.update(_batch_sums(gates, weights.config.hidden_size))
+                yield
+                for name, (total_H, count) in current.items():
+                    sums[name][group] += total_H / count
+
+            return batch
+
+        stream_layers(weights, cluster_seqs, batch_size, on_layer)
+    return {f"{name}.weight": _unit_rows(torch.stack([total / count for total, count in zip(rows, num_batches)]))
+            for name, rows in sums.items()}
+
+
+def _unit_rows(means_EH: torch.Tensor) -> torch.Tensor:
+    """Router row k := unit-normalised mean hidden state of cluster k, so tokens start at their cluster's expert."""
+    return torch.nn.functional.normalize(means_EH, dim=-1)
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def patch_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Overwrite `tensors` in place in the safetensors files of `folder`, cast to each stored tensor's dtype.
+
+    A tensor of unchanged shape and dtype occupies the same bytes, so only those bytes are written: no shard is
+    read or rewritten whole. (safetensors has no update API; the format is an 8-byte little-endian header length,
+    a JSON header of `data_offsets`, then the raw little-endian data.)
+    """
+    files = shard_of(folder)
+    for name, tensor in tensors.items():
+        with files[name].open("r+b") as handle:
+            header_len = struct.unpack("<Q", handle.read(8))[0]
+            entry = json.loads(handle.read(header_len))[name]
+            stored = tensor.to(SAFETENSORS_DTYPES[entry["dtype"]]).contiguous()
+            begin, end = entry["data_offsets"]
+            if list(stored.shape) != entry["shape"] or stored.nbytes != end - begin:
+                raise ValueError(f"{name}: new shape {tuple(stored.shape)} is not the stored {entry['shape']}")
+            handle.seek(8 + header_len + begin)
+            handle.write(stored.view(torch.uint8).numpy().tobytes())
 
 
 @torch.no_grad()
 def cluster_mean_hidden(model, cluster_seqs: Sequence[torch.Tensor], batch_size: int = 8) -> dict[str, torch.Tensor]:
     """For every router: [E, H] mean of the hidden states entering it, row k over cluster k's tokens."""
     gates = router_modules(model)
-    current: dict[str, torch.Tensor] = {}
-    hooks = [module.register_forward_hook(lambda mod, args, out, name=name: current.__setitem__(
-        name, args[0].reshape(-1, args[0].shape[-1]).float().mean(0))) for name, module in gates.items()]
+    current = _batch_sums(gates, model.config.hidden_size)
+    hooks = _input_sum_hooks(gates, current)
     try:
         rows: dict[str, list[torch.Tensor]] = {name: [] for name in gates}
         model.eval()
@@ -197,10 +298,11 @@ def cluster_mean_hidden(model, cluster_seqs: Sequence[torch.Tensor], batch_size:
             sums = {name: torch.zeros(model.config.hidden_size) for name in gates}
             num_batches = 0
             for start in range(0, len(seqs_NL), batch_size):
+                current.update(_batch_sums(gates, model.config.hidden_size))
                 model(input_ids=seqs_NL[start : start + batch_size])
                 num_batches += 1
-                for name in gates:
-                    sums[name] += current[name].cpu()
+                for name, (total_H, count) in current.items():
+                    sums[name] += total_H / count
             for name in gates:
                 rows[name].append(sums[name] / num_batches)
     finally:
@@ -210,8 +312,35 @@ def cluster_mean_hidden(model, cluster_seqs: Sequence[torch.Tensor], batch_size:
 
 
 def init_router_from_centroids(model, cluster_seqs: Sequence[torch.Tensor]) -> None:
-    """Router row k := unit-normalised mean hidden state of cluster k, so tokens start at their cluster's expert."""
+    """Router row k := unit-normalised mean hidden state of cluster k (`_unit_rows`) on a loaded model."""
     means = cluster_mean_hidden(model, cluster_seqs)
     for name, module in router_modules(model).items():
-        rows_EH = torch.nn.functional.normalize(means[name], dim=-1)
+        rows_EH = _unit_rows(means[name])
         module.weight.data.copy_(rows_EH.to(module.weight.dtype))
+
+
+@torch.no_grad()
+def merged_losses(folder: Path, eval_NL: torch.Tensor, cluster_eval: Sequence[torch.Tensor], batch_size: int,
+                  num_batches: int) -> tuple[float, float | None]:
+    """`evaluate.evaluate_loss` and `evaluate.oracle_loss` of the model saved in `folder`, in one pass over its
+    decoder layers (`moedisco.layerwise`): the held-out batches, and each cluster's with its tokens forced to that
+    cluster's expert, go through each layer in turn, so the whole MoE is never in memory."""
+    used = batch_size * num_batches
+    clusters = [(expert, seqs_NL[:used]) for expert, seqs_NL in enumerate(cluster_eval) if len(seqs_NL)]
+    groups = [eval_NL[:used]] + [seqs_NL for _, seqs_NL in clusters]
+    forced = [None] + [expert for expert, _ in clusters]
+    with SavedWeights(folder) as weights:
+        hidden = stream_layers(weights, groups, batch_size, lambda index, layer: lambda group: (
+            nullcontext() if forced[group] is None else force_expert(layer, forced[group])))
+        head = output_head(weights)
+        losses = [_mean_loss(hidden_NLH, group_NL, head, batch_size) for hidden_NLH, group_NL in zip(hidden, groups)]
+    counts = [len(seqs_NL) for _, seqs_NL in clusters]
+    oracle = sum(loss * n for loss, n in zip(losses[1:], counts)) / sum(counts) if counts else None
+    return losses[0], oracle
+
+
+def _mean_loss(hidden_NLH: torch.Tensor, seqs_NL: torch.Tensor, head: torch.nn.Linear, batch_size: int) -> float:
+    total = sum(hidden_loss_sum(hidden_NLH[start : start + batch_size], seqs_NL[start : start + batch_size], head)
+                for start in range(0, len(seqs_NL), batch_size))
+    return total / max(1, seqs_NL[:, 1:].numel())
+

@@ -21,7 +21,7 @@ import torch
 
 from moedisco import cluster, data, embed, merge, split, sync
 from moedisco.config import JobSpec
-from moedisco.evaluate import evaluate_loss, oracle_loss
+from moedisco.evaluate import evaluate_loss
 from moedisco.finetune import enable_router_loss, finetune, load_moe, save_final, train_full_parameter
 from moedisco.layout import JobPaths, stage_result
 from moedisco.stage_run import StageRun
@@ -253,17 +253,15 @@ def stage_merge(run: StageRun) -> dict:
                                 "save their second moments only when trained with that setting; re-run them")
     merge.merge_submodels(branch_point(spec, paths), files, weights, spec.merge.router_init, paths.merged,
                           seed=spec.seed, fisher=moments)
-    model = load_moe(paths.merged)
-    if spec.merge.router_init == "centroid":
+    if spec.merge.router_init == "centroid":  # one decoder layer at a time, then only the router bytes rewritten
         corpus = load_corpus(paths, "train")
         samples = [corpus.pack(spec.data.sequence_length, cluster_doc_ids(paths, k))[: spec.merge.centroid_sequences]
                    for k in range(spec.model.num_experts)]
-        merge.init_router_from_centroids(model, samples)
-        split.save_weights(model, paths.merged)
+        merge.patch_tensors(paths.merged, merge.centroid_router_rows(paths.merged, samples))
     data.load_tokenizer(paths.tokenizer).save_pretrained(paths.merged)
-    cpu, cfg = torch.device("cpu"), spec.finetune
-    eval_loss = evaluate_loss(model, eval_sequences(spec, paths), cfg.batch_size, cfg.eval_batches, cpu)
-    oracle = oracle_loss(model, cluster_eval_sequences(spec, paths), cfg.batch_size, cfg.eval_batches, cpu)
+    cfg = spec.finetune  # evaluated one decoder layer at a time too: the merge never holds the whole MoE
+    eval_loss, oracle = merge.merged_losses(paths.merged, eval_sequences(spec, paths),
+                                            cluster_eval_sequences(spec, paths), cfg.batch_size, cfg.eval_batches)
     seconds = time.perf_counter() - started
     run.metrics.write({"stage": "merge", "step": 0, "eval_loss": eval_loss, "oracle_eval_loss": oracle,
                        "weights": weights, "seconds": seconds, "device": "cpu"})

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from moedisco import sharding
 from moedisco.config import TrainConfig
 from moedisco.data import batch_for_step
 from moedisco.embed import resolve_device
@@ -148,7 +149,7 @@ def second_moments(model: torch.nn.Module, optimizer: torch.optim.AdamW) -> dict
     ~1/(1-beta2) steps, i.e. a diagonal empirical Fisher estimate that training already paid for.
 
     Stored in bf16 (the squares need range, not precision) to keep the file at half the fp32 weights. Frozen
-    parameters have no optimizer state and are left out.
+    parameters have no optimizer state and are left out. Collective for a sharded model (each moment is gathered).
     """
     beta2 = optimizer.param_groups[0]["betas"][1]
     moments = {}
@@ -157,7 +158,8 @@ def second_moments(model: torch.nn.Module, optimizer: torch.optim.AdamW) -> dict
         if not state or "exp_avg_sq" not in state:
             continue
         correction = 1.0 - beta2 ** float(state["step"])
-        moments[name] = (state["exp_avg_sq"].float() / correction).to(torch.bfloat16).cpu().contiguous()
+        squares = sharding.full_tensor(state["exp_avg_sq"])
+        moments[name] = (squares.float() / correction).to(torch.bfloat16).cpu().contiguous()
     return moments
 
 
@@ -181,27 +183,41 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, state: dict, spec_yaml: str | None, keep: int,
-                    moments: bool = False) -> Path:
+                    moments: bool = False, rank: int = 0) -> Path:
     """Weights, optimizer, RNG and loop state in `run_dir/checkpoints/step_N`; `moments` adds the second moments
-    (`second_moments`), which a synchronisation round averages with."""
+    (`second_moments`), which a synchronisation round averages with.
+
+    Unsharded, rank 0 alone calls it. Sharded (`moedisco.sharding`), every rank does: rank 0 writes the gathered
+    weights and moments, each rank its part of the optimizer state.
+    """
     final = checkpoint_dir(run_dir, state["step"])
     partial = final.with_name(final.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    save_file(unique_state_dict(model), partial / "model.safetensors", metadata={"format": "pt"})
-    torch.save(optimizer.state_dict(), partial / "optimizer.pt")
-    torch.save({"cpu": torch.get_rng_state(), "cuda": _cuda_rng()}, partial / "rng.pt")
-    if moments:
-        save_file(second_moments(model, optimizer), partial / SECOND_MOMENT_FILE, metadata={"format": "pt"})
-    if spec_yaml is not None:
-        (partial / "spec.yaml").write_text(spec_yaml)
-    # trainer_state.json is written last and the folder renamed into place, so a crash mid-save never leaves a
-    # checkpoint that looks complete.
-    (partial / "trainer_state.json").write_text(json.dumps(state))
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
-    for old in checkpoint_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    sharded = sharding.is_sharded(model)
+    weights = sharding.full_state_dict(model) if sharded else unique_state_dict(model)
+    second = second_moments(model, optimizer) if moments else None
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        save_file(weights, partial / "model.safetensors", metadata={"format": "pt"})
+        if not sharded:
+            torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+        torch.save({"cpu": torch.get_rng_state(), "cuda": _cuda_rng()}, partial / "rng.pt")
+        if second is not None:
+            save_file(second, partial / SECOND_MOMENT_FILE, metadata={"format": "pt"})
+        if spec_yaml is not None:
+            (partial / "spec.yaml").write_text(spec_yaml)
+    if sharded:
+        sharding.barrier(model)  # the folder exists
+        sharding.save_optimizer(partial / sharding.OPTIMIZER_DIR, model, optimizer)  # returns once all have written
+    if rank == 0:
+        # trainer_state.json is written last and the folder renamed into place, so a crash mid-save never leaves a
+        # checkpoint that looks complete.
+        (partial / "trainer_state.json").write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        for old in checkpoint_dirs(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    sharding.barrier(model)  # no rank looks for the checkpoint before it is in place
     return final
 
 
@@ -210,8 +226,22 @@ def _cuda_rng():
 
 
 def load_checkpoint(ckpt: Path, model, optimizer) -> dict:
+    """Weights, optimizer, RNG and loop state of an unsharded model (`load_weights` + `load_training_state`)."""
+    load_weights(ckpt, model)
+    return load_training_state(ckpt, model, optimizer)
+
+
+def load_weights(ckpt: Path, model) -> None:
+    """The checkpoint's weights, into an unsharded model (a sharded run loads them before sharding)."""
     model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
+
+
+def load_training_state(ckpt: Path, model, optimizer) -> dict:
+    """The optimizer (sharded or not, as saved), RNG and loop state; returns the loop state."""
+    if sharding.is_sharded(model):
+        sharding.load_optimizer(ckpt / sharding.OPTIMIZER_DIR, model, optimizer)
+    else:
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
     rng = torch.load(ckpt / "rng.pt", weights_only=False)
     torch.set_rng_state(rng["cpu"])
     if rng["cuda"] is not None and torch.cuda.is_available():
@@ -249,14 +279,18 @@ def train(model, train_NL: torch.Tensor, eval_NL: torch.Tensor | None, cfg: Trai
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     model.to(device)
-    optimizer = make_optimizer(model, cfg, ctx.lr_scale)
     state = {"step": 0, "seconds": 0.0, "eval_loss": None}
     checkpoints = checkpoint_dirs(run_dir)
     if checkpoints:
-        state = load_checkpoint(checkpoints[-1], model, optimizer)
+        load_weights(checkpoints[-1], model)
+    optimizer = make_optimizer(model, cfg, ctx.lr_scale)  # freezes what lr_scale zeroes before any wrapping
+    net = hooks.wrap_model(model) if hooks.wrap_model else model
+    if sharding.is_sharded(model):  # fully_shard swapped the parameters for DTensors: the optimizer takes those
+        optimizer = make_optimizer(model, cfg, ctx.lr_scale)
+    if checkpoints:
+        state = load_training_state(checkpoints[-1], model, optimizer)
     resumed_from = state["step"]
     torch.manual_seed(ctx.seed + resumed_from)
-    net = hooks.wrap_model(model) if hooks.wrap_model else model
     loop = _Loop(net, model, optimizer, train_NL, eval_NL, cfg, ctx, device, state)
     end = ctx.stop_at or cfg.steps
     loop.run(end)
@@ -264,11 +298,15 @@ def train(model, train_NL: torch.Tensor, eval_NL: torch.Tensor | None, cfg: Trai
                          eval_loss=state["eval_loss"], resumed_from=resumed_from, device=str(device))
     if end < cfg.steps:
         return result
+    sharded = sharding.is_sharded(model)
+    if sharded or hooks.rank == 0:  # gathering a sharded model's weights and moments takes every rank
+        weights = sharding.full_state_dict(model) if sharded else unique_state_dict(model)
+        moments = second_moments(model, optimizer) if ctx.save_second_moment else None
     if hooks.rank == 0:
         hooks.check_write()
-        save_file(unique_state_dict(model), run_dir / "model.safetensors", metadata={"format": "pt"})
-        if ctx.save_second_moment:
-            save_file(second_moments(model, optimizer), run_dir / SECOND_MOMENT_FILE, metadata={"format": "pt"})
+        save_file(weights, run_dir / "model.safetensors", metadata={"format": "pt"})
+        if moments is not None:
+            save_file(moments, run_dir / SECOND_MOMENT_FILE, metadata={"format": "pt"})
         write_atomically(run_dir / RESULT_FILE, json.dumps(asdict(result)))  # the run's "done", so whole or absent
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return result
@@ -298,7 +336,7 @@ class _Loop:
             self._log(0, None)  # the curve starts at the untrained (or freshly merged) model
         while self.state["step"] < end:
             started = time.perf_counter()
-            losses.append(self._step(self.state["step"]))
+            losses.append(sharding.mean_over_ranks(self._step(self.state["step"]), self.model))
             self.state["step"] += 1
             self.state["seconds"] += time.perf_counter() - started
             bar.update(1)
@@ -354,9 +392,12 @@ class _Loop:
             self.hooks.on_progress(record)
 
     def _checkpoint(self, moments: bool = False) -> None:
-        if self.hooks.rank == 0:
+        rank = self.hooks.rank
+        if rank != 0 and not sharding.is_sharded(self.model):
+            return
+        if rank == 0:
             self.hooks.check_write()
-            ckpt = save_checkpoint(self.ctx.run_dir, self.model, self.optimizer, dict(self.state),
-                                   self.ctx.spec_yaml, self.cfg.keep_checkpoints, moments)
-            if self.hooks.on_checkpoint:
-                self.hooks.on_checkpoint(self.state["step"], ckpt)
+        ckpt = save_checkpoint(self.ctx.run_dir, self.model, self.optimizer, dict(self.state),
+                               self.ctx.spec_yaml, self.cfg.keep_checkpoints, moments, rank)
+        if rank == 0 and self.hooks.on_checkpoint:
+            self.hooks.on_checkpoint(self.state["step"], ckpt)

@@ -13,7 +13,7 @@ only connects it to Ray Train through `TrainHooks`:
   SIGTERM); if so the loop checkpoints that step, the checkpoint is reported, and the worker returns
   `{"preempted": True}`, so the driver starts only this trainer again, from that step, counting a preemption
   instead of one of `max_failures` (`moedisco.preemption`);
-- with several workers the model is wrapped for data parallelism.
+- with several workers the model is sharded over them (FSDP2, `moedisco.sharding`).
 """
 
 from __future__ import annotations
@@ -185,17 +185,24 @@ class RayTrainBridge:
         return stop[0]
 
     def wrap_model(self, model):
+        """Several workers shard the model with FSDP2 (`moedisco.sharding`): each holds 1/world of its weights,
+        gradients and optimizer state, so a submodel too big for one card trains over several."""
         if self.world_size == 1:
             return model
-        if next(model.parameters()).device.type == "cpu":
-            from torch.nn.parallel import DistributedDataParallel
+        from moedisco.sharding import shard_model
 
-            # What prepare_model does on the CPU; it would look this worker's GPU up in CUDA_VISIBLE_DEVICES,
-            # which a simulated device has hidden (`placement.prepare_worker`).
-            return DistributedDataParallel(model)
+        return shard_model(model)
+
+
+def select_worker_gpu() -> None:
+    """Make this worker's GPU the current CUDA device: several workers on one node all see its GPUs, and
+    `device: auto` (`cuda`) and FSDP2's device mesh use the current one."""
+    import torch
+
+    if torch.cuda.is_available():
         import ray.train.torch
 
-        return ray.train.torch.prepare_model(model, move_to_device=False)
+        torch.cuda.set_device(ray.train.torch.get_device())
 
 
 def train_func(config: dict) -> dict:
@@ -214,6 +221,7 @@ def train_func(config: dict) -> dict:
     if world_size > 1:
         import torch.distributed
 
+        select_worker_gpu()
         torch.distributed.barrier()  # no rank may read the run folder before rank 0 has restored it
     from moedisco.metrics import MetricsWriter
     from moedisco.stage_run import run_stage

@@ -40,6 +40,14 @@ def test_estimate_plans_both_tiers_and_prices_the_paper_setting():
     assert 0 < cost["total_usd"] < cost["full_parameter_usd"]
 
 
+def test_estimate_plans_the_llama_moe_example_at_its_named_size():
+    result = estimate_job(load_spec(REPO / "examples" / "llama-moe-3.5b.yaml"))
+    assert result["arch"] == "mixtral" and result["num_experts"] == 4
+    assert 3.4e9 < result["parameters"]["active"] < 3.6e9  # the "3.5B" LLaMA-MoE is named for
+    assert result["memory"]["submodel"]["device_gb"] == 24 and result["memory"]["full_moe"]["device_gb"] == 80
+    assert 0 < result["cost"]["total_usd"] < result["cost"]["full_parameter_usd"]
+
+
 def test_flop_cost_model():
     out = flop_cost_usd(active_params=1_000_000_000, tokens=1_000_000, peak_tflops=100.0, utilisation=0.5, price=3.6)
     assert out["flops"] == 6e15 and out["seconds"] == pytest.approx(120.0) and out["usd"] == pytest.approx(0.12)

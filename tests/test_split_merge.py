@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from moedisco.evaluate import force_expert
-from moedisco.merge import averaging_weights, merge_submodels
+from moedisco import layerwise
+from moedisco.evaluate import evaluate_loss, force_expert, oracle_loss
+from moedisco.merge import (averaging_weights, centroid_router_rows, init_router_from_centroids, merge_submodels,
+                            merged_losses, patch_tensors)
 from moedisco.split import WEIGHTS_FILE, load_submodel, parameter_roles, save_weights, unique_state_dict
 from tests.conftest import tiny_hf_config
 
@@ -140,3 +143,29 @@ def test_fisher_merge_falls_back_to_weights_for_tensors_without_moments(tmp_path
     merge_submodels(tmp_path / "source", files, [0.25, 0.75], "concat", tmp_path / "merged", fisher=fisher)
     merged = load_file(tmp_path / "merged" / WEIGHTS_FILE)["model.norm.weight"]
     torch.testing.assert_close(merged, torch.full_like(merged, 0.25 * 1 + 0.75 * 2))
+
+
+def test_streamed_centroid_rows_equal_the_full_moe_ones_and_patch_only_the_routers(arch, tmp_path, monkeypatch):
+    monkeypatch.setattr(layerwise, "PASS_TOKENS", 24)  # batches of 8 sequences of 12 tokens go through in 4 passes
+    source = _source(arch, tmp_path)
+    files = _save_submodels(tmp_path, 4)
+    merge_submodels(tmp_path / "source", files, [0.25] * 4, "concat", tmp_path / "merged", max_shard_bytes=20_000)
+    before = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
+    generator = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, 97, (n, 12), generator=generator) for n in (3, 9, 1, 5)]  # uneven last batches
+    init_router_from_centroids(source, seqs)
+    rows = centroid_router_rows(tmp_path / "merged", seqs, batch_size=8)
+    assert set(rows) == {name for name, role in parameter_roles(source.config).items() if role == "router"}
+    patch_tensors(tmp_path / "merged", rows)
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
+    for name, tensor in source.state_dict().items():
+        if name in rows:
+            torch.testing.assert_close(after[name], tensor, rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(after[name], before[name]), name
+    # The merge's evaluation, streamed the same way, gives the loaded model's losses.
+    held_out, cluster_eval = seqs[1], [seqs[0], seqs[3][:0], seqs[3], seqs[2]]
+    eval_loss, oracle = merged_losses(tmp_path / "merged", held_out, cluster_eval, batch_size=2, num_batches=3)
+    cpu = torch.device("cpu")
+    assert eval_loss == pytest.approx(evaluate_loss(source, held_out, 2, 3, cpu), rel=1e-5)
+    assert oracle == pytest.approx(oracle_loss(source, cluster_eval, 2, 3, cpu), rel=1e-5)

@@ -1,0 +1,111 @@
+"""FSDP2 sharding of one training run over the processes of a torch.distributed group (no Ray here).
+
+    dist.init_process_group("gloo")            # or Ray Train's TorchTrainer, which sets the group up
+    hooks = TrainHooks(wrap_model=shard_model, rank=dist.get_rank(), world_size=dist.get_world_size())
+    train(model, train_NL, eval_NL, cfg, TrainContext(..., hooks=hooks))
+
+`shard_model` applies `torch.distributed.fsdp.fully_shard` to every decoder layer, to the embedding, the final norm
+and the output head, then to the root: each rank holds 1/world of every parameter, gradient and optimizer state, and
+a unit's parameters are gathered only while it runs. The embedding, norm and head get units of their own (not the
+root's) because evaluation calls the decoder and the head separately (`evaluate.batch_loss_sum`), which would skip
+the root's gather.
+
+Checkpoints of a sharded run (`moedisco.train.save_checkpoint`): the optimizer state, the bulk of it (2x the fp32
+weights for AdamW), is saved and restored sharded with torch.distributed.checkpoint, each rank writing and reading
+its own part (and re-sharded on load, so a run may resume on another number of ranks). The weights are gathered to
+rank 0's host memory, one tensor at a time, and written as the same `model.safetensors` an unsharded run writes, as
+are the second moments: the synchronisation rounds edit those files between rounds and the merge reads them, so
+both work on sharded and unsharded runs alike, and a resumed run loads the (possibly synchronised) weights before
+it shards them.
+
+Every function here is collective when the model is sharded: all ranks call it, in the same order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, init_device_mesh
+
+OPTIMIZER_DIR = "optimizer_sharded"  # torch.distributed.checkpoint's folder in a sharded run's checkpoint
+
+
+def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Shard `model` (a Hugging Face causal LM, already on this rank's device) in place over the default group."""
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    decoder = model.get_decoder()
+    for layer in decoder.layers:
+        fully_shard(layer, mesh=mesh)
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and head.weight is embedding.weight
+    # A tied head shares its weight with the embedding, so both must be one unit.
+    fully_shard([embedding, head] if tied else embedding, mesh=mesh)
+    fully_shard(decoder.norm, mesh=mesh)
+    if head is not None and not tied:
+        fully_shard(head, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    _first_forward(model, device)
+    return model
+
+
+@torch.no_grad()
+def _first_forward(model: torch.nn.Module, device: torch.device) -> None:
+    """FSDP2 sets its units up on the root's first forward and refuses a first forward through a unit (evaluation
+    starts at the decoder), so the root runs once on one token here."""
+    was_training = model.training
+    model.eval()
+    model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
+    model.train(was_training)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a shard (collective), or the tensor itself when it is not sharded."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded weights on rank 0's CPU ({} on the other ranks), tied duplicates left out as
+    `split.unique_state_dict` does."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model, options=options)
+    unique = {name for name, _ in model.named_parameters()}
+    duplicates = {name for name, _ in model.named_parameters(remove_duplicate=False)} - unique
+    return {name: tensor.contiguous() for name, tensor in state.items() if name not in duplicates}
+
+
+def save_optimizer(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Each rank writes its part of the optimizer state into `folder` (torch.distributed.checkpoint)."""
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(folder))
+
+
+def load_optimizer(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Each rank reads its part of the optimizer state saved by `save_optimizer` (whatever the world size was)."""
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def barrier(model: torch.nn.Module) -> None:
+    """Wait for every rank of a sharded run (a no-op otherwise): rank 0's files are written before anyone reads."""
+    if is_sharded(model):
+        dist.barrier()
+
+
+def mean_over_ranks(value: float, model: torch.nn.Module) -> float:
+    """A rank's training loss averaged over the ranks of a sharded run: the loss of the whole batch."""
+    if not is_sharded(model):
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=next(model.parameters()).device)
+    dist.all_reduce(total)
+    return float(total) / dist.get_world_size()
