@@ -39,6 +39,14 @@ GB = 1e9
 QUANT_BLOCK = 256  # bitsandbytes' block size for 8-bit optimizer states
 
 
+MEASURES = ("micro_batch_size", "activation_checkpointing", "precision", "optimizer", "offload_optimizer")
+
+
+def measures_of(cfg: TrainConfig) -> dict:
+    """The memory measures a stage trains with, as its metrics and summary record them."""
+    return {name: getattr(cfg, name) for name in MEASURES}
+
+
 def weight_dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.precision == "bf16-true" else torch.float32
 

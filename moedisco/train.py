@@ -34,7 +34,7 @@ from moedisco.data import batch_for_step
 from moedisco.embed import resolve_device
 from moedisco.evaluate import evaluate_loss, router_load
 from moedisco.layout import write_atomically
-from moedisco.memory import PeakMemory, amp_dtype, make_optimizer, prepare_model, second_moment
+from moedisco.memory import PeakMemory, amp_dtype, make_optimizer, measures_of, prepare_model, second_moment
 from moedisco.metrics import MetricsWriter
 from moedisco.split import unique_state_dict
 
@@ -330,6 +330,7 @@ class _Loop:
                   "seconds": round(self.state["seconds"], 3), "device": str(self.device), **self.hooks.extra}
         if self.ctx.meter is not None:
             record["peak_memory_gb"] = self.ctx.meter.peak_gb()
+        record["memory_measures"] = measures_of(self.cfg)
         if self.router_counts is not None:
             record["router_load"] = (self.router_counts / self.router_counts.sum()).tolist()
             self.router_counts = None
