@@ -145,6 +145,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="hidden 512 only")
     parser.add_argument("--auto-job", action="store_true", help="the CPU job under `memory: auto`")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048], help="hidden sizes of the rows")
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
@@ -153,7 +154,7 @@ def main(argv=None) -> dict:
         with tempfile.TemporaryDirectory(dir=REPO / "runs") as tmp:
             result = auto_job(Path(tmp) / "out")
     else:
-        table = rows([512] if args.quick else [512, 1024, 2048])
+        table = rows([512] if args.quick else args.sizes)
         result = {"benchmark": "memory", "device": "cpu", "seq_len": SEQ_LEN, "batch": BATCH, "layers": LAYERS,
                   "rows": table, "max_abs_error": max(abs(r["error"]) for r in table)}
     print(json.dumps(result, indent=1))

@@ -120,3 +120,10 @@ def test_the_cpu_meter_sees_an_allocation_made_after_it_started():
     block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
     del block
     assert 0.06 <= meter.peak_gb() < 0.5
+
+
+def test_measure_fields_are_validated_and_old_specs_keep_their_meaning():
+    assert TrainConfig(dtype="bf16").precision == "bf16-mixed"  # specs saved before `precision` existed
+    assert TrainConfig(dtype="fp32").precision == "fp32"
+    with pytest.raises(ValueError, match=r"micro_batch_size \(3\) must divide batch_size \(16\)"):
+        TrainConfig(batch_size=16, micro_batch_size=3)
