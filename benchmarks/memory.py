@@ -117,13 +117,13 @@ def auto_job(out_dir: Path) -> dict:
     train = {"steps": 2, "batch_size": 16, "eval_every": 2, "eval_batches": 1, "checkpoint_every": 2}
     cpu = {"label": "cpu", "device_type": "cpu"}
     raw = tiny_spec_dict(out_dir, model=model, submodel=train, finetune=train, branch={"sync_rounds": 1},
-                         data={"sequence_length": 256, "max_documents": 240}, tokenizer={"vocab_size": 4096},
+                         data={"sequence_length": SEQ_LEN, "max_documents": 240}, tokenizer={"vocab_size": 4096},
                          merge={"weighting": "fisher"},
                          resources={"submodel_tier": cpu, "finetune_tier": cpu})
     spec = build_spec(raw)
     config = spec_config(spec)
     plain = memory_plan(parameter_counts(config)["submodel"], with_num_experts(config, 1),
-                        TrainConfig(batch_size=16, precision="fp32"), 256, 1e9, on_gpu=False)["total_gb"]
+                        TrainConfig(batch_size=16, precision="fp32"), SEQ_LEN, 1e9, on_gpu=False)["total_gb"]
     raw["resources"]["devices"] = {"cpu": {"memory_gb": JOB_DEVICE_SHARE * plain, "bf16_tflops": 1.0}}
     spec = build_spec(raw)
     run_job(spec, progress=False)
