@@ -99,9 +99,12 @@ def memory_plan(params: int, config: PretrainedConfig, train: TrainConfig, seq_l
     per_token = (checkpointed_bytes_per_token if train.activation_checkpointing else activation_bytes_per_token)(
         config, seq_len, value_bytes)
     shard = params / num_devices / GB
+    # `StoredAdamW` (bf16-true, offload) steps one parameter at a time in fp32: weight, gradient and both moments of
+    # the largest one (the embedding) are alive at once on the device, 16 bytes per value.
+    step_gb = 16 * config.vocab_size * config.hidden_size / GB if true_bf16 or train.offload_optimizer else 0.0
     plan = {
         "weights_gb": shard * (weight_bytes + (2 if true_bf16 else 0)), "gradients_gb": shard * weight_bytes,
-        "optimizer_gb": shard * state_bytes,
+        "optimizer_gb": shard * state_bytes, "optimizer_step_gb": step_gb,
         "activations_gb": (train.micro_batch_size or train.batch_size) * seq_len * per_token / GB,
     }
     plan["total_gb"] = sum(plan.values())
@@ -150,8 +153,9 @@ def plan_measures(params: int, config: PretrainedConfig, train: TrainConfig, seq
         plan = memory_plan(params, config, candidate, seq_len, device_gb, on_gpu, num_devices)
         if plan["fits"]:
             return candidate, plan
-    state_gb = plan["total_gb"] - plan["activations_gb"]  # sharded: every device still holds its activations
-    room = device_gb * FILL - plan["activations_gb"]
+    unsharded = plan["activations_gb"] + plan["optimizer_step_gb"]  # what every device holds, sharded or not
+    state_gb = plan["total_gb"] - unsharded
+    room = device_gb * FILL - unsharded
     if room > 0:
         plan = memory_plan(params, config, candidate, seq_len, device_gb, on_gpu,
                            math.ceil(state_gb * num_devices / room))
