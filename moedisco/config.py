@@ -121,7 +121,52 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints (resume granularity).")
     keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept on disk.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto` uses CUDA when present.")
-    dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="`auto`: bf16 autocast on CUDA, fp32 on CPU.")
+    # Memory measures (moedisco.memory); `memory: auto` lets the planner (moedisco.estimate) choose those unset.
+    memory: Literal["auto", "manual"] = Field(
+        "auto",
+        description="`auto`: before the stage starts, the planner picks the cheapest measures below that fit the "
+        "stage's tier device (micro-batching, then checkpointing, bf16-true, the 8-bit optimizer, offload, "
+        "sharding) and writes them into the saved spec; fields set explicitly are kept. `manual`: as written.",
+    )
+    micro_batch_size: int | None = Field(
+        None, ge=1,
+        description="Sequences per forward/backward; gradients accumulate up to `batch_size` (same loss and "
+        "gradients, less activation memory). Unset = batch_size.",
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Hugging Face gradient checkpointing (non-reentrant): recompute each layer's "
+        "activations in the backward pass instead of keeping them.",
+    )
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16-true"] = Field(
+        "auto",
+        description="`fp32`; `bf16-mixed`: bf16 autocast over fp32 weights; `bf16-true`: weights, gradients and "
+        "optimizer states in bf16 with stochastic rounding of the update (moedisco.memory); `auto`: bf16-mixed "
+        "on CUDA, fp32 on the CPU.",
+    )
+    optimizer: Literal["adamw", "adamw-8bit"] = Field(
+        "adamw", description="`adamw` (torch) or `adamw-8bit` (torchao's AdamW8bit: block-wise 8-bit moments).",
+    )
+    offload_optimizer: bool = Field(
+        False, description="Keep optimizer states in host memory and step there (torchao CPUOffloadOptimizer; "
+        "CUDA only, a no-op on the CPU where they are host memory already).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_dtype(cls, raw: Any) -> Any:
+        # Specs written before `precision` existed said `dtype: auto | fp32 | bf16` (bf16 meant autocast).
+        if isinstance(raw, dict) and "dtype" in raw:
+            raw = dict(raw)
+            legacy = raw.pop("dtype")
+            raw.setdefault("precision", {"bf16": "bf16-mixed"}.get(legacy, legacy))
+        return raw
+
+    @model_validator(mode="after")
+    def _micro_batch_divides(self) -> TrainConfig:
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size ({self.micro_batch_size}) must divide batch_size "
+                             f"({self.batch_size})")
+        return self
 
 
 def _submodel_defaults() -> TrainConfig:

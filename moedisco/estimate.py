@@ -1,11 +1,12 @@
 """`moedisco estimate SPEC`: sizes, a memory plan per tier and a cost estimate, without training.
 
     result = estimate_job(load_spec("examples/qwen1.5-moe-a2.7b.yaml"))
-    result["memory"]["submodel"]["fits"]        # does a submodel fit the cheap tier's device as configured?
+    result["plan"]["submodel"]["measures"]      # what a submodel trains with to fit the cheap tier
 
-Parameter counts come from instantiating the model on the `meta` device (no memory). The memory model, per device:
-weights + gradients (fp32 master copies, 4 + 4 bytes/param) + AdamW moments (8 bytes/param, 2 with an 8-bit
-optimizer) + activations of one micro-batch (bf16 on GPUs). Activations are counted per token and layer from the
+Parameter counts come from instantiating the model on the `meta` device (no memory). The memory model, per device
+(`memory_plan`): weights + gradients + AdamW moments, in the bytes per parameter the measures give, + activations
+of one micro-batch; `plan_measures` climbs `LADDER` until a stage fits, and `resolve_memory` writes the result into
+the spec a job runs (or refuses it). Activations are counted per token and layer from the
 tensors autograd keeps: attention projections and scores, the routed experts' and shared expert's FFN
 intermediates, norms and residuals, plus the fp32 logits. `benchmarks/memory.py` checks it against measured peaks.
 """
@@ -17,8 +18,10 @@ import math
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from moedisco.config import JobSpec, TrainConfig
+from moedisco.config import CPU_DEVICE_TYPE, JobSpec, TierConfig, TrainConfig
 from moedisco.cost import flop_cost_usd
+from moedisco.memory import measures_of
+from moedisco.spec_loading import SpecError
 from moedisco.split import build_moe_config, num_experts_of, parameter_roles, read_config, with_num_experts
 
 GB = 1e9
@@ -61,40 +64,159 @@ def activation_bytes_per_token(config: PretrainedConfig, seq_len: int, bytes_per
     return config.num_hidden_layers * per_layer + logits
 
 
+# Of a device's memory, the share a plan may fill: the rest is the allocator's fragmentation and the runtime's own.
+FILL = 0.9
+
+
+def _precision(train: TrainConfig, on_gpu: bool) -> str:
+    return ("bf16-mixed" if on_gpu else "fp32") if train.precision == "auto" else train.precision
+
+
+def checkpointed_bytes_per_token(config: PretrainedConfig, seq_len: int, bytes_per_value: int) -> float:
+    """Activation checkpointing keeps each layer's input, recomputes one layer at a time, and keeps the logits."""
+    full = activation_bytes_per_token(config, seq_len, bytes_per_value)
+    logits = config.vocab_size * 4 * 2
+    one_layer = (full - logits) / config.num_hidden_layers
+    return config.num_hidden_layers * config.hidden_size * bytes_per_value + one_layer + logits
+
+
 def memory_plan(params: int, config: PretrainedConfig, train: TrainConfig, seq_len: int, device_gb: float,
-                on_gpu: bool = True) -> dict:
-    bytes_per_value = 2 if on_gpu and train.dtype != "fp32" else 4
-    tokens = train.batch_size * seq_len
+                on_gpu: bool = True, num_devices: int = 1) -> dict:
+    """GB per device of training `params` parameters with `train`'s memory measures as set.
+
+    Weights and gradients: 4 bytes each (2 in bf16-true, plus its 2-byte compensation buffer). AdamW moments:
+    8 bytes (4 as bf16 in bf16-true, 2 with the 8-bit optimizer; 0 on a GPU with them offloaded to host memory).
+    Sharded over `num_devices`, each holds its share of these. Activations of one micro-batch, in 4 bytes for fp32
+    and 2 otherwise; with checkpointing, the layers' inputs and one layer's activations.
+    """
+    precision = _precision(train, on_gpu)
+    true_bf16 = precision == "bf16-true"
+    weight_bytes = 2 if true_bf16 else 4
+    state_bytes = 2 if train.optimizer == "adamw-8bit" else (4 if true_bf16 else 8)
+    if train.offload_optimizer and on_gpu:
+        state_bytes = 0
+    value_bytes = 4 if precision == "fp32" else 2
+    per_token = (checkpointed_bytes_per_token if train.activation_checkpointing else activation_bytes_per_token)(
+        config, seq_len, value_bytes)
+    shard = params / num_devices / GB
+    # `StoredAdamW` (bf16-true, offload) steps one parameter at a time in fp32: weight, gradient and both moments of
+    # the largest one (the embedding) are alive at once on the device, 16 bytes per value.
+    step_gb = 16 * config.vocab_size * config.hidden_size / GB if true_bf16 or train.offload_optimizer else 0.0
     plan = {
-        "weights_gb": params * 4 / GB, "gradients_gb": params * 4 / GB, "optimizer_gb": params * 8 / GB,
-        "activations_gb": tokens * activation_bytes_per_token(config, seq_len, bytes_per_value) / GB,
+        "weights_gb": shard * (weight_bytes + (2 if true_bf16 else 0)), "gradients_gb": shard * weight_bytes,
+        "optimizer_gb": shard * state_bytes, "optimizer_step_gb": step_gb,
+        "activations_gb": (train.micro_batch_size or train.batch_size) * seq_len * per_token / GB,
     }
     plan["total_gb"] = sum(plan.values())
-    plan["device_gb"], plan["fits"] = device_gb, plan["total_gb"] <= device_gb * 0.9
-    plan["measures"] = [] if plan["fits"] else fitting_measures(plan, config, device_gb)
+    plan.update(device_gb=device_gb, num_devices=num_devices, fits=plan["total_gb"] <= device_gb * FILL,
+                measures=measures_of(train))
     return plan
 
 
-def fitting_measures(plan: dict, config: PretrainedConfig, device_gb: float) -> list[str]:
-    """Cheapest measures, in order, that bring the plan under 90% of the device."""
-    params_gb = plan["weights_gb"] / 4  # GB per byte-per-parameter
-    steps = [
-        ("activation checkpointing", plan["activations_gb"] * (1 - 1 / max(1, config.num_hidden_layers))),
-        ("8-bit optimizer", params_gb * 6),
-        ("bf16 weights and gradients", params_gb * 4),
-    ]
-    total, taken = plan["total_gb"], []
-    for name, saving in steps:
-        if total <= device_gb * 0.9:
-            break
-        total -= saving
-        taken.append(name)
-    if total > device_gb * 0.9:
-        taken.append(f"still {total:.1f} GB: shard over {math.ceil(total / (device_gb * 0.9))} devices")
-    return taken
+# The planner's ladder, cheapest first: micro-batching costs no quality (only speed), checkpointing costs a
+# recomputed forward, bf16-true and the 8-bit optimizer cost precision, offload costs host-device transfers, and
+# sharding costs devices.
+LADDER = (("activation_checkpointing", True), ("precision", "bf16-true"), ("optimizer", "adamw-8bit"),
+          ("offload_optimizer", True))
 
+
+class MemoryFitError(SpecError):
+    """Training stages that fit no device of their tier with any measure; `problems` names, per TrainConfig
+    section, the device and the shortfall in GB."""
+
+    def __init__(self, problems: dict[str, str]):
+        super().__init__("the job fits no device of its tier: " + "; ".join(problems.values()))
+        self.problems = problems
+
+
+def _largest_micro_batch(params, config, train, seq_len, device_gb, on_gpu, num_devices) -> TrainConfig:
+    """`train` with the largest micro-batch (a divisor of batch_size) that fits, else 1."""
+    if "micro_batch_size" in train.model_fields_set:
+        return train
+    divisors = [size for size in range(train.batch_size, 0, -1) if train.batch_size % size == 0]
+    for size in divisors:
+        candidate = train.model_copy(update={"micro_batch_size": None if size == train.batch_size else size})
+        if memory_plan(params, config, candidate, seq_len, device_gb, on_gpu, num_devices)["fits"]:
+            return candidate
+    return train.model_copy(update={"micro_batch_size": 1})
+
+
+def plan_measures(params: int, config: PretrainedConfig, train: TrainConfig, seq_len: int, device_gb: float,
+                  on_gpu: bool, num_devices: int = 1) -> tuple[TrainConfig, dict]:
+    """The cheapest measures, up `LADDER` and then sharding over more devices, that fit `device_gb` per device;
+    fields the user set stay as set. Returns the resolved `TrainConfig` and its plan, whose `num_devices` is the
+    devices the plan needs (more than `num_devices` when only sharding fits)."""
+    steps = [(name, value) for name, value in LADDER if name not in train.model_fields_set]
+    for index in range(len(steps) + 1):
+        candidate = train.model_copy(update=dict(steps[:index]))
+        candidate = _largest_micro_batch(params, config, candidate, seq_len, device_gb, on_gpu, num_devices)
+        plan = memory_plan(params, config, candidate, seq_len, device_gb, on_gpu, num_devices)
+        if plan["fits"]:
+            return candidate, plan
+    unsharded = plan["activations_gb"] + plan["optimizer_step_gb"]  # what every device holds, sharded or not
+    state_gb = plan["total_gb"] - unsharded
+    room = device_gb * FILL - unsharded
+    if room > 0:
+        plan = memory_plan(params, config, candidate, seq_len, device_gb, on_gpu,
+                           math.ceil(state_gb * num_devices / room))
+    return candidate, plan
+
+
+def _training_stages(spec: JobSpec, config: PretrainedConfig, counts: dict) -> list[tuple]:
+    """(TrainConfig section, parameters, model config, tier) of each training stage the job runs."""
+    res = spec.resources
+    if spec.method == "full_parameter":
+        return [("full_parameter", counts["total"], config, res.finetune_tier)]
+    moe_warmup = spec.branch.warmup_steps > 0 and spec.branch.warmup_model == "moe"  # the whole MoE, cheap tier
+    submodel = (counts["total"], config) if moe_warmup else (counts["submodel"], with_num_experts(config, 1))
+    return [("submodel", *submodel, res.submodel_tier), ("finetune", counts["total"], config, res.finetune_tier)]
+
+
+def memory_plans(spec: JobSpec, config: PretrainedConfig | None = None,
+                 counts: dict | None = None) -> dict[str, tuple[TrainConfig, dict, TierConfig]]:
+    """Per training section, the `TrainConfig` it will train with (resolved by the planner under `memory: auto`),
+    its plan on its tier's device, and the tier. A tier whose `device_type` has no `devices` entry (memory unknown, e.g. a
+    `cpu` tier) is not planned."""
+    config = config or spec_config(spec)
+    counts = counts or parameter_counts(config)
+    plans = {}
+    for section, params, model_config, tier in _training_stages(spec, config, counts):
+        device = spec.resources.devices.get(tier.device_type)
+        if device is None:
+            continue
+        train, args = getattr(spec, section), (spec.data.sequence_length, device.memory_gb,
+                                               tier.device_type != CPU_DEVICE_TYPE, tier.num_devices)
+        resolved, plan = (plan_measures(params, model_config, train, *args) if train.memory == "auto"
+                          else (train, memory_plan(params, model_config, train, *args)))
+        plans[section] = (resolved, plan, tier)
+    return plans
+
+
+def _refusal(section: str, tier: TierConfig, plan: dict) -> str | None:
+    device = f"{tier.device_type} ({plan['device_gb']:g} GB, {FILL:.0%} usable)"
+    if not plan["fits"]:
+        short = plan["total_gb"] - plan["device_gb"] * FILL
+        return (f"{section}: needs {plan['total_gb']:.1f} GB per device with {plan['measures']} on "
+                f"{plan['num_devices']} x {device}: {short:.1f} GB short")
+    if plan["num_devices"] > tier.num_devices:
+        return (f"{section}: fits {device} only sharded over {plan['num_devices']} devices "
+                f"({plan['total_gb']:.1f} GB each), but its tier has num_devices {tier.num_devices}")
+    return None
+
+
+def resolve_memory(spec: JobSpec) -> JobSpec:
+    """The spec with each training section's memory measures as the planner resolves them (the spec a job saves
+    and runs); raises `MemoryFitError` naming the stage, the device and the shortfall when one fits no device."""
+    plans = memory_plans(spec)
+    problems = {section: problem for section, (_, plan, tier) in plans.items()
+                if (problem := _refusal(section, tier, plan))}
+    if problems:
+        raise MemoryFitError(problems)
+    return spec.model_copy(update={section: train for section, (train, _, _) in plans.items()})
 
 def estimate_job(spec: JobSpec, utilisation: float = DEFAULT_UTILISATION) -> dict:
+    """Sizes, cost, and per tier two memory plans: `memory` as the spec is written (measures as set), and `plan`,
+    what the job would actually train with (`memory: auto` resolved), with `refused` saying why it would not run."""
     config = spec_config(spec)
     counts = parameter_counts(config)
     res, seq_len = spec.resources, spec.data.sequence_length
@@ -104,8 +226,10 @@ def estimate_job(spec: JobSpec, utilisation: float = DEFAULT_UTILISATION) -> dic
                                 cheap.memory_gb),
         "full_moe": memory_plan(counts["total"], config, spec.finetune, seq_len, dear.memory_gb),
     }
+    plans = {section: {**plan, "refused": _refusal(section, tier, plan)}
+             for section, (_, plan, tier) in memory_plans(spec, config, counts).items()}
     return {"arch": config.model_type, "num_experts": num_experts_of(config), "parameters": counts,
-            "memory": memory, "cost": cost_estimate(spec, counts, utilisation)}
+            "memory": memory, "plan": plans, "cost": cost_estimate(spec, counts, utilisation)}
 
 
 def _tokens(train: TrainConfig, seq_len: int) -> int:
@@ -137,17 +261,20 @@ def render_estimate(result: dict, console) -> None:
     console.print(f"[bold]{result['arch']}[/bold], {result['num_experts']} experts: "
                   f"{counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active, "
                   f"submodel {counts['submodel'] / 1e6:.2f}M ({counts['submodel'] / counts['total']:.0%} of the MoE)")
-    table = Table(title="memory plan per device (GB)")
-    for column in ("model", "weights", "grads", "optimizer", "activations", "total", "device", "fits"):
+    table = Table(title="memory per device (GB): as written, then as the job runs (`memory: auto` resolved)")
+    for column in ("stage", "weights", "grads", "optimizer", "activations", "total", "device", "devices", "fits"):
         table.add_column(column)
-    for name, plan in result["memory"].items():
+    rows = [(name, plan) for name, plan in result["memory"].items()] + [
+        (f"{name} (plan)", plan) for name, plan in result["plan"].items()]
+    for name, plan in rows:
         table.add_row(name, *(f"{plan[k]:.2f}" for k in ("weights_gb", "gradients_gb", "optimizer_gb",
                                                         "activations_gb", "total_gb", "device_gb")),
-                      "yes" if plan["fits"] else "[red]no[/red]")
+                      str(plan["num_devices"]), "yes" if plan["fits"] else "[red]no[/red]")
     console.print(table)
-    for name, plan in result["memory"].items():
-        if plan["measures"]:
-            console.print(f"to fit {name}: " + " -> ".join(plan["measures"]))
+    for name, plan in result["plan"].items():
+        chosen = ", ".join(f"{k}={v}" for k, v in plan["measures"].items())
+        console.print(f"{name} trains with {chosen}" + (f" [red]refused: {plan['refused']}[/red]"
+                                                         if plan["refused"] else ""))
     cost = result["cost"]
     console.print(f"cost ({cost['model']}): submodels ${cost['submodels_usd']:.2f} + fine-tune "
                   f"${cost['finetune_usd']:.2f} = ${cost['total_usd']:.2f}; full-parameter baseline "

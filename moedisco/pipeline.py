@@ -115,7 +115,7 @@ def train_context(run: StageRun, seed: int, **options) -> TrainContext:
     task = run.task
     return TrainContext(run_dir=run.paths.run_dir(task.stage, task.expert), stage=task.stage, expert=task.expert,
                         seed=seed, metrics=run.metrics, spec_yaml=run.spec.to_yaml(), hooks=run.hooks,
-                        progress=run.progress, **options)
+                        progress=run.progress, meter=run.meter, **options)
 
 
 def stage_warmup(run: StageRun) -> dict:

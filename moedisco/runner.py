@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from moedisco.config import JobSpec
 from moedisco.spec_loading import absolute_paths, upgrade_saved_spec
 from moedisco.cost import CostLedger
+from moedisco.estimate import resolve_memory
 from moedisco.events import Events, JobCancelledEvent, StageFinished, StageSkipped, StageStarted, ignore, progress_event
 from moedisco.layout import JobPaths, NotOwner, check_owner, claim, is_done, mark_done
 from moedisco.metrics import MetricsWriter
@@ -157,7 +158,9 @@ class JobRunner:
     def __init__(self, spec: JobSpec, executor: Executor, events: Events | None = None,
                  should_stop: Callable[[], bool] | None = None, owner: str | None = None,
                  budget_left: BudgetLeft | None = None):
-        spec = absolute_paths(spec)  # every process the job reaches reads the same folders
+        # Every process the job reaches reads the same folders, and trains with the memory measures planned here
+        # (`memory: auto`), which the saved spec then holds; a job that fits no device is refused before it starts.
+        spec = resolve_memory(absolute_paths(spec))
         paths = JobPaths(spec.output_dir)
         self.owner, self.user_should_stop, self.user_events = owner, should_stop, events or ignore
         self.budget_left, self.replaced = budget_left, False

@@ -18,6 +18,7 @@ from moedisco.stages import STAGE, Task
 if TYPE_CHECKING:
     from moedisco.config import JobSpec
     from moedisco.layout import JobPaths
+    from moedisco.memory import PeakMemory
     from moedisco.metrics import MetricsWriter
     from moedisco.train import TrainHooks
 
@@ -32,6 +33,7 @@ class StageRun:
     task: Task
     hooks: TrainHooks | None = None
     progress: bool = True
+    meter: PeakMemory | None = None  # a training stage's peak memory (set by `run_stage`)
 
     @property
     def round_index(self) -> int:
@@ -45,5 +47,15 @@ def stage_function(stage: str) -> Callable[[StageRun], dict]:
 
 
 def run_stage(run: StageRun) -> dict:
-    """Run one task in this process; returns its summary."""
-    return stage_function(run.task.stage)(run)
+    """Run one task in this process; returns its summary. A training stage's summary adds its peak memory
+    (`peak_memory_gb`, metered from before its model is built) and the memory measures it trained with."""
+    stage = STAGE[run.task.stage]
+    if not stage.trained:
+        return stage_function(stage.name)(run)
+    from moedisco.embed import resolve_device
+    from moedisco.memory import PeakMemory, measures_of
+
+    cfg = getattr(run.spec, stage.train_config)
+    run.meter = PeakMemory(resolve_device(cfg.device))
+    summary = stage_function(stage.name)(run)
+    return {**summary, "peak_memory_gb": run.meter.peak_gb(), "memory_measures": measures_of(cfg)}

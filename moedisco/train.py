@@ -4,8 +4,8 @@
                            metrics=MetricsWriter(OUTPUT / "metrics.jsonl"), spec_yaml=spec.to_yaml())
     result = train(model, train_NL, eval_NL, spec.submodel, context)
 
-AdamW with a constant/cosine/linear schedule and linear warm-up, gradient clipping, bf16 autocast on CUDA and fp32
-on the CPU. Checkpoints (safetensors weights, optimizer state, RNG state, step) land in `run_dir/checkpoints/`
+AdamW with a constant/cosine/linear schedule and linear warm-up, gradient clipping, and the memory measures of
+`TrainConfig` (micro-batches, activation checkpointing, precision, 8-bit or offloaded optimizer: `moedisco.memory`). Checkpoints (safetensors weights, optimizer state, RNG state, step) land in `run_dir/checkpoints/`
 every `checkpoint_every` steps; calling `train` again on the same `run_dir` resumes from the newest one, and
 returns at once if the run already finished. Data order is a pure function of (seed, step), so a resumed run sees
 exactly the batches it would have seen.
@@ -15,6 +15,7 @@ Legend: N = sequences, L = sequence length, B = batch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -34,6 +35,7 @@ from moedisco.data import batch_for_step
 from moedisco.embed import resolve_device
 from moedisco.evaluate import evaluate_loss, router_load
 from moedisco.layout import write_atomically
+from moedisco.memory import PeakMemory, amp_dtype, make_optimizer, measures_of, prepare_model, second_moment
 from moedisco.metrics import MetricsWriter
 from moedisco.split import unique_state_dict
 
@@ -86,6 +88,7 @@ class TrainContext:
     lr_scale: Callable[[str], float] | None = None  # per parameter name; 0 freezes it
     save_second_moment: bool = False  # AdamW's second moments next to the weights (`second_moments`)
     stop_at: int | None = None  # end this call at that step with a checkpoint (a synchronisation round)
+    meter: PeakMemory | None = None  # the stage's peak memory, logged with every metrics record
 
     def __post_init__(self) -> None:
         self.hooks = self.hooks or TrainHooks()
@@ -108,12 +111,6 @@ class Preempted(StopRequested):
         self.step = step
 
 
-def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
 def lr_multiplier(cfg: TrainConfig, step: int) -> float:
     warmup = int(cfg.warmup_ratio * cfg.steps)
     if step < warmup:
@@ -126,40 +123,23 @@ def lr_multiplier(cfg: TrainConfig, step: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,
-                   lr_scale: Callable[[str], float] | None = None) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; `lr_scale(name)` multiplies a parameter's learning rate, and a
-    parameter scaled by 0 is frozen (no gradient, no optimizer state)."""
-    groups: dict[tuple[bool, float], list] = {}
-    for name, param in model.named_parameters():
-        scale = lr_scale(name) if lr_scale else 1.0
-        if scale == 0.0:
-            param.requires_grad_(False)
-        if not param.requires_grad:
-            continue
-        # No weight decay on norms and biases (1-D tensors), the usual practice for transformers.
-        groups.setdefault((param.ndim >= 2, scale), []).append(param)
-    param_groups = [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_scale": scale}
-                    for (decay, scale), params in groups.items()]
-    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=cfg.betas)
-
-
-def second_moments(model: torch.nn.Module, optimizer: torch.optim.AdamW) -> dict[str, torch.Tensor]:
+def second_moments(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """Per parameter, AdamW's bias-corrected second moment: a running mean of the squared gradient over the last
     ~1/(1-beta2) steps, i.e. a diagonal empirical Fisher estimate that training already paid for.
 
     Stored in bf16 (the squares need range, not precision) to keep the file at half the fp32 weights. Frozen
-    parameters have no optimizer state and are left out. Collective for a sharded model (each moment is gathered).
+    parameters have no optimizer state and are left out. With an 8-bit optimizer it is the dequantised 8-bit
+    moment (`moedisco.memory.second_moment`). Collective for a sharded model (each moment is gathered).
     """
     beta2 = optimizer.param_groups[0]["betas"][1]
     moments = {}
     for name, param in model.named_parameters():
-        state = optimizer.state.get(param)
-        if not state or "exp_avg_sq" not in state:
+        found = second_moment(optimizer, param)
+        if found is None:
             continue
-        correction = 1.0 - beta2 ** float(state["step"])
-        squares = sharding.full_tensor(state["exp_avg_sq"])
-        moments[name] = (squares.float() / correction).to(torch.bfloat16).cpu().contiguous()
+        moment, step = found
+        moment = sharding.full_tensor(moment)
+        moments[name] = (moment.float() / (1.0 - beta2 ** step)).to(torch.bfloat16).cpu().contiguous()
     return moments
 
 
@@ -278,7 +258,7 @@ def train(model, train_NL: torch.Tensor, eval_NL: torch.Tensor | None, cfg: Trai
         return done
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    model.to(device)
+    prepare_model(model, cfg, device)
     state = {"step": 0, "seconds": 0.0, "eval_loss": None}
     checkpoints = checkpoint_dirs(run_dir)
     if checkpoints:
@@ -310,6 +290,12 @@ def train(model, train_NL: torch.Tensor, eval_NL: torch.Tensor | None, cfg: Trai
         write_atomically(run_dir / RESULT_FILE, json.dumps(asdict(result)))  # the run's "done", so whole or absent
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return result
+
+
+def _micro_batches(batch_BL: torch.Tensor, micro_batch_size: int | None):
+    """(micro-batch, is it the last) pairs covering `batch_BL` in order."""
+    chunks = batch_BL.split(micro_batch_size or len(batch_BL))
+    return [(chunk, index == len(chunks) - 1) for index, chunk in enumerate(chunks)]
 
 
 class _Loop:
@@ -359,15 +345,26 @@ class _Loop:
             group["lr"] = self.cfg.lr * lr_multiplier(self.cfg, step) * group.get("lr_scale", 1.0)
         batch_BL = _local_batch(self.train_NL, step, self.cfg, self.ctx.seed, self.hooks).to(self.device)
         self.net.train()
-        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            outputs = self.net(input_ids=batch_BL, labels=batch_BL)
-        outputs.loss.backward()
+        loss = sum(self._accumulate(micro_BL, len(micro_BL) / len(batch_BL), last)
+                   for micro_BL, last in _micro_batches(batch_BL, self.cfg.micro_batch_size))
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def _accumulate(self, micro_BL: torch.Tensor, share: float, last: bool) -> float:
+        """Forward and backward of one micro-batch, its loss weighted by its share of the batch: packed sequences
+        have no padding, so the batch's mean token loss is the share-weighted sum of the micro-batches' means.
+        (A router's load-balancing loss is a product of batch statistics, so it is computed per micro-batch.)"""
+        # A DDP-wrapped model all-reduces gradients only on the last micro-batch of the step.
+        sync = contextlib.nullcontext() if last or not hasattr(self.net, "no_sync") else self.net.no_sync()
+        with sync:
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                outputs = self.net(input_ids=micro_BL, labels=micro_BL)
+            (outputs.loss * share).backward()
         self._count_routes(outputs)
-        return float(outputs.loss.detach())
+        return float(outputs.loss.detach()) * share
 
     def _count_routes(self, outputs) -> None:
         logits = getattr(outputs, "router_logits", None)
@@ -382,6 +379,9 @@ class _Loop:
         record = {"stage": self.ctx.stage, "expert": self.ctx.expert, "step": step, "total_steps": self.cfg.steps,
                   "tokens": self.tokens(step), "loss": train_loss, "eval_loss": self.state["eval_loss"],
                   "seconds": round(self.state["seconds"], 3), "device": str(self.device), **self.hooks.extra}
+        if self.ctx.meter is not None:
+            record["peak_memory_gb"] = self.ctx.meter.peak_gb()
+        record["memory_measures"] = measures_of(self.cfg)
         if self.router_counts is not None:
             record["router_load"] = (self.router_counts / self.router_counts.sum()).tolist()
             self.router_counts = None

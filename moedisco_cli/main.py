@@ -41,6 +41,13 @@ def run(spec: SpecArg, set_: SetOpt = None,
     """Run a job; re-running on the same output_dir resumes it."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     job = _load(spec, set_)
+    from moedisco.estimate import resolve_memory
+
+    try:
+        job = resolve_memory(job)  # refused here, before any stage, when a training stage fits no device
+    except SpecError as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
     if runner == "ray":
         from ray_cluster.orchestrate import run_job_on_ray
 

@@ -34,12 +34,14 @@ def _losses(stage: dict) -> str:
 
 def stage_table(stages: list[dict]) -> Table:
     table = Table()
-    for column in ("stage", "state", "step", "losses", "seconds"):
+    for column in ("stage", "state", "step", "losses", "seconds", "peak GB"):
         table.add_column(column)
     for stage in stages:
         step = "" if stage["step"] is None else f"{stage['step']}/{stage['total_steps']}"
         seconds = "" if stage["seconds"] is None else f"{stage['seconds']:.1f}"
-        table.add_row(stage_label(stage), stage["runner_state"] or stage["state"], step, _losses(stage), seconds)
+        peak = "" if stage.get("peak_memory_gb") is None else f"{stage['peak_memory_gb']:.2f}"
+        table.add_row(stage_label(stage), stage["runner_state"] or stage["state"], step, _losses(stage), seconds,
+                      peak)
     return table
 
 

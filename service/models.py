@@ -129,6 +129,11 @@ class StageRow(_PerStage, Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
 
+    @property
+    def peak_memory_gb(self) -> float | None:
+        """A training stage's peak memory: from its summary, or while it runs its latest progress record's."""
+        return (self.summary or {}).get("peak_memory_gb")
+
 
 class EventRow(Base):
     __tablename__ = "moedisco_events"

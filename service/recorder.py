@@ -102,3 +102,6 @@ def _apply_progress(row: StageRow, event: Progress) -> None:
         row.loss = event.loss
     if event.eval_loss is not None:
         row.eval_loss = event.eval_loss
+    peak = getattr(event, "peak_memory_gb", None)  # a metrics record's extra field
+    if peak is not None:
+        row.summary = {**(row.summary or {}), "peak_memory_gb": peak}

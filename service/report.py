@@ -80,8 +80,8 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 def _stage_table(stages: list[StageRow]) -> str:
     rows = [[s.stage, "" if s.expert is None else s.expert, s.state,
              "" if s.step is None else f"{s.step}/{s.total_steps}", _fmt(s.loss), _fmt(s.eval_loss),
-             _fmt(s.seconds, 1)] for s in stages]
-    return _table(["stage", "expert", "state", "step", "loss", "held-out loss", "seconds"], rows)
+             _fmt(s.seconds, 1), _fmt(s.peak_memory_gb, 2)] for s in stages]
+    return _table(["stage", "expert", "state", "step", "loss", "held-out loss", "seconds", "peak memory GB"], rows)
 
 
 def _cost_section(cost: CostPublic) -> str:

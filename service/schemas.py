@@ -61,6 +61,8 @@ class StagePublic(_FromRow):
     loss: float | None = Field(None, description="Latest training loss.")
     eval_loss: float | None = Field(None, description="Latest held-out loss.")
     seconds: float | None
+    peak_memory_gb: float | None = Field(None, description="A training stage's peak device memory so far, GB "
+                                         "(CUDA: max allocated; CPU: resident high-water mark above the start).")
     runner_state: str | None = Field(None, description="The Ray runner's state of this expert.")
     started_at: datetime | None
     finished_at: datetime | None

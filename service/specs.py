@@ -8,6 +8,8 @@ Pydantic has already checked types and ranges. On top of that the service:
   - resolves input paths (data, tokenizer, models) against MOEDISCO_DATA_DIR, requires them to exist and to lie
     inside MOEDISCO_DATA_DIR or MOEDISCO_INPUT_ROOTS, so a token holder cannot read arbitrary server files;
   - refuses NaN/infinity and NUL characters, which JSON responses and PostgreSQL cannot hold;
+  - plans each training stage's memory measures (`memory: auto`) and refuses a stage that fits no device of its
+    tier (`moedisco.estimate.resolve_memory`), naming the stage, the device and the shortfall;
   - refuses a model built from the spec whose size is absurd (`model.hidden_size: 1000000000`): a rough upper bound
     of its parameter count, from the widths alone, beyond MOEDISCO_MAX_MODEL_PARAMETERS. Not a memory plan (whether
     a job fits its tiers): a sanity bound that needs no torch in the API.
@@ -23,9 +25,13 @@ from typing import Any
 from fastapi.exceptions import RequestValidationError
 
 from moedisco.config import JobSpec, ModelConfig
+from moedisco.stages import STAGE
 from moedisco.spec_loading import INPUT_PATHS
 from service.core.config import Settings
 from service.schemas import JobCreate
+
+
+TRAIN_SECTIONS = tuple(dict.fromkeys(stage.train_config for stage in STAGE.values() if stage.trained))
 
 
 def _error(loc: tuple, msg: str, value: Any = None) -> dict:
@@ -120,4 +126,18 @@ def prepare_spec(job_in: JobCreate, job_id: str, settings: Settings) -> dict:
     error = _check_size(spec, settings)
     if error is not None:
         raise RequestValidationError([error])
-    return spec.model_dump(mode="json")
+    return _plan_memory(spec, job_in).model_dump(mode="json")
+
+
+def _plan_memory(spec: JobSpec, job_in: JobCreate) -> JobSpec:
+    """The spec with the memory measures the job will train with (`memory: auto`), or a 422 naming each training
+    stage that fits no device of its tier, the device and the shortfall in GB."""
+    from moedisco.estimate import MemoryFitError, resolve_memory  # torch: only once the cheap checks passed
+
+    # The client's training sections as sent, so that the planner knows which measures the user set.
+    sent = spec.model_copy(update={section: getattr(job_in, section) for section in TRAIN_SECTIONS})
+    try:
+        return resolve_memory(sent)
+    except MemoryFitError as error:
+        raise RequestValidationError([_error((section,), problem) for section, problem in error.problems.items()])
+

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from moedisco.config import ResourcesConfig
 from moedisco.spec_loading import build_spec, load_spec
 from moedisco.cost import CostLedger, flop_cost_usd
-from moedisco.estimate import estimate_job, parameter_counts
+from moedisco.estimate import MemoryFitError, estimate_job, parameter_counts, resolve_memory
 from moedisco.runner import BudgetExceeded, JobRunner, LocalExecutor, run_job
 from moedisco.split import with_num_experts
 from tests.conftest import REPO, tiny_hf_config, tiny_spec_dict
@@ -35,7 +35,12 @@ def test_estimate_plans_both_tiers_and_prices_the_paper_setting():
     sub, full = result["memory"]["submodel"], result["memory"]["full_moe"]
     assert sub["device_gb"] == 24 and full["device_gb"] == 80
     assert sub["weights_gb"] < full["weights_gb"]
-    assert not sub["fits"] and "activation checkpointing" in sub["measures"]
+    assert not sub["fits"] and not full["fits"]  # as written: plain bf16-true, no other measure
+    # What the job trains with (`memory: auto`): the paper's setting fits a 4090 per submodel and one A100.
+    plan = result["plan"]
+    assert plan["submodel"]["fits"] and plan["submodel"]["total_gb"] <= 24 and plan["submodel"]["num_devices"] == 1
+    assert plan["finetune"]["fits"] and plan["finetune"]["total_gb"] <= 80 and plan["finetune"]["num_devices"] == 1
+    assert plan["submodel"]["measures"]["activation_checkpointing"] and not plan["submodel"]["refused"]
     cost = result["cost"]
     assert 0 < cost["total_usd"] < cost["full_parameter_usd"]
 
@@ -46,6 +51,39 @@ def test_estimate_plans_the_llama_moe_example_at_its_named_size():
     assert 3.4e9 < result["parameters"]["active"] < 3.6e9  # the "3.5B" LLaMA-MoE is named for
     assert result["memory"]["submodel"]["device_gb"] == 24 and result["memory"]["full_moe"]["device_gb"] == 80
     assert 0 < result["cost"]["total_usd"] < result["cost"]["full_parameter_usd"]
+
+
+def test_mixtral_fits_only_sharded_over_the_devices_the_plan_states():
+    plan = estimate_job(load_spec(REPO / "examples" / "mixtral-8x7b.yaml"))["plan"]
+    for section, device_gb in (("submodel", 24), ("finetune", 80)):
+        assert plan[section]["num_devices"] > 1 and plan[section]["total_gb"] <= 0.9 * device_gb
+        assert f"sharded over {plan[section]['num_devices']} devices" in plan[section]["refused"]
+
+
+def _sized_spec(tmp_path, device_gb: float, **submodel):
+    return build_spec(tiny_spec_dict(
+        tmp_path / "out", model={"hidden_size": 256, "moe_intermediate_size": 512, "num_hidden_layers": 4},
+        submodel={"batch_size": 16, **submodel},
+        resources={"devices": {"rtx4090": {"memory_gb": device_gb, "bf16_tflops": 165.2},
+                               "a100": {"memory_gb": 80, "bf16_tflops": 312.0}}}))
+
+
+def test_the_planner_climbs_the_ladder_and_keeps_what_the_user_set(tmp_path):
+    plain = estimate_job(_sized_spec(tmp_path, 24.0))["plan"]["submodel"]
+    assert plain["measures"] == {"micro_batch_size": None, "activation_checkpointing": False, "precision": "auto",
+                                 "optimizer": "adamw", "offload_optimizer": False}  # it fits: nothing changes
+    tight = resolve_memory(_sized_spec(tmp_path, plain["total_gb"] * 0.5)).submodel
+    assert tight.micro_batch_size < 16  # micro-batching first
+    kept = resolve_memory(_sized_spec(tmp_path, plain["total_gb"] * 0.5, precision="bf16-mixed", micro_batch_size=8))
+    assert kept.submodel.precision == "bf16-mixed" and kept.submodel.micro_batch_size == 8
+    assert kept.submodel.optimizer == "adamw-8bit"  # what the user left open was climbed past instead
+
+
+def test_a_stage_that_fits_no_device_is_refused_before_the_job_starts(tmp_path):
+    spec = _sized_spec(tmp_path, 0.001)
+    with pytest.raises(MemoryFitError, match=r"submodel: needs .* rtx4090 \(0.001 GB.*GB short"):
+        run_job(spec, progress=False)
+    assert not (spec.output_dir / "stages").exists()
 
 
 def test_flop_cost_model():

@@ -50,6 +50,19 @@ def test_losses_fall_in_every_training_stage(finished_job):
     assert all(required <= set(r) for r in records if r["stage"] in ("submodel", "finetune"))
 
 
+def test_every_training_stage_records_its_peak_memory_and_measures(finished_job):
+    spec, _, _ = finished_job
+    paths = JobPaths(spec.output_dir)
+    trained = [task for group in plan(spec) for task in group if STAGE[task.stage].trained]
+    for task in trained:
+        summary = json.loads((paths.markers / f"{task.marker}.json").read_text())
+        # A tiny model on the CPU: above nothing, below what a 2-core CI runner could hold.
+        assert 0 < summary["peak_memory_gb"] < 4, task
+        assert summary["memory_measures"]["precision"] == spec.submodel.precision
+    records = [r for r in read_metrics(paths.metrics) if STAGE[r["stage"]].trained]
+    assert records and all(r["peak_memory_gb"] is not None and "memory_measures" in r for r in records)
+
+
 def test_outputs_are_standard_hugging_face_folders(finished_job):
     spec, summary, _ = finished_job
     for folder in ("merged", "final"):

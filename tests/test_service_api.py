@@ -95,6 +95,14 @@ def test_bad_spec_is_422_naming_the_field(client, field, value):
     assert any(loc.startswith(top) for loc in locations), (field, locations)
 
 
+def test_a_job_that_fits_no_device_is_422_naming_the_stage_device_and_shortfall(client):
+    devices = {"rtx4090": {"memory_gb": 1e-5, "bf16_tflops": 165.2}, "a100": {"memory_gb": 80, "bf16_tflops": 312}}
+    response = client.post("/v1/jobs", json=spec(resources={"devices": devices}))
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"][1:] == ["submodel"] and "rtx4090" in error["msg"] and "GB short" in error["msg"]
+
+
 def test_model_shape_error_names_the_section(client):
     response = client.post("/v1/jobs", json=spec(model={"num_experts": 2, "num_experts_per_tok": 3}))
     assert response.status_code == 422
