@@ -147,12 +147,23 @@ class RayTrainBridge:
                                 resume_step=resume_step, **self.identity))
 
     def preempted(self) -> bool:
-        # A barrier that broadcasts rank 0's answer: every rank asks after every step, so all stop at one step.
         info = ray.train.get_preemption_info()
         if info is not None:
             deadline = f", deadline {info.deadline_ms / 1000:.0f}" if info.deadline_ms else ""
             self.notice.notify(f"node {self.identity['node']} is being preempted{deadline}")
-        return self.notice()
+        if self.world_size == 1:
+            return self.notice()
+        # Ranks on other nodes are not told; the checkpoint that follows is collective (FSDP2), so every rank
+        # must stop at the same step: any rank's notice stops them all.
+        import torch
+        import torch.distributed
+
+        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([1.0 if self.notice() else 0.0], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and not self.notice():
+            self.notice.notify("another worker of this trainer is being preempted")
+        return bool(flag.item())
 
     def on_progress(self, record: dict) -> None:
         self.push(progress_event({**record, "round": self.task.round, "time": time.time()}))
