@@ -9,7 +9,8 @@ BPE on its bounded sample, tokenize into the token shards), `embed` (paper eq. 1
 memory-mapped matrix), `cluster` (k-means on the bounded sample, every document assigned, one token shard per
 cluster) and `train_read` (the batches of `READ_STEPS` optimizer steps drawn from cluster 0's shard, as a submodel
 reads them). `rates` compares, on the first `RATE_DOCUMENTS` training documents, the embedder against the embedding
-model's fast tokenizer batch-encoding the same texts the same way (truncated at `embed.max_length`). `--ray` adds
+model's fast tokenizer batch-encoding the same texts the same way (truncated at `embed.max_length`).
+Environment: RATE_DOCUMENTS, SAMPLE_DOCUMENTS (`tokenizer.sample_documents`) shrink the run on a small machine. `--ray` adds
 the Ray runner's embed stage (`ray_cluster.data.embed_stage`: Ray Data, one actor on one cheap node) on the same
 train split, in documents/s per worker. Prints one JSON object.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import sys
@@ -28,7 +30,8 @@ from _common import REPO, peak_rss_mb, run_child
 
 CORPUS = REPO / "examples" / "data" / "corpus.jsonl"
 READ_STEPS, READ_BATCH = 2000, 8
-RATE_DOCUMENTS = int(__import__("os").environ.get("RATE_DOCUMENTS", 20_000))
+RATE_DOCUMENTS = int(os.environ.get("RATE_DOCUMENTS", 20_000))
+SAMPLE_DOCUMENTS = int(os.environ.get("SAMPLE_DOCUMENTS", 50_000))  # the BPE's bounded sample (the default)
 STAGES = ("prepare", "embed", "cluster", "train_read")
 
 
@@ -51,7 +54,7 @@ def _spec(corpus: Path, job: Path):
     from moedisco.spec_loading import build_spec
 
     return build_spec({"name": "scale", "output_dir": str(job), "data": {"train": str(corpus), "sequence_length": 256},
-                       "tokenizer": {"vocab_size": 8192}, "cluster": {"method": "kmeans"}})
+                       "tokenizer": {"vocab_size": 8192, "sample_documents": SAMPLE_DOCUMENTS}, "cluster": {"method": "kmeans"}})
 
 
 def _stage(name: str, spec) -> dict:
