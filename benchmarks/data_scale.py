@@ -2,7 +2,7 @@
 
     python benchmarks/data_scale.py --documents 100000 1000000 [--ray]
 
-For each size a corpus is built once, reproducibly (seed 0): each document joins 1 to 3 paragraphs drawn at random
+For each size a corpus is built once, reproducibly (seed 0): each document joins 3 to 8 paragraphs drawn at random
 from the bundled corpus's (examples/data/corpus.jsonl; about 1 KB a document, 1 GB at 1M), written as JSONL under
 --work. Every stage then runs in a fresh process, so its peak RSS (VmHWM) is its own: `prepare` (read, hash split,
 BPE on its bounded sample, tokenize into the token shards), `embed` (paper eq. 1, `token_mean`, into the
@@ -44,7 +44,7 @@ def build_corpus(path: Path, documents: int, seed: int = 0) -> Path:
     partial = path.with_suffix(".partial")
     with partial.open("w") as handle:
         for _ in range(documents):
-            text = "\n\n".join(rng.choices(paragraphs, k=rng.randint(1, 3)))
+            text = "\n\n".join(rng.choices(paragraphs, k=rng.randint(3, 8)))
             handle.write(json.dumps({"text": text}) + "\n")
     partial.replace(path)
     return path
