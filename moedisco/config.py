@@ -26,7 +26,8 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    train: Path = Field(description="Training corpus: a .jsonl/.json/.parquet/.txt file or a folder of them.")
+    train: Path = Field(description="Training corpus: a .jsonl/.json/.parquet/.txt file, a folder of them or a glob "
+                        "pattern (`corpus/part-*.jsonl`); it is streamed, never read whole.")
     format: Literal["auto", "jsonl", "json", "parquet", "text"] = Field(
         "auto", description="File format; `auto` picks it from the file extension."
     )

@@ -1,7 +1,8 @@
 """Corpus reading, held-out split, tokenizer and sequence packing.
 
-    docs = read_documents(spec.data)                       # list[str], errors name file and line
-    train_docs, eval_docs = split_documents(docs, 0.05, seed=0)
+    for text in iter_documents(path, spec.data):             # streamed; errors name file and line
+        held_out = is_held_out(text, 0.05, seed=0)            # the hash split (moedisco.corpus writes the splits)
+    docs = read_documents(path, spec.data)                   # a small corpus as a list
     tokenizer = train_tokenizer(train_docs, spec.tokenizer)
     corpus = TokenizedCorpus.from_texts(train_docs, tokenizer)
     seqs_NL = corpus.pack(seq_len=256, doc_ids=cluster_doc_ids)   # LongTensor [num_sequences, seq_len]
