@@ -1,13 +1,13 @@
 """The streaming data path, in this process: the prepare, embed and cluster stages, and what training reads.
 
     stage_prepare(run)   # read -> hash split -> data/{train,eval}.jsonl -> tokenizer (bounded sample) -> token shards
-    stage_embed(run)     # train.jsonl, a chunk at a time -> embed/embeddings.npy (a memory-mapped .npy)
+    stage_embed(run)     # train.jsonl, a chunk at a time -> embed/embeddings.npy (read later as a memory map)
     stage_cluster(run)   # k-means on a bounded sample -> every document's cluster -> cluster/tokens_<k>/ shards
     source = train_source(spec, paths, expert=2)   # cluster 2's sequences, read by (seed, step) from its shard
 
 No step holds the corpus, its tokens or all of its embeddings in memory: documents stream from the input files to
 the split's JSON lines, then a chunk (`CHUNK_DOCUMENTS`) at a time into the token shards (`moedisco.shards`) and
-the embedding matrix, which is written through a memory map. Each piece is finished atomically, and a stage
+the embedding matrix, written a chunk at a time at its place in the .npy file. Each piece is finished atomically, and a stage
 interrupted half-way resumes from the pieces that are finished: the split, the tokenizer, each token shard, the
 embedded rows (`embed/progress.json`) and each cluster's shard.
 """
@@ -145,15 +145,20 @@ def stage_embed(run: StageRun) -> dict:
     embedder = embed.Embedder(spec.embed)
     done = _embedded_rows(paths, num_docs, embedder.dim)
     paths.embeddings.parent.mkdir(parents=True, exist_ok=True)
-    vectors_ND = np.lib.format.open_memmap(paths.embeddings, mode="r+" if done else "w+", dtype=np.float32,
-                                           shape=(num_docs, embedder.dim))
+    if not done:  # the .npy header and a sparse file of the full size
+        np.lib.format.open_memmap(paths.embeddings, mode="w+", dtype=np.float32, shape=(num_docs, embedder.dim)).flush()
+    offset, row_bytes = np.load(paths.embeddings, mmap_mode="r").offset, embedder.dim * 4
     row = done
-    for chunk in chunks(iter_texts(paths.texts("train"), skip=done)):
-        vectors_ND[row : row + len(chunk)] = embedder(chunk)
-        row += len(chunk)
-        vectors_ND.flush()  # the rows are on disk before the progress file says so
-        write_atomically(paths.embed_progress, json.dumps({"rows": row, "documents": num_docs, "dim": embedder.dim}))
-    del vectors_ND
+    # Written through the file, not a memory map: mapped pages written would count in the process's resident
+    # memory until the kernel reclaims them, 1.5 GB at 1M documents.
+    with paths.embeddings.open("r+b") as handle:
+        for chunk in chunks(iter_texts(paths.texts("train"), skip=done)):
+            handle.seek(offset + row * row_bytes)
+            handle.write(np.ascontiguousarray(embedder(chunk), dtype=np.float32).tobytes())
+            handle.flush()  # the rows are on disk before the progress file says so
+            row += len(chunk)
+            write_atomically(paths.embed_progress,
+                             json.dumps({"rows": row, "documents": num_docs, "dim": embedder.dim}))
     seconds = time.perf_counter() - started
     run.metrics.write({"stage": "embed", "step": num_docs, "documents": num_docs, "seconds": seconds,
                        "device": str(embed.resolve_device(spec.embed.device))})
