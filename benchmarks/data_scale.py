@@ -10,9 +10,9 @@ memory-mapped matrix), `cluster` (k-means on the bounded sample, every document 
 cluster) and `train_read` (the batches of `READ_STEPS` optimizer steps drawn from cluster 0's shard, as a submodel
 reads them). `rates` compares, on the first `RATE_DOCUMENTS` training documents, the embedder against the embedding
 model's fast tokenizer batch-encoding the same texts the same way (truncated at `embed.max_length`).
-Environment: RATE_DOCUMENTS, SAMPLE_DOCUMENTS (`tokenizer.sample_documents`) shrink the run on a small machine. `--ray` adds
-the Ray runner's embed stage (`ray_cluster.data.embed_stage`: Ray Data, one actor on one cheap node) on the same
-train split, in documents/s per worker. Prints one JSON object.
+Environment: RATE_DOCUMENTS, SAMPLE_DOCUMENTS (`tokenizer.sample_documents`) shrink the run on a small machine.
+`--ray` adds the Ray runner's embed stage (`ray_cluster.data.embed_stage`: Ray Data, one actor on one cheap node)
+on the same train split, in documents/s per worker. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def _spec(corpus: Path, job: Path):
     from moedisco.spec_loading import build_spec
 
     return build_spec({"name": "scale", "output_dir": str(job), "data": {"train": str(corpus), "sequence_length": 256},
-                       "tokenizer": {"vocab_size": 8192, "sample_documents": SAMPLE_DOCUMENTS}, "cluster": {"method": "kmeans"}})
+                       "tokenizer": {"vocab_size": 8192, "sample_documents": SAMPLE_DOCUMENTS},
+                       "cluster": {"method": "kmeans"}})
 
 
 def _stage(name: str, spec) -> dict:

@@ -7,9 +7,9 @@
 
 No step holds the corpus, its tokens or all of its embeddings in memory: documents stream from the input files to
 the split's JSON lines, then a chunk (`CHUNK_DOCUMENTS`) at a time into the token shards (`moedisco.shards`) and
-the embedding matrix, written a chunk at a time at its place in the .npy file. Each piece is finished atomically, and a stage
-interrupted half-way resumes from the pieces that are finished: the split, the tokenizer, each token shard, the
-embedded rows (`embed/progress.json`) and each cluster's shard.
+the embedding matrix, written a chunk at a time at its place in the .npy file. Each piece is finished atomically,
+and a stage interrupted half-way resumes from the pieces that are finished: the split, the tokenizer, each token
+shard, the embedded rows (`embed/progress.json`) and each cluster's shard.
 """
 
 from __future__ import annotations

@@ -138,7 +138,8 @@ class TokenShard:
             stream = np.concatenate([tokens for tokens, _ in self.select(doc_ids)] or [np.zeros(0, TOKEN_DTYPE)])
         num_seqs = len(stream) // seq_len
         if num_seqs == 0:
-            raise DataError(f"only {len(stream)} tokens: fewer than one sequence of {seq_len}; lower data.sequence_length")
+            raise DataError(f"only {len(stream)} tokens: fewer than one sequence of {seq_len}; "
+                            "lower data.sequence_length")
         return torch.from_numpy(stream[: num_seqs * seq_len].astype(np.int64)).view(num_seqs, seq_len)
 
 
