@@ -27,7 +27,7 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     train: Path = Field(description="Training corpus: a .jsonl/.json/.parquet/.txt file, a folder of them or a glob "
-                        "pattern (`corpus/part-*.jsonl`); streamed, except that a .json array is read a file at a time.")
+                        "pattern (`corpus/part-*.jsonl`); streamed, but a .json array is read a file at a time.")
     format: Literal["auto", "jsonl", "json", "parquet", "text"] = Field(
         "auto", description="File format; `auto` picks it from the file extension."
     )
