@@ -25,7 +25,7 @@ from moedisco.spec_loading import build_spec
 from moedisco.embed import Embedder
 from moedisco.layout import JobPaths
 from moedisco.metrics import MetricsWriter
-from moedisco.pipeline import load_texts, stage_prepare
+from moedisco.corpus import load_texts, stage_prepare
 from moedisco.stage_run import StageRun
 from moedisco.stages import Task
 

@@ -26,7 +26,8 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    train: Path = Field(description="Training corpus: a .jsonl/.json/.parquet/.txt file or a folder of them.")
+    train: Path = Field(description="Training corpus: a .jsonl/.json/.parquet/.txt file, a folder of them or a glob "
+                        "pattern (`corpus/part-*.jsonl`); streamed, but a .json array is read a file at a time.")
     format: Literal["auto", "jsonl", "json", "parquet", "text"] = Field(
         "auto", description="File format; `auto` picks it from the file extension."
     )
@@ -43,6 +44,10 @@ class DataConfig(_Section):
 class TokenizerConfig(_Section):
     path: Path | None = Field(None, description="Local Hugging Face tokenizer folder; unset trains a byte-level BPE.")
     vocab_size: int = Field(4096, ge=300, le=1_000_000, description="Vocabulary size of the trained BPE tokenizer.")
+    sample_documents: int = Field(
+        50_000, ge=1, description="The BPE is trained on the first this many training documents: its memory and "
+        "time stay bounded however large the corpus (a given `path` ignores it)."
+    )
     min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a BPE merge.")
 
 

@@ -1,7 +1,8 @@
 """Corpus reading, held-out split, tokenizer and sequence packing.
 
-    docs = read_documents(spec.data)                       # list[str], errors name file and line
-    train_docs, eval_docs = split_documents(docs, 0.05, seed=0)
+    for text in iter_documents(path, spec.data):             # streamed; errors name file and line
+        held_out = is_held_out(text, 0.05, seed=0)            # the hash split (moedisco.corpus writes the splits)
+    docs = read_documents(path, spec.data)                   # a small corpus as a list
     tokenizer = train_tokenizer(train_docs, spec.tokenizer)
     corpus = TokenizedCorpus.from_texts(train_docs, tokenizer)
     seqs_NL = corpus.pack(seq_len=256, doc_ids=cluster_doc_ids)   # LongTensor [num_sequences, seq_len]
@@ -11,8 +12,11 @@ Legend: N = number of packed sequences, L = sequence length.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +44,18 @@ class ReadReport:
     num_skipped: int = 0
 
 
+GLOB_CHARS = set("*?[")
+
+
 def corpus_files(path: Path) -> list[Path]:
+    """The files of a corpus given as a file, a folder (searched recursively) or a glob pattern."""
+    if GLOB_CHARS & set(str(path)):
+        anchor = Path(path.anchor or ".")
+        files = sorted(p for p in anchor.glob(str(path.relative_to(anchor)) if path.is_absolute() else str(path))
+                       if p.is_file())
+        if not files:
+            raise DataError(f"{path}: the pattern matches no file")
+        return files
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIX_FORMATS)
         if not files:
@@ -71,82 +86,98 @@ def _text_of(record: object, field: str, where: str) -> str:
     return text
 
 
-def _read_jsonl(path: Path, field: str, skip: bool, report: ReadReport) -> list[str]:
-    texts = []
+def _read_jsonl(path: Path, field: str, skip: bool, report: ReadReport) -> Iterator[str]:
     with path.open(encoding="utf-8", errors="strict") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                texts.append(_text_of(json.loads(line), field, f"{path}:{line_no}"))
+                yield _text_of(json.loads(line), field, f"{path}:{line_no}")
             except (json.JSONDecodeError, DataError) as error:
                 if not skip:
                     raise DataError(f"{path}:{line_no}: malformed line: {error}") from None
                 report.num_skipped += 1
-    return texts
 
 
-def _read_json(path: Path, field: str, skip: bool, report: ReadReport) -> list[str]:
+def _read_json(path: Path, field: str, skip: bool, report: ReadReport) -> Iterator[str]:
+    # A JSON array cannot be parsed in pieces: a .json file is read whole (use JSONL or Parquet for big corpora).
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise DataError(f"{path}:{error.lineno}: not valid JSON: {error.msg}") from None
     if not isinstance(records, list):
         raise DataError(f"{path}: a .json corpus must be a list of objects")
-    texts = []
     for index, record in enumerate(records):
         try:
-            texts.append(_text_of(record, field, f"{path}[{index}]"))
+            yield _text_of(record, field, f"{path}[{index}]")
         except DataError:
             if not skip:
                 raise
             report.num_skipped += 1
-    return texts
 
 
-def _read_parquet(path: Path, field: str) -> list[str]:
+def _read_parquet(path: Path, field: str) -> Iterator[str]:
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
-    if field not in table.column_names:
-        raise DataError(f"{path}: no column {field!r} (columns: {', '.join(table.column_names)})")
-    return [text for text in table.column(field).to_pylist() if isinstance(text, str)]
+    parquet = pq.ParquetFile(path)
+    if field not in parquet.schema_arrow.names:
+        raise DataError(f"{path}: no column {field!r} (columns: {', '.join(parquet.schema_arrow.names)})")
+    for batch in parquet.iter_batches(batch_size=4096, columns=[field]):
+        yield from (text for text in batch.column(0).to_pylist() if isinstance(text, str))
 
 
-def _read_text(path: Path) -> list[str]:
+def _read_text(path: Path) -> Iterator[str]:
     # Plain text: documents are separated by blank lines, the usual convention for paragraph corpora.
-    content = path.read_text(encoding="utf-8")
-    return [block.strip() for block in content.split("\n\n") if block.strip()]
+    with path.open(encoding="utf-8", errors="strict") as handle:
+        block: list[str] = []
+        for line in itertools.chain(handle, [""]):
+            if line.strip():
+                block.append(line)
+            elif block:
+                yield "".join(block).strip()
+                block = []
 
 
-def read_file(path: Path, fmt: str, field: str, skip: bool, report: ReadReport) -> list[str]:
+def read_file(path: Path, fmt: str, field: str, skip: bool, report: ReadReport) -> Iterator[str]:
     fmt = detect_format(path, fmt)
+    readers = {"jsonl": lambda: _read_jsonl(path, field, skip, report),
+               "json": lambda: _read_json(path, field, skip, report),
+               "parquet": lambda: _read_parquet(path, field), "text": lambda: _read_text(path)}
     try:
-        if fmt == "jsonl":
-            return _read_jsonl(path, field, skip, report)
-        if fmt == "json":
-            return _read_json(path, field, skip, report)
-        if fmt == "parquet":
-            return _read_parquet(path, field)
-        return _read_text(path)
+        yield from readers[fmt]()
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
 
 
-def read_documents(path: Path, cfg: DataConfig, report: ReadReport | None = None) -> list[str]:
-    """Every non-empty document under `path`, in file order."""
+def iter_documents(path: Path, cfg: DataConfig, report: ReadReport | None = None) -> Iterator[str]:
+    """Every non-empty document under `path`, in file order, one at a time (`data.max_documents` at most)."""
     report = report if report is not None else ReadReport()
-    docs: list[str] = []
-    for file in corpus_files(path):
-        docs.extend(t for t in read_file(file, cfg.format, cfg.text_field, cfg.on_error == "skip", report) if t.strip())
-    if cfg.max_documents is not None:
-        docs = docs[: cfg.max_documents]
-    if not docs:
+    texts = (t for file in corpus_files(path) for t in read_file(file, cfg.format, cfg.text_field,
+                                                                  cfg.on_error == "skip", report) if t.strip())
+    for text in itertools.islice(texts, cfg.max_documents):
+        report.num_documents += 1
+        yield text
+    if not report.num_documents:
         raise DataError(f"{path}: no documents with text found")
-    report.num_documents = len(docs)
     if report.num_skipped:
         log.warning("%s: skipped %d malformed records", path, report.num_skipped)
-    return docs
+
+
+def read_documents(path: Path, cfg: DataConfig, report: ReadReport | None = None) -> list[str]:
+    """`iter_documents` as a list: for corpora that fit in memory."""
+    return list(iter_documents(path, cfg, report))
+
+
+def eval_share(text: str, seed: int) -> float:
+    """A document's place in [0, 1), fixed by its text and the seed: the split needs no global view."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=seed.to_bytes(8, "little")).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
+def is_held_out(text: str, eval_fraction: float, seed: int) -> bool:
+    """Hash split: a document is held out when its share is below `eval_fraction`, wherever it sits in the corpus,
+    so the split streams and a document keeps its side when others are added or removed."""
+    return eval_fraction > 0 and eval_share(text, seed) < eval_fraction
 
 
 def split_documents(docs: list[str], eval_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -157,8 +188,9 @@ def split_documents(docs: list[str], eval_fraction: float, seed: int) -> tuple[l
     return [docs[i] for i in train_ids], [docs[i] for i in eval_ids]
 
 
-def train_tokenizer(docs: list[str], cfg: TokenizerConfig) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on the corpus, wrapped as a Hugging Face fast tokenizer."""
+def train_tokenizer(docs: Iterable[str], cfg: TokenizerConfig) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on `docs` (the caller bounds them: `tokenizer.sample_documents`), wrapped as a
+    Hugging Face fast tokenizer."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -13,6 +13,7 @@ Legend: B = batch of documents, T = tokens, D = embedding width.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -53,19 +54,28 @@ class Embedder:
 
     @torch.inference_mode()
     def _embed_batch(self, texts: list[str]) -> np.ndarray:
-        batch = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.cfg.max_length, return_tensors="pt",
-            return_special_tokens_mask=True,
-        ).to(self.device)
         if self.cfg.mode == "token_mean":
-            hidden_BTD = self.model.get_input_embeddings()(batch["input_ids"])
-            # eq. 1 averages the document's own tokens: [CLS]/[SEP] would pull every vector toward one point.
-            mask_BT = batch["attention_mask"] * (1 - batch["special_tokens_mask"])
-        else:
-            hidden_BTD = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-            mask_BT = batch["attention_mask"]
+            return self._token_mean(texts)
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.cfg.max_length,
+                               return_tensors="pt").to(self.device)
+        hidden_BTD = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        mask_BT = batch["attention_mask"]
         mask_BT1 = mask_BT.unsqueeze(-1).to(hidden_BTD.dtype)
         mean_BD = (hidden_BTD * mask_BT1).sum(1) / mask_BT1.sum(1).clamp(min=1.0)
+        return mean_BD.float().cpu().numpy()
+
+    def _token_mean(self, texts: list[str]) -> np.ndarray:
+        """Eq. 1 as one `embedding_bag`: the documents' own tokens (no [CLS]/[SEP], which would pull every vector
+        toward one point, and no padding), the first `max_length` - 2 of each, as the encoder would see them next
+        to its two special tokens. A table lookup, so the tokenizer is what it costs."""
+        ids = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.cfg.max_length - 2,
+                             return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        weight = self.model.get_input_embeddings().weight
+        mean_BD = torch.nn.functional.embedding_bag(torch.from_numpy(flat).to(self.device), weight,
+                                                    torch.from_numpy(starts).to(self.device), mode="mean")
         return mean_BD.float().cpu().numpy()
 
     def __call__(self, texts: list[str], progress: bool = False) -> np.ndarray:

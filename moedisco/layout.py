@@ -10,8 +10,9 @@ routes. It imports no torch, so a Ray worker or the API that only needs a path n
 
     OUTPUT/
       spec.yaml  metrics.jsonl  cost.json  report.png  owner.json (the runner that may write here)
-      data/{train,eval}.jsonl  data/{train,eval}_tokens.npz  data/tokenizer/
-      embed/embeddings.npy  cluster/  source/  branched/
+      data/{train,eval}.jsonl  data/split.json  data/{train,eval}_tokens/ (token shards)  data/tokenizer/
+      embed/embeddings.npy  embed/progress.json  cluster/  cluster/tokens_<k>/ (cluster k's token shard)
+      source/  branched/
       submodels/<k>/            a submodel's run folder (checkpoints/, model.safetensors, result.json)
       sync/round_<r>.safetensors  sync/outer_<r>.safetensors (the outer optimizer's state after round r)
       runs/<stage>/             the run folder of warmup, finetune, full_parameter
@@ -56,7 +57,15 @@ class JobPaths:
         return self.data / f"{split_name}.jsonl"
 
     def tokens(self, split_name: str) -> Path:
-        return self.data / f"{split_name}_tokens.npz"
+        """The split's token shard (`moedisco.shards`), in document order."""
+        return self.data / f"{split_name}_tokens"
+
+    split_summary = property(lambda self: self.root / "data" / "split.json")  # written once the split is whole
+    embed_progress = property(lambda self: self.root / "embed" / "progress.json")  # embedded rows so far
+
+    def cluster_tokens(self, expert: int) -> Path:
+        """Cluster `expert`'s token shard: its training documents in corpus order."""
+        return self.clusters / f"tokens_{expert}"
 
     def submodel(self, expert: int) -> Path:
         return self.submodels / str(expert)

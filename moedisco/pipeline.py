@@ -10,7 +10,6 @@ keeps as the stage's marker. A training stage called again resumes from its last
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -20,10 +19,12 @@ import numpy as np
 import torch
 
 from moedisco import cluster, data, embed, merge, split, sync
+from moedisco.corpus import load_texts, train_source
 from moedisco.config import JobSpec
 from moedisco.evaluate import evaluate_loss
 from moedisco.finetune import enable_router_loss, finetune, load_moe, save_final, train_full_parameter
 from moedisco.layout import JobPaths, stage_result
+from moedisco.shards import TokenShard
 from moedisco.stage_run import StageRun
 from moedisco.stages import round_ends, submodel_task
 from moedisco.train import SECOND_MOMENT_FILE, TrainContext, checkpoint_dir, checkpoint_dirs, finished_result, train
@@ -32,63 +33,15 @@ from moedisco.upcycle import upcycle_submodel
 log = logging.getLogger(__name__)
 
 
-# --- data -------------------------------------------------------------------------------------------------------
+# --- data: the stages are in `moedisco.corpus`; these read what they wrote --------------------------------------
 
 
-def stage_prepare(run: StageRun) -> dict:
-    """Read, split, tokenize. Writes data/{train,eval}.jsonl, data/{train,eval}_tokens.npz and data/tokenizer/."""
-    spec, paths = run.spec, run.paths
-    report = data.ReadReport()
-    docs = data.read_documents(spec.data.train, spec.data, report)
-    if spec.data.eval is not None:
-        train_docs, eval_docs = docs, data.read_documents(spec.data.eval, spec.data)
-    else:
-        train_docs, eval_docs = data.split_documents(docs, spec.data.eval_fraction, spec.seed)
-    tokenizer = data.load_tokenizer(spec.tokenizer.path) if spec.tokenizer.path else data.train_tokenizer(
-        train_docs, spec.tokenizer)
-    paths.data.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(paths.tokenizer)
-    for name, docs_part in (("train", train_docs), ("eval", eval_docs)):
-        with paths.texts(name).open("w") as handle:
-            handle.writelines(json.dumps({"text": t}) + "\n" for t in docs_part)
-        data.TokenizedCorpus.from_texts(docs_part, tokenizer).save(paths.tokens(name))
-    return {"train_documents": len(train_docs), "eval_documents": len(eval_docs), "skipped": report.num_skipped,
-            "vocab_size": len(tokenizer)}
-
-
-def load_texts(path: Path) -> list[str]:
-    return [json.loads(line)["text"] for line in path.read_text().splitlines() if line]
-
-
-def load_corpus(paths: JobPaths, split_name: str) -> data.TokenizedCorpus:
-    return data.TokenizedCorpus.load(paths.tokens(split_name))
+def load_corpus(paths: JobPaths, split_name: str) -> TokenShard:
+    return TokenShard.load(paths.tokens(split_name))
 
 
 def eval_sequences(spec: JobSpec, paths: JobPaths) -> torch.Tensor:
     return load_corpus(paths, "eval").pack(spec.data.sequence_length)
-
-
-def stage_embed(run: StageRun) -> dict:
-    spec, paths = run.spec, run.paths
-    started = time.perf_counter()
-    vectors_ND = embed.Embedder(spec.embed)(load_texts(paths.texts("train")), progress=run.progress)
-    paths.embeddings.parent.mkdir(parents=True, exist_ok=True)
-    np.save(paths.embeddings, vectors_ND)
-    seconds = time.perf_counter() - started
-    run.metrics.write({"stage": "embed", "step": len(vectors_ND), "documents": len(vectors_ND), "seconds": seconds,
-                       "device": str(embed.resolve_device(spec.embed.device))})
-    return {"documents": len(vectors_ND), "dim": int(vectors_ND.shape[1]), "seconds": seconds}
-
-
-def stage_cluster(run: StageRun) -> dict:
-    spec, paths = run.spec, run.paths
-    started = time.perf_counter()
-    result = cluster.fit_clusters(np.load(paths.embeddings), spec.cluster, spec.model.num_experts, spec.seed)
-    result.save(paths.clusters)
-    seconds = time.perf_counter() - started
-    run.metrics.write({"stage": "cluster", "step": 0, "sizes": result.sizes, "inertia": result.inertia,
-                       "seconds": seconds, "device": "cpu"})
-    return {"sizes": result.sizes, "inertia": result.inertia, "method": result.method, "seconds": seconds}
 
 
 # --- model ------------------------------------------------------------------------------------------------------
@@ -99,10 +52,6 @@ def stage_source(run: StageRun) -> dict:
     model = split.build_source_moe(run.spec, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
     split.save_weights(model, run.paths.source)
     return {"arch": model.config.model_type, "parameters": sum(p.numel() for p in model.parameters())}
-
-
-def cluster_doc_ids(paths: JobPaths, expert: int) -> np.ndarray:
-    return np.flatnonzero(cluster.ClusterResult.load(paths.clusters).assignments == expert)
 
 
 def branch_point(spec: JobSpec, paths: JobPaths) -> Path:
@@ -128,7 +77,7 @@ def stage_warmup(run: StageRun) -> dict:
     spec, paths = run.spec, run.paths
     cfg = spec.submodel.model_copy(update={"steps": spec.branch.warmup_steps,
                                            "lr": spec.branch.warmup_lr or spec.submodel.lr})
-    train_NL = load_corpus(paths, "train").pack(spec.data.sequence_length)
+    train_NL = train_source(spec, paths)
     dense = spec.branch.warmup_model == "dense"
     model = split.load_submodel(paths.source, 0) if dense else enable_router_loss(
         load_moe(paths.source), spec.model.router_aux_loss_coef)
@@ -182,7 +131,7 @@ def stage_submodel(run: StageRun) -> dict:
         raise FileNotFoundError(f"submodel {expert} has no checkpoint in {run_dir} to start round {round_index} "
                                 "from; a later round never starts over from the branch point")
     model = split.load_submodel(branch_point(spec, paths), expert)
-    train_NL = load_corpus(paths, "train").pack(spec.data.sequence_length, cluster_doc_ids(paths, expert))
+    train_NL = train_source(spec, paths, expert)
     roles = split.parameter_roles(split.read_config(paths.source))
     scale = spec.branch.shared_lr_scale
     context = train_context(run, spec.seed + expert, lr_scale=lambda name: scale if roles[name] == "shared" else 1.0,
@@ -254,8 +203,7 @@ def stage_merge(run: StageRun) -> dict:
     merge.merge_submodels(branch_point(spec, paths), files, weights, spec.merge.router_init, paths.merged,
                           seed=spec.seed, fisher=moments)
     if spec.merge.router_init == "centroid":  # one decoder layer at a time, then only the router bytes rewritten
-        corpus = load_corpus(paths, "train")
-        samples = [corpus.pack(spec.data.sequence_length, cluster_doc_ids(paths, k))[: spec.merge.centroid_sequences]
+        samples = [train_source(spec, paths, k).head(spec.merge.centroid_sequences)
                    for k in range(spec.model.num_experts)]
         merge.patch_tensors(paths.merged, merge.centroid_router_rows(paths.merged, samples))
     data.load_tokenizer(paths.tokenizer).save_pretrained(paths.merged)
@@ -270,7 +218,7 @@ def stage_merge(run: StageRun) -> dict:
 
 def stage_finetune(run: StageRun) -> dict:
     spec, paths = run.spec, run.paths
-    train_NL = load_corpus(paths, "train").pack(spec.data.sequence_length)
+    train_NL = train_source(spec, paths)
     model, result = finetune(paths.merged, train_NL, eval_sequences(spec, paths), spec,
                              train_context(run, spec.seed))
     save_final(model, data.load_tokenizer(paths.tokenizer), paths.final)
@@ -279,7 +227,7 @@ def stage_finetune(run: StageRun) -> dict:
 
 def stage_full_parameter(run: StageRun) -> dict:
     spec, paths = run.spec, run.paths
-    train_NL = load_corpus(paths, "train").pack(spec.data.sequence_length)
+    train_NL = train_source(spec, paths)
     model, result = train_full_parameter(load_moe(paths.source), train_NL, eval_sequences(spec, paths), spec,
                                          train_context(run, spec.seed))
     save_final(model, data.load_tokenizer(paths.tokenizer), paths.final)

@@ -37,10 +37,10 @@ class Stage:
 
 
 STAGES = (
-    Stage("prepare", "moedisco.pipeline:stage_prepare", None, setup=True, writes=("data", "tokenizer")),
-    Stage("embed", "moedisco.pipeline:stage_embed", "submodel_tier", setup=True, reads=("data",),
+    Stage("prepare", "moedisco.corpus:stage_prepare", None, setup=True, writes=("data", "tokenizer")),
+    Stage("embed", "moedisco.corpus:stage_embed", "submodel_tier", setup=True, reads=("data",),
           writes=("embeddings",)),
-    Stage("cluster", "moedisco.pipeline:stage_cluster", "submodel_tier", setup=True, reads=("embeddings",),
+    Stage("cluster", "moedisco.corpus:stage_cluster", "submodel_tier", setup=True, reads=("embeddings",),
           writes=("clusters",)),
     Stage("source", "moedisco.pipeline:stage_source", None, setup=True, reads=("tokenizer",), writes=("source",)),
     Stage("warmup", "moedisco.pipeline:stage_warmup", "submodel_tier", trained=True, train_config="submodel",

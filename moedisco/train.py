@@ -31,12 +31,12 @@ from tqdm.auto import tqdm
 
 from moedisco import sharding
 from moedisco.config import TrainConfig
-from moedisco.data import batch_for_step
 from moedisco.embed import resolve_device
 from moedisco.evaluate import evaluate_loss, router_load
 from moedisco.layout import write_atomically
 from moedisco.memory import PeakMemory, amp_dtype, make_optimizer, measures_of, prepare_model, second_moment
 from moedisco.metrics import MetricsWriter
+from moedisco.shards import batch_source
 from moedisco.split import unique_state_dict
 
 RESULT_FILE = "result.json"
@@ -234,8 +234,9 @@ def finished_result(run_dir: Path) -> TrainResult | None:
     return TrainResult(**json.loads(path.read_text())) if path.is_file() else None
 
 
-def _local_batch(train_NL: torch.Tensor, step: int, cfg: TrainConfig, seed: int, hooks: TrainHooks) -> torch.Tensor:
-    batch_BL = batch_for_step(train_NL, step, cfg.batch_size, seed)
+def _local_batch(train_NL, step: int, cfg: TrainConfig, seed: int, hooks: TrainHooks) -> torch.Tensor:
+    # `train_NL`: sequences in memory or a `moedisco.shards.SequenceSource` reading them from disk by (seed, step).
+    batch_BL = batch_source(train_NL).batch(step, cfg.batch_size, seed)
     return batch_BL[hooks.rank :: hooks.world_size]
 
 

@@ -51,7 +51,7 @@ from ray_cluster.placement import job_storage, label_selector, prepare_worker, t
 if TYPE_CHECKING:
     from moedisco.layout import JobPaths
 
-MAX_FIT_DOCUMENTS = 100_000  # 100k x 384 float64 = 300 MB in the fitting process
+MAX_FIT_DOCUMENTS = cluster.MAX_FIT_DOCUMENTS  # one bound for both runners
 ROWS_PER_SHARD = 4096
 
 

@@ -1,0 +1,177 @@
+"""The streaming data path at corpus scale: documents/s and peak resident memory of every data stage.
+
+    python benchmarks/data_scale.py --documents 100000 1000000 [--ray]
+
+For each size a corpus is built once, reproducibly (seed 0): each document joins 3 to 8 paragraphs drawn at random
+from the bundled corpus's (examples/data/corpus.jsonl; about 1 KB a document, 1 GB at 1M), written as JSONL under
+--work. Every stage then runs in a fresh process, so its peak RSS (VmHWM) is its own: `prepare` (read, hash split,
+BPE on its bounded sample, tokenize into the token shards), `embed` (paper eq. 1, `token_mean`, into the
+memory-mapped matrix), `cluster` (k-means on the bounded sample, every document assigned, one token shard per
+cluster) and `train_read` (the batches of `READ_STEPS` optimizer steps drawn from cluster 0's shard, as a submodel
+reads them). `rates` compares, on the first `RATE_DOCUMENTS` training documents, the embedder against the embedding
+model's fast tokenizer batch-encoding the same texts the same way (truncated at `embed.max_length`).
+Environment: RATE_DOCUMENTS, SAMPLE_DOCUMENTS (`tokenizer.sample_documents`) shrink the run on a small machine.
+`--ray` adds the Ray runner's embed stage (`ray_cluster.data.embed_stage`: Ray Data, one actor on one cheap node)
+on the same train split, in documents/s per worker. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+from _common import REPO, peak_rss_mb, run_child
+
+CORPUS = REPO / "examples" / "data" / "corpus.jsonl"
+READ_STEPS, READ_BATCH = 2000, 8
+RATE_DOCUMENTS = int(os.environ.get("RATE_DOCUMENTS", 20_000))
+SAMPLE_DOCUMENTS = int(os.environ.get("SAMPLE_DOCUMENTS", 50_000))  # the BPE's bounded sample (the default)
+STAGES = ("prepare", "embed", "cluster", "train_read")
+
+
+def build_corpus(path: Path, documents: int, seed: int = 0) -> Path:
+    """`documents` seeded samples of the bundled corpus's paragraphs, one JSON line each (made once per size)."""
+    if path.is_file():
+        return path
+    paragraphs = [p.strip() for line in CORPUS.open() for p in json.loads(line)["text"].split("\n\n") if p.strip()]
+    rng = random.Random(seed)
+    partial = path.with_suffix(".partial")
+    with partial.open("w") as handle:
+        for _ in range(documents):
+            text = "\n\n".join(rng.choices(paragraphs, k=rng.randint(3, 8)))
+            handle.write(json.dumps({"text": text}) + "\n")
+    partial.replace(path)
+    return path
+
+
+def _spec(corpus: Path, job: Path):
+    from moedisco.spec_loading import build_spec
+
+    return build_spec({"name": "scale", "output_dir": str(job), "data": {"train": str(corpus), "sequence_length": 256},
+                       "tokenizer": {"vocab_size": 8192, "sample_documents": SAMPLE_DOCUMENTS},
+                       "cluster": {"method": "kmeans"}})
+
+
+def _stage(name: str, spec) -> dict:
+    from moedisco.corpus import stage_cluster, stage_embed, stage_prepare, train_source
+    from moedisco.layout import JobPaths
+    from moedisco.metrics import MetricsWriter
+    from moedisco.stage_run import StageRun
+    from moedisco.stages import Task
+
+    paths = JobPaths(spec.output_dir)
+    if name == "train_read":
+        source = train_source(spec, paths, expert=0)
+        started = time.perf_counter()
+        for step in range(READ_STEPS):
+            source.batch(step, READ_BATCH, seed=0)
+        seconds = time.perf_counter() - started
+        return {"sequences": READ_STEPS * READ_BATCH, "seconds": seconds,
+                "sequences_per_s": READ_STEPS * READ_BATCH / seconds, "cluster_sequences": len(source)}
+    functions = {"prepare": stage_prepare, "embed": stage_embed, "cluster": stage_cluster}
+    started = time.perf_counter()
+    summary = functions[name](StageRun(spec, paths, MetricsWriter(paths.metrics), Task(name), progress=False))
+    seconds = time.perf_counter() - started
+    documents = summary.get("train_documents", 0) + summary.get("eval_documents", 0) or summary.get("documents") or sum(
+        summary.get("sizes", []))
+    return {"documents": documents, "seconds": seconds, "docs_per_s": documents / seconds,
+            **{k: v for k, v in summary.items() if k in ("train_documents", "eval_documents", "train_tokens", "sizes")}}
+
+
+def _rates(spec) -> dict:
+    import itertools
+
+    from moedisco.corpus import iter_texts
+    from moedisco.embed import Embedder
+    from moedisco.layout import JobPaths
+
+    texts = list(itertools.islice(iter_texts(JobPaths(spec.output_dir).texts("train")), RATE_DOCUMENTS))
+    embedder = Embedder(spec.embed)
+    embedder(texts[:256])  # warm: kernels and thread pools
+    size, cfg = spec.embed.batch_size, spec.embed
+    started = time.perf_counter()
+    for start in range(0, len(texts), size):
+        embedder.tokenizer(texts[start : start + size], truncation=True, max_length=cfg.max_length)
+    tokenize_s = time.perf_counter() - started
+    started = time.perf_counter()
+    embedder(texts)
+    embed_s = time.perf_counter() - started
+    return {"documents": len(texts), "tokenizer_docs_per_s": len(texts) / tokenize_s,
+            "embed_docs_per_s": len(texts) / embed_s, "embed_vs_tokenizer": tokenize_s / embed_s}
+
+
+def _ray_embed(spec) -> dict:
+    import ray
+
+    from moedisco.layout import JobPaths
+    from ray_cluster import data
+    from ray_cluster.cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster
+    from ray_cluster.placement import on_driver_node
+
+    start_local_cluster(spec=LocalClusterSpec(num_cheap=1))
+    try:
+        if not ray.is_initialized():
+            ray.init(address="auto")
+        embedded = ray.get(ray.remote(data.embed_stage).options(**on_driver_node()).remote(
+            spec, JobPaths(spec.output_dir), 1))
+    finally:
+        ray.shutdown()
+        stop_local_cluster()
+    return {"documents": embedded["documents"], "seconds": embedded["seconds"], "workers": embedded["num_nodes"],
+            "docs_per_s_per_worker": embedded["documents"] / embedded["seconds"] / embedded["num_nodes"]}
+
+
+def child(payload: dict) -> dict:
+    spec = _spec(Path(payload["corpus"]), Path(payload["job"]))
+    work = {"rates": _rates, "ray_embed": _ray_embed}.get(payload["stage"])
+    result = work(spec) if work else _stage(payload["stage"], spec)
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return {**result, "peak_rss_mb": round(max(own, peak_rss_mb()), 1)}
+
+
+def run_size(documents: int, work: Path, ray_too: bool) -> dict:
+    corpus = build_corpus(work / f"corpus_{documents}.jsonl", documents)
+    job = work / f"job_{documents}"
+    import shutil
+
+    shutil.rmtree(job, ignore_errors=True)
+    out = {"corpus_mb": round(corpus.stat().st_size / 2**20, 1)}
+    for stage in (*STAGES, "rates", *(("ray_embed",) if ray_too else ())):
+        out[stage] = run_child(__file__, {"corpus": str(corpus), "job": str(job), "stage": stage})
+        print(stage, out[stage], file=sys.stderr, flush=True)
+    return out
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--documents", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/data/scale"))
+    parser.add_argument("--ray", action="store_true", help="Also time the Ray Data embed stage.")
+    args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    sizes = {str(n): run_size(n, args.work, args.ray) for n in args.documents}
+    result = {"sizes": sizes}
+    if len(args.documents) >= 2:
+        small, large = sizes[str(min(args.documents))], sizes[str(max(args.documents))]
+        result["peak_ratio_large_vs_small"] = {s: round(large[s]["peak_rss_mb"] / small[s]["peak_rss_mb"], 3)
+                                               for s in STAGES}
+        result["max_peak_rss_mb"] = max(v["peak_rss_mb"] for size in sizes.values() for k, v in size.items()
+                                        if isinstance(v, dict))
+    for size in sizes.values():
+        if "ray_embed" in size:
+            size["ray_vs_in_process_per_worker"] = round(
+                size["ray_embed"]["docs_per_s_per_worker"] / size["embed"]["docs_per_s"], 3)
+    return result
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        print(json.dumps(child(json.loads(sys.argv[2]))))
+    else:
+        print(json.dumps(main(), indent=2))

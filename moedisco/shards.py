@@ -1,0 +1,206 @@
+"""Token shards on disk, read through memory maps, and the batch source training reads its steps from.
+
+    with ShardWriter(OUTPUT / "data" / "train_tokens") as writer:    # streamed: documents in, never all in memory
+        writer.add([[5, 9, 0], [7, 0]])                              # token ids of each document (EOS included)
+    shard = TokenShard.load(OUTPUT / "data" / "train_tokens")        # tokens: np.memmap int32, offsets: int64
+    source = SequenceSource(shard, seq_len=256)                      # [N, L] sequences, cut as they are read
+    batch_BL = source.batch(step, batch_size=8, seed=0)              # the step's batch: a pure function of both
+
+A shard is a folder: `tokens.bin` (raw int32, every document's tokens end to end), `offsets.npy` (int64,
+documents + 1 entries: document i is `tokens[offsets[i]:offsets[i+1]]`) and `shard.json`, written last, so a
+folder with `shard.json` is complete. The folder is written under a `.partial` name and renamed into place: a
+stage interrupted half-way leaves no shard that looks finished, and a re-run redoes only the shards that are
+missing.
+
+Sequences are the shard's token stream cut every L tokens (the ragged tail is dropped), exactly what
+`moedisco.data.TokenizedCorpus.pack` makes in memory, and `SequenceSource.batch` draws the same rows as
+`moedisco.data.batch_for_step`, so a job's batches do not depend on which of the two holds its tokens.
+
+Legend: N = sequences, L = sequence length, B = batch.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TOKEN_DTYPE = np.int32  # vocabularies stop at 1M ids (`TokenizerConfig.vocab_size`)
+DONE_FILE = "shard.json"
+
+
+class ShardWriter:
+    """Appends documents' token ids to a shard being written; `close` (or leaving the `with`) finishes it."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.partial = self.folder.with_name(self.folder.name + ".partial")
+        shutil.rmtree(self.partial, ignore_errors=True)
+        self.partial.mkdir(parents=True)
+        self._tokens = (self.partial / "tokens.bin").open("wb")
+        self._lengths: list[np.ndarray] = []
+
+    def add(self, documents: list[list[int]]) -> None:
+        if not documents:
+            return
+        lengths = np.fromiter((len(d) for d in documents), dtype=np.int64, count=len(documents))
+        flat = np.fromiter((t for d in documents for t in d), dtype=TOKEN_DTYPE, count=int(lengths.sum()))
+        self.add_flat(flat, lengths)
+
+    def add_flat(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Documents given as one token array and the length of each."""
+        self._tokens.write(np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE).tobytes())
+        self._lengths.append(np.asarray(lengths, dtype=np.int64))
+
+    def close(self) -> TokenShard:
+        self._tokens.close()
+        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        np.save(self.partial / "offsets.npy", offsets)
+        summary = {"documents": len(lengths), "tokens": int(offsets[-1]), "dtype": np.dtype(TOKEN_DTYPE).name}
+        (self.partial / DONE_FILE).write_text(json.dumps(summary))
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.partial.rename(self.folder)
+        return TokenShard.load(self.folder)
+
+    def abort(self) -> None:
+        self._tokens.close()
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def is_complete(folder: Path) -> bool:
+    return (Path(folder) / DONE_FILE).is_file()
+
+
+class TokenShard:
+    """A finished shard, memory-mapped: reading it costs the pages touched, not the shard's size."""
+
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray):
+        self.tokens, self.offsets = tokens, offsets
+
+    @classmethod
+    def load(cls, folder: Path) -> TokenShard:
+        folder = Path(folder)
+        if not is_complete(folder):
+            raise FileNotFoundError(f"{folder}: no finished token shard (its data stage did not complete)")
+        offsets = np.load(folder / "offsets.npy")
+        count = int(offsets[-1])
+        # np.memmap refuses an empty file; an empty shard (a cluster with no held-out document) is a plain array.
+        tokens = np.memmap(folder / "tokens.bin", dtype=TOKEN_DTYPE, mode="r", shape=(count,)) if count else (
+            np.zeros(0, dtype=TOKEN_DTYPE))
+        return cls(tokens, offsets)
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def select(self, doc_ids: np.ndarray, chunk_docs: int = 65_536):
+        """The tokens and lengths of the chosen documents (ascending ids), a block of `chunk_docs` documents at a
+        time, so the memory used is a block's tokens however sparse the choice."""
+        doc_ids = np.asarray(doc_ids, dtype=np.int64)
+        if len(doc_ids) > 1 and not (np.diff(doc_ids) > 0).all():
+            raise ValueError("doc_ids must be ascending and distinct")
+        bounds = np.searchsorted(doc_ids, np.arange(0, self.num_documents + chunk_docs, chunk_docs))
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            if lo == hi:
+                continue
+            ids = doc_ids[lo:hi]
+            first, last = int(ids[0]), int(ids[-1])
+            chosen = np.zeros(last - first + 1, dtype=bool)
+            chosen[ids - first] = True
+            lengths = np.diff(self.offsets[first : last + 2])
+            window = np.asarray(self.tokens[self.offsets[first] : self.offsets[last + 1]])
+            yield window[np.repeat(chosen, lengths)], lengths[chosen]
+
+    def pack(self, seq_len: int, doc_ids: np.ndarray | None = None) -> torch.Tensor:
+        """In memory, as `TokenizedCorpus.pack`: for the held-out split and other small selections."""
+        from moedisco.data import DataError
+
+        if doc_ids is None:
+            stream = np.asarray(self.tokens)
+        else:
+            stream = np.concatenate([tokens for tokens, _ in self.select(doc_ids)] or [np.zeros(0, TOKEN_DTYPE)])
+        num_seqs = len(stream) // seq_len
+        if num_seqs == 0:
+            raise DataError(f"only {len(stream)} tokens: fewer than one sequence of {seq_len}; "
+                            "lower data.sequence_length")
+        return torch.from_numpy(stream[: num_seqs * seq_len].astype(np.int64)).view(num_seqs, seq_len)
+
+
+class SequenceSource:
+    """A shard's token stream as [N, L] sequences, read from its memory map a batch at a time."""
+
+    def __init__(self, shard: TokenShard, seq_len: int):
+        from moedisco.data import DataError
+
+        self.shard, self.seq_len = shard, seq_len
+        self.num_sequences = shard.num_tokens // seq_len
+        if self.num_sequences == 0:
+            raise DataError(f"only {shard.num_tokens} tokens: fewer than one sequence of {seq_len}; "
+                            "lower data.sequence_length")
+        self._epoch: tuple[int, torch.Tensor] | None = None  # the last epoch's permutation, reused step to step
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.num_sequences, self.seq_len
+
+    def __len__(self) -> int:
+        return self.num_sequences
+
+    def rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Sequences `rows` as a LongTensor [len(rows), L]."""
+        starts = rows.numpy().astype(np.int64)[:, None] * self.seq_len
+        return torch.from_numpy(self.shard.tokens[starts + np.arange(self.seq_len)].astype(np.int64))
+
+    def head(self, count: int) -> torch.Tensor:
+        return self.rows(torch.arange(min(count, self.num_sequences)))
+
+    def _permutation(self, seed: int, epoch: int) -> torch.Tensor:
+        if self._epoch is None or self._epoch[0] != epoch:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            self._epoch = (epoch, torch.randperm(self.num_sequences, generator=generator))
+        return self._epoch[1]
+
+    def batch(self, step: int, batch_size: int, seed: int) -> torch.Tensor:
+        """The batch of optimizer step `step`: a seeded shuffle per epoch (`moedisco.data.batch_for_step`)."""
+        positions = torch.arange(step * batch_size, (step + 1) * batch_size)
+        epochs, slots = positions // self.num_sequences, positions % self.num_sequences
+        picked = [self._permutation(seed, epoch)[slots[epochs == epoch]] for epoch in epochs.unique().tolist()]
+        return self.rows(torch.cat(picked))
+
+
+class TensorSource:
+    """Sequences already in memory ([N, L]), behind the same `batch` as `SequenceSource`."""
+
+    def __init__(self, seqs_NL: torch.Tensor):
+        self.seqs_NL = seqs_NL
+        self.shape = tuple(seqs_NL.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def batch(self, step: int, batch_size: int, seed: int) -> torch.Tensor:
+        from moedisco.data import batch_for_step
+
+        return batch_for_step(self.seqs_NL, step, batch_size, seed)
+
+
+def batch_source(train: torch.Tensor | SequenceSource | TensorSource) -> SequenceSource | TensorSource:
+    """What `moedisco.train.train` reads batches from: a source as it is, a tensor of sequences wrapped."""
+    return TensorSource(train) if isinstance(train, torch.Tensor) else train
