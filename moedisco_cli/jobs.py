@@ -21,6 +21,7 @@ from rich.table import Table
 
 from moedisco_cli.api_client import ApiClient
 from moedisco_cli.common import SetOpt, api_call, console, print_cost, read_spec_file
+from moedisco_cli.evaluate import scores_table
 from moedisco_cli.progress import follow_job, stage_table
 from service.schemas import TERMINAL_STATES
 
@@ -62,6 +63,11 @@ def status(job_id: JobIdArg,
                   + (" (cancel requested)" if job["cancel_requested"] and job["state"] not in TERMINAL_STATES else ""))
     if not follow:
         console.print(stage_table(job["stages"]))
+    evaluation = api_call(client.evaluation, job_id) if any(s["stage"] == "evaluate" for s in job["stages"]) else None
+    if evaluation is not None:
+        models = {**evaluation["models"], **({f"baseline job {evaluation['baseline_job_id']}": evaluation["baseline"]}
+                                             if evaluation["baseline"] else {})}
+        console.print(scores_table(models))
     if follow and job["state"] != "succeeded":
         raise typer.Exit(1)
 
