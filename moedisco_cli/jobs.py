@@ -72,21 +72,30 @@ def status(job_id: JobIdArg,
         raise typer.Exit(1)
 
 
+def comparison_lines(view: dict) -> list[str]:
+    """This job against its baseline under one cost model, named: simulated wall time against a measured
+    baseline's simulated wall time, or the FLOP model against the FLOP model; never one against the other."""
+    baseline = view["baseline"]
+    if baseline is None:
+        return []
+    savings = f", savings [bold]{view['savings_pct']:.1f}%[/bold]" if view["savings_pct"] is not None else ""
+    if baseline["kind"] == "measured":
+        return [f"wall time at tier prices: this job ${view['total_usd']:.3g} vs full-parameter baseline job "
+                f"{baseline['job_id']} ${baseline['usd']:.3g}{savings}"]
+    if view.get("estimate_usd") is None:
+        return []
+    return [f"FLOP model (no measured baseline): this job ${view['estimate_usd']:.3g} vs full-parameter baseline "
+            f"${baseline['usd']:.3g}{savings}; the table above is wall time, not comparable with these"]
+
+
 def cost(job_id: JobIdArg) -> None:
     """Dollars per stage and tier, the total, and the full-parameter baseline with the savings."""
     view = api_call(ApiClient().cost, job_id)
     print_cost(view)
     if view["live"]:
         console.print("[yellow]job running: stages in progress are priced so far[/yellow]")
-    baseline = view["baseline"]
-    if baseline is not None:
-        source = f"job {baseline['job_id']}" if baseline["job_id"] else "FLOP-model estimate"
-        console.print(f"full-parameter baseline ({baseline['kind']}, {source}): ${baseline['usd']:.3g}")
-        if baseline["kind"] == "estimate" and view.get("estimate_usd") is not None:
-            console.print(f"this job under the same FLOP model: ${view['estimate_usd']:.3g} (the table above is "
-                          "wall time at tier prices)")
-    if view["savings_pct"] is not None:
-        console.print(f"savings ({view['savings_basis']}): [bold]{view['savings_pct']:.1f}%[/bold]")
+    for line in comparison_lines(view):
+        console.print(line)
     if view["note"]:
         console.print(f"[dim]{view['note']}[/dim]")
 
