@@ -1,8 +1,8 @@
 """`moedisco evaluate MODEL_DIR --tasks ...`: downstream tasks through lm-evaluation-harness, on this machine.
 
     moedisco evaluate runs/tiny/final --tasks next_paragraph --limit 200
-    moedisco evaluate runs/tiny/final --baseline runs/full/final --tasks arc_easy mmlu hellaswag piqa \
-        --datasets-cache ~/.cache/huggingface/datasets
+    moedisco evaluate runs/tiny/final --baseline runs/full/final --tasks arc_easy --tasks mmlu --tasks hellaswag \
+        --tasks piqa --datasets-cache ~/.cache/huggingface/datasets      # the paper's Table 2
 """
 
 from __future__ import annotations
