@@ -6,13 +6,18 @@
 Runs, on one corpus with one tiny MoE config, tokenizer and held-out split:
   * the full-parameter baseline for B steps (expensive tier);
   * MoE-DisCo for every combination of clustering x warm-up steps x router init: E submodels x S steps (cheap tier),
-    merge, fine-tune F steps (expensive tier).
+    merge, then the fine-tune (expensive tier) until the merged model reaches the baseline's final held-out loss,
+    capped at F steps (default F = B): cost at equal quality, as the paper's Tables 1 and 3 measure it.
+    `--fixed-finetune` trains all F steps instead.
 Prints one JSON object: per run the held-out loss after the merge (fine-tune step 0) and at the end, the fine-tune
-step at which it first reaches the baseline's final loss, total tokens seen, and cost under two models:
+step at which it first reaches the baseline's final loss, total tokens seen, cost under two models up to that
+point, and (`--tasks`) the downstream scores of the baseline and of each run's model there (lm-eval):
   (a) `wallclock`: this machine's seconds per stage priced at each tier's rate (one CPU stands in for both tiers);
   (b) `flop`: 6 x active parameters x tokens / (device bf16 peak x utilisation) x price, per stage.
-`cost_ratio` = run total / baseline total under each model; `step_ratio` = expensive-tier steps to reach the
-baseline's final loss / B. Writes the loss curves (paper Fig. 4 style) to `--plot`.
+`cost_ratio` = run total / baseline total under each model, each against the same model (wall time against wall
+time, FLOPs against FLOPs); `step_ratio` = expensive-tier steps to reach the baseline's final loss / B. A run that
+does not reach it within F steps reports null steps and its costs after F steps. Writes the loss curves (paper
+Fig. 4 style) to `--plot`.
 """
 
 from __future__ import annotations
@@ -30,12 +35,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from moedisco.spec_loading import apply_overrides, build_spec  # noqa: E402
-from moedisco.cost import flop_cost_usd  # noqa: E402
+from moedisco.cost import flop_cost_usd, price_row  # noqa: E402
 from moedisco.estimate import DEFAULT_UTILISATION, parameter_counts  # noqa: E402
 from moedisco.layout import JobPaths  # noqa: E402
 from moedisco.metrics import read_metrics  # noqa: E402
 from moedisco.runner import run_job  # noqa: E402
 from moedisco.split import read_config  # noqa: E402
+from moedisco.train import StopRequested, checkpoint_dir  # noqa: E402
 from moedisco.stages import STAGES, tier_of  # noqa: E402
 
 TRAINED_STAGES = tuple(stage.name for stage in STAGES if stage.trained)
@@ -47,7 +53,9 @@ def base_spec(args) -> dict:
     for section, steps in (("submodel", args.submodel_steps), ("finetune", args.finetune_steps),
                            ("full_parameter", args.baseline_steps)):
         raw[section].update({"steps": steps, "checkpoint_every": max(steps, 1), "eval_batches": args.eval_batches})
-    raw["finetune"]["eval_every"] = max(1, args.finetune_steps // 10)
+    raw["finetune"]["eval_every"] = args.finetune_eval_every or max(1, args.finetune_steps // 10)
+    # The stopping rule looks at the loss at checkpoints, so the fine-tune checkpoints where it evaluates.
+    raw["finetune"]["checkpoint_every"] = raw["finetune"]["eval_every"]
     raw["full_parameter"]["eval_every"] = max(1, args.baseline_steps // 20)
     raw["submodel"]["eval_every"] = max(1, args.submodel_steps // 5)
     return raw
@@ -112,6 +120,10 @@ def summarise(spec, seconds: float) -> dict:
     wall = {}
     for row in cost["stages"]:
         wall[row["stage"]] = wall.get(row["stage"], 0.0) + row["usd"]
+    stopped = [r for r in records if r["stage"] == "finetune" and r.get("seconds") is not None]
+    if stopped and "finetune" not in wall:  # stopped at the baseline's loss: no ledger row, its seconds so far
+        wall["finetune"] = price_row("finetune", tier_of(spec.resources, "finetune"), spec.resources.prices,
+                                     stopped[-1]["seconds"]).usd
     flop = flop_costs(spec, records)
     tokens = {}
     for r in records:
@@ -124,6 +136,50 @@ def summarise(spec, seconds: float) -> dict:
             "oracle_loss_at_merge": merge.get("oracle_eval_loss"), "tokens": sum(tokens.values()),
             "cost_usd": {"wallclock": wall, "flop": flop, "wallclock_total": sum(wall.values()),
                          "flop_total": sum(flop.values())}, "run_seconds": round(seconds, 1)}
+
+
+def loss_reached(spec, target: float):
+    """The job's `should_stop`: true once the merged model's held-out loss (merge or fine-tune) is <= `target`;
+    the runner polls it before each stage and at each fine-tune checkpoint, which is where it evaluates."""
+    metrics = JobPaths(spec.output_dir).metrics
+    return lambda: any(loss <= target for _, loss in curve(read_metrics(metrics), "finetune"))
+
+
+def run_variant(spec, target: float | None) -> None:
+    try:
+        run_job(spec, progress=False, should_stop=None if target is None else loss_reached(spec, target))
+    except StopRequested:
+        pass  # the baseline's loss is reached: the fine-tune's newest checkpoint is the model at equal quality
+
+
+def model_at(spec, step: int | None) -> Path:
+    """A model folder of the run at fine-tune step `step` (None: where it ended), for the downstream tasks."""
+    from moedisco.data import load_tokenizer
+    from moedisco.finetune import load_moe
+    from safetensors.torch import load_file
+
+    paths = JobPaths(spec.output_dir)
+    if spec.method == "full_parameter" or (paths.final / "config.json").is_file():
+        return paths.final
+    if step == 0:
+        return paths.merged
+    folder = paths.root / "at_baseline_loss"
+    model = load_moe(paths.merged)
+    model.load_state_dict(load_file(checkpoint_dir(paths.run_dir("finetune"), step) / "model.safetensors"),
+                          strict=False)
+    model.save_pretrained(folder)
+    load_tokenizer(paths.tokenizer).save_pretrained(folder)
+    return folder
+
+
+def downstream(results: dict, specs: dict, args) -> None:
+    """Each run's scores on `args.tasks` (lm-eval), at the step where it was stopped."""
+    from moedisco.config import EvaluateConfig
+    from moedisco.downstream import evaluate_model
+
+    cfg = EvaluateConfig(tasks=args.tasks, limit=args.eval_limit, datasets_cache=args.datasets_cache)
+    for name, run in results.items():
+        run["downstream"] = evaluate_model(model_at(specs[name], run.get("finetune_steps_to_baseline")), cfg)
 
 
 def compare(results: dict, baseline_steps: int) -> None:
@@ -164,7 +220,16 @@ def parse_args(argv=None):
     parser.add_argument("--max-documents", type=int, default=3000)
     parser.add_argument("--baseline-steps", type=int, default=600)
     parser.add_argument("--submodel-steps", type=int, default=300)
-    parser.add_argument("--finetune-steps", type=int, default=100)
+    parser.add_argument("--finetune-steps", type=int, default=None,
+                        help="Cap on the fine-tune, which stops at the baseline's final loss (default: B).")
+    parser.add_argument("--finetune-eval-every", type=int, default=None,
+                        help="Fine-tune steps between held-out evaluations, i.e. the stopping rule's resolution.")
+    parser.add_argument("--fixed-finetune", action="store_true",
+                        help="Train all --finetune-steps instead of stopping at the baseline's final loss.")
+    parser.add_argument("--tasks", nargs="*", default=["next_paragraph"],
+                        help="lm-eval downstream tasks for every model (none: skip).")
+    parser.add_argument("--eval-limit", type=int, default=200, help="Examples per downstream task.")
+    parser.add_argument("--datasets-cache", type=Path, default=None, help="Local datasets cache for --tasks.")
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--clustering", nargs="+", default=["kmeans", "random"])
     parser.add_argument("--warmup", nargs="+", type=int, default=[0])
@@ -179,23 +244,27 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.quick:  # smaller defaults, but an explicitly given value wins
         given = set(argv if argv is not None else sys.argv[1:])
-        for flag, value in (("--max-documents", 800), ("--baseline-steps", 200), ("--submodel-steps", 100),
-                            ("--finetune-steps", 40)):
+        for flag, value in (("--max-documents", 800), ("--baseline-steps", 200), ("--submodel-steps", 100)):
             if flag not in given:
                 setattr(args, flag.lstrip("-").replace("-", "_"), value)
+    if args.finetune_steps is None:
+        args.finetune_steps = args.baseline_steps
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     raw = base_spec(args)
-    results = {}
+    results, specs = {}, {}
     for name, changes in variants(args):
-        spec = build_variant(raw, name, changes, args.out)
+        specs[name] = spec = build_variant(raw, name, changes, args.out)
         started = time.perf_counter()
-        run_job(spec, progress=False)
+        target = None if args.fixed_finetune or name == "full_parameter" else results["full_parameter"]["final_loss"]
+        run_variant(spec, target)
         results[name] = summarise(spec, time.perf_counter() - started)
     compare(results, args.baseline_steps)
+    if args.tasks:
+        downstream(results, specs, args)
     plot(results, args.plot)
     output = {"benchmark": "paper_table", "settings": {k: str(v) if isinstance(v, Path) else v
                                                        for k, v in vars(args).items()}, "runs": results}

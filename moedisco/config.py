@@ -335,6 +335,41 @@ class ResourcesConfig(_Section):
         return self
 
 
+class EvaluateConfig(_Section):
+    """Downstream evaluation through lm-evaluation-harness (`moedisco.downstream`), the job's last stage."""
+
+    tasks: list[str] = Field(
+        default_factory=lambda: ["next_paragraph"], min_length=1,
+        description="lm-eval task or group names: the paper's arc_easy, mmlu, hellaswag, piqa (their data must be in "
+        "`datasets_cache`), the bundled next_paragraph, or any task of `task_dirs`.",
+    )
+    num_fewshot: dict[str, int] = Field(
+        default_factory=dict, description="Few-shot examples per task; a task not named here gets the paper's "
+        "(arc_easy 5, mmlu 5, hellaswag 0, piqa 0) or else its own default.",
+    )
+    limit: int | None = Field(None, gt=0, description="At most this many examples per task (quick runs); unset: all.")
+    batch_size: int = Field(8, ge=1, description="Requests per forward pass.")
+    task_dirs: list[Path] = Field(
+        default_factory=list, description="Extra folders of lm-eval task YAML files (examples/eval is always read)."
+    )
+    datasets_cache: Path | None = Field(
+        None, description="Local Hugging Face datasets cache holding the tasks' data (unset: HF_DATASETS_CACHE); "
+        "nothing is ever downloaded.",
+    )
+    baseline: Path | None = Field(
+        None, description="A baseline model folder (e.g. a full-parameter job's final/) scored on the same tasks."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device the models are scored on.")
+
+    @field_validator("num_fewshot")
+    @classmethod
+    def _fewshot_non_negative(cls, value: dict[str, int]) -> dict[str, int]:
+        negative = [task for task, shots in value.items() if shots < 0]
+        if negative:
+            raise ValueError(f"num_fewshot must be >= 0, not for {', '.join(negative)}")
+        return value
+
+
 class JobSpec(_Section):
     name: str = Field("moedisco-job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", description="Job name.")
     method: Literal["moe_disco", "full_parameter"] = Field(
@@ -354,6 +389,9 @@ class JobSpec(_Section):
     finetune: TrainConfig = Field(default_factory=TrainConfig, description="Global fine-tune (expensive tier).")
     full_parameter: TrainConfig = Field(default_factory=TrainConfig, description="Full-parameter baseline training.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    evaluate: EvaluateConfig | None = Field(
+        None, description="Downstream tasks scored after training (lm-evaluation-harness); unset: no such stage."
+    )
 
     @model_validator(mode="after")
     def _rounds_fit_steps(self) -> JobSpec:

@@ -9,7 +9,7 @@ Every layer uses it: the stages (`moedisco.pipeline`), both runners, the Ray wor
 routes. It imports no torch, so a Ray worker or the API that only needs a path never pays for the training stack.
 
     OUTPUT/
-      spec.yaml  metrics.jsonl  cost.json  report.png  owner.json (the runner that may write here)
+      spec.yaml  metrics.jsonl  cost.json  report.png  evaluation.json  owner.json (the runner that may write here)
       data/{train,eval}.jsonl  data/split.json  data/{train,eval}_tokens/ (token shards)  data/tokenizer/
       embed/embeddings.npy  embed/progress.json  cluster/  cluster/tokens_<k>/ (cluster k's token shard)
       source/  branched/
@@ -49,6 +49,7 @@ class JobPaths:
     metrics = property(lambda self: self.root / "metrics.jsonl")
     cost = property(lambda self: self.root / "cost.json")
     report = property(lambda self: self.root / "report.png")
+    evaluation = property(lambda self: self.root / "evaluation.json")  # downstream task scores (evaluate stage)
     markers = property(lambda self: self.root / "stages")
     submodels = property(lambda self: self.root / "submodels")
 

@@ -232,3 +232,18 @@ def stage_full_parameter(run: StageRun) -> dict:
                                          train_context(run, spec.seed))
     save_final(model, data.load_tokenizer(paths.tokenizer), paths.final)
     return result.__dict__
+
+
+def stage_evaluate(run: StageRun) -> dict:
+    """Downstream tasks (spec section `evaluate`) on final/, and on `evaluate.baseline` when set; writes
+    OUTPUT/evaluation.json. lm-eval is imported only here: a job without the section never loads it."""
+    from moedisco.downstream import evaluate_models
+
+    spec, paths, cfg = run.spec, run.paths, run.spec.evaluate
+    started = time.perf_counter()
+    models = {spec.method: paths.final, **({"baseline": cfg.baseline} if cfg.baseline is not None else {})}
+    record = evaluate_models(models, cfg)
+    seconds = time.perf_counter() - started
+    paths.evaluation.write_text(json.dumps(record, indent=1))
+    run.metrics.write({"stage": "evaluate", "step": 0, "scores": record["models"], "seconds": seconds})
+    return {"scores": record["models"], "seconds": seconds}

@@ -26,7 +26,7 @@ from moedisco.spec_loading import absolute_paths, upgrade_saved_spec
 from moedisco.cost import CostLedger
 from moedisco.estimate import resolve_memory
 from moedisco.events import Events, JobCancelledEvent, StageFinished, StageSkipped, StageStarted, ignore, progress_event
-from moedisco.layout import JobPaths, NotOwner, check_owner, claim, is_done, mark_done
+from moedisco.layout import JobPaths, NotOwner, check_owner, claim, is_done, mark_done, stage_result
 from moedisco.metrics import MetricsWriter
 from moedisco.report import write_report
 from moedisco.stage_run import StageRun, run_stage
@@ -191,7 +191,9 @@ class JobRunner:
         finally:
             self.executor.close()
         write_report(self.paths.metrics, self.paths.cost, self.paths.report, title=self.spec.name)
-        return {"output_dir": str(self.paths.root), "final": str(self.paths.final), "cost": self.ledger.summary()}
+        evaluation = stage_result(self.paths, "evaluate").get("scores") if is_done(self.paths, "evaluate") else None
+        return {"output_dir": str(self.paths.root), "final": str(self.paths.final), "cost": self.ledger.summary(),
+                "evaluation": evaluation}
 
     def run_group(self, group: list[Task]) -> None:
         todo = []

@@ -55,6 +55,8 @@ STAGES = (
           reads=("data", "merged"), writes=("final",)),
     Stage("full_parameter", "moedisco.pipeline:stage_full_parameter", "finetune_tier", trained=True,
           train_config="full_parameter", reads=("data", "source"), writes=("final",)),
+    # Optional (spec section `evaluate`): downstream tasks on the final model, scored on the expensive tier.
+    Stage("evaluate", "moedisco.pipeline:stage_evaluate", "finetune_tier", reads=("final",), writes=("evaluation",)),
 )
 STAGE = {stage.name: stage for stage in STAGES}
 STAGE_NAMES = tuple(STAGE)  # in pipeline order
@@ -108,8 +110,9 @@ def submodel_task(spec: JobSpec, expert: int, round_index: int) -> Task:
 
 def plan(spec: JobSpec) -> list[list[Task]]:
     """The job's tasks in order, grouped: the tasks of a group may run at once."""
+    evaluate = [[Task("evaluate")]] if spec.evaluate is not None else []
     if spec.method == "full_parameter":
-        return [[Task("prepare")], [Task("source")], [Task("full_parameter")]]
+        return [[Task("prepare")], [Task("source")], [Task("full_parameter")]] + evaluate
     groups = [[Task("prepare")], [Task("embed")], [Task("cluster")], [Task("source")]]
     if spec.branch.warmup_steps > 0:
         groups.append([Task("warmup")])
@@ -117,7 +120,7 @@ def plan(spec: JobSpec) -> list[list[Task]]:
         if round_index > 0:
             groups.append([Task("sync", round=round_index - 1)])
         groups.append([submodel_task(spec, k, round_index) for k in range(spec.model.num_experts)])
-    return groups + [[Task("merge")], [Task("finetune")]]
+    return groups + [[Task("merge")], [Task("finetune")]] + evaluate
 
 
 def round_ends(spec: JobSpec) -> list[int]:

@@ -64,6 +64,15 @@ class ApiClient:
     def cost(self, job_id: str) -> dict:
         return self.request("GET", f"/v1/jobs/{job_id}/cost")
 
+    def evaluation(self, job_id: str) -> dict | None:
+        """The job's downstream scores, or None while it has none (404)."""
+        try:
+            return self.request("GET", f"/v1/jobs/{job_id}/evaluation")
+        except ApiError as error:
+            if error.status_code == 404:
+                return None
+            raise
+
     def cancel(self, job_id: str) -> dict:
         return self.request("POST", f"/v1/jobs/{job_id}/cancel")
 

@@ -34,8 +34,8 @@ def api_call(method, *args, **kwargs):
 
 
 def print_cost(summary: dict) -> None:
-    table = Table(title="cost" + (" (simulated devices: wall time priced at each tier's rate)"
-                                  if summary.get("simulated") else ""))
+    table = Table(title="cost: wall time at each tier's price" + (" (simulated devices)"
+                                                                 if summary.get("simulated") else ""))
     for column in ("stage", "expert", "tier", "device", "devices", "hours", "$/h", "$"):
         table.add_column(column, justify="right" if column in ("devices", "hours", "$/h", "$") else "left")
     for row in summary["stages"]:

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from moedisco_cli.api_client import ApiClient
 from moedisco_cli.common import SetOpt, api_call, console, print_cost, read_spec_file
+from moedisco_cli.evaluate import scores_table
 from moedisco_cli.progress import follow_job, stage_table
 from service.schemas import TERMINAL_STATES
 
@@ -62,8 +63,29 @@ def status(job_id: JobIdArg,
                   + (" (cancel requested)" if job["cancel_requested"] and job["state"] not in TERMINAL_STATES else ""))
     if not follow:
         console.print(stage_table(job["stages"]))
+    evaluation = api_call(client.evaluation, job_id) if any(s["stage"] == "evaluate" for s in job["stages"]) else None
+    if evaluation is not None:
+        models = {**evaluation["models"], **({f"baseline job {evaluation['baseline_job_id']}": evaluation["baseline"]}
+                                             if evaluation["baseline"] else {})}
+        console.print(scores_table(models))
     if follow and job["state"] != "succeeded":
         raise typer.Exit(1)
+
+
+def comparison_lines(view: dict) -> list[str]:
+    """This job against its baseline under one cost model, named: simulated wall time against a measured
+    baseline's simulated wall time, or the FLOP model against the FLOP model; never one against the other."""
+    baseline = view["baseline"]
+    if baseline is None:
+        return []
+    savings = f", savings [bold]{view['savings_pct']:.1f}%[/bold]" if view["savings_pct"] is not None else ""
+    if baseline["kind"] == "measured":
+        return [f"wall time at tier prices: this job ${view['total_usd']:.3g} vs full-parameter baseline job "
+                f"{baseline['job_id']} ${baseline['usd']:.3g}{savings}"]
+    if view.get("estimate_usd") is None:
+        return []
+    return [f"FLOP model (no measured baseline): this job ${view['estimate_usd']:.3g} vs full-parameter baseline "
+            f"${baseline['usd']:.3g}{savings}; the table above is wall time, not comparable with these"]
 
 
 def cost(job_id: JobIdArg) -> None:
@@ -72,15 +94,8 @@ def cost(job_id: JobIdArg) -> None:
     print_cost(view)
     if view["live"]:
         console.print("[yellow]job running: stages in progress are priced so far[/yellow]")
-    baseline = view["baseline"]
-    if baseline is not None:
-        source = f"job {baseline['job_id']}" if baseline["job_id"] else "FLOP-model estimate"
-        console.print(f"full-parameter baseline ({baseline['kind']}, {source}): ${baseline['usd']:.3g}")
-        if baseline["kind"] == "estimate" and view.get("estimate_usd") is not None:
-            console.print(f"this job under the same FLOP model: ${view['estimate_usd']:.3g} (the table above is "
-                          "wall time at tier prices)")
-    if view["savings_pct"] is not None:
-        console.print(f"savings ({view['savings_basis']}): [bold]{view['savings_pct']:.1f}%[/bold]")
+    for line in comparison_lines(view):
+        console.print(line)
     if view["note"]:
         console.print(f"[dim]{view['note']}[/dim]")
 

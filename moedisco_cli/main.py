@@ -2,6 +2,7 @@
 
     moedisco run examples/tiny.yaml --set submodel.steps=50
     moedisco estimate examples/qwen1.5-moe-a2.7b.yaml
+    moedisco evaluate runs/tiny/final --tasks next_paragraph --limit 200
     moedisco --help              # also: cluster, serve, submit, jobs, status, cost, cancel, demo, users, tokens
 """
 
@@ -15,7 +16,7 @@ from typing import Annotated
 import typer
 
 from moedisco.spec_loading import SpecError, load_spec
-from moedisco_cli import cluster, demo, jobs, serve, users
+from moedisco_cli import cluster, demo, evaluate, jobs, serve, users
 from moedisco_cli.common import SetOpt, console, print_cost
 from moedisco_cli.job_events import ConsoleProgress
 
@@ -80,6 +81,8 @@ def estimate(spec: SpecArg, set_: SetOpt = None,
     else:
         render_estimate(result, console)
 
+
+app.command()(evaluate.evaluate)
 
 # The order of `moedisco --help`: the service, the demo, the API client's commands; groups (cluster) come last.
 app.command()(serve.serve)

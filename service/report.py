@@ -1,4 +1,5 @@
-"""The HTML report of one job: held-out loss curves per training stage and cost bars, as inline PNG images.
+"""The HTML report of one job: held-out loss against dollars (with its baseline), loss curves per training stage,
+cost bars, and the downstream scores of its evaluate stage, as inline PNG images and tables.
 
     html = render_report(job, stages, records, cost)     # GET /v1/jobs/{id}/report
 
@@ -11,11 +12,15 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from html import escape
+from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from moedisco.report import loss_curves
+from moedisco.layout import JobPaths
+from moedisco.metrics import read_metrics
+from moedisco.report import dollar_curve, loss_curves, plot_loss_vs_dollars
 from service.models import JobRow, StageRow
 from service.schemas import CostPublic
 
@@ -47,6 +52,18 @@ def loss_figures(records: list[dict]) -> dict[str, str]:
         fig.tight_layout()
         images[stage] = _png(fig)
     return images
+
+
+def dollar_figure(job: JobRow, records: list[dict], baseline: JobRow | None) -> str:
+    """Held-out loss against cumulative dollars (paper Figs. 2/4): this job and its measured baseline, one pricing."""
+    curves = {job.name: dollar_curve(records, Path(job.output_dir) / "cost.json")}
+    if baseline is not None:
+        folder = Path(baseline.output_dir)
+        curves[f"baseline {baseline.id}"] = dollar_curve(read_metrics(folder / "metrics.jsonl"), folder / "cost.json")
+    fig = Figure(figsize=(9, 4.2))
+    plot_loss_vs_dollars(fig.add_subplot(), curves)
+    fig.tight_layout()
+    return _png(fig)
 
 
 def cost_figure(cost: CostPublic) -> str:
@@ -90,12 +107,13 @@ def _cost_section(cost: CostPublic) -> str:
             for r in cost.stages]
     rows.append(["total", "", "", "", "", "", "", f"{cost.total_usd:.5f}"])
     lines = []
-    if cost.baseline is not None:
-        lines.append(f"full-parameter baseline ({cost.baseline.kind}): ${cost.baseline.usd:.3g}")
-        if cost.baseline.kind == "estimate" and cost.estimate_usd is not None:
-            lines.append(f"this job under the same FLOP model: ${cost.estimate_usd:.3g}")
-    if cost.savings_pct is not None:
-        lines.append(f"savings ({cost.savings_basis}): {cost.savings_pct:.1f}%")
+    savings = f", savings {cost.savings_pct:.1f}%" if cost.savings_pct is not None else ""
+    if cost.baseline is not None and cost.baseline.kind == "measured":  # like with like: one cost model per line
+        lines.append(f"wall time at tier prices: this job ${cost.total_usd:.3g} vs full-parameter baseline job "
+                     f"{cost.baseline.job_id} ${cost.baseline.usd:.3g}{savings}")
+    elif cost.baseline is not None and cost.estimate_usd is not None:
+        lines.append(f"FLOP model (no measured baseline): this job ${cost.estimate_usd:.3g} vs full-parameter "
+                     f"baseline ${cost.baseline.usd:.3g}{savings}; the table is wall time, not comparable with these")
     if cost.simulated:
         lines.append("simulated devices: wall time priced at each tier's rate")
     if cost.note:
@@ -104,7 +122,18 @@ def _cost_section(cost: CostPublic) -> str:
     return _table(["stage", "expert", "tier", "device", "devices", "hours", "$/h", "$"], rows) + notes
 
 
-def render_report(job: JobRow, stages: list[StageRow], records: list[dict], cost: CostPublic) -> str:
+def _evaluation_section(job: JobRow) -> str:
+    path = JobPaths(Path(job.output_dir)).evaluation
+    if not path.is_file():
+        return ""
+    models = json.loads(path.read_text())["models"]
+    tasks = list(next(iter(models.values()), {}))
+    rows = [[task, *(_fmt(models[label].get(task, {}).get("acc"), 3) for label in models)] for task in tasks]
+    return "<h2>downstream tasks (lm-evaluation-harness, accuracy)</h2>" + _table(["task", *models], rows)
+
+
+def render_report(job: JobRow, stages: list[StageRow], records: list[dict], cost: CostPublic,
+                  baseline: JobRow | None = None) -> str:
     refresh = f'<meta http-equiv="refresh" content="{REFRESH_S}">' if job.state in ("queued", "running") else ""
     reason = f'<p class="bad">{escape(job.reason)}</p>' if job.reason else ""
     curves = "".join(f"<h3>{escape(stage)}</h3>{image}" for stage, image in loss_figures(records).items())
@@ -114,5 +143,7 @@ def render_report(job: JobRow, stages: list[StageRow], records: list[dict], cost
             f"<p>state: <b>{escape(job.state)}</b>, method {escape(job.method)}, runner {escape(job.runner)}, "
             f"current stage {escape(job.current_stage or '-')}</p>{reason}"
             f"<h2>stages</h2>{_stage_table(stages)}"
+            f"<h2>held-out loss against dollars</h2>{dollar_figure(job, records, baseline)}"
             f"<h2>held-out loss</h2>{curves or '<p>no evaluations yet</p>'}"
+            f"{_evaluation_section(job)}"
             f"<h2>cost</h2>{cost_figure(cost)}{_cost_section(cost)}</body></html>")

@@ -124,6 +124,19 @@ class MetricsPublic(BaseModel):
     limit: int
 
 
+class EvaluationPublic(BaseModel):
+    """OUTPUT/evaluation.json of a job's `evaluate` stage (`moedisco.downstream.evaluate_models`)."""
+
+    job_id: str
+    tasks: list[str] = Field(description="lm-eval task names, as the spec's `evaluate.tasks`.")
+    limit: int | None = Field(description="Examples per task scored (null: all).")
+    models: dict[str, dict[str, dict[str, Any]]] = Field(
+        description="Model label (the job's method, `baseline` for `evaluate.baseline`) -> task -> metric -> value.")
+    baseline_job_id: str | None = Field(description="The measured full-parameter job whose scores are `baseline`.")
+    baseline: dict[str, dict[str, dict[str, Any]]] | None = Field(
+        description="That baseline job's own evaluation, when it ran one.")
+
+
 class ArtifactPublic(BaseModel):
     path: str = Field(description="Relative to the job's output_dir; download at /v1/jobs/{id}/artifacts/{path}.")
     size: int

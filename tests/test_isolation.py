@@ -73,3 +73,29 @@ def test_two_jobs_of_one_name_on_one_storage_path_keep_separate_ray_folders(tmp_
     assert run_name(first, "submodel", 0) != run_name(second, "submodel", 0)
     again = build_spec(tiny_spec_dict(tmp_path / "a", resources=storage))
     assert job_storage(again) == job_storage(first)  # a re-run of the job finds its own files
+
+
+def _losses(spec) -> list[tuple]:
+    return [(r["stage"], r.get("expert"), r["step"], r["eval_loss"])
+            for r in read_metrics(JobPaths(spec.output_dir).metrics) if r.get("eval_loss") is not None]
+
+
+def test_a_jobs_results_do_not_depend_on_what_ran_before_it_in_the_process(tmp_path):
+    """Random cluster assignment and the centroid router (the case issue 13 saw drift in), run first and then again
+    after a full-parameter job and with every global generator (Python, NumPy, torch) moved elsewhere."""
+    import random
+
+    import numpy as np
+    import torch
+
+    short = {"steps": 4, "eval_every": 4, "checkpoint_every": 4}
+    sections = dict(TWO_EXPERTS, cluster={"method": "random"}, merge={"router_init": "centroid"},
+                    submodel=short, finetune=short)
+    first = build_spec(tiny_spec_dict(tmp_path / "first", **sections))
+    run_job(first, progress=False)
+    run_job(build_spec(tiny_spec_dict(tmp_path / "other", method="full_parameter", full_parameter=short)),
+            progress=False)
+    random.seed(7), np.random.seed(7), torch.manual_seed(7), torch.rand(123)
+    again = build_spec(tiny_spec_dict(tmp_path / "again", **sections))
+    run_job(again, progress=False)
+    assert _losses(again) == _losses(first) and len(_losses(first)) > 4

@@ -226,10 +226,24 @@ def test_a_queued_job_answers_every_read_route(client):
     assert client.get(f"{base}/cost").json()["total_usd"] == 0
     assert client.get(f"{base}/metrics").json()["count"] == 0
     assert client.get(f"{base}/artifacts").json()["count"] == 0
+    assert "has no `evaluate` section" in client.get(f"{base}/evaluation").json()["detail"]
     assert "<html>" in client.get(f"{base}/report").text
     assert 'moedisco_jobs{owner="admin",state="queued"} 1.0' in client.get("/metrics").text
     assert client.get("/openapi.json").json()["paths"]["/v1/jobs"]["post"]
     assert client.get("/docs").status_code == 200
+
+
+def test_the_evaluation_route_serves_the_evaluate_stages_record(client):
+    job = submit(client, evaluate={"tasks": ["next_paragraph"], "limit": 10})
+    base = f"/v1/jobs/{job['id']}"
+    assert "has not finished yet" in client.get(f"{base}/evaluation").json()["detail"]
+    scores = {"moe_disco": {"next_paragraph": {"acc": 0.5, "acc_norm": 0.4, "num_fewshot": None, "samples": 10}}}
+    folder = Path(job["output_dir"])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "evaluation.json").write_text(json.dumps({"tasks": ["next_paragraph"], "limit": 10, "models": scores}))
+    served = client.get(f"{base}/evaluation").json()
+    assert served["models"] == scores and served["baseline"] is None
+    assert "next_paragraph" in client.get(f"{base}/report").text
 
 
 def test_cost_is_live_while_a_stage_runs(client):

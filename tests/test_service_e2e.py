@@ -155,7 +155,9 @@ def test_cli_lists_and_prices_jobs(service, jobs):
     listed = cli(service, "jobs", "--state", "succeeded")
     assert listed.exit_code == 0 and jobs["tiny"]["id"] in listed.output and "of 1" in listed.output
     priced = cli(service, "cost", jobs["tiny"]["id"])
-    assert priced.exit_code == 0 and "total" in priced.output and "baseline (estimate" in priced.output
+    assert priced.exit_code == 0 and "total" in priced.output and "wall time at each tier's price" in priced.output
+    # No measured baseline: the job's FLOP estimate against the baseline's, never its wall-time bill against it.
+    assert "FLOP model (no measured baseline): this job $" in " ".join(priced.output.split())
     missing = cli(service, "cost", "0123456789ab")
     assert missing.exit_code == 2 and "404" in missing.output
 

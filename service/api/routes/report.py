@@ -23,4 +23,6 @@ def read_report(job: JobDep, store: StoreDep) -> HTMLResponse:
     from service.report import render_report  # matplotlib: loaded on the first report, not at start-up
 
     records = read_records(JobPaths(job.output_dir).metrics)
-    return HTMLResponse(render_report(job, store.stages(job.id), records, job_cost(store, job)))
+    found = store.find_baseline(job)
+    return HTMLResponse(render_report(job, store.stages(job.id), records, job_cost(store, job),
+                                      baseline=found[0] if found is not None else None))
