@@ -10,6 +10,7 @@ keeps as the stage's marker. A training stage called again resumes from its last
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
