@@ -188,7 +188,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: dict, spec_yaml: str
             (partial / "spec.yaml").write_text(spec_yaml)
     if sharded:
         sharding.barrier(model)  # the folder exists
-        sharding.save_optimizer(partial / sharding.OPTIMIZER_DIR, model, optimizer)  # returns once all have written
+        sharding.save_optimizer(partial, model, optimizer)  # returns once all have written
     if rank == 0:
         # trainer_state.json is written last and the folder renamed into place, so a crash mid-save never leaves a
         # checkpoint that looks complete.
@@ -219,7 +219,7 @@ def load_weights(ckpt: Path, model) -> None:
 def load_training_state(ckpt: Path, model, optimizer) -> dict:
     """The optimizer (sharded or not, as saved), RNG and loop state; returns the loop state."""
     if sharding.is_sharded(model):
-        sharding.load_optimizer(ckpt / sharding.OPTIMIZER_DIR, model, optimizer)
+        sharding.load_optimizer(ckpt, model, optimizer)
     else:
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
     rng = torch.load(ckpt / "rng.pt", weights_only=False)
