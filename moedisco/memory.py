@@ -3,6 +3,7 @@
     model = prepare_model(model, cfg, device)            # bf16 weights (bf16-true), activation checkpointing
     optimizer = make_optimizer(model, cfg, lr_scale)     # AdamW, 8-bit AdamW, compensated bf16 AdamW, offload
     moment, step = second_moment(optimizer, param)       # fp32 AdamW second moment, whatever stores it
+    moments = second_moments(model, optimizer)           # all of them, bias-corrected and gathered: the Fisher
     meter = PeakMemory(device); ...; meter.peak_gb()     # the stage's peak memory
 
 Which optimizer holds the state:
@@ -36,6 +37,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.optim.adamw import adamw as adamw_update  # torch's functional AdamW, which `StoredAdamW` runs
 
+from moedisco import sharding
 from moedisco.config import TrainConfig
 
 GB = 1e9
@@ -240,6 +242,26 @@ def second_moment(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> tupl
             value = dequantize_blockwise(value, absmax=state["absmax2"], code=state["qmap2"], blocksize=QUANT_BLOCK)
         return value.float().view_as(param), float(state["step"])
     return None
+
+
+def second_moments(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Per parameter, AdamW's bias-corrected second moment: a running mean of the squared gradient over the last
+    ~1/(1-beta2) steps, i.e. a diagonal empirical Fisher estimate that training already paid for.
+
+    Stored in bf16 (the squares need range, not precision) to keep the file at half the fp32 weights. Frozen
+    parameters have no optimizer state and are left out. With an 8-bit optimizer it is the dequantised 8-bit
+    moment (`second_moment`). Collective for a sharded model (each moment is gathered).
+    """
+    beta2 = optimizer.param_groups[0]["betas"][1]
+    moments = {}
+    for name, param in model.named_parameters():
+        found = second_moment(optimizer, param)
+        if found is None:
+            continue
+        moment, step = found
+        moment = sharding.full_tensor(moment)
+        moments[name] = (moment.float() / (1.0 - beta2 ** step)).to(torch.bfloat16).cpu().contiguous()
+    return moments
 
 
 # --- peak memory ---------------------------------------------------------------------------------------------

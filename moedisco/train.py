@@ -35,7 +35,7 @@ from moedisco.data import batch_for_step
 from moedisco.embed import resolve_device
 from moedisco.evaluate import evaluate_loss, router_load
 from moedisco.layout import write_atomically
-from moedisco.memory import PeakMemory, amp_dtype, make_optimizer, measures_of, prepare_model, second_moment
+from moedisco.memory import PeakMemory, amp_dtype, make_optimizer, measures_of, prepare_model, second_moments
 from moedisco.metrics import MetricsWriter
 from moedisco.split import unique_state_dict
 
@@ -121,26 +121,6 @@ def lr_multiplier(cfg: TrainConfig, step: int) -> float:
     if cfg.schedule == "linear":
         return max(0.0, 1.0 - progress)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def second_moments(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """Per parameter, AdamW's bias-corrected second moment: a running mean of the squared gradient over the last
-    ~1/(1-beta2) steps, i.e. a diagonal empirical Fisher estimate that training already paid for.
-
-    Stored in bf16 (the squares need range, not precision) to keep the file at half the fp32 weights. Frozen
-    parameters have no optimizer state and are left out. With an 8-bit optimizer it is the dequantised 8-bit
-    moment (`moedisco.memory.second_moment`). Collective for a sharded model (each moment is gathered).
-    """
-    beta2 = optimizer.param_groups[0]["betas"][1]
-    moments = {}
-    for name, param in model.named_parameters():
-        found = second_moment(optimizer, param)
-        if found is None:
-            continue
-        moment, step = found
-        moment = sharding.full_tensor(moment)
-        moments[name] = (moment.float() / (1.0 - beta2 ** step)).to(torch.bfloat16).cpu().contiguous()
-    return moments
 
 
 CHECKPOINT_NAME = re.compile(r"step_(\d+)")

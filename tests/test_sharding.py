@@ -159,3 +159,24 @@ def test_sharded_run_with_every_memory_measure_trains_as_one_process_and_resumes
     assert _losses(sharded) == _losses(straight)
     resumed, uninterrupted = load_file(sharded / "model.safetensors"), load_file(straight / "model.safetensors")
     assert all(torch.equal(tensor, uninterrupted[name]) for name, tensor in resumed.items())
+
+
+def _resume_worker(rank: int, checkpoint: Path, init_file: Path) -> None:
+    """One rank loads the optimizer state a two-rank run saved rank by rank."""
+    from moedisco import sharding
+    from moedisco.memory import make_optimizer, prepare_model
+
+    torch.set_num_threads(1)  # a forked child must not use the parent's OpenMP pool (it would hang)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=1)
+    try:
+        model = sharding.shard_model(prepare_model(_model(), MEASURED, torch.device("cpu")))
+        sharding.load_optimizer(checkpoint, model, make_optimizer(model, MEASURED))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_per_rank_optimizer_state_refuses_another_world_size(measured_runs, tmp_path):
+    _, sharded, _ = measured_runs
+    with pytest.raises(mp.ProcessRaisedException, match="sharded over 2 ranks; it resumes only on as many, not 1"):
+        mp.start_processes(_resume_worker, args=(sharded / ROUND_COPY, tmp_path / "init"), nprocs=1,
+                           start_method="fork")
