@@ -120,6 +120,8 @@ def _quantisation_map(signed: bool, device: torch.device) -> torch.Tensor:
 def _quantize(value: torch.Tensor, signed: bool) -> dict:
     from bitsandbytes.functional import quantize_blockwise
 
+    if value.numel() == 0:  # an FSDP2 shard of a tensor with fewer rows than ranks (a [1, hidden] gate) is empty
+        return {"codes": value.to(torch.uint8), "absmax": value.new_zeros(0, dtype=torch.float32)}
     codes, state = quantize_blockwise(value.contiguous(), code=_quantisation_map(signed, value.device),
                                       blocksize=QUANT_BLOCK)
     return {"codes": codes, "absmax": state.absmax}
@@ -129,6 +131,8 @@ def _dequantize(packed: dict, signed: bool) -> torch.Tensor:
     from bitsandbytes.functional import dequantize_blockwise
 
     codes = packed["codes"]
+    if codes.numel() == 0:  # bitsandbytes' kernels are not launched on no blocks
+        return codes.to(torch.float32)
     return dequantize_blockwise(codes, absmax=packed["absmax"], code=_quantisation_map(signed, codes.device),
                                 blocksize=QUANT_BLOCK)
 
