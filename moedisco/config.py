@@ -141,15 +141,16 @@ class TrainConfig(_Section):
     precision: Literal["auto", "fp32", "bf16-mixed", "bf16-true"] = Field(
         "auto",
         description="`fp32`; `bf16-mixed`: bf16 autocast over fp32 weights; `bf16-true`: weights, gradients and "
-        "optimizer states in bf16 with stochastic rounding of the update (moedisco.memory); `auto`: bf16-mixed "
-        "on CUDA, fp32 on the CPU.",
+        "optimizer states in bf16, the update's rounding error kept in a bf16 Kahan buffer (moedisco.memory); "
+        "`auto`: bf16-mixed on CUDA, fp32 on the CPU.",
     )
     optimizer: Literal["adamw", "adamw-8bit"] = Field(
-        "adamw", description="`adamw` (torch) or `adamw-8bit` (torchao's AdamW8bit: block-wise 8-bit moments).",
+        "adamw", description="`adamw` (torch) or `adamw-8bit`: block-wise 8-bit moments (bitsandbytes' AdamW8bit; "
+        "moedisco.memory.StoredAdamW with bf16-true, offload or a sharded model).",
     )
     offload_optimizer: bool = Field(
-        False, description="Keep optimizer states in host memory and step there (torchao CPUOffloadOptimizer; "
-        "CUDA only, a no-op on the CPU where they are host memory already).",
+        False, description="Keep optimizer states in host memory between steps, each moved to the device for its "
+        "parameter's update (moedisco.memory.StoredAdamW; on the CPU they are host memory already).",
     )
 
     @model_validator(mode="before")

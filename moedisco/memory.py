@@ -3,6 +3,7 @@
     model = prepare_model(model, cfg, device)            # bf16 weights (bf16-true), activation checkpointing
     optimizer = make_optimizer(model, cfg, lr_scale)     # AdamW, 8-bit AdamW, compensated bf16 AdamW, offload
     moment, step = second_moment(optimizer, param)       # fp32 AdamW second moment, whatever stores it
+    moments = second_moments(model, optimizer)           # all of them, bias-corrected and gathered: the Fisher
     meter = PeakMemory(device); ...; meter.peak_gb()     # the stage's peak memory
 
 Which optimizer holds the state:
@@ -12,7 +13,9 @@ Which optimizer holds the state:
   - bf16-true weights, or `offload_optimizer`: `StoredAdamW`, which runs torch's own AdamW update
     (`torch.optim.adamw.adamw`) one parameter at a time in fp32 and stores between steps what the measures ask:
     moments in bf16 (or 8-bit with bitsandbytes' block-wise quantiser for `adamw-8bit`), optionally in host memory
-    (offload), and for bf16 weights a bf16 Kahan compensation buffer.
+    (offload), and for bf16 weights a bf16 Kahan compensation buffer. On a sharded model (`moedisco.sharding`)
+    it steps each rank's local shard, and it also holds `adamw-8bit` there: bitsandbytes' fused update has no
+    DTensor support.
 
 Why compensation for bf16-true: a bf16 weight has 8 bits of mantissa, so an update below half its spacing
 (2^-9 relative) rounds away: at lr 1e-4 AdamW's updates are ~1e-4 relative and every one of them is lost. An fp32
@@ -31,8 +34,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.optim.adamw import adamw as adamw_update  # torch's functional AdamW, which `StoredAdamW` runs
 
+from moedisco import sharding
 from moedisco.config import TrainConfig
 
 GB = 1e9
@@ -88,7 +93,10 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig,
     """The optimizer `cfg` asks for over the trainable parameters (see the module docstring for which)."""
     groups = parameter_groups(model, cfg, lr_scale)
     eight_bit = cfg.optimizer == "adamw-8bit"
-    if cfg.precision == "bf16-true" or cfg.offload_optimizer:
+    # bitsandbytes' fused 8-bit update has no DTensor sharding rule, so a sharded model's 8-bit state is kept by
+    # `StoredAdamW`, which steps each rank's local shard.
+    sharded = any(isinstance(param, DTensor) for group in groups for param in group["params"])
+    if cfg.precision == "bf16-true" or cfg.offload_optimizer or (eight_bit and sharded):
         return StoredAdamW(groups, lr=cfg.lr, betas=cfg.betas, state_bits=8 if eight_bit else 16,
                            offload=cfg.offload_optimizer)
     if eight_bit:
@@ -112,6 +120,8 @@ def _quantisation_map(signed: bool, device: torch.device) -> torch.Tensor:
 def _quantize(value: torch.Tensor, signed: bool) -> dict:
     from bitsandbytes.functional import quantize_blockwise
 
+    if value.numel() == 0:  # an FSDP2 shard of a tensor with fewer rows than ranks (a [1, hidden] gate) is empty
+        return {"codes": value.to(torch.uint8), "absmax": value.new_zeros(0, dtype=torch.float32)}
     codes, state = quantize_blockwise(value.contiguous(), code=_quantisation_map(signed, value.device),
                                       blocksize=QUANT_BLOCK)
     return {"codes": codes, "absmax": state.absmax}
@@ -121,6 +131,8 @@ def _dequantize(packed: dict, signed: bool) -> torch.Tensor:
     from bitsandbytes.functional import dequantize_blockwise
 
     codes = packed["codes"]
+    if codes.numel() == 0:  # bitsandbytes' kernels are not launched on no blocks
+        return codes.to(torch.float32)
     return dequantize_blockwise(codes, absmax=packed["absmax"], code=_quantisation_map(signed, codes.device),
                                 blocksize=QUANT_BLOCK)
 
@@ -135,6 +147,10 @@ class StoredAdamW(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0})
         self.state_bits, self.offload = state_bits, offload
 
+    # Its state is per rank (each shard's 8-bit codes are quantised in blocks of that shard), not per parameter:
+    # `moedisco.sharding` saves it rank by rank rather than through torch.distributed.checkpoint.
+    state_is_local = True
+
     def _home(self, param: torch.Tensor) -> torch.device:
         return torch.device("cpu") if self.offload else param.device
 
@@ -147,9 +163,16 @@ class StoredAdamW(torch.optim.Optimizer):
         return value.to(device=param.device, dtype=torch.float32).view_as(param)
 
     def moment(self, param: torch.Tensor) -> torch.Tensor | None:
-        """The fp32 second moment of `param` (dequantised from 8 bits where stored so), None before a step."""
+        """The fp32 second moment of `param` (dequantised from 8 bits where stored so), None before a step; a
+        DTensor sharded as `param` is when `param` is one (`moedisco.sharding.full_tensor` gathers it)."""
         state = self.state.get(param)
-        return self._unpack(state["exp_avg_sq"], param, signed=False) if state else None
+        if not state:
+            return None
+        value = self._unpack(state["exp_avg_sq"], _local(param), signed=False)
+        if isinstance(param, DTensor):
+            return DTensor.from_local(value, param.device_mesh, param.placements, run_check=False,
+                                      shape=param.shape, stride=param.stride())
+        return value
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -158,8 +181,10 @@ class StoredAdamW(torch.optim.Optimizer):
                 if param.grad is not None:
                     self._step_one(param, group)
 
-    def _step_one(self, param: torch.Tensor, group: dict) -> None:
-        state = self.state[param]
+    def _step_one(self, sharded_param: torch.Tensor, group: dict) -> None:
+        # The update is elementwise, so on a sharded (DTensor) parameter each rank steps its own shard as a plain
+        # tensor (bitsandbytes' quantiser takes no DTensor); the shard is a view of the parameter's storage.
+        state, param, grad = self.state[sharded_param], _local(sharded_param), _local(sharded_param.grad)
         if not state:
             zeros = torch.zeros_like(param, dtype=torch.float32)
             state.update(step=torch.tensor(0.0), exp_avg=self._pack(zeros, param, True),
@@ -171,7 +196,7 @@ class StoredAdamW(torch.optim.Optimizer):
             master += state["compensation"].to(param.device, torch.float32)
         exp_avg, exp_avg_sq = (self._unpack(state[k], param, k == "exp_avg") for k in ("exp_avg", "exp_avg_sq"))
         beta1, beta2 = group["betas"]
-        adamw_update([master], [param.grad.float()], [exp_avg], [exp_avg_sq], [], [state["step"]],
+        adamw_update([master], [grad.float()], [exp_avg], [exp_avg_sq], [], [state["step"]],
                                 foreach=False, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
                                 weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
         param.copy_(master)  # rounds to the weight dtype
@@ -186,7 +211,7 @@ class StoredAdamW(torch.optim.Optimizer):
         params = [param for group in self.param_groups for param in group["params"]]
         for index, saved in state_dict["state"].items():
             param = params[index]
-            self.state[param] = {key: self._restore(value, param, key) for key, value in saved.items()}
+            self.state[param] = {key: self._restore(value, _local(param), key) for key, value in saved.items()}
 
     def _restore(self, value, param: torch.Tensor, key: str):
         if isinstance(value, dict):
@@ -194,6 +219,11 @@ class StoredAdamW(torch.optim.Optimizer):
         if key == "step":
             return value.clone()
         return value.to(self._home(param)).clone()
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor, the tensor itself otherwise."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def second_moment(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> tuple[torch.Tensor, float] | None:
@@ -216,6 +246,26 @@ def second_moment(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> tupl
             value = dequantize_blockwise(value, absmax=state["absmax2"], code=state["qmap2"], blocksize=QUANT_BLOCK)
         return value.float().view_as(param), float(state["step"])
     return None
+
+
+def second_moments(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Per parameter, AdamW's bias-corrected second moment: a running mean of the squared gradient over the last
+    ~1/(1-beta2) steps, i.e. a diagonal empirical Fisher estimate that training already paid for.
+
+    Stored in bf16 (the squares need range, not precision) to keep the file at half the fp32 weights. Frozen
+    parameters have no optimizer state and are left out. With an 8-bit optimizer it is the dequantised 8-bit
+    moment (`second_moment`). Collective for a sharded model (each moment is gathered).
+    """
+    beta2 = optimizer.param_groups[0]["betas"][1]
+    moments = {}
+    for name, param in model.named_parameters():
+        found = second_moment(optimizer, param)
+        if found is None:
+            continue
+        moment, step = found
+        moment = sharding.full_tensor(moment)
+        moments[name] = (moment.float() / (1.0 - beta2 ** step)).to(torch.bfloat16).cpu().contiguous()
+    return moments
 
 
 # --- peak memory ---------------------------------------------------------------------------------------------

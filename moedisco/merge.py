@@ -177,7 +177,7 @@ def merge_submodels(source: Path, submodels: Sequence[Path], weights: Sequence[f
                     fisher: Sequence[Path] | None = None) -> Path:
     """Write the merged MoE to `out` (config.json + safetensors) and return `out`.
 
-    `fisher`, when given, holds each submodel's diagonal Fisher estimate (`train.second_moments`): shared
+    `fisher`, when given, holds each submodel's diagonal Fisher estimate (`memory.second_moments`): shared
     parameters are then Fisher-weighted averages, each element scaled by gamma_k F_k.
     """
     config = read_config(source)

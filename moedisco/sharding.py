@@ -12,7 +12,8 @@ the root's gather.
 
 Checkpoints of a sharded run (`moedisco.train.save_checkpoint`): the optimizer state, the bulk of it (2x the fp32
 weights for AdamW), is saved and restored sharded with torch.distributed.checkpoint, each rank writing and reading
-its own part (and re-sharded on load, so a run may resume on another number of ranks). The weights are gathered to
+its own part (and re-sharded on load, so a run may resume on another number of ranks; `StoredAdamW`'s quantised
+state is saved rank by rank instead and resumes on the same number of ranks). The weights are gathered to
 rank 0's host memory, one tensor at a time, and written as the same `model.safetensors` an unsharded run writes, as
 are the second moments: the synchronisation rounds edit those files between rounds and the merge reads them, so
 both work on sharded and unsharded runs alike, and a resumed run loads the (possibly synchronised) weights before
@@ -34,6 +35,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, init_device_mesh
 
 OPTIMIZER_DIR = "optimizer_sharded"  # torch.distributed.checkpoint's folder in a sharded run's checkpoint
+LOCAL_OPTIMIZER_FILE = "optimizer_rank{rank}.pt"  # or each rank's own optimizer state (`save_optimizer`)
 
 
 def shard_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -84,16 +86,35 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.contiguous() for name, tensor in state.items() if name not in duplicates}
 
 
-def save_optimizer(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Each rank writes its part of the optimizer state into `folder` (torch.distributed.checkpoint)."""
-    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(folder))
+def save_optimizer(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Each rank writes its part of the optimizer state into the `checkpoint` folder: torch.distributed.checkpoint
+    in OPTIMIZER_DIR, or, for an optimizer whose state is per rank (`state_is_local`: `memory.StoredAdamW`'s
+    quantised codes, which DCP would take for replicated tensors), one `optimizer_rank<r>.pt` per rank."""
+    if getattr(optimizer, "state_is_local", False):
+        saved = {"world_size": dist.get_world_size(), "state": optimizer.state_dict()}
+        torch.save(saved, checkpoint / LOCAL_OPTIMIZER_FILE.format(rank=dist.get_rank()))
+        dist.barrier()
+        return
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(checkpoint / OPTIMIZER_DIR))
 
 
-def load_optimizer(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Each rank reads its part of the optimizer state saved by `save_optimizer` (whatever the world size was)."""
-    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=str(folder))
-    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+def load_optimizer(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Each rank reads its part of the optimizer state saved by `save_optimizer`: DCP's re-shards to any world
+    size; a per-rank state needs the world size it was saved with."""
+    if not getattr(optimizer, "state_is_local", False):
+        state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+        dcp.load(state, checkpoint_id=str(checkpoint / OPTIMIZER_DIR))
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        return
+    path = checkpoint / LOCAL_OPTIMIZER_FILE.format(rank=dist.get_rank())
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: this checkpoint holds no per-rank optimizer state for rank "
+                                f"{dist.get_rank()} (was it saved by another optimizer or fewer ranks?)")
+    saved = torch.load(path, weights_only=False)
+    if saved["world_size"] != dist.get_world_size():
+        raise ValueError(f"{checkpoint} holds an optimizer state sharded over {saved['world_size']} ranks; it resumes "
+                         f"only on as many, not {dist.get_world_size()} (its 8-bit/bf16 state is per rank)")
+    optimizer.load_state_dict(saved["state"])
 
 
 def barrier(model: torch.nn.Module) -> None:

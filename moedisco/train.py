@@ -34,7 +34,7 @@ from moedisco.config import TrainConfig
 from moedisco.embed import resolve_device
 from moedisco.evaluate import evaluate_loss, router_load
 from moedisco.layout import write_atomically
-from moedisco.memory import PeakMemory, amp_dtype, make_optimizer, measures_of, prepare_model, second_moment
+from moedisco.memory import PeakMemory, amp_dtype, make_optimizer, measures_of, prepare_model, second_moments
 from moedisco.metrics import MetricsWriter
 from moedisco.shards import batch_source
 from moedisco.split import unique_state_dict
@@ -123,26 +123,6 @@ def lr_multiplier(cfg: TrainConfig, step: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def second_moments(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """Per parameter, AdamW's bias-corrected second moment: a running mean of the squared gradient over the last
-    ~1/(1-beta2) steps, i.e. a diagonal empirical Fisher estimate that training already paid for.
-
-    Stored in bf16 (the squares need range, not precision) to keep the file at half the fp32 weights. Frozen
-    parameters have no optimizer state and are left out. With an 8-bit optimizer it is the dequantised 8-bit
-    moment (`moedisco.memory.second_moment`). Collective for a sharded model (each moment is gathered).
-    """
-    beta2 = optimizer.param_groups[0]["betas"][1]
-    moments = {}
-    for name, param in model.named_parameters():
-        found = second_moment(optimizer, param)
-        if found is None:
-            continue
-        moment, step = found
-        moment = sharding.full_tensor(moment)
-        moments[name] = (moment.float() / (1.0 - beta2 ** step)).to(torch.bfloat16).cpu().contiguous()
-    return moments
-
-
 CHECKPOINT_NAME = re.compile(r"step_(\d+)")
 
 
@@ -188,7 +168,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: dict, spec_yaml: str
             (partial / "spec.yaml").write_text(spec_yaml)
     if sharded:
         sharding.barrier(model)  # the folder exists
-        sharding.save_optimizer(partial / sharding.OPTIMIZER_DIR, model, optimizer)  # returns once all have written
+        sharding.save_optimizer(partial, model, optimizer)  # returns once all have written
     if rank == 0:
         # trainer_state.json is written last and the folder renamed into place, so a crash mid-save never leaves a
         # checkpoint that looks complete.
@@ -219,7 +199,7 @@ def load_weights(ckpt: Path, model) -> None:
 def load_training_state(ckpt: Path, model, optimizer) -> dict:
     """The optimizer (sharded or not, as saved), RNG and loop state; returns the loop state."""
     if sharding.is_sharded(model):
-        sharding.load_optimizer(ckpt / sharding.OPTIMIZER_DIR, model, optimizer)
+        sharding.load_optimizer(ckpt, model, optimizer)
     else:
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
     rng = torch.load(ckpt / "rng.pt", weights_only=False)
