@@ -67,7 +67,7 @@ def dollar_curve(records: list[dict], cost_path: Path) -> list[tuple[float, floa
         if stage == "finetune":
             spent = _stage_usd(cost_path, ("embed", "cluster", "warmup", "submodel", "sync", "merge"))
         for step, experts in sorted(by_step.items()):
-            usd = spent + sum(rates.get(stage, 0.0) * r["seconds"] for r in experts.values())
+            usd = spent + sum(rates.get(stage, 0.0) * r.get("seconds", 0.0) for r in experts.values())
             loss = sum(r["eval_loss"] for r in experts.values()) / len(experts)
             points.append((usd, loss, STAGE[stage].tier))
         if by_step:

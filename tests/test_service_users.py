@@ -110,6 +110,9 @@ def test_another_users_job_is_404_on_every_route(team):
     output = app.state.settings.jobs_dir / job["id"]
     (output / "final").mkdir(parents=True)
     (output / ARTIFACT).write_text("{}")
+    # An evaluate stage's record, so that every route has something of the job to show its owner.
+    (output / "evaluation.json").write_text(json.dumps({"tasks": ["next_paragraph"], "limit": 4,
+                                                        "models": {"moedisco": {"next_paragraph": {"acc": 0.5}}}}))
     routes = _job_routes(admin.get("/openapi.json").json())
     assert len(routes) >= 8  # job, cancel, resume, cost, metrics, artifacts, one artifact, report
     for method, path in routes:
