@@ -31,7 +31,7 @@ from tests.helpers import wait_until
 
 pytestmark = pytest.mark.slow
 
-TRAIN = {"steps": 40, "eval_every": 20, "checkpoint_every": 20, "eval_batches": 1}
+TRAIN = {"steps": 300, "eval_every": 100, "checkpoint_every": 100, "eval_batches": 1}  # expert 0 must outlast a node start
 
 
 @pytest.fixture(scope="module")
