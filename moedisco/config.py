@@ -299,6 +299,21 @@ class JobSpec(_Section):
                              f"({self.submodel.steps}): every round needs at least one step")
         return self
 
+    @model_validator(mode="after")
+    def _batches_split_evenly_over_workers(self) -> JobSpec:
+        # A sharded (FSDP2) run gives each worker batch_size / workers rows, in micro-batches of micro_batch_size:
+        # every worker must run the same number of forward passes, or the collectives of one wait forever.
+        cheap, expensive = self.resources.workers_per_expert, self.resources.finetune_tier.num_devices
+        for section, workers in (("submodel", cheap), ("finetune", expensive), ("full_parameter", expensive)):
+            train: TrainConfig = getattr(self, section)
+            if workers > 1 and train.batch_size % workers:
+                raise ValueError(f"{section}.batch_size ({train.batch_size}) must be a multiple of the "
+                                 f"{workers} workers that shard it")
+            if workers > 1 and train.micro_batch_size and (train.batch_size // workers) % train.micro_batch_size:
+                raise ValueError(f"{section}.micro_batch_size ({train.micro_batch_size}) must divide each of the "
+                                 f"{workers} workers' {train.batch_size // workers} rows")
+        return self
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 

@@ -22,7 +22,9 @@ Legend: N = sequences, L = sequence length, B = batch.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +39,8 @@ class ShardWriter:
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        self.partial = self.folder.with_name(self.folder.name + ".partial")
+        # A name of this writer's own: the workers of one sharded trainer may all make the same missing shard.
+        self.partial = self.folder.with_name(f"{self.folder.name}.partial-{socket.gethostname()}-{os.getpid()}")
         shutil.rmtree(self.partial, ignore_errors=True)
         self.partial.mkdir(parents=True)
         self._tokens = (self.partial / "tokens.bin").open("wb")
@@ -62,8 +65,16 @@ class ShardWriter:
         np.save(self.partial / "offsets.npy", offsets)
         summary = {"documents": len(lengths), "tokens": int(offsets[-1]), "dtype": np.dtype(TOKEN_DTYPE).name}
         (self.partial / DONE_FILE).write_text(json.dumps(summary))
-        shutil.rmtree(self.folder, ignore_errors=True)
-        self.partial.rename(self.folder)
+        if is_complete(self.folder):  # another writer of the same shard finished first: the same documents
+            shutil.rmtree(self.partial, ignore_errors=True)
+            return TokenShard.load(self.folder)
+        shutil.rmtree(self.folder, ignore_errors=True)  # an unfinished leftover
+        try:
+            self.partial.rename(self.folder)
+        except OSError:
+            if not is_complete(self.folder):
+                raise
+            shutil.rmtree(self.partial, ignore_errors=True)
         return TokenShard.load(self.folder)
 
     def abort(self) -> None:

@@ -68,6 +68,19 @@ def test_more_sync_rounds_than_submodel_steps_is_refused():
     assert build_spec(raw).branch.sync_rounds == 3
 
 
+def test_a_sharded_batch_must_split_evenly_over_its_workers():
+    # Uneven shares would give the workers different numbers of forward passes, and FSDP2's collectives would hang.
+    raw = {"output_dir": "x", "data": {"train": "c.jsonl"}, "submodel": {"batch_size": 10},
+           "resources": {"workers_per_expert": 4}}
+    with pytest.raises(SpecError, match=r"submodel.batch_size \(10\) must be a multiple of the 4 workers"):
+        build_spec(raw)
+    raw["submodel"] = {"batch_size": 16, "micro_batch_size": 8}
+    with pytest.raises(SpecError, match=r"micro_batch_size \(8\) must divide each of the 4 workers' 4 rows"):
+        build_spec(raw)
+    raw["submodel"]["micro_batch_size"] = 2
+    assert build_spec(raw).submodel.micro_batch_size == 2
+
+
 def test_a_spec_saved_before_sync_rounds_keeps_one_round():
     raw = {"output_dir": "x", "data": {"train": "c.jsonl"}}
     saved = build_spec(raw).model_dump(mode="json")
