@@ -117,14 +117,6 @@ def test_each_expert_held_one_gpu_of_its_own_node(job):
     assert all(len(r["gpu_ids"]) == 1 and r["gpu_type"] == "4090" and r["device"] == "cpu" for r in rows)
 
 
-def test_experts_ran_in_parallel_once_nodes_arrived(job):
-    running = {e.expert: i for i, e in enumerate(job["events"])
-               if isinstance(e, ExpertState) and e.stage == "submodel" and e.state == "running"}
-    done = {e.expert: i for i, e in enumerate(job["events"])
-            if isinstance(e, ExpertState) and e.stage == "submodel" and e.state == "done"}
-    assert max(running.values()) < min(done.values())
-
-
 def test_the_finetune_holds_the_a100_gpu(job):
     rows = [r for r in job["metrics"] if r.get("stage") == "finetune" and "gpu_ids" in r]
     assert rows and all(r["gpu_type"] == "A100" and len(r["gpu_ids"]) == 1 for r in rows)
