@@ -12,6 +12,10 @@ Ray Train passes on to its workers (`ray.train.get_preemption_info`). The traini
 checkpoint must fit in the grace period) and raises `Preempted`, which a runner counts apart from failures and
 answers by starting only that trainer again, from that step: no step is lost. A run killed without notice
 (SIGKILL, a lost node) still resumes from its last periodic checkpoint, at most `checkpoint_every` steps back.
+
+A stage that does not poll the flag (prepare, embed, cluster, merge, evaluate: each keeps its finished pieces and
+redoes only the rest) is interrupted at once instead (`interrupting`), rather than running on until Kubernetes
+follows the notice with SIGKILL at the end of the grace period.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 class PreemptionNotice:
@@ -28,6 +32,7 @@ class PreemptionNotice:
     def __init__(self) -> None:
         self._event = threading.Event()
         self.reason: str | None = None
+        self._stop: Callable[[str], BaseException] | None = None
 
     def __call__(self) -> bool:
         return self._event.is_set()
@@ -44,8 +49,25 @@ class PreemptionNotice:
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: self.notify("SIGTERM"))
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             yield self
         finally:
             signal.signal(signal.SIGTERM, previous)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.notify("SIGTERM")
+        if self._stop is not None:
+            raise self._stop(self.reason)
+
+    @contextlib.contextmanager
+    def interrupting(self, stop: Callable[[str], BaseException]) -> Iterator[None]:
+        """Inside, a SIGTERM raises `stop(reason)` at once, wherever the main thread is (for a stage that never
+        polls the flag); a notice that came before raises it on entry."""
+        if self():
+            raise stop(self.reason or "preempted")
+        self._stop = stop
+        try:
+            yield
+        finally:
+            self._stop = None

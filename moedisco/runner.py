@@ -32,7 +32,7 @@ from moedisco.report import write_report
 from moedisco.stage_run import StageRun, run_stage
 from moedisco.stages import STAGE, Task, plan, tier_of
 from moedisco.preemption import PreemptionNotice
-from moedisco.train import StopRequested, TrainHooks
+from moedisco.train import Preempted, StopRequested, TrainHooks
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +130,16 @@ class LocalExecutor:
 
     def run(self, tasks: list[Task], started: Started) -> Iterator[tuple[Task, dict]]:
         for task in tasks:
+            if self.notice():  # came between two stages
+                raise Preempted(f"{self.notice.reason}: stopped before {task.stage}", None)
             started(task)
-            yield task, run_stage(self.job.stage_run(task, self.hooks(), self.progress))
+            if STAGE[task.stage].trained:  # its loop polls the notice and checkpoints the step it reached
+                summary = run_stage(self.job.stage_run(task, self.hooks(), self.progress))
+            else:
+                with self.notice.interrupting(lambda why, stage=task.stage: Preempted(
+                        f"{why} during {stage}; a re-run redoes only what it had not finished", None)):
+                    summary = run_stage(self.job.stage_run(task, self.hooks(), self.progress))
+            yield task, summary
 
     def hooks(self) -> TrainHooks:
         return TrainHooks(on_progress=lambda record: self.job.events(progress_event(record)),

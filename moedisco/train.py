@@ -104,9 +104,10 @@ class StopRequested(RuntimeError):
 
 class Preempted(StopRequested):
     """Raised when `TrainHooks.preempted` said the node is being taken back (`moedisco.preemption`): the run
-    checkpointed `step`, the step it had reached, and resumes there."""
+    checkpointed `step`, the step it had reached, and resumes there (None: a stage without steps was stopped; a
+    re-run redoes only its unfinished pieces)."""
 
-    def __init__(self, message: str, step: int):
+    def __init__(self, message: str, step: int | None):
         super().__init__(message)
         self.step = step
 

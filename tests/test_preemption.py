@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -11,12 +12,15 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from moedisco.config import ResourcesConfig, TrainConfig
+from moedisco.layout import JobPaths, is_done
+from moedisco.runner import JobCancelled, run_job
+from moedisco.spec_loading import build_spec
 from moedisco.cost import CostLedger
 from moedisco.metrics import MetricsWriter
 from moedisco.preemption import PreemptionNotice
 from moedisco.train import Preempted, TrainContext, TrainHooks, checkpoint_dir, checkpoint_dirs, train
 from ray_cluster.tracking import WorkDone
-from tests.conftest import tiny_hf_config
+from tests.conftest import tiny_hf_config, tiny_spec_dict
 
 # No periodic checkpoint before the round ends at step 5: only the notice can save step 2.
 CFG = TrainConfig(steps=6, batch_size=4, lr=1e-2, eval_every=1, checkpoint_every=100)
@@ -50,6 +54,37 @@ def test_sigterm_mid_round_checkpoints_the_step_reached_and_the_resumed_run_lose
     ours, theirs = (load_file(checkpoint_dir(tmp_path / run, ROUND_END) / "model.safetensors")
                     for run in ("run", "whole"))
     assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
+
+
+def test_sigterm_interrupts_a_stage_without_steps_at_once():
+    notice = PreemptionNotice()
+    began = time.monotonic()
+    with notice.on_sigterm(), pytest.raises(Preempted) as stopped:
+        with notice.interrupting(lambda why: Preempted(f"{why} during embed", None)):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # an embedding pass that would outlast the grace period
+    assert stopped.value.step is None and time.monotonic() - began < 10
+    with pytest.raises(Preempted):  # the notice stays: the next such stage does not start either
+        with notice.interrupting(lambda why: Preempted(why, None)):
+            pass
+
+
+def test_sigterm_during_the_data_stages_stops_the_job_there_and_a_rerun_goes_on(tmp_path):
+    """The local runner's notice covers the whole job: a SIGTERM while a data stage runs stops the job then, not
+    at the first training step, and the finished stages stay done."""
+    spec = build_spec(tiny_spec_dict(tmp_path / "job"))
+    paths = JobPaths(spec.output_dir)
+
+    def sigterm_when_embed_starts(event) -> None:
+        if event.event == "stage_started" and event.stage == "embed":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Preempted, match="embed"):
+        run_job(spec, events=sigterm_when_embed_starts, progress=False)
+    assert is_done(paths, "prepare") and not is_done(paths, "embed")
+    with pytest.raises(JobCancelled):  # the data stages are what this test is about
+        run_job(spec, progress=False, should_stop=lambda: is_done(paths, "cluster"))
+    assert is_done(paths, "embed") and is_done(paths, "cluster")
 
 
 def test_restarts_count_the_steps_trained_twice_and_preemptions_lose_none():
