@@ -45,6 +45,15 @@ class TierConfig(_Section):
         "GPU is never shared unaccounted, and the ledger prices their wall time (`simulated: true`).",
     )
 
+    spot: bool = Field(
+        False,
+        description="Ray: the tier's nodes may be spot / preemptible capacity, taken back after a notice (a drain: "
+        "KubeRay's preStop `ray drain-node`, or the cloud's). Ray Train's preemption watcher carries the notice to "
+        "the training loop, which checkpoints its step and exits; only that expert starts again, from that step, "
+        "counted as a preemption, not as one of `max_failures`. The watcher is Ray's default; moedisco's local "
+        "simulated cluster turns it off (one more process per trainer) unless a tier of the job says `spot`.",
+    )
+
     @model_validator(mode="after")
     def _cpu_has_no_gpus(self) -> TierConfig:
         if self.device_type == CPU_DEVICE_TYPE and self.gpus_per_worker:

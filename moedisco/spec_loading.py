@@ -29,7 +29,8 @@ class SpecError(ValueError):
 
 # What a spec saved in full by an earlier moedisco meant by a field it did not have yet, where that differs from the
 # field's default today.
-BEFORE_FIELD_EXISTED = {("branch", "sync_rounds"): 1}
+# What a version without the field did. `outer_optimizer` predates its default: it was `average` until measured.
+BEFORE_FIELD_EXISTED = {("branch", "sync_rounds"): 1, ("branch", "outer_optimizer"): "average"}
 
 
 def upgrade_saved_spec(raw: dict[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ A started helper belongs to the process that started it: if that process ends, R
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,8 +109,21 @@ def start_data_worker(spec: JobSpec):
                                           max_task_retries=retries).remote(tier)
 
 
-def start_launcher():
-    return TrainerLauncher.options(**on_driver_node()).remote()
+# Ray Train's preemption watcher, one actor per trainer polling the GCS for drained nodes, is what carries a
+# drain to `ray.train.get_preemption_info()`. The simulated cluster turns it off (`cluster._quiet_ray_env`); a job
+# with a spot tier turns it back on for its trainers, whose controllers inherit the launcher's environment, and
+# polls every second rather than Ray's 5, so that a 30 s notice leaves the checkpoint 29 of them.
+def preemption_watch_env() -> dict[str, str]:
+    return {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1",
+            "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": os.environ.get("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")}
+
+
+def start_launcher(spec: JobSpec | None = None):
+    options = on_driver_node()
+    tiers = (spec.resources.submodel_tier, spec.resources.finetune_tier) if spec is not None else ()
+    if any(tier.spot for tier in tiers):
+        options["runtime_env"] = {"env_vars": preemption_watch_env()}
+    return TrainerLauncher.options(**options).remote()
 
 
 @dataclass
@@ -124,7 +138,7 @@ _started: dict[str, Helpers] = {}
 def start_helpers(spec: JobSpec) -> Helpers:
     """The job's launcher and, when its data stages will run in one process and some are left, the data worker."""
     worker = start_data_worker(spec) if data_stages_in_one_process(spec) and data_stages_pending(spec) else None
-    return Helpers(start_launcher(), worker)
+    return Helpers(start_launcher(spec), worker)
 
 
 def stop_helpers(helpers: Helpers | None) -> None:

@@ -81,12 +81,14 @@ def test_a_sharded_batch_must_split_evenly_over_its_workers():
     assert build_spec(raw).submodel.micro_batch_size == 2
 
 
-def test_a_spec_saved_before_sync_rounds_keeps_one_round():
+def test_a_spec_saved_before_sync_rounds_keeps_one_round_and_the_plain_average():
     raw = {"output_dir": "x", "data": {"train": "c.jsonl"}}
     saved = build_spec(raw).model_dump(mode="json")
-    del saved["branch"]["sync_rounds"]
-    assert build_spec(upgrade_saved_spec(saved)).branch.sync_rounds == 1  # what the older version did
-    assert build_spec(raw).branch.sync_rounds == 4 and "sync_rounds" not in raw.get("branch", {})
+    del saved["branch"]["sync_rounds"], saved["branch"]["outer_optimizer"]
+    older = build_spec(upgrade_saved_spec(saved)).branch  # what the older versions did
+    assert older.sync_rounds == 1 and older.outer_optimizer == "average"
+    current = build_spec(raw).branch
+    assert current.sync_rounds == 4 and current.outer_optimizer == "nesterov" and "branch" not in raw
 
 
 def test_overrides_and_yaml_round_trip(tmp_path):
