@@ -31,7 +31,7 @@ from moedisco.layout import JobPaths, stage_result
 from moedisco.runner import JobCancelled, JobRunner, LocalExecutor, run_job
 from moedisco.stages import Task
 from ray_cluster import data
-from ray_cluster.cluster import (LocalClusterSpec, describe_nodes, free_port,
+from ray_cluster.cluster import (SIMULATED_LABEL, LocalClusterSpec, add_local_node, describe_nodes, free_port,
                                  start_local_cluster, stop_local_cluster)
 from ray_cluster.orchestrate import run_job_on_ray
 from ray_cluster.placement import job_storage, on_driver_node
@@ -313,3 +313,52 @@ def test_sync_rounds_with_data_parallel_submodels_match_the_local_runner(ray_clu
     assert all(set(rows[("submodel", k)]["rounds"]) == {"0", "1"} and rows[("submodel", k)]["num_devices"] == 2
                for k in (0, 1))
     assert rows[("sync", None)]["tier"] == "4090" and (spec.output_dir / "final" / "config.json").is_file()
+
+
+def drain_as_preemption(node_id: str) -> None:
+    """What KubeRay's preStop hook (`ray drain-node`) or a cloud's notice does: the node is to go in 2 minutes."""
+    from ray._raylet import GcsClient
+    from ray.core.generated import autoscaler_pb2
+
+    accepted, why = GcsClient(address=ray.get_runtime_context().gcs_address).drain_node(
+        node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), "spot node reclaimed",
+        int(time.time() * 1000) + 120_000)
+    assert accepted, why
+
+
+def test_a_preempted_expert_checkpoints_on_notice_and_only_it_starts_again(job, tmp_path):
+    """Expert 0's spot node is drained mid-training: Ray Train's preemption watcher tells the worker, which
+    checkpoints the step it reached; only it starts again, on the replacement node, from that step, with no failure
+    budget (`max_failures: 0`) to spend."""
+    out, source = tmp_path / "spot", job["paths"].root
+    # Ray's own files of the other job (its Ray Train runs point at its folder) stay behind.
+    shutil.copytree(source, out, ignore=shutil.ignore_patterns("merged", "final", "runs", "metrics.jsonl",
+                                                               job_storage(job["spec"]).name))
+    shutil.rmtree(out / "submodels" / "0")  # expert 0 trains again; the others and the data stages stay done
+    for marker in ("submodel_0", "merge", "finetune"):
+        (out / "stages" / f"{marker}.json").unlink()
+    spec = build_spec(tiny_spec_dict(out, submodel={"steps": 300, "checkpoint_every": 1000, "eval_every": 4},
+                                     branch=ONE_ROUND, resources={"max_failures": 0, "submodel_tier": {
+                                         "label": "spot", "device_type": "rtx4090", "spot": True}}))
+    spot = {"gpu_type": "spot", **dict([SIMULATED_LABEL])}
+    nodes, events = [add_local_node(spot)], []
+
+    def drain_on_first_progress(event) -> None:
+        events.append(event)
+        if event.event == "progress" and event.stage == "submodel" and event.step > 0 and len(nodes) == 1:
+            nodes.append(add_local_node(spot))  # the replacement pod the autoscaler would add
+            drain_as_preemption(event.node)
+
+    with pytest.raises(JobCancelled):  # stop before the merge: the submodel is what this test is about
+        run_job_on_ray(spec, events=drain_on_first_progress,
+                       should_stop=lambda: (out / "stages" / "submodel_0.json").is_file())
+    (step,) = [e.step for e in events if e.event == "expert_state" and e.state == "preempted"]
+    summary = stage_result(JobPaths(out), "submodel_0")
+    assert 0 < step < 300 and summary["steps"] == 300 and summary["node"] == nodes[1]
+    assert summary["resumed_from"] == step and summary["preemptions"] == 1 and summary["lost_steps"] == 0
+    first = [r for r in read_metrics(out / "metrics.jsonl", "submodel") if r["node"] == nodes[0]]
+    assert first and max(r["step"] for r in first) <= step  # nothing it trained is trained again
+    assert {e.expert for e in events if e.event == "expert_state"} == {0}  # the others stayed done
+    row = next(r for r in json.loads((out / "cost.json").read_text())["stages"]
+               if r["stage"] == "submodel" and r["expert"] == 0)
+    assert row["preemptions"] == 1 and row["lost_steps"] == 0 and row["lost_usd"] == 0.0
