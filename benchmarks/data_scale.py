@@ -9,7 +9,7 @@ BPE on its bounded sample, tokenize into the token shards), `embed` (paper eq. 1
 memory-mapped matrix), `cluster` (k-means on the bounded sample, every document assigned, one token shard per
 cluster) and `train_read` (the batches of `READ_STEPS` optimizer steps drawn from cluster 0's shard, as a submodel
 reads them). `rates` compares, on the first `RATE_DOCUMENTS` training documents, the embedder against the embedding
-model's fast tokenizer batch-encoding the same texts the same way (truncated at `embed.max_length`).
+model's fast tokenizer batch-encoding the same texts the same way (`_rates`).
 Environment: RATE_DOCUMENTS, SAMPLE_DOCUMENTS (`tokenizer.sample_documents`) shrink the run on a small machine.
 `--ray` adds the Ray runner's embed stage (`ray_cluster.data.embed_stage`: Ray Data, one actor on one cheap node)
 on the same train split, in documents/s per worker. Prints one JSON object.
@@ -85,25 +85,33 @@ def _stage(name: str, spec) -> dict:
 
 
 def _rates(spec) -> dict:
+    """Embedder against the fast tokenizer's own batch encode (the Rust `encode_batch_fast`, truncated as the
+    embedder truncates), both on the same blocks of the same texts, in alternating rounds so a load change on a
+    shared machine hits both; the Hugging Face wrapper's call, what the embedder used before, for reference."""
     import itertools
 
     from moedisco.corpus import iter_texts
-    from moedisco.embed import Embedder
+    from moedisco.embed import TOKEN_MEAN_BLOCK, Embedder
     from moedisco.layout import JobPaths
 
     texts = list(itertools.islice(iter_texts(JobPaths(spec.output_dir).texts("train")), RATE_DOCUMENTS))
     embedder = Embedder(spec.embed)
     embedder(texts[:256])  # warm: kernels and thread pools
-    size, cfg = spec.embed.batch_size, spec.embed
-    started = time.perf_counter()
-    for start in range(0, len(texts), size):
-        embedder.tokenizer(texts[start : start + size], truncation=True, max_length=cfg.max_length)
-    tokenize_s = time.perf_counter() - started
-    started = time.perf_counter()
-    embedder(texts)
-    embed_s = time.perf_counter() - started
-    return {"documents": len(texts), "tokenizer_docs_per_s": len(texts) / tokenize_s,
-            "embed_docs_per_s": len(texts) / embed_s, "embed_vs_tokenizer": tokenize_s / embed_s}
+    blocks = [texts[s : s + TOKEN_MEAN_BLOCK] for s in range(0, len(texts), TOKEN_MEAN_BLOCK)]
+    max_length = spec.embed.max_length - 2
+    sides = {"tokenizer": lambda b: embedder.encoder.encode_batch_fast(b, add_special_tokens=False),
+             "embed": embedder,
+             "hf_tokenizer_call": lambda b: embedder.tokenizer(b, add_special_tokens=False, truncation=True,
+                                                               max_length=max_length)}
+    seconds = dict.fromkeys(sides, 0.0)
+    for block in blocks:
+        for name, work in sides.items():
+            started = time.perf_counter()
+            work(block)
+            seconds[name] += time.perf_counter() - started
+    return {"documents": len(texts), **{f"{name}_docs_per_s": len(texts) / s for name, s in seconds.items()},
+            "embed_vs_tokenizer": seconds["tokenizer"] / seconds["embed"],
+            "embed_vs_hf_tokenizer_call": seconds["hf_tokenizer_call"] / seconds["embed"]}
 
 
 def _ray_embed(spec) -> dict:

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from moedisco import cluster, data, embed
 from moedisco.config import JobSpec
@@ -98,11 +99,14 @@ def _tokenizer(spec: JobSpec, paths: JobPaths, sample: list[str] | None):
 
 def write_tokens(texts: Iterator[str], tokenizer, folder: Path) -> TokenShard:
     """Tokenize `texts` a chunk at a time into the shard `folder` (each document ends with EOS)."""
-    eos = tokenizer.eos_token_id
+    eos, backend = tokenizer.eos_token_id, tokenizer.backend_tokenizer
+    # The Rust tokenizer itself, without offsets: the same ids as `tokenizer(chunk)`, at twice its rate.
+    if backend.truncation or backend.padding:
+        backend = Tokenizer.from_str(backend.to_str())
+        backend.no_truncation(), backend.no_padding()
     with ShardWriter(folder) as writer:
         for chunk in chunks(texts):
-            encoded = tokenizer(chunk, add_special_tokens=False)["input_ids"]
-            writer.add([ids + [eos] for ids in encoded])
+            writer.add([e.ids for e in backend.encode_batch_fast(chunk, add_special_tokens=False)], eos=eos)
     return TokenShard.load(folder)
 
 

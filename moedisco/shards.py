@@ -21,6 +21,7 @@ Legend: N = sequences, L = sequence length, B = batch.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -46,12 +47,10 @@ class ShardWriter:
         self._tokens = (self.partial / "tokens.bin").open("wb")
         self._lengths: list[np.ndarray] = []
 
-    def add(self, documents: list[list[int]]) -> None:
-        if not documents:
-            return
-        lengths = np.fromiter((len(d) for d in documents), dtype=np.int64, count=len(documents))
-        flat = np.fromiter((t for d in documents for t in d), dtype=TOKEN_DTYPE, count=int(lengths.sum()))
-        self.add_flat(flat, lengths)
+    def add(self, documents: list[list[int]], eos: int | None = None) -> None:
+        """Documents' token ids; `eos`, when given, is appended to each."""
+        if documents:
+            self.add_flat(*flat_ids(documents, eos=eos))
 
     def add_flat(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """Documents given as one token array and the length of each."""
@@ -89,6 +88,16 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
+
+
+def flat_ids(documents: list[list[int]], eos: int | None = None, dtype=TOKEN_DTYPE) -> tuple[np.ndarray, np.ndarray]:
+    """Documents' id lists as one flat array and each one's length (`eos` appended to each when given), built by
+    numpy from one pass over the ids rather than a Python loop per token."""
+    lengths = np.fromiter(map(len, documents), dtype=np.int64, count=len(documents))
+    flat = np.fromiter(itertools.chain.from_iterable(documents), dtype=dtype, count=int(lengths.sum()))
+    if eos is None:
+        return flat, lengths
+    return np.insert(flat, np.cumsum(lengths), eos), lengths + 1
 
 
 def is_complete(folder: Path) -> bool:
