@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 from moedisco import cluster, data, embed
 from moedisco.config import JobSpec
 from moedisco.layout import JobPaths, write_atomically
-from moedisco.shards import SequenceSource, ShardWriter, TokenShard, is_complete
+from moedisco.shards import RowFile, SequenceSource, ShardWriter, TokenShard, is_complete
 from moedisco.stage_run import StageRun
 
 CHUNK_DOCUMENTS = 4096  # documents tokenized or embedded at a time: a few MB of text
@@ -174,7 +174,7 @@ def stage_embed(run: StageRun) -> dict:
 
 def _clusters(spec: JobSpec, paths: JobPaths) -> tuple[cluster.ClusterResult, bool]:
     """The job's clusters: those already saved for this corpus, else a fit now (which voids the old shards)."""
-    vectors_ND = np.load(paths.embeddings, mmap_mode="r")
+    vectors_ND = RowFile(paths.embeddings)  # one pass, through the file: no 1.5 GB of mapped pages at 1M
     if (paths.clusters / "clusters.json").is_file():
         saved = cluster.ClusterResult.load(paths.clusters)
         if len(saved.assignments) == len(vectors_ND) and len(saved.centroids) == spec.model.num_experts:

@@ -143,3 +143,16 @@ def test_token_mean_is_the_mean_of_the_wrappers_truncated_ids():
     weight = embedder.model.get_input_embeddings().weight.detach().numpy()
     assert max(map(len, ids)) == 14
     np.testing.assert_allclose(embedder(texts), np.stack([weight[i].mean(0) for i in ids]), atol=1e-6)
+
+
+def test_row_file_reads_what_the_memory_map_holds(tmp_path):
+    from moedisco.shards import RowFile
+
+    matrix = np.random.default_rng(0).standard_normal((50, 3)).astype(np.float32)
+    np.save(tmp_path / "m.npy", matrix)
+    rows = RowFile(tmp_path / "m.npy", block_rows=8)
+    ids = np.array([0, 7, 8, 9, 31, 49])
+    assert len(rows) == 50 and np.array_equal(np.asarray(rows), matrix)
+    assert np.array_equal(rows[ids], matrix[ids]) and np.array_equal(rows[45:60], matrix[45:])
+    with pytest.raises(ValueError, match="ascending"):
+        rows[np.array([3, 1])]
