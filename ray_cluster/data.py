@@ -119,7 +119,10 @@ def embed_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int) -> dict:
     num_actors = max(1, min(num_cheap_nodes, -(-num_docs // ROWS_PER_SHARD)))
     options = task_options(spec, tier)
     embedded = ray.data.read_parquet(str(join(storage, "corpus"))).map_batches(
-        EmbedBatches, fn_constructor_kwargs={"cfg": spec.embed, "tier": tier}, batch_size=spec.embed.batch_size,
+        # A shard per call, as the in-process stage embeds a chunk per call: Ray Data's per-batch work (Arrow to
+        # NumPy and back, a task round trip) on `embed.batch_size` = 64 documents cost more than the embedding;
+        # the embedder still runs an encoder in batches of `embed.batch_size` itself.
+        EmbedBatches, fn_constructor_kwargs={"cfg": spec.embed, "tier": tier}, batch_size=ROWS_PER_SHARD,
         compute=ray.data.ActorPoolStrategy(size=num_actors), **options)
     embedded.write_parquet(_fresh(join(storage, "embeddings")))
     on_gpu = options["num_gpus"] > 0 and not tier_simulated(spec, tier)
