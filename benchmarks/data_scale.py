@@ -9,7 +9,7 @@ BPE on its bounded sample, tokenize into the token shards), `embed` (paper eq. 1
 memory-mapped matrix), `cluster` (k-means on the bounded sample, every document assigned, one token shard per
 cluster) and `train_read` (the batches of `READ_STEPS` optimizer steps drawn from cluster 0's shard, as a submodel
 reads them). `rates` compares, on the first `RATE_DOCUMENTS` training documents, the embedder against the embedding
-model's fast tokenizer batch-encoding the same texts the same way (truncated at `embed.max_length`).
+model's fast tokenizer batch-encoding the same texts the same way (`_rates`).
 Environment: RATE_DOCUMENTS, SAMPLE_DOCUMENTS (`tokenizer.sample_documents`) shrink the run on a small machine.
 `--ray` adds the Ray runner's embed stage (`ray_cluster.data.embed_stage`: Ray Data, one actor on one cheap node)
 on the same train split, in documents/s per worker. Prints one JSON object.
@@ -31,6 +31,7 @@ from _common import REPO, peak_rss_mb, run_child
 CORPUS = REPO / "examples" / "data" / "corpus.jsonl"
 READ_STEPS, READ_BATCH = 2000, 8
 RATE_DOCUMENTS = int(os.environ.get("RATE_DOCUMENTS", 20_000))
+RATE_PASSES = 2  # over the rate documents; `embed_vs_tokenizer` is the median of the per-block ratios
 SAMPLE_DOCUMENTS = int(os.environ.get("SAMPLE_DOCUMENTS", 50_000))  # the BPE's bounded sample (the default)
 STAGES = ("prepare", "embed", "cluster", "train_read")
 
@@ -85,25 +86,43 @@ def _stage(name: str, spec) -> dict:
 
 
 def _rates(spec) -> dict:
+    """Embedder against the fast tokenizer's own batch encode (the Rust `encode_batch_fast`, truncated as the
+    embedder truncates), both on the same blocks of the same texts, one right after the other, so a load change on
+    a shared machine hits both; the ratio is the median over the blocks' pairs (the totals' ratio beside it). The
+    Hugging Face wrapper's call, what the embedder used before, for reference."""
     import itertools
 
+    import numpy as np
+
     from moedisco.corpus import iter_texts
-    from moedisco.embed import Embedder
+    from moedisco.embed import TOKEN_MEAN_BLOCK, Embedder
     from moedisco.layout import JobPaths
 
     texts = list(itertools.islice(iter_texts(JobPaths(spec.output_dir).texts("train")), RATE_DOCUMENTS))
     embedder = Embedder(spec.embed)
     embedder(texts[:256])  # warm: kernels and thread pools
-    size, cfg = spec.embed.batch_size, spec.embed
-    started = time.perf_counter()
-    for start in range(0, len(texts), size):
-        embedder.tokenizer(texts[start : start + size], truncation=True, max_length=cfg.max_length)
-    tokenize_s = time.perf_counter() - started
-    started = time.perf_counter()
-    embedder(texts)
-    embed_s = time.perf_counter() - started
-    return {"documents": len(texts), "tokenizer_docs_per_s": len(texts) / tokenize_s,
-            "embed_docs_per_s": len(texts) / embed_s, "embed_vs_tokenizer": tokenize_s / embed_s}
+    blocks = [texts[s : s + TOKEN_MEAN_BLOCK] for s in range(0, len(texts), TOKEN_MEAN_BLOCK)]
+    max_length = spec.embed.max_length - 2
+    sides = {"tokenizer": lambda b: embedder.encoder.encode_batch_fast(b, add_special_tokens=False),
+             "embed": embedder,
+             "hf_tokenizer_call": lambda b: embedder.tokenizer(b, add_special_tokens=False, truncation=True,
+                                                               max_length=max_length)}
+    seconds, ratios = dict.fromkeys(sides, 0.0), {"tokenizer": [], "hf_tokenizer_call": []}
+    for block in blocks * RATE_PASSES:
+        took = {}
+        for name, work in sides.items():
+            started = time.perf_counter()
+            work(block)
+            took[name] = time.perf_counter() - started
+            seconds[name] += took[name]
+        for name in ratios:  # paired on one block, moments apart: a load burst on a shared machine hits one pair
+            ratios[name].append(took[name] / took["embed"])
+    documents = len(texts) * RATE_PASSES
+    return {"documents": documents, "blocks": len(ratios["tokenizer"]),
+            **{f"{name}_docs_per_s": documents / s for name, s in seconds.items()},
+            "embed_vs_tokenizer": float(np.median(ratios["tokenizer"])),
+            "embed_vs_tokenizer_totals": seconds["tokenizer"] / seconds["embed"],
+            "embed_vs_hf_tokenizer_call": float(np.median(ratios["hf_tokenizer_call"]))}
 
 
 def _ray_embed(spec) -> dict:
@@ -135,14 +154,15 @@ def child(payload: dict) -> dict:
     return {**result, "peak_rss_mb": round(max(own, peak_rss_mb()), 1)}
 
 
-def run_size(documents: int, work: Path, ray_too: bool) -> dict:
+def run_size(documents: int, work: Path, ray_too: bool, only: list[str] | None = None) -> dict:
     corpus = build_corpus(work / f"corpus_{documents}.jsonl", documents)
     job = work / f"job_{documents}"
     import shutil
 
-    shutil.rmtree(job, ignore_errors=True)
+    if not only:  # `--only` runs some stages again on the job folder the last run left
+        shutil.rmtree(job, ignore_errors=True)
     out = {"corpus_mb": round(corpus.stat().st_size / 2**20, 1)}
-    for stage in (*STAGES, "rates", *(("ray_embed",) if ray_too else ())):
+    for stage in only or (*STAGES, "rates", *(("ray_embed",) if ray_too else ())):
         out[stage] = run_child(__file__, {"corpus": str(corpus), "job": str(job), "stage": stage})
         print(stage, out[stage], file=sys.stderr, flush=True)
     return out
@@ -153,18 +173,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--documents", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--work", type=Path, default=Path("/tmp/data/scale"))
     parser.add_argument("--ray", action="store_true", help="Also time the Ray Data embed stage.")
+    parser.add_argument("--only", nargs="+", choices=(*STAGES, "rates", "ray_embed"),
+                        help="Run only these stages, on the job folders an earlier run left.")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    sizes = {str(n): run_size(n, args.work, args.ray) for n in args.documents}
+    sizes = {str(n): run_size(n, args.work, args.ray, args.only) for n in args.documents}
     result = {"sizes": sizes}
-    if len(args.documents) >= 2:
+    if len(args.documents) >= 2 and not args.only:
         small, large = sizes[str(min(args.documents))], sizes[str(max(args.documents))]
         result["peak_ratio_large_vs_small"] = {s: round(large[s]["peak_rss_mb"] / small[s]["peak_rss_mb"], 3)
                                                for s in STAGES}
         result["max_peak_rss_mb"] = max(v["peak_rss_mb"] for size in sizes.values() for k, v in size.items()
                                         if isinstance(v, dict))
     for size in sizes.values():
-        if "ray_embed" in size:
+        if "ray_embed" in size and "embed" in size:
             size["ray_vs_in_process_per_worker"] = round(
                 size["ray_embed"]["docs_per_s_per_worker"] / size["embed"]["docs_per_s"], 3)
     return result

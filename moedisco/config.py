@@ -20,15 +20,18 @@ from pydantic import Field, field_validator, model_validator
 
 from moedisco.config_resources import CPU_DEVICE_TYPE, DeviceSpec, ResourcesConfig, TierConfig, _Section  # noqa: F401
 from moedisco.layout import write_atomically
+from moedisco.storage import URI
 
 class DataConfig(_Section):
-    train: Path = Field(description="Training corpus: a .jsonl/.json/.parquet/.txt file, a folder of them or a glob "
-                        "pattern (`corpus/part-*.jsonl`); streamed, but a .json array is read a file at a time.")
+    train: URI | Path = Field(description="Training corpus: a .jsonl/.json/.parquet/.txt file, a folder of them or a "
+                              "glob pattern (`corpus/part-*.jsonl`), local or on object storage (`s3://`, `gs://`); "
+                              "streamed, but a .json array is read a file at a time.")
     format: Literal["auto", "jsonl", "json", "parquet", "text"] = Field(
         "auto", description="File format; `auto` picks it from the file extension."
     )
     text_field: str = Field("text", min_length=1, description="Field holding the document text in JSON/Parquet.")
-    eval: Path | None = Field(None, description="Separate held-out corpus; when unset, `eval_fraction` is split off.")
+    eval: URI | Path | None = Field(
+        None, description="Separate held-out corpus (as `train`); when unset, `eval_fraction` is split off.")
     eval_fraction: float = Field(0.05, ge=0.0, lt=0.5, description="Fraction of documents held out for evaluation.")
     on_error: Literal["raise", "skip"] = Field(
         "raise", description="Malformed lines: `raise` an error naming file and line, or `skip` and count them."
@@ -274,7 +277,9 @@ class JobSpec(_Section):
     method: Literal["moe_disco", "full_parameter"] = Field(
         "moe_disco", description="`moe_disco` (split, train submodels, merge, fine-tune) or the baseline."
     )
-    output_dir: Path = Field(description="Folder for every artifact; re-running on it resumes the job.")
+    output_dir: URI | Path = Field(description="Folder for every artifact; re-running on it resumes the job. An "
+                                   "`s3://` / `gs://` URI is worked on in a local staging folder and copied up after "
+                                   "every stage (`moedisco.storage`).")
     seed: int = Field(0, ge=0, description="Seed for data split, initialisation, clustering and training.")
     max_cost_usd: float | None = Field(None, gt=0, description="Budget: stop at a stage boundary before exceeding it.")
     data: DataConfig

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from moedisco.storage import URI
+
 
 class _Section(BaseModel):
     # Unknown keys are almost always typos ("lerning_rate"), so they are errors, not silently ignored.
@@ -95,7 +97,9 @@ class ResourcesConfig(_Section):
     )
     workers_per_expert: int = Field(1, ge=1, description="Ray: data-parallel workers per submodel trainer.")
     max_failures: int = Field(3, ge=0, description="Ray: restarts of a failed trainer (resumes from checkpoint).")
-    storage_path: Path | None = Field(None, description="Ray: shared storage for checkpoints; unset = output_dir.")
+    storage_path: URI | Path | None = Field(
+        None, description="Ray: shared storage for checkpoints and the data stages' Parquet shards, a folder or an "
+        "`s3://` / `gs://` URI; unset = output_dir.")
     max_parallel: int | None = Field(
         None, ge=1,
         description="Ray: most trainers of one stage (the experts of a round) submitted at once; unset = all of "

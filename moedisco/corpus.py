@@ -22,11 +22,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from moedisco import cluster, data, embed
 from moedisco.config import JobSpec
 from moedisco.layout import JobPaths, write_atomically
-from moedisco.shards import SequenceSource, ShardWriter, TokenShard, is_complete
+from moedisco.shards import RowFile, SequenceSource, ShardWriter, TokenShard, is_complete
 from moedisco.stage_run import StageRun
 
 CHUNK_DOCUMENTS = 4096  # documents tokenized or embedded at a time: a few MB of text
@@ -98,11 +99,14 @@ def _tokenizer(spec: JobSpec, paths: JobPaths, sample: list[str] | None):
 
 def write_tokens(texts: Iterator[str], tokenizer, folder: Path) -> TokenShard:
     """Tokenize `texts` a chunk at a time into the shard `folder` (each document ends with EOS)."""
-    eos = tokenizer.eos_token_id
+    eos, backend = tokenizer.eos_token_id, tokenizer.backend_tokenizer
+    # The Rust tokenizer itself, without offsets: the same ids as `tokenizer(chunk)`, at twice its rate.
+    if backend.truncation or backend.padding:
+        backend = Tokenizer.from_str(backend.to_str())
+        backend.no_truncation(), backend.no_padding()
     with ShardWriter(folder) as writer:
         for chunk in chunks(texts):
-            encoded = tokenizer(chunk, add_special_tokens=False)["input_ids"]
-            writer.add([ids + [eos] for ids in encoded])
+            writer.add([e.ids for e in backend.encode_batch_fast(chunk, add_special_tokens=False)], eos=eos)
     return TokenShard.load(folder)
 
 
@@ -170,7 +174,7 @@ def stage_embed(run: StageRun) -> dict:
 
 def _clusters(spec: JobSpec, paths: JobPaths) -> tuple[cluster.ClusterResult, bool]:
     """The job's clusters: those already saved for this corpus, else a fit now (which voids the old shards)."""
-    vectors_ND = np.load(paths.embeddings, mmap_mode="r")
+    vectors_ND = RowFile(paths.embeddings)  # one pass, through the file: no 1.5 GB of mapped pages at 1M
     if (paths.clusters / "clusters.json").is_file():
         saved = cluster.ClusterResult.load(paths.clusters)
         if len(saved.assignments) == len(vectors_ND) and len(saved.centroids) == spec.model.num_experts:

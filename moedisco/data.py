@@ -13,18 +13,20 @@ Legend: N = number of packed sequences, L = sequence length.
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import json
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from moedisco import storage
 from moedisco.config import DataConfig, TokenizerConfig
 
 log = logging.getLogger(__name__)
@@ -47,8 +49,17 @@ class ReadReport:
 GLOB_CHARS = set("*?[")
 
 
-def corpus_files(path: Path) -> list[Path]:
-    """The files of a corpus given as a file, a folder (searched recursively) or a glob pattern."""
+def corpus_files(path: Path | str) -> list[Path | str]:
+    """The files of a corpus given as a file, a folder (searched recursively) or a glob pattern; on object
+    storage (`s3://`, `gs://`), the objects, as URIs."""
+    if storage.is_uri(path):
+        try:
+            files = storage.list_files(path, tuple(SUFFIX_FORMATS))
+        except storage.StorageError as error:
+            raise DataError(str(error)) from None
+        if not files:
+            raise DataError(f"{path}: no object there (nor one matching it, nor a .jsonl/.json/.parquet/.txt under it)")
+        return files
     if GLOB_CHARS & set(str(path)):
         anchor = Path(path.anchor or ".")
         files = sorted(p for p in anchor.glob(str(path.relative_to(anchor)) if path.is_absolute() else str(path))
@@ -66,13 +77,19 @@ def corpus_files(path: Path) -> list[Path]:
     return [path]
 
 
-def detect_format(path: Path, fmt: str) -> str:
+def detect_format(path: Path | str, fmt: str) -> str:
     if fmt != "auto":
         return fmt
+    suffix = PurePosixPath(str(path)).suffix
     try:
-        return SUFFIX_FORMATS[path.suffix]
+        return SUFFIX_FORMATS[suffix]
     except KeyError:
-        raise DataError(f"{path}: cannot tell the format from {path.suffix!r}; set data.format") from None
+        raise DataError(f"{path}: cannot tell the format from {suffix!r}; set data.format") from None
+
+
+def _open_text(path: Path | str) -> io.TextIOWrapper:
+    """A local file or an object, as UTF-8 text (a bad byte raises, and names the file)."""
+    return io.TextIOWrapper(storage.open_input(path), encoding="utf-8", errors="strict")
 
 
 def _text_of(record: object, field: str, where: str) -> str:
@@ -86,8 +103,8 @@ def _text_of(record: object, field: str, where: str) -> str:
     return text
 
 
-def _read_jsonl(path: Path, field: str, skip: bool, report: ReadReport) -> Iterator[str]:
-    with path.open(encoding="utf-8", errors="strict") as handle:
+def _read_jsonl(path: Path | str, field: str, skip: bool, report: ReadReport) -> Iterator[str]:
+    with _open_text(path) as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -99,10 +116,11 @@ def _read_jsonl(path: Path, field: str, skip: bool, report: ReadReport) -> Itera
                 report.num_skipped += 1
 
 
-def _read_json(path: Path, field: str, skip: bool, report: ReadReport) -> Iterator[str]:
+def _read_json(path: Path | str, field: str, skip: bool, report: ReadReport) -> Iterator[str]:
     # A JSON array cannot be parsed in pieces: a .json file is read whole (use JSONL or Parquet for big corpora).
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        with _open_text(path) as handle:
+            records = json.loads(handle.read())
     except json.JSONDecodeError as error:
         raise DataError(f"{path}:{error.lineno}: not valid JSON: {error.msg}") from None
     if not isinstance(records, list):
@@ -116,19 +134,19 @@ def _read_json(path: Path, field: str, skip: bool, report: ReadReport) -> Iterat
             report.num_skipped += 1
 
 
-def _read_parquet(path: Path, field: str) -> Iterator[str]:
+def _read_parquet(path: Path | str, field: str) -> Iterator[str]:
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(path)
+    parquet = pq.ParquetFile(storage.open_input(path))
     if field not in parquet.schema_arrow.names:
         raise DataError(f"{path}: no column {field!r} (columns: {', '.join(parquet.schema_arrow.names)})")
     for batch in parquet.iter_batches(batch_size=4096, columns=[field]):
         yield from (text for text in batch.column(0).to_pylist() if isinstance(text, str))
 
 
-def _read_text(path: Path) -> Iterator[str]:
+def _read_text(path: Path | str) -> Iterator[str]:
     # Plain text: documents are separated by blank lines, the usual convention for paragraph corpora.
-    with path.open(encoding="utf-8", errors="strict") as handle:
+    with _open_text(path) as handle:
         block: list[str] = []
         for line in itertools.chain(handle, [""]):
             if line.strip():
@@ -138,7 +156,7 @@ def _read_text(path: Path) -> Iterator[str]:
                 block = []
 
 
-def read_file(path: Path, fmt: str, field: str, skip: bool, report: ReadReport) -> Iterator[str]:
+def read_file(path: Path | str, fmt: str, field: str, skip: bool, report: ReadReport) -> Iterator[str]:
     fmt = detect_format(path, fmt)
     readers = {"jsonl": lambda: _read_jsonl(path, field, skip, report),
                "json": lambda: _read_json(path, field, skip, report),
@@ -147,9 +165,15 @@ def read_file(path: Path, fmt: str, field: str, skip: bool, report: ReadReport) 
         yield from readers[fmt]()
     except UnicodeDecodeError as error:
         raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except storage.StorageError as error:
+        raise DataError(str(error)) from None
+    except OSError as error:  # an object read half-way fails as it is read, not as it is opened
+        if not storage.is_uri(path):
+            raise
+        raise DataError(f"{path}: {error}; {storage.CREDENTIALS}") from None
 
 
-def iter_documents(path: Path, cfg: DataConfig, report: ReadReport | None = None) -> Iterator[str]:
+def iter_documents(path: Path | str, cfg: DataConfig, report: ReadReport | None = None) -> Iterator[str]:
     """Every non-empty document under `path`, in file order, one at a time (`data.max_documents` at most)."""
     report = report if report is not None else ReadReport()
     texts = (t for file in corpus_files(path) for t in read_file(file, cfg.format, cfg.text_field,
@@ -163,7 +187,7 @@ def iter_documents(path: Path, cfg: DataConfig, report: ReadReport | None = None
         log.warning("%s: skipped %d malformed records", path, report.num_skipped)
 
 
-def read_documents(path: Path, cfg: DataConfig, report: ReadReport | None = None) -> list[str]:
+def read_documents(path: Path | str, cfg: DataConfig, report: ReadReport | None = None) -> list[str]:
     """`iter_documents` as a list: for corpora that fit in memory."""
     return list(iter_documents(path, cfg, report))
 

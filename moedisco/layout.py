@@ -28,13 +28,32 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from moedisco import storage
+
 
 @dataclass(frozen=True)
 class JobPaths:
+    """`root` is the job folder; for an `output_dir` on object storage, its local staging folder, and `remote`
+    the URI it is copied to (`moedisco.storage`: memory-mapped shards need local files)."""
+
     root: Path
+    remote: str | None = None
 
     def __post_init__(self) -> None:
+        if storage.is_uri(self.root):
+            object.__setattr__(self, "remote", str(self.root))
+            object.__setattr__(self, "root", storage.staging_dir(str(self.root)))
         object.__setattr__(self, "root", Path(self.root))
+
+    def pull(self) -> None:
+        """A job folder on object storage: copy down what this machine's staging folder lacks (a resume)."""
+        if self.remote is not None:
+            storage.pull(self.remote, self.root)
+
+    def push(self) -> None:
+        """A job folder on object storage: copy up what changed here since the last push."""
+        if self.remote is not None:
+            storage.push(self.root, self.remote)
 
     spec = property(lambda self: self.root / "spec.yaml")
     owner = property(lambda self: self.root / "owner.json")

@@ -188,6 +188,7 @@ class JobRunner:
         return self.job.paths
 
     def run(self) -> dict:
+        self.paths.pull()  # an output_dir on object storage: resume from what is there
         self.executor.open(self.job)
         try:
             check_same_job(self.spec, self.paths)
@@ -199,6 +200,7 @@ class JobRunner:
         finally:
             self.executor.close()
         write_report(self.paths.metrics, self.paths.cost, self.paths.report, title=self.spec.name)
+        self.paths.push()
         evaluation = stage_result(self.paths, "evaluate").get("scores") if is_done(self.paths, "evaluate") else None
         return {"output_dir": str(self.paths.root), "final": str(self.paths.final), "cost": self.ledger.summary(),
                 "evaluation": evaluation}
@@ -236,6 +238,7 @@ class JobRunner:
         self.emit(StageFinished(**task.ids, summary=summary, final=final))
         mark_done(self.paths, task.marker, summary)
         self.done(task)
+        self.paths.push()  # an output_dir on object storage holds every finished stage
 
     def done(self, task: Task) -> None:
         if task.stage == "sync":

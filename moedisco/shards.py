@@ -21,6 +21,7 @@ Legend: N = sequences, L = sequence length, B = batch.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -46,12 +47,10 @@ class ShardWriter:
         self._tokens = (self.partial / "tokens.bin").open("wb")
         self._lengths: list[np.ndarray] = []
 
-    def add(self, documents: list[list[int]]) -> None:
-        if not documents:
-            return
-        lengths = np.fromiter((len(d) for d in documents), dtype=np.int64, count=len(documents))
-        flat = np.fromiter((t for d in documents for t in d), dtype=TOKEN_DTYPE, count=int(lengths.sum()))
-        self.add_flat(flat, lengths)
+    def add(self, documents: list[list[int]], eos: int | None = None) -> None:
+        """Documents' token ids; `eos`, when given, is appended to each."""
+        if documents:
+            self.add_flat(*flat_ids(documents, eos=eos))
 
     def add_flat(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """Documents given as one token array and the length of each."""
@@ -91,6 +90,16 @@ class ShardWriter:
             self.abort()
 
 
+def flat_ids(documents: list[list[int]], eos: int | None = None, dtype=TOKEN_DTYPE) -> tuple[np.ndarray, np.ndarray]:
+    """Documents' id lists as one flat array and each one's length (`eos` appended to each when given), built by
+    numpy from one pass over the ids rather than a Python loop per token."""
+    lengths = np.fromiter(map(len, documents), dtype=np.int64, count=len(documents))
+    flat = np.fromiter(itertools.chain.from_iterable(documents), dtype=dtype, count=int(lengths.sum()))
+    if eos is None:
+        return flat, lengths
+    return np.insert(flat, np.cumsum(lengths), eos), lengths + 1
+
+
 def is_complete(folder: Path) -> bool:
     return (Path(folder) / DONE_FILE).is_file()
 
@@ -98,8 +107,8 @@ def is_complete(folder: Path) -> bool:
 class TokenShard:
     """A finished shard, memory-mapped: reading it costs the pages touched, not the shard's size."""
 
-    def __init__(self, tokens: np.ndarray, offsets: np.ndarray):
-        self.tokens, self.offsets = tokens, offsets
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, tokens_path: Path | None = None):
+        self.tokens, self.offsets, self.tokens_path = tokens, offsets, tokens_path
 
     @classmethod
     def load(cls, folder: Path) -> TokenShard:
@@ -111,7 +120,7 @@ class TokenShard:
         # np.memmap refuses an empty file; an empty shard (a cluster with no held-out document) is a plain array.
         tokens = np.memmap(folder / "tokens.bin", dtype=TOKEN_DTYPE, mode="r", shape=(count,)) if count else (
             np.zeros(0, dtype=TOKEN_DTYPE))
-        return cls(tokens, offsets)
+        return cls(tokens, offsets, folder / "tokens.bin" if count else None)
 
     @property
     def num_documents(self) -> int:
@@ -136,8 +145,16 @@ class TokenShard:
             chosen = np.zeros(last - first + 1, dtype=bool)
             chosen[ids - first] = True
             lengths = np.diff(self.offsets[first : last + 2])
-            window = np.asarray(self.tokens[self.offsets[first] : self.offsets[last + 1]])
+            window = self._read(int(self.offsets[first]), int(self.offsets[last + 1]))
             yield window[np.repeat(chosen, lengths)], lengths[chosen]
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) read through the file: a pass over the whole shard through the memory map would
+        leave every page of it in the process's resident memory (1 GB of tokens at 1M documents)."""
+        if self.tokens_path is None:
+            return np.asarray(self.tokens[start:stop])
+        itemsize = np.dtype(TOKEN_DTYPE).itemsize
+        return np.fromfile(self.tokens_path, dtype=TOKEN_DTYPE, count=stop - start, offset=start * itemsize)
 
     def pack(self, seq_len: int, doc_ids: np.ndarray | None = None) -> torch.Tensor:
         """In memory, as `TokenizedCorpus.pack`: for the held-out split and other small selections."""
@@ -152,6 +169,47 @@ class TokenShard:
             raise DataError(f"only {len(stream)} tokens: fewer than one sequence of {seq_len}; "
                             "lower data.sequence_length")
         return torch.from_numpy(stream[: num_seqs * seq_len].astype(np.int64)).view(num_seqs, seq_len)
+
+
+class RowFile:
+    """The rows of a .npy matrix on disk, read through the file a block at a time, for one pass over a matrix
+    larger than memory should hold: rows read through a memory map stay in the process's resident memory until
+    the kernel reclaims them (the embeddings are 1.5 GB at 1M documents); a block read into a buffer is freed with
+    it. `len`, `np.asarray`, a slice, and an ascending array of row ids."""
+
+    def __init__(self, path: Path, block_rows: int = 16_384):
+        header = np.load(path, mmap_mode="r")  # the header only: shape, dtype, where the rows start
+        self.path, self.shape, self.dtype, self.offset = Path(path), header.shape, header.dtype, header.offset
+        self.row_items, self.block_rows = int(np.prod(self.shape[1:])), block_rows
+        del header
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _rows(self, start: int, stop: int) -> np.ndarray:
+        stop = min(stop, len(self))
+        count = max(0, stop - start) * self.row_items
+        flat = np.fromfile(self.path, dtype=self.dtype, count=count,
+                           offset=self.offset + start * self.row_items * self.dtype.itemsize)
+        return flat.reshape(-1, *self.shape[1:])
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                raise ValueError("RowFile slices take every row")
+            return self._rows(start, stop)
+        ids = np.asarray(key, dtype=np.int64)
+        if len(ids) > 1 and not (np.diff(ids) > 0).all():
+            raise ValueError("row ids must be ascending and distinct")
+        bounds = np.searchsorted(ids, np.arange(0, len(self) + self.block_rows, self.block_rows))
+        parts = [self._rows(int(ids[lo]), int(ids[hi - 1]) + 1)[ids[lo:hi] - ids[lo]]
+                 for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+        return np.concatenate(parts) if parts else np.zeros((0, *self.shape[1:]), dtype=self.dtype)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        rows = self._rows(0, len(self))
+        return rows if dtype is None else rows.astype(dtype)
 
 
 class SequenceSource:
@@ -175,9 +233,23 @@ class SequenceSource:
         return self.num_sequences
 
     def rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """Sequences `rows` as a LongTensor [len(rows), L]."""
-        starts = rows.numpy().astype(np.int64)[:, None] * self.seq_len
-        return torch.from_numpy(self.shard.tokens[starts + np.arange(self.seq_len)].astype(np.int64))
+        """Sequences `rows` as a LongTensor [len(rows), L], each read from the file with one `pread`: rows picked
+        through the memory map would fault in the kernel's read-ahead around each one, and over a few thousand
+        steps the process's resident memory would grow to the whole shard (290 MB of a 1M-document corpus's
+        cluster); read into a buffer, they cost the batch."""
+        starts = rows.numpy().astype(np.int64) * self.seq_len
+        if self.shard.tokens_path is None:
+            return torch.from_numpy(self.shard.tokens[starts[:, None] + np.arange(self.seq_len)].astype(np.int64))
+        out = np.empty((len(starts), self.seq_len), dtype=TOKEN_DTYPE)
+        row_bytes, itemsize = out.itemsize * self.seq_len, out.itemsize
+        fd = os.open(self.shard.tokens_path, os.O_RDONLY)
+        try:
+            for row, start in zip(out, starts.tolist()):
+                if os.preadv(fd, [row], start * itemsize) != row_bytes:
+                    raise OSError(f"{self.shard.tokens_path}: short read at token {start}")
+        finally:
+            os.close(fd)
+        return torch.from_numpy(out.astype(np.int64))
 
     def head(self, count: int) -> torch.Tensor:
         return self.rows(torch.arange(min(count, self.num_sequences)))

@@ -16,6 +16,7 @@ import yaml
 from pydantic import ValidationError
 
 from moedisco.config import JobSpec
+from moedisco.storage import is_uri
 
 # (section, field) of every spec path a job reads: resolved against the spec's folder here, made absolute by
 # `moedisco submit`, checked against the allowed input roots by the service.
@@ -90,11 +91,12 @@ def absolute_paths(spec: JobSpec) -> JobSpec:
     """A copy of `spec` whose paths are absolute, against this process's working directory. Done once, where a
     spec is accepted (the CLI, the runner): a relative `output_dir` would otherwise mean another folder in every
     pod or Ray worker with its own working directory."""
-    spec = spec.model_copy(deep=True, update={"output_dir": Path(spec.output_dir).absolute()})
+    output_dir = spec.output_dir if is_uri(spec.output_dir) else Path(spec.output_dir).absolute()
+    spec = spec.model_copy(deep=True, update={"output_dir": output_dir})
     for section, field in SPEC_PATHS:
         obj = getattr(spec, section)
         path = getattr(obj, field)
-        if path is not None and not path.is_absolute():
+        if path is not None and not is_uri(path) and not path.is_absolute():
             setattr(obj, field, path.absolute())
     return spec
 
@@ -104,6 +106,8 @@ def resolve_relative(path: Path, base_dir: Path) -> Path:
 
     Paths in a YAML are relative to the working directory, but fall back to the YAML's folder so that
     `moedisco run /elsewhere/spec.yaml` (and `moedisco submit`) find data that lives beside the spec."""
+    if is_uri(path):
+        return path
     if not path.is_absolute() and not path.exists() and (base_dir / path).exists():
         return base_dir / path
     return path

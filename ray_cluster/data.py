@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,6 +45,7 @@ import ray.data
 from moedisco import cluster
 from moedisco.config import EmbedConfig, JobSpec, TierConfig
 from moedisco.metrics import MetricsWriter
+from moedisco.storage import join, make_dir, remove_tree
 from ray_cluster.placement import job_storage, label_selector, prepare_worker, task_options, tier_simulated
 
 if TYPE_CHECKING:
@@ -55,9 +55,10 @@ MAX_FIT_DOCUMENTS = cluster.MAX_FIT_DOCUMENTS  # one bound for both runners
 ROWS_PER_SHARD = 4096
 
 
-def _fresh(folder: Path) -> str:
+def _fresh(folder: Path | str) -> str:
     # A stage interrupted half-way left partial files; a re-run rewrites the folder whole.
-    shutil.rmtree(folder, ignore_errors=True)
+    remove_tree(folder)
+    make_dir(folder)
     return str(folder)
 
 
@@ -68,17 +69,17 @@ def _quiet_data_context() -> None:
 # --- 1. corpus with document ids ----------------------------------------------------------------------------------
 
 
-def index_corpus(train_jsonl: Path, out_dir: Path, rows_per_shard: int = ROWS_PER_SHARD) -> int:
-    """Stream train.jsonl into Parquet shards of (doc_id, text); returns the number of documents."""
-    out_dir = Path(_fresh(out_dir))
-    out_dir.mkdir(parents=True)
+def index_corpus(train_jsonl: Path, out_dir: Path | str, rows_per_shard: int = ROWS_PER_SHARD) -> int:
+    """Stream train.jsonl into Parquet shards of (doc_id, text), locally or on object storage; returns the number
+    of documents."""
+    out_dir = _fresh(out_dir)
     num_docs = 0
     with train_jsonl.open() as handle:
         lines = (line for line in handle if line.strip())  # as moedisco.pipeline.load_texts reads it
         while chunk := list(itertools.islice(lines, rows_per_shard)):
             texts = [json.loads(line)["text"] for line in chunk]
             doc_ids = np.arange(num_docs, num_docs + len(texts))
-            pq.write_table(pa.table({"doc_id": doc_ids, "text": texts}), out_dir / f"corpus-{num_docs:010d}.parquet")
+            pq.write_table(pa.table({"doc_id": doc_ids, "text": texts}), join(out_dir, f"corpus-{num_docs:010d}.parquet"))
             num_docs += len(texts)
     return num_docs
 
@@ -112,15 +113,18 @@ def embed_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int) -> dict:
     _quiet_data_context()
     started = time.perf_counter()
     storage, tier = job_storage(spec), spec.resources.submodel_tier
-    num_docs = index_corpus(paths.texts("train"), storage / "corpus")
+    num_docs = index_corpus(paths.texts("train"), join(storage, "corpus"))
     # A fixed pool, one actor per cheap node, no larger than there are shards to embed: the nodes it holds are
     # what the stage costs.
     num_actors = max(1, min(num_cheap_nodes, -(-num_docs // ROWS_PER_SHARD)))
     options = task_options(spec, tier)
-    embedded = ray.data.read_parquet(str(storage / "corpus")).map_batches(
-        EmbedBatches, fn_constructor_kwargs={"cfg": spec.embed, "tier": tier}, batch_size=spec.embed.batch_size,
+    embedded = ray.data.read_parquet(str(join(storage, "corpus"))).map_batches(
+        # A shard per call, as the in-process stage embeds a chunk per call: Ray Data's per-batch work (Arrow to
+        # NumPy and back, a task round trip) on `embed.batch_size` = 64 documents cost more than the embedding;
+        # the embedder still runs an encoder in batches of `embed.batch_size` itself.
+        EmbedBatches, fn_constructor_kwargs={"cfg": spec.embed, "tier": tier}, batch_size=ROWS_PER_SHARD,
         compute=ray.data.ActorPoolStrategy(size=num_actors), **options)
-    embedded.write_parquet(_fresh(storage / "embeddings"))
+    embedded.write_parquet(_fresh(join(storage, "embeddings")))
     on_gpu = options["num_gpus"] > 0 and not tier_simulated(spec, tier)
     return _embedded(spec, paths, num_docs, started, "cuda" if on_gpu else "cpu", num_actors)
 
@@ -128,7 +132,7 @@ def embed_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int) -> dict:
 # --- 3. k-means on the embeddings (a sample once the corpus is large) -----------------------------------------------
 
 
-def read_embeddings(embeddings_dir: Path, max_documents: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
+def read_embeddings(embeddings_dir: Path | str, max_documents: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
     """(doc_ids, vectors_ND) of every document, or of a uniform sample of about `max_documents`; and the total."""
     ds = ray.data.read_parquet(str(embeddings_dir)).select_columns(["doc_id", "embedding"])
     num_docs = count_rows(embeddings_dir)
@@ -142,7 +146,7 @@ def read_embeddings(embeddings_dir: Path, max_documents: int, seed: int) -> tupl
     return doc_ids_N[order], np.concatenate(vectors)[order], num_docs
 
 
-def fit_on_sample(spec: JobSpec, embeddings_dir: Path, max_documents: int) -> tuple[cluster.ClusterResult, bool]:
+def fit_on_sample(spec: JobSpec, embeddings_dir: Path | str, max_documents: int) -> tuple[cluster.ClusterResult, bool]:
     """Fit the spec's clustering on (a sample of) the embeddings; True when the fit saw every document."""
     doc_ids, vectors_ND, num_docs = read_embeddings(embeddings_dir, max_documents, spec.seed)
     covers_all = len(doc_ids) == num_docs
@@ -163,7 +167,7 @@ def assign_batch(batch: dict, result: cluster.ClusterResult, fitted: np.ndarray 
     return {"doc_id": batch["doc_id"], "text": batch["text"], "cluster": assignments_B, "sq_distance": sq_distance_B}
 
 
-def collect_assignments(shards_dir: Path, num_docs: int) -> tuple[np.ndarray, float]:
+def collect_assignments(shards_dir: Path | str, num_docs: int) -> tuple[np.ndarray, float]:
     """The small per-document columns of the shards: assignments [num_docs] (int64) and the k-means objective.
 
     Read with pyarrow in this process, a batch at a time: a few bytes per document, and on a small corpus a Ray Data
@@ -179,7 +183,7 @@ def collect_assignments(shards_dir: Path, num_docs: int) -> tuple[np.ndarray, fl
     return assignments, inertia
 
 
-def count_rows(parquet_dir: Path) -> int:
+def count_rows(parquet_dir: Path | str) -> int:
     return pads.dataset(str(parquet_dir), format="parquet").count_rows()  # from the footers, no data read
 
 
@@ -189,13 +193,13 @@ def cluster_stage(spec: JobSpec, paths: JobPaths, max_fit_documents: int = MAX_F
     started = time.perf_counter()
     storage, tier = job_storage(spec), spec.resources.submodel_tier
     fit = ray.remote(fit_on_sample).options(num_cpus=1, label_selector=label_selector(spec, tier))
-    result, covers_all = ray.get(fit.remote(spec, storage / "embeddings", max_fit_documents))
+    result, covers_all = ray.get(fit.remote(spec, join(storage, "embeddings"), max_fit_documents))
     fitted = result.assignments if covers_all else None
-    embeddings = ray.data.read_parquet(str(storage / "embeddings"))
+    embeddings = ray.data.read_parquet(str(join(storage, "embeddings")))
     assigned = embeddings.map_batches(assign_batch, fn_kwargs={"result": result, "fitted": fitted},
                                       batch_format="numpy", label_selector=label_selector(spec, tier))
-    assigned.write_parquet(_fresh(storage / "clusters"), partition_cols=["cluster"])
-    fit_documents = count_rows(storage / "embeddings") if covers_all else len(result.assignments)
+    assigned.write_parquet(_fresh(join(storage, "clusters")), partition_cols=["cluster"])
+    fit_documents = count_rows(join(storage, "embeddings")) if covers_all else len(result.assignments)
     return _clustered(spec, paths, result, fit_documents, started)
 
 
@@ -203,8 +207,8 @@ def _clustered(spec: JobSpec, paths: JobPaths, result: cluster.ClusterResult, fi
                started: float) -> dict:
     """Read the assignments back from the per-cluster shards and save OUTPUT/cluster/ (both paths end here)."""
     storage = job_storage(spec)
-    num_docs = count_rows(storage / "embeddings")
-    assignments, inertia = collect_assignments(storage / "clusters", num_docs)
+    num_docs = count_rows(join(storage, "embeddings"))
+    assignments, inertia = collect_assignments(join(storage, "clusters"), num_docs)
     full = cluster.ClusterResult(assignments, result.centroids, inertia, result.normalize, result.method)
     if min(full.sizes) == 0:
         raise ValueError("clustering left an expert with no documents; try cluster.method=balanced_kmeans")
@@ -218,7 +222,7 @@ def _clustered(spec: JobSpec, paths: JobPaths, result: cluster.ClusterResult, fi
     MetricsWriter(paths.metrics).write({"stage": "cluster", "step": 0, "sizes": full.sizes, "inertia": inertia,
                                         "seconds": seconds, "device": "cpu", "fit_documents": fit_documents})
     return {"sizes": full.sizes, "inertia": inertia, "method": full.method, "seconds": seconds, "device": "cpu",
-            "fit_documents": fit_documents, "shards": str(storage / "clusters"), "num_nodes": 1}
+            "fit_documents": fit_documents, "shards": str(join(storage, "clusters")), "num_nodes": 1}
 
 
 # --- a corpus of one shard: every data stage in one process ----------------------------------------------------------
@@ -230,13 +234,12 @@ def embed_in_process(spec: JobSpec, paths: JobPaths, embedder) -> dict:
 
     started = time.perf_counter()
     storage = job_storage(spec)
-    num_docs = index_corpus(paths.texts("train"), storage / "corpus")
-    corpus = pads.dataset(str(storage / "corpus"), format="parquet").to_table().sort_by("doc_id")
+    num_docs = index_corpus(paths.texts("train"), join(storage, "corpus"))
+    corpus = pads.dataset(str(join(storage, "corpus")), format="parquet").to_table().sort_by("doc_id")
     vectors_ND = embedder(corpus["text"].to_pylist())
-    out = Path(_fresh(storage / "embeddings"))
-    out.mkdir(parents=True)
+    out = _fresh(join(storage, "embeddings"))
     pq.write_table(corpus.append_column("embedding", ArrowTensorArray.from_numpy(vectors_ND)),
-                   out / "embeddings-0000000000.parquet")
+                   join(out, "embeddings-0000000000.parquet"))
     return _embedded(spec, paths, num_docs, started, str(embedder.device.type), 1)
 
 
@@ -244,10 +247,10 @@ def cluster_in_process(spec: JobSpec, paths: JobPaths) -> dict:
     """`cluster_stage`'s outputs with the fit, the assignment and the shard writes in this process."""
     started = time.perf_counter()
     storage = job_storage(spec)
-    table = pads.dataset(str(storage / "embeddings"), format="parquet").to_table().sort_by("doc_id")
+    table = pads.dataset(str(join(storage, "embeddings")), format="parquet").to_table().sort_by("doc_id")
     batch = {"doc_id": table["doc_id"].to_numpy(), "text": table["text"].to_pylist(),
              "embedding": np.concatenate([chunk.to_numpy() for chunk in table["embedding"].chunks])}
     result = cluster.fit_clusters(batch["embedding"], spec.cluster, spec.model.num_experts, spec.seed)
     assigned = assign_batch(batch, result, result.assignments)  # the fit saw every document, in doc_id order
-    pq.write_to_dataset(pa.table(assigned), _fresh(storage / "clusters"), partition_cols=["cluster"])
+    pq.write_to_dataset(pa.table(assigned), _fresh(join(storage, "clusters")), partition_cols=["cluster"])
     return _clustered(spec, paths, result, len(batch["doc_id"]), started)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 from collections.abc import Callable, Iterator
 
 import ray
@@ -42,6 +41,7 @@ from moedisco.config import JobSpec
 from moedisco.events import Events
 from moedisco.runner import BudgetLeft, JobCancelled, JobContext, JobRunner, Started
 from moedisco.stages import STAGE, Task
+from moedisco.storage import join, remove_tree
 from ray_cluster import data, prestart
 from ray_cluster.cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster
 from ray_cluster.placement import (TierUnreachable, check_tiers_reachable, on_driver_node, run_name,
@@ -162,8 +162,7 @@ class RayExecutor:
         """A synced round's Ray Train runs: their reported checkpoint copies are never read again (the next round
         is a run of its own and resumes from the synced checkpoints in the job folder)."""
         for expert in range(self.spec.model.num_experts):
-            shutil.rmtree(storage_root(self.spec) / run_name(self.spec, "submodel", expert, round_index),
-                          ignore_errors=True)
+            remove_tree(join(storage_root(self.spec), run_name(self.spec, "submodel", expert, round_index)))
 
     def stop_data_worker(self) -> None:
         if self.data_worker is not None:

@@ -23,26 +23,34 @@ import ray
 
 from moedisco import stages
 from moedisco.config import JobSpec, TierConfig
+from moedisco.layout import JobPaths
+from moedisco.storage import is_uri, join
 from moedisco.stage_run import StageRun, run_stage
 from ray_cluster.cluster import CONTROL_PLANE_LABEL, SIMULATED_LABEL, describe_nodes, nodes_with_label
 
 log = logging.getLogger(__name__)
 
 
-def storage_root(spec: JobSpec) -> Path:
-    return Path(spec.resources.storage_path or spec.output_dir).resolve()
+def storage_root(spec: JobSpec) -> Path | str:
+    """`resources.storage_path`, else the job folder (for an `output_dir` on object storage, its local staging
+    folder, `moedisco.layout.JobPaths`); an object-storage `storage_path` is its URI, which Ray Train and Ray Data
+    read and write themselves."""
+    if is_uri(spec.resources.storage_path):
+        return spec.resources.storage_path
+    return Path(spec.resources.storage_path or JobPaths(spec.output_dir).root).resolve()
 
 
 def job_key(spec: JobSpec) -> str:
     """The job's folder name on shared storage: its name (for people) and a digest of its output_dir (one per
     job), so two jobs of the same name on one storage path never share, restore or delete each other's files."""
-    digest = hashlib.sha256(str(Path(spec.output_dir).resolve()).encode()).hexdigest()[:12]
+    output_dir = spec.output_dir if is_uri(spec.output_dir) else Path(spec.output_dir).resolve()
+    digest = hashlib.sha256(str(output_dir).encode()).hexdigest()[:12]
     return f"{spec.name}-{digest}"
 
 
-def job_storage(spec: JobSpec) -> Path:
+def job_storage(spec: JobSpec) -> Path | str:
     """Ray's own files of this job (corpus and embedding shards, per-cluster shards, Ray Train runs)."""
-    return storage_root(spec) / job_key(spec)
+    return join(storage_root(spec), job_key(spec))
 
 
 def run_name(spec: JobSpec, stage: str, expert: int | None, round_index: int | None = None) -> str:

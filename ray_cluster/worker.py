@@ -34,6 +34,7 @@ from moedisco.events import WorkerStarted, progress_event
 from moedisco.layout import JobPaths, NotOwner, check_owner
 from moedisco.preemption import PreemptionNotice
 from moedisco.stage_run import StageRun
+from moedisco.storage import is_uri
 from ray_cluster.placement import prepare_worker, storage_root, tier_of
 
 log = logging.getLogger(__name__)
@@ -61,12 +62,12 @@ def node_identity(label_key: str) -> dict:
 POINTER_FILE = "moedisco_checkpoint.json"
 
 
-def reportable_checkpoint(folder: Path, storage: Path, scratch: Path) -> Path:
+def reportable_checkpoint(folder: Path, storage: Path | str, scratch: Path) -> Path:
     """What to hand `ray.train.report` for moedisco's checkpoint `folder`: the folder itself (Ray copies it to its
     storage) when it lies outside Ray's storage, else a small pointer written under `scratch`. A checkpoint that
     is already on the shared storage needs no second copy (25-29 GB per Qwen1.5-MoE submodel)."""
-    if not folder.resolve().is_relative_to(storage.resolve()):
-        return folder
+    if is_uri(storage) or not folder.resolve().is_relative_to(Path(storage).resolve()):
+        return folder  # Ray copies it (to object storage when `resources.storage_path` is a URI)
     scratch.mkdir(parents=True, exist_ok=True)
     (scratch / POINTER_FILE).write_text(json.dumps({"path": str(folder.resolve())}))
     return scratch

@@ -130,3 +130,29 @@ def test_interrupted_data_stages_resume_without_redoing_finished_pieces(tiny_spe
     assert {k: _mtime(paths.cluster_tokens(k) / "shard.json") for k in (0, 2, 3)} == kept
     assert np.array_equal(TokenShard.load(paths.cluster_tokens(1)).tokens, shard_1)
     assert sum(TokenShard.load(paths.cluster_tokens(k)).num_documents for k in range(4)) == embedded["documents"]
+
+
+def test_token_mean_is_the_mean_of_the_wrappers_truncated_ids():
+    """The embedder encodes through the Rust tokenizer directly; the vectors are those of the Hugging Face call."""
+    from moedisco.config import EmbedConfig
+    from moedisco.embed import Embedder
+
+    embedder = Embedder(EmbedConfig(max_length=16))
+    texts = [*TEXTS[:9], "word " * 40]  # the last one is cut at max_length - 2 tokens
+    ids = embedder.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=14)["input_ids"]
+    weight = embedder.model.get_input_embeddings().weight.detach().numpy()
+    assert max(map(len, ids)) == 14
+    np.testing.assert_allclose(embedder(texts), np.stack([weight[i].mean(0) for i in ids]), atol=1e-6)
+
+
+def test_row_file_reads_what_the_memory_map_holds(tmp_path):
+    from moedisco.shards import RowFile
+
+    matrix = np.random.default_rng(0).standard_normal((50, 3)).astype(np.float32)
+    np.save(tmp_path / "m.npy", matrix)
+    rows = RowFile(tmp_path / "m.npy", block_rows=8)
+    ids = np.array([0, 7, 8, 9, 31, 49])
+    assert len(rows) == 50 and np.array_equal(np.asarray(rows), matrix)
+    assert np.array_equal(rows[ids], matrix[ids]) and np.array_equal(rows[45:60], matrix[45:])
+    with pytest.raises(ValueError, match="ascending"):
+        rows[np.array([3, 1])]
