@@ -4,11 +4,11 @@
     result["plan"]["submodel"]["measures"]      # what a submodel trains with to fit the cheap tier
 
 Parameter counts come from instantiating the model on the `meta` device (no memory). The memory model, per device
-(`memory_plan`): weights + gradients + AdamW moments, in the bytes per parameter the measures give, + activations
-of one micro-batch; `plan_measures` climbs `LADDER` until a stage fits, and `resolve_memory` writes the result into
-the spec a job runs (or refuses it). Activations are counted per token and layer from the
-tensors autograd keeps: attention projections and scores, the routed experts' and shared expert's FFN
-intermediates, norms and residuals, plus the fp32 logits. `benchmarks/memory.py` checks it against measured peaks.
+(`memory_plan`): weights and optimizer state, in the bytes per parameter the measures give, plus the largest of
+the step's phases (the forward's kept activations, counted per token and layer from the tensors autograd keeps;
+the backward's gradients; the optimizer step's working set). `plan_measures` climbs `LADDER` on the devices the
+runner gives a stage (`stage_devices`), then shards, until it fits; `resolve_memory` writes the result into the
+spec a job runs (or refuses it). `benchmarks/memory.py` checks the model against measured peaks.
 """
 
 from __future__ import annotations
