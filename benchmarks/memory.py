@@ -83,7 +83,10 @@ def _auto_measures(hidden: int) -> dict:
     params = parameter_counts(config)["total"]
     plain = TrainConfig(batch_size=BATCH, precision="fp32")
     device_gb = AUTO_DEVICE_SHARE * memory_plan(params, config, plain, SEQ_LEN, 1e9, on_gpu=False)["total_gb"]
-    resolved, _ = plan_measures(params, config, TrainConfig(batch_size=BATCH), SEQ_LEN, device_gb, on_gpu=False)
+    resolved, plan = plan_measures(params, config, TrainConfig(batch_size=BATCH), SEQ_LEN, device_gb, on_gpu=False)
+    if plan["num_devices"] > 1:  # the row trains in one process: a plan that needs sharding has no row
+        raise SystemExit(f"hidden {hidden}: no measure fits {device_gb:.2f} GB on one device "
+                         f"(the plan shards over {plan['num_devices']})")
     return {k: v for k, v in resolved.model_dump().items() if k in resolved.model_fields_set - {"batch_size"}}
 
 
