@@ -83,21 +83,31 @@ def _auto_measures(hidden: int) -> dict:
     params = parameter_counts(config)["total"]
     plain = TrainConfig(batch_size=BATCH, precision="fp32")
     device_gb = AUTO_DEVICE_SHARE * memory_plan(params, config, plain, SEQ_LEN, 1e9, on_gpu=False)["total_gb"]
-    resolved, _ = plan_measures(params, config, TrainConfig(batch_size=BATCH), SEQ_LEN, device_gb, on_gpu=False)
+    resolved, plan = plan_measures(params, config, TrainConfig(batch_size=BATCH), SEQ_LEN, device_gb, on_gpu=False)
+    if plan["num_devices"] > 1:  # the row trains in one process: a plan that needs sharding has no row
+        raise SystemExit(f"hidden {hidden}: no measure fits {device_gb:.2f} GB on one device "
+                         f"(the plan shards over {plan['num_devices']})")
     return {k: v for k, v in resolved.model_dump().items() if k in resolved.model_fields_set - {"batch_size"}}
 
 
-def rows(sizes: list[int]) -> list[dict]:
+def rows(sizes: list[int], on_row=lambda table: None) -> list[dict]:
+    """The rows of every size; `on_row(rows so far)` after each (a long run leaves what it measured)."""
     out = []
     for hidden in sizes:
         steps = 3 if hidden < 2048 else 2
-        measured = {name: run_child(__file__, {"hidden": hidden, "measures": m, "steps": steps})
-                    for name, m in {**MEASURES, "auto": _auto_measures(hidden)}.items()}
-        for name, row in measured.items():
-            out.append({"hidden": hidden, "measure": name, **row,
-                        "error": row["estimate_gb"] / row["peak_gb"] - 1,
-                        "speed_vs_plain": row["tokens_per_s"] / measured["plain"]["tokens_per_s"]})
+        plain_speed = None
+        for name, measures in {**MEASURES, "auto": _auto_measures(hidden)}.items():
+            row = run_child(__file__, {"hidden": hidden, "measures": measures, "steps": steps})
+            plain_speed = plain_speed or row["tokens_per_s"]
+            out.append({"hidden": hidden, "measure": name, **row, "error": row["estimate_gb"] / row["peak_gb"] - 1,
+                        "speed_vs_plain": row["tokens_per_s"] / plain_speed})
+            on_row(out)
     return out
+
+
+def _table(table: list[dict]) -> dict:
+    return {"benchmark": "memory", "device": "cpu", "seq_len": SEQ_LEN, "batch": BATCH, "layers": LAYERS,
+            "rows": table, "max_abs_error": max(abs(r["error"]) for r in table)}
 
 
 def auto_job(out_dir: Path) -> dict:
@@ -146,6 +156,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="hidden 512 only")
     parser.add_argument("--auto-job", action="store_true", help="the CPU job under `memory: auto`")
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048], help="hidden sizes of the rows")
+    parser.add_argument("--out", type=Path, help="also write the rows measured so far here, after each row")
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
@@ -154,9 +165,8 @@ def main(argv=None) -> dict:
         with tempfile.TemporaryDirectory(dir=REPO / "runs") as tmp:
             result = auto_job(Path(tmp) / "out")
     else:
-        table = rows([512] if args.quick else args.sizes)
-        result = {"benchmark": "memory", "device": "cpu", "seq_len": SEQ_LEN, "batch": BATCH, "layers": LAYERS,
-                  "rows": table, "max_abs_error": max(abs(r["error"]) for r in table)}
+        save = (lambda table: args.out.write_text(json.dumps(_table(table), indent=1))) if args.out else None
+        result = _table(rows([512] if args.quick else args.sizes, save or (lambda table: None)))
     print(json.dumps(result, indent=1))
     return result
 

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import AnonPeak, bench_args, run_child, sized_config
+from _common import AnonPeak, run_child, sized_config
 
 NUM_EXPERTS = 4
 CENTROID_SEQUENCES = 16  # merge.centroid_sequences' default
@@ -75,15 +75,23 @@ def child(payload: dict) -> dict:
 
 
 def main(argv=None) -> dict:
-    args = bench_args(__doc__, child, argv)
-    if args is None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="hidden 256 and 512 only")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024], help="hidden sizes")
+    parser.add_argument("--router-init", nargs="+", default=["concat", "centroid"], choices=["concat", "centroid"])
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
         return {}
     rows = []
-    for hidden in ([256, 512] if args.quick else [256, 512, 1024]):
+    for hidden in ([256, 512] if args.quick else args.sizes):
         with tempfile.TemporaryDirectory() as tmp:
             sizes = write_submodels(hidden, Path(tmp))
             shard = int(sizes["submodel_mb"] * 1e6)  # one shard = one submodel's size
-            for fisher, router_init in itertools.product((False, True), ("concat", "centroid")):
+            for fisher, router_init in itertools.product((False, True), args.router_init):
                 payload = {"folder": tmp, "shard_bytes": shard, "fisher": fisher, "router_init": router_init}
                 row = {"hidden": hidden, "weighting": "fisher" if fisher else "samples", "router_init": router_init,
                        **sizes, **run_child(__file__, payload)}

@@ -8,8 +8,9 @@
 The model's own forward does the work (its rotary embeddings, its causal mask, the decoder layer built for that
 index, so a dense layer of a sparse-step model stays dense): the model is built on the meta device, and for each
 layer its `layers` list holds that one layer, loaded from the safetensors shards, while every group of sequences
-goes through it. The hidden states of all the sequences (N x L x H) are kept between layers; that, one layer and
-the embedding are the peak, not the whole model (a merged Mixtral-8x7B layer is 1/32 of its 187 GB in fp32).
+goes through it. The hidden states of all the sequences (N x L x H) are kept between layers in a memory-mapped
+scratch file, so one layer, the embedding and one pass's activations are the peak, not the whole model (a merged
+Mixtral-8x7B layer is 1/32 of its 187 GB in fp32).
 
 Legend: N = sequences, L = sequence length, H = hidden.
 """
@@ -18,10 +19,12 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
@@ -110,7 +113,7 @@ def stream_layers(weights: SavedWeights, groups_NL: Sequence[torch.Tensor], batc
     decoder.eval()
     types = getattr(weights.config, "layer_types", None)
     embedding = _fp32(weights.get("model.embed_tokens.weight"))
-    hidden = [torch.nn.functional.embedding(group_NL, embedding) for group_NL in groups_NL]
+    hidden = [_on_disk(group_NL, embedding, weights.folder, batch_size) for group_NL in groups_NL]
     del embedding
     for index in range(len(layers)):
         layer = _load_layer(weights, layers, index)
@@ -127,7 +130,23 @@ def stream_layers(weights: SavedWeights, groups_NL: Sequence[torch.Tensor], batc
                         # In place: a pass's input is spent once its output exists.
                         hidden_NLH[rows] = _through(decoder, layer, hidden_NLH[rows])
         layers[index] = layer.to("meta")  # frees its weights before the next layer is read
-    return [decoder.norm(hidden_NLH) for hidden_NLH in hidden]
+    for hidden_NLH in hidden:
+        for start in range(0, len(hidden_NLH), batch_size):
+            hidden_NLH[start : start + batch_size] = decoder.norm(hidden_NLH[start : start + batch_size])
+    return hidden
+
+
+def _on_disk(group_NL: torch.Tensor, embedding_VH: torch.Tensor, folder: Path, batch_size: int) -> torch.Tensor:
+    """The group's embedded tokens (N x L x H, fp32) in a memory-mapped scratch file beside the model: the pages
+    of the hidden states kept between layers are the kernel's to write back and drop, not the process's memory.
+    The file is unlinked at once; the mapping keeps it until the tensor is freed."""
+    shape = (*group_NL.shape, embedding_VH.shape[1])
+    with tempfile.TemporaryFile(dir=folder) as scratch:
+        hidden_NLH = torch.from_numpy(np.memmap(scratch, dtype=np.float32, mode="w+", shape=shape))
+    for start in range(0, len(group_NL), batch_size):
+        hidden_NLH[start : start + batch_size] = torch.nn.functional.embedding(
+            group_NL[start : start + batch_size], embedding_VH)
+    return hidden_NLH
 
 
 def _through(decoder, layer, hidden_BLH: torch.Tensor) -> torch.Tensor:

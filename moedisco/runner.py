@@ -101,6 +101,10 @@ Started = Callable[[Task], None]
 class Executor(Protocol):
     """Runs the tasks of a job; the `JobRunner` keeps the books."""
 
+    # Whether it shards a training stage over several devices (Ray: `estimate.stage_devices`): the memory planner
+    # plans each stage for the devices it will really train on.
+    shards: bool
+
     def open(self, job: JobContext) -> None:
         """Before the job's first task."""
 
@@ -117,6 +121,8 @@ class Executor(Protocol):
 
 class LocalExecutor:
     """Every task in this process, one after another."""
+
+    shards = False  # one device per stage
 
     def __init__(self, progress: bool = True):
         self.progress = progress
@@ -168,7 +174,7 @@ class JobRunner:
                  budget_left: BudgetLeft | None = None):
         # Every process the job reaches reads the same folders, and trains with the memory measures planned here
         # (`memory: auto`), which the saved spec then holds; a job that fits no device is refused before it starts.
-        spec = resolve_memory(absolute_paths(spec))
+        spec = resolve_memory(absolute_paths(spec), sharded=executor.shards)
         paths = JobPaths(spec.output_dir)
         self.owner, self.user_should_stop, self.user_events = owner, should_stop, events or ignore
         self.budget_left, self.replaced = budget_left, False

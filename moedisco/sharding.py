@@ -24,6 +24,7 @@ Every function here is collective when the model is sharded: all ranks call it, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -121,6 +122,24 @@ def barrier(model: torch.nn.Module) -> None:
     """Wait for every rank of a sharded run (a no-op otherwise): rank 0's files are written before anyone reads."""
     if is_sharded(model):
         dist.barrier()
+
+
+def on_rank_zero(model: torch.nn.Module, rank: int, action: Callable[[], None]) -> None:
+    """Run `action` (rank 0's writes: metrics, checkpoint files, the owner check before them) on rank 0, and raise
+    what it raised on every rank of a sharded run, each of which calls this at the same point: a rank that went on
+    alone would wait forever in the next collective for a rank 0 that left (e.g. on `layout.NotOwner`)."""
+    error = None
+    if rank == 0:
+        try:
+            action()
+        except Exception as raised:  # shared below, then raised again on every rank
+            error = raised
+    if is_sharded(model):
+        shared = [error]
+        dist.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error is not None:
+        raise error
 
 
 def mean_over_ranks(value: float, model: torch.nn.Module) -> float:

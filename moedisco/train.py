@@ -156,7 +156,8 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: dict, spec_yaml: str
     sharded = sharding.is_sharded(model)
     weights = sharding.full_state_dict(model) if sharded else unique_state_dict(model)
     second = second_moments(model, optimizer) if moments else None
-    if rank == 0:
+
+    def write_files() -> None:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         save_file(weights, partial / "model.safetensors", metadata={"format": "pt"})
@@ -167,10 +168,8 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: dict, spec_yaml: str
             save_file(second, partial / SECOND_MOMENT_FILE, metadata={"format": "pt"})
         if spec_yaml is not None:
             (partial / "spec.yaml").write_text(spec_yaml)
-    if sharded:
-        sharding.barrier(model)  # the folder exists
-        sharding.save_optimizer(partial, model, optimizer)  # returns once all have written
-    if rank == 0:
+
+    def put_in_place() -> None:
         # trainer_state.json is written last and the folder renamed into place, so a crash mid-save never leaves a
         # checkpoint that looks complete.
         (partial / "trainer_state.json").write_text(json.dumps(state))
@@ -178,7 +177,11 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: dict, spec_yaml: str
         partial.rename(final)
         for old in checkpoint_dirs(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    sharding.barrier(model)  # no rank looks for the checkpoint before it is in place
+
+    sharding.on_rank_zero(model, rank, write_files)  # on every rank when sharded: the folder exists after it
+    if sharded:
+        sharding.save_optimizer(partial, model, optimizer)  # returns once all have written
+    sharding.on_rank_zero(model, rank, put_in_place)
     return final
 
 
@@ -264,13 +267,16 @@ def train(model, train_NL: torch.Tensor, eval_NL: torch.Tensor | None, cfg: Trai
     if sharded or hooks.rank == 0:  # gathering a sharded model's weights and moments takes every rank
         weights = sharding.full_state_dict(model) if sharded else unique_state_dict(model)
         moments = second_moments(model, optimizer) if ctx.save_second_moment else None
-    if hooks.rank == 0:
+
+    def write_final() -> None:
         hooks.check_write()
         save_file(weights, run_dir / "model.safetensors", metadata={"format": "pt"})
         if moments is not None:
             save_file(moments, run_dir / SECOND_MOMENT_FILE, metadata={"format": "pt"})
         write_atomically(run_dir / RESULT_FILE, json.dumps(asdict(result)))  # the run's "done", so whole or absent
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+
+    sharding.on_rank_zero(model, hooks.rank, write_final)
     return result
 
 
@@ -367,9 +373,8 @@ class _Loop:
         if self.router_counts is not None:
             record["router_load"] = (self.router_counts / self.router_counts.sum()).tolist()
             self.router_counts = None
-        if self.hooks.rank == 0:
-            self.hooks.check_write()
-            self.ctx.metrics.write(record)
+        sharding.on_rank_zero(self.model, self.hooks.rank, lambda: (self.hooks.check_write(),
+                                                                    self.ctx.metrics.write(record)))
         if self.hooks.on_progress:
             self.hooks.on_progress(record)
 
@@ -377,8 +382,7 @@ class _Loop:
         rank = self.hooks.rank
         if rank != 0 and not sharding.is_sharded(self.model):
             return
-        if rank == 0:
-            self.hooks.check_write()
+        sharding.on_rank_zero(self.model, rank, self.hooks.check_write)
         ckpt = save_checkpoint(self.ctx.run_dir, self.model, self.optimizer, dict(self.state),
                                self.ctx.spec_yaml, self.cfg.keep_checkpoints, moments, rank)
         if rank == 0 and self.hooks.on_checkpoint:

@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 class RayExecutor:
     """Places each task of a job on its tier of a Ray cluster (the `moedisco.runner.Executor` interface)."""
 
+    shards = True  # a trainer with several workers shards its model over them (FSDP2)
+
     def __init__(self):
         self.tracker: Tracker | None = None
         self.data_worker = None

@@ -72,8 +72,8 @@ def test_the_planner_climbs_the_ladder_and_keeps_what_the_user_set(tmp_path):
     plain = estimate_job(_sized_spec(tmp_path, 24.0))["plan"]["submodel"]
     assert plain["measures"] == {"micro_batch_size": None, "activation_checkpointing": False, "precision": "auto",
                                  "optimizer": "adamw", "offload_optimizer": False}  # it fits: nothing changes
-    tight = resolve_memory(_sized_spec(tmp_path, plain["total_gb"] * 0.5)).submodel
-    assert tight.micro_batch_size < 16  # micro-batching first
+    tight = resolve_memory(_sized_spec(tmp_path, plain["total_gb"] * 0.7)).submodel
+    assert tight.micro_batch_size < 16 and not tight.activation_checkpointing  # micro-batching first
     kept = resolve_memory(_sized_spec(tmp_path, plain["total_gb"] * 0.5, precision="bf16-mixed", micro_batch_size=8))
     assert kept.submodel.precision == "bf16-mixed" and kept.submodel.micro_batch_size == 8
     assert kept.submodel.optimizer == "adamw-8bit"  # what the user left open was climbed past instead
@@ -141,3 +141,58 @@ def test_a_budget_left_hook_stops_before_a_stage_it_cannot_pay(tmp_path):
     with pytest.raises(BudgetExceeded):
         runner.check_budget("merge")  # nothing at all left: not even a stage that was free last time
     JobRunner(spec, LocalExecutor(progress=False), budget_left=lambda: None).check_budget("submodel")  # no budget
+
+
+def _top_of_ladder_gb(spec, num_devices: int) -> float:
+    from moedisco.config import TrainConfig
+    from moedisco.estimate import memory_plan, spec_config
+
+    config = with_num_experts(spec_config(spec), 1)
+    top = TrainConfig(batch_size=16, micro_batch_size=1, activation_checkpointing=True, precision="bf16-true",
+                      optimizer="adamw-8bit", offload_optimizer=True)
+    return memory_plan(parameter_counts(spec_config(spec))["submodel"], config, top, spec.data.sequence_length, 1.0,
+                       True, num_devices)["total_gb"]
+
+
+def test_the_planner_counts_the_devices_the_runner_really_trains_on(tmp_path):
+    probe = _sized_spec(tmp_path, 24.0)
+    one, two = _top_of_ladder_gb(probe, 1), _top_of_ladder_gb(probe, 2)
+    device_gb = (one + two) / 2 / 0.9  # fits sharded over two devices, not on one
+    raw = tiny_spec_dict(tmp_path / "out", model={"hidden_size": 256, "moe_intermediate_size": 512,
+                                                  "num_hidden_layers": 4}, submodel={"batch_size": 16},
+                         resources={"workers_per_expert": 2,
+                                    "devices": {"rtx4090": {"memory_gb": device_gb, "bf16_tflops": 165.2},
+                                                "a100": {"memory_gb": 80, "bf16_tflops": 312.0}}})
+    resolve_memory(build_spec(raw), sharded=True)  # Ray shards each submodel over its 2 workers: it fits
+    with pytest.raises(MemoryFitError, match=r"only sharded over 2 devices .*, but it trains on 1 \(the local runner never shards"):
+        resolve_memory(build_spec(raw), sharded=False)  # the local runner never shards
+    plan = estimate_job(build_spec(raw))["plan"]["submodel"]
+    assert plan["num_devices"] == plan["available_devices"] == 2
+    assert plan["devices_from"] == "resources.workers_per_expert"
+
+
+def test_a_sharded_plan_splits_the_batch_evenly_over_its_devices():
+    plan = estimate_job(load_spec(REPO / "examples" / "mixtral-8x7b.yaml"))["plan"]
+    for section in ("submodel", "finetune"):
+        devices, micro = plan[section]["num_devices"], plan[section]["measures"]["micro_batch_size"]
+        assert 16 % devices == 0 and (micro is None or (16 // devices) % micro == 0)
+    assert "set resources.workers_per_expert to" in plan["submodel"]["refused"]
+    assert "set resources.finetune_tier.num_devices to" in plan["finetune"]["refused"]
+
+
+def test_a_resumed_job_keeps_the_precision_and_optimizer_its_checkpoints_hold(tmp_path):
+    spec = _sized_spec(tmp_path, 24.0)  # fits plain: a fresh job would train with AdamW in fp32/bf16-mixed
+    saved = spec.model_copy(update={"submodel": spec.submodel.model_copy(
+        update={"precision": "bf16-true", "optimizer": "adamw-8bit"})})
+    spec.output_dir.mkdir(parents=True)
+    saved.save(spec.output_dir / "spec.yaml")
+    assert resolve_memory(spec).submodel.optimizer == "adamw"  # no stage trained yet: planned afresh
+    run = spec.output_dir / "submodels" / "0" / "checkpoints"
+    run.mkdir(parents=True)
+    (run / "step_00000001").mkdir()
+    resumed = resolve_memory(spec)
+    assert resumed.submodel.precision == "bf16-true" and resumed.submodel.optimizer == "adamw-8bit"
+    assert resumed.finetune.optimizer == "adamw"  # the fine-tune has not started: still planned
+    tight = _sized_spec(tmp_path, 0.001)
+    with pytest.raises(MemoryFitError, match=r"kept from the checkpoints in .*submodels/0"):
+        resolve_memory(tight)

@@ -3,6 +3,9 @@ as its number format allows, and resumes exactly; the peak-memory meter sees an 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -12,7 +15,7 @@ from moedisco.config import TrainConfig
 from moedisco.memory import PeakMemory, StoredAdamW, make_optimizer, prepare_model, second_moment
 from moedisco.metrics import MetricsWriter
 from moedisco.train import SECOND_MOMENT_FILE, TrainContext, TrainHooks, _Loop, train
-from tests.conftest import tiny_hf_config
+from tests.conftest import REPO, tiny_hf_config
 
 CPU = torch.device("cpu")
 SEQS_NL = torch.randint(0, 97, (32, 16), generator=torch.Generator().manual_seed(1))
@@ -120,6 +123,33 @@ def test_the_cpu_meter_sees_an_allocation_made_after_it_started():
     block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
     del block
     assert 0.06 <= meter.peak_gb() < 0.5
+
+
+# After a 16 MB block is freed, glibc would put the next ones in its heap, where a small block kept above them
+# pins their pages: a CPU stage's freed activations would stay resident (`memory.return_freed_tensors_to_the_os`).
+FRAGMENTING = """
+from pathlib import Path
+import torch
+from moedisco.config import TrainConfig
+from moedisco.memory import prepare_model
+from tests.conftest import REPO, tiny_hf_config
+from transformers import AutoModelForCausalLM
+prepare_model(AutoModelForCausalLM.from_config(tiny_hf_config("qwen2_moe")), TrainConfig(), torch.device("cpu"))
+rss = lambda: int(next(l.split()[1] for l in Path("/proc/self/status").read_text().splitlines()
+                       if l.startswith("VmRSS:"))) / 1024
+torch.ones(4 << 20).sum()
+start, big, small = rss(), [], []
+for _ in range(8):
+    big.append(torch.ones(4 << 20))
+    small.append(torch.ones(50_000))
+del big
+print(rss() - start)
+"""
+
+
+def test_a_cpu_stage_gives_freed_tensors_back_to_the_os():
+    out = subprocess.run([sys.executable, "-c", FRAGMENTING], capture_output=True, text=True, check=True, cwd=REPO)
+    assert float(out.stdout.split()[-1]) < 32  # MB still resident of the 128 MB freed (glibc's default: ~130)
 
 
 def test_measure_fields_are_validated_and_old_specs_keep_their_meaning():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -180,3 +181,39 @@ def test_per_rank_optimizer_state_refuses_another_world_size(measured_runs, tmp_
     with pytest.raises(mp.ProcessRaisedException, match="sharded over 2 ranks; it resumes only on as many, not 1"):
         mp.start_processes(_resume_worker, args=(sharded / ROUND_COPY, tmp_path / "init"), nprocs=1,
                            start_method="fork")
+
+
+def _lease_lost_worker(rank: int, run_dir: Path, init_file: Path, outcome: Path) -> None:
+    """A sharded run whose rank 0 alone learns, at its third write, that another runner took the job folder."""
+    from moedisco.layout import NotOwner
+    from moedisco.sharding import shard_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    writes = []
+
+    def before_write() -> None:
+        writes.append(None)
+        if len(writes) == 3:
+            raise NotOwner("another runner owns the job folder now")
+
+    try:
+        _run(run_dir, TrainHooks(wrap_model=shard_model, rank=rank, world_size=2, before_write=before_write),
+             stops=(None,))
+    except NotOwner as stopped:
+        (outcome / f"rank{rank}").write_text(str(stopped))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_error_on_rank_zero_alone_stops_every_rank(tmp_path):
+    (tmp_path / "outcome").mkdir()
+    context = mp.start_processes(_lease_lost_worker, args=(tmp_path / "run", tmp_path / "init", tmp_path / "outcome"),
+                                 nprocs=2, start_method="fork", join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("a rank still waits in a collective after rank 0 stopped")
+    assert sorted(path.name for path in (tmp_path / "outcome").iterdir()) == ["rank0", "rank1"]
