@@ -29,6 +29,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from moedisco.config import JobSpec
+from moedisco.estimate import stage_devices
 from moedisco.stages import STAGE, Task
 from ray_cluster.placement import (label_selector, run_name, storage_root, tier_of, tier_simulated,
                                    worker_resources)
@@ -36,10 +37,10 @@ from ray_cluster.worker import train_func
 
 
 def num_workers(spec: JobSpec, stage: str) -> int:
-    # A cheap-tier trainer (a submodel, the shared warm-up) uses `workers_per_expert` data-parallel workers; an
-    # expensive-tier one (the fine-tune) one worker per device of its tier.
-    tier = tier_of(spec, stage)
-    return spec.resources.workers_per_expert if tier == spec.resources.submodel_tier else tier.num_devices
+    # The devices the memory planner planned the stage for: a cheap-tier trainer (a submodel, the shared warm-up)
+    # uses `workers_per_expert` workers, the fine-tune one per device of its tier. Decided by the stage, not by
+    # comparing tiers, which are equal when both are configured alike.
+    return stage_devices(spec, STAGE[stage].train_config, sharded=True)[0]
 
 
 def scaling_config(spec: JobSpec, stage: str) -> ScalingConfig:

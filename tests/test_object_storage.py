@@ -7,6 +7,7 @@ import re
 import shutil
 import socket
 
+import moto.server as moto_server  # the dev extra: a real S3 API on loopback
 import numpy as np
 import pytest
 
@@ -17,7 +18,6 @@ from moedisco.runner import JobRunner, LocalExecutor
 from moedisco.spec_loading import build_spec
 from tests.conftest import CORPUS, tiny_spec_dict
 
-moto_server = pytest.importorskip("moto.server", reason="moto[server] (the dev extra) serves S3 on loopback")
 BUCKET = "corpora"
 DATA_STAGES = 3  # prepare, embed, cluster: the plan's first groups
 
