@@ -51,6 +51,8 @@ def test_estimate_plans_the_llama_moe_example_at_its_named_size():
     assert 3.4e9 < result["parameters"]["active"] < 3.6e9  # the "3.5B" LLaMA-MoE is named for
     assert result["memory"]["submodel"]["device_gb"] == 24 and result["memory"]["full_moe"]["device_gb"] == 80
     assert 0 < result["cost"]["total_usd"] < result["cost"]["full_parameter_usd"]
+    for section in ("submodel", "finetune"):  # as written, on one 4090 and one A100
+        assert result["plan"][section]["num_devices"] == 1 and not result["plan"][section]["refused"]
 
 
 def test_mixtral_fits_only_sharded_over_the_devices_the_plan_states():
