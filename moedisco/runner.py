@@ -139,12 +139,12 @@ class LocalExecutor:
             if self.notice():  # came between two stages
                 raise Preempted(f"{self.notice.reason}: stopped before {task.stage}", None)
             started(task)
-            if STAGE[task.stage].trained:  # its loop polls the notice and checkpoints the step it reached
+            # A training loop polls the notice and checkpoints the step it reached; any other stage is interrupted.
+            guard = contextlib.nullcontext() if STAGE[task.stage].trained else self.notice.interrupting(
+                lambda why, stage=task.stage: Preempted(
+                    f"{why} during {stage}; a re-run redoes only what it had not finished", None))
+            with guard:
                 summary = run_stage(self.job.stage_run(task, self.hooks(), self.progress))
-            else:
-                with self.notice.interrupting(lambda why, stage=task.stage: Preempted(
-                        f"{why} during {stage}; a re-run redoes only what it had not finished", None)):
-                    summary = run_stage(self.job.stage_run(task, self.hooks(), self.progress))
             yield task, summary
 
     def hooks(self) -> TrainHooks:
