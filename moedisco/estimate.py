@@ -146,13 +146,15 @@ def memory_plan(params: int, config: PretrainedConfig, train: TrainConfig, seq_l
         activations += 2 * weight_bytes * _largest_tensor(config) / GB
     gradients = shard * weight_bytes
     # `StoredAdamW` (bf16-true, offload) steps one parameter at a time in fp32: weight, gradient and both moments of
-    # the largest one are alive at once, 16 bytes per value; torch's AdamW makes one fp32 temporary per parameter.
-    step_bytes = 16 if true_bf16 or train.offload_optimizer else (4 if train.optimizer == "adamw" else 0)
+    # the largest one are alive at once, 16 bytes per value. torch's AdamW makes one fp32 temporary per parameter on
+    # the CPU, and on a GPU (its `foreach` path) one spanning every parameter at once.
+    stored, torch_adamw = true_bf16 or train.offload_optimizer, train.optimizer == "adamw"
+    step_gb = 4 * shard if on_gpu and torch_adamw and not stored else \
+        (16 if stored else 4 * torch_adamw) * _largest_tensor(config) / num_devices / GB
     micro_batches = math.ceil(train.batch_size / num_devices) // rows
     plan = {
         "weights_gb": shard * (weight_bytes + (2 if true_bf16 else 0)), "gradients_gb": gradients,
-        "optimizer_gb": shard * state_bytes, "activations_gb": activations,
-        "optimizer_step_gb": step_bytes * _largest_tensor(config) / num_devices / GB,
+        "optimizer_gb": shard * state_bytes, "activations_gb": activations, "optimizer_step_gb": step_gb,
     }
     phases = {"forward": activations + (gradients if micro_batches > 1 else 0.0), "backward": gradients + layer,
               "step": gradients + plan["optimizer_step_gb"]}
@@ -356,9 +358,8 @@ def _tokens(train: TrainConfig, seq_len: int) -> int:
 
 
 def cost_estimate(spec: JobSpec, counts: dict[str, int], utilisation: float) -> dict:
-    res, seq_len = spec.resources, spec.data.sequence_length
+    res, seq_len, experts = spec.resources, spec.data.sequence_length, spec.model.num_experts
     cheap, dear = res.submodel_tier.device_type, res.finetune_tier.device_type
-    experts = spec.model.num_experts
     one_submodel = flop_cost_usd(counts["submodel"], _tokens(spec.submodel, seq_len), res.devices[cheap].bf16_tflops,
                                  utilisation, res.prices[cheap])
     fine = flop_cost_usd(counts["active"], _tokens(spec.finetune, seq_len), res.devices[dear].bf16_tflops,
@@ -383,8 +384,7 @@ def render_estimate(result: dict, console) -> None:
     table = Table(title="memory per device (GB): as written, then as the job runs (`memory: auto` resolved)")
     for column in ("stage", "weights", "grads", "optimizer", "activations", "total", "device", "devices", "fits"):
         table.add_column(column)
-    rows = [(name, plan) for name, plan in result["memory"].items()] + [
-        (f"{name} (plan)", plan) for name, plan in result["plan"].items()]
+    rows = [*result["memory"].items(), *((f"{name} (plan)", plan) for name, plan in result["plan"].items())]
     for name, plan in rows:
         table.add_row(name, *(f"{plan[k]:.2f}" for k in ("weights_gb", "gradients_gb", "optimizer_gb",
                                                         "activations_gb", "total_gb", "device_gb")),

@@ -24,6 +24,7 @@ Every function here is collective when the model is sharded: all ranks call it, 
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -135,11 +136,27 @@ def on_rank_zero(model: torch.nn.Module, rank: int, action: Callable[[], None]) 
         except Exception as raised:  # shared below, then raised again on every rank
             error = raised
     if is_sharded(model):
-        shared = [error]
+        shared = [_portable(error)]
         dist.broadcast_object_list(shared, src=0)
-        error = shared[0]
+        if rank != 0 and isinstance(shared[0], tuple):
+            error = RuntimeError("rank 0 failed with {}: {}".format(*shared[0]))
+        elif rank != 0:
+            error = shared[0]
     if error is not None:
         raise error
+
+
+def _portable(error: Exception | None) -> Exception | tuple[str, str] | None:
+    """`error` itself when it survives pickling (the other ranks raise the same type, e.g. `layout.NotOwner`),
+    else its type's name and message: an exception whose constructor takes other arguments than its `args` fails
+    to unpickle, which would leave the other ranks with that failure instead of rank 0's."""
+    if error is None:
+        return None
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return type(error).__qualname__, str(error)
 
 
 def mean_over_ranks(value: float, model: torch.nn.Module) -> float:

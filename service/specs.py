@@ -126,18 +126,20 @@ def prepare_spec(job_in: JobCreate, job_id: str, settings: Settings) -> dict:
     error = _check_size(spec, settings)
     if error is not None:
         raise RequestValidationError([error])
-    return _plan_memory(spec, job_in).model_dump(mode="json")
+    return _plan_memory(spec, job_in, sharded=settings.runner == "ray").model_dump(mode="json")
 
 
-def _plan_memory(spec: JobSpec, job_in: JobCreate) -> JobSpec:
+def _plan_memory(spec: JobSpec, job_in: JobCreate, sharded: bool) -> JobSpec:
     """The spec with the memory measures the job will train with (`memory: auto`), or a 422 naming each training
-    stage that fits no device of its tier, the device and the shortfall in GB."""
+    stage that fits no device of its tier, the device and the shortfall in GB. Planned for the service's runner
+    (`sharded`: Ray, which shards a stage over its tier's devices; the local runner trains on one), as the runner
+    plans it again when the job starts."""
     from moedisco.estimate import MemoryFitError, resolve_memory  # torch: only once the cheap checks passed
 
     # The client's training sections as sent, so that the planner knows which measures the user set.
     sent = spec.model_copy(update={section: getattr(job_in, section) for section in TRAIN_SECTIONS})
     try:
-        return resolve_memory(sent)
+        return resolve_memory(sent, sharded=sharded)
     except MemoryFitError as error:
         raise RequestValidationError([_error((section,), problem) for section, problem in error.problems.items()])
 

@@ -156,15 +156,20 @@ def _top_of_ladder_gb(spec, num_devices: int) -> float:
                        True, num_devices)["total_gb"]
 
 
-def test_the_planner_counts_the_devices_the_runner_really_trains_on(tmp_path):
+def fits_only_sharded(tmp_path) -> dict:
+    """A spec whose submodel fits its cheap device only sharded over its 2 workers."""
     probe = _sized_spec(tmp_path, 24.0)
     one, two = _top_of_ladder_gb(probe, 1), _top_of_ladder_gb(probe, 2)
     device_gb = (one + two) / 2 / 0.9  # fits sharded over two devices, not on one
-    raw = tiny_spec_dict(tmp_path / "out", model={"hidden_size": 256, "moe_intermediate_size": 512,
-                                                  "num_hidden_layers": 4}, submodel={"batch_size": 16},
-                         resources={"workers_per_expert": 2,
-                                    "devices": {"rtx4090": {"memory_gb": device_gb, "bf16_tflops": 165.2},
-                                                "a100": {"memory_gb": 80, "bf16_tflops": 312.0}}})
+    return tiny_spec_dict(tmp_path / "out", model={"hidden_size": 256, "moe_intermediate_size": 512,
+                                                   "num_hidden_layers": 4}, submodel={"batch_size": 16},
+                          resources={"workers_per_expert": 2,
+                                     "devices": {"rtx4090": {"memory_gb": device_gb, "bf16_tflops": 165.2},
+                                                 "a100": {"memory_gb": 80, "bf16_tflops": 312.0}}})
+
+
+def test_the_planner_counts_the_devices_the_runner_really_trains_on(tmp_path):
+    raw = fits_only_sharded(tmp_path)
     resolve_memory(build_spec(raw), sharded=True)  # Ray shards each submodel over its 2 workers: it fits
     with pytest.raises(MemoryFitError, match=r"only sharded over 2 devices .*, but it trains on 1 \(the local runner never shards"):
         resolve_memory(build_spec(raw), sharded=False)  # the local runner never shards
@@ -198,3 +203,17 @@ def test_a_resumed_job_keeps_the_precision_and_optimizer_its_checkpoints_hold(tm
     tight = _sized_spec(tmp_path, 0.001)
     with pytest.raises(MemoryFitError, match=r"kept from the checkpoints in .*submodels/0"):
         resolve_memory(tight)
+
+
+def test_torch_adamw_steps_every_parameter_at_once_on_a_gpu(tmp_path):
+    from moedisco.config import TrainConfig
+    from moedisco.estimate import memory_plan, spec_config
+
+    spec = _sized_spec(tmp_path, 24.0)
+    config, params = spec_config(spec), parameter_counts(spec_config(spec))["total"]
+    plain, stored = TrainConfig(batch_size=16), TrainConfig(batch_size=16, precision="bf16-true")
+    gpu, cpu = (memory_plan(params, config, plain, 128, 24.0, on_gpu)["optimizer_step_gb"] for on_gpu in (True, False))
+    assert gpu == pytest.approx(4 * params / 1e9)  # foreach: one fp32 temporary spanning every parameter
+    assert cpu < gpu / 4  # one parameter at a time: the largest tensor's temporary
+    assert memory_plan(params, config, stored, 128, 24.0, True)["optimizer_step_gb"] == pytest.approx(
+        memory_plan(params, config, stored, 128, 24.0, False)["optimizer_step_gb"])  # StoredAdamW: per parameter

@@ -103,6 +103,21 @@ def test_a_job_that_fits_no_device_is_422_naming_the_stage_device_and_shortfall(
     assert error["loc"][1:] == ["submodel"] and "rtx4090" in error["msg"] and "GB short" in error["msg"]
 
 
+@pytest.mark.parametrize("runner", ["local", "ray"])
+def test_the_memory_plan_is_the_services_runners(settings, tmp_path, runner):
+    from tests.test_estimate_cost import fits_only_sharded
+
+    raw = {**fits_only_sharded(tmp_path), "output_dir": "ignored"}
+    with TestClient(create_app(settings.model_copy(update={"runner": runner}), dispatch=False),
+                    headers=AUTH) as client:
+        response = client.post("/v1/jobs", json=raw)
+    if runner == "ray":  # Ray shards each submodel over its 2 workers
+        assert response.status_code == 201, response.text
+    else:  # the local runner trains on one device, where it does not fit
+        assert response.status_code == 422, response.text
+        assert "the local runner never shards" in response.json()["detail"][0]["msg"]
+
+
 def test_model_shape_error_names_the_section(client):
     response = client.post("/v1/jobs", json=spec(model={"num_experts": 2, "num_experts_per_tok": 3}))
     assert response.status_code == 422

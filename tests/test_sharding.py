@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import time
 from collections.abc import Callable
@@ -217,3 +218,20 @@ def test_an_error_on_rank_zero_alone_stops_every_rank(tmp_path):
                 process.kill()
             pytest.fail("a rank still waits in a collective after rank 0 stopped")
     assert sorted(path.name for path in (tmp_path / "outcome").iterdir()) == ["rank0", "rank1"]
+
+
+class _TwoArgumentError(Exception):
+    def __init__(self, stage: str, gb: float):
+        super().__init__(f"{stage} is {gb} GB short")  # `args` is the message alone: unpickling calls __init__(msg)
+
+
+def test_rank_zero_shares_its_error_whole_when_it_pickles_else_by_name_and_message():
+    from moedisco.layout import NotOwner
+    from moedisco.sharding import _portable
+
+    assert _portable(None) is None
+    owner = NotOwner("another runner owns the job folder now")
+    assert _portable(owner) is owner
+    with pytest.raises(TypeError):
+        pickle.loads(pickle.dumps(_TwoArgumentError("submodel", 1.5)))
+    assert _portable(_TwoArgumentError("submodel", 1.5)) == ("_TwoArgumentError", "submodel is 1.5 GB short")
