@@ -75,14 +75,14 @@ def child(payload: dict) -> dict:
             "tokens_per_s": result.tokens / result.seconds}
 
 
-def _auto_measures(hidden: int) -> dict:
+def _auto_measures(hidden: int, share: float = AUTO_DEVICE_SHARE) -> dict:
     from moedisco.config import TrainConfig
     from moedisco.estimate import memory_plan, parameter_counts, plan_measures
 
     config = _config(hidden)
     params = parameter_counts(config)["total"]
     plain = TrainConfig(batch_size=BATCH, precision="fp32")
-    device_gb = AUTO_DEVICE_SHARE * memory_plan(params, config, plain, SEQ_LEN, 1e9, on_gpu=False)["total_gb"]
+    device_gb = share * memory_plan(params, config, plain, SEQ_LEN, 1e9, on_gpu=False)["total_gb"]
     resolved, plan = plan_measures(params, config, TrainConfig(batch_size=BATCH), SEQ_LEN, device_gb, on_gpu=False)
     if plan["num_devices"] > 1:  # the row trains in one process: a plan that needs sharding has no row
         raise SystemExit(f"hidden {hidden}: no measure fits {device_gb:.2f} GB on one device "
@@ -90,17 +90,21 @@ def _auto_measures(hidden: int) -> dict:
     return {k: v for k, v in resolved.model_dump().items() if k in resolved.model_fields_set - {"batch_size"}}
 
 
-def rows(sizes: list[int], on_row=lambda table: None) -> list[dict]:
-    """The rows of every size; `on_row(rows so far)` after each (a long run leaves what it measured)."""
+def rows(sizes: list[int], on_row=lambda table: None, only: list[str] | None = None,
+         auto_share: float = AUTO_DEVICE_SHARE) -> list[dict]:
+    """The rows of every size (`only`: of these measures); `on_row(rows so far)` after each (a long run leaves
+    what it measured). Speeds are against plain, when plain is among the rows."""
     out = []
     for hidden in sizes:
         steps = 3 if hidden < 2048 else 2
         plain_speed = None
-        for name, measures in {**MEASURES, "auto": _auto_measures(hidden)}.items():
+        for name in only or [*MEASURES, "auto"]:
+            measures = _auto_measures(hidden, auto_share) if name == "auto" else MEASURES[name]
             row = run_child(__file__, {"hidden": hidden, "measures": measures, "steps": steps})
-            plain_speed = plain_speed or row["tokens_per_s"]
+            plain_speed = plain_speed or (row["tokens_per_s"] if name == "plain" else None)
             out.append({"hidden": hidden, "measure": name, **row, "error": row["estimate_gb"] / row["peak_gb"] - 1,
-                        "speed_vs_plain": row["tokens_per_s"] / plain_speed})
+                        "speed_vs_plain": row["tokens_per_s"] / plain_speed if plain_speed else None,
+                        **({"measures": measures, "device_share": auto_share} if name == "auto" else {})})
             on_row(out)
     return out
 
@@ -157,6 +161,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--auto-job", action="store_true", help="the CPU job under `memory: auto`")
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048], help="hidden sizes of the rows")
     parser.add_argument("--out", type=Path, help="also write the rows measured so far here, after each row")
+    parser.add_argument("--only", nargs="+", choices=[*MEASURES, "auto"], help="only these rows of each size")
+    parser.add_argument("--auto-share", type=float, default=AUTO_DEVICE_SHARE,
+                        help="the auto row's device memory, as a share of the plain estimate")
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
@@ -166,7 +173,8 @@ def main(argv=None) -> dict:
             result = auto_job(Path(tmp) / "out")
     else:
         save = (lambda table: args.out.write_text(json.dumps(_table(table), indent=1))) if args.out else None
-        result = _table(rows([512] if args.quick else args.sizes, save or (lambda table: None)))
+        result = _table(rows([512] if args.quick else args.sizes, save or (lambda table: None), args.only,
+                             args.auto_share))
     print(json.dumps(result, indent=1))
     return result
 
