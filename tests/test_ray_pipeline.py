@@ -28,7 +28,7 @@ from moedisco.spec_loading import build_spec
 from moedisco.metrics import read_metrics
 from moedisco.events import JobCancelledEvent
 from moedisco.layout import JobPaths, stage_result
-from moedisco.runner import JobCancelled, JobRunner, LocalExecutor, run_job
+from moedisco.runner import JobCancelled, JobRunner, LocalExecutor
 from moedisco.stages import Task
 from ray_cluster import data
 from ray_cluster.cluster import (SIMULATED_LABEL, LocalClusterSpec, add_local_node, describe_nodes, free_port,
@@ -294,9 +294,11 @@ def test_sync_rounds_with_data_parallel_submodels_match_the_local_runner(ray_clu
                 "submodel": {"steps": 8, "checkpoint_every": 4, "eval_every": 4}}
     spec = build_spec(tiny_spec_dict(root / "ray", **sections, resources={"workers_per_expert": 2}))
     events = []
-    run_job_on_ray(spec, events=events.append)
+    trained = lambda: all((spec.output_dir / "stages" / f"submodel_{k}.json").is_file() for k in (0, 1))  # noqa: E731
+    with pytest.raises(JobCancelled):  # stopped before the merge: the rounds are what this test is about
+        run_job_on_ray(spec, events=events.append, should_stop=trained)
     local = build_spec(tiny_spec_dict(root / "local", **sections))
-    run_job(local, progress=False)
+    local_submodels(local)
     finished = [(e.stage, e.expert, e.round) for e in events if e.event == "stage_finished"
                 and e.stage in ("submodel", "sync")]
     assert finished == [("submodel", 0, 0), ("submodel", 1, 0), ("sync", None, 0), ("submodel", 0, 1),
@@ -312,7 +314,7 @@ def test_sync_rounds_with_data_parallel_submodels_match_the_local_runner(ray_clu
     rows = {(r["stage"], r["expert"]): r for r in json.loads(JobPaths(spec.output_dir).cost.read_text())["stages"]}
     assert all(set(rows[("submodel", k)]["rounds"]) == {"0", "1"} and rows[("submodel", k)]["num_devices"] == 2
                for k in (0, 1))
-    assert rows[("sync", None)]["tier"] == "4090" and (spec.output_dir / "final" / "config.json").is_file()
+    assert rows[("sync", None)]["tier"] == "4090"
 
 
 def drain_as_preemption(node_id: str) -> None:
@@ -337,7 +339,7 @@ def test_a_preempted_expert_checkpoints_on_notice_and_only_it_starts_again(job, 
     shutil.rmtree(out / "submodels" / "0")  # expert 0 trains again; the others and the data stages stay done
     for marker in ("submodel_0", "merge", "finetune"):
         (out / "stages" / f"{marker}.json").unlink()
-    spec = build_spec(tiny_spec_dict(out, submodel={"steps": 300, "checkpoint_every": 1000, "eval_every": 4},
+    spec = build_spec(tiny_spec_dict(out, submodel={"steps": 300, "checkpoint_every": 1000, "eval_every": 25},
                                      branch=ONE_ROUND, resources={"max_failures": 0, "submodel_tier": {
                                          "label": "spot", "device_type": "rtx4090", "spot": True}}))
     spot = {"gpu_type": "spot", **dict([SIMULATED_LABEL])}
