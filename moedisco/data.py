@@ -137,7 +137,7 @@ def _read_json(path: Path | str, field: str, skip: bool, report: ReadReport) -> 
 def _read_parquet(path: Path | str, field: str) -> Iterator[str]:
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(storage.open_input(path))
+    parquet = pq.ParquetFile(storage.open_input(path, seekable=True))  # its footer comes first
     if field not in parquet.schema_arrow.names:
         raise DataError(f"{path}: no column {field!r} (columns: {', '.join(parquet.schema_arrow.names)})")
     for batch in parquet.iter_batches(batch_size=4096, columns=[field]):

@@ -21,21 +21,29 @@ rename files, which object stores cannot do.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
 import shutil
 from pathlib import Path, PurePosixPath
+from collections.abc import Callable
 from typing import IO, Any
 
 SCHEMES = ("s3", "gs", "gcs")
 CREDENTIALS = ("credentials come from the environment: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION and, "
                "for an S3-compatible store, AWS_ENDPOINT_URL (s3://); GOOGLE_APPLICATION_CREDENTIALS (gs://)")
+CHUNK = 8 << 20  # bytes per read or write of a copy, and of read-ahead
 PUSHED = ".pushed.json"  # in the staging folder: what `push` last copied up, so the next copies only the changes
 
 
 class StorageError(RuntimeError):
     """Object storage that cannot be reached or read; the message names the URI and the credential variables."""
+
+
+class StagingError(StorageError):
+    """The local side of a push or pull failed (a full disk, a permission): the message names the staging
+    folder, not credentials, which have nothing to do with it."""
 
 
 class URI(str):
@@ -88,8 +96,8 @@ def exists(uri: str) -> bool:
         raise _failed(uri, error) from None
 
 
-def _listing(uri: str) -> list[tuple[str, int]]:
-    """(path inside the filesystem, size) of every object under `uri`, recursively; none when there is none."""
+def _listing(uri: str) -> list[tuple[str, int, int]]:
+    """(path inside the filesystem, size, mtime in ns) of every object under `uri`, recursively; none when there is none."""
     import pyarrow.fs as pafs
 
     fs, path = filesystem(uri)
@@ -97,7 +105,7 @@ def _listing(uri: str) -> list[tuple[str, int]]:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     except OSError as error:
         raise _failed(uri, error) from None
-    return [(info.path, info.size) for info in infos if info.type == pafs.FileType.File]
+    return [(info.path, info.size, info.mtime_ns or 0) for info in infos if info.type == pafs.FileType.File]
 
 
 def list_files(uri: str, suffixes: tuple[str, ...] = ()) -> list[str]:
@@ -110,7 +118,7 @@ def list_files(uri: str, suffixes: tuple[str, ...] = ()) -> list[str]:
     if set("*?[") & set(path):
         prefix = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
         depth = path.count("/")
-        found = [p for p, _ in _listing(_uri(scheme, prefix))
+        found = [p for p, _, _ in _listing(_uri(scheme, prefix))
                  if p.count("/") == depth and fnmatch.fnmatchcase(p, path)]
         return sorted(_uri(scheme, p) for p in found)
     try:
@@ -119,16 +127,20 @@ def list_files(uri: str, suffixes: tuple[str, ...] = ()) -> list[str]:
         raise _failed(uri, error) from None
     if kind == pafs.FileType.File:
         return [uri]
-    return sorted(_uri(scheme, p) for p, _ in _listing(uri) if not suffixes or PurePosixPath(p).suffix in suffixes)
+    return sorted(_uri(scheme, p) for p, _, _ in _listing(uri) if not suffixes or PurePosixPath(p).suffix in suffixes)
 
 
-def open_input(location: str | Path) -> IO[bytes]:
-    """A binary stream of a local file or an object."""
+def open_input(location: str | Path, seekable: bool = False) -> IO[bytes]:
+    """A binary stream of a local file or an object. `seekable`: random access, for readers that seek (Parquet
+    reads its footer first), one ranged GET per read; otherwise a stream read ahead in 8 MB pieces, so a
+    sequential reader (text, JSON lines) costs one GET per 8 MB, not one per line."""
     if not is_uri(location):
         return Path(location).open("rb")
     fs, path = filesystem(str(location))
     try:
-        return fs.open_input_file(path)  # seekable: Parquet reads its footer first
+        if seekable:
+            return fs.open_input_file(path)
+        return fs.open_input_stream(path, compression=None, buffer_size=CHUNK)
     except OSError as error:
         raise _failed(str(location), error) from None
 
@@ -141,61 +153,179 @@ def staging_dir(uri: str) -> Path:
 
 
 def _local_files(local: Path) -> dict[str, list[int]]:
-    """Every file under `local` but the push record and unfinished pieces, with its size and mtime."""
+    """Every file under `local` but the push record and unfinished pieces (an atomic write's `.partial`, an
+    interrupted pull's `.X.pulling`), with its size and mtime."""
     files = {}
     for file in local.rglob("*"):
         relative = file.relative_to(local).as_posix()
-        if file.is_file() and relative != PUSHED and ".partial" not in relative:
-            stat = file.stat()
-            files[relative] = [stat.st_size, stat.st_mtime_ns]
+        if relative == PUSHED or ".partial" in relative or file.name.endswith(".pulling"):
+            continue
+        try:
+            if file.is_file():
+                stat = file.stat()
+                files[relative] = [stat.st_size, stat.st_mtime_ns]
+        except FileNotFoundError:  # gone since the listing (a checkpoint rotated away)
+            continue
     return files
+
+
+def _staging_failed(local: Path, error: OSError) -> StagingError:
+    return StagingError(f"{local}: {error} (the local staging folder; MOEDISCO_STAGING_DIR moves it)")
+
+
+def _read_record(local: Path) -> dict[str, dict]:
+    """The push record: per file, its local [size, mtime_ns] when last pushed or pulled and, when known, the
+    object's [size, mtime_ns] then. An older record held the local pair alone."""
+    record = local / PUSHED
+    try:
+        entries = json.loads(record.read_text()) if record.is_file() else {}
+    except ValueError:  # a record torn by an older moedisco: the next push copies everything once more
+        return {}
+    except OSError as error:
+        raise _staging_failed(local, error) from None
+    return {name: entry if isinstance(entry, dict) else {"local": entry} for name, entry in entries.items()}
+
+
+def _write_record(local: Path, entries: dict[str, dict]) -> None:
+    """Atomically (a temporary file renamed into place): an interrupted push leaves the old record or the new."""
+    partial = local / f".{PUSHED}.partial"
+    try:
+        partial.write_text(json.dumps(entries))
+        partial.replace(local / PUSHED)
+    except OSError as error:
+        raise _staging_failed(local, error) from None
+
+
+def _remote_stamps(uri: str) -> dict[str, list[int]]:
+    """Object name under `uri` -> [size, mtime_ns], from one listing."""
+    fs, root = filesystem(uri)
+    return {path[len(root):].lstrip("/"): [size, mtime] for path, size, mtime in _listing(uri)}
+
+
+def _copy(read: Callable[[int], bytes], write: Callable[[bytes], Any], read_failed: Callable, write_failed: Callable):
+    """Copy in 8 MB pieces, telling a failing reader from a failing writer: one side is the local disk, the
+    other object storage, and only the latter's errors are about credentials."""
+    while True:
+        try:
+            piece = read(CHUNK)
+        except OSError as error:
+            raise read_failed(error) from None
+        if not piece:
+            return
+        try:
+            write(piece)
+        except OSError as error:
+            raise write_failed(error) from None
 
 
 def push(local: Path, uri: str) -> int:
     """Copy what changed in `local` since the last push up to `uri`, and delete there what was deleted here;
-    returns the number of files copied."""
+    returns the number of files copied. A file is recorded as pushed only once its copy completed, so an
+    interrupted push copies again what it had not finished; a file gone before its copy (a rotated checkpoint)
+    is skipped."""
     fs, root = filesystem(uri)
-    record = local / PUSHED
-    pushed = json.loads(record.read_text()) if record.is_file() else {}
+    record = _read_record(local)
     current = _local_files(local)
-    changed = [name for name, stat in current.items() if pushed.get(name) != stat]
-    try:
-        for name in changed:
-            with (local / name).open("rb") as source, fs.open_output_stream(f"{root}/{name}") as target:
-                shutil.copyfileobj(source, target, length=8 << 20)
-        for name in set(pushed) - set(current):
+    remote_failed = lambda error: _failed(uri, error)  # noqa: E731
+    local_failed = lambda error: _staging_failed(local, error)  # noqa: E731
+    copied = []
+    for name, stat in current.items():
+        if record.get(name, {}).get("local") == stat:
+            continue
+        try:
+            source = (local / name).open("rb")
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            raise local_failed(error) from None
+        with source:
+            try:
+                target = fs.open_output_stream(f"{root}/{name}")
+            except OSError as error:
+                raise remote_failed(error) from None
+            try:
+                _copy(source.read, target.write, local_failed, remote_failed)
+            except BaseException:
+                with contextlib.suppress(OSError):  # the copy's own error is the one to see
+                    target.close()
+                raise
+            try:
+                target.close()  # the upload completes here
+            except OSError as error:
+                raise remote_failed(error) from None
+        record[name] = {"local": stat}
+        copied.append(name)
+        _write_record(local, record)
+    for name in set(record) - set(current):
+        try:
             fs.delete_file(f"{root}/{name}")
-    except OSError as error:
-        raise _failed(uri, error) from None
-    record.write_text(json.dumps(current))
-    return len(changed)
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            raise remote_failed(error) from None
+        del record[name]
+    if copied:  # the objects' own stamps, for `pull` to tell a later change by another machine from our copy
+        stamps = _remote_stamps(uri)
+        for name in copied:
+            record[name]["remote"] = stamps.get(name)
+    _write_record(local, record)
+    return len(copied)
+
+
+def _current(entry: dict | None, local_stat: list[int], remote: list[int], local_mtime_ns: int) -> bool:
+    """Whether a local file holds the object's content. With the object's stamp recorded at our last push or
+    pull: the object is unchanged since (the local file may be newer: work not yet pushed). Without it: the
+    same size and the object not newer than the file."""
+    if entry is not None and entry.get("remote") is not None:
+        return list(entry["remote"]) == remote
+    return local_stat[0] == remote[0] and remote[1] <= local_mtime_ns
 
 
 def pull(uri: str, local: Path) -> int:
-    """Copy the objects under `uri` that `local` lacks (or holds at another size) down into it; returns how many.
-    A job folder not yet on object storage pulls nothing."""
+    """Copy down into `local` the objects under `uri` it lacks or holds an older version of; returns how many.
+
+    The rule: an object whose size and mtime are those the push record noted when this machine last pushed or
+    pulled it has not changed since, and is skipped; one that changed (another machine pushed it) comes down.
+    For a file the record does not know, the object comes down unless it has the file's size and is not newer
+    than it. A pulled file gets the object's mtime. A job folder not yet on object storage pulls nothing."""
     fs, root = filesystem(uri)
-    copied = []
-    try:
-        for path, size in _listing(uri):
-            name = path[len(root):].lstrip("/")
-            target = local / name
-            if target.is_file() and target.stat().st_size == size:
+    record = _read_record(local)
+    copied = 0
+    for path, size, mtime in _listing(uri):
+        name = path[len(root):].lstrip("/")
+        if name == PUSHED or not name:
+            continue
+        target = local / name
+        try:
+            stat = target.stat() if target.is_file() else None
+            if stat is not None and _current(record.get(name), [stat.st_size, stat.st_mtime_ns], [size, mtime],
+                                             stat.st_mtime_ns):
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             partial = target.with_name(f".{target.name}.pulling")
-            with fs.open_input_stream(path) as source, partial.open("wb") as handle:
-                shutil.copyfileobj(source, handle, length=8 << 20)
+            handle = partial.open("wb")
+        except OSError as error:
+            raise _staging_failed(local, error) from None
+        with handle:
+            try:
+                source = fs.open_input_stream(path)
+            except OSError as error:
+                raise _failed(uri, error) from None
+            with source:
+                _copy(source.read, handle.write, lambda error: _failed(uri, error),
+                      lambda error: _staging_failed(local, error))
+        try:
+            os.utime(partial, ns=(mtime, mtime))
             partial.replace(target)
-            copied.append(name)
-    except OSError as error:
-        raise _failed(uri, error) from None
-    if copied:  # what came down is on object storage already: the next push need not copy it back up
-        record = local / PUSHED
-        pushed = json.loads(record.read_text()) if record.is_file() else {}
-        current = _local_files(local)
-        record.write_text(json.dumps({**pushed, **{name: current[name] for name in copied if name in current}}))
-    return len(copied)
+            stat = target.stat()
+        except OSError as error:
+            raise _staging_failed(local, error) from None
+        # what came down is on object storage already: the next push need not copy it back up
+        record[name] = {"local": [stat.st_size, stat.st_mtime_ns], "remote": [size, mtime]}
+        copied += 1
+    if copied:
+        _write_record(local, record)
+    return copied
 
 
 def join(location: str | Path, *parts: str) -> str | Path:
