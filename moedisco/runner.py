@@ -174,8 +174,12 @@ class JobRunner:
                  budget_left: BudgetLeft | None = None):
         # Every process the job reaches reads the same folders, and trains with the memory measures planned here
         # (`memory: auto`), which the saved spec then holds; a job that fits no device is refused before it starts.
-        spec = resolve_memory(absolute_paths(spec), sharded=executor.shards)
+        # An output_dir on object storage comes down first (a resume on a fresh machine): the memory plan keeps
+        # the measures its checkpoints were trained with, and the ledger what the job spent so far.
+        spec = absolute_paths(spec)
         paths = JobPaths(spec.output_dir)
+        paths.pull()
+        spec = resolve_memory(spec, sharded=executor.shards)
         self.owner, self.user_should_stop, self.user_events = owner, should_stop, events or ignore
         self.budget_left, self.replaced = budget_left, False
         self.job = JobContext(spec, paths, MetricsWriter(paths.metrics), self.emit, self.should_stop, owner,
@@ -194,22 +198,38 @@ class JobRunner:
         return self.job.paths
 
     def run(self) -> dict:
-        self.paths.pull()  # an output_dir on object storage: resume from what is there
-        self.executor.open(self.job)
         try:
-            check_same_job(self.spec, self.paths)
-            if self.owner is not None:
-                claim(self.paths, self.owner)
-            self.spec.save(self.paths.spec)
-            for group in self.plan:
-                self.run_group(group)
-        finally:
-            self.executor.close()
+            self.executor.open(self.job)
+            try:
+                check_same_job(self.spec, self.paths)
+                if self.owner is not None:
+                    claim(self.paths, self.owner)
+                self.spec.save(self.paths.spec)
+                for group in self.plan:
+                    self.run_group(group)
+            finally:
+                self.executor.close()
+        except BaseException as error:
+            self.push_after_stop(error)
+            raise
         write_report(self.paths.metrics, self.paths.cost, self.paths.report, title=self.spec.name)
         self.paths.push()
         evaluation = stage_result(self.paths, "evaluate").get("scores") if is_done(self.paths, "evaluate") else None
         return {"output_dir": str(self.paths.root), "final": str(self.paths.final), "cost": self.ledger.summary(),
                 "evaluation": evaluation}
+
+    def push_after_stop(self, error: BaseException) -> None:
+        """A stop (preemption, cancel, budget) or a failure: an output_dir on object storage also gets what was
+        written since the last finished stage (a stage's checkpoints, metrics), so a resume elsewhere starts
+        there. Not once another runner owns the folder (it writes there now); and a failing push is logged, not
+        raised, so the error that stopped the job is the one seen."""
+        if self.paths.remote is None or self.replaced or isinstance(error, NotOwner):
+            return
+        try:
+            self.paths.push()
+        except Exception as push_error:  # noqa: BLE001 - the original error matters more
+            log.warning("could not push %s to %s after the job stopped: %s", self.paths.root, self.paths.remote,
+                        push_error)
 
     def run_group(self, group: list[Task]) -> None:
         todo = []
