@@ -44,8 +44,8 @@ from moedisco.stages import STAGE, Task
 from moedisco.storage import join, remove_tree
 from ray_cluster import data, prestart
 from ray_cluster.cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster
-from ray_cluster.placement import (TierUnreachable, check_tiers_reachable, on_driver_node, run_name,
-                                   run_stage_on_tier, storage_root, task_options, tier_nodes, tier_of)
+from ray_cluster.placement import (TierUnreachable, check_output_dir, check_tiers_reachable, on_driver_node,
+                                   run_name, run_stage_on_tier, storage_root, task_options, tier_nodes, tier_of)
 from ray_cluster.tracking import Tracker
 from ray_cluster.trainers import build_trainer
 
@@ -208,6 +208,8 @@ def run_job_on_ray(spec: JobSpec, address: str | None = None, events: Events | N
                    budget_left: BudgetLeft | None = None) -> dict:
     """Run `spec` on a Ray cluster, idempotently; returns {"output_dir", "final", "cost"} like `run_job`."""
     with ray_connection(spec, address):
+        nodes = [node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]]
+        check_output_dir(spec, nodes, ray.util.get_node_ip_address())
         return JobRunner(spec, RayExecutor(), events, should_stop, owner, budget_left).run()
 
 

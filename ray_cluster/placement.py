@@ -40,6 +40,22 @@ def storage_root(spec: JobSpec) -> Path | str:
     return Path(spec.resources.storage_path or JobPaths(spec.output_dir).root).resolve()
 
 
+def check_output_dir(spec: JobSpec, node_addresses: list[str], driver_address: str) -> None:
+    """An `output_dir` on object storage is worked on in a local staging folder (`moedisco.storage`), which each
+    Ray worker finds on its own machine: on a cluster of several machines the job's files would be split between
+    their disks. So it needs every node on the driver's machine (a local simulated cluster); a real cluster writes
+    its job folder to storage every node shares."""
+    if not is_uri(spec.output_dir):
+        return
+    others = sorted({address for address in node_addresses if address != driver_address})
+    if others:
+        raise ValueError(f"output_dir {spec.output_dir}: an object-storage output_dir needs every Ray node on the "
+                         f"driver's machine ({driver_address}), but nodes run on {', '.join(others)}: each would "
+                         "stage the job folder on its own disk. Use an output_dir on storage every node mounts "
+                         "(NFS, a shared volume); resources.storage_path may be an s3:// or gs:// URI, where Ray "
+                         "Train keeps the checkpoints")
+
+
 def job_key(spec: JobSpec) -> str:
     """The job's folder name on shared storage: its name (for people) and a digest of its output_dir (one per
     job), so two jobs of the same name on one storage path never share, restore or delete each other's files."""

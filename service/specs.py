@@ -5,6 +5,8 @@
 Pydantic has already checked types and ranges. On top of that the service:
   - puts the job in MOEDISCO_DATA_DIR/jobs/<id>/, whatever `output_dir` the client sent (it never escapes);
   - keeps `resources.storage_path` (where the Ray runner writes checkpoints) inside MOEDISCO_DATA_DIR;
+  - accepts an object-storage URI where the engine does (data.train, data.eval, resources.storage_path) when it
+    lies under MOEDISCO_STORAGE_ROOTS, and refuses one elsewhere;
   - resolves input paths (data, tokenizer, models) against MOEDISCO_DATA_DIR, requires them to exist and to lie
     inside MOEDISCO_DATA_DIR or MOEDISCO_INPUT_ROOTS, so a token holder cannot read arbitrary server files;
   - refuses NaN/infinity and NUL characters, which JSON responses and PostgreSQL cannot hold;
@@ -27,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from moedisco.config import JobSpec, ModelConfig
 from moedisco.stages import STAGE
 from moedisco.spec_loading import INPUT_PATHS
+from moedisco.storage import is_uri
 from service.core.config import Settings
 from service.schemas import JobCreate
 
@@ -56,11 +59,29 @@ def _inside(path: Path, roots: list[Path]) -> bool:
     return any(path.is_relative_to(root) for root in roots)
 
 
+URI_FIELDS = (("data", "train"), ("data", "eval"), ("resources", "storage_path"))  # the engine reads URIs there
+
+
+def _check_uri(section: str, field: str, value: str, settings: Settings) -> dict | None:
+    """An object-storage URI where the engine takes one, under one of MOEDISCO_STORAGE_ROOTS: the server's
+    credentials would otherwise read and write any bucket they reach."""
+    if (section, field) not in URI_FIELDS:
+        return _error((section, field), "must be a path on the server: object-storage URIs are read only in "
+                                        "data.train, data.eval and resources.storage_path", value)
+    roots = [root.rstrip("/") + "/" for root in settings.storage_roots]
+    if not any(value.startswith(root) for root in roots):
+        return _error((section, field), "an object-storage URI must lie under MOEDISCO_STORAGE_ROOTS "
+                                        f"({', '.join(roots) or 'none set'})", value)
+    return None
+
+
 def _check_input(raw: dict, section: str, field: str, settings: Settings) -> dict | None:
     """Resolve one input path in place; return an error, or None."""
     value = raw[section].get(field)
     if value is None:
         return None
+    if is_uri(value):
+        return _check_uri(section, field, value, settings)
     try:
         path = (settings.data_dir / value).resolve()  # an absolute value replaces data_dir
         exists = path.exists()
@@ -81,6 +102,8 @@ def _check_storage(raw: dict, settings: Settings) -> dict | None:
     value = raw["resources"].get("storage_path")
     if value is None:
         return None
+    if is_uri(value):
+        return _check_uri("resources", "storage_path", value, settings)
     try:
         path = (settings.data_dir / value).resolve()
     except (OSError, ValueError) as error:

@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     input_roots: list[Path] = Field(
         default_factory=list,
         description="Folders a spec's input paths (data, tokenizer, models) may point into, besides DATA_DIR.")
+    storage_roots: list[str] = Field(
+        default_factory=list,
+        description="Object-storage prefixes (s3://bucket/prefix, gs://...) a spec's data.train, data.eval and "
+                    "resources.storage_path may name, read and written with the server's credentials; none by "
+                    "default.")
     host: str = Field(LOOPBACK, description="Address to bind; forced to loopback when no token is set.")
     port: int = Field(8000, ge=1, le=65535, description="Port to bind.")
     runner: Literal["local", "ray"] = Field("ray", description="`ray`: stages placed on the cluster's tiers; "
