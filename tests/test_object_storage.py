@@ -130,3 +130,151 @@ def test_wrong_credentials_and_missing_objects_are_named(s3, monkeypatch):
     cfg = DataConfig(train=f"s3://{BUCKET}/c.jsonl")
     with pytest.raises(DataError, match=rf"s3://{BUCKET}/c.jsonl: .*AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY"):
         list(iter_documents(cfg.train, cfg))
+
+
+def _spec_on_s3(s3, tmp_path, **sections):
+    """A job folder of its own in the bucket (moto's server keeps its buckets for the whole test session)."""
+    _, s3_glob = _upload_corpus(s3, tmp_path, lines=40)
+    return build_spec(tiny_spec_dict(f"s3://{BUCKET}/jobs/{tmp_path.name}", data={"train": s3_glob, "max_documents": None},
+                                     **sections))
+
+
+def _runner(spec, stages: int, **kwargs) -> JobRunner:
+    runner = JobRunner(spec, LocalExecutor(progress=False), **kwargs)
+    runner.plan = runner.plan[:stages]
+    return runner
+
+
+def test_a_resume_from_the_bucket_keeps_the_ledger_and_skips_finished_stages(s3, tmp_path):
+    from moedisco.events import StageSkipped
+
+    spec = _spec_on_s3(s3, tmp_path)
+    _runner(spec, 2).run()  # prepare, embed (priced)
+    spent = JobRunner(spec, LocalExecutor(progress=False)).ledger.summary()["stages"]
+    assert spent
+    shutil.rmtree(JobPaths(spec.output_dir).root)  # a fresh machine
+    events = []
+    runner = _runner(spec, 2, events=events.append)
+    assert runner.ledger.summary()["stages"] == spent  # read after the pull, not before it
+    summary = runner.run()
+    assert [type(event) for event in events] == [StageSkipped, StageSkipped]
+    assert summary["cost"]["stages"] == spent
+
+
+def _fail_at(stage: str, error: Exception, paths: JobPaths, break_push: bool = False):
+    """The events callback: as `stage` starts, a file appears (a checkpoint written during it), then it fails."""
+    from moedisco.events import StageStarted
+
+    def events(event) -> None:
+        if isinstance(event, StageStarted) and event.stage == stage:
+            (paths.root / "runs").mkdir(exist_ok=True)
+            (paths.root / "runs" / "checkpoint.txt").write_text("step 3")
+            if break_push:  # the push record cannot be replaced: the push after the failure fails too
+                (paths.root / ".pushed.json").unlink()
+                (paths.root / ".pushed.json").mkdir()
+            raise error
+    return events
+
+
+@pytest.mark.parametrize("case", ["failure", "not_owner", "push_fails"])
+def test_a_stopped_job_pushes_what_it_wrote_unless_another_runner_owns_the_folder(s3, tmp_path, case):
+    from moedisco.layout import NotOwner
+
+    spec = _spec_on_s3(s3, tmp_path)
+    paths = JobPaths(spec.output_dir)
+    error = NotOwner("taken over") if case == "not_owner" else RuntimeError("node lost")
+    runner = _runner(spec, 2, events=_fail_at("embed", error, paths, break_push=case == "push_fails"))
+    with pytest.raises(type(error), match=str(error)):  # the original error, whatever the push did
+        runner.run()
+    prefix = f"jobs/{tmp_path.name}/"
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]}
+    assert f"{prefix}stages/prepare.json" in keys  # pushed as prepare finished
+    assert (f"{prefix}runs/checkpoint.txt" in keys) == (case == "failure")
+
+
+def test_push_skips_vanished_files_and_pulling_pieces_and_records_atomically(s3, tmp_path, monkeypatch):
+    import json
+
+    from moedisco import storage
+
+    local = tmp_path / "job"
+    (local / "checkpoints").mkdir(parents=True)
+    (local / "keep.json").write_text("{}")
+    (local / "checkpoints" / "step_1").write_text("old")
+    (local / ".half.bin.pulling").write_text("partial pull")
+    listing = storage._local_files
+
+    def rotate_after_listing(folder):  # a checkpoint rotated away between the listing and its copy
+        files = listing(folder)
+        (folder / "checkpoints" / "step_1").unlink()
+        return files
+
+    monkeypatch.setattr(storage, "_local_files", rotate_after_listing)
+    assert storage.push(local, f"s3://{BUCKET}/{tmp_path.name}") == 1
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{tmp_path.name}/")["Contents"]}
+    assert keys == {f"{tmp_path.name}/keep.json"}
+    assert set(json.loads((local / storage.PUSHED).read_text())) == {"keep.json"}
+    assert not list(local.glob(".*.partial"))
+
+
+def test_pull_brings_down_an_object_rewritten_at_the_same_size(s3, tmp_path):
+    import time
+
+    from moedisco import storage
+
+    uri, local = f"s3://{BUCKET}/{tmp_path.name}", tmp_path / "job"
+    (local / "stages").mkdir(parents=True)
+    (local / "stages" / "a.json").write_text('{"v": 1}')
+    storage.push(local, uri)
+    assert storage.pull(uri, local) == 0  # what we pushed ourselves is current
+    time.sleep(1.1)  # S3 stamps objects to the second
+    s3.put_object(Bucket=BUCKET, Key=f"{tmp_path.name}/stages/a.json", Body=b'{"v": 2}')  # another machine, same length
+    assert storage.pull(uri, local) == 1
+    assert (local / "stages" / "a.json").read_text() == '{"v": 2}'
+    assert storage.pull(uri, local) == 0
+    (local / storage.PUSHED).unlink()  # no record: size and mtime decide, and the pulled file has the object's
+    assert storage.pull(uri, local) == 0
+    time.sleep(1.1)
+    s3.put_object(Bucket=BUCKET, Key=f"{tmp_path.name}/stages/a.json", Body=b'{"v": 3}')
+    assert storage.pull(uri, local) == 1
+    assert (local / "stages" / "a.json").read_text() == '{"v": 3}'
+
+
+def test_sequential_reads_stream_and_parquet_seeks(s3, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from moedisco import storage
+
+    s3.put_object(Bucket=BUCKET, Key="t/a.jsonl", Body=b'{"text": "a"}\n')
+    with storage.open_input(f"s3://{BUCKET}/t/a.jsonl") as handle:
+        assert not handle.seekable()  # read ahead, not one ranged GET per line
+        assert handle.read() == b'{"text": "a"}\n'
+    with storage.open_input(f"s3://{BUCKET}/t/a.jsonl", seekable=True) as handle:
+        assert handle.seekable()
+    pq.write_table(pa.table({"text": ["one", "two"]}), tmp_path / "c.parquet")
+    s3.put_object(Bucket=BUCKET, Key="t/c.parquet", Body=(tmp_path / "c.parquet").read_bytes())
+    cfg = DataConfig(train=f"s3://{BUCKET}/t/c.parquet")
+    assert list(iter_documents(cfg.train, cfg)) == ["one", "two"]
+
+
+def test_a_local_disk_error_in_a_pull_names_the_staging_folder_not_credentials(s3, tmp_path):
+    from moedisco import storage
+
+    s3.put_object(Bucket=BUCKET, Key="l/stages/a.json", Body=b"{}")
+    blocker = tmp_path / "job"
+    blocker.mkdir()
+    (blocker / "stages").write_text("a file where the folder goes")
+    with pytest.raises(storage.StagingError, match="local staging folder") as raised:
+        storage.pull(f"s3://{BUCKET}/l", blocker)
+    assert "AWS_ACCESS_KEY_ID" not in str(raised.value)
+
+
+def test_an_s3_output_dir_under_ray_needs_every_node_on_the_drivers_machine():
+    from ray_cluster.placement import check_output_dir
+
+    spec = build_spec(tiny_spec_dict(f"s3://{BUCKET}/jobs/tiny"))
+    check_output_dir(spec, ["10.0.0.1", "10.0.0.1"], "10.0.0.1")  # a simulated cluster: one machine
+    with pytest.raises(ValueError, match=r"output_dir s3://.*10\.0\.0\.2.*resources\.storage_path"):
+        check_output_dir(spec, ["10.0.0.1", "10.0.0.2"], "10.0.0.1")
+    check_output_dir(build_spec(tiny_spec_dict("/shared/jobs/tiny")), ["10.0.0.1", "10.0.0.2"], "10.0.0.1")

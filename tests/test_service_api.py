@@ -363,3 +363,20 @@ stop.set()
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO)
     ok, *niceness = json.loads(out.stdout.strip().splitlines()[-1])
     assert ok and len(niceness) >= 4 and set(niceness) == {7}
+
+
+def test_object_storage_uris_are_accepted_where_the_engine_reads_them_under_the_storage_roots(settings):
+    raw = spec(data={"train": "s3://corpora/corpus/*.jsonl"}, resources={"storage_path": "s3://ckpt/ray"})
+    with TestClient(create_app(settings, dispatch=False), headers=AUTH) as client:
+        response = client.post("/v1/jobs", json=raw)
+    assert response.status_code == 422, response.text
+    assert {tuple(e["loc"]) for e in response.json()["detail"]} == {("body", "data", "train"),
+                                                                   ("body", "resources", "storage_path")}
+    assert all("MOEDISCO_STORAGE_ROOTS" in e["msg"] for e in response.json()["detail"])
+    allowed = settings.model_copy(update={"storage_roots": ["s3://corpora/corpus", "s3://ckpt"]})
+    with TestClient(create_app(allowed, dispatch=False), headers=AUTH) as client:
+        response = client.post("/v1/jobs", json=raw)
+        assert response.status_code == 201, response.text
+        response = client.post("/v1/jobs", json=spec(tokenizer={"path": "s3://ckpt/tok"}))
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "tokenizer", "path"]
