@@ -10,13 +10,14 @@ The filesystems are pyarrow's (`pyarrow.fs.FileSystem.from_uri`), the ones Ray D
 no other client is needed. Credentials come from the environment, as the clouds' own SDKs read them:
 AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or an instance profile), AWS_REGION, and AWS_ENDPOINT_URL for an
 S3-compatible store (MinIO, Ceph, R2); GOOGLE_APPLICATION_CREDENTIALS (a service-account key file) for GCS. A URI
-that cannot be reached or read raises `StorageError`, which names the URI and these variables.
+that cannot be reached or read raises `StorageError`, which names the URI and these variables; the local side of a
+copy failing (a full disk) raises `StagingError`, which names the staging folder instead.
 
 A job folder on object storage is worked on in a local staging folder (`staging_dir`; MOEDISCO_STAGING_DIR, else
-~/.cache/moedisco/staging) and copied up after every finished stage (`push`), and down before a run (`pull`), so a
-job resumes from its bucket on another machine. Staged, not read in place, because training reads its token shards
-through memory maps (`moedisco.shards.TokenShard`: `np.memmap` needs a local file) and the stages append to and
-rename files, which object stores cannot do.
+~/.cache/moedisco/staging) and copied up after every finished stage and when a job stops (`push`), and down before
+a run (`pull`), so a job resumes from its bucket on another machine. Staged, not read in place, because training
+reads its token shards through memory maps (`moedisco.shards.TokenShard`: `np.memmap` needs a local file) and the
+stages append to and rename files, which object stores cannot do.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def exists(uri: str) -> bool:
 
 
 def _listing(uri: str) -> list[tuple[str, int, int]]:
-    """(path inside the filesystem, size, mtime in ns) of every object under `uri`, recursively; none when there is none."""
+    """(path inside the filesystem, size, mtime in ns) of every object under `uri`, recursively; none when there
+    is none."""
     import pyarrow.fs as pafs
 
     fs, path = filesystem(uri)

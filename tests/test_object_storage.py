@@ -135,8 +135,8 @@ def test_wrong_credentials_and_missing_objects_are_named(s3, monkeypatch):
 def _spec_on_s3(s3, tmp_path, **sections):
     """A job folder of its own in the bucket (moto's server keeps its buckets for the whole test session)."""
     _, s3_glob = _upload_corpus(s3, tmp_path, lines=40)
-    return build_spec(tiny_spec_dict(f"s3://{BUCKET}/jobs/{tmp_path.name}", data={"train": s3_glob, "max_documents": None},
-                                     **sections))
+    data = {"train": s3_glob, "max_documents": None}
+    return build_spec(tiny_spec_dict(f"s3://{BUCKET}/jobs/{tmp_path.name}", data=data, **sections))
 
 
 def _runner(spec, stages: int, **kwargs) -> JobRunner:
