@@ -158,16 +158,17 @@ def _local_files(local: Path) -> dict[str, list[int]]:
     """Every file under `local` but the push record and unfinished pieces (an atomic write's `.partial`, an
     interrupted pull's `.X.pulling`), with its size and mtime."""
     files = {}
-    for file in local.rglob("*"):
-        relative = file.relative_to(local).as_posix()
-        if relative == PUSHED or ".partial" in relative or file.name.endswith(".pulling"):
-            continue
-        try:
-            if file.is_file():
+    for folder, _, names in os.walk(local):  # os.walk skips a folder gone mid-walk; rglob would raise
+        for file in (Path(folder) / name for name in names):
+            relative = file.relative_to(local).as_posix()
+            if relative == PUSHED or ".partial" in relative or file.name.endswith(".pulling"):
+                continue
+            try:
                 stat = file.stat()
+            except FileNotFoundError:  # gone since the listing (a checkpoint rotated away)
+                continue
+            if file.is_file():
                 files[relative] = [stat.st_size, stat.st_mtime_ns]
-        except FileNotFoundError:  # gone since the listing (a checkpoint rotated away)
-            continue
     return files
 
 
