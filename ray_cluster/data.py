@@ -30,7 +30,7 @@ stages, each writing its output to storage before the next starts: two Ray Data 
 Each embedding actor freezes the objects its imports and model leave (`gc.freeze`), so the `gc.collect` Ray runs
 in every worker when the object store fills no longer holds the GIL for 0.3 s a time, and runs the Rust tokenizer
 on its node's CPUs (`parallel_tokenizer`). At 1M documents on 2 cores, with 1 GB of object store a node (in 150 MB
-Ray Data's backpressure held it to 0.45x), one worker reaches 0.76x the in-process rate, start-up amortised.
+Ray Data's backpressure held it to 0.45x), one worker reaches 0.75-0.76x the in-process rate, start-up amortised.
 
 A corpus of at most one shard (`ROWS_PER_SHARD` documents), which Ray Data would embed with a single actor anyway,
 skips Ray Data: `ray_cluster.prestart.DataWorker`, one actor on the cheap tier, runs the job's data stages in one
