@@ -65,11 +65,12 @@ class DataWorker:
         return run_stage(run)
 
     def embed(self, spec: JobSpec, paths) -> dict:
-        from ray_cluster.data import embed_in_process
+        from ray_cluster.data import embed_in_process, parallel_tokenizer
 
         if self.embedder is None:
             from moedisco.embed import Embedder
 
+            parallel_tokenizer()
             self.embedder = Embedder(spec.embed)
         return embed_in_process(spec, paths, self.embedder)
 
