@@ -27,6 +27,7 @@ import fnmatch
 import json
 import os
 import shutil
+import time
 from pathlib import Path, PurePosixPath
 from collections.abc import Callable
 from typing import IO, Any
@@ -36,6 +37,7 @@ CREDENTIALS = ("credentials come from the environment: AWS_ACCESS_KEY_ID, AWS_SE
                "for an S3-compatible store, AWS_ENDPOINT_URL (s3://); GOOGLE_APPLICATION_CREDENTIALS (gs://)")
 CHUNK = 8 << 20  # bytes per read or write of a copy, and of read-ahead
 PUSHED = ".pushed.json"  # in the staging folder: what `push` last copied up, so the next copies only the changes
+RECORD_EVERY_S = 5.0  # `push` saves its record this often while copying, and when done
 
 
 class StorageError(RuntimeError):
@@ -69,6 +71,30 @@ def is_uri(location: object) -> bool:
     return isinstance(location, str) and location.split("://", 1)[0] in SCHEMES and "://" in location
 
 
+def plain_parts(uri: str) -> tuple[str, str, tuple[str, ...]]:
+    """(scheme, bucket, key segments) of a URI that names a bucket and a key and nothing else; raises ValueError
+    naming what else it holds. pyarrow reads filesystem options from a URI's query (`endpoint_override`, `scheme`)
+    and credentials from its user info: a URI from someone else could send this machine's credentials to a host
+    of their choosing. `gcs` reads as `gs`."""
+    if any(c in uri for c in "?#%"):
+        raise ValueError("may not hold a query, a fragment or %-escapes")
+    scheme, _, rest = uri.partition("://")
+    bucket, _, key = rest.partition("/")
+    if scheme not in SCHEMES or not bucket or any(c in bucket for c in "@:"):
+        raise ValueError(f"must be {'|'.join(SCHEMES)}://bucket/key, with no user info or port")
+    segments = tuple(key.rstrip("/").split("/")) if key.rstrip("/") else ()
+    if any(part in ("", ".", "..") for part in segments):
+        raise ValueError("may not hold an empty, '.' or '..' key segment")
+    return ("gs" if scheme == "gcs" else scheme), bucket, segments
+
+
+def is_under(uri: str, root: str) -> bool:
+    """Whether `uri` lies under `root` (both `plain_parts`): the same scheme and bucket, and `root`'s key
+    segments leading `uri`'s, so `s3://b/ab` is not under `s3://b/a`."""
+    (scheme, bucket, segments), (root_scheme, root_bucket, root_segments) = plain_parts(uri), plain_parts(root)
+    return (scheme, bucket) == (root_scheme, root_bucket) and segments[: len(root_segments)] == root_segments
+
+
 def filesystem(uri: str):
     """(pyarrow filesystem, path inside it) for `uri`."""
     import pyarrow.fs as pafs
@@ -98,8 +124,7 @@ def exists(uri: str) -> bool:
 
 
 def _listing(uri: str) -> list[tuple[str, int, int]]:
-    """(path inside the filesystem, size, mtime in ns) of every object under `uri`, recursively; none when there
-    is none."""
+    """(path inside the filesystem, size, mtime in ns) of every object under `uri`, recursively (maybe none)."""
     import pyarrow.fs as pafs
 
     fs, path = filesystem(uri)
@@ -140,9 +165,7 @@ def open_input(location: str | Path, seekable: bool = False) -> IO[bytes]:
         return Path(location).open("rb")
     fs, path = filesystem(str(location))
     try:
-        if seekable:
-            return fs.open_input_file(path)
-        return fs.open_input_stream(path, compression=None, buffer_size=CHUNK)
+        return fs.open_input_file(path) if seekable else fs.open_input_stream(path, compression=None, buffer_size=CHUNK)
     except OSError as error:
         raise _failed(str(location), error) from None
 
@@ -150,8 +173,7 @@ def open_input(location: str | Path, seekable: bool = False) -> IO[bytes]:
 def staging_dir(uri: str) -> Path:
     """The local folder a job folder on object storage is worked on in: one per URI, kept between runs."""
     root = Path(os.environ.get("MOEDISCO_STAGING_DIR") or Path.home() / ".cache" / "moedisco" / "staging")
-    scheme, path = uri.split("://", 1)
-    return root / scheme / path.strip("/")
+    return root.joinpath(*(part.strip("/") for part in uri.split("://", 1)))
 
 
 def _local_files(local: Path) -> dict[str, list[int]]:
@@ -172,7 +194,7 @@ def _local_files(local: Path) -> dict[str, list[int]]:
     return files
 
 
-def _staging_failed(local: Path, error: OSError) -> StagingError:
+def _staging_failed(local: Path, error: OSError) -> StagingError:  # the local side: nothing about credentials
     return StagingError(f"{local}: {error} (the local staging folder; MOEDISCO_STAGING_DIR moves it)")
 
 
@@ -199,15 +221,17 @@ def _write_record(local: Path, entries: dict[str, dict]) -> None:
         raise _staging_failed(local, error) from None
 
 
-def _remote_stamps(uri: str) -> dict[str, list[int]]:
-    """Object name under `uri` -> [size, mtime_ns], from one listing."""
-    fs, root = filesystem(uri)
-    return {path[len(root):].lstrip("/"): [size, mtime] for path, size, mtime in _listing(uri)}
+def _stamp(fs, path: str, failed: Callable) -> list[int]:
+    """[size, mtime_ns] of an object just written (for `pull` to tell another machine's later change from it)."""
+    try:
+        return [(info := fs.get_file_info(path)).size, info.mtime_ns or 0]
+    except OSError as error:
+        raise failed(error) from None
 
 
 def _copy(read: Callable[[int], bytes], write: Callable[[bytes], Any], read_failed: Callable, write_failed: Callable):
-    """Copy in 8 MB pieces, telling a failing reader from a failing writer: one side is the local disk, the
-    other object storage, and only the latter's errors are about credentials."""
+    """Copy in 8 MB pieces, telling a failing reader from a failing writer (only object storage's errors are
+    about credentials)."""
     while True:
         try:
             piece = read(CHUNK)
@@ -231,7 +255,7 @@ def push(local: Path, uri: str) -> int:
     current = _local_files(local)
     remote_failed = lambda error: _failed(uri, error)  # noqa: E731
     local_failed = lambda error: _staging_failed(local, error)  # noqa: E731
-    copied = []
+    copied, written = [], time.monotonic()
     for name, stat in current.items():
         if record.get(name, {}).get("local") == stat:
             continue
@@ -256,9 +280,11 @@ def push(local: Path, uri: str) -> int:
                 target.close()  # the upload completes here
             except OSError as error:
                 raise remote_failed(error) from None
-        record[name] = {"local": stat}
+        record[name] = {"local": stat, "remote": _stamp(fs, f"{root}/{name}", remote_failed)}
         copied.append(name)
-        _write_record(local, record)
+        if time.monotonic() - written > RECORD_EVERY_S:  # a record per file would be quadratic in the files
+            _write_record(local, record)
+            written = time.monotonic()
     for name in set(record) - set(current):
         try:
             fs.delete_file(f"{root}/{name}")
@@ -267,18 +293,13 @@ def push(local: Path, uri: str) -> int:
         except OSError as error:
             raise remote_failed(error) from None
         del record[name]
-    if copied:  # the objects' own stamps, for `pull` to tell a later change by another machine from our copy
-        stamps = _remote_stamps(uri)
-        for name in copied:
-            record[name]["remote"] = stamps.get(name)
     _write_record(local, record)
     return len(copied)
 
 
 def _current(entry: dict | None, local_stat: list[int], remote: list[int], local_mtime_ns: int) -> bool:
-    """Whether a local file holds the object's content. With the object's stamp recorded at our last push or
-    pull: the object is unchanged since (the local file may be newer: work not yet pushed). Without it: the
-    same size and the object not newer than the file."""
+    """Whether a local file holds the object's content: the object unchanged since our last push or pull (the file
+    may be newer: work not yet pushed); with no stamp recorded, the same size and the object not newer."""
     if entry is not None and entry.get("remote") is not None:
         return list(entry["remote"]) == remote
     return local_stat[0] == remote[0] and remote[1] <= local_mtime_ns
@@ -290,14 +311,18 @@ def pull(uri: str, local: Path) -> int:
     The rule: an object whose size and mtime are those the push record noted when this machine last pushed or
     pulled it has not changed since, and is skipped; one that changed (another machine pushed it) comes down.
     For a file the record does not know, the object comes down unless it has the file's size and is not newer
-    than it. A pulled file gets the object's mtime. A job folder not yet on object storage pulls nothing."""
+    than it. A pulled file gets the object's mtime; a file the bucket lost goes (`_gone_from_bucket`); an object
+    whose name would leave `local` is refused. A job folder not yet on object storage pulls nothing."""
     fs, root = filesystem(uri)
     record = _read_record(local)
-    copied = 0
+    copied, listed = 0, set()
     for path, size, mtime in _listing(uri):
         name = path[len(root):].lstrip("/")
         if name == PUSHED or not name:
             continue
+        if {"", ".", ".."} & set(name.split("/")):
+            raise StorageError(f"{uri}: object {name!r} would land outside the staging folder {local}")
+        listed.add(name)
         target = local / name
         try:
             stat = target.stat() if target.is_file() else None
@@ -326,9 +351,28 @@ def pull(uri: str, local: Path) -> int:
         # what came down is on object storage already: the next push need not copy it back up
         record[name] = {"local": [stat.st_size, stat.st_mtime_ns], "remote": [size, mtime]}
         copied += 1
-    if copied:
+    gone = _gone_from_bucket(local, record, listed)
+    if copied or gone:
         _write_record(local, record)
     return copied
+
+
+def _gone_from_bucket(local: Path, record: dict[str, dict], listed: set[str]) -> int:
+    """Delete the files the bucket had and has no more (another machine rotated a checkpoint away or re-ran a
+    stage) unless changed here since: a stale marker or checkpoint would skip or resume work the bucket lost."""
+    gone = 0  # how many went
+    for name, entry in list(record.items()):
+        if name in listed or entry.get("remote") is None:
+            continue  # still there, or local work never pushed
+        try:
+            if not (file := local / name).is_file() or [file.stat().st_size, file.stat().st_mtime_ns] == list(
+                    entry["local"]):
+                file.unlink(missing_ok=True)
+                del record[name]
+                gone += 1
+        except OSError as error:
+            raise _staging_failed(local, error) from None
+    return gone
 
 
 def join(location: str | Path, *parts: str) -> str | Path:

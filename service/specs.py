@@ -29,7 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from moedisco.config import JobSpec, ModelConfig
 from moedisco.stages import STAGE
 from moedisco.spec_loading import INPUT_PATHS
-from moedisco.storage import is_uri
+from moedisco.storage import is_under, is_uri
 from service.core.config import Settings
 from service.schemas import JobCreate
 
@@ -68,10 +68,13 @@ def _check_uri(section: str, field: str, value: str, settings: Settings) -> dict
     if (section, field) not in URI_FIELDS:
         return _error((section, field), "must be a path on the server: object-storage URIs are read only in "
                                         "data.train, data.eval and resources.storage_path", value)
-    roots = [root.rstrip("/") + "/" for root in settings.storage_roots]
-    if not any(value.startswith(root) for root in roots):
+    try:
+        inside = any(is_under(value, root) for root in settings.storage_roots)  # by bucket and key segments
+    except ValueError as error:
+        return _error((section, field), f"not a plain object-storage URI: it {error}", value)
+    if not inside:
         return _error((section, field), "an object-storage URI must lie under MOEDISCO_STORAGE_ROOTS "
-                                        f"({', '.join(roots) or 'none set'})", value)
+                                        f"({', '.join(settings.storage_roots) or 'none set'})", value)
     return None
 
 

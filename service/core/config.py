@@ -83,6 +83,18 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, token: SecretStr | None) -> SecretStr | None:
         return token if token is not None and token.get_secret_value().strip() else None
 
+    @field_validator("storage_roots", mode="after")
+    @classmethod
+    def _plain_bucket_prefixes(cls, roots: list[str]) -> list[str]:
+        from moedisco.storage import plain_parts
+
+        for root in roots:
+            try:
+                plain_parts(root)
+            except ValueError as error:  # e.g. `s3://` alone, which would cover every bucket
+                raise ValueError(f"MOEDISCO_STORAGE_ROOTS entry {root!r} is not a bucket prefix: it {error}") from None
+        return roots
+
     @property
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir.resolve() / 'moedisco.db'}"
