@@ -52,8 +52,9 @@ class PreemptionNotice:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             yield self
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+        finally:  # left unclosed, the garbage collector may finish this on another thread, which cannot restore it
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, previous)
 
     def _on_sigterm(self, signum, frame) -> None:
         self.notify("SIGTERM")

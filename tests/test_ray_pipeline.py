@@ -129,10 +129,13 @@ def local_submodels(spec) -> JobPaths:
     """The local runner's stages up to the submodels, in process (merge and fine-tune are not compared)."""
     runner = JobRunner(spec, LocalExecutor(progress=False))
     runner.executor.open(runner.job)
-    for group in runner.plan:
-        if group[0].stage == "merge":
-            break
-        runner.run_group(group)
+    try:
+        for group in runner.plan:
+            if group[0].stage == "merge":
+                break
+            runner.run_group(group)
+    finally:
+        runner.executor.close()  # its SIGTERM handler goes back while still on the main thread
     return runner.paths
 
 
