@@ -38,6 +38,7 @@ CREDENTIALS = ("credentials come from the environment: AWS_ACCESS_KEY_ID, AWS_SE
 CHUNK = 8 << 20  # bytes per read or write of a copy, and of read-ahead
 PUSHED = ".pushed.json"  # in the staging folder: what `push` last copied up, so the next copies only the changes
 RECORD_EVERY_S = 5.0  # `push` saves its record this often while copying, and when done
+LEAVING = {"", ".", ".."}  # key segments that would lead a path out of its folder, or fold into another
 
 
 class StorageError(RuntimeError):
@@ -45,8 +46,7 @@ class StorageError(RuntimeError):
 
 
 class StagingError(StorageError):
-    """The local side of a push or pull failed (a full disk, a permission): the message names the staging
-    folder, not credentials, which have nothing to do with it."""
+    """The local side of a push or pull failed (a full disk): the message names the staging folder, not credentials."""
 
 
 class URI(str):
@@ -83,7 +83,7 @@ def plain_parts(uri: str) -> tuple[str, str, tuple[str, ...]]:
     if scheme not in SCHEMES or not bucket or any(c in bucket for c in "@:"):
         raise ValueError(f"must be {'|'.join(SCHEMES)}://bucket/key, with no user info or port")
     segments = tuple(key.rstrip("/").split("/")) if key.rstrip("/") else ()
-    if any(part in ("", ".", "..") for part in segments):
+    if LEAVING & set(segments):
         raise ValueError("may not hold an empty, '.' or '..' key segment")
     return ("gs" if scheme == "gcs" else scheme), bucket, segments
 
@@ -297,12 +297,12 @@ def push(local: Path, uri: str) -> int:
     return len(copied)
 
 
-def _current(entry: dict | None, local_stat: list[int], remote: list[int], local_mtime_ns: int) -> bool:
+def _current(entry: dict | None, local_stat: list[int], remote: list[int]) -> bool:
     """Whether a local file holds the object's content: the object unchanged since our last push or pull (the file
     may be newer: work not yet pushed); with no stamp recorded, the same size and the object not newer."""
     if entry is not None and entry.get("remote") is not None:
         return list(entry["remote"]) == remote
-    return local_stat[0] == remote[0] and remote[1] <= local_mtime_ns
+    return local_stat[0] == remote[0] and remote[1] <= local_stat[1]
 
 
 def pull(uri: str, local: Path) -> int:
@@ -315,44 +315,43 @@ def pull(uri: str, local: Path) -> int:
     whose name would leave `local` is refused. A job folder not yet on object storage pulls nothing."""
     fs, root = filesystem(uri)
     record = _read_record(local)
+    remote_failed = lambda error: _failed(uri, error)  # noqa: E731
+    local_failed = lambda error: _staging_failed(local, error)  # noqa: E731
     copied, listed = 0, set()
     for path, size, mtime in _listing(uri):
         name = path[len(root):].lstrip("/")
         if name == PUSHED or not name:
             continue
-        if {"", ".", ".."} & set(name.split("/")):
+        if LEAVING & set(name.split("/")):
             raise StorageError(f"{uri}: object {name!r} would land outside the staging folder {local}")
         listed.add(name)
         target = local / name
         try:
             stat = target.stat() if target.is_file() else None
-            if stat is not None and _current(record.get(name), [stat.st_size, stat.st_mtime_ns], [size, mtime],
-                                             stat.st_mtime_ns):
+            if stat is not None and _current(record.get(name), [stat.st_size, stat.st_mtime_ns], [size, mtime]):
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             partial = target.with_name(f".{target.name}.pulling")
             handle = partial.open("wb")
         except OSError as error:
-            raise _staging_failed(local, error) from None
+            raise local_failed(error) from None
         with handle:
             try:
                 source = fs.open_input_stream(path)
             except OSError as error:
-                raise _failed(uri, error) from None
+                raise remote_failed(error) from None
             with source:
-                _copy(source.read, handle.write, lambda error: _failed(uri, error),
-                      lambda error: _staging_failed(local, error))
+                _copy(source.read, handle.write, remote_failed, local_failed)
         try:
             os.utime(partial, ns=(mtime, mtime))
             partial.replace(target)
             stat = target.stat()
         except OSError as error:
-            raise _staging_failed(local, error) from None
+            raise local_failed(error) from None
         # what came down is on object storage already: the next push need not copy it back up
         record[name] = {"local": [stat.st_size, stat.st_mtime_ns], "remote": [size, mtime]}
         copied += 1
-    gone = _gone_from_bucket(local, record, listed)
-    if copied or gone:
+    if _gone_from_bucket(local, record, listed) or copied:  # the deletions first, whatever came down
         _write_record(local, record)
     return copied
 
@@ -364,9 +363,10 @@ def _gone_from_bucket(local: Path, record: dict[str, dict], listed: set[str]) ->
     for name, entry in list(record.items()):
         if name in listed or entry.get("remote") is None:
             continue  # still there, or local work never pushed
+        file = local / name
         try:
-            if not (file := local / name).is_file() or [file.stat().st_size, file.stat().st_mtime_ns] == list(
-                    entry["local"]):
+            stat = file.stat() if file.is_file() else None
+            if stat is None or [stat.st_size, stat.st_mtime_ns] == list(entry["local"]):
                 file.unlink(missing_ok=True)
                 del record[name]
                 gone += 1
