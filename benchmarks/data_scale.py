@@ -11,8 +11,10 @@ cluster) and `train_read` (the batches of `READ_STEPS` optimizer steps drawn fro
 reads them). `rates` compares, on the first `RATE_DOCUMENTS` training documents, the embedder against the embedding
 model's fast tokenizer batch-encoding the same texts the same way (`_rates`).
 Environment: RATE_DOCUMENTS, SAMPLE_DOCUMENTS (`tokenizer.sample_documents`) shrink the run on a small machine.
-`--ray` adds the Ray runner's embed stage (`ray_cluster.data.embed_stage`: Ray Data, one actor on one cheap node)
-on the same train split, in documents/s per worker. Prints one JSON object.
+`--ray` adds the Ray runner's Ray Data stages (`ray_cluster.data.embed_stage` + `cluster_stage`: the fit's sample,
+the fit, every other document embedded and assigned in one pass; one actor on one cheap node) on the same train
+split, in documents embedded per second per worker (the k-means fit left out, as `embed` has none). Prints one JSON
+object.
 """
 
 from __future__ import annotations
@@ -125,42 +127,57 @@ def _rates(spec) -> dict:
             "embed_vs_hf_tokenizer_call": float(np.median(ratios["hf_tokenizer_call"]))}
 
 
-def _ray_embed(spec) -> dict:
+def _ray_data(spec, fit_cap: int) -> dict:
     import ray
 
     from moedisco.layout import JobPaths
+    from moedisco.storage import join, remove_tree
     from ray_cluster import data
     from ray_cluster.cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster
-    from ray_cluster.placement import on_driver_node
+    from ray_cluster.placement import job_storage, on_driver_node
 
     # The cheap node is given this machine's CPUs, so the one worker has what the in-process `embed` has: the
     # embedding actor sizes its tokenizer's threads by its node (`ray_cluster.data.parallel_tokenizer`). And an
     # object store of 1 GB a node, not the local cluster's 150 MB (sized for tests with many nodes; Ray's own
-    # default is 30% of RAM): in 150 MB Ray Data's backpressure held the actor to about 3500 docs/s at 1M.
+    # default is 30% of RAM): in 150 MB Ray Data's backpressure held the actor to about 3500 docs/s at 1M when the
+    # embeddings left the actors.
     start_local_cluster(spec=LocalClusterSpec(num_cheap=1, cpus_per_node=float(len(os.sched_getaffinity(0))),
                                               object_store_mb=1024))
+    paths, where = JobPaths(spec.output_dir), on_driver_node()
+    for earlier in ("corpus", "embeddings", "assigned"):  # a fresh job's: no index or saved pass rows to reuse
+        remove_tree(join(job_storage(spec), earlier))
     try:
         if not ray.is_initialized():
             ray.init(address="auto")
-        embedded = ray.get(ray.remote(data.embed_stage).options(**on_driver_node()).remote(
-            spec, JobPaths(spec.output_dir), 1))
+        embedded = ray.get(ray.remote(data.embed_stage).options(**where).remote(spec, paths, 1, fit_cap))
+        clustered = ray.get(ray.remote(data.cluster_stage).options(**where).remote(spec, paths, 1))
     finally:
         ray.shutdown()
         stop_local_cluster()
-    return {"documents": embedded["documents"], "seconds": embedded["seconds"], "workers": embedded["num_nodes"],
-            "index_seconds": embedded["index_seconds"], "cpus_per_worker": len(os.sched_getaffinity(0)),
-            "docs_per_s_per_worker": embedded["documents"] / embedded["seconds"] / embedded["num_nodes"]}
+    # Every document is embedded once: the fit's in the embed stage, the rest in the cluster stage's pass. The
+    # k-means fit, which the in-process `embed` does not do either, is left out of the rate.
+    embedding_seconds = embedded["seconds"] + clustered.get("assign_seconds", 0.0)
+    workers = max(embedded["num_nodes"], clustered["num_nodes"])
+    return {"documents": embedded["corpus_documents"], "fit_documents": clustered["fit_documents"],
+            "embed_stage_seconds": embedded["seconds"], "index_seconds": embedded["index_seconds"],
+            "fit_seconds": clustered["fit_seconds"], "assign_seconds": clustered.get("assign_seconds", 0.0),
+            "embedding_seconds": embedding_seconds, "workers": workers, "sizes": clustered["sizes"],
+            "cpus_per_worker": len(os.sched_getaffinity(0)),
+            "docs_per_s_per_worker": embedded["corpus_documents"] / embedding_seconds / workers}
 
 
 def child(payload: dict) -> dict:
     spec = _spec(Path(payload["corpus"]), Path(payload["job"]))
-    work = {"rates": _rates, "ray_embed": _ray_embed}.get(payload["stage"])
-    result = work(spec) if work else _stage(payload["stage"], spec)
+    if payload["stage"] == "ray_data":
+        result = _ray_data(spec, payload["fit_cap"])
+    else:
+        result = _rates(spec) if payload["stage"] == "rates" else _stage(payload["stage"], spec)
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return {**result, "peak_rss_mb": round(max(own, peak_rss_mb()), 1)}
 
 
-def run_size(documents: int, work: Path, ray_too: bool, only: list[str] | None = None) -> dict:
+def run_size(documents: int, work: Path, ray_too: bool, only: list[str] | None = None,
+             fit_cap: int = 100_000) -> dict:
     corpus = build_corpus(work / f"corpus_{documents}.jsonl", documents)
     job = work / f"job_{documents}"
     import shutil
@@ -168,8 +185,8 @@ def run_size(documents: int, work: Path, ray_too: bool, only: list[str] | None =
     if not only:  # `--only` runs some stages again on the job folder the last run left
         shutil.rmtree(job, ignore_errors=True)
     out = {"corpus_mb": round(corpus.stat().st_size / 2**20, 1)}
-    for stage in only or (*STAGES, "rates", *(("ray_embed",) if ray_too else ())):
-        out[stage] = run_child(__file__, {"corpus": str(corpus), "job": str(job), "stage": stage})
+    for stage in only or (*STAGES, "rates", *(("ray_data",) if ray_too else ())):
+        out[stage] = run_child(__file__, {"corpus": str(corpus), "job": str(job), "stage": stage, "fit_cap": fit_cap})
         print(stage, out[stage], file=sys.stderr, flush=True)
     return out
 
@@ -178,12 +195,15 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--documents", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--work", type=Path, default=Path("/tmp/data/scale"))
-    parser.add_argument("--ray", action="store_true", help="Also time the Ray Data embed stage.")
-    parser.add_argument("--only", nargs="+", choices=(*STAGES, "rates", "ray_embed"),
+    parser.add_argument("--ray", action="store_true", help="Also time the Ray runner's Ray Data stages.")
+    parser.add_argument("--fit-cap", type=int, default=100_000,
+                        help="Documents the Ray runner's k-means fit sees (`max_fit_documents`); the rest are "
+                             "assigned in the cluster stage's pass.")
+    parser.add_argument("--only", nargs="+", choices=(*STAGES, "rates", "ray_data"),
                         help="Run only these stages, on the job folders an earlier run left.")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    sizes = {str(n): run_size(n, args.work, args.ray, args.only) for n in args.documents}
+    sizes = {str(n): run_size(n, args.work, args.ray, args.only, args.fit_cap) for n in args.documents}
     result = {"sizes": sizes}
     if len(args.documents) >= 2 and not args.only:
         small, large = sizes[str(min(args.documents))], sizes[str(max(args.documents))]
@@ -192,9 +212,9 @@ def main(argv=None) -> dict:
         result["max_peak_rss_mb"] = max(v["peak_rss_mb"] for size in sizes.values() for k, v in size.items()
                                         if isinstance(v, dict))
     for size in sizes.values():
-        if "ray_embed" in size and "embed" in size:
+        if "ray_data" in size and "embed" in size:
             size["ray_vs_in_process_per_worker"] = round(
-                size["ray_embed"]["docs_per_s_per_worker"] / size["embed"]["docs_per_s"], 3)
+                size["ray_data"]["docs_per_s_per_worker"] / size["embed"]["docs_per_s"], 3)
     return result
 
 

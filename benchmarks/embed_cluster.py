@@ -59,14 +59,14 @@ def on_ray(spec, paths, num_cheap: int, fit_sample: int) -> dict:
         # Ray Data runs inside a task on the driver's node, exactly as the Ray runner places these stages.
         where = on_driver_node()
         started = time.perf_counter()
-        embedded = ray.get(ray.remote(data.embed_stage).options(**where).remote(spec, paths, num_cheap))
-        clustered = ray.get(ray.remote(data.cluster_stage).options(**where).remote(spec, paths, fit_sample))
+        embedded = ray.get(ray.remote(data.embed_stage).options(**where).remote(spec, paths, num_cheap, fit_sample))
+        clustered = ray.get(ray.remote(data.cluster_stage).options(**where).remote(spec, paths, num_cheap))
         seconds = time.perf_counter() - started
     finally:
         ray.shutdown()
         stop_local_cluster()
-    return {"nodes": num_cheap, "documents": embedded["documents"], "seconds": seconds,
-            "docs_per_s": embedded["documents"] / seconds, "embed_seconds": embedded["seconds"],
+    return {"nodes": num_cheap, "documents": embedded["corpus_documents"], "seconds": seconds,
+            "docs_per_s": embedded["corpus_documents"] / seconds, "embed_seconds": embedded["seconds"],
             "cluster_seconds": clustered["seconds"], "inertia": clustered["inertia"],
             "fit_documents": clustered["fit_documents"]}
 

@@ -143,6 +143,15 @@ MAX_FIT_DOCUMENTS = 100_000  # 100k x 384 float64 = 300 MB in the fitting proces
 ASSIGN_CHUNK = 65_536
 
 
+def fit_sample(num_docs: int, max_fit_documents: int, seed: int) -> np.ndarray | None:
+    """The documents k-means is fitted on, ascending: None (all of them) when there are at most
+    `max_fit_documents`, else a seeded uniform sample of that many. Both runners fit on this sample, so a corpus
+    gets the same clusters from either."""
+    if num_docs <= max_fit_documents:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(num_docs, max_fit_documents, replace=False))
+
+
 def fit_streaming(vectors_ND: np.ndarray, cfg: ClusterConfig, num_clusters: int, seed: int,
                   max_fit_documents: int = MAX_FIT_DOCUMENTS) -> ClusterResult:
     """`fit_clusters` for embeddings of any number of documents (a memory map): fitted on all of them when they
@@ -150,9 +159,9 @@ def fit_streaming(vectors_ND: np.ndarray, cfg: ClusterConfig, num_clusters: int,
     its nearest centroid a chunk at a time. A sample this size puts the centroids within a few percent of a full
     fit's objective and keeps the paper's algorithm (k-means++ with `n_init` restarts)."""
     num_docs = len(vectors_ND)
-    if num_docs <= max_fit_documents:
+    sample = fit_sample(num_docs, max_fit_documents, seed)
+    if sample is None:
         return fit_clusters(np.asarray(vectors_ND), cfg, num_clusters, seed)
-    sample = np.sort(np.random.default_rng(seed).choice(num_docs, max_fit_documents, replace=False))
     fitted = fit_clusters(np.asarray(vectors_ND[sample]), cfg, num_clusters, seed)
     assignments, inertia = np.empty(num_docs, dtype=np.int64), 0.0
     for start in range(0, num_docs, ASSIGN_CHUNK):

@@ -97,35 +97,48 @@ def _tokenizer(spec: JobSpec, paths: JobPaths, sample: list[str] | None):
     return tokenizer
 
 
-def write_tokens(texts: Iterator[str], tokenizer, folder: Path) -> TokenShard:
-    """Tokenize `texts` a chunk at a time into the shard `folder` (each document ends with EOS)."""
-    eos, backend = tokenizer.eos_token_id, tokenizer.backend_tokenizer
-    # The Rust tokenizer itself, without offsets: the same ids as `tokenizer(chunk)`, at twice its rate.
+def fast_encoder(tokenizer) -> Tokenizer:
+    """The Rust tokenizer itself, without truncation or padding: with `encode_batch_fast` (no offsets), the same
+    ids as `tokenizer(chunk)`, at twice its rate."""
+    backend = tokenizer.backend_tokenizer
     if backend.truncation or backend.padding:
         backend = Tokenizer.from_str(backend.to_str())
         backend.no_truncation(), backend.no_padding()
+    return backend
+
+
+def write_tokens(texts: Iterator[str], tokenizer, folder: Path) -> TokenShard:
+    """Tokenize `texts` a chunk at a time into the shard `folder` (each document ends with EOS)."""
+    eos, backend = tokenizer.eos_token_id, fast_encoder(tokenizer)
     with ShardWriter(folder) as writer:
         for chunk in chunks(texts):
             writer.add([e.ids for e in backend.encode_batch_fast(chunk, add_special_tokens=False)], eos=eos)
     return TokenShard.load(folder)
 
 
-def stage_prepare(run: StageRun) -> dict:
-    """Read, hash-split, tokenize. Writes data/{train,eval}.jsonl, data/tokenizer/, data/{train,eval}_tokens/."""
-    spec, paths = run.spec, run.paths
+def split_and_tokenizer(spec: JobSpec, paths: JobPaths) -> tuple[dict, object]:
+    """Prepare's first half: the split's counts and the tokenizer, each as an earlier run left it or made now."""
     paths.data.mkdir(parents=True, exist_ok=True)
     if paths.split_summary.is_file():
         split, sample = json.loads(paths.split_summary.read_text()), None
     else:
         split = _write_split(spec, paths)
         sample = split.pop("sample")
-    tokenizer = _tokenizer(spec, paths, sample)
-    del sample
+    return split, _tokenizer(spec, paths, sample)
+
+
+def prepared(paths: JobPaths, split: dict, tokenizer) -> dict:
+    """The prepare stage's summary, once its token shards are written."""
+    return {**split, "vocab_size": len(tokenizer), "train_tokens": TokenShard.load(paths.tokens("train")).num_tokens}
+
+
+def stage_prepare(run: StageRun) -> dict:
+    """Read, hash-split, tokenize. Writes data/{train,eval}.jsonl, data/tokenizer/, data/{train,eval}_tokens/."""
+    split, tokenizer = split_and_tokenizer(run.spec, run.paths)
     for name in ("train", "eval"):
-        if not is_complete(paths.tokens(name)):
-            write_tokens(iter_texts(paths.texts(name)), tokenizer, paths.tokens(name))
-    return {**split, "vocab_size": len(tokenizer),
-            "train_tokens": TokenShard.load(paths.tokens("train")).num_tokens}
+        if not is_complete(run.paths.tokens(name)):
+            write_tokens(iter_texts(run.paths.texts(name)), tokenizer, run.paths.tokens(name))
+    return prepared(run.paths, split, tokenizer)
 
 
 # --- embed --------------------------------------------------------------------------------------------------------

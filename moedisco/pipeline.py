@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from moedisco import cluster, data, embed, merge, split, sync
-from moedisco.corpus import load_texts, train_source
+from moedisco.corpus import chunks, iter_texts, train_source
 from moedisco.config import JobSpec
 from moedisco.evaluate import evaluate_loss
 from moedisco.finetune import enable_router_loss, finetune, load_moe, save_final, train_full_parameter
@@ -95,10 +95,12 @@ def eval_assignments(spec: JobSpec, paths: JobPaths) -> np.ndarray:
     """Cluster of every held-out document, by nearest centroid (computed once, cached next to the clusters)."""
     cached = paths.clusters / "eval_assignments.npy"
     if not cached.is_file():
-        vectors_ND = embed.Embedder(spec.embed)(load_texts(paths.texts("eval")))
+        embedder, clusters = embed.Embedder(spec.embed), cluster.ClusterResult.load(paths.clusters)
+        # A chunk at a time: a large corpus's held-out share is more text than one process should hold.
+        assigned = [clusters.assign(embedder(texts)) for texts in chunks(iter_texts(paths.texts("eval")))]
         # Written aside and renamed: concurrent submodel trainers may fill the cache at the same time.
         partial = cached.with_name(f"eval_assignments.{os.getpid()}.npy")
-        np.save(partial, cluster.ClusterResult.load(paths.clusters).assign(vectors_ND))
+        np.save(partial, np.concatenate(assigned) if assigned else np.zeros(0, dtype=np.int64))
         partial.replace(cached)
     return np.load(cached)
 

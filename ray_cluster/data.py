@@ -1,60 +1,64 @@
-"""The data stage on Ray Data: embed the corpus with an actor pool on the cheap tier, cluster it, shard it per expert.
+"""The data stages on Ray Data: embed the corpus with an actor pool on the cheap tier, and cluster it.
 
-    embed_summary = embed_stage(spec, paths, num_actors=2)        # STORAGE/<job>/embeddings/*.parquet
-    cluster_summary = cluster_stage(spec, paths)                  # OUTPUT/cluster/ + STORAGE/<job>/clusters/cluster=k/
+    embed_summary = embed_stage(spec, paths, num_cheap_nodes=2)     # the fit's documents -> STORAGE/<job>/embeddings/
+    cluster_summary = cluster_stage(spec, paths, num_cheap_nodes=2)  # fit, then every other document -> OUTPUT/cluster/
 
-1. The prepare stage's OUTPUT/data/train.jsonl is streamed into Parquet shards with an explicit `doc_id` (its line),
-   so document order, and therefore every later index into the cluster assignments, matches the local runner.
-2. `map_batches` over an `ActorPoolStrategy` pool pinned to the cheap tier embeds the shards; each actor loads the
-   embedding model once (`moedisco.embed.Embedder`).
-3. k-means is fitted with `moedisco.cluster.fit_clusters` on the embeddings of at most `max_fit_documents` documents
-   (all of them when the corpus is that small, else a uniform `random_sample`), streamed in with `iter_batches`. A
-   sample this size gives centroids whose objective on the full corpus is within a few percent of a full fit, and
-   keeps the paper's exact algorithm (k-means++ and `n_init` restarts) instead of mini-batch k-means.
-4. A second `map_batches` assigns every document: by the fit itself when it saw every document (identical to the
-   local runner, for every `cluster.method`), else to its nearest centroid. The rows are written as one Parquet shard
-   set per cluster (hive partitions `cluster=k`), and only the small (doc_id, cluster, distance) columns are read back
-   to save OUTPUT/cluster/ in `ClusterResult` form, which `stage_submodel` uses unchanged.
-No step holds the corpus text, or all its embeddings beyond the fit sample, in one process.
+1. The train split as Parquet shards with an explicit `doc_id` (`ray_cluster.corpus.index_corpus`, which the
+   prepare stage has run already when it tokenized on Ray Data), so document order, and therefore every later
+   index into the cluster assignments, matches the local runner.
+2. `embed_stage` embeds the documents k-means is fitted on: every one when there are at most `max_fit_documents`,
+   else the local runner's seeded sample (`moedisco.cluster.fit_sample`). `map_batches` over an
+   `ActorPoolStrategy` pool pinned to the cheap tier embeds them; each actor loads the embedding model once
+   (`moedisco.embed.Embedder`) and reads its own shards from storage, keeping the chosen rows on Arrow (Ray Data
+   moves the shards' locations, not their texts: `ray_cluster.corpus.shard_dataset`). The rows are written as
+   Parquet as they come (at most `max_fit_documents` of them: 150 MB at the default 100k).
+3. `cluster_stage` fits `moedisco.cluster.fit_clusters` on them, in one Ray task on the cheap tier, in corpus order.
+   A sample this size gives centroids whose objective on the full corpus is within a few percent of a full fit,
+   and keeps the paper's exact algorithm (k-means++ and `n_init` restarts) instead of mini-batch k-means.
+4. When the fit saw every document, its own labels are the clusters (every `cluster.method`). Else every other
+   document goes through the embedding pool once, in one pass over the shards, and leaves its actor as its
+   nearest centroid and distance (`EmbedBatches` with `clusters`): a few bytes a document reach the stage's
+   process, which fills the assignments. The sample's own documents go to their nearest centroid too, from the
+   fit's vectors. So every document is embedded once, the full corpus's embeddings are never written or held
+   (1.5 GB at 1M documents), and the clusters are the local runner's (`moedisco.cluster.fit_streaming`, the same
+   sample, the same nearest-centroid rule), document for document. The pass saves its rows as they arrive
+   (`AssignedParts`, STORAGE/<job>/assigned/), and a re-run after an interruption embeds only the rest.
+No step holds the corpus text, or more embeddings than the fit sample's, in one process.
 
-What of the streaming data path runs on Ray Data, and what does not (the Ray runner's data stages are separate
-stages, each writing its output to storage before the next starts: two Ray Data datasets, not one pipeline):
-- read, hash split, tokenizer on a bounded sample, tokenize: `moedisco.corpus.stage_prepare` as the local runner
-  runs it, in one Ray task (streaming, bounded memory), not Ray Data;
+What of the streaming data path runs on Ray Data, and what does not:
+- read, hash split, tokenizer on a bounded sample: one Ray task (streaming, bounded memory), not Ray Data;
 - step 1 (train.jsonl -> Parquet with `doc_id`): one process, streaming, not Ray Data;
-- step 2, embed: Ray Data (actor pool on the cheap tier, streaming Parquet writes);
-- step 3, the k-means fit: one Ray task on the sample (read through Ray Data's `iter_batches`);
-- step 4, assign and write per-cluster Parquet (the texts): Ray Data;
+- tokenizing the train split: Ray Data (`ray_cluster.corpus`, an actor pool on the cheap tier, in order);
+- steps 2 and 4, embedding and assignment: Ray Data (actor pool on the cheap tier, streaming);
+- step 3, the k-means fit: one Ray task on the sample;
 - the per-cluster token shards training reads: not Ray Data; each submodel trainer copies its own cluster's rows
-  from the train token shard, by the saved assignments (`moedisco.corpus.cluster_shard`).
+  from the train token shard, by the saved assignments (`moedisco.corpus.cluster_shard`), on its own node.
 Each embedding actor freezes the objects its imports and model leave (`gc.freeze`), so the `gc.collect` Ray runs
 in every worker when the object store fills no longer holds the GIL for 0.3 s a time, and runs the Rust tokenizer
-on its node's CPUs (`parallel_tokenizer`). At 1M documents on 2 cores, with 1 GB of object store a node (in 150 MB
-Ray Data's backpressure held it to 0.45x), one worker reaches 0.75-0.76x the in-process rate, start-up amortised.
+on its node's CPUs (`parallel_tokenizer`).
 
 A corpus of at most one shard (`ROWS_PER_SHARD` documents), which Ray Data would embed with a single actor anyway,
 skips Ray Data: `ray_cluster.prestart.DataWorker`, one actor on the cheap tier, runs the job's data stages in one
 process (`embed_in_process`, `cluster_in_process`, and prepare and source as they are) and writes the same shards
 and OUTPUT files. Ray Data's start-up (listing and footer-reader tasks and actors, stats and autoscaling actors, the
 actor pool, each a fresh process importing its libraries) cost the tiny example 20 s per stage on two cores; in
-one process the imports and the embedding model are loaded once. The fit sees every document and assigns by the
-fit itself, as step 4 does for a corpus this size, so both paths give the same clusters.
+one process the imports and the embedding model are loaded once. The fit sees every document, as step 3 does for a
+corpus this size, so both paths give the same clusters.
 """
 
 from __future__ import annotations
 
 import gc
-import itertools
-import json
-import os
+import hashlib
 import time
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 import ray.data
@@ -62,194 +66,220 @@ import ray.data
 from moedisco import cluster
 from moedisco.config import EmbedConfig, JobSpec, TierConfig
 from moedisco.metrics import MetricsWriter
-from moedisco.storage import join, make_dir, remove_tree
-from ray_cluster.placement import (job_storage, label_selector, node_cpus, prepare_worker, task_options,
-                                   tier_simulated)
+from moedisco.storage import filesystem, is_uri, join
+from ray_cluster.corpus import (PARQUET_ARGS, fresh, index_corpus, parallel_tokenizer, quiet_data_context,
+                                read_shard, shard_dataset, shard_ranges)
+from ray_cluster.placement import job_storage, label_selector, prepare_worker, task_options, tier_simulated
 
 if TYPE_CHECKING:
     from moedisco.layout import JobPaths
 
 MAX_FIT_DOCUMENTS = cluster.MAX_FIT_DOCUMENTS  # one bound for both runners
-ROWS_PER_SHARD = 4096
 
 
-def _fresh(folder: Path | str) -> str:
-    # A stage interrupted half-way left partial files; a re-run rewrites the folder whole.
-    remove_tree(folder)
-    make_dir(folder)
-    return str(folder)
-
-
-def _quiet_data_context() -> None:
-    ray.data.DataContext.get_current().enable_progress_bars = False
-
-
-# Parquet's dictionary encoding is tried on every column and given up on for unique texts and float vectors; it
-# had doubled the time of each shard's write.
-PARQUET_ARGS = {"use_dictionary": False}
-
-
-def parallel_tokenizer() -> None:
-    """Let the Rust tokenizer use the node's CPUs, as `prepare_worker` lets torch: the local cluster turns its
-    threads off for every worker (forked trainers' data loaders would warn), which left the embedding actor one
-    core where the in-process embedder has the machine's; the encodings do not depend on it. Call before the
-    first encode: the thread pool is sized then."""
-    os.environ["TOKENIZERS_PARALLELISM"] = "true"
-    os.environ["RAYON_NUM_THREADS"] = str(node_cpus())
-
-
-# --- 1. corpus with document ids ----------------------------------------------------------------------------------
-
-
-def index_corpus(train_jsonl: Path, out_dir: Path | str, rows_per_shard: int = ROWS_PER_SHARD) -> int:
-    """Stream train.jsonl into Parquet shards of (doc_id, text), locally or on object storage; returns the number
-    of documents."""
-    out_dir = _fresh(out_dir)
-    num_docs = 0
-    with train_jsonl.open() as handle:
-        lines = (line for line in handle if line.strip())  # as moedisco.pipeline.load_texts reads it
-        while chunk := list(itertools.islice(lines, rows_per_shard)):
-            texts = [json.loads(line)["text"] for line in chunk]
-            doc_ids = np.arange(num_docs, num_docs + len(texts))
-            shard = join(out_dir, f"corpus-{num_docs:010d}.parquet")
-            pq.write_table(pa.table({"doc_id": doc_ids, "text": texts}), shard, **PARQUET_ARGS)
-            num_docs += len(texts)
-    return num_docs
-
-
-# --- 2. embeddings ------------------------------------------------------------------------------------------------
+# --- 2. the embedding actor ---------------------------------------------------------------------------------------
 
 
 class EmbedBatches:
-    """Ray Data actor UDF: the embedding model is loaded once per actor, in `__init__`."""
+    """Ray Data actor UDF over shard locations (`ray_cluster.corpus.shard_dataset`): reads each shard's rows that
+    `keep_ref`'s flags keep and embeds them; given `clusters`, each document leaves as its nearest centroid and
+    squared distance instead of its vector. The embedding model is loaded once per actor, in `__init__`."""
 
-    def __init__(self, cfg: EmbedConfig, tier: TierConfig):
+    def __init__(self, cfg: EmbedConfig, tier: TierConfig, keep_ref: ray.ObjectRef,
+                 clusters: cluster.ClusterResult | None = None):
         from moedisco.embed import Embedder  # transformers: only the embedding actors need it
 
         prepare_worker(tier)
         parallel_tokenizer()
-        self.embedder = Embedder(cfg)
+        # The flags by reference, read once from the node's object store: 1 MB at 1M documents.
+        self.embedder, self.keep_N, self.clusters = Embedder(cfg), ray.get(keep_ref), clusters
         # Ray has every worker run a full `gc.collect` whenever its object store fills; over the ~500k objects
         # that torch and transformers leave, each took the GIL from the embedding for 0.3 s or more. Frozen, they
         # are never scanned again; they live as long as the actor anyway.
         gc.freeze()
 
     def __call__(self, batch: dict) -> dict:
-        vectors_BD = self.embedder(list(batch["text"]))
-        return {"doc_id": batch["doc_id"], "text": batch["text"], "embedding": vectors_BD}
+        # A shard per call, as the in-process stage embeds a chunk per call; the embedder still runs its encoder
+        # in batches of `embed.batch_size`.
+        table = pa.concat_tables([read_shard(location, self.keep_N) for location in batch["shard"]])
+        doc_ids_B, vectors_BD = table["doc_id"].to_numpy(), self.embedder(table["text"].to_pylist())
+        if self.clusters is None:
+            return {"doc_id": doc_ids_B, "embedding": vectors_BD}
+        return assign_batch(doc_ids_B, vectors_BD, self.clusters)
 
 
-def _embedded(spec: JobSpec, paths: JobPaths, num_docs: int, started: float, device: str, num_nodes: int,
-              index_seconds: float) -> dict:
-    seconds = time.perf_counter() - started
-    summary = {"documents": num_docs, "seconds": seconds, "index_seconds": index_seconds, "device": device,
-               "num_nodes": num_nodes}
-    MetricsWriter(paths.metrics).write({"stage": "embed", "step": num_docs, **summary})
+def assign_batch(doc_ids_B: np.ndarray, vectors_BD: np.ndarray, result: cluster.ClusterResult) -> dict:
+    """Each document's nearest centroid and its squared distance, in the geometry the fit used."""
+    assignments_B = result.assign(vectors_BD)
+    prepared_BD = cluster.prepare_vectors(vectors_BD, result.normalize)
+    sq_distance_B = ((prepared_BD - result.centroids[assignments_B]) ** 2).sum(1)
+    return {"doc_id": doc_ids_B, "cluster": assignments_B, "sq_distance": sq_distance_B}
+
+
+def _flags(num_docs: int, *doc_ids: np.ndarray) -> np.ndarray:
+    flags_N = np.zeros(num_docs, dtype=bool)
+    for ids in doc_ids:
+        flags_N[ids] = True
+    return flags_N
+
+
+def _through_pool(spec: JobSpec, corpus: Path | str, keep_N: np.ndarray, num_cheap_nodes: int,
+                  clusters: cluster.ClusterResult | None = None) -> tuple[ray.data.Dataset, int]:
+    """The corpus's documents that `keep_N` flags through a fixed pool of embedding actors, one per cheap node and
+    no more than there are shards to read: the nodes it holds are what the stage costs. Returns the dataset and
+    the pool's size."""
+    tier = spec.resources.submodel_tier
+    shards = shard_ranges(corpus, len(keep_N), keep_N)
+    num_actors = max(1, min(num_cheap_nodes, len(shards)))
+    return shard_dataset(shards).map_batches(
+        EmbedBatches, fn_constructor_kwargs={"cfg": spec.embed, "tier": tier, "keep_ref": ray.put(keep_N),
+                                             "clusters": clusters},
+        batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
+        **task_options(spec, tier)), num_actors
+
+
+def _embedded(spec: JobSpec, paths: JobPaths, summary: dict, started: float) -> dict:
+    summary = {**summary, "seconds": time.perf_counter() - started}
+    MetricsWriter(paths.metrics).write({"stage": "embed", "step": summary["documents"], **summary})
     return summary
 
 
-def embed_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int) -> dict:
-    """Index and embed the train split on the cheap tier; embeddings land in STORAGE/<job>/embeddings/."""
-    _quiet_data_context()
+def _device(spec: JobSpec) -> str:
+    tier = spec.resources.submodel_tier
+    return "cuda" if task_options(spec, tier)["num_gpus"] > 0 and not tier_simulated(spec, tier) else "cpu"
+
+
+def embed_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int,
+                max_fit_documents: int = MAX_FIT_DOCUMENTS) -> dict:
+    """Index the train split, and embed the documents k-means will be fitted on (every one, up to
+    `max_fit_documents`; else the local runner's sample, `moedisco.cluster.fit_sample`) into
+    STORAGE/<job>/embeddings/. The rest are embedded by `cluster_stage`, once, on their way to a cluster."""
+    quiet_data_context()
     started = time.perf_counter()
-    storage, tier = job_storage(spec), spec.resources.submodel_tier
+    storage = job_storage(spec)
     num_docs = index_corpus(paths.texts("train"), join(storage, "corpus"))
     index_seconds = time.perf_counter() - started
-    # A fixed pool, one actor per cheap node, no larger than there are shards to embed: the nodes it holds are
-    # what the stage costs.
-    num_actors = max(1, min(num_cheap_nodes, -(-num_docs // ROWS_PER_SHARD)))
-    options = task_options(spec, tier)
-    embedded = ray.data.read_parquet(str(join(storage, "corpus"))).map_batches(
-        # A shard per call, as the in-process stage embeds a chunk per call: Ray Data's per-batch work (Arrow to
-        # NumPy and back, a task round trip) on `embed.batch_size` = 64 documents cost more than the embedding;
-        # the embedder still runs an encoder in batches of `embed.batch_size` itself.
-        EmbedBatches, fn_constructor_kwargs={"cfg": spec.embed, "tier": tier}, batch_size=ROWS_PER_SHARD,
-        compute=ray.data.ActorPoolStrategy(size=num_actors), **options)
-    embedded.write_parquet(_fresh(join(storage, "embeddings")), **PARQUET_ARGS)
-    on_gpu = options["num_gpus"] > 0 and not tier_simulated(spec, tier)
-    return _embedded(spec, paths, num_docs, started, "cuda" if on_gpu else "cpu", num_actors, index_seconds)
-
-
-# --- 3. k-means on the embeddings (a sample once the corpus is large) -----------------------------------------------
-
-
-def read_embeddings(embeddings_dir: Path | str, max_documents: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """(doc_ids, vectors_ND) of every document, or of a uniform sample of about `max_documents`; and the total."""
-    ds = ray.data.read_parquet(str(embeddings_dir)).select_columns(["doc_id", "embedding"])
-    num_docs = count_rows(embeddings_dir)
-    if num_docs > max_documents:
-        ds = ds.random_sample(max_documents / num_docs, seed=seed)
-    doc_ids, vectors = [], []
-    for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
-        doc_ids.append(batch["doc_id"]), vectors.append(batch["embedding"])
-    doc_ids_N = np.concatenate(doc_ids)
-    order = np.argsort(doc_ids_N, kind="stable")  # the fit sees documents in corpus order, as in process
-    return doc_ids_N[order], np.concatenate(vectors)[order], num_docs
-
-
-def fit_on_sample(spec: JobSpec, embeddings_dir: Path | str, max_documents: int) -> tuple[cluster.ClusterResult, bool]:
-    """Fit the spec's clustering on (a sample of) the embeddings; True when the fit saw every document."""
-    doc_ids, vectors_ND, num_docs = read_embeddings(embeddings_dir, max_documents, spec.seed)
-    covers_all = len(doc_ids) == num_docs
-    if not covers_all and spec.cluster.method == "random":
+    sample = cluster.fit_sample(num_docs, max_fit_documents, spec.seed)
+    if sample is not None and spec.cluster.method == "random":
         raise ValueError(f"cluster.method=random needs every document in one fit; the corpus has {num_docs} "
-                         f"documents, more than the {max_documents} the Ray runner fits at once")
-    return cluster.fit_clusters(vectors_ND, spec.cluster, spec.model.num_experts, spec.seed), covers_all
+                         f"documents, more than the {max_fit_documents} the Ray runner fits at once")
+    keep_N = np.ones(num_docs, dtype=bool) if sample is None else _flags(num_docs, sample)
+    num_embedded = int(keep_N.sum())
+    embedded, num_actors = _through_pool(spec, join(storage, "corpus"), keep_N, num_cheap_nodes)
+    embedded.write_parquet(fresh(join(storage, "embeddings")), **PARQUET_ARGS)
+    return _embedded(spec, paths, {"documents": num_embedded, "corpus_documents": num_docs,
+                                   "index_seconds": index_seconds, "device": _device(spec), "num_nodes": num_actors},
+                     started)
 
 
-# --- 4. assignment and per-cluster shards -----------------------------------------------------------------------------
+# --- 3. k-means on the embedded documents ---------------------------------------------------------------------------
 
 
-def assign_batch(batch: dict, result: cluster.ClusterResult, fitted: np.ndarray | None) -> dict:
-    """Cluster of each document (from the fit when it saw all of them) and its squared distance to the centroid."""
-    vectors_BD = cluster.prepare_vectors(batch["embedding"], result.normalize)  # the same geometry the fit used
-    assignments_B = fitted[batch["doc_id"]] if fitted is not None else result.assign(batch["embedding"])
-    sq_distance_B = ((vectors_BD - result.centroids[assignments_B]) ** 2).sum(1)
-    return {"doc_id": batch["doc_id"], "text": batch["text"], "cluster": assignments_B, "sq_distance": sq_distance_B}
+def read_embeddings(embeddings_dir: Path | str) -> tuple[np.ndarray, np.ndarray]:
+    """(doc_ids, vectors_ND) of the embedded documents, in corpus order (the order the local runner fits them in).
+
+    At most `max_fit_documents` of them: read with pyarrow in this process, where a Ray Data round trip would cost
+    more than the read."""
+    table = pads.dataset(str(embeddings_dir), format="parquet").to_table().sort_by("doc_id")
+    vectors_ND = np.concatenate([chunk.to_numpy() for chunk in table["embedding"].chunks])
+    return table["doc_id"].to_numpy(), vectors_ND
 
 
-def collect_assignments(shards_dir: Path | str, num_docs: int) -> tuple[np.ndarray, float]:
-    """The small per-document columns of the shards: assignments [num_docs] (int64) and the k-means objective.
+def fit_on_embeddings(spec: JobSpec, embeddings_dir: Path | str) -> tuple[cluster.ClusterResult, dict]:
+    """The spec's clustering fitted on the embedded documents, and each of them by nearest centroid (what a
+    sampled fit gives the documents it saw, as in `moedisco.cluster.fit_streaming`)."""
+    doc_ids, vectors_ND = read_embeddings(embeddings_dir)
+    result = cluster.fit_clusters(vectors_ND, spec.cluster, spec.model.num_experts, spec.seed)
+    return result, assign_batch(doc_ids, vectors_ND, result)
 
-    Read with pyarrow in this process, a batch at a time: a few bytes per document, and on a small corpus a Ray Data
-    round trip costs more than the read.
-    """
+
+# --- 4. every other document: embedded and assigned in one pass -------------------------------------------------------
+
+
+class AssignedParts:
+    """The assignment pass's rows as they arrive, one small Parquet file per batch under STORAGE/<job>/assigned/,
+    so an interrupted pass resumes where it stopped. A file is written under a `_partial` name and renamed, and
+    carries the fit's digest in its name: files of another fit (a corpus or clustering changed since) are deleted."""
+
+    COLUMNS = ("doc_id", "cluster", "sq_distance")
+
+    def __init__(self, folder: Path | str, result: cluster.ClusterResult, num_docs: int):
+        digest = hashlib.blake2b(np.ascontiguousarray(result.centroids).tobytes(), digest_size=8)
+        digest.update(f"{result.normalize}/{num_docs}".encode())
+        self.prefix = f"fit-{digest.hexdigest()}-"
+        self.fs, self.root = filesystem(str(folder) if is_uri(folder) else str(Path(folder).resolve()))
+        self.fs.create_dir(self.root, recursive=True)
+        listed = self.fs.get_file_info(pafs.FileSelector(self.root))
+        self.files = [f.path for f in listed if f.is_file and f.base_name.startswith(self.prefix)]
+        for stale in (f.path for f in listed if f.is_file and f.path not in self.files):
+            self.fs.delete_file(stale)
+
+    def read(self) -> dict[str, np.ndarray]:
+        if not self.files:
+            return {"doc_id": np.zeros(0, np.int64), "cluster": np.zeros(0, np.int64), "sq_distance": np.zeros(0)}
+        table = pads.dataset(self.files, filesystem=self.fs, format="parquet").to_table(columns=list(self.COLUMNS))
+        return {name: table[name].to_numpy() for name in self.COLUMNS}
+
+    def write(self, batch: dict) -> None:
+        name = f"{self.prefix}{int(batch['doc_id'].min()):010d}-{uuid.uuid4().hex[:8]}.parquet"
+        partial = f"{self.root}/_partial-{name}"
+        pq.write_table(pa.table({k: batch[k] for k in self.COLUMNS}), partial, filesystem=self.fs, **PARQUET_ARGS)
+        self.fs.move(partial, f"{self.root}/{name}")
+
+
+def assign_rest(spec: JobSpec, result: cluster.ClusterResult, fitted: dict, num_docs: int,
+                num_cheap_nodes: int) -> tuple[np.ndarray, float, dict]:
+    """Every document the fit did not see, through the embedding pool once, leaving the actors as its cluster and
+    distance (a few bytes: no embedding is written or kept), saved as it comes (`AssignedParts`); documents an
+    interrupted run of this pass saved are not embedded again. Returns (assignments, inertia, pass summary)."""
+    storage = job_storage(spec)
+    parts = AssignedParts(join(storage, "assigned"), result, num_docs)
+    resumed = parts.read()
     assignments = np.full(num_docs, -1, dtype=np.int64)
-    inertia = 0.0
-    shards = pads.dataset(str(shards_dir), format="parquet", partitioning="hive")
-    for batch in shards.to_batches(columns=["doc_id", "sq_distance", "cluster"]):
-        assignments[batch["doc_id"].to_numpy()] = batch["cluster"].to_numpy()
-        inertia += float(pc.sum(batch["sq_distance"]).as_py() or 0.0)
-    assert (assignments >= 0).all(), "every document is in exactly one shard"
-    return assignments, inertia
+    for known in (fitted, resumed):
+        assignments[known["doc_id"]] = known["cluster"]
+    inertia = float(fitted["sq_distance"].sum() + resumed["sq_distance"].sum())
+    skip_N = _flags(num_docs, fitted["doc_id"], resumed["doc_id"])
+    num_actors = 0
+    if not skip_N.all():
+        clusters = cluster.ClusterResult(np.zeros(0, np.int64), result.centroids, result.inertia, result.normalize,
+                                         result.method)  # the geometry only: the actors need no sample labels
+        assigned, num_actors = _through_pool(spec, join(storage, "corpus"), ~skip_N, num_cheap_nodes, clusters)
+        for batch in assigned.iter_batches(batch_size=None, batch_format="numpy"):
+            parts.write(batch)
+            assignments[batch["doc_id"]] = batch["cluster"]
+            inertia += float(batch["sq_distance"].sum())
+    assert (assignments >= 0).all(), "every document is assigned once"
+    return assignments, inertia, {"num_nodes": max(1, num_actors), "resumed_documents": len(resumed["doc_id"])}
 
 
 def count_rows(parquet_dir: Path | str) -> int:
     return pads.dataset(str(parquet_dir), format="parquet").count_rows()  # from the footers, no data read
 
 
-def cluster_stage(spec: JobSpec, paths: JobPaths, max_fit_documents: int = MAX_FIT_DOCUMENTS) -> dict:
-    """Fit, assign, shard; saves OUTPUT/cluster/ exactly as `moedisco.cluster.ClusterResult.save` does."""
-    _quiet_data_context()
+def cluster_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int) -> dict:
+    """Fit k-means on the embedded documents, and assign the corpus: by the fit itself when it saw every
+    document, else the rest through `assign_rest`. Saves OUTPUT/cluster/ as `ClusterResult.save` does."""
+    quiet_data_context()
     started = time.perf_counter()
     storage, tier = job_storage(spec), spec.resources.submodel_tier
-    fit = ray.remote(fit_on_sample).options(num_cpus=1, label_selector=label_selector(spec, tier))
-    result, covers_all = ray.get(fit.remote(spec, join(storage, "embeddings"), max_fit_documents))
-    fitted = result.assignments if covers_all else None
-    embeddings = ray.data.read_parquet(str(join(storage, "embeddings")))
-    assigned = embeddings.map_batches(assign_batch, fn_kwargs={"result": result, "fitted": fitted},
-                                      batch_format="numpy", label_selector=label_selector(spec, tier))
-    assigned.write_parquet(_fresh(join(storage, "clusters")), partition_cols=["cluster"], **PARQUET_ARGS)
-    fit_documents = count_rows(join(storage, "embeddings")) if covers_all else len(result.assignments)
-    return _clustered(spec, paths, result, fit_documents, started)
+    fit = ray.remote(fit_on_embeddings).options(num_cpus=1, label_selector=label_selector(spec, tier))
+    result, fitted = ray.get(fit.remote(spec, join(storage, "embeddings")))
+    fit_seconds = time.perf_counter() - started
+    num_docs, fit_documents = count_rows(join(storage, "corpus")), len(fitted["doc_id"])
+    if fit_documents == num_docs:
+        return _clustered(spec, paths, result, result.assignments, result.inertia, started,
+                          {"fit_documents": fit_documents, "fit_seconds": fit_seconds, "device": "cpu",
+                           "num_nodes": 1})
+    assignments, inertia, passed = assign_rest(spec, result, fitted, num_docs, num_cheap_nodes)
+    return _clustered(spec, paths, result, assignments, inertia, started,
+                      {"fit_documents": fit_documents, "fit_seconds": fit_seconds, "device": _device(spec), **passed,
+                       "assign_seconds": time.perf_counter() - started - fit_seconds})
 
 
-def _clustered(spec: JobSpec, paths: JobPaths, result: cluster.ClusterResult, fit_documents: int,
-               started: float) -> dict:
-    """Read the assignments back from the per-cluster shards and save OUTPUT/cluster/ (both paths end here)."""
-    storage = job_storage(spec)
-    num_docs = count_rows(join(storage, "embeddings"))
-    assignments, inertia = collect_assignments(join(storage, "clusters"), num_docs)
+def _clustered(spec: JobSpec, paths: JobPaths, result: cluster.ClusterResult, assignments: np.ndarray,
+               inertia: float, started: float, extra: dict) -> dict:
+    """Save OUTPUT/cluster/ and the held-out documents' clusters (both paths end here)."""
     full = cluster.ClusterResult(assignments, result.centroids, inertia, result.normalize, result.method)
     if min(full.sizes) == 0:
         raise ValueError("clustering left an expert with no documents; try cluster.method=balanced_kmeans")
@@ -259,11 +289,10 @@ def _clustered(spec: JobSpec, paths: JobPaths, result: cluster.ClusterResult, fi
     from moedisco.pipeline import eval_assignments
 
     eval_assignments(spec, paths)
-    seconds = time.perf_counter() - started
-    MetricsWriter(paths.metrics).write({"stage": "cluster", "step": 0, "sizes": full.sizes, "inertia": inertia,
-                                        "seconds": seconds, "device": "cpu", "fit_documents": fit_documents})
-    return {"sizes": full.sizes, "inertia": inertia, "method": full.method, "seconds": seconds, "device": "cpu",
-            "fit_documents": fit_documents, "shards": str(join(storage, "clusters")), "num_nodes": 1}
+    summary = {"sizes": full.sizes, "inertia": inertia, "method": full.method, **extra,
+               "seconds": time.perf_counter() - started}
+    MetricsWriter(paths.metrics).write({"stage": "cluster", "step": 0, **summary})
+    return summary
 
 
 # --- a corpus of one shard: every data stage in one process ----------------------------------------------------------
@@ -279,21 +308,16 @@ def embed_in_process(spec: JobSpec, paths: JobPaths, embedder) -> dict:
     index_seconds = time.perf_counter() - started
     corpus = pads.dataset(str(join(storage, "corpus")), format="parquet").to_table().sort_by("doc_id")
     vectors_ND = embedder(corpus["text"].to_pylist())
-    out = _fresh(join(storage, "embeddings"))
-    pq.write_table(corpus.append_column("embedding", ArrowTensorArray.from_numpy(vectors_ND)),
-                   join(out, "embeddings-0000000000.parquet"), **PARQUET_ARGS)
-    return _embedded(spec, paths, num_docs, started, str(embedder.device.type), 1, index_seconds)
+    out = fresh(join(storage, "embeddings"))
+    table = pa.table({"doc_id": corpus["doc_id"], "embedding": ArrowTensorArray.from_numpy(vectors_ND)})
+    pq.write_table(table, join(out, "embeddings-0000000000.parquet"), **PARQUET_ARGS)
+    return _embedded(spec, paths, {"documents": num_docs, "corpus_documents": num_docs, "index_seconds": index_seconds,
+                                   "device": str(embedder.device.type), "num_nodes": 1}, started)
 
 
 def cluster_in_process(spec: JobSpec, paths: JobPaths) -> dict:
-    """`cluster_stage`'s outputs with the fit, the assignment and the shard writes in this process."""
+    """`cluster_stage`'s outputs with the fit in this process (it sees every document of a one-shard corpus)."""
     started = time.perf_counter()
-    storage = job_storage(spec)
-    table = pads.dataset(str(join(storage, "embeddings")), format="parquet").to_table().sort_by("doc_id")
-    batch = {"doc_id": table["doc_id"].to_numpy(), "text": table["text"].to_pylist(),
-             "embedding": np.concatenate([chunk.to_numpy() for chunk in table["embedding"].chunks])}
-    result = cluster.fit_clusters(batch["embedding"], spec.cluster, spec.model.num_experts, spec.seed)
-    assigned = assign_batch(batch, result, result.assignments)  # the fit saw every document, in doc_id order
-    pq.write_to_dataset(pa.table(assigned), _fresh(join(storage, "clusters")), partition_cols=["cluster"],
-                        **PARQUET_ARGS)
-    return _clustered(spec, paths, result, len(batch["doc_id"]), started)
+    result, fitted = fit_on_embeddings(spec, join(job_storage(spec), "embeddings"))
+    return _clustered(spec, paths, result, result.assignments, result.inertia, started,
+                      {"fit_documents": len(fitted["doc_id"]), "device": "cpu", "num_nodes": 1})

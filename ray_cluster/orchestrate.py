@@ -7,8 +7,10 @@ The runner keeps the books (markers, budget, events, cost ledger; `moedisco.runn
 where and how each task of the plan (`moedisco.stages.plan`) runs:
 
 | stage             | where it runs                                                                     |
-| set-up stages     | prepare, source: a Ray task; embed, cluster: Ray Data on the cheap tier           |
-|                   | (`ray_cluster.data`); all four in one `DataWorker` actor for a one-shard corpus   |
+| set-up stages     | prepare: split in a Ray task, train split tokenized on Ray Data                   |
+|                   | (`ray_cluster.corpus`); embed, cluster: Ray Data on the cheap tier                |
+|                   | (`ray_cluster.data`); source: a Ray task; all four in one `DataWorker` actor for |
+|                   | a one-shard corpus                                                                |
 | training stages   | one Ray Train trainer per task on the stage's tier; a round's experts are all    |
 |                   | submitted (`resources.max_parallel` caps them) and wait in Ray for nodes          |
 | sync, merge       | a Ray task on the cheap tier, reading the checkpoints from storage                |
@@ -42,7 +44,7 @@ from moedisco.events import Events
 from moedisco.runner import BudgetLeft, JobCancelled, JobContext, JobRunner, Started
 from moedisco.stages import STAGE, Task
 from moedisco.storage import join, remove_tree
-from ray_cluster import data, prestart
+from ray_cluster import corpus, data, prestart
 from ray_cluster.cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster
 from ray_cluster.placement import (TierUnreachable, check_output_dir, check_tiers_reachable, on_driver_node,
                                    run_name, run_stage_on_tier, storage_root, task_options, tier_nodes, tier_of)
@@ -109,14 +111,13 @@ class RayExecutor:
         if on_ray_data and self.data_worker is None and prestart.data_stages_in_one_process(spec):
             self.data_worker = prestart.start_data_worker(spec)  # the corpus's size was known only after prepare
         if self.data_worker is not None:
-            method = task.stage if on_ray_data else "run"
-            args = (spec, paths) if on_ray_data else (self.job.stage_run(task),)
+            in_process = task.stage in ("embed", "cluster")  # `DataWorker.embed` / `.cluster`; the rest as they are
+            method = task.stage if in_process else "run"
+            args = (spec, paths) if in_process else (self.job.stage_run(task),)
             self.tracker.submit(task.key, getattr(self.data_worker, method).remote(*args), actor=self.data_worker)
-        elif task.stage == "embed":
+        elif on_ray_data:  # an actor pool over the cheap nodes
             num_nodes = len(tier_nodes(spec, spec.resources.submodel_tier))
-            self.remote(task, data.embed_stage, spec, paths, num_nodes, options=on_driver_node())
-        elif task.stage == "cluster":
-            self.remote(task, data.cluster_stage, spec, paths, options=on_driver_node())
+            self.remote(task, RAY_DATA_STAGES[task.stage], spec, paths, num_nodes, options=on_driver_node())
         else:  # prepare, source: anywhere, with the threads of the node they land on
             self.remote(task, run_stage_on_tier, self.job.stage_run(task), tier_of(spec, task.stage))
 
@@ -172,7 +173,8 @@ class RayExecutor:
             self.data_worker = None
 
 
-RAY_DATA_STAGES = ("embed", "cluster")  # set-up stages with a Ray Data implementation (`ray_cluster.data`)
+# Set-up stages with a Ray Data implementation, each called as (spec, paths, number of cheap nodes).
+RAY_DATA_STAGES = {"prepare": corpus.prepare_stage, "embed": data.embed_stage, "cluster": data.cluster_stage}
 
 
 def max_parallel(spec: JobSpec) -> int:

@@ -65,7 +65,8 @@ def job_key(spec: JobSpec) -> str:
 
 
 def job_storage(spec: JobSpec) -> Path | str:
-    """Ray's own files of this job (corpus and embedding shards, per-cluster shards, Ray Train runs)."""
+    """Ray's own files of this job (corpus shards, the fit sample's embeddings, the assignment pass's rows, Ray
+    Train runs)."""
     return join(storage_root(spec), job_key(spec))
 
 

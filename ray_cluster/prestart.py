@@ -30,7 +30,7 @@ from moedisco.stages import STAGES
 from ray_cluster.placement import on_driver_node, prepare_worker, task_options
 
 MAX_CONCURRENT_TRAINERS = 256
-ONE_PROCESS_MAX_DOCUMENTS = 4096  # ray_cluster.data.ROWS_PER_SHARD: Ray Data would embed it with one actor anyway
+ONE_PROCESS_MAX_DOCUMENTS = 4096  # ray_cluster.corpus.ROWS_PER_SHARD: Ray Data would embed it with one actor anyway
 SETUP_STAGES = tuple(stage.name for stage in STAGES if stage.setup)  # what the data worker may run
 
 
@@ -65,7 +65,8 @@ class DataWorker:
         return run_stage(run)
 
     def embed(self, spec: JobSpec, paths) -> dict:
-        from ray_cluster.data import embed_in_process, parallel_tokenizer
+        from ray_cluster.corpus import parallel_tokenizer
+        from ray_cluster.data import embed_in_process
 
         if self.embedder is None:
             from moedisco.embed import Embedder

@@ -111,8 +111,7 @@ def test_ray_runners_data_shards_on_an_s3_storage_path(s3, tmp_path):
     ray_sizes = cluster_in_process(spec, paths)["sizes"]
     ray_assignments = np.load(paths.clusters / "assignments.npy")
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"ray/{job_key(spec)}/")["Contents"]}
-    assert {key.split("/")[2] for key in keys} - {""} == {"corpus", "embeddings", "clusters"}  # "": a folder marker
-    assert {key.split("/")[3] for key in keys if "/clusters/cluster=" in key} == {f"cluster={k}" for k in range(4)}
+    assert {key.split("/")[2] for key in keys} - {""} == {"corpus", "embeddings"}  # "": a folder marker
     stage_embed(run)
     assert stage_cluster(run)["sizes"] == ray_sizes  # the local runner's stages on the same split
     assert np.array_equal(np.load(paths.clusters / "assignments.npy"), ray_assignments)

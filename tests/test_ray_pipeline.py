@@ -6,8 +6,9 @@ One job runs through every property the Ray layer promises, to pay for Ray's pro
    training worker is SIGKILLed mid-stage (Ray Train must restart it from its last checkpoint);
 3. the same spec runs in process with the local runner, for the comparison.
 
-The tiny corpus fits one shard, so the job runs its data stages in one `DataWorker` process; Ray Data's path is run
-on the same prepared data too, and both must give the local runner's clusters.
+The tiny corpus fits one shard, so the job runs its data stages in one `DataWorker` process; Ray Data's path (a
+sampled fit, the rest assigned in one pass) is run on the same prepared data too, and both must give the local
+runner's clusters.
 """
 
 from __future__ import annotations
@@ -23,14 +24,17 @@ import numpy as np
 import pytest
 import ray
 
-from moedisco.cluster import ClusterResult
+from moedisco.cluster import ClusterResult, fit_streaming
+from moedisco.corpus import load_texts
+from moedisco.embed import Embedder
 from moedisco.spec_loading import build_spec
 from moedisco.metrics import read_metrics
 from moedisco.events import JobCancelledEvent
 from moedisco.layout import JobPaths, stage_result
 from moedisco.runner import JobCancelled, JobRunner, LocalExecutor
+from moedisco.shards import TokenShard
 from moedisco.stages import Task
-from ray_cluster import data
+from ray_cluster import corpus, data
 from ray_cluster.cluster import (SIMULATED_LABEL, LocalClusterSpec, add_local_node, describe_nodes, free_port,
                                  start_local_cluster, stop_local_cluster)
 from ray_cluster.orchestrate import run_job_on_ray
@@ -258,25 +262,41 @@ def test_ray_and_local_runner_agree(job):
 
 def test_outputs_and_shards(job):
     assert (job["paths"].final / "config.json").is_file()
-    shards = sorted(p.name for p in (job_storage(job["spec"]) / "clusters").iterdir())
-    assert shards == [f"cluster={k}" for k in range(4)]
+    written = {p.name for p in job_storage(job["spec"]).iterdir()}
+    assert {"corpus", "embeddings"} <= written and "clusters" not in written  # no per-cluster copy of the texts
 
 
-def test_one_shard_corpus_skips_ray_data_and_both_paths_agree(job, tmp_path_factory):
+def test_ray_data_gives_the_local_runners_tokens_and_clusters_embedding_each_document_once(job, tmp_path_factory):
+    """The one-shard corpus ran in one DataWorker. On Ray Data its prepare stage must give the same token shards;
+    with a fit capped at 100 documents the embed stage must embed those 100 alone, the rest in the cluster stage's
+    pass, and give the clusters the local runner's sampled fit gives (`moedisco.cluster.fit_streaming`), document
+    for document; run again, the cluster stage resumes from the rows its pass saved."""
     embed_records = read_metrics(job["paths"].metrics, "embed")
     assert embed_records and all(r["num_nodes"] == 1 for r in embed_records)  # one DataWorker, no actor pool
-    assert len(list((job_storage(job["spec"]) / "embeddings").glob("*.parquet"))) == 1
     spec = build_spec(tiny_spec_dict(tmp_path_factory.mktemp("ray-data") / "job", submodel=TRAIN, branch=ONE_ROUND))
-    paths = JobPaths(spec.output_dir)
-    shutil.copytree(job["paths"].data, paths.data)  # the same prepared corpus, through Ray Data this time
+    paths, cap = JobPaths(spec.output_dir), 100
     where = on_driver_node()
-    ray.get(ray.remote(data.embed_stage).options(**where).remote(spec, paths, 2))
-    ray.get(ray.remote(data.cluster_stage).options(**where).remote(spec, paths))
-    one_process, ray_data = (ClusterResult.load(p.clusters) for p in (job["paths"], paths))
-    np.testing.assert_array_equal(one_process.assignments, ray_data.assignments)
-    assert one_process.inertia == pytest.approx(ray_data.inertia, rel=1e-6)
-    shards = sorted(p.name for p in (job_storage(spec) / "clusters").iterdir())
-    assert shards == [f"cluster={k}" for k in range(spec.model.num_experts)]
+    # Shards of 64 documents, so the actors tokenize four and Ray Data must keep their order.
+    ray.get(ray.remote(corpus.prepare_stage).options(**where).remote(spec, paths, 2, 64))
+    for name in ("train", "eval"):
+        one_process, ray_data = (TokenShard.load(p.tokens(name)) for p in (job["paths"], paths))
+        np.testing.assert_array_equal(one_process.offsets, ray_data.offsets)
+        np.testing.assert_array_equal(one_process.tokens, ray_data.tokens)
+    embedded = ray.get(ray.remote(data.embed_stage).options(**where).remote(spec, paths, 2, cap))
+    clustered = ray.get(ray.remote(data.cluster_stage).options(**where).remote(spec, paths, 2))
+    assert embedded["documents"] == cap == data.count_rows(job_storage(spec) / "embeddings")
+    assert clustered["fit_documents"] == cap and "assign_seconds" in clustered
+    vectors_ND = Embedder(spec.embed)(load_texts(paths.texts("train")))
+    local = fit_streaming(vectors_ND, spec.cluster, spec.model.num_experts, spec.seed, max_fit_documents=cap)
+    ray_data = ClusterResult.load(paths.clusters)
+    assert len(ray_data.assignments) == embedded["corpus_documents"] > cap
+    np.testing.assert_array_equal(ray_data.assignments, local.assignments)
+    np.testing.assert_allclose(ray_data.centroids, local.centroids, rtol=1e-6)
+    assert ray_data.inertia == pytest.approx(local.inertia, rel=1e-6)
+    # Run again, as after an interruption: the pass's saved rows are not embedded again.
+    again = ray.get(ray.remote(data.cluster_stage).options(**where).remote(spec, paths, 2))
+    assert again["resumed_documents"] == embedded["corpus_documents"] - cap
+    np.testing.assert_array_equal(ClusterResult.load(paths.clusters).assignments, local.assignments)
 
 
 def test_single_worker_trainers_go_without_a_process_group(ray_cluster, tiny_spec_factory):
