@@ -52,31 +52,58 @@ def chunks(items: Iterator, size: int = CHUNK_DOCUMENTS) -> Iterator[list]:
 # --- prepare ------------------------------------------------------------------------------------------------------
 
 
-def _write_split(spec: JobSpec, paths: JobPaths) -> dict:
-    """Stream the input into data/{train,eval}.jsonl; returns the split's counts and the tokenizer's sample."""
-    cfg, report = spec.data, data.ReadReport()
-    counts, sample = {"train": 0, "eval": 0}, []
-    partial = {name: paths.texts(name).with_suffix(".jsonl.partial") for name in counts}
-    handles = {name: path.open("w", encoding="utf-8") for name, path in partial.items()}
-    with handles["train"], handles["eval"]:
-        for text in data.iter_documents(cfg.train, cfg, report):
-            name = "eval" if cfg.eval is None and data.is_held_out(text, cfg.eval_fraction, spec.seed) else "train"
-            handles[name].write(json.dumps({"text": text}) + "\n")
-            counts[name] += 1
-            if name == "train" and len(sample) < spec.tokenizer.sample_documents:
-                sample.append(text)
-        for text in data.iter_documents(cfg.eval, cfg) if cfg.eval is not None else ():
-            handles["eval"].write(json.dumps({"text": text}) + "\n")
-            counts["eval"] += 1
+def side_of(spec: JobSpec, text: str) -> str:
+    """The split a document of `data.train` falls in: the hash split, unless `data.eval` is the held-out set."""
+    cfg = spec.data
+    return "eval" if cfg.eval is None and data.is_held_out(text, cfg.eval_fraction, spec.seed) else "train"
+
+
+def write_sides(spec: JobSpec, texts: Iterator[str], handles: dict, counts: dict, sample: list | None = None) -> None:
+    """Each document as a JSON line to its side's handle; the first `tokenizer.sample_documents` train documents
+    also to `sample`."""
+    for text in texts:
+        name = side_of(spec, text)
+        handles[name].write(json.dumps({"text": text}) + "\n")
+        counts[name] += 1
+        if sample is not None and name == "train" and len(sample) < spec.tokenizer.sample_documents:
+            sample.append(text)
+
+
+def split_partials(paths: JobPaths) -> dict[str, Path]:
+    return {name: paths.texts(name).with_suffix(".jsonl.partial") for name in ("train", "eval")}
+
+
+def finish_split(spec: JobSpec, paths: JobPaths, handles: dict, counts: dict, skipped: int) -> dict:
+    """After `data.train`'s documents: `data.eval`'s to the held-out side, the checks, the files renamed into
+    place and the split's summary written (an interrupted split leaves only .partial files)."""
+    cfg = spec.data
+    for text in data.iter_documents(cfg.eval, cfg) if cfg.eval is not None else ():
+        handles["eval"].write(json.dumps({"text": text}) + "\n")
+        counts["eval"] += 1
+    for handle in handles.values():
+        handle.close()
     if counts["train"] == 0 or (counts["eval"] == 0 and cfg.eval_fraction > 0):
         empty = "train" if counts["train"] == 0 else "held-out"
         raise data.DataError(f"{cfg.train}: no document of its {counts['train'] + counts['eval']} fell in the "
                              f"{empty} split (data.eval_fraction = {cfg.eval_fraction}); give data.eval or more "
                              "documents")
-    for name, path in partial.items():
+    for name, path in split_partials(paths).items():
         path.replace(paths.texts(name))
-    summary = {"train_documents": counts["train"], "eval_documents": counts["eval"], "skipped": report.num_skipped}
+    summary = {"train_documents": counts["train"], "eval_documents": counts["eval"], "skipped": skipped}
     write_atomically(paths.split_summary, json.dumps(summary))
+    return summary
+
+
+def _write_split(spec: JobSpec, paths: JobPaths) -> dict:
+    """Stream the input into data/{train,eval}.jsonl; returns the split's counts and the tokenizer's sample."""
+    report, counts, sample = data.ReadReport(), {"train": 0, "eval": 0}, []
+    handles = {name: path.open("w", encoding="utf-8") for name, path in split_partials(paths).items()}
+    try:
+        write_sides(spec, data.iter_documents(spec.data.train, spec.data, report), handles, counts, sample)
+        summary = finish_split(spec, paths, handles, counts, report.num_skipped)
+    finally:
+        for handle in handles.values():
+            handle.close()
     return {**summary, "sample": sample}
 
 

@@ -3,9 +3,12 @@
     summary = prepare_stage(spec, paths, num_cheap_nodes=2)   # OUTPUT/data/ as stage_prepare writes it, and
                                                               # STORAGE/<job>/corpus/*.parquet (doc_id, text)
 
-1. The read and the hash split, and the tokenizer on its bounded sample, are `moedisco.corpus.split_and_tokenizer`
-   as the local runner runs them: one streaming pass in one Ray task (one CPU, on any node, as the whole stage ran
-   before); not Ray Data.
+1. The read and the hash split: for a corpus of several files (and no `data.max_documents`, which counts across
+   them in order), a Ray Data task per file streams it through the local runner's readers into two JSON-lines
+   parts on storage (`split_on_ray_data`), and the parts are joined in file order into OUTPUT/data/{train,
+   eval}.jsonl: the files the local runner writes, byte for byte. A single file is read by one task, as the local
+   runner reads it (`moedisco.corpus.split_and_tokenizer`). The tokenizer is trained on its bounded sample (the
+   first train documents) in the stage's own task (one CPU, on any node, as the whole stage ran before).
 2. OUTPUT/data/train.jsonl is streamed into Parquet shards of `ROWS_PER_SHARD` documents with an explicit `doc_id`
    (its line), so document order, and every later index into the cluster assignments, matches the local runner.
    A marker (`_index.json`) records what was indexed; the embed stage and a re-run reuse the shards.
@@ -22,9 +25,12 @@ default).
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
+import logging
 import os
+import shutil
 import time
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
@@ -42,9 +48,12 @@ from ray_cluster.placement import job_storage, node_cpus, prepare_worker, task_o
 if TYPE_CHECKING:
     from moedisco.layout import JobPaths
 
+log = logging.getLogger(__name__)
+
 ROWS_PER_SHARD = 4096
 INDEX_MARKER = "_index.json"  # Parquet readers skip names starting with "_"
 SHARD_NAME = "corpus-{:010d}.parquet"  # by its first doc_id: the names sort in corpus order
+CHUNK_BYTES = 8 << 20
 # Parquet's dictionary encoding is tried on every column and given up on for unique texts and float vectors; it
 # had doubled the time of each shard's write.
 PARQUET_ARGS = {"use_dictionary": False}
@@ -70,6 +79,72 @@ def parallel_tokenizer() -> None:
     os.environ["RAYON_NUM_THREADS"] = str(node_cpus())
 
 
+# --- 1. the split, a Ray Data task per input file ---------------------------------------------------------------------
+
+
+def _text_output(location: str) -> io.TextIOWrapper:
+    fs, path = filesystem(location if is_uri(location) else str(Path(location).resolve()))
+    return io.TextIOWrapper(fs.open_output_stream(path), encoding="utf-8")
+
+
+def _split_files(batch: dict, spec: JobSpec, parts: str) -> dict:
+    """Ray Data task: each input file's documents, hash-split into two JSON-lines parts under `parts`, read with
+    the local runner's readers. A malformed line (`on_error: raise`) comes back as the row's `error`, naming its
+    file and line: an exception would reach the driver as Ray's, its message buried in a traceback."""
+    from moedisco import data
+    from moedisco.corpus import write_sides
+
+    cfg, rows = spec.data, []
+    for index, file in zip(batch["index"].tolist(), batch["file"].tolist()):
+        report, counts, error = data.ReadReport(), {"train": 0, "eval": 0}, ""
+        handles = {name: _text_output(join(parts, f"{index:06d}.{name}.jsonl")) for name in counts}
+        try:
+            texts = data.read_file(file, cfg.format, cfg.text_field, cfg.on_error == "skip", report)
+            write_sides(spec, (text for text in texts if text.strip()), handles, counts)
+        except data.DataError as failed:
+            error = str(failed)
+        finally:
+            for handle in handles.values():
+                handle.close()
+        rows.append({"index": index, **counts, "skipped": report.num_skipped, "error": error})
+    return {name: np.array([row[name] for row in rows]) for name in rows[0]}
+
+
+def split_on_ray_data(spec: JobSpec, paths: JobPaths, files: list) -> dict:
+    """`moedisco.corpus`'s split of a corpus of several files, a task per file; the parts are joined in file order
+    into data/{train,eval}.jsonl, the very files one process writes."""
+    from moedisco.corpus import finish_split, split_partials
+
+    parts = fresh(join(job_storage(spec), "split"))
+    items = [{"index": index, "file": str(file)} for index, file in enumerate(files)]
+    split = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _split_files, fn_kwargs={"spec": spec, "parts": parts}, batch_size=1, batch_format="numpy", num_cpus=1)
+    from moedisco.data import DataError
+
+    rows = sorted(split.take_all(), key=lambda row: row["index"])
+    if failed := next((row["error"] for row in rows if row["error"]), None):
+        raise DataError(failed)  # the first in file order, as one reader would have stopped there
+    counts = {name: sum(int(row[name]) for row in rows) for name in ("train", "eval")}
+    skipped = sum(int(row["skipped"]) for row in rows)
+    if not sum(counts.values()):
+        raise DataError(f"{spec.data.train}: no documents with text found")
+    if skipped:
+        log.warning("%s: skipped %d malformed records", spec.data.train, skipped)
+    paths.data.mkdir(parents=True, exist_ok=True)
+    handles = {name: path.open("w", encoding="utf-8") for name, path in split_partials(paths).items()}
+    try:
+        for row, name in itertools.product(rows, handles):  # each file's train part, then its held-out one
+            part = open_input(join(parts, f"{row['index']:06d}.{name}.jsonl"))
+            with io.TextIOWrapper(part, encoding="utf-8") as text:
+                shutil.copyfileobj(text, handles[name], CHUNK_BYTES)
+        summary = finish_split(spec, paths, handles, counts, skipped)
+    finally:
+        for handle in handles.values():
+            handle.close()
+    remove_tree(parts)
+    return summary
+
+
 # --- 2. the train split as shards with document ids ----------------------------------------------------------------
 
 
@@ -86,6 +161,12 @@ def _write_marker(location: str | Path, value: dict) -> None:
     fs, path = filesystem(str(location) if is_uri(location) else str(Path(location).resolve()))
     with fs.open_output_stream(path) as handle:
         handle.write(json.dumps(value).encode())
+
+
+def index_stamp(corpus: Path | str) -> dict | None:
+    """What an indexed corpus was made from (train.jsonl's size and mtime, the shard size); None if unfinished."""
+    done = _read_marker(join(corpus, INDEX_MARKER))
+    return None if done is None else done.get("stamp")
 
 
 def index_corpus(train_jsonl: Path, out_dir: Path | str, rows_per_shard: int = ROWS_PER_SHARD) -> int:
@@ -125,7 +206,7 @@ def shard_ranges(corpus: Path | str, num_docs: int, keep_N: np.ndarray | None = 
 
 def shard_dataset(ranges: list[dict]) -> ray.data.Dataset:
     """The shards as a dataset of their locations, a block each: every actor reads its own shards. A Ray Data read
-    task per shard had cost about 0.15 s of the 2 cores each, moving every text through the object store."""
+    task per shard had cost about 0.1 s of the 2 cores each, moving every text through the object store."""
     return ray.data.from_items(ranges, override_num_blocks=max(1, len(ranges)))
 
 
@@ -168,7 +249,7 @@ def _tokenized(spec: JobSpec, corpus: str, tokenizer, num_docs: int, num_cheap_n
         TokenizeBatches, fn_constructor_kwargs={"tokenizer_json": fast_encoder(tokenizer).to_str(),
                                                 "eos": tokenizer.eos_token_id, "tier": tier},
         batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
-        **task_options(spec, tier))
+        **{**task_options(spec, tier), "num_gpus": 0})  # the tier's nodes and CPUs; tokenizing needs no GPU
 
 
 def tokenize_on_ray_data(spec: JobSpec, corpus: str, tokenizer, folder: Path, num_docs: int, num_cheap_nodes: int,
@@ -189,27 +270,28 @@ def tokenize_on_ray_data(spec: JobSpec, corpus: str, tokenizer, folder: Path, nu
                 for ids in batch["ids"].chunks:
                     writer.add_flat(ids.flatten().to_numpy(), ids.value_lengths().to_numpy())
                 next_doc += len(doc_ids)
-        if next_doc != num_docs:
-            raise RuntimeError(f"{corpus}: {next_doc} documents tokenized of {num_docs}")
+            if next_doc != num_docs:  # raised inside the `with`: the writer aborts, no short shard is left done
+                raise RuntimeError(f"{corpus}: {next_doc} documents tokenized of {num_docs}")
     finally:
         options.preserve_order = kept
 
 
-def _split(spec: JobSpec, paths: JobPaths) -> dict:
-    from moedisco.corpus import split_and_tokenizer
-
-    return split_and_tokenizer(spec, paths)[0]
-
-
 def prepare_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int, rows_per_shard: int = ROWS_PER_SHARD) -> dict:
-    """`moedisco.corpus.stage_prepare`'s outputs and summary, the train split tokenized on Ray Data."""
+    """`moedisco.corpus.stage_prepare`'s outputs and summary, the split of several files and the train split's
+    tokens on Ray Data. Runs as one Ray task with a CPU of its own (it reads and writes the corpus itself, where
+    the embed and cluster stages only coordinate), on any node, as the whole stage ran before."""
     from moedisco.corpus import iter_texts, prepared, split_and_tokenizer, write_tokens
+    from moedisco.data import corpus_files
     from moedisco.shards import TokenShard, is_complete
 
     quiet_data_context()
+    parallel_tokenizer()  # the local cluster turns the tokenizer's threads off in every worker
     started = time.perf_counter()
-    ray.get(ray.remote(_split).options(num_cpus=1).remote(spec, paths))  # placed as the Ray runner's prepare was
-    split, tokenizer = split_and_tokenizer(spec, paths)  # both on disk now: read back
+    # `data.max_documents` counts documents across the files in order: one reader for that.
+    if not paths.split_summary.is_file() and spec.data.max_documents is None:
+        if len(files := corpus_files(spec.data.train)) > 1:
+            split_on_ray_data(spec, paths, files)
+    split, tokenizer = split_and_tokenizer(spec, paths)  # the split unless done above, and the tokenizer
     split_seconds = time.perf_counter() - started
     train = paths.tokens("train")
     if not is_complete(train) and split["train_documents"] <= rows_per_shard:
@@ -220,6 +302,7 @@ def prepare_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int, rows_per
         tokenize_on_ray_data(spec, str(corpus), tokenizer, train, num_docs, num_cheap_nodes, rows_per_shard)
     if not is_complete(paths.tokens("eval")):
         write_tokens(iter_texts(paths.texts("eval")), tokenizer, paths.tokens("eval"))
-    assert TokenShard.load(train).num_documents == split["train_documents"]
+    if (tokenized := TokenShard.load(train).num_documents) != split["train_documents"]:
+        raise RuntimeError(f"{train}: {tokenized} documents tokenized of the split's {split['train_documents']}")
     return {**prepared(paths, split, tokenizer), "split_seconds": split_seconds,
             "seconds": time.perf_counter() - started}

@@ -50,6 +50,8 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -66,9 +68,9 @@ import ray.data
 from moedisco import cluster
 from moedisco.config import EmbedConfig, JobSpec, TierConfig
 from moedisco.metrics import MetricsWriter
-from moedisco.storage import filesystem, is_uri, join
-from ray_cluster.corpus import (PARQUET_ARGS, fresh, index_corpus, parallel_tokenizer, quiet_data_context,
-                                read_shard, shard_dataset, shard_ranges)
+from moedisco.storage import filesystem, is_uri, join, remove_tree
+from ray_cluster.corpus import (PARQUET_ARGS, ROWS_PER_SHARD, fresh, index_corpus, index_stamp, parallel_tokenizer,
+                                quiet_data_context, read_shard, shard_dataset, shard_ranges)
 from ray_cluster.placement import job_storage, label_selector, prepare_worker, task_options, tier_simulated
 
 if TYPE_CHECKING:
@@ -99,8 +101,7 @@ class EmbedBatches:
         gc.freeze()
 
     def __call__(self, batch: dict) -> dict:
-        # A shard per call, as the in-process stage embeds a chunk per call; the embedder still runs its encoder
-        # in batches of `embed.batch_size`.
+        # The embedder runs its encoder in batches of `embed.batch_size` itself.
         table = pa.concat_tables([read_shard(location, self.keep_N) for location in batch["shard"]])
         doc_ids_B, vectors_BD = table["doc_id"].to_numpy(), self.embedder(table["text"].to_pylist())
         if self.clusters is None:
@@ -131,11 +132,15 @@ def _through_pool(spec: JobSpec, corpus: Path | str, keep_N: np.ndarray, num_che
     tier = spec.resources.submodel_tier
     shards = shard_ranges(corpus, len(keep_N), keep_N)
     num_actors = max(1, min(num_cheap_nodes, len(shards)))
+    # About a shard's worth of kept documents per call, as the in-process stage embeds a chunk per call: a pass
+    # that keeps a tenth of each shard (the fit's sample at 1M) reads ten shards a call, not one.
+    rows = sum(shard["stop"] - shard["first"] for shard in shards)
+    shards_per_call = max(1, round(rows / max(1, int(keep_N.sum()))))
     return shard_dataset(shards).map_batches(
         EmbedBatches, fn_constructor_kwargs={"cfg": spec.embed, "tier": tier, "keep_ref": ray.put(keep_N),
                                              "clusters": clusters},
-        batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
-        **task_options(spec, tier)), num_actors
+        batch_size=min(shards_per_call, len(shards)), batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=num_actors), **task_options(spec, tier)), num_actors
 
 
 def _embedded(spec: JobSpec, paths: JobPaths, summary: dict, started: float) -> dict:
@@ -149,16 +154,17 @@ def _device(spec: JobSpec) -> str:
     return "cuda" if task_options(spec, tier)["num_gpus"] > 0 and not tier_simulated(spec, tier) else "cpu"
 
 
-def embed_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int,
-                max_fit_documents: int = MAX_FIT_DOCUMENTS) -> dict:
+def embed_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int, max_fit_documents: int = MAX_FIT_DOCUMENTS,
+                rows_per_shard: int = ROWS_PER_SHARD) -> dict:
     """Index the train split, and embed the documents k-means will be fitted on (every one, up to
     `max_fit_documents`; else the local runner's sample, `moedisco.cluster.fit_sample`) into
     STORAGE/<job>/embeddings/. The rest are embedded by `cluster_stage`, once, on their way to a cluster."""
     quiet_data_context()
     started = time.perf_counter()
     storage = job_storage(spec)
-    num_docs = index_corpus(paths.texts("train"), join(storage, "corpus"))
+    num_docs = index_corpus(paths.texts("train"), join(storage, "corpus"), rows_per_shard)
     index_seconds = time.perf_counter() - started
+    remove_tree(join(storage, "assigned"))  # rows of an earlier fit: the fit to come is on these embeddings
     sample = cluster.fit_sample(num_docs, max_fit_documents, spec.seed)
     if sample is not None and spec.cluster.method == "random":
         raise ValueError(f"cluster.method=random needs every document in one fit; the corpus has {num_docs} "
@@ -199,13 +205,15 @@ def fit_on_embeddings(spec: JobSpec, embeddings_dir: Path | str) -> tuple[cluste
 class AssignedParts:
     """The assignment pass's rows as they arrive, one small Parquet file per batch under STORAGE/<job>/assigned/,
     so an interrupted pass resumes where it stopped. A file is written under a `_partial` name and renamed, and
-    carries the fit's digest in its name: files of another fit (a corpus or clustering changed since) are deleted."""
+    carries a digest of the fit and the corpus's index in its name: files of another fit or corpus are deleted
+    (and the embed stage deletes them all whenever it embeds the fit's documents again)."""
 
     COLUMNS = ("doc_id", "cluster", "sq_distance")
 
-    def __init__(self, folder: Path | str, result: cluster.ClusterResult, num_docs: int):
+    def __init__(self, folder: Path | str, result: cluster.ClusterResult, num_docs: int, corpus: dict | None):
+        # The fit and the corpus it assigns (`index_stamp`: documents edited at the same count change it too).
         digest = hashlib.blake2b(np.ascontiguousarray(result.centroids).tobytes(), digest_size=8)
-        digest.update(f"{result.normalize}/{num_docs}".encode())
+        digest.update(json.dumps([result.normalize, num_docs, corpus], sort_keys=True).encode())
         self.prefix = f"fit-{digest.hexdigest()}-"
         self.fs, self.root = filesystem(str(folder) if is_uri(folder) else str(Path(folder).resolve()))
         self.fs.create_dir(self.root, recursive=True)
@@ -233,7 +241,7 @@ def assign_rest(spec: JobSpec, result: cluster.ClusterResult, fitted: dict, num_
     distance (a few bytes: no embedding is written or kept), saved as it comes (`AssignedParts`); documents an
     interrupted run of this pass saved are not embedded again. Returns (assignments, inertia, pass summary)."""
     storage = job_storage(spec)
-    parts = AssignedParts(join(storage, "assigned"), result, num_docs)
+    parts = AssignedParts(join(storage, "assigned"), result, num_docs, index_stamp(join(storage, "corpus")))
     resumed = parts.read()
     assignments = np.full(num_docs, -1, dtype=np.int64)
     for known in (fitted, resumed):
@@ -277,12 +285,28 @@ def cluster_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int) -> dict:
                        "assign_seconds": time.perf_counter() - started - fit_seconds})
 
 
+def _drop_stale_cluster_outputs(spec: JobSpec, paths: JobPaths, new: cluster.ClusterResult) -> None:
+    """Per-cluster token shards and the held-out assignments cached for other clusters than `new`: they would be
+    reused as they are (`moedisco.corpus.cluster_shard` and `eval_assignments` check only that they exist)."""
+    try:
+        old = cluster.ClusterResult.load(paths.clusters)
+    except (OSError, ValueError, KeyError):  # no clusters saved yet, or a save cut short
+        old = None
+    if old is not None and np.array_equal(old.assignments, new.assignments) and np.array_equal(
+            old.centroids, new.centroids):
+        return
+    for expert in range(spec.model.num_experts):
+        shutil.rmtree(paths.cluster_tokens(expert), ignore_errors=True)
+    (paths.clusters / "eval_assignments.npy").unlink(missing_ok=True)
+
+
 def _clustered(spec: JobSpec, paths: JobPaths, result: cluster.ClusterResult, assignments: np.ndarray,
                inertia: float, started: float, extra: dict) -> dict:
     """Save OUTPUT/cluster/ and the held-out documents' clusters (both paths end here)."""
     full = cluster.ClusterResult(assignments, result.centroids, inertia, result.normalize, result.method)
     if min(full.sizes) == 0:
         raise ValueError("clustering left an expert with no documents; try cluster.method=balanced_kmeans")
+    _drop_stale_cluster_outputs(spec, paths, full)
     full.save(paths.clusters)
     # Submodels look up the held-out documents' clusters in a cache next to the clusters that the first of them
     # writes; written here, before any trainer starts, the concurrent submodels never race to write it.

@@ -117,8 +117,10 @@ class RayExecutor:
             self.tracker.submit(task.key, getattr(self.data_worker, method).remote(*args), actor=self.data_worker)
         elif on_ray_data:  # an actor pool over the cheap nodes
             num_nodes = len(tier_nodes(spec, spec.resources.submodel_tier))
-            self.remote(task, RAY_DATA_STAGES[task.stage], spec, paths, num_nodes, options=on_driver_node())
-        else:  # prepare, source: anywhere, with the threads of the node they land on
+            # Prepare reads and writes the corpus itself (a CPU, anywhere); embed and cluster only coordinate.
+            where = {"num_cpus": 1} if task.stage == "prepare" else on_driver_node()
+            self.remote(task, RAY_DATA_STAGES[task.stage], spec, paths, num_nodes, options=where)
+        else:  # source: anywhere, with the threads of the node it lands on
             self.remote(task, run_stage_on_tier, self.job.stage_run(task), tier_of(spec, task.stage))
 
     def remote(self, task: Task, function, *args, options: dict | None = None) -> None:

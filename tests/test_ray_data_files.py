@@ -1,15 +1,27 @@
-"""What the Ray runner's data stages leave on storage to resume from: the indexed corpus and the assignment pass's
-rows (no Ray cluster needed: both are plain Parquet files)."""
+"""The Ray runner's data stages' own files: the indexed corpus and the assignment pass's rows, which a re-run
+resumes from; the token shard a short tokenization must not leave finished; and the split of a corpus of several
+files on Ray Data (one local Ray instance, no cluster), which must report bad input as the local runner does."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
+import pyarrow as pa
+import pytest
+import ray
 
 from moedisco.cluster import ClusterResult
+from moedisco.corpus import split_and_tokenizer
+from moedisco.data import DataError
+from moedisco.layout import JobPaths
+from moedisco.shards import is_complete
+from moedisco.spec_loading import build_spec
+from ray_cluster import corpus
 from ray_cluster.corpus import index_corpus
 from ray_cluster.data import AssignedParts
+from tests.conftest import CORPUS, tiny_spec_dict
 
 
 def _write_split(path, count: int) -> None:
@@ -37,13 +49,60 @@ def _fit(shift: float) -> ClusterResult:
 
 def test_assigned_parts_resume_their_own_fit_only(tmp_path):
     folder = tmp_path / "assigned"
-    parts = AssignedParts(folder, _fit(0.0), num_docs=10)
+    parts = AssignedParts(folder, _fit(0.0), num_docs=10, corpus=None)
     assert len(parts.read()["doc_id"]) == 0
     parts.write({"doc_id": np.array([4, 5, 6]), "cluster": np.array([1, 0, 1]), "sq_distance": np.array([.1, .2, .3])})
     (folder / "_partial-fit-cut-short.parquet").write_bytes(b"PAR1")  # a write interrupted before its rename
-    again = AssignedParts(folder, _fit(0.0), num_docs=10).read()
+    again = AssignedParts(folder, _fit(0.0), num_docs=10, corpus=None).read()
     np.testing.assert_array_equal(again["doc_id"], [4, 5, 6])
     np.testing.assert_array_equal(again["cluster"], [1, 0, 1])
     assert not (folder / "_partial-fit-cut-short.parquet").exists()
-    assert len(AssignedParts(folder, _fit(0.5), num_docs=10).read()["doc_id"]) == 0  # another fit: start over
-    assert len(AssignedParts(folder, _fit(0.0), num_docs=10).read()["doc_id"]) == 0  # and the old rows are gone
+    assert len(AssignedParts(folder, _fit(0.0), 10, corpus={"bytes": 2}).read()["doc_id"]) == 0  # corpus edited
+    assert len(AssignedParts(folder, _fit(0.0), 10, corpus=None).read()["doc_id"]) == 0  # and the old rows are gone
+
+
+def test_a_short_tokenization_leaves_no_finished_shard(tmp_path, monkeypatch):
+    class TwoOfThree:  # what a Ray Data pass that lost a block would give
+        def iter_batches(self, **_):
+            yield pa.table({"doc_id": [0, 1], "ids": pa.array([[5, 0], [7, 0]], type=pa.large_list(pa.int32()))})
+
+    monkeypatch.setattr(corpus, "_tokenized", lambda *args: TwoOfThree())
+    with pytest.raises(RuntimeError, match="2 documents tokenized of 3"):
+        corpus.tokenize_on_ray_data(None, "corpus", None, tmp_path / "train_tokens", num_docs=3, num_cheap_nodes=1)
+    assert not is_complete(tmp_path / "train_tokens")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=2, object_store_memory=150 * 2**20, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _three_files(folder, bad_line: str | None = None) -> None:
+    folder.mkdir()
+    lines = CORPUS.read_text().splitlines(keepends=True)[:300]
+    if bad_line is not None:
+        lines[200 + 2] = bad_line  # the third line of the third file
+    for part in range(3):
+        (folder / f"part-{part}.jsonl").write_text("".join(lines[part * 100 : (part + 1) * 100]))
+
+
+def _spec(tmp_path, name: str, on_error: str):
+    data = {"train": str(tmp_path / "corpus"), "max_documents": None, "on_error": on_error}
+    return build_spec(tiny_spec_dict(tmp_path / name, data=data))
+
+
+def test_a_split_on_ray_data_names_a_malformed_line_or_skips_it_as_the_local_runner_does(local_ray, tmp_path):
+    _three_files(tmp_path / "corpus", bad_line='{"text": "cut sh\n')
+    spec = _spec(tmp_path, "raise", "raise")
+    files = sorted((tmp_path / "corpus").iterdir())
+    with pytest.raises(DataError, match=re.escape(f"{files[2]}:3: malformed line")):
+        corpus.split_on_ray_data(spec, JobPaths(spec.output_dir), files)
+    ray_spec, local_spec = _spec(tmp_path, "ray", "skip"), _spec(tmp_path, "local", "skip")
+    summary = corpus.split_on_ray_data(ray_spec, JobPaths(ray_spec.output_dir), files)
+    local, _ = split_and_tokenizer(local_spec, JobPaths(local_spec.output_dir))
+    assert summary == {k: local[k] for k in summary} and summary["skipped"] == 1
+    for name in ("train", "eval"):
+        ray_texts, local_texts = (JobPaths(s.output_dir).texts(name).read_bytes() for s in (ray_spec, local_spec))
+        assert ray_texts == local_texts

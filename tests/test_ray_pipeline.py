@@ -25,14 +25,15 @@ import pytest
 import ray
 
 from moedisco.cluster import ClusterResult, fit_streaming
-from moedisco.corpus import load_texts
+from moedisco.corpus import load_texts, stage_prepare
 from moedisco.embed import Embedder
 from moedisco.spec_loading import build_spec
-from moedisco.metrics import read_metrics
+from moedisco.metrics import MetricsWriter, read_metrics
 from moedisco.events import JobCancelledEvent
 from moedisco.layout import JobPaths, stage_result
 from moedisco.runner import JobCancelled, JobRunner, LocalExecutor
 from moedisco.shards import TokenShard
+from moedisco.stage_run import StageRun
 from moedisco.stages import Task
 from ray_cluster import corpus, data
 from ray_cluster.cluster import (SIMULATED_LABEL, LocalClusterSpec, add_local_node, describe_nodes, free_port,
@@ -40,7 +41,7 @@ from ray_cluster.cluster import (SIMULATED_LABEL, LocalClusterSpec, add_local_no
 from ray_cluster.orchestrate import run_job_on_ray
 from ray_cluster.placement import job_storage, on_driver_node
 from ray_cluster.worker import POINTER_FILE
-from tests.conftest import tiny_spec_dict
+from tests.conftest import CORPUS, tiny_spec_dict
 
 pytestmark = pytest.mark.slow
 
@@ -266,23 +267,31 @@ def test_outputs_and_shards(job):
     assert {"corpus", "embeddings"} <= written and "clusters" not in written  # no per-cluster copy of the texts
 
 
-def test_ray_data_gives_the_local_runners_tokens_and_clusters_embedding_each_document_once(job, tmp_path_factory):
-    """The one-shard corpus ran in one DataWorker. On Ray Data its prepare stage must give the same token shards;
-    with a fit capped at 100 documents the embed stage must embed those 100 alone, the rest in the cluster stage's
-    pass, and give the clusters the local runner's sampled fit gives (`moedisco.cluster.fit_streaming`), document
-    for document; run again, the cluster stage resumes from the rows its pass saved."""
+def test_ray_data_gives_the_local_runners_split_tokens_and_clusters(job, tmp_path_factory):
+    """A corpus of three files on Ray Data, in shards of 64 documents: prepare gives the local runner's split and
+    tokens; with a fit capped at 100 documents, embed embeds those alone, cluster the rest in one pass, and the
+    clusters are the local runner's sampled fit's (`fit_streaming`); a re-run resumes from the pass's saved rows."""
     embed_records = read_metrics(job["paths"].metrics, "embed")
     assert embed_records and all(r["num_nodes"] == 1 for r in embed_records)  # one DataWorker, no actor pool
-    spec = build_spec(tiny_spec_dict(tmp_path_factory.mktemp("ray-data") / "job", submodel=TRAIN, branch=ONE_ROUND))
-    paths, cap = JobPaths(spec.output_dir), 100
+    root = tmp_path_factory.mktemp("ray-data")
+    (root / "corpus").mkdir()
+    lines = CORPUS.read_text().splitlines(keepends=True)[:600]
+    for part in range(3):
+        (root / "corpus" / f"part-{part}.jsonl").write_text("".join(lines[part * 200 : (part + 1) * 200]))
+    specs = [build_spec(tiny_spec_dict(root / name, submodel=TRAIN, branch=ONE_ROUND,
+                                       data={"train": str(root / "corpus"), "max_documents": None}))
+             for name in ("ray", "local")]
+    (spec, paths), local_paths, cap = (specs[0], JobPaths(specs[0].output_dir)), JobPaths(specs[1].output_dir), 100
+    stage_prepare(StageRun(specs[1], local_paths, MetricsWriter(local_paths.metrics), Task("prepare"), progress=False))
     where = on_driver_node()
-    # Shards of 64 documents, so the actors tokenize four and Ray Data must keep their order.
+    # Shards of 64 documents, so the actors tokenize several and Ray Data must keep their order.
     ray.get(ray.remote(corpus.prepare_stage).options(**where).remote(spec, paths, 2, 64))
     for name in ("train", "eval"):
-        one_process, ray_data = (TokenShard.load(p.tokens(name)) for p in (job["paths"], paths))
-        np.testing.assert_array_equal(one_process.offsets, ray_data.offsets)
-        np.testing.assert_array_equal(one_process.tokens, ray_data.tokens)
-    embedded = ray.get(ray.remote(data.embed_stage).options(**where).remote(spec, paths, 2, cap))
+        assert paths.texts(name).read_bytes() == local_paths.texts(name).read_bytes()
+        ray_data, one_process = (TokenShard.load(p.tokens(name)) for p in (paths, local_paths))
+        np.testing.assert_array_equal(ray_data.offsets, one_process.offsets)
+        np.testing.assert_array_equal(ray_data.tokens, one_process.tokens)
+    embedded = ray.get(ray.remote(data.embed_stage).options(**where).remote(spec, paths, 2, cap, 64))
     clustered = ray.get(ray.remote(data.cluster_stage).options(**where).remote(spec, paths, 2))
     assert embedded["documents"] == cap == data.count_rows(job_storage(spec) / "embeddings")
     assert clustered["fit_documents"] == cap and "assign_seconds" in clustered
@@ -293,9 +302,11 @@ def test_ray_data_gives_the_local_runners_tokens_and_clusters_embedding_each_doc
     np.testing.assert_array_equal(ray_data.assignments, local.assignments)
     np.testing.assert_allclose(ray_data.centroids, local.centroids, rtol=1e-6)
     assert ray_data.inertia == pytest.approx(local.inertia, rel=1e-6)
-    # Run again, as after an interruption: the pass's saved rows are not embedded again.
+    # As after an interruption half-way: the saved rows are not embedded again, the rest are.
+    saved = sorted((job_storage(spec) / "assigned").glob("fit-*.parquet"))
+    assert len(saved) > 2 and all(p.unlink() is None for p in saved[::2])
     again = ray.get(ray.remote(data.cluster_stage).options(**where).remote(spec, paths, 2))
-    assert again["resumed_documents"] == embedded["corpus_documents"] - cap
+    assert 0 < again["resumed_documents"] < embedded["corpus_documents"] - cap
     np.testing.assert_array_equal(ClusterResult.load(paths.clusters).assignments, local.assignments)
 
 
