@@ -7,8 +7,9 @@
    them in order), a Ray Data task per file streams it through the local runner's readers into two JSON-lines
    parts on storage (`split_on_ray_data`), and the parts are joined in file order into OUTPUT/data/{train,
    eval}.jsonl: the files the local runner writes, byte for byte. A single file is read by one task, as the local
-   runner reads it (`moedisco.corpus.split_and_tokenizer`). The tokenizer is trained on its bounded sample (the
-   first train documents) in the stage's own task (one CPU, on any node, as the whole stage ran before).
+   runner reads it (`moedisco.corpus.split_and_tokenizer`). The join, or that one reader, and the tokenizer on its
+   bounded sample (the first train documents) run in one task of one CPU, on any node, as the whole stage ran
+   before; the stage's own task only coordinates.
 2. OUTPUT/data/train.jsonl is streamed into Parquet shards of `ROWS_PER_SHARD` documents with an explicit `doc_id`
    (its line), so document order, and every later index into the cluster assignments, matches the local runner.
    A marker (`_index.json`) records what was indexed; the embed stage and a re-run reuse the shards.
@@ -96,13 +97,16 @@ def _split_files(batch: dict, spec: JobSpec, parts: str) -> dict:
 
     cfg, rows = spec.data, []
     for index, file in zip(batch["index"].tolist(), batch["file"].tolist()):
-        report, counts, error = data.ReadReport(), {"train": 0, "eval": 0}, ""
-        handles = {name: _text_output(join(parts, f"{index:06d}.{name}.jsonl")) for name in counts}
+        report, counts, error, handles = data.ReadReport(), {"train": 0, "eval": 0}, "", {}
         try:
+            for name in counts:
+                handles[name] = _text_output(join(parts, f"{index:06d}.{name}.jsonl"))
             texts = data.read_file(file, cfg.format, cfg.text_field, cfg.on_error == "skip", report)
             write_sides(spec, (text for text in texts if text.strip()), handles, counts)
-        except data.DataError as failed:
+        except data.DataError as failed:  # names its file (and line) already
             error = str(failed)
+        except (OSError, ValueError) as failed:  # a part that cannot be written, a Parquet file that is not one
+            error = f"{file}: {failed}"
         finally:
             for handle in handles.values():
                 handle.close()
@@ -110,31 +114,38 @@ def _split_files(batch: dict, spec: JobSpec, parts: str) -> dict:
     return {name: np.array([row[name] for row in rows]) for name in rows[0]}
 
 
-def split_on_ray_data(spec: JobSpec, paths: JobPaths, files: list) -> dict:
-    """`moedisco.corpus`'s split of a corpus of several files, a task per file; the parts are joined in file order
-    into data/{train,eval}.jsonl, the very files one process writes."""
-    from moedisco.corpus import finish_split, split_partials
+def split_parts(spec: JobSpec, files: list) -> list[dict]:
+    """The Ray Data half of the split of a corpus of several files: a task per file writes its two parts under
+    STORAGE/<job>/split/; returns each file's counts, in file order, or raises the first file's error."""
+    from moedisco.data import DataError
 
     parts = fresh(join(job_storage(spec), "split"))
     items = [{"index": index, "file": str(file)} for index, file in enumerate(files)]
     split = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _split_files, fn_kwargs={"spec": spec, "parts": parts}, batch_size=1, batch_format="numpy", num_cpus=1)
-    from moedisco.data import DataError
-
     rows = sorted(split.take_all(), key=lambda row: row["index"])
     if failed := next((row["error"] for row in rows if row["error"]), None):
         raise DataError(failed)  # the first in file order, as one reader would have stopped there
+    if not sum(int(row["train"]) + int(row["eval"]) for row in rows):
+        raise DataError(f"{spec.data.train}: no documents with text found")
+    return rows
+
+
+def join_split(spec: JobSpec, paths: JobPaths, rows: list[dict]) -> dict:
+    """The other half, in one process: the parts joined in file order into data/{train,eval}.jsonl, the very files
+    one reader writes, and `moedisco.corpus.finish_split` (`data.eval`, the checks, the summary)."""
+    from moedisco.corpus import finish_split, split_partials
+
+    parts = join(job_storage(spec), "split")
     counts = {name: sum(int(row[name]) for row in rows) for name in ("train", "eval")}
     skipped = sum(int(row["skipped"]) for row in rows)
-    if not sum(counts.values()):
-        raise DataError(f"{spec.data.train}: no documents with text found")
     if skipped:
         log.warning("%s: skipped %d malformed records", spec.data.train, skipped)
     paths.data.mkdir(parents=True, exist_ok=True)
     handles = {name: path.open("w", encoding="utf-8") for name, path in split_partials(paths).items()}
     try:
         for row, name in itertools.product(rows, handles):  # each file's train part, then its held-out one
-            part = open_input(join(parts, f"{row['index']:06d}.{name}.jsonl"))
+            part = open_input(join(parts, f"{int(row['index']):06d}.{name}.jsonl"))
             with io.TextIOWrapper(part, encoding="utf-8") as text:
                 shutil.copyfileobj(text, handles[name], CHUNK_BYTES)
         summary = finish_split(spec, paths, handles, counts, skipped)
@@ -143,6 +154,11 @@ def split_on_ray_data(spec: JobSpec, paths: JobPaths, files: list) -> dict:
             handle.close()
     remove_tree(parts)
     return summary
+
+
+def split_on_ray_data(spec: JobSpec, paths: JobPaths, files: list) -> dict:
+    """`moedisco.corpus`'s split of a corpus of several files, a task per file; returns the split's summary."""
+    return join_split(spec, paths, split_parts(spec, files))
 
 
 # --- 2. the train split as shards with document ids ----------------------------------------------------------------
@@ -276,33 +292,49 @@ def tokenize_on_ray_data(spec: JobSpec, corpus: str, tokenizer, folder: Path, nu
         options.preserve_order = kept
 
 
-def prepare_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int, rows_per_shard: int = ROWS_PER_SHARD) -> dict:
-    """`moedisco.corpus.stage_prepare`'s outputs and summary, the split of several files and the train split's
-    tokens on Ray Data. Runs as one Ray task with a CPU of its own (it reads and writes the corpus itself, where
-    the embed and cluster stages only coordinate), on any node, as the whole stage ran before."""
-    from moedisco.corpus import iter_texts, prepared, split_and_tokenizer, write_tokens
-    from moedisco.data import corpus_files
-    from moedisco.shards import TokenShard, is_complete
+def _sequential(spec: JobSpec, paths: JobPaths, rows_per_shard: int, parts: list[dict] | None) -> tuple[dict, int]:
+    """Prepare's one-process work, in a task of one CPU: the split (joining `parts`, else one reader), the
+    tokenizer, the held-out tokens, and either a small train split's tokens or the index of a larger one, which
+    the actors tokenize next. Returns the split's summary and the documents left to tokenize (0: none)."""
+    from moedisco.corpus import iter_texts, split_and_tokenizer, write_tokens
+    from moedisco.shards import is_complete
 
-    quiet_data_context()
     parallel_tokenizer()  # the local cluster turns the tokenizer's threads off in every worker
-    started = time.perf_counter()
-    # `data.max_documents` counts documents across the files in order: one reader for that.
-    if not paths.split_summary.is_file() and spec.data.max_documents is None:
-        if len(files := corpus_files(spec.data.train)) > 1:
-            split_on_ray_data(spec, paths, files)
-    split, tokenizer = split_and_tokenizer(spec, paths)  # the split unless done above, and the tokenizer
-    split_seconds = time.perf_counter() - started
-    train = paths.tokens("train")
+    if parts is not None:
+        join_split(spec, paths, parts)
+    split, tokenizer = split_and_tokenizer(spec, paths)
+    train, to_tokenize = paths.tokens("train"), 0
     if not is_complete(train) and split["train_documents"] <= rows_per_shard:
         write_tokens(iter_texts(paths.texts("train")), tokenizer, train)
     elif not is_complete(train):
-        corpus = join(job_storage(spec), "corpus")  # the embed stage reads the same shards
-        num_docs = index_corpus(paths.texts("train"), corpus, rows_per_shard)
-        tokenize_on_ray_data(spec, str(corpus), tokenizer, train, num_docs, num_cheap_nodes, rows_per_shard)
+        to_tokenize = index_corpus(paths.texts("train"), join(job_storage(spec), "corpus"), rows_per_shard)
     if not is_complete(paths.tokens("eval")):
         write_tokens(iter_texts(paths.texts("eval")), tokenizer, paths.tokens("eval"))
+    return split, to_tokenize
+
+
+def prepare_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int, rows_per_shard: int = ROWS_PER_SHARD) -> dict:
+    """`moedisco.corpus.stage_prepare`'s outputs and summary, the split of several files and the train split's
+    tokens on Ray Data. This task coordinates (no CPU of its own, as the embed and cluster stages): the work of one
+    process runs in a task of one CPU (`_sequential`) that has ended before the tokenizing actors ask for theirs."""
+    from moedisco.corpus import prepared
+    from moedisco.data import corpus_files, load_tokenizer
+    from moedisco.shards import TokenShard
+
+    quiet_data_context()
+    started, parts = time.perf_counter(), None
+    # `data.max_documents` counts documents across the files in order: one reader for that.
+    if not paths.split_summary.is_file() and spec.data.max_documents is None:
+        if len(files := corpus_files(spec.data.train)) > 1:
+            parts = split_parts(spec, files)
+    task = ray.remote(_sequential).options(num_cpus=1)
+    split, to_tokenize = ray.get(task.remote(spec, paths, rows_per_shard, parts))
+    sequential_seconds = time.perf_counter() - started
+    tokenizer, train = load_tokenizer(paths.tokenizer), paths.tokens("train")
+    if to_tokenize:
+        corpus = join(job_storage(spec), "corpus")  # the embed stage reads the same shards
+        tokenize_on_ray_data(spec, str(corpus), tokenizer, train, to_tokenize, num_cheap_nodes, rows_per_shard)
     if (tokenized := TokenShard.load(train).num_documents) != split["train_documents"]:
         raise RuntimeError(f"{train}: {tokenized} documents tokenized of the split's {split['train_documents']}")
-    return {**prepared(paths, split, tokenizer), "split_seconds": split_seconds,
-            "seconds": time.perf_counter() - started}
+    return {**prepared(paths, split, tokenizer), "split_tasks": len(parts or ()), "tokenized_on_ray_data": to_tokenize,
+            "sequential_seconds": sequential_seconds, "seconds": time.perf_counter() - started}

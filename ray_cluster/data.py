@@ -26,7 +26,8 @@
 No step holds the corpus text, or more embeddings than the fit sample's, in one process.
 
 What of the streaming data path runs on Ray Data, and what does not:
-- read, hash split, tokenizer on a bounded sample: one Ray task (streaming, bounded memory), not Ray Data;
+- read and hash split: a Ray Data task per input file for a corpus of several files (`ray_cluster.corpus`), else
+  one Ray task; the tokenizer on its bounded sample: one Ray task (streaming, bounded memory);
 - step 1 (train.jsonl -> Parquet with `doc_id`): one process, streaming, not Ray Data;
 - tokenizing the train split: Ray Data (`ray_cluster.corpus`, an actor pool on the cheap tier, in order);
 - steps 2 and 4, embedding and assignment: Ray Data (actor pool on the cheap tier, streaming);
@@ -290,7 +291,7 @@ def _drop_stale_cluster_outputs(spec: JobSpec, paths: JobPaths, new: cluster.Clu
     reused as they are (`moedisco.corpus.cluster_shard` and `eval_assignments` check only that they exist)."""
     try:
         old = cluster.ClusterResult.load(paths.clusters)
-    except (OSError, ValueError, KeyError):  # no clusters saved yet, or a save cut short
+    except (OSError, ValueError, KeyError, EOFError):  # no clusters saved yet, or a save cut short
         old = None
     if old is not None and np.array_equal(old.assignments, new.assignments) and np.array_equal(
             old.centroids, new.centroids):

@@ -7,8 +7,9 @@ The runner keeps the books (markers, budget, events, cost ledger; `moedisco.runn
 where and how each task of the plan (`moedisco.stages.plan`) runs:
 
 | stage             | where it runs                                                                     |
-| set-up stages     | prepare: split in a Ray task, train split tokenized on Ray Data                   |
-|                   | (`ray_cluster.corpus`); embed, cluster: Ray Data on the cheap tier                |
+| set-up stages     | prepare: a corpus of several files split a Ray Data task per file, the train     |
+|                   | split tokenized on Ray Data (`ray_cluster.corpus`); embed, cluster: Ray Data      |
+|                   | on the cheap tier                                                                 |
 |                   | (`ray_cluster.data`); source: a Ray task; all four in one `DataWorker` actor for |
 |                   | a one-shard corpus                                                                |
 | training stages   | one Ray Train trainer per task on the stage's tier; a round's experts are all    |
@@ -117,9 +118,7 @@ class RayExecutor:
             self.tracker.submit(task.key, getattr(self.data_worker, method).remote(*args), actor=self.data_worker)
         elif on_ray_data:  # an actor pool over the cheap nodes
             num_nodes = len(tier_nodes(spec, spec.resources.submodel_tier))
-            # Prepare reads and writes the corpus itself (a CPU, anywhere); embed and cluster only coordinate.
-            where = {"num_cpus": 1} if task.stage == "prepare" else on_driver_node()
-            self.remote(task, RAY_DATA_STAGES[task.stage], spec, paths, num_nodes, options=where)
+            self.remote(task, RAY_DATA_STAGES[task.stage], spec, paths, num_nodes, options=on_driver_node())
         else:  # source: anywhere, with the threads of the node it lands on
             self.remote(task, run_stage_on_tier, self.job.stage_run(task), tier_of(spec, task.stage))
 

@@ -57,6 +57,8 @@ def test_assigned_parts_resume_their_own_fit_only(tmp_path):
     np.testing.assert_array_equal(again["doc_id"], [4, 5, 6])
     np.testing.assert_array_equal(again["cluster"], [1, 0, 1])
     assert not (folder / "_partial-fit-cut-short.parquet").exists()
+    assert len(AssignedParts(folder, _fit(0.5), 10, corpus=None).read()["doc_id"]) == 0  # another fit: start over
+    parts.write({"doc_id": np.array([4]), "cluster": np.array([1]), "sq_distance": np.array([.1])})
     assert len(AssignedParts(folder, _fit(0.0), 10, corpus={"bytes": 2}).read()["doc_id"]) == 0  # corpus edited
     assert len(AssignedParts(folder, _fit(0.0), 10, corpus=None).read()["doc_id"]) == 0  # and the old rows are gone
 
@@ -83,7 +85,7 @@ def _three_files(folder, bad_line: str | None = None) -> None:
     folder.mkdir()
     lines = CORPUS.read_text().splitlines(keepends=True)[:300]
     if bad_line is not None:
-        lines[200 + 2] = bad_line  # the third line of the third file
+        lines[100 + 4] = lines[200 + 2] = bad_line  # the fifth line of the second file, the third of the third
     for part in range(3):
         (folder / f"part-{part}.jsonl").write_text("".join(lines[part * 100 : (part + 1) * 100]))
 
@@ -97,12 +99,29 @@ def test_a_split_on_ray_data_names_a_malformed_line_or_skips_it_as_the_local_run
     _three_files(tmp_path / "corpus", bad_line='{"text": "cut sh\n')
     spec = _spec(tmp_path, "raise", "raise")
     files = sorted((tmp_path / "corpus").iterdir())
-    with pytest.raises(DataError, match=re.escape(f"{files[2]}:3: malformed line")):
+    with pytest.raises(DataError, match=re.escape(f"{files[1]}:5: malformed line")):  # the first, as one reader
         corpus.split_on_ray_data(spec, JobPaths(spec.output_dir), files)
     ray_spec, local_spec = _spec(tmp_path, "ray", "skip"), _spec(tmp_path, "local", "skip")
     summary = corpus.split_on_ray_data(ray_spec, JobPaths(ray_spec.output_dir), files)
     local, _ = split_and_tokenizer(local_spec, JobPaths(local_spec.output_dir))
-    assert summary == {k: local[k] for k in summary} and summary["skipped"] == 1
+    assert summary == {k: local[k] for k in summary} and summary["skipped"] == 2
     for name in ("train", "eval"):
         ray_texts, local_texts = (JobPaths(s.output_dir).texts(name).read_bytes() for s in (ray_spec, local_spec))
         assert ray_texts == local_texts
+
+
+def test_several_files_with_a_document_cap_are_split_by_one_reader(local_ray, tmp_path):
+    """`data.max_documents` counts across the files in order, so the tasks per file would overshoot: one reader."""
+    from moedisco.corpus import stage_prepare
+    from moedisco.metrics import MetricsWriter
+    from moedisco.stage_run import StageRun
+    from moedisco.stages import Task
+
+    _three_files(tmp_path / "corpus")
+    specs = [build_spec(tiny_spec_dict(tmp_path / name, data={"train": str(tmp_path / "corpus"), "max_documents": 150}))
+             for name in ("ray", "local")]
+    ray_paths, local_paths = (JobPaths(s.output_dir) for s in specs)
+    summary = ray.get(ray.remote(corpus.prepare_stage).remote(specs[0], ray_paths, 1))
+    stage_prepare(StageRun(specs[1], local_paths, MetricsWriter(local_paths.metrics), Task("prepare"), progress=False))
+    assert summary["split_tasks"] == 0 and summary["train_documents"] + summary["eval_documents"] == 150
+    assert ray_paths.texts("train").read_bytes() == local_paths.texts("train").read_bytes()

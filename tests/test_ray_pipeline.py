@@ -284,8 +284,8 @@ def test_ray_data_gives_the_local_runners_split_tokens_and_clusters(job, tmp_pat
     (spec, paths), local_paths, cap = (specs[0], JobPaths(specs[0].output_dir)), JobPaths(specs[1].output_dir), 100
     stage_prepare(StageRun(specs[1], local_paths, MetricsWriter(local_paths.metrics), Task("prepare"), progress=False))
     where = on_driver_node()
-    # Shards of 64 documents, so the actors tokenize several and Ray Data must keep their order.
-    ray.get(ray.remote(corpus.prepare_stage).options(**where).remote(spec, paths, 2, 64))
+    prepared = ray.get(ray.remote(corpus.prepare_stage).options(**where).remote(spec, paths, 2, 64))
+    assert prepared["split_tasks"] == 3 and prepared["tokenized_on_ray_data"] == prepared["train_documents"]
     for name in ("train", "eval"):
         assert paths.texts(name).read_bytes() == local_paths.texts(name).read_bytes()
         ray_data, one_process = (TokenShard.load(p.tokens(name)) for p in (paths, local_paths))
