@@ -219,11 +219,26 @@ def _clusters(spec: JobSpec, paths: JobPaths) -> tuple[cluster.ClusterResult, bo
         saved = cluster.ClusterResult.load(paths.clusters)
         if len(saved.assignments) == len(vectors_ND) and len(saved.centroids) == spec.model.num_experts:
             return saved, False
-    for expert in range(spec.model.num_experts):
-        shutil.rmtree(paths.cluster_tokens(expert), ignore_errors=True)
     result = cluster.fit_streaming(vectors_ND, spec.cluster, spec.model.num_experts, spec.seed)
-    result.save(paths.clusters)
+    save_clusters(spec, paths, result)
     return result, True
+
+
+def save_clusters(spec: JobSpec, paths: JobPaths, result: cluster.ClusterResult) -> None:
+    """Save the job's clusters (both runners). The per-cluster token shards and the held-out documents' clusters
+    cached for other clusters go first: both are reused for as long as they exist (`cluster_shard`,
+    `moedisco.pipeline.eval_assignments`)."""
+    try:
+        old = cluster.ClusterResult.load(paths.clusters)
+    except (OSError, ValueError, KeyError, EOFError):  # no clusters saved yet, or a save cut short
+        old = None
+    same = old is not None and np.array_equal(old.assignments, result.assignments) and np.array_equal(
+        old.centroids, result.centroids)
+    if not same:
+        for expert in range(spec.model.num_experts):
+            shutil.rmtree(paths.cluster_tokens(expert), ignore_errors=True)
+        (paths.clusters / "eval_assignments.npy").unlink(missing_ok=True)
+    result.save(paths.clusters)
 
 
 def write_cluster_tokens(paths: JobPaths, assignments: np.ndarray, expert: int) -> TokenShard:

@@ -19,7 +19,7 @@
    appends each batch's ids to the train token shard (`moedisco.shards.ShardWriter`) as it arrives, so neither
    the texts nor the tokens are ever held whole. The ids are the local runner's (`moedisco.corpus.write_tokens`),
    document for document.
-A split of at most one shard is tokenized in the stage's process, and not indexed (Ray Data's start-up would cost
+A split of at most one shard is tokenized in that one-CPU task, and not indexed (Ray Data's start-up would cost
 more; the embed stage indexes it when it needs it), and the held-out split always is (a twentieth of the corpus by
 default).
 """
@@ -83,8 +83,13 @@ def parallel_tokenizer() -> None:
 # --- 1. the split, a Ray Data task per input file ---------------------------------------------------------------------
 
 
+def fs_path(location: Path | str):
+    """(pyarrow filesystem, path in it) of a local path or an object-storage URI."""
+    return filesystem(str(location) if is_uri(location) else str(Path(location).resolve()))
+
+
 def _text_output(location: str) -> io.TextIOWrapper:
-    fs, path = filesystem(location if is_uri(location) else str(Path(location).resolve()))
+    fs, path = fs_path(location)
     return io.TextIOWrapper(fs.open_output_stream(path), encoding="utf-8")
 
 
@@ -165,7 +170,7 @@ def split_on_ray_data(spec: JobSpec, paths: JobPaths, files: list) -> dict:
 
 
 def _read_marker(location: str | Path) -> dict | None:
-    fs, path = filesystem(str(location) if is_uri(location) else str(Path(location).resolve()))
+    fs, path = fs_path(location)
     try:
         with fs.open_input_stream(path) as handle:
             return json.loads(handle.read())
@@ -174,15 +179,15 @@ def _read_marker(location: str | Path) -> dict | None:
 
 
 def _write_marker(location: str | Path, value: dict) -> None:
-    fs, path = filesystem(str(location) if is_uri(location) else str(Path(location).resolve()))
+    fs, path = fs_path(location)
     with fs.open_output_stream(path) as handle:
         handle.write(json.dumps(value).encode())
 
 
-def index_stamp(corpus: Path | str) -> dict | None:
-    """What an indexed corpus was made from (train.jsonl's size and mtime, the shard size); None if unfinished."""
-    done = _read_marker(join(corpus, INDEX_MARKER))
-    return None if done is None else done.get("stamp")
+def indexed(corpus: Path | str) -> dict | None:
+    """An indexed corpus's marker: its "documents", and the "stamp" of what it was made from (train.jsonl's size
+    and mtime, the shard size); None if the index is unfinished."""
+    return _read_marker(join(corpus, INDEX_MARKER))
 
 
 def index_corpus(train_jsonl: Path, out_dir: Path | str, rows_per_shard: int = ROWS_PER_SHARD) -> int:
@@ -190,8 +195,7 @@ def index_corpus(train_jsonl: Path, out_dir: Path | str, rows_per_shard: int = R
     of this very file are there already; returns the number of documents."""
     stat = train_jsonl.stat()
     stamp = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "rows_per_shard": rows_per_shard}
-    marker = join(out_dir, INDEX_MARKER)
-    if (done := _read_marker(marker)) is not None and done.get("stamp") == stamp:
+    if (done := indexed(out_dir)) is not None and done.get("stamp") == stamp:
         return int(done["documents"])
     out_dir = fresh(out_dir)
     num_docs = 0
@@ -203,7 +207,7 @@ def index_corpus(train_jsonl: Path, out_dir: Path | str, rows_per_shard: int = R
             shard = join(out_dir, SHARD_NAME.format(num_docs))
             pq.write_table(pa.table({"doc_id": doc_ids, "text": texts}), shard, **PARQUET_ARGS)
             num_docs += len(texts)
-    _write_marker(marker, {"stamp": stamp, "documents": num_docs})  # last: the shards are whole
+    _write_marker(join(out_dir, INDEX_MARKER), {"stamp": stamp, "documents": num_docs})  # last: the shards are whole
     return num_docs
 
 
@@ -224,6 +228,16 @@ def shard_dataset(ranges: list[dict]) -> ray.data.Dataset:
     """The shards as a dataset of their locations, a block each: every actor reads its own shards. A Ray Data read
     task per shard had cost about 0.1 s of the 2 cores each, moving every text through the object store."""
     return ray.data.from_items(ranges, override_num_blocks=max(1, len(ranges)))
+
+
+def through_actors(shards: list[dict], udf: type, kwargs: dict, num_cheap_nodes: int, options: dict,
+                   shards_per_call: int = 1) -> tuple[ray.data.Dataset, int]:
+    """`shards` through a fixed pool of `udf` actors, one per cheap node and no more than there are shards: the
+    nodes it holds are what the stage costs. Returns the dataset and the pool's size."""
+    num_actors = max(1, min(num_cheap_nodes, len(shards)))
+    return shard_dataset(shards).map_batches(
+        udf, fn_constructor_kwargs=kwargs, batch_size=max(1, min(shards_per_call, len(shards))),
+        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors), **options), num_actors
 
 
 def read_shard(location: str, keep_N: np.ndarray | None = None) -> pa.Table:
@@ -255,21 +269,17 @@ class TokenizeBatches:
         return pa.table({"doc_id": table["doc_id"], "ids": pa.LargeListArray.from_arrays(offsets, pa.array(flat))})
 
 
-def _tokenized(spec: JobSpec, corpus: str, tokenizer, num_docs: int, num_cheap_nodes: int,
-               rows_per_shard: int) -> ray.data.Dataset:
+def _tokenized(spec: JobSpec, corpus: str, tokenizer, num_docs: int, num_cheap_nodes: int) -> ray.data.Dataset:
     from moedisco.corpus import fast_encoder
 
     tier = spec.resources.submodel_tier
-    num_actors = max(1, min(num_cheap_nodes, -(-num_docs // rows_per_shard)))
-    return shard_dataset(shard_ranges(corpus, num_docs)).map_batches(
-        TokenizeBatches, fn_constructor_kwargs={"tokenizer_json": fast_encoder(tokenizer).to_str(),
-                                                "eos": tokenizer.eos_token_id, "tier": tier},
-        batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
-        **{**task_options(spec, tier), "num_gpus": 0})  # the tier's nodes and CPUs; tokenizing needs no GPU
+    kwargs = {"tokenizer_json": fast_encoder(tokenizer).to_str(), "eos": tokenizer.eos_token_id, "tier": tier}
+    options = {**task_options(spec, tier), "num_gpus": 0}  # the tier's nodes and CPUs; tokenizing needs no GPU
+    return through_actors(shard_ranges(corpus, num_docs), TokenizeBatches, kwargs, num_cheap_nodes, options)[0]
 
 
-def tokenize_on_ray_data(spec: JobSpec, corpus: str, tokenizer, folder: Path, num_docs: int, num_cheap_nodes: int,
-                         rows_per_shard: int = ROWS_PER_SHARD) -> None:
+def tokenize_on_ray_data(spec: JobSpec, corpus: str, tokenizer, folder: Path, num_docs: int,
+                         num_cheap_nodes: int) -> None:
     """The token shard `folder` of the corpus shards under `corpus`, tokenized by an actor pool, in doc_id order."""
     from moedisco.shards import ShardWriter
 
@@ -278,8 +288,8 @@ def tokenize_on_ray_data(spec: JobSpec, corpus: str, tokenizer, folder: Path, nu
     try:
         with ShardWriter(folder) as writer:
             next_doc = 0
-            for batch in _tokenized(spec, corpus, tokenizer, num_docs, num_cheap_nodes, rows_per_shard).iter_batches(
-                    batch_size=None, batch_format="pyarrow"):
+            tokenized = _tokenized(spec, corpus, tokenizer, num_docs, num_cheap_nodes)
+            for batch in tokenized.iter_batches(batch_size=None, batch_format="pyarrow"):
                 doc_ids = batch["doc_id"].to_numpy()
                 if not np.array_equal(doc_ids, np.arange(next_doc, next_doc + len(doc_ids))):
                     raise RuntimeError(f"{corpus}: Ray Data gave documents {doc_ids[0]}.. where {next_doc} was due")
@@ -333,7 +343,7 @@ def prepare_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int, rows_per
     tokenizer, train = load_tokenizer(paths.tokenizer), paths.tokens("train")
     if to_tokenize:
         corpus = join(job_storage(spec), "corpus")  # the embed stage reads the same shards
-        tokenize_on_ray_data(spec, str(corpus), tokenizer, train, to_tokenize, num_cheap_nodes, rows_per_shard)
+        tokenize_on_ray_data(spec, str(corpus), tokenizer, train, to_tokenize, num_cheap_nodes)
     if (tokenized := TokenShard.load(train).num_documents) != split["train_documents"]:
         raise RuntimeError(f"{train}: {tokenized} documents tokenized of the split's {split['train_documents']}")
     return {**prepared(paths, split, tokenizer), "split_tasks": len(parts or ()), "tokenized_on_ray_data": to_tokenize,

@@ -52,7 +52,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -69,9 +68,9 @@ import ray.data
 from moedisco import cluster
 from moedisco.config import EmbedConfig, JobSpec, TierConfig
 from moedisco.metrics import MetricsWriter
-from moedisco.storage import filesystem, is_uri, join, remove_tree
-from ray_cluster.corpus import (PARQUET_ARGS, ROWS_PER_SHARD, fresh, index_corpus, index_stamp, parallel_tokenizer,
-                                quiet_data_context, read_shard, shard_dataset, shard_ranges)
+from moedisco.storage import join, remove_tree
+from ray_cluster.corpus import (PARQUET_ARGS, ROWS_PER_SHARD, fresh, fs_path, index_corpus, indexed,
+                                parallel_tokenizer, quiet_data_context, read_shard, shard_ranges, through_actors)
 from ray_cluster.placement import job_storage, label_selector, prepare_worker, task_options, tier_simulated
 
 if TYPE_CHECKING:
@@ -127,21 +126,15 @@ def _flags(num_docs: int, *doc_ids: np.ndarray) -> np.ndarray:
 
 def _through_pool(spec: JobSpec, corpus: Path | str, keep_N: np.ndarray, num_cheap_nodes: int,
                   clusters: cluster.ClusterResult | None = None) -> tuple[ray.data.Dataset, int]:
-    """The corpus's documents that `keep_N` flags through a fixed pool of embedding actors, one per cheap node and
-    no more than there are shards to read: the nodes it holds are what the stage costs. Returns the dataset and
-    the pool's size."""
+    """The corpus's documents that `keep_N` flags through the embedding actors (`ray_cluster.corpus.through_actors`).
+    About a shard's worth of kept documents per call, as the in-process stage embeds a chunk per call: a pass that
+    keeps a tenth of each shard (the fit's sample at 1M) reads ten shards a call, not one."""
     tier = spec.resources.submodel_tier
     shards = shard_ranges(corpus, len(keep_N), keep_N)
-    num_actors = max(1, min(num_cheap_nodes, len(shards)))
-    # About a shard's worth of kept documents per call, as the in-process stage embeds a chunk per call: a pass
-    # that keeps a tenth of each shard (the fit's sample at 1M) reads ten shards a call, not one.
     rows = sum(shard["stop"] - shard["first"] for shard in shards)
-    shards_per_call = max(1, round(rows / max(1, int(keep_N.sum()))))
-    return shard_dataset(shards).map_batches(
-        EmbedBatches, fn_constructor_kwargs={"cfg": spec.embed, "tier": tier, "keep_ref": ray.put(keep_N),
-                                             "clusters": clusters},
-        batch_size=min(shards_per_call, len(shards)), batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=num_actors), **task_options(spec, tier)), num_actors
+    kwargs = {"cfg": spec.embed, "tier": tier, "keep_ref": ray.put(keep_N), "clusters": clusters}
+    return through_actors(shards, EmbedBatches, kwargs, num_cheap_nodes, task_options(spec, tier),
+                          shards_per_call=round(rows / max(1, int(keep_N.sum()))))
 
 
 def _embedded(spec: JobSpec, paths: JobPaths, summary: dict, started: float) -> dict:
@@ -212,11 +205,11 @@ class AssignedParts:
     COLUMNS = ("doc_id", "cluster", "sq_distance")
 
     def __init__(self, folder: Path | str, result: cluster.ClusterResult, num_docs: int, corpus: dict | None):
-        # The fit and the corpus it assigns (`index_stamp`: documents edited at the same count change it too).
+        # The fit and the corpus it assigns (the index's stamp: documents edited at the same count change it too).
         digest = hashlib.blake2b(np.ascontiguousarray(result.centroids).tobytes(), digest_size=8)
         digest.update(json.dumps([result.normalize, num_docs, corpus], sort_keys=True).encode())
         self.prefix = f"fit-{digest.hexdigest()}-"
-        self.fs, self.root = filesystem(str(folder) if is_uri(folder) else str(Path(folder).resolve()))
+        self.fs, self.root = fs_path(folder)
         self.fs.create_dir(self.root, recursive=True)
         listed = self.fs.get_file_info(pafs.FileSelector(self.root))
         self.files = [f.path for f in listed if f.is_file and f.base_name.startswith(self.prefix)]
@@ -242,7 +235,7 @@ def assign_rest(spec: JobSpec, result: cluster.ClusterResult, fitted: dict, num_
     distance (a few bytes: no embedding is written or kept), saved as it comes (`AssignedParts`); documents an
     interrupted run of this pass saved are not embedded again. Returns (assignments, inertia, pass summary)."""
     storage = job_storage(spec)
-    parts = AssignedParts(join(storage, "assigned"), result, num_docs, index_stamp(join(storage, "corpus")))
+    parts = AssignedParts(join(storage, "assigned"), result, num_docs, indexed(join(storage, "corpus"))["stamp"])
     resumed = parts.read()
     assignments = np.full(num_docs, -1, dtype=np.int64)
     for known in (fitted, resumed):
@@ -275,7 +268,7 @@ def cluster_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int) -> dict:
     fit = ray.remote(fit_on_embeddings).options(num_cpus=1, label_selector=label_selector(spec, tier))
     result, fitted = ray.get(fit.remote(spec, join(storage, "embeddings")))
     fit_seconds = time.perf_counter() - started
-    num_docs, fit_documents = count_rows(join(storage, "corpus")), len(fitted["doc_id"])
+    num_docs, fit_documents = indexed(join(storage, "corpus"))["documents"], len(fitted["doc_id"])
     if fit_documents == num_docs:
         return _clustered(spec, paths, result, result.assignments, result.inertia, started,
                           {"fit_documents": fit_documents, "fit_seconds": fit_seconds, "device": "cpu",
@@ -286,33 +279,18 @@ def cluster_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int) -> dict:
                        "assign_seconds": time.perf_counter() - started - fit_seconds})
 
 
-def _drop_stale_cluster_outputs(spec: JobSpec, paths: JobPaths, new: cluster.ClusterResult) -> None:
-    """Per-cluster token shards and the held-out assignments cached for other clusters than `new`: they would be
-    reused as they are (`moedisco.corpus.cluster_shard` and `eval_assignments` check only that they exist)."""
-    try:
-        old = cluster.ClusterResult.load(paths.clusters)
-    except (OSError, ValueError, KeyError, EOFError):  # no clusters saved yet, or a save cut short
-        old = None
-    if old is not None and np.array_equal(old.assignments, new.assignments) and np.array_equal(
-            old.centroids, new.centroids):
-        return
-    for expert in range(spec.model.num_experts):
-        shutil.rmtree(paths.cluster_tokens(expert), ignore_errors=True)
-    (paths.clusters / "eval_assignments.npy").unlink(missing_ok=True)
-
-
 def _clustered(spec: JobSpec, paths: JobPaths, result: cluster.ClusterResult, assignments: np.ndarray,
                inertia: float, started: float, extra: dict) -> dict:
     """Save OUTPUT/cluster/ and the held-out documents' clusters (both paths end here)."""
     full = cluster.ClusterResult(assignments, result.centroids, inertia, result.normalize, result.method)
     if min(full.sizes) == 0:
         raise ValueError("clustering left an expert with no documents; try cluster.method=balanced_kmeans")
-    _drop_stale_cluster_outputs(spec, paths, full)
-    full.save(paths.clusters)
-    # Submodels look up the held-out documents' clusters in a cache next to the clusters that the first of them
-    # writes; written here, before any trainer starts, the concurrent submodels never race to write it.
+    from moedisco.corpus import save_clusters
     from moedisco.pipeline import eval_assignments
 
+    save_clusters(spec, paths, full)
+    # Submodels look up the held-out documents' clusters in a cache next to the clusters that the first of them
+    # writes; written here, before any trainer starts, the concurrent submodels never race to write it.
     eval_assignments(spec, paths)
     summary = {"sizes": full.sizes, "inertia": inertia, "method": full.method, **extra,
                "seconds": time.perf_counter() - started}
