@@ -12,8 +12,8 @@ sys.path.insert(0, str(REPO))
 
 
 def sized_config(hidden: int, num_experts: int = 4, layers: int = 4, vocab: int = 8192, arch: str = "qwen2_moe"):
-    from moedisco.config import ModelConfig
-    from moedisco.split import build_moe_config
+    from moedisco.config.spec import ModelConfig
+    from moedisco.models.architecture import build_moe_config
 
     cfg = ModelConfig(arch=arch, num_experts=num_experts, num_experts_per_tok=2, hidden_size=hidden,
                       intermediate_size=4 * hidden, moe_intermediate_size=2 * hidden,

@@ -45,7 +45,7 @@ import aiohttp
 import httpx
 from _common import REPO
 
-from moedisco.stages import STAGES
+from moedisco.job.registry import STAGES
 from moedisco_cli.common import read_spec_file
 from moedisco_cli.demo import start_service, stop_service, wait_healthy
 from service.schemas import TERMINAL_STATES

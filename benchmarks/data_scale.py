@@ -54,7 +54,7 @@ def build_corpus(path: Path, documents: int, seed: int = 0) -> Path:
 
 
 def _spec(corpus: Path, job: Path):
-    from moedisco.spec_loading import build_spec
+    from moedisco.config.loading import build_spec
 
     return build_spec({"name": "scale", "output_dir": str(job), "data": {"train": str(corpus), "sequence_length": 256},
                        "tokenizer": {"vocab_size": 8192, "sample_documents": SAMPLE_DOCUMENTS},
@@ -62,11 +62,14 @@ def _spec(corpus: Path, job: Path):
 
 
 def _stage(name: str, spec) -> dict:
-    from moedisco.corpus import stage_cluster, stage_embed, stage_prepare, train_source
-    from moedisco.layout import JobPaths
-    from moedisco.metrics import MetricsWriter
-    from moedisco.stage_run import StageRun
-    from moedisco.stages import Task
+    from moedisco.stages.cluster import stage_cluster, train_source
+    from moedisco.stages.embed import stage_embed
+    from moedisco.stages.prepare import stage_prepare
+
+    from moedisco.job.layout import JobPaths
+    from moedisco.job.metrics import MetricsWriter
+    from moedisco.job.registry import Task
+    from moedisco.stages.stage_run import StageRun
 
     paths = JobPaths(spec.output_dir)
     if name == "train_read":
@@ -95,10 +98,10 @@ def _rates(spec) -> dict:
     import itertools
 
     import numpy as np
+    from moedisco.io.documents import iter_texts
 
-    from moedisco.corpus import iter_texts
-    from moedisco.embed import TOKEN_MEAN_BLOCK, Embedder
-    from moedisco.layout import JobPaths
+    from moedisco.job.layout import JobPaths
+    from moedisco.stages.embed import TOKEN_MEAN_BLOCK, Embedder
 
     texts = list(itertools.islice(iter_texts(JobPaths(spec.output_dir).texts("train")), RATE_DOCUMENTS))
     embedder = Embedder(spec.embed)
@@ -130,8 +133,8 @@ def _rates(spec) -> dict:
 def _ray_data(spec, fit_cap: int) -> dict:
     import ray
 
-    from moedisco.layout import JobPaths
-    from moedisco.storage import join, remove_tree
+    from moedisco.io.storage import join, remove_tree
+    from moedisco.job.layout import JobPaths
     from ray_cluster import data
     from ray_cluster.cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster
     from ray_cluster.placement import job_storage, on_driver_node

@@ -4,7 +4,7 @@
 
 For each node count a fresh local simulated cluster is started (not timed); the timed part is
 `ray_cluster.data.embed_stage` + `cluster_stage` (the Ray runner's stages) on the bundled corpus's train split.
-The single-process reference is `moedisco.embed.Embedder` + `moedisco.cluster.fit_clusters` on the same documents.
+The single-process reference is `moedisco.stages.embed.Embedder` + `moedisco.stages.cluster.fit_clusters` on the same documents.
 Reports documents per second and the k-means objective of each fit (in-process vs on Ray, with `--fit-sample` to
 exercise the sampled fit used for corpora too large to fit in one process).
 """
@@ -19,15 +19,16 @@ from pathlib import Path
 
 import numpy as np
 from _common import REPO
+from moedisco.io.documents import load_texts
+from moedisco.stages.prepare import stage_prepare
 
-from moedisco.cluster import fit_clusters
-from moedisco.spec_loading import build_spec
-from moedisco.embed import Embedder
-from moedisco.layout import JobPaths
-from moedisco.metrics import MetricsWriter
-from moedisco.corpus import load_texts, stage_prepare
-from moedisco.stage_run import StageRun
-from moedisco.stages import Task
+from moedisco.config.loading import build_spec
+from moedisco.job.layout import JobPaths
+from moedisco.job.metrics import MetricsWriter
+from moedisco.job.registry import Task
+from moedisco.stages.cluster import fit_clusters
+from moedisco.stages.embed import Embedder
+from moedisco.stages.stage_run import StageRun
 
 
 def _spec(out: Path, documents: int):

@@ -31,9 +31,9 @@ def child(payload: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from moedisco.config import ModelConfig
-    from moedisco.evaluate import evaluate_loss
-    from moedisco.split import build_moe_config
+    from moedisco.config.spec import ModelConfig
+    from moedisco.models.architecture import build_moe_config
+    from moedisco.training.heldout import evaluate_loss
 
     torch.set_num_threads(2)
     torch.manual_seed(0)  # the same model and batch in every process, so the modes' losses agree

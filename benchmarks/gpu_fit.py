@@ -28,10 +28,10 @@ def stage(name: str, train_config, config, params: int, active: int, cap_gb: flo
     import torch
     from transformers import AutoModelForCausalLM
 
-    from moedisco.estimate import plan_measures
-    from moedisco.memory import PeakMemory, measures_of, weight_dtype
-    from moedisco.metrics import MetricsWriter
-    from moedisco.train import TrainContext, train
+    from moedisco.job.metrics import MetricsWriter
+    from moedisco.planning.estimate import plan_measures
+    from moedisco.training.loop import TrainContext, train
+    from moedisco.training.memory import PeakMemory, measures_of, weight_dtype
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # The example's section (precision bf16-true, the paper's "Data Type bf16"), for this run's steps and device.
@@ -61,9 +61,9 @@ def main() -> dict:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200: 989)")
     args = parser.parse_args()
-    from moedisco.estimate import parameter_counts, spec_config
-    from moedisco.spec_loading import load_spec
-    from moedisco.split import with_num_experts
+    from moedisco.config.loading import load_spec
+    from moedisco.models.architecture import with_num_experts
+    from moedisco.planning.estimate import parameter_counts, spec_config
 
     overrides = ["model.hidden_size=64", "model.intermediate_size=128", "model.moe_intermediate_size=64",
                  "model.shared_expert_intermediate_size=64", "model.num_hidden_layers=2",

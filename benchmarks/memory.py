@@ -34,7 +34,7 @@ JOB_DEVICE_SHARE = 0.4  # --auto-job: the tier's device memory, as a share of th
 
 
 def _config(hidden: int, vocab: int = 8192):
-    from moedisco.split import with_num_experts
+    from moedisco.models.architecture import with_num_experts
 
     return with_num_experts(sized_config(hidden, num_experts=4, layers=LAYERS, vocab=vocab), 1)
 
@@ -43,9 +43,9 @@ def _train(config, measures: dict, steps: int, run_dir: Path, meter=None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from moedisco.config import TrainConfig
-    from moedisco.metrics import MetricsWriter
-    from moedisco.train import TrainContext, train
+    from moedisco.config.spec import TrainConfig
+    from moedisco.job.metrics import MetricsWriter
+    from moedisco.training.loop import TrainContext, train
 
     cfg = TrainConfig(**{"steps": steps, "batch_size": BATCH, "device": "cpu", "precision": "fp32",
                          "eval_every": steps, "checkpoint_every": steps, **measures})
@@ -59,8 +59,8 @@ def _train(config, measures: dict, steps: int, run_dir: Path, meter=None):
 def child(payload: dict) -> dict:
     import torch
 
-    from moedisco.estimate import memory_plan
-    from moedisco.memory import PeakMemory
+    from moedisco.planning.estimate import memory_plan
+    from moedisco.training.memory import PeakMemory
 
     torch.set_num_threads(2)
     measures, config = payload["measures"], _config(payload["hidden"])
@@ -76,8 +76,8 @@ def child(payload: dict) -> dict:
 
 
 def _auto_measures(hidden: int, share: float = AUTO_DEVICE_SHARE) -> dict:
-    from moedisco.config import TrainConfig
-    from moedisco.estimate import memory_plan, parameter_counts, plan_measures
+    from moedisco.config.spec import TrainConfig
+    from moedisco.planning.estimate import memory_plan, parameter_counts, plan_measures
 
     config = _config(hidden)
     params = parameter_counts(config)["total"]
@@ -115,13 +115,13 @@ def _table(table: list[dict]) -> dict:
 
 
 def auto_job(out_dir: Path) -> dict:
-    from moedisco.config import TrainConfig
-    from moedisco.estimate import memory_plan, parameter_counts, spec_config
-    from moedisco.layout import JobPaths
-    from moedisco.metrics import read_metrics
-    from moedisco.runner import run_job
-    from moedisco.spec_loading import build_spec
-    from moedisco.split import with_num_experts
+    from moedisco.config.loading import build_spec
+    from moedisco.config.spec import TrainConfig
+    from moedisco.job.layout import JobPaths
+    from moedisco.job.metrics import read_metrics
+    from moedisco.models.architecture import with_num_experts
+    from moedisco.planning.estimate import memory_plan, parameter_counts, spec_config
+    from moedisco.runner.job_runner import run_job
     from tests.conftest import tiny_spec_dict
 
     hidden = 1024

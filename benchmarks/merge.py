@@ -31,7 +31,8 @@ def write_submodels(hidden: int, folder: Path) -> dict:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from moedisco.split import load_submodel, save_weights, unique_state_dict
+    from moedisco.models.architecture import save_weights, unique_state_dict
+    from moedisco.stages.split import load_submodel
 
     torch.manual_seed(0)
     save_weights(AutoModelForCausalLM.from_config(sized_config(hidden, NUM_EXPERTS)), folder / "source")
@@ -46,11 +47,10 @@ def write_submodels(hidden: int, folder: Path) -> dict:
 
 
 def child(payload: dict) -> dict:
+    import torch
     from safetensors.torch import load_file, save_file
 
-    import torch
-
-    from moedisco.merge import centroid_router_rows, merge_submodels, patch_tensors
+    from moedisco.stages.merge import centroid_router_rows, merge_submodels, patch_tensors
 
     folder = Path(payload["folder"])
     generator = torch.Generator().manual_seed(0)

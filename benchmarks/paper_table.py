@@ -34,15 +34,15 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from moedisco.spec_loading import apply_overrides, build_spec  # noqa: E402
-from moedisco.cost import flop_cost_usd, price_row  # noqa: E402
-from moedisco.estimate import DEFAULT_UTILISATION, parameter_counts  # noqa: E402
-from moedisco.layout import JobPaths  # noqa: E402
-from moedisco.metrics import read_metrics  # noqa: E402
-from moedisco.runner import run_job  # noqa: E402
-from moedisco.split import read_config  # noqa: E402
-from moedisco.train import StopRequested, checkpoint_dir  # noqa: E402
-from moedisco.stages import STAGES, tier_of  # noqa: E402
+from moedisco.config.loading import apply_overrides, build_spec  # noqa: E402
+from moedisco.job.layout import JobPaths  # noqa: E402
+from moedisco.job.metrics import read_metrics  # noqa: E402
+from moedisco.job.registry import STAGES, tier_of  # noqa: E402
+from moedisco.models.architecture import read_config
+from moedisco.planning.cost import flop_cost_usd, price_row  # noqa: E402
+from moedisco.planning.estimate import DEFAULT_UTILISATION, parameter_counts  # noqa: E402
+from moedisco.runner.job_runner import run_job  # noqa: E402
+from moedisco.training.loop import StopRequested, checkpoint_dir  # noqa: E402
 
 TRAINED_STAGES = tuple(stage.name for stage in STAGES if stage.trained)
 
@@ -154,9 +154,10 @@ def run_variant(spec, target: float | None) -> None:
 
 def model_at(spec, step: int | None) -> Path:
     """A model folder of the run at fine-tune step `step` (None: where it ended), for the downstream tasks."""
-    from moedisco.data import load_tokenizer
-    from moedisco.finetune import load_moe
     from safetensors.torch import load_file
+
+    from moedisco.stages.finetune import load_moe
+    from moedisco.stages.prepare import load_tokenizer
 
     paths = JobPaths(spec.output_dir)
     if spec.method == "full_parameter" or (paths.final / "config.json").is_file():
@@ -174,8 +175,8 @@ def model_at(spec, step: int | None) -> Path:
 
 def downstream(results: dict, specs: dict, args) -> None:
     """Each run's scores on `args.tasks` (lm-eval), at the step where it was stopped."""
-    from moedisco.config import EvaluateConfig
-    from moedisco.downstream import evaluate_model
+    from moedisco.config.spec import EvaluateConfig
+    from moedisco.stages.evaluate import evaluate_model
 
     cfg = EvaluateConfig(tasks=args.tasks, limit=args.eval_limit, datasets_cache=args.datasets_cache)
     for name, run in results.items():

@@ -20,10 +20,10 @@ import torch
 from _common import sized_config
 from transformers import AutoModelForCausalLM
 
-from moedisco.config import TrainConfig
-from moedisco.data import batch_for_step
-from moedisco.metrics import MetricsWriter
-from moedisco.train import TrainContext, train
+from moedisco.config.spec import TrainConfig
+from moedisco.io.token_shards import batch_for_step
+from moedisco.job.metrics import MetricsWriter
+from moedisco.training.loop import TrainContext, train
 
 SEQ_LEN, BATCH = 128, 8
 

@@ -16,7 +16,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from moedisco.spec_loading import INPUT_PATHS, SpecError, apply_overrides, resolve_relative
+from moedisco.config.loading import INPUT_PATHS, SpecError, apply_overrides, resolve_relative
 from moedisco_cli.api_client import ApiError
 
 console = Console()

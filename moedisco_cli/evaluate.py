@@ -15,7 +15,7 @@ import typer
 from pydantic import ValidationError
 from rich.table import Table
 
-from moedisco.config import EvaluateConfig
+from moedisco.config.spec import EvaluateConfig
 from moedisco_cli.common import console
 
 
@@ -48,7 +48,7 @@ def evaluate(model_dir: Annotated[Path, typer.Argument(help="Hugging Face model 
              task_dir: Annotated[list[Path] | None, typer.Option(help="Extra lm-eval task YAML folder.")] = None,
              as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Score a model (and a baseline) on downstream tasks with lm-evaluation-harness; nothing is downloaded."""
-    from moedisco.downstream import MissingTaskData, evaluate_models
+    from moedisco.stages.evaluate import MissingTaskData, evaluate_models
 
     try:
         shots = {task: int(n) for task, _, n in (item.partition("=") for item in num_fewshot or [])}

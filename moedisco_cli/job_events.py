@@ -13,7 +13,15 @@ from collections.abc import Callable
 
 from rich.console import Console
 
-from moedisco.events import Event, ExpertState, JobCancelledEvent, Progress, StageFinished, StageSkipped, StageStarted
+from moedisco.job.events import (
+    Event,
+    ExpertState,
+    JobCancelledEvent,
+    Progress,
+    StageFinished,
+    StageSkipped,
+    StageStarted,
+)
 
 
 class ConsoleProgress:

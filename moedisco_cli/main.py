@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from moedisco.spec_loading import SpecError, load_spec
+from moedisco.config.loading import SpecError, load_spec
 from moedisco_cli import cluster, demo, evaluate, jobs, serve, users
 from moedisco_cli.common import SetOpt, console, print_cost
 from moedisco_cli.job_events import ConsoleProgress
@@ -42,7 +42,7 @@ def run(spec: SpecArg, set_: SetOpt = None,
     """Run a job; re-running on the same output_dir resumes it."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     job = _load(spec, set_)
-    from moedisco.estimate import resolve_memory
+    from moedisco.planning.estimate import resolve_memory
 
     try:
         job = resolve_memory(job)  # refused here, before any stage, when a training stage fits no device
@@ -54,8 +54,8 @@ def run(spec: SpecArg, set_: SetOpt = None,
 
         summary = run_job_on_ray(job, address=address, events=None if quiet else ConsoleProgress())
     elif runner == "local":
-        from moedisco.runner import run_job
-        from moedisco.train import Preempted
+        from moedisco.runner.job_runner import run_job
+        from moedisco.training.loop import Preempted
 
         try:  # Training steps are tqdm bars here; the events say when stages start, end or are skipped.
             summary = run_job(job, events=ConsoleProgress(steps=False), progress=not quiet)
@@ -73,7 +73,7 @@ def run(spec: SpecArg, set_: SetOpt = None,
 def estimate(spec: SpecArg, set_: SetOpt = None,
              as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Parameter counts, memory plan per tier and cost estimate, without training."""
-    from moedisco.estimate import estimate_job, render_estimate
+    from moedisco.planning.estimate import estimate_job, render_estimate
 
     result = estimate_job(_load(spec, set_))
     if as_json:

@@ -4,7 +4,7 @@
     from ray_cluster.orchestrate import run_job_on_ray
 
     address = start_local_cluster(num_cheap=2)          # head + 2 `gpu_type=4090` nodes + 1 `gpu_type=A100` node
-    summary = run_job_on_ray(spec, address=address)     # the same summary as moedisco.runner.run_job
+    summary = run_job_on_ray(spec, address=address)     # the same summary as moedisco.runner.job_runner.run_job
     stop_local_cluster()
 
 Modules: `cluster` (the simulated labelled cluster), `placement` (tiers, labels, storage folders), `data` (Ray Data

@@ -32,6 +32,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from moedisco.io.atomic import write_atomically
+
 STATE_FILE = Path(os.environ.get("MOEDISCO_CLUSTER_STATE", Path.home() / ".cache" / "moedisco" / "local_cluster.json"))
 DASHBOARD_PORT = 8265
 START_TIMEOUT_S = 120.0
@@ -252,9 +254,7 @@ def _keep(spec: LocalClusterSpec) -> None:
     signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
     state = {"address": cluster.address, "pid": os.getpid(), "dashboard": f"http://{cluster.webui_url}",
              "spec": asdict(spec)}
-    tmp = STATE_FILE.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(STATE_FILE)
+    write_atomically(STATE_FILE, json.dumps(state, indent=2))
     while not stop["now"]:
         time.sleep(0.5)
     cluster.shutdown()

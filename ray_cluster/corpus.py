@@ -7,7 +7,7 @@
    them in order), a Ray Data task per file streams it through the local runner's readers into two JSON-lines
    parts on storage (`split_on_ray_data`), and the parts are joined in file order into OUTPUT/data/{train,
    eval}.jsonl: the files the local runner writes, byte for byte. A single file is read by one task, as the local
-   runner reads it (`moedisco.corpus.split_and_tokenizer`). The join, or that one reader, and the tokenizer on its
+   runner reads it (`moedisco.stages.prepare.split_and_tokenizer`). The join, or that one reader, and the tokenizer on its
    bounded sample (the first train documents) run in one task of one CPU, on any node, as the whole stage ran
    before; the stage's own task only coordinates.
 2. OUTPUT/data/train.jsonl is streamed into Parquet shards of `ROWS_PER_SHARD` documents with an explicit `doc_id`
@@ -16,8 +16,8 @@
 3. The shards are tokenized by a pool of actors on the cheap tier (`TokenizeBatches`: the job's Rust tokenizer,
    given as its JSON so no node reads OUTPUT), each reading its own shards from storage (`shard_dataset`: Ray
    Data moves their locations, not their texts), with Ray Data keeping the shards' order; the stage's process
-   appends each batch's ids to the train token shard (`moedisco.shards.ShardWriter`) as it arrives, so neither
-   the texts nor the tokens are ever held whole. The ids are the local runner's (`moedisco.corpus.write_tokens`),
+   appends each batch's ids to the train token shard (`moedisco.io.token_shards.ShardWriter`) as it arrives, so neither
+   the texts nor the tokens are ever held whole. The ids are the local runner's (`moedisco.stages.prepare.write_tokens`),
    document for document.
 A split of at most one shard is tokenized in that one-CPU task, and not indexed (Ray Data's start-up would cost
 more; the embed stage indexes it when it needs it), and the held-out split always is (a twentieth of the corpus by
@@ -42,12 +42,13 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from moedisco.config import JobSpec, TierConfig
-from moedisco.storage import filesystem, is_uri, join, list_files, make_dir, open_input, remove_tree
+from moedisco.config.resources import TierConfig
+from moedisco.config.spec import JobSpec
+from moedisco.io.storage import filesystem, is_uri, join, list_files, make_dir, open_input, remove_tree
 from ray_cluster.placement import job_storage, node_cpus, prepare_worker, task_options
 
 if TYPE_CHECKING:
-    from moedisco.layout import JobPaths
+    from moedisco.job.layout import JobPaths
 
 log = logging.getLogger(__name__)
 
@@ -97,18 +98,19 @@ def _split_files(batch: dict, spec: JobSpec, parts: str) -> dict:
     """Ray Data task: each input file's documents, hash-split into two JSON-lines parts under `parts`, read with
     the local runner's readers. A malformed line (`on_error: raise`) comes back as the row's `error`, naming its
     file and line: an exception would reach the driver as Ray's, its message buried in a traceback."""
-    from moedisco import data
-    from moedisco.corpus import write_sides
+    from moedisco.stages.prepare import write_sides
+
+    from moedisco.io import documents
 
     cfg, rows = spec.data, []
     for index, file in zip(batch["index"].tolist(), batch["file"].tolist()):
-        report, counts, error, handles = data.ReadReport(), {"train": 0, "eval": 0}, "", {}
+        report, counts, error, handles = documents.ReadReport(), {"train": 0, "eval": 0}, "", {}
         try:
             for name in counts:
                 handles[name] = _text_output(join(parts, f"{index:06d}.{name}.jsonl"))
-            texts = data.read_file(file, cfg.format, cfg.text_field, cfg.on_error == "skip", report)
+            texts = documents.read_file(file, cfg.format, cfg.text_field, cfg.on_error == "skip", report)
             write_sides(spec, (text for text in texts if text.strip()), handles, counts)
-        except data.DataError as failed:  # names its file (and line) already
+        except documents.DataError as failed:  # names its file (and line) already
             error = str(failed)
         except (OSError, ValueError) as failed:  # a part that cannot be written, a Parquet file that is not one
             error = f"{file}: {failed}"
@@ -122,7 +124,7 @@ def _split_files(batch: dict, spec: JobSpec, parts: str) -> dict:
 def split_parts(spec: JobSpec, files: list) -> list[dict]:
     """The Ray Data half of the split of a corpus of several files: a task per file writes its two parts under
     STORAGE/<job>/split/; returns each file's counts, in file order, or raises the first file's error."""
-    from moedisco.data import DataError
+    from moedisco.io.documents import DataError
 
     parts = fresh(join(job_storage(spec), "split"))
     items = [{"index": index, "file": str(file)} for index, file in enumerate(files)]
@@ -138,8 +140,8 @@ def split_parts(spec: JobSpec, files: list) -> list[dict]:
 
 def join_split(spec: JobSpec, paths: JobPaths, rows: list[dict]) -> dict:
     """The other half, in one process: the parts joined in file order into data/{train,eval}.jsonl, the very files
-    one reader writes, and `moedisco.corpus.finish_split` (`data.eval`, the checks, the summary)."""
-    from moedisco.corpus import finish_split, split_partials
+    one reader writes, and `moedisco.stages.prepare.finish_split` (`data.eval`, the checks, the summary)."""
+    from moedisco.stages.prepare import finish_split, split_partials
 
     parts = join(job_storage(spec), "split")
     counts = {name: sum(int(row[name]) for row in rows) for name in ("train", "eval")}
@@ -162,7 +164,7 @@ def join_split(spec: JobSpec, paths: JobPaths, rows: list[dict]) -> dict:
 
 
 def split_on_ray_data(spec: JobSpec, paths: JobPaths, files: list) -> dict:
-    """`moedisco.corpus`'s split of a corpus of several files, a task per file; returns the split's summary."""
+    """`moedisco.stages.corpus`'s split of a corpus of several files, a task per file; returns the split's summary."""
     return join_split(spec, paths, split_parts(spec, files))
 
 
@@ -200,7 +202,7 @@ def index_corpus(train_jsonl: Path, out_dir: Path | str, rows_per_shard: int = R
     out_dir = fresh(out_dir)
     num_docs = 0
     with train_jsonl.open() as handle:
-        lines = (line for line in handle if line.strip())  # as moedisco.corpus.iter_texts reads it
+        lines = (line for line in handle if line.strip())  # as moedisco.io.documents.iter_texts reads it
         while chunk := list(itertools.islice(lines, rows_per_shard)):
             texts = [json.loads(line)["text"] for line in chunk]
             doc_ids = np.arange(num_docs, num_docs + len(texts))
@@ -260,7 +262,7 @@ class TokenizeBatches:
         self.encoder, self.eos = Tokenizer.from_str(tokenizer_json), eos
 
     def __call__(self, batch: dict) -> pa.Table:
-        from moedisco.shards import flat_ids
+        from moedisco.io.token_shards import flat_ids
 
         table = pa.concat_tables([read_shard(location) for location in batch["shard"]])
         encodings = self.encoder.encode_batch_fast(table["text"].to_pylist(), add_special_tokens=False)
@@ -270,7 +272,7 @@ class TokenizeBatches:
 
 
 def _tokenized(spec: JobSpec, corpus: str, tokenizer, num_docs: int, num_cheap_nodes: int) -> ray.data.Dataset:
-    from moedisco.corpus import fast_encoder
+    from moedisco.stages.prepare import fast_encoder
 
     tier = spec.resources.submodel_tier
     kwargs = {"tokenizer_json": fast_encoder(tokenizer).to_str(), "eos": tokenizer.eos_token_id, "tier": tier}
@@ -281,7 +283,7 @@ def _tokenized(spec: JobSpec, corpus: str, tokenizer, num_docs: int, num_cheap_n
 def tokenize_on_ray_data(spec: JobSpec, corpus: str, tokenizer, folder: Path, num_docs: int,
                          num_cheap_nodes: int) -> None:
     """The token shard `folder` of the corpus shards under `corpus`, tokenized by an actor pool, in doc_id order."""
-    from moedisco.shards import ShardWriter
+    from moedisco.io.token_shards import ShardWriter
 
     options = ray.data.DataContext.get_current().execution_options
     kept, options.preserve_order = options.preserve_order, True  # this process may run other stages later
@@ -306,8 +308,10 @@ def _sequential(spec: JobSpec, paths: JobPaths, rows_per_shard: int, parts: list
     """Prepare's one-process work, in a task of one CPU: the split (joining `parts`, else one reader), the
     tokenizer, the held-out tokens, and either a small train split's tokens or the index of a larger one, which
     the actors tokenize next. Returns the split's summary and the documents left to tokenize (0: none)."""
-    from moedisco.corpus import iter_texts, split_and_tokenizer, write_tokens
-    from moedisco.shards import is_complete
+    from moedisco.io.documents import iter_texts
+    from moedisco.stages.prepare import split_and_tokenizer, write_tokens
+
+    from moedisco.io.token_shards import is_complete
 
     parallel_tokenizer()  # the local cluster turns the tokenizer's threads off in every worker
     if parts is not None:
@@ -324,12 +328,14 @@ def _sequential(spec: JobSpec, paths: JobPaths, rows_per_shard: int, parts: list
 
 
 def prepare_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int, rows_per_shard: int = ROWS_PER_SHARD) -> dict:
-    """`moedisco.corpus.stage_prepare`'s outputs and summary, the split of several files and the train split's
+    """`moedisco.stages.prepare.stage_prepare`'s outputs and summary, the split of several files and the train split's
     tokens on Ray Data. This task coordinates (no CPU of its own, as the embed and cluster stages): the work of one
     process runs in a task of one CPU (`_sequential`) that has ended before the tokenizing actors ask for theirs."""
-    from moedisco.corpus import prepared
-    from moedisco.data import corpus_files, load_tokenizer
-    from moedisco.shards import TokenShard
+    from moedisco.stages.prepare import prepared
+
+    from moedisco.io.documents import corpus_files
+    from moedisco.io.token_shards import TokenShard
+    from moedisco.stages.prepare import load_tokenizer
 
     quiet_data_context()
     started, parts = time.perf_counter(), None

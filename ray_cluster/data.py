@@ -7,12 +7,12 @@
    prepare stage has run already when it tokenized on Ray Data), so document order, and therefore every later
    index into the cluster assignments, matches the local runner.
 2. `embed_stage` embeds the documents k-means is fitted on: every one when there are at most `max_fit_documents`,
-   else the local runner's seeded sample (`moedisco.cluster.fit_sample`). `map_batches` over an
+   else the local runner's seeded sample (`moedisco.stages.cluster.fit_sample`). `map_batches` over an
    `ActorPoolStrategy` pool pinned to the cheap tier embeds them; each actor loads the embedding model once
-   (`moedisco.embed.Embedder`) and reads its own shards from storage, keeping the chosen rows on Arrow (Ray Data
+   (`moedisco.stages.embed.Embedder`) and reads its own shards from storage, keeping the chosen rows on Arrow (Ray Data
    moves the shards' locations, not their texts: `ray_cluster.corpus.shard_dataset`). The rows are written as
    Parquet as they come (at most `max_fit_documents` of them: 150 MB at the default 100k).
-3. `cluster_stage` fits `moedisco.cluster.fit_clusters` on them, in one Ray task on the cheap tier, in corpus order.
+3. `cluster_stage` fits `moedisco.stages.cluster.fit_clusters` on them, in one Ray task on the cheap tier, in corpus order.
    A sample this size gives centroids whose objective on the full corpus is within a few percent of a full fit,
    and keeps the paper's exact algorithm (k-means++ and `n_init` restarts) instead of mini-batch k-means.
 4. When the fit saw every document, its own labels are the clusters (every `cluster.method`). Else every other
@@ -20,7 +20,7 @@
    nearest centroid and distance (`EmbedBatches` with `clusters`): a few bytes a document reach the stage's
    process, which fills the assignments. The sample's own documents go to their nearest centroid too, from the
    fit's vectors. So every document is embedded once, the full corpus's embeddings are never written or held
-   (1.5 GB at 1M documents), and the clusters are the local runner's (`moedisco.cluster.fit_streaming`, the same
+   (1.5 GB at 1M documents), and the clusters are the local runner's (`moedisco.stages.cluster.fit_streaming`, the same
    sample, the same nearest-centroid rule), document for document. The pass saves its rows as they arrive
    (`AssignedParts`, STORAGE/<job>/assigned/), and a re-run after an interruption embeds only the rest.
 No step holds the corpus text, or more embeddings than the fit sample's, in one process.
@@ -33,7 +33,7 @@ What of the streaming data path runs on Ray Data, and what does not:
 - steps 2 and 4, embedding and assignment: Ray Data (actor pool on the cheap tier, streaming);
 - step 3, the k-means fit: one Ray task on the sample;
 - the per-cluster token shards training reads: not Ray Data; each submodel trainer copies its own cluster's rows
-  from the train token shard, by the saved assignments (`moedisco.corpus.cluster_shard`), on its own node.
+  from the train token shard, by the saved assignments (`moedisco.stages.cluster.cluster_shard`), on its own node.
 Each embedding actor freezes the objects its imports and model leave (`gc.freeze`), so the `gc.collect` Ray runs
 in every worker when the object store fills no longer holds the GIL for 0.3 s a time, and runs the Rust tokenizer
 on its node's CPUs (`parallel_tokenizer`).
@@ -65,16 +65,28 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from moedisco import cluster
-from moedisco.config import EmbedConfig, JobSpec, TierConfig
-from moedisco.metrics import MetricsWriter
-from moedisco.storage import join, remove_tree
-from ray_cluster.corpus import (PARQUET_ARGS, ROWS_PER_SHARD, fresh, fs_path, index_corpus, indexed,
-                                parallel_tokenizer, quiet_data_context, read_shard, shard_ranges, through_actors)
+from moedisco.config.resources import TierConfig
+from moedisco.config.spec import EmbedConfig, JobSpec
+from moedisco.io.storage import join, remove_tree
+from moedisco.job.metrics import MetricsWriter
+from moedisco.stages import cluster
+from ray_cluster.corpus import (
+    PARQUET_ARGS,
+    ROWS_PER_SHARD,
+    fresh,
+    fs_path,
+    index_corpus,
+    indexed,
+    parallel_tokenizer,
+    quiet_data_context,
+    read_shard,
+    shard_ranges,
+    through_actors,
+)
 from ray_cluster.placement import job_storage, label_selector, prepare_worker, task_options, tier_simulated
 
 if TYPE_CHECKING:
-    from moedisco.layout import JobPaths
+    from moedisco.job.layout import JobPaths
 
 MAX_FIT_DOCUMENTS = cluster.MAX_FIT_DOCUMENTS  # one bound for both runners
 
@@ -89,7 +101,7 @@ class EmbedBatches:
 
     def __init__(self, cfg: EmbedConfig, tier: TierConfig, keep_ref: ray.ObjectRef,
                  clusters: cluster.ClusterResult | None = None):
-        from moedisco.embed import Embedder  # transformers: only the embedding actors need it
+        from moedisco.stages.embed import Embedder  # transformers: only the embedding actors need it
 
         prepare_worker(tier)
         parallel_tokenizer()
@@ -151,7 +163,7 @@ def _device(spec: JobSpec) -> str:
 def embed_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int, max_fit_documents: int = MAX_FIT_DOCUMENTS,
                 rows_per_shard: int = ROWS_PER_SHARD) -> dict:
     """Index the train split, and embed the documents k-means will be fitted on (every one, up to
-    `max_fit_documents`; else the local runner's sample, `moedisco.cluster.fit_sample`) into
+    `max_fit_documents`; else the local runner's sample, `moedisco.stages.cluster.fit_sample`) into
     STORAGE/<job>/embeddings/. The rest are embedded by `cluster_stage`, once, on their way to a cluster."""
     quiet_data_context()
     started = time.perf_counter()
@@ -187,7 +199,7 @@ def read_embeddings(embeddings_dir: Path | str) -> tuple[np.ndarray, np.ndarray]
 
 def fit_on_embeddings(spec: JobSpec, embeddings_dir: Path | str) -> tuple[cluster.ClusterResult, dict]:
     """The spec's clustering fitted on the embedded documents, and each of them by nearest centroid (what a
-    sampled fit gives the documents it saw, as in `moedisco.cluster.fit_streaming`)."""
+    sampled fit gives the documents it saw, as in `moedisco.stages.cluster.fit_streaming`)."""
     doc_ids, vectors_ND = read_embeddings(embeddings_dir)
     result = cluster.fit_clusters(vectors_ND, spec.cluster, spec.model.num_experts, spec.seed)
     return result, assign_batch(doc_ids, vectors_ND, result)
@@ -285,8 +297,8 @@ def _clustered(spec: JobSpec, paths: JobPaths, result: cluster.ClusterResult, as
     full = cluster.ClusterResult(assignments, result.centroids, inertia, result.normalize, result.method)
     if min(full.sizes) == 0:
         raise ValueError("clustering left an expert with no documents; try cluster.method=balanced_kmeans")
-    from moedisco.corpus import save_clusters
-    from moedisco.pipeline import eval_assignments
+    from moedisco.stages.cluster import save_clusters
+    from moedisco.stages.cluster import eval_assignments
 
     save_clusters(spec, paths, full)
     # Submodels look up the held-out documents' clusters in a cache next to the clusters that the first of them

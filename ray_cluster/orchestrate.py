@@ -3,8 +3,8 @@
     summary = run_job_on_ray(load_spec("examples/tiny.yaml"))                    # fresh local simulated cluster
     summary = run_job_on_ray(spec, address="10.0.0.5:6379", events=store.add, should_stop=job.cancelled)
 
-The runner keeps the books (markers, budget, events, cost ledger; `moedisco.runner`); the executor only decides
-where and how each task of the plan (`moedisco.stages.plan`) runs:
+The runner keeps the books (markers, budget, events, cost ledger; `moedisco.runner.job_runner`); the executor only decides
+where and how each task of the plan (`moedisco.job.registry.plan`) runs:
 
 | stage             | where it runs                                                                     |
 | set-up stages     | prepare: a corpus of several files split a Ray Data task per file, the train     |
@@ -40,15 +40,25 @@ from collections.abc import Callable, Iterator
 
 import ray
 
-from moedisco.config import JobSpec
-from moedisco.events import Events
-from moedisco.runner import BudgetLeft, JobCancelled, JobContext, JobRunner, Started
-from moedisco.stages import STAGE, Task
-from moedisco.storage import join, remove_tree
+from moedisco.config.spec import JobSpec
+from moedisco.io.storage import join, remove_tree
+from moedisco.job.events import Events
+from moedisco.job.registry import STAGE, Task
+from moedisco.runner.job_runner import BudgetLeft, JobCancelled, JobContext, JobRunner, Started
 from ray_cluster import corpus, data, prestart
 from ray_cluster.cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster
-from ray_cluster.placement import (TierUnreachable, check_output_dir, check_tiers_reachable, on_driver_node,
-                                   run_name, run_stage_on_tier, storage_root, task_options, tier_nodes, tier_of)
+from ray_cluster.placement import (
+    TierUnreachable,
+    check_output_dir,
+    check_tiers_reachable,
+    on_driver_node,
+    run_name,
+    run_stage_on_tier,
+    storage_root,
+    task_options,
+    tier_nodes,
+    tier_of,
+)
 from ray_cluster.tracking import Tracker
 from ray_cluster.trainers import build_trainer
 
@@ -56,7 +66,7 @@ log = logging.getLogger(__name__)
 
 
 class RayExecutor:
-    """Places each task of a job on its tier of a Ray cluster (the `moedisco.runner.Executor` interface)."""
+    """Places each task of a job on its tier of a Ray cluster (the `moedisco.runner.job_runner.Executor` interface)."""
 
     shards = True  # a trainer with several workers shards its model over them (FSDP2)
 

@@ -21,11 +21,13 @@ from pathlib import Path
 
 import ray
 
-from moedisco import stages
-from moedisco.config import JobSpec, TierConfig
-from moedisco.layout import JobPaths
-from moedisco.storage import is_uri, join
-from moedisco.stage_run import StageRun, run_stage
+from moedisco.config.resources import TierConfig
+from moedisco.config.spec import JobSpec
+from moedisco.io.storage import is_uri, join
+from moedisco.job import registry
+from moedisco.job.layout import JobPaths
+from moedisco.runner.execute import run_stage
+from moedisco.stages.stage_run import StageRun
 from ray_cluster.cluster import CONTROL_PLANE_LABEL, SIMULATED_LABEL, describe_nodes, nodes_with_label
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,7 @@ log = logging.getLogger(__name__)
 
 def storage_root(spec: JobSpec) -> Path | str:
     """`resources.storage_path`, else the job folder (for an `output_dir` on object storage, its local staging
-    folder, `moedisco.layout.JobPaths`); an object-storage `storage_path` is its URI, which Ray Train and Ray Data
+    folder, `moedisco.job.layout.JobPaths`); an object-storage `storage_path` is its URI, which Ray Train and Ray Data
     read and write themselves."""
     if is_uri(spec.resources.storage_path):
         return spec.resources.storage_path
@@ -41,7 +43,7 @@ def storage_root(spec: JobSpec) -> Path | str:
 
 
 def check_output_dir(spec: JobSpec, node_addresses: list[str], driver_address: str) -> None:
-    """An `output_dir` on object storage is worked on in a local staging folder (`moedisco.storage`), which each
+    """An `output_dir` on object storage is worked on in a local staging folder (`moedisco.io.storage`), which each
     Ray worker finds on its own machine: on a cluster of several machines the job's files would be split between
     their disks. So it needs every node on the driver's machine (a local simulated cluster); a real cluster writes
     its job folder to storage every node shares."""
@@ -82,7 +84,7 @@ def run_name(spec: JobSpec, stage: str, expert: int | None, round_index: int | N
 
 def tier_of(spec: JobSpec, stage: str) -> TierConfig:
     """The tier a stage is placed on: its declared one; free set-up work goes to the cheap tier."""
-    return stages.tier_of(spec.resources, stage) or spec.resources.submodel_tier
+    return registry.tier_of(spec.resources, stage) or spec.resources.submodel_tier
 
 
 def label_selector(spec: JobSpec, tier: TierConfig) -> dict[str, str]:
@@ -143,7 +145,7 @@ def node_cpus() -> int:
 
 
 def run_stage_on_tier(run: StageRun, tier: TierConfig) -> dict:
-    """`moedisco.stage_run.run_stage` as a Ray task on `tier` (sync, merge)."""
+    """`moedisco.runner.execute.run_stage` as a Ray task on `tier` (sync, merge)."""
     prepare_worker(tier)
     return run_stage(run)
 
@@ -168,7 +170,7 @@ def autoscaler_present(spec: JobSpec) -> bool:
 def check_tiers_reachable(spec: JobSpec) -> None:
     """Raise `TierUnreachable` naming the first label of the job's tiers that no alive node carries, unless an
     autoscaler may still add such a node (then the job's pending requests are what asks it to)."""
-    labels = dict.fromkeys(tier_of(spec, task.stage).label for group in stages.plan(spec) for task in group)
+    labels = dict.fromkeys(tier_of(spec, task.stage).label for group in registry.plan(spec) for task in group)
     offered = {node["labels"].get(spec.resources.label_key) for node in describe_nodes()}
     missing = [label for label in labels if label not in offered]
     if missing and not autoscaler_present(spec):

@@ -24,9 +24,10 @@ from typing import Any
 
 import ray
 
-from moedisco.config import JobSpec, TierConfig
-from moedisco.layout import JobPaths, is_done
-from moedisco.stages import STAGES
+from moedisco.config.resources import TierConfig
+from moedisco.config.spec import JobSpec
+from moedisco.job.layout import JobPaths, is_done
+from moedisco.job.registry import STAGES
 from ray_cluster.placement import on_driver_node, prepare_worker, task_options
 
 MAX_CONCURRENT_TRAINERS = 256
@@ -54,13 +55,13 @@ class DataWorker:
 
     def __init__(self, tier: TierConfig):
         prepare_worker(tier)  # before the imports below touch torch
-        from moedisco import pipeline  # noqa: F401  (torch, transformers, scikit-learn: once, here)
+        from moedisco.runner import execute  # noqa: F401  (torch, transformers, scikit-learn: once, here)
 
         self.embedder = None
 
     def run(self, run) -> dict:
-        """A set-up stage as it is (`moedisco.stage_run.StageRun`)."""
-        from moedisco.stage_run import run_stage
+        """A set-up stage as it is (`moedisco.stages.stage_run.StageRun`)."""
+        from moedisco.runner.execute import run_stage
 
         return run_stage(run)
 
@@ -69,7 +70,7 @@ class DataWorker:
         from ray_cluster.data import embed_in_process
 
         if self.embedder is None:
-            from moedisco.embed import Embedder
+            from moedisco.stages.embed import Embedder
 
             parallel_tokenizer()
             self.embedder = Embedder(spec.embed)

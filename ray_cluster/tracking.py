@@ -37,12 +37,12 @@ from dataclasses import dataclass
 
 import ray
 
-from moedisco.events import Event, ExpertState, JobCancelledEvent, Progress, WorkerStarted
-from moedisco.runner import JobCancelled
+from moedisco.job.events import Event, ExpertState, JobCancelledEvent, Progress, WorkerStarted
+from moedisco.runner.job_runner import JobCancelled
 from ray_cluster.placement import on_driver_node
 
 log = logging.getLogger(__name__)
-Key = tuple[str, int | None]  # (stage, expert): `moedisco.stages.Task.key`
+Key = tuple[str, int | None]  # (stage, expert): `moedisco.job.registry.Task.key`
 STOP_GRACE_S = 60.0
 RAY_CALL_TIMEOUT_S = 60.0
 ORPHAN_WAIT_S = 10.0  # for the killed launcher's controllers to be marked dead

@@ -28,11 +28,10 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-from moedisco.config import JobSpec
-from moedisco.estimate import stage_devices
-from moedisco.stages import STAGE, Task
-from ray_cluster.placement import (label_selector, run_name, storage_root, tier_of, tier_simulated,
-                                   worker_resources)
+from moedisco.config.spec import JobSpec
+from moedisco.job.registry import STAGE, Task
+from moedisco.planning.estimate import stage_devices
+from ray_cluster.placement import label_selector, run_name, storage_root, tier_of, tier_simulated, worker_resources
 from ray_cluster.worker import train_func
 
 

@@ -2,7 +2,7 @@
 
     TorchTrainer(train_func, train_loop_config={"spec": spec, "task": Task("submodel", 2), "events": queue}, ...)
 
-The stage is moedisco's own (`moedisco.stage_run.run_stage` of the task, e.g. `pipeline.stage_submodel`); this module
+The stage is moedisco's own (`moedisco.runner.execute.run_stage` of the task, e.g. `pipeline.stage_submodel`); this module
 only connects it to Ray Train through `TrainHooks`:
 - every checkpoint moedisco writes is reported with `ray.train.report(..., checkpoint=...)`, and a restarted worker
   first puts the latest reported checkpoint back into the run folder, so `train` resumes from it;
@@ -12,8 +12,8 @@ only connects it to Ray Train through `TrainHooks`:
   Ray marks a node draining when the cloud or KubeRay gives it up, and `ray start` does when its pod gets
   SIGTERM); if so the loop checkpoints that step, the checkpoint is reported, and the worker returns
   `{"preempted": True}`, so the driver starts only this trainer again, from that step, counting a preemption
-  instead of one of `max_failures` (`moedisco.preemption`);
-- with several workers the model is sharded over them (FSDP2, `moedisco.sharding`).
+  instead of one of `max_failures` (`moedisco.training.preemption`);
+- with several workers the model is sharded over them (FSDP2, `moedisco.training.fsdp`).
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ from pathlib import Path
 import ray
 import ray.train
 
-from moedisco.events import WorkerStarted, progress_event
-from moedisco.layout import JobPaths, NotOwner, check_owner
-from moedisco.preemption import PreemptionNotice
-from moedisco.stage_run import StageRun
-from moedisco.storage import is_uri
+from moedisco.io.atomic import writing
+from moedisco.io.storage import is_uri
+from moedisco.job.events import WorkerStarted, progress_event
+from moedisco.job.layout import JobPaths, NotOwner, check_owner
+from moedisco.stages.stage_run import StageRun
+from moedisco.training.preemption import PreemptionNotice
 from ray_cluster.placement import prepare_worker, storage_root, tier_of
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def restore_reported_checkpoint(checkpoint: ray.train.Checkpoint | None, run_dir
     (moedisco's folder was not on Ray's storage) is copied into a `.partial` folder renamed when complete, so an
     interrupted restore never looks like a checkpoint.
     """
-    from moedisco.train import checkpoint_dir, checkpoint_dirs, finished_result
+    from moedisco.training.loop import checkpoint_dir, checkpoint_dirs, finished_result
 
     if checkpoint is None or finished_result(run_dir) is not None:
         return None
@@ -96,17 +97,14 @@ def restore_reported_checkpoint(checkpoint: ray.train.Checkpoint | None, run_dir
         step = json.loads((Path(folder) / "trainer_state.json").read_text())["step"]
         target = checkpoint_dir(run_dir, step)
         if target not in checkpoint_dirs(run_dir):
-            partial = target.with_name(target.name + ".partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            shutil.copytree(folder, partial)
-            shutil.rmtree(target, ignore_errors=True)
-            partial.rename(target)
+            with writing(target) as partial:
+                shutil.copytree(folder, partial)
     return step
 
 
 def resume_step(run_dir: Path) -> int:
     """The step a training run in `run_dir` starts from: its newest checkpoint's, or the end when it finished."""
-    from moedisco.train import checkpoint_dirs, finished_result
+    from moedisco.training.loop import checkpoint_dirs, finished_result
 
     done = finished_result(run_dir)
     if done is not None:
@@ -130,7 +128,7 @@ class RayTrainBridge:
         self.notice = PreemptionNotice()
 
     def hooks(self):
-        from moedisco.train import TrainHooks
+        from moedisco.training.loop import TrainHooks
 
         return TrainHooks(on_progress=self.on_progress, on_checkpoint=self.on_checkpoint,
                           should_stop=self.at_checkpoint_boundary, wrap_model=self.wrap_model,
@@ -197,11 +195,11 @@ class RayTrainBridge:
         return stop[0]
 
     def wrap_model(self, model):
-        """Several workers shard the model with FSDP2 (`moedisco.sharding`): each holds 1/world of its weights,
+        """Several workers shard the model with FSDP2 (`moedisco.training.fsdp`): each holds 1/world of its weights,
         gradients and optimizer state, so a submodel too big for one card trains over several."""
         if self.world_size == 1:
             return model
-        from moedisco.sharding import shard_model
+        from moedisco.training.fsdp import shard_model
 
         return shard_model(model)
 
@@ -235,9 +233,9 @@ def train_func(config: dict) -> dict:
 
         select_worker_gpu()
         torch.distributed.barrier()  # no rank may read the run folder before rank 0 has restored it
-    from moedisco.metrics import MetricsWriter
-    from moedisco.stage_run import run_stage
-    from moedisco.train import Preempted, StopRequested
+    from moedisco.job.metrics import MetricsWriter
+    from moedisco.runner.execute import run_stage
+    from moedisco.training.loop import Preempted, StopRequested
 
     try:
         summary = run_stage(StageRun(spec, paths, MetricsWriter(paths.metrics), task, bridge.hooks(), progress=False))

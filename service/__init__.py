@@ -26,5 +26,5 @@ Layout (after full-stack-fastapi-template's backend):
 Its clients live a layer up, in `moedisco_cli/`: the commands (`serve`, `submit`, `jobs`, ...) and the API client;
 test helpers (a live server, the service as a subprocess) are in `tests/helpers.py`.
 
-The service holds no training logic: it calls `moedisco.runner.run_job` or `ray_cluster.orchestrate.run_job_on_ray`.
+The service holds no training logic: it calls `moedisco.runner.job_runner.run_job` or `ray_cluster.orchestrate.run_job_on_ray`.
 """

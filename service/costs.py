@@ -20,9 +20,9 @@ from datetime import datetime
 
 from pydantic import ValidationError
 
-from moedisco.config import ResourcesConfig
-from moedisco.cost import CostRow, price_row
-from moedisco.stages import STAGE_NAMES, pipeline_order, tier_of
+from moedisco.config.resources import ResourcesConfig
+from moedisco.job.registry import STAGE_NAMES, pipeline_order, tier_of
+from moedisco.planning.cost import CostRow, price_row
 from service.models import JobRow, StageRow, stage_key, utcnow
 from service.schemas import BaselinePublic, CostPublic, CostRowPublic
 from service.store import Store
@@ -33,7 +33,7 @@ def _public(row: CostRow, final: bool) -> CostRowPublic:
 
 
 def _live_row(stage: StageRow, resources: ResourcesConfig, now: datetime) -> CostRowPublic | None:
-    """A running stage's wall time so far at its tier's price (`moedisco.cost.price_row`, as the ledger does)."""
+    """A running stage's wall time so far at its tier's price (`moedisco.planning.cost.price_row`, as the ledger does)."""
     tier = tier_of(resources, stage.stage) if stage.stage in STAGE_NAMES else None
     if tier is None or stage.started_at is None:
         return None

@@ -7,7 +7,7 @@ The actor talks to the store directly, not to the API, so a job keeps running an
 process (a Serve replica, a uvicorn process) is restarted. Re-running a job on its output_dir resumes it: finished
 stages are skipped and an interrupted training stage continues from its last checkpoint, which is what makes
 relaunching a lost runner safe. Two runners never work on one job: each holds the job's lease in the store
-(`Lease`), and the job folder's owner file fences off one that was taken for dead (`moedisco.runner.NotOwner`).
+(`Lease`), and the job folder's owner file fences off one that was taken for dead (`moedisco.job.layout.NotOwner`).
 """
 
 from __future__ import annotations
@@ -19,17 +19,17 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from moedisco.config import JobSpec
-from moedisco.spec_loading import SpecError, build_spec, upgrade_saved_spec
-from moedisco.events import Events
-from moedisco.layout import NotOwner
+from moedisco.config.loading import SpecError, build_spec, upgrade_saved_spec
+from moedisco.config.spec import JobSpec
+from moedisco.job.events import Events
+from moedisco.job.layout import NotOwner
 from service.models import utcnow
 from service.recorder import EventRecorder
 from service.store import Store
 from service.users import Users
 
 if TYPE_CHECKING:
-    from moedisco.runner import BudgetLeft  # the runner (torch) is imported only where a job runs
+    from moedisco.runner.job_runner import BudgetLeft  # the runner (torch) is imported only where a job runs
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ ShouldStop = Callable[[], bool]
 
 def _run_local(spec: JobSpec, events: Events, should_stop: ShouldStop, owner: str,
                budget_left: BudgetLeft | None = None) -> dict:
-    from moedisco.runner import run_job
+    from moedisco.runner.job_runner import run_job
 
     return run_job(spec, events=events, progress=False, should_stop=should_stop, owner=owner,
                    budget_left=budget_left)
@@ -68,7 +68,7 @@ def prestart_ray_helpers(spec: JobSpec) -> None:
 def record_estimate(store: Store, job_id: str, spec: JobSpec) -> None:
     """The FLOP-model estimate (with its full-parameter baseline), computed here so the API never loads models."""
     try:
-        from moedisco.estimate import estimate_job
+        from moedisco.planning.estimate import estimate_job
 
         store.set_estimate(job_id, estimate_job(spec)["cost"])
     except Exception as error:  # an estimate is a nicety; the job runs without it
@@ -78,7 +78,7 @@ def record_estimate(store: Store, job_id: str, spec: JobSpec) -> None:
 class Lease:
     """This runner's lease on a job in the store, renewed from a thread every third of `ttl_s` while the job runs,
     so that a dispatcher (of this cluster, or of the next one during an upgrade) relaunches the job only once
-    nobody has renewed it for `ttl_s`. The runner's id is also the job folder's owner (`moedisco.layout.claim`):
+    nobody has renewed it for `ttl_s`. The runner's id is also the job folder's owner (`moedisco.job.layout.claim`):
     a runner taken for dead that wakes up finds another owner there and stops before it writes."""
 
     def __init__(self, store: Store, job_id: str, ttl_s: float):
@@ -170,8 +170,8 @@ def run_to_outcome(spec: JobSpec, runner: str, events: Events, should_stop: Shou
     what its owner may still spend this month (`service.users.Users.budget_left`), asked before every stage.
     `before()` runs first (the lease's last renewal before the runner claims the job folder: a runner that was
     taken for dead while it prepared must not claim it back)."""
-    from moedisco.runner import BudgetExceeded
-    from moedisco.train import StopRequested
+    from moedisco.runner.job_runner import BudgetExceeded
+    from moedisco.training.loop import StopRequested
 
     try:
         before()

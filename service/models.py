@@ -148,7 +148,7 @@ class EventRow(Base):
 
 
 class StoredCost(_PerStage, Base):
-    """A `moedisco.cost.CostRow` as stored (its columns are that row's fields, less the per-round seconds)."""
+    """A `moedisco.planning.cost.CostRow` as stored (its columns are that row's fields, less the per-round seconds)."""
 
     __tablename__ = "moedisco_costs"
 

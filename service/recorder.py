@@ -15,9 +15,9 @@ import logging
 import threading
 from pathlib import Path
 
-from moedisco.cost import CostRow
-from moedisco.events import Event, ExpertState, Progress, StageFinished, StageSkipped, StageStarted, parse_event
-from moedisco.layout import JobPaths
+from moedisco.job.events import Event, ExpertState, Progress, StageFinished, StageSkipped, StageStarted, parse_event
+from moedisco.job.layout import JobPaths
+from moedisco.planning.cost import CostRow
 from service.models import EventRow, JobRow, StageRow, StoredCost, stage_key, utcnow
 from service.store import Store, bump_version, json_safe
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from moedisco.layout import JobPaths
-from moedisco.metrics import read_metrics
-from moedisco.report import dollar_curve, loss_curves, plot_loss_vs_dollars
+from moedisco.job.layout import JobPaths
+from moedisco.job.metrics import read_metrics
+from moedisco.runner.report import dollar_curve, loss_curves, plot_loss_vs_dollars
 from service.models import JobRow, StageRow
 from service.schemas import CostPublic
 

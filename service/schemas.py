@@ -13,8 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from moedisco.config import JobSpec
-from moedisco.cost import CostRow
+from moedisco.config.spec import JobSpec
+from moedisco.planning.cost import CostRow
 
 # Here rather than in models.py so the client (moedisco_cli) knows when a job is over without importing SQLAlchemy.
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -82,7 +82,7 @@ class JobsPublic(BaseModel):
 
 
 class CostRowPublic(CostRow):
-    """A priced stage: the runner's ledger row (`moedisco.cost.CostRow`), and whether it is final."""
+    """A priced stage: the runner's ledger row (`moedisco.planning.cost.CostRow`), and whether it is final."""
 
     final: bool = Field(description="False for a stage still running: its dollars so far, at the tier's price.")
 
@@ -125,7 +125,7 @@ class MetricsPublic(BaseModel):
 
 
 class EvaluationPublic(BaseModel):
-    """OUTPUT/evaluation.json of a job's `evaluate` stage (`moedisco.downstream.evaluate_models`)."""
+    """OUTPUT/evaluation.json of a job's `evaluate` stage (`moedisco.stages.evaluate.evaluate_models`)."""
 
     job_id: str
     tasks: list[str] = Field(description="lm-eval task names, as the spec's `evaluate.tasks`.")

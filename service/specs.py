@@ -11,7 +11,7 @@ Pydantic has already checked types and ranges. On top of that the service:
     inside MOEDISCO_DATA_DIR or MOEDISCO_INPUT_ROOTS, so a token holder cannot read arbitrary server files;
   - refuses NaN/infinity and NUL characters, which JSON responses and PostgreSQL cannot hold;
   - plans each training stage's memory measures (`memory: auto`) and refuses a stage that fits no device of its
-    tier (`moedisco.estimate.resolve_memory`), naming the stage, the device and the shortfall;
+    tier (`moedisco.planning.estimate.resolve_memory`), naming the stage, the device and the shortfall;
   - refuses a model built from the spec whose size is absurd (`model.hidden_size: 1000000000`): a rough upper bound
     of its parameter count, from the widths alone, beyond MOEDISCO_MAX_MODEL_PARAMETERS. Not a memory plan (whether
     a job fits its tiers): a sanity bound that needs no torch in the API.
@@ -26,13 +26,12 @@ from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 
-from moedisco.config import JobSpec, ModelConfig
-from moedisco.stages import STAGE
-from moedisco.spec_loading import INPUT_PATHS
-from moedisco.storage import is_under, is_uri
+from moedisco.config.loading import INPUT_PATHS
+from moedisco.config.spec import JobSpec, ModelConfig
+from moedisco.io.storage import is_under, is_uri
+from moedisco.job.registry import STAGE
 from service.core.config import Settings
 from service.schemas import JobCreate
-
 
 TRAIN_SECTIONS = tuple(dict.fromkeys(stage.train_config for stage in STAGE.values() if stage.trained))
 
@@ -160,7 +159,7 @@ def _plan_memory(spec: JobSpec, job_in: JobCreate, sharded: bool) -> JobSpec:
     stage that fits no device of its tier, the device and the shortfall in GB. Planned for the service's runner
     (`sharded`: Ray, which shards a stage over its tier's devices; the local runner trains on one), as the runner
     plans it again when the job starts."""
-    from moedisco.estimate import MemoryFitError, resolve_memory  # torch: only once the cheap checks passed
+    from moedisco.planning.estimate import MemoryFitError, resolve_memory  # torch: only once the cheap checks passed
 
     # The client's training sections as sent, so that the planner knows which measures the user set.
     sent = spec.model_copy(update={section: getattr(job_in, section) for section in TRAIN_SECTIONS})

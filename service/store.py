@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from moedisco.cost import CostRow
+from moedisco.planning.cost import CostRow
 from service.core.db import init_db, make_engine, session_factory
 from service.models import BOOTSTRAP_ADMIN, EventRow, JobRow, StageRow, StoredCost, utcnow
 from service.schemas import TERMINAL_STATES

@@ -18,11 +18,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import httpx
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerFast
 
+from moedisco.io.documents import DataError
 from moedisco_cli.api_client import ApiClient
 from ray_cluster.cluster import free_port
 
@@ -118,3 +123,47 @@ class ServiceProcess:
 
     def __exit__(self, *exc) -> None:
         self.kill()
+
+
+@dataclass
+class TokenizedCorpus:
+    """All documents' tokens in one flat array; `offsets[i]:offsets[i+1]` are document i's tokens (EOS included)."""
+
+    tokens: np.ndarray
+    offsets: np.ndarray
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.offsets) - 1
+
+    @classmethod
+    def from_texts(cls, texts: list[str], tokenizer: PreTrainedTokenizerFast, batch_size: int = 512) -> TokenizedCorpus:
+        eos = tokenizer.eos_token_id
+        pieces = []
+        for start in range(0, len(texts), batch_size):
+            encoded = tokenizer(texts[start : start + batch_size], add_special_tokens=False)["input_ids"]
+            pieces.extend(ids + [eos] for ids in encoded)
+        lengths = np.array([len(p) for p in pieces], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        tokens = np.fromiter((t for p in pieces for t in p), dtype=np.int32, count=int(offsets[-1]))
+        return cls(tokens=tokens, offsets=offsets)
+
+    def save(self, path: Path) -> None:
+        np.savez(path, tokens=self.tokens, offsets=self.offsets)
+
+    @classmethod
+    def load(cls, path: Path) -> TokenizedCorpus:
+        with np.load(path) as arrays:
+            return cls(tokens=arrays["tokens"], offsets=arrays["offsets"])
+
+    def pack(self, seq_len: int, doc_ids: np.ndarray | None = None) -> torch.Tensor:
+        """Concatenate the chosen documents and cut them into [N, L] sequences (the ragged tail is dropped)."""
+        if doc_ids is None:
+            stream = self.tokens
+        else:
+            stream = np.concatenate([self.tokens[self.offsets[i] : self.offsets[i + 1]] for i in doc_ids] or [[]])
+        num_seqs = len(stream) // seq_len
+        if num_seqs == 0:
+            raise DataError(f"only {len(stream)} tokens: fewer than one sequence of {seq_len}; lower data.sequence_length")
+        seqs_NL = torch.from_numpy(stream[: num_seqs * seq_len].astype(np.int64)).view(num_seqs, seq_len)
+        return seqs_NL

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import normalized_mutual_info_score
 
-from moedisco.cluster import ClusterResult, fit_clusters
-from moedisco.config import ClusterConfig, EmbedConfig
-from moedisco.embed import Embedder
+from moedisco.config.spec import ClusterConfig, EmbedConfig
+from moedisco.stages.cluster import ClusterResult, fit_clusters
+from moedisco.stages.embed import Embedder
 from tests.conftest import CORPUS
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from moedisco.config import JobSpec
-from moedisco.spec_loading import INPUT_PATHS, SpecError, build_spec, load_spec, upgrade_saved_spec
+from moedisco.config.loading import INPUT_PATHS, SpecError, build_spec, load_spec, upgrade_saved_spec
+from moedisco.config.spec import JobSpec
 from moedisco_cli.common import read_spec_file
 from tests.conftest import REPO
 

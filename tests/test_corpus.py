@@ -7,17 +7,20 @@ import json
 import numpy as np
 import pytest
 import torch
+from moedisco.stages.cluster import stage_cluster
+from moedisco.stages.embed import stage_embed
+from moedisco.stages.prepare import stage_prepare, write_tokens
 
-from moedisco import cluster
-from moedisco.config import ClusterConfig, DataConfig, TokenizerConfig
-from moedisco.corpus import stage_cluster, stage_embed, stage_prepare, write_tokens
-from moedisco.data import (DataError, ReadReport, TokenizedCorpus, batch_for_step, is_held_out, iter_documents,
-                           read_documents, train_tokenizer)
-from moedisco.layout import JobPaths
-from moedisco.metrics import MetricsWriter
-from moedisco.shards import SequenceSource, TokenShard
-from moedisco.stage_run import StageRun
-from moedisco.stages import Task
+from moedisco.config.spec import ClusterConfig, DataConfig, TokenizerConfig
+from moedisco.io.documents import DataError, ReadReport, iter_documents, read_documents
+from moedisco.io.token_shards import SequenceSource, TokenShard, batch_for_step
+from moedisco.job.layout import JobPaths
+from moedisco.job.metrics import MetricsWriter
+from moedisco.job.registry import Task
+from moedisco.stages import cluster
+from moedisco.stages.prepare import is_held_out, train_tokenizer
+from moedisco.stages.stage_run import StageRun
+from tests.helpers import TokenizedCorpus
 
 TEXTS = [f"document {i} is about {'cats' if i % 3 else 'stars'} and {'rain' * (i % 5)} at length." for i in range(60)]
 
@@ -111,13 +114,13 @@ def test_interrupted_data_stages_resume_without_redoing_finished_pieces(tiny_spe
     vectors.flush()
     del vectors
     paths.embed_progress.write_text(json.dumps({"rows": rows, "documents": embedded["documents"], "dim": 384}))
-    import moedisco.corpus as corpus_module
+    from moedisco.io import documents
 
-    chunk, corpus_module.CHUNK_DOCUMENTS = corpus_module.CHUNK_DOCUMENTS, rows
+    chunk, documents.CHUNK_DOCUMENTS = documents.CHUNK_DOCUMENTS, rows
     try:
         assert _run(spec, "embed")["resumed_from"] == rows
     finally:
-        corpus_module.CHUNK_DOCUMENTS = chunk
+        documents.CHUNK_DOCUMENTS = chunk
     assert np.allclose(np.load(paths.embeddings), full, atol=1e-6)
     # cluster stopped while writing shard 1: shards 0, 2, 3 are kept, 1 is written again, the fit is not redone
     first = _run(spec, "cluster")
@@ -134,8 +137,8 @@ def test_interrupted_data_stages_resume_without_redoing_finished_pieces(tiny_spe
 
 def test_token_mean_is_the_mean_of_the_wrappers_truncated_ids():
     """The embedder encodes through the Rust tokenizer directly; the vectors are those of the Hugging Face call."""
-    from moedisco.config import EmbedConfig
-    from moedisco.embed import Embedder
+    from moedisco.config.spec import EmbedConfig
+    from moedisco.stages.embed import Embedder
 
     embedder = Embedder(EmbedConfig(max_length=16))
     texts = [*TEXTS[:9], "word " * 40]  # the last one is cut at max_length - 2 tokens
@@ -146,7 +149,7 @@ def test_token_mean_is_the_mean_of_the_wrappers_truncated_ids():
 
 
 def test_row_file_reads_what_the_memory_map_holds(tmp_path):
-    from moedisco.shards import RowFile
+    from moedisco.io.token_shards import RowFile
 
     matrix = np.random.default_rng(0).standard_normal((50, 3)).astype(np.float32)
     np.save(tmp_path / "m.npy", matrix)

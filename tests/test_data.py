@@ -9,9 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from moedisco.config import DataConfig, TokenizerConfig
-from moedisco.data import (DataError, ReadReport, TokenizedCorpus, batch_for_step, read_documents, split_documents,
-                           train_tokenizer)
+from moedisco.config.spec import DataConfig, TokenizerConfig
+from moedisco.io.documents import DataError, ReadReport, read_documents
+from moedisco.io.token_shards import batch_for_step
+from moedisco.stages.prepare import train_tokenizer
+from tests.helpers import TokenizedCorpus
 
 TEXTS = [f"document number {i} talks about {'cats' if i % 2 else 'stars'} at some length." for i in range(40)]
 
@@ -47,11 +49,6 @@ def test_missing_field_and_missing_file(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         read_documents(tmp_path / "nope.jsonl", _cfg(tmp_path))
 
-
-def test_split_is_seeded_and_disjoint():
-    train, held = split_documents(TEXTS, 0.1, seed=3)
-    assert len(held) == 4 and not set(train) & set(held) and sorted(train + held) == sorted(TEXTS)
-    assert split_documents(TEXTS, 0.1, seed=3) == (train, held)
 
 
 def test_tokenizer_pack_and_deterministic_batches():

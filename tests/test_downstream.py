@@ -8,12 +8,12 @@ import shutil
 
 import pytest
 
-from moedisco.config import EvaluateConfig
-from moedisco.downstream import MissingTaskData, evaluate_model
-from moedisco.layout import JobPaths
-from moedisco.runner import run_job
-from moedisco.spec_loading import build_spec
-from moedisco.stages import plan
+from moedisco.config.loading import build_spec
+from moedisco.config.spec import EvaluateConfig
+from moedisco.job.layout import JobPaths
+from moedisco.job.registry import plan
+from moedisco.runner.job_runner import run_job
+from moedisco.stages.evaluate import MissingTaskData, evaluate_model
 from tests.conftest import tiny_spec_dict
 
 LIMIT = 40  # items of next_paragraph scored per model (the whole file is 400): the test's time is in the harness

@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moedisco.evaluate import evaluate_loss
+from moedisco.training.heldout import evaluate_loss
 from tests.conftest import REPO, tiny_hf_config
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-from eval_memory import VOCAB, full_logits_loss  # noqa: E402
 from _common import run_child  # noqa: E402
+from eval_memory import VOCAB, full_logits_loss  # noqa: E402
 
 
 @pytest.mark.parametrize("logits_per_chunk", [97, 97 * 5, 2**24])  # one token, a few, the whole batch per chunk

@@ -8,11 +8,11 @@ import shutil
 
 import pytest
 
-from moedisco.spec_loading import build_spec
-from moedisco.layout import JobPaths, claim, owner_of
-from moedisco.metrics import read_metrics
-from moedisco.runner import NotOwner, run_job
-from moedisco.train import StopRequested, checkpoint_dirs
+from moedisco.config.loading import build_spec
+from moedisco.job.layout import JobPaths, NotOwner, claim, owner_of
+from moedisco.job.metrics import read_metrics
+from moedisco.runner.job_runner import run_job
+from moedisco.training.loop import StopRequested, checkpoint_dirs
 from tests.conftest import tiny_spec_dict
 
 TWO_EXPERTS = {"model": {"num_experts": 2, "num_experts_per_tok": 1}, "branch": {"sync_rounds": 1}}

@@ -369,7 +369,7 @@ def test_rayjob_runs_the_spec_from_its_config_map() -> None:
 
 
 def test_job_spec_and_ray_labels_agree_with_moedisco_config() -> None:
-    config = pytest.importorskip("moedisco.spec_loading")
+    config = pytest.importorskip("moedisco.config.loading")
     spec = config.build_spec(yaml.safe_load(job_spec_text()))
     resources = spec.resources
     for cluster in CLUSTERS:

@@ -1,4 +1,4 @@
-"""The memory measures of `TrainConfig` (moedisco.memory): each gives the same training as plain fp32, or as close
+"""The memory measures of `TrainConfig` (moedisco.training.memory): each gives the same training as plain fp32, or as close
 as its number format allows, and resumes exactly; the peak-memory meter sees an allocation."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from moedisco.config import TrainConfig
-from moedisco.memory import PeakMemory, StoredAdamW, make_optimizer, prepare_model, second_moment
-from moedisco.metrics import MetricsWriter
-from moedisco.train import SECOND_MOMENT_FILE, TrainContext, TrainHooks, _Loop, train
+from moedisco.config.spec import TrainConfig
+from moedisco.job.metrics import MetricsWriter
+from moedisco.training.loop import SECOND_MOMENT_FILE, TrainContext, TrainHooks, _Loop, train
+from moedisco.training.memory import PeakMemory, StoredAdamW, make_optimizer, prepare_model, second_moment
 from tests.conftest import REPO, tiny_hf_config
 
 CPU = torch.device("cpu")
@@ -130,8 +130,8 @@ def test_the_cpu_meter_sees_an_allocation_made_after_it_started():
 FRAGMENTING = """
 from pathlib import Path
 import torch
-from moedisco.config import TrainConfig
-from moedisco.memory import prepare_model
+from moedisco.config.spec import TrainConfig
+from moedisco.training.memory import prepare_model
 from tests.conftest import REPO, tiny_hf_config
 from transformers import AutoModelForCausalLM
 prepare_model(AutoModelForCausalLM.from_config(tiny_hf_config("qwen2_moe")), TrainConfig(), torch.device("cpu"))

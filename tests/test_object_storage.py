@@ -11,11 +11,11 @@ import moto.server as moto_server  # the dev extra: a real S3 API on loopback
 import numpy as np
 import pytest
 
-from moedisco.data import DataError, iter_documents
-from moedisco.config import DataConfig
-from moedisco.layout import JobPaths, is_done
-from moedisco.runner import JobRunner, LocalExecutor
-from moedisco.spec_loading import build_spec
+from moedisco.config.loading import build_spec
+from moedisco.config.spec import DataConfig
+from moedisco.io.documents import DataError, iter_documents
+from moedisco.job.layout import JobPaths, is_done
+from moedisco.runner.job_runner import JobRunner, LocalExecutor
 from tests.conftest import CORPUS, tiny_spec_dict
 
 BUCKET = "corpora"
@@ -93,11 +93,14 @@ def test_ray_runners_data_shards_on_an_s3_storage_path(s3, tmp_path):
     """The Ray runner's data stages for a corpus of one shard (`ray_cluster.prestart.DataWorker`'s work, here
     without starting Ray) write their Parquet shards to an s3:// `resources.storage_path` and give the clusters
     the local runner gives."""
-    from moedisco.corpus import stage_prepare, stage_cluster, stage_embed
-    from moedisco.embed import Embedder
-    from moedisco.metrics import MetricsWriter
-    from moedisco.stage_run import StageRun
-    from moedisco.stages import Task
+    from moedisco.stages.cluster import stage_cluster
+    from moedisco.stages.embed import stage_embed
+    from moedisco.stages.prepare import stage_prepare
+
+    from moedisco.job.metrics import MetricsWriter
+    from moedisco.job.registry import Task
+    from moedisco.stages.embed import Embedder
+    from moedisco.stages.stage_run import StageRun
     from ray_cluster.data import cluster_in_process, embed_in_process
     from ray_cluster.placement import job_key
 
@@ -145,7 +148,7 @@ def _runner(spec, stages: int, **kwargs) -> JobRunner:
 
 
 def test_a_resume_from_the_bucket_keeps_the_ledger_and_skips_finished_stages(s3, tmp_path):
-    from moedisco.events import StageSkipped
+    from moedisco.job.events import StageSkipped
 
     spec = _spec_on_s3(s3, tmp_path)
     _runner(spec, 2).run()  # prepare, embed (priced)
@@ -162,7 +165,7 @@ def test_a_resume_from_the_bucket_keeps_the_ledger_and_skips_finished_stages(s3,
 
 def _fail_at(stage: str, error: Exception, paths: JobPaths, break_push: bool = False):
     """The events callback: as `stage` starts, a file appears (a checkpoint written during it), then it fails."""
-    from moedisco.events import StageStarted
+    from moedisco.job.events import StageStarted
 
     def events(event) -> None:
         if isinstance(event, StageStarted) and event.stage == stage:
@@ -177,7 +180,7 @@ def _fail_at(stage: str, error: Exception, paths: JobPaths, break_push: bool = F
 
 @pytest.mark.parametrize("case", ["failure", "not_owner", "push_fails"])
 def test_a_stopped_job_pushes_what_it_wrote_unless_another_runner_owns_the_folder(s3, tmp_path, case):
-    from moedisco.layout import NotOwner
+    from moedisco.job.layout import NotOwner
 
     spec = _spec_on_s3(s3, tmp_path)
     paths = JobPaths(spec.output_dir)
@@ -195,7 +198,7 @@ def test_a_stopped_job_pushes_what_it_wrote_unless_another_runner_owns_the_folde
 def test_push_skips_vanished_files_and_pulling_pieces_and_records_atomically(s3, tmp_path, monkeypatch):
     import json
 
-    from moedisco import storage
+    from moedisco.io import storage
 
     local = tmp_path / "job"
     (local / "checkpoints").mkdir(parents=True)
@@ -220,7 +223,7 @@ def test_push_skips_vanished_files_and_pulling_pieces_and_records_atomically(s3,
 def test_pull_brings_down_an_object_rewritten_at_the_same_size(s3, tmp_path):
     import time
 
-    from moedisco import storage
+    from moedisco.io import storage
 
     uri, local = f"s3://{BUCKET}/{tmp_path.name}", tmp_path / "job"
     (local / "stages").mkdir(parents=True)
@@ -241,7 +244,7 @@ def test_pull_brings_down_an_object_rewritten_at_the_same_size(s3, tmp_path):
 
 
 def test_pull_removes_what_the_bucket_lost_but_keeps_local_work_and_stays_in_its_folder(s3, tmp_path):
-    from moedisco import storage
+    from moedisco.io import storage
 
     uri, local = f"s3://{BUCKET}/{tmp_path.name}", tmp_path / "job"
     (local / "stages").mkdir(parents=True)
@@ -266,7 +269,7 @@ def test_sequential_reads_stream_and_parquet_seeks(s3, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from moedisco import storage
+    from moedisco.io import storage
 
     s3.put_object(Bucket=BUCKET, Key="t/a.jsonl", Body=b'{"text": "a"}\n')
     with storage.open_input(f"s3://{BUCKET}/t/a.jsonl") as handle:
@@ -281,7 +284,7 @@ def test_sequential_reads_stream_and_parquet_seeks(s3, tmp_path):
 
 
 def test_a_local_disk_error_in_a_pull_names_the_staging_folder_not_credentials(s3, tmp_path):
-    from moedisco import storage
+    from moedisco.io import storage
 
     s3.put_object(Bucket=BUCKET, Key="l/stages/a.json", Body=b"{}")
     blocker = tmp_path / "job"

@@ -7,18 +7,18 @@ import json
 import pytest
 import torch
 import yaml
+from moedisco.stages.sync import stage_sync
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from moedisco.spec_loading import build_spec
-from moedisco.metrics import MetricsWriter, read_metrics
-from moedisco.layout import JobPaths
-from moedisco.pipeline import stage_sync
-from moedisco.runner import check_same_job, run_job
-from moedisco.stage_run import StageRun
-from moedisco.stages import STAGE, Task, plan
-from moedisco.split import parameter_roles, read_config
-from moedisco.train import StopRequested
+from moedisco.config.loading import build_spec
+from moedisco.job.layout import JobPaths
+from moedisco.job.metrics import MetricsWriter, read_metrics
+from moedisco.job.registry import STAGE, Task, plan
+from moedisco.models.architecture import parameter_roles, read_config
+from moedisco.runner.job_runner import check_same_job, run_job
+from moedisco.stages.stage_run import StageRun
+from moedisco.training.loop import StopRequested
 from tests.conftest import tiny_spec_dict
 
 pytestmark = pytest.mark.slow

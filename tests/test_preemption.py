@@ -11,14 +11,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from moedisco.config import ResourcesConfig, TrainConfig
-from moedisco.layout import JobPaths, is_done
-from moedisco.runner import JobCancelled, run_job
-from moedisco.spec_loading import build_spec
-from moedisco.cost import CostLedger
-from moedisco.metrics import MetricsWriter
-from moedisco.preemption import PreemptionNotice
-from moedisco.train import Preempted, TrainContext, TrainHooks, checkpoint_dir, checkpoint_dirs, train
+from moedisco.config.loading import build_spec
+from moedisco.config.resources import ResourcesConfig
+from moedisco.config.spec import TrainConfig
+from moedisco.job.layout import JobPaths, is_done
+from moedisco.job.metrics import MetricsWriter
+from moedisco.planning.cost import CostLedger
+from moedisco.runner.job_runner import JobCancelled, run_job
+from moedisco.training.loop import Preempted, TrainContext, TrainHooks, checkpoint_dir, checkpoint_dirs, train
+from moedisco.training.preemption import PreemptionNotice
 from ray_cluster.tracking import WorkDone
 from tests.conftest import tiny_hf_config, tiny_spec_dict
 

@@ -11,13 +11,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import ray
+from moedisco.stages.prepare import split_and_tokenizer
 
-from moedisco.cluster import ClusterResult
-from moedisco.corpus import split_and_tokenizer
-from moedisco.data import DataError
-from moedisco.layout import JobPaths
-from moedisco.shards import is_complete
-from moedisco.spec_loading import build_spec
+from moedisco.config.loading import build_spec
+from moedisco.io.documents import DataError
+from moedisco.io.token_shards import is_complete
+from moedisco.job.layout import JobPaths
+from moedisco.stages.cluster import ClusterResult
 from ray_cluster import corpus
 from ray_cluster.corpus import index_corpus
 from ray_cluster.data import AssignedParts
@@ -112,10 +112,11 @@ def test_a_split_on_ray_data_names_a_malformed_line_or_skips_it_as_the_local_run
 
 def test_several_files_with_a_document_cap_are_split_by_one_reader(local_ray, tmp_path):
     """`data.max_documents` counts across the files in order, so the tasks per file would overshoot: one reader."""
-    from moedisco.corpus import stage_prepare
-    from moedisco.metrics import MetricsWriter
-    from moedisco.stage_run import StageRun
-    from moedisco.stages import Task
+    from moedisco.stages.prepare import stage_prepare
+
+    from moedisco.job.metrics import MetricsWriter
+    from moedisco.job.registry import Task
+    from moedisco.stages.stage_run import StageRun
 
     _three_files(tmp_path / "corpus")
     specs = [build_spec(tiny_spec_dict(tmp_path / name, data={"train": str(tmp_path / "corpus"), "max_documents": 150}))

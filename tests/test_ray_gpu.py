@@ -16,12 +16,19 @@ import pytest
 import ray
 from ray.util.state import list_actors
 
-from moedisco.spec_loading import build_spec
-from moedisco.events import ExpertState
-from moedisco.layout import JobPaths
-from moedisco.metrics import read_metrics
-from ray_cluster.cluster import (CONTROL_PLANE_LABEL, SIMULATED_LABEL, LocalClusterSpec, add_local_node, free_port,
-                                 start_local_cluster, stop_local_cluster)
+from moedisco.config.loading import build_spec
+from moedisco.job.events import ExpertState
+from moedisco.job.layout import JobPaths
+from moedisco.job.metrics import read_metrics
+from ray_cluster.cluster import (
+    CONTROL_PLANE_LABEL,
+    SIMULATED_LABEL,
+    LocalClusterSpec,
+    add_local_node,
+    free_port,
+    start_local_cluster,
+    stop_local_cluster,
+)
 from ray_cluster.orchestrate import run_job_on_ray
 from ray_cluster.placement import TierUnreachable, prepare_worker, task_options
 from service.dispatcher import job_actor_placement

@@ -23,21 +23,29 @@ import time
 import numpy as np
 import pytest
 import ray
+from moedisco.io.documents import load_texts
+from moedisco.stages.prepare import stage_prepare
 
-from moedisco.cluster import ClusterResult, fit_streaming
-from moedisco.corpus import load_texts, stage_prepare
-from moedisco.embed import Embedder
-from moedisco.spec_loading import build_spec
-from moedisco.metrics import MetricsWriter, read_metrics
-from moedisco.events import JobCancelledEvent
-from moedisco.layout import JobPaths, stage_result
-from moedisco.runner import JobCancelled, JobRunner, LocalExecutor
-from moedisco.shards import TokenShard
-from moedisco.stage_run import StageRun
-from moedisco.stages import Task
+from moedisco.config.loading import build_spec
+from moedisco.io.token_shards import TokenShard
+from moedisco.job.events import JobCancelledEvent
+from moedisco.job.layout import JobPaths, stage_result
+from moedisco.job.metrics import MetricsWriter, read_metrics
+from moedisco.job.registry import Task
+from moedisco.runner.job_runner import JobCancelled, JobRunner, LocalExecutor
+from moedisco.stages.cluster import ClusterResult, fit_streaming
+from moedisco.stages.embed import Embedder
+from moedisco.stages.stage_run import StageRun
 from ray_cluster import corpus, data
-from ray_cluster.cluster import (SIMULATED_LABEL, LocalClusterSpec, add_local_node, describe_nodes, free_port,
-                                 start_local_cluster, stop_local_cluster)
+from ray_cluster.cluster import (
+    SIMULATED_LABEL,
+    LocalClusterSpec,
+    add_local_node,
+    describe_nodes,
+    free_port,
+    start_local_cluster,
+    stop_local_cluster,
+)
 from ray_cluster.orchestrate import run_job_on_ray
 from ray_cluster.placement import job_storage, on_driver_node
 from ray_cluster.worker import POINTER_FILE

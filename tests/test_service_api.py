@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
-from moedisco.events import Progress, StageStarted
+from moedisco.job.events import Progress, StageStarted
 from service.core.config import Settings
 from service.main import create_app
 from service.models import StageRow, utcnow

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
-from moedisco.events import Progress, StageFinished, StageStarted
+from moedisco.job.events import Progress, StageFinished, StageStarted
 from service.core.config import Settings
 from service.main import create_app
 from service.recorder import EventRecorder

@@ -14,15 +14,14 @@ import threading
 
 import pytest
 
-from moedisco.events import StageSkipped, parse_event
-from moedisco.runner import BudgetExceeded
-from moedisco.train import StopRequested
+from moedisco.job.events import StageSkipped, parse_event
+from moedisco.runner.job_runner import BudgetExceeded
+from moedisco.training.loop import StopRequested
 from service import executor
 from service.costs import job_cost
 from service.recorder import EventRecorder
 from service.store import Store
 from tests.conftest import make_job, tiny_spec_dict
-
 
 
 def test_list_filters_and_pages_newest_first(store, tmp_path):
@@ -100,7 +99,7 @@ def test_recorder_folds_events_into_stages_and_costs(store, tmp_path):
 
 
 def test_a_finished_sync_round_is_not_a_finished_stage(store, tmp_path):
-    from moedisco.spec_loading import build_spec
+    from moedisco.config.loading import build_spec
 
     full = build_spec(tiny_spec_dict(tmp_path / "r")).model_dump(mode="json")  # stored in full, as the API does
     job = store.create_job("r" * 12, full, runner="local")
@@ -274,9 +273,9 @@ def test_a_store_from_before_versions_gets_the_column(tmp_path):
 
 def test_a_job_stored_before_sync_rounds_resumes_as_one_round(store, tmp_path, monkeypatch):
     """The service stores a job's full spec at submission; one stored by an older version lacks later fields."""
-    from moedisco.spec_loading import build_spec
-    from moedisco.layout import JobPaths
-    from moedisco.runner import check_same_job
+    from moedisco.config.loading import build_spec
+    from moedisco.job.layout import JobPaths
+    from moedisco.runner.job_runner import check_same_job
 
     def resume(spec, events, should_stop, owner, budget_left=None):
         check_same_job(spec, JobPaths(spec.output_dir))  # what a real runner does first

@@ -1,4 +1,4 @@
-"""FSDP2 sharding (`moedisco.sharding`): two gloo ranks on the CPU train as one process does, and their sharded
+"""FSDP2 sharding (`moedisco.training.fsdp`): two gloo ranks on the CPU train as one process does, and their sharded
 checkpoints resume and feed the synchronisation rounds and the merge (the weights and second moments files)."""
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from moedisco.config import TrainConfig
-from moedisco.metrics import MetricsWriter
-from moedisco.sharding import LOCAL_OPTIMIZER_FILE, OPTIMIZER_DIR
-from moedisco.train import SECOND_MOMENT_FILE, TrainContext, TrainHooks, checkpoint_dir, train
+from moedisco.config.spec import TrainConfig
+from moedisco.job.metrics import MetricsWriter
+from moedisco.training.fsdp import LOCAL_OPTIMIZER_FILE, OPTIMIZER_DIR
+from moedisco.training.loop import SECOND_MOMENT_FILE, TrainContext, TrainHooks, checkpoint_dir, train
 from tests.conftest import tiny_hf_config
 
 CFG = TrainConfig(steps=4, batch_size=4, lr=3e-3, eval_every=1, eval_batches=1, checkpoint_every=100,
@@ -63,7 +63,7 @@ def _sharded_worker(rank: int, world_size: int, run_dir: Path, init_file: Path, 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        from moedisco.sharding import shard_model
+        from moedisco.training.fsdp import shard_model
 
         hooks = TrainHooks(wrap_model=shard_model, rank=rank, world_size=world_size)
         _run(run_dir, hooks, cfg)
@@ -165,14 +165,14 @@ def test_sharded_run_with_every_memory_measure_trains_as_one_process_and_resumes
 
 def _resume_worker(rank: int, checkpoint: Path, init_file: Path) -> None:
     """One rank loads the optimizer state a two-rank run saved rank by rank."""
-    from moedisco import sharding
-    from moedisco.memory import make_optimizer, prepare_model
+    from moedisco.training import fsdp
+    from moedisco.training.memory import make_optimizer, prepare_model
 
     torch.set_num_threads(1)  # a forked child must not use the parent's OpenMP pool (it would hang)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=1)
     try:
-        model = sharding.shard_model(prepare_model(_model(), MEASURED, torch.device("cpu")))
-        sharding.load_optimizer(checkpoint, model, make_optimizer(model, MEASURED))
+        model = fsdp.shard_model(prepare_model(_model(), MEASURED, torch.device("cpu")))
+        fsdp.load_optimizer(checkpoint, model, make_optimizer(model, MEASURED))
     finally:
         dist.destroy_process_group()
 
@@ -186,8 +186,8 @@ def test_per_rank_optimizer_state_refuses_another_world_size(measured_runs, tmp_
 
 def _lease_lost_worker(rank: int, run_dir: Path, init_file: Path, outcome: Path) -> None:
     """A sharded run whose rank 0 alone learns, at its third write, that another runner took the job folder."""
-    from moedisco.layout import NotOwner
-    from moedisco.sharding import shard_model
+    from moedisco.job.layout import NotOwner
+    from moedisco.training.fsdp import shard_model
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
@@ -226,8 +226,8 @@ class _TwoArgumentError(Exception):
 
 
 def test_rank_zero_shares_its_error_whole_when_it_pickles_else_by_name_and_message():
-    from moedisco.layout import NotOwner
-    from moedisco.sharding import _portable
+    from moedisco.job.layout import NotOwner
+    from moedisco.training.fsdp import _portable
 
     assert _portable(None) is None
     owner = NotOwner("another runner owns the job folder now")

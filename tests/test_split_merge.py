@@ -7,11 +7,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from moedisco import layerwise
-from moedisco.evaluate import evaluate_loss, force_expert, oracle_loss
-from moedisco.merge import (averaging_weights, centroid_router_rows, init_router_from_centroids, merge_submodels,
-                            merged_losses, patch_tensors)
-from moedisco.split import WEIGHTS_FILE, load_submodel, parameter_roles, save_weights, unique_state_dict
+from moedisco.models import layerwise
+from moedisco.models.architecture import WEIGHTS_FILE, parameter_roles, save_weights, unique_state_dict
+from moedisco.stages.merge import (
+    averaging_weights,
+    centroid_router_rows,
+    init_router_from_centroids,
+    merge_submodels,
+    merged_losses,
+    patch_tensors,
+)
+from moedisco.stages.split import load_submodel
+from moedisco.training.heldout import evaluate_loss, force_expert, oracle_loss
 from tests.conftest import tiny_hf_config
 
 

@@ -1,14 +1,14 @@
-"""The stage table (`moedisco.stages`): every runner, the metrics, the ledger and the service read it, so its
+"""The stage table (`moedisco.job.registry`): every runner, the metrics, the ledger and the service read it, so its
 plan must be consistent with what each stage declares it reads and writes."""
 
 from __future__ import annotations
 
 import pytest
 
-from moedisco.spec_loading import build_spec
-from moedisco.layout import JobPaths
-from moedisco.stage_run import stage_function
-from moedisco.stages import STAGE, STAGES, Task, plan, submodel_task, tier_of
+from moedisco.config.loading import build_spec
+from moedisco.job.layout import JobPaths
+from moedisco.job.registry import STAGE, STAGES, Task, plan, submodel_task, tier_of
+from moedisco.runner.execute import STAGE_FUNCTIONS
 from tests.conftest import tiny_spec_dict
 
 
@@ -47,7 +47,7 @@ def test_the_plan_matches_the_declarations(tmp_path):
 def test_declared_paths_functions_and_tiers_exist(tmp_path):
     spec, paths = _spec(tmp_path), JobPaths(tmp_path)
     for stage in STAGES:
-        assert callable(stage_function(stage.name))
+        assert callable(STAGE_FUNCTIONS[stage.name])
         for name in (*stage.reads, *stage.writes):
             assert isinstance(getattr(paths, name), type(tmp_path)), f"{stage.name}: JobPaths has no {name}"
         assert (stage.train_config is not None) == stage.trained

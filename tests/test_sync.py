@@ -9,12 +9,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from moedisco.metrics import read_metrics
-from moedisco.runner import run_job
-from moedisco.spec_loading import build_spec
-from moedisco.split import WEIGHTS_FILE, load_submodel, parameter_roles, save_weights, unique_state_dict
-from moedisco.sync import BACKBONE, MOMENTUM, OuterStep, sync_round
-from moedisco.train import SECOND_MOMENT_FILE, StopRequested
+from moedisco.config.loading import build_spec
+from moedisco.job.metrics import read_metrics
+from moedisco.models.architecture import WEIGHTS_FILE, parameter_roles, save_weights, unique_state_dict
+from moedisco.runner.job_runner import run_job
+from moedisco.stages.split import load_submodel
+from moedisco.stages.sync import BACKBONE, MOMENTUM, OuterStep, sync_round
+from moedisco.training.loop import SECOND_MOMENT_FILE, StopRequested
 from tests.conftest import tiny_hf_config, tiny_spec_dict
 
 EMBED, EXPERT = "model.embed_tokens.weight", "model.layers.0.mlp.experts.down_proj"

@@ -7,10 +7,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from moedisco.config import TrainConfig
-from moedisco.metrics import MetricsWriter
-from moedisco.split import parameter_roles
-from moedisco.train import SECOND_MOMENT_FILE, TrainContext, checkpoint_dir, checkpoint_dirs, lr_multiplier, train
+from moedisco.config.spec import TrainConfig
+from moedisco.job.metrics import MetricsWriter
+from moedisco.models.architecture import parameter_roles
+from moedisco.training.loop import (
+    SECOND_MOMENT_FILE,
+    TrainContext,
+    checkpoint_dir,
+    checkpoint_dirs,
+    lr_multiplier,
+    train,
+)
 from tests.conftest import tiny_hf_config
 
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from moedisco.config import ModelConfig
-from moedisco.dense_to_moe import upcycle_dense
-from moedisco.split import load_pretrained_moe, parameter_roles
+from moedisco.config.spec import ModelConfig
+from moedisco.models.architecture import parameter_roles
+from moedisco.models.upcycle import upcycle_dense
+from moedisco.stages.split import load_pretrained_moe
 
 DENSE = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from fastapi import HTTPException, status
 from fastapi.exceptions import RequestValidationError
 
-from moedisco.config import JobSpec
+from moedisco.config.spec import JobSpec
 from service.api.deps import Caller
 from service.core.config import Settings
 from service.users import Users
@@ -33,7 +33,7 @@ def check_queue_limit(users: Users, settings: Settings, caller: Caller) -> None:
 
 def estimate_cost(spec: dict) -> dict:
     """moedisco's FLOP-model estimate of the job (loads torch and transformers on first use, builds no weights)."""
-    from moedisco.estimate import estimate_job
+    from moedisco.planning.estimate import estimate_job
 
     try:
         return estimate_job(JobSpec.model_validate(spec))["cost"]

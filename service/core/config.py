@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     @field_validator("storage_roots", mode="after")
     @classmethod
     def _plain_bucket_prefixes(cls, roots: list[str]) -> list[str]:
-        from moedisco.storage import plain_parts
+        from moedisco.io.storage import plain_parts
 
         for root in roots:
             try:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, HTTPException
 
-from moedisco.layout import JobPaths
+from moedisco.job.layout import JobPaths
 from service.api.deps import JobDep, StoreDep
 from service.schemas import EvaluationPublic, Message
 

@@ -15,11 +15,28 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 
-from service.api.deps import (Caller, CallerDep, JobDep, JobIdPath, SettingsDep, StoreDep, UsersDep, ViewsDep,
-                              view_response)
+from service.api.deps import (
+    Caller,
+    CallerDep,
+    JobDep,
+    JobIdPath,
+    SettingsDep,
+    StoreDep,
+    UsersDep,
+    ViewsDep,
+    view_response,
+)
 from service.api.quotas import check_monthly_budget, check_queue_limit
-from service.schemas import (TERMINAL_STATES, USER_NAME_PATTERN, JobCreate, JobDetail, JobPublic, JobsPublic, JobState,
-                             Message)
+from service.schemas import (
+    TERMINAL_STATES,
+    USER_NAME_PATTERN,
+    JobCreate,
+    JobDetail,
+    JobPublic,
+    JobsPublic,
+    JobState,
+    Message,
+)
 from service.specs import prepare_spec
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])

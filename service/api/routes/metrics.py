@@ -10,8 +10,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from moedisco.layout import JobPaths
-from moedisco.metrics import read_metrics
+from moedisco.job.layout import JobPaths
+from moedisco.job.metrics import read_metrics
 from service.api.deps import JobDep
 from service.schemas import Message, MetricsPublic
 from service.store import json_safe

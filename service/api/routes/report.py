@@ -8,7 +8,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
-from moedisco.layout import JobPaths
+from moedisco.job.layout import JobPaths
 from service.api.deps import JobDep, StoreDep
 from service.api.routes.metrics import read_records
 from service.costs import job_cost

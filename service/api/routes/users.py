@@ -22,8 +22,17 @@ from fastapi import Path as PathParam
 
 from service.api.deps import AdminDep, Caller, CallerDep, UsersDep
 from service.models import BOOTSTRAP_ADMIN, UserRow
-from service.schemas import (TOKEN_ID_PATTERN, USER_NAME_PATTERN, Message, TokenCreate, TokenCreated,
-                             TokenPublic, UserAccount, UserCreate, UserLimits)
+from service.schemas import (
+    TOKEN_ID_PATTERN,
+    USER_NAME_PATTERN,
+    Message,
+    TokenCreate,
+    TokenCreated,
+    TokenPublic,
+    UserAccount,
+    UserCreate,
+    UserLimits,
+)
 from service.users import UserExists, Users
 
 router = APIRouter(prefix="/users", tags=["users"])

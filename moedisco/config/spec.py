@@ -1,0 +1,329 @@
+"""The job spec: one pydantic model per paper stage, composed into `JobSpec`.
+
+The spec is the single source of truth: the YAML a user writes, the JSON the REST API takes, and the copy saved
+in the output folder and next to every checkpoint.
+
+    spec = load_spec("examples/tiny.yaml", overrides=["submodel.steps=50"])   # moedisco.config.loading
+    spec.model.num_experts  # -> 4
+
+Defaults follow the paper: submodels train with AdamW, lr 1e-4, constant schedule (Table 4); the fine-tune and the
+full-parameter baseline with AdamW, lr 3e-4, cosine, warmup ratio 0.03, weight decay 0.01 (Table 5).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, field_validator, model_validator
+
+from moedisco.config.resources import CPU_DEVICE_TYPE, DeviceSpec, ResourcesConfig, TierConfig, _Section  # noqa: F401
+from moedisco.io.atomic import write_atomically
+from moedisco.io.storage import URI
+
+
+class DataConfig(_Section):
+    train: URI | Path = Field(description="Training corpus: a .jsonl/.json/.parquet/.txt file, a folder of them or a "
+                              "glob pattern (`corpus/part-*.jsonl`), local or on object storage (`s3://`, `gs://`); "
+                              "streamed, but a .json array is read a file at a time.")
+    format: Literal["auto", "jsonl", "json", "parquet", "text"] = Field(
+        "auto", description="File format; `auto` picks it from the file extension."
+    )
+    text_field: str = Field("text", min_length=1, description="Field holding the document text in JSON/Parquet.")
+    eval: URI | Path | None = Field(
+        None, description="Separate held-out corpus (as `train`); when unset, `eval_fraction` is split off.")
+    eval_fraction: float = Field(0.05, ge=0.0, lt=0.5, description="Fraction of documents held out for evaluation.")
+    on_error: Literal["raise", "skip"] = Field(
+        "raise", description="Malformed lines: `raise` an error naming file and line, or `skip` and count them."
+    )
+    max_documents: int | None = Field(None, gt=0, description="Use at most this many documents (for quick runs).")
+    sequence_length: int = Field(256, ge=8, le=131072, description="Tokens per packed training sequence.")
+
+
+class TokenizerConfig(_Section):
+    path: Path | None = Field(None, description="Local Hugging Face tokenizer folder; unset trains a byte-level BPE.")
+    vocab_size: int = Field(4096, ge=300, le=1_000_000, description="Vocabulary size of the trained BPE tokenizer.")
+    sample_documents: int = Field(
+        50_000, ge=1, description="The BPE is trained on the first this many training documents: its memory and "
+        "time stay bounded however large the corpus (a given `path` ignores it)."
+    )
+    min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a BPE merge.")
+
+
+class EmbedConfig(_Section):
+    model_path: Path | None = Field(
+        None, description="Local embedding model folder; unset uses the bundled all-MiniLM-L6-v2 (offline)."
+    )
+    mode: Literal["token_mean", "sentence"] = Field(
+        "token_mean",
+        description="`token_mean`: mean of the input embedding layer over tokens (paper eq. 1); "
+        "`sentence`: the full sentence-encoder embedding.",
+    )
+    batch_size: int = Field(64, ge=1, description="Documents per embedding batch.")
+    max_length: int = Field(256, ge=8, le=8192, description="Tokens of each document seen by the embedder.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for the embedding model.")
+
+
+class ClusterConfig(_Section):
+    method: Literal["kmeans", "balanced_kmeans", "random"] = Field(
+        "kmeans", description="`kmeans` (paper), `balanced_kmeans` (sizes bounded, as c-BTM) or `random` (ablation)."
+    )
+    normalize: bool = Field(True, description="L2-normalise embeddings before clustering (cosine geometry).")
+    n_init: int = Field(4, ge=1, le=100, description="k-means restarts; the best objective is kept.")
+    balance_slack: float = Field(
+        0.25, ge=0.0, le=10.0, description="balanced_kmeans: no cluster exceeds (1 + slack) x N / K documents."
+    )
+
+
+ARCHITECTURES = ("qwen2_moe", "mixtral", "olmoe", "qwen3_moe")
+
+
+class ModelConfig(_Section):
+    arch: Literal["qwen2_moe", "mixtral", "olmoe", "qwen3_moe"] = Field(
+        "qwen2_moe", description="Hugging Face MoE architecture (`model_type`)."
+    )
+    pretrained: Path | None = Field(
+        None, description="Local pretrained MoE checkpoint folder; unset builds the model from this config."
+    )
+    num_experts: int = Field(4, ge=2, le=256, description="Experts per MoE layer (= number of clusters).")
+    num_experts_per_tok: int = Field(2, ge=1, description="Experts each token is routed to (top-k).")
+    hidden_size: int = Field(64, ge=8, description="Model width.")
+    intermediate_size: int = Field(128, ge=8, description="FFN width of dense layers (and Mixtral's experts).")
+    moe_intermediate_size: int = Field(64, ge=8, description="Expert FFN width (Qwen/OLMoE families).")
+    shared_expert_intermediate_size: int = Field(64, ge=8, description="Shared expert FFN width (qwen2_moe).")
+    num_hidden_layers: int = Field(2, ge=1, description="Transformer layers.")
+    num_attention_heads: int = Field(4, ge=1, description="Attention heads.")
+    num_key_value_heads: int = Field(2, ge=1, description="Key/value heads (grouped-query attention).")
+    max_position_embeddings: int = Field(4096, ge=8, description="Longest position the model supports.")
+    router_aux_loss_coef: float = Field(0.01, ge=0.0, description="Load-balancing loss weight in the fine-tune.")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Extra Hugging Face config keys, passed through unchanged."
+    )
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> ModelConfig:
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError("num_experts_per_tok must be <= num_experts")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be divisible by num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be divisible by num_key_value_heads")
+        return self
+
+
+class TrainConfig(_Section):
+    steps: int = Field(200, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(16, ge=1, description="Sequences per optimizer step (Tables 4-5: 16).")
+    lr: float = Field(3e-4, gt=0.0, le=1.0, description="Peak learning rate.")
+    schedule: Literal["constant", "cosine", "linear"] = Field("cosine", description="Learning-rate schedule.")
+    warmup_ratio: float = Field(0.03, ge=0.0, le=0.5, description="Fraction of steps of linear warm-up.")
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    grad_clip: float = Field(1.0, ge=0.0, description="Max gradient norm; 0 disables clipping.")
+    eval_every: int = Field(50, ge=1, description="Steps between held-out evaluations.")
+    eval_batches: int = Field(8, ge=1, description="Held-out batches per evaluation.")
+    checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints (resume granularity).")
+    keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept on disk.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto` uses CUDA when present.")
+    # Memory measures (moedisco.training.memory); `memory: auto` lets the planner (moedisco.planning.estimate) choose those unset.
+    memory: Literal["auto", "manual"] = Field(
+        "auto",
+        description="`auto`: before the stage starts, the planner picks the cheapest measures below that fit the "
+        "stage's tier device (micro-batching, then checkpointing, bf16-true, the 8-bit optimizer, offload, "
+        "sharding) and writes them into the saved spec; fields set explicitly are kept. `manual`: as written.",
+    )
+    micro_batch_size: int | None = Field(
+        None, ge=1,
+        description="Sequences per forward/backward; gradients accumulate up to `batch_size` (same loss and "
+        "gradients, less activation memory). Unset = batch_size.",
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Hugging Face gradient checkpointing (non-reentrant): recompute each layer's "
+        "activations in the backward pass instead of keeping them.",
+    )
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16-true"] = Field(
+        "auto",
+        description="`fp32`; `bf16-mixed`: bf16 autocast over fp32 weights; `bf16-true`: weights, gradients and "
+        "optimizer states in bf16, the update's rounding error kept in a bf16 Kahan buffer (moedisco.training.memory); "
+        "`auto`: bf16-mixed on CUDA, fp32 on the CPU.",
+    )
+    optimizer: Literal["adamw", "adamw-8bit"] = Field(
+        "adamw", description="`adamw` (torch) or `adamw-8bit`: block-wise 8-bit moments (bitsandbytes' AdamW8bit; "
+        "moedisco.training.memory.StoredAdamW with bf16-true, offload or a sharded model).",
+    )
+    offload_optimizer: bool = Field(
+        False, description="Keep optimizer states in host memory between steps, each moved to the device for its "
+        "parameter's update (moedisco.training.memory.StoredAdamW; on the CPU they are host memory already).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_dtype(cls, raw: Any) -> Any:
+        # Specs written before `precision` existed said `dtype: auto | fp32 | bf16` (bf16 meant autocast).
+        if isinstance(raw, dict) and "dtype" in raw:
+            raw = dict(raw)
+            legacy = raw.pop("dtype")
+            raw.setdefault("precision", {"bf16": "bf16-mixed"}.get(legacy, legacy))
+        return raw
+
+    @model_validator(mode="after")
+    def _micro_batch_divides(self) -> TrainConfig:
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size ({self.micro_batch_size}) must divide batch_size "
+                             f"({self.batch_size})")
+        return self
+
+
+def _submodel_defaults() -> TrainConfig:
+    # Paper Table 4: AdamW, lr 1e-4, constant.
+    return TrainConfig(lr=1e-4, schedule="constant", warmup_ratio=0.0)
+
+
+class BranchConfig(_Section):
+    warmup_steps: int = Field(
+        0, ge=0,
+        description="Steps of shared warm-up on the whole corpus before branching into submodels (cheap tier); "
+        "0 keeps the paper's recipe of branching straight from the initial model.",
+    )
+    warmup_lr: float | None = Field(None, gt=0.0, le=1.0, description="Warm-up learning rate; unset = submodel.lr.")
+    warmup_model: Literal["dense", "moe"] = Field(
+        "dense",
+        description="What the warm-up trains. `dense` (default): one submodel (shared backbone + one expert), then "
+        "every expert starts as a copy of its FFN; it fits wherever a submodel fits. `moe`: the full MoE with its "
+        "router, so experts start different; needs a cheap-tier device that holds the whole MoE.",
+    )
+    shared_lr_scale: float = Field(
+        1.0, ge=0.0, le=1.0,
+        description="Learning-rate multiplier of the shared parameters while submodels train; 0 freezes the "
+        "backbone so only experts train (block coordinate descent over experts; nothing to average at the merge).",
+    )
+    sync_rounds: int = Field(
+        4, ge=1,
+        description="Rounds the submodel steps are cut into. After every round but the last, each submodel stops "
+        "at a checkpoint, their shared parameters are averaged as `merge.weighting` says and written back, and "
+        "training goes on; experts are never averaged. 1 is the paper's recipe (shared parameters meet only at the "
+        "merge). More rounds keep backbones trained on different clusters from drifting apart, which is what the "
+        "merge loses with k-means clusters (measured: 4 rounds, the default, lower the loss after the merge by "
+        "0.10 nats and put k-means ahead of random clusters; 10 by 0.14). Trainers need no link to each other, "
+        "only the job's storage; each round ends at a barrier. The default is lowered to submodel.steps when "
+        "there are fewer steps.",
+    )
+    outer_optimizer: Literal["average", "nesterov"] = Field(
+        "nesterov",
+        description="What a synchronisation round writes back. `nesterov` (default): DiLoCo's outer step, SGD with "
+        "Nesterov momentum on the pseudo-gradient (the round's start minus the average), its momentum kept in the "
+        "job folder; measured ahead of `average` in all 8 configurations tried (k-means and random clusters, 4 "
+        "and 10 rounds, narrow and wide experts), by 0.16-0.44 nats after the merge (BENCHMARKS.md section 1). "
+        "`average`: the shared parameters' average (outer SGD with lr 1, no momentum). The merge after the last "
+        "round is the plain average either way.",
+    )
+    outer_lr: float = Field(0.7, gt=0.0, le=2.0, description="`nesterov`: outer learning rate (DiLoCo: 0.7).")
+    outer_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="`nesterov`: outer momentum (DiLoCo: 0.9).")
+
+
+class MergeConfig(_Section):
+    weighting: Literal["fisher", "samples", "uniform"] = Field(
+        "fisher",
+        description="Shared-parameter average. `fisher` (default, measured best): element by element, weight "
+        "gamma_k x F_k, where gamma_k is cluster k's sample share and F_k submodel k's diagonal Fisher estimate "
+        "(AdamW's second moment, saved next to its weights: half their size again on disk); `samples`: gamma_k "
+        "alone (the paper's WP-SGD); `uniform`: 1/E.",
+    )
+    router_init: Literal["concat", "centroid", "random"] = Field(
+        "centroid",
+        description="`centroid` (default, measured best): row k = mean hidden state of cluster k's tokens; "
+        "`concat`: the submodels' router rows (the paper's); `random`: fresh initialisation.",
+    )
+    centroid_sequences: int = Field(16, ge=1, description="centroid: sequences per cluster used to estimate rows.")
+
+
+class EvaluateConfig(_Section):
+    """Downstream evaluation through lm-evaluation-harness (`moedisco.stages.evaluate`), the job's last stage."""
+
+    tasks: list[str] = Field(
+        default_factory=lambda: ["next_paragraph"], min_length=1,
+        description="lm-eval task or group names: the paper's arc_easy, mmlu, hellaswag, piqa (their data must be in "
+        "`datasets_cache`), the bundled next_paragraph, or any task of `task_dirs`.",
+    )
+    num_fewshot: dict[str, int] = Field(
+        default_factory=dict, description="Few-shot examples per task; a task not named here gets the paper's "
+        "(arc_easy 5, mmlu 5, hellaswag 0, piqa 0) or else its own default.",
+    )
+    limit: int | None = Field(None, gt=0, description="At most this many examples per task (quick runs); unset: all.")
+    batch_size: int = Field(8, ge=1, description="Requests per forward pass.")
+    task_dirs: list[Path] = Field(
+        default_factory=list, description="Extra folders of lm-eval task YAML files (examples/eval is always read)."
+    )
+    datasets_cache: Path | None = Field(
+        None, description="Local Hugging Face datasets cache holding the tasks' data (unset: HF_DATASETS_CACHE); "
+        "nothing is ever downloaded.",
+    )
+    baseline: Path | None = Field(
+        None, description="A baseline model folder (e.g. a full-parameter job's final/) scored on the same tasks."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device the models are scored on.")
+
+    @field_validator("num_fewshot")
+    @classmethod
+    def _fewshot_non_negative(cls, value: dict[str, int]) -> dict[str, int]:
+        negative = [task for task, shots in value.items() if shots < 0]
+        if negative:
+            raise ValueError(f"num_fewshot must be >= 0, not for {', '.join(negative)}")
+        return value
+
+
+class JobSpec(_Section):
+    name: str = Field("moedisco-job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", description="Job name.")
+    method: Literal["moe_disco", "full_parameter"] = Field(
+        "moe_disco", description="`moe_disco` (split, train submodels, merge, fine-tune) or the baseline."
+    )
+    output_dir: URI | Path = Field(description="Folder for every artifact; re-running on it resumes the job. An "
+                                   "`s3://` / `gs://` URI is worked on in a local staging folder and copied up after "
+                                   "every stage (`moedisco.io.storage`).")
+    seed: int = Field(0, ge=0, description="Seed for data split, initialisation, clustering and training.")
+    max_cost_usd: float | None = Field(None, gt=0, description="Budget: stop at a stage boundary before exceeding it.")
+    data: DataConfig
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    branch: BranchConfig = Field(default_factory=BranchConfig, description="How submodels branch off.")
+    submodel: TrainConfig = Field(default_factory=_submodel_defaults, description="Submodel training (cheap tier).")
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    finetune: TrainConfig = Field(default_factory=TrainConfig, description="Global fine-tune (expensive tier).")
+    full_parameter: TrainConfig = Field(default_factory=TrainConfig, description="Full-parameter baseline training.")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    evaluate: EvaluateConfig | None = Field(
+        None, description="Downstream tasks scored after training (lm-evaluation-harness); unset: no such stage."
+    )
+
+    @model_validator(mode="after")
+    def _rounds_fit_steps(self) -> JobSpec:
+        if "sync_rounds" not in self.branch.model_fields_set:
+            self.branch.sync_rounds = min(self.branch.sync_rounds, self.submodel.steps)
+        if self.branch.sync_rounds > self.submodel.steps:
+            raise ValueError(f"branch.sync_rounds ({self.branch.sync_rounds}) exceeds submodel.steps "
+                             f"({self.submodel.steps}): every round needs at least one step")
+        return self
+
+    @model_validator(mode="after")
+    def _batches_split_evenly_over_workers(self) -> JobSpec:
+        # A sharded (FSDP2) run gives each worker batch_size / workers rows, in micro-batches of micro_batch_size:
+        # every worker must run the same number of forward passes, or the collectives of one wait forever.
+        cheap, expensive = self.resources.workers_per_expert, self.resources.finetune_tier.num_devices
+        for section, workers in (("submodel", cheap), ("finetune", expensive), ("full_parameter", expensive)):
+            train: TrainConfig = getattr(self, section)
+            if workers > 1 and train.batch_size % workers:
+                raise ValueError(f"{section}.batch_size ({train.batch_size}) must be a multiple of the "
+                                 f"{workers} workers that shard it")
+            if workers > 1 and train.micro_batch_size and (train.batch_size // workers) % train.micro_batch_size:
+                raise ValueError(f"{section}.micro_batch_size ({train.micro_batch_size}) must divide each of the "
+                                 f"{workers} workers' {train.batch_size // workers} rows")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def save(self, path: Path) -> None:
+        write_atomically(path, self.to_yaml())

@@ -1,0 +1,388 @@
+"""Reintegration: E trained submodels become one MoE (paper sec. 3.1.3, eq. 2).
+
+    merge_submodels(OUTPUT / "source", [OUTPUT / "submodels/0/model.safetensors", ...], weights=[0.3, 0.2, ...],
+                    router_init="concat", out=OUTPUT / "merged")
+    AutoModelForCausalLM.from_pretrained(OUTPUT / "merged")   # a standard Hugging Face folder
+
+Experts are concatenated along the expert axis; shared parameters are the weighted mean of the submodels' copies
+(WP-SGD weights gamma_k = n_k / sum n, or uniform 1/E), or, with `fisher`, the element-wise Fisher-weighted mean:
+an element a submodel's loss was not sensitive to (an embedding row of a token its cluster lacks) does not dilute
+the copies that learned something. Router rows come from the submodels (`concat`, the paper's choice), from a
+fresh initialisation (`random`), or from each cluster's mean hidden state (`centroid`, applied afterwards by
+`centroid_router_rows` + `patch_tensors`, which run the merged model one decoder layer at a time and overwrite
+only the router tensors in the written shards; `init_router_from_centroids` does the same on a loaded model).
+The merge reads one tensor of one submodel at a time and writes shards as it goes,
+so its peak memory is about one shard plus the largest tensor (`fisher` works a block of rows at a time to stay
+there), not E submodels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import time
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from moedisco.config.spec import JobSpec
+from moedisco.io.atomic import write_atomically
+from moedisco.job.layout import JobPaths
+from moedisco.models.architecture import WEIGHTS_FILE, Role, num_experts_of, parameter_roles, read_config
+from moedisco.models.layerwise import INDEX_FILE, SavedWeights, output_head, shard_of, stream_layers
+from moedisco.stages import cluster, prepare
+from moedisco.stages.branch import branch_point
+from moedisco.stages.cluster import cluster_eval_sequences, train_source
+from moedisco.stages.prepare import eval_sequences
+from moedisco.stages.stage_run import StageRun
+from moedisco.training.heldout import force_expert, hidden_loss_sum
+from moedisco.training.loop import SECOND_MOMENT_FILE
+
+FISHER_FLOOR = 1e-30
+FISHER_BLOCK_BYTES = 1 << 23  # 8 MB
+
+
+def averaging_weights(cluster_sizes: Sequence[int], weighting: str) -> list[float]:
+    """gamma_k of eq. 2: sample-count weights (WP-SGD) or uniform."""
+    if any(size <= 0 for size in cluster_sizes):
+        raise ValueError(f"every cluster needs documents, got sizes {list(cluster_sizes)}")
+    if weighting == "uniform":
+        return [1.0 / len(cluster_sizes)] * len(cluster_sizes)
+    total = float(sum(cluster_sizes))
+    return [size / total for size in cluster_sizes]
+
+
+class ShardWriter:
+    """Collects tensors and flushes a safetensors shard whenever `max_shard_bytes` is reached."""
+
+    def __init__(self, out: Path, max_shard_bytes: int):
+        self.out, self.max_shard_bytes = out, max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self.pending and self.pending_bytes + tensor.nbytes > self.max_shard_bytes:
+            self._flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += tensor.nbytes
+        self.total_bytes += tensor.nbytes
+
+    def _flush(self) -> None:
+        save_file(self.pending, self.out / f"shard-{len(self.shards):05d}.tmp", metadata={"format": "pt"})
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        """Name the shards as `save_pretrained` does and write the index when there is more than one."""
+        if self.pending or not self.shards:
+            self._flush()
+        if len(self.shards) == 1:
+            (self.out / "shard-00000.tmp").rename(self.out / WEIGHTS_FILE)
+            return
+        weight_map = {}
+        for index, names in enumerate(self.shards):
+            final = f"model-{index + 1:05d}-of-{len(self.shards):05d}.safetensors"
+            (self.out / f"shard-{index:05d}.tmp").rename(self.out / final)
+            weight_map.update({name: final for name in names})
+        index_payload = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        write_atomically(self.out / INDEX_FILE, json.dumps(index_payload, indent=2))
+
+
+def _weighted_sum(name: str, handles: list, weights: Sequence[float]) -> torch.Tensor:
+    """sum_k weights[k] * tensor_k, accumulated in fp32 one submodel at a time: only the running sum and one copy
+    are ever in memory."""
+    total = None
+    for handle, weight in zip(handles, weights):
+        tensor = handle.get_tensor(name)
+        total = tensor.float() * weight if total is None else total.add_(tensor.float(), alpha=weight)
+    return total.to(tensor.dtype)
+
+
+def _fisher_sum(name: str, handles: list, fisher_handles: list, weights: Sequence[float]) -> torch.Tensor:
+    """sum_k gamma_k F_k theta_k / sum_k gamma_k F_k element-wise (Fisher-weighted averaging, Matena & Raffel 2022).
+
+    FISHER_FLOOR is far below any squared gradient a trained element sees, so it only matters where no submodel's
+    loss was sensitive (e.g. the embedding row of a token no cluster contains): there the result is the plain
+    gamma-weighted mean. Computed a block of rows at a time (FISHER_BLOCK_BYTES of fp32 per temporary), so its
+    fp32 numerator, denominator and copies never hold more than a block next to the result.
+    """
+    shape = handles[0].get_slice(name).get_shape()
+    if not shape:
+        return _fisher_rows(name, handles, fisher_handles, weights, ())
+    rows_per_block = max(1, FISHER_BLOCK_BYTES // (4 * math.prod(shape[1:])))
+    merged = None
+    for start in range(0, shape[0], rows_per_block):
+        rows = slice(start, start + rows_per_block)
+        block = _fisher_rows(name, handles, fisher_handles, weights, rows)
+        merged = torch.empty(shape, dtype=block.dtype) if merged is None else merged
+        merged[rows] = block
+    return merged
+
+
+def _fisher_rows(name: str, handles: list, fisher_handles: list, weights: Sequence[float], rows) -> torch.Tensor:
+    numerator = denominator = None
+    for handle, fisher_handle, gamma in zip(handles, fisher_handles, weights):
+        tensor = handle.get_slice(name)[rows]
+        f_gamma = fisher_handle.get_slice(name)[rows].float().add_(FISHER_FLOOR).mul_(gamma)
+        if numerator is None:
+            numerator, denominator = tensor.float() * f_gamma, f_gamma
+        else:
+            numerator.addcmul_(tensor.float(), f_gamma)
+            denominator.add_(f_gamma)
+    return numerator.div_(denominator).to(tensor.dtype)
+
+
+def _shared_average(name: str, handles: list, weights: Sequence[float], fisher_handles: list | None) -> torch.Tensor:
+    if fisher_handles is not None:
+        return _fisher_sum(name, handles, fisher_handles, weights)
+    return _weighted_sum(name, handles, weights)
+
+
+def _open_all(stack: ExitStack, submodels: Sequence[Path], weights: Sequence[float],
+              fisher: Sequence[Path] | None) -> tuple[list, Callable[[str], list | None]]:
+    """Open every submodel file (and Fisher file); returns the handles and, per tensor name, the Fisher handles to
+    weight it with (None: plain weights)."""
+    if len(submodels) != len(weights):
+        raise ValueError(f"{len(submodels)} submodels but {len(weights)} weights")
+    if fisher is not None and len(fisher) != len(submodels):
+        raise ValueError(f"{len(submodels)} submodels but {len(fisher)} Fisher files")
+    handles = [stack.enter_context(safe_open(path, framework="pt")) for path in submodels]
+    fisher_handles = None if fisher is None else [stack.enter_context(safe_open(path, framework="pt"))
+                                                  for path in fisher]
+    # Parameters frozen while branching have no second moment; their copies are all equal anyway.
+    with_fisher = set(fisher_handles[0].keys()) if fisher_handles else set()
+    return handles, lambda name: fisher_handles if name in with_fisher else None
+
+
+def average_shared(roles: dict[str, Role], submodels: Sequence[Path], weights: Sequence[float],
+                   fisher: Sequence[Path] | None = None) -> dict[str, torch.Tensor]:
+    """The merge's average of every shared tensor the submodel files hold, as one state dict (the backbone)."""
+    with ExitStack() as stack:
+        handles, fisher_for = _open_all(stack, submodels, weights, fisher)
+        stored = set(handles[0].keys())
+        return {name: _shared_average(name, handles, weights, fisher_for(name))
+                for name, role in roles.items() if role == "shared" and name in stored}
+
+
+def _merged_tensor(name: str, role: Role, handles: list, weights: Sequence[float], router_init: str,
+                   init_std: float, generator: torch.Generator, fisher_handles: list | None) -> torch.Tensor:
+    if role == "shared":
+        return _shared_average(name, handles, weights, fisher_handles)
+    if role == "router" and router_init == "random":
+        shape = (len(handles), *handles[0].get_slice(name).get_shape()[1:])
+        return torch.randn(shape, generator=generator) * init_std
+    return torch.cat([handle.get_tensor(name) for handle in handles], dim=0)
+
+
+def merge_submodels(source: Path, submodels: Sequence[Path], weights: Sequence[float], router_init: str,
+                    out: Path, seed: int = 0, max_shard_bytes: int = 1 << 30,
+                    fisher: Sequence[Path] | None = None) -> Path:
+    """Write the merged MoE to `out` (config.json + safetensors) and return `out`.
+
+    `fisher`, when given, holds each submodel's diagonal Fisher estimate (`memory.second_moments`): shared
+    parameters are then Fisher-weighted averages, each element scaled by gamma_k F_k.
+    """
+    config = read_config(source)
+    roles = parameter_roles(config)
+    generator = torch.Generator().manual_seed(seed)
+    with ExitStack() as stack:
+        handles, fisher_for = _open_all(stack, submodels, weights, fisher)
+        out.mkdir(parents=True, exist_ok=True)
+        writer = ShardWriter(out, max_shard_bytes)
+        stored = set(handles[0].keys())
+        for name, role in roles.items():
+            if name in stored:  # a tied lm_head is stored once, as the embedding
+                writer.add(name, _merged_tensor(name, role, handles, list(weights), router_init,
+                                                config.initializer_range, generator, fisher_for(name)))
+    writer.close()
+    config.save_pretrained(out)
+    return out
+
+
+def router_modules(model: torch.nn.Module, num_experts: int | None = None) -> dict[str, torch.nn.Module]:
+    """The gate of every MoE layer: modules named `*.mlp.gate` holding an [E, H] weight (E: the model's)."""
+    num_experts = num_experts or num_experts_of(model.config)
+    return {name: module for name, module in model.named_modules()
+            if name.endswith("mlp.gate") and getattr(module, "weight", None) is not None
+            and module.weight.shape[0] == num_experts}
+
+
+def _input_sum_hooks(gates: dict[str, torch.nn.Module], sums: dict[str, list]) -> list:
+    """Hooks adding, per gate, the sum over the tokens of the hidden states entering it and their count to
+    `sums[name]` ([sum_H, count]; a batch that goes through in several passes adds up)."""
+
+    def add(name: str, hidden: torch.Tensor) -> None:
+        hidden_TH = hidden.reshape(-1, hidden.shape[-1]).float()
+        sums[name][0] += hidden_TH.sum(0).cpu()
+        sums[name][1] += len(hidden_TH)
+
+    return [module.register_forward_hook(lambda mod, args, out, name=name: add(name, args[0]))
+            for name, module in gates.items()]
+
+
+def _batch_sums(names, hidden_size: int) -> dict[str, list]:
+    return {name: [torch.zeros(hidden_size), 0] for name in names}
+
+
+def centroid_router_rows(folder: Path, cluster_seqs: Sequence[torch.Tensor],
+                         batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """`init_router_from_centroids`'s rows for the model saved in `folder`, keyed by router tensor name, computed
+    one decoder layer at a time (`moedisco.models.layerwise`): the whole MoE is never in memory.
+
+    The hidden state entering layer l's router depends on the routing of the layers below, which mixes every
+    expert, so a submodel (the backbone and one expert) would give other rows. Layer by layer the rows are the
+    full model's, with one layer's weights and the sampled sequences' hidden states in memory.
+    """
+    num_batches = [math.ceil(len(seqs_NL) / batch_size) for seqs_NL in cluster_seqs]
+    sums: dict[str, list[torch.Tensor]] = {}
+    with SavedWeights(folder) as weights:
+        num_experts = num_experts_of(weights.config)
+
+        def on_layer(index: int, layer: torch.nn.Module):
+            gates = {f"model.layers.{index}.{name}": module
+                     for name, module in router_modules(layer, num_experts).items()}
+            current = _batch_sums(gates, weights.config.hidden_size)
+            _input_sum_hooks(gates, current)  # the layer goes back to the meta device, hooks and all, after use
+            sums.update({name: [torch.zeros(weights.config.hidden_size) for _ in cluster_seqs] for name in gates})
+
+            @contextmanager
+            def batch(group: int):
+                current.update(_batch_sums(gates, weights.config.hidden_size))
+                yield
+                for name, (total_H, count) in current.items():
+                    sums[name][group] += total_H / count
+
+            return batch
+
+        stream_layers(weights, cluster_seqs, batch_size, on_layer)
+    return {f"{name}.weight": _unit_rows(torch.stack([total / count for total, count in zip(rows, num_batches)]))
+            for name, rows in sums.items()}
+
+
+def _unit_rows(means_EH: torch.Tensor) -> torch.Tensor:
+    """Router row k := unit-normalised mean hidden state of cluster k, so tokens start at their cluster's expert."""
+    return torch.nn.functional.normalize(means_EH, dim=-1)
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def patch_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Overwrite `tensors` in place in the safetensors files of `folder`, cast to each stored tensor's dtype.
+
+    A tensor of unchanged shape and dtype occupies the same bytes, so only those bytes are written: no shard is
+    read or rewritten whole. (safetensors has no update API; the format is an 8-byte little-endian header length,
+    a JSON header of `data_offsets`, then the raw little-endian data.)
+    """
+    files = shard_of(folder)
+    for name, tensor in tensors.items():
+        with files[name].open("r+b") as handle:
+            header_len = struct.unpack("<Q", handle.read(8))[0]
+            entry = json.loads(handle.read(header_len))[name]
+            stored = tensor.to(SAFETENSORS_DTYPES[entry["dtype"]]).contiguous()
+            begin, end = entry["data_offsets"]
+            if list(stored.shape) != entry["shape"] or stored.nbytes != end - begin:
+                raise ValueError(f"{name}: new shape {tuple(stored.shape)} is not the stored {entry['shape']}")
+            handle.seek(8 + header_len + begin)
+            handle.write(stored.view(torch.uint8).numpy().tobytes())
+
+
+@torch.no_grad()
+def cluster_mean_hidden(model, cluster_seqs: Sequence[torch.Tensor], batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """For every router: [E, H] mean of the hidden states entering it, row k over cluster k's tokens."""
+    gates = router_modules(model)
+    current = _batch_sums(gates, model.config.hidden_size)
+    hooks = _input_sum_hooks(gates, current)
+    try:
+        rows: dict[str, list[torch.Tensor]] = {name: [] for name in gates}
+        model.eval()
+        for seqs_NL in cluster_seqs:
+            sums = {name: torch.zeros(model.config.hidden_size) for name in gates}
+            num_batches = 0
+            for start in range(0, len(seqs_NL), batch_size):
+                current.update(_batch_sums(gates, model.config.hidden_size))
+                model(input_ids=seqs_NL[start : start + batch_size])
+                num_batches += 1
+                for name, (total_H, count) in current.items():
+                    sums[name] += total_H / count
+            for name in gates:
+                rows[name].append(sums[name] / num_batches)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: torch.stack(r) for name, r in rows.items()}
+
+
+def init_router_from_centroids(model, cluster_seqs: Sequence[torch.Tensor]) -> None:
+    """Router row k := unit-normalised mean hidden state of cluster k (`_unit_rows`) on a loaded model."""
+    means = cluster_mean_hidden(model, cluster_seqs)
+    for name, module in router_modules(model).items():
+        rows_EH = _unit_rows(means[name])
+        module.weight.data.copy_(rows_EH.to(module.weight.dtype))
+
+
+@torch.no_grad()
+def merged_losses(folder: Path, eval_NL: torch.Tensor, cluster_eval: Sequence[torch.Tensor], batch_size: int,
+                  num_batches: int) -> tuple[float, float | None]:
+    """`evaluate.evaluate_loss` and `evaluate.oracle_loss` of the model saved in `folder`, in one pass over its
+    decoder layers (`moedisco.models.layerwise`): the held-out batches, and each cluster's with its tokens forced to that
+    cluster's expert, go through each layer in turn, so the whole MoE is never in memory."""
+    used = batch_size * num_batches
+    clusters = [(expert, seqs_NL[:used]) for expert, seqs_NL in enumerate(cluster_eval) if len(seqs_NL)]
+    groups = [eval_NL[:used]] + [seqs_NL for _, seqs_NL in clusters]
+    forced = [None] + [expert for expert, _ in clusters]
+    with SavedWeights(folder) as weights:
+        hidden = stream_layers(weights, groups, batch_size, lambda index, layer: lambda group: (
+            nullcontext() if forced[group] is None else force_expert(layer, forced[group])))
+        head = output_head(weights)
+        losses = [_mean_loss(hidden_NLH, group_NL, head, batch_size) for hidden_NLH, group_NL in zip(hidden, groups)]
+    counts = [len(seqs_NL) for _, seqs_NL in clusters]
+    oracle = sum(loss * n for loss, n in zip(losses[1:], counts)) / sum(counts) if counts else None
+    return losses[0], oracle
+
+
+def _mean_loss(hidden_NLH: torch.Tensor, seqs_NL: torch.Tensor, head: torch.nn.Linear, batch_size: int) -> float:
+    total = sum(hidden_loss_sum(hidden_NLH[start : start + batch_size], seqs_NL[start : start + batch_size], head)
+                for start in range(0, len(seqs_NL), batch_size))
+    return total / max(1, seqs_NL[:, 1:].numel())
+
+
+def shared_weighting(spec: JobSpec, paths: JobPaths) -> tuple[list[float], bool]:
+    """gamma_k of the shared-parameter average (merge and sync alike), and whether it is Fisher-weighted."""
+    sizes = cluster.ClusterResult.load(paths.clusters).sizes
+    fisher = spec.merge.weighting == "fisher"
+    return averaging_weights(sizes, "samples" if fisher else spec.merge.weighting), fisher
+
+
+
+def stage_merge(run: StageRun) -> dict:
+    spec, paths = run.spec, run.paths
+    started = time.perf_counter()
+    weights, fisher = shared_weighting(spec, paths)
+    files = [paths.submodel(k) / WEIGHTS_FILE for k in range(spec.model.num_experts)]
+    moments = [paths.submodel(k) / SECOND_MOMENT_FILE for k in range(spec.model.num_experts)] if fisher else None
+    missing = [str(path) for path in moments or [] if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"weighting is 'fisher' but {', '.join(missing)} do not exist: submodels "
+                                "save their second moments only when trained with that setting; re-run them")
+    merge_submodels(branch_point(spec, paths), files, weights, spec.merge.router_init, paths.merged,
+                          seed=spec.seed, fisher=moments)
+    if spec.merge.router_init == "centroid":  # one decoder layer at a time, then only the router bytes rewritten
+        samples = [train_source(spec, paths, k).head(spec.merge.centroid_sequences)
+                   for k in range(spec.model.num_experts)]
+        patch_tensors(paths.merged, centroid_router_rows(paths.merged, samples))
+    prepare.load_tokenizer(paths.tokenizer).save_pretrained(paths.merged)
+    cfg = spec.finetune  # evaluated one decoder layer at a time too: the merge never holds the whole MoE
+    eval_loss, oracle = merged_losses(paths.merged, eval_sequences(spec, paths),
+                                            cluster_eval_sequences(spec, paths), cfg.batch_size, cfg.eval_batches)
+    seconds = time.perf_counter() - started
+    run.metrics.write({"stage": "merge", "step": 0, "eval_loss": eval_loss, "oracle_eval_loss": oracle,
+                       "weights": weights, "seconds": seconds, "device": "cpu"})
+    return {"weights": weights, "eval_loss": eval_loss, "oracle_eval_loss": oracle, "seconds": seconds}

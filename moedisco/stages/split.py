@@ -1,0 +1,96 @@
+"""Model decoupling: a Hugging Face MoE becomes E dense submodels (paper sec. 3.1.1).
+
+    source = build_source_moe(spec, vocab_size=4096, special_ids=(0, 1))   # or from spec.model.pretrained
+    save_weights(source, OUTPUT / "source")
+    sub = load_submodel(OUTPUT / "source", expert=2)    # shared parameters + expert 2 of every MoE layer
+
+A submodel is the same architecture with one expert per MoE layer and top-1 routing. With a single expert the
+router's softmax is identically 1, so the gate is removed in effect: it gets no gradient, and every token goes
+through the expert (plus the shared expert where the architecture has one). Keeping the class unchanged means the
+submodel is an ordinary Hugging Face model and merging is a matter of tensor slices.
+
+Which tensors are shared, per-expert or router is read off the model itself: a tensor whose leading dimension is E in
+the full model and 1 in the one-expert model belongs to an expert (under `.experts.`) or to the router (elsewhere).
+That works for fused expert storage (transformers 5.x: `experts.gate_up_proj` of shape [E, 2I, H]) and needs no
+per-architecture name tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from moedisco.config.spec import ARCHITECTURES, JobSpec, ModelConfig
+from moedisco.models.architecture import (
+    WEIGHTS_FILE,
+    Role,
+    build_moe_config,
+    num_experts_of,
+    parameter_roles,
+    read_config,
+    save_weights,
+    with_num_experts,
+)
+from moedisco.models.upcycle import DENSE_TO_MOE, upcycle_dense
+from moedisco.stages import prepare
+from moedisco.stages.stage_run import StageRun
+
+
+def build_source_moe(spec: JobSpec, vocab_size: int, eos_id: int, pad_id: int) -> PreTrainedModel:
+    """The MoE every run starts from: a local pretrained checkpoint, or a seeded fresh initialisation."""
+    if spec.model.pretrained is not None:
+        return load_pretrained_moe(spec.model.pretrained, spec.model)
+    torch.manual_seed(spec.seed)
+    return AutoModelForCausalLM.from_config(build_moe_config(spec.model, vocab_size, eos_id, pad_id))
+
+
+def load_pretrained_moe(path: Path, cfg: ModelConfig) -> PreTrainedModel:
+    """A local MoE checkpoint as it is, or a dense one upcycled into an MoE (see `moedisco.models.upcycle`)."""
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model.pretrained {path}: no config.json (expected a Hugging Face model folder)")
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if config.model_type in DENSE_TO_MOE:
+        return upcycle_dense(path, cfg)
+    if config.model_type not in ARCHITECTURES:
+        raise ValueError(f"model.pretrained {path}: model_type {config.model_type!r} is neither an MoE "
+                         f"{ARCHITECTURES} nor a dense model to upcycle {tuple(DENSE_TO_MOE)}")
+    if num_experts_of(config) != cfg.num_experts:
+        raise ValueError(
+            f"model.num_experts is {cfg.num_experts} but the checkpoint at {path} has {num_experts_of(config)} experts"
+        )
+    return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+
+
+def expert_slice(tensor: torch.Tensor, role: Role, expert: int) -> torch.Tensor:
+    return tensor if role == "shared" else tensor[expert : expert + 1]
+
+
+def submodel_state(get_tensor: Callable[[str], torch.Tensor], roles: dict[str, Role], expert: int) -> dict:
+    """Shared tensors plus row `expert` of every per-expert tensor; `get_tensor(name)` reads one tensor."""
+    return {name: expert_slice(get_tensor(name), role, expert).clone() for name, role in roles.items()}
+
+
+def load_submodel(source: Path, expert: int) -> PreTrainedModel:
+    """Submodel `expert` of the MoE saved in `source`, read one tensor at a time (the whole MoE is never loaded)."""
+    config = read_config(source)
+    if not 0 <= expert < num_experts_of(config):
+        raise ValueError(f"expert {expert} out of range for {num_experts_of(config)} experts")
+    model = AutoModelForCausalLM.from_config(with_num_experts(config, 1))
+    roles = parameter_roles(config)
+    with safe_open(source / WEIGHTS_FILE, framework="pt") as weights:
+        # A tied lm_head is stored once (as the embedding); tie_weights() restores it.
+        present = {name: role for name, role in roles.items() if name in set(weights.keys())}
+        model.load_state_dict(submodel_state(weights.get_tensor, present, expert), strict=False)
+    model.tie_weights()
+    return model
+
+
+def stage_source(run: StageRun) -> dict:
+    tokenizer = prepare.load_tokenizer(run.paths.tokenizer)
+    model = build_source_moe(run.spec, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    save_weights(model, run.paths.source)
+    return {"arch": model.config.model_type, "parameters": sum(p.numel() for p in model.parameters())}
