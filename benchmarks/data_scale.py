@@ -11,10 +11,10 @@ cluster) and `train_read` (the batches of `READ_STEPS` optimizer steps drawn fro
 reads them). `rates` compares, on the first `RATE_DOCUMENTS` training documents, the embedder against the embedding
 model's fast tokenizer batch-encoding the same texts the same way (`_rates`).
 Environment: RATE_DOCUMENTS, SAMPLE_DOCUMENTS (`tokenizer.sample_documents`) shrink the run on a small machine.
-`--ray` adds the Ray runner's Ray Data stages (`ray_cluster.data.embed_stage` + `cluster_stage`: the fit's sample,
-the fit, every other document embedded and assigned in one pass; one actor on one cheap node) on the same train
-split, in documents embedded per second per worker (the k-means fit left out, as `embed` has none). Prints one JSON
-object.
+`--ray` adds the Ray runner's Ray Data stages (`ray_cluster.data.embed_cluster.embed_stage` + `cluster_stage`: the
+fit's sample, the fit, every other document embedded and assigned in one pass; one actor on one cheap node) on the
+same train split, in documents embedded per second per worker (the k-means fit left out, as `embed` has none).
+Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -62,13 +62,12 @@ def _spec(corpus: Path, job: Path):
 
 
 def _stage(name: str, spec) -> dict:
-    from moedisco.stages.cluster import stage_cluster, train_source
-    from moedisco.stages.embed import stage_embed
-    from moedisco.stages.prepare import stage_prepare
-
     from moedisco.job.layout import JobPaths
     from moedisco.job.metrics import MetricsWriter
     from moedisco.job.registry import Task
+    from moedisco.stages.cluster import stage_cluster, train_source
+    from moedisco.stages.embed import stage_embed
+    from moedisco.stages.prepare import stage_prepare
     from moedisco.stages.stage_run import StageRun
 
     paths = JobPaths(spec.output_dir)
@@ -98,8 +97,8 @@ def _rates(spec) -> dict:
     import itertools
 
     import numpy as np
-    from moedisco.io.documents import iter_texts
 
+    from moedisco.io.documents import iter_texts
     from moedisco.job.layout import JobPaths
     from moedisco.stages.embed import TOKEN_MEAN_BLOCK, Embedder
 
@@ -135,12 +134,12 @@ def _ray_data(spec, fit_cap: int) -> dict:
 
     from moedisco.io.storage import join, remove_tree
     from moedisco.job.layout import JobPaths
-    from ray_cluster import data
-    from ray_cluster.cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster
+    from ray_cluster.data.embed_cluster import cluster_stage, embed_stage
+    from ray_cluster.local_cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster
     from ray_cluster.placement import job_storage, on_driver_node
 
     # The cheap node is given this machine's CPUs, so the one worker has what the in-process `embed` has: the
-    # embedding actor sizes its tokenizer's threads by its node (`ray_cluster.data.parallel_tokenizer`). And an
+    # embedding actor sizes its tokenizer's threads by its node (`ray_cluster.data.shards.parallel_tokenizer`). And an
     # object store of 1 GB a node, not the local cluster's 150 MB (sized for tests with many nodes; Ray's own
     # default is 30% of RAM): in 150 MB Ray Data's backpressure held the actor to about 3500 docs/s at 1M when the
     # embeddings left the actors.
@@ -152,8 +151,8 @@ def _ray_data(spec, fit_cap: int) -> dict:
     try:
         if not ray.is_initialized():
             ray.init(address="auto")
-        embedded = ray.get(ray.remote(data.embed_stage).options(**where).remote(spec, paths, 1, fit_cap))
-        clustered = ray.get(ray.remote(data.cluster_stage).options(**where).remote(spec, paths, 1))
+        embedded = ray.get(ray.remote(embed_stage).options(**where).remote(spec, paths, 1, fit_cap))
+        clustered = ray.get(ray.remote(cluster_stage).options(**where).remote(spec, paths, 1))
     finally:
         ray.shutdown()
         stop_local_cluster()

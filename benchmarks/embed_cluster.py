@@ -3,8 +3,10 @@
     python benchmarks/embed_cluster.py [--quick] [--documents 3000]
 
 For each node count a fresh local simulated cluster is started (not timed); the timed part is
-`ray_cluster.data.embed_stage` + `cluster_stage` (the Ray runner's stages) on the bundled corpus's train split.
-The single-process reference is `moedisco.stages.embed.Embedder` + `moedisco.stages.cluster.fit_clusters` on the same documents.
+`ray_cluster.data.embed_cluster.embed_stage` + `cluster_stage` (the Ray runner's stages) on the bundled corpus's
+train split.
+The single-process reference is `moedisco.stages.embed.Embedder` + `moedisco.stages.cluster.fit_clusters`
+on the same documents.
 Reports documents per second and the k-means objective of each fit (in-process vs on Ray, with `--fit-sample` to
 exercise the sampled fit used for corpora too large to fit in one process).
 """
@@ -19,15 +21,15 @@ from pathlib import Path
 
 import numpy as np
 from _common import REPO
-from moedisco.io.documents import load_texts
-from moedisco.stages.prepare import stage_prepare
 
 from moedisco.config.loading import build_spec
+from moedisco.io.documents import load_texts
 from moedisco.job.layout import JobPaths
 from moedisco.job.metrics import MetricsWriter
 from moedisco.job.registry import Task
 from moedisco.stages.cluster import fit_clusters
 from moedisco.stages.embed import Embedder
+from moedisco.stages.prepare import stage_prepare
 from moedisco.stages.stage_run import StageRun
 
 
@@ -49,8 +51,8 @@ def in_process(spec, paths) -> dict:
 def on_ray(spec, paths, num_cheap: int, fit_sample: int) -> dict:
     import ray
 
-    from ray_cluster import data
-    from ray_cluster.cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster
+    from ray_cluster.data.embed_cluster import cluster_stage, embed_stage
+    from ray_cluster.local_cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster
     from ray_cluster.placement import on_driver_node
 
     start_local_cluster(spec=LocalClusterSpec(num_cheap=num_cheap))
@@ -60,8 +62,8 @@ def on_ray(spec, paths, num_cheap: int, fit_sample: int) -> dict:
         # Ray Data runs inside a task on the driver's node, exactly as the Ray runner places these stages.
         where = on_driver_node()
         started = time.perf_counter()
-        embedded = ray.get(ray.remote(data.embed_stage).options(**where).remote(spec, paths, num_cheap, fit_sample))
-        clustered = ray.get(ray.remote(data.cluster_stage).options(**where).remote(spec, paths, num_cheap))
+        embedded = ray.get(ray.remote(embed_stage).options(**where).remote(spec, paths, num_cheap, fit_sample))
+        clustered = ray.get(ray.remote(cluster_stage).options(**where).remote(spec, paths, num_cheap))
         seconds = time.perf_counter() - started
     finally:
         ray.shutdown()

@@ -3,7 +3,7 @@
     python benchmarks/gpu_fit.py            # CUDA: 20 steps each, random init, random token ids, seq 1024, batch 16
     python benchmarks/gpu_fit.py --tiny     # the same script at a tiny size on the CPU (no cap), to check it runs
 
-Each stage trains with the measures `memory: auto` resolves for its device (`estimate.plan_measures`), in
+Each stage trains with the measures `memory: auto` resolves for its device (`moedisco.planning.memory_plan.plan_measures`), in
 moedisco's own loop (`train.train`), with `torch.cuda.set_per_process_memory_fraction` capping the process at the
 device's memory, so an allocation beyond it fails as it would on the real card. Prints, per stage, the measures,
 the estimate, the peak (`torch.cuda.max_memory_allocated`), tokens/s and MFU (6 x parameters x tokens/s over the
@@ -29,7 +29,7 @@ def stage(name: str, train_config, config, params: int, active: int, cap_gb: flo
     from transformers import AutoModelForCausalLM
 
     from moedisco.job.metrics import MetricsWriter
-    from moedisco.planning.estimate import plan_measures
+    from moedisco.planning.memory_plan import plan_measures
     from moedisco.training.loop import TrainContext, train
     from moedisco.training.memory import PeakMemory, measures_of, weight_dtype
 
@@ -63,7 +63,7 @@ def main() -> dict:
     args = parser.parse_args()
     from moedisco.config.loading import load_spec
     from moedisco.models.architecture import with_num_experts
-    from moedisco.planning.estimate import parameter_counts, spec_config
+    from moedisco.planning.memory_plan import parameter_counts, spec_config
 
     overrides = ["model.hidden_size=64", "model.intermediate_size=128", "model.moe_intermediate_size=64",
                  "model.shared_expert_intermediate_size=64", "model.num_hidden_layers=2",

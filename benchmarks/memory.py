@@ -8,7 +8,7 @@ few steps in a fresh process per row, with no measure (plain fp32), each measure
 resolves for a device of 60% of the plain estimate. Measured: the stage's own meter (`memory.PeakMemory`: resident
 high-water mark above the level before the model was built), after a warm-up step of a minimal model with the same
 measures, so that the runtime's one-time costs (libraries loaded on first use, thread pools) are not charged to the
-model. Estimated: `estimate.memory_plan` (CPU: activations in 4 bytes, except bf16-true). Offload is a no-op on
+model. Estimated: `moedisco.planning.memory_plan.memory_plan` (CPU: activations in 4 bytes, except bf16-true). Offload is a no-op on
 the CPU and has no row. Targets: estimate within 15% of measured in every row; tokens/s of each measure as a ratio
 to plain.
 
@@ -59,7 +59,7 @@ def _train(config, measures: dict, steps: int, run_dir: Path, meter=None):
 def child(payload: dict) -> dict:
     import torch
 
-    from moedisco.planning.estimate import memory_plan
+    from moedisco.planning.memory_plan import memory_plan
     from moedisco.training.memory import PeakMemory
 
     torch.set_num_threads(2)
@@ -77,7 +77,7 @@ def child(payload: dict) -> dict:
 
 def _auto_measures(hidden: int, share: float = AUTO_DEVICE_SHARE) -> dict:
     from moedisco.config.spec import TrainConfig
-    from moedisco.planning.estimate import memory_plan, parameter_counts, plan_measures
+    from moedisco.planning.memory_plan import memory_plan, parameter_counts, plan_measures
 
     config = _config(hidden)
     params = parameter_counts(config)["total"]
@@ -120,7 +120,7 @@ def auto_job(out_dir: Path) -> dict:
     from moedisco.job.layout import JobPaths
     from moedisco.job.metrics import read_metrics
     from moedisco.models.architecture import with_num_experts
-    from moedisco.planning.estimate import memory_plan, parameter_counts, spec_config
+    from moedisco.planning.memory_plan import memory_plan, parameter_counts, spec_config
     from moedisco.runner.job_runner import run_job
     from tests.conftest import tiny_spec_dict
 

@@ -31,7 +31,7 @@ def write_submodels(hidden: int, folder: Path) -> dict:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from moedisco.models.architecture import save_weights, unique_state_dict
+    from moedisco.models.weights import save_weights, unique_state_dict
     from moedisco.stages.split import load_submodel
 
     torch.manual_seed(0)
@@ -61,7 +61,7 @@ def child(payload: dict) -> dict:
     started = time.perf_counter()
     with AnonPeak() as memory:
         merge_submodels(folder / "source", files, [1 / NUM_EXPERTS] * NUM_EXPERTS, "concat", folder / "merged",
-                        max_shard_bytes=payload["shard_bytes"], fisher=fisher)
+                        max_file_bytes=payload["shard_bytes"], fisher=fisher)
         if payload["router_init"] == "centroid":
             patch_tensors(folder / "merged", centroid_router_rows(folder / "merged", samples))
     merge_seconds = time.perf_counter() - started

@@ -40,9 +40,11 @@ from moedisco.job.metrics import read_metrics  # noqa: E402
 from moedisco.job.registry import STAGES, tier_of  # noqa: E402
 from moedisco.models.architecture import read_config
 from moedisco.planning.cost import flop_cost_usd, price_row  # noqa: E402
-from moedisco.planning.estimate import DEFAULT_UTILISATION, parameter_counts  # noqa: E402
+from moedisco.planning.estimate import DEFAULT_UTILISATION
+from moedisco.planning.memory_plan import parameter_counts
 from moedisco.runner.job_runner import run_job  # noqa: E402
-from moedisco.training.loop import StopRequested, checkpoint_dir  # noqa: E402
+from moedisco.training.checkpoint import checkpoint_dir
+from moedisco.training.loop import StopRequested
 
 TRAINED_STAGES = tuple(stage.name for stage in STAGES if stage.trained)
 

@@ -30,7 +30,7 @@ def start(cheap_nodes: Annotated[int, typer.Option(help="Nodes labelled as the c
           cpus_per_node: Annotated[float, typer.Option(help="Logical CPUs per node (one trainer worker each).")] = 1.0,
           ) -> None:
     """Start the cluster in the background; it runs until `moedisco cluster stop`."""
-    from ray_cluster import cluster as local
+    from ray_cluster import local_cluster as local
 
     spec = local.LocalClusterSpec(num_cheap=cheap_nodes, num_expensive=expensive_nodes, label_key=label_key,
                                   cheap_label=cheap_label, expensive_label=expensive_label,
@@ -48,7 +48,7 @@ def start(cheap_nodes: Annotated[int, typer.Option(help="Nodes labelled as the c
 @cluster_app.command()
 def stop() -> None:
     """Stop the cluster started by `moedisco cluster start` (only its own processes)."""
-    from ray_cluster import cluster as local
+    from ray_cluster import local_cluster as local
 
     console.print("stopped" if local.stop_local_cluster() else "no local cluster is running")
 
@@ -59,7 +59,7 @@ def status(address: Annotated[str | None, typer.Option(help="Cluster address; de
     """Nodes of the cluster with their labels and logical resources."""
     import ray
 
-    from ray_cluster import cluster as local
+    from ray_cluster import local_cluster as local
 
     state = local.read_state()
     address = address or (state or {}).get("address")

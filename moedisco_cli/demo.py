@@ -77,7 +77,7 @@ def demo(spec: Annotated[Path, typer.Option(help="Job spec to submit.")] = REPO 
          port: Annotated[int, typer.Option(help="Port of the API.")] = 8000,
          data_dir: Annotated[Path, typer.Option(help="Service data folder (jobs, store).")] = Path("runs/demo")) -> None:
     """Start a local simulated cluster and the service, submit a job over REST, follow it, print its cost."""
-    from ray_cluster.cluster import DASHBOARD_PORT
+    from ray_cluster.local_cluster import DASHBOARD_PORT
 
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)

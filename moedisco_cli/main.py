@@ -42,29 +42,27 @@ def run(spec: SpecArg, set_: SetOpt = None,
     """Run a job; re-running on the same output_dir resumes it."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     job = _load(spec, set_)
-    from moedisco.planning.estimate import resolve_memory
+    if runner not in ("local", "ray"):
+        console.print(f"[red]--runner must be `local` or `ray`, got {runner!r}[/red]")
+        raise typer.Exit(2)
+    from moedisco.training.loop import Preempted
 
-    try:
-        job = resolve_memory(job)  # refused here, before any stage, when a training stage fits no device
+    try:  # the runner plans memory first: a training stage that fits no device is refused before any stage
+        if runner == "ray":
+            from ray_cluster.orchestrate import run_job_on_ray
+
+            summary = run_job_on_ray(job, address=address, events=None if quiet else ConsoleProgress())
+        else:
+            from moedisco.runner.job_runner import run_job
+
+            # Training steps are tqdm bars here; the events say when stages start, end or are skipped.
+            summary = run_job(job, events=ConsoleProgress(steps=False), progress=not quiet)
     except SpecError as error:
         console.print(f"[red]{error}[/red]")
         raise typer.Exit(2) from None
-    if runner == "ray":
-        from ray_cluster.orchestrate import run_job_on_ray
-
-        summary = run_job_on_ray(job, address=address, events=None if quiet else ConsoleProgress())
-    elif runner == "local":
-        from moedisco.runner.job_runner import run_job
-        from moedisco.training.loop import Preempted
-
-        try:  # Training steps are tqdm bars here; the events say when stages start, end or are skipped.
-            summary = run_job(job, events=ConsoleProgress(steps=False), progress=not quiet)
-        except Preempted as stop:  # SIGTERM: the stage checkpointed its step; a re-run resumes there
-            console.print(f"[yellow]{stop}; run again to resume[/yellow]")
-            raise typer.Exit(143) from None  # 128 + SIGTERM, as a process ended by the signal would
-    else:
-        console.print(f"[red]--runner must be `local` or `ray`, got {runner!r}[/red]")
-        raise typer.Exit(2)
+    except Preempted as stop:  # SIGTERM: the stage checkpointed its step; a re-run resumes there
+        console.print(f"[yellow]{stop}; run again to resume[/yellow]")
+        raise typer.Exit(143) from None  # 128 + SIGTERM, as a process ended by the signal would
     print_cost(summary["cost"])
     console.print(f"final model: {summary['final']}\nreport: {Path(summary['output_dir']) / 'report.png'}")
 
@@ -73,7 +71,8 @@ def run(spec: SpecArg, set_: SetOpt = None,
 def estimate(spec: SpecArg, set_: SetOpt = None,
              as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Parameter counts, memory plan per tier and cost estimate, without training."""
-    from moedisco.planning.estimate import estimate_job, render_estimate
+    from moedisco.planning.estimate import estimate_job
+    from moedisco_cli.estimate import render_estimate
 
     result = estimate_job(_load(spec, set_))
     if as_json:

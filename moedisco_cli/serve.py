@@ -48,7 +48,7 @@ def _connect_ray(settings: Settings, address: str | None) -> bool:
         ray.init(address=address, namespace=settings.ray_namespace)
         return False
     if settings.runner == "ray":
-        from ray_cluster.cluster import start_local_cluster
+        from ray_cluster.local_cluster import start_local_cluster
 
         cluster_address = start_local_cluster(num_cheap=2)
         if not ray.is_initialized():
@@ -62,7 +62,7 @@ def _stop_local_cluster(settings: Settings) -> None:
     import ray
 
     if settings.runner == "ray":
-        from ray_cluster.cluster import stop_local_cluster
+        from ray_cluster.local_cluster import stop_local_cluster
 
         stop_local_cluster()
     ray.shutdown()

@@ -3,32 +3,15 @@
     summary = run_job_on_ray(load_spec("examples/tiny.yaml"))                    # fresh local simulated cluster
     summary = run_job_on_ray(spec, address="10.0.0.5:6379", events=store.add, should_stop=job.cancelled)
 
-The runner keeps the books (markers, budget, events, cost ledger; `moedisco.runner.job_runner`); the executor only decides
-where and how each task of the plan (`moedisco.job.registry.plan`) runs:
-
-| stage             | where it runs                                                                     |
-| set-up stages     | prepare: a corpus of several files split a Ray Data task per file, the train     |
-|                   | split tokenized on Ray Data (`ray_cluster.corpus`); embed, cluster: Ray Data      |
-|                   | on the cheap tier                                                                 |
-|                   | (`ray_cluster.data`); source: a Ray task; all four in one `DataWorker` actor for |
-|                   | a one-shard corpus                                                                |
-| training stages   | one Ray Train trainer per task on the stage's tier; a round's experts are all    |
-|                   | submitted (`resources.max_parallel` caps them) and wait in Ray for nodes          |
-| sync, merge       | a Ray task on the cheap tier, reading the checkpoints from storage                |
-
-A MoE-DisCo job whose train split fits one shard (`ray_cluster.prestart.fits_one_process`: known from
-`data.max_documents` before prepare, else counted after it) runs its set-up stages in one process. That data worker
-and the trainers' launcher are started with the job (`ray_cluster.prestart`, by the service before it even imports
-this module), so their imports overlap the job's own start; the worker is stopped before the first stage that is
-not set-up, which frees its node.
-
-Every placement asks for what the task's tier declares (`ray_cluster.placement.task_options`), and before the
-first stage the job checks that each tier's label is on some node or that an autoscaler may add one
-(`check_tiers_reachable`), so a job never waits forever for a pod that cannot come.
-
-Re-running a job whose driver died skips finished stages (their markers) and resumes the interrupted one from its
-checkpoints. Besides the runner's events, the executor sends `ExpertState` (waiting / running / done / cancelled);
-`should_stop()` turning true cancels the job (`JobCancelled`).
+The runner keeps the books (markers, budget, events, cost ledger; `moedisco.runner.job_runner`); the executor only
+decides where each task of the plan (`moedisco.job.registry.plan`) runs. A data stage runs as
+`ray_cluster.data.stages.DATA_STAGES` says (on Ray Data, in a Ray task, or in the job's data worker); a training
+stage is one Ray Train trainer per task on its tier (`ray_cluster.trainers`), a round's experts all submitted at
+once (`resources.max_parallel` caps them) to wait in Ray for nodes; sync and merge are a Ray task on the cheap tier
+that reads the checkpoints from storage. Every placement asks for what its tier declares, and before the first
+stage the job checks that each tier's label is on some node or that an autoscaler may add one, so that a job never
+waits for a pod that cannot come. Re-running a job whose driver died skips finished stages and resumes the
+interrupted one from its checkpoints; `should_stop()` turning true cancels the job (`JobCancelled`).
 """
 
 from __future__ import annotations
@@ -43,21 +26,23 @@ import ray
 from moedisco.config.spec import JobSpec
 from moedisco.io.storage import join, remove_tree
 from moedisco.job.events import Events
-from moedisco.job.registry import STAGE, Task
+from moedisco.job.registry import STAGE, Task, submodel_task
 from moedisco.runner.job_runner import BudgetLeft, JobCancelled, JobContext, JobRunner, Started
-from ray_cluster import corpus, data, prestart
-from ray_cluster.cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster
+from ray_cluster import prestart
+from ray_cluster.data.data_worker import data_stages_in_one_process, start_data_worker
+from ray_cluster.data.stages import DATA_STAGES
+from ray_cluster.local_cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster
 from ray_cluster.placement import (
     TierUnreachable,
     check_output_dir,
     check_tiers_reachable,
     on_driver_node,
+    placement_tier,
     run_name,
     run_stage_on_tier,
     storage_root,
     task_options,
     tier_nodes,
-    tier_of,
 )
 from ray_cluster.tracking import Tracker
 from ray_cluster.trainers import build_trainer
@@ -113,24 +98,21 @@ class RayExecutor:
         elif STAGE[task.stage].setup:
             self.submit_setup(task)
         else:  # sync, merge: work on the checkpoints in storage, on a cheap node
-            tier = tier_of(self.spec, task.stage)
+            tier = placement_tier(self.spec, task.stage)
             self.remote(task, run_stage_on_tier, self.job.stage_run(task), tier, options=task_options(self.spec, tier))
 
     def submit_setup(self, task: Task) -> None:
-        spec, paths = self.spec, self.paths
-        on_ray_data = task.stage in RAY_DATA_STAGES
-        if on_ray_data and self.data_worker is None and prestart.data_stages_in_one_process(spec):
-            self.data_worker = prestart.start_data_worker(spec)  # the corpus's size was known only after prepare
+        spec, stage = self.spec, DATA_STAGES[task.stage]
+        if stage.on_ray_data and self.data_worker is None and data_stages_in_one_process(spec):
+            self.data_worker = start_data_worker(spec)  # the corpus's size was known only after prepare
         if self.data_worker is not None:
-            in_process = task.stage in ("embed", "cluster")  # `DataWorker.embed` / `.cluster`; the rest as they are
-            method = task.stage if in_process else "run"
-            args = (spec, paths) if in_process else (self.job.stage_run(task),)
-            self.tracker.submit(task.key, getattr(self.data_worker, method).remote(*args), actor=self.data_worker)
-        elif on_ray_data:  # an actor pool over the cheap nodes
+            ref = self.data_worker.run.remote(self.job.stage_run(task))
+            self.tracker.submit(task.key, ref, actor=self.data_worker)
+        elif stage.on_ray_data:  # coordinates an actor pool over the cheap nodes
             num_nodes = len(tier_nodes(spec, spec.resources.submodel_tier))
-            self.remote(task, RAY_DATA_STAGES[task.stage], spec, paths, num_nodes, options=on_driver_node())
+            self.remote(task, stage.on_ray_data, spec, self.paths, num_nodes, options=on_driver_node())
         else:  # source: anywhere, with the threads of the node it lands on
-            self.remote(task, run_stage_on_tier, self.job.stage_run(task), tier_of(spec, task.stage))
+            self.remote(task, run_stage_on_tier, self.job.stage_run(task), placement_tier(spec, task.stage))
 
     def remote(self, task: Task, function, *args, options: dict | None = None) -> None:
         """A Ray task; every stage outside Ray Train is idempotent, so a lost node or a preempted pod re-runs it
@@ -146,7 +128,7 @@ class RayExecutor:
         spec = self.spec
 
         def start():
-            trainer = build_trainer(spec, task, events=self.tracker.queue, owner=self.job.owner)
+            trainer = build_trainer(spec, task, events=self.tracker.queue, runner_id=self.job.runner_id)
             return self.tracker.launcher.fit.remote(trainer)
 
         self.tracker.enqueue(task.key, start, max_parallel(spec))
@@ -161,8 +143,8 @@ class RayExecutor:
             summary = self.tracker.wait(task.key)
         if not STAGE[task.stage].trained:
             return summary if STAGE[task.stage].setup else {**summary, "num_nodes": 1}
-        if summary.get("not_owner"):
-            self.job.may_write()  # raises NotOwner: the folder is another runner's
+        if summary.get("claim_lost"):
+            self.job.may_write()  # raises ClaimLost: the folder is another runner's
         if summary.get("stopped"):
             raise JobCancelled(f"{task.stage} stopped on request")
         billed = self.tracker.billed_seconds(task.key, summary)
@@ -176,16 +158,13 @@ class RayExecutor:
         """A synced round's Ray Train runs: their reported checkpoint copies are never read again (the next round
         is a run of its own and resumes from the synced checkpoints in the job folder)."""
         for expert in range(self.spec.model.num_experts):
-            remove_tree(join(storage_root(self.spec), run_name(self.spec, "submodel", expert, round_index)))
+            run = run_name(self.spec, submodel_task(self.spec, expert, round_index))
+            remove_tree(join(storage_root(self.spec), run))
 
     def stop_data_worker(self) -> None:
         if self.data_worker is not None:
             ray.kill(self.data_worker)
             self.data_worker = None
-
-
-# Set-up stages with a Ray Data implementation, each called as (spec, paths, number of cheap nodes).
-RAY_DATA_STAGES = {"prepare": corpus.prepare_stage, "embed": data.embed_stage, "cluster": data.cluster_stage}
 
 
 def max_parallel(spec: JobSpec) -> int:
@@ -217,13 +196,11 @@ def ray_connection(spec: JobSpec, address: str | None) -> Iterator[str]:
 
 
 def run_job_on_ray(spec: JobSpec, address: str | None = None, events: Events | None = None,
-                   should_stop: Callable[[], bool] | None = None, owner: str | None = None,
+                   should_stop: Callable[[], bool] | None = None, runner_id: str | None = None,
                    budget_left: BudgetLeft | None = None) -> dict:
     """Run `spec` on a Ray cluster, idempotently; returns {"output_dir", "final", "cost"} like `run_job`."""
     with ray_connection(spec, address):
         nodes = [node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]]
         check_output_dir(spec, nodes, ray.util.get_node_ip_address())
-        return JobRunner(spec, RayExecutor(), events, should_stop, owner, budget_left).run()
+        return JobRunner(spec, RayExecutor(), events, should_stop, runner_id, budget_left).run()
 
-
-__all__ = ["JobCancelled", "RayExecutor", "ray_connection", "run_job_on_ray"]

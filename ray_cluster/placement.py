@@ -1,15 +1,15 @@
-"""Where a stage runs: tier label selectors, device detection, storage locations. Light to import on purpose
-(no torch), since every Ray worker that unpickles a stage's function imports it.
+"""Where a task runs on Ray: its tier (label selector, declared resources), the control plane, and where its files go.
 
-    label_selector(spec, spec.resources.submodel_tier)   # {"gpu_type": "4090"}
-    worker_resources(spec.resources.submodel_tier)       # {"CPU": 1, "GPU": 1}: from the tier's declaration
+    placement_tier(spec, "embed")                        # the tier it runs on: spec.resources.submodel_tier
+    task_options(spec, tier)                             # {"num_cpus": 1, "num_gpus": 1, "label_selector": {...}}
     check_tiers_reachable(spec)                          # raises TierUnreachable naming a label nothing offers
     on_control_plane()                                   # options that keep the job's driver on the head
-    storage_root(spec)                                   # resources.storage_path, else output_dir
+    run_name(spec, task)                                 # Ray Train's run: "<job_key>/<task.marker>"
 
 A tier's resource need is declared (`TierConfig.gpus_per_worker_needed`), never read from the nodes alive at job
 start: on a cluster whose GPU groups start at zero pods nothing of the tier is alive yet, and the request itself
-is what makes the autoscaler add a pod of the right kind.
+is what makes the autoscaler add a pod of the right kind. Light to import on purpose (no torch), since every Ray
+worker that unpickles a stage's function imports it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ray
 
@@ -26,9 +27,11 @@ from moedisco.config.spec import JobSpec
 from moedisco.io.storage import is_uri, join
 from moedisco.job import registry
 from moedisco.job.layout import JobPaths
-from moedisco.runner.execute import run_stage
-from moedisco.stages.stage_run import StageRun
-from ray_cluster.cluster import CONTROL_PLANE_LABEL, SIMULATED_LABEL, describe_nodes, nodes_with_label
+from moedisco.job.registry import Task
+from ray_cluster.local_cluster import CONTROL_PLANE_LABEL, SIMULATED_LABEL, describe_nodes, nodes_with_label
+
+if TYPE_CHECKING:
+    from moedisco.stages.stage_run import StageRun
 
 log = logging.getLogger(__name__)
 
@@ -72,18 +75,16 @@ def job_storage(spec: JobSpec) -> Path | str:
     return join(storage_root(spec), job_key(spec))
 
 
-def run_name(spec: JobSpec, stage: str, expert: int | None, round_index: int | None = None) -> str:
-    """Ray Train's run name, under the job's storage folder; every synchronisation round but the last is a run
-    of its own, so that a restarted worker restores the round's own checkpoints, not an earlier round's copy
-    from before its sync."""
-    key = job_key(spec)
-    name = f"{key}/{stage}" if expert is None else f"{key}/{stage}_{expert}"
-    last = round_index is None or round_index == spec.branch.sync_rounds - 1
-    return name if last else f"{name}_round_{round_index}"
+def run_name(spec: JobSpec, task: Task) -> str:
+    """Ray Train's run name of a training task, under the job's storage folder: its marker, so that every
+    synchronisation round but the last is a run of its own and a restarted worker restores the round's own
+    checkpoints, not an earlier round's copy from before its sync."""
+    return f"{job_key(spec)}/{task.marker}"
 
 
-def tier_of(spec: JobSpec, stage: str) -> TierConfig:
-    """The tier a stage is placed on: its declared one; free set-up work goes to the cheap tier."""
+def placement_tier(spec: JobSpec, stage: str) -> TierConfig:
+    """The tier a stage's tasks are placed on: the one that pays for it (`moedisco.job.registry.tier_of`); free
+    set-up work goes to the cheap tier."""
     return registry.tier_of(spec.resources, stage) or spec.resources.submodel_tier
 
 
@@ -118,7 +119,7 @@ def tier_simulated(spec: JobSpec, tier: TierConfig) -> bool:
 
 def on_simulated_device(tier: TierConfig) -> bool:
     """True in a worker whose GPU is logical: its tier is declared simulated, or its node is one of the local
-    simulated cluster's (`ray_cluster.cluster.SIMULATED_LABEL`), whatever the job declared."""
+    simulated cluster's (`ray_cluster.local_cluster.SIMULATED_LABEL`), whatever the job declared."""
     key, value = SIMULATED_LABEL
     return tier.simulated or ray.get_runtime_context().get_node_labels().get(key) == value
 
@@ -147,6 +148,8 @@ def node_cpus() -> int:
 def run_stage_on_tier(run: StageRun, tier: TierConfig) -> dict:
     """`moedisco.runner.execute.run_stage` as a Ray task on `tier` (sync, merge)."""
     prepare_worker(tier)
+    from moedisco.runner.execute import run_stage  # torch: in the worker, after `prepare_worker`
+
     return run_stage(run)
 
 
@@ -170,7 +173,7 @@ def autoscaler_present(spec: JobSpec) -> bool:
 def check_tiers_reachable(spec: JobSpec) -> None:
     """Raise `TierUnreachable` naming the first label of the job's tiers that no alive node carries, unless an
     autoscaler may still add such a node (then the job's pending requests are what asks it to)."""
-    labels = dict.fromkeys(tier_of(spec, task.stage).label for group in registry.plan(spec) for task in group)
+    labels = dict.fromkeys(placement_tier(spec, task.stage).label for group in registry.plan(spec) for task in group)
     offered = {node["labels"].get(spec.resources.label_key) for node in describe_nodes()}
     missing = [label for label in labels if label not in offered]
     if missing and not autoscaler_present(spec):

@@ -1,31 +1,18 @@
-"""Waiting on a job's remote work: events from workers, expert states, node slots, cancellation.
+"""Waiting on a job's remote work: events from workers, expert states, node slots, work redone, cancellation.
 
     tracker = Tracker(emit=print, should_stop=lambda: False)
     tracker.enqueue(("submodel", 0), start=lambda: tracker.launcher.fit.remote(trainer), limit=4)
     summary = tracker.wait(("submodel", 0))   # starts it when a slot is free, forwards progress, honours should_stop
 
-Workers push events to an `EventQueue` actor (fire and forget, so a slow driver never slows training); the driver
-drains it every `poll_s` while it waits, so every event reaches the job's callback from the driver's thread.
-
-Trainers are queued and submitted while fewer than `limit` of their stage are running (the job's
-`resources.max_parallel`, default every expert of a round). A submitted trainer waits inside Ray Train for its
-tier's nodes; its pending placement group is the demand an autoscaler reads, so counting alive nodes here would
-starve a tier that starts at zero pods. An expert is `waiting` until rank 0 of its trainer starts, then `running`,
-`done` when it finishes. A cancel kills the launcher, which owns the trainers' controllers. A controller killed
-while its placement group is still pending leaves it behind: Ray Train's cleaner only knows groups whose workers
-started, and Ray removes a dead creator's groups only with its job, the driver; once created such a group would
-hold a GPU node (or keep a pod alive) for nobody. The tracker removes them (`remove_orphaned_placement_groups`):
-after a cancel, and when the next job of this driver starts.
-
-Work redone is counted per trainer (`lost_steps`): when a worker starts again (Ray Train restarting a failed worker
-group, or the driver restarting a preempted trainer), the steps between the furthest step its predecessor reported
-and the checkpoint it starts from are trained twice. A preempted worker reports the exact step it checkpointed, so
-its restart loses none; a killed one is known only up to its last logged step (`eval_every`), so what it lost
-past that is not counted. Preemptions are counted apart (`preemptions`): they never use up `max_failures`.
-
-Cancelling (`should_stop()` turned true) raises the queue's stop flag, which each worker reads at its next
-checkpoint (`TrainHooks.should_stop`) and returns early, so Ray Train shuts the trainer down cleanly; a trainer that
-has not stopped within `STOP_GRACE_S` is killed with the launcher. Finished stages and checkpoints stay on disk.
+Work is keyed by `moedisco.job.registry.Task.key`. Workers push events to an `EventQueue` actor (fire and forget, so
+a slow driver never slows training), which the driver drains while it waits, so that every event reaches the job's
+callback from the driver's thread. Trainers are submitted while fewer than `limit` of their stage run
+(`resources.max_parallel`); a submitted trainer waits inside Ray Train for its tier's nodes, its pending placement
+group being the demand an autoscaler reads. An expert is `waiting`, `running` once rank 0 starts, then `done` (or
+`preempted`, `cancelled`); steps a restart trains twice are counted per trainer (`WorkDone`), and preemptions apart
+from `max_failures`. A cancel raises the queue's stop flag, which workers read at their next checkpoint; a trainer
+not stopped within `STOP_GRACE_S` is killed with the launcher, and the placement groups its killed controller leaves
+behind, which Ray Train's cleaner does not know, are removed (`remove_orphaned_placement_groups`).
 """
 
 from __future__ import annotations
@@ -50,7 +37,12 @@ ORPHAN_WAIT_S = 10.0  # for the killed launcher's controllers to be marked dead
 
 @dataclass
 class WorkDone:
-    """One trainer's steps across its restarts: how far it got, and what restarts made it train twice."""
+    """One trainer's steps across its restarts: how far it got, and what restarts made it train twice.
+
+    When a worker starts again (Ray Train restarting a failed worker group, or the driver a preempted trainer), the
+    steps between the furthest step its predecessor reported and the checkpoint it starts from are trained twice.
+    A preempted worker reports the exact step it checkpointed, so its restart loses none; a killed one is known only
+    up to its last logged step (`eval_every`), so what it lost past that is not counted."""
 
     reached: int = 0  # the furthest step reported
     first_step: int | None = None  # where its first worker started

@@ -2,18 +2,14 @@
 
     TorchTrainer(train_func, train_loop_config={"spec": spec, "task": Task("submodel", 2), "events": queue}, ...)
 
-The stage is moedisco's own (`moedisco.runner.execute.run_stage` of the task, e.g. `pipeline.stage_submodel`); this module
-only connects it to Ray Train through `TrainHooks`:
-- every checkpoint moedisco writes is reported with `ray.train.report(..., checkpoint=...)`, and a restarted worker
-  first puts the latest reported checkpoint back into the run folder, so `train` resumes from it;
-- every metrics line says which node, `gpu_type` and GPUs ran it (`TrainHooks.extra`);
-- rank 0 pushes progress records to the job's event queue, and at every checkpoint reads the driver's stop flag;
-- after every step every rank asks Ray Train whether its node is being preempted (`ray.train.get_preemption_info`:
-  Ray marks a node draining when the cloud or KubeRay gives it up, and `ray start` does when its pod gets
-  SIGTERM); if so the loop checkpoints that step, the checkpoint is reported, and the worker returns
-  `{"preempted": True}`, so the driver starts only this trainer again, from that step, counting a preemption
-  instead of one of `max_failures` (`moedisco.training.preemption`);
-- with several workers the model is sharded over them (FSDP2, `moedisco.training.fsdp`).
+The stage is moedisco's own (`moedisco.runner.execute.run_stage` of the task); this module only connects it to Ray
+Train through `TrainHooks`. Every checkpoint moedisco writes is reported to Ray Train, and a restarted worker first
+puts the latest reported one back into the run folder, so that training resumes from it; every metrics line says
+which node, `gpu_type` and GPUs ran it; rank 0 pushes progress to the job's event queue and reads the driver's stop
+flag at every checkpoint; after every step every rank asks Ray Train whether its node is being preempted (drained
+by the cloud, KubeRay, or a SIGTERM to `ray start`), and if so checkpoints that step and returns
+`{"preempted": True}`, so that the driver starts only this trainer again, from that step, counting a preemption
+rather than one of `max_failures`; with several workers the model is sharded over them (FSDP2).
 """
 
 from __future__ import annotations
@@ -33,10 +29,10 @@ import ray.train
 from moedisco.io.atomic import writing
 from moedisco.io.storage import is_uri
 from moedisco.job.events import WorkerStarted, progress_event
-from moedisco.job.layout import JobPaths, NotOwner, check_owner
+from moedisco.job.layout import ClaimLost, JobPaths, check_claim
 from moedisco.stages.stage_run import StageRun
 from moedisco.training.preemption import PreemptionNotice
-from ray_cluster.placement import prepare_worker, storage_root, tier_of
+from ray_cluster.placement import placement_tier, prepare_worker, storage_root
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +62,7 @@ POINTER_FILE = "moedisco_checkpoint.json"
 def reportable_checkpoint(folder: Path, storage: Path | str, scratch: Path) -> Path:
     """What to hand `ray.train.report` for moedisco's checkpoint `folder`: the folder itself (Ray copies it to its
     storage) when it lies outside Ray's storage, else a small pointer written under `scratch`. A checkpoint that
-    is already on the shared storage needs no second copy (25-29 GB per Qwen1.5-MoE submodel)."""
+    is already on the shared storage needs no second copy."""
     if is_uri(storage) or not folder.resolve().is_relative_to(Path(storage).resolve()):
         return folder  # Ray copies it (to object storage when `resources.storage_path` is a URI)
     scratch.mkdir(parents=True, exist_ok=True)
@@ -82,7 +78,8 @@ def restore_reported_checkpoint(checkpoint: ray.train.Checkpoint | None, run_dir
     (moedisco's folder was not on Ray's storage) is copied into a `.partial` folder renamed when complete, so an
     interrupted restore never looks like a checkpoint.
     """
-    from moedisco.training.loop import checkpoint_dir, checkpoint_dirs, finished_result
+    from moedisco.training.checkpoint import checkpoint_dir, checkpoint_dirs
+    from moedisco.training.loop import finished_result
 
     if checkpoint is None or finished_result(run_dir) is not None:
         return None
@@ -104,7 +101,8 @@ def restore_reported_checkpoint(checkpoint: ray.train.Checkpoint | None, run_dir
 
 def resume_step(run_dir: Path) -> int:
     """The step a training run in `run_dir` starts from: its newest checkpoint's, or the end when it finished."""
-    from moedisco.training.loop import checkpoint_dirs, finished_result
+    from moedisco.training.checkpoint import checkpoint_dirs
+    from moedisco.training.loop import finished_result
 
     done = finished_result(run_dir)
     if done is not None:
@@ -118,7 +116,7 @@ class RayTrainBridge:
 
     def __init__(self, config: dict, rank: int, world_size: int):
         self.events, self.task, spec = config.get("events"), config["task"], config["spec"]
-        self.paths, self.owner = JobPaths(spec.output_dir), config.get("owner")
+        self.paths, self.runner_id = JobPaths(spec.output_dir), config.get("runner_id")
         self.rank, self.world_size = rank, world_size
         self.identity = node_identity(spec.resources.label_key)
         # The node's GPUs Ray gave this worker (logical ones too): what the ledger's row for it stands for.
@@ -133,7 +131,7 @@ class RayTrainBridge:
         return TrainHooks(on_progress=self.on_progress, on_checkpoint=self.on_checkpoint,
                           should_stop=self.at_checkpoint_boundary, wrap_model=self.wrap_model,
                           preempted=self.preempted,
-                          before_write=lambda: check_owner(self.paths, self.owner),
+                          before_write=lambda: check_claim(self.paths, self.runner_id),
                           rank=self.rank, world_size=self.world_size, extra={**self.identity, "rank": self.rank,
                                                                              "gpu_ids": self.gpu_ids})
 
@@ -218,7 +216,7 @@ def select_worker_gpu() -> None:
 def train_func(config: dict) -> dict:
     """Runs on every Ray Train worker; returns rank 0's stage summary (the trainer's `Result.return_value`)."""
     spec, task = config["spec"], config["task"]
-    prepare_worker(tier_of(spec, task.stage))
+    prepare_worker(placement_tier(spec, task.stage))
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     paths = JobPaths(spec.output_dir) if rank == 0 else replica_paths(spec.output_dir, rank)
@@ -245,6 +243,6 @@ def train_func(config: dict) -> dict:
                 "started_at": started, "finished_at": time.time()}
     except StopRequested:
         return {"stopped": True}  # a clean return, so Ray Train shuts the trainer down instead of retrying it
-    except NotOwner:
-        return {"stopped": True, "not_owner": True}  # the job is another runner's: retrying cannot help
+    except ClaimLost:
+        return {"stopped": True, "claim_lost": True}  # the job is another runner's: retrying cannot help
     return {**summary, **bridge.identity, "num_nodes": world_size, "started_at": started, "finished_at": time.time()}

@@ -5,10 +5,9 @@
     uvicorn.run(create_app(), host=..., port=...)                              # API + queue on a Ray cluster
 
 With `dispatch=True` the app's lifespan joins Ray (unless already inside it) and runs the dispatcher thread that
-starts queued jobs and resumes jobs whose runner is gone.
-
-The two routes clients poll (a job, its cost) answer from `service.views`, rebuilt only when the store says the
-job changed; the dependencies that do no I/O are `async`, so a request makes at most one thread hop.
+starts queued jobs and resumes jobs whose runner is gone. The two routes clients poll (a job, its cost) answer from
+`service.reporting.views`, rebuilt only when the store says the job changed; the dependencies that do no I/O are
+`async`, so a request makes at most one thread hop.
 """
 
 from __future__ import annotations
@@ -22,15 +21,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 
-from service.api.main import api_router
+from service.api.limits import BodyLimit, clip_input
+from service.api.router import api_router
 from service.api.routes import health
 from service.core.config import Settings
-from service.dispatcher import Dispatcher, RayLauncher
-from service.limits import BodyLimit, clip_input
-from service.prometheus import StoreCollector
-from service.store import Store, json_safe
-from service.users import Users
-from service.views import JobViews
+from service.jobs.dispatcher import Dispatcher, RayLauncher
+from service.reporting.prometheus import StoreCollector
+from service.reporting.views import JobViews
+from service.store.store import Store, json_safe
+from service.store.users import Users
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,13 @@
-"""Request and response bodies of the API (they are its OpenAPI schema at /docs).
+"""Request and response bodies of the API (they are its OpenAPI schema at /docs), and the states of a job.
 
     JobCreate.model_validate(yaml.safe_load(open("examples/tiny.yaml")))   # the body of POST /v1/jobs
     JobPublic.model_validate(job_row)                                        # a job in responses
     UserCreate(name="ada", monthly_budget_usd=50)                            # the body of POST /v1/users
+    job["state"] in TERMINAL_STATES                                          # a client: the job is over
+
+Not in `api/`, because more than the routes speak it: the store keeps a job's state (`service.store`), the
+reporting views build these bodies (`service.reporting`), and clients read the states (`moedisco_cli`); it imports
+only pydantic and moedisco, so a client reads it without FastAPI or SQLAlchemy.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from moedisco.config.spec import JobSpec
 from moedisco.planning.cost import CostRow
 
-# Here rather than in models.py so the client (moedisco_cli) knows when a job is over without importing SQLAlchemy.
+# Here rather than in store/models.py so the client (moedisco_cli) knows when a job is over without SQLAlchemy.
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 JobState = Literal[JOB_STATES]
@@ -26,8 +31,7 @@ class JobCreate(JobSpec):
     """A moedisco job spec (the same document as the YAML that `moedisco run` takes)."""
 
     output_dir: Path | None = Field(
-        None, description="Ignored: the service always writes a job to MOEDISCO_DATA_DIR/jobs/<id>/ "
-                          "(the job's `output_dir` in responses).")
+        None, description="Ignored: the service writes the job to MOEDISCO_DATA_DIR/jobs/<id>/ (`output_dir`).")
 
 
 class _FromRow(BaseModel):
@@ -54,15 +58,15 @@ class JobPublic(_FromRow):
 class StagePublic(_FromRow):
     stage: str
     expert: int | None
-    state: str = Field(description="running, between_rounds (a submodel waiting for its next synchronisation "
-                       "round), finished, skipped (already done on resume), failed or stopped.")
+    state: str = Field(
+        description="running, between_rounds (till the next round), finished, skipped (done before), failed, stopped.")
     step: int | None = Field(None, description="Latest logged training step.")
     total_steps: int | None
     loss: float | None = Field(None, description="Latest training loss.")
     eval_loss: float | None = Field(None, description="Latest held-out loss.")
     seconds: float | None
-    peak_memory_gb: float | None = Field(None, description="A training stage's peak device memory so far, GB "
-                                         "(CUDA: max allocated; CPU: resident high-water mark above the start).")
+    peak_memory_gb: float | None = Field(
+        None, description="Peak memory so far, GB (CUDA: max allocated; CPU: RSS high-water mark above the start).")
     runner_state: str | None = Field(None, description="The Ray runner's state of this expert.")
     started_at: datetime | None
     finished_at: datetime | None
@@ -89,8 +93,7 @@ class CostRowPublic(CostRow):
 
 class BaselinePublic(BaseModel):
     kind: Literal["measured", "estimate"] = Field(
-        description="`measured`: a finished full-parameter job on the same data and model; "
-                    "`estimate`: moedisco's FLOP-model estimate (6 x active params x tokens).")
+        description="`measured`: a full-parameter job on the same data and model; `estimate`: the FLOP model.")
     usd: float
     job_id: str | None = Field(None, description="The measured baseline job.")
 
@@ -103,15 +106,14 @@ class CostPublic(BaseModel):
     stages: list[CostRowPublic]
     by_tier_usd: dict[str, float]
     total_usd: float
-    lost_usd: float = Field(0.0, description="Of `total_usd`, what paid for steps trained twice after failures and "
-                            "preemptions restarted trainers (per stage and expert: each row's `lost_usd`).")
+    lost_usd: float = Field(
+        0.0, description="Of `total_usd`, what paid for steps trained again after a restart (rows' `lost_usd`).")
     simulated: bool
     prices_per_hour: dict[str, float]
     baseline: BaselinePublic | None
     savings_pct: float | None = Field(None, description="100 x (baseline - this job) / baseline.")
     savings_basis: Literal["measured", "estimate"] | None = Field(
-        None, description="`estimate` compares the estimates of both methods, so simulated CPU time is never "
-                          "compared with a GPU FLOP model.")
+        None, description="`estimate`: the FLOP estimates of both methods, never wall time against a FLOP model.")
     estimate_usd: float | None = Field(
         None, description="This job's own FLOP-model estimate: what an estimated baseline is compared with.")
     note: str | None = None
@@ -131,7 +133,7 @@ class EvaluationPublic(BaseModel):
     tasks: list[str] = Field(description="lm-eval task names, as the spec's `evaluate.tasks`.")
     limit: int | None = Field(description="Examples per task scored (null: all).")
     models: dict[str, dict[str, dict[str, Any]]] = Field(
-        description="Model label (the job's method, `baseline` for `evaluate.baseline`) -> task -> metric -> value.")
+        description="Model label (the job's method, or `baseline`) -> task -> metric -> value.")
     baseline_job_id: str | None = Field(description="The measured full-parameter job whose scores are `baseline`.")
     baseline: dict[str, dict[str, dict[str, Any]]] | None = Field(
         description="That baseline job's own evaluation, when it ran one.")
@@ -165,11 +167,9 @@ class UserLimits(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     monthly_budget_usd: Dollars | None = Field(
-        None, description="Dollars the user's jobs may spend per calendar month (UTC): checked at submission "
-                          "against the job's estimate, and before every stage of a running job.")
+        None, description="Dollars per calendar month (UTC): checked at submission, and before each stage.")
     max_queued_jobs: int | None = Field(
-        None, ge=0, le=100_000, description="Jobs the user may have queued at once (else "
-                                            "MOEDISCO_MAX_QUEUED_JOBS_PER_USER).")
+        None, ge=0, le=100_000, description="Jobs queued at once (else MOEDISCO_MAX_QUEUED_JOBS_PER_USER).")
 
 
 class UserCreate(UserLimits):

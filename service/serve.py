@@ -3,23 +3,12 @@
     serve run service.serve:build_app                    # or the KubeRay RayService import_path
     serve.run(build_app({"runner": "local", "data_dir": "/tmp/m"}), route_prefix="/")
 
-`args` (a RayService's `args:` block) override the MOEDISCO_* environment, key by key, with Settings' field names
-(api_token, database_url, data_dir, runner, max_running_jobs, serve_num_replicas ...). Two more keys place the
-replicas: `num_cpus` (default 0: the API is light and must not take a CPU from training) and `label_selector`
-(default: the head's {"moedisco.io/role": "control-plane"} when a node carries it, as k8s/ and the local cluster
-label the head, so a replica never keeps a GPU pod alive nor goes with one; k8s/rayservice.yaml also says so).
-
-The queue must have one dispatcher (two would race on it). With one API replica (the default) that replica runs it;
-with `serve_num_replicas` > 1 it runs in a deployment of its own, `MoediscoDispatcher` (one replica), which the API
-replicas wake through a handle when a job is submitted. Jobs are detached actors, so replicas can be restarted or
-redeployed without touching them; the new dispatcher reconciles.
-
-Serve options come from Settings: `serve_max_ongoing_requests` per replica, `serve_access_log` (Serve's per-request
-log line), and `api_niceness`: Ray starts every worker process at niceness 15 (RAY_worker_niceness), the same as
-the training workers, so on a node that also trains (a laptop, the local simulated cluster) each request waits
-its turn behind them (paced p99 86-105 ms at 15, 21-39 ms at 0, measured beside two niceness-15 CPU hogs on two
-cores). The replicas move themselves to `api_niceness` (default 0, the niceness of any ordinary server); lowering
-a niceness needs CAP_SYS_NICE, and without it the replica says so and keeps Ray's.
+`args` (a RayService's `args:` block) override the MOEDISCO_* environment key by key, with Settings' field names
+(api_token, database_url, data_dir, runner, max_running_jobs, serve_num_replicas ...), and `num_cpus` and
+`label_selector` place the replicas (`build_app`). The queue has one dispatcher (two would race on it): with one API
+replica (the default) that replica runs it; with `serve_num_replicas` > 1 it runs in a deployment of its own,
+`MoediscoDispatcher`, which the API replicas wake through a handle when a job is submitted. Jobs are detached actors,
+so replicas can be restarted or redeployed without touching them; the new dispatcher reconciles.
 """
 
 from __future__ import annotations
@@ -40,7 +29,12 @@ log = logging.getLogger(__name__)
 
 
 def set_process_niceness(niceness: int | None) -> bool:
-    """Every thread of this process to `niceness` (Linux keeps one per thread); False when not allowed."""
+    """Every thread of this process to `niceness` (Linux keeps one per thread); False when not allowed.
+
+    Ray starts every worker process at niceness 15 (RAY_worker_niceness), the same as the training workers, so on a
+    node that also trains (a laptop, the local simulated cluster) each request would wait its turn behind them
+    (BENCHMARKS.md measures it); the replicas move themselves to `api_niceness` (default 0, an ordinary server's).
+    Lowering a niceness needs CAP_SYS_NICE: without it the replica says so and keeps Ray's."""
     if niceness is None:
         return True
     tasks = Path("/proc/self/task")
@@ -108,8 +102,8 @@ class MoediscoDispatcher:
     """The queue and the reconciler in a replica of their own, when the API has several replicas."""
 
     def __init__(self, settings: dict[str, Any]):
-        from service.dispatcher import Dispatcher, RayLauncher
-        from service.store import Store
+        from service.jobs.dispatcher import Dispatcher, RayLauncher
+        from service.store.store import Store
 
         resolved = Settings(**settings)
         set_process_niceness(resolved.api_niceness)
@@ -126,7 +120,10 @@ class MoediscoDispatcher:
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
-    """Ray Serve application builder (import path `service.serve:build_app`)."""
+    """Ray Serve application builder (import path `service.serve:build_app`). Besides Settings' fields, `args` may
+    hold `num_cpus` (default 0: the API is light and must not take a CPU from training) and `label_selector`
+    (default: the head's {"moedisco.io/role": "control-plane"} when a node carries it, as k8s/ and the local cluster
+    label the head, so a replica never keeps a GPU pod alive nor goes with one)."""
     args = dict(args or {})
     actor_options: dict[str, Any] = {"num_cpus": args.pop("num_cpus", 0)}
     label_selector = args.pop("label_selector", None) or control_plane_selector()

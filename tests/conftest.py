@@ -71,8 +71,8 @@ POSTGRES_URL = os.environ.get("MOEDISCO_TEST_POSTGRES_URL")
 def store(request, tmp_path):
     """A job store on SQLite, and on PostgreSQL where MOEDISCO_TEST_POSTGRES_URL names a database (CI starts one
     with service/scripts/start_postgres.sh); that case skips elsewhere."""
-    from service.models import Base
-    from service.store import Store
+    from service.store.models import Base
+    from service.store.store import Store
 
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'store.db'}"

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from moedisco.io.documents import DataError
+from moedisco.io.documents import DataError, iter_documents
 from moedisco_cli.api_client import ApiClient
-from ray_cluster.cluster import free_port
+from ray_cluster.local_cluster import free_port
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +45,20 @@ def wait_until(predicate: Callable[[], T], timeout_s: float, interval_s: float =
         if time.monotonic() > deadline:
             raise TimeoutError(f"not within {timeout_s:.0f} s: {what or predicate}")
         time.sleep(interval_s)
+
+
+def add_local_node(labels: dict[str, str], num_gpus: int = 1, num_cpus: float = 1.0) -> str:
+    """Add a node to the local cluster this process started (`ray_cluster.local_cluster`), as an autoscaler adds a
+    pod; returns its node id. Its object store is the size of a default cluster's nodes'."""
+    from ray_cluster import local_cluster
+
+    cluster = local_cluster._in_process
+    if cluster is None:
+        raise RuntimeError("no local cluster runs in this process; start_local_cluster() first")
+    memory = local_cluster.LocalClusterSpec.object_store_mb * 2**20
+    with local_cluster._environment(RAY_ADDRESS=cluster.address):  # as the cluster's own nodes were started
+        node = cluster.add_node(num_cpus=num_cpus, num_gpus=num_gpus, object_store_memory=memory, labels=labels)
+    return node.node_id
 
 
 def wait_for_state(client: ApiClient, job_id: str, states: tuple[str, ...], timeout_s: float) -> dict:
@@ -167,3 +181,8 @@ class TokenizedCorpus:
             raise DataError(f"only {len(stream)} tokens: fewer than one sequence of {seq_len}; lower data.sequence_length")
         seqs_NL = torch.from_numpy(stream[: num_seqs * seq_len].astype(np.int64)).view(num_seqs, seq_len)
         return seqs_NL
+
+
+def read_documents(path, cfg, report=None) -> list[str]:
+    """`iter_documents` as a list: for corpora that fit in memory."""
+    return list(iter_documents(path, cfg, report))

@@ -7,20 +7,19 @@ import json
 import numpy as np
 import pytest
 import torch
-from moedisco.stages.cluster import stage_cluster
-from moedisco.stages.embed import stage_embed
-from moedisco.stages.prepare import stage_prepare, write_tokens
 
 from moedisco.config.spec import ClusterConfig, DataConfig, TokenizerConfig
-from moedisco.io.documents import DataError, ReadReport, iter_documents, read_documents
+from moedisco.io.documents import DataError, ReadReport, iter_documents
 from moedisco.io.token_shards import SequenceSource, TokenShard, batch_for_step
 from moedisco.job.layout import JobPaths
 from moedisco.job.metrics import MetricsWriter
 from moedisco.job.registry import Task
 from moedisco.stages import cluster
-from moedisco.stages.prepare import is_held_out, train_tokenizer
+from moedisco.stages.cluster import stage_cluster
+from moedisco.stages.embed import stage_embed
+from moedisco.stages.prepare import is_held_out, stage_prepare, train_tokenizer, write_tokens
 from moedisco.stages.stage_run import StageRun
-from tests.helpers import TokenizedCorpus
+from tests.helpers import TokenizedCorpus, read_documents
 
 TEXTS = [f"document {i} is about {'cats' if i % 3 else 'stars'} and {'rain' * (i % 5)} at length." for i in range(60)]
 

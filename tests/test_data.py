@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from moedisco.config.spec import DataConfig, TokenizerConfig
-from moedisco.io.documents import DataError, ReadReport, read_documents
+from moedisco.io.documents import DataError, ReadReport
 from moedisco.io.token_shards import batch_for_step
 from moedisco.stages.prepare import train_tokenizer
-from tests.helpers import TokenizedCorpus
+from tests.helpers import TokenizedCorpus, read_documents
 
 TEXTS = [f"document number {i} talks about {'cats' if i % 2 else 'stars'} at some length." for i in range(40)]
 

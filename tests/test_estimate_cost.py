@@ -11,7 +11,8 @@ from moedisco.config.loading import build_spec, load_spec
 from moedisco.config.resources import ResourcesConfig
 from moedisco.models.architecture import with_num_experts
 from moedisco.planning.cost import CostLedger, flop_cost_usd
-from moedisco.planning.estimate import MemoryFitError, estimate_job, parameter_counts, resolve_memory
+from moedisco.planning.estimate import estimate_job
+from moedisco.planning.memory_plan import MemoryFitError, parameter_counts, resolve_memory
 from moedisco.runner.job_runner import BudgetExceeded, JobRunner, LocalExecutor, run_job
 from tests.conftest import REPO, tiny_hf_config, tiny_spec_dict
 
@@ -88,6 +89,18 @@ def test_a_stage_that_fits_no_device_is_refused_before_the_job_starts(tmp_path):
     assert not (spec.output_dir / "stages").exists()
 
 
+def test_the_command_line_reports_the_refusal_and_exits_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from moedisco_cli.main import app
+
+    spec = _sized_spec(tmp_path, 0.001)
+    (tmp_path / "spec.yaml").write_text(spec.to_yaml())
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "spec.yaml"), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "GB short" in result.output and not (spec.output_dir / "stages").exists()
+
+
 def test_flop_cost_model():
     out = flop_cost_usd(active_params=1_000_000_000, tokens=1_000_000, peak_tflops=100.0, utilisation=0.5, price=3.6)
     assert out["flops"] == 6e15 and out["seconds"] == pytest.approx(120.0) and out["usd"] == pytest.approx(0.12)
@@ -147,7 +160,7 @@ def test_a_budget_left_hook_stops_before_a_stage_it_cannot_pay(tmp_path):
 
 def _top_of_ladder_gb(spec, num_devices: int) -> float:
     from moedisco.config.spec import TrainConfig
-    from moedisco.planning.estimate import memory_plan, spec_config
+    from moedisco.planning.memory_plan import memory_plan, spec_config
 
     config = with_num_experts(spec_config(spec), 1)
     top = TrainConfig(batch_size=16, micro_batch_size=1, activation_checkpointing=True, precision="bf16-true",
@@ -207,7 +220,7 @@ def test_a_resumed_job_keeps_the_precision_and_optimizer_its_checkpoints_hold(tm
 
 def test_torch_adamw_steps_every_parameter_at_once_on_a_gpu(tmp_path):
     from moedisco.config.spec import TrainConfig
-    from moedisco.planning.estimate import memory_plan, spec_config
+    from moedisco.planning.memory_plan import memory_plan, spec_config
 
     spec = _sized_spec(tmp_path, 24.0)
     config, params = spec_config(spec), parameter_counts(spec_config(spec))["total"]

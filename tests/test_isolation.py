@@ -9,10 +9,11 @@ import shutil
 import pytest
 
 from moedisco.config.loading import build_spec
-from moedisco.job.layout import JobPaths, NotOwner, claim, owner_of
+from moedisco.job.layout import ClaimLost, JobPaths, claim, claimant_of
 from moedisco.job.metrics import read_metrics
 from moedisco.runner.job_runner import run_job
-from moedisco.training.loop import StopRequested, checkpoint_dirs
+from moedisco.training.checkpoint import checkpoint_dirs
+from moedisco.training.loop import StopRequested
 from tests.conftest import tiny_spec_dict
 
 TWO_EXPERTS = {"model": {"num_experts": 2, "num_experts_per_tok": 1}, "branch": {"sync_rounds": 1}}
@@ -24,19 +25,19 @@ def test_a_runner_that_was_replaced_stops_before_it_writes_again(tmp_path):
     first_checkpoint = paths.submodel(0) / "checkpoints" / "step_00000004"
 
     def take_over_at_the_first_checkpoint() -> bool:  # what a relaunched runner does first
-        if first_checkpoint.is_dir() and owner_of(paths) == "a":
+        if first_checkpoint.is_dir() and claimant_of(paths) == "a":
             claim(paths, "b")
         return False
 
-    with pytest.raises(NotOwner, match="now belongs to runner b"):
-        run_job(spec, progress=False, owner="a", should_stop=take_over_at_the_first_checkpoint)
+    with pytest.raises(ClaimLost, match="now belongs to runner b"):
+        run_job(spec, progress=False, runner_id="a", should_stop=take_over_at_the_first_checkpoint)
     # Runner a stopped before its next write: no metrics line, checkpoint or marker after the takeover.
     assert [r["step"] for r in read_metrics(paths.metrics, "submodel")] == [0, 4]
     assert [d.name for d in checkpoint_dirs(paths.submodel(0))] == ["step_00000004"]
     assert not paths.marker("submodel_0").exists()
-    summary = run_job(spec, progress=False, owner="b")
+    summary = run_job(spec, progress=False, runner_id="b")
     assert json.loads(paths.marker("submodel_0").read_text())["resumed_from"] == 4
-    assert owner_of(paths) == "b" and (paths.final / "config.json").is_file() and summary["cost"]["total_usd"] > 0
+    assert claimant_of(paths) == "b" and (paths.final / "config.json").is_file() and summary["cost"]["total_usd"] > 0
 
 
 def test_a_folder_with_torn_state_files_resumes_and_finishes(tmp_path, caplog):
@@ -64,13 +65,14 @@ def test_a_folder_with_torn_state_files_resumes_and_finishes(tmp_path, caplog):
 
 
 def test_two_jobs_of_one_name_on_one_storage_path_keep_separate_ray_folders(tmp_path):
+    from moedisco.job.registry import Task
     from ray_cluster.placement import job_storage, run_name
 
     storage = {"storage_path": str(tmp_path / "shared")}
     first, second = (build_spec(tiny_spec_dict(tmp_path / folder, resources=storage)) for folder in ("a", "b"))
     assert first.name == second.name
     assert job_storage(first) != job_storage(second) and job_storage(first).parent == tmp_path / "shared"
-    assert run_name(first, "submodel", 0) != run_name(second, "submodel", 0)
+    assert run_name(first, Task("submodel", 0)) != run_name(second, Task("submodel", 0))
     again = build_spec(tiny_spec_dict(tmp_path / "a", resources=storage))
     assert job_storage(again) == job_storage(first)  # a re-run of the job finds its own files
 

@@ -282,7 +282,7 @@ def test_serve_config_runs_the_api_on_the_head() -> None:
 
 
 def test_drivers_and_the_api_are_pinned_to_the_head_label() -> None:
-    from ray_cluster.cluster import CONTROL_PLANE_LABEL
+    from ray_cluster.local_cluster import CONTROL_PLANE_LABEL
 
     service = the("RayService")
     (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]

@@ -2,6 +2,10 @@
 
     moedisco/ (the algorithm) <- ray_cluster/ (where and when) <- service/ (HTTP, job store) <- moedisco_cli/
 
+Inside `moedisco/` and `service/` the parts are layers too, in the order of `PARTS` (bottom first): a part imports
+only itself and the parts before it. In `service/`, running jobs and reporting on them share the store, not each
+other's code.
+
 Every import counts, also one inside a function: a lazy import still ties the lower layer to the upper one. So does
 a module's name in a string (`importlib.import_module("a.b")`, `python -m a.b`), which the layer check also reads.
 Imports under `if TYPE_CHECKING:` count too: a cycle through a type annotation is still two modules that each
@@ -22,6 +26,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = ("moedisco", "ray_cluster", "service", "moedisco_cli")  # bottom first
+PARTS = {  # bottom first; a part is a subpackage, or a module at the layer's top
+    "moedisco": ("io", "config", "job", "models", "training", "stages", "planning", "runner"),
+    "service": ("core", "schemas", "store", "jobs", "reporting", "api", "main", "serve"),
+}
 
 
 def module_files() -> dict[str, Path]:
@@ -79,6 +87,40 @@ def test_no_package_imports_a_layer_above_it(package):
               for name in {*imported_names(module), *named_modules(module)}
               if name.split(".")[0] in LAYERS and layer(name) > layer(module)}
     assert not upward, "\n".join(sorted(upward))
+
+
+def part_of(module: str) -> str | None:
+    """`service.store.users` -> "store"; None for a layer's own package."""
+    return module.split(".")[1] if "." in module else None
+
+
+def part_rank(module: str) -> int:
+    """Where `layer.part...` sits in its layer's `PARTS`; the layer's own package is below all its parts."""
+    part = part_of(module)
+    return -1 if part is None else PARTS[module.split(".")[0]].index(part)
+
+
+@pytest.mark.parametrize("package", PARTS)
+def test_every_part_is_declared(package):
+    found = {path.relative_to(REPO / package).parts[0].removesuffix(".py")
+             for path in (REPO / package).rglob("*.py") if path.name != "__init__.py" or path.parent != REPO / package}
+    assert found == set(PARTS[package])
+
+
+@pytest.mark.parametrize("package", PARTS)
+def test_parts_depend_downward_only(package):
+    upward = {f"{module} imports {name}" for module in MODULES if module.split(".")[0] == package
+              for name in {*imported_names(module), *named_modules(module)}
+              if name.split(".")[0] == package and name in MODULES and part_rank(name) > part_rank(module)}
+    assert not upward, "\n".join(sorted(upward))
+
+
+def test_service_jobs_and_reporting_are_apart():
+    crossing = {f"{module} imports {name}" for module in MODULES if module.startswith("service.")
+                for name in imported_names(module)
+                if name in MODULES and name.startswith("service.")
+                and {part_of(module), part_of(name)} == {"jobs", "reporting"}}
+    assert not crossing, "\n".join(sorted(crossing))
 
 
 def reachable(graph: dict[str, set[str]], start: str) -> set[str]:

@@ -13,8 +13,10 @@ from transformers import AutoModelForCausalLM
 
 from moedisco.config.spec import TrainConfig
 from moedisco.job.metrics import MetricsWriter
-from moedisco.training.loop import SECOND_MOMENT_FILE, TrainContext, TrainHooks, _Loop, train
-from moedisco.training.memory import PeakMemory, StoredAdamW, make_optimizer, prepare_model, second_moment
+from moedisco.training.checkpoint import SECOND_MOMENT_FILE
+from moedisco.training.loop import TrainContext, TrainHooks, _Loop, train
+from moedisco.training.memory import PeakMemory, prepare_model
+from moedisco.training.optimizer import StoredAdamW, make_optimizer, second_moment
 from tests.conftest import REPO, tiny_hf_config
 
 CPU = torch.device("cpu")

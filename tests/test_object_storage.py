@@ -90,18 +90,16 @@ def test_data_stages_read_and_write_s3_as_they_do_local_disk(s3, tmp_path):
 
 
 def test_ray_runners_data_shards_on_an_s3_storage_path(s3, tmp_path):
-    """The Ray runner's data stages for a corpus of one shard (`ray_cluster.prestart.DataWorker`'s work, here
+    """The Ray runner's data stages for a corpus of one shard (`ray_cluster.data.data_worker.DataWorker`'s work,
     without starting Ray) write their Parquet shards to an s3:// `resources.storage_path` and give the clusters
     the local runner gives."""
-    from moedisco.stages.cluster import stage_cluster
-    from moedisco.stages.embed import stage_embed
-    from moedisco.stages.prepare import stage_prepare
-
     from moedisco.job.metrics import MetricsWriter
     from moedisco.job.registry import Task
-    from moedisco.stages.embed import Embedder
+    from moedisco.stages.cluster import stage_cluster
+    from moedisco.stages.embed import Embedder, stage_embed
+    from moedisco.stages.prepare import stage_prepare
     from moedisco.stages.stage_run import StageRun
-    from ray_cluster.data import cluster_in_process, embed_in_process
+    from ray_cluster.data.embed_cluster import cluster_in_process, embed_in_process
     from ray_cluster.placement import job_key
 
     local, s3_glob = _upload_corpus(s3, tmp_path)
@@ -178,13 +176,13 @@ def _fail_at(stage: str, error: Exception, paths: JobPaths, break_push: bool = F
     return events
 
 
-@pytest.mark.parametrize("case", ["failure", "not_owner", "push_fails"])
+@pytest.mark.parametrize("case", ["failure", "claim_lost", "push_fails"])
 def test_a_stopped_job_pushes_what_it_wrote_unless_another_runner_owns_the_folder(s3, tmp_path, case):
-    from moedisco.job.layout import NotOwner
+    from moedisco.job.layout import ClaimLost
 
     spec = _spec_on_s3(s3, tmp_path)
     paths = JobPaths(spec.output_dir)
-    error = NotOwner("taken over") if case == "not_owner" else RuntimeError("node lost")
+    error = ClaimLost("taken over") if case == "claim_lost" else RuntimeError("node lost")
     runner = _runner(spec, 2, events=_fail_at("embed", error, paths, break_push=case == "push_fails"))
     with pytest.raises(type(error), match=str(error)):  # the original error, whatever the push did
         runner.run()
@@ -198,70 +196,70 @@ def test_a_stopped_job_pushes_what_it_wrote_unless_another_runner_owns_the_folde
 def test_push_skips_vanished_files_and_pulling_pieces_and_records_atomically(s3, tmp_path, monkeypatch):
     import json
 
-    from moedisco.io import storage
+    from moedisco.io import staging
 
     local = tmp_path / "job"
     (local / "checkpoints").mkdir(parents=True)
     (local / "keep.json").write_text("{}")
     (local / "checkpoints" / "step_1").write_text("old")
     (local / ".half.bin.pulling").write_text("partial pull")
-    listing = storage._local_files
+    listing = staging._local_files
 
     def rotate_after_listing(folder):  # a checkpoint rotated away between the listing and its copy
         files = listing(folder)
         (folder / "checkpoints" / "step_1").unlink()
         return files
 
-    monkeypatch.setattr(storage, "_local_files", rotate_after_listing)
-    assert storage.push(local, f"s3://{BUCKET}/{tmp_path.name}") == 1
+    monkeypatch.setattr(staging, "_local_files", rotate_after_listing)
+    assert staging.push(local, f"s3://{BUCKET}/{tmp_path.name}") == 1
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{tmp_path.name}/")["Contents"]}
     assert keys == {f"{tmp_path.name}/keep.json"}
-    assert set(json.loads((local / storage.PUSHED).read_text())) == {"keep.json"}
+    assert set(json.loads((local / staging.PUSHED).read_text())) == {"keep.json"}
     assert not list(local.glob(".*.partial"))
 
 
 def test_pull_brings_down_an_object_rewritten_at_the_same_size(s3, tmp_path):
     import time
 
-    from moedisco.io import storage
+    from moedisco.io import staging
 
     uri, local = f"s3://{BUCKET}/{tmp_path.name}", tmp_path / "job"
     (local / "stages").mkdir(parents=True)
     (local / "stages" / "a.json").write_text('{"v": 1}')
-    storage.push(local, uri)
-    assert storage.pull(uri, local) == 0  # what we pushed ourselves is current
+    staging.push(local, uri)
+    assert staging.pull(uri, local) == 0  # what we pushed ourselves is current
     time.sleep(1.1)  # S3 stamps objects to the second
     s3.put_object(Bucket=BUCKET, Key=f"{tmp_path.name}/stages/a.json", Body=b'{"v": 2}')  # another machine, same length
-    assert storage.pull(uri, local) == 1
+    assert staging.pull(uri, local) == 1
     assert (local / "stages" / "a.json").read_text() == '{"v": 2}'
-    assert storage.pull(uri, local) == 0
-    (local / storage.PUSHED).unlink()  # no record: size and mtime decide, and the pulled file has the object's
-    assert storage.pull(uri, local) == 0
+    assert staging.pull(uri, local) == 0
+    (local / staging.PUSHED).unlink()  # no record: size and mtime decide, and the pulled file has the object's
+    assert staging.pull(uri, local) == 0
     time.sleep(1.1)
     s3.put_object(Bucket=BUCKET, Key=f"{tmp_path.name}/stages/a.json", Body=b'{"v": 3}')
-    assert storage.pull(uri, local) == 1
+    assert staging.pull(uri, local) == 1
     assert (local / "stages" / "a.json").read_text() == '{"v": 3}'
 
 
 def test_pull_removes_what_the_bucket_lost_but_keeps_local_work_and_stays_in_its_folder(s3, tmp_path):
-    from moedisco.io import storage
+    from moedisco.io import staging, storage
 
     uri, local = f"s3://{BUCKET}/{tmp_path.name}", tmp_path / "job"
     (local / "stages").mkdir(parents=True)
     for name in ("merge.json", "submodel_0.json"):
         (local / "stages" / name).write_text("{}")
-    storage.push(local, uri)
+    staging.push(local, uri)
     (local / "stages" / "finetune.json").write_text("{}")  # work of this machine, not pushed yet
     # another machine re-ran from the submodels: the merge marker is gone from the bucket
     s3.delete_object(Bucket=BUCKET, Key=f"{tmp_path.name}/stages/merge.json")
-    assert storage.pull(uri, local) == 0
+    assert staging.pull(uri, local) == 0
     assert sorted(p.name for p in (local / "stages").iterdir()) == ["finetune.json", "submodel_0.json"]
-    storage.push(local, uri)  # the record forgot the merge marker: nothing to delete, the new marker goes up
+    staging.push(local, uri)  # the record forgot the merge marker: nothing to delete, the new marker goes up
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{tmp_path.name}/")["Contents"]}
     assert keys == {f"{tmp_path.name}/stages/{n}" for n in ("finetune.json", "submodel_0.json")}
     s3.put_object(Bucket=BUCKET, Key=f"{tmp_path.name}/stages/../../escape.json", Body=b"{}")
     with pytest.raises(storage.StorageError, match="outside the staging folder"):
-        storage.pull(uri, local)
+        staging.pull(uri, local)
     assert not (tmp_path.parent / "escape.json").exists()
 
 
@@ -284,14 +282,14 @@ def test_sequential_reads_stream_and_parquet_seeks(s3, tmp_path):
 
 
 def test_a_local_disk_error_in_a_pull_names_the_staging_folder_not_credentials(s3, tmp_path):
-    from moedisco.io import storage
+    from moedisco.io import staging
 
     s3.put_object(Bucket=BUCKET, Key="l/stages/a.json", Body=b"{}")
     blocker = tmp_path / "job"
     blocker.mkdir()
     (blocker / "stages").write_text("a file where the folder goes")
-    with pytest.raises(storage.StagingError, match="local staging folder") as raised:
-        storage.pull(f"s3://{BUCKET}/l", blocker)
+    with pytest.raises(staging.StagingError, match="local staging folder") as raised:
+        staging.pull(f"s3://{BUCKET}/l", blocker)
     assert "AWS_ACCESS_KEY_ID" not in str(raised.value)
 
 

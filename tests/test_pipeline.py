@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 import yaml
-from moedisco.stages.sync import stage_sync
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -18,6 +17,7 @@ from moedisco.job.registry import STAGE, Task, plan
 from moedisco.models.architecture import parameter_roles, read_config
 from moedisco.runner.job_runner import check_same_job, run_job
 from moedisco.stages.stage_run import StageRun
+from moedisco.stages.sync import stage_sync
 from moedisco.training.loop import StopRequested
 from tests.conftest import tiny_spec_dict
 

@@ -18,7 +18,8 @@ from moedisco.job.layout import JobPaths, is_done
 from moedisco.job.metrics import MetricsWriter
 from moedisco.planning.cost import CostLedger
 from moedisco.runner.job_runner import JobCancelled, run_job
-from moedisco.training.loop import Preempted, TrainContext, TrainHooks, checkpoint_dir, checkpoint_dirs, train
+from moedisco.training.checkpoint import checkpoint_dir, checkpoint_dirs
+from moedisco.training.loop import Preempted, TrainContext, TrainHooks, train
 from moedisco.training.preemption import PreemptionNotice
 from ray_cluster.tracking import WorkDone
 from tests.conftest import tiny_hf_config, tiny_spec_dict

@@ -11,16 +11,16 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import ray
-from moedisco.stages.prepare import split_and_tokenizer
 
 from moedisco.config.loading import build_spec
 from moedisco.io.documents import DataError
 from moedisco.io.token_shards import is_complete
 from moedisco.job.layout import JobPaths
 from moedisco.stages.cluster import ClusterResult
-from ray_cluster import corpus
-from ray_cluster.corpus import index_corpus
-from ray_cluster.data import AssignedParts
+from moedisco.stages.prepare import split_and_tokenizer
+from ray_cluster.data import prepare
+from ray_cluster.data.embed_cluster import AssignedParts
+from ray_cluster.data.shards import index_corpus
 from tests.conftest import CORPUS, tiny_spec_dict
 
 
@@ -68,9 +68,9 @@ def test_a_short_tokenization_leaves_no_finished_shard(tmp_path, monkeypatch):
         def iter_batches(self, **_):
             yield pa.table({"doc_id": [0, 1], "ids": pa.array([[5, 0], [7, 0]], type=pa.large_list(pa.int32()))})
 
-    monkeypatch.setattr(corpus, "_tokenized", lambda *args: TwoOfThree())
+    monkeypatch.setattr(prepare, "_tokenized", lambda *args: TwoOfThree())
     with pytest.raises(RuntimeError, match="2 documents tokenized of 3"):
-        corpus.tokenize_on_ray_data(None, "corpus", None, tmp_path / "train_tokens", num_docs=3, num_cheap_nodes=1)
+        prepare.tokenize_on_ray_data(None, "corpus", None, tmp_path / "train_tokens", num_docs=3, num_cheap_nodes=1)
     assert not is_complete(tmp_path / "train_tokens")
 
 
@@ -100,9 +100,9 @@ def test_a_split_on_ray_data_names_a_malformed_line_or_skips_it_as_the_local_run
     spec = _spec(tmp_path, "raise", "raise")
     files = sorted((tmp_path / "corpus").iterdir())
     with pytest.raises(DataError, match=re.escape(f"{files[1]}:5: malformed line")):  # the first, as one reader
-        corpus.split_on_ray_data(spec, JobPaths(spec.output_dir), files)
+        prepare.join_split(spec, JobPaths(spec.output_dir), prepare.split_parts(spec, files))
     ray_spec, local_spec = _spec(tmp_path, "ray", "skip"), _spec(tmp_path, "local", "skip")
-    summary = corpus.split_on_ray_data(ray_spec, JobPaths(ray_spec.output_dir), files)
+    summary = prepare.join_split(ray_spec, JobPaths(ray_spec.output_dir), prepare.split_parts(ray_spec, files))
     local, _ = split_and_tokenizer(local_spec, JobPaths(local_spec.output_dir))
     assert summary == {k: local[k] for k in summary} and summary["skipped"] == 2
     for name in ("train", "eval"):
@@ -112,17 +112,16 @@ def test_a_split_on_ray_data_names_a_malformed_line_or_skips_it_as_the_local_run
 
 def test_several_files_with_a_document_cap_are_split_by_one_reader(local_ray, tmp_path):
     """`data.max_documents` counts across the files in order, so the tasks per file would overshoot: one reader."""
-    from moedisco.stages.prepare import stage_prepare
-
     from moedisco.job.metrics import MetricsWriter
     from moedisco.job.registry import Task
+    from moedisco.stages.prepare import stage_prepare
     from moedisco.stages.stage_run import StageRun
 
     _three_files(tmp_path / "corpus")
     specs = [build_spec(tiny_spec_dict(tmp_path / name, data={"train": str(tmp_path / "corpus"), "max_documents": 150}))
              for name in ("ray", "local")]
     ray_paths, local_paths = (JobPaths(s.output_dir) for s in specs)
-    summary = ray.get(ray.remote(corpus.prepare_stage).remote(specs[0], ray_paths, 1))
+    summary = ray.get(ray.remote(prepare.prepare_stage).remote(specs[0], ray_paths, 1))
     stage_prepare(StageRun(specs[1], local_paths, MetricsWriter(local_paths.metrics), Task("prepare"), progress=False))
     assert summary["split_tasks"] == 0 and summary["train_documents"] + summary["eval_documents"] == 150
     assert ray_paths.texts("train").read_bytes() == local_paths.texts("train").read_bytes()

@@ -20,21 +20,20 @@ from moedisco.config.loading import build_spec
 from moedisco.job.events import ExpertState
 from moedisco.job.layout import JobPaths
 from moedisco.job.metrics import read_metrics
-from ray_cluster.cluster import (
+from ray_cluster.local_cluster import (
     CONTROL_PLANE_LABEL,
     SIMULATED_LABEL,
     LocalClusterSpec,
-    add_local_node,
     free_port,
     start_local_cluster,
     stop_local_cluster,
 )
 from ray_cluster.orchestrate import run_job_on_ray
 from ray_cluster.placement import TierUnreachable, prepare_worker, task_options
-from service.dispatcher import job_actor_placement
-from service.executor import JobActor
+from service.jobs.dispatcher import job_actor_placement
+from service.jobs.executor import JobActor
 from tests.conftest import tiny_spec_dict
-from tests.helpers import wait_until
+from tests.helpers import add_local_node, wait_until
 
 pytestmark = pytest.mark.slow
 

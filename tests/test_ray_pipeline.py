@@ -21,12 +21,12 @@ import threading
 import time
 
 import numpy as np
+import pyarrow.dataset as pads
 import pytest
 import ray
-from moedisco.io.documents import load_texts
-from moedisco.stages.prepare import stage_prepare
 
 from moedisco.config.loading import build_spec
+from moedisco.io.documents import load_texts
 from moedisco.io.token_shards import TokenShard
 from moedisco.job.events import JobCancelledEvent
 from moedisco.job.layout import JobPaths, stage_result
@@ -35,12 +35,12 @@ from moedisco.job.registry import Task
 from moedisco.runner.job_runner import JobCancelled, JobRunner, LocalExecutor
 from moedisco.stages.cluster import ClusterResult, fit_streaming
 from moedisco.stages.embed import Embedder
+from moedisco.stages.prepare import stage_prepare
 from moedisco.stages.stage_run import StageRun
-from ray_cluster import corpus, data
-from ray_cluster.cluster import (
+from ray_cluster.data import embed_cluster, prepare
+from ray_cluster.local_cluster import (
     SIMULATED_LABEL,
     LocalClusterSpec,
-    add_local_node,
     describe_nodes,
     free_port,
     start_local_cluster,
@@ -50,6 +50,7 @@ from ray_cluster.orchestrate import run_job_on_ray
 from ray_cluster.placement import job_storage, on_driver_node
 from ray_cluster.worker import POINTER_FILE
 from tests.conftest import CORPUS, tiny_spec_dict
+from tests.helpers import add_local_node
 
 pytestmark = pytest.mark.slow
 
@@ -292,16 +293,17 @@ def test_ray_data_gives_the_local_runners_split_tokens_and_clusters(job, tmp_pat
     (spec, paths), local_paths, cap = (specs[0], JobPaths(specs[0].output_dir)), JobPaths(specs[1].output_dir), 100
     stage_prepare(StageRun(specs[1], local_paths, MetricsWriter(local_paths.metrics), Task("prepare"), progress=False))
     where = on_driver_node()
-    prepared = ray.get(ray.remote(corpus.prepare_stage).options(**where).remote(spec, paths, 2, 64))
+    prepared = ray.get(ray.remote(prepare.prepare_stage).options(**where).remote(spec, paths, 2, 64))
     assert prepared["split_tasks"] == 3 and prepared["tokenized_on_ray_data"] == prepared["train_documents"]
     for name in ("train", "eval"):
         assert paths.texts(name).read_bytes() == local_paths.texts(name).read_bytes()
         ray_data, one_process = (TokenShard.load(p.tokens(name)) for p in (paths, local_paths))
         np.testing.assert_array_equal(ray_data.offsets, one_process.offsets)
         np.testing.assert_array_equal(ray_data.tokens, one_process.tokens)
-    embedded = ray.get(ray.remote(data.embed_stage).options(**where).remote(spec, paths, 2, cap, 64))
-    clustered = ray.get(ray.remote(data.cluster_stage).options(**where).remote(spec, paths, 2))
-    assert embedded["documents"] == cap == data.count_rows(job_storage(spec) / "embeddings")
+    embedded = ray.get(ray.remote(embed_cluster.embed_stage).options(**where).remote(spec, paths, 2, cap, 64))
+    clustered = ray.get(ray.remote(embed_cluster.cluster_stage).options(**where).remote(spec, paths, 2))
+    embedded_rows = pads.dataset(str(job_storage(spec) / "embeddings"), format="parquet").count_rows()  # from the footers
+    assert embedded["documents"] == cap == embedded_rows
     assert clustered["fit_documents"] == cap and "assign_seconds" in clustered
     vectors_ND = Embedder(spec.embed)(load_texts(paths.texts("train")))
     local = fit_streaming(vectors_ND, spec.cluster, spec.model.num_experts, spec.seed, max_fit_documents=cap)
@@ -313,7 +315,7 @@ def test_ray_data_gives_the_local_runners_split_tokens_and_clusters(job, tmp_pat
     # As after an interruption half-way: the saved rows are not embedded again, the rest are.
     saved = sorted((job_storage(spec) / "assigned").glob("fit-*.parquet"))
     assert len(saved) > 2 and all(p.unlink() is None for p in saved[::2])
-    again = ray.get(ray.remote(data.cluster_stage).options(**where).remote(spec, paths, 2))
+    again = ray.get(ray.remote(embed_cluster.cluster_stage).options(**where).remote(spec, paths, 2))
     assert 0 < again["resumed_documents"] < embedded["corpus_documents"] - cap
     np.testing.assert_array_equal(ClusterResult.load(paths.clusters).assignments, local.assignments)
 

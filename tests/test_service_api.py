@@ -20,10 +20,10 @@ from sqlalchemy import update
 
 from moedisco.job.events import Progress, StageStarted
 from service.core.config import Settings
+from service.jobs.recorder import EventRecorder
 from service.main import create_app
-from service.models import StageRow, utcnow
-from service.recorder import EventRecorder
-from service.store import Store
+from service.store.models import StageRow, utcnow
+from service.store.store import Store
 from tests.conftest import CORPUS, REPO, tiny_spec_dict
 
 TOKEN = "test-token"

@@ -12,11 +12,11 @@ from datetime import timedelta
 
 import pytest
 
-from service import executor
-from service.models import utcnow
-from service.recorder import EventRecorder
-from service.store import Store
-from service.users import UserExists, Users, month_start
+from service.jobs import executor
+from service.jobs.recorder import EventRecorder
+from service.store.models import utcnow
+from service.store.store import Store
+from service.store.users import UserExists, Users, month_start
 from tests.conftest import make_job
 
 

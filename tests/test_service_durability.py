@@ -21,7 +21,7 @@ from ray.cluster_utils import Cluster
 
 from moedisco_cli.api_client import ApiClient
 from service.schemas import TERMINAL_STATES
-from service.store import Store
+from service.store.store import Store
 from tests.conftest import CORPUS, tiny_spec_dict
 from tests.helpers import ServiceProcess, free_port, wait_for_state, wait_until
 

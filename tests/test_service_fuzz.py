@@ -21,8 +21,8 @@ from hypothesis.configuration import set_hypothesis_home_dir
 
 from moedisco.job.events import Progress, StageFinished, StageStarted
 from service.core.config import Settings
+from service.jobs.recorder import EventRecorder
 from service.main import create_app
-from service.recorder import EventRecorder
 from tests.conftest import CORPUS, tiny_spec_dict
 
 TOKEN = "fuzz-token"

@@ -6,14 +6,14 @@
 
 from __future__ import annotations
 
-from service import executor
+from service.jobs import executor
 from tests.conftest import make_job
 
 
 def test_a_lease_is_launched_once_claimed_once_and_renewed_only_by_its_holder(store, tmp_path):
     from datetime import timedelta
 
-    from service.models import utcnow
+    from service.store.models import utcnow
 
     job = make_job(store, tmp_path, "4" * 12)
     store.claim_next_queued()

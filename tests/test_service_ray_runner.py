@@ -21,7 +21,7 @@ from tests.conftest import CORPUS, tiny_spec_dict
 from tests.helpers import LiveServer, free_port, wait_for_state, wait_until
 
 try:
-    from ray_cluster.cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster
+    from ray_cluster.local_cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster
     from ray_cluster.orchestrate import run_job_on_ray  # noqa: F401  (the runner the job actor will import)
 except ImportError as error:
     pytest.skip(f"ray_cluster.orchestrate is not importable yet ({error}); the Ray runner is tested once it is",
@@ -70,8 +70,8 @@ def test_two_dispatchers_on_one_store_launch_one_runner(service_url, tmp_path):
     as another cluster there) while the old cluster's runner holds the lease; it leaves the job to that runner."""
     from ray.util.state import list_actors
 
-    from service.dispatcher import Dispatcher, RayLauncher
-    from service.store import Store
+    from service.jobs.dispatcher import Dispatcher, RayLauncher
+    from service.store.store import Store
 
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     store = Store(url)

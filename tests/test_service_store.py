@@ -17,10 +17,10 @@ import pytest
 from moedisco.job.events import StageSkipped, parse_event
 from moedisco.runner.job_runner import BudgetExceeded
 from moedisco.training.loop import StopRequested
-from service import executor
-from service.costs import job_cost
-from service.recorder import EventRecorder
-from service.store import Store
+from service.jobs import executor
+from service.jobs.recorder import EventRecorder
+from service.reporting.costs import job_cost
+from service.store.store import Store
 from tests.conftest import make_job, tiny_spec_dict
 
 

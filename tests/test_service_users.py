@@ -15,9 +15,9 @@ import pytest
 from sqlalchemy import update
 
 from service.core.config import Settings
+from service.jobs.recorder import EventRecorder
 from service.main import create_app
-from service.models import StoredCost, utcnow
-from service.recorder import EventRecorder
+from service.store.models import StoredCost, utcnow
 from tests.conftest import CORPUS, tiny_spec_dict
 from tests.helpers import LiveServer
 

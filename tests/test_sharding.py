@@ -20,8 +20,9 @@ from transformers import AutoModelForCausalLM
 
 from moedisco.config.spec import TrainConfig
 from moedisco.job.metrics import MetricsWriter
+from moedisco.training.checkpoint import SECOND_MOMENT_FILE, checkpoint_dir
 from moedisco.training.fsdp import LOCAL_OPTIMIZER_FILE, OPTIMIZER_DIR
-from moedisco.training.loop import SECOND_MOMENT_FILE, TrainContext, TrainHooks, checkpoint_dir, train
+from moedisco.training.loop import TrainContext, TrainHooks, train
 from tests.conftest import tiny_hf_config
 
 CFG = TrainConfig(steps=4, batch_size=4, lr=3e-3, eval_every=1, eval_batches=1, checkpoint_every=100,
@@ -40,7 +41,7 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randint(0, 97, (16, 12), generator=generator), torch.randint(0, 97, (4, 12), generator=generator)
 
 
-# Every memory measure the planner may pick for a big model at once (`estimate.plan_measures`).
+# Every memory measure the planner may pick for a big model at once (`moedisco.planning.memory_plan.plan_measures`).
 MEASURED = CFG.model_copy(update={"precision": "bf16-true", "optimizer": "adamw-8bit", "offload_optimizer": True,
                                   "activation_checkpointing": True, "micro_batch_size": 1})
 
@@ -166,7 +167,8 @@ def test_sharded_run_with_every_memory_measure_trains_as_one_process_and_resumes
 def _resume_worker(rank: int, checkpoint: Path, init_file: Path) -> None:
     """One rank loads the optimizer state a two-rank run saved rank by rank."""
     from moedisco.training import fsdp
-    from moedisco.training.memory import make_optimizer, prepare_model
+    from moedisco.training.memory import prepare_model
+    from moedisco.training.optimizer import make_optimizer
 
     torch.set_num_threads(1)  # a forked child must not use the parent's OpenMP pool (it would hang)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=1)
@@ -186,7 +188,7 @@ def test_per_rank_optimizer_state_refuses_another_world_size(measured_runs, tmp_
 
 def _lease_lost_worker(rank: int, run_dir: Path, init_file: Path, outcome: Path) -> None:
     """A sharded run whose rank 0 alone learns, at its third write, that another runner took the job folder."""
-    from moedisco.job.layout import NotOwner
+    from moedisco.job.layout import ClaimLost
     from moedisco.training.fsdp import shard_model
 
     torch.set_num_threads(1)
@@ -196,12 +198,12 @@ def _lease_lost_worker(rank: int, run_dir: Path, init_file: Path, outcome: Path)
     def before_write() -> None:
         writes.append(None)
         if len(writes) == 3:
-            raise NotOwner("another runner owns the job folder now")
+            raise ClaimLost("another runner owns the job folder now")
 
     try:
         _run(run_dir, TrainHooks(wrap_model=shard_model, rank=rank, world_size=2, before_write=before_write),
              stops=(None,))
-    except NotOwner as stopped:
+    except ClaimLost as stopped:
         (outcome / f"rank{rank}").write_text(str(stopped))
     finally:
         dist.destroy_process_group()
@@ -226,11 +228,11 @@ class _TwoArgumentError(Exception):
 
 
 def test_rank_zero_shares_its_error_whole_when_it_pickles_else_by_name_and_message():
-    from moedisco.job.layout import NotOwner
+    from moedisco.job.layout import ClaimLost
     from moedisco.training.fsdp import _portable
 
     assert _portable(None) is None
-    owner = NotOwner("another runner owns the job folder now")
+    owner = ClaimLost("another runner owns the job folder now")
     assert _portable(owner) is owner
     with pytest.raises(TypeError):
         pickle.loads(pickle.dumps(_TwoArgumentError("submodel", 1.5)))

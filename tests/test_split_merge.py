@@ -8,7 +8,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from moedisco.models import layerwise
-from moedisco.models.architecture import WEIGHTS_FILE, parameter_roles, save_weights, unique_state_dict
+from moedisco.models.architecture import parameter_roles
+from moedisco.models.weights import WEIGHTS_FILE, save_weights, unique_state_dict
 from moedisco.stages.merge import (
     averaging_weights,
     centroid_router_rows,
@@ -114,7 +115,7 @@ def test_random_router_init_differs_from_concat(tmp_path):
 def test_sharded_merge_loads(tmp_path):
     source = _source("olmoe", tmp_path)
     files = _save_submodels(tmp_path, 4)
-    merge_submodels(tmp_path / "source", files, [0.25] * 4, "concat", tmp_path / "merged", max_shard_bytes=20_000)
+    merge_submodels(tmp_path / "source", files, [0.25] * 4, "concat", tmp_path / "merged", max_file_bytes=20_000)
     assert (tmp_path / "merged" / "model.safetensors.index.json").is_file()
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), source.state_dict().values()))
@@ -156,7 +157,7 @@ def test_streamed_centroid_rows_equal_the_full_moe_ones_and_patch_only_the_route
     monkeypatch.setattr(layerwise, "PASS_TOKENS", 24)  # batches of 8 sequences of 12 tokens go through in 4 passes
     source = _source(arch, tmp_path)
     files = _save_submodels(tmp_path, 4)
-    merge_submodels(tmp_path / "source", files, [0.25] * 4, "concat", tmp_path / "merged", max_shard_bytes=20_000)
+    merge_submodels(tmp_path / "source", files, [0.25] * 4, "concat", tmp_path / "merged", max_file_bytes=20_000)
     before = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
     generator = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, 97, (n, 12), generator=generator) for n in (3, 9, 1, 5)]  # uneven last batches

@@ -11,11 +11,13 @@ from transformers import AutoModelForCausalLM
 
 from moedisco.config.loading import build_spec
 from moedisco.job.metrics import read_metrics
-from moedisco.models.architecture import WEIGHTS_FILE, parameter_roles, save_weights, unique_state_dict
+from moedisco.models.architecture import parameter_roles
+from moedisco.models.weights import WEIGHTS_FILE, save_weights, unique_state_dict
 from moedisco.runner.job_runner import run_job
 from moedisco.stages.split import load_submodel
 from moedisco.stages.sync import BACKBONE, MOMENTUM, OuterStep, sync_round
-from moedisco.training.loop import SECOND_MOMENT_FILE, StopRequested
+from moedisco.training.checkpoint import SECOND_MOMENT_FILE
+from moedisco.training.loop import StopRequested
 from tests.conftest import tiny_hf_config, tiny_spec_dict
 
 EMBED, EXPERT = "model.embed_tokens.weight", "model.layers.0.mlp.experts.down_proj"

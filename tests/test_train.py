@@ -10,14 +10,8 @@ from transformers import AutoModelForCausalLM
 from moedisco.config.spec import TrainConfig
 from moedisco.job.metrics import MetricsWriter
 from moedisco.models.architecture import parameter_roles
-from moedisco.training.loop import (
-    SECOND_MOMENT_FILE,
-    TrainContext,
-    checkpoint_dir,
-    checkpoint_dirs,
-    lr_multiplier,
-    train,
-)
+from moedisco.training.checkpoint import SECOND_MOMENT_FILE, checkpoint_dir, checkpoint_dirs
+from moedisco.training.loop import TrainContext, lr_multiplier, train
 from tests.conftest import tiny_hf_config
 
 

@@ -28,9 +28,9 @@ class SpecError(ValueError):
     """A job spec that cannot be loaded; the message names the offending field."""
 
 
-# What a spec saved in full by an earlier moedisco meant by a field it did not have yet, where that differs from the
-# field's default today.
-# What a version without the field did. `outer_optimizer` predates its default: it was `average` until measured.
+# What a spec saved in full by an earlier moedisco meant by a field it did not have yet (what that version did),
+# where that differs from the field's default today. `outer_optimizer` predates its `nesterov` default: versions
+# without the field averaged.
 BEFORE_FIELD_EXISTED = {("branch", "sync_rounds"): 1, ("branch", "outer_optimizer"): "average"}
 
 

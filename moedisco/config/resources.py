@@ -1,5 +1,9 @@
 """The job spec's `resources` section: the tiers a job's stages run on, their devices and prices.
 
+    resources = spec.resources                              # a ResourcesConfig
+    resources.submodel_tier.gpus_per_worker_needed()        # 1.0 (an rtx4090 tier)
+    resources.prices[resources.finetune_tier.device_type]   # 2.28 dollars per A100-hour
+
 Split out of `moedisco.config.spec` (which re-exports every name here, so `from moedisco.config.spec import TierConfig`
 keeps working); the base class of every spec section lives here too, as the lowest of the two modules.
 """
@@ -34,26 +38,26 @@ class TierConfig(_Section):
                              "a tier without one.")
     num_devices: int = Field(1, ge=1, description="Devices one stage task uses on this tier (the fine-tune runs "
                              "one worker per device).")
+    # Declared, not read from the nodes alive at job start, so that a tier scaled from zero pods gets its GPUs and
+    # its pending requests tell the autoscaler which pods to add.
     gpus_per_worker: float | None = Field(
         None, ge=0,
-        description="Ray: GPUs each worker of this tier asks for. Unset: 1 for an accelerator `device_type`, 0 for "
-        "`cpu`. Declared, not read from the nodes alive at job start, so that a tier scaled from zero pods gets "
-        "its GPUs and its pending requests tell the autoscaler which pods to add.",
+        description="Ray: GPUs each worker of this tier asks for; unset = 1 for an accelerator `device_type`, 0 for "
+        "`cpu`.",
     )
+    # Workers still ask for the logical GPUs, so placement is as on a real cluster, but CUDA is hidden from them, so a
+    # real local GPU is never shared unaccounted; the ledger prices their wall time, marked `simulated: true`.
     simulated: bool = Field(
         False,
-        description="Ray: the tier's GPUs are logical (the local simulated cluster; tests): workers still ask for "
-        "them, so placement is as on a real cluster, but they hide CUDA and run torch on the CPU, so a real local "
-        "GPU is never shared unaccounted, and the ledger prices their wall time (`simulated: true`).",
+        description="Ray: the tier's GPUs are logical (the local simulated cluster, tests); torch runs on the CPU.",
     )
-
+    # A notice (a drain: KubeRay's preStop `ray drain-node`, or the cloud's) reaches the training loop through Ray
+    # Train's preemption watcher; the loop checkpoints its step and exits, and only that expert starts again, from that
+    # step, counted as a preemption, not as one of `max_failures`. The watcher is Ray's default; moedisco's local
+    # simulated cluster turns it off (one more process per trainer) unless a tier of the job says `spot`.
     spot: bool = Field(
         False,
-        description="Ray: the tier's nodes may be spot / preemptible capacity, taken back after a notice (a drain: "
-        "KubeRay's preStop `ray drain-node`, or the cloud's). Ray Train's preemption watcher carries the notice to "
-        "the training loop, which checkpoints its step and exits; only that expert starts again, from that step, "
-        "counted as a preemption, not as one of `max_failures`. The watcher is Ray's default; moedisco's local "
-        "simulated cluster turns it off (one more process per trainer) unless a tier of the job says `spot`.",
+        description="Ray: the tier's nodes may be spot / preemptible; a preempted trainer checkpoints and resumes.",
     )
 
     @model_validator(mode="after")
@@ -97,20 +101,21 @@ class ResourcesConfig(_Section):
     )
     workers_per_expert: int = Field(1, ge=1, description="Ray: data-parallel workers per submodel trainer.")
     max_failures: int = Field(3, ge=0, description="Ray: restarts of a failed trainer (resumes from checkpoint).")
+    # The data shards are the data stages' Parquet files.
     storage_path: URI | Path | None = Field(
-        None, description="Ray: shared storage for checkpoints and the data stages' Parquet shards, a folder or an "
-        "`s3://` / `gs://` URI; unset = output_dir.")
+        None, description="Ray: shared storage for checkpoints and data shards, a folder or `s3://`/`gs://` URI; unset "
+        "= output_dir.")
+    # Each submitted trainer's pending placement group is demand the autoscaler sees, so a cap is also the most pods
+    # the job asks for at once.
     max_parallel: int | None = Field(
         None, ge=1,
-        description="Ray: most trainers of one stage (the experts of a round) submitted at once; unset = all of "
-        "them. Each submitted trainer's pending placement group is demand the autoscaler sees, so a cap is also "
-        "the most pods the job asks for at once.",
+        description="Ray: most trainers of one stage (the experts of a round) submitted at once; unset = all.",
     )
+    # Unset: asked of the cluster, which autoscales when an autoscaler has reported its state to the head (KubeRay's
+    # `enableInTreeAutoscaling` with autoscaler v2). Without one, a job whose tier label no alive node carries fails
+    # at once, naming the label, instead of waiting.
     autoscaling: bool | None = Field(
-        None,
-        description="Ray: whether the cluster adds nodes on demand. Unset: asked of the cluster (an autoscaler "
-        "has reported its state to the head; KubeRay's `enableInTreeAutoscaling` with autoscaler v2). Without "
-        "one, a job whose tier label no alive node carries fails at once, naming the label, instead of waiting.",
+        None, description="Ray: whether the cluster adds nodes on demand; unset = ask the cluster."
     )
 
     @field_validator("prices")

@@ -1,19 +1,18 @@
 """The job spec: one pydantic model per paper stage, composed into `JobSpec`.
 
-The spec is the single source of truth: the YAML a user writes, the JSON the REST API takes, and the copy saved
-in the output folder and next to every checkpoint.
-
     spec = load_spec("examples/tiny.yaml", overrides=["submodel.steps=50"])   # moedisco.config.loading
     spec.model.num_experts  # -> 4
 
-Defaults follow the paper: submodels train with AdamW, lr 1e-4, constant schedule (Table 4); the fine-tune and the
-full-parameter baseline with AdamW, lr 3e-4, cosine, warmup ratio 0.03, weight decay 0.01 (Table 5).
+The spec is the single source of truth (the YAML a user writes, the JSON the REST API takes, the copy saved in the
+output folder and next to every checkpoint), and its defaults follow the paper: submodels train with AdamW, lr 1e-4,
+constant schedule (Table 4); the fine-tune and the full-parameter baseline with AdamW, lr 3e-4, cosine, warmup ratio
+0.03, weight decay 0.01 (Table 5).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import Field, field_validator, model_validator
@@ -24,9 +23,9 @@ from moedisco.io.storage import URI
 
 
 class DataConfig(_Section):
-    train: URI | Path = Field(description="Training corpus: a .jsonl/.json/.parquet/.txt file, a folder of them or a "
-                              "glob pattern (`corpus/part-*.jsonl`), local or on object storage (`s3://`, `gs://`); "
-                              "streamed, but a .json array is read a file at a time.")
+    # A glob looks like `corpus/part-*.jsonl`. Files are streamed, except a .json array, read a whole file at a time.
+    train: URI | Path = Field(description="Training corpus: a .jsonl/.json/.parquet/.txt file, folder or glob, local "
+                              "or `s3://`/`gs://`.")
     format: Literal["auto", "jsonl", "json", "parquet", "text"] = Field(
         "auto", description="File format; `auto` picks it from the file extension."
     )
@@ -44,9 +43,9 @@ class DataConfig(_Section):
 class TokenizerConfig(_Section):
     path: Path | None = Field(None, description="Local Hugging Face tokenizer folder; unset trains a byte-level BPE.")
     vocab_size: int = Field(4096, ge=300, le=1_000_000, description="Vocabulary size of the trained BPE tokenizer.")
+    # A cap, so that training the tokenizer takes bounded memory and time however large the corpus.
     sample_documents: int = Field(
-        50_000, ge=1, description="The BPE is trained on the first this many training documents: its memory and "
-        "time stay bounded however large the corpus (a given `path` ignores it)."
+        50_000, ge=1, description="The BPE is trained on the first this many training documents; unused with `path`."
     )
     min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a BPE merge.")
 
@@ -57,8 +56,8 @@ class EmbedConfig(_Section):
     )
     mode: Literal["token_mean", "sentence"] = Field(
         "token_mean",
-        description="`token_mean`: mean of the input embedding layer over tokens (paper eq. 1); "
-        "`sentence`: the full sentence-encoder embedding.",
+        description="`token_mean`: mean input-layer embedding of the tokens (paper eq. 1); `sentence`: the encoder "
+        "output.",
     )
     batch_size: int = Field(64, ge=1, description="Documents per embedding batch.")
     max_length: int = Field(256, ge=8, le=8192, description="Tokens of each document seen by the embedder.")
@@ -76,11 +75,12 @@ class ClusterConfig(_Section):
     )
 
 
-ARCHITECTURES = ("qwen2_moe", "mixtral", "olmoe", "qwen3_moe")
+Architecture = Literal["qwen2_moe", "mixtral", "olmoe", "qwen3_moe"]
+ARCHITECTURES = get_args(Architecture)
 
 
 class ModelConfig(_Section):
-    arch: Literal["qwen2_moe", "mixtral", "olmoe", "qwen3_moe"] = Field(
+    arch: Architecture = Field(
         "qwen2_moe", description="Hugging Face MoE architecture (`model_type`)."
     )
     pretrained: Path | None = Field(
@@ -126,35 +126,38 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints (resume granularity).")
     keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept on disk.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto` uses CUDA when present.")
-    # Memory measures (moedisco.training.memory); `memory: auto` lets the planner (moedisco.planning.estimate) choose those unset.
+    # Memory measures (moedisco.training.memory). With `auto`, before the stage starts the planner
+    # (moedisco.planning.memory_plan) picks the cheapest of the measures below that fit the stage's tier device, in
+    # the order micro-batching, checkpointing, bf16-true, the 8-bit optimizer, offload, sharding, and writes them into
+    # the saved spec; fields set explicitly are kept.
     memory: Literal["auto", "manual"] = Field(
         "auto",
-        description="`auto`: before the stage starts, the planner picks the cheapest measures below that fit the "
-        "stage's tier device (micro-batching, then checkpointing, bf16-true, the 8-bit optimizer, offload, "
-        "sharding) and writes them into the saved spec; fields set explicitly are kept. `manual`: as written.",
+        description="`auto`: the planner sets unset memory measures to fit the tier's device; `manual`: as written."
     )
+    # Accumulating gives the same loss and gradients as one full batch, with less activation memory.
     micro_batch_size: int | None = Field(
-        None, ge=1,
-        description="Sequences per forward/backward; gradients accumulate up to `batch_size` (same loss and "
-        "gradients, less activation memory). Unset = batch_size.",
+        None, ge=1, description="Sequences per forward/backward, gradients accumulated up to `batch_size`; unset = "
+        "batch_size.",
     )
+    # Hugging Face gradient checkpointing, non-reentrant.
     activation_checkpointing: bool = Field(
-        False, description="Hugging Face gradient checkpointing (non-reentrant): recompute each layer's "
-        "activations in the backward pass instead of keeping them.",
+        False, description="Recompute each layer's activations in the backward pass instead of keeping them."
     )
+    # bf16-true keeps weights, gradients and optimizer states in bf16; each update's rounding error is carried in a
+    # bf16 Kahan buffer (moedisco.training.memory), so that small updates are not lost.
     precision: Literal["auto", "fp32", "bf16-mixed", "bf16-true"] = Field(
-        "auto",
-        description="`fp32`; `bf16-mixed`: bf16 autocast over fp32 weights; `bf16-true`: weights, gradients and "
-        "optimizer states in bf16, the update's rounding error kept in a bf16 Kahan buffer (moedisco.training.memory); "
-        "`auto`: bf16-mixed on CUDA, fp32 on the CPU.",
+        "auto", description="`fp32`, `bf16-mixed` (autocast), `bf16-true` (all state in bf16); `auto`: bf16-mixed on "
+        "CUDA, else fp32.",
     )
+    # adamw-8bit is bitsandbytes' AdamW8bit, or moedisco.training.optimizer.StoredAdamW with bf16-true, offload or a
+    # sharded model.
     optimizer: Literal["adamw", "adamw-8bit"] = Field(
-        "adamw", description="`adamw` (torch) or `adamw-8bit`: block-wise 8-bit moments (bitsandbytes' AdamW8bit; "
-        "moedisco.training.memory.StoredAdamW with bf16-true, offload or a sharded model).",
+        "adamw", description="`adamw` (torch) or `adamw-8bit`: AdamW with block-wise 8-bit moments, less memory."
     )
+    # Done by moedisco.training.optimizer.StoredAdamW; on the CPU the states are in host memory already.
     offload_optimizer: bool = Field(
-        False, description="Keep optimizer states in host memory between steps, each moved to the device for its "
-        "parameter's update (moedisco.training.memory.StoredAdamW; on the CPU they are host memory already).",
+        False,
+        description="Keep optimizer states in host memory between steps, each moved to the device for its update."
     )
 
     @model_validator(mode="before")
@@ -181,59 +184,56 @@ def _submodel_defaults() -> TrainConfig:
 
 
 class BranchConfig(_Section):
+    # The warm-up runs on the cheap tier; 0 keeps the paper's recipe of branching straight from the initial model.
     warmup_steps: int = Field(
-        0, ge=0,
-        description="Steps of shared warm-up on the whole corpus before branching into submodels (cheap tier); "
-        "0 keeps the paper's recipe of branching straight from the initial model.",
+        0, ge=0, description="Steps of shared warm-up on the whole corpus before branching into submodels; 0 = none."
     )
     warmup_lr: float | None = Field(None, gt=0.0, le=1.0, description="Warm-up learning rate; unset = submodel.lr.")
+    # `dense` trains one submodel (shared backbone + one expert), then every expert starts as a copy of its FFN; it
+    # fits wherever a submodel fits. `moe` trains the full MoE with its router, so experts start different, but needs
+    # a cheap-tier device that holds the whole MoE.
     warmup_model: Literal["dense", "moe"] = Field(
-        "dense",
-        description="What the warm-up trains. `dense` (default): one submodel (shared backbone + one expert), then "
-        "every expert starts as a copy of its FFN; it fits wherever a submodel fits. `moe`: the full MoE with its "
-        "router, so experts start different; needs a cheap-tier device that holds the whole MoE.",
+        "dense", description="What the warm-up trains: `dense` (one submodel, copied into every expert) or `moe`."
     )
+    # With 0 only experts train (block coordinate descent over experts) and there is nothing to average at the merge.
     shared_lr_scale: float = Field(
         1.0, ge=0.0, le=1.0,
-        description="Learning-rate multiplier of the shared parameters while submodels train; 0 freezes the "
-        "backbone so only experts train (block coordinate descent over experts; nothing to average at the merge).",
+        description="Learning-rate multiplier of the shared parameters while submodels train; 0 freezes the backbone.",
     )
+    # After every round but the last, each submodel stops at a checkpoint, their shared parameters are averaged as
+    # `merge.weighting` says and written back (see `outer_optimizer`), and training goes on; experts are never averaged.
+    # With 1 (the paper's recipe) shared parameters meet only at the merge; more rounds keep backbones trained on
+    # different clusters from drifting apart, which is what the merge loses with k-means clusters (BENCHMARKS.md).
+    # Trainers need only the job's storage, no link to each other; each round ends at a barrier. The default is
+    # lowered to submodel.steps when there are fewer steps.
     sync_rounds: int = Field(
-        4, ge=1,
-        description="Rounds the submodel steps are cut into. After every round but the last, each submodel stops "
-        "at a checkpoint, their shared parameters are averaged as `merge.weighting` says and written back, and "
-        "training goes on; experts are never averaged. 1 is the paper's recipe (shared parameters meet only at the "
-        "merge). More rounds keep backbones trained on different clusters from drifting apart, which is what the "
-        "merge loses with k-means clusters (measured: 4 rounds, the default, lower the loss after the merge by "
-        "0.10 nats and put k-means ahead of random clusters; 10 by 0.14). Trainers need no link to each other, "
-        "only the job's storage; each round ends at a barrier. The default is lowered to submodel.steps when "
-        "there are fewer steps.",
+        4, ge=1, description="Rounds the submodel steps are cut into, shared parameters synced between them; 1 = the "
+        "paper's.",
     )
+    # `nesterov` is SGD with Nesterov momentum on the pseudo-gradient (the round's start minus the average), its
+    # momentum kept in the job folder; `average` is outer SGD with lr 1 and no momentum. The merge after the last
+    # round is the plain average either way. Why `nesterov` is the default: BENCHMARKS.md, outer optimizer.
     outer_optimizer: Literal["average", "nesterov"] = Field(
         "nesterov",
-        description="What a synchronisation round writes back. `nesterov` (default): DiLoCo's outer step, SGD with "
-        "Nesterov momentum on the pseudo-gradient (the round's start minus the average), its momentum kept in the "
-        "job folder; measured ahead of `average` in all 8 configurations tried (k-means and random clusters, 4 "
-        "and 10 rounds, narrow and wide experts), by 0.16-0.44 nats after the merge (BENCHMARKS.md section 1). "
-        "`average`: the shared parameters' average (outer SGD with lr 1, no momentum). The merge after the last "
-        "round is the plain average either way.",
+        description="What a sync round writes back: `nesterov` (DiLoCo's outer step) or the plain `average`."
     )
     outer_lr: float = Field(0.7, gt=0.0, le=2.0, description="`nesterov`: outer learning rate (DiLoCo: 0.7).")
     outer_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="`nesterov`: outer momentum (DiLoCo: 0.9).")
 
 
 class MergeConfig(_Section):
+    # `fisher` weighs submodel k element by element with gamma_k x F_k: gamma_k is cluster k's sample share, F_k its
+    # diagonal Fisher estimate, AdamW's second moment, saved next to its weights (half their size again on disk).
+    # `samples` is gamma_k alone (the paper's WP-SGD); `uniform` is 1/E. Why `fisher` is the default: BENCHMARKS.md.
     weighting: Literal["fisher", "samples", "uniform"] = Field(
         "fisher",
-        description="Shared-parameter average. `fisher` (default, measured best): element by element, weight "
-        "gamma_k x F_k, where gamma_k is cluster k's sample share and F_k submodel k's diagonal Fisher estimate "
-        "(AdamW's second moment, saved next to its weights: half their size again on disk); `samples`: gamma_k "
-        "alone (the paper's WP-SGD); `uniform`: 1/E.",
+        description="Shared-parameter average: `fisher` (Fisher-weighted), `samples` (the paper's) or `uniform`."
     )
+    # `centroid`: row k is the mean hidden state of cluster k's tokens; `concat`: the submodels' router rows;
+    # `random`: a fresh initialisation. Why `centroid` is the default: BENCHMARKS.md.
     router_init: Literal["concat", "centroid", "random"] = Field(
         "centroid",
-        description="`centroid` (default, measured best): row k = mean hidden state of cluster k's tokens; "
-        "`concat`: the submodels' router rows (the paper's); `random`: fresh initialisation.",
+        description="Merged router rows: `centroid` (cluster mean hidden state), `concat` (paper) or `random`."
     )
     centroid_sequences: int = Field(16, ge=1, description="centroid: sequences per cluster used to estimate rows.")
 
@@ -241,23 +241,24 @@ class MergeConfig(_Section):
 class EvaluateConfig(_Section):
     """Downstream evaluation through lm-evaluation-harness (`moedisco.stages.evaluate`), the job's last stage."""
 
+    # The paper's tasks are arc_easy, mmlu, hellaswag and piqa; their data must be in `datasets_cache`.
     tasks: list[str] = Field(
         default_factory=lambda: ["next_paragraph"], min_length=1,
-        description="lm-eval task or group names: the paper's arc_easy, mmlu, hellaswag, piqa (their data must be in "
-        "`datasets_cache`), the bundled next_paragraph, or any task of `task_dirs`.",
+        description="lm-eval task or group names: the paper's, the bundled next_paragraph, or any task of `task_dirs`.",
     )
+    # The paper's: arc_easy 5, mmlu 5, hellaswag 0, piqa 0.
     num_fewshot: dict[str, int] = Field(
-        default_factory=dict, description="Few-shot examples per task; a task not named here gets the paper's "
-        "(arc_easy 5, mmlu 5, hellaswag 0, piqa 0) or else its own default.",
+        default_factory=dict,
+        description="Few-shot examples per task; others get the paper's count, else their default."
     )
     limit: int | None = Field(None, gt=0, description="At most this many examples per task (quick runs); unset: all.")
     batch_size: int = Field(8, ge=1, description="Requests per forward pass.")
     task_dirs: list[Path] = Field(
         default_factory=list, description="Extra folders of lm-eval task YAML files (examples/eval is always read)."
     )
+    # Nothing is ever downloaded: the tasks' data must be there already.
     datasets_cache: Path | None = Field(
-        None, description="Local Hugging Face datasets cache holding the tasks' data (unset: HF_DATASETS_CACHE); "
-        "nothing is ever downloaded.",
+        None, description="Local Hugging Face datasets cache holding the tasks' data; unset = HF_DATASETS_CACHE."
     )
     baseline: Path | None = Field(
         None, description="A baseline model folder (e.g. a full-parameter job's final/) scored on the same tasks."
@@ -278,22 +279,32 @@ class JobSpec(_Section):
     method: Literal["moe_disco", "full_parameter"] = Field(
         "moe_disco", description="`moe_disco` (split, train submodels, merge, fine-tune) or the baseline."
     )
-    output_dir: URI | Path = Field(description="Folder for every artifact; re-running on it resumes the job. An "
-                                   "`s3://` / `gs://` URI is worked on in a local staging folder and copied up after "
-                                   "every stage (`moedisco.io.storage`).")
+    # An `s3://` / `gs://` URI is worked on in a local staging folder and copied up after every stage
+    # (moedisco.io.storage).
+    output_dir: URI | Path = Field(description="Folder or `s3://`/`gs://` URI for every artifact; re-running on it "
+                                   "resumes the job.")
     seed: int = Field(0, ge=0, description="Seed for data split, initialisation, clustering and training.")
     max_cost_usd: float | None = Field(None, gt=0, description="Budget: stop at a stage boundary before exceeding it.")
-    data: DataConfig
-    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
-    embed: EmbedConfig = Field(default_factory=EmbedConfig)
-    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(description="Training corpus: where it is, how it is read and split, sequence length.")
+    tokenizer: TokenizerConfig = Field(
+        default_factory=TokenizerConfig,
+        description="Tokenizer: a given one, or a byte-level BPE trained on the corpus."
+    )
+    embed: EmbedConfig = Field(default_factory=EmbedConfig, description="Document embeddings the clustering uses.")
+    cluster: ClusterConfig = Field(
+        default_factory=ClusterConfig, description="Clustering of the documents, one cluster per expert."
+    )
+    model: ModelConfig = Field(
+        default_factory=ModelConfig, description="The MoE model: architecture and sizes, or a pretrained checkpoint."
+    )
     branch: BranchConfig = Field(default_factory=BranchConfig, description="How submodels branch off.")
     submodel: TrainConfig = Field(default_factory=_submodel_defaults, description="Submodel training (cheap tier).")
-    merge: MergeConfig = Field(default_factory=MergeConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig, description="How the submodels are merged into one MoE.")
     finetune: TrainConfig = Field(default_factory=TrainConfig, description="Global fine-tune (expensive tier).")
     full_parameter: TrainConfig = Field(default_factory=TrainConfig, description="Full-parameter baseline training.")
-    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    resources: ResourcesConfig = Field(
+        default_factory=ResourcesConfig, description="Tiers, devices, prices and Ray settings the stages run with."
+    )
     evaluate: EvaluateConfig | None = Field(
         None, description="Downstream tasks scored after training (lm-evaluation-harness); unset: no such stage."
     )

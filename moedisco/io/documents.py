@@ -200,11 +200,6 @@ def iter_documents(path: Path | str, cfg: ReadOptions, report: ReadReport | None
 
 
 
-def read_documents(path: Path | str, cfg: ReadOptions, report: ReadReport | None = None) -> list[str]:
-    """`iter_documents` as a list: for corpora that fit in memory."""
-    return list(iter_documents(path, cfg, report))
-
-
 CHUNK_DOCUMENTS = 4096  # documents tokenized or embedded at a time: a few MB of text
 
 

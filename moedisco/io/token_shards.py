@@ -1,20 +1,15 @@
 """Token shards on disk, read through memory maps, and the batch source training reads its steps from.
 
-    with ShardWriter(OUTPUT / "data" / "train_tokens") as writer:    # streamed: documents in, never all in memory
-        writer.add([[5, 9, 0], [7, 0]])                              # token ids of each document (EOS included)
-    shard = TokenShard.load(OUTPUT / "data" / "train_tokens")        # tokens: np.memmap int32, offsets: int64
-    source = SequenceSource(shard, seq_len=256)                      # [N, L] sequences, cut as they are read
-    batch_BL = source.batch(step, batch_size=8, seed=0)              # the step's batch: a pure function of both
+    with TokenShardWriter(OUTPUT / "data" / "train_tokens") as writer:   # streamed: documents in, never all in memory
+        writer.add([[5, 9, 0], [7, 0]])                             # token ids of each document (EOS included)
+    shard = TokenShard.load(OUTPUT / "data" / "train_tokens")       # tokens: np.memmap int32, offsets: int64
+    batch_BL = SequenceSource(shard, seq_len=256).batch(step, batch_size=8, seed=0)   # a pure function of both
 
-A shard is a folder: `tokens.bin` (raw int32, every document's tokens end to end), `offsets.npy` (int64,
-documents + 1 entries: document i is `tokens[offsets[i]:offsets[i+1]]`) and `shard.json`, written last, so a
-folder with `shard.json` is complete. The folder is written under a `.partial` name and renamed into place: a
-stage interrupted half-way leaves no shard that looks finished, and a re-run redoes only the shards that are
-missing.
-
-Sequences are the shard's token stream cut every L tokens (the ragged tail is dropped), exactly what
-`moedisco.stages.prepare.TokenizedCorpus.pack` makes in memory, and `SequenceSource.batch` draws the same rows as
-`moedisco.io.token_shards.batch_for_step`, so a job's batches do not depend on which of the two holds its tokens.
+A shard is a folder: `tokens.bin` (every document's int32 tokens end to end), `offsets.npy` (document i is
+`tokens[offsets[i]:offsets[i+1]]`) and `shard.json`, written last; the folder is written under a `.partial` name and
+renamed into place, so a folder with `shard.json` is complete and a re-run redoes only missing shards. Sequences are
+the token stream cut every L tokens (the ragged tail dropped), and a step's batch is a seeded shuffle per epoch
+(`batch_for_step`), so a resumed run sees exactly the batches it would have seen.
 
 Legend: N = sequences, L = sequence length, B = batch.
 """
@@ -35,7 +30,7 @@ TOKEN_DTYPE = np.int32  # vocabularies stop at 1M ids (`TokenizerConfig.vocab_si
 DONE_FILE = "shard.json"
 
 
-class ShardWriter:
+class TokenShardWriter:
     """Appends documents' token ids to a shard being written; `close` (or leaving the `with`) finishes it."""
 
     def __init__(self, folder: Path):
@@ -80,7 +75,7 @@ class ShardWriter:
         self._tokens.close()
         shutil.rmtree(self.partial, ignore_errors=True)
 
-    def __enter__(self) -> ShardWriter:
+    def __enter__(self) -> TokenShardWriter:
         return self
 
     def __exit__(self, kind, value, traceback) -> None:
@@ -261,7 +256,7 @@ class SequenceSource:
         return self._epoch[1]
 
     def batch(self, step: int, batch_size: int, seed: int) -> torch.Tensor:
-        """The batch of optimizer step `step`: a seeded shuffle per epoch (`moedisco.io.token_shards.batch_for_step`)."""
+        """The batch of optimizer step `step`: a seeded shuffle per epoch (`batch_for_step`)."""
         positions = torch.arange(step * batch_size, (step + 1) * batch_size)
         epochs, slots = positions // self.num_sequences, positions % self.num_sequences
         picked = [self._permutation(seed, epoch)[slots[epochs == epoch]] for epoch in epochs.unique().tolist()]

@@ -5,11 +5,10 @@
     paths.run_dir("submodel", 2)      # OUTPUT/submodels/2 (a training stage's run folder)
     mark_done(paths, "merge", summary); is_done(paths, "merge"); stage_result(paths, "merge")
 
-Every layer uses it: the stages (`moedisco.stages.pipeline`), both runners, the Ray workers, the service's recorder and
-routes. It imports no torch, so a Ray worker or the API that only needs a path never pays for the training stack.
+Every layer uses it (the stages, both runners, the Ray workers, the service), and it imports no torch. The folder:
 
     OUTPUT/
-      spec.yaml  metrics.jsonl  cost.json  report.png  evaluation.json  owner.json (the runner that may write here)
+      spec.yaml  metrics.jsonl  cost.json  report.png  evaluation.json  claim.json (the runner that may write here)
       data/{train,eval}.jsonl  data/split.json  data/{train,eval}_tokens/ (token shards)  data/tokenizer/
       embed/embeddings.npy  embed/progress.json  cluster/  cluster/tokens_<k>/ (cluster k's token shard)
       source/  branched/
@@ -27,7 +26,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from moedisco.io import storage
+from moedisco.io import staging, storage
 from moedisco.io.atomic import write_atomically
 
 
@@ -42,21 +41,21 @@ class JobPaths:
     def __post_init__(self) -> None:
         if storage.is_uri(self.root):
             object.__setattr__(self, "remote", str(self.root))
-            object.__setattr__(self, "root", storage.staging_dir(str(self.root)))
+            object.__setattr__(self, "root", staging.staging_dir(str(self.root)))
         object.__setattr__(self, "root", Path(self.root))
 
     def pull(self) -> None:
         """A job folder on object storage: copy down what this machine's staging folder lacks (a resume)."""
         if self.remote is not None:
-            storage.pull(self.remote, self.root)
+            staging.pull(self.remote, self.root)
 
     def push(self) -> None:
         """A job folder on object storage: copy up what changed here since the last push."""
         if self.remote is not None:
-            storage.push(self.root, self.remote)
+            staging.push(self.root, self.remote)
 
     spec = property(lambda self: self.root / "spec.yaml")
-    owner = property(lambda self: self.root / "owner.json")
+    claim = property(lambda self: self.root / "claim.json")
     data = property(lambda self: self.root / "data")
     tokenizer = property(lambda self: self.root / "data" / "tokenizer")
     embeddings = property(lambda self: self.root / "embed" / "embeddings.npy")
@@ -108,30 +107,30 @@ class JobPaths:
         return self.root / "sync" / f"outer_{round_index}.safetensors"
 
 
-class NotOwner(RuntimeError):
-    """Another runner took the job folder over (its owner file names that runner): this one stops, writing
+class ClaimLost(RuntimeError):
+    """Another runner took the job folder over (its claim file names that runner): this one stops, writing
     nothing more, and leaves the job to it."""
 
 
 def claim(paths: JobPaths, runner: str) -> None:
-    """Make `runner` the job folder's owner: a runner that finds another name there has been replaced."""
-    write_atomically(paths.owner, json.dumps({"runner": runner, "pid": os.getpid()}))
+    """Make `runner` the job folder's claimant: a runner that finds another name there has been replaced."""
+    write_atomically(paths.claim, json.dumps({"runner": runner, "pid": os.getpid()}))
 
 
-def owner_of(paths: JobPaths) -> str | None:
-    """The runner named in the owner file; None when there is none or it cannot be read right now."""
+def claimant_of(paths: JobPaths) -> str | None:
+    """The runner named in the claim file; None when there is none or it cannot be read right now."""
     try:
-        return json.loads(paths.owner.read_text())["runner"]
+        return json.loads(paths.claim.read_text())["runner"]
     except (OSError, ValueError, KeyError):
         return None
 
 
-def check_owner(paths: JobPaths, runner: str | None) -> None:
-    """Raise `NotOwner` when the folder names another runner than `runner` (None: nobody claimed it). A file that
+def check_claim(paths: JobPaths, runner: str | None) -> None:
+    """Raise `ClaimLost` when the folder names another runner than `runner` (None: nobody claimed it). A file that
     cannot be read (a network filesystem's hiccup) is no proof of a takeover, so it is not one."""
-    current = owner_of(paths)
+    current = claimant_of(paths)
     if runner is not None and current is not None and current != runner:
-        raise NotOwner(f"{paths.root} now belongs to runner {current}, not {runner}")
+        raise ClaimLost(f"{paths.root} now belongs to runner {current}, not {runner}")
 
 
 def is_done(paths: JobPaths, marker: str) -> bool:

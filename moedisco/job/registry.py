@@ -1,14 +1,12 @@
-"""What the stages of a job are, declared once: read by both runners, the Ray worker, the metrics, the cost ledger,
-the service and the benchmarks. Light to import (no torch): the functions are named, and loaded when run.
+"""What the stages of a job are, declared once, and a job's plan: light to import (no torch).
 
     STAGE["submodel"].tier                        # "submodel_tier": the cheap tier pays for it
     for group in plan(spec): ...                  # [[Task("prepare")], ..., [Task("submodel", 0, 0), ...], ...]
 
-What a stage function gets and how one is called in this process is `moedisco.stages.stage_run`.
-
 A job is a sequence of groups of tasks (`plan`); the tasks of one group (the experts of one synchronisation round)
-may run at the same time, and a group starts once the one before it has finished. Each task leaves a marker
-(`Task.marker`) when it is done, which is how a re-run skips it.
+may run at the same time, and a group starts once the one before it has finished. A task is known by its `key`
+(stage, expert: the same across rounds) and its `marker` (per round: the file it leaves when done, which is how a
+re-run skips it, and the name of its run). Each stage's function is `moedisco.runner.execute.STAGE_FUNCTIONS`.
 """
 
 from __future__ import annotations

@@ -17,16 +17,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from moedisco.config.spec import ModelConfig
 
 Role = Literal["shared", "expert", "router"]
-
-
-
-WEIGHTS_FILE = "model.safetensors"
 
 
 
@@ -102,27 +97,6 @@ def parameter_roles(config: PretrainedConfig) -> dict[str, Role]:
         else:
             raise ValueError(f"{name}: shape {tuple(shape)} is neither shared nor per-expert")
     return roles
-
-
-
-def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with tied duplicates dropped (safetensors refuses shared storage) and tensors made contiguous."""
-    seen: set[int] = set()
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        state[name] = tensor.detach().contiguous().cpu()
-    return state
-
-
-
-def save_weights(model: PreTrainedModel, folder: Path) -> None:
-    """config.json + model.safetensors with the model's own (runtime) tensor names; loads with from_pretrained."""
-    folder.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(folder)
-    save_file(unique_state_dict(model), folder / WEIGHTS_FILE, metadata={"format": "pt"})
 
 
 

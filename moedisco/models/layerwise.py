@@ -6,11 +6,9 @@
             ...
 
 The model's own forward does the work (its rotary embeddings, its causal mask, the decoder layer built for that
-index, so a dense layer of a sparse-step model stays dense): the model is built on the meta device, and for each
-layer its `layers` list holds that one layer, loaded from the safetensors shards, while every group of sequences
-goes through it. The hidden states of all the sequences (N x L x H) are kept between layers in a memory-mapped
-scratch file, so one layer, the embedding and one pass's activations are the peak, not the whole model (a merged
-Mixtral-8x7B layer is 1/32 of its 187 GB in fp32).
+index): the model is built on the meta device, its `layers` list holds one layer at a time, loaded from the saved
+files, while every group of sequences goes through it. The hidden states (N x L x H) wait between layers in a
+memory-mapped scratch file, so the peak is one layer, the embedding and one pass's activations.
 
 Legend: N = sequences, L = sequence length, H = hidden.
 """
@@ -18,62 +16,18 @@ Legend: N = sequences, L = sequence length, H = hidden.
 from __future__ import annotations
 
 import copy
-import json
 import tempfile
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from moedisco.models.architecture import WEIGHTS_FILE, read_config
+from moedisco.models.weights import SavedWeights, fp32
 
-INDEX_FILE = "model.safetensors.index.json"
 PASS_TOKENS = 1024  # tokens run through a layer at once: bounds the activations (an expert's are tokens x 2I)
-
-
-def shard_of(folder: Path) -> dict[str, Path]:
-    """Tensor name -> the safetensors file of `folder` that holds it (one file, or the shards of an index)."""
-    index = folder / INDEX_FILE
-    if index.is_file():
-        return {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
-    with safe_open(folder / WEIGHTS_FILE, framework="pt") as handle:
-        return {name: folder / WEIGHTS_FILE for name in handle.keys()}
-
-
-class SavedWeights:
-    """Reads single tensors, or every tensor under a prefix, of a saved model folder (a context manager)."""
-
-    def __init__(self, folder: Path):
-        self.folder, self.config = folder, read_config(folder)
-        self.files = shard_of(folder)
-        self._stack = ExitStack()
-        self._handles: dict[Path, object] = {}
-
-    def __enter__(self) -> SavedWeights:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stack.close()
-
-    def get(self, name: str) -> torch.Tensor:
-        if name not in self.files:
-            raise KeyError(f"{name} is not in {self.folder}")
-        path = self.files[name]
-        if path not in self._handles:
-            self._handles[path] = self._stack.enter_context(safe_open(path, framework="pt"))
-        return self._handles[path].get_tensor(name)
-
-    def under(self, prefix: str) -> dict[str, torch.Tensor]:
-        """Every tensor named `prefix` + rest, keyed by rest, floating ones in fp32 (as `finetune.load_moe`)."""
-        return {name[len(prefix):]: _fp32(self.get(name)) for name in self.files if name.startswith(prefix)}
-
-
-def _fp32(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.float() if tensor.is_floating_point() else tensor
 
 
 def _stem(weights: SavedWeights) -> tuple[torch.nn.Module, torch.nn.ModuleList]:
@@ -112,7 +66,7 @@ def stream_layers(weights: SavedWeights, groups_NL: Sequence[torch.Tensor], batc
     decoder, layers = _stem(weights)
     decoder.eval()
     types = getattr(weights.config, "layer_types", None)
-    embedding = _fp32(weights.get("model.embed_tokens.weight"))
+    embedding = fp32(weights.get("model.embed_tokens.weight"))
     hidden = [_on_disk(group_NL, embedding, weights.folder, batch_size) for group_NL in groups_NL]
     del embedding
     for index in range(len(layers)):
@@ -164,7 +118,7 @@ def _through(decoder, layer, hidden_BLH: torch.Tensor) -> torch.Tensor:
 def output_head(weights: SavedWeights) -> torch.nn.Linear:
     """The model's vocabulary projection (the embedding where the two are tied and stored once)."""
     name = "lm_head.weight" if "lm_head.weight" in weights.files else "model.embed_tokens.weight"
-    weight_VH = _fp32(weights.get(name))
+    weight_VH = fp32(weights.get(name))
     with torch.device("meta"):
         head = torch.nn.Linear(weight_VH.shape[1], weight_VH.shape[0], bias=False)
     head.load_state_dict({"weight": weight_VH}, assign=True)

@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from moedisco.config.spec import ModelConfig
-from moedisco.models.architecture import WEIGHTS_FILE, num_experts_of, parameter_roles, read_config
+from moedisco.models.architecture import num_experts_of, parameter_roles, read_config
+from moedisco.models.weights import WEIGHTS_FILE
 
 
 def upcycle_submodel(source: Path, dense_weights: Path, out: Path) -> Path:

@@ -1,19 +1,14 @@
 """What a job costs: one priced row per stage (and expert), the ledger in `OUTPUT/cost.json`, and the FLOP model.
 
-    row = price_row("submodel", spec.resources.submodel_tier, spec.resources.prices, seconds=812.4, device="cpu")
     ledger = CostLedger(OUTPUT / "cost.json", spec.resources)
     ledger.record("submodel", tier=spec.resources.submodel_tier, seconds=812.4, expert=0, device="cpu")
     ledger.summary()["total_usd"]
 
-`CostRow` is the one row type: the ledger writes it, the service stores and serves it (its API row is this row
-plus `final`), and `price_row` is the one place dollars are computed, for finished stages and running ones alike.
-Submodels each run on their own device, so their rows add up (the paper's S-cost). When the device that ran a
-stage is not the tier's accelerator (a CPU standing in for an RTX 4090 on a laptop), the row says
-`simulated: true`: the dollars are what that wall time would cost at the tier's price, not what was spent.
-
-A row also says what of its dollars paid for work done twice (`lost_steps`, `lost_usd`): the steps a restarted
-trainer trained again after a failure or a preemption, priced at the row's cost per step run
-(`usd` x lost steps / steps run), and how many preemptions it went through (`preemptions`).
+`CostRow` is the one row type (the service stores and serves it) and `price_row` the one place dollars are computed,
+for finished and running stages alike. Submodels each run on their own device, so their rows add up (the paper's
+S-cost). A row run on another device than the tier's accelerator (a CPU standing in for an RTX 4090) says
+`simulated: true`; a row also says what of its dollars paid for steps trained twice after a failure or preemption
+(`lost_steps`, `lost_usd`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Runs a job: its plan (`moedisco.job.registry.plan`) through an executor, with markers, events, budget, cost and report.
+"""Runs a job: its plan (`moedisco.job.registry.plan`) through an executor, with markers, events, budget, cost
+and report.
 
     summary = run_job(load_spec("examples/tiny.yaml"), events=print)            # every stage in this process
     summary = JobRunner(spec, RayExecutor(), events=store_events).run()         # ray_cluster.orchestrate
@@ -32,11 +33,11 @@ from moedisco.job.events import (
     ignore,
     progress_event,
 )
-from moedisco.job.layout import JobPaths, NotOwner, check_owner, claim, is_done, mark_done, stage_result
+from moedisco.job.layout import ClaimLost, JobPaths, check_claim, claim, is_done, mark_done, stage_result
 from moedisco.job.metrics import MetricsWriter
 from moedisco.job.registry import STAGE, Task, plan, tier_of
 from moedisco.planning.cost import CostLedger
-from moedisco.planning.estimate import resolve_memory
+from moedisco.planning.memory_plan import resolve_memory
 from moedisco.runner.execute import run_stage
 from moedisco.runner.report import write_report
 from moedisco.stages.stage_run import StageRun
@@ -97,8 +98,8 @@ class JobContext:
     metrics: MetricsWriter
     events: Events
     should_stop: Callable[[], bool] | None = None
-    owner: str | None = None  # the runner's id: its stages check the folder's owner file before they write
-    may_write: Callable[[], None] = lambda: None  # raises `NotOwner` once another runner owns the folder
+    runner_id: str | None = None  # the runner's id: its stages check the folder's claim file before they write
+    may_write: Callable[[], None] = lambda: None  # raises `ClaimLost` once another runner claimed the folder
 
     def stage_run(self, task: Task, hooks: TrainHooks | None = None, progress: bool = False) -> StageRun:
         return StageRun(self.spec, self.paths, self.metrics, task, hooks, progress)
@@ -110,7 +111,7 @@ Started = Callable[[Task], None]
 class Executor(Protocol):
     """Runs the tasks of a job; the `JobRunner` keeps the books."""
 
-    # Whether it shards a training stage over several devices (Ray: `estimate.stage_devices`): the memory planner
+    # Whether it shards a training stage over several devices (Ray: `memory_plan.stage_devices`): the memory planner
     # plans each stage for the devices it will really train on.
     shards: bool
 
@@ -171,15 +172,15 @@ BudgetLeft = Callable[[], float | None]
 
 
 class JobRunner:
-    """`owner`: this runner's id, when several may be started on one job folder (the service's relaunches): it
-    claims the folder, and stops with `NotOwner` before any write once another runner has claimed it since.
+    """`runner_id`: this runner's id, when several may be started on one job folder (the service's relaunches): it
+    claims the folder, and stops with `ClaimLost` before any write once another runner has claimed it since.
 
     `budget_left`: dollars that may still be spent beyond what is spent so far, asked before every stage (None:
     no limit), for a budget wider than the job's `max_cost_usd`, e.g. the service's monthly budget per user,
     which other jobs spend too. What this job spent is already counted in it."""
 
     def __init__(self, spec: JobSpec, executor: Executor, events: Events | None = None,
-                 should_stop: Callable[[], bool] | None = None, owner: str | None = None,
+                 should_stop: Callable[[], bool] | None = None, runner_id: str | None = None,
                  budget_left: BudgetLeft | None = None):
         # Every process the job reaches reads the same folders, and trains with the memory measures planned here
         # (`memory: auto`), which the saved spec then holds; a job that fits no device is refused before it starts.
@@ -189,10 +190,10 @@ class JobRunner:
         paths = JobPaths(spec.output_dir)
         paths.pull()
         spec = resolve_memory(spec, sharded=executor.shards)
-        self.owner, self.user_should_stop, self.user_events = owner, should_stop, events or ignore
+        self.runner_id, self.user_should_stop, self.user_events = runner_id, should_stop, events or ignore
         self.budget_left, self.replaced = budget_left, False
-        self.job = JobContext(spec, paths, MetricsWriter(paths.metrics), self.emit, self.should_stop, owner,
-                              self.check_owner)
+        self.job = JobContext(spec, paths, MetricsWriter(paths.metrics), self.emit, self.should_stop, runner_id,
+                              self.check_claim)
         self.executor, self.ledger = executor, CostLedger(paths.cost, spec.resources)
         self.plan = plan(spec)
         self.last_task = {task.key: task for group in self.plan for task in group}  # a stage's last round
@@ -211,8 +212,8 @@ class JobRunner:
             self.executor.open(self.job)
             try:
                 check_same_job(self.spec, self.paths)
-                if self.owner is not None:
-                    claim(self.paths, self.owner)
+                if self.runner_id is not None:
+                    claim(self.paths, self.runner_id)
                 self.spec.save(self.paths.spec)
                 for group in self.plan:
                     self.run_group(group)
@@ -232,7 +233,7 @@ class JobRunner:
         written since the last finished stage (a stage's checkpoints, metrics), so a resume elsewhere starts
         there. Not once another runner owns the folder (it writes there now); and a failing push is logged, not
         raised, so the error that stopped the job is the one seen."""
-        if self.paths.remote is None or self.replaced or isinstance(error, NotOwner):
+        if self.paths.remote is None or self.replaced or isinstance(error, ClaimLost):
             return
         try:
             self.paths.push()
@@ -261,7 +262,7 @@ class JobRunner:
         self.emit(StageStarted(**task.ids))
 
     def finish(self, task: Task, summary: dict) -> None:
-        self.check_owner()
+        self.check_claim()
         seconds = summary.get("seconds", time.perf_counter() - self.started_at.pop(task, time.perf_counter()))
         tier = tier_of(self.spec.resources, task.stage)
         if tier is not None:
@@ -289,20 +290,20 @@ class JobRunner:
         if not self.replaced:
             self.user_events(event)
 
-    def check_owner(self) -> None:
-        self.fenced(lambda: check_owner(self.paths, self.owner))
+    def check_claim(self) -> None:
+        self.fenced(lambda: check_claim(self.paths, self.runner_id))
 
     def should_stop(self) -> bool:
         """What the executor and the training loops poll: the user's stop flag; a lost folder (or the user's
-        `should_stop` raising `NotOwner`: the service's lease was taken) raises `NotOwner`."""
-        self.check_owner()
+        `should_stop` raising `ClaimLost`: the service's lease was taken) raises `ClaimLost`."""
+        self.check_claim()
         return bool(self.user_should_stop is not None and self.fenced(self.user_should_stop))
 
     def fenced(self, check: Callable):
-        """`check()`; once it raises `NotOwner` this runner is replaced and says nothing more."""
+        """`check()`; once it raises `ClaimLost` this runner is replaced and says nothing more."""
         try:
             return check()
-        except NotOwner:
+        except ClaimLost:
             self.replaced = True
             raise
 
@@ -329,11 +330,11 @@ class JobRunner:
 
 
 def run_job(spec: JobSpec, events: Events | None = None, progress: bool = True,
-            should_stop: Callable[[], bool] | None = None, owner: str | None = None,
+            should_stop: Callable[[], bool] | None = None, runner_id: str | None = None,
             budget_left: BudgetLeft | None = None) -> dict:
     """Run `spec` in this process, idempotently; returns {"output_dir", "final", "cost"}."""
-    return JobRunner(spec, LocalExecutor(progress), events, should_stop, owner, budget_left).run()
+    return JobRunner(spec, LocalExecutor(progress), events, should_stop, runner_id, budget_left).run()
 
 
 __all__ = ["BudgetExceeded", "BudgetLeft", "Executor", "JobCancelled", "JobContext", "JobRunner", "LocalExecutor",
-           "NotOwner", "run_job"]
+           "ClaimLost", "run_job"]

@@ -21,7 +21,7 @@ matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 from moedisco.job.metrics import read_metrics  # noqa: E402
-from moedisco.job.registry import STAGE  # noqa: E402
+from moedisco.job.registry import STAGE, STAGES  # noqa: E402
 
 
 def loss_curves(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
@@ -58,14 +58,15 @@ def dollar_curve(records: list[dict], cost_path: Path) -> list[tuple[float, floa
     """(cumulative USD, held-out loss, tier) along the job: the warm-up, the submodels (mean loss over experts at
     each step, dollars summed over experts), the merged model, the fine-tune; or the full-parameter run."""
     rates, points = _rates(cost_path), []
-    spent = _stage_usd(cost_path, ("embed", "cluster"))  # the cheap tier's set-up comes before any training
-    for stage in ("warmup", "submodel", "finetune", "full_parameter"):
+    cheap = tuple(stage.name for stage in STAGES if stage.tier == "submodel_tier")
+    spent = _stage_usd(cost_path, tuple(name for name in cheap if STAGE[name].setup))  # before any training
+    for stage in (stage.name for stage in STAGES if stage.trained):
         by_step: dict[int, dict] = {}
         for r in records:
             if r["stage"] == stage and r.get("eval_loss") is not None:
                 by_step.setdefault(r["step"], {})[r.get("expert")] = r
         if stage == "finetune":
-            spent = _stage_usd(cost_path, ("embed", "cluster", "warmup", "submodel", "sync", "merge"))
+            spent = _stage_usd(cost_path, cheap)
         for step, experts in sorted(by_step.items()):
             usd = spent + sum(rates.get(stage, 0.0) * r.get("seconds", 0.0) for r in experts.values())
             loss = sum(r["eval_loss"] for r in experts.values()) / len(experts)

@@ -14,15 +14,17 @@ from pathlib import Path
 from moedisco.config.spec import JobSpec
 from moedisco.job.layout import JobPaths, stage_result
 from moedisco.job.registry import round_ends, submodel_task
-from moedisco.models.architecture import WEIGHTS_FILE, parameter_roles, read_config, save_weights
+from moedisco.models.architecture import parameter_roles, read_config
 from moedisco.models.upcycle import upcycle_submodel
+from moedisco.models.weights import WEIGHTS_FILE, save_weights
 from moedisco.stages import split
 from moedisco.stages.cluster import cluster_eval_sequence, train_source
 from moedisco.stages.finetune import enable_router_loss, load_moe
 from moedisco.stages.prepare import eval_sequences
 from moedisco.stages.stage_run import StageRun
+from moedisco.training.checkpoint import checkpoint_dirs
 from moedisco.training.heldout import evaluate_loss
-from moedisco.training.loop import checkpoint_dirs, finished_result, train
+from moedisco.training.loop import finished_result, train
 
 
 def branch_point(spec: JobSpec, paths: JobPaths) -> Path:

@@ -3,6 +3,8 @@
     result = fit_clusters(vectors_ND, spec.cluster, num_clusters=4, seed=0)
     result.assignments      # int64 [N], cluster of each document
     result.save(folder); ClusterResult.load(folder).assign(new_vectors)   # route new documents later
+    summary = stage_cluster(run)      # the stage: fit on a bounded sample, assign all, cluster/tokens_<k>/ shards
+    source = train_source(spec, paths, expert=2)   # what submodel 2 trains on, read by (seed, step) from its shard
 
 `kmeans` is scikit-learn's k-means. `balanced_kmeans` bounds every cluster at (1 + slack) x N / K documents, as
 c-BTM does, so no expert is starved or drowned. `random` is the paper's Fig. 6 ablation: equal-sized random shares.
@@ -22,7 +24,7 @@ import torch
 from moedisco.config.spec import ClusterConfig, JobSpec
 from moedisco.io.atomic import write_atomically, writing
 from moedisco.io.documents import chunks, iter_texts
-from moedisco.io.token_shards import RowFile, SequenceSource, ShardWriter, TokenShard, is_complete
+from moedisco.io.token_shards import RowFile, SequenceSource, TokenShard, TokenShardWriter, is_complete
 from moedisco.job.layout import JobPaths
 from moedisco.stages import embed, prepare
 from moedisco.stages.prepare import load_corpus
@@ -215,7 +217,7 @@ def save_clusters(spec: JobSpec, paths: JobPaths, result: ClusterResult) -> None
 def write_cluster_tokens(paths: JobPaths, assignments: np.ndarray, expert: int) -> TokenShard:
     """Cluster `expert`'s documents, in corpus order, copied from the train shard into cluster/tokens_<expert>/."""
     train = TokenShard.load(paths.tokens("train"))
-    with ShardWriter(paths.cluster_tokens(expert)) as writer:
+    with TokenShardWriter(paths.cluster_tokens(expert)) as writer:
         for tokens, lengths in train.select(np.flatnonzero(assignments == expert)):
             writer.add_flat(tokens, lengths)
     return TokenShard.load(paths.cluster_tokens(expert))

@@ -2,6 +2,7 @@
 
     embedder = Embedder(spec.embed)
     vectors_ND = embedder(["a document", "another one"])   # float32 [num_docs, dim]
+    summary = stage_embed(run)        # the stage: train.jsonl a chunk at a time -> embed/embeddings.npy
 
 `token_mean` is the paper's h_x = mean_i Embedding(x_i): the pretrained model's input embedding layer averaged over
 the document's tokens (special tokens and padding excluded). `sentence` runs the whole encoder and mean-pools its

@@ -1,15 +1,13 @@
-"""Downstream tasks (paper Table 2) scored by EleutherAI's lm-evaluation-harness, offline.
+"""Downstream tasks (paper Table 2) scored by EleutherAI's lm-evaluation-harness, offline: the evaluate stage.
 
     scores = evaluate_model(Path("runs/tiny/final"), EvaluateConfig(tasks=["next_paragraph"], limit=100))
     scores["next_paragraph"]["acc"]         # accuracy, with "acc_stderr", "acc_norm", "num_fewshot", "samples"
+    summary = stage_evaluate(run)           # the stage: OUTPUT/evaluation.json for final/ (and a baseline)
 
-The model is loaded here and handed to lm-eval's Hugging Face class (`HFLM`), which does the scoring: no metric is
-computed in moedisco. Each task runs as its own `simple_evaluate` call so it gets its own few-shot count (the paper
-uses 5 for ARC-e and MMLU, 0 for HellaSwag and PIQA). Task definitions come from lm-eval itself, from
-`examples/eval` (the bundled `next_paragraph` task) and from `EvaluateConfig.task_dirs`.
-
-Nothing is downloaded: the hub and the datasets library are switched offline before lm-eval is imported, and a
-task whose data is not in the local datasets cache fails with `MissingTaskData`, naming the task and its dataset.
+lm-eval's `HFLM` does the scoring, one `simple_evaluate` call per task so each gets its own few-shot count; task
+definitions come from lm-eval, from `examples/eval` (the bundled `next_paragraph`) and from `task_dirs`. Nothing is
+downloaded: the hub is switched offline before lm-eval is imported, and a task whose data is not in the local
+datasets cache fails with `MissingTaskData`, naming it. (Held-out loss is `moedisco.training.heldout`.)
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
     model, result = finetune(OUTPUT / "merged", train_NL, eval_NL, spec, TrainContext(run_dir, "finetune", ...))
     model, result = train_full_parameter(source_model, train_NL, eval_NL, spec, context)
+    summary = stage_finetune(run); summary = stage_full_parameter(run)     # the stages: final/ written
 
 Both train every parameter of the full MoE with the router's load-balancing loss switched on
 (`output_router_logits`, weighted by `router_aux_loss_coef`), so the router learns to spread tokens over experts.

@@ -2,18 +2,14 @@
 
     merge_submodels(OUTPUT / "source", [OUTPUT / "submodels/0/model.safetensors", ...], weights=[0.3, 0.2, ...],
                     router_init="concat", out=OUTPUT / "merged")
-    AutoModelForCausalLM.from_pretrained(OUTPUT / "merged")   # a standard Hugging Face folder
+    summary = stage_merge(run)     # the stage: merge, router rows, held-out losses of the merged model
 
 Experts are concatenated along the expert axis; shared parameters are the weighted mean of the submodels' copies
-(WP-SGD weights gamma_k = n_k / sum n, or uniform 1/E), or, with `fisher`, the element-wise Fisher-weighted mean:
-an element a submodel's loss was not sensitive to (an embedding row of a token its cluster lacks) does not dilute
-the copies that learned something. Router rows come from the submodels (`concat`, the paper's choice), from a
-fresh initialisation (`random`), or from each cluster's mean hidden state (`centroid`, applied afterwards by
-`centroid_router_rows` + `patch_tensors`, which run the merged model one decoder layer at a time and overwrite
-only the router tensors in the written shards; `init_router_from_centroids` does the same on a loaded model).
-The merge reads one tensor of one submodel at a time and writes shards as it goes,
-so its peak memory is about one shard plus the largest tensor (`fisher` works a block of rows at a time to stay
-there), not E submodels.
+(WP-SGD weights gamma_k = n_k / sum n, or uniform), or with `fisher` the element-wise Fisher-weighted mean, so an
+element a submodel's loss was not sensitive to does not dilute the copies that learned something. Router rows come
+from the submodels (`concat`, the paper's), a fresh initialisation (`random`) or each cluster's mean hidden state
+(`centroid`, patched in afterwards). The merge reads one tensor of one submodel at a time and writes files as it
+goes, so its peak memory is about one output file plus the largest tensor, not E submodels.
 """
 
 from __future__ import annotations
@@ -28,20 +24,19 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from moedisco.config.spec import JobSpec
-from moedisco.io.atomic import write_atomically
 from moedisco.job.layout import JobPaths
-from moedisco.models.architecture import WEIGHTS_FILE, Role, num_experts_of, parameter_roles, read_config
-from moedisco.models.layerwise import INDEX_FILE, SavedWeights, output_head, shard_of, stream_layers
+from moedisco.models.architecture import Role, num_experts_of, parameter_roles, read_config
+from moedisco.models.layerwise import output_head, stream_layers
+from moedisco.models.weights import WEIGHTS_FILE, SavedWeights, WeightsWriter, files_of
 from moedisco.stages import cluster, prepare
 from moedisco.stages.branch import branch_point
 from moedisco.stages.cluster import cluster_eval_sequences, train_source
 from moedisco.stages.prepare import eval_sequences
 from moedisco.stages.stage_run import StageRun
+from moedisco.training.checkpoint import SECOND_MOMENT_FILE
 from moedisco.training.heldout import force_expert, hidden_loss_sum
-from moedisco.training.loop import SECOND_MOMENT_FILE
 
 FISHER_FLOOR = 1e-30
 FISHER_BLOCK_BYTES = 1 << 23  # 8 MB
@@ -55,44 +50,6 @@ def averaging_weights(cluster_sizes: Sequence[int], weighting: str) -> list[floa
         return [1.0 / len(cluster_sizes)] * len(cluster_sizes)
     total = float(sum(cluster_sizes))
     return [size / total for size in cluster_sizes]
-
-
-class ShardWriter:
-    """Collects tensors and flushes a safetensors shard whenever `max_shard_bytes` is reached."""
-
-    def __init__(self, out: Path, max_shard_bytes: int):
-        self.out, self.max_shard_bytes = out, max_shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[list[str]] = []
-        self.total_bytes = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        if self.pending and self.pending_bytes + tensor.nbytes > self.max_shard_bytes:
-            self._flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += tensor.nbytes
-        self.total_bytes += tensor.nbytes
-
-    def _flush(self) -> None:
-        save_file(self.pending, self.out / f"shard-{len(self.shards):05d}.tmp", metadata={"format": "pt"})
-        self.shards.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
-
-    def close(self) -> None:
-        """Name the shards as `save_pretrained` does and write the index when there is more than one."""
-        if self.pending or not self.shards:
-            self._flush()
-        if len(self.shards) == 1:
-            (self.out / "shard-00000.tmp").rename(self.out / WEIGHTS_FILE)
-            return
-        weight_map = {}
-        for index, names in enumerate(self.shards):
-            final = f"model-{index + 1:05d}-of-{len(self.shards):05d}.safetensors"
-            (self.out / f"shard-{index:05d}.tmp").rename(self.out / final)
-            weight_map.update({name: final for name in names})
-        index_payload = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        write_atomically(self.out / INDEX_FILE, json.dumps(index_payload, indent=2))
 
 
 def _weighted_sum(name: str, handles: list, weights: Sequence[float]) -> torch.Tensor:
@@ -182,11 +139,11 @@ def _merged_tensor(name: str, role: Role, handles: list, weights: Sequence[float
 
 
 def merge_submodels(source: Path, submodels: Sequence[Path], weights: Sequence[float], router_init: str,
-                    out: Path, seed: int = 0, max_shard_bytes: int = 1 << 30,
+                    out: Path, seed: int = 0, max_file_bytes: int = 1 << 30,
                     fisher: Sequence[Path] | None = None) -> Path:
     """Write the merged MoE to `out` (config.json + safetensors) and return `out`.
 
-    `fisher`, when given, holds each submodel's diagonal Fisher estimate (`memory.second_moments`): shared
+    `fisher`, when given, holds each submodel's diagonal Fisher estimate (`optimizer.second_moments`): shared
     parameters are then Fisher-weighted averages, each element scaled by gamma_k F_k.
     """
     config = read_config(source)
@@ -195,7 +152,7 @@ def merge_submodels(source: Path, submodels: Sequence[Path], weights: Sequence[f
     with ExitStack() as stack:
         handles, fisher_for = _open_all(stack, submodels, weights, fisher)
         out.mkdir(parents=True, exist_ok=True)
-        writer = ShardWriter(out, max_shard_bytes)
+        writer = WeightsWriter(out, max_file_bytes)
         stored = set(handles[0].keys())
         for name, role in roles.items():
             if name in stored:  # a tied lm_head is stored once, as the embedding
@@ -281,7 +238,7 @@ def patch_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
     read or rewritten whole. (safetensors has no update API; the format is an 8-byte little-endian header length,
     a JSON header of `data_offsets`, then the raw little-endian data.)
     """
-    files = shard_of(folder)
+    files = files_of(folder)
     for name, tensor in tensors.items():
         with files[name].open("r+b") as handle:
             header_len = struct.unpack("<Q", handle.read(8))[0]

@@ -1,11 +1,13 @@
-"""Corpus reading, held-out split, tokenizer and sequence packing.
+"""Read, split and tokenize the corpus: the prepare stage, and the held-out sequences every stage evaluates on.
 
-    for text in iter_documents(path, spec.data):             # streamed; errors name file and line
-        held_out = is_held_out(text, 0.05, seed=0)            # the hash split (moedisco.stages.corpus writes the splits)
-    docs = read_documents(path, spec.data)                   # a small corpus as a list
-    tokenizer = train_tokenizer(train_docs, spec.tokenizer)
-    corpus = TokenizedCorpus.from_texts(train_docs, tokenizer)
-    seqs_NL = corpus.pack(seq_len=256, doc_ids=cluster_doc_ids)   # LongTensor [num_sequences, seq_len]
+    held_out = is_held_out(text, eval_fraction=0.05, seed=0)     # the hash split: no global view needed
+    tokenizer = train_tokenizer(sample_docs, spec.tokenizer)       # byte-level BPE on a bounded sample
+    summary = stage_prepare(run)    # data/{train,eval}.jsonl, data/tokenizer/, data/{train,eval}_tokens/
+    eval_NL = eval_sequences(spec, paths)                          # the held-out split as [N, L] sequences
+
+Documents stream from the input files (`moedisco.io.documents`) into the split's JSON lines, then a chunk at a time
+into the token shards (`moedisco.io.token_shards`); each piece is finished atomically, so an interrupted stage
+resumes from the split, the tokenizer and each shard it finished.
 
 Legend: N = number of packed sequences, L = sequence length.
 """
@@ -27,7 +29,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from moedisco.config.spec import JobSpec, TokenizerConfig
 from moedisco.io.atomic import write_atomically
 from moedisco.io.documents import DataError, ReadReport, chunks, iter_documents, iter_texts
-from moedisco.io.token_shards import ShardWriter, TokenShard, is_complete
+from moedisco.io.token_shards import TokenShard, TokenShardWriter, is_complete
 from moedisco.job.layout import JobPaths
 from moedisco.stages.stage_run import StageRun
 
@@ -168,7 +170,7 @@ def fast_encoder(tokenizer) -> Tokenizer:
 def write_tokens(texts: Iterator[str], tokenizer, folder: Path) -> TokenShard:
     """Tokenize `texts` a chunk at a time into the shard `folder` (each document ends with EOS)."""
     eos, backend = tokenizer.eos_token_id, fast_encoder(tokenizer)
-    with ShardWriter(folder) as writer:
+    with TokenShardWriter(folder) as writer:
         for chunk in chunks(texts):
             writer.add([e.ids for e in backend.encode_batch_fast(chunk, add_special_tokens=False)], eos=eos)
     return TokenShard.load(folder)

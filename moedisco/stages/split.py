@@ -1,18 +1,13 @@
 """Model decoupling: a Hugging Face MoE becomes E dense submodels (paper sec. 3.1.1).
 
-    source = build_source_moe(spec, vocab_size=4096, special_ids=(0, 1))   # or from spec.model.pretrained
-    save_weights(source, OUTPUT / "source")
+    source = build_source_moe(spec, vocab_size=4096, eos_id=0, pad_id=1)   # or from spec.model.pretrained
     sub = load_submodel(OUTPUT / "source", expert=2)    # shared parameters + expert 2 of every MoE layer
+    summary = stage_source(run)                          # the stage: the source MoE in OUTPUT/source
 
-A submodel is the same architecture with one expert per MoE layer and top-1 routing. With a single expert the
-router's softmax is identically 1, so the gate is removed in effect: it gets no gradient, and every token goes
-through the expert (plus the shared expert where the architecture has one). Keeping the class unchanged means the
-submodel is an ordinary Hugging Face model and merging is a matter of tensor slices.
-
-Which tensors are shared, per-expert or router is read off the model itself: a tensor whose leading dimension is E in
-the full model and 1 in the one-expert model belongs to an expert (under `.experts.`) or to the router (elsewhere).
-That works for fused expert storage (transformers 5.x: `experts.gate_up_proj` of shape [E, 2I, H]) and needs no
-per-architecture name tables.
+A submodel is the same architecture with one expert per MoE layer and top-1 routing: the router's softmax over one
+expert is identically 1, so every token goes through the expert (plus the shared expert where the architecture has
+one) and the gate gets no gradient. Keeping the class unchanged makes the submodel an ordinary Hugging Face model,
+and splitting and merging tensor slices (`moedisco.models.architecture.parameter_roles` says which).
 """
 
 from __future__ import annotations
@@ -26,16 +21,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from moedisco.config.spec import ARCHITECTURES, JobSpec, ModelConfig
 from moedisco.models.architecture import (
-    WEIGHTS_FILE,
     Role,
     build_moe_config,
     num_experts_of,
     parameter_roles,
     read_config,
-    save_weights,
     with_num_experts,
 )
 from moedisco.models.upcycle import DENSE_TO_MOE, upcycle_dense
+from moedisco.models.weights import WEIGHTS_FILE, save_weights
 from moedisco.stages import prepare
 from moedisco.stages.stage_run import StageRun
 

@@ -2,28 +2,14 @@
 
     sync_round(roles, [OUTPUT / "submodels/0/checkpoints/step_00000025", ...], weights, fisher=True,
                out=OUTPUT / "sync/round_0.safetensors")
+    summary = stage_sync(run)      # the stage: round `run.task.round` of every submodel
 
-The paper's submodels meet once, at the merge. Trained on different clusters, their shared backbones drift apart,
-and averaging them then costs more than the experts' specialisation gains: measured on the bundled corpus, merged
-k-means submodels were worse than merged random ones. With R rounds, every submodel stops at the end of a round
-with a checkpoint, their shared parameters are averaged exactly as the merge averages them (`merge.average_shared`)
-and written back into each checkpoint, and each submodel resumes from it with its own optimizer state and its own
-expert. This is periodic parameter averaging (local SGD, DiLoCo's outer step with plain averaging) restricted to
-the backbone. Trainers exchange nothing directly: the average goes through the job's storage, like the merge.
-
-The average is written to `out` first and applied after, so a sync interrupted half-way is finished by re-running
-it: applying the same average twice is a no-op.
-
-`branch.outer_optimizer: nesterov` replaces the plain average by DiLoCo's outer step (Douillard et al. 2023): the
-pseudo-gradient delta = theta_prev - average(theta_k) (theta_prev: the backbone every submodel started the round
-from) drives SGD with Nesterov momentum, m = mu m + delta, theta = theta_prev - lr (delta + mu m); lr 1 and mu 0
-are the plain average. theta and m (fp32) are written once to `sync/outer_<r>.safetensors` after round r's average
-(`OuterStep.out`) and before any checkpoint changes, so a re-run sync applies the same step, and round r + 1 reads
-them back bit for bit, also in a resumed job. Round 0 starts from the branch point's backbone with m = 0.
-
-The merge after the last round stays the plain (Fisher) average, not a last outer step: DiLoCo's outer step is
-followed by more inner steps, which adapt the experts to the extrapolated backbone, but after the merge only the
-router is initialised (from hidden states of the backbone the experts were trained with) before the fine-tune.
+Trained on different clusters, the submodels' shared backbones drift apart, and the merge pays for it. With R
+rounds, every submodel stops at the end of a round with a checkpoint; their shared parameters are averaged as the
+merge averages them (`moedisco.stages.merge.average_shared`), optionally through DiLoCo's Nesterov outer step
+(`OuterStep`), and written back into each checkpoint; each submodel resumes with its own optimizer state and its
+own expert. Trainers exchange nothing directly: the average goes through the job's storage, and it is written to
+`out` before it is applied, so a sync interrupted half-way is finished by re-running it.
 """
 
 from __future__ import annotations
@@ -42,11 +28,12 @@ from moedisco.config.spec import JobSpec
 from moedisco.io.atomic import writing
 from moedisco.job.layout import JobPaths
 from moedisco.job.registry import round_ends
-from moedisco.models.architecture import WEIGHTS_FILE, Role, parameter_roles, read_config
+from moedisco.models.architecture import Role, parameter_roles, read_config
+from moedisco.models.weights import WEIGHTS_FILE
 from moedisco.stages.branch import branch_point
 from moedisco.stages.merge import average_shared, shared_weighting
 from moedisco.stages.stage_run import StageRun
-from moedisco.training.loop import SECOND_MOMENT_FILE, checkpoint_dir, checkpoint_dirs
+from moedisco.training.checkpoint import SECOND_MOMENT_FILE, checkpoint_dir, checkpoint_dirs
 
 
 def _save_atomically(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -74,6 +61,14 @@ def backbone_average(roles: dict[str, Role], checkpoints: Sequence[Path], weight
 @dataclass(frozen=True)
 class OuterStep:
     """DiLoCo's outer optimizer: where its state is and how it steps (`branch.outer_lr`, `branch.outer_momentum`)."""
+
+    # Douillard et al. 2023: the pseudo-gradient delta = theta_prev - average(theta_k), theta_prev the backbone every
+    # submodel started the round from, drives SGD with Nesterov momentum: m = mu m + delta,
+    # theta = theta_prev - lr (delta + mu m); lr 1 and mu 0 are the plain average. theta and m (fp32) are written to
+    # `out` once, before any checkpoint changes, so a re-run sync applies the same step and the next round reads
+    # them back bit for bit. Round 0 starts from the branch point's backbone with m = 0. The merge after the last
+    # round stays the plain average: an outer step is meant to be followed by inner steps that adapt the experts to
+    # the extrapolated backbone, and after the merge only the router is initialised before the fine-tune.
 
     lr: float
     momentum: float

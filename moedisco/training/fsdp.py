@@ -4,22 +4,12 @@
     hooks = TrainHooks(wrap_model=shard_model, rank=dist.get_rank(), world_size=dist.get_world_size())
     train(model, train_NL, eval_NL, cfg, TrainContext(..., hooks=hooks))
 
-`shard_model` applies `torch.distributed.fsdp.fully_shard` to every decoder layer, to the embedding, the final norm
-and the output head, then to the root: each rank holds 1/world of every parameter, gradient and optimizer state, and
-a unit's parameters are gathered only while it runs. The embedding, norm and head get units of their own (not the
-root's) because evaluation calls the decoder and the head separately (`evaluate.batch_loss_sum`), which would skip
-the root's gather.
-
-Checkpoints of a sharded run (`moedisco.training.loop.save_checkpoint`): the optimizer state, the bulk of it (2x the fp32
-weights for AdamW), is saved and restored sharded with torch.distributed.checkpoint, each rank writing and reading
-its own part (and re-sharded on load, so a run may resume on another number of ranks; `StoredAdamW`'s quantised
-state is saved rank by rank instead and resumes on the same number of ranks). The weights are gathered to
-rank 0's host memory, one tensor at a time, and written as the same `model.safetensors` an unsharded run writes, as
-are the second moments: the synchronisation rounds edit those files between rounds and the merge reads them, so
-both work on sharded and unsharded runs alike, and a resumed run loads the (possibly synchronised) weights before
-it shards them.
-
-Every function here is collective when the model is sharded: all ranks call it, in the same order.
+`shard_model` applies `fully_shard` to every decoder layer, the embedding, the final norm and the output head (units
+of their own, because evaluation calls the decoder and the head separately), then to the root. A sharded run's
+optimizer state is saved and restored sharded with torch.distributed.checkpoint, each rank its own part; its weights
+and second moments are gathered to rank 0 and written as the same `model.safetensors` an unsharded run writes, so the
+synchronisation rounds and the merge work on both alike. Every function here is collective when the model is
+sharded: all ranks call it, in the same order.
 """
 
 from __future__ import annotations
@@ -94,7 +84,7 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_optimizer(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Each rank writes its part of the optimizer state into the `checkpoint` folder: torch.distributed.checkpoint
-    in OPTIMIZER_DIR, or, for an optimizer whose state is per rank (`state_is_local`: `memory.StoredAdamW`'s
+    in OPTIMIZER_DIR, or, for an optimizer whose state is per rank (`state_is_local`: `optimizer.StoredAdamW`'s
     quantised codes, which DCP would take for replicated tensors), one `optimizer_rank<r>.pt` per rank."""
     if getattr(optimizer, "state_is_local", False):
         saved = {"world_size": dist.get_world_size(), "state": optimizer.state_dict()}
@@ -130,9 +120,9 @@ def barrier(model: torch.nn.Module) -> None:
 
 
 def on_rank_zero(model: torch.nn.Module, rank: int, action: Callable[[], None]) -> None:
-    """Run `action` (rank 0's writes: metrics, checkpoint files, the owner check before them) on rank 0, and raise
+    """Run `action` (rank 0's writes: metrics, checkpoint files, the claim check before them) on rank 0, and raise
     what it raised on every rank of a sharded run, each of which calls this at the same point: a rank that went on
-    alone would wait forever in the next collective for a rank 0 that left (e.g. on `layout.NotOwner`)."""
+    alone would wait forever in the next collective for a rank 0 that left (e.g. on `layout.ClaimLost`)."""
     error = None
     if rank == 0:
         try:
@@ -151,7 +141,7 @@ def on_rank_zero(model: torch.nn.Module, rank: int, action: Callable[[], None]) 
 
 
 def _portable(error: Exception | None) -> Exception | tuple[str, str] | None:
-    """`error` itself when it survives pickling (the other ranks raise the same type, e.g. `layout.NotOwner`),
+    """`error` itself when it survives pickling (the other ranks raise the same type, e.g. `layout.ClaimLost`),
     else its type's name and message: an exception whose constructor takes other arguments than its `args` fails
     to unpickle, which would leave the other ranks with that failure instead of rank 0's."""
     if error is None:

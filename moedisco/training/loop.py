@@ -5,8 +5,9 @@
     result = train(model, train_NL, eval_NL, spec.submodel, context)
 
 AdamW with a constant/cosine/linear schedule and linear warm-up, gradient clipping, and the memory measures of
-`TrainConfig` (micro-batches, activation checkpointing, precision, 8-bit or offloaded optimizer: `moedisco.training.memory`). Checkpoints (safetensors weights, optimizer state, RNG state, step) land in `run_dir/checkpoints/`
-every `checkpoint_every` steps; calling `train` again on the same `run_dir` resumes from the newest one, and
+`TrainConfig` (micro-batches, activation checkpointing, precision, 8-bit or offloaded optimizer:
+`moedisco.training.memory`). Checkpoints (`moedisco.training.checkpoint`) land in `run_dir/checkpoints/` every
+`checkpoint_every` steps; calling `train` again on the same `run_dir` resumes from the newest one, and
 returns at once if the run already finished. Data order is a pure function of (seed, step), so a resumed run sees
 exactly the batches it would have seen.
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -31,25 +31,22 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from moedisco.config.spec import TrainConfig
-from moedisco.io.atomic import partial_of, put_in_place, write_atomically
+from moedisco.io.atomic import write_atomically
 from moedisco.io.token_shards import batch_source
-from moedisco.models.architecture import unique_state_dict
+from moedisco.models.weights import unique_state_dict
 from moedisco.training import fsdp
-from moedisco.training.heldout import evaluate_loss, router_load
-from moedisco.training.memory import (
-    PeakMemory,
-    amp_dtype,
-    make_optimizer,
-    measures_of,
-    prepare_model,
-    resolve_device,
-    second_moments,
+from moedisco.training.checkpoint import (
+    SECOND_MOMENT_FILE,
+    checkpoint_dirs,
+    load_training_state,
+    load_weights,
+    save_checkpoint,
 )
+from moedisco.training.heldout import evaluate_loss, router_load
+from moedisco.training.memory import PeakMemory, amp_dtype, measures_of, prepare_model, resolve_device
+from moedisco.training.optimizer import make_optimizer, second_moments
 
 RESULT_FILE = "result.json"
-SECOND_MOMENT_FILE = "second_moment.safetensors"
-
-
 @dataclass
 class TrainResult:
     steps: int
@@ -70,7 +67,7 @@ class TrainHooks:
     preempted: Callable[[], bool] | None = None  # polled after every step; True: checkpoint it, raise `Preempted`
     wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None  # e.g. DistributedDataParallel
     before_write: Callable[[], None] | None = None  # before each metrics line, checkpoint and the final weights;
-    # raises to stop a run whose job folder another runner took over (`moedisco.job.layout.NotOwner`)
+    # raises to stop a run whose job folder another runner took over (`moedisco.job.layout.ClaimLost`)
     rank: int = 0
     world_size: int = 1
     extra: dict = field(default_factory=dict)  # added to every metrics record (node, gpu_type, ...)
@@ -137,101 +134,13 @@ def lr_multiplier(cfg: TrainConfig, step: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-CHECKPOINT_NAME = re.compile(r"step_(\d+)")
-
-
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """The complete checkpoints in `run_dir`, oldest first: folders named exactly `step_N` (not a `.partial` one
-    being written or restored, even when it already holds its files) with their `trainer_state.json`."""
-    folder = run_dir / "checkpoints"
-    steps = {}
-    for child in folder.iterdir() if folder.is_dir() else ():
-        match = CHECKPOINT_NAME.fullmatch(child.name)
-        if match and (child / "trainer_state.json").is_file():
-            steps[int(match.group(1))] = child
-    return [steps[step] for step in sorted(steps)]
-
-
-def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step_{step:08d}"
-
-
-def save_checkpoint(run_dir: Path, model, optimizer, state: dict, spec_yaml: str | None, keep: int,
-                    moments: bool = False, rank: int = 0) -> Path:
-    """Weights, optimizer, RNG and loop state in `run_dir/checkpoints/step_N`; `moments` adds the second moments
-    (`second_moments`), which a synchronisation round averages with.
-
-    Unsharded, rank 0 alone calls it. Sharded (`moedisco.training.fsdp`), every rank does: rank 0 writes the gathered
-    weights and moments, each rank its part of the optimizer state.
-    """
-    final = checkpoint_dir(run_dir, state["step"])
-    partial = partial_of(final, shared=True)  # every rank of a sharded save writes into it
-    sharded = fsdp.is_sharded(model)
-    weights = fsdp.full_state_dict(model) if sharded else unique_state_dict(model)
-    second = second_moments(model, optimizer) if moments else None
-
-    def write_files() -> None:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        save_file(weights, partial / "model.safetensors", metadata={"format": "pt"})
-        if not sharded:
-            torch.save(optimizer.state_dict(), partial / "optimizer.pt")
-        torch.save({"cpu": torch.get_rng_state(), "cuda": _cuda_rng()}, partial / "rng.pt")
-        if second is not None:
-            save_file(second, partial / SECOND_MOMENT_FILE, metadata={"format": "pt"})
-        if spec_yaml is not None:
-            (partial / "spec.yaml").write_text(spec_yaml)
-
-    def finish() -> None:
-        # trainer_state.json is written last and the folder renamed into place, so a crash mid-save never leaves a
-        # checkpoint that looks complete.
-        (partial / "trainer_state.json").write_text(json.dumps(state))
-        put_in_place(partial, final)
-        for old in checkpoint_dirs(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-
-    fsdp.on_rank_zero(model, rank, write_files)  # on every rank when sharded: the folder exists after it
-    if sharded:
-        fsdp.save_optimizer(partial, model, optimizer)  # returns once all have written
-    fsdp.on_rank_zero(model, rank, finish)
-    return final
-
-
-def _cuda_rng():
-    return torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-
-
-def load_checkpoint(ckpt: Path, model, optimizer) -> dict:
-    """Weights, optimizer, RNG and loop state of an unsharded model (`load_weights` + `load_training_state`)."""
-    load_weights(ckpt, model)
-    return load_training_state(ckpt, model, optimizer)
-
-
-def load_weights(ckpt: Path, model) -> None:
-    """The checkpoint's weights, into an unsharded model (a sharded run loads them before sharding)."""
-    model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
-
-
-def load_training_state(ckpt: Path, model, optimizer) -> dict:
-    """The optimizer (sharded or not, as saved), RNG and loop state; returns the loop state."""
-    if fsdp.is_sharded(model):
-        fsdp.load_optimizer(ckpt, model, optimizer)
-    else:
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
-    rng = torch.load(ckpt / "rng.pt", weights_only=False)
-    torch.set_rng_state(rng["cpu"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((ckpt / "trainer_state.json").read_text())
-
-
 def finished_result(run_dir: Path) -> TrainResult | None:
     path = run_dir / RESULT_FILE
     return TrainResult(**json.loads(path.read_text())) if path.is_file() else None
 
 
 def _local_batch(train_NL, step: int, cfg: TrainConfig, seed: int, hooks: TrainHooks) -> torch.Tensor:
-    # `train_NL`: sequences in memory or a `moedisco.io.token_shards.SequenceSource` reading them from disk by (seed, step).
+    # `train_NL`: sequences in memory or a `token_shards.SequenceSource` reading them from disk by (seed, step).
     batch_BL = batch_source(train_NL).batch(step, cfg.batch_size, seed)
     return batch_BL[hooks.rank :: hooks.world_size]
 

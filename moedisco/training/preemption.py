@@ -3,19 +3,13 @@
     notice = PreemptionNotice()
     with notice.on_sigterm():                       # main thread only; elsewhere the runner's own signal is used
         train(model, train_NL, eval_NL, cfg, TrainContext(..., hooks=TrainHooks(preempted=notice)))
-    # -> raises train.Preempted(step) after the checkpoint at that step
+    # -> raises Preempted(step) after the checkpoint at that step
 
-Spot and preemptible nodes are taken back after a notice: Kubernetes sends SIGTERM and waits the pod's grace
-period (GKE spot about 30 s, AWS spot 120 s), and Ray marks a node it is told to give up as draining, which
-Ray Train passes on to its workers (`ray.train.get_preemption_info`). The training loop asks its
-`TrainHooks.preempted` after every step; once it says yes the loop checkpoints that step (one step plus one
-checkpoint must fit in the grace period) and raises `Preempted`, which a runner counts apart from failures and
-answers by starting only that trainer again, from that step: no step is lost. A run killed without notice
-(SIGKILL, a lost node) still resumes from its last periodic checkpoint, at most `checkpoint_every` steps back.
-
-A stage that does not poll the flag (prepare, embed, cluster, merge, evaluate: each keeps its finished pieces and
-redoes only the rest) is interrupted at once instead (`interrupting`), rather than running on until Kubernetes
-follows the notice with SIGKILL at the end of the grace period.
+Spot nodes are taken back after a notice (SIGTERM and the pod's grace period, or a Ray drain that Ray Train passes
+on as `ray.train.get_preemption_info`). The loop asks `TrainHooks.preempted` after every step; once it says yes the
+loop checkpoints that step and raises `Preempted`, which a runner counts apart from failures and answers by starting
+that trainer again from that step. A stage that does not poll the flag keeps its finished pieces and is interrupted
+at once (`interrupting`); a run killed without notice resumes from its last periodic checkpoint.
 """
 
 from __future__ import annotations

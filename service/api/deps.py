@@ -5,15 +5,11 @@ named in the path, which must be the caller's own (or the caller an admin): anot
     def read_artifacts(job: JobDep) -> ArtifactsPublic: ...
     def submit_job(caller: CallerDep, ...): caller.name, caller.is_admin
 
-The bearer token is MOEDISCO_API_TOKEN (the bootstrap admin, `admin`) or a user's token (`service.users`), looked
-up in the store on every request, so a revoked one is refused at once.
-
-The dependencies that do no I/O are `async def`: FastAPI runs every plain `def` dependency in its threadpool, a
-thread hop per dependency per request. `get_job` reads the store and stays a `def`.
-
-`view_response` serves the polled views of `service.views`: the version lookup and a current cached body on the
-event loop (one primary-key read costs the replica less than a thread hop), the store reads of a rebuild in the
-threadpool.
+The bearer token is MOEDISCO_API_TOKEN (the bootstrap admin, `admin`) or a user's token (`service.store.users`),
+looked up in the store on every request, so a revoked one is refused at once. The dependencies that do no I/O are
+`async def`, because FastAPI runs every plain `def` dependency in its threadpool (a thread hop per dependency per
+request); `get_job` reads the store and stays a `def`. `view_response` serves the polled views
+(`service.reporting.views`).
 """
 
 from __future__ import annotations
@@ -29,10 +25,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.core.config import Settings, is_loopback
-from service.models import BOOTSTRAP_ADMIN, JobRow
-from service.store import Store
-from service.users import Users
-from service.views import JobViews
+from service.reporting.views import JobViews
+from service.store.models import BOOTSTRAP_ADMIN, JobRow
+from service.store.store import Store
+from service.store.users import Users
 
 JOB_ID = re.compile(r"^[0-9a-f]{12}$")
 
@@ -135,7 +131,8 @@ JobDep = Annotated[JobRow, Depends(get_job)]
 
 async def view_response(if_fresh, build, job_id: str, caller: Caller) -> Response:
     """The JSON of a polled view (`JobViews.job_if_fresh` / `build_job`, or the cost pair); 404 without the job,
-    or when it is not the caller's."""
+    or when it is not the caller's. The version lookup and a current cached body run on the event loop (one
+    primary-key read costs the replica less than a thread hop), the store reads of a rebuild in the threadpool."""
     version, body = if_fresh(job_id, caller.sees_only) if JOB_ID.match(job_id) else (None, None)
     if body is None and version is not None:
         body = await run_in_threadpool(build, job_id, version)

@@ -1,5 +1,5 @@
 """What a user may queue, checked when a job is submitted or resumed: the per-user limit on queued jobs and the
-monthly budget (the running job's runner checks the budget again before each stage: `service.executor`).
+monthly budget (the running job's runner checks the budget again before each stage: `service.jobs.executor`).
 
     check_queue_limit(users, settings, caller)                    # 429 when the caller has too many jobs queued
     estimate = check_monthly_budget(users, caller, spec_dict)     # 403 when the estimate exceeds what is left
@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from moedisco.config.spec import JobSpec
 from service.api.deps import Caller
 from service.core.config import Settings
-from service.users import Users
+from service.store.users import Users
 
 
 def check_queue_limit(users: Users, settings: Settings, caller: Caller) -> None:

@@ -3,6 +3,10 @@
     settings = Settings()                          # MOEDISCO_API_TOKEN, MOEDISCO_DATABASE_URL, MOEDISCO_DATA_DIR ...
     settings = Settings(data_dir=tmp, runner="local", api_token="t")   # tests pass values directly
     settings.effective_host()                      # 127.0.0.1 whenever no token is configured
+
+Each field's description is its documentation (this is the service's configuration reference); a RayService's
+`args:` block sets the same fields by name (`service.serve`). Without MOEDISCO_API_TOKEN the service is open, so it
+binds to loopback only.
 """
 
 from __future__ import annotations

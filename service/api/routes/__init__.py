@@ -1,0 +1,1 @@
+"""One FastAPI router per resource (jobs, cost, metrics, evaluation, artifacts, report, users), and health."""

@@ -2,7 +2,8 @@
 
     GET /v1/jobs/{id}/cost     live while the job runs (running stages priced so far, `final: false`)
 
-The view comes from `service.views`: its store reads are redone only when the job (or a possible baseline) changed.
+The view comes from `service.reporting.views`: its store reads are redone only when the job (or a possible
+baseline) changed.
 """
 
 from __future__ import annotations

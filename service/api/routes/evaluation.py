@@ -1,6 +1,9 @@
 """A job's downstream scores (its `evaluate` stage, lm-evaluation-harness), next to its baseline's.
 
     GET /v1/jobs/{id}/evaluation
+
+A 404 until the evaluate stage has written OUTPUT/evaluation.json (or when the spec has no `evaluate` section); the
+measured full-parameter baseline's own scores come along when it ran an evaluation too.
 """
 
 from __future__ import annotations

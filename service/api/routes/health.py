@@ -2,6 +2,9 @@
 
     GET /healthz    no auth: {"status": "ok"} when the store answers, else 503
     GET /metrics    Prometheus text: jobs by owner and state, stage durations, dollars by owner and tier (admins)
+
+Both sit outside /v1: /healthz is the only route without auth, and /metrics is for admins only because it names
+every user and what they spent (`service.reporting.prometheus` reads it from the store at scrape time).
 """
 
 from __future__ import annotations

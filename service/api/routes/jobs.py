@@ -1,11 +1,13 @@
 """Jobs: submit, list (filter by state, paginate), read one (stages, per-expert progress, latest losses), cancel.
-A user sees and touches only their own jobs (another's is a 404); an admin sees everyone's.
 
     POST /v1/jobs                 the job spec as JSON -> 201 JobPublic (422 names each bad field)
     GET  /v1/jobs?state=running&offset=0&limit=20     an admin may add &owner=ada
-    GET  /v1/jobs/{id}            JobDetail (from `service.views`: rebuilt only when the job changed)
+    GET  /v1/jobs/{id}            JobDetail (from `service.reporting.views`: rebuilt only when the job changed)
     POST /v1/jobs/{id}/cancel     queued: cancelled now; running: stops at the next stage boundary or checkpoint
     POST /v1/jobs/{id}/resume     failed or cancelled: queued again on its output_dir (finished stages are kept)
+
+A user sees and touches only their own jobs (another's is a 404); an admin sees everyone's. Submitting or resuming
+a job checks its owner's queue limit and monthly budget (`service.api.quotas`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from service.api.deps import (
     view_response,
 )
 from service.api.quotas import check_monthly_budget, check_queue_limit
+from service.jobs.specs import prepare_spec
 from service.schemas import (
     TERMINAL_STATES,
     USER_NAME_PATTERN,
@@ -37,7 +40,6 @@ from service.schemas import (
     JobState,
     Message,
 )
-from service.specs import prepare_spec
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 

@@ -1,6 +1,9 @@
 """A job's training metrics: the records of OUTPUT/metrics.jsonl (losses, tokens, router load ...).
 
     GET /v1/jobs/{id}/metrics?stage=submodel&expert=1&offset=0&limit=1000
+
+The records are moedisco's own (`moedisco.job.metrics.read_metrics`), made JSON-safe: a NaN loss reads as null,
+and a torn last line is skipped, never a 500.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from moedisco.job.layout import JobPaths
 from moedisco.job.metrics import read_metrics
 from service.api.deps import JobDep
 from service.schemas import Message, MetricsPublic
-from service.store import json_safe
+from service.store.store import json_safe
 
 router = APIRouter(prefix="/jobs", tags=["metrics"])
 

@@ -1,6 +1,9 @@
 """A job's report page: held-out loss curves per stage and cost bars (matplotlib images inlined in HTML).
 
     GET /v1/jobs/{id}/report
+
+The page is drawn by `service.reporting.report`, loaded (with matplotlib) on the first report, not at start-up; it
+uses the job's cost view (`service.reporting.costs`) and its measured baseline, if any.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from fastapi.responses import HTMLResponse
 from moedisco.job.layout import JobPaths
 from service.api.deps import JobDep, StoreDep
 from service.api.routes.metrics import read_records
-from service.costs import job_cost
+from service.reporting.costs import job_cost
 from service.schemas import Message
 
 router = APIRouter(prefix="/jobs", tags=["report"])
@@ -20,7 +23,7 @@ router = APIRouter(prefix="/jobs", tags=["report"])
 @router.get("/{job_id}/report", response_class=HTMLResponse, responses={404: {"model": Message}})
 def read_report(job: JobDep, store: StoreDep) -> HTMLResponse:
     """An HTML page, live while the job runs (it reloads itself)."""
-    from service.report import render_report  # matplotlib: loaded on the first report, not at start-up
+    from service.reporting.report import render_report  # matplotlib: loaded on the first report, not at start-up
 
     records = read_records(JobPaths(job.output_dir).metrics)
     found = store.find_baseline(job)

@@ -21,7 +21,6 @@ from fastapi import APIRouter, HTTPException, Response, status
 from fastapi import Path as PathParam
 
 from service.api.deps import AdminDep, Caller, CallerDep, UsersDep
-from service.models import BOOTSTRAP_ADMIN, UserRow
 from service.schemas import (
     TOKEN_ID_PATTERN,
     USER_NAME_PATTERN,
@@ -33,7 +32,8 @@ from service.schemas import (
     UserCreate,
     UserLimits,
 )
-from service.users import UserExists, Users
+from service.store.models import BOOTSTRAP_ADMIN, UserRow
+from service.store.users import UserExists, Users
 
 router = APIRouter(prefix="/users", tags=["users"])
 

@@ -4,13 +4,12 @@
     view.total_usd, view.baseline.kind, view.savings_pct
     inputs = cost_inputs(store, job); cost_view(inputs, utcnow())   # the same, in two steps: reads, then arithmetic
 
-Finished stages are the runner's own ledger rows (OUTPUT/cost.json, copied into the store as each stage ends).
-While a job runs, each running stage adds a provisional row (`final: false`): its wall time so far at its tier's
-price. The baseline is a measured full-parameter job on the same data and model when the store has one, else
-moedisco's FLOP-model estimate, marked `estimate`.
-
-`cost_inputs` does every read and `cost_view` only arithmetic, so the API can keep the inputs while the store says
-nothing changed (`service.views`) and still price running stages up to the moment of each request.
+Finished stages are the runner's own ledger rows (OUTPUT/cost.json, copied into the store as each stage ends); while
+a job runs, each running stage adds a provisional row (`final: false`), its wall time so far at its tier's price.
+The baseline is a measured full-parameter job on the same data and model when the store has one, else moedisco's
+FLOP-model estimate, marked `estimate`. `cost_inputs` does every read and `cost_view` only arithmetic, so the API
+can keep the inputs while the store says nothing changed (`service.reporting.views`) and still price running stages
+up to the moment of each request.
 """
 
 from __future__ import annotations
@@ -23,9 +22,9 @@ from pydantic import ValidationError
 from moedisco.config.resources import ResourcesConfig
 from moedisco.job.registry import STAGE_NAMES, pipeline_order, tier_of
 from moedisco.planning.cost import CostRow, price_row
-from service.models import JobRow, StageRow, stage_key, utcnow
 from service.schemas import BaselinePublic, CostPublic, CostRowPublic
-from service.store import Store
+from service.store.models import JobRow, StageRow, stage_key, utcnow
+from service.store.store import Store
 
 
 def _public(row: CostRow, final: bool) -> CostRowPublic:
@@ -33,7 +32,7 @@ def _public(row: CostRow, final: bool) -> CostRowPublic:
 
 
 def _live_row(stage: StageRow, resources: ResourcesConfig, now: datetime) -> CostRowPublic | None:
-    """A running stage's wall time so far at its tier's price (`moedisco.planning.cost.price_row`, as the ledger does)."""
+    """A running stage's wall time so far at its tier's price (`price_row`, as the ledger does)."""
     tier = tier_of(resources, stage.stage) if stage.stage in STAGE_NAMES else None
     if tier is None or stage.started_at is None:
         return None

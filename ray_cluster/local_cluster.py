@@ -1,21 +1,18 @@
 """A simulated heterogeneous Ray cluster on one machine: a head, N cheap nodes and M expensive nodes.
 
-    address = start_local_cluster(num_cheap=2)            # in this process; gone when it exits
+    address = start_local_cluster(num_cheap=2)               # in this process; gone when it exits
     address = start_local_cluster(num_cheap=4, detach=True)  # a keeper process holds it (`moedisco cluster start`)
-    describe_nodes(address)   # [{"node_id": ..., "labels": {"gpu_type": "4090"}, "resources": {...}}, ...]
+    describe_nodes()          # [{"node_id": ..., "labels": {"gpu_type": "4090"}, "resources": {...}}, ...]
     stop_local_cluster()      # the in-process one, else the detached one
 
-Every node is a separate raylet with its own logical resources (one CPU and one logical GPU per node, so one
-trainer worker fits on a node, as one on a single-GPU machine) and the label `gpu_type` (`4090` cheap, `A100`
-expensive; key and values from the spec's `resources`). Their GPUs are logical: the nodes carry `SIMULATED_LABEL`,
-and a worker on one hides CUDA and trains on the CPU (`ray_cluster.placement.prepare_worker`). A real GPU of this
-machine (`local_gpu_count`) goes to the expensive nodes instead, which then carry no simulated label: the
-fine-tune gets the card to itself and the ledger bills it as real, while the simulated cheap nodes stay off it.
-The head carries `moedisco.io/role=control-plane`, as the KubeRay head does (k8s/), so drivers are pinned to it.
-The dashboard runs on the head at its usual port 8265.
-
-A detached cluster is owned by a keeper process (`python -m ray_cluster.cluster`); `stop` signals that process, which
-shuts down exactly the nodes it started: no `ray stop`, which would also kill other Ray instances on the machine.
+Every node is a separate raylet with one CPU and one logical GPU (one trainer worker fits, as on a single-GPU
+machine) and the label `gpu_type` (`4090` cheap, `A100` expensive; key and values from the spec's `resources`). A
+logical GPU's node carries `SIMULATED_LABEL`, and a worker on it hides CUDA and trains on the CPU
+(`ray_cluster.placement.prepare_worker`); this machine's real GPUs (`local_gpu_count`) go to the expensive nodes
+instead, unlabelled, so the fine-tune gets the card and the ledger bills it as real. The head carries
+`CONTROL_PLANE_LABEL`, as the KubeRay head does (k8s/), so that drivers are pinned to it, and runs the dashboard. A
+detached cluster is owned by a keeper process (`python -m ray_cluster.local_cluster`), which `stop` signals and
+which shuts down exactly the nodes it started: never `ray stop`, which would kill other Ray instances on the machine.
 """
 
 from __future__ import annotations
@@ -40,7 +37,6 @@ START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 60.0
 
 _in_process = None  # the ray.cluster_utils.Cluster this process started, if any
-_in_process_memory = 0  # its nodes' object store size (bytes), for nodes added later
 SIMULATED_LABEL = ("moedisco.io/simulated", "true")  # a node whose GPU is logical
 CONTROL_PLANE_LABEL = {"moedisco.io/role": "control-plane"}  # the head's, here and in k8s/ (drivers go there)
 
@@ -158,28 +154,14 @@ def _build_cluster(spec: LocalClusterSpec):
 def start_local_cluster(num_cheap: int = 2, num_expensive: int = 1, detach: bool = False,
                         spec: LocalClusterSpec | None = None) -> str:
     """Start the simulated cluster and return its address (`ip:port` of the head's GCS)."""
-    global _in_process, _in_process_memory
+    global _in_process
     spec = spec or LocalClusterSpec(num_cheap=num_cheap, num_expensive=num_expensive)
     if detach:
         return _start_keeper(spec)
     if _in_process is not None:
         raise RuntimeError("a local cluster is already running in this process; call stop_local_cluster() first")
     _in_process = _build_cluster(spec)
-    _in_process_memory = spec.object_store_mb * 2**20
     return _in_process.address
-
-
-def add_local_node(labels: dict[str, str], num_gpus: int = 1, num_cpus: float = 1.0) -> str:
-    """Add a node to the cluster this process started, as an autoscaler adds a pod; returns its node id.
-
-        add_local_node({"gpu_type": "4090"})          # one more cheap node with a logical GPU
-    """
-    if _in_process is None:
-        raise RuntimeError("no local cluster runs in this process; start_local_cluster() first")
-    with _environment(RAY_ADDRESS=_in_process.address):  # as `_build_cluster` starts its nodes
-        node = _in_process.add_node(num_cpus=num_cpus, num_gpus=num_gpus, object_store_memory=_in_process_memory,
-                                    labels=labels)
-    return node.node_id
 
 
 def stop_local_cluster() -> bool:
@@ -217,7 +199,7 @@ def _start_keeper(spec: LocalClusterSpec) -> str:
     STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
     STATE_FILE.unlink(missing_ok=True)
     log = open(STATE_FILE.with_suffix(".log"), "w")
-    cmd = [sys.executable, "-m", "ray_cluster.cluster", "--spec", json.dumps(asdict(spec))]
+    cmd = [sys.executable, "-m", "ray_cluster.local_cluster", "--spec", json.dumps(asdict(spec))]
     # A new session, so the keeper (and the nodes it owns) outlive the terminal that ran `cluster start`.
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + START_TIMEOUT_S

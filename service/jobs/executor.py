@@ -7,7 +7,7 @@ The actor talks to the store directly, not to the API, so a job keeps running an
 process (a Serve replica, a uvicorn process) is restarted. Re-running a job on its output_dir resumes it: finished
 stages are skipped and an interrupted training stage continues from its last checkpoint, which is what makes
 relaunching a lost runner safe. Two runners never work on one job: each holds the job's lease in the store
-(`Lease`), and the job folder's owner file fences off one that was taken for dead (`moedisco.job.layout.NotOwner`).
+(`Lease`), and its claim on the job folder fences off one that was taken for dead (`moedisco.job.layout.ClaimLost`).
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING
 from moedisco.config.loading import SpecError, build_spec, upgrade_saved_spec
 from moedisco.config.spec import JobSpec
 from moedisco.job.events import Events
-from moedisco.job.layout import NotOwner
-from service.models import utcnow
-from service.recorder import EventRecorder
-from service.store import Store
-from service.users import Users
+from moedisco.job.layout import ClaimLost
+from service.jobs.recorder import EventRecorder
+from service.store.models import utcnow
+from service.store.store import Store
+from service.store.users import Users
 
 if TYPE_CHECKING:
     from moedisco.runner.job_runner import BudgetLeft  # the runner (torch) is imported only where a job runs
@@ -36,19 +36,19 @@ log = logging.getLogger(__name__)
 ShouldStop = Callable[[], bool]
 
 
-def _run_local(spec: JobSpec, events: Events, should_stop: ShouldStop, owner: str,
+def _run_local(spec: JobSpec, events: Events, should_stop: ShouldStop, runner_id: str,
                budget_left: BudgetLeft | None = None) -> dict:
     from moedisco.runner.job_runner import run_job
 
-    return run_job(spec, events=events, progress=False, should_stop=should_stop, owner=owner,
+    return run_job(spec, events=events, progress=False, should_stop=should_stop, runner_id=runner_id,
                    budget_left=budget_left)
 
 
-def _run_ray(spec: JobSpec, events: Events, should_stop: ShouldStop, owner: str,
+def _run_ray(spec: JobSpec, events: Events, should_stop: ShouldStop, runner_id: str,
              budget_left: BudgetLeft | None = None) -> dict:
     from ray_cluster.orchestrate import run_job_on_ray  # written in parallel: import only when used
 
-    return run_job_on_ray(spec, events=events, should_stop=should_stop, owner=owner, budget_left=budget_left)
+    return run_job_on_ray(spec, events=events, should_stop=should_stop, runner_id=runner_id, budget_left=budget_left)
 
 
 RUNNERS = {"local": _run_local, "ray": _run_ray}
@@ -78,8 +78,9 @@ def record_estimate(store: Store, job_id: str, spec: JobSpec) -> None:
 class Lease:
     """This runner's lease on a job in the store, renewed from a thread every third of `ttl_s` while the job runs,
     so that a dispatcher (of this cluster, or of the next one during an upgrade) relaunches the job only once
-    nobody has renewed it for `ttl_s`. The runner's id is also the job folder's owner (`moedisco.job.layout.claim`):
-    a runner taken for dead that wakes up finds another owner there and stops before it writes."""
+    nobody has renewed it for `ttl_s`. The runner's id is also its claim on the job folder
+    (`moedisco.job.layout.claim`): a runner taken for dead that wakes up finds another runner's claim there and
+    stops before it writes."""
 
     def __init__(self, store: Store, job_id: str, ttl_s: float):
         self.store, self.job_id, self.ttl_s = store, job_id, ttl_s
@@ -100,23 +101,23 @@ class Lease:
         self._thread.join(timeout=10)
 
     def renew(self) -> None:
-        """Renew now; raise `NotOwner` once another runner holds the lease (this one was taken for dead)."""
+        """Renew now; raise `ClaimLost` once another runner holds the lease (this one was taken for dead)."""
         if not self.lost.is_set() and not self.store.renew_lease(self.job_id, self.runner_id):
             log.warning("job %s: runner %s lost its lease to another runner", self.job_id, self.runner_id)
             self.lost.set()
         self.check()
 
     def check(self) -> bool:
-        """False while the lease is held (what a `should_stop` adds); `NotOwner` once it is lost."""
+        """False while the lease is held (what a `should_stop` adds); `ClaimLost` once it is lost."""
         if self.lost.is_set():
-            raise NotOwner(f"job {self.job_id}: another runner holds its lease")
+            raise ClaimLost(f"job {self.job_id}: another runner holds its lease")
         return False
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
             try:
                 self.renew()
-            except NotOwner:
+            except ClaimLost:
                 return
             except Exception:  # a database hiccup: the next renewal may succeed before the lease goes stale
                 log.exception("job %s: could not renew the lease", self.job_id)
@@ -163,11 +164,11 @@ def _execute(store: Store, job, runner: str, lease: Lease) -> str | None:
 HANDED_OVER = "handed_over"  # not a job state: another runner took the job over
 
 
-def run_to_outcome(spec: JobSpec, runner: str, events: Events, should_stop: ShouldStop, owner: str,
+def run_to_outcome(spec: JobSpec, runner: str, events: Events, should_stop: ShouldStop, runner_id: str,
                    budget_left: BudgetLeft | None = None,
                    before: Callable[[], None] = lambda: None) -> tuple[str, str | None, dict | None]:
     """(state, reason, result): what the runner's return value or exception means for the job; `budget_left`:
-    what its owner may still spend this month (`service.users.Users.budget_left`), asked before every stage.
+    what its owner may still spend this month (`service.store.users.Users.budget_left`), asked before every stage.
     `before()` runs first (the lease's last renewal before the runner claims the job folder: a runner that was
     taken for dead while it prepared must not claim it back)."""
     from moedisco.runner.job_runner import BudgetExceeded
@@ -175,8 +176,8 @@ def run_to_outcome(spec: JobSpec, runner: str, events: Events, should_stop: Shou
 
     try:
         before()
-        return "succeeded", None, RUNNERS[runner](spec, events, should_stop, owner, budget_left)
-    except NotOwner as error:
+        return "succeeded", None, RUNNERS[runner](spec, events, should_stop, runner_id, budget_left)
+    except ClaimLost as error:
         return HANDED_OVER, str(error), None
     except BudgetExceeded as error:
         return "failed", f"budget exceeded: {error}", None

@@ -1,50 +1,21 @@
-"""The data stages on Ray Data: embed the corpus with an actor pool on the cheap tier, and cluster it.
+"""The embed and cluster stages on Ray: on Ray Data over the cheap tier, or both in one process for a corpus of one
+shard.
 
-    embed_summary = embed_stage(spec, paths, num_cheap_nodes=2)     # the fit's documents -> STORAGE/<job>/embeddings/
-    cluster_summary = cluster_stage(spec, paths, num_cheap_nodes=2)  # fit, then every other document -> OUTPUT/cluster/
+    embed_stage(spec, paths, num_cheap_nodes=2)     # the fit's documents -> STORAGE/<job>/embeddings/
+    cluster_stage(spec, paths, num_cheap_nodes=2)   # fit, then every other document -> OUTPUT/cluster/
+    embed_in_process(spec, paths)                   # the same files in this process (the job's data worker)
+    cluster_in_process(spec, paths)
 
-1. The train split as Parquet shards with an explicit `doc_id` (`ray_cluster.corpus.index_corpus`, which the
-   prepare stage has run already when it tokenized on Ray Data), so document order, and therefore every later
-   index into the cluster assignments, matches the local runner.
-2. `embed_stage` embeds the documents k-means is fitted on: every one when there are at most `max_fit_documents`,
-   else the local runner's seeded sample (`moedisco.stages.cluster.fit_sample`). `map_batches` over an
-   `ActorPoolStrategy` pool pinned to the cheap tier embeds them; each actor loads the embedding model once
-   (`moedisco.stages.embed.Embedder`) and reads its own shards from storage, keeping the chosen rows on Arrow (Ray Data
-   moves the shards' locations, not their texts: `ray_cluster.corpus.shard_dataset`). The rows are written as
-   Parquet as they come (at most `max_fit_documents` of them: 150 MB at the default 100k).
-3. `cluster_stage` fits `moedisco.stages.cluster.fit_clusters` on them, in one Ray task on the cheap tier, in corpus order.
-   A sample this size gives centroids whose objective on the full corpus is within a few percent of a full fit,
-   and keeps the paper's exact algorithm (k-means++ and `n_init` restarts) instead of mini-batch k-means.
-4. When the fit saw every document, its own labels are the clusters (every `cluster.method`). Else every other
-   document goes through the embedding pool once, in one pass over the shards, and leaves its actor as its
-   nearest centroid and distance (`EmbedBatches` with `clusters`): a few bytes a document reach the stage's
-   process, which fills the assignments. The sample's own documents go to their nearest centroid too, from the
-   fit's vectors. So every document is embedded once, the full corpus's embeddings are never written or held
-   (1.5 GB at 1M documents), and the clusters are the local runner's (`moedisco.stages.cluster.fit_streaming`, the same
-   sample, the same nearest-centroid rule), document for document. The pass saves its rows as they arrive
-   (`AssignedParts`, STORAGE/<job>/assigned/), and a re-run after an interruption embeds only the rest.
-No step holds the corpus text, or more embeddings than the fit sample's, in one process.
-
-What of the streaming data path runs on Ray Data, and what does not:
-- read and hash split: a Ray Data task per input file for a corpus of several files (`ray_cluster.corpus`), else
-  one Ray task; the tokenizer on its bounded sample: one Ray task (streaming, bounded memory);
-- step 1 (train.jsonl -> Parquet with `doc_id`): one process, streaming, not Ray Data;
-- tokenizing the train split: Ray Data (`ray_cluster.corpus`, an actor pool on the cheap tier, in order);
-- steps 2 and 4, embedding and assignment: Ray Data (actor pool on the cheap tier, streaming);
-- step 3, the k-means fit: one Ray task on the sample;
-- the per-cluster token shards training reads: not Ray Data; each submodel trainer copies its own cluster's rows
-  from the train token shard, by the saved assignments (`moedisco.stages.cluster.cluster_shard`), on its own node.
-Each embedding actor freezes the objects its imports and model leave (`gc.freeze`), so the `gc.collect` Ray runs
-in every worker when the object store fills no longer holds the GIL for 0.3 s a time, and runs the Rust tokenizer
-on its node's CPUs (`parallel_tokenizer`).
-
-A corpus of at most one shard (`ROWS_PER_SHARD` documents), which Ray Data would embed with a single actor anyway,
-skips Ray Data: `ray_cluster.prestart.DataWorker`, one actor on the cheap tier, runs the job's data stages in one
-process (`embed_in_process`, `cluster_in_process`, and prepare and source as they are) and writes the same shards
-and OUTPUT files. Ray Data's start-up (listing and footer-reader tasks and actors, stats and autoscaling actors, the
-actor pool, each a fresh process importing its libraries) cost the tiny example 20 s per stage on two cores; in
-one process the imports and the embedding model are loaded once. The fit sees every document, as step 3 does for a
-corpus this size, so both paths give the same clusters.
+`embed_stage` indexes the train split (`ray_cluster.data.shards`) and embeds the documents k-means is fitted on,
+every one up to `max_fit_documents`, else the local runner's seeded sample (`moedisco.stages.cluster.fit_sample`),
+with a pool of `EmbedBatches` actors that each load the embedding model once and read their own shards.
+`cluster_stage` fits `moedisco.stages.cluster.fit_clusters` on them in one Ray task, in corpus order (the paper's
+k-means++ with `n_init` restarts). When the fit saw every document its labels are the clusters; else every other
+document goes through the embedding pool once and leaves its actor as its nearest centroid and distance, saved as
+the rows arrive (`AssignedParts`) so that an interrupted pass resumes. So every document is embedded once, no process
+holds the corpus text or more embeddings than the fit sample's, and the clusters are the local runner's
+(`moedisco.stages.cluster.fit_streaming`), document for document. The in-process variants write the same shards and
+OUTPUT files, their fit seeing every document, so both paths give the same clusters.
 """
 
 from __future__ import annotations
@@ -70,7 +41,7 @@ from moedisco.config.spec import EmbedConfig, JobSpec
 from moedisco.io.storage import join, remove_tree
 from moedisco.job.metrics import MetricsWriter
 from moedisco.stages import cluster
-from ray_cluster.corpus import (
+from ray_cluster.data.shards import (
     PARQUET_ARGS,
     ROWS_PER_SHARD,
     fresh,
@@ -91,11 +62,11 @@ if TYPE_CHECKING:
 MAX_FIT_DOCUMENTS = cluster.MAX_FIT_DOCUMENTS  # one bound for both runners
 
 
-# --- 2. the embedding actor ---------------------------------------------------------------------------------------
+# --- 1. embed: the fit's documents through a pool of embedding actors -------------------------------------------------
 
 
 class EmbedBatches:
-    """Ray Data actor UDF over shard locations (`ray_cluster.corpus.shard_dataset`): reads each shard's rows that
+    """Ray Data actor UDF over shard locations (`ray_cluster.data.shards.shard_dataset`): reads each shard's rows that
     `keep_ref`'s flags keep and embeds them; given `clusters`, each document leaves as its nearest centroid and
     squared distance instead of its vector. The embedding model is loaded once per actor, in `__init__`."""
 
@@ -138,8 +109,8 @@ def _flags(num_docs: int, *doc_ids: np.ndarray) -> np.ndarray:
 
 def _through_pool(spec: JobSpec, corpus: Path | str, keep_N: np.ndarray, num_cheap_nodes: int,
                   clusters: cluster.ClusterResult | None = None) -> tuple[ray.data.Dataset, int]:
-    """The corpus's documents that `keep_N` flags through the embedding actors (`ray_cluster.corpus.through_actors`).
-    About a shard's worth of kept documents per call, as the in-process stage embeds a chunk per call: a pass that
+    """The corpus's documents that `keep_N` flags through the embedding actors (`shards.through_actors`). About a
+    shard's worth of kept documents per call, as the in-process stage embeds a chunk per call: a pass that
     keeps a tenth of each shard (the fit's sample at 1M) reads ten shards a call, not one."""
     tier = spec.resources.submodel_tier
     shards = shard_ranges(corpus, len(keep_N), keep_N)
@@ -184,7 +155,7 @@ def embed_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int, max_fit_do
                      started)
 
 
-# --- 3. k-means on the embedded documents ---------------------------------------------------------------------------
+# --- 2. cluster: k-means on the embedded documents --------------------------------------------------------------------
 
 
 def read_embeddings(embeddings_dir: Path | str) -> tuple[np.ndarray, np.ndarray]:
@@ -205,7 +176,7 @@ def fit_on_embeddings(spec: JobSpec, embeddings_dir: Path | str) -> tuple[cluste
     return result, assign_batch(doc_ids, vectors_ND, result)
 
 
-# --- 4. every other document: embedded and assigned in one pass -------------------------------------------------------
+# --- 3. cluster: every other document, embedded and assigned in one pass ----------------------------------------------
 
 
 class AssignedParts:
@@ -267,10 +238,6 @@ def assign_rest(spec: JobSpec, result: cluster.ClusterResult, fitted: dict, num_
     return assignments, inertia, {"num_nodes": max(1, num_actors), "resumed_documents": len(resumed["doc_id"])}
 
 
-def count_rows(parquet_dir: Path | str) -> int:
-    return pads.dataset(str(parquet_dir), format="parquet").count_rows()  # from the footers, no data read
-
-
 def cluster_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int) -> dict:
     """Fit k-means on the embedded documents, and assign the corpus: by the fit itself when it saw every
     document, else the rest through `assign_rest`. Saves OUTPUT/cluster/ as `ClusterResult.save` does."""
@@ -297,8 +264,7 @@ def _clustered(spec: JobSpec, paths: JobPaths, result: cluster.ClusterResult, as
     full = cluster.ClusterResult(assignments, result.centroids, inertia, result.normalize, result.method)
     if min(full.sizes) == 0:
         raise ValueError("clustering left an expert with no documents; try cluster.method=balanced_kmeans")
-    from moedisco.stages.cluster import save_clusters
-    from moedisco.stages.cluster import eval_assignments
+    from moedisco.stages.cluster import eval_assignments, save_clusters
 
     save_clusters(spec, paths, full)
     # Submodels look up the held-out documents' clusters in a cache next to the clusters that the first of them
@@ -310,13 +276,19 @@ def _clustered(spec: JobSpec, paths: JobPaths, result: cluster.ClusterResult, as
     return summary
 
 
-# --- a corpus of one shard: every data stage in one process ----------------------------------------------------------
+# --- 4. a corpus of one shard: both stages in one process (the job's data worker) -------------------------------------
 
 
-def embed_in_process(spec: JobSpec, paths: JobPaths, embedder) -> dict:
-    """`embed_stage`'s outputs (corpus and embedding shards, metrics line) from `embedder` in this process."""
+def embed_in_process(spec: JobSpec, paths: JobPaths, embedder=None) -> dict:
+    """`embed_stage`'s outputs (corpus and embedding shards, metrics line) in this process, from `embedder` or, by
+    default, the spec's embedding model loaded here (on the node's CPUs for the tokenizer)."""
     from ray.data.extensions import ArrowTensorArray
 
+    if embedder is None:
+        from moedisco.stages.embed import Embedder
+
+        parallel_tokenizer()
+        embedder = Embedder(spec.embed)
     started = time.perf_counter()
     storage = job_storage(spec)
     num_docs = index_corpus(paths.texts("train"), join(storage, "corpus"))

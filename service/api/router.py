@@ -1,6 +1,9 @@
 """All routes under /v1 (each requires a bearer token); /healthz and /metrics are added by `service.main`.
 
     app.include_router(api_router, prefix="/v1")
+
+Each resource has its own router in `service.api.routes`; this one puts the bearer-token check (`deps.get_caller`)
+in front of all of them, so a /v1 route cannot be left open by forgetting it.
 """
 
 from __future__ import annotations

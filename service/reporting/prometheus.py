@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from service.models import BOOTSTRAP_ADMIN
 from service.schemas import JOB_STATES
-from service.store import Store
+from service.store.models import BOOTSTRAP_ADMIN
+from service.store.store import Store
 
 DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 24 * 3600)
 

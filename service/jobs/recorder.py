@@ -18,8 +18,8 @@ from pathlib import Path
 from moedisco.job.events import Event, ExpertState, Progress, StageFinished, StageSkipped, StageStarted, parse_event
 from moedisco.job.layout import JobPaths
 from moedisco.planning.cost import CostRow
-from service.models import EventRow, JobRow, StageRow, StoredCost, stage_key, utcnow
-from service.store import Store, bump_version, json_safe
+from service.store.models import EventRow, JobRow, StageRow, StoredCost, stage_key, utcnow
+from service.store.store import Store, bump_version, json_safe
 
 log = logging.getLogger(__name__)
 

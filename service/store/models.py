@@ -1,23 +1,34 @@
-"""Tables of the job store: one row per job, per stage (and expert), per event and per priced stage; the users
-who own jobs and their API tokens.
+"""The job store's tables: one row per job, per stage (and expert), per event and per priced stage; the users who
+own jobs and their API tokens; and `init_db`, which creates them.
 
-    job = session.get(JobRow, job_id); job.state  # "queued" | "running" | "succeeded" | "failed" | "cancelled"
+    init_db(engine)                                # missing tables and columns created; safe on every start
+    job = session.get(JobRow, job_id); job.state   # "queued" | "running" | "succeeded" | "failed" | "cancelled"
     job.owner                                      # a UserRow's name; "admin" for the bootstrap token's jobs
 
-A job's `version` grows by one with every write to the job, its stages or its cost rows (`service.store` and
-`service.recorder` bump it in the same transaction), so a reader can tell with one primary-key lookup whether
-anything it built from them has changed (`service.views`).
-
-A stage row's `key` is "submodel/1" for an expert's stage and "merge" for the others, so (job_id, key) is a plain
-primary key on SQLite and PostgreSQL alike (a nullable expert column cannot be part of one).
+A job's `version` grows by one with every write to the job, its stages or its cost rows (`service.store.store` and
+`service.jobs.recorder` bump it in the same transaction), so a reader can tell with one primary-key lookup whether
+anything it built from them has changed (`service.reporting.views`).
 """
-
 from __future__ import annotations
 
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Engine,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    inspect,
+    text,
+)
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Who MOEDISCO_API_TOKEN (or an open, loopback-only service) acts as; jobs stored before users existed are its.
@@ -44,6 +55,7 @@ class UTCDateTime(TypeDecorator):
 
 
 def stage_key(stage: str, expert: int | None) -> str:
+    """A task's `moedisco.job.registry.Task.key` (stage, expert) as the one string a stage row is keyed by."""
     return stage if expert is None else f"{stage}/{expert}"
 
 
@@ -107,7 +119,9 @@ class TokenRow(Base):
 
 
 class _PerStage:
-    """Columns of a row kept per stage (and expert) of a job; `key` is `stage_key(stage, expert)`."""
+    """Columns of a row kept per stage (and expert) of a job. `key` is `stage_key(stage, expert)`: "submodel/1" for
+    an expert's stage, "merge" for the others, so (job_id, key) is a plain primary key on SQLite and PostgreSQL alike
+    (a nullable expert column cannot be part of one)."""
 
     job_id: Mapped[str] = mapped_column(ForeignKey("moedisco_jobs.id", ondelete="CASCADE"), primary_key=True)
     key: Mapped[str] = mapped_column(Text, primary_key=True)
@@ -166,3 +180,36 @@ class StoredCost(_PerStage, Base):
     lost_usd: Mapped[float] = mapped_column(Float, default=0.0)
     preemptions: Mapped[int] = mapped_column(Integer, default=0)
     priced_at: Mapped[datetime | None]  # the month its dollars count in
+
+
+# Columns added to a table after its first release: `create_all` never alters an existing table, so a store created
+# by an older moedisco gets them here. Same DDL on SQLite and PostgreSQL.
+ADDED_COLUMNS = {("moedisco_jobs", "version"): "INTEGER NOT NULL DEFAULT 0",
+                 ("moedisco_jobs", "runner_id"): "VARCHAR(32)",
+                 ("moedisco_jobs", "heartbeat_at"): "TIMESTAMP WITH TIME ZONE",
+                 # Jobs from before users existed belong to the bootstrap admin (MOEDISCO_API_TOKEN).
+                 ("moedisco_jobs", "owner"): "VARCHAR(64) NOT NULL DEFAULT 'admin'",
+                 # Cost rows from before then have none: they count in the month their job was created.
+                 ("moedisco_costs", "priced_at"): "TIMESTAMP WITH TIME ZONE",
+                 # Work lost to restarts, counted since spot preemptions were: none before.
+                 ("moedisco_costs", "lost_steps"): "INTEGER NOT NULL DEFAULT 0",
+                 ("moedisco_costs", "lost_usd"): "DOUBLE PRECISION NOT NULL DEFAULT 0",
+                 ("moedisco_costs", "preemptions"): "INTEGER NOT NULL DEFAULT 0"}
+
+
+def _columns(engine: Engine, table: str) -> set[str]:
+    return {column["name"] for column in inspect(engine).get_columns(table)}
+
+
+def init_db(engine: Engine) -> None:
+    """Create the missing tables (`create_all`) and the columns in ADDED_COLUMNS; safe on every start."""
+    Base.metadata.create_all(engine)
+    for (table, column), ddl in ADDED_COLUMNS.items():
+        if column in _columns(engine, table):
+            continue
+        try:
+            with engine.begin() as connection:
+                connection.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}"))
+        except DBAPIError:
+            if column not in _columns(engine, table):  # not another process (the API, a job actor) adding it first
+                raise

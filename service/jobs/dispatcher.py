@@ -19,9 +19,9 @@ import threading
 from datetime import datetime, timedelta
 
 from service.core.config import Settings
-from service.executor import JobActor
-from service.models import utcnow
-from service.store import Store
+from service.jobs.executor import JobActor
+from service.store.models import utcnow
+from service.store.store import Store
 
 log = logging.getLogger(__name__)
 

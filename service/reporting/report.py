@@ -21,8 +21,8 @@ from matplotlib.figure import Figure
 from moedisco.job.layout import JobPaths
 from moedisco.job.metrics import read_metrics
 from moedisco.runner.report import dollar_curve, loss_curves, plot_loss_vs_dollars
-from service.models import JobRow, StageRow
 from service.schemas import CostPublic
+from service.store.models import JobRow, StageRow
 
 REFRESH_S = 10
 STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1100px} table{border-collapse:collapse;margin:1em 0}"

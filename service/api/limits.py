@@ -3,9 +3,9 @@
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)   # 413 past it, before the body is read
     {"loc": [...], "msg": ..., "input": clip_input(value)}                # a 422 echoes a short prefix at most
 
-A 50 MB body used to come back as a 500: FastAPI's 422 echoed the whole input, larger than Ray Serve's
-proxy-to-replica gRPC message limit. The body is now refused while it streams in, and no error echoes more than a
-short, bounded rendering of the value it is about (`reprlib` stops walking a big value early).
+A body larger than MOEDISCO_MAX_REQUEST_BYTES is refused while it streams in, and no error echoes more than a short,
+bounded rendering of the value it is about (`reprlib` stops walking a big value early): FastAPI's own 422 echoes the
+whole input, and an answer larger than Ray Serve's proxy-to-replica gRPC message limit comes back as a 500.
 """
 
 from __future__ import annotations

@@ -6,17 +6,10 @@ change of the job and reused while the store says nothing changed.
     body = views.cost(job_id)     # bytes of schemas.CostPublic, running stages priced up to this call
     views.job_if_fresh(job_id, owner="ada")   # (None, None) unless ada owns the job: others' jobs do not exist
 
-Every call first reads the job's version: one primary-key lookup (the cost view also counts the succeeded
-full-parameter jobs, any of which could become its measured baseline, and sums their versions). Every writer bumps
-the version in the transaction of its write (`service.store`, `service.recorder`), whichever process it runs in,
-so a view is rebuilt on the first read after any committed write: a reader never gets an answer older than the
-last write committed before its request. The version is read before the view is built, so a write that lands
-while it is built makes the stored entry's version older than the store's, and the next read rebuilds it.
-
-A running job's cost view keeps only its store reads: the running stages' dollars so far are recomputed at every
-call, the clock is not cached. Entries also expire after `max_age_s` (0 turns the cache off), which bounds how long
-a writer that does not bump versions (a job actor of an older moedisco still running through an upgrade) could
-leave a view stale. At most `max_entries` jobs are kept, least recently read first out.
+Every call first reads the job's version (`Store.job_version`, `Store.view_versions`: one primary-key lookup),
+which every writer bumps in the transaction of its write, whichever process it runs in; so a view is rebuilt on the
+first read after any committed write, and a reader never gets an answer older than the last write committed before
+its request. A running job's cost view keeps only its store reads: its running stages are priced at every call.
 """
 
 from __future__ import annotations
@@ -27,10 +20,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from service.costs import CostInputs, cost_inputs, cost_view
-from service.models import utcnow
+from service.reporting.costs import CostInputs, cost_inputs, cost_view
 from service.schemas import JobDetail, JobPublic, StagePublic
-from service.store import Store
+from service.store.models import utcnow
+from service.store.store import Store
 
 
 @dataclass(frozen=True)
@@ -42,6 +35,12 @@ class _Entry:
 
 
 class JobViews:
+    """The cache of the polled views. The version is read before a view is built, so a write that lands while it is
+    built leaves the kept entry older than the store, and the next read rebuilds it. Entries also expire after
+    `max_age_s` (0 turns the cache off), which bounds how long a writer that does not bump versions (a job actor of
+    an older moedisco still running through an upgrade) could leave a view stale; at most `max_entries` jobs are
+    kept, least recently read first out."""
+
     def __init__(self, store: Store, max_age_s: float = 2.0, max_entries: int = 1024):
         self.store, self.max_age_s, self.max_entries = store, max_age_s, max_entries
         self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()

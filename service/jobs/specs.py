@@ -2,19 +2,10 @@
 
     spec_dict = prepare_spec(job_in, job_id, settings)   # raises RequestValidationError
 
-Pydantic has already checked types and ranges. On top of that the service:
-  - puts the job in MOEDISCO_DATA_DIR/jobs/<id>/, whatever `output_dir` the client sent (it never escapes);
-  - keeps `resources.storage_path` (where the Ray runner writes checkpoints) inside MOEDISCO_DATA_DIR;
-  - accepts an object-storage URI where the engine does (data.train, data.eval, resources.storage_path) when it
-    lies under MOEDISCO_STORAGE_ROOTS, and refuses one elsewhere;
-  - resolves input paths (data, tokenizer, models) against MOEDISCO_DATA_DIR, requires them to exist and to lie
-    inside MOEDISCO_DATA_DIR or MOEDISCO_INPUT_ROOTS, so a token holder cannot read arbitrary server files;
-  - refuses NaN/infinity and NUL characters, which JSON responses and PostgreSQL cannot hold;
-  - plans each training stage's memory measures (`memory: auto`) and refuses a stage that fits no device of its
-    tier (`moedisco.planning.estimate.resolve_memory`), naming the stage, the device and the shortfall;
-  - refuses a model built from the spec whose size is absurd (`model.hidden_size: 1000000000`): a rough upper bound
-    of its parameter count, from the widths alone, beyond MOEDISCO_MAX_MODEL_PARAMETERS. Not a memory plan (whether
-    a job fits its tiers): a sanity bound that needs no torch in the API.
+Pydantic has already checked types and ranges. On top of that the service puts the job in its own folder, keeps
+input paths and object-storage URIs where MOEDISCO_DATA_DIR, MOEDISCO_INPUT_ROOTS and MOEDISCO_STORAGE_ROOTS allow,
+refuses what JSON and PostgreSQL cannot hold, plans each training stage's memory and refuses an absurd model size;
+`prepare_spec` lists each check.
 """
 
 from __future__ import annotations
@@ -138,6 +129,19 @@ def _check_size(spec: JobSpec, settings: Settings) -> dict | None:
 
 
 def prepare_spec(job_in: JobCreate, job_id: str, settings: Settings) -> dict:
+    """The spec to run, as a dict; a RequestValidationError naming every offending field. The service:
+      - puts the job in MOEDISCO_DATA_DIR/jobs/<id>/, whatever `output_dir` the client sent (it never escapes);
+      - keeps `resources.storage_path` (where the Ray runner writes checkpoints) inside MOEDISCO_DATA_DIR;
+      - accepts an object-storage URI where the engine does (data.train, data.eval, resources.storage_path) when it
+        lies under MOEDISCO_STORAGE_ROOTS, and refuses one elsewhere;
+      - resolves input paths (data, tokenizer, models) against MOEDISCO_DATA_DIR, requires them to exist and to lie
+        inside MOEDISCO_DATA_DIR or MOEDISCO_INPUT_ROOTS, so a token holder cannot read arbitrary server files;
+      - refuses NaN/infinity and NUL characters, which JSON responses and PostgreSQL cannot hold;
+      - plans each training stage's memory measures (`memory: auto`) and refuses a stage that fits no device of its
+        tier, naming the stage, the device and the shortfall;
+      - refuses a model built from the spec whose size is absurd (`model.hidden_size: 1000000000`): a rough upper
+        bound of its parameter count, from the widths alone, beyond MOEDISCO_MAX_MODEL_PARAMETERS. Not a memory
+        plan (whether a job fits its tiers): a sanity bound that needs no torch in the API."""
     errors = list(_unstorable(job_in.model_dump()))
     if errors:
         raise RequestValidationError(errors)
@@ -159,7 +163,7 @@ def _plan_memory(spec: JobSpec, job_in: JobCreate, sharded: bool) -> JobSpec:
     stage that fits no device of its tier, the device and the shortfall in GB. Planned for the service's runner
     (`sharded`: Ray, which shards a stage over its tier's devices; the local runner trains on one), as the runner
     plans it again when the job starts."""
-    from moedisco.planning.estimate import MemoryFitError, resolve_memory  # torch: only once the cheap checks passed
+    from moedisco.planning.memory_plan import MemoryFitError, resolve_memory
 
     # The client's training sections as sent, so that the planner knows which measures the user set.
     sent = spec.model_copy(update={section: getattr(job_in, section) for section in TRAIN_SECTIONS})

@@ -20,8 +20,8 @@ from datetime import datetime
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from service.models import JobRow, StoredCost, TokenRow, UserRow, utcnow
-from service.store import Store
+from service.store.models import JobRow, StoredCost, TokenRow, UserRow, utcnow
+from service.store.store import Store
 
 TOKEN_PREFIX = "mdt_"  # says what a leaked secret is, so secret scanners and people can tell
 

@@ -21,9 +21,9 @@ from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from moedisco.planning.cost import CostRow
-from service.core.db import init_db, make_engine, session_factory
-from service.models import BOOTSTRAP_ADMIN, EventRow, JobRow, StageRow, StoredCost, utcnow
+from service.core.db import make_engine, session_factory
 from service.schemas import TERMINAL_STATES
+from service.store.models import BOOTSTRAP_ADMIN, EventRow, JobRow, StageRow, StoredCost, init_db, utcnow
 
 # A full-parameter job is the measured baseline of a MoE-DisCo job when it trained on the same data and model.
 BASELINE_MATCH = ("data", "tokenizer", "model", "seed")

@@ -1,0 +1,1 @@
+"""What the service reports of a job, read from the store: its cost, the polled views, the HTML report, metrics."""
