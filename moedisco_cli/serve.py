@@ -114,7 +114,11 @@ def serve(host: Annotated[str | None, typer.Option(help="Address to bind (MOEDIS
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     overrides = {"host": host, "port": port, "runner": runner, "ray_address": address}
     settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
-    bind = settings.effective_host()
+    try:
+        bind = settings.effective_host()
+    except ValueError as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
     console.print(f"[bold]{settings.startup_notice()}[/bold]")
     started_here = _connect_ray(settings, settings.ray_address)
     try:

@@ -152,11 +152,11 @@ def test_output_dir_is_placed_under_the_data_dir(client, settings):
 
 
 def test_relative_input_paths_start_at_the_data_dir(client, settings):
-    (settings.data_dir / "corpora").mkdir(parents=True)
-    (settings.data_dir / "corpora" / "c.jsonl").write_text('{"text": "hello"}\n')
-    job = client.post("/v1/jobs", json=_set(spec(), "data.train", "corpora/c.jsonl")).json()
+    (settings.data_dir / "shared" / "corpora").mkdir(parents=True)
+    (settings.data_dir / "shared" / "corpora" / "c.jsonl").write_text('{"text": "hello"}\n')
+    job = client.post("/v1/jobs", json=_set(spec(), "data.train", "shared/corpora/c.jsonl")).json()
     assert client.get(f"/v1/jobs/{job['id']}").json()["spec"]["data"]["train"] == str(
-        (settings.data_dir / "corpora" / "c.jsonl").resolve())
+        (settings.data_dir / "shared" / "corpora" / "c.jsonl").resolve())
 
 
 ROUTES = [("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("GET", "/v1/jobs/0123456789ab"),
@@ -184,7 +184,9 @@ def test_every_route_but_healthz_needs_the_token(settings, method, path):
 def test_without_a_token_only_loopback_clients_are_served(tmp_path):
     open_settings = Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'm.db'}", api_token=None,
                              host="0.0.0.0")
-    assert open_settings.effective_host() == "127.0.0.1"
+    with pytest.raises(ValueError, match="MOEDISCO_API_TOKEN is not set"):
+        open_settings.effective_host()  # an open API is not bound beyond loopback
+    assert open_settings.model_copy(update={"host": "127.0.0.1"}).effective_host() == "127.0.0.1"
     app = create_app(open_settings, dispatch=False)
     with TestClient(app, client=("127.0.0.1", 5000)) as local, TestClient(app, client=("10.1.2.3", 5000)) as remote:
         assert local.get("/v1/jobs").status_code == 200

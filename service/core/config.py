@@ -2,7 +2,7 @@
 
     settings = Settings()                          # MOEDISCO_API_TOKEN, MOEDISCO_DATABASE_URL, MOEDISCO_DATA_DIR ...
     settings = Settings(data_dir=tmp, runner="local", api_token="t")   # tests pass values directly
-    settings.effective_host()                      # 127.0.0.1 whenever no token is configured
+    settings.effective_host()                      # MOEDISCO_HOST; refused beyond loopback without a token
 
 Each field's description is its documentation (this is the service's configuration reference); a RayService's
 `args:` block sets the same fields by name (`service.serve`). Without MOEDISCO_API_TOKEN the service is open, so it
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -33,6 +34,32 @@ def is_loopback(host: str | None) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class AccessRules:
+    """The places users' jobs may read and write: what a job's runner needs to check a spec again when it starts."""
+
+    data_dir: Path
+    input_roots: tuple[Path, ...]  # read by every user, as `shared_dir`
+    storage_roots: tuple[str, ...]  # object-storage prefixes; `{user}` in one makes it each user's own
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def users_dir(self) -> Path:
+        return self.data_dir / "users"
+
+    def user_dir(self, name: str) -> Path:
+        """A user's own area: their uploads, readable by their jobs only."""
+        return self.users_dir / name
+
+    @property
+    def shared_dir(self) -> Path:
+        """The area every user's jobs may read and an admin fills."""
+        return self.data_dir / "shared"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MOEDISCO_", extra="ignore")
 
@@ -43,13 +70,12 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path.home() / ".moedisco", description="Jobs live in DATA_DIR/jobs/<id>/.")
     input_roots: list[Path] = Field(
         default_factory=list,
-        description="Folders a spec's input paths (data, tokenizer, models) may point into, besides DATA_DIR.")
+        description="Folders every user's input paths (data, tokenizer, models) may read, as DATA_DIR/shared/.")
     storage_roots: list[str] = Field(
         default_factory=list,
-        description="Object-storage prefixes (s3://bucket/prefix, gs://...) a spec's data.train, data.eval and "
-                    "resources.storage_path may name, read and written with the server's credentials; none by "
-                    "default.")
-    host: str = Field(LOOPBACK, description="Address to bind; forced to loopback when no token is set.")
+        description="Object-storage prefixes (s3://bucket/prefix); one with {user} is each user's own, others "
+                    "are shared and read-only; none by default.")
+    host: str = Field(LOOPBACK, description="Address to bind; only loopback when no token is set.")
     port: int = Field(8000, ge=1, le=65535, description="Port to bind.")
     runner: Literal["local", "ray"] = Field("ray", description="`ray`: stages placed on the cluster's tiers; "
                                                               "`local`: the whole job inside its actor.")
@@ -108,15 +134,17 @@ class Settings(BaseSettings):
         return self.data_dir.resolve() / "jobs"
 
     @property
-    def allowed_input_roots(self) -> list[Path]:
-        return [self.data_dir.resolve(), *(root.resolve() for root in self.input_roots)]
+    def access(self) -> AccessRules:
+        """What users' jobs may read and write (`service.jobs.access`), without the service's secrets."""
+        return AccessRules(self.data_dir.resolve(), tuple(root.resolve() for root in self.input_roots),
+                           tuple(self.storage_roots))
 
     def effective_host(self) -> str:
-        """Without a token, anyone who reaches the port could run jobs: bind to loopback only, and say so."""
+        """The address to bind. Without a token, anyone who reaches the port could run jobs as the admin, so an
+        open API binds to loopback only: any other address is refused (`ValueError`), not silently narrowed."""
         if self.api_token is None and not is_loopback(self.host):
-            log.warning("MOEDISCO_API_TOKEN is not set: binding to %s instead of %s (loopback only)",
-                        LOOPBACK, self.host)
-            return LOOPBACK
+            raise ValueError(f"MOEDISCO_HOST is {self.host} but MOEDISCO_API_TOKEN is not set: an API without a "
+                             f"token serves loopback only; set MOEDISCO_API_TOKEN or bind {LOOPBACK}")
         return self.host
 
     def startup_notice(self) -> str:

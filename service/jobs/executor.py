@@ -12,6 +12,7 @@ relaunching a lost runner safe. Two runners never work on one job: each holds th
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import uuid
@@ -23,6 +24,8 @@ from moedisco.config.loading import SpecError, build_spec, upgrade_saved_spec
 from moedisco.config.spec import JobSpec
 from moedisco.job.events import Events
 from moedisco.job.layout import ClaimLost
+from service.core.config import AccessRules
+from service.jobs.access import input_errors, owner_as_reader
 from service.jobs.recorder import EventRecorder
 from service.store.models import utcnow
 from service.store.store import Store
@@ -123,9 +126,12 @@ class Lease:
                 log.exception("job %s: could not renew the lease", self.job_id)
 
 
-def execute_job(store: Store, job_id: str, runner: str, lease_ttl_s: float = 60.0) -> str | None:
+def execute_job(store: Store, job_id: str, runner: str, lease_ttl_s: float = 60.0,
+                rules: AccessRules | None = None) -> str | None:
     """Run a `running` job to a terminal state; returns that state (None when the job was not running, another
-    runner holds its lease, or took it over while this one ran)."""
+    runner holds its lease, or took it over while this one ran). With `rules`, the job's inputs are checked again
+    for its owner (`service.jobs.access`) before it runs: an owner who lost a job or an admin right since submitting
+    cannot have it read what is no longer theirs."""
     job = store.get_job(job_id)
     if job is None or job.state != "running":
         return None
@@ -134,12 +140,16 @@ def execute_job(store: Store, job_id: str, runner: str, lease_ttl_s: float = 60.
         log.warning("job %s: another runner holds its lease; not running it twice", job_id)
         return None
     with lease:
-        return _execute(store, job, runner, lease)
+        return _execute(store, job, runner, lease, rules)
 
 
-def _execute(store: Store, job, runner: str, lease: Lease) -> str | None:
+def _execute(store: Store, job, runner: str, lease: Lease, rules: AccessRules | None) -> str | None:
     job_id, runner_id = job.id, lease.runner_id
     recorder = EventRecorder(store, job_id, job.output_dir)
+    refused = [] if rules is None else input_errors(copy.deepcopy(job.spec), owner_as_reader(store, job.owner), rules)
+    if refused:
+        reasons = "; ".join(f"{'.'.join(map(str, found['loc'][1:]))}: {found['msg']}" for found in refused)
+        return _finish(store, job_id, recorder, "failed", f"inputs refused: {reasons}", runner_id=runner_id)
     try:
         spec = build_spec(upgrade_saved_spec(job.spec))  # stored in full when submitted, perhaps by an older version
     except SpecError as error:  # a spec stored by an older moedisco that this one no longer accepts
@@ -201,8 +211,8 @@ def _finish(store: Store, job_id: str, recorder: EventRecorder, state: str, reas
 class JobActor:
     """One job's runner. Detached and named after the job, so it outlives the process that started it."""
 
-    def __init__(self, database_url: str, lease_ttl_s: float = 60.0):
-        self.database_url, self.lease_ttl_s = database_url, lease_ttl_s
+    def __init__(self, database_url: str, lease_ttl_s: float = 60.0, rules: AccessRules | None = None):
+        self.database_url, self.lease_ttl_s, self.rules = database_url, lease_ttl_s, rules
         self.started = False
 
     def run(self, job_id: str, runner: str) -> str | None:
@@ -213,7 +223,7 @@ class JobActor:
         self.started = True
         store = Store(self.database_url)
         try:
-            return execute_job(store, job_id, runner, self.lease_ttl_s)
+            return execute_job(store, job_id, runner, self.lease_ttl_s, self.rules)
         finally:
             store.close()
             ray.actor.exit_actor()  # free the actor's name and CPU: detached actors otherwise live forever

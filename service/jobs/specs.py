@@ -1,9 +1,9 @@
 """Turns a submitted spec into the spec the service runs, or a 422 naming every offending field.
 
-    spec_dict = prepare_spec(job_in, job_id, settings)   # raises RequestValidationError
+    spec_dict = prepare_spec(job_in, job_id, settings, reader_of(caller.name, caller.is_admin, store))  # or a 422
 
 Pydantic has already checked types and ranges. On top of that the service puts the job in its own folder, keeps
-input paths and object-storage URIs where MOEDISCO_DATA_DIR, MOEDISCO_INPUT_ROOTS and MOEDISCO_STORAGE_ROOTS allow,
+input paths and object-storage URIs where the submitter may read and write (`service.jobs.access`),
 refuses what JSON and PostgreSQL cannot hold, plans each training stage's memory and refuses an absurd model size;
 `prepare_spec` lists each check.
 """
@@ -17,25 +17,22 @@ from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 
-from moedisco.config.loading import INPUT_PATHS
 from moedisco.config.spec import JobSpec, ModelConfig
-from moedisco.io.storage import is_under, is_uri
+from moedisco.io.storage import is_uri
 from moedisco.job.registry import STAGE
 from service.core.config import Settings
+from service.jobs.access import Reader, error, input_errors
 from service.schemas import JobCreate
 
+FOLDER_INPUTS = (("tokenizer", "path"), ("embed", "model_path"), ("model", "pretrained"))  # loaded as folders
 TRAIN_SECTIONS = tuple(dict.fromkeys(stage.train_config for stage in STAGE.values() if stage.trained))
-
-
-def _error(loc: tuple, msg: str, value: Any = None) -> dict:
-    return {"type": "value_error", "loc": ("body", *loc), "msg": msg, "input": str(value)}  # clipped when sent
 
 
 def _unstorable(value: Any, loc: tuple = ()) -> Iterator[dict]:
     if isinstance(value, float) and not math.isfinite(value):
-        yield _error(loc, "must be a finite number", value)
+        yield error(loc, "must be a finite number", value)
     elif isinstance(value, (str, Path)) and "\x00" in str(value):
-        yield _error(loc, "must not contain NUL characters", value)
+        yield error(loc, "must not contain NUL characters", value)
     elif isinstance(value, dict):
         for key, item in value.items():
             yield from _unstorable(key, (*loc, str(key)))
@@ -45,66 +42,12 @@ def _unstorable(value: Any, loc: tuple = ()) -> Iterator[dict]:
             yield from _unstorable(item, (*loc, index))
 
 
-def _inside(path: Path, roots: list[Path]) -> bool:
-    return any(path.is_relative_to(root) for root in roots)
-
-
-URI_FIELDS = (("data", "train"), ("data", "eval"), ("resources", "storage_path"))  # the engine reads URIs there
-
-
-def _check_uri(section: str, field: str, value: str, settings: Settings) -> dict | None:
-    """An object-storage URI where the engine takes one, under one of MOEDISCO_STORAGE_ROOTS: the server's
-    credentials would otherwise read and write any bucket they reach."""
-    if (section, field) not in URI_FIELDS:
-        return _error((section, field), "must be a path on the server: object-storage URIs are read only in "
-                                        "data.train, data.eval and resources.storage_path", value)
-    try:
-        inside = any(is_under(value, root) for root in settings.storage_roots)  # by bucket and key segments
-    except ValueError as error:
-        return _error((section, field), f"not a plain object-storage URI: it {error}", value)
-    if not inside:
-        return _error((section, field), "an object-storage URI must lie under MOEDISCO_STORAGE_ROOTS "
-                                        f"({', '.join(settings.storage_roots) or 'none set'})", value)
-    return None
-
-
-def _check_input(raw: dict, section: str, field: str, settings: Settings) -> dict | None:
-    """Resolve one input path in place; return an error, or None."""
-    value = raw[section].get(field)
-    if value is None:
-        return None
-    if is_uri(value):
-        return _check_uri(section, field, value, settings)
-    try:
-        path = (settings.data_dir / value).resolve()  # an absolute value replaces data_dir
-        exists = path.exists()
-    except (OSError, ValueError) as error:
-        return _error((section, field), f"not a usable path ({error})", value)
-    roots = settings.allowed_input_roots
-    if not _inside(path, roots):
-        return _error((section, field), "must be inside MOEDISCO_DATA_DIR or MOEDISCO_INPUT_ROOTS "
-                                        f"({', '.join(map(str, roots))}); relative paths start at MOEDISCO_DATA_DIR",
-                      value)
-    if not exists:
-        return _error((section, field), f"does not exist on the server ({path})", value)
-    raw[section][field] = str(path)
-    return None
-
-
-def _check_storage(raw: dict, settings: Settings) -> dict | None:
-    value = raw["resources"].get("storage_path")
-    if value is None:
-        return None
-    if is_uri(value):
-        return _check_uri("resources", "storage_path", value, settings)
-    try:
-        path = (settings.data_dir / value).resolve()
-    except (OSError, ValueError) as error:
-        return _error(("resources", "storage_path"), f"not a usable path ({error})", value)
-    if not _inside(path, [settings.data_dir.resolve()]):
-        return _error(("resources", "storage_path"), "must be inside MOEDISCO_DATA_DIR", value)
-    raw["resources"]["storage_path"] = str(path)
-    return None
+def _not_folders(raw: dict) -> list[dict]:
+    """The inputs loaded as folders (a tokenizer, an embedding model, a pretrained model) that are not one: a
+    file there would fail later, inside the planner or the stage, instead of naming the field."""
+    values = {loc: raw[loc[0]].get(loc[1]) for loc in FOLDER_INPUTS}
+    return [error(loc, "must be a folder (a saved Hugging Face model or tokenizer)", value)
+            for loc, value in values.items() if value is not None and not is_uri(value) and not Path(value).is_dir()]
 
 
 def parameter_upper_bound(model: ModelConfig, vocab_size: int) -> int:
@@ -123,19 +66,17 @@ def _check_size(spec: JobSpec, settings: Settings) -> dict | None:
     if bound <= settings.max_model_parameters:
         return None
     model = spec.model
-    return _error(("model",), f"up to about {bound:.2g} parameters (hidden_size {model.hidden_size}, "
+    return error(("model",), f"up to about {bound:.2g} parameters (hidden_size {model.hidden_size}, "
                               f"{model.num_hidden_layers} layers, {model.num_experts} experts): more than "
                               f"MOEDISCO_MAX_MODEL_PARAMETERS ({settings.max_model_parameters:.2g})", model.hidden_size)
 
 
-def prepare_spec(job_in: JobCreate, job_id: str, settings: Settings) -> dict:
+def prepare_spec(job_in: JobCreate, job_id: str, settings: Settings, reader: Reader) -> dict:
     """The spec to run, as a dict; a RequestValidationError naming every offending field. The service:
       - puts the job in MOEDISCO_DATA_DIR/jobs/<id>/, whatever `output_dir` the client sent (it never escapes);
-      - keeps `resources.storage_path` (where the Ray runner writes checkpoints) inside MOEDISCO_DATA_DIR;
-      - accepts an object-storage URI where the engine does (data.train, data.eval, resources.storage_path) when it
-        lies under MOEDISCO_STORAGE_ROOTS, and refuses one elsewhere;
-      - resolves input paths (data, tokenizer, models) against MOEDISCO_DATA_DIR, requires them to exist and to lie
-        inside MOEDISCO_DATA_DIR or MOEDISCO_INPUT_ROOTS, so a token holder cannot read arbitrary server files;
+      - resolves input paths (data, tokenizer, models) against MOEDISCO_DATA_DIR and requires them to exist and to
+        be the submitter's (`reader`) to read, and `resources.storage_path` (where the Ray runner writes) theirs to
+        write, on the server or on object storage (`service.jobs.access`);
       - refuses NaN/infinity and NUL characters, which JSON responses and PostgreSQL cannot hold;
       - plans each training stage's memory measures (`memory: auto`) and refuses a stage that fits no device of its
         tier, naming the stage, the device and the shortfall;
@@ -147,14 +88,14 @@ def prepare_spec(job_in: JobCreate, job_id: str, settings: Settings) -> dict:
         raise RequestValidationError(errors)
     raw = job_in.model_dump(mode="json")
     raw["output_dir"] = str(settings.jobs_dir / job_id)
-    checks = [_check_input(raw, section, field, settings) for section, field in INPUT_PATHS]
-    errors = [error for error in (*checks, _check_storage(raw, settings)) if error is not None]
+    errors = input_errors(raw, reader, settings.access)
+    errors = errors or _not_folders(raw)
     if errors:
         raise RequestValidationError(errors)
     spec = JobSpec.model_validate(raw)
-    error = _check_size(spec, settings)
-    if error is not None:
-        raise RequestValidationError([error])
+    too_big = _check_size(spec, settings)
+    if too_big is not None:
+        raise RequestValidationError([too_big])
     return _plan_memory(spec, job_in, sharded=settings.runner == "ray").model_dump(mode="json")
 
 
@@ -169,6 +110,6 @@ def _plan_memory(spec: JobSpec, job_in: JobCreate, sharded: bool) -> JobSpec:
     sent = spec.model_copy(update={section: getattr(job_in, section) for section in TRAIN_SECTIONS})
     try:
         return resolve_memory(sent, sharded=sharded)
-    except MemoryFitError as error:
-        raise RequestValidationError([_error((section,), problem) for section, problem in error.problems.items()])
+    except MemoryFitError as refusal:
+        raise RequestValidationError([error((section,), problem) for section, problem in refusal.problems.items()])
 

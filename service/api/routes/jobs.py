@@ -29,6 +29,7 @@ from service.api.deps import (
     view_response,
 )
 from service.api.quotas import check_monthly_budget, check_queue_limit
+from service.jobs.access import reader_of
 from service.jobs.specs import prepare_spec
 from service.schemas import (
     TERMINAL_STATES,
@@ -58,7 +59,7 @@ def submit_job(job_in: JobCreate, request: Request, response: Response, settings
     """Queue a job, owned by the caller. Its output_dir is MOEDISCO_DATA_DIR/jobs/<id>/; input paths must exist on
     the server. Refused when the caller has too many jobs queued, or its estimate exceeds their budget left."""
     job_id = uuid.uuid4().hex[:12]
-    spec = prepare_spec(job_in, job_id, settings)
+    spec = prepare_spec(job_in, job_id, settings, reader_of(caller.name, caller.is_admin, store))
     check_queue_limit(users, settings, caller)
     estimate = check_monthly_budget(users, caller, spec)
     job = store.create_job(job_id, spec, runner=settings.runner, owner=caller.name)

@@ -1,0 +1,162 @@
+"""What a user's job may read and write: their own area, the shared area, their own jobs and their storage roots.
+
+    errors = input_errors(spec_dict, reader_of("ada", is_admin=False, store=store), settings.access)
+
+Under MOEDISCO_DATA_DIR each user has an area of their own, `users/<name>/`, and every user may read `shared/`, an
+area an admin fills (as every folder of MOEDISCO_INPUT_ROOTS). A job's inputs (its corpus, tokenizer, embedding
+model, pretrained model) may come from these, or from a folder of one of the submitter's own jobs (`jobs/<id>/final`
+as a pretrained model); anything else under MOEDISCO_DATA_DIR (another user's area or job, the job store's own
+file) does not exist for them. Its `resources.storage_path`, where the Ray runner writes, must be in the submitter's
+area or one of their jobs. On object storage, a MOEDISCO_STORAGE_ROOTS prefix with `{user}` in it is each user's own
+(readable and writable); one without is shared and read-only. An admin reads and writes every user's area and job.
+The rules are applied when a job is submitted and again when its runner starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moedisco.config.loading import INPUT_PATHS
+from moedisco.io.storage import is_under, is_uri
+from service.core.config import AccessRules
+from service.store.models import BOOTSTRAP_ADMIN
+from service.store.store import Store
+from service.store.users import Users
+
+URI_FIELDS = (("data", "train"), ("data", "eval"), ("resources", "storage_path"))  # the engine reads URIs there
+USER_PLACEHOLDER = "{user}"
+
+
+@dataclass(frozen=True)
+class Reader:
+    """Who a job's paths are checked for: its submitter, and which jobs are theirs."""
+
+    name: str
+    is_admin: bool
+    owns_job: Callable[[str], bool]  # job id -> whether it is this user's
+
+
+def reader_of(name: str, is_admin: bool, store: Store) -> Reader:
+    """`name` as a reader, their jobs read from the store."""
+    def owns_job(job_id: str) -> bool:
+        job = store.get_job(job_id)
+        return job is not None and job.owner == name
+
+    return Reader(name, is_admin, owns_job)
+
+
+def owner_as_reader(store: Store, owner: str) -> Reader:
+    """A job's owner as a reader, with their admin right as the store holds it now."""
+    user = Users(store).get_user(owner)
+    return reader_of(owner, owner == BOOTSTRAP_ADMIN or (user is not None and user.is_admin), store)
+
+
+def error(loc: tuple, msg: str, value: Any = None) -> dict:
+    return {"type": "value_error", "loc": ("body", *loc), "msg": msg, "input": str(value)}  # clipped when sent
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    return any(path.is_relative_to(root) for root in roots)
+
+
+def _job_of(path: Path, rules: AccessRules) -> str | None:
+    """The job id of a path inside MOEDISCO_DATA_DIR/jobs/<id>/, else None."""
+    if not path.is_relative_to(rules.jobs_dir) or path == rules.jobs_dir:
+        return None
+    return path.relative_to(rules.jobs_dir).parts[0]
+
+
+def _own_place(path: Path, reader: Reader, rules: AccessRules) -> bool:
+    """In the reader's area or one of their jobs (an admin: any user's area or job)."""
+    if reader.is_admin and (path.is_relative_to(rules.users_dir) and path != rules.users_dir):
+        return True
+    job = _job_of(path, rules)
+    return path.is_relative_to(rules.user_dir(reader.name)) or (
+        job is not None and (reader.is_admin or reader.owns_job(job)))
+
+
+def _readable(path: Path, reader: Reader, rules: AccessRules) -> bool:
+    return _inside(path, [rules.shared_dir, *rules.input_roots]) or _own_place(path, reader, rules)
+
+
+def _where(reader: Reader) -> str:
+    return f"users/{reader.name}/ (yours), shared/, your own jobs' folders (jobs/<id>/) or MOEDISCO_INPUT_ROOTS"
+
+
+def storage_roots(reader: Reader, rules: AccessRules, writable: bool) -> list[str]:
+    """The object-storage prefixes `reader` may read (`writable` False) or write, `{user}` filled in."""
+    roots = [root for root in rules.storage_roots if not writable or USER_PLACEHOLDER in root]
+    return [root.replace(USER_PLACEHOLDER, reader.name) for root in roots]
+
+
+def check_uri(loc: tuple[str, str], value: str, reader: Reader, rules: AccessRules) -> dict | None:
+    """An object-storage URI where the engine takes one, under a prefix the reader may use: the server's
+    credentials would otherwise read and write any bucket they reach."""
+    if loc not in URI_FIELDS:
+        return error(loc, "must be a path on the server: object-storage URIs are read only in "
+                          "data.train, data.eval and resources.storage_path", value)
+    writable = loc == ("resources", "storage_path")
+    roots = rules.storage_roots if reader.is_admin else storage_roots(reader, rules, writable)
+    try:
+        inside = any(is_under(value, root.replace(USER_PLACEHOLDER, reader.name)) for root in roots)
+    except ValueError as failure:
+        return error(loc, f"not a plain object-storage URI: it {failure}", value)
+    if not inside:
+        kind = "your own prefixes of" if writable else "a prefix you may read in"
+        return error(loc, f"an object-storage URI must lie under {kind} MOEDISCO_STORAGE_ROOTS "
+                          f"({', '.join(roots) or 'none for you'})", value)
+    return None
+
+
+def resolve(value: str, rules: AccessRules) -> Path:
+    """A spec's path on the server: relative to MOEDISCO_DATA_DIR, symbolic links followed."""
+    return (rules.data_dir / value).resolve()  # an absolute value replaces data_dir
+
+
+def check_input(raw: dict, loc: tuple[str, str], reader: Reader, rules: AccessRules) -> dict | None:
+    """Resolve one input path of `raw` in place; return an error, or None."""
+    section, field = loc
+    value = (raw.get(section) or {}).get(field)
+    if value is None:
+        return None
+    if is_uri(value):
+        return check_uri(loc, value, reader, rules)
+    try:
+        path = resolve(value, rules)
+        exists = path.exists()
+    except (OSError, ValueError) as failure:
+        return error(loc, f"not a usable path ({failure})", value)
+    if not _readable(path, reader, rules):  # said before whether it exists: that, too, is not theirs to know
+        return error(loc, f"must be in {_where(reader)}; relative paths start at MOEDISCO_DATA_DIR", value)
+    if not exists:
+        return error(loc, f"does not exist on the server ({path})", value)
+    raw[section][field] = str(path)
+    return None
+
+
+def check_storage(raw: dict, reader: Reader, rules: AccessRules) -> dict | None:
+    """`resources.storage_path`, where the Ray runner writes: the reader's own area or job, or own URI prefix."""
+    loc = ("resources", "storage_path")
+    value = (raw.get("resources") or {}).get("storage_path")
+    if value is None:
+        return None
+    if is_uri(value):
+        return check_uri(loc, value, reader, rules)
+    try:
+        path = resolve(value, rules)
+    except (OSError, ValueError) as failure:
+        return error(loc, f"not a usable path ({failure})", value)
+    if not _own_place(path, reader, rules):
+        return error(loc, f"must be in users/{reader.name}/ or one of your jobs' folders under MOEDISCO_DATA_DIR",
+                     value)
+    raw["resources"]["storage_path"] = str(path)
+    return None
+
+
+def input_errors(raw: dict, reader: Reader, rules: AccessRules) -> list[dict]:
+    """Every input path and the storage path of a spec dict, checked (and resolved in place) for `reader`."""
+    checks = [check_input(raw, loc, reader, rules) for loc in INPUT_PATHS]
+    return [found for found in (*checks, check_storage(raw, reader, rules)) if found is not None]

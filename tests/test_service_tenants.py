@@ -1,0 +1,146 @@
+"""Tenants cannot reach each other's data: every input field of a job, from every place on the server, for its
+owner, another user and an admin (`service.jobs.access`); and the checks run again when the job's runner starts.
+
+    pytest tests/test_service_tenants.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from service.core.config import Settings
+from service.jobs.executor import execute_job
+from service.main import create_app
+from tests.conftest import CORPUS, tiny_spec_dict
+
+TOKEN = "bootstrap-admin-token"
+FIELDS = ("data.train", "data.eval", "tokenizer.path", "embed.model_path", "model.pretrained")
+
+
+@pytest.fixture
+def team(tmp_path):
+    """(app, admin, ada, bob) on a service whose storage roots are one shared prefix and one prefix per user."""
+    settings = Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'data' / 'moedisco.db'}",
+                        api_token=TOKEN, input_roots=[CORPUS.parent], runner="local",
+                        storage_roots=["s3://corpora/shared", "s3://work/{user}"])
+    app = create_app(settings, dispatch=False)
+    with TestClient(app) as admin:
+        admin.headers["Authorization"] = f"Bearer {TOKEN}"
+        users = {}
+        for name in ("ada", "bob"):
+            assert admin.post("/v1/users", json={"name": name}).status_code == 201
+            token = admin.post(f"/v1/users/{name}/tokens", json={"label": "t"}).json()["token"]
+            users[name] = TestClient(app, headers={"Authorization": f"Bearer {token}"})
+        yield app, admin, users["ada"], users["bob"]
+
+
+def _with(field: str, value) -> dict:
+    raw = tiny_spec_dict("ignored")
+    section, key = field.split(".")
+    raw.setdefault(section, {})[key] = str(value)
+    return raw
+
+
+def _submit(user: TestClient, field: str, value):
+    return user.post("/v1/jobs", json=_with(field, value))
+
+
+def _refused(response, field: str) -> bool:
+    return response.status_code == 422 and any(
+        ".".join(map(str, error["loc"][1:])) == field for error in response.json()["detail"])
+
+
+def _places(app, ada: TestClient, bob: TestClient) -> dict:
+    """Each place a corpus can be, as a spec names it: relative to MOEDISCO_DATA_DIR, or absolute."""
+    data = app.state.settings.data_dir
+    for area in ("users/ada", "users/bob", "shared"):
+        (data / area).mkdir(parents=True, exist_ok=True)
+        (data / area / "c.jsonl").write_text(CORPUS.read_text())
+    jobs = {name: user.post("/v1/jobs", json=tiny_spec_dict("ignored", data={"train": str(CORPUS)})).json()["id"]
+            for name, user in (("ada", ada), ("bob", bob))}
+    for job in jobs.values():  # what a finished job leaves: its split of the corpus
+        (data / "jobs" / job / "data").mkdir(parents=True)
+        (data / "jobs" / job / "data" / "train.jsonl").write_text(CORPUS.read_text())
+    (data / "users" / "ada" / "link.jsonl").symlink_to(data / "users" / "bob" / "c.jsonl")
+    return {"own area": "users/ada/c.jsonl", "shared area": "shared/c.jsonl", "input root": str(CORPUS),
+            "own job": f"jobs/{jobs['ada']}/data/train.jsonl", "other user's area": "users/bob/c.jsonl",
+            "other user's job": f"jobs/{jobs['bob']}/data/train.jsonl", "a link to another's area": "users/ada/link.jsonl",
+            "the job store": "moedisco.db", "all jobs": "jobs", "outside": "/etc/passwd"}
+
+
+READABLE = {"own area", "shared area", "input root", "own job"}
+
+
+def test_every_input_field_reads_only_the_owners_places(team):
+    app, admin, ada, bob = team
+    places = _places(app, ada, bob)
+    for place, value in places.items():
+        for field in FIELDS:
+            response = _submit(ada, field, value)
+            if place in READABLE and field in ("data.train", "data.eval"):
+                assert response.status_code == 201, (place, field, response.text)
+            elif place not in READABLE:
+                assert _refused(response, field), (place, field, response.text)
+                assert str(app.state.settings.data_dir / "users" / "bob") not in response.text  # nothing of bob's
+
+
+def test_an_admin_reads_every_users_area_and_job(team):
+    app, admin, ada, bob = team
+    places = _places(app, ada, bob)
+    for place in ("other user's area", "other user's job", "own area"):
+        assert _submit(admin, "data.train", places[place]).status_code == 201, place
+    for place in ("the job store", "all jobs", "outside"):
+        assert _refused(_submit(admin, "data.train", places[place]), "data.train"), place
+
+
+def test_storage_path_is_written_only_in_the_owners_places(team):
+    app, admin, ada, bob = team
+    places = _places(app, ada, bob)
+    (app.state.settings.data_dir / "users" / "ada" / "ray").mkdir()
+    assert _submit(ada, "resources.storage_path", "users/ada/ray").status_code == 201
+    assert _submit(ada, "resources.storage_path", places["own job"]).status_code == 201
+    for place in ("shared area", "other user's area", "other user's job", "all jobs", "outside"):
+        assert _refused(_submit(ada, "resources.storage_path", places[place]), "resources.storage_path"), place
+
+
+@pytest.mark.parametrize(("field", "uri", "ok"), [
+    ("data.train", "s3://corpora/shared/c4/*.jsonl", True),
+    ("data.train", "s3://work/ada/corpus.jsonl", True),
+    ("data.train", "s3://work/bob/corpus.jsonl", False),  # another user's prefix
+    ("data.train", "s3://work/ada/../bob/corpus.jsonl", False),
+    ("resources.storage_path", "s3://work/ada/ray", True),
+    ("resources.storage_path", "s3://corpora/shared/ray", False),  # shared prefixes are read-only
+    ("resources.storage_path", "s3://work/bob/ray", False),
+])
+def test_object_storage_prefixes_are_per_user(team, field, uri, ok):
+    app, admin, ada, bob = team
+    response = _submit(ada, field, uri)
+    assert (response.status_code == 201) if ok else _refused(response, field), response.text
+
+
+def test_the_runner_checks_the_inputs_again_when_it_starts(team):
+    """A job whose input became a way into another's place after it was queued (its file swapped for a link to
+    bob's) fails when its runner starts, naming the field, before any stage reads it."""
+    app, admin, ada, bob = team
+    places = _places(app, ada, bob)
+    job_id = _submit(ada, "data.train", places["own area"]).json()["id"]
+    own = app.state.settings.data_dir / places["own area"]
+    own.unlink()
+    own.symlink_to(app.state.settings.data_dir / places["other user's area"])
+    store, settings = app.state.store, app.state.settings
+    assert store.claim_next_queued().id != job_id  # the corpus-root jobs `_places` queued first
+    while (claimed := store.claim_next_queued()) is not None and claimed.id != job_id:
+        pass
+    assert execute_job(store, job_id, "local", rules=settings.access) == "failed"
+    job = store.get_job(job_id)
+    assert "inputs refused: data.train" in job.reason and not (settings.jobs_dir / job_id / "data").exists()
+
+
+def test_an_open_api_refuses_to_serve_beyond_loopback(monkeypatch):
+    from moedisco_cli.main import app as cli
+
+    monkeypatch.delenv("MOEDISCO_API_TOKEN", raising=False)
+    result = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0", "--no-ray-serve"])
+    assert result.exit_code == 2 and "MOEDISCO_API_TOKEN is not set" in result.output, result.output
