@@ -11,6 +11,7 @@ Errors come back as `ApiError` whose message lists a 422's fields one per line.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -105,3 +106,15 @@ class ApiClient:
 
     def revoke_token(self, user: str, token_id: str) -> None:
         self.request("DELETE", f"/v1/users/{user}/tokens/{token_id}")
+
+    def upload(self, path: Path, name: str | None = None, shared: bool = False, text_field: str = "text") -> dict:
+        """Stream a local corpus file to the server; the answer's `path` is what a spec's data.train names."""
+        params = {"name": name or path.name, "shared": shared, "text_field": text_field}
+        with path.open("rb") as handle:  # a file object: httpx streams it, with its length
+            return self.request("POST", "/v1/files", params=params, content=handle, timeout=None)
+
+    def files(self, shared: bool = False) -> list[dict]:
+        return self.request("GET", "/v1/files", params={"shared": shared})
+
+    def delete_file(self, name: str, shared: bool = False) -> None:
+        self.request("DELETE", f"/v1/files/{name}", params={"shared": shared})

@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from moedisco.config.loading import SpecError, load_spec
-from moedisco_cli import cluster, demo, evaluate, jobs, serve, users
+from moedisco_cli import cluster, demo, evaluate, files, jobs, serve, users
 from moedisco_cli.common import SetOpt, console, print_cost
 from moedisco_cli.job_events import ConsoleProgress
 
@@ -87,6 +87,8 @@ app.command()(evaluate.evaluate)
 app.command()(serve.serve)
 app.command()(demo.demo)
 jobs.register(app)
+app.command()(files.upload)
+app.add_typer(files.files_app, name="files")
 app.add_typer(cluster.cluster_app, name="cluster")
 app.add_typer(users.users_app, name="users")
 app.add_typer(users.tokens_app, name="tokens")

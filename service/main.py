@@ -77,7 +77,8 @@ def create_app(settings: Settings | None = None, dispatch: bool = True, waker=No
     app.state.views = JobViews(store, max_age_s=settings.read_cache_max_age_s)
     app.state.users = Users(store)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes,
+                       larger={"/v1/files": settings.max_upload_bytes})
     app.include_router(health.router)
     app.include_router(api_router, prefix="/v1")
     return app

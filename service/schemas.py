@@ -206,3 +206,13 @@ class TokenPublic(_FromRow):
 
 class TokenCreated(TokenPublic):
     token: str = Field(description="The secret, shown only in this response: send it as `Authorization: Bearer`.")
+
+
+class FilePublic(BaseModel):
+    """An uploaded corpus file in the caller's area."""
+
+    name: str = Field(description="The file's name, unique among the caller's uploads.")
+    path: str = Field(description="What a spec's data.train or data.eval names it by (relative to the data folder).")
+    size: int = Field(description="Bytes on the server.")
+    modified: datetime = Field(description="When it was uploaded.")
+

@@ -164,6 +164,7 @@ ROUTES = [("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("GET", "/v1/jobs/012345678
           ("GET", "/v1/jobs/0123456789ab/metrics"), ("GET", "/v1/jobs/0123456789ab/artifacts"),
           ("GET", "/v1/jobs/0123456789ab/artifacts/cost.json"), ("GET", "/v1/jobs/0123456789ab/report"),
           ("GET", "/v1/users/me"), ("GET", "/v1/users"), ("POST", "/v1/users/ada/tokens"),
+          ("POST", "/v1/files?name=c.jsonl"), ("GET", "/v1/files"), ("DELETE", "/v1/files/c.jsonl"),
           ("GET", "/metrics")]
 
 

@@ -32,22 +32,27 @@ def clip_input(value):
 
 
 def too_large(max_bytes: int) -> str:
-    return f"request body larger than {max_bytes} bytes (MOEDISCO_MAX_REQUEST_BYTES)"
+    return f"request body larger than {max_bytes} bytes (MOEDISCO_MAX_REQUEST_BYTES, MOEDISCO_MAX_UPLOAD_BYTES)"
 
 
 class BodyLimit:
     """ASGI middleware: a request whose Content-Length exceeds `max_bytes` gets 413 at once; a chunked one as soon
     as what arrived exceeds it (the route reading the body gets an HTTPException(413), which FastAPI passes on)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, larger: dict[str, int] | None = None):
+        self.app, self.default_bytes, self.larger = app, max_bytes, larger or {}
+
+    def limit(self, path: str) -> int:
+        """The cap of a request to `path`: a larger one under a prefix of `larger` (uploads), else `max_bytes`."""
+        return next((cap for prefix, cap in self.larger.items() if path.startswith(prefix)), self.default_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        max_bytes = self.limit(scope.get("path", ""))
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            response = JSONResponse({"detail": too_large(self.max_bytes)}, status.HTTP_413_CONTENT_TOO_LARGE)
+        if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
+            response = JSONResponse({"detail": too_large(max_bytes)}, status.HTTP_413_CONTENT_TOO_LARGE)
             return await response(scope, receive, send)
         received = 0
 
@@ -55,8 +60,8 @@ class BodyLimit:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, too_large(self.max_bytes))
+            if received > max_bytes:
+                raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, too_large(max_bytes))
             return message
 
         await self.app(scope, limited, send)

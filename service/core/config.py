@@ -98,6 +98,8 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         1_000_000, ge=1024, description="Largest request body accepted; a longer one is refused with 413 before it "
                                         "is read (a job spec is a few kB).")
+    max_upload_bytes: int = Field(1 << 30, ge=1024, description="Largest file one upload (POST /v1/files) may send.")
+    user_quota_bytes: int = Field(10 << 30, ge=1024, description="Most bytes of uploads a user may keep on the server.")
     max_model_parameters: float = Field(
         1e13, gt=0, description="A spec whose model (built from its widths, not a checkpoint) would have more "
                                 "parameters than this is refused with 422: a sanity bound, not a memory plan.")
