@@ -61,7 +61,7 @@ def read_spec_file(path: Path, overrides: list[str]) -> dict:
 
 
 def _absolute_local_inputs(raw: dict, spec_dir: Path) -> None:
-    """Same rule as `moedisco run` (`spec_loading.resolve_relative`), on the raw dict, and only for paths found here:
+    """Same rule as `moedisco run` (`moedisco.config.loading.resolve_relative`), on the raw dict, and only for paths found here:
     one that exists neither here nor beside the spec is left for the server to resolve."""
     for section, field in INPUT_PATHS:
         fields = raw.get(section)

@@ -49,8 +49,10 @@ def run(spec: SpecArg, set_: SetOpt = None,
 
     try:  # the runner plans memory first: a training stage that fits no device is refused before any stage
         if runner == "ray":
+            from moedisco.planning.memory_plan import resolve_memory
             from ray_cluster.orchestrate import run_job_on_ray
 
+            resolve_memory(job)  # a refusal before a Ray cluster is started or joined; the runner plans again
             summary = run_job_on_ray(job, address=address, events=None if quiet else ConsoleProgress())
         else:
             from moedisco.runner.job_runner import run_job

@@ -94,7 +94,7 @@ def restore_reported_checkpoint(checkpoint: ray.train.Checkpoint | None, run_dir
         step = json.loads((Path(folder) / "trainer_state.json").read_text())["step"]
         target = checkpoint_dir(run_dir, step)
         if target not in checkpoint_dirs(run_dir):
-            with writing(target) as partial:
+            with writing(target, one_writer=True) as partial:
                 shutil.copytree(folder, partial)
     return step
 

@@ -5,7 +5,7 @@ one, never a part (and a crash leaves only a `.partial` that nothing reads).
     with writing(OUTPUT / "sync/round_0.safetensors") as partial:
         save_file(tensors, partial)
 
-Object-storage pushes skip `.partial` names (`moedisco.io.storage`), so a half-written piece is never copied up.
+Object-storage pushes skip `.partial` names (`moedisco.io.staging`), so a half-written piece is never copied up.
 """
 
 from __future__ import annotations
@@ -34,19 +34,26 @@ def put_in_place(partial: Path, path: Path) -> None:
         partial.replace(path)
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 @contextmanager
-def writing(path: Path) -> Iterator[Path]:
-    """Write to the yielded path (a file or a folder); it becomes `path` only if the block ends without an error."""
+def writing(path: Path, one_writer: bool = False) -> Iterator[Path]:
+    """Write to the yielded path (a file or a folder); it becomes `path` only if the block ends without an error.
+    `one_writer`: `path` has one writer at a time, so its partial has a fixed name and a retry after a crash (which
+    skips the cleanup below) replaces the leftover instead of leaving a second copy beside it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = partial_of(path)
+    partial = partial_of(path, shared=one_writer)
+    _remove(partial)
     try:
         yield partial
         put_in_place(partial, path)
     finally:
-        if partial.is_dir():
-            shutil.rmtree(partial, ignore_errors=True)
-        else:
-            partial.unlink(missing_ok=True)
+        _remove(partial)
 
 
 def write_atomically(path: Path, text: str) -> None:

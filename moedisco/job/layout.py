@@ -8,7 +8,7 @@
 Every layer uses it (the stages, both runners, the Ray workers, the service), and it imports no torch. The folder:
 
     OUTPUT/
-      spec.yaml  metrics.jsonl  cost.json  report.png  evaluation.json  claim.json (the runner that may write here)
+      spec.yaml  metrics.jsonl  cost.json  report.png  evaluation.json  owner.json (the claim: the runner that may write here)
       data/{train,eval}.jsonl  data/split.json  data/{train,eval}_tokens/ (token shards)  data/tokenizer/
       embed/embeddings.npy  embed/progress.json  cluster/  cluster/tokens_<k>/ (cluster k's token shard)
       source/  branched/
@@ -55,7 +55,9 @@ class JobPaths:
             staging.push(self.root, self.remote)
 
     spec = property(lambda self: self.root / "spec.yaml")
-    claim = property(lambda self: self.root / "claim.json")
+    # The claim keeps the file name of earlier versions: during an upgrade an old runner and a new one must see the
+    # same claim, or the old one would go on writing after the new one took the folder over.
+    claim = property(lambda self: self.root / "owner.json")
     data = property(lambda self: self.root / "data")
     tokenizer = property(lambda self: self.root / "data" / "tokenizer")
     embeddings = property(lambda self: self.root / "embed" / "embeddings.npy")

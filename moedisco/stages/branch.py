@@ -66,7 +66,7 @@ def stage_submodel(run: StageRun) -> dict:
     spec, paths, expert, round_index = run.spec, run.paths, run.task.expert, run.round_index
     rounds = spec.branch.sync_rounds
     if not 0 <= round_index < rounds:
-        raise ValueError(f"round {round_index} out of range for sync_rounds = {rounds}")
+        raise ValueError(f"round {round_index} out of range for branch.sync_rounds = {rounds}")
     last = round_index == rounds - 1
     run_dir = paths.submodel(expert)
     if round_index > 0 and finished_result(run_dir) is None and not checkpoint_dirs(run_dir):

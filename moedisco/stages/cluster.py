@@ -17,18 +17,23 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from moedisco.config.spec import ClusterConfig, JobSpec
 from moedisco.io.atomic import write_atomically, writing
-from moedisco.io.documents import chunks, iter_texts
-from moedisco.io.token_shards import RowFile, SequenceSource, TokenShard, TokenShardWriter, is_complete
+from moedisco.io.documents import DataError, chunks, iter_texts
 from moedisco.job.layout import JobPaths
-from moedisco.stages import embed, prepare
-from moedisco.stages.prepare import load_corpus
-from moedisco.stages.stage_run import StageRun
+
+if TYPE_CHECKING:
+    import torch
+
+    from moedisco.io.token_shards import SequenceSource, TokenShard
+    from moedisco.stages.stage_run import StageRun
+
+# torch, the token shards and the embedding model are imported in the functions that use them: the Ray runner's
+# coordinating tasks fit and assign clusters with this module and need neither (half a GB and seconds per process).
 
 # scikit-learn is imported where it is used: it takes about 2 s, and every training process and Ray task that only
 # loads a `ClusterResult` (or reads cached assignments) would pay for it at start-up.
@@ -145,7 +150,7 @@ def fit_clusters(vectors_ND: np.ndarray, cfg: ClusterConfig, num_clusters: int, 
     else:
         assignments, centroids = _random_split(vectors_ND, num_clusters, seed)
     if np.bincount(assignments, minlength=num_clusters).min() == 0:
-        raise ValueError("clustering left an expert with no documents; try method=balanced_kmeans")
+        raise ValueError("clustering left an expert with no documents; try cluster.method=balanced_kmeans")
     inertia = _inertia(vectors_ND, centroids, assignments)
     return ClusterResult(assignments, centroids.astype(np.float64), inertia, cfg.normalize, cfg.method)
 
@@ -185,6 +190,8 @@ def fit_streaming(vectors_ND: np.ndarray, cfg: ClusterConfig, num_clusters: int,
 
 def _clusters(spec: JobSpec, paths: JobPaths) -> tuple[ClusterResult, bool]:
     """The job's clusters: those already saved for this corpus, else a fit now (which voids the old shards)."""
+    from moedisco.io.token_shards import RowFile
+
     vectors_ND = RowFile(paths.embeddings)  # one pass, through the file: no 1.5 GB of mapped pages at 1M
     if (paths.clusters / "clusters.json").is_file():
         saved = ClusterResult.load(paths.clusters)
@@ -216,6 +223,8 @@ def save_clusters(spec: JobSpec, paths: JobPaths, result: ClusterResult) -> None
 
 def write_cluster_tokens(paths: JobPaths, assignments: np.ndarray, expert: int) -> TokenShard:
     """Cluster `expert`'s documents, in corpus order, copied from the train shard into cluster/tokens_<expert>/."""
+    from moedisco.io.token_shards import TokenShard, TokenShardWriter
+
     train = TokenShard.load(paths.tokens("train"))
     with TokenShardWriter(paths.cluster_tokens(expert)) as writer:
         for tokens, lengths in train.select(np.flatnonzero(assignments == expert)):
@@ -228,6 +237,8 @@ def stage_cluster(run: StageRun) -> dict:
     spec, paths = run.spec, run.paths
     started = time.perf_counter()
     result, fitted = _clusters(spec, paths)
+    from moedisco.io.token_shards import is_complete
+
     written = [k for k in range(spec.model.num_experts) if not is_complete(paths.cluster_tokens(k))]
     for expert in written:
         write_cluster_tokens(paths, result.assignments, expert)
@@ -242,6 +253,8 @@ def stage_cluster(run: StageRun) -> dict:
 def cluster_shard(paths: JobPaths, expert: int) -> TokenShard:
     """Cluster `expert`'s token shard, made from the saved assignments if the cluster stage did not (the Ray
     runner's cluster stage saves only the assignments)."""
+    from moedisco.io.token_shards import TokenShard, is_complete
+
     if not is_complete(paths.cluster_tokens(expert)):
         # Written under a name of its own and renamed: each submodel trainer makes only its own cluster's shard.
         write_cluster_tokens(paths, ClusterResult.load(paths.clusters).assignments, expert)
@@ -251,6 +264,8 @@ def cluster_shard(paths: JobPaths, expert: int) -> TokenShard:
 
 def train_source(spec: JobSpec, paths: JobPaths, expert: int | None = None) -> SequenceSource:
     """The training sequences of cluster `expert` (None: the whole train split), read from their shard."""
+    from moedisco.io.token_shards import SequenceSource, TokenShard
+
     shard = TokenShard.load(paths.tokens("train")) if expert is None else cluster_shard(paths, expert)
     return SequenceSource(shard, spec.data.sequence_length)
 
@@ -259,7 +274,9 @@ def eval_assignments(spec: JobSpec, paths: JobPaths) -> np.ndarray:
     """Cluster of every held-out document, by nearest centroid (computed once, cached next to the clusters)."""
     cached = paths.clusters / "eval_assignments.npy"
     if not cached.is_file():
-        embedder, clusters = embed.Embedder(spec.embed), ClusterResult.load(paths.clusters)
+        from moedisco.stages.embed import Embedder
+
+        embedder, clusters = Embedder(spec.embed), ClusterResult.load(paths.clusters)
         # A chunk at a time: a large corpus's held-out share is more text than one process should hold.
         assigned = [clusters.assign(embedder(texts)) for texts in chunks(iter_texts(paths.texts("eval")))]
         # Written aside and renamed: concurrent submodel trainers may fill the cache at the same time.
@@ -271,10 +288,14 @@ def eval_assignments(spec: JobSpec, paths: JobPaths) -> np.ndarray:
 
 def cluster_eval_sequence(spec: JobSpec, paths: JobPaths, expert: int) -> torch.Tensor:
     """Held-out sequences of cluster `expert` (empty when the cluster has too few held-out tokens)."""
+    import torch
+
+    from moedisco.stages.prepare import load_corpus
+
     doc_ids = np.flatnonzero(eval_assignments(spec, paths) == expert)
     try:
         return load_corpus(paths, "eval").pack(spec.data.sequence_length, doc_ids)
-    except prepare.DataError:
+    except DataError:
         return torch.zeros(0, spec.data.sequence_length, dtype=torch.long)
 
 

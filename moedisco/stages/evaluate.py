@@ -106,7 +106,7 @@ def _evaluate_task(lm, task: str, cfg: EvaluateConfig, task_manager) -> dict:
                 f"({cfg.datasets_cache or os.environ.get('HF_DATASETS_CACHE', '~/.cache/huggingface/datasets')}) and "
                 "nothing is downloaded at run time. Fill the cache once where the hub is reachable "
                 "(`lm_eval --tasks <task> --limit 1` or datasets.load_dataset), then point "
-                f"datasets_cache at it. Cause: {error}") from error
+                f"evaluate.datasets_cache at it. Cause: {error}") from error
         raise
     return _scores(results, task, num_fewshot)
 
@@ -119,7 +119,7 @@ def task_manager(cfg: EvaluateConfig):
 
     missing = [str(folder) for folder in cfg.task_dirs if not folder.is_dir()]
     if missing:
-        raise FileNotFoundError(f"task_dirs: {', '.join(missing)} is not a folder")
+        raise FileNotFoundError(f"evaluate.task_dirs: {', '.join(missing)} is not a folder")
     builtin = Path(lm_eval.tasks.__file__).parent
     folders = [builtin / PAPER_FOLDERS[task] for task in cfg.tasks if task in PAPER_FOLDERS]
     folders += [BUNDLED_TASKS] if BUNDLED_TASKS.is_dir() else []  # in a checkout of the repository
@@ -129,7 +129,7 @@ def task_manager(cfg: EvaluateConfig):
         manager = TaskManager(include_path=[str(folder) for folder in folders])
     unknown = [task for task in cfg.tasks if task not in manager.all_tasks]
     if unknown:
-        raise ValueError(f"tasks: unknown lm-eval task(s) {', '.join(unknown)}; known ones include "
+        raise ValueError(f"evaluate.tasks: unknown lm-eval task(s) {', '.join(unknown)}; known ones include "
                          f"{', '.join(sorted(set(PAPER_FEWSHOT) | {'next_paragraph'}))} (see `lm_eval ls tasks`)")
     return manager
 

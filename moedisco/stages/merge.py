@@ -327,7 +327,7 @@ def stage_merge(run: StageRun) -> dict:
     moments = [paths.submodel(k) / SECOND_MOMENT_FILE for k in range(spec.model.num_experts)] if fisher else None
     missing = [str(path) for path in moments or [] if not path.is_file()]
     if missing:
-        raise FileNotFoundError(f"weighting is 'fisher' but {', '.join(missing)} do not exist: submodels "
+        raise FileNotFoundError(f"merge.weighting is 'fisher' but {', '.join(missing)} do not exist: submodels "
                                 "save their second moments only when trained with that setting; re-run them")
     merge_submodels(branch_point(spec, paths), files, weights, spec.merge.router_init, paths.merged,
                           seed=spec.seed, fisher=moments)

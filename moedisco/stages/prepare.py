@@ -114,7 +114,7 @@ def finish_split(spec: JobSpec, paths: JobPaths, handles: dict, counts: dict, sk
     if counts["train"] == 0 or (counts["eval"] == 0 and cfg.eval_fraction > 0):
         empty = "train" if counts["train"] == 0 else "held-out"
         raise DataError(f"{cfg.train}: no document of its {counts['train'] + counts['eval']} fell in the "
-                             f"{empty} split (eval_fraction = {cfg.eval_fraction}); give eval or more "
+                             f"{empty} split (data.eval_fraction = {cfg.eval_fraction}); give data.eval or more "
                              "documents")
     for name, path in split_partials(paths).items():
         path.replace(paths.texts(name))

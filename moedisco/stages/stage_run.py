@@ -10,13 +10,16 @@ checkpoint. Which function runs which stage is `moedisco.runner.execute.STAGE_FU
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from moedisco.config.spec import JobSpec
 from moedisco.job.layout import JobPaths
 from moedisco.job.metrics import MetricsWriter
 from moedisco.job.registry import Task
-from moedisco.training.loop import TrainContext, TrainHooks
-from moedisco.training.memory import PeakMemory
+
+if TYPE_CHECKING:  # torch: a Ray task handed a StageRun loads it only when it trains (after `prepare_worker`)
+    from moedisco.training.loop import TrainContext, TrainHooks
+    from moedisco.training.memory import PeakMemory
 
 
 @dataclass
@@ -38,6 +41,8 @@ class StageRun:
 
     def train_context(self, seed: int, **options) -> TrainContext:
         """The training loop's context for this task: its run folder, metrics, hooks and `options`."""
+        from moedisco.training.loop import TrainContext
+
         task = self.task
         return TrainContext(run_dir=self.paths.run_dir(task.stage, task.expert), stage=task.stage,
                             expert=task.expert, seed=seed, metrics=self.metrics, spec_yaml=self.spec.to_yaml(),

@@ -37,7 +37,7 @@ from moedisco.training.checkpoint import SECOND_MOMENT_FILE, checkpoint_dir, che
 
 
 def _save_atomically(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    with writing(path) as partial:
+    with writing(path, one_writer=True) as partial:
         save_file(tensors, partial, metadata={"format": "pt"})
 
 
