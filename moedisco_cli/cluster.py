@@ -40,9 +40,14 @@ def start(cheap_nodes: Annotated[int, typer.Option(help="Nodes labelled as the c
     except (RuntimeError, TimeoutError) as error:
         console.print(f"[red]{error}[/red]")
         raise typer.Exit(1) from None
-    dashboard = (local.read_state() or {}).get("dashboard")
-    console.print(f"cluster up at [bold]{address}[/bold]; dashboard {dashboard}\n"
+    state = local.read_state() or {}
+    console.print(f"cluster up at [bold]{address}[/bold]; dashboard {state.get('dashboard')}\n"
                   f"run a job on it: moedisco run SPEC --runner ray --address {address}")
+    if state.get("auth") == "token":
+        from ray_cluster.auth import token_source
+
+        console.print(f"Ray token authentication is on (the token: {token_source()}); other Ray clients need "
+                      "RAY_AUTH_MODE=token, and the dashboard asks for the token (`ray get-auth-token`)")
 
 
 @cluster_app.command()
@@ -56,17 +61,25 @@ def stop() -> None:
 @cluster_app.command()
 def status(address: Annotated[str | None, typer.Option(help="Cluster address; default: the local one.")] = None
            ) -> None:
-    """Nodes of the cluster with their labels and logical resources."""
+    """Nodes of the cluster with their labels and logical resources.
+
+    A cluster with Ray token authentication wants RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token); the local cluster's is sent without being asked."""
     import ray
 
     from ray_cluster import local_cluster as local
+    from ray_cluster.auth import connect
 
     state = local.read_state()
     address = address or (state or {}).get("address")
     if address is None:
         console.print("no local cluster is running; pass --address for another one")
         raise typer.Exit(1)
-    ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+    try:
+        connect(address, token_expected=local.wants_token(address), log_to_driver=False, logging_level="ERROR")
+    except ConnectionError as error:  # ray_cluster.auth.RayAuthError (the cluster wants a token) among them
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(1) from None
     try:
         nodes = local.describe_nodes()
     finally:

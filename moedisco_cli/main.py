@@ -62,6 +62,9 @@ def run(spec: SpecArg, set_: SetOpt = None,
     except SpecError as error:
         console.print(f"[red]{error}[/red]")
         raise typer.Exit(2) from None
+    except ConnectionError as error:  # a Ray cluster that cannot be reached, or wants its token (ray_cluster.auth)
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(1) from None
     except Preempted as stop:  # SIGTERM: the stage checkpointed its step; a re-run resumes there
         console.print(f"[yellow]{stop}; run again to resume[/yellow]")
         raise typer.Exit(143) from None  # 128 + SIGTERM, as a process ended by the signal would

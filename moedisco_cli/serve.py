@@ -45,7 +45,11 @@ def _connect_ray(settings: Settings, address: str | None) -> bool:
         for key, value in SERVE_ENV.items():
             os.environ.setdefault(key, value)
     if address:
-        ray.init(address=address, namespace=settings.ray_namespace)
+        from ray_cluster.auth import connect
+        from ray_cluster.local_cluster import wants_token
+
+        # A cluster with Ray token authentication wants RAY_AUTH_MODE=token and its token; RayAuthError says so.
+        connect(address, token_expected=wants_token(address), namespace=settings.ray_namespace)
         return False
     if settings.runner == "ray":
         from ray_cluster.local_cluster import start_local_cluster
@@ -120,7 +124,11 @@ def serve(host: Annotated[str | None, typer.Option(help="Address to bind (MOEDIS
         console.print(f"[red]{error}[/red]")
         raise typer.Exit(2) from None
     console.print(f"[bold]{settings.startup_notice()}[/bold]")
-    started_here = _connect_ray(settings, settings.ray_address)
+    try:
+        started_here = _connect_ray(settings, settings.ray_address)
+    except ConnectionError as error:  # the cluster refused us (ray_cluster.auth.RayAuthError says why) or is gone
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(1) from None
     try:
         (_run_ray_serve if ray_serve else _run_uvicorn)(settings, bind)
     except KeyboardInterrupt:

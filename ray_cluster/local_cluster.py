@@ -13,6 +13,12 @@ instead, unlabelled, so the fine-tune gets the card and the ledger bills it as r
 `CONTROL_PLANE_LABEL`, as the KubeRay head does (k8s/), so that drivers are pinned to it, and runs the dashboard. A
 detached cluster is owned by a keeper process (`python -m ray_cluster.local_cluster`), which `stop` signals and
 which shuts down exactly the nodes it started: never `ray stop`, which would kill other Ray instances on the machine.
+
+The dashboard listens on 127.0.0.1, but the GCS, the raylets and the agents listen on every interface of the machine,
+so the cluster requires Ray's token (RAY_AUTH_MODE=token, as Ray's own `ray.init()` does for a cluster it starts),
+unless RAY_AUTH_MODE says otherwise: the token of RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, written
+there if there is none (`ray_cluster.auth`). The nodes and this process's clients get RAY_AUTH_MODE=token; other
+processes' clients of the detached cluster turn it on from the state file (`wants_token`).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from moedisco.io.atomic import write_atomically
+from ray_cluster.auth import AUTH_MODE, enable_token_auth, ensure_token
 
 STATE_FILE = Path(os.environ.get("MOEDISCO_CLUSTER_STATE", Path.home() / ".cache" / "moedisco" / "local_cluster.json"))
 DASHBOARD_PORT = 8265
@@ -129,11 +136,32 @@ def _environment(**values: str):
             os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
 
 
+def auth_mode() -> str:
+    """The local cluster's Ray authentication: `token` unless RAY_AUTH_MODE names another mode."""
+    return os.environ.get(AUTH_MODE, "").strip().lower() or "token"
+
+
+def _set_up_auth() -> str:
+    """Token authentication for the nodes about to start and for this process's clients; returns the mode."""
+    mode = auth_mode()
+    if mode == "token":
+        ensure_token()
+        enable_token_auth()  # in os.environ: the nodes inherit it, and this process connects with the token
+    else:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "the local Ray cluster starts with %s=%s: its GCS and raylets listen on every interface of this machine, "
+            "and anyone who reaches them can run code here", AUTH_MODE, mode)
+    return mode
+
+
 def _build_cluster(spec: LocalClusterSpec):
     import ray.util
     from ray.cluster_utils import Cluster
 
     _quiet_ray_env()
+    _set_up_auth()
     memory = spec.object_store_mb * 2**20
     gcs_port = free_port()
     dashboard_port = spec.dashboard_port if _port_is_free(spec.dashboard_port) else free_port()
@@ -182,6 +210,13 @@ def read_state() -> dict | None:
         return None
     state = json.loads(STATE_FILE.read_text())
     return state if _alive(state["pid"]) else None
+
+
+def wants_token(address: str | None) -> bool:
+    """Whether `address` is the detached local cluster's, started with token authentication: its clients in other
+    processes then send the token without being told (`ray_cluster.auth.connect(token_expected=...)`)."""
+    state = read_state()
+    return bool(address and state and state["address"] == address and state.get("auth") == "token")
 
 
 def _alive(pid: int) -> bool:
@@ -235,7 +270,7 @@ def _keep(spec: LocalClusterSpec) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
     state = {"address": cluster.address, "pid": os.getpid(), "dashboard": f"http://{cluster.webui_url}",
-             "spec": asdict(spec)}
+             "auth": auth_mode(), "spec": asdict(spec)}
     write_atomically(STATE_FILE, json.dumps(state, indent=2))
     while not stop["now"]:
         time.sleep(0.5)

@@ -29,9 +29,10 @@ from moedisco.job.events import Events
 from moedisco.job.registry import STAGE, Task, submodel_task
 from moedisco.runner.job_runner import BudgetLeft, JobCancelled, JobContext, JobRunner, Started
 from ray_cluster import prestart
+from ray_cluster.auth import connect
 from ray_cluster.data.data_worker import data_stages_in_one_process, start_data_worker
 from ray_cluster.data.stages import DATA_STAGES
-from ray_cluster.local_cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster
+from ray_cluster.local_cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster, wants_token
 from ray_cluster.placement import (
     TierUnreachable,
     check_output_dir,
@@ -176,7 +177,9 @@ def max_parallel(spec: JobSpec) -> int:
 def ray_connection(spec: JobSpec, address: str | None) -> Iterator[str]:
     """Reuse an initialised Ray, else connect to `address` (or RAY_ADDRESS), else start a local simulated cluster.
 
-    Whatever this function started or connected it also stops; an already-initialised Ray is left as it was.
+    Whatever this function started or connected it also stops; an already-initialised Ray is left as it was. A
+    cluster that refuses this client for want of its Ray token raises `ray_cluster.auth.RayAuthError`, which says
+    what to set (RAY_AUTH_MODE=token and the token); the detached local cluster's token is sent unasked.
     """
     if ray.is_initialized():
         yield "existing"
@@ -187,7 +190,7 @@ def ray_connection(spec: JobSpec, address: str | None) -> Iterator[str]:
         address = start_local_cluster(spec=LocalClusterSpec.from_resources(spec.resources))
     try:
         # Worker output goes to the session logs and the dashboard; the driver shows progress instead.
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        connect(address, token_expected=wants_token(address), log_to_driver=False, logging_level=logging.WARNING)
         yield address
     finally:
         ray.shutdown()

@@ -76,6 +76,7 @@ def test_two_dispatchers_on_one_store_launch_one_runner(service_url, tmp_path):
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     store = Store(url)
     settings = [Settings(data_dir=tmp_path, database_url=url, runner="local", ray_namespace=f"moedisco-{name}",
+                         input_roots=[CORPUS.parent],
                          lease_ttl_s=30) for name in ("old", "new")]
     old, new = (Dispatcher(store, RayLauncher(each), each) for each in settings)
     job = store.create_job("d" * 12, tiny_spec_dict(tmp_path / "job", method="moe_disco"), runner="local")

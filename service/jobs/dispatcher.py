@@ -44,10 +44,16 @@ class RayLauncher:
         self.settings = settings
 
     def ensure_ray(self) -> None:
+        """Inside a Serve replica Ray is already up; uvicorn mode joins a cluster, sending Ray's token where the
+        environment gives one (RAY_AUTH_MODE=token; a refusal raises ray_cluster.auth.RayAuthError, which says so)."""
         import ray
 
-        if not ray.is_initialized():  # inside a Serve replica Ray is already up; uvicorn mode joins a cluster
-            ray.init(address=self.settings.ray_address, namespace=self.settings.ray_namespace)
+        if not ray.is_initialized():
+            from ray_cluster.auth import connect
+            from ray_cluster.local_cluster import wants_token
+
+            address = self.settings.ray_address
+            connect(address, token_expected=wants_token(address), namespace=self.settings.ray_namespace)
 
     @staticmethod
     def actor_name(job_id: str) -> str:
