@@ -6,6 +6,7 @@ owner, another user and an admin (`service.jobs.access`); and the checks run aga
 
 from __future__ import annotations
 
+import json
 import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
@@ -144,3 +145,48 @@ def test_an_open_api_refuses_to_serve_beyond_loopback(monkeypatch):
     monkeypatch.delenv("MOEDISCO_API_TOKEN", raising=False)
     result = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0", "--no-ray-serve"])
     assert result.exit_code == 2 and "MOEDISCO_API_TOKEN is not set" in result.output, result.output
+
+
+def _routes(openapi: dict) -> list[tuple[str, str]]:
+    """Every (method, path) under /v1: a route added later is covered without editing this test."""
+    return [(method.upper(), path) for path, item in openapi["paths"].items() if path.startswith("/v1/")
+            for method in item]
+
+
+def test_every_route_for_every_kind_of_caller(team):
+    """Every route x {no token, a revoked token, another user, the owner, an admin}: the first two get 401, another
+    user never gets (or changes) anything of ada's, and ada and an admin reach her job."""
+    app, admin, ada, bob = team
+    job = _submit(ada, "data.train", str(CORPUS)).json()
+    output = app.state.settings.jobs_dir / job["id"]
+    (output / "final").mkdir(parents=True)
+    (output / "final" / "config.json").write_text("{}")
+    (output / "evaluation.json").write_text(json.dumps({"tasks": ["next_paragraph"], "limit": 4,
+                                                        "models": {"moedisco": {"next_paragraph": {"acc": 0.5}}}}))
+    assert ada.post("/v1/files", params={"name": "c.jsonl"}, content=CORPUS.read_bytes()).status_code == 201
+    token_id = ada.get("/v1/users/ada/tokens").json()[0]["id"]
+    assert admin.post("/v1/users", json={"name": "eve"}).status_code == 201
+    eve = TestClient(app, headers={"Authorization": "Bearer " + admin.post(
+        "/v1/users/eve/tokens", json={}).json()["token"]})
+    assert admin.post("/v1/users/eve/revoke").status_code == 200
+    values = {"job_id": job["id"], "path": "final/config.json", "name": "ada", "token_id": token_id}
+    routes = [(method, path.format(**{key: values[key] for key in values if "{" + key + "}" in path}))
+              for method, path in _routes(admin.get("/openapi.json").json())]
+    routes = [(method, path.replace("/v1/files/ada", "/v1/files/c.jsonl")) for method, path in routes]
+    assert len(routes) >= 20
+    with TestClient(app) as anonymous:
+        for method, path in routes:
+            for caller in (anonymous, eve):
+                assert caller.request(method, path, json={}).status_code == 401, (method, path)
+    for method, path in routes:
+        response = bob.request(method, path, json={"name": "x"})
+        assert response.status_code in (403, 404, 422) or path in ("/v1/jobs", "/v1/files", "/v1/users/me") \
+            or (path.startswith("/v1/files") and response.status_code == 201), (method, path, response.status_code)
+        leaked = ('"owner":"ada"', "users/ada", str(CORPUS), str(output))  # the 404 may echo the id bob sent
+        assert not any(part in response.text for part in leaked), (method, path, response.text)
+    assert ada.get(f"/v1/jobs/{job['id']}").json()["state"] == "queued"  # nothing of ada's changed
+    assert [f["name"] for f in ada.get("/v1/files").json()] == ["c.jsonl"] and ada.get("/v1/users/me").status_code == 200
+    for caller in (ada, admin):
+        for method, path in routes:
+            if job["id"] in path and method == "GET":
+                assert caller.request(method, path).status_code not in (401, 403, 404, 500), (method, path)
