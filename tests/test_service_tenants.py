@@ -7,6 +7,7 @@ owner, another user and an admin (`service.jobs.access`); and the checks run aga
 from __future__ import annotations
 
 import json
+
 import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
@@ -66,7 +67,8 @@ def _places(app, ada: TestClient, bob: TestClient) -> dict:
         (data / "jobs" / job / "data" / "train.jsonl").write_text(CORPUS.read_text())
     (data / "users" / "ada" / "link.jsonl").symlink_to(data / "users" / "bob" / "c.jsonl")
     return {"own area": "users/ada/c.jsonl", "shared area": "shared/c.jsonl", "input root": str(CORPUS),
-            "own job": f"jobs/{jobs['ada']}/data/train.jsonl", "other user's area": "users/bob/c.jsonl",
+            "own job": f"jobs/{jobs['ada']}/data/train.jsonl",
+            "other user's area": "users/bob/c.jsonl",
             "other user's job": f"jobs/{jobs['bob']}/data/train.jsonl", "a link to another's area": "users/ada/link.jsonl",
             "the job store": "moedisco.db", "all jobs": "jobs", "outside": "/etc/passwd"}
 
@@ -185,7 +187,8 @@ def test_every_route_for_every_kind_of_caller(team):
         leaked = ('"owner":"ada"', "users/ada", str(CORPUS), str(output))  # the 404 may echo the id bob sent
         assert not any(part in response.text for part in leaked), (method, path, response.text)
     assert ada.get(f"/v1/jobs/{job['id']}").json()["state"] == "queued"  # nothing of ada's changed
-    assert [f["name"] for f in ada.get("/v1/files").json()] == ["c.jsonl"] and ada.get("/v1/users/me").status_code == 200
+    assert [f["name"] for f in ada.get("/v1/files").json()] == ["c.jsonl"]
+    assert ada.get("/v1/users/me").status_code == 200
     for caller in (ada, admin):
         for method, path in routes:
             if job["id"] in path and method == "GET":
