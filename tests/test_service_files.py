@@ -134,3 +134,54 @@ def test_moedisco_upload(team, monkeypatch):
     listed = CliRunner().invoke(cli, ["files", "list"])
     assert "users/ada/uploads/mine.jsonl" in listed.output
     assert CliRunner().invoke(cli, ["files", "rm", "mine.jsonl"]).exit_code == 0 and ada.files() == []
+
+
+def test_parallel_uploads_share_the_quota(team):
+    """Two uploads at once, each within the quota left when it began: together they may not pass it."""
+    import threading
+    import time
+
+    settings, url, admin, ada, bob = team
+    body, gate, answers = CORPUS.read_bytes(), threading.Event(), {}
+
+    def paused():  # the first upload's partial sits there, half written, while the second one runs
+        yield body[: len(body) // 2]
+        gate.wait(30)
+        yield body[len(body) // 2:]
+
+    def first():
+        answers["first"] = httpx.post(f"{url}/v1/files", params={"name": "first.jsonl"}, content=paused(),
+                                      headers={"Authorization": ada.http.headers["Authorization"]}, timeout=60)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    uploads = settings.data_dir / "users" / "ada" / "uploads"
+    deadline = time.monotonic() + 30
+    while not any(p.name.endswith(".partial") and p.stat().st_size for p in uploads.glob(".*")):
+        assert time.monotonic() < deadline, "the first upload never started"
+        time.sleep(0.05)
+    try:
+        answers["second"] = ada.upload(CORPUS, name="second.jsonl")
+    except ApiError as error:
+        answers["second"] = error
+    gate.set()
+    thread.join(60)
+    kept = sum(path.stat().st_size for path in uploads.iterdir())
+    assert kept <= QUOTA and any(isinstance(a, ApiError) or getattr(a, "status_code", 0) == 413
+                                 for a in answers.values()), answers
+
+
+def test_a_parquet_that_would_expand_past_the_limit_is_refused_unread(team, tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from service.api.routes import files
+
+    settings, url, admin, ada, bob = team
+    monkeypatch.setattr(files, "MAX_ROW_GROUP_BYTES", 1 << 20)
+    bomb = tmp_path / "bomb.parquet"
+    pq.write_table(pa.table({"text": [f"{i}" + "a" * (1 << 18) for i in range(8)]}), bomb, compression="zstd")
+    assert bomb.stat().st_size < 64 << 10
+    with pytest.raises(ApiError, match="row group") as refused:
+        ada.upload(bomb)
+    assert refused.value.status_code == 422 and _leftovers(settings) == []

@@ -137,6 +137,8 @@ def test_a_measured_baseline_must_match_data_and_model(store, tmp_path):
         store.finish(job.id, "succeeded")
     assert store.find_baseline(store.get_job(moe.id))[0].id == same.id
     assert store.find_baseline(store.get_job(same.id)) is None
+    others = make_job(store, tmp_path, "a" * 12, owner="bob", seed=1)  # another user's job on the same data
+    assert store.find_baseline(store.get_job(others.id)) is None  # the admin's baseline is not bob's to see
 
 
 def fake_runner(outcome):

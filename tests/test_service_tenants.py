@@ -193,3 +193,39 @@ def test_every_route_for_every_kind_of_caller(team):
         for method, path in routes:
             if job["id"] in path and method == "GET":
                 assert caller.request(method, path).status_code not in (401, 403, 404, 500), (method, path)
+
+
+def test_the_evaluate_sections_paths_follow_the_same_rules(team):
+    """A baseline model, lm-eval task folders (which lm-eval walks and may import code from) and the datasets cache
+    (written to) are paths the job reads or writes like any other."""
+    app, admin, ada, bob = team
+    places = _places(app, ada, bob)
+    data = app.state.settings.data_dir
+    bob_final = data / places["other user's job"].replace("data/train.jsonl", "final")
+    bob_final.mkdir()
+    (data / "users" / "ada" / "cache").mkdir()
+
+    def evaluate(**fields):
+        return ada.post("/v1/jobs", json={**tiny_spec_dict("ignored", data={"train": str(CORPUS)}),
+                                          "evaluate": {"tasks": ["next_paragraph"], **fields}})
+
+    assert _refused(evaluate(baseline=str(bob_final)), "evaluate.baseline")
+    assert _refused(evaluate(task_dirs=["users/ada", "/"]), "evaluate.task_dirs.1")
+    assert _refused(evaluate(datasets_cache="users/bob"), "evaluate.datasets_cache")
+    assert _refused(evaluate(datasets_cache="shared"), "evaluate.datasets_cache")  # read-only for users
+    assert evaluate(task_dirs=["users/ada"], datasets_cache="users/ada/cache").status_code == 201
+
+
+def test_an_input_root_around_the_data_folder_opens_nothing_in_it(tmp_path):
+    """MOEDISCO_INPUT_ROOTS of a folder that holds MOEDISCO_DATA_DIR: the data folder keeps its own rules."""
+    from service.jobs.access import Reader, input_errors
+
+    settings = Settings(data_dir=tmp_path / "srv" / "data", input_roots=[tmp_path / "srv"])
+    for place in ("users/bob/c.jsonl", "moedisco.db"):
+        (settings.data_dir / place).parent.mkdir(parents=True, exist_ok=True)
+        (settings.data_dir / place).write_text('{"text": "x"}\n')
+    (tmp_path / "srv" / "corpus.jsonl").write_text('{"text": "x"}\n')
+    ada = Reader("ada", is_admin=False, owns_job=lambda job_id: False)
+    for place, refused in (("users/bob/c.jsonl", True), ("moedisco.db", True), (tmp_path / "srv/corpus.jsonl", False)):
+        raw = {"data": {"train": str(place)}}
+        assert bool(input_errors(raw, ada, settings.access)) == refused, place

@@ -14,7 +14,7 @@ The rules are applied when a job is submitted and again when its runner starts.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,9 +49,10 @@ def reader_of(name: str, is_admin: bool, store: Store) -> Reader:
 
 
 def owner_as_reader(store: Store, owner: str) -> Reader:
-    """A job's owner as a reader, with their admin right as the store holds it now."""
+    """A job's owner as a reader, with their admin right as the store holds it now (a revoked admin has none)."""
     user = Users(store).get_user(owner)
-    return reader_of(owner, owner == BOOTSTRAP_ADMIN or (user is not None and user.is_admin), store)
+    admin = owner == BOOTSTRAP_ADMIN or (user is not None and user.is_admin and user.revoked_at is None)
+    return reader_of(owner, admin, store)
 
 
 def error(loc: tuple, msg: str, value: Any = None) -> dict:
@@ -79,7 +80,10 @@ def _own_place(path: Path, reader: Reader, rules: AccessRules) -> bool:
 
 
 def _readable(path: Path, reader: Reader, rules: AccessRules) -> bool:
-    return _inside(path, [rules.shared_dir, *rules.input_roots]) or _own_place(path, reader, rules)
+    # Under MOEDISCO_DATA_DIR only its own rules hold, even where an input root encloses it (a root of `/srv` with
+    # the data in `/srv/moedisco` must not open every user's area and the job store).
+    outside_data = not path.is_relative_to(rules.data_dir) and _inside(path, list(rules.input_roots))
+    return outside_data or path.is_relative_to(rules.shared_dir) or _own_place(path, reader, rules)
 
 
 def _where(reader: Reader) -> str:
@@ -116,47 +120,62 @@ def resolve(value: str, rules: AccessRules) -> Path:
     return (rules.data_dir / value).resolve()  # an absolute value replaces data_dir
 
 
-def check_input(raw: dict, loc: tuple[str, str], reader: Reader, rules: AccessRules) -> dict | None:
-    """Resolve one input path of `raw` in place; return an error, or None."""
-    section, field = loc
-    value = (raw.get(section) or {}).get(field)
-    if value is None:
-        return None
+READ_FIELDS = (*INPUT_PATHS, ("evaluate", "baseline"), ("evaluate", "task_dirs"))  # a list: each item checked
+WRITE_FIELDS = (("resources", "storage_path"), ("evaluate", "datasets_cache"))  # the job writes there
+
+
+def _slots(raw: dict, fields: tuple) -> Iterator[tuple[tuple, dict | list, str | int]]:
+    """(loc, holder, key) of every path a spec dict gives in `fields`, one per item of a list."""
+    for section, field in fields:
+        holder = raw.get(section) or {}
+        value = holder.get(field)
+        if isinstance(value, list):
+            yield from (((section, field, index), value, index) for index in range(len(value)))
+        elif value is not None:
+            yield (section, field), holder, field
+
+
+def _resolved(loc: tuple, value: str, rules: AccessRules) -> tuple[Path | None, dict | None]:
+    try:
+        return resolve(value, rules), None
+    except (OSError, ValueError, RuntimeError) as failure:  # RuntimeError: a symbolic link loop
+        return None, error(loc, f"not a usable path ({failure})", value)
+
+
+def check_read(loc: tuple, holder: dict | list, key: str | int, reader: Reader, rules: AccessRules) -> dict | None:
+    """One input path: resolved in place when the reader may read it and it exists; else an error naming it."""
+    value = holder[key]
     if is_uri(value):
         return check_uri(loc, value, reader, rules)
-    try:
-        path = resolve(value, rules)
-        exists = path.exists()
-    except (OSError, ValueError) as failure:
-        return error(loc, f"not a usable path ({failure})", value)
+    path, failed = _resolved(loc, value, rules)
+    if failed:
+        return failed
     if not _readable(path, reader, rules):  # said before whether it exists: that, too, is not theirs to know
         return error(loc, f"must be in {_where(reader)}; relative paths start at MOEDISCO_DATA_DIR", value)
-    if not exists:
+    if not path.exists():
         return error(loc, f"does not exist on the server ({path})", value)
-    raw[section][field] = str(path)
+    holder[key] = str(path)
     return None
 
 
-def check_storage(raw: dict, reader: Reader, rules: AccessRules) -> dict | None:
-    """`resources.storage_path`, where the Ray runner writes: the reader's own area or job, or own URI prefix."""
-    loc = ("resources", "storage_path")
-    value = (raw.get("resources") or {}).get("storage_path")
-    if value is None:
-        return None
+def check_write(loc: tuple, holder: dict | list, key: str | int, reader: Reader, rules: AccessRules) -> dict | None:
+    """A path the job writes (`resources.storage_path`, `evaluate.datasets_cache`): the reader's own area or job,
+    or own URI prefix."""
+    value = holder[key]
     if is_uri(value):
         return check_uri(loc, value, reader, rules)
-    try:
-        path = resolve(value, rules)
-    except (OSError, ValueError) as failure:
-        return error(loc, f"not a usable path ({failure})", value)
+    path, failed = _resolved(loc, value, rules)
+    if failed:
+        return failed
     if not _own_place(path, reader, rules):
         return error(loc, f"must be in users/{reader.name}/ or one of your jobs' folders under MOEDISCO_DATA_DIR",
                      value)
-    raw["resources"]["storage_path"] = str(path)
+    holder[key] = str(path)
     return None
 
 
 def input_errors(raw: dict, reader: Reader, rules: AccessRules) -> list[dict]:
-    """Every input path and the storage path of a spec dict, checked (and resolved in place) for `reader`."""
-    checks = [check_input(raw, loc, reader, rules) for loc in INPUT_PATHS]
-    return [found for found in (*checks, check_storage(raw, reader, rules)) if found is not None]
+    """Every path a spec dict reads or writes, checked (and resolved in place) for `reader`."""
+    checks = [check_read(*slot, reader, rules) for slot in _slots(raw, READ_FIELDS)]
+    checks += [check_write(*slot, reader, rules) for slot in _slots(raw, WRITE_FIELDS)]
+    return [found for found in checks if found is not None]

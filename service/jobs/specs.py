@@ -24,7 +24,8 @@ from service.core.config import Settings
 from service.jobs.access import Reader, error, input_errors
 from service.schemas import JobCreate
 
-FOLDER_INPUTS = (("tokenizer", "path"), ("embed", "model_path"), ("model", "pretrained"))  # loaded as folders
+FOLDER_INPUTS = (("tokenizer", "path"), ("embed", "model_path"), ("model", "pretrained"),  # loaded as folders
+                 ("evaluate", "baseline"))
 TRAIN_SECTIONS = tuple(dict.fromkeys(stage.train_config for stage in STAGE.values() if stage.trained))
 
 
@@ -45,7 +46,7 @@ def _unstorable(value: Any, loc: tuple = ()) -> Iterator[dict]:
 def _not_folders(raw: dict) -> list[dict]:
     """The inputs loaded as folders (a tokenizer, an embedding model, a pretrained model) that are not one: a
     file there would fail later, inside the planner or the stage, instead of naming the field."""
-    values = {loc: raw[loc[0]].get(loc[1]) for loc in FOLDER_INPUTS}
+    values = {loc: (raw.get(loc[0]) or {}).get(loc[1]) for loc in FOLDER_INPUTS}
     return [error(loc, "must be a folder (a saved Hugging Face model or tokenizer)", value)
             for loc, value in values.items() if value is not None and not is_uri(value) and not Path(value).is_dir()]
 

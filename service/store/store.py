@@ -217,13 +217,15 @@ class Store:
     # --- cost, baseline and Prometheus aggregates ----------------------------------------------------------------
 
     def find_baseline(self, job: JobRow) -> tuple[JobRow, float] | None:
-        """The newest succeeded full-parameter job on the same data and model, with its dollars."""
+        """The newest succeeded full-parameter job of the same owner on the same data and model, with its dollars:
+        another user's job, its id, scores, curve and dollars, is not this one's to see."""
         if job.method == "full_parameter":
             return None
         wanted = {key: job.spec.get(key) for key in BASELINE_MATCH}
         with self.session() as session:
             candidates = session.scalars(select(JobRow).where(JobRow.state == "succeeded",
-                                                              JobRow.method == "full_parameter")
+                                                              JobRow.method == "full_parameter",
+                                                              JobRow.owner == job.owner)
                                          .order_by(JobRow.created_at.desc(), JobRow.id.desc())).all()
         for candidate in candidates:
             if all(candidate.spec.get(key) == value for key, value in wanted.items()):

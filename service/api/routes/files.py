@@ -14,6 +14,7 @@ job uses: only a file that reads is renamed into place, and nothing of a refused
 from __future__ import annotations
 
 import re
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated
@@ -50,23 +51,56 @@ def _checked_name(name: str) -> str:
     return name
 
 
-def _bytes_under(folder: Path) -> int:
-    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) if folder.is_dir() else 0
+STALE_PARTIAL_S = 3600  # a partial file this old is a crashed server's leftover, not an upload in flight
+MAX_JSON_BYTES = 64 << 20  # a .json array is read whole to be checked: larger corpora go as JSONL or Parquet
+MAX_ROW_GROUP_BYTES = 256 << 20  # a Parquet row group is decompressed whole to be checked: a bomb stops here
 
 
-def _room_left(settings: Settings, caller, shared: bool) -> int:
-    """What this upload may write: the upload limit, within what is left of the caller's quota (their area)."""
+def _bytes_in(folder: Path) -> int:
+    """The bytes of the files in an uploads folder, uploads in flight included (so parallel ones share the quota);
+    a crashed server's stale partials are removed first."""
+    if not folder.is_dir():
+        return 0
+    total = 0
+    for path in folder.iterdir():
+        stat = path.lstat()
+        if path.name.endswith(".partial") and time.time() - stat.st_mtime > STALE_PARTIAL_S:
+            path.unlink(missing_ok=True)
+        else:
+            total += stat.st_size
+    return total
+
+
+def _room_left(settings: Settings, folder: Path, shared: bool) -> int:
+    """What this upload may write: the upload limit, within what is left of the caller's quota."""
     if shared:
         return settings.max_upload_bytes
-    used = _bytes_under(settings.access.user_dir(caller.name))
-    return min(settings.max_upload_bytes, settings.user_quota_bytes - used)
+    return min(settings.max_upload_bytes, settings.user_quota_bytes - _bytes_in(folder))
+
+
+def _check_expansion(path: Path, name: str, fmt: str) -> None:
+    """Refuse what would take far more memory to read than it takes on disk, before reading it."""
+    if fmt == "json" and path.stat().st_size > MAX_JSON_BYTES:
+        raise DataError(f"{name}: a .json array over {MAX_JSON_BYTES >> 20} MB; upload it as JSONL or Parquet")
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            metadata = pq.ParquetFile(path).metadata
+        except Exception as error:  # pyarrow raises its own ArrowInvalid, an OSError or a ValueError
+            raise DataError(f"{name}: not a Parquet file ({error})") from None
+        largest = max((metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups)), default=0)
+        if largest > MAX_ROW_GROUP_BYTES:
+            raise DataError(f"{name}: a row group of {largest >> 20} MB uncompressed (at most "
+                            f"{MAX_ROW_GROUP_BYTES >> 20} MB); write it with smaller row groups")
 
 
 def _count_documents(path: Path, name: str, text_field: str) -> int:
     """Read `path` through as the corpus `name` says it is; a DataError names `name`, not the partial file."""
-    report = ReadReport()
+    report, fmt = ReadReport(), detect_format(name, "auto")
+    _check_expansion(path, name, fmt)
     try:
-        documents = sum(1 for text in read_file(path, detect_format(name, "auto"), text_field, False, report)
+        documents = sum(1 for text in read_file(path, fmt, text_field, False, report)
                         if text.strip())
     except DataError as error:
         raise DataError(str(error).replace(str(path), name)) from None
@@ -90,7 +124,7 @@ async def upload_file(request: Request, response: Response, settings: SettingsDe
     target = _folder(settings, caller, shared) / _checked_name(name)
     if target.exists():
         raise HTTPException(status.HTTP_409_CONFLICT, f"{name} exists: delete it first")
-    room = _room_left(settings, caller, shared)
+    room = _room_left(settings, target.parent, shared)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > room:
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"{name}: {declared} bytes, {max(room, 0)} left "
@@ -111,6 +145,9 @@ async def upload_file(request: Request, response: Response, settings: SettingsDe
             await run_in_threadpool(_count_documents, partial, name, text_field)
         except DataError as error:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error)) from None
+        if not shared and _bytes_in(target.parent) > settings.user_quota_bytes:  # parallel uploads, together
+            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"{name}: your uploads in flight together pass "
+                                                                   "MOEDISCO_USER_QUOTA_BYTES")
         if target.exists():  # another upload of the same name finished first
             raise HTTPException(status.HTTP_409_CONFLICT, f"{name} exists: delete it first")
         put_in_place(partial, target)
