@@ -229,3 +229,16 @@ def test_an_input_root_around_the_data_folder_opens_nothing_in_it(tmp_path):
     for place, refused in (("users/bob/c.jsonl", True), ("moedisco.db", True), (tmp_path / "srv/corpus.jsonl", False)):
         raw = {"data": {"train": str(place)}}
         assert bool(input_errors(raw, ada, settings.access)) == refused, place
+
+
+def test_a_user_prefix_is_a_whole_segment_and_never_a_shared_one(tmp_path):
+    from pydantic import ValidationError
+
+    from service.jobs.access import Reader, input_errors
+
+    with pytest.raises(ValidationError, match="whole last segment"):
+        Settings(data_dir=tmp_path, storage_roots=["s3://w/{user}-tmp"])
+    settings = Settings(data_dir=tmp_path, storage_roots=["s3://b/shared", "s3://b/{user}"])
+    named_shared = Reader("shared", is_admin=False, owns_job=lambda job_id: False)
+    assert input_errors({"resources": {"storage_path": "s3://b/shared/ray"}}, named_shared, settings.access)
+    assert not input_errors({"data": {"train": "s3://b/shared/c.jsonl"}}, named_shared, settings.access)

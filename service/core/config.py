@@ -125,6 +125,9 @@ class Settings(BaseSettings):
                 plain_parts(root)
             except ValueError as error:  # e.g. `s3://` alone, which would cover every bucket
                 raise ValueError(f"MOEDISCO_STORAGE_ROOTS entry {root!r} is not a bucket prefix: it {error}") from None
+            if "{user}" in root and (root.count("{user}") > 1 or not root.rstrip("/").endswith("/{user}")):
+                # `s3://w/{user}-tmp` would give user `ada-tmp` a prefix inside ada's `s3://w/ada-tmp`
+                raise ValueError(f"MOEDISCO_STORAGE_ROOTS entry {root!r}: {{user}} must be the whole last segment")
         return roots
 
     @property

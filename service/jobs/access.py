@@ -104,8 +104,12 @@ def check_uri(loc: tuple[str, str], value: str, reader: Reader, rules: AccessRul
                           "data.train, data.eval and resources.storage_path", value)
     writable = loc == ("resources", "storage_path")
     roots = rules.storage_roots if reader.is_admin else storage_roots(reader, rules, writable)
+    shared = [root for root in rules.storage_roots if USER_PLACEHOLDER not in root]
     try:
         inside = any(is_under(value, root.replace(USER_PLACEHOLDER, reader.name)) for root in roots)
+        # A user named like a shared prefix's last segment (`shared` under `s3://b/{user}` and `s3://b/shared`)
+        # must not write into that shared prefix.
+        inside = inside and not (writable and any(is_under(value, root) for root in shared))
     except ValueError as failure:
         return error(loc, f"not a plain object-storage URI: it {failure}", value)
     if not inside:
