@@ -108,8 +108,8 @@ def check_uri(loc: tuple[str, str], value: str, reader: Reader, rules: AccessRul
     try:
         inside = any(is_under(value, root.replace(USER_PLACEHOLDER, reader.name)) for root in roots)
         # A user named like a shared prefix's last segment (`shared` under `s3://b/{user}` and `s3://b/shared`)
-        # must not write into that shared prefix.
-        inside = inside and not (writable and any(is_under(value, root) for root in shared))
+        # must not write into that shared prefix; admins manage the shared prefixes.
+        inside = inside and (reader.is_admin or not (writable and any(is_under(value, root) for root in shared)))
     except ValueError as failure:
         return error(loc, f"not a plain object-storage URI: it {failure}", value)
     if not inside:
@@ -146,40 +146,30 @@ def _resolved(loc: tuple, value: str, rules: AccessRules) -> tuple[Path | None, 
         return None, error(loc, f"not a usable path ({failure})", value)
 
 
-def check_read(loc: tuple, holder: dict | list, key: str | int, reader: Reader, rules: AccessRules) -> dict | None:
-    """One input path: resolved in place when the reader may read it and it exists; else an error naming it."""
+def check_path(loc: tuple, holder: dict | list, key: str | int, reader: Reader, rules: AccessRules,
+               writes: bool) -> dict | None:
+    """One path of a spec (`holder[key]`), resolved in place when the reader may use it; else an error naming it.
+    A path the job reads must be readable and exist; one it `writes` (`resources.storage_path`,
+    `evaluate.datasets_cache`) must be the reader's own area or job, or own URI prefix."""
     value = holder[key]
     if is_uri(value):
         return check_uri(loc, value, reader, rules)
     path, failed = _resolved(loc, value, rules)
     if failed:
         return failed
-    if not _readable(path, reader, rules):  # said before whether it exists: that, too, is not theirs to know
-        return error(loc, f"must be in {_where(reader)}; relative paths start at MOEDISCO_DATA_DIR", value)
-    if not path.exists():
-        return error(loc, f"does not exist on the server ({path})", value)
-    holder[key] = str(path)
-    return None
-
-
-def check_write(loc: tuple, holder: dict | list, key: str | int, reader: Reader, rules: AccessRules) -> dict | None:
-    """A path the job writes (`resources.storage_path`, `evaluate.datasets_cache`): the reader's own area or job,
-    or own URI prefix."""
-    value = holder[key]
-    if is_uri(value):
-        return check_uri(loc, value, reader, rules)
-    path, failed = _resolved(loc, value, rules)
-    if failed:
-        return failed
-    if not _own_place(path, reader, rules):
+    if writes and not _own_place(path, reader, rules):
         return error(loc, f"must be in users/{reader.name}/ or one of your jobs' folders under MOEDISCO_DATA_DIR",
                      value)
+    if not writes and not _readable(path, reader, rules):  # said before whether it exists: not theirs to know
+        return error(loc, f"must be in {_where(reader)}; relative paths start at MOEDISCO_DATA_DIR", value)
+    if not writes and not path.exists():
+        return error(loc, f"does not exist on the server ({path})", value)
     holder[key] = str(path)
     return None
 
 
 def input_errors(raw: dict, reader: Reader, rules: AccessRules) -> list[dict]:
     """Every path a spec dict reads or writes, checked (and resolved in place) for `reader`."""
-    checks = [check_read(*slot, reader, rules) for slot in _slots(raw, READ_FIELDS)]
-    checks += [check_write(*slot, reader, rules) for slot in _slots(raw, WRITE_FIELDS)]
+    checks = [check_path(*slot, reader, rules, writes=False) for slot in _slots(raw, READ_FIELDS)]
+    checks += [check_path(*slot, reader, rules, writes=True) for slot in _slots(raw, WRITE_FIELDS)]
     return [found for found in checks if found is not None]
