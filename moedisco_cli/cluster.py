@@ -1,6 +1,7 @@
 """`moedisco cluster ...`: a local simulated heterogeneous cluster for one machine.
 
     moedisco cluster start --cheap-nodes 4     # head + 4 x gpu_type=4090 + 1 x gpu_type=A100, dashboard on :8265
+    moedisco cluster start --autoscale --max-nodes cheap-4090=2 --idle-timeout 20   # head; nodes come on demand
     moedisco run examples/tiny.yaml --runner ray --address auto
     moedisco cluster status [--address ADDR]
     moedisco cluster stop
@@ -10,6 +11,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 import typer
@@ -28,13 +30,21 @@ def start(cheap_nodes: Annotated[int, typer.Option(help="Nodes labelled as the c
           cheap_label: Annotated[str, typer.Option(help="Label value of cheap nodes.")] = "4090",
           expensive_label: Annotated[str, typer.Option(help="Label value of expensive nodes.")] = "A100",
           cpus_per_node: Annotated[float, typer.Option(help="Logical CPUs per node (one trainer worker each).")] = 1.0,
+          autoscale: Annotated[bool, typer.Option(
+              help="Start the head alone: Ray's autoscaler adds nodes of the node groups (resources.node_groups) "
+              "when work asks for their labels, and removes idle ones.")] = False,
+          max_nodes: Annotated[list[str] | None, typer.Option(
+              help="With --autoscale: most nodes of a node group at once, GROUP=N (repeatable).")] = None,
+          idle_timeout: Annotated[float | None, typer.Option(
+              help="With --autoscale: seconds an idle node is kept; default resources.idle_timeout_s.", min=0)] = None,
           ) -> None:
     """Start the cluster in the background; it runs until `moedisco cluster stop`."""
     from ray_cluster import local_cluster as local
 
     spec = local.LocalClusterSpec(num_cheap=cheap_nodes, num_expensive=expensive_nodes, label_key=label_key,
                                   cheap_label=cheap_label, expensive_label=expensive_label,
-                                  cpus_per_node=cpus_per_node)
+                                  cpus_per_node=cpus_per_node, autoscale=autoscale, idle_timeout_s=idle_timeout,
+                                  max_nodes=_group_counts(max_nodes or []))
     try:
         address = local.start_local_cluster(detach=True, spec=spec)
     except (RuntimeError, TimeoutError) as error:
@@ -43,6 +53,9 @@ def start(cheap_nodes: Annotated[int, typer.Option(help="Nodes labelled as the c
     state = local.read_state() or {}
     console.print(f"cluster up at [bold]{address}[/bold]; dashboard {state.get('dashboard')}\n"
                   f"run a job on it: moedisco run SPEC --runner ray --address {address}")
+    if autoscale:
+        console.print("autoscaling: the head alone for now; nodes come when work asks for their labels "
+                      "(`moedisco cluster status` lists them by group)")
     if state.get("auth") == "token":
         from ray_cluster.auth import token_source
 
@@ -61,7 +74,8 @@ def stop() -> None:
 @cluster_app.command()
 def status(address: Annotated[str | None, typer.Option(help="Cluster address; default: the local one.")] = None
            ) -> None:
-    """Nodes of the cluster with their labels and logical resources.
+    """Nodes of the cluster by node group, with their labels and logical resources, and the nodes an autoscaler
+    (v2) has asked for that are not up yet.
 
     A cluster with Ray token authentication wants RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN,
     RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token); the local cluster's is sent without being asked."""
@@ -81,16 +95,51 @@ def status(address: Annotated[str | None, typer.Option(help="Cluster address; de
         console.print(f"[red]{error}[/red]")
         raise typer.Exit(1) from None
     try:
+        from ray_cluster.autoscaling import launch_requests, pending_nodes
+
         nodes = local.describe_nodes()
+        gcs_address = ray.get_runtime_context().gcs_address
+        requests, starting = launch_requests(gcs_address), pending_nodes(gcs_address)
     finally:
         ray.shutdown()
     table = Table(title=f"cluster {address}")
-    for column in ("node", "labels", "resources"):
+    for column in ("group", "node", "labels", "resources"):
         table.add_column(column)
-    for node in nodes:
-        table.add_row(node["node_id"][:12], " ".join(f"{k}={v}" for k, v in node["labels"].items()),
+    for node in sorted(nodes, key=lambda node: node["group"]):
+        table.add_row(node["group"] or "-", node["node_id"][:12],
+                      " ".join(f"{k}={v}" for k, v in node["labels"].items()),
                       " ".join(_resource(k, v) for k, v in node["resources"].items() if k != "memory"))
     console.print(table)
+    if requests or starting:
+        console.print(_launch_table(requests, starting))
+
+
+def _launch_table(requests: list[dict], starting: list[dict]) -> Table:
+    table = Table(title="asked of the autoscaler, not up yet")
+    for column in ("group", "nodes", "state", "since"):
+        table.add_column(column)
+    now = time.time()
+    for request in requests:
+        table.add_row(request["node_type"], str(request["count"]), request["state"].lower() + " launch"
+                      + (f" ({request['details']})" if request["details"] else ""),
+                      f"{now - request['request_ts_s']:.0f} s ago")
+    for node in starting:
+        table.add_row(node["node_type"], "1", "starting" + (f" ({node['details']})" if node["details"] else ""), "")
+    return table
+
+
+def _group_counts(values: list[str]) -> dict[str, int]:
+    """`GROUP=N` options as {group: N}, each group one of `resources.node_groups`."""
+    from moedisco.config.resources import ResourcesConfig
+
+    groups, counts = ResourcesConfig().node_groups, {}
+    for value in values:
+        group, _, count = value.partition("=")
+        if group not in groups or not count.isdigit():
+            raise typer.BadParameter(f"{value!r}: give GROUP=N, GROUP one of {', '.join(groups)}",
+                                     param_hint="--max-nodes")
+        counts[group] = int(count)
+    return counts
 
 
 def _resource(name: str, amount: float) -> str:

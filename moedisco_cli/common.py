@@ -1,8 +1,8 @@
-"""What several commands share: the console, the `--set` option, the cost table, reading a spec file and calling
+"""What several commands share: the console, the `--set` option, the cost tables, reading a spec file and calling
 the API.
 
     raw = read_spec_file(Path("examples/tiny.yaml"), ["submodel.steps=20"])   # a dict for POST /v1/jobs
-    print_cost(summary["cost"])                                               # `moedisco run`, `moedisco cost`
+    print_cost(summary["cost"])              # `moedisco run`, `moedisco cost`: compute and billed tables, both totals
     job = api_call(ApiClient().job, job_id)                 # an API error is printed, then exits 2 (4xx) or 1
 """
 
@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from moedisco.config.loading import INPUT_PATHS, SpecError, apply_overrides, resolve_relative
+from moedisco.job.registry import pipeline_order
+from moedisco.planning.billing import KINDS
 from moedisco_cli.api_client import ApiError
 
 console = Console()
@@ -34,8 +36,24 @@ def api_call(method, *args, **kwargs):
 
 
 def print_cost(summary: dict) -> None:
-    table = Table(title="cost: wall time at each tier's price" + (" (simulated devices)"
-                                                                 if summary.get("simulated") else ""))
+    """Both views of a job's cost (`moedisco.planning.cost`): the compute table, the billed table and a line with
+    both totals. `summary`: cost.json or the API's cost view, either without `billed` when an older moedisco wrote
+    it."""
+    console.print(compute_table(summary))
+    billed = summary.get("billed")
+    if billed is None:
+        console.print("[dim]no billed view (written by an older moedisco): the compute total is all there is[/dim]")
+        return
+    if billed["basis"] == "nodes":
+        console.print(billed_table(billed))
+    from moedisco.runner.report import billed_line  # matplotlib: loaded only to print a cost
+
+    console.print(billed_line(billed, summary["total_usd"]), highlight=False)
+
+
+def compute_table(summary: dict) -> Table:
+    table = Table(title="compute: wall time at each tier's price (device-hours)" + (" (simulated devices)"
+                                                                                   if summary.get("simulated") else ""))
     for column in ("stage", "expert", "tier", "device", "devices", "hours", "$/h", "$"):
         table.add_column(column, justify="right" if column in ("devices", "hours", "$/h", "$") else "left")
     for row in summary["stages"]:
@@ -43,7 +61,25 @@ def print_cost(summary: dict) -> None:
                       row["device_type"], str(row["num_devices"]), f"{row['device_hours']:.5f}",
                       f"{row['price_per_hour']:.2f}", f"{row['usd']:.5f}")
     table.add_row("total", "", "", "", "", "", "", f"{summary['total_usd']:.5f}", style="bold")
-    console.print(table)
+    return table
+
+
+BILLED_SECONDS = tuple(kind for kind in KINDS if kind != "unclaimed")  # a job's kinds: unclaimed time is nobody's
+
+
+def billed_table(billed: dict) -> Table:
+    """`billed_view`'s rows by stage, expert and node group: node-seconds by kind, node-hours and dollars."""
+    table = Table(title="billed: node-hours at each node group's price (what budgets count)"
+                  + (" (simulated devices)" if billed.get("simulated") else ""))
+    for column in ("stage", "expert", "group", "nodes", *(f"{kind} s" for kind in BILLED_SECONDS), "node-hours", "$"):
+        table.add_column(column, justify="left" if column in ("stage", "expert", "group") else "right")
+    for row in sorted(billed["rows"], key=lambda r: (pipeline_order(r["stage"] or ""), r["expert"] or 0, r["group"])):
+        table.add_row(row["stage"] or "", "" if row["expert"] is None else str(row["expert"]), row["group"],
+                      str(len(row["nodes"])), *(f"{row[f'{kind}_seconds']:.1f}" for kind in BILLED_SECONDS),
+                      f"{row['seconds'] / 3600:.5f}", f"{row['usd']:.5f}")
+    table.add_row("total", "", "", "", *(f"{billed['seconds_by_kind'].get(kind, 0.0):.1f}" for kind in BILLED_SECONDS),
+                  f"{billed['seconds'] / 3600:.5f}", f"{billed['total_usd']:.5f}", style="bold")
+    return table
 
 
 def read_spec_file(path: Path, overrides: list[str]) -> dict:

@@ -73,27 +73,35 @@ def status(job_id: JobIdArg,
 
 
 def comparison_lines(view: dict) -> list[str]:
-    """This job against its baseline under one cost model, named: simulated wall time against a measured
-    baseline's simulated wall time, or the FLOP model against the FLOP model; never one against the other."""
+    """This job against its baseline under one cost model, named: billed dollars against a measured baseline's
+    billed dollars (compute against compute beside it), or the FLOP model against the FLOP model; never one against
+    the other. A view without `billed` (an older server) priced a measured baseline by wall time."""
     baseline = view["baseline"]
     if baseline is None:
         return []
     savings = f", savings [bold]{view['savings_pct']:.1f}%[/bold]" if view["savings_pct"] is not None else ""
-    if baseline["kind"] == "measured":
+    if baseline["kind"] == "measured" and "billed" not in view:
         return [f"wall time at tier prices: this job ${view['total_usd']:.3g} vs full-parameter baseline job "
                 f"{baseline['job_id']} ${baseline['usd']:.3g}{savings}"]
+    if baseline["kind"] == "measured":
+        lines = [f"billed: this job ${view['billed']['total_usd']:.3g} vs full-parameter baseline job "
+                 f"{baseline['job_id']} ${baseline['usd']:.3g}{savings}"]
+        if view.get("compute_savings_pct") is not None:
+            lines.append(f"compute: savings {view['compute_savings_pct']:.1f}% against the same baseline")
+        return lines
     if view.get("estimate_usd") is None:
         return []
     return [f"FLOP model (no measured baseline): this job ${view['estimate_usd']:.3g} vs full-parameter baseline "
-            f"${baseline['usd']:.3g}{savings}; the table above is wall time, not comparable with these"]
+            f"${baseline['usd']:.3g}{savings}; the tables above are measured, not comparable with these"]
 
 
 def cost(job_id: JobIdArg) -> None:
-    """Dollars per stage and tier, the total, and the full-parameter baseline with the savings."""
+    """Dollars per stage in both views, billed (node-hours at group prices: what budgets count) and compute
+    (device-hours at tier prices), the totals, and the full-parameter baseline with the savings."""
     view = api_call(ApiClient().cost, job_id)
     print_cost(view)
     if view["live"]:
-        console.print("[yellow]job running: stages in progress are priced so far[/yellow]")
+        console.print("[yellow]job running: stages in progress and nodes still held are priced so far[/yellow]")
     for line in comparison_lines(view):
         console.print(line)
     if view["note"]:

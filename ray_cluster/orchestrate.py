@@ -11,7 +11,9 @@ once (`resources.max_parallel` caps them) to wait in Ray for nodes; sync and mer
 that reads the checkpoints from storage. Every placement asks for what its tier declares, and before the first
 stage the job checks that each tier's label is on some node or that an autoscaler may add one, so that a job never
 waits for a pod that cannot come. Re-running a job whose driver died skips finished stages and resumes the
-interrupted one from its checkpoints; `should_stop()` turning true cancels the job (`JobCancelled`).
+interrupted one from its checkpoints; `should_stop()` turning true cancels the job (`JobCancelled`). Every task's
+summary lists the node time its workers held (`summary["node_uses"]`: closed `NodeUse`s as JSON, a trainer's
+restarts and preempted runs included), which the events carried live as they came.
 """
 
 from __future__ import annotations
@@ -27,13 +29,16 @@ from moedisco.config.spec import JobSpec
 from moedisco.io.storage import join, remove_tree
 from moedisco.job.events import Events
 from moedisco.job.registry import STAGE, Task, submodel_task
+from moedisco.planning.billing import NodeLife
 from moedisco.runner.job_runner import BudgetLeft, JobCancelled, JobContext, JobRunner, Started
 from ray_cluster import prestart
 from ray_cluster.auth import connect
 from ray_cluster.data.data_worker import data_stages_in_one_process, start_data_worker
 from ray_cluster.data.stages import DATA_STAGES
 from ray_cluster.local_cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster, wants_token
+from ray_cluster.metering import NodeMeter
 from ray_cluster.placement import (
+    NodeUseReporter,
     TierUnreachable,
     check_output_dir,
     check_tiers_reachable,
@@ -59,6 +64,7 @@ class RayExecutor:
     def __init__(self):
         self.tracker: Tracker | None = None
         self.data_worker = None
+        self.meter: NodeMeter | None = None
 
     def open(self, job: JobContext) -> None:
         self.job, self.spec, self.paths = job, job.spec, job.paths
@@ -72,6 +78,7 @@ class RayExecutor:
         helpers = helpers or prestart.start_helpers(self.spec)
         self.tracker.adopt_launcher(helpers.launcher)
         self.data_worker = helpers.data_worker
+        self.meter = NodeMeter(self.spec.resources).start()  # the nodes' lives, for the billed cost
 
     def run(self, tasks: list[Task], started: Started) -> Iterator[tuple[Task, dict]]:
         if not STAGE[tasks[0].stage].setup:
@@ -86,10 +93,18 @@ class RayExecutor:
         if task.stage == "sync":
             self.drop_round_runs(task.round)
 
+    def node_lives(self) -> list[NodeLife]:
+        if self.meter is None:
+            return []
+        self.meter.poll()  # now: a node the last poll missed (one that came and went) is billed too
+        return self.meter.lives()
+
     def close(self) -> None:
         self.stop_data_worker()
         if self.tracker is not None:
             self.tracker.close()  # after an error or a cancel nothing of this job keeps running
+        if self.meter is not None:
+            self.meter.stop()
 
     # --- placement ----------------------------------------------------------------------------------------------
 
@@ -100,27 +115,35 @@ class RayExecutor:
             self.submit_setup(task)
         else:  # sync, merge: work on the checkpoints in storage, on a cheap node
             tier = placement_tier(self.spec, task.stage)
-            self.remote(task, run_stage_on_tier, self.job.stage_run(task), tier, options=task_options(self.spec, tier))
+            self.remote(task, run_stage_on_tier, self.job.stage_run(task), tier, self.reporter(task),
+                        options=task_options(self.spec, tier))
 
     def submit_setup(self, task: Task) -> None:
         spec, stage = self.spec, DATA_STAGES[task.stage]
         if stage.on_ray_data and self.data_worker is None and data_stages_in_one_process(spec):
             self.data_worker = start_data_worker(spec)  # the corpus's size was known only after prepare
         if self.data_worker is not None:
-            ref = self.data_worker.run.remote(self.job.stage_run(task))
-            self.tracker.submit(task.key, ref, actor=self.data_worker)
-        elif stage.on_ray_data:  # coordinates an actor pool over the cheap nodes
+            ref = self.data_worker.run.remote(self.job.stage_run(task), self.reporter(task))
+            self.tracker.submit(task.key, ref, actor=self.data_worker, one_process=True)
+        elif stage.on_ray_data:  # coordinates an actor pool over the cheap nodes; its workers report their uses
             num_nodes = len(tier_nodes(spec, spec.resources.submodel_tier))
-            self.remote(task, stage.on_ray_data, spec, self.paths, num_nodes, options=on_driver_node())
+            self.remote(task, stage.on_ray_data, spec, self.paths, num_nodes, options=on_driver_node(),
+                        reporter=self.reporter(task), one_process=False)
         else:  # source: anywhere, with the threads of the node it lands on
-            self.remote(task, run_stage_on_tier, self.job.stage_run(task), placement_tier(spec, task.stage))
+            self.remote(task, run_stage_on_tier, self.job.stage_run(task), placement_tier(spec, task.stage),
+                        self.reporter(task))
 
-    def remote(self, task: Task, function, *args, options: dict | None = None) -> None:
+    def remote(self, task: Task, function, *args, options: dict | None = None, one_process: bool = True,
+               **kwargs) -> None:
         """A Ray task; every stage outside Ray Train is idempotent, so a lost node or a preempted pod re-runs it
         (up to `resources.max_failures` times, as a trainer restarts)."""
         retries = self.spec.resources.max_failures
-        ref = ray.remote(function).options(max_retries=retries, **(options or {"num_cpus": 1})).remote(*args)
-        self.tracker.submit(task.key, ref)
+        ref = ray.remote(function).options(max_retries=retries, **(options or {"num_cpus": 1})).remote(*args, **kwargs)
+        self.tracker.submit(task.key, ref, one_process=one_process)
+
+    def reporter(self, task: Task) -> NodeUseReporter:
+        """What the task's workers say their node uses with (`placement.NodeUseReporter`)."""
+        return NodeUseReporter(self.tracker.queue, task.ids)
 
     def launch_trainer(self, task: Task) -> None:
         """Queue a trainer; up to `resources.max_parallel` of a stage (default: all) are submitted at once. How many
@@ -135,6 +158,11 @@ class RayExecutor:
         self.tracker.enqueue(task.key, start, max_parallel(spec))
 
     def result(self, task: Task) -> dict:
+        """The task's summary, with `node_uses`: the node uses of all its runs (restarts included), closed, as JSON."""
+        summary = self.stage_summary(task)
+        return {**summary, "node_uses": self.tracker.node_uses.take(task.key)}
+
+    def stage_summary(self, task: Task) -> dict:
         summary = self.tracker.wait(task.key)
         while summary.get("preempted"):  # checkpointed on notice: only this trainer starts again, from there
             log.warning("%s[%s] preempted at step %s (%s); starting it again", task.stage, task.expert,

@@ -5,20 +5,28 @@
     check_tiers_reachable(spec)                          # raises TierUnreachable naming a label nothing offers
     on_control_plane()                                   # options that keep the job's driver on the head
     run_name(spec, task)                                 # Ray Train's run: "<job_key>/<task.marker>"
+    with NodeUseReporter(queue, task.ids).held(): ...    # this worker holds its node for the task (`NodeUse`)
 
 A tier's resource need is declared (`TierConfig.gpus_per_worker_needed`), never read from the nodes alive at job
 start: on a cluster whose GPU groups start at zero pods nothing of the tier is alive yet, and the request itself
-is what makes the autoscaler add a pod of the right kind. Light to import on purpose (no torch), since every Ray
-worker that unpickles a stage's function imports it.
+is what makes the autoscaler add a pod of the right kind. Every process that holds resources of a tier for a task
+says so on the job's event queue (`NodeUseReporter`): the node, from when, until when; the billed cost charges the
+job for that node time. Light to import on purpose (no torch), since every Ray worker that unpickles a stage's
+function imports it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import ray
 
@@ -26,6 +34,7 @@ from moedisco.config.resources import TierConfig
 from moedisco.config.spec import JobSpec
 from moedisco.io.storage import is_uri, join
 from moedisco.job import registry
+from moedisco.job.events import NodeUse
 from moedisco.job.layout import JobPaths
 from moedisco.job.registry import Task
 from ray_cluster.local_cluster import CONTROL_PLANE_LABEL, SIMULATED_LABEL, describe_nodes, nodes_with_label
@@ -145,16 +154,74 @@ def node_cpus() -> int:
     return max(1, int(cpus))
 
 
-def run_stage_on_tier(run: StageRun, tier: TierConfig) -> dict:
-    """`moedisco.runner.execute.run_stage` as a Ray task on `tier` (sync, merge)."""
-    prepare_worker(tier)
-    from moedisco.runner.execute import run_stage  # torch: in the worker, after `prepare_worker`
+def run_stage_on_tier(run: StageRun, tier: TierConfig, reporter: NodeUseReporter | None = None) -> dict:
+    """`moedisco.runner.execute.run_stage` as a Ray task on `tier` (sync, merge, source)."""
+    with (reporter or NodeUseReporter()).held():
+        prepare_worker(tier)
+        from moedisco.runner.execute import run_stage  # torch: in the worker, after `prepare_worker`
 
-    return run_stage(run)
+        return run_stage(run)
+
+
+# A placement group's bundle resources (`GPU_group_0_<group id>`, `GPU_group_<group id>`), as older Rays name them.
+_BUNDLE_SUFFIX = re.compile(r"_group_(\d+_)?[0-9a-f]+$")
+PUSH_TIMEOUT_S = 30.0
+
+
+def assigned_resources() -> dict[str, float]:
+    """What Ray assigned this worker on its node, by plain resource name (CPU, GPU): a bundle's resource counts as
+    the plain one, once."""
+    plain: dict[str, float] = {}
+    for name, amount in ray.get_runtime_context().get_assigned_resources().items():
+        base = _BUNDLE_SUFFIX.sub("", name)
+        plain[base] = max(plain.get(base, 0.0), amount)
+    return plain
+
+
+@dataclass(frozen=True)
+class NodeUseReporter:
+    """Says on the job's event queue (`ray_cluster.tracking.EventQueue`) that this worker holds its node's resources
+    for the task `ids` names (`Task.ids`): an open `NodeUse` as it starts, the closed one as it ends. Without a
+    queue (a stage called outside a job) it says nothing. Both pushes are waited for: the open one reaches the
+    driver before anything the worker says next, the closed one before the task's result."""
+
+    events: Any = None  # the job's EventQueue handle
+    ids: dict = field(default_factory=dict)  # stage, expert, round
+
+    def open(self, start: float | None = None) -> NodeUse | None:
+        if self.events is None:
+            return None
+        context = ray.get_runtime_context()
+        use = NodeUse(**self.ids, node=context.get_node_id(), pid=os.getpid(),
+                      start=time.time() if start is None else start, resources=assigned_resources())
+        self.push(use)
+        return use
+
+    def close(self, use: NodeUse | None) -> None:
+        if use is not None:
+            self.push(use.model_copy(update={"end": time.time()}))
+
+    def push(self, use: NodeUse) -> None:
+        try:
+            ray.get(self.events.push.remote(use), timeout=PUSH_TIMEOUT_S)
+        except (ray.exceptions.RayError, TimeoutError) as error:  # the driver is gone: the work goes on
+            log.warning("could not report node use %s: %s", use.use_id, error)
+
+    @contextlib.contextmanager
+    def held(self, start: float | None = None) -> Iterator[None]:
+        """The node is held from `start` (default: now) to the end of the block, raised or returned."""
+        use = self.open(start)
+        try:
+            yield
+        finally:
+            self.close(use)
 
 
 class TierUnreachable(RuntimeError):
     """A tier's label is on no alive node and no autoscaler will add one: the job would wait forever."""
+
+
+SILENT = NodeUseReporter()  # reports nothing: a stage called outside a job (frozen, so one for all)
 
 
 def autoscaler_present(spec: JobSpec) -> bool:

@@ -44,7 +44,7 @@ class TrainerLauncher:
 
 
 # Ray Train's preemption watcher, one actor per trainer polling the GCS for drained nodes, is what carries a
-# drain to `ray.train.get_preemption_info()`. The simulated cluster turns it off (`local_cluster._quiet_ray_env`);
+# drain to `ray.train.get_preemption_info()`. The simulated cluster turns it off (`local_cluster.quiet_ray_env`);
 # a job with a spot tier turns it back on for its trainers, whose controllers inherit the launcher's environment,
 # and polls every second rather than Ray's 5, so that a 30 s notice leaves the checkpoint 29 of them.
 def preemption_watch_env() -> dict[str, str]:

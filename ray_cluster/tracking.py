@@ -12,7 +12,10 @@ group being the demand an autoscaler reads. An expert is `waiting`, `running` on
 `preempted`, `cancelled`); steps a restart trains twice are counted per trainer (`WorkDone`), and preemptions apart
 from `max_failures`. A cancel raises the queue's stop flag, which workers read at their next checkpoint; a trainer
 not stopped within `STOP_GRACE_S` is killed with the launcher, and the placement groups its killed controller leaves
-behind, which Ray Train's cleaner does not know, are removed (`remove_orphaned_placement_groups`).
+behind, which Ray Train's cleaner does not know, are removed (`remove_orphaned_placement_groups`). Every process
+that holds a node for a piece of work says so (`moedisco.job.events.NodeUse`, open as it starts, closed as it ends);
+`NodeUses` passes each on as it comes and closes, with the driver's clock, what a killed or cancelled one left
+open, so that `tracker.node_uses.take(key)` gives the work's node time, every use closed.
 """
 
 from __future__ import annotations
@@ -24,12 +27,12 @@ from dataclasses import dataclass
 
 import ray
 
-from moedisco.job.events import Event, ExpertState, JobCancelledEvent, Progress, WorkerStarted
-from moedisco.runner.job_runner import JobCancelled
+from moedisco.job.events import Event, ExpertState, JobCancelledEvent, NodeUse, Progress, WorkerStarted
 from ray_cluster.placement import on_driver_node
 
 log = logging.getLogger(__name__)
 Key = tuple[str, int | None]  # (stage, expert): `moedisco.job.registry.Task.key`
+UseId = tuple[str, int, float]  # `NodeUse.use_id`: (node, pid, start)
 STOP_GRACE_S = 60.0
 RAY_CALL_TIMEOUT_S = 60.0
 ORPHAN_WAIT_S = 10.0  # for the killed launcher's controllers to be marked dead
@@ -61,6 +64,58 @@ class WorkDone:
         """`steps_run`: every step trained, redone ones included (what the trainer's node time paid for)."""
         run = final_step - (self.first_step or 0) + self.lost_steps
         return {"lost_steps": self.lost_steps, "steps_run": run, "preemptions": self.preemptions}
+
+
+class NodeUses:
+    """The node uses of each piece of work since its summary last took them, as its workers report them, passed on
+    to `emit` as they come. What a worker could not close, the driver closes at its own `time.time()`:
+
+    - a trainer's worker group that Ray Train restarted: at the next group's start (`workers_started`);
+    - a task of one process (`one_process`) that Ray ran again: at its next attempt's open use;
+    - anything still open once the work's result arrived (`close`), or the job was cancelled (`close_all`).
+    """
+
+    def __init__(self, emit: Callable[[Event], None]):
+        self.emit = emit
+        self.uses: dict[Key, dict[UseId, NodeUse]] = {}
+        self.since_start: dict[Key, set[UseId]] = {}  # a trainer's uses opened since its workers last started
+        self.taken: set[UseId] = set()  # in a summary already: a late report of one is not counted again
+
+    def add(self, use: NodeUse, one_process: bool = False) -> None:
+        key, uses = (use.stage, use.expert), self.uses.setdefault((use.stage, use.expert), {})
+        known = uses.get(use.use_id)
+        if use.use_id in self.taken or (known is not None and known.end is not None):
+            return  # closed already (by the driver, when the worker's own report came late)
+        if use.end is None and one_process:
+            self.close(key)  # a retried task: its earlier attempt's process is gone
+        uses[use.use_id] = use
+        if use.end is None:
+            self.since_start.setdefault(key, set()).add(use.use_id)
+        self.emit(use)
+
+    def workers_started(self, key: Key) -> None:
+        """A trainer's worker group started: its workers' open uses came before (`ray_cluster.worker.train`), so the
+        other open ones are an earlier group's, which Ray Train killed to restart it."""
+        self.close(key, keep=frozenset(self.since_start.pop(key, ())))
+
+    def close(self, key: Key, keep: frozenset[UseId] = frozenset()) -> None:
+        uses = self.uses.get(key, {})
+        for use_id, use in uses.items():
+            if use.end is None and use_id not in keep:
+                uses[use_id] = use.model_copy(update={"end": max(time.time(), use.start)})
+                self.emit(uses[use_id])
+
+    def close_all(self) -> None:
+        for key in self.uses:
+            self.close(key)
+
+    def take(self, key: Key) -> list[dict]:
+        """The work's uses, every one closed, as JSON (`summary["node_uses"]`); forgotten here."""
+        self.close(key)
+        self.since_start.pop(key, None)
+        uses = self.uses.pop(key, {})
+        self.taken.update(uses)
+        return [use.model_dump(mode="json") for use in uses.values()]
 
 
 @ray.remote
@@ -117,6 +172,8 @@ class Tracker:
         self.attempts: dict[Key, int] = {}
         self.work: dict[Key, WorkDone] = {}
         self.actors: dict[Key, ray.actor.ActorHandle] = {}
+        self.one_process: set[Key] = set()
+        self.node_uses = NodeUses(emit)
 
     @property
     def launcher(self):
@@ -131,11 +188,14 @@ class Tracker:
         """Use a launcher started ahead of time (`ray_cluster.prestart`); killed with the job's trainers."""
         self._launcher = launcher
 
-    def submit(self, key: Key, ref: ray.ObjectRef, actor=None) -> None:
-        """Track a task's result, or an actor method's (`actor`: cancelling kills that actor)."""
+    def submit(self, key: Key, ref: ray.ObjectRef, actor=None, one_process: bool = False) -> None:
+        """Track a task's result, or an actor method's (`actor`: cancelling kills that actor); `one_process`: its
+        work runs in one process at a time (a Ray task, not a Ray Data pool), so a new attempt ends the last."""
         self.pending[key] = ref
         if actor is not None:
             self.actors[key] = actor
+        if one_process:
+            self.one_process.add(key)
 
     def enqueue(self, key: Key, start: Callable[[], ray.ObjectRef], limit: int) -> None:
         """Queue a trainer; `start()` submits it once fewer than `limit` trainers of its stage are running."""
@@ -175,6 +235,7 @@ class Tracker:
         summary = ray.get(self.pending.pop(key))
         self.actors.pop(key, None)
         self.pump()  # events the worker pushed just before returning
+        self.node_uses.close(key)  # a Ray Data pool's actors, which say only that they started
         if key in self.trainers and not summary.get("preempted"):  # a preempted one starts again (`preempted`)
             self.set_state(key, "done")
         return summary
@@ -208,16 +269,25 @@ class Tracker:
         self.work.pop(key, None)
 
     def pump(self) -> None:
-        for event in ray.get(self.queue.drain.remote(), timeout=RAY_CALL_TIMEOUT_S):
+        for event in self.drain():
             self.handle(event)
         if self.should_stop is not None and self.should_stop():
+            # Imported here: the job's EventQueue actor unpickles this module, and the runner imports torch.
+            from moedisco.runner.job_runner import JobCancelled
+
             self.cancel_all()
             self.emit(JobCancelledEvent())
             raise JobCancelled("the job was cancelled; finished stages and checkpoints are kept")
 
+    def drain(self) -> list[Event]:
+        return ray.get(self.queue.drain.remote(), timeout=RAY_CALL_TIMEOUT_S)
+
     def handle(self, event: Event) -> None:
         key = (event.stage, event.expert)
-        if isinstance(event, WorkerStarted):
+        if isinstance(event, NodeUse):
+            self.node_uses.add(event, one_process=key in self.one_process)
+        elif isinstance(event, WorkerStarted):
+            self.node_uses.workers_started(key)
             self.work_done(key).started(event.resume_step)
             self.first_start.setdefault(key, event.time)
             self.attempts[key] = self.attempts.get(key, 0) + 1
@@ -270,3 +340,16 @@ class Tracker:
             if key in self.trainers:
                 self.set_state(key, "cancelled")
         self.pending.clear()
+        self.close_node_uses()
+
+    def close_node_uses(self) -> None:
+        """The uses the stopped workers closed as they ended, then the rest closed: nothing of the job runs now.
+        Only uses: the other events of work that was cancelled are past news."""
+        if any(use.end is None for uses in self.node_uses.uses.values() for use in uses.values()):
+            try:
+                for event in self.drain():
+                    if isinstance(event, NodeUse):
+                        self.node_uses.add(event)
+            except (ray.exceptions.RayError, TimeoutError) as error:
+                log.warning("could not read the last events of the job's workers: %s", error)
+        self.node_uses.close_all()

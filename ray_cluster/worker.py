@@ -5,7 +5,8 @@
 The stage is moedisco's own (`moedisco.runner.execute.run_stage` of the task); this module only connects it to Ray
 Train through `TrainHooks`. Every checkpoint moedisco writes is reported to Ray Train, and a restarted worker first
 puts the latest reported one back into the run folder, so that training resumes from it; every metrics line says
-which node, `gpu_type` and GPUs ran it; rank 0 pushes progress to the job's event queue and reads the driver's stop
+which node, `gpu_type` and GPUs ran it; every rank says which node it holds and from when to when (a `NodeUse`,
+as it starts and as it returns); rank 0 pushes progress to the job's event queue and reads the driver's stop
 flag at every checkpoint; after every step every rank asks Ray Train whether its node is being preempted (drained
 by the cloud, KubeRay, or a SIGTERM to `ray start`), and if so checkpoints that step and returns
 `{"preempted": True}`, so that the driver starts only this trainer again, from that step, counting a preemption
@@ -32,7 +33,7 @@ from moedisco.job.events import WorkerStarted, progress_event
 from moedisco.job.layout import ClaimLost, JobPaths, check_claim
 from moedisco.stages.stage_run import StageRun
 from moedisco.training.preemption import PreemptionNotice
-from ray_cluster.placement import placement_tier, prepare_worker, storage_root
+from ray_cluster.placement import NodeUseReporter, placement_tier, prepare_worker, storage_root
 
 log = logging.getLogger(__name__)
 
@@ -214,23 +215,33 @@ def select_worker_gpu() -> None:
 
 
 def train_func(config: dict) -> dict:
-    """Runs on every Ray Train worker; returns rank 0's stage summary (the trainer's `Result.return_value`)."""
+    """Runs on every Ray Train worker; returns rank 0's stage summary (the trainer's `Result.return_value`). Every
+    rank says it holds its node from here to its return (`NodeUse`); a killed worker's use the driver closes."""
+    started = time.time()
+    with NodeUseReporter(config.get("events"), config["task"].ids).held(start=started):
+        return train(config, started)
+
+
+def train(config: dict, started: float) -> dict:
     spec, task = config["spec"], config["task"]
     prepare_worker(placement_tier(spec, task.stage))
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     paths = JobPaths(spec.output_dir) if rank == 0 else replica_paths(spec.output_dir, rank)
     bridge = RayTrainBridge(config, rank, world_size)
-    started = time.time()
+    resumed_from = None
     if rank == 0:
         run_dir = paths.run_dir(task.stage, task.expert)
         restore_reported_checkpoint(ray.train.get_checkpoint(), run_dir)
-        bridge.started(resume_step(run_dir))
+        resumed_from = resume_step(run_dir)
     if world_size > 1:
         import torch.distributed
 
         select_worker_gpu()
         torch.distributed.barrier()  # no rank may read the run folder before rank 0 has restored it
+    if rank == 0:  # after the barrier: every rank's open node use is on the queue before the driver hears that
+        # this worker group started (`ray_cluster.tracking.NodeUses.workers_started` closes the group before it)
+        bridge.started(resumed_from)
     from moedisco.job.metrics import MetricsWriter
     from moedisco.runner.execute import run_stage
     from moedisco.training.loop import Preempted, StopRequested

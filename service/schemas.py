@@ -98,20 +98,61 @@ class BaselinePublic(BaseModel):
     job_id: str | None = Field(None, description="The measured baseline job.")
 
 
+class BilledRowPublic(BaseModel):
+    """A job's node time for one stage (and expert) on one node group, by kind (`moedisco.planning.billing`)."""
+
+    stage: str | None = Field(description="The stage of the work the node time belongs to.")
+    expert: int | None
+    group: str = Field(description="The node group whose price applies.")
+    seconds: float = Field(description="Node-seconds billed to this job.")
+    usd: float
+    simulated: bool = Field(description="The nodes' GPUs were logical (the local simulated cluster).")
+    busy_seconds: float = Field(description="The job's work held the node (its share of it).")
+    boot_seconds: float = Field(description="From the autoscaler's request to the first use (boot, image pull).")
+    between_seconds: float = Field(description="Idle between two uses by this job (synchronisation barriers).")
+    idle_seconds: float = Field(description="Idle after its last use, until scale-down (the idle timeout).")
+    unclaimed_seconds: float = Field(0.0, description="Always 0 for a job: the cluster's own time is nobody's.")
+    nodes: list[str] = Field(description="The Ray node ids.")
+
+
+class BilledPublic(BaseModel):
+    """What the cloud bills for the job: the node-seconds its work caused, at the price of each node's group."""
+
+    basis: Literal["nodes", "compute"] = Field(
+        description="`nodes`: from the nodes' lives and the job's uses of them; `compute`: no node was recorded "
+        "(a local run on one machine), so the compute total stands for it.")
+    total_usd: float = Field(description="What budgets and `max_cost_usd` count.")
+    rows: list[BilledRowPublic]
+    seconds: float = Field(description="Node-seconds billed, in all.")
+    seconds_by_kind: dict[str, float] = Field(description="busy, boot, between, idle (and unclaimed: 0).")
+    usd_by_kind: dict[str, float]
+    usd_by_group: dict[str, float]
+    simulated: bool
+
+
 class CostPublic(BaseModel):
+    """A job's cost in two views: `billed` (node-hours at group prices: the invoice, and what budgets use) and
+    compute (`stages`, `total_usd`: device-hours of each stage's work at its tier's price)."""
+
     job_id: str
     owner: str = Field(description="The user who submitted the job.")
     state: JobState
     live: bool = Field(description="True while the job runs: totals include running stages so far.")
-    stages: list[CostRowPublic]
+    billed: BilledPublic
+    billed_usd: float = Field(description="`billed.total_usd`: what the cloud bills, and what budgets count.")
+    stages: list[CostRowPublic] = Field(description="The compute view: a row per stage (and expert).")
     by_tier_usd: dict[str, float]
-    total_usd: float
+    total_usd: float = Field(description="The compute view's total: device-hours of the work at tier prices.")
     lost_usd: float = Field(
         0.0, description="Of `total_usd`, what paid for steps trained again after a restart (rows' `lost_usd`).")
     simulated: bool
     prices_per_hour: dict[str, float]
     baseline: BaselinePublic | None
-    savings_pct: float | None = Field(None, description="100 x (baseline - this job) / baseline.")
+    savings_pct: float | None = Field(
+        None, description="100 x (baseline - this job) / baseline: billed dollars against a measured baseline's "
+        "billed dollars; FLOP estimates against an estimated one.")
+    compute_savings_pct: float | None = Field(
+        None, description="The same in the compute view, against a measured baseline.")
     savings_basis: Literal["measured", "estimate"] | None = Field(
         None, description="`estimate`: the FLOP estimates of both methods, never wall time against a FLOP model.")
     estimate_usd: float | None = Field(

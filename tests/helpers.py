@@ -56,7 +56,7 @@ def add_local_node(labels: dict[str, str], num_gpus: int = 1, num_cpus: float = 
     if cluster is None:
         raise RuntimeError("no local cluster runs in this process; start_local_cluster() first")
     memory = local_cluster.LocalClusterSpec.object_store_mb * 2**20
-    with local_cluster._environment(RAY_ADDRESS=cluster.address):  # as the cluster's own nodes were started
+    with local_cluster.environment(RAY_ADDRESS=cluster.address):  # as the cluster's own nodes were started
         node = cluster.add_node(num_cpus=num_cpus, num_gpus=num_gpus, object_store_memory=memory, labels=labels)
     return node.node_id
 

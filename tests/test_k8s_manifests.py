@@ -397,3 +397,24 @@ def test_image_ray_version_matches_the_clusters() -> None:
     pods = [g["template"]["spec"] for cluster in CLUSTERS for _, g in groups(cluster)]
     images = {container["image"] for pod in pods for container in pod["containers"]}
     assert len(images) == 1, f"Ray pods run different images: {images}"
+
+
+def test_the_node_groups_priced_are_the_manifests_worker_groups() -> None:
+    """`resources.node_groups` (what the billed cost prices, and the autoscaling local cluster starts) declares the
+    worker groups of k8s/: names, tier and market labels, sizes and idle timeouts."""
+    from moedisco.config.resources import ResourcesConfig
+
+    resources = ResourcesConfig()
+    cluster = the("RayService")["spec"]["rayClusterConfig"]
+    default_idle = cluster["autoscalerOptions"]["idleTimeoutSeconds"]
+    assert resources.idle_timeout_s == default_idle
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    assert set(groups) == set(resources.node_groups)
+    for name, declared in resources.node_groups.items():
+        group = groups[name]
+        assert group["labels"][resources.label_key] == declared.tier, name
+        assert group["labels"]["market"] == declared.market, name
+        assert (group["minReplicas"], group["maxReplicas"]) == (declared.min_nodes, declared.max_nodes), name
+        assert group.get("idleTimeoutSeconds", default_idle) == resources.idle_timeout(name), name
+        assert group.get("priority", 0) == declared.priority, name
+    assert resources.node_groups["cheap-4090-spot"].priority > resources.node_groups["cheap-4090"].priority

@@ -28,10 +28,10 @@ import ray
 from moedisco.config.loading import build_spec
 from moedisco.io.documents import load_texts
 from moedisco.io.token_shards import TokenShard
-from moedisco.job.events import JobCancelledEvent
+from moedisco.job.events import JobCancelledEvent, NodeUse
 from moedisco.job.layout import JobPaths, stage_result
 from moedisco.job.metrics import MetricsWriter, read_metrics
-from moedisco.job.registry import Task
+from moedisco.job.registry import STAGE, Task, plan
 from moedisco.runner.job_runner import JobCancelled, JobRunner, LocalExecutor
 from moedisco.stages.cluster import ClusterResult, fit_streaming
 from moedisco.stages.embed import Embedder
@@ -47,7 +47,8 @@ from ray_cluster.local_cluster import (
     stop_local_cluster,
 )
 from ray_cluster.orchestrate import run_job_on_ray
-from ray_cluster.placement import job_storage, on_driver_node
+from ray_cluster.placement import NodeUseReporter, job_storage, on_driver_node, placement_tier
+from ray_cluster.tracking import EventQueue
 from ray_cluster.worker import POINTER_FILE
 from tests.conftest import CORPUS, tiny_spec_dict
 from tests.helpers import add_local_node
@@ -158,11 +159,13 @@ def job(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("ray")
     # One round: this job is about one trainer's preemption and resume (`test_sync_rounds_...` covers rounds).
     spec = build_spec(tiny_spec_dict(root / "ray", submodel=TRAIN, branch=ONE_ROUND))
+    started_at = time.time()
     cancelled = cancelled_run(spec)
     resumed = resumed_run_with_a_killed_worker(spec)
+    finished_at = time.time()
     local_spec = build_spec(tiny_spec_dict(root / "local", submodel=TRAIN, branch=ONE_ROUND))
     return {"spec": spec, "paths": JobPaths(spec.output_dir), "cancelled": cancelled, "resumed": resumed,
-            "local": local_submodels(local_spec), "nodes": describe_nodes()}
+            "local": local_submodels(local_spec), "nodes": describe_nodes(), "run_time": (started_at, finished_at)}
 
 
 def submodel_summaries(job) -> dict[int, dict]:
@@ -214,6 +217,49 @@ def test_killed_worker_restarts_from_its_last_checkpoint(job):
     assert row["preemptions"] == 0 and (row["lost_usd"] > 0) == (row["lost_steps"] > 0)
     steps = [r["step"] for r in read_metrics(job["paths"].metrics, "submodel") if r["expert"] == expert]
     assert steps[-1] == TRAIN["steps"]
+
+
+def node_uses(events: list) -> dict[tuple, NodeUse]:
+    """The last word on each use the events reported, by `use_id`."""
+    return {event.use_id: event for event in events if event.event == "node_use"}
+
+
+def test_every_stage_lists_the_node_time_its_workers_held(job):
+    """The billed cost's input: each stage's summary lists its node uses, on alive nodes of its tier, closed, within
+    the job's run; a trainer's hold a GPU; the killed worker's use was closed by the driver; the events carried the
+    same uses as they came, and left none open."""
+    spec, (started_at, finished_at) = job["spec"], job["run_time"]
+    tier_of_node = {node["node_id"]: node["labels"]["gpu_type"] for node in job["nodes"]}
+    for task in (task for group in plan(spec) for task in group):
+        uses = [NodeUse(**use) for use in stage_result(job["paths"], task.marker)["node_uses"]]
+        assert uses, task.marker
+        for use in uses:
+            assert tier_of_node.get(use.node) == placement_tier(spec, task.stage).label, (task.marker, use)
+            assert started_at <= use.start < use.end <= finished_at, (task.marker, use)
+            assert (use.stage, use.expert, use.round) == (task.stage, task.expert, task.round)
+            assert not STAGE[task.stage].trained or use.resources.get("GPU", 0) > 0, (task.marker, use)
+    killed = job["resumed"]["killed"]
+    summary = submodel_summaries(job)[killed["expert"]]
+    assert killed["pid"] in {use["pid"] for use in summary["node_uses"]}
+    for run in (job["cancelled"], job["resumed"]):
+        reported = node_uses(run["events"])
+        assert all(use.end is not None for use in reported.values()), "a use left open"
+        for finished in (e for e in run["events"] if e.event == "stage_finished"):
+            listed = {NodeUse(**use).use_id for use in finished.summary["node_uses"]}
+            assert listed == {use_id for use_id, use in reported.items()
+                              if (use.stage, use.expert) == (finished.stage, finished.expert)}, finished.stage
+
+
+def test_the_ledger_bills_the_worker_nodes_the_job_held_and_never_the_head(job):
+    """cost.json's billed view: from the nodes' lives (the static cluster's nodes were there before the job, so no
+    boot is the job's) and its uses; every billed node is a worker node of the cluster; simulated; beside compute."""
+    cost = json.loads(job["paths"].cost.read_text())
+    billed, workers = cost["billed"], {node["node_id"] for node in job["nodes"] if node["labels"]["gpu_type"] != "head"}
+    assert billed["basis"] == "nodes" and billed["simulated"] and billed["total_usd"] > 0
+    assert {node for row in billed["rows"] for node in row["nodes"]} <= workers
+    assert billed["seconds_by_kind"]["boot"] == 0 and billed["seconds_by_kind"]["busy"] > 0
+    assert {row["group"] for row in billed["rows"]} == {"cheap-4090", "expensive-a100"}  # by tier label and market
+    assert cost["total_usd"] > 0  # the compute view beside it
 
 
 def test_ray_train_holds_pointers_to_checkpoints_already_on_its_storage(job):
@@ -293,15 +339,22 @@ def test_ray_data_gives_the_local_runners_split_tokens_and_clusters(job, tmp_pat
     (spec, paths), local_paths, cap = (specs[0], JobPaths(specs[0].output_dir)), JobPaths(specs[1].output_dir), 100
     stage_prepare(StageRun(specs[1], local_paths, MetricsWriter(local_paths.metrics), Task("prepare"), progress=False))
     where = on_driver_node()
-    prepared = ray.get(ray.remote(prepare.prepare_stage).options(**where).remote(spec, paths, 2, 64))
+    queue = EventQueue.options(**where).remote()
+    reporters = {stage: NodeUseReporter(queue, {"stage": stage}) for stage in ("prepare", "embed", "cluster")}
+    prepared = ray.get(ray.remote(prepare.prepare_stage).options(**where).remote(spec, paths, 2, 64,
+                                                                                 reporters["prepare"]))
     assert prepared["split_tasks"] == 3 and prepared["tokenized_on_ray_data"] == prepared["train_documents"]
     for name in ("train", "eval"):
         assert paths.texts(name).read_bytes() == local_paths.texts(name).read_bytes()
         ray_data, one_process = (TokenShard.load(p.tokens(name)) for p in (paths, local_paths))
         np.testing.assert_array_equal(ray_data.offsets, one_process.offsets)
         np.testing.assert_array_equal(ray_data.tokens, one_process.tokens)
-    embedded = ray.get(ray.remote(embed_cluster.embed_stage).options(**where).remote(spec, paths, 2, cap, 64))
-    clustered = ray.get(ray.remote(embed_cluster.cluster_stage).options(**where).remote(spec, paths, 2))
+    embedded = ray.get(ray.remote(embed_cluster.embed_stage).options(**where).remote(spec, paths, 2, cap, 64,
+                                                                                     reporters["embed"]))
+    clustered = ray.get(ray.remote(embed_cluster.cluster_stage).options(**where).remote(spec, paths, 2,
+                                                                                        reporters["cluster"]))
+    assert_pools_and_tasks_reported_their_nodes(ray.get(queue.drain.remote()), job["nodes"])
+    ray.kill(queue)
     embedded_rows = pads.dataset(str(job_storage(spec) / "embeddings"), format="parquet").count_rows()  # from the footers
     assert embedded["documents"] == cap == embedded_rows
     assert clustered["fit_documents"] == cap and "assign_seconds" in clustered
@@ -318,6 +371,21 @@ def test_ray_data_gives_the_local_runners_split_tokens_and_clusters(job, tmp_pat
     again = ray.get(ray.remote(embed_cluster.cluster_stage).options(**where).remote(spec, paths, 2))
     assert 0 < again["resumed_documents"] < embedded["corpus_documents"] - cap
     np.testing.assert_array_equal(ClusterResult.load(paths.clusters).assignments, local.assignments)
+
+
+def assert_pools_and_tasks_reported_their_nodes(events: list, nodes: list[dict]) -> None:
+    """Each stage's Ray Data actors (tokenize, embed, assign) said as they started that they hold a cheap node (the
+    driver closes their uses), and its tasks (the split's, the one-CPU one, the fit) said so as they started and as
+    they ended."""
+    cheap = {node["node_id"] for node in nodes if node["labels"]["gpu_type"] == "4090"}
+    last = node_uses(events)
+    for stage in ("prepare", "embed", "cluster"):
+        actors = [use for use in last.values() if use.stage == stage and use.end is None]
+        assert actors and {use.node for use in actors} <= cheap, stage
+        assert all(use.resources.get("CPU") == 1 for use in actors), actors
+    tasks = [use for use in last.values() if use.end is not None]
+    assert {use.stage for use in tasks} == {"prepare", "cluster"} and all(use.start < use.end for use in tasks)
+    assert {use.node for use in tasks if use.stage == "cluster"} <= cheap  # the fit, placed on the cheap tier
 
 
 def test_single_worker_trainers_go_without_a_process_group(ray_cluster, tiny_spec_factory):

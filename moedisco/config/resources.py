@@ -10,9 +10,11 @@ keeps working); the base class of every spec section lives here too, as the lowe
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from moedisco.io.storage import URI
 
@@ -78,6 +80,67 @@ class DeviceSpec(_Section):
     bf16_tflops: float = Field(gt=0, description="Published dense bf16 peak, TFLOP/s.")
 
 
+class NodeGroupConfig(_Section):
+    """A group of identical worker nodes the autoscaler adds and removes: a KubeRay `workerGroupSpec` (k8s/), whose
+    name Ray gives its nodes as the label `ray.io/node-group`. What the cloud bills is its nodes' seconds at its price.
+
+        NodeGroupConfig(tier="4090", device_type="rtx4090", market="spot", price_per_hour=0.20)
+    """
+
+    tier: str = Field(description="Value of the tier label (`label_key`) its nodes carry.")
+    device_type: str = Field(description="Key into `prices` and `devices` for its nodes' accelerator; `cpu` for none.")
+    num_devices: int = Field(1, ge=1, description="Accelerators per node.")
+    market: Literal["on-demand", "spot"] = Field("on-demand", description="Capacity type (Ray's `ray.io/market-type`).")
+    min_nodes: int = Field(0, ge=0, description="Nodes kept even when idle (KubeRay `minReplicas`).")
+    max_nodes: int = Field(8, ge=0, description="Most nodes at once (KubeRay `maxReplicas`).")
+    price_per_hour: float | None = Field(
+        None, ge=0, description="Dollars per node-hour; unset = `num_devices` x `prices[device_type]` (on-demand).")
+    idle_timeout_s: float | None = Field(
+        None, ge=0, description="Its idle nodes' timeout (KubeRay's per-group `idleTimeoutSeconds`); unset = "
+        "`resources.idle_timeout_s`.")
+    # Autoscaler v2 adds, among the groups that fit a request equally well, those of the highest priority first.
+    priority: int = Field(0, description="Which group the autoscaler adds first when several fit (KubeRay `priority`).")
+
+    def node_price(self, prices: dict[str, float]) -> float:
+        """Dollars per node-hour: the group's own price, else its devices at the device type's price."""
+        if self.price_per_hour is not None:
+            return self.price_per_hour
+        return self.num_devices * prices.get(self.device_type, 0.0)
+
+
+class PriceChange(_Section):
+    """From `since` on, a node group's nodes cost `price_per_hour` (a negotiated rate, a spot price that moved)."""
+
+    group: str = Field(description="The node group (a key of `node_groups`).")
+    since: AwareDatetime = Field(description="When the price starts to apply (with a time zone, e.g. `...Z`).")
+    price_per_hour: float = Field(ge=0, description="Dollars per node-hour from `since` on.")
+
+
+def _default_node_groups() -> dict[str, NodeGroupConfig]:
+    # The worker groups of k8s/rayservice.yaml (tests/test_k8s_manifests.py compares them). The spot price is an
+    # assumption, about half the on-demand one as community clouds list it: set your cloud's.
+    return {
+        "cheap-4090": NodeGroupConfig(tier="4090", device_type="rtx4090", max_nodes=8),
+        "cheap-4090-spot": NodeGroupConfig(tier="4090", device_type="rtx4090", market="spot", max_nodes=8,
+                                           price_per_hour=0.20, priority=1),  # the cheap tier goes to spot first
+        "expensive-a100": NodeGroupConfig(tier="A100", device_type="a100", max_nodes=1, idle_timeout_s=60.0),
+    }
+
+
+def _merged(defaults: dict[str, Any], given: Any) -> Any:
+    """`given` over `defaults`, key by key (and field by field inside an entry that is itself a table), so that
+    `--set resources.prices.rtx4090=0.29` changes one price and keeps the others."""
+    if not isinstance(given, dict):
+        return given
+    merged = dict(defaults)
+    for key, value in given.items():
+        base = merged.get(key)
+        if isinstance(base, BaseModel) and isinstance(value, dict):
+            value = {**base.model_dump(exclude_unset=True), **value}
+        merged[key] = value
+    return merged
+
+
 class ResourcesConfig(_Section):
     label_key: str = Field("gpu_type", min_length=1, description="Node label that names the tier.")
     submodel_tier: TierConfig = Field(
@@ -99,6 +162,14 @@ class ResourcesConfig(_Section):
         },
         description="Memory and peak throughput by device type (for `estimate` and the FLOP cost model).",
     )
+    node_groups: dict[str, NodeGroupConfig] = Field(
+        default_factory=_default_node_groups,
+        description="The cluster's worker groups and their node-hour prices (what the billed cost uses).")
+    price_changes: list[PriceChange] = Field(
+        default_factory=list, description="Dated node-group prices: each applies to the node-seconds after `since`.")
+    idle_timeout_s: float = Field(
+        120.0, ge=0, description="Seconds an idle worker node is kept before the autoscaler removes it "
+        "(KubeRay `idleTimeoutSeconds`); the billed cost gives them to the node's last user.")
     workers_per_expert: int = Field(1, ge=1, description="Ray: data-parallel workers per submodel trainer.")
     max_failures: int = Field(3, ge=0, description="Ray: restarts of a failed trainer (resumes from checkpoint).")
     # The data shards are the data stages' Parquet files.
@@ -118,6 +189,11 @@ class ResourcesConfig(_Section):
         None, description="Ray: whether the cluster adds nodes on demand; unset = ask the cluster."
     )
 
+    @field_validator("prices", "devices", "node_groups", mode="before")
+    @classmethod
+    def _over_defaults(cls, given: Any, info) -> Any:
+        return _merged(cls.model_fields[info.field_name].default_factory(), given)
+
     @field_validator("prices")
     @classmethod
     def _non_negative(cls, prices: dict[str, float]) -> dict[str, float]:
@@ -131,7 +207,31 @@ class ResourcesConfig(_Section):
         for tier in (self.submodel_tier, self.finetune_tier):
             if tier.device_type not in self.prices:
                 raise ValueError(f"device_type {tier.device_type!r} has no entry in prices")
+        for name, group in self.node_groups.items():
+            if group.price_per_hour is None and group.device_type not in self.prices:
+                raise ValueError(f"node group {name!r}: device_type {group.device_type!r} has no entry in prices "
+                                 "and the group has no price_per_hour")
+        unknown = sorted({change.group for change in self.price_changes} - set(self.node_groups))
+        if unknown:
+            raise ValueError(f"price_changes name node groups not in node_groups: {', '.join(unknown)}")
         return self
 
+    def group_price(self, group: str, at: float) -> float:
+        """Dollars per node-hour of `group` at unix time `at`: the latest price change before it, else its price."""
+        since = datetime.fromtimestamp(at, timezone.utc)
+        changes = [c for c in self.price_changes if c.group == group and c.since <= since]
+        if changes:
+            return max(changes, key=lambda change: change.since).price_per_hour
+        return self.node_groups[group].node_price(self.prices)
 
-__all__ = ["CPU_DEVICE_TYPE", "DeviceSpec", "ResourcesConfig", "TierConfig"]
+    def idle_timeout(self, group: str) -> float:
+        """Seconds an idle node of `group` is kept: its own timeout, else the cluster's."""
+        own = self.node_groups[group].idle_timeout_s if group in self.node_groups else None
+        return self.idle_timeout_s if own is None else own
+
+    def price_steps(self, group: str) -> list[float]:
+        """Unix times at which `group`'s price changes (the billing splits node time there)."""
+        return sorted(change.since.timestamp() for change in self.price_changes if change.group == group)
+
+
+__all__ = ["CPU_DEVICE_TYPE", "DeviceSpec", "NodeGroupConfig", "PriceChange", "ResourcesConfig", "TierConfig"]

@@ -14,6 +14,8 @@ JSON the service stores (`event.model_dump(mode="json")`; `parse_event` reads it
 | progress        | the training loop         | a logged step: the metrics record (step, loss, eval_loss, node, ...)  |
 | expert_state    | the Ray runner            | a trainer is waiting for a node, running, done or cancelled           |
 | worker_started  | a Ray Train worker        | rank 0 of a trainer started (attempt counting; not passed on)         |
+| node_use        | Ray workers and tasks     | work of the job held resources on a node from `start` (to `end`):     |
+|                 |                           | what the billed cost attributes node time by                          |
 | job_cancelled   | the runners               | the job stopped on request; finished stages and checkpoints are kept  |
 """
 
@@ -76,12 +78,29 @@ class WorkerStarted(Event):
     resume_step: int | None = None  # the checkpoint step this worker starts from (0: from the beginning)
 
 
+class NodeUse(Event):
+    """Work of the job held `resources` on Ray node `node` from `start` to `end` (unix seconds). A worker says so as
+    it starts (`end` None: still holding them) and again as it ends; the driver closes what a killed worker left
+    open when it learns the work ended. `(node, pid, start)` names one use."""
+
+    event: Literal["node_use"] = "node_use"
+    node: str
+    pid: int
+    start: float
+    end: float | None = None
+    resources: dict[str, float] = Field(default_factory=dict)  # what Ray assigned it on the node (CPU, GPU)
+
+    @property
+    def use_id(self) -> tuple[str, int, float]:
+        return self.node, self.pid, self.start
+
+
 class JobCancelledEvent(Event):
     event: Literal["job_cancelled"] = "job_cancelled"
 
 
 AnyEvent = Annotated[Union[StageStarted, StageSkipped, StageFinished, Progress, ExpertState, WorkerStarted,
-                           JobCancelledEvent], Field(discriminator="event")]
+                           NodeUse, JobCancelledEvent], Field(discriminator="event")]
 Events = Callable[[Event], None]
 _ADAPTER: TypeAdapter = TypeAdapter(AnyEvent)
 

@@ -1,8 +1,16 @@
-"""What a job costs: one priced row per stage (and expert), the ledger in `OUTPUT/cost.json`, and the FLOP model.
+"""What a job costs, in two views, kept in the ledger `OUTPUT/cost.json`; and the FLOP model.
 
     ledger = CostLedger(OUTPUT / "cost.json", spec.resources)
     ledger.record("submodel", tier=spec.resources.submodel_tier, seconds=812.4, expert=0, device="cpu")
-    ledger.summary()["total_usd"]
+    ledger.add_uses(summary["node_uses"]); ledger.set_nodes(executor.node_lives())
+    ledger.summary()["total_usd"], ledger.summary()["billed"]["total_usd"]
+
+**compute**: one priced row per stage (and expert), the device-hours of its work at its tier's price.
+**billed**: what the cloud charges: the node-seconds of the worker nodes the job's work held (boot, waits and idle
+time before scale-down included), at the price of each node's group (`moedisco.planning.billing`). It needs the
+nodes' lives and the job's uses of them, which the Ray runner records; a job with none (the local runner, one
+machine) is billed its compute rows (`basis: compute`). Budgets spend the billed view. The ledger knows only this
+job's work: on a cluster shared with other jobs, the service, which sees them all, bills each its share.
 
 `CostRow` is the one row type (the service stores and serves it) and `price_row` the one place dollars are computed,
 for finished and running stages alike. Submodels each run on their own device, so their rows add up (the paper's
@@ -14,12 +22,17 @@ S-cost). A row run on another device than the tier's accelerator (a CPU standing
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
 from moedisco.config.resources import ResourcesConfig, TierConfig
 from moedisco.io.atomic import write_atomically
+from moedisco.planning.billing import KINDS, BilledSpan, NodeLife, Use, attribute, summarize
+
+THIS_JOB = "job"  # the ledger's name for its own job among the uses it bills
 
 
 class LostWork(BaseModel):
@@ -82,11 +95,80 @@ def price_row(stage: str, tier: TierConfig, prices: dict[str, float], seconds: f
                    rounds=rounds)
 
 
+def billed_view(spans: list, compute_usd: float, simulated: bool) -> dict:
+    """The billed view of one job's spans (`summarize`'s rows, totals by kind); with no spans, its compute rows'
+    total (`basis: compute`: no node was recorded)."""
+    if not spans:
+        return {"basis": "compute", "total_usd": compute_usd, "rows": [], "seconds": 0.0,
+                "seconds_by_kind": {}, "usd_by_kind": {}, "usd_by_group": {}, "simulated": simulated}
+    rows = summarize(spans)
+    by_group: dict[str, float] = {}
+    for row in rows:
+        by_group[row["group"]] = by_group.get(row["group"], 0.0) + row["usd"]
+    return {"basis": "nodes", "total_usd": sum(span.usd for span in spans), "rows": rows,
+            "seconds": sum(span.seconds for span in spans),
+            "seconds_by_kind": {kind: sum(s.seconds for s in spans if s.kind == kind) for kind in KINDS},
+            "usd_by_kind": {kind: sum(s.usd for s in spans if s.kind == kind) for kind in KINDS},
+            "usd_by_group": by_group, "simulated": any(span.simulated for span in spans)}
+
+
 class CostLedger:
     def __init__(self, path: Path, resources: ResourcesConfig):
         self.path, self.resources = Path(path), resources
-        saved = json.loads(self.path.read_text())["stages"] if self.path.is_file() else []
-        self.rows: list[CostRow] = [CostRow.model_validate(row) for row in saved]
+        saved = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.rows: list[CostRow] = [CostRow.model_validate(row) for row in saved.get("stages", [])]
+        usage = saved.get("usage", {})
+        self.started_at: float | None = usage.get("started_at")
+        self.nodes: dict[str, NodeLife] = {n["node"]: NodeLife(**n) for n in usage.get("nodes", [])}
+        self.uses: dict[tuple, Use] = {}
+        for use in usage.get("uses", []):
+            self._add_use(Use(**use))
+
+    # --- the billed view's records ------------------------------------------------------------------------------
+
+    def begin(self, now: float | None = None) -> None:
+        """The job starts (its first run): nodes asked for from now on may be billed for their boot."""
+        if self.started_at is None:
+            self.started_at = now if now is not None else time.time()
+            self._save()
+
+    def add_uses(self, uses: list[dict]) -> None:
+        """A stage's node uses (`moedisco.job.events.NodeUse` as JSON: node, pid, start, end, resources, stage,
+        expert, round); one already recorded (same node, pid, start) is replaced."""
+        for use in uses:
+            self._add_use(Use(job=THIS_JOB, node=use["node"], start=use["start"], end=use.get("end"),
+                              stage=use.get("stage"), expert=use.get("expert"), round=use.get("round"),
+                              resources=use.get("resources") or {}))
+        if uses:
+            self._save()
+
+    def _add_use(self, use: Use) -> None:
+        self.uses[(use.node, use.start, use.stage, use.expert, use.round)] = use
+
+    def set_nodes(self, lives: list[NodeLife]) -> None:
+        """The cluster's worker nodes as last seen; nodes seen before and gone from the list keep their record."""
+        changed = False
+        for life in lives:
+            if self.nodes.get(life.node) != life:
+                self.nodes[life.node], changed = life, True
+        if changed:
+            self._save()
+
+    def billed_spans(self, now: float | None = None) -> list[BilledSpan]:
+        """This job's stretches of node time, priced (`moedisco.planning.billing`), up to `now`."""
+        now = now if now is not None else time.time()
+        used = {use.node for use in self.uses.values()}
+        bill = attribute([node for node in self.nodes.values() if node.node in used], self.uses.values(),
+                         self.resources, now, job_starts={THIS_JOB: now if self.started_at is None else self.started_at})
+        return bill.for_job(THIS_JOB)
+
+    def billed(self, now: float | None = None) -> dict:
+        """This job's billed view (`billed_view`) of the nodes its work used, up to `now`."""
+        return billed_view(self.billed_spans(now), self.total_usd(), any(r.simulated for r in self.rows))
+
+    def spent_usd(self) -> float:
+        """What budgets count as spent: the billed total."""
+        return self.billed()["total_usd"]
 
     def record(self, stage: str, tier: TierConfig, seconds: float, device: str, expert: int | None = None,
                node: str | None = None, num_devices: int | None = None, round_index: int | None = None,
@@ -133,8 +215,11 @@ class CostLedger:
         for row in self.rows:
             by_tier[row.tier] = by_tier.get(row.tier, 0.0) + row.usd
         return {"stages": [row.to_json() for row in self.rows], "by_tier_usd": by_tier,
-                "total_usd": self.total_usd(), "lost_usd": sum(r.lost_usd for r in self.rows), "simulated": any(r.simulated for r in self.rows),
-                "prices_per_hour": dict(self.resources.prices)}
+                "total_usd": self.total_usd(), "lost_usd": sum(r.lost_usd for r in self.rows),
+                "simulated": any(r.simulated for r in self.rows), "prices_per_hour": dict(self.resources.prices),
+                "billed": self.billed(),
+                "usage": {"started_at": self.started_at, "nodes": [asdict(n) for n in self.nodes.values()],
+                          "uses": [asdict(u) for u in self.uses.values()]}}
 
     def _save(self) -> None:
         write_atomically(self.path, json.dumps(self.summary(), indent=2))

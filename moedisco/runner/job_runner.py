@@ -36,6 +36,7 @@ from moedisco.job.events import (
 from moedisco.job.layout import ClaimLost, JobPaths, check_claim, claim, is_done, mark_done, stage_result
 from moedisco.job.metrics import MetricsWriter
 from moedisco.job.registry import STAGE, Task, plan, tier_of
+from moedisco.planning.billing import NodeLife
 from moedisco.planning.cost import CostLedger
 from moedisco.planning.memory_plan import resolve_memory
 from moedisco.runner.execute import run_stage
@@ -125,6 +126,9 @@ class Executor(Protocol):
     def done(self, task: Task) -> None:
         """`task` is done (recorded now, or found done on a re-run): drop what only it needed."""
 
+    def node_lives(self) -> list[NodeLife]:
+        """The worker nodes of the cluster it runs on, as last seen (for the billed cost); none: one machine."""
+
     def close(self) -> None:
         """After the job, also after an error or a cancel: nothing of the job may keep running."""
 
@@ -163,6 +167,9 @@ class LocalExecutor:
 
     def done(self, task: Task) -> None:
         pass
+
+    def node_lives(self) -> list[NodeLife]:
+        return []  # this machine alone: the job is billed its compute rows
 
     def close(self) -> None:
         self.sigterm.close()
@@ -215,6 +222,7 @@ class JobRunner:
                 if self.runner_id is not None:
                     claim(self.paths, self.runner_id)
                 self.spec.save(self.paths.spec)
+                self.ledger.begin()
                 for group in self.plan:
                     self.run_group(group)
             finally:
@@ -269,6 +277,8 @@ class JobRunner:
             self.ledger.record(task.stage, tier, seconds, device=summary.get("device", "cpu"), expert=task.expert,
                                node=summary.get("node"), num_devices=summary.get("num_nodes"),
                                round_index=task.round, work=summary)
+        self.ledger.add_uses(summary.get("node_uses", []))
+        self.ledger.set_nodes(self.executor.node_lives())
         # A trained stage run in rounds goes on in its next round; anything else ends with its task.
         final = self.last_task[task.key] == task or not STAGE[task.stage].trained
         self.emit(StageFinished(**task.ids, summary=summary, final=final))
@@ -313,13 +323,14 @@ class JobRunner:
             raise JobCancelled(f"stopped before stage {task.stage!r}")
 
     def check_budget(self, stage: str) -> None:
-        """Stop before a stage when the money spent, plus what a stage of the same kind cost last time
-        (the previous submodel, or its previous round), would exceed `max_cost_usd`, or when that projection
-        exceeds what `budget_left` says is left."""
+        """Stop before a stage when the money spent (billed: the nodes' time), plus what a stage of the same kind
+        cost last time (the previous submodel, or its previous round), would exceed `max_cost_usd`, or when that
+        projection exceeds what `budget_left` says is left."""
         projected = self.ledger.last_usd(stage)
         budget = self.spec.max_cost_usd
         if budget is not None:
-            spent = self.ledger.total_usd()
+            self.ledger.set_nodes(self.executor.node_lives())
+            spent = self.ledger.spent_usd()
             if spent + projected > budget or spent >= budget:
                 raise BudgetExceeded(f"stopped before stage {stage!r}: ${spent:.4f} spent + ${projected:.4f} "
                                      f"projected exceeds the ${budget:.4f} budget (max_cost_usd)")

@@ -15,7 +15,9 @@ document goes through the embedding pool once and leaves its actor as its neares
 the rows arrive (`AssignedParts`) so that an interrupted pass resumes. So every document is embedded once, no process
 holds the corpus text or more embeddings than the fit sample's, and the clusters are the local runner's
 (`moedisco.stages.cluster.fit_streaming`), document for document. The in-process variants write the same shards and
-OUTPUT files, their fit seeing every document, so both paths give the same clusters.
+OUTPUT files, their fit seeing every document, so both paths give the same clusters. The fit's task and the pool's
+actors say which node they hold through `reporter` (`placement.NodeUseReporter`); the actors only as they start,
+the driver closing their uses when the stage's result arrives.
 """
 
 from __future__ import annotations
@@ -54,7 +56,15 @@ from ray_cluster.data.shards import (
     shard_ranges,
     through_actors,
 )
-from ray_cluster.placement import job_storage, label_selector, prepare_worker, task_options, tier_simulated
+from ray_cluster.placement import (
+    SILENT,
+    NodeUseReporter,
+    job_storage,
+    label_selector,
+    prepare_worker,
+    task_options,
+    tier_simulated,
+)
 
 if TYPE_CHECKING:
     from moedisco.job.layout import JobPaths
@@ -71,7 +81,8 @@ class EmbedBatches:
     squared distance instead of its vector. The embedding model is loaded once per actor, in `__init__`."""
 
     def __init__(self, cfg: EmbedConfig, tier: TierConfig, keep_ref: ray.ObjectRef,
-                 clusters: cluster.ClusterResult | None = None):
+                 clusters: cluster.ClusterResult | None = None, reporter: NodeUseReporter = SILENT):
+        reporter.open()  # closed by the driver with the stage: Ray Data ends the pool's actors without a word
         from moedisco.stages.embed import Embedder  # transformers: only the embedding actors need it
 
         prepare_worker(tier)
@@ -108,14 +119,16 @@ def _flags(num_docs: int, *doc_ids: np.ndarray) -> np.ndarray:
 
 
 def _through_pool(spec: JobSpec, corpus: Path | str, keep_N: np.ndarray, num_cheap_nodes: int,
-                  clusters: cluster.ClusterResult | None = None) -> tuple[ray.data.Dataset, int]:
+                  clusters: cluster.ClusterResult | None = None,
+                  reporter: NodeUseReporter = SILENT) -> tuple[ray.data.Dataset, int]:
     """The corpus's documents that `keep_N` flags through the embedding actors (`shards.through_actors`). About a
     shard's worth of kept documents per call, as the in-process stage embeds a chunk per call: a pass that
     keeps a tenth of each shard (the fit's sample at 1M) reads ten shards a call, not one."""
     tier = spec.resources.submodel_tier
     shards = shard_ranges(corpus, len(keep_N), keep_N)
     rows = sum(shard["stop"] - shard["first"] for shard in shards)
-    kwargs = {"cfg": spec.embed, "tier": tier, "keep_ref": ray.put(keep_N), "clusters": clusters}
+    kwargs = {"cfg": spec.embed, "tier": tier, "keep_ref": ray.put(keep_N), "clusters": clusters,
+              "reporter": reporter}
     return through_actors(shards, EmbedBatches, kwargs, num_cheap_nodes, task_options(spec, tier),
                           shards_per_call=round(rows / max(1, int(keep_N.sum()))))
 
@@ -132,7 +145,7 @@ def _device(spec: JobSpec) -> str:
 
 
 def embed_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int, max_fit_documents: int = MAX_FIT_DOCUMENTS,
-                rows_per_shard: int = ROWS_PER_SHARD) -> dict:
+                rows_per_shard: int = ROWS_PER_SHARD, reporter: NodeUseReporter = SILENT) -> dict:
     """Index the train split, and embed the documents k-means will be fitted on (every one, up to
     `max_fit_documents`; else the local runner's sample, `moedisco.stages.cluster.fit_sample`) into
     STORAGE/<job>/embeddings/. The rest are embedded by `cluster_stage`, once, on their way to a cluster."""
@@ -148,7 +161,7 @@ def embed_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int, max_fit_do
                          f"documents, more than the {max_fit_documents} the Ray runner fits at once")
     keep_N = np.ones(num_docs, dtype=bool) if sample is None else _flags(num_docs, sample)
     num_embedded = int(keep_N.sum())
-    embedded, num_actors = _through_pool(spec, join(storage, "corpus"), keep_N, num_cheap_nodes)
+    embedded, num_actors = _through_pool(spec, join(storage, "corpus"), keep_N, num_cheap_nodes, reporter=reporter)
     embedded.write_parquet(fresh(join(storage, "embeddings")), **PARQUET_ARGS)
     return _embedded(spec, paths, {"documents": num_embedded, "corpus_documents": num_docs,
                                    "index_seconds": index_seconds, "device": _device(spec), "num_nodes": num_actors},
@@ -168,12 +181,14 @@ def read_embeddings(embeddings_dir: Path | str) -> tuple[np.ndarray, np.ndarray]
     return table["doc_id"].to_numpy(), vectors_ND
 
 
-def fit_on_embeddings(spec: JobSpec, embeddings_dir: Path | str) -> tuple[cluster.ClusterResult, dict]:
+def fit_on_embeddings(spec: JobSpec, embeddings_dir: Path | str,
+                      reporter: NodeUseReporter = SILENT) -> tuple[cluster.ClusterResult, dict]:
     """The spec's clustering fitted on the embedded documents, and each of them by nearest centroid (what a
     sampled fit gives the documents it saw, as in `moedisco.stages.cluster.fit_streaming`)."""
-    doc_ids, vectors_ND = read_embeddings(embeddings_dir)
-    result = cluster.fit_clusters(vectors_ND, spec.cluster, spec.model.num_experts, spec.seed)
-    return result, assign_batch(doc_ids, vectors_ND, result)
+    with reporter.held():
+        doc_ids, vectors_ND = read_embeddings(embeddings_dir)
+        result = cluster.fit_clusters(vectors_ND, spec.cluster, spec.model.num_experts, spec.seed)
+        return result, assign_batch(doc_ids, vectors_ND, result)
 
 
 # --- 3. cluster: every other document, embedded and assigned in one pass ----------------------------------------------
@@ -212,8 +227,8 @@ class AssignedParts:
         self.fs.move(partial, f"{self.root}/{name}")
 
 
-def assign_rest(spec: JobSpec, result: cluster.ClusterResult, fitted: dict, num_docs: int,
-                num_cheap_nodes: int) -> tuple[np.ndarray, float, dict]:
+def assign_rest(spec: JobSpec, result: cluster.ClusterResult, fitted: dict, num_docs: int, num_cheap_nodes: int,
+                reporter: NodeUseReporter = SILENT) -> tuple[np.ndarray, float, dict]:
     """Every document the fit did not see, through the embedding pool once, leaving the actors as its cluster and
     distance (a few bytes: no embedding is written or kept), saved as it comes (`AssignedParts`); documents an
     interrupted run of this pass saved are not embedded again. Returns (assignments, inertia, pass summary)."""
@@ -229,7 +244,8 @@ def assign_rest(spec: JobSpec, result: cluster.ClusterResult, fitted: dict, num_
     if not skip_N.all():
         clusters = cluster.ClusterResult(np.zeros(0, np.int64), result.centroids, result.inertia, result.normalize,
                                          result.method)  # the geometry only: the actors need no sample labels
-        assigned, num_actors = _through_pool(spec, join(storage, "corpus"), ~skip_N, num_cheap_nodes, clusters)
+        assigned, num_actors = _through_pool(spec, join(storage, "corpus"), ~skip_N, num_cheap_nodes, clusters,
+                                             reporter)
         for batch in assigned.iter_batches(batch_size=None, batch_format="numpy"):
             parts.write(batch)
             assignments[batch["doc_id"]] = batch["cluster"]
@@ -238,21 +254,22 @@ def assign_rest(spec: JobSpec, result: cluster.ClusterResult, fitted: dict, num_
     return assignments, inertia, {"num_nodes": max(1, num_actors), "resumed_documents": len(resumed["doc_id"])}
 
 
-def cluster_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int) -> dict:
+def cluster_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int,
+                  reporter: NodeUseReporter = SILENT) -> dict:
     """Fit k-means on the embedded documents, and assign the corpus: by the fit itself when it saw every
     document, else the rest through `assign_rest`. Saves OUTPUT/cluster/ as `ClusterResult.save` does."""
     quiet_data_context()
     started = time.perf_counter()
     storage, tier = job_storage(spec), spec.resources.submodel_tier
     fit = ray.remote(fit_on_embeddings).options(num_cpus=1, label_selector=label_selector(spec, tier))
-    result, fitted = ray.get(fit.remote(spec, join(storage, "embeddings")))
+    result, fitted = ray.get(fit.remote(spec, join(storage, "embeddings"), reporter))
     fit_seconds = time.perf_counter() - started
     num_docs, fit_documents = indexed(join(storage, "corpus"))["documents"], len(fitted["doc_id"])
     if fit_documents == num_docs:
         return _clustered(spec, paths, result, result.assignments, result.inertia, started,
                           {"fit_documents": fit_documents, "fit_seconds": fit_seconds, "device": "cpu",
                            "num_nodes": 1})
-    assignments, inertia, passed = assign_rest(spec, result, fitted, num_docs, num_cheap_nodes)
+    assignments, inertia, passed = assign_rest(spec, result, fitted, num_docs, num_cheap_nodes, reporter)
     return _clustered(spec, paths, result, assignments, inertia, started,
                       {"fit_documents": fit_documents, "fit_seconds": fit_seconds, "device": _device(spec), **passed,
                        "assign_seconds": time.perf_counter() - started - fit_seconds})

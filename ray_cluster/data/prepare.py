@@ -11,7 +11,9 @@ tokenizer, the held-out tokens and the train split's index run in one task of on
 split of more than one shard is then tokenized by `TokenizeBatches` actors (the job's Rust tokenizer, given as its
 JSON so no node reads OUTPUT), Ray Data keeping the shards' order, and appended batch by batch to the train token
 shard: neither texts nor tokens are ever held whole, and the ids are the local runner's, document for document. A
-train split of one shard is tokenized in the one-CPU task and not indexed (the embed stage indexes it).
+train split of one shard is tokenized in the one-CPU task and not indexed (the embed stage indexes it). Every task
+and actor that holds a node's CPU says so through `reporter` (`placement.NodeUseReporter`); the actors only as they
+start, the driver closing their uses when the stage's result arrives.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from ray_cluster.data.shards import (
     shard_ranges,
     through_actors,
 )
-from ray_cluster.placement import job_storage, prepare_worker, task_options
+from ray_cluster.placement import SILENT, NodeUseReporter, job_storage, prepare_worker, task_options
 
 if TYPE_CHECKING:
     from moedisco.job.layout import JobPaths
@@ -61,10 +63,15 @@ def _text_output(location: str) -> io.TextIOWrapper:
     return io.TextIOWrapper(fs.open_output_stream(path), encoding="utf-8")
 
 
-def _split_files(batch: dict, spec: JobSpec, parts: str) -> dict:
+def _split_files(batch: dict, spec: JobSpec, parts: str, reporter: NodeUseReporter) -> dict:
     """Ray Data task: each input file's documents, hash-split into two JSON-lines parts under `parts`, read with
     the local runner's readers. A malformed line (`on_error: raise`) comes back as the row's `error`, naming its
     file and line: an exception would reach the driver as Ray's, its message buried in a traceback."""
+    with reporter.held():
+        return _split_batch(batch, spec, parts)
+
+
+def _split_batch(batch: dict, spec: JobSpec, parts: str) -> dict:
     from moedisco.io import documents
     from moedisco.stages.prepare import write_sides
 
@@ -87,7 +94,7 @@ def _split_files(batch: dict, spec: JobSpec, parts: str) -> dict:
     return {name: np.array([row[name] for row in rows]) for name in rows[0]}
 
 
-def split_parts(spec: JobSpec, files: list) -> list[dict]:
+def split_parts(spec: JobSpec, files: list, reporter: NodeUseReporter = SILENT) -> list[dict]:
     """The Ray Data half of the split of a corpus of several files: a task per file writes its two parts under
     STORAGE/<job>/split/; returns each file's counts, in file order, or raises the first file's error."""
     from moedisco.io.documents import DataError
@@ -95,7 +102,8 @@ def split_parts(spec: JobSpec, files: list) -> list[dict]:
     parts = fresh(join(job_storage(spec), "split"))
     items = [{"index": index, "file": str(file)} for index, file in enumerate(files)]
     split = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        _split_files, fn_kwargs={"spec": spec, "parts": parts}, batch_size=1, batch_format="numpy", num_cpus=1)
+        _split_files, fn_kwargs={"spec": spec, "parts": parts, "reporter": reporter}, batch_size=1,
+        batch_format="numpy", num_cpus=1)
     rows = sorted(split.take_all(), key=lambda row: row["index"])
     if failed := next((row["error"] for row in rows if row["error"]), None):
         raise DataError(failed)  # the first in file order, as one reader would have stopped there
@@ -135,7 +143,8 @@ def join_split(spec: JobSpec, paths: JobPaths, rows: list[dict]) -> dict:
 class TokenizeBatches:
     """Ray Data actor UDF: each document's token ids, EOS appended, as one list column."""
 
-    def __init__(self, tokenizer_json: str, eos: int, tier: TierConfig):
+    def __init__(self, tokenizer_json: str, eos: int, tier: TierConfig, reporter: NodeUseReporter):
+        reporter.open()  # closed by the driver with the stage: Ray Data ends the pool's actors without a word
         from tokenizers import Tokenizer
 
         prepare_worker(tier)
@@ -152,17 +161,19 @@ class TokenizeBatches:
         return pa.table({"doc_id": table["doc_id"], "ids": pa.LargeListArray.from_arrays(offsets, pa.array(flat))})
 
 
-def _tokenized(spec: JobSpec, corpus: str, tokenizer, num_docs: int, num_cheap_nodes: int) -> ray.data.Dataset:
+def _tokenized(spec: JobSpec, corpus: str, tokenizer, num_docs: int, num_cheap_nodes: int,
+               reporter: NodeUseReporter) -> ray.data.Dataset:
     from moedisco.stages.prepare import fast_encoder
 
     tier = spec.resources.submodel_tier
-    kwargs = {"tokenizer_json": fast_encoder(tokenizer).to_str(), "eos": tokenizer.eos_token_id, "tier": tier}
+    kwargs = {"tokenizer_json": fast_encoder(tokenizer).to_str(), "eos": tokenizer.eos_token_id, "tier": tier,
+              "reporter": reporter}
     options = {**task_options(spec, tier), "num_gpus": 0}  # the tier's nodes and CPUs; tokenizing needs no GPU
     return through_actors(shard_ranges(corpus, num_docs), TokenizeBatches, kwargs, num_cheap_nodes, options)[0]
 
 
 def tokenize_on_ray_data(spec: JobSpec, corpus: str, tokenizer, folder: Path, num_docs: int,
-                         num_cheap_nodes: int) -> None:
+                         num_cheap_nodes: int, reporter: NodeUseReporter = SILENT) -> None:
     """The token shard `folder` of the corpus shards under `corpus`, tokenized by an actor pool, in doc_id order."""
     from moedisco.io.token_shards import TokenShardWriter
 
@@ -171,7 +182,7 @@ def tokenize_on_ray_data(spec: JobSpec, corpus: str, tokenizer, folder: Path, nu
     try:
         with TokenShardWriter(folder) as writer:
             next_doc = 0
-            tokenized = _tokenized(spec, corpus, tokenizer, num_docs, num_cheap_nodes)
+            tokenized = _tokenized(spec, corpus, tokenizer, num_docs, num_cheap_nodes, reporter)
             for batch in tokenized.iter_batches(batch_size=None, batch_format="pyarrow"):
                 doc_ids = batch["doc_id"].to_numpy()
                 if not np.array_equal(doc_ids, np.arange(next_doc, next_doc + len(doc_ids))):
@@ -188,10 +199,17 @@ def tokenize_on_ray_data(spec: JobSpec, corpus: str, tokenizer, folder: Path, nu
 # --- 3. the stage: one-process work in a one-CPU task, then the actors ------------------------------------------------
 
 
-def _sequential(spec: JobSpec, paths: JobPaths, rows_per_shard: int, parts: list[dict] | None) -> tuple[dict, int]:
+def _sequential(spec: JobSpec, paths: JobPaths, rows_per_shard: int, parts: list[dict] | None,
+                reporter: NodeUseReporter) -> tuple[dict, int]:
     """Prepare's one-process work, in a task of one CPU: the split (joining `parts`, else one reader), the
     tokenizer, the held-out tokens, and either a small train split's tokens or the index of a larger one, which
     the actors tokenize next. Returns the split's summary and the documents left to tokenize (0: none)."""
+    with reporter.held():
+        return _sequential_work(spec, paths, rows_per_shard, parts)
+
+
+def _sequential_work(spec: JobSpec, paths: JobPaths, rows_per_shard: int,
+                     parts: list[dict] | None) -> tuple[dict, int]:
     from moedisco.io.documents import iter_texts
     from moedisco.io.token_shards import is_complete
     from moedisco.stages.prepare import split_and_tokenizer, write_tokens
@@ -210,7 +228,8 @@ def _sequential(spec: JobSpec, paths: JobPaths, rows_per_shard: int, parts: list
     return split, to_tokenize
 
 
-def prepare_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int, rows_per_shard: int = ROWS_PER_SHARD) -> dict:
+def prepare_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int, rows_per_shard: int = ROWS_PER_SHARD,
+                  reporter: NodeUseReporter = SILENT) -> dict:
     """`moedisco.stages.prepare.stage_prepare`'s outputs and summary, the split of several files and the train split's
     tokens on Ray Data. This task coordinates (no CPU of its own, as the embed and cluster stages): the work of one
     process runs in a task of one CPU (`_sequential`) that has ended before the tokenizing actors ask for theirs."""
@@ -223,14 +242,14 @@ def prepare_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int, rows_per
     # `data.max_documents` counts documents across the files in order: one reader for that.
     if not paths.split_summary.is_file() and spec.data.max_documents is None:
         if len(files := corpus_files(spec.data.train)) > 1:
-            parts = split_parts(spec, files)
+            parts = split_parts(spec, files, reporter)
     task = ray.remote(_sequential).options(num_cpus=1)
-    split, to_tokenize = ray.get(task.remote(spec, paths, rows_per_shard, parts))
+    split, to_tokenize = ray.get(task.remote(spec, paths, rows_per_shard, parts, reporter))
     sequential_seconds = time.perf_counter() - started
     tokenizer, train = load_tokenizer(paths.tokenizer), paths.tokens("train")
     if to_tokenize:
         corpus = join(job_storage(spec), "corpus")  # the embed stage reads the same shards
-        tokenize_on_ray_data(spec, str(corpus), tokenizer, train, to_tokenize, num_cheap_nodes)
+        tokenize_on_ray_data(spec, str(corpus), tokenizer, train, to_tokenize, num_cheap_nodes, reporter)
     if (tokenized := TokenShard.load(train).num_documents) != split["train_documents"]:
         raise RuntimeError(f"{train}: {tokenized} documents tokenized of the split's {split['train_documents']}")
     return {**prepared(paths, split, tokenizer), "split_tasks": len(parts or ()), "tokenized_on_ray_data": to_tokenize,

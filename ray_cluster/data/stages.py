@@ -23,7 +23,8 @@ from ray_cluster.data.prepare import prepare_stage
 
 @dataclass(frozen=True)
 class DataStage:
-    on_ray_data: Callable[..., dict] | None = None  # (spec, paths, num_cheap_nodes); None: moedisco's, in a Ray task
+    # (spec, paths, num_cheap_nodes, reporter=`placement.NodeUseReporter`); None: moedisco's, in a Ray task
+    on_ray_data: Callable[..., dict] | None = None
     in_one_process: Callable[..., dict] | None = None  # (spec, paths), in the data worker; None: moedisco's
 
 

@@ -34,6 +34,27 @@ def is_loopback(host: str | None) -> bool:
         return False
 
 
+BILLING_FIELDS = ("prices", "node_groups", "price_changes", "idle_timeout_s")  # a spec's `resources` keys the
+# operator sets: a user who could set them could bill their jobs at nothing and pass every budget
+
+
+def read_prices(path: Path | None) -> dict:
+    """The billing keys of a `resources` section, from `path` (YAML) over the defaults, validated as one."""
+    import yaml
+
+    from moedisco.config.resources import ResourcesConfig
+
+    given = {}
+    if path is not None:
+        given = yaml.safe_load(Path(path).read_text()) or {}
+        unknown = sorted(set(given) - set(BILLING_FIELDS)) if isinstance(given, dict) else ["(not a mapping)"]
+        if unknown:
+            raise ValueError(f"MOEDISCO_PRICES_FILE {path}: only {', '.join(BILLING_FIELDS)} may be set, not "
+                             f"{', '.join(unknown)}")
+    resources = ResourcesConfig.model_validate(given)
+    return resources.model_dump(mode="json", include=set(BILLING_FIELDS))
+
+
 @dataclass(frozen=True)
 class AccessRules:
     """The places users' jobs may read and write: what a job's runner needs to check a spec again when it starts."""
@@ -106,6 +127,10 @@ class Settings(BaseSettings):
     max_queued_jobs_per_user: int | None = Field(
         20, ge=0, description="Jobs one user may have queued at once, unless their own `max_queued_jobs` says "
                               "otherwise; None: no limit. The bootstrap admin has none.")
+    prices_file: Path | None = Field(
+        None, description="YAML of the cluster's prices, with any of a spec's `resources` keys `prices`, "
+        "`node_groups`, `price_changes`, `idle_timeout_s`; unset = moedisco's defaults. Every job is billed at these: "
+        "what a spec says of them is replaced when it is submitted.")
     read_cache_max_age_s: float = Field(
         2.0, ge=0, description="The job and cost views are rebuilt whenever the job changes (its version in the "
                                "store), and at the latest after this many seconds; 0 rebuilds them on every read.")
@@ -129,6 +154,17 @@ class Settings(BaseSettings):
                 # `s3://w/{user}-tmp` would give user `ada-tmp` a prefix inside ada's `s3://w/ada-tmp`
                 raise ValueError(f"MOEDISCO_STORAGE_ROOTS entry {root!r}: {{user}} must be the whole last segment")
         return roots
+
+    @field_validator("prices_file", mode="after")
+    @classmethod
+    def _prices_readable(cls, path: Path | None) -> Path | None:
+        if path is not None:
+            read_prices(path)  # a bad file stops the service at start, not the first submission
+        return path
+
+    def billing(self) -> dict:
+        """The `resources` keys the operator sets for every job (`prices_file`), with moedisco's defaults."""
+        return read_prices(self.prices_file)
 
     @property
     def effective_database_url(self) -> str:

@@ -4,8 +4,10 @@
     run_job(spec, events=recorder, should_stop=lambda: store.is_cancel_requested(job_id))
 
 Each event is appended to the events table and folded into its stage row (state, latest step and losses); a
-finished stage also copies the runner's OUTPUT/cost.json rows into the cost table, so /cost is live. Each write
-bumps the job's version in its transaction, which tells the API's read cache that its views changed.
+finished stage also copies the runner's OUTPUT/cost.json rows into the cost table, and the worker nodes it saw into
+the nodes table, so /cost is live. A `NodeUse` (work holding a node, the billed cost's input) goes to the node-use
+table only: it is bookkeeping, not history a user reads. Each write bumps the job's version in its transaction,
+which tells the API's read cache that its views changed.
 """
 
 from __future__ import annotations
@@ -15,9 +17,19 @@ import logging
 import threading
 from pathlib import Path
 
-from moedisco.job.events import Event, ExpertState, Progress, StageFinished, StageSkipped, StageStarted, parse_event
+from moedisco.job.events import (
+    Event,
+    ExpertState,
+    NodeUse,
+    Progress,
+    StageFinished,
+    StageSkipped,
+    StageStarted,
+    parse_event,
+)
 from moedisco.job.layout import JobPaths
 from moedisco.planning.cost import CostRow
+from service.store.billing import record_nodes, record_use
 from service.store.models import EventRow, JobRow, StageRow, StoredCost, stage_key, utcnow
 from service.store.store import Store, bump_version, json_safe
 
@@ -36,9 +48,12 @@ class EventRecorder:
         data = json_safe(event.model_dump(mode="json"))
         event = parse_event(data)  # as stored: NaN and infinite losses are None
         with self._lock, self.store.session() as session, session.begin():
-            session.add(EventRow(job_id=self.job_id, event=event.event, stage=event.stage, expert=event.expert,
-                                 data=data))
-            self._apply(session, event)
+            if isinstance(event, NodeUse):
+                record_use(session, self.job_id, event)
+            else:
+                session.add(EventRow(job_id=self.job_id, event=event.event, stage=event.stage, expert=event.expert,
+                                     data=data))
+                self._apply(session, event)
             bump_version(session, self.job_id)
         if isinstance(event, StageFinished):
             self.sync_costs()
@@ -79,6 +94,7 @@ class EventRecorder:
                 for name in STORED_COST_FIELDS:
                     setattr(stored, name, getattr(row, name))
                 session.add(stored)
+            record_nodes(session, ledger.get("usage", {}).get("nodes", []))
             bump_version(session, self.job_id)
 
 

@@ -79,6 +79,8 @@ def prepare_spec(job_in: JobCreate, job_id: str, settings: Settings, reader: Rea
         be the submitter's (`reader`) to read, and `resources.storage_path` (where the Ray runner writes) theirs to
         write, on the server or on object storage (`service.jobs.access`);
       - refuses NaN/infinity and NUL characters, which JSON responses and PostgreSQL cannot hold;
+      - sets the prices the job is billed at (`resources.prices`, `node_groups`, `price_changes`,
+        `idle_timeout_s`) to the operator's (MOEDISCO_PRICES_FILE), whatever the client sent;
       - plans each training stage's memory measures (`memory: auto`) and refuses a stage that fits no device of its
         tier, naming the stage, the device and the shortfall;
       - refuses a model built from the spec whose size is absurd (`model.hidden_size: 1000000000`): a rough upper
@@ -89,6 +91,7 @@ def prepare_spec(job_in: JobCreate, job_id: str, settings: Settings, reader: Rea
         raise RequestValidationError(errors)
     raw = job_in.model_dump(mode="json")
     raw["output_dir"] = str(settings.jobs_dir / job_id)
+    raw["resources"] = {**(raw.get("resources") or {}), **settings.billing()}
     errors = input_errors(raw, reader, settings.access)
     errors = errors or _not_folders(raw)
     if errors:

@@ -1,12 +1,14 @@
-"""A job's cost view: priced stages from the store, the running stages so far, the baseline and the savings.
+"""A job's cost view: its billed node time, its priced stages, the running stages so far, the baseline, the savings.
 
     view = job_cost(store, job)      # -> schemas.CostPublic
-    view.total_usd, view.baseline.kind, view.savings_pct
+    view.billed_usd, view.total_usd, view.baseline.kind, view.savings_pct
     inputs = cost_inputs(store, job); cost_view(inputs, utcnow())   # the same, in two steps: reads, then arithmetic
 
 Finished stages are the runner's own ledger rows (OUTPUT/cost.json, copied into the store as each stage ends); while
 a job runs, each running stage adds a provisional row (`final: false`), its wall time so far at its tier's price.
-The baseline is a measured full-parameter job on the same data and model when the store has one, else moedisco's
+The billed view is the job's nodes' time split with every job that used them (`service.store.billing`), up to
+the moment of the request; a job with no node recorded (a local run) is billed its compute total. The baseline is a
+measured full-parameter job on the same data and model when the store has one, billed the same way, else moedisco's
 FLOP-model estimate, marked `estimate`. `cost_inputs` does every read and `cost_view` only arithmetic, so the API
 can keep the inputs while the store says nothing changed (`service.reporting.views`) and still price running stages
 up to the moment of each request.
@@ -21,8 +23,9 @@ from pydantic import ValidationError
 
 from moedisco.config.resources import ResourcesConfig
 from moedisco.job.registry import STAGE_NAMES, pipeline_order, tier_of
-from moedisco.planning.cost import CostRow, price_row
-from service.schemas import BaselinePublic, CostPublic, CostRowPublic
+from moedisco.planning.cost import CostRow, billed_view, price_row
+from service.schemas import BaselinePublic, BilledPublic, CostPublic, CostRowPublic
+from service.store.billing import BillInputs, bill_inputs
 from service.store.models import JobRow, StageRow, stage_key, utcnow
 from service.store.store import Store
 
@@ -60,11 +63,16 @@ class CostInputs:
     priced: list[CostRowPublic]  # the runner's ledger rows
     running: list[StageRow]  # stages running, priced by their time so far (only while the job runs)
     measured_baseline: tuple[JobRow, float] | None
+    bill: BillInputs  # the job's nodes and every use of them
+    baseline_bill: BillInputs | None  # the measured baseline's
 
     @property
     def static(self) -> bool:
-        """True when the view does not change with the clock (no running stage is priced by its time so far)."""
-        return not self.running
+        """True when the view does not change with the clock (no running stage is priced by its time so far, no
+        node of the job is alive or held)."""
+        bills = [self.bill] + ([self.baseline_bill] if self.baseline_bill else [])
+        return not self.running and not any(life.ended_at is None for bill in bills for life in bill.lives) \
+            and not any(use.end is None for bill in bills for use in bill.uses)
 
 
 def cost_inputs(store: Store, job: JobRow) -> CostInputs:
@@ -72,8 +80,10 @@ def cost_inputs(store: Store, job: JobRow) -> CostInputs:
     running = [s for s in store.stages(job.id) if s.state == "running"] if job.state == "running" else []
     # A stage both priced and running is in a later synchronisation round: its priced rounds are not final yet.
     busy = {stage.key for stage in running}
+    baseline = store.find_baseline(job)
     return CostInputs(job, _resources(job), [_public(row, final=stage_key(*row.key) not in busy) for row in priced],
-                      running, store.find_baseline(job))
+                      running, baseline, bill_inputs(store, job),
+                      bill_inputs(store, baseline[0]) if baseline is not None else None)
 
 
 def _rows(inputs: CostInputs, now: datetime) -> list[CostRowPublic]:
@@ -85,13 +95,20 @@ def _savings(baseline_usd: float, usd: float) -> float | None:
     return round(100.0 * (baseline_usd - usd) / baseline_usd, 2) if baseline_usd > 0 else None
 
 
-def _baseline(inputs: CostInputs, total_usd: float) -> tuple[BaselinePublic | None, float | None, str | None]:
-    """(baseline, savings %, basis). An estimated baseline is compared with this job's estimate, not its bill:
-    a CPU run priced at GPU rates and a GPU FLOP model are not the same currency."""
+def _billed_total(bill: BillInputs, compute_usd: float, now: float) -> float:
+    return sum(span.usd for span in bill.spans(now)) if bill.recorded else compute_usd
+
+
+def _baseline(inputs: CostInputs, billed_usd: float, now: float
+              ) -> tuple[BaselinePublic | None, float | None, str | None]:
+    """(baseline, savings %, basis). A measured baseline is billed as this job is; an estimated one is compared
+    with this job's estimate, not its bill: a CPU run priced at GPU rates and a GPU FLOP model are not the same
+    currency."""
     job, found = inputs.job, inputs.measured_baseline
     if found is not None:
-        baseline_job, usd = found
-        return BaselinePublic(kind="measured", usd=usd, job_id=baseline_job.id), _savings(usd, total_usd), "measured"
+        baseline_job, compute_usd = found
+        usd = _billed_total(inputs.baseline_bill, compute_usd, now)
+        return BaselinePublic(kind="measured", usd=usd, job_id=baseline_job.id), _savings(usd, billed_usd), "measured"
     estimate = job.estimate or {}
     if job.method != "full_parameter" and estimate.get("full_parameter_usd") is not None:
         usd = estimate["full_parameter_usd"]
@@ -110,17 +127,20 @@ def _note(job: JobRow, baseline: BaselinePublic | None) -> str | None:
 
 
 def cost_view(inputs: CostInputs, now: datetime) -> CostPublic:
-    job, rows = inputs.job, _rows(inputs, now)
+    job, rows, clock = inputs.job, _rows(inputs, now), now.timestamp()
     by_tier: dict[str, float] = {}
     for row in rows:
         by_tier[row.tier] = by_tier.get(row.tier, 0.0) + row.usd
-    total = sum(row.usd for row in rows)
-    baseline, savings, basis = _baseline(inputs, total)
-    return CostPublic(job_id=job.id, owner=job.owner, state=job.state, live=job.state == "running", stages=rows,
-                      by_tier_usd=by_tier, total_usd=total, lost_usd=sum(row.lost_usd for row in rows), simulated=any(row.simulated for row in rows),
+    total, simulated = sum(row.usd for row in rows), any(row.simulated for row in rows)
+    billed = BilledPublic(**billed_view(inputs.bill.spans(clock) if inputs.bill.recorded else [], total, simulated))
+    baseline, savings, basis = _baseline(inputs, billed.total_usd, clock)
+    compute_savings = _savings(inputs.measured_baseline[1], total) if inputs.measured_baseline else None
+    return CostPublic(job_id=job.id, owner=job.owner, state=job.state, live=job.state == "running", billed=billed,
+                      billed_usd=billed.total_usd, stages=rows, by_tier_usd=by_tier, total_usd=total,
+                      lost_usd=sum(row.lost_usd for row in rows), simulated=simulated,
                       prices_per_hour=dict(inputs.resources.prices) if inputs.resources else {}, baseline=baseline,
-                      savings_pct=savings, savings_basis=basis, note=_note(job, baseline),
-                      estimate_usd=(job.estimate or {}).get("total_usd"))
+                      savings_pct=savings, compute_savings_pct=compute_savings, savings_basis=basis,
+                      note=_note(job, baseline), estimate_usd=(job.estimate or {}).get("total_usd"))
 
 
 def job_cost(store: Store, job: JobRow) -> CostPublic:

@@ -2,7 +2,8 @@
 
     registry = CollectorRegistry(); registry.register(StoreCollector(store))
     generate_latest(registry)   # moedisco_jobs{owner,state}, moedisco_stage_duration_seconds_*,
-                                # moedisco_spent_usd_total{owner,tier}
+                                # moedisco_spent_usd_total{owner,tier} (compute),
+                                # moedisco_billed_usd_total{owner,group} (node-hours at group prices)
 
 The store, not process memory, is the source: a job's stages may have run under an API process long gone.
 """
@@ -10,12 +11,14 @@ The store, not process memory, is the source: a job's stages may have run under 
 from __future__ import annotations
 
 import bisect
+import time
 from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from service.schemas import JOB_STATES
+from service.store.billing import billed_by_owner_and_group
 from service.store.models import BOOTSTRAP_ADMIN
 from service.store.store import Store
 
@@ -55,8 +58,14 @@ class StoreCollector(Collector):
             buckets, total = _histogram(values)
             durations.add_metric([stage], buckets, total)
         yield durations
-        spent = CounterMetricFamily("moedisco_spent_usd", "Dollars spent by owner and tier (priced stages of all "
-                                                          "jobs).", labels=["owner", "tier"])
+        spent = CounterMetricFamily("moedisco_spent_usd", "Compute dollars by owner and tier: device-hours of the "
+                                                          "priced stages of all jobs.", labels=["owner", "tier"])
         for (owner, tier), usd in sorted(self.store.usd_by_owner_and_tier().items()):
             spent.add_metric([owner, tier], usd or 0.0)
         yield spent
+        billed = CounterMetricFamily("moedisco_billed_usd", "Billed dollars by owner and node group: the node-hours "
+                                                            "jobs caused, at the group's price (what budgets count).",
+                                     labels=["owner", "group"])
+        for (owner, group), usd in sorted(billed_by_owner_and_group(self.store, time.time()).items()):
+            billed.add_metric([owner, group], usd)
+        yield billed

@@ -1,7 +1,13 @@
-"""The HTML report of one job: held-out loss against dollars (with its baseline), loss curves per training stage,
-cost bars, and the downstream scores of its evaluate stage, as inline PNG images and tables.
+"""The HTML report of one job: held-out loss against billed and compute dollars (with its baseline), loss curves per
+training stage, cost bars and tables in both views, and the downstream scores of its evaluate stage, as inline PNG
+images and tables.
 
     html = render_report(job, stages, records, cost)     # GET /v1/jobs/{id}/report
+    html = render_report(job, stages, records, cost, spans=job_bill(store, job, now))   # the service's own split
+
+The billed curve is drawn from the job's billed spans: the service's when given (`service.store.billing`, which
+splits a node with the other jobs that used it, as the cost view does), else its runner's ledger in the job folder
+(`moedisco.runner.report.billed_spans`, priced by the job's stored spec), which knows only this job's uses.
 
 Images are embedded as data: URIs, so the page needs no further (authenticated) requests. Figures are drawn with
 matplotlib's object API, not pyplot, because requests render in parallel threads and pyplot keeps global state.
@@ -20,8 +26,19 @@ from matplotlib.figure import Figure
 
 from moedisco.job.layout import JobPaths
 from moedisco.job.metrics import read_metrics
-from moedisco.runner.report import dollar_curve, loss_curves, plot_loss_vs_dollars
+from moedisco.planning.billing import BilledSpan
+from moedisco.runner.report import (
+    VIEWS,
+    billed_line,
+    billed_spans,
+    by_stage,
+    dollar_views,
+    loss_curves,
+    plot_cost_bars,
+    plot_dollar_views,
+)
 from service.schemas import CostPublic
+from service.store.billing import job_resources
 from service.store.models import JobRow, StageRow
 
 REFRESH_S = 10
@@ -54,32 +71,34 @@ def loss_figures(records: list[dict]) -> dict[str, str]:
     return images
 
 
-def dollar_figure(job: JobRow, records: list[dict], baseline: JobRow | None) -> str:
-    """Held-out loss against cumulative dollars (paper Figs. 2/4): this job and its measured baseline, one pricing."""
-    curves = {job.name: dollar_curve(records, Path(job.output_dir) / "cost.json")}
+def _spans(job: JobRow, given: list[BilledSpan] | None) -> list[BilledSpan] | None:
+    return given if given is not None else billed_spans(Path(job.output_dir) / "cost.json", job_resources(job))
+
+
+def dollar_figure(job: JobRow, records: list[dict], baseline: JobRow | None, spans: list[BilledSpan] | None = None,
+                  baseline_spans: list[BilledSpan] | None = None) -> str:
+    """Held-out loss against cumulative dollars (paper Figs. 2/4), billed beside compute: this job and its measured
+    baseline, each view priced one way for both."""
+    jobs = {job.name: (records, Path(job.output_dir) / "cost.json", _spans(job, spans))}
     if baseline is not None:
         folder = Path(baseline.output_dir)
-        curves[f"baseline {baseline.id}"] = dollar_curve(read_metrics(folder / "metrics.jsonl"), folder / "cost.json")
-    fig = Figure(figsize=(9, 4.2))
-    plot_loss_vs_dollars(fig.add_subplot(), curves)
+        jobs[f"baseline {baseline.id}"] = (read_metrics(folder / "metrics.jsonl"), folder / "cost.json",
+                                           _spans(baseline, baseline_spans))
+    compute, billed, notes = dollar_views(jobs)
+    fig = Figure(figsize=(12 if billed else 9, 4.2))
+    plot_dollar_views(fig, fig.add_gridspec(1, 1)[0], compute, billed, notes)
     fig.tight_layout()
     return _png(fig)
 
 
 def cost_figure(cost: CostPublic) -> str:
-    bars: dict[tuple[str, str], float] = {}
-    for row in cost.stages:
-        bars[(row.stage, row.tier)] = bars.get((row.stage, row.tier), 0.0) + row.usd
+    """Dollars per stage: compute, and billed beside it when nodes were recorded."""
+    compute_rows = [row.model_dump() for row in cost.stages]
+    billed = cost.billed.basis == "nodes"
     fig = Figure(figsize=(6.5, 3.6))
-    ax = fig.add_subplot()
-    tiers = sorted({tier for _, tier in bars})
-    for index, tier in enumerate(tiers):
-        stages = [stage for stage, t in bars if t == tier]
-        ax.bar(stages, [bars[(s, tier)] for s in stages], color=f"C{index}", label=f"tier {tier}")
-    ax.set(ylabel="USD", title=f"cost per stage (total ${cost.total_usd:.4f})")
-    ax.tick_params(axis="x", rotation=30)
-    if tiers:
-        ax.legend(fontsize=8)
+    plot_cost_bars(fig.add_subplot(), by_stage(compute_rows), by_stage(compute_rows, "lost_usd"),
+                   by_stage([row.model_dump() for row in cost.billed.rows]) if billed else None,
+                   cost.billed.total_usd if billed else None)
     fig.tight_layout()
     return _png(fig)
 
@@ -101,25 +120,48 @@ def _stage_table(stages: list[StageRow]) -> str:
     return _table(["stage", "expert", "state", "step", "loss", "held-out loss", "seconds", "peak memory GB"], rows)
 
 
-def _cost_section(cost: CostPublic) -> str:
+def _compute_table(cost: CostPublic) -> str:
     rows = [[r.stage, "" if r.expert is None else r.expert, r.tier, r.device_type, r.num_devices,
              f"{r.device_hours:.5f}", f"{r.price_per_hour:.2f}", f"{r.usd:.5f}" + ("" if r.final else " (so far)")]
             for r in cost.stages]
     rows.append(["total", "", "", "", "", "", "", f"{cost.total_usd:.5f}"])
-    lines = []
+    return _table(["stage", "expert", "tier", "device", "devices", "hours", "$/h", "$"], rows)
+
+
+def _billed_table(cost: CostPublic) -> str:
+    rows = [[r.stage or "", "" if r.expert is None else r.expert, r.group, len(r.nodes), _fmt(r.busy_seconds, 1),
+             _fmt(r.boot_seconds, 1), _fmt(r.between_seconds, 1), _fmt(r.idle_seconds, 1), _fmt(r.seconds / 3600, 5),
+             _fmt(r.usd, 5)] for r in cost.billed.rows]
+    rows.append(["total", "", "", "", "", "", "", "", _fmt(cost.billed.seconds / 3600, 5),
+                 _fmt(cost.billed.total_usd, 5)])
+    return _table(["stage", "expert", "group", "nodes", "busy s", "boot s", "between s", "idle s", "node-hours", "$"],
+                  rows)
+
+
+def _baseline_lines(cost: CostPublic) -> list[str]:
+    """This job against its baseline, one view per line: a measured baseline is billed as the job is."""
     savings = f", savings {cost.savings_pct:.1f}%" if cost.savings_pct is not None else ""
-    if cost.baseline is not None and cost.baseline.kind == "measured":  # like with like: one cost model per line
-        lines.append(f"wall time at tier prices: this job ${cost.total_usd:.3g} vs full-parameter baseline job "
-                     f"{cost.baseline.job_id} ${cost.baseline.usd:.3g}{savings}")
-    elif cost.baseline is not None and cost.estimate_usd is not None:
-        lines.append(f"FLOP model (no measured baseline): this job ${cost.estimate_usd:.3g} vs full-parameter "
-                     f"baseline ${cost.baseline.usd:.3g}{savings}; the table is wall time, not comparable with these")
+    if cost.baseline is not None and cost.baseline.kind == "measured":
+        lines = [(f"billed: this job ${cost.billed_usd:.3g} vs full-parameter baseline job {cost.baseline.job_id} "
+                  f"${cost.baseline.usd:.3g}{savings}")]
+        if cost.compute_savings_pct is not None:
+            lines.append(f"compute: savings {cost.compute_savings_pct:.1f}% against the same baseline")
+        return lines
+    if cost.baseline is not None and cost.estimate_usd is not None:
+        return [(f"FLOP model (no measured baseline): this job ${cost.estimate_usd:.3g} vs full-parameter "
+                 f"baseline ${cost.baseline.usd:.3g}{savings}; the tables are measured, not comparable with these")]
+    return []
+
+
+def _cost_section(cost: CostPublic) -> str:
+    lines = [billed_line(cost.billed.model_dump(), cost.total_usd), *_baseline_lines(cost)]
     if cost.simulated:
         lines.append("simulated devices: wall time priced at each tier's rate")
     if cost.note:
         lines.append(cost.note)
     notes = "".join(f"<p>{escape(line)}</p>" for line in lines)
-    return _table(["stage", "expert", "tier", "device", "devices", "hours", "$/h", "$"], rows) + notes
+    billed = f"<h3>{escape(VIEWS['billed'])}</h3>{_billed_table(cost)}" if cost.billed.basis == "nodes" else ""
+    return f"{billed}<h3>{escape(VIEWS['compute'])}</h3>{_compute_table(cost)}{notes}"
 
 
 def _evaluation_section(job: JobRow) -> str:
@@ -133,7 +175,9 @@ def _evaluation_section(job: JobRow) -> str:
 
 
 def render_report(job: JobRow, stages: list[StageRow], records: list[dict], cost: CostPublic,
-                  baseline: JobRow | None = None) -> str:
+                  baseline: JobRow | None = None, spans: list[BilledSpan] | None = None,
+                  baseline_spans: list[BilledSpan] | None = None) -> str:
+    """`spans`, `baseline_spans`: the jobs' billed spans (default: from their runners' ledgers)."""
     refresh = f'<meta http-equiv="refresh" content="{REFRESH_S}">' if job.state in ("queued", "running") else ""
     reason = f'<p class="bad">{escape(job.reason)}</p>' if job.reason else ""
     curves = "".join(f"<h3>{escape(stage)}</h3>{image}" for stage, image in loss_figures(records).items())
@@ -143,7 +187,7 @@ def render_report(job: JobRow, stages: list[StageRow], records: list[dict], cost
             f"<p>state: <b>{escape(job.state)}</b>, method {escape(job.method)}, runner {escape(job.runner)}, "
             f"current stage {escape(job.current_stage or '-')}</p>{reason}"
             f"<h2>stages</h2>{_stage_table(stages)}"
-            f"<h2>held-out loss against dollars</h2>{dollar_figure(job, records, baseline)}"
+            f"<h2>held-out loss against dollars</h2>{dollar_figure(job, records, baseline, spans, baseline_spans)}"
             f"<h2>held-out loss</h2>{curves or '<p>no evaluations yet</p>'}"
             f"{_evaluation_section(job)}"
             f"<h2>cost</h2>{cost_figure(cost)}{_cost_section(cost)}</body></html>")

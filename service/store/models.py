@@ -182,6 +182,36 @@ class StoredCost(_PerStage, Base):
     priced_at: Mapped[datetime | None]  # the month its dollars count in
 
 
+class NodeUseRow(Base):
+    """A `moedisco.job.events.NodeUse`: work of a job that held resources on a Ray node (the billed cost's input)."""
+
+    __tablename__ = "moedisco_node_uses"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("moedisco_jobs.id", ondelete="CASCADE"), primary_key=True)
+    node: Mapped[str] = mapped_column(Text, primary_key=True, index=True)
+    pid: Mapped[int] = mapped_column(Integer, primary_key=True)
+    start: Mapped[float] = mapped_column(Float, primary_key=True)
+    end: Mapped[float | None] = mapped_column(Float)  # None: still held
+    stage: Mapped[str | None] = mapped_column(Text)
+    expert: Mapped[int | None]
+    round: Mapped[int | None]
+    resources: Mapped[dict[str, Any] | None]
+
+
+class NodeRow(Base):
+    """A worker node's life as the runners last saw it (`moedisco.planning.billing.NodeLife`), unix seconds."""
+
+    __tablename__ = "moedisco_nodes"
+
+    node: Mapped[str] = mapped_column(Text, primary_key=True)
+    group: Mapped[str] = mapped_column(Text)
+    started_at: Mapped[float] = mapped_column(Float)
+    requested_at: Mapped[float | None] = mapped_column(Float)
+    ended_at: Mapped[float | None] = mapped_column(Float)
+    resources: Mapped[dict[str, Any] | None]
+    simulated: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
 # Columns added to a table after its first release: `create_all` never alters an existing table, so a store created
 # by an older moedisco gets them here. Same DDL on SQLite and PostgreSQL.
 ADDED_COLUMNS = {("moedisco_jobs", "version"): "INTEGER NOT NULL DEFAULT 0",

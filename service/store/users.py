@@ -20,9 +20,12 @@ from datetime import datetime
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from service.store.models import JobRow, StoredCost, TokenRow, UserRow, utcnow
+from service.store.billing import job_bill, usd_after
+from service.store.models import JobRow, NodeUseRow, StoredCost, TokenRow, UserRow, utcnow
 from service.store.store import Store
 
+DAY_S = 86400.0  # a use that ended this long before the month began has no node time left in it (idle timeouts
+# are minutes)
 TOKEN_PREFIX = "mdt_"  # says what a leaked secret is, so secret scanners and people can tell
 
 
@@ -112,14 +115,23 @@ class Users:
     # --- spend and limits ---------------------------------------------------------------------------------------
 
     def month_spend(self, user: str, now: datetime | None = None) -> float:
-        """Dollars of the user's priced stages this calendar month (UTC), from the cost rows in the store."""
-        start = month_start(now or utcnow())
-        this_month = or_(StoredCost.priced_at >= start,
-                         and_(StoredCost.priced_at.is_(None), JobRow.created_at >= start))
-        query = (select(func.coalesce(func.sum(StoredCost.usd), 0.0)).join(JobRow, JobRow.id == StoredCost.job_id)
-                 .where(JobRow.owner == user, this_month))
+        """Dollars the user's jobs spent this calendar month (UTC): each job's billed node time since the month
+        began (`service.store.billing`); a job with no node recorded (a local run) counts its priced stages."""
+        now = now or utcnow()
+        start = month_start(now)
         with self.store.session() as session:
-            return float(session.scalar(query) or 0.0)
+            billed = session.scalars(select(JobRow).where(JobRow.owner == user, JobRow.id.in_(
+                select(NodeUseRow.job_id).where(or_(NodeUseRow.end.is_(None),
+                                                    NodeUseRow.end >= start.timestamp() - DAY_S)))))
+            billed_jobs = {job.id: job for job in billed.all()}
+            this_month = or_(StoredCost.priced_at >= start,
+                             and_(StoredCost.priced_at.is_(None), JobRow.created_at >= start))
+            compute = float(session.scalar(
+                select(func.coalesce(func.sum(StoredCost.usd), 0.0)).join(JobRow, JobRow.id == StoredCost.job_id)
+                .where(JobRow.owner == user, this_month,
+                       StoredCost.job_id.not_in(select(NodeUseRow.job_id).distinct()))) or 0.0)
+        return compute + sum(usd_after(job_bill(self.store, job, now.timestamp()), start.timestamp())
+                             for job in billed_jobs.values())
 
     def budget_left(self, user: str) -> float | None:
         """Dollars the user may still spend this month; None without a budget (or without a user row: the
