@@ -7,11 +7,12 @@
 Ray's node table (`ray.util.state.list_nodes`, the same on KubeRay and on the local clusters) gives each node's start
 and end, its labels (`ray.io/node-group`, `ray.io/market-type`, the tier label) and its resources. The head, the
 control plane (`CONTROL_PLANE_LABEL`), is not a worker node and is not billed to jobs. When an autoscaler v2 runs,
-its launch requests (`ray.autoscaler.v2.sdk.get_cluster_status`) say when a node of a group was asked for: a node
-is taken to be the oldest request of its group not yet matched that came before it started, so that the boot and
-image pull are billed. A request is only seen while it is pending: the meter polls every `poll_s`, and a request that
-comes and goes between two polls is billed from the node's start. Without an autoscaler (a static cluster), nodes
-are billed from their start.
+its launch requests (`ray_cluster.autoscaling.launch_requests`) say when a node of a group was asked for: a node is
+taken to be the oldest request of its group not yet matched that came before it started and at most `MAX_BOOT_S`
+before, so that the boot and image pull are billed; a request the autoscaler gave up on (failed) matches nothing.
+A request is only seen while it is pending: the meter polls every `poll_s`, and a request that comes and goes between
+two polls is billed from the node's start. Without an autoscaler (a static cluster), nodes are billed from their
+start.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from moedisco.planning.billing import NodeLife, price_group
 from ray_cluster.local_cluster import CONTROL_PLANE_LABEL, SIMULATED_LABEL
 
 log = logging.getLogger(__name__)
+MAX_BOOT_S = 1800.0  # a VM and a multi-GB image: longer than this, the request was for another node
 
 
 def _is_control_plane(node) -> bool:
@@ -54,14 +56,18 @@ class NodeMeter:
         self.stopping.set()
         if self.thread is not None:
             self.thread.join(timeout=10)
-        self.poll()
+        self.try_poll()
 
     def _loop(self) -> None:
         while not self.stopping.wait(self.poll_s):
-            try:
-                self.poll()
-            except Exception as error:  # noqa: BLE001 - a missed poll costs precision, never the job
-                log.debug("node meter poll failed: %s", error)
+            self.try_poll()
+
+    def try_poll(self) -> None:
+        try:
+            self.poll()
+        except Exception as error:  # noqa: BLE001 - a missed poll costs precision, never the job (its error is
+            # the one to see)
+            log.debug("node meter poll failed: %s", error)
 
     def lives(self) -> list[NodeLife]:
         with self.lock:
@@ -71,11 +77,11 @@ class NodeMeter:
         """Read the autoscaler's pending launches, then the node table."""
         if not ray.is_initialized():
             return
-        self._read_launch_requests()
         from ray.util.state import list_nodes
 
-        nodes = list_nodes(detail=True, limit=10_000, raise_on_missing_output=False)
-        with self.lock:
+        with self.lock:  # the poll thread and `node_lives()` both poll
+            self._read_launch_requests()
+            nodes = list_nodes(detail=True, limit=10_000, raise_on_missing_output=False)
             for node in nodes:
                 if not _is_control_plane(node) and node.start_time_ms:
                     self.nodes[node.node_id] = self._life(node)
@@ -84,7 +90,7 @@ class NodeMeter:
         labels = node.labels or {}
         resources = {key: float(value) for key, value in (node.resources_total or {}).items()
                      if key in ("CPU", "GPU", "memory")}
-        group, _ = price_group(self.resources, labels, resources.get("GPU", 0.0))
+        group = price_group(self.resources, labels)
         started = node.start_time_ms / 1000.0
         if node.node_id not in self.requested:
             self.requested[node.node_id] = self._match_request(group, started)
@@ -93,26 +99,34 @@ class NodeMeter:
                         resources=resources, simulated=labels.get(SIMULATED_LABEL[0]) == SIMULATED_LABEL[1])
 
     def _match_request(self, group: str, started: float) -> float:
-        queue = self.requests.get(group, [])
-        earlier = [at for at in queue if at <= started]
+        earlier = [at for at in self.requests.get(group, []) if started - MAX_BOOT_S <= at <= started]
         if not earlier:
             return started
-        queue.remove(min(earlier))
+        self.requests[group].remove(min(earlier))
         return min(earlier)
 
     def _read_launch_requests(self) -> None:
         try:
-            from ray.autoscaler.v2.sdk import get_cluster_status
+            from ray_cluster.autoscaling import launch_requests
 
-            status = get_cluster_status(ray.get_runtime_context().gcs_address)
+            requests = launch_requests(ray.get_runtime_context().gcs_address)
         except Exception:  # noqa: BLE001 - no autoscaler v2 here (a static cluster): nodes bill from their start
             return
-        for launch in status.pending_launches:
-            for index in range(launch.count):
-                key = (launch.ray_node_type_name, float(launch.request_ts_s), index)
-                if key not in self.seen:
+        self.note_requests(requests)
+
+    def note_requests(self, requests: list[dict]) -> None:
+        """Queue the pending launch requests not seen before; drop those the autoscaler gave up on."""
+        for request in requests:
+            group, at = request["node_type"], float(request["request_ts_s"])
+            for index in range(request["count"]):
+                key = (group, at, index)
+                if request["state"] == "FAILED":  # given up: no node will come of it
+                    if at in self.requests.get(group, []) and key in self.seen:
+                        self.requests[group].remove(at)
                     self.seen.add(key)
-                    self.requests.setdefault(launch.ray_node_type_name, []).append(float(launch.request_ts_s))
+                elif key not in self.seen:
+                    self.seen.add(key)
+                    self.requests.setdefault(group, []).append(at)
 
 
 def read_node_lives(resources: ResourcesConfig) -> list:

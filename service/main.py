@@ -53,7 +53,7 @@ def create_app(settings: Settings | None = None, dispatch: bool = True, waker=No
     """`waker`: with dispatch=False, what a submission wakes instead (an object with `wake()`), e.g. the dispatcher
     deployment of `service.serve` when the API has several replicas."""
     settings = settings or Settings()
-    store = Store(settings.effective_database_url)
+    store = Store(settings.effective_database_url, billing=settings.billing())
     registry = CollectorRegistry(auto_describe=True)
     registry.register(StoreCollector(store))
 

@@ -225,7 +225,8 @@ class UserAccount(UserLimits):
     is_admin: bool
     created_at: datetime | None = Field(description="None for the bootstrap admin (MOEDISCO_API_TOKEN).")
     revoked_at: datetime | None = Field(None, description="Set once revoked: every token of the user is refused.")
-    month_spend_usd: float = Field(description="Dollars of this user's priced stages this calendar month (UTC).")
+    month_spend_usd: float = Field(description="Dollars this user's jobs were billed this calendar month (UTC): "
+                                   "node-hours at group prices; a job with no node recorded, its priced stages.")
     budget_left_usd: float | None = Field(None, description="monthly_budget_usd - month_spend_usd; null: no budget.")
     queued_jobs: int
 

@@ -107,7 +107,7 @@ class MoediscoDispatcher:
 
         resolved = Settings(**settings)
         set_process_niceness(resolved.api_niceness)
-        self.store = Store(resolved.effective_database_url)
+        self.store = Store(resolved.effective_database_url, billing=resolved.billing())
         self.dispatcher = Dispatcher(self.store, RayLauncher(resolved), resolved)
         self.dispatcher.start()
 

@@ -67,11 +67,11 @@ def test_a_spot_node_pays_its_groups_price_and_a_dated_price_applies_from_its_da
 
 def test_nodes_are_priced_by_their_group_label_else_their_tier_and_market():
     resources = ResourcesConfig()
-    assert price_group(resources, {"ray.io/node-group": "cheap-4090-spot"}, 1)[0] == "cheap-4090-spot"
-    assert price_group(resources, {"gpu_type": "4090", "ray.io/market-type": "spot"}, 1)[0] == "cheap-4090-spot"
-    assert price_group(resources, {"gpu_type": "A100"}, 1)[0] == "expensive-a100"
-    name, group = price_group(resources.model_copy(update={"node_groups": {}}), {"gpu_type": "A100"}, 2)
-    assert name == "tier:A100" and group.node_price(resources.prices) == pytest.approx(2 * 2.28)
+    assert price_group(resources, {"ray.io/node-group": "cheap-4090-spot"}) == "cheap-4090-spot"
+    assert price_group(resources, {"gpu_type": "4090", "ray.io/market-type": "spot"}) == "cheap-4090-spot"
+    assert price_group(resources, {"gpu_type": "4090", "market": "spot"}) == "cheap-4090-spot"  # the manifests' label
+    assert price_group(resources, {"gpu_type": "A100"}) == "expensive-a100"
+    assert price_group(resources, {"gpu_type": "H100"}) == "tier:H100"
 
 
 def test_random_clusters_bill_every_node_second_once():
@@ -119,12 +119,28 @@ def test_a_partial_price_or_device_override_keeps_the_other_defaults():
                                            "price_per_hour: 1}]"])
 
 
-def test_a_node_outside_the_declared_groups_is_priced_by_its_tier_and_gpus():
-    resources = ResourcesConfig().model_copy(update={"node_groups": {}})  # a table given merges with the defaults
-    name, _ = price_group(resources, {"gpu_type": "A100"}, 2)
-    node = NodeLife(node="x", group=name, started_at=0.0, ended_at=3600.0, resources={"GPU": 2.0})
-    bill = attribute([node], [Use(job="a", node="x", start=0.0, end=3600.0)], resources, now=3600.0)
-    assert bill.usd("a") == pytest.approx(2 * 2.28)
+def test_a_node_outside_the_declared_groups_is_priced_from_the_groups_never_from_the_jobs_tiers():
+    # Two spot A100s on a node no group declares: at the A100 group's price per GPU. A tier's device_type is the job's to
+    # set, so it must not price anything: an unknown tier pays the dearest group's per-GPU price.
+    cheap_tiers = ResourcesConfig(finetune_tier={"label": "A100", "device_type": "cpu"})
+    for labels, gpus, usd in (({"gpu_type": "A100", "market": "spot"}, 2.0, 2 * 2.28), ({"gpu_type": "H100"}, 1.0, 2.28)):
+        node = NodeLife(node="x", group=price_group(cheap_tiers, labels), started_at=0.0, ended_at=3600.0,
+                        resources={"GPU": gpus})
+        assert node.group.startswith("tier:")
+        bill = attribute([node], [Use(job="a", node="x", start=0.0, end=3600.0)], cheap_tiers, now=3600.0)
+        assert bill.usd("a") == pytest.approx(usd)
+
+
+def test_a_long_gap_between_two_uses_of_one_job_is_not_its_and_a_fraction_of_a_gpu_holds_the_card():
+    node = NodeLife(node="n1", group="cheap-4090", started_at=0.0, ended_at=10_000.0, resources={"GPU": 1.0})
+    uses = [Use(job="a", node="n1", start=0.0, end=600.0), Use(job="a", node="n1", start=9_000.0, end=9_600.0)]
+    bill = attribute([node], uses, RESOURCES, now=10_000.0, job_starts={"a": 0.0})
+    assert by_kind(bill, "a") == pytest.approx({"busy": 1200.0, "between": 100.0, "idle": 100.0})
+    assert by_kind(bill, None) == pytest.approx({"unclaimed": 10_000.0 - 1400.0})
+    shared = [Use(job="a", node="n1", start=0.0, end=100.0, resources={"GPU": 0.01}),
+              Use(job="b", node="n1", start=0.0, end=100.0, resources={"GPU": 0.5})]
+    bill = attribute([node], shared, RESOURCES, now=200.0)
+    assert by_kind(bill, "a")["busy"] == pytest.approx(50.0) == by_kind(bill, "b")["busy"]
 
 
 def test_a_group_keeps_its_idle_nodes_for_its_own_timeout():

@@ -10,11 +10,10 @@ from matplotlib.figure import Figure
 
 from moedisco.config.resources import ResourcesConfig
 from moedisco.job.metrics import read_metrics
-from moedisco.planning.billing import NodeLife
+from moedisco.planning.billing import NodeLife, accrued_usd
 from moedisco.planning.cost import CostLedger
 from moedisco.runner.report import (
     VIEWS,
-    accrued_usd,
     billed_curve,
     billed_spans,
     dollar_curve,
@@ -81,7 +80,7 @@ def test_billed_curve_rises_with_the_nodes_time_and_ends_at_the_billed_total(tmp
     # The last record (T0+470): everything but the A100's idle time before scale-down, which the tail adds.
     assert points[-2][0] == pytest.approx(billed_total - 100 * DEAR)
     assert [tier for _, _, tier in points] == ["submodel_tier"] * 3 + ["finetune_tier"] * 3
-    assert accrued_usd(spans, T0) == 0 and accrued_usd(spans, NOW) == pytest.approx(billed_total)
+    assert accrued_usd(spans, until=T0) == 0 and accrued_usd(spans, until=NOW) == pytest.approx(billed_total)
     compute = dollar_curve(read_metrics(folder / "metrics.jsonl"), folder / "cost.json")
     assert compute[-1][0] == pytest.approx(json.loads((folder / "cost.json").read_text())["total_usd"])
     assert [loss for _, loss, _ in compute] == [loss for _, loss, _ in points[:len(compute)]]

@@ -33,7 +33,7 @@ def _ledger(tmp_path, job_id: str, nodes: list[NodeLife], compute_usd: float) ->
         {"stage": "submodel", "expert": 0, "tier": "4090", "device_type": "rtx4090", "num_devices": 1,
          "seconds": 60.0, "device_hours": 1 / 60, "price_per_hour": 0.35, "usd": compute_usd, "simulated": True,
          "device": "cpu", "node": None}],
-        "usage": {"nodes": [vars(node) for node in nodes]}}))
+        "usage": {"nodes": [vars(node) for node in nodes], "uses": [{"node": node.node} for node in nodes]}}))
     return EventRecorder(store=None, job_id=job_id, output_dir=output)
 
 
@@ -134,3 +134,47 @@ def test_a_bad_prices_file_stops_the_service_naming_it(tmp_path):
     bad.write_text(yaml.safe_dump({"prices": {"a100": 1.0}, "label_key": "x"}))
     with pytest.raises(ValueError, match="only prices, node_groups, price_changes, idle_timeout_s may be set"):
         Settings(data_dir=tmp_path, prices_file=bad)
+
+
+def test_a_use_its_runner_never_closed_ends_where_the_job_did(store, tmp_path):
+    """A runner that died holding a node: its open use is closed at the job's end, not billed for ever."""
+    job = make_job(store, tmp_path, "d" * 12, "ada")
+    store.claim_next_queued()
+    alive = NodeLife(node="n1", group="cheap-4090", started_at=T0 - 30, resources={"GPU": 1.0})
+    _record(store, tmp_path, job.id, [(T0, None, {"GPU": 1.0})], [alive])
+    store.finish(job.id, "failed", "runner lost")
+    finished = store.get_job(job.id)
+    view = job_cost(store, finished)
+    assert view.billed.seconds_by_kind["busy"] == pytest.approx(finished.finished_at.timestamp() - T0, abs=1.0)
+    time.sleep(0.3)
+    assert job_cost(store, finished).billed.seconds_by_kind["busy"] == view.billed.seconds_by_kind["busy"]
+    assert job_cost(store, finished).billed_usd == pytest.approx(Users(store).month_spend("ada"), rel=1e-3)
+
+
+def test_runners_views_of_a_node_merge_and_a_node_not_yet_reported_falls_back_to_compute(store, tmp_path):
+    ada = make_job(store, tmp_path, "e" * 12, "ada")
+    store.claim_next_queued()
+    _record(store, tmp_path, ada.id, [(T0, T0 + 60, {"GPU": 1.0})], [NODE])
+    thinner = NodeLife(node="n1", group="cheap-4090", started_at=T0 - 30, ended_at=None, resources={"GPU": 1.0})
+    _record(store, tmp_path, ada.id, [], [thinner])  # another runner saw it later, without its request or end
+    lives = bill_inputs(store, store.get_job(ada.id)).lives
+    assert [(life.requested_at, life.ended_at) for life in lives] == [(NODE.requested_at, NODE.ended_at)]
+    bob = make_job(store, tmp_path, "f" * 12, "bob")
+    store.claim_next_queued()
+    recorder = _ledger(tmp_path, bob.id, [], compute_usd=0.5)
+    recorder.store = store
+    recorder(NodeUse(stage="submodel", expert=0, node="unreported", pid=1, start=T0, end=T0 + 60))
+    recorder.sync_costs()
+    view = job_cost(store, store.get_job(bob.id))
+    assert view.billed.basis == "compute" and view.billed_usd == pytest.approx(0.5)
+    assert Users(store).month_spend("bob") == pytest.approx(0.5)
+
+
+def test_the_operators_prices_apply_to_jobs_submitted_before_they_changed(store, tmp_path):
+    job = make_job(store, tmp_path, "g" * 12, "ada", resources={"prices": {"rtx4090": 0.0, "a100": 0.0, "cpu": 0.0}})
+    store.claim_next_queued()
+    _record(store, tmp_path, job.id, [(T0, T0 + 3600, {"GPU": 1.0})],
+            [NodeLife(node="n1", group="tier:4090", started_at=T0, ended_at=T0 + 3600, resources={"GPU": 1.0})])
+    assert job_cost(store, store.get_job(job.id)).billed_usd == pytest.approx(0.35)  # the operator's, not 0
+    store.billing = {**store.billing, "node_groups": {"cheap-4090": {"price_per_hour": 0.5}}}
+    assert job_cost(store, store.get_job(job.id)).billed_usd == pytest.approx(0.5)

@@ -129,11 +129,15 @@ def _default_node_groups() -> dict[str, NodeGroupConfig]:
 
 def _merged(defaults: dict[str, Any], given: Any) -> Any:
     """`given` over `defaults`, key by key (and field by field inside an entry that is itself a table), so that
-    `--set resources.prices.rtx4090=0.29` changes one price and keeps the others."""
+    `--set resources.prices.rtx4090=0.29` changes one price and keeps the others; an entry given as null goes
+    (`node_groups: {cheap-4090-spot: null}`: a cluster without that group)."""
     if not isinstance(given, dict):
         return given
     merged = dict(defaults)
     for key, value in given.items():
+        if value is None:
+            merged.pop(key, None)
+            continue
         base = merged.get(key)
         if isinstance(base, BaseModel) and isinstance(value, dict):
             value = {**base.model_dump(exclude_unset=True), **value}

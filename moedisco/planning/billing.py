@@ -25,7 +25,9 @@ Prices come from `ResourcesConfig.group_price` and change at `price_changes`; sp
 
 from __future__ import annotations
 
+import heapq
 import itertools
+import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -33,7 +35,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from moedisco.config.resources import NodeGroupConfig, ResourcesConfig
+from moedisco.config.resources import ResourcesConfig
 
 Kind = Literal["busy", "boot", "between", "idle", "unclaimed"]
 KINDS: tuple[str, ...] = ("busy", "boot", "between", "idle", "unclaimed")
@@ -81,9 +83,11 @@ class Use:
         return self.end if self.end is not None else now
 
     def share(self, node: NodeLife) -> float:
-        """The largest fraction of any of the node's resources this use holds; the whole node when not known."""
-        fractions = [held / node.resources[name] for name, held in self.resources.items()
-                     if held > 0 and node.resources.get(name, 0) > 0]
+        """The largest fraction of any of the node's resources this use holds; the whole node when not known. A GPU
+        counts whole (a job asking for 0.01 GPU keeps the card from others as much as one asking for all of it)."""
+        held = {name: math.ceil(amount) if name == "GPU" else amount for name, amount in self.resources.items()}
+        fractions = [amount / node.resources[name] for name, amount in held.items()
+                     if amount > 0 and node.resources.get(name, 0) > 0]
         return min(1.0, max(fractions)) if fractions else 1.0
 
 
@@ -120,22 +124,19 @@ class Bill:
         return sum(span.usd for span in self.spans if job == "all" or span.job == job)
 
 
-def price_group(resources: ResourcesConfig, labels: dict[str, str], gpus: float) -> tuple[str, NodeGroupConfig]:
+def price_group(resources: ResourcesConfig, labels: dict[str, str]) -> str:
     """The node group whose price a node pays: its `ray.io/node-group` label when that names a group; else the
-    first group of its tier label and market; else a group made from the tier whose label it carries (its GPUs at
-    that tier's device price: a node the manifests do not declare)."""
+    first group of its tier label and market (`ray.io/market-type`, or the manifests' `market` label); else
+    `tier:<label>`, a node the groups do not declare (`_Pricer` prices it)."""
     groups = resources.node_groups
     if (name := labels.get(GROUP_LABEL)) in groups:
-        return name, groups[name]
-    tier, market = labels.get(resources.label_key), labels.get(MARKET_LABEL, "on-demand")
+        return name
+    tier = labels.get(resources.label_key)
+    market = labels.get(MARKET_LABEL) or labels.get("market") or "on-demand"
     for name, group in groups.items():
         if group.tier == tier and group.market == market:
-            return name, group
-    for config in (resources.submodel_tier, resources.finetune_tier):
-        if config.label == tier:
-            return f"tier:{tier}", NodeGroupConfig(tier=tier, device_type=config.device_type,
-                                                   num_devices=max(1, round(gpus)))
-    return f"tier:{tier}", NodeGroupConfig(tier=str(tier), device_type="cpu", price_per_hour=0.0)
+            return name
+    return f"tier:{tier}"
 
 
 class _Pricer:
@@ -145,10 +146,15 @@ class _Pricer:
     def price(self, node: NodeLife, at: float) -> float:
         if node.group in self.resources.node_groups:
             return self.resources.group_price(node.group, at)
-        # A node outside the declared groups: priced as `price_group` priced it, from its tier and GPUs.
-        tier = node.group.removeprefix("tier:")
-        _, group = price_group(self.resources, {self.resources.label_key: tier}, node.resources.get("GPU", 1.0))
-        return group.node_price(self.resources.prices)
+        # A node the groups do not declare: its GPUs at the per-GPU price of a declared group of its tier, else at
+        # the dearest declared one. Never from a job's own tiers: a spec must not set the price it is billed at.
+        tier, gpus = node.group.removeprefix("tier:"), max(1.0, node.resources.get("GPU", 1.0))
+        per_gpu = [self.resources.group_price(name, at) / group.num_devices
+                   for name, group in self.resources.node_groups.items() if group.tier == tier]
+        if not per_gpu:
+            per_gpu = [self.resources.group_price(name, at) / group.num_devices
+                       for name, group in self.resources.node_groups.items()]
+        return gpus * max(per_gpu, default=0.0)
 
     def steps(self, group: str) -> list[float]:
         return self.resources.price_steps(group) if group in self.resources.node_groups else []
@@ -173,19 +179,16 @@ def _cuts(node: NodeLife, uses: list[Use], pricer: _Pricer, idle_timeout_s: floa
     return sorted(point for point in points if begin <= point <= end)
 
 
-def _idle_owner(a: float, uses: list[Use], node: NodeLife, job_starts: dict[str, float], idle_timeout_s: float,
-                now: float) -> tuple[str | None, str, Use | None]:
-    """(job, kind, use) of an idle stretch starting at `a`."""
-    before = [use for use in uses if use.until(now) <= a]
-    after = [use for use in uses if use.start >= a]
-    last = max(before, key=lambda use: use.until(now)) if before else None
-    following = min(after, key=lambda use: use.start) if after else None
+def _idle_owner(a: float, last: Use | None, following: Use | None, node: NodeLife, job_starts: dict[str, float],
+                idle_timeout_s: float, now: float) -> tuple[str | None, str, Use | None]:
+    """(job, kind, use) of an idle stretch starting at `a`, between the use that ended last before it and the
+    next one to start."""
     if last is not None:
+        if a >= last.until(now) + idle_timeout_s:  # the autoscaler would have removed it: kept for nobody
+            return None, "unclaimed", last
         if following is not None and following.job == last.job:
             return last.job, "between", last
-        if a < last.until(now) + idle_timeout_s:
-            return last.job, "idle", last
-        return None, "unclaimed", last
+        return last.job, "idle", last
     if following is not None and job_starts.get(following.job, float("inf")) <= node.billed_from:
         return following.job, "boot", following
     return None, "unclaimed", following
@@ -193,19 +196,32 @@ def _idle_owner(a: float, uses: list[Use], node: NodeLife, job_starts: dict[str,
 
 def _node_spans(node: NodeLife, uses: list[Use], pricer: _Pricer, job_starts: dict[str, float],
                 idle_timeout_s: float, now: float) -> list[_Span]:
-    cuts = _cuts(node, uses, pricer, idle_timeout_s, now)
+    """One sweep over the node's cut points: uses start in order, end off a heap (a node may hold thousands)."""
+    by_start = sorted(uses, key=lambda use: use.start)
+    active: list[tuple[float, int, Use]] = []  # heap of (until, order, use)
+    started = 0
+    last: Use | None = None
     spans: list[_Span] = []
-    for a, b in itertools.pairwise(cuts):
+    for a, b in itertools.pairwise(_cuts(node, uses, pricer, idle_timeout_s, now)):
+        while started < len(by_start) and by_start[started].start <= a:
+            use = by_start[started]
+            heapq.heappush(active, (use.until(now), started, use))
+            started += 1
+        while active and active[0][0] <= a:  # ended by `a`: the latest to end is the last user so far
+            ended = heapq.heappop(active)[2]
+            if last is None or ended.until(now) >= last.until(now):
+                last = ended
         if b <= a:
             continue
-        active = [use for use in uses if use.start <= a and use.until(now) >= b]
         price = pricer.price(node, a)
-        if active:
-            shares = [use.share(node) for use in active]
+        if active:  # every cut is a use's start or end, so whoever is active at `a` holds the node until `b`
+            holding = [use for _, _, use in active]
+            shares = [use.share(node) for use in holding]
             spans += [_Span(use.job, "busy", use, a, b, share / sum(shares), price)
-                      for use, share in zip(active, shares)]
+                      for use, share in zip(holding, shares)]
         else:
-            job, kind, use = _idle_owner(a, uses, node, job_starts, idle_timeout_s, now)
+            following = by_start[started] if started < len(by_start) else None
+            job, kind, use = _idle_owner(a, last, following, node, job_starts, idle_timeout_s, now)
             spans.append(_Span(job, kind, use, a, b, price=price))
     return _merged(spans)
 
@@ -251,6 +267,18 @@ def attribute(nodes: Iterable[NodeLife], uses: Iterable[Use], resources: Resourc
     return Bill(spans)
 
 
+def accrued_usd(spans: Iterable[BilledSpan], since: float = float("-inf"), until: float = float("inf")) -> float:
+    """The dollars of `spans` accrued between `since` and `until` (a span across either counts in proportion)."""
+    total = 0.0
+    for span in spans:
+        a, b = max(span.start, since), min(span.end, until)
+        if b > a:
+            total += span.usd * (b - a) / (span.end - span.start)
+        elif span.start == span.end and since <= span.start <= until:
+            total += span.usd
+    return total
+
+
 def summarize(spans: Iterable[BilledSpan]) -> list[dict]:
     """A job's spans as rows by (stage, expert, group): seconds and dollars by kind, and in all."""
     rows: dict[tuple, dict] = {}
@@ -267,5 +295,5 @@ def summarize(spans: Iterable[BilledSpan]) -> list[dict]:
     return [{**row, "nodes": sorted(row["nodes"])} for row in rows.values()]
 
 
-__all__ = ["GROUP_LABEL", "KINDS", "MARKET_LABEL", "Bill", "BilledSpan", "NodeLife", "Use", "attribute",
-           "price_group", "summarize"]
+__all__ = ["GROUP_LABEL", "KINDS", "MARKET_LABEL", "Bill", "BilledSpan", "NodeLife", "Use", "accrued_usd",
+           "attribute", "price_group", "summarize"]

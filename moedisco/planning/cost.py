@@ -132,14 +132,15 @@ class CostLedger:
             self.started_at = now if now is not None else time.time()
             self._save()
 
-    def add_uses(self, uses: list[dict]) -> None:
-        """A stage's node uses (`moedisco.job.events.NodeUse` as JSON: node, pid, start, end, resources, stage,
-        expert, round); one already recorded (same node, pid, start) is replaced."""
+    def add_uses(self, uses: list[dict], save: bool = True) -> None:
+        """Node uses (`moedisco.job.events.NodeUse` as JSON: node, pid, start, end, resources, stage, expert,
+        round); one already recorded (same node, start, stage, expert and round) is replaced. `save`: rewrite
+        cost.json now (a use reported as it happens waits for the stage's end)."""
         for use in uses:
             self._add_use(Use(job=THIS_JOB, node=use["node"], start=use["start"], end=use.get("end"),
                               stage=use.get("stage"), expert=use.get("expert"), round=use.get("round"),
                               resources=use.get("resources") or {}))
-        if uses:
+        if uses and save:
             self._save()
 
     def _add_use(self, use: Use) -> None:

@@ -27,6 +27,7 @@ from moedisco.config.spec import JobSpec
 from moedisco.job.events import (
     Events,
     JobCancelledEvent,
+    NodeUse,
     StageFinished,
     StageSkipped,
     StageStarted,
@@ -201,7 +202,8 @@ class JobRunner:
         self.budget_left, self.replaced = budget_left, False
         self.job = JobContext(spec, paths, MetricsWriter(paths.metrics), self.emit, self.should_stop, runner_id,
                               self.check_claim)
-        self.executor, self.ledger = executor, CostLedger(paths.cost, spec.resources)
+        self.ledger = CostLedger(paths.cost, spec.resources)  # before the job's first event
+        self.executor = executor
         self.plan = plan(spec)
         self.last_task = {task.key: task for group in self.plan for task in group}  # a stage's last round
         self.started_at: dict[Task, float] = {}
@@ -296,7 +298,11 @@ class JobRunner:
         self.executor.done(task)
 
     def emit(self, event) -> None:
-        """The user's callback, until this runner was replaced: then the job's events are the new runner's."""
+        """The user's callback, until this runner was replaced: then the job's events are the new runner's. A
+        closed node use goes into the ledger as it comes, so that work which never finished (a failed or cancelled
+        attempt) is billed too."""
+        if isinstance(event, NodeUse) and event.end is not None:
+            self.ledger.add_uses([event.model_dump(mode="json")], save=False)
         if not self.replaced:
             self.user_events(event)
 

@@ -33,7 +33,7 @@ from pydantic import ValidationError  # noqa: E402
 from moedisco.config.resources import ResourcesConfig  # noqa: E402
 from moedisco.job.metrics import read_metrics  # noqa: E402
 from moedisco.job.registry import STAGE, STAGES, pipeline_order  # noqa: E402
-from moedisco.planning.billing import BilledSpan  # noqa: E402
+from moedisco.planning.billing import BilledSpan, accrued_usd  # noqa: E402
 from moedisco.planning.cost import CostLedger, billed_view  # noqa: E402
 
 Point = tuple[float, float, str]  # (cumulative USD, held-out loss, tier)
@@ -142,17 +142,6 @@ def no_billed_reason(cost_path: Path) -> str:
     return "its nodes cannot be priced (no readable spec.yaml beside cost.json)"
 
 
-def accrued_usd(spans: list[BilledSpan], at: float) -> float:
-    """The dollars of `spans` before unix time `at`: each span's, pro rata for its part of [start, end] before `at`."""
-    usd = 0.0
-    for span in spans:
-        if at >= span.end:
-            usd += span.usd
-        elif at > span.start:
-            usd += span.usd * (at - span.start) / (span.end - span.start)
-    return usd
-
-
 def billed_curve(records: list[dict], spans: list[BilledSpan]) -> list[Point]:
     """(cumulative billed USD, held-out loss, tier) at the points of `dollar_curve`: the spans' dollars before the
     step was logged (by its last expert; never before an earlier point). Records without `time` are left out."""
@@ -163,7 +152,7 @@ def billed_curve(records: list[dict], spans: list[BilledSpan]) -> list[Point]:
         if not times:
             continue
         known_at = max(known_at, *times)
-        points.append((accrued_usd(spans, known_at), _mean_loss(experts), STAGE[stage].tier))
+        points.append((accrued_usd(spans, until=known_at), _mean_loss(experts), STAGE[stage].tier))
     return _to_total(points, sum(span.usd for span in spans))
 
 

@@ -74,7 +74,8 @@ class RayLauncher:
         actor = ray.remote(JobActor).options(
             name=self.actor_name(job_id), namespace=self.settings.ray_namespace, lifetime="detached",
             get_if_exists=True, max_restarts=0, **job_actor_placement(runner),
-        ).remote(self.settings.effective_database_url, self.settings.lease_ttl_s, self.settings.access)
+        ).remote(self.settings.effective_database_url, self.settings.lease_ttl_s, self.settings.access,
+                 self.settings.billing())
         actor.run.remote(job_id, runner)  # fire and forget: the actor reports through the store
 
 

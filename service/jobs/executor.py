@@ -150,8 +150,11 @@ def _execute(store: Store, job, runner: str, lease: Lease, rules: AccessRules | 
     if refused:
         reasons = "; ".join(f"{'.'.join(map(str, found['loc'][1:]))}: {found['msg']}" for found in refused)
         return _finish(store, job_id, recorder, "failed", f"inputs refused: {reasons}", runner_id=runner_id)
+    raw = upgrade_saved_spec(job.spec)  # stored in full when submitted, perhaps by an older version
+    # Priced as the operator prices now (`max_cost_usd` too), whatever it was submitted with.
+    raw["resources"] = {**(raw.get("resources") or {}), **store.billing}
     try:
-        spec = build_spec(upgrade_saved_spec(job.spec))  # stored in full when submitted, perhaps by an older version
+        spec = build_spec(raw)
     except SpecError as error:  # a spec stored by an older moedisco that this one no longer accepts
         return _finish(store, job_id, recorder, "failed", str(error), runner_id=runner_id)
     if runner == "ray":
@@ -211,8 +214,9 @@ def _finish(store: Store, job_id: str, recorder: EventRecorder, state: str, reas
 class JobActor:
     """One job's runner. Detached and named after the job, so it outlives the process that started it."""
 
-    def __init__(self, database_url: str, lease_ttl_s: float = 60.0, rules: AccessRules | None = None):
-        self.database_url, self.lease_ttl_s, self.rules = database_url, lease_ttl_s, rules
+    def __init__(self, database_url: str, lease_ttl_s: float = 60.0, rules: AccessRules | None = None,
+                 billing: dict | None = None):
+        self.database_url, self.lease_ttl_s, self.rules, self.billing = database_url, lease_ttl_s, rules, billing
         self.started = False
 
     def run(self, job_id: str, runner: str) -> str | None:
@@ -221,7 +225,7 @@ class JobActor:
         if self.started:  # a second launch that found this actor alive must not run the job twice
             return None
         self.started = True
-        store = Store(self.database_url)
+        store = Store(self.database_url, billing=self.billing)
         try:
             return execute_job(store, job_id, runner, self.lease_ttl_s, self.rules)
         finally:

@@ -29,7 +29,7 @@ from moedisco.job.events import (
 )
 from moedisco.job.layout import JobPaths
 from moedisco.planning.cost import CostRow
-from service.store.billing import record_nodes, record_use
+from service.store.billing import record_use, save_nodes
 from service.store.models import EventRow, JobRow, StageRow, StoredCost, stage_key, utcnow
 from service.store.store import Store, bump_version, json_safe
 
@@ -94,8 +94,12 @@ class EventRecorder:
                 for name in STORED_COST_FIELDS:
                     setattr(stored, name, getattr(row, name))
                 session.add(stored)
-            record_nodes(session, ledger.get("usage", {}).get("nodes", []))
             bump_version(session, self.job_id)
+        # The nodes this job used (the ledger lists every worker node its runner saw), merged with what other
+        # jobs' runners said of them.
+        usage = ledger.get("usage", {})
+        used = {use["node"] for use in usage.get("uses", [])}
+        save_nodes(self.store, [life for life in usage.get("nodes", []) if life["node"] in used])
 
 
 def _apply_finished(row: StageRow, event: StageFinished) -> None:

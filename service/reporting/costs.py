@@ -95,10 +95,6 @@ def _savings(baseline_usd: float, usd: float) -> float | None:
     return round(100.0 * (baseline_usd - usd) / baseline_usd, 2) if baseline_usd > 0 else None
 
 
-def _billed_total(bill: BillInputs, compute_usd: float, now: float) -> float:
-    return sum(span.usd for span in bill.spans(now)) if bill.recorded else compute_usd
-
-
 def _baseline(inputs: CostInputs, billed_usd: float, now: float
               ) -> tuple[BaselinePublic | None, float | None, str | None]:
     """(baseline, savings %, basis). A measured baseline is billed as this job is; an estimated one is compared
@@ -107,7 +103,7 @@ def _baseline(inputs: CostInputs, billed_usd: float, now: float
     job, found = inputs.job, inputs.measured_baseline
     if found is not None:
         baseline_job, compute_usd = found
-        usd = _billed_total(inputs.baseline_bill, compute_usd, now)
+        usd = inputs.baseline_bill.billed_usd(compute_usd, now)
         return BaselinePublic(kind="measured", usd=usd, job_id=baseline_job.id), _savings(usd, billed_usd), "measured"
     estimate = job.estimate or {}
     if job.method != "full_parameter" and estimate.get("full_parameter_usd") is not None:

@@ -3,7 +3,7 @@
     registry = CollectorRegistry(); registry.register(StoreCollector(store))
     generate_latest(registry)   # moedisco_jobs{owner,state}, moedisco_stage_duration_seconds_*,
                                 # moedisco_spent_usd_total{owner,tier} (compute),
-                                # moedisco_billed_usd_total{owner,group} (node-hours at group prices)
+                                # moedisco_billed_usd{owner,group} (node-hours at group prices)
 
 The store, not process memory, is the source: a job's stages may have run under an API process long gone.
 """
@@ -63,9 +63,10 @@ class StoreCollector(Collector):
         for (owner, tier), usd in sorted(self.store.usd_by_owner_and_tier().items()):
             spent.add_metric([owner, tier], usd or 0.0)
         yield spent
-        billed = CounterMetricFamily("moedisco_billed_usd", "Billed dollars by owner and node group: the node-hours "
-                                                            "jobs caused, at the group's price (what budgets count).",
-                                     labels=["owner", "group"])
+        # A gauge: a node's time is re-split as jobs come and go on it, so the figure can also go down.
+        billed = GaugeMetricFamily("moedisco_billed_usd", "Billed dollars by owner and node group: the node-hours "
+                                                          "jobs caused, at the group's price (what budgets count).",
+                                   labels=["owner", "group"])
         for (owner, group), usd in sorted(billed_by_owner_and_group(self.store, time.time()).items()):
             billed.add_metric([owner, group], usd)
         yield billed

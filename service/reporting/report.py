@@ -3,7 +3,7 @@ training stage, cost bars and tables in both views, and the downstream scores of
 images and tables.
 
     html = render_report(job, stages, records, cost)     # GET /v1/jobs/{id}/report
-    html = render_report(job, stages, records, cost, spans=job_bill(store, job, now))   # the service's own split
+    html = render_report(job, stages, records, cost, spans=bill_inputs(store, job).spans(now))   # the service's split
 
 The billed curve is drawn from the job's billed spans: the service's when given (`service.store.billing`, which
 splits a node with the other jobs that used it, as the cost view does), else its runner's ledger in the job folder
@@ -23,7 +23,9 @@ from html import escape
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from pydantic import ValidationError
 
+from moedisco.config.resources import ResourcesConfig
 from moedisco.job.layout import JobPaths
 from moedisco.job.metrics import read_metrics
 from moedisco.planning.billing import BilledSpan
@@ -38,7 +40,6 @@ from moedisco.runner.report import (
     plot_dollar_views,
 )
 from service.schemas import CostPublic
-from service.store.billing import job_resources
 from service.store.models import JobRow, StageRow
 
 REFRESH_S = 10
@@ -71,8 +72,15 @@ def loss_figures(records: list[dict]) -> dict[str, str]:
     return images
 
 
+def _resources(job: JobRow) -> ResourcesConfig | None:
+    try:  # the job's stored spec; None: the one saved beside cost.json
+        return ResourcesConfig.model_validate(job.spec.get("resources", {}))
+    except (ValidationError, AttributeError):
+        return None
+
+
 def _spans(job: JobRow, given: list[BilledSpan] | None) -> list[BilledSpan] | None:
-    return given if given is not None else billed_spans(Path(job.output_dir) / "cost.json", job_resources(job))
+    return given if given is not None else billed_spans(Path(job.output_dir) / "cost.json", _resources(job))
 
 
 def dollar_figure(job: JobRow, records: list[dict], baseline: JobRow | None, spans: list[BilledSpan] | None = None,

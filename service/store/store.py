@@ -21,6 +21,7 @@ from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from moedisco.planning.cost import CostRow
+from service.core.config import read_prices
 from service.core.db import make_engine, session_factory
 from service.schemas import TERMINAL_STATES
 from service.store.models import BOOTSTRAP_ADMIN, EventRow, JobRow, StageRow, StoredCost, init_db, utcnow
@@ -61,8 +62,12 @@ def bump_version(session: Session, job_id: str) -> None:
 
 
 class Store:
-    def __init__(self, url: str):
+    """`billing`: the operator's price keys of `resources` (`service.core.config.Settings.billing`), which every
+    job's bill is read at (`service.store.billing`); unset: moedisco's defaults."""
+
+    def __init__(self, url: str, billing: dict | None = None):
         self.url = url
+        self.billing = billing if billing is not None else read_prices(None)
         self.engine = make_engine(url)
         init_db(self.engine)
         self.session: type[Session] = session_factory(self.engine)

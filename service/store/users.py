@@ -20,7 +20,8 @@ from datetime import datetime
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from service.store.billing import job_bill, usd_after
+from moedisco.planning.billing import accrued_usd
+from service.store.billing import bill_inputs
 from service.store.models import JobRow, NodeUseRow, StoredCost, TokenRow, UserRow, utcnow
 from service.store.store import Store
 
@@ -116,22 +117,26 @@ class Users:
 
     def month_spend(self, user: str, now: datetime | None = None) -> float:
         """Dollars the user's jobs spent this calendar month (UTC): each job's billed node time since the month
-        began (`service.store.billing`); a job with no node recorded (a local run) counts its priced stages."""
+        began (`service.store.billing`, as the cost view's `billed_usd`); a job with no node recorded (a local run)
+        counts its priced stages."""
         now = now or utcnow()
         start = month_start(now)
+        this_month = or_(StoredCost.priced_at >= start,
+                         and_(StoredCost.priced_at.is_(None), JobRow.created_at >= start))
         with self.store.session() as session:
-            billed = session.scalars(select(JobRow).where(JobRow.owner == user, JobRow.id.in_(
-                select(NodeUseRow.job_id).where(or_(NodeUseRow.end.is_(None),
-                                                    NodeUseRow.end >= start.timestamp() - DAY_S)))))
-            billed_jobs = {job.id: job for job in billed.all()}
-            this_month = or_(StoredCost.priced_at >= start,
-                             and_(StoredCost.priced_at.is_(None), JobRow.created_at >= start))
-            compute = float(session.scalar(
-                select(func.coalesce(func.sum(StoredCost.usd), 0.0)).join(JobRow, JobRow.id == StoredCost.job_id)
-                .where(JobRow.owner == user, this_month,
-                       StoredCost.job_id.not_in(select(NodeUseRow.job_id).distinct()))) or 0.0)
-        return compute + sum(usd_after(job_bill(self.store, job, now.timestamp()), start.timestamp())
-                             for job in billed_jobs.values())
+            compute = dict(session.execute(
+                select(StoredCost.job_id, func.sum(StoredCost.usd)).join(JobRow, JobRow.id == StoredCost.job_id)
+                .where(JobRow.owner == user, this_month).group_by(StoredCost.job_id)).all())
+            recent = or_(NodeUseRow.end.is_(None), NodeUseRow.end >= start.timestamp() - DAY_S)
+            with_uses = session.scalars(select(JobRow).where(
+                JobRow.owner == user, JobRow.id.in_(select(NodeUseRow.job_id).where(recent)))).all()
+        spend = sum(usd or 0.0 for usd in compute.values())
+        for job in with_uses:
+            inputs = bill_inputs(self.store, job)
+            if inputs.recorded:  # the bill replaces the job's compute rows
+                billed = accrued_usd(inputs.spans(now.timestamp()), since=start.timestamp())
+                spend += billed - (compute.get(job.id) or 0.0)
+        return spend
 
     def budget_left(self, user: str) -> float | None:
         """Dollars the user may still spend this month; None without a budget (or without a user row: the
