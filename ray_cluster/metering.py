@@ -1,7 +1,7 @@
 """The worker nodes' lives as the cloud bills them: from the autoscaler's request for a node to the node's end.
 
-    meter = NodeMeter(spec.resources).start()   # polls in a thread of this driver, connected to Ray
-    meter.lives()                               # [NodeLife(node=..., group="cheap-4090", requested_at=..., ...)]
+    meter = NodeMeter(spec.resources).start(watch_launches=True)   # with an autoscaler: a thread of this driver
+    meter.poll(); meter.lives()                 # [NodeLife(node=..., group="cheap-4090", requested_at=..., ...)]
     meter.stop()
 
 Ray's node table (`ray.util.state.list_nodes`, the same on KubeRay and on the local clusters) gives each node's start
@@ -10,9 +10,10 @@ control plane (`CONTROL_PLANE_LABEL`), is not a worker node and is not billed to
 its launch requests (`ray_cluster.autoscaling.launch_requests`) say when a node of a group was asked for: a node is
 taken to be the oldest request of its group not yet matched that came before it started and at most `MAX_BOOT_S`
 before, so that the boot and image pull are billed; a request the autoscaler gave up on (failed) matches nothing.
-A request is only seen while it is pending: the meter polls every `poll_s`, and a request that comes and goes between
-two polls is billed from the node's start. Without an autoscaler (a static cluster), nodes are billed from their
-start.
+A request is only seen while it is pending: the meter's thread reads them every `poll_s`, and a request that comes and
+goes between two reads is billed from the node's start. Without an autoscaler (a static cluster) there is no thread,
+and nodes are billed from their start. The node table is read when asked (`poll`: the runner does at each stage's
+end), not in the thread: Ray serves it through the dashboard, whose work a 2-core machine feels.
 """
 
 from __future__ import annotations
@@ -46,10 +47,13 @@ class NodeMeter:
         self.stopping = threading.Event()
         self.thread: threading.Thread | None = None
 
-    def start(self) -> NodeMeter:
-        self.poll()
-        self.thread = threading.Thread(target=self._loop, name="moedisco-node-meter", daemon=True)
-        self.thread.start()
+    def start(self, watch_launches: bool) -> NodeMeter:
+        """Read the nodes now; with `watch_launches` (an autoscaler runs), read its launch requests every `poll_s`
+        in a thread until `stop`."""
+        self.try_poll()
+        if watch_launches:
+            self.thread = threading.Thread(target=self._loop, name="moedisco-node-meter", daemon=True)
+            self.thread.start()
         return self
 
     def stop(self) -> None:
@@ -60,7 +64,8 @@ class NodeMeter:
 
     def _loop(self) -> None:
         while not self.stopping.wait(self.poll_s):
-            self.try_poll()
+            with self.lock:
+                self._read_launch_requests()
 
     def try_poll(self) -> None:
         try:
@@ -130,7 +135,7 @@ class NodeMeter:
 
 
 def read_node_lives(resources: ResourcesConfig) -> list:
-    """The worker nodes' lives now (one poll, no launch requests): for a process that holds no meter."""
+    """The worker nodes' lives now (one poll): for a process that holds no meter."""
     meter = NodeMeter(resources)
     meter.poll()
     return meter.lives()

@@ -40,6 +40,7 @@ from ray_cluster.metering import NodeMeter
 from ray_cluster.placement import (
     NodeUseReporter,
     TierUnreachable,
+    autoscaler_present,
     check_output_dir,
     check_tiers_reachable,
     on_driver_node,
@@ -78,7 +79,8 @@ class RayExecutor:
         helpers = helpers or prestart.start_helpers(self.spec)
         self.tracker.adopt_launcher(helpers.launcher)
         self.data_worker = helpers.data_worker
-        self.meter = NodeMeter(self.spec.resources).start()  # the nodes' lives, for the billed cost
+        # The nodes' lives, for the billed cost; with an autoscaler, when each node was asked for.
+        self.meter = NodeMeter(self.spec.resources).start(watch_launches=autoscaler_present(self.spec))
 
     def run(self, tasks: list[Task], started: Started) -> Iterator[tuple[Task, dict]]:
         if not STAGE[tasks[0].stage].setup:

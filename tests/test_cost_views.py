@@ -108,7 +108,8 @@ def test_the_report_draws_billed_beside_compute_and_an_old_cost_json_in_compute_
 
 
 def cli_output(summary: dict, monkeypatch) -> str:
-    monkeypatch.setattr(console, "width", 160)  # a terminal wide enough for the billed table's ten columns
+    # `_width`, not `width`: restoring the property would pin every later command to the width it read then (80)
+    monkeypatch.setattr(console, "_width", 160)  # a terminal wide enough for the billed table's ten columns
     with console.capture() as captured:
         print_cost(summary)
     return " ".join(captured.get().replace("│", " ").split())
