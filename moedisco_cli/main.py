@@ -2,6 +2,7 @@
 
     moedisco run examples/tiny.yaml --set submodel.steps=50
     moedisco estimate examples/qwen1.5-moe-a2.7b.yaml
+    moedisco estimate SPEC --hours submodel=2.09 --hours finetune=1.73 --hours full_parameter=9.87  # measured
     moedisco evaluate runs/tiny/final --tasks next_paragraph --limit 200
     moedisco --help              # also: cluster, serve, submit, jobs, status, cost, cancel, demo, users, tokens
 """
@@ -74,12 +75,23 @@ def run(spec: SpecArg, set_: SetOpt = None,
 
 @app.command()
 def estimate(spec: SpecArg, set_: SetOpt = None,
+             hours: Annotated[list[str] | None, typer.Option(
+                 "--hours", help="Measured wall hours of a stage, STAGE=HOURS: warmup, submodel (the slowest "
+                 "one), finetune, full_parameter.")] = None,
+             convention: Annotated[str | None, typer.Option(
+                 help="`flop` (the FLOP model) or `paper` (the --hours, submodels E x the slowest, as the paper's "
+                 "Table 3); unset = paper with --hours, else flop.")] = None,
              as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Parameter counts, memory plan per tier and cost estimate, without training."""
-    from moedisco.planning.estimate import estimate_job
-    from moedisco_cli.estimate import render_estimate
+    from moedisco.planning.estimate import EstimateError, estimate_job
+    from moedisco_cli.estimate import parse_hours, render_estimate
 
-    result = estimate_job(_load(spec, set_))
+    job = _load(spec, set_)
+    try:
+        result = estimate_job(job, hours=parse_hours(hours or []), convention=convention)
+    except EstimateError as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
     if as_json:
         console.print_json(json.dumps(result))
     else:

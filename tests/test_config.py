@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
 from moedisco.config.loading import INPUT_PATHS, SpecError, build_spec, load_spec, upgrade_saved_spec
 from moedisco.config.spec import JobSpec
 from moedisco_cli.common import read_spec_file
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_spec_dict
 
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 
@@ -23,9 +25,14 @@ def test_paper_defaults():
     spec = build_spec({"output_dir": "x", "data": {"train": "corpus.jsonl"}})
     assert (spec.submodel.lr, spec.submodel.schedule) == (1e-4, "constant")
     assert (spec.finetune.lr, spec.finetune.schedule, spec.finetune.warmup_ratio, spec.finetune.weight_decay) == (
-        3e-4, "cosine", 0.03, 0.01)
-    assert spec.full_parameter == spec.finetune
+        3e-4, "wsd", 0.03, 0.01)
+    assert spec.full_parameter.schedule == "cosine"  # the paper's; the fine-tune anneals where it stops instead
+    assert spec.full_parameter == spec.finetune.model_copy(update={"schedule": "cosine"})
     assert spec.resources.prices["rtx4090"] == 0.35 and spec.resources.prices["a100"] == 2.28
+    # A section given in part keeps its own defaults for the rest, not TrainConfig's.
+    partial = build_spec({"output_dir": "x", "data": {"train": "corpus.jsonl"}, "submodel": {"steps": 5},
+                          "finetune": {"steps": 5}})
+    assert (partial.submodel.lr, partial.submodel.schedule, partial.finetune.schedule) == (1e-4, "constant", "wsd")
 
 
 BAD_SPECS = [
@@ -145,3 +152,24 @@ def test_a_tier_asks_for_the_gpus_its_device_type_declares():
     assert default.submodel_tier.gpus_per_worker_needed() == 1 and default.finetune_tier.gpus_per_worker_needed() == 1
     assert resources.submodel_tier.gpus_per_worker_needed() == 0  # `cpu`
     assert resources.finetune_tier.gpus_per_worker_needed() == 0.5  # the explicit override
+
+
+def test_recipe_auto_sizes_the_phases_from_the_baseline_budget():
+    from moedisco.config.recipe import RULE
+
+    budgets = {}
+    for steps in (600, 2400):
+        spec = build_spec(tiny_spec_dict(Path("x"), recipe="auto", full_parameter={"steps": steps, "batch_size": 8},
+                                         submodel={"steps": 7, "batch_size": 4}, finetune={"steps": 7}))
+        sequences = steps * 8
+        assert spec.submodel.steps * spec.model.num_experts * 4 == pytest.approx(RULE.cheap_share * sequences, abs=8)
+        assert spec.finetune.steps * spec.finetune.batch_size == pytest.approx(
+            RULE.finetune_share(steps) * sequences, abs=spec.finetune.batch_size)
+        assert spec.branch.sync_rounds == min(RULE.sync_rounds, spec.submodel.steps)
+        assert build_spec(yaml.safe_load(spec.to_yaml())) == spec  # the saved spec resolves to itself
+        budgets[steps] = spec.submodel.steps
+    assert budgets[2400] == pytest.approx(4 * budgets[600], abs=1)  # the cheap phase grows with the budget
+    manual = build_spec(tiny_spec_dict(Path("x"), submodel={"steps": 7}))
+    assert manual.recipe == "manual" and manual.submodel.steps == 7
+    with pytest.raises(SpecError, match="recipe"):
+        build_spec(tiny_spec_dict(Path("x"), recipe="automatic"))

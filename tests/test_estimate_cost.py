@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from moedisco.config.loading import build_spec, load_spec
 from moedisco.config.resources import ResourcesConfig
 from moedisco.models.architecture import with_num_experts
-from moedisco.planning.cost import CostLedger, flop_cost_usd
+from moedisco.planning.cost import CostLedger
 from moedisco.planning.estimate import estimate_job
 from moedisco.planning.memory_plan import MemoryFitError, parameter_counts, resolve_memory
 from moedisco.runner.job_runner import BudgetExceeded, JobRunner, LocalExecutor, run_job
@@ -51,7 +51,11 @@ def test_estimate_plans_the_llama_moe_example_at_its_named_size():
     assert result["arch"] == "mixtral" and result["num_experts"] == 4
     assert 3.4e9 < result["parameters"]["active"] < 3.6e9  # the "3.5B" LLaMA-MoE is named for
     assert result["memory"]["submodel"]["device_gb"] == 24 and result["memory"]["full_moe"]["device_gb"] == 80
-    assert 0 < result["cost"]["total_usd"] < result["cost"]["full_parameter_usd"]
+    cost = result["cost"]
+    # No "cheaper than the baseline" here: with the recomputed forward of its checkpointed submodels at a 4090's
+    # 30% efficiency, the FLOP model prices this example's 4 x 4810 submodel steps above the baseline.
+    assert cost["total_usd"] == pytest.approx(cost["submodels_usd"] + cost["finetune_usd"])
+    assert cost["stages"]["submodel"]["recompute"] and cost["full_parameter_usd"] > cost["finetune_usd"] > 0
     for section in ("submodel", "finetune"):  # as written, on one 4090 and one A100
         assert result["plan"][section]["num_devices"] == 1 and not result["plan"][section]["refused"]
 
@@ -99,11 +103,6 @@ def test_the_command_line_reports_the_refusal_and_exits_2(tmp_path):
     result = CliRunner().invoke(app, ["run", str(tmp_path / "spec.yaml"), "--quiet"])
     assert result.exit_code == 2, result.output
     assert "GB short" in result.output and not (spec.output_dir / "stages").exists()
-
-
-def test_flop_cost_model():
-    out = flop_cost_usd(active_params=1_000_000_000, tokens=1_000_000, peak_tflops=100.0, utilisation=0.5, price=3.6)
-    assert out["flops"] == 6e15 and out["seconds"] == pytest.approx(120.0) and out["usd"] == pytest.approx(0.12)
 
 
 def test_ledger_replaces_rows_on_resume_and_sums(tmp_path):

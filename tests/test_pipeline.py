@@ -16,8 +16,10 @@ from moedisco.job.metrics import MetricsWriter, read_metrics
 from moedisco.job.registry import STAGE, Task, plan
 from moedisco.models.architecture import parameter_roles, read_config
 from moedisco.runner.job_runner import check_same_job, run_job
+from moedisco.stages.finetune import anneal
 from moedisco.stages.stage_run import StageRun
 from moedisco.stages.sync import stage_sync
+from moedisco.training.checkpoint import checkpoint_dir
 from moedisco.training.loop import StopRequested
 from tests.conftest import tiny_spec_dict
 
@@ -119,6 +121,24 @@ def test_interrupted_stage_resumes_from_checkpoint(tmp_path):
     assert finished[("submodel", 1)]["resumed_from"] == 4
     steps = [r["step"] for r in read_metrics(spec.output_dir / "metrics.jsonl", "submodel") if r["expert"] == 1]
     assert steps == [0, 4, 8, 12]
+
+
+def test_a_stopped_finetune_is_annealed_where_it_stopped(tmp_path):
+    """`anneal`: the wsd fine-tune's stable checkpoint decayed beside the job, which is left as it was."""
+    spec = build_spec(tiny_spec_dict(tmp_path / "out", model={"num_experts": 2, "num_experts_per_tok": 1},
+                                     branch={"sync_rounds": 1}))
+    paths = JobPaths(spec.output_dir)
+    stable = checkpoint_dir(paths.run_dir("finetune"), 4)
+    assert spec.finetune.schedule == "wsd" and spec.finetune.steps == 8  # decays over steps 6..8
+    with pytest.raises(StopRequested):
+        run_job(spec, progress=False, should_stop=stable.is_dir)
+    _, result = anneal(spec, paths, 4)
+    assert (result.resumed_from, result.steps) == (4, 5) and result.eval_loss is not None
+    annealed = load_file(paths.root / "anneal" / "step_4" / "model.safetensors")
+    assert any(not torch.equal(annealed[name], tensor) for name, tensor in
+               load_file(stable / "model.safetensors").items())
+    assert stable.is_dir() and max(r["step"] for r in read_metrics(paths.metrics, "finetune")) == 4
+    assert [r["step"] for r in read_metrics(paths.root / "anneal" / "step_4" / "metrics.jsonl")] == [5]
 
 
 def test_full_parameter_baseline(tmp_path):

@@ -75,9 +75,19 @@ class TierConfig(_Section):
         return 0.0 if self.device_type == CPU_DEVICE_TYPE else 1.0
 
 
+# A device type not among the defaults below gets this efficiency: the middle of what tuned stacks publish for
+# large-model training on datacenter GPUs (PaLM, Chowdhery et al. 2022, Table 3: Megatron-Turing NLG 530B at 29.7%
+# model FLOPs utilisation on A100s, PaLM 540B at 46.2% on TPU v4). Set your own measured figure.
+DEFAULT_EFFICIENCY = 0.4
+
+
 class DeviceSpec(_Section):
     memory_gb: float = Field(gt=0, description="Device memory in GB.")
-    bf16_tflops: float = Field(gt=0, description="Published dense bf16 peak, TFLOP/s.")
+    bf16_tflops: float = Field(gt=0, description="Published dense bf16 peak (fp32 accumulate), TFLOP/s.")
+    # Of the FLOPs the device executes, recomputed forwards included (the FLOP model counts those itself), so
+    # without activation checkpointing this is model FLOPs utilisation (MFU).
+    efficiency: float = Field(DEFAULT_EFFICIENCY, gt=0, le=1, description="Achieved fraction of `bf16_tflops` in "
+                              "training that the FLOP cost model assumes (hardware FLOPs utilisation).")
 
 
 class NodeGroupConfig(_Section):
@@ -127,6 +137,23 @@ def _default_node_groups() -> dict[str, NodeGroupConfig]:
     }
 
 
+def _default_devices() -> dict[str, DeviceSpec]:
+    # Peaks: NVIDIA's datasheets (A100: 312 dense bf16; RTX 4090, Ada whitepaper: 165.2 with the fp32 accumulate
+    # training uses, 330 only with fp16 accumulate). Efficiencies are assumptions, not measurements:
+    # - a100 0.4: published training runs on A100s span 0.30-0.56 (PaLM, Chowdhery et al. 2022, Table 3:
+    #   Megatron-Turing NLG 530B at 29.7% model FLOPs utilisation, its own report's 113-126 TFLOP/s per GPU being
+    #   36-40% of peak; Korthikanti et al. 2022, Megatron-LM: 56.3% at 1T parameters). The top of that range takes a
+    #   tuned stack on huge matmuls; one A100 training a few-billion-parameter MoE in PyTorch does not reach it.
+    # - rtx4090 0.3: lower, because a consumer card at its 450 W power limit holds its boost clock worse under
+    #   sustained tensor-core load, and on its 24 GB a submodel trains in small micro-batches, for larger ones with
+    #   an 8-bit or offloaded optimizer (`memory: auto`), whose steps take time that does no model FLOPs. The ~50%
+    #   that LLMQ (arXiv 2512.15306, 2025) reports on 4090s takes a hand-written CUDA stack and 8-bit matmuls.
+    return {
+        "rtx4090": DeviceSpec(memory_gb=24, bf16_tflops=165.2, efficiency=0.3),
+        "a100": DeviceSpec(memory_gb=80, bf16_tflops=312.0, efficiency=0.4),
+    }
+
+
 def _merged(defaults: dict[str, Any], given: Any) -> Any:
     """`given` over `defaults`, key by key (and field by field inside an entry that is itself a table), so that
     `--set resources.prices.rtx4090=0.29` changes one price and keeps the others; an entry given as null goes
@@ -160,11 +187,8 @@ class ResourcesConfig(_Section):
         description="Dollars per device-hour, by device type (paper sec. 4.4).",
     )
     devices: dict[str, DeviceSpec] = Field(
-        default_factory=lambda: {
-            "rtx4090": DeviceSpec(memory_gb=24, bf16_tflops=165.2),
-            "a100": DeviceSpec(memory_gb=80, bf16_tflops=312.0),
-        },
-        description="Memory and peak throughput by device type (for `estimate` and the FLOP cost model).",
+        default_factory=_default_devices,
+        description="Memory, peak throughput and its achieved fraction by device type (`estimate`, the FLOP model).",
     )
     node_groups: dict[str, NodeGroupConfig] = Field(
         default_factory=_default_node_groups,

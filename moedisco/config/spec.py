@@ -5,8 +5,8 @@
 
 The spec is the single source of truth (the YAML a user writes, the JSON the REST API takes, the copy saved in the
 output folder and next to every checkpoint), and its defaults follow the paper: submodels train with AdamW, lr 1e-4,
-constant schedule (Table 4); the fine-tune and the full-parameter baseline with AdamW, lr 3e-4, cosine, warmup ratio
-0.03, weight decay 0.01 (Table 5).
+constant schedule (Table 4); the fine-tune and the full-parameter baseline with AdamW, lr 3e-4, warmup ratio 0.03,
+weight decay 0.01 (Table 5), cosine for the baseline and warmup-stable-decay for the fine-tune.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from moedisco.config.recipe import auto_recipe
 from moedisco.config.resources import CPU_DEVICE_TYPE, DeviceSpec, ResourcesConfig, TierConfig, _Section  # noqa: F401
 from moedisco.io.atomic import write_atomically
 from moedisco.io.storage import URI
@@ -116,8 +117,10 @@ class TrainConfig(_Section):
     steps: int = Field(200, ge=1, description="Optimizer steps.")
     batch_size: int = Field(16, ge=1, description="Sequences per optimizer step (Tables 4-5: 16).")
     lr: float = Field(3e-4, gt=0.0, le=1.0, description="Peak learning rate.")
-    schedule: Literal["constant", "cosine", "linear"] = Field("cosine", description="Learning-rate schedule.")
+    schedule: Literal["constant", "cosine", "linear", "wsd"] = Field(
+        "cosine", description="Learning-rate schedule; `wsd`: warmup-stable-decay (moedisco.training.schedule).")
     warmup_ratio: float = Field(0.03, ge=0.0, le=0.5, description="Fraction of steps of linear warm-up.")
+    decay_ratio: float = Field(0.2, gt=0.0, lt=1.0, description="`wsd`: fraction of the steps that decay towards zero.")
     weight_decay: float = Field(0.01, ge=0.0, le=1.0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     grad_clip: float = Field(1.0, ge=0.0, description="Max gradient norm; 0 disables clipping.")
@@ -181,6 +184,12 @@ class TrainConfig(_Section):
 def _submodel_defaults() -> TrainConfig:
     # Paper Table 4: AdamW, lr 1e-4, constant.
     return TrainConfig(lr=1e-4, schedule="constant", warmup_ratio=0.0)
+
+
+def _finetune_defaults() -> TrainConfig:
+    # Table 5's settings, but warmup-stable-decay instead of cosine: a fine-tune stopped early (a budget, a target
+    # loss) still anneals where it stops (`moedisco.training.schedule.decayed_from`); BENCHMARKS §9.
+    return TrainConfig(schedule="wsd")
 
 
 class BranchConfig(_Section):
@@ -284,6 +293,10 @@ class JobSpec(_Section):
     output_dir: URI | Path = Field(description="Folder or `s3://`/`gs://` URI for every artifact; re-running on it "
                                    "resumes the job.")
     seed: int = Field(0, ge=0, description="Seed for data split, initialisation, clustering and training.")
+    # The rule and the grid it is fitted to: moedisco.config.recipe, BENCHMARKS §9b.
+    recipe: Literal["manual", "auto"] = Field(
+        "manual", description="`auto`: submodel.steps, branch.sync_rounds and finetune.steps chosen from the "
+        "baseline budget (full_parameter.steps) by the fitted rule, whatever they say; `manual`: as written.")
     max_cost_usd: float | None = Field(None, gt=0, description="Budget: stop at a stage boundary before exceeding it.")
     data: DataConfig = Field(description="Training corpus: where it is, how it is read and split, sequence length.")
     tokenizer: TokenizerConfig = Field(
@@ -300,7 +313,7 @@ class JobSpec(_Section):
     branch: BranchConfig = Field(default_factory=BranchConfig, description="How submodels branch off.")
     submodel: TrainConfig = Field(default_factory=_submodel_defaults, description="Submodel training (cheap tier).")
     merge: MergeConfig = Field(default_factory=MergeConfig, description="How the submodels are merged into one MoE.")
-    finetune: TrainConfig = Field(default_factory=TrainConfig, description="Global fine-tune (expensive tier).")
+    finetune: TrainConfig = Field(default_factory=_finetune_defaults, description="Global fine-tune (expensive tier).")
     full_parameter: TrainConfig = Field(default_factory=TrainConfig, description="Full-parameter baseline training.")
     resources: ResourcesConfig = Field(
         default_factory=ResourcesConfig, description="Tiers, devices, prices and Ray settings the stages run with."
@@ -308,6 +321,25 @@ class JobSpec(_Section):
     evaluate: EvaluateConfig | None = Field(
         None, description="Downstream tasks scored after training (lm-evaluation-harness); unset: no such stage."
     )
+
+    @field_validator("submodel", "finetune", mode="before")
+    @classmethod
+    def _over_section_defaults(cls, given: Any, info) -> Any:
+        # A section written in part keeps its own defaults for the rest (the submodels' lr 1e-4 and constant
+        # schedule, the fine-tune's wsd), not TrainConfig's.
+        if not isinstance(given, dict):
+            return given
+        default = cls.model_fields[info.field_name].default_factory()
+        return {**default.model_dump(include=default.model_fields_set), **given}
+
+    @model_validator(mode="after")
+    def _auto_recipe(self) -> JobSpec:  # before the checks below, which then check what it chose
+        if self.recipe == "auto":
+            chosen = auto_recipe(self.full_parameter.steps, self.full_parameter.batch_size, self.model.num_experts,
+                                 self.submodel.batch_size, self.finetune.batch_size)
+            self.submodel.steps, self.finetune.steps = chosen.submodel_steps, chosen.finetune_steps
+            self.branch.sync_rounds = chosen.sync_rounds
+        return self
 
     @model_validator(mode="after")
     def _rounds_fit_steps(self) -> JobSpec:

@@ -1,4 +1,4 @@
-"""What a job costs, in two views, kept in the ledger `OUTPUT/cost.json`; and the FLOP model.
+"""What a job costs, in two views, kept in the ledger `OUTPUT/cost.json`; and the FLOP model (`flop_cost_usd`).
 
     ledger = CostLedger(OUTPUT / "cost.json", spec.resources)
     ledger.record("submodel", tier=spec.resources.submodel_tier, seconds=812.4, expert=0, device="cpu")
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from moedisco.config.resources import ResourcesConfig, TierConfig
+from moedisco.config.resources import DeviceSpec, ResourcesConfig, TierConfig
 from moedisco.io.atomic import write_atomically
 from moedisco.planning.billing import KINDS, BilledSpan, NodeLife, Use, attribute, summarize
 
@@ -226,8 +226,17 @@ class CostLedger:
         write_atomically(self.path, json.dumps(self.summary(), indent=2))
 
 
-def flop_cost_usd(active_params: int, tokens: int, peak_tflops: float, utilisation: float, price: float) -> dict:
-    """FLOP-based cost model: training FLOPs ~ 6 x active parameters x tokens, at `utilisation` of the peak."""
-    flops = 6.0 * active_params * tokens
-    seconds = flops / (peak_tflops * 1e12 * utilisation)
+# Per parameter and token: 2 FLOPs in the forward, 4 in the backward; activation checkpointing runs the forward
+# once more in the backward (every layer's, to rebuild the activations it did not keep).
+TRAINING_FLOPS_PER_PARAM_TOKEN = 6.0
+RECOMPUTED_FLOPS_PER_PARAM_TOKEN = 8.0
+
+
+def flop_cost_usd(active_params: int, tokens: int, device: DeviceSpec, price: float, recompute: bool = False) -> dict:
+    """The FLOP cost model: training FLOPs = 6 x active parameters x tokens (8 with `recompute`, activation
+    checkpointing), run at `device.efficiency` of its `bf16_tflops` peak, at `price` dollars per device-hour.
+    `seconds` are device-seconds."""
+    per_param_token = RECOMPUTED_FLOPS_PER_PARAM_TOKEN if recompute else TRAINING_FLOPS_PER_PARAM_TOKEN
+    flops = per_param_token * active_params * tokens
+    seconds = flops / (device.bf16_tflops * 1e12 * device.efficiency)
     return {"flops": flops, "seconds": seconds, "usd": seconds / 3600.0 * price}

@@ -2,58 +2,205 @@
 
     result = estimate_job(load_spec("examples/qwen1.5-moe-a2.7b.yaml"))
     result["plan"]["submodel"]["measures"]      # what a submodel trains with to fit the cheap tier
+    result["cost"]["total_usd"], result["cost"]["model"]      # the cost, and the assumptions it rests on
+    estimate_job(spec, hours={"submodel": 2.09, "finetune": 1.73, "full_parameter": 9.87})["cost"]  # measured
 
 Parameter counts come from instantiating the model on the `meta` device (no memory); the memory plan is
-`moedisco.planning.memory_plan`; the cost is 6 x active parameters x tokens at a fraction of each tier's bf16 peak.
+`moedisco.planning.memory_plan`. The cost prices each trained stage (the shared warm-up, one submodel, the
+fine-tune, the full-parameter baseline) under one of two conventions:
+  - `flop`: its FLOPs (`moedisco.planning.cost.flop_cost_usd`: 6 x parameters x tokens, 8 where its memory plan
+    turns activation checkpointing on) at its device's `efficiency` of peak, at its tier's price;
+  - `paper`: measured wall hours, given per stage, at its tier's price: the paper's Table 3, where the submodels
+    cost E x the slowest submodel's hours (all E are paid for until the last one ends).
+Either way the job costs warm-up + E x one submodel + fine-tune; the submodels train at once, so its hours are
+warm-up + one submodel + fine-tune.
 """
 
 from __future__ import annotations
 
-from moedisco.config.spec import JobSpec, TrainConfig
+import math
+
+from transformers import PretrainedConfig
+
+from moedisco.config.resources import DeviceSpec
+from moedisco.config.spec import JobSpec
+from moedisco.job.registry import STAGE, tier_of
 from moedisco.models.architecture import num_experts_of, with_num_experts
 from moedisco.planning.cost import flop_cost_usd
-from moedisco.planning.memory_plan import memory_plan, memory_plans, parameter_counts, refusal, spec_config
+from moedisco.planning.memory_plan import (
+    memory_plan,
+    memory_plans,
+    parameter_counts,
+    refusal,
+    spec_config,
+    stage_devices,
+)
 
-DEFAULT_UTILISATION = 0.4  # a typical achieved fraction of dense bf16 peak for small-batch transformer training
+CONVENTIONS = ("flop", "paper")
+PRICED_STAGES = ("warmup", "submodel", "finetune", "full_parameter")  # the stages the estimate prices
 
 
-def estimate_job(spec: JobSpec, utilisation: float = DEFAULT_UTILISATION, sharded: bool = True) -> dict:
+class EstimateError(ValueError):
+    """An estimate option that cannot be used (a convention, measured hours); the message names it."""
+
+
+def estimate_job(spec: JobSpec, sharded: bool = True, hours: dict[str, float] | None = None,
+                 convention: str | None = None) -> dict:
     """Sizes, cost, and per tier two memory plans: `memory` as the spec is written (measures as set), and `plan`,
     what the job would actually train with (`memory: auto` resolved) under the Ray runner (`sharded`) or the
-    local one, with `refused` saying why it would not run."""
+    local one, with `refused` saying why it would not run. `hours`: measured wall hours per stage of
+    `PRICED_STAGES` (`submodel`: the slowest submodel's) for the `paper` convention; `convention` unset: `paper`
+    when hours are given, else `flop`."""
+    hours = dict(hours or {})
+    convention = _convention(hours, convention)
+    if convention == "paper":
+        _check_hours(spec, hours)
     config = spec_config(spec)
     counts = parameter_counts(config)
+    plans = {section: {**plan, "refused": refusal(section, tier, plan)}
+             for section, (_, plan, tier) in memory_plans(spec, config, counts, sharded).items()}
+    cost = (measured_cost(spec, hours, sharded) if convention == "paper"
+            else flop_cost(spec, counts, _recomputes(spec, config, counts, plans, sharded), sharded))
+    return {"arch": config.model_type, "num_experts": num_experts_of(config), "parameters": counts,
+            "recipe": _recipe(spec), "memory": _memory_as_written(spec, config, counts), "plan": plans,
+            "cost": cost}
+
+
+def _recipe(spec: JobSpec) -> dict:
+    """How long each phase trains: as written, or chosen from the baseline budget (`recipe: auto`)."""
+    return {"recipe": spec.recipe, "submodel_steps": spec.submodel.steps, "sync_rounds": spec.branch.sync_rounds,
+            "finetune_steps": spec.finetune.steps, "full_parameter_steps": spec.full_parameter.steps}
+
+
+def _memory_as_written(spec: JobSpec, config: PretrainedConfig, counts: dict[str, int]) -> dict:
+    """A submodel on one cheap device and the full MoE on one expensive one, with the measures as set."""
     res, seq_len = spec.resources, spec.data.sequence_length
     cheap, dear = res.devices[res.submodel_tier.device_type], res.devices[res.finetune_tier.device_type]
-    memory = {
+    return {
         "submodel": memory_plan(counts["submodel"], with_num_experts(config, 1), spec.submodel, seq_len,
                                 cheap.memory_gb),
         "full_moe": memory_plan(counts["total"], config, spec.finetune, seq_len, dear.memory_gb),
     }
-    plans = {section: {**plan, "refused": refusal(section, tier, plan)}
-             for section, (_, plan, tier) in memory_plans(spec, config, counts, sharded).items()}
-    return {"arch": config.model_type, "num_experts": num_experts_of(config), "parameters": counts,
-            "memory": memory, "plan": plans, "cost": cost_estimate(spec, counts, utilisation)}
 
 
-def _tokens(train: TrainConfig, seq_len: int) -> int:
-    return train.steps * train.batch_size * seq_len
+def _convention(hours: dict[str, float], convention: str | None) -> str:
+    convention = convention or ("paper" if hours else "flop")
+    if convention not in CONVENTIONS:
+        raise EstimateError(f"unknown cost convention {convention!r}: expected one of {', '.join(CONVENTIONS)}")
+    if convention == "flop" and hours:
+        raise EstimateError("measured hours are priced only under the `paper` convention (the `flop` convention "
+                            "computes each stage's hours from its FLOPs)")
+    return convention
 
 
-def cost_estimate(spec: JobSpec, counts: dict[str, int], utilisation: float) -> dict:
-    res, seq_len, experts = spec.resources, spec.data.sequence_length, spec.model.num_experts
-    cheap, dear = res.submodel_tier.device_type, res.finetune_tier.device_type
-    one_submodel = flop_cost_usd(counts["submodel"], _tokens(spec.submodel, seq_len), res.devices[cheap].bf16_tflops,
-                                 utilisation, res.prices[cheap])
-    fine = flop_cost_usd(counts["active"], _tokens(spec.finetune, seq_len), res.devices[dear].bf16_tflops,
-                         utilisation, res.prices[dear])
-    base = flop_cost_usd(counts["active"], _tokens(spec.full_parameter, seq_len), res.devices[dear].bf16_tflops,
-                         utilisation, res.prices[dear])
-    total = experts * one_submodel["usd"] + fine["usd"]
-    return {"model": f"6 x active params x tokens at {utilisation:.0%} of bf16 peak", "utilisation": utilisation,
-            "submodels_usd": experts * one_submodel["usd"], "submodel_hours": one_submodel["seconds"] / 3600,
-            "finetune_usd": fine["usd"], "finetune_hours": fine["seconds"] / 3600, "total_usd": total,
-            "full_parameter_usd": base["usd"], "full_parameter_hours": base["seconds"] / 3600,
+def _priced_stages(spec: JobSpec) -> list[str]:
+    return [stage for stage in PRICED_STAGES if stage != "warmup" or spec.branch.warmup_steps > 0]
+
+
+def _check_hours(spec: JobSpec, hours: dict[str, float]) -> None:
+    """Measured hours name the stages the job prices, each a finite number >= 0, and all of them."""
+    unknown = sorted(set(hours) - set(PRICED_STAGES))
+    if unknown:
+        raise EstimateError(f"measured hours for unknown stage {', '.join(map(repr, unknown))}: expected "
+                            f"{', '.join(PRICED_STAGES)}")
+    for stage, value in hours.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise EstimateError(f"measured hours for {stage} must be a finite number >= 0, got {value!r}")
+    priced = _priced_stages(spec)
+    if "warmup" in hours and "warmup" not in priced:
+        raise EstimateError("measured hours for warmup, but the spec has no warm-up (branch.warmup_steps is 0)")
+    missing = [stage for stage in priced if stage not in hours]
+    if missing:
+        raise EstimateError(f"the `paper` convention needs measured hours for {', '.join(priced)} (missing: "
+                            f"{', '.join(missing)})")
+
+
+def _recomputes(spec: JobSpec, config: PretrainedConfig, counts: dict[str, int], plans: dict,
+                sharded: bool) -> dict[str, bool]:
+    """Per TrainConfig section, whether it trains with activation checkpointing as the planner resolves it: the
+    job's own `plans`, and the other method's sections planned too, since the estimate prices both methods."""
+    other = spec.model_copy(update={"method": "moe_disco" if spec.method == "full_parameter" else "full_parameter"})
+    planned = {section: plan for section, (_, plan, _) in memory_plans(other, config, counts, sharded).items()}
+    return {section: plan["measures"]["activation_checkpointing"] for section, plan in {**planned, **plans}.items()}
+
+
+def _stage_device(spec: JobSpec, stage: str, sharded: bool) -> tuple[str, int, float]:
+    """(device type, devices one run of `stage` trains on, dollars per device-hour)."""
+    device_type = tier_of(spec.resources, stage).device_type
+    num_devices, _ = stage_devices(spec, STAGE[stage].train_config, sharded)
+    return device_type, num_devices, spec.resources.prices[device_type]
+
+
+def _stage_work(spec: JobSpec, counts: dict[str, int], stage: str) -> tuple[int, int]:
+    """(active parameters, tokens) of one run of `stage`. The warm-up trains `branch.warmup_steps` steps of the
+    submodel section's batch: a submodel (`warmup_model: dense`) or the whole MoE (`moe`)."""
+    train = getattr(spec, STAGE[stage].train_config)
+    steps = spec.branch.warmup_steps if stage == "warmup" else train.steps
+    dense = stage == "submodel" or (stage == "warmup" and spec.branch.warmup_model == "dense")
+    return counts["submodel" if dense else "active"], steps * train.batch_size * spec.data.sequence_length
+
+
+def _device_spec(spec: JobSpec, stage: str, device_type: str) -> DeviceSpec:
+    device = spec.resources.devices.get(device_type)
+    if device is None:
+        raise EstimateError(f"{stage}: resources.devices has no entry for device type {device_type!r}; the FLOP "
+                            "model needs its bf16_tflops and efficiency")
+    return device
+
+
+def flop_stage(spec: JobSpec, counts: dict[str, int], stage: str, recompute: bool, sharded: bool) -> dict:
+    """One run of `stage` under the FLOP model; its wall `hours` assume its devices share the work evenly."""
+    device_type, num_devices, price = _stage_device(spec, stage, sharded)
+    device = _device_spec(spec, stage, device_type)
+    params, tokens = _stage_work(spec, counts, stage)
+    flop = flop_cost_usd(params, tokens, device, price, recompute)
+    device_hours = flop["seconds"] / 3600.0
+    return {"device_type": device_type, "num_devices": num_devices, "price_per_hour": price,
+            "hours": device_hours / num_devices, "device_hours": device_hours, "usd": flop["usd"],
+            "params": params, "tokens": tokens, "flops": flop["flops"], "recompute": recompute,
+            "efficiency": device.efficiency, "bf16_tflops": device.bf16_tflops}
+
+
+def flop_cost(spec: JobSpec, counts: dict[str, int], recomputes: dict[str, bool], sharded: bool = True) -> dict:
+    """The `flop` convention: every priced stage's FLOPs at its device's efficiency (`flop_stage`)."""
+    stages = {stage: flop_stage(spec, counts, stage, recomputes.get(STAGE[stage].train_config, False), sharded)
+              for stage in _priced_stages(spec)}
+    by_device = {entry["device_type"]: entry for entry in stages.values()}
+    devices = "; ".join(f"{name} at {entry['efficiency']:.0%} of {entry['bf16_tflops']:g} TFLOP/s"
+                        for name, entry in by_device.items())
+    recomputed = [stage for stage, entry in stages.items() if entry["recompute"]]
+    model = (f"FLOP model: 6 x active parameters x tokens, 8 with activation checkpointing (recomputed: "
+             f"{', '.join(recomputed) or 'none'}); {devices}")
+    return _summary(spec, "flop", model, stages)
+
+
+def measured_stage(spec: JobSpec, stage: str, hours: float, sharded: bool) -> dict:
+    """One run of `stage` that took `hours` of wall time on each of its devices."""
+    device_type, num_devices, price = _stage_device(spec, stage, sharded)
+    return {"device_type": device_type, "num_devices": num_devices, "price_per_hour": price, "hours": hours,
+            "device_hours": hours * num_devices, "usd": hours * num_devices * price}
+
+
+def measured_cost(spec: JobSpec, hours: dict[str, float], sharded: bool = True) -> dict:
+    """The `paper` convention (Table 3): measured wall hours per stage at its tier's price; `hours["submodel"]`
+    is the slowest submodel's, paid E times."""
+    stages = {stage: measured_stage(spec, stage, hours[stage], sharded) for stage in _priced_stages(spec)}
+    sub = stages["submodel"]
+    model = (f"measured hours, the paper's convention: submodels = {spec.model.num_experts} x the slowest "
+             f"submodel's {sub['hours']:g} h on {sub['device_type']} at ${sub['price_per_hour']:g}/h; fine-tune and "
+             f"baseline hours on {stages['finetune']['device_type']} at ${stages['finetune']['price_per_hour']:g}/h")
+    return _summary(spec, "paper", model, stages)
+
+
+def _summary(spec: JobSpec, convention: str, model: str, stages: dict[str, dict]) -> dict:
+    none = {"usd": 0.0, "hours": 0.0}
+    warmup, one, fine, base = (stages.get(stage, none) for stage in PRICED_STAGES)
+    submodels = spec.model.num_experts * one["usd"]
+    total = warmup["usd"] + submodels + fine["usd"]
+    return {"convention": convention, "model": model, "stages": stages,
+            "warmup_usd": warmup["usd"], "warmup_hours": warmup["hours"],
+            "submodels_usd": submodels, "submodel_hours": one["hours"],
+            "finetune_usd": fine["usd"], "finetune_hours": fine["hours"], "total_usd": total,
+            "total_hours": warmup["hours"] + one["hours"] + fine["hours"],  # the submodels train at once
+            "full_parameter_usd": base["usd"], "full_parameter_hours": base["hours"],
             "ratio_to_full_parameter": total / base["usd"] if base["usd"] else None}
-
-

@@ -2,6 +2,7 @@
 
     model, result = finetune(OUTPUT / "merged", train_NL, eval_NL, spec, TrainContext(run_dir, "finetune", ...))
     model, result = train_full_parameter(source_model, train_NL, eval_NL, spec, context)
+    model, result = anneal(spec, JobPaths(OUTPUT), step=200)   # a wsd fine-tune's checkpoint, decayed
     summary = stage_finetune(run); summary = stage_full_parameter(run)     # the stages: final/ written
 
 Both train every parameter of the full MoE with the router's load-balancing loss switched on
@@ -10,18 +11,23 @@ Both train every parameter of the full MoE with the router's load-balancing loss
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from moedisco.config.spec import JobSpec
+from moedisco.job.layout import JobPaths
+from moedisco.job.metrics import MetricsWriter
 from moedisco.stages import prepare
 from moedisco.stages.cluster import train_source
 from moedisco.stages.prepare import eval_sequences
 from moedisco.stages.stage_run import StageRun
 from moedisco.training import fsdp
+from moedisco.training.checkpoint import checkpoint_dir
 from moedisco.training.loop import TrainContext, TrainResult, train
+from moedisco.training.schedule import decayed_from
 
 
 def load_moe(folder: Path) -> PreTrainedModel:
@@ -41,6 +47,21 @@ def finetune(merged: Path, train_NL: torch.Tensor, eval_NL: torch.Tensor, spec: 
              ctx: TrainContext) -> tuple[PreTrainedModel, TrainResult]:
     model = enable_router_loss(load_moe(merged), spec.model.router_aux_loss_coef)
     return model, train(model, train_NL, eval_NL, spec.finetune, ctx)
+
+
+def anneal(spec: JobSpec, paths: JobPaths, step: int, progress: bool = False) -> tuple[PreTrainedModel, TrainResult]:
+    """The fine-tune's checkpoint at `step` of its stable phase (a `wsd` schedule), decayed as a fine-tune of
+    `decayed_from(spec.finetune, step)` steps would have: the model that stopping there would deliver. Trained in
+    `OUTPUT/anneal/step_N/` from a copy of the checkpoint, its metrics there, so the job's own run is untouched."""
+    cfg = decayed_from(spec.finetune, step)
+    cfg = cfg.model_copy(update={"eval_every": cfg.steps, "checkpoint_every": cfg.steps})  # evaluated at its end
+    run_dir = paths.root / "anneal" / f"step_{step}"
+    start = checkpoint_dir(run_dir, step)
+    if not start.is_dir():
+        shutil.copytree(checkpoint_dir(paths.run_dir("finetune"), step), start)
+    ctx = TrainContext(run_dir, "finetune", spec.seed, MetricsWriter(run_dir / "metrics.jsonl"), progress=progress)
+    model = enable_router_loss(load_moe(paths.merged), spec.model.router_aux_loss_coef)
+    return model, train(model, train_source(spec, paths), eval_sequences(spec, paths), cfg, ctx)
 
 
 def train_full_parameter(model: PreTrainedModel, train_NL: torch.Tensor, eval_NL: torch.Tensor, spec: JobSpec,

@@ -4,7 +4,7 @@
                            metrics=MetricsWriter(OUTPUT / "metrics.jsonl"), spec_yaml=spec.to_yaml())
     result = train(model, train_NL, eval_NL, spec.submodel, context)
 
-AdamW with a constant/cosine/linear schedule and linear warm-up, gradient clipping, and the memory measures of
+AdamW with a constant/cosine/linear/warmup-stable-decay schedule (`moedisco.training.schedule`), gradient clipping, and the memory measures of
 `TrainConfig` (micro-batches, activation checkpointing, precision, 8-bit or offloaded optimizer:
 `moedisco.training.memory`). Checkpoints (`moedisco.training.checkpoint`) land in `run_dir/checkpoints/` every
 `checkpoint_every` steps; calling `train` again on the same `run_dir` resumes from the newest one, and
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import shutil
 import time
 from collections.abc import Callable
@@ -45,6 +44,7 @@ from moedisco.training.checkpoint import (
 from moedisco.training.heldout import evaluate_loss, router_load
 from moedisco.training.memory import PeakMemory, amp_dtype, measures_of, prepare_model, resolve_device
 from moedisco.training.optimizer import make_optimizer, second_moments
+from moedisco.training.schedule import lr_multiplier
 
 RESULT_FILE = "result.json"
 @dataclass
@@ -120,18 +120,6 @@ class Preempted(StopRequested):
     def __init__(self, message: str, step: int | None):
         super().__init__(message)
         self.step = step
-
-
-def lr_multiplier(cfg: TrainConfig, step: int) -> float:
-    warmup = int(cfg.warmup_ratio * cfg.steps)
-    if step < warmup:
-        return (step + 1) / warmup
-    if cfg.schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, cfg.steps - warmup)
-    if cfg.schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def finished_result(run_dir: Path) -> TrainResult | None:
