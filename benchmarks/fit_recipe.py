@@ -2,11 +2,12 @@
 
     python benchmarks/fit_recipe.py runs/grid/B600.json runs/grid/B1200.json runs/grid/B2400.json
 
-Each file is one `benchmarks/paper_table.py` run at one baseline budget B with several `--submodel-steps`. The cheap
+Each file is one `benchmarks/paper_table.py` run at one baseline budget B with one or more `--submodel-steps`
+(seeds and files at the same budget pool). The cheap
 share of a run is its submodels' sequences (E x S x batch) over the baseline's (B x batch). The rule takes the share
-whose FLOP cost ratio at equal quality is lowest on average over the budgets (a share must reach the baseline's loss
-at every budget), then fits the fine-tune length that reached it there, as a share of the baseline's sequences, to
-a power of B (least squares in log-log), raised until it covers every measured point: a job given that length
+whose FLOP cost ratio at equal quality is lowest on average over the budgets (every run of a share, each budget and
+seed, must reach the baseline's loss), then fits the fine-tune length that reached it there, as a share of the
+baseline's sequences, to a power of B (least squares in log-log), raised until it covers every measured point: a job given that length
 reaches the baseline's loss at each measured budget. Prints JSON: the grid, the rule, the residuals.
 """
 
@@ -20,8 +21,9 @@ import sys
 from pathlib import Path
 
 
-def grid_points(files: list[Path]) -> list[dict]:
-    """One point per (budget, MoE-DisCo run, seed): its cheap share, fine-tune share and cost ratio."""
+def grid_points(files: list[Path], clustering: str) -> list[dict]:
+    """One point per (budget, MoE-DisCo run of `clustering`, seed): its cheap share, fine-tune share and cost
+    ratio."""
     points = []
     for path in files:
         result = json.loads(path.read_text())
@@ -29,7 +31,7 @@ def grid_points(files: list[Path]) -> list[dict]:
         for seed, runs in result["runs"].items():
             base = next(run for name, run in runs.items() if name.startswith("full_parameter"))
             for name, run in runs.items():
-                if name.startswith("full_parameter"):
+                if not name.startswith(f"{clustering}-"):
                     continue
                 sequences = base["tokens"]  # the baseline's tokens: B x batch x length
                 points.append({
@@ -48,12 +50,12 @@ def best_share(points: list[dict]) -> float:
     by_share: dict[float, list[dict]] = {}
     for p in points:
         by_share.setdefault(round(p["cheap_share"], 3), []).append(p)
+    # A share qualifies only if every one of its runs (each budget, each seed) reached the baseline's loss.
     complete = {share: ps for share, ps in by_share.items()
-                if {p["budget"] for p in ps if p["cost_ratio"] is not None} == budgets}
+                if {p["budget"] for p in ps} == budgets and all(p["cost_ratio"] is not None for p in ps)}
     if not complete:
         sys.exit("no cheap share reached the baseline's loss at every budget: nothing to fit")
-    return min(complete, key=lambda share: statistics.fmean(p["cost_ratio"] for p in complete[share]
-                                                            if p["cost_ratio"] is not None))
+    return min(complete, key=lambda share: statistics.fmean(p["cost_ratio"] for p in complete[share]))
 
 
 def fit_power(points: list[dict]) -> tuple[float, float, list[float]]:
@@ -70,9 +72,10 @@ def fit_power(points: list[dict]) -> tuple[float, float, list[float]]:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("files", nargs="+", type=Path, help="paper_table JSON outputs, one budget each.")
+    parser.add_argument("files", nargs="+", type=Path, help="paper_table JSON outputs (any budgets).")
+    parser.add_argument("--clustering", default="kmeans", help="The runs fitted to (the default clustering).")
     args = parser.parse_args(argv)
-    points = grid_points(args.files)
+    points = grid_points(args.files, args.clustering)
     share = best_share(points)
     chosen = [p for p in points if round(p["cheap_share"], 3) == share and p["finetune_share"] is not None]
     at_1000, exponent, residuals = fit_power(chosen)

@@ -108,6 +108,10 @@ def curve(records: list[dict], stage: str) -> list[tuple[int, float]]:
 COST_MODELS = ("flop", "flop_equal_efficiency")
 
 
+def first_step_reaching(points: list[tuple[int, float]], target: float) -> int | None:
+    return next((step for step, loss in points if loss <= target), None)
+
+
 def flop_costs(spec, tokens: dict[tuple, int], recomputed: set[str], equal_efficiency: bool = False) -> dict:
     """Dollars per stage under the FLOP model (`moedisco.planning.cost.flop_cost_usd`), from the tokens each
     (stage, expert) trained on; `recomputed`: the stages that trained with activation checkpointing.
@@ -131,12 +135,28 @@ def flop_costs(spec, tokens: dict[tuple, int], recomputed: set[str], equal_effic
 
 def trained_tokens(records: list[dict]) -> dict[tuple, int]:
     """Tokens each (stage, expert) trained on, from its last metrics record."""
-    return {(r["stage"], r.get("expert")): r["tokens"] for r in records if r["stage"] in TRAINED_STAGES and "tokens" in r}
+    return {(r["stage"], r.get("expert")): r["tokens"] for r in records
+            if r["stage"] in TRAINED_STAGES and "tokens" in r}
 
 
-def summarise(spec, seconds: float, search: AnnealSearch | None = None) -> dict:
+def searched_finetune(search: AnnealSearch | None, merge_loss: float | None) -> dict | None:
+    """The shortest annealed fine-tune the search found to reach its target (0 steps when the merged model already
+    did), or None."""
+    if search is None:
+        return None
+    if merge_loss is not None and merge_loss <= search.target:
+        return {"reached_at": 0, "annealed_from": None, "annealed_loss": merge_loss, "seconds": 0.0}
+    step = search.smallest()
+    if step is None:
+        return None
+    return {"reached_at": search.length(step), "annealed_from": step, "annealed_loss": search.losses[step],
+            "seconds": search.seconds[step], "anneals": {str(k): v for k, v in sorted(search.losses.items())}}
+
+
+def summarise(spec, started: float, search: AnnealSearch | None = None) -> dict:
     """A run's losses, tokens and costs; with `search`, the fine-tune counted is the shortest annealed one that
-    reached the target (its length, tokens and seconds), not the stable run the search went on with."""
+    reached the target (its length, tokens, seconds and loss: the model it delivers), not the stable run the
+    search went on with. `started`: `time.perf_counter()` when the run began (the search's anneals count)."""
     paths = JobPaths(spec.output_dir)
     records = read_metrics(paths.metrics)
     tokens = trained_tokens(records)
@@ -147,29 +167,28 @@ def summarise(spec, seconds: float, search: AnnealSearch | None = None) -> dict:
     stopped = [r for r in records if r["stage"] == "finetune" and r.get("seconds") is not None]
     if stopped and "finetune" not in wall:  # stopped by the search: no ledger row, its seconds so far
         finetune_seconds = stopped[-1]["seconds"]
-    run = {"reached_at": None}
-    if search is not None and (step := search.smallest()) is not None:
-        length = search.length(step)
-        tokens[("finetune", None)] = length * spec.finetune.batch_size * spec.data.sequence_length
-        finetune_seconds = search.seconds[step]
-        run.update(reached_at=length, annealed_from=step, annealed_loss=search.losses[step],
-                   anneals={str(k): v for k, v in sorted(search.losses.items())})
+    main_stage = "full_parameter" if spec.method == "full_parameter" else "finetune"
+    points = curve(records, main_stage)
+    merge = next((r for r in records if r["stage"] == "merge"), {})
+    run = {"searched": search is not None, "reached_at": None, "final_loss": points[-1][1],
+           "stable_final_loss": points[-1][1]}
+    if (found := searched_finetune(search, merge.get("eval_loss"))) is not None:
+        finetune_seconds = found.pop("seconds")
+        tokens[("finetune", None)] = found["reached_at"] * spec.finetune.batch_size * spec.data.sequence_length
+        run.update(found, final_loss=found["annealed_loss"])
     if finetune_seconds is not None:
         wall["finetune"] = price_row("finetune", tier_of(spec.resources, "finetune"), spec.resources.prices,
                                      finetune_seconds).usd
     recomputed = {r["stage"] for r in records if (r.get("memory_measures") or {}).get("activation_checkpointing")}
     flop = {model: flop_costs(spec, tokens, recomputed, model == "flop_equal_efficiency") for model in COST_MODELS}
-    main_stage = "full_parameter" if spec.method == "full_parameter" else "finetune"
-    points = curve(records, main_stage)
-    merge = next((r for r in records if r["stage"] == "merge"), {})
-    return {**run, "curve": points, "final_loss": points[-1][1], "loss_at_merge": merge.get("eval_loss"),
+    return {**run, "curve": points, "loss_at_merge": merge.get("eval_loss"),
             "oracle_loss_at_merge": merge.get("oracle_eval_loss"), "tokens": sum(tokens.values()),
             "tokens_by_stage": {stage: sum(n for (s, _), n in tokens.items() if s == stage)
                                 for stage in {s for s, _ in tokens}},
             "recomputed_stages": sorted(recomputed),
             "cost_usd": {"wallclock": wall, "wallclock_total": sum(wall.values()), **flop,
                          **{f"{model}_total": sum(flop[model].values()) for model in COST_MODELS}},
-            "run_seconds": round(seconds, 1)}
+            "run_seconds": round(time.perf_counter() - started, 1)}
 
 
 def run_variant(spec, target: float | None, every: int) -> AnnealSearch | None:
@@ -190,7 +209,7 @@ def model_at(spec, run: dict) -> Path:
         return paths.final if (paths.final / "config.json").is_file() else paths.merged
     folder = paths.root / "at_target"
     if not (folder / "config.json").is_file():
-        model, _ = anneal(spec, paths, run["annealed_from"])  # done already: loads the annealed weights
+        model, _ = anneal(paths, run["annealed_from"])  # done already: loads the annealed weights
         model.config.output_router_logits = False
         model.save_pretrained(folder)
         load_tokenizer(paths.tokenizer).save_pretrained(folder)
@@ -219,6 +238,8 @@ def compare(results: dict, baseline_steps: int) -> None:
     for name, run in results.items():
         if name.startswith("full_parameter"):
             continue
+        if not run["searched"]:  # --fixed-finetune: the first evaluated step at the target, if any
+            run["reached_at"] = first_step_reaching(run["curve"], base["final_loss"])
         step = run["reached_at"]
         run["target"] = base["final_loss"]
         run["finetune_steps_to_baseline"] = step
@@ -282,8 +303,8 @@ def parse_args(argv=None):
                         help="The baseline's schedules; the target is the best of their final losses.")
     parser.add_argument("--submodel-steps", nargs="+", type=int, default=[150], help="submodel.steps values.")
     parser.add_argument("--recipe", choices=["manual", "auto"], default="manual",
-                        help="`auto`: submodel steps and sync rounds from `recipe: auto`'s rule for B (the fine-tune "
-                        "is searched for either way).")
+                        help="`auto`: submodel batch, steps and sync rounds from `recipe: auto`'s rule for B (the "
+                        "fine-tune is searched for either way).")
     parser.add_argument("--finetune-steps", type=int, default=None, help="Cap on the fine-tune (default: B).")
     parser.add_argument("--finetune-eval-every", type=int, default=20,
                         help="Fine-tune steps between the checkpoints the search anneals: its resolution.")
@@ -316,9 +337,10 @@ def parse_args(argv=None):
 
 
 def resolve_recipe(args, raw: dict) -> None:
-    """`--recipe auto`: the submodel steps and sync rounds `recipe: auto` gives the budget B of `raw`."""
+    """`--recipe auto`: the submodel batch, steps and sync rounds `recipe: auto` gives the budget B of `raw`."""
     chosen = auto_recipe(args.baseline_steps, raw["full_parameter"]["batch_size"], raw["model"]["num_experts"],
-                         raw["submodel"]["batch_size"], raw["finetune"]["batch_size"])
+                         raw["finetune"]["batch_size"])
+    raw["submodel"]["batch_size"] = chosen.submodel_batch
     args.submodel_steps, args.sync_rounds = [chosen.submodel_steps], [chosen.sync_rounds]
 
 
@@ -331,7 +353,7 @@ def run_seed(args, raw: dict, seed: int) -> tuple[dict, dict]:
         target = None if args.fixed_finetune or baseline else results[best_baseline(results)]["final_loss"]
         started = time.perf_counter()
         search = run_variant(spec, target, args.finetune_eval_every)
-        results[name] = summarise(spec, time.perf_counter() - started, search)
+        results[name] = summarise(spec, started, search)
         print(f"seed {seed} {name}: {json.dumps({k: v for k, v in results[name].items() if k != 'curve'})}",
               file=sys.stderr, flush=True)
     compare(results, args.baseline_steps)

@@ -87,7 +87,8 @@ def render_cost(cost: dict, console) -> None:
     for column in ("stage", "device", "hours", "$/h", "usd", "basis"):
         table.add_column(column)
     for stage, entry in cost["stages"].items():
-        table.add_row(stage if stage != "submodel" else "submodel (each)", f"{entry['num_devices']} x {entry['device_type']}", f"{entry['hours']:.3g}",
+        label = stage if stage != "submodel" else "submodel (each)"
+        table.add_row(label, f"{entry['num_devices']} x {entry['device_type']}", f"{entry['hours']:.3g}",
                       f"{entry['price_per_hour']:g}", f"{entry['usd']:.4g}", _basis(entry))
     console.print(table)
     warmup = f"warm-up {_usd(cost['warmup_usd'])} + " if cost["stages"].get("warmup") else ""

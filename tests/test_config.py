@@ -162,7 +162,9 @@ def test_recipe_auto_sizes_the_phases_from_the_baseline_budget():
         spec = build_spec(tiny_spec_dict(Path("x"), recipe="auto", full_parameter={"steps": steps, "batch_size": 8},
                                          submodel={"steps": 7, "batch_size": 4}, finetune={"steps": 7}))
         sequences = steps * 8
-        assert spec.submodel.steps * spec.model.num_experts * 4 == pytest.approx(RULE.cheap_share * sequences, abs=8)
+        assert spec.submodel.batch_size == 8 // spec.model.num_experts  # the cheap phase steps with B's batch
+        assert spec.submodel.steps * spec.model.num_experts * spec.submodel.batch_size == pytest.approx(
+            RULE.cheap_share * sequences, abs=8)
         assert spec.finetune.steps * spec.finetune.batch_size == pytest.approx(
             RULE.finetune_share(steps) * sequences, abs=spec.finetune.batch_size)
         assert spec.branch.sync_rounds == min(RULE.sync_rounds, spec.submodel.steps)

@@ -132,7 +132,7 @@ def test_a_stopped_finetune_is_annealed_where_it_stopped(tmp_path):
     assert spec.finetune.schedule == "wsd" and spec.finetune.steps == 8  # decays over steps 6..8
     with pytest.raises(StopRequested):
         run_job(spec, progress=False, should_stop=stable.is_dir)
-    _, result = anneal(spec, paths, 4)
+    _, result = anneal(paths, 4)
     assert (result.resumed_from, result.steps) == (4, 5) and result.eval_loss is not None
     annealed = load_file(paths.root / "anneal" / "step_4" / "model.safetensors")
     assert any(not torch.equal(annealed[name], tensor) for name, tensor in

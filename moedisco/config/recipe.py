@@ -4,8 +4,11 @@
     spec.submodel.steps, spec.branch.sync_rounds, spec.finetune.steps     # chosen for B = 1200
 
 The budget is the full-parameter baseline the job stands in for: `full_parameter.steps` x its batch, in sequences.
-The rule gives the cheap phase (all E submodels together) and the fine-tune each a share of those sequences, and
-the synchronisation rounds a fixed number. `benchmarks/paper_table.py` measured the grid it is fitted to (baseline
+The rule gives each submodel the baseline's batch divided among the E experts, so that the cheap phase steps with
+the baseline's global batch: at a fixed number of sequences, a run's loss here follows its steps more than its batch,
+and E submodels at the full batch each paid for E times the sequences of the steps they made (BENCHMARKS §9). It
+gives the cheap phase (all E submodels together) and the fine-tune each a share of those sequences, and the
+synchronisation rounds a fixed number. `benchmarks/paper_table.py` measured the grid it is fitted to (baseline
 budgets B = 600, 1200, 2400 on the bundled corpus, the cheap phase's share varied; BENCHMARKS §9b), and
 `benchmarks/fit_recipe.py` fits it: the cheap share with the lowest cost at equal quality, and the fine-tune share
 that reached the baseline's loss there, as a power of B.
@@ -35,15 +38,17 @@ RULE = RecipeRule(cheap_share=1.0, finetune_share_at_1000=0.25, finetune_share_e
 
 @dataclass(frozen=True)
 class Recipe:
+    submodel_batch: int
     submodel_steps: int
     sync_rounds: int
     finetune_steps: int
 
 
-def auto_recipe(baseline_steps: int, baseline_batch: int, num_experts: int, submodel_batch: int,
-                finetune_batch: int, rule: RecipeRule = RULE) -> Recipe:
+def auto_recipe(baseline_steps: int, baseline_batch: int, num_experts: int, finetune_batch: int,
+                rule: RecipeRule = RULE) -> Recipe:
     """The phase lengths for a baseline of `baseline_steps` x `baseline_batch` sequences."""
     budget = baseline_steps * baseline_batch
+    submodel_batch = max(1, baseline_batch // num_experts)
     submodel_steps = max(1, round(rule.cheap_share * budget / (num_experts * submodel_batch)))
     finetune_steps = max(1, round(rule.finetune_share(baseline_steps) * budget / finetune_batch))
-    return Recipe(submodel_steps, min(rule.sync_rounds, submodel_steps), finetune_steps)
+    return Recipe(submodel_batch, submodel_steps, min(rule.sync_rounds, submodel_steps), finetune_steps)

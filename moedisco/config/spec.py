@@ -187,8 +187,9 @@ def _submodel_defaults() -> TrainConfig:
 
 
 def _finetune_defaults() -> TrainConfig:
-    # Table 5's settings, but warmup-stable-decay instead of cosine: a fine-tune stopped early (a budget, a target
-    # loss) still anneals where it stops (`moedisco.training.schedule.decayed_from`); BENCHMARKS §9.
+    # Table 5's settings, but warmup-stable-decay instead of cosine: a checkpoint of its stable phase can be annealed
+    # at any step (`moedisco.stages.finetune.anneal`), which is how the fine-tune's length is searched for
+    # (BENCHMARKS §9).
     return TrainConfig(schedule="wsd")
 
 
@@ -295,8 +296,8 @@ class JobSpec(_Section):
     seed: int = Field(0, ge=0, description="Seed for data split, initialisation, clustering and training.")
     # The rule and the grid it is fitted to: moedisco.config.recipe, BENCHMARKS §9b.
     recipe: Literal["manual", "auto"] = Field(
-        "manual", description="`auto`: submodel.steps, branch.sync_rounds and finetune.steps chosen from the "
-        "baseline budget (full_parameter.steps) by the fitted rule, whatever they say; `manual`: as written.")
+        "manual", description="`auto`: submodel.batch_size and .steps, branch.sync_rounds and finetune.steps chosen "
+        "from the baseline budget (full_parameter.steps x batch_size) by the fitted rule, whatever they say.")
     max_cost_usd: float | None = Field(None, gt=0, description="Budget: stop at a stage boundary before exceeding it.")
     data: DataConfig = Field(description="Training corpus: where it is, how it is read and split, sequence length.")
     tokenizer: TokenizerConfig = Field(
@@ -336,8 +337,9 @@ class JobSpec(_Section):
     def _auto_recipe(self) -> JobSpec:  # before the checks below, which then check what it chose
         if self.recipe == "auto":
             chosen = auto_recipe(self.full_parameter.steps, self.full_parameter.batch_size, self.model.num_experts,
-                                 self.submodel.batch_size, self.finetune.batch_size)
-            self.submodel.steps, self.finetune.steps = chosen.submodel_steps, chosen.finetune_steps
+                                 self.finetune.batch_size)
+            self.submodel.batch_size, self.submodel.steps = chosen.submodel_batch, chosen.submodel_steps
+            self.finetune.steps = chosen.finetune_steps
             self.branch.sync_rounds = chosen.sync_rounds
         return self
 

@@ -15,6 +15,7 @@ Every layer uses it (the stages, both runners, the Ray workers, the service), an
       submodels/<k>/            a submodel's run folder (checkpoints/, model.safetensors, result.json)
       sync/round_<r>.safetensors  sync/outer_<r>.safetensors (the outer optimizer's state after round r)
       runs/<stage>/             the run folder of warmup, finetune, full_parameter
+      anneal/step_<n>/          a stopped fine-tune's stable checkpoint n, decayed (`moedisco.stages.finetune.anneal`)
       merged/  final/
       stages/<marker>.json      one per finished stage (its summary)
 """
@@ -93,6 +94,9 @@ class JobPaths:
 
     def run(self, stage: str) -> Path:
         return self.root / "runs" / stage
+
+    def anneal(self, step: int) -> Path:
+        return self.root / "anneal" / f"step_{step}"
 
     def run_dir(self, stage: str, expert: int | None = None) -> Path:
         """A training stage's run folder: a submodel's is its own folder, the others' are under runs/."""

@@ -2,7 +2,7 @@
 
     model, result = finetune(OUTPUT / "merged", train_NL, eval_NL, spec, TrainContext(run_dir, "finetune", ...))
     model, result = train_full_parameter(source_model, train_NL, eval_NL, spec, context)
-    model, result = anneal(spec, JobPaths(OUTPUT), step=200)   # a wsd fine-tune's checkpoint, decayed
+    model, result = anneal(JobPaths(OUTPUT), step=200)   # a stopped wsd fine-tune's checkpoint, decayed
     summary = stage_finetune(run); summary = stage_full_parameter(run)     # the stages: final/ written
 
 Both train every parameter of the full MoE with the router's load-balancing loss switched on
@@ -15,9 +15,12 @@ import shutil
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from moedisco.config.loading import build_spec, upgrade_saved_spec
 from moedisco.config.spec import JobSpec
+from moedisco.io.atomic import partial_of, put_in_place
 from moedisco.job.layout import JobPaths
 from moedisco.job.metrics import MetricsWriter
 from moedisco.stages import prepare
@@ -26,7 +29,7 @@ from moedisco.stages.prepare import eval_sequences
 from moedisco.stages.stage_run import StageRun
 from moedisco.training import fsdp
 from moedisco.training.checkpoint import checkpoint_dir
-from moedisco.training.loop import TrainContext, TrainResult, train
+from moedisco.training.loop import TrainContext, TrainResult, finished_result, train
 from moedisco.training.schedule import decayed_from
 
 
@@ -49,19 +52,24 @@ def finetune(merged: Path, train_NL: torch.Tensor, eval_NL: torch.Tensor, spec: 
     return model, train(model, train_NL, eval_NL, spec.finetune, ctx)
 
 
-def anneal(spec: JobSpec, paths: JobPaths, step: int, progress: bool = False) -> tuple[PreTrainedModel, TrainResult]:
+def anneal(paths: JobPaths, step: int, progress: bool = False) -> tuple[PreTrainedModel, TrainResult]:
     """The fine-tune's checkpoint at `step` of its stable phase (a `wsd` schedule), decayed as a fine-tune of
-    `decayed_from(spec.finetune, step)` steps would have: the model that stopping there would deliver. Trained in
-    `OUTPUT/anneal/step_N/` from a copy of the checkpoint, its metrics there, so the job's own run is untouched."""
+    `decayed_from(spec.finetune, step)` steps would have: the model that stopping there would deliver. Uses the
+    job's saved spec (the measures its fine-tune trained with); trained in `OUTPUT/anneal/step_N/` from a copy of
+    the checkpoint, its metrics there, so the job's own run is untouched. An unsharded fine-tune's checkpoint only
+    (a sharded one keeps its optimizer state per rank)."""
+    spec = build_spec(upgrade_saved_spec(yaml.safe_load(paths.spec.read_text())))
     cfg = decayed_from(spec.finetune, step)
     cfg = cfg.model_copy(update={"eval_every": cfg.steps, "checkpoint_every": cfg.steps})  # evaluated at its end
-    run_dir = paths.root / "anneal" / f"step_{step}"
+    run_dir = paths.anneal(step)
     start = checkpoint_dir(run_dir, step)
-    if not start.is_dir():
-        shutil.copytree(checkpoint_dir(paths.run_dir("finetune"), step), start)
+    if finished_result(run_dir) is None and not start.is_dir():
+        partial = partial_of(start)
+        shutil.copytree(checkpoint_dir(paths.run_dir("finetune"), step), partial)
+        put_in_place(partial, start)  # whole or absent: `train` resumes from it
     ctx = TrainContext(run_dir, "finetune", spec.seed, MetricsWriter(run_dir / "metrics.jsonl"), progress=progress)
-    model = enable_router_loss(load_moe(paths.merged), spec.model.router_aux_loss_coef)
-    return model, train(model, train_source(spec, paths), eval_sequences(spec, paths), cfg, ctx)
+    return finetune(paths.merged, train_source(spec, paths), eval_sequences(spec, paths), spec.model_copy(
+        update={"finetune": cfg}), ctx)
 
 
 def train_full_parameter(model: PreTrainedModel, train_NL: torch.Tensor, eval_NL: torch.Tensor, spec: JobSpec,

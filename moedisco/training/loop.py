@@ -4,9 +4,9 @@
                            metrics=MetricsWriter(OUTPUT / "metrics.jsonl"), spec_yaml=spec.to_yaml())
     result = train(model, train_NL, eval_NL, spec.submodel, context)
 
-AdamW with a constant/cosine/linear/warmup-stable-decay schedule (`moedisco.training.schedule`), gradient clipping, and the memory measures of
-`TrainConfig` (micro-batches, activation checkpointing, precision, 8-bit or offloaded optimizer:
-`moedisco.training.memory`). Checkpoints (`moedisco.training.checkpoint`) land in `run_dir/checkpoints/` every
+AdamW with a constant/cosine/linear/warmup-stable-decay schedule (`moedisco.training.schedule`), gradient
+clipping, and the memory measures of `TrainConfig` (micro-batches, activation checkpointing, precision, 8-bit or
+offloaded optimizer: `moedisco.training.memory`). Checkpoints (`moedisco.training.checkpoint`) land in `run_dir/checkpoints/` every
 `checkpoint_every` steps; calling `train` again on the same `run_dir` resumes from the newest one, and
 returns at once if the run already finished. Data order is a pure function of (seed, step), so a resumed run sees
 exactly the batches it would have seen.

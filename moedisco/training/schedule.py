@@ -4,8 +4,8 @@
     branch = decayed_from(cfg, at_step=400)              # the same run, ending with its decay after step 400
 
 `wsd` (warmup-stable-decay) holds the peak rate after the warm-up and spends its last `decay_ratio` of the steps
-decaying towards zero in the 1 - sqrt shape (Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed
-Training Durations", which matches cosine with a 20% decay). Its stable phase is the same whatever the run's length,
+decaying towards zero in the 1 - sqrt shape (Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond
+Fixed Training Durations", which matches cosine with a 20% decay). Its stable phase is the same whatever the run's length,
 so a checkpoint taken there can be annealed at any step: `decayed_from` is that run, of `at_step / (1 - decay_ratio)`
 steps. That is what makes a fine-tune's length something to search for, not to fix in advance.
 """
