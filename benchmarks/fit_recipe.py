@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -58,6 +59,13 @@ def best_share(points: list[dict]) -> float:
     return min(complete, key=lambda share: statistics.fmean(p["cost_ratio"] for p in complete[share]))
 
 
+def steps_per_round(run: str) -> int:
+    """Submodel steps between two syncs, from paper_table's run name (`kmeans-S600-...-r4-nesterov`)."""
+    steps = int(re.search(r"-S(\d+)-", run).group(1))
+    rounds = re.search(r"-r(\d+)", run)
+    return round(steps / (int(rounds.group(1)) if rounds else 1))
+
+
 def fit_power(points: list[dict]) -> tuple[float, float, list[float]]:
     """finetune_share = a x (B / 1000) ** p, least squares in logs, `a` raised to cover every point."""
     xs = [math.log(p["budget"] / 1000) for p in points]
@@ -81,7 +89,8 @@ def main(argv=None) -> dict:
     at_1000, exponent, residuals = fit_power(chosen)
     output = {"benchmark": "fit_recipe", "files": [str(f) for f in args.files], "grid": points,
               "rule": {"cheap_share": share, "finetune_share_at_1000": round(at_1000, 4),
-                       "finetune_share_exponent": round(exponent, 4)},
+                       "finetune_share_exponent": round(exponent, 4),
+                       "steps_per_round": sorted({steps_per_round(p["run"]) for p in chosen})},
               "log_residuals": residuals}
     print(json.dumps(output, indent=1))
     return output

@@ -167,7 +167,7 @@ def test_recipe_auto_sizes_the_phases_from_the_baseline_budget():
             RULE.cheap_share * sequences, abs=8)
         assert spec.finetune.steps * spec.finetune.batch_size == pytest.approx(
             RULE.finetune_share(steps) * sequences, abs=spec.finetune.batch_size)
-        assert spec.branch.sync_rounds == min(RULE.sync_rounds, spec.submodel.steps)
+        assert spec.branch.sync_rounds == max(1, round(spec.submodel.steps / RULE.steps_per_round))
         assert build_spec(yaml.safe_load(spec.to_yaml())) == spec  # the saved spec resolves to itself
         budgets[steps] = spec.submodel.steps
     assert budgets[2400] == pytest.approx(4 * budgets[600], abs=1)  # the cheap phase grows with the budget

@@ -294,7 +294,7 @@ class JobSpec(_Section):
     output_dir: URI | Path = Field(description="Folder or `s3://`/`gs://` URI for every artifact; re-running on it "
                                    "resumes the job.")
     seed: int = Field(0, ge=0, description="Seed for data split, initialisation, clustering and training.")
-    # The rule and the grid it is fitted to: moedisco.config.recipe, BENCHMARKS §9b.
+    # The rule and the grid it is fitted to: moedisco.config.recipe, BENCHMARKS §9.
     recipe: Literal["manual", "auto"] = Field(
         "manual", description="`auto`: submodel.batch_size and .steps, branch.sync_rounds and finetune.steps chosen "
         "from the baseline budget (full_parameter.steps x batch_size) by the fitted rule, whatever they say.")
