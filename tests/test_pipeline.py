@@ -126,7 +126,7 @@ def test_interrupted_stage_resumes_from_checkpoint(tmp_path):
 def test_a_stopped_finetune_is_annealed_where_it_stopped(tmp_path):
     """`anneal`: the wsd fine-tune's stable checkpoint decayed beside the job, which is left as it was."""
     spec = build_spec(tiny_spec_dict(tmp_path / "out", model={"num_experts": 2, "num_experts_per_tok": 1},
-                                     branch={"sync_rounds": 1}))
+                                     branch={"sync_rounds": 1}, finetune={"schedule": "wsd"}))
     paths = JobPaths(spec.output_dir)
     stable = checkpoint_dir(paths.run_dir("finetune"), 4)
     assert spec.finetune.schedule == "wsd" and spec.finetune.steps == 8  # decays over steps 6..8
