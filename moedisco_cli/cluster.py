@@ -1,7 +1,8 @@
 """`moedisco cluster ...`: a local simulated heterogeneous cluster for one machine.
 
-    moedisco cluster start --cheap-nodes 4     # head + 4 x gpu_type=4090 + 1 x gpu_type=A100, dashboard on :8265
-    moedisco cluster start --autoscale --max-nodes cheap-4090=2 --idle-timeout 20   # head; nodes come on demand
+    moedisco cluster start                     # a head alone; Ray's autoscaler adds nodes as work asks, removes idle
+    moedisco cluster start --max-nodes cheap-4090=4 --idle-timeout 20   # up to 4 cheap nodes at once
+    moedisco cluster start --static --cheap-nodes 4   # head + 4 x gpu_type=4090 + 1 x A100 + 1 x cpu, all up now
     moedisco run examples/tiny.yaml --runner ray --address auto
     moedisco cluster status [--address ADDR]
     moedisco cluster stop
@@ -24,17 +25,21 @@ cluster_app = typer.Typer(help="A local simulated Ray cluster with labelled chea
 
 
 @cluster_app.command()
-def start(cheap_nodes: Annotated[int, typer.Option(help="Nodes labelled as the cheap tier.", min=1)] = 2,
-          expensive_nodes: Annotated[int, typer.Option(help="Nodes labelled as the expensive tier.", min=0)] = 1,
+def start(cheap_nodes: Annotated[int, typer.Option(help="With --static: nodes of the cheap tier.", min=1)] = 2,
+          expensive_nodes: Annotated[int, typer.Option(help="With --static: nodes of the expensive tier.",
+                                                       min=0)] = 1,
           label_key: Annotated[str, typer.Option(help="Node label naming the tier.")] = "gpu_type",
           cheap_label: Annotated[str, typer.Option(help="Label value of cheap nodes.")] = "4090",
           expensive_label: Annotated[str, typer.Option(help="Label value of expensive nodes.")] = "A100",
           cpus_per_node: Annotated[float, typer.Option(help="Logical CPUs per node (one trainer worker each).")] = 1.0,
           autoscale: Annotated[bool, typer.Option(
-              help="Start the head alone: Ray's autoscaler adds nodes of the node groups (resources.node_groups) "
-              "when work asks for their labels, and removes idle ones.")] = False,
+              "--autoscale/--static",
+              help="Start the head alone and let Ray's autoscaler add nodes of the node groups "
+              "(resources.node_groups) when work asks for their labels, and remove idle ones; --static starts "
+              "every node now.")] = True,
           max_nodes: Annotated[list[str] | None, typer.Option(
-              help="With --autoscale: most nodes of a node group at once, GROUP=N (repeatable).")] = None,
+              help="Most nodes of a node group at once, GROUP=N (repeatable); default: "
+              "ray_cluster.simulated.LOCAL_MAX_NODES.")] = None,
           idle_timeout: Annotated[float | None, typer.Option(
               help="With --autoscale: seconds an idle node is kept; default resources.idle_timeout_s.", min=0)] = None,
           ) -> None:
@@ -44,7 +49,7 @@ def start(cheap_nodes: Annotated[int, typer.Option(help="Nodes labelled as the c
     spec = local.LocalClusterSpec(num_cheap=cheap_nodes, num_expensive=expensive_nodes, label_key=label_key,
                                   cheap_label=cheap_label, expensive_label=expensive_label,
                                   cpus_per_node=cpus_per_node, autoscale=autoscale, idle_timeout_s=idle_timeout,
-                                  max_nodes=_group_counts(max_nodes or []))
+                                  max_nodes={**local.LOCAL_MAX_NODES, **_group_counts(max_nodes or [])})
     try:
         address = local.start_local_cluster(detach=True, spec=spec)
     except (RuntimeError, TimeoutError) as error:

@@ -52,9 +52,9 @@ def _connect_ray(settings: Settings, address: str | None) -> bool:
         connect(address, token_expected=wants_token(address), namespace=settings.ray_namespace)
         return False
     if settings.runner == "ray":
-        from ray_cluster.local_cluster import start_local_cluster
+        from ray_cluster.local_cluster import LocalClusterSpec, start_local_cluster
 
-        cluster_address = start_local_cluster(num_cheap=2)
+        cluster_address = start_local_cluster(spec=LocalClusterSpec(autoscale=True))  # nodes come as jobs ask
         if not ray.is_initialized():
             ray.init(address=cluster_address, namespace=settings.ray_namespace)
         return True

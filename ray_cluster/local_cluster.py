@@ -40,6 +40,7 @@ from pathlib import Path
 from moedisco.io.atomic import write_atomically
 from ray_cluster.simulated import (  # noqa: F401 - CONTROL_PLANE_LABEL, SIMULATED_LABEL, free_port: this module's API too
     CONTROL_PLANE_LABEL,
+    LOCAL_MAX_NODES,
     SIMULATED_LABEL,
     LocalClusterSpec,
     auth_mode,

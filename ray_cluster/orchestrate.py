@@ -39,6 +39,7 @@ from ray_cluster.local_cluster import LocalClusterSpec, start_local_cluster, sto
 from ray_cluster.metering import NodeMeter
 from ray_cluster.placement import (
     NodeUseReporter,
+    RoundHolds,
     TierUnreachable,
     autoscaler_present,
     check_output_dir,
@@ -49,7 +50,7 @@ from ray_cluster.placement import (
     run_stage_on_tier,
     storage_root,
     task_options,
-    tier_nodes,
+    tier_capacity,
 )
 from ray_cluster.tracking import Tracker
 from ray_cluster.trainers import build_trainer
@@ -66,6 +67,7 @@ class RayExecutor:
         self.tracker: Tracker | None = None
         self.data_worker = None
         self.meter: NodeMeter | None = None
+        self.holds: RoundHolds | None = None
 
     def open(self, job: JobContext) -> None:
         self.job, self.spec, self.paths = job, job.spec, job.paths
@@ -76,6 +78,7 @@ class RayExecutor:
             prestart.stop_helpers(helpers)
             raise
         self.tracker = Tracker(job.events, job.should_stop)
+        self.holds = RoundHolds(job.events)
         helpers = helpers or prestart.start_helpers(self.spec)
         self.tracker.adopt_launcher(helpers.launcher)
         self.data_worker = helpers.data_worker
@@ -85,6 +88,8 @@ class RayExecutor:
     def run(self, tasks: list[Task], started: Started) -> Iterator[tuple[Task, dict]]:
         if not STAGE[tasks[0].stage].setup:
             self.stop_data_worker()  # its node is the first trainer's
+        # The round's nodes stay held through the sync but for the one the sync task itself runs on.
+        self.holds.release(keep=max(0, len(self.holds.held) - 1) if tasks[0].stage == "sync" else 0)
         for task in tasks:
             started(task)
             self.submit(task)
@@ -102,6 +107,8 @@ class RayExecutor:
         return self.meter.lives()
 
     def close(self) -> None:
+        if self.holds is not None:
+            self.holds.release()
         self.stop_data_worker()
         if self.tracker is not None:
             self.tracker.close()  # after an error or a cancel nothing of this job keeps running
@@ -127,13 +134,14 @@ class RayExecutor:
         if self.data_worker is not None:
             ref = self.data_worker.run.remote(self.job.stage_run(task), self.reporter(task))
             self.tracker.submit(task.key, ref, actor=self.data_worker, one_process=True)
-        elif stage.on_ray_data:  # coordinates an actor pool over the cheap nodes; its workers report their uses
-            num_nodes = len(tier_nodes(spec, spec.resources.submodel_tier))
-            self.remote(task, stage.on_ray_data, spec, self.paths, num_nodes, options=on_driver_node(),
+        elif stage.on_ray_data:  # coordinates an actor pool that grows over its tier; its workers report their uses
+            max_nodes = tier_capacity(spec, placement_tier(spec, task.stage))
+            self.remote(task, stage.on_ray_data, spec, self.paths, max_nodes, options=on_driver_node(),
                         reporter=self.reporter(task), one_process=False)
-        else:  # source: anywhere, with the threads of the node it lands on
-            self.remote(task, run_stage_on_tier, self.job.stage_run(task), placement_tier(spec, task.stage),
-                        self.reporter(task))
+        else:  # source: on the CPU tier, with the threads of the node it lands on
+            tier = placement_tier(spec, task.stage)
+            self.remote(task, run_stage_on_tier, self.job.stage_run(task), tier, self.reporter(task),
+                        options=task_options(spec, tier))
 
     def remote(self, task: Task, function, *args, options: dict | None = None, one_process: bool = True,
                **kwargs) -> None:
@@ -160,9 +168,22 @@ class RayExecutor:
         self.tracker.enqueue(task.key, start, max_parallel(spec))
 
     def result(self, task: Task) -> dict:
-        """The task's summary, with `node_uses`: the node uses of all its runs (restarts included), closed, as JSON."""
+        """The task's summary, with `node_uses`: the node uses of all its runs (restarts included), closed, as JSON;
+        a data stage's actor pool, which grew with the nodes, counts the nodes it held."""
         summary = self.stage_summary(task)
-        return {**summary, "node_uses": self.tracker.node_uses.take(task.key)}
+        uses = self.tracker.node_uses.take(task.key)
+        if STAGE[task.stage].setup and uses:
+            summary = {**summary, "num_nodes": len({use["node"] for use in uses})}
+        if self.holds_through_sync(task) and uses:
+            self.holds.hold(self.spec, task, nodes=[uses[-1]["node"]])
+        return {**summary, "node_uses": uses}
+
+    def holds_through_sync(self, task: Task) -> bool:
+        """Whether the node of this finished trainer is kept for the next round: a round before the last, and none
+        of the round's trainers still waits for a node (a hold would take it from them)."""
+        last_round = self.spec.branch.sync_rounds - 1
+        return (task.stage == "submodel" and task.round is not None and task.round < last_round
+                and not self.tracker.waiting_trainers(task.stage))
 
     def stage_summary(self, task: Task) -> dict:
         summary = self.tracker.wait(task.key)
@@ -205,7 +226,8 @@ def max_parallel(spec: JobSpec) -> int:
 
 @contextlib.contextmanager
 def ray_connection(spec: JobSpec, address: str | None) -> Iterator[str]:
-    """Reuse an initialised Ray, else connect to `address` (or RAY_ADDRESS), else start a local simulated cluster.
+    """Reuse an initialised Ray, else connect to `address` (or RAY_ADDRESS), else start a local simulated cluster
+    that autoscales: a head alone, and Ray's autoscaler adding the node groups' nodes as the job asks for them.
 
     Whatever this function started or connected it also stops; an already-initialised Ray is left as it was. A
     cluster that refuses this client for want of its Ray token raises `ray_cluster.auth.RayAuthError`, which says
@@ -217,7 +239,7 @@ def ray_connection(spec: JobSpec, address: str | None) -> Iterator[str]:
     address = address or os.environ.get("RAY_ADDRESS")
     started_cluster = address is None
     if started_cluster:
-        address = start_local_cluster(spec=LocalClusterSpec.from_resources(spec.resources))
+        address = start_local_cluster(spec=LocalClusterSpec.from_resources(spec.resources, autoscale=True))
     try:
         # Worker output goes to the session logs and the dashboard; the driver shows progress instead.
         connect(address, token_expected=wants_token(address), log_to_driver=False, logging_level=logging.WARNING)

@@ -92,9 +92,8 @@ def run_name(spec: JobSpec, task: Task) -> str:
 
 
 def placement_tier(spec: JobSpec, stage: str) -> TierConfig:
-    """The tier a stage's tasks are placed on: the one that pays for it (`moedisco.job.registry.tier_of`); free
-    set-up work goes to the cheap tier."""
-    return registry.tier_of(spec.resources, stage) or spec.resources.submodel_tier
+    """The tier a stage's tasks are placed on: the one that pays for it (`moedisco.job.registry.tier_of`)."""
+    return registry.tier_of(spec.resources, stage)
 
 
 def label_selector(spec: JobSpec, tier: TierConfig) -> dict[str, str]:
@@ -103,6 +102,17 @@ def label_selector(spec: JobSpec, tier: TierConfig) -> dict[str, str]:
 
 def tier_nodes(spec: JobSpec, tier: TierConfig) -> list[dict]:
     return nodes_with_label(spec.resources.label_key, tier.label)
+
+
+def tier_capacity(spec: JobSpec, tier: TierConfig) -> int:
+    """The most nodes of `tier` the job may get: its nodes alive now, or with an autoscaler the most its node groups
+    may grow to (`resources.node_groups`, KubeRay's `maxReplicas`), when that is more. A data stage's actor pool
+    grows up to it as the autoscaler adds nodes."""
+    alive = len(tier_nodes(spec, tier))
+    if not autoscaler_present(spec):
+        return alive
+    groups = sum(group.max_nodes for group in spec.resources.node_groups.values() if group.tier == tier.label)
+    return max(alive, groups)
 
 
 def worker_resources(tier: TierConfig) -> dict[str, float]:
@@ -274,3 +284,56 @@ def on_driver_node() -> dict:
     """Options that keep a zero-CPU coordinating task or actor on the driver's node, as Ray Train does with its
     controller: it is no work for the tiers, and it goes away with the driver."""
     return {"num_cpus": 0, "label_selector": {"ray.io/node-id": ray.get_runtime_context().get_node_id()}}
+
+
+HOLD_PLACE_TIMEOUT_S = 10.0  # the node was freed a moment ago: its resources are there unless it is gone
+
+
+class RoundHolds:
+    """The nodes a synchronisation round's trainers ran on, kept reserved through the sync until the next round's
+    trainers are submitted: an idle node outlives its idle timeout only if something holds it, and at real scale a
+    sync of a few minutes would otherwise let every expert's pod go and cost the next round E cold starts (a VM and
+    a multi-GB image each). Each hold is a one-bundle placement group of the tier's worker resources on that node,
+    and the job's node use for that time (stage `sync`), so the billed cost charges it to the job.
+
+        holds = RoundHolds(events)
+        holds.hold(spec, task, nodes=["<node id>"])   # a submodel trainer of a round before the last ended
+        holds.release(keep=0)                          # the next round's trainers are about to be submitted
+    """
+
+    def __init__(self, events):
+        self.events = events
+        self.held: list[tuple[Any, NodeUse]] = []
+
+    def hold(self, spec: JobSpec, task: Task, nodes: list[str]) -> None:
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        tier = placement_tier(spec, task.stage)
+        for node in nodes:
+            group = placement_group([worker_resources(tier)], strategy="STRICT_PACK", _soft_target_node_id=node,
+                                    bundle_label_selector=[label_selector(spec, tier)])
+            ready, _ = ray.wait([group.ready()], timeout=HOLD_PLACE_TIMEOUT_S)
+            placed = ready and _bundle_node(group)
+            if placed != node:  # the node went (a preemption) or was taken: nothing to keep
+                remove_placement_group(group)
+                continue
+            use = NodeUse(stage="sync", round=task.round, node=node, pid=os.getpid(), start=time.time(),
+                          resources=worker_resources(tier))
+            self.events(use)
+            self.held.append((group, use))
+
+    def release(self, keep: int = 0) -> None:
+        """Give back all holds but `keep` of them (the sync's own task takes one node's resources)."""
+        from ray.util.placement_group import remove_placement_group
+
+        while len(self.held) > keep:
+            group, use = self.held.pop()
+            with contextlib.suppress(Exception):  # the cluster is going away: the hold goes with it
+                remove_placement_group(group)
+            self.events(use.model_copy(update={"end": time.time()}))
+
+
+def _bundle_node(group) -> str | None:
+    from ray.util import placement_group_table
+
+    return (placement_group_table(group).get("bundles_to_node_id") or {}).get(0)

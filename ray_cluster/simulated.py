@@ -17,6 +17,10 @@ from ray_cluster.auth import AUTH_MODE, enable_token_auth, ensure_token
 
 DASHBOARD_PORT = 8265
 
+# Each simulated node is a raylet and its agents, processes of this machine: the embedded cluster's groups grow to
+# what a laptop holds, not to the manifests' maxReplicas (two experts train at once, the fine-tune gets its node).
+LOCAL_MAX_NODES = {"cheap-4090": 2, "cheap-4090-spot": 0, "expensive-a100": 1, "cpu": 1}
+
 SIMULATED_LABEL = ("moedisco.io/simulated", "true")  # a node whose GPU is logical
 CONTROL_PLANE_LABEL = {"moedisco.io/role": "control-plane"}  # the head's, here and in k8s/ (drivers go there)
 
@@ -34,31 +38,37 @@ def local_gpu_count() -> int:
 class LocalClusterSpec:
     num_cheap: int = 2  # static: nodes of the cheap tier
     num_expensive: int = 1  # static: nodes of the expensive tier
+    num_cpu: int = 1  # static: nodes of the CPU tier (CPU-only work: the split, tokenization, the source model)
     label_key: str = "gpu_type"  # the node label that names the tier
     cheap_label: str = "4090"  # static: the cheap nodes' tier label
     expensive_label: str = "A100"  # static: the expensive nodes' tier label
+    cpu_label: str = "cpu"  # static: the CPU nodes' tier label
     cpus_per_node: float = 1.0  # logical CPUs of every node but the head (whole ones when autoscaling)
     real_gpus: int = field(default_factory=local_gpu_count)  # this machine's, given to the expensive nodes
-    head_cpus: float = 2.0  # Ray starts at most this many worker processes at once on a node
+    # The head runs the control plane only (drivers, the API, coordinators: zero-CPU actors and tasks), as KubeRay's
+    # head with `num-cpus: "0"`: a task that asks for a CPU never lands on it.
+    head_cpus: float = 0.0
     object_store_mb: int = 150  # the default 30% of RAM per node would reserve ~7 GB each on a 24 GB machine
     dashboard_port: int = DASHBOARD_PORT  # the head's dashboard, on 127.0.0.1 (a free port if taken)
     autoscale: bool = False  # a head alone; Ray's autoscaler adds the node groups' nodes (ray_cluster.autoscaling)
     idle_timeout_s: float | None = None  # autoscale: idle seconds before a node goes; unset = resources' default
-    max_nodes: dict[str, int] = field(default_factory=dict)  # autoscale: most nodes of a group at once, by group
+    # autoscale: most nodes of a group at once, by group; a group not named: its `max_nodes` (the manifests')
+    max_nodes: dict[str, int] = field(default_factory=lambda: dict(LOCAL_MAX_NODES))
 
     @classmethod
     def from_resources(cls, resources, **overrides) -> LocalClusterSpec:
         """Labels taken from a spec's `resources` section, so the simulated tiers match what the job selects."""
         return cls(label_key=resources.label_key, cheap_label=resources.submodel_tier.label,
-                   expensive_label=resources.finetune_tier.label, **overrides)
+                   expensive_label=resources.finetune_tier.label, cpu_label=resources.cpu_tier.label, **overrides)
 
     def nodes(self) -> list[tuple[dict[str, str], int]]:
         """(labels, GPUs) of every node but the head: a logical GPU each, or this machine's real ones."""
         simulated = dict([SIMULATED_LABEL])
         cheap = [({self.label_key: self.cheap_label, **simulated}, 1)] * self.num_cheap
+        cpu = [({self.label_key: self.cpu_label}, 0)] * self.num_cpu
         if self.real_gpus:
-            return cheap + [({self.label_key: self.expensive_label}, self.real_gpus)] * self.num_expensive
-        return cheap + [({self.label_key: self.expensive_label, **simulated}, 1)] * self.num_expensive
+            return cheap + [({self.label_key: self.expensive_label}, self.real_gpus)] * self.num_expensive + cpu
+        return cheap + [({self.label_key: self.expensive_label, **simulated}, 1)] * self.num_expensive + cpu
 
 
 def quiet_ray_env() -> None:

@@ -70,7 +70,7 @@ def test_a_short_tokenization_leaves_no_finished_shard(tmp_path, monkeypatch):
 
     monkeypatch.setattr(prepare, "_tokenized", lambda *args: TwoOfThree())
     with pytest.raises(RuntimeError, match="2 documents tokenized of 3"):
-        prepare.tokenize_on_ray_data(None, "corpus", None, tmp_path / "train_tokens", num_docs=3, num_cheap_nodes=1)
+        prepare.tokenize_on_ray_data(None, "corpus", None, tmp_path / "train_tokens", num_docs=3, max_nodes=1)
     assert not is_complete(tmp_path / "train_tokens")
 
 

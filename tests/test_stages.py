@@ -53,6 +53,6 @@ def test_declared_paths_functions_and_tiers_exist(tmp_path):
         assert (stage.train_config is not None) == stage.trained
         if stage.trained:
             assert getattr(spec, stage.train_config).steps > 0
-        assert (tier_of(spec.resources, stage.name) is None) == (stage.tier is None)
+        assert tier_of(spec.resources, stage.name) == getattr(spec.resources, stage.tier)
     assert tier_of(spec.resources, "finetune") == spec.resources.finetune_tier
 

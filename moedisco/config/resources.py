@@ -134,6 +134,8 @@ def _default_node_groups() -> dict[str, NodeGroupConfig]:
         "cheap-4090-spot": NodeGroupConfig(tier="4090", device_type="rtx4090", market="spot", max_nodes=8,
                                            price_per_hour=0.20, priority=1),  # the cheap tier goes to spot first
         "expensive-a100": NodeGroupConfig(tier="A100", device_type="a100", max_nodes=1, idle_timeout_s=60.0),
+        # CPU-only work (the corpus split, tokenization, building the source model): never a GPU pod or the head.
+        "cpu": NodeGroupConfig(tier="cpu", device_type="cpu", max_nodes=4),
     }
 
 
@@ -182,8 +184,13 @@ class ResourcesConfig(_Section):
         default_factory=lambda: TierConfig(label="A100", device_type="a100"),
         description="Expensive tier: fine-tune and full-parameter baseline.",
     )
+    cpu_tier: TierConfig = Field(
+        default_factory=lambda: TierConfig(label="cpu", device_type="cpu"),
+        description="CPU tier: CPU-only set-up work (the corpus split, tokenization, building the source model).",
+    )
     prices: dict[str, float] = Field(
-        default_factory=lambda: {"rtx4090": 0.35, "a100": 2.28, "cpu": 0.0},
+        # cpu: a node of the CPU group, 4 vCPUs and 16 GB (GCP e2-standard-4, us-central1, on-demand list price).
+        default_factory=lambda: {"rtx4090": 0.35, "a100": 2.28, "cpu": 0.134},
         description="Dollars per device-hour, by device type (paper sec. 4.4).",
     )
     devices: dict[str, DeviceSpec] = Field(
@@ -216,6 +223,11 @@ class ResourcesConfig(_Section):
     autoscaling: bool | None = Field(
         None, description="Ray: whether the cluster adds nodes on demand; unset = ask the cluster."
     )
+    # A cloud takes minutes to start a GPU VM and pull a multi-GB image; a quota, a spot stock-out or a node group
+    # whose labels match nothing never delivers, and without a deadline such a job would hold its slot forever.
+    capacity_timeout_s: float = Field(
+        900.0, gt=0, description="Ray: seconds a stage waits for its tier's nodes before the job fails, naming the "
+        "tier, label and resources it waited for.")
 
     @field_validator("prices", "devices", "node_groups", mode="before")
     @classmethod
@@ -232,7 +244,7 @@ class ResourcesConfig(_Section):
 
     @model_validator(mode="after")
     def _tiers_priced(self) -> ResourcesConfig:
-        for tier in (self.submodel_tier, self.finetune_tier):
+        for tier in (self.submodel_tier, self.finetune_tier, self.cpu_tier):
             if tier.device_type not in self.prices:
                 raise ValueError(f"device_type {tier.device_type!r} has no entry in prices")
         for name, group in self.node_groups.items():

@@ -18,13 +18,13 @@ if TYPE_CHECKING:
     from moedisco.config.resources import ResourcesConfig, TierConfig
     from moedisco.config.spec import JobSpec
 
-Tier = Literal["submodel_tier", "finetune_tier"]
+Tier = Literal["submodel_tier", "finetune_tier", "cpu_tier"]
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    tier: Tier | None  # the `ResourcesConfig` tier that runs and pays for it; None: free set-up work
+    tier: Tier  # the `ResourcesConfig` tier that runs and pays for it
     trained: bool = False  # runs moedisco's training loop (on Ray: a Ray Train trainer, resumable)
     train_config: str | None = None  # the `JobSpec` section with its `TrainConfig`
     setup: bool = False  # cheap CPU work before any training; the Ray runner may run it in the job's data worker
@@ -35,12 +35,12 @@ class Stage:
 
 
 STAGES = (
-    Stage("prepare", None, setup=True, writes=("data", "tokenizer")),
+    Stage("prepare", "cpu_tier", setup=True, writes=("data", "tokenizer")),
     Stage("embed", "submodel_tier", setup=True, reads=("data",),
           writes=("embeddings",)),
     Stage("cluster", "submodel_tier", setup=True, reads=("embeddings",),
           writes=("clusters",)),
-    Stage("source", None, setup=True, reads=("tokenizer",), writes=("source",)),
+    Stage("source", "cpu_tier", setup=True, reads=("tokenizer",), writes=("source",)),
     Stage("warmup", "submodel_tier", trained=True, train_config="submodel",
           reads=("data", "source"), writes=("branched",)),
     Stage("submodel", "submodel_tier", trained=True, train_config="submodel",
@@ -60,10 +60,9 @@ STAGE = {stage.name: stage for stage in STAGES}
 STAGE_NAMES = tuple(STAGE)  # in pipeline order
 
 
-def tier_of(resources: ResourcesConfig, stage: str) -> TierConfig | None:
-    """The tier that runs `stage` (None for free set-up work)."""
-    tier = STAGE[stage].tier
-    return None if tier is None else getattr(resources, tier)
+def tier_of(resources: ResourcesConfig, stage: str) -> TierConfig:
+    """The tier that runs and pays for `stage`."""
+    return getattr(resources, STAGE[stage].tier)
 
 
 def pipeline_order(stage: str) -> int:

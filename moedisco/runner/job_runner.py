@@ -274,11 +274,9 @@ class JobRunner:
     def finish(self, task: Task, summary: dict) -> None:
         self.check_claim()
         seconds = summary.get("seconds", time.perf_counter() - self.started_at.pop(task, time.perf_counter()))
-        tier = tier_of(self.spec.resources, task.stage)
-        if tier is not None:
-            self.ledger.record(task.stage, tier, seconds, device=summary.get("device", "cpu"), expert=task.expert,
-                               node=summary.get("node"), num_devices=summary.get("num_nodes"),
-                               round_index=task.round, work=summary)
+        self.ledger.record(task.stage, tier_of(self.spec.resources, task.stage), seconds,
+                           device=summary.get("device", "cpu"), expert=task.expert, node=summary.get("node"),
+                           num_devices=summary.get("num_nodes"), round_index=task.round, work=summary)
         self.ledger.add_uses(summary.get("node_uses", []))
         self.ledger.set_nodes(self.executor.node_lives())
         # A trained stage run in rounds goes on in its next round; anything else ends with its task.

@@ -93,7 +93,8 @@ def dollar_curve(records: list[dict], cost_path: Path) -> list[Point]:
     experts at each step, dollars summed over experts), the merged model, the fine-tune; or the full-parameter run."""
     rows = read_cost(cost_path).get("stages", [])
     rates = {row["stage"]: row["usd"] / row["seconds"] for row in rows if row["seconds"] > 0}
-    cheap = tuple(stage.name for stage in STAGES if stage.tier == "submodel_tier")
+    # Everything before the fine-tune: the set-up work (on the CPU tier and the cheap one) and the cheap phase.
+    cheap = tuple(stage.name for stage in STAGES if stage.tier != "finetune_tier")
     spent = sum(row["usd"] for row in rows if row["stage"] in cheap and STAGE[row["stage"]].setup)
     points: list[Point] = []
     previous = None
@@ -170,7 +171,8 @@ def dollar_views(jobs: dict[str, tuple[list[dict], Path, list[BilledSpan] | None
     return compute, billed, notes
 
 
-TIER_STYLE = {"submodel_tier": ("cheap tier", "tab:green"), "finetune_tier": ("expensive tier", "tab:red")}
+TIER_STYLE = {"cpu_tier": ("CPU tier", "tab:gray"), "submodel_tier": ("cheap tier", "tab:green"),
+              "finetune_tier": ("expensive tier", "tab:red")}
 
 
 def plot_loss_vs_dollars(ax, curves: dict[str, list[Point]], view: str = "compute", notes: list[str] = ()) -> None:

@@ -1,8 +1,8 @@
 """The embed and cluster stages on Ray: on Ray Data over the cheap tier, or both in one process for a corpus of one
 shard.
 
-    embed_stage(spec, paths, num_cheap_nodes=2)     # the fit's documents -> STORAGE/<job>/embeddings/
-    cluster_stage(spec, paths, num_cheap_nodes=2)   # fit, then every other document -> OUTPUT/cluster/
+    embed_stage(spec, paths, max_nodes=2)     # the fit's documents -> STORAGE/<job>/embeddings/
+    cluster_stage(spec, paths, max_nodes=2)   # fit, then every other document -> OUTPUT/cluster/
     embed_in_process(spec, paths)                   # the same files in this process (the job's data worker)
     cluster_in_process(spec, paths)
 
@@ -118,7 +118,7 @@ def _flags(num_docs: int, *doc_ids: np.ndarray) -> np.ndarray:
     return flags_N
 
 
-def _through_pool(spec: JobSpec, corpus: Path | str, keep_N: np.ndarray, num_cheap_nodes: int,
+def _through_pool(spec: JobSpec, corpus: Path | str, keep_N: np.ndarray, max_nodes: int,
                   clusters: cluster.ClusterResult | None = None,
                   reporter: NodeUseReporter = SILENT) -> tuple[ray.data.Dataset, int]:
     """The corpus's documents that `keep_N` flags through the embedding actors (`shards.through_actors`). About a
@@ -129,7 +129,7 @@ def _through_pool(spec: JobSpec, corpus: Path | str, keep_N: np.ndarray, num_che
     rows = sum(shard["stop"] - shard["first"] for shard in shards)
     kwargs = {"cfg": spec.embed, "tier": tier, "keep_ref": ray.put(keep_N), "clusters": clusters,
               "reporter": reporter}
-    return through_actors(shards, EmbedBatches, kwargs, num_cheap_nodes, task_options(spec, tier),
+    return through_actors(shards, EmbedBatches, kwargs, max_nodes, task_options(spec, tier),
                           shards_per_call=round(rows / max(1, int(keep_N.sum()))))
 
 
@@ -144,7 +144,7 @@ def _device(spec: JobSpec) -> str:
     return "cuda" if task_options(spec, tier)["num_gpus"] > 0 and not tier_simulated(spec, tier) else "cpu"
 
 
-def embed_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int, max_fit_documents: int = MAX_FIT_DOCUMENTS,
+def embed_stage(spec: JobSpec, paths: JobPaths, max_nodes: int, max_fit_documents: int = MAX_FIT_DOCUMENTS,
                 rows_per_shard: int = ROWS_PER_SHARD, reporter: NodeUseReporter = SILENT) -> dict:
     """Index the train split, and embed the documents k-means will be fitted on (every one, up to
     `max_fit_documents`; else the local runner's sample, `moedisco.stages.cluster.fit_sample`) into
@@ -161,7 +161,7 @@ def embed_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int, max_fit_do
                          f"documents, more than the {max_fit_documents} the Ray runner fits at once")
     keep_N = np.ones(num_docs, dtype=bool) if sample is None else _flags(num_docs, sample)
     num_embedded = int(keep_N.sum())
-    embedded, num_actors = _through_pool(spec, join(storage, "corpus"), keep_N, num_cheap_nodes, reporter=reporter)
+    embedded, num_actors = _through_pool(spec, join(storage, "corpus"), keep_N, max_nodes, reporter=reporter)
     embedded.write_parquet(fresh(join(storage, "embeddings")), **PARQUET_ARGS)
     return _embedded(spec, paths, {"documents": num_embedded, "corpus_documents": num_docs,
                                    "index_seconds": index_seconds, "device": _device(spec), "num_nodes": num_actors},
@@ -227,7 +227,7 @@ class AssignedParts:
         self.fs.move(partial, f"{self.root}/{name}")
 
 
-def assign_rest(spec: JobSpec, result: cluster.ClusterResult, fitted: dict, num_docs: int, num_cheap_nodes: int,
+def assign_rest(spec: JobSpec, result: cluster.ClusterResult, fitted: dict, num_docs: int, max_nodes: int,
                 reporter: NodeUseReporter = SILENT) -> tuple[np.ndarray, float, dict]:
     """Every document the fit did not see, through the embedding pool once, leaving the actors as its cluster and
     distance (a few bytes: no embedding is written or kept), saved as it comes (`AssignedParts`); documents an
@@ -244,7 +244,7 @@ def assign_rest(spec: JobSpec, result: cluster.ClusterResult, fitted: dict, num_
     if not skip_N.all():
         clusters = cluster.ClusterResult(np.zeros(0, np.int64), result.centroids, result.inertia, result.normalize,
                                          result.method)  # the geometry only: the actors need no sample labels
-        assigned, num_actors = _through_pool(spec, join(storage, "corpus"), ~skip_N, num_cheap_nodes, clusters,
+        assigned, num_actors = _through_pool(spec, join(storage, "corpus"), ~skip_N, max_nodes, clusters,
                                              reporter)
         for batch in assigned.iter_batches(batch_size=None, batch_format="numpy"):
             parts.write(batch)
@@ -254,7 +254,7 @@ def assign_rest(spec: JobSpec, result: cluster.ClusterResult, fitted: dict, num_
     return assignments, inertia, {"num_nodes": max(1, num_actors), "resumed_documents": len(resumed["doc_id"])}
 
 
-def cluster_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int,
+def cluster_stage(spec: JobSpec, paths: JobPaths, max_nodes: int,
                   reporter: NodeUseReporter = SILENT) -> dict:
     """Fit k-means on the embedded documents, and assign the corpus: by the fit itself when it saw every
     document, else the rest through `assign_rest`. Saves OUTPUT/cluster/ as `ClusterResult.save` does."""
@@ -269,7 +269,7 @@ def cluster_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int,
         return _clustered(spec, paths, result, result.assignments, result.inertia, started,
                           {"fit_documents": fit_documents, "fit_seconds": fit_seconds, "device": "cpu",
                            "num_nodes": 1})
-    assignments, inertia, passed = assign_rest(spec, result, fitted, num_docs, num_cheap_nodes, reporter)
+    assignments, inertia, passed = assign_rest(spec, result, fitted, num_docs, max_nodes, reporter)
     return _clustered(spec, paths, result, assignments, inertia, started,
                       {"fit_documents": fit_documents, "fit_seconds": fit_seconds, "device": _device(spec), **passed,
                        "assign_seconds": time.perf_counter() - started - fit_seconds})

@@ -1,13 +1,14 @@
 """The prepare stage on Ray Data: the split of a corpus of several files a task per file, the train split tokenized
-by an actor pool on the cheap tier.
+by an actor pool that grows over the CPU tier's nodes (`resources.cpu_tier`: CPU work rents no GPU pod).
 
-    summary = prepare_stage(spec, paths, num_cheap_nodes=2)   # OUTPUT/data/ as moedisco's stage_prepare writes it,
-                                                              # and STORAGE/<job>/corpus/ (`ray_cluster.data.shards`)
+    summary = prepare_stage(spec, paths, max_nodes=2)   # OUTPUT/data/ as moedisco's stage_prepare writes it,
+                                                        # and STORAGE/<job>/corpus/ (`ray_cluster.data.shards`)
 
 The stage's own task only coordinates. The split (a corpus of several files and no `data.max_documents`, which
 counts across files in order: a Ray Data task per file writes two JSON-lines parts to storage, joined in file order
 into the very OUTPUT/data/{train,eval}.jsonl one reader writes; otherwise the local runner's one reader), the
-tokenizer, the held-out tokens and the train split's index run in one task of one CPU (`_sequential`). A train
+tokenizer, the held-out tokens and the train split's index run in one task of one CPU of the CPU tier
+(`_sequential`). A train
 split of more than one shard is then tokenized by `TokenizeBatches` actors (the job's Rust tokenizer, given as its
 JSON so no node reads OUTPUT), Ray Data keeping the shards' order, and appended batch by batch to the train token
 shard: neither texts nor tokens are ever held whole, and the ids are the local runner's, document for document. A
@@ -103,7 +104,7 @@ def split_parts(spec: JobSpec, files: list, reporter: NodeUseReporter = SILENT) 
     items = [{"index": index, "file": str(file)} for index, file in enumerate(files)]
     split = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _split_files, fn_kwargs={"spec": spec, "parts": parts, "reporter": reporter}, batch_size=1,
-        batch_format="numpy", num_cpus=1)
+        batch_format="numpy", **task_options(spec, spec.resources.cpu_tier))
     rows = sorted(split.take_all(), key=lambda row: row["index"])
     if failed := next((row["error"] for row in rows if row["error"]), None):
         raise DataError(failed)  # the first in file order, as one reader would have stopped there
@@ -161,19 +162,19 @@ class TokenizeBatches:
         return pa.table({"doc_id": table["doc_id"], "ids": pa.LargeListArray.from_arrays(offsets, pa.array(flat))})
 
 
-def _tokenized(spec: JobSpec, corpus: str, tokenizer, num_docs: int, num_cheap_nodes: int,
+def _tokenized(spec: JobSpec, corpus: str, tokenizer, num_docs: int, max_nodes: int,
                reporter: NodeUseReporter) -> ray.data.Dataset:
     from moedisco.stages.prepare import fast_encoder
 
-    tier = spec.resources.submodel_tier
+    tier = spec.resources.cpu_tier
     kwargs = {"tokenizer_json": fast_encoder(tokenizer).to_str(), "eos": tokenizer.eos_token_id, "tier": tier,
               "reporter": reporter}
-    options = {**task_options(spec, tier), "num_gpus": 0}  # the tier's nodes and CPUs; tokenizing needs no GPU
-    return through_actors(shard_ranges(corpus, num_docs), TokenizeBatches, kwargs, num_cheap_nodes, options)[0]
+    options = task_options(spec, tier)
+    return through_actors(shard_ranges(corpus, num_docs), TokenizeBatches, kwargs, max_nodes, options)[0]
 
 
 def tokenize_on_ray_data(spec: JobSpec, corpus: str, tokenizer, folder: Path, num_docs: int,
-                         num_cheap_nodes: int, reporter: NodeUseReporter = SILENT) -> None:
+                         max_nodes: int, reporter: NodeUseReporter = SILENT) -> None:
     """The token shard `folder` of the corpus shards under `corpus`, tokenized by an actor pool, in doc_id order."""
     from moedisco.io.token_shards import TokenShardWriter
 
@@ -182,7 +183,7 @@ def tokenize_on_ray_data(spec: JobSpec, corpus: str, tokenizer, folder: Path, nu
     try:
         with TokenShardWriter(folder) as writer:
             next_doc = 0
-            tokenized = _tokenized(spec, corpus, tokenizer, num_docs, num_cheap_nodes, reporter)
+            tokenized = _tokenized(spec, corpus, tokenizer, num_docs, max_nodes, reporter)
             for batch in tokenized.iter_batches(batch_size=None, batch_format="pyarrow"):
                 doc_ids = batch["doc_id"].to_numpy()
                 if not np.array_equal(doc_ids, np.arange(next_doc, next_doc + len(doc_ids))):
@@ -228,7 +229,7 @@ def _sequential_work(spec: JobSpec, paths: JobPaths, rows_per_shard: int,
     return split, to_tokenize
 
 
-def prepare_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int, rows_per_shard: int = ROWS_PER_SHARD,
+def prepare_stage(spec: JobSpec, paths: JobPaths, max_nodes: int, rows_per_shard: int = ROWS_PER_SHARD,
                   reporter: NodeUseReporter = SILENT) -> dict:
     """`moedisco.stages.prepare.stage_prepare`'s outputs and summary, the split of several files and the train split's
     tokens on Ray Data. This task coordinates (no CPU of its own, as the embed and cluster stages): the work of one
@@ -243,13 +244,13 @@ def prepare_stage(spec: JobSpec, paths: JobPaths, num_cheap_nodes: int, rows_per
     if not paths.split_summary.is_file() and spec.data.max_documents is None:
         if len(files := corpus_files(spec.data.train)) > 1:
             parts = split_parts(spec, files, reporter)
-    task = ray.remote(_sequential).options(num_cpus=1)
+    task = ray.remote(_sequential).options(**task_options(spec, spec.resources.cpu_tier))
     split, to_tokenize = ray.get(task.remote(spec, paths, rows_per_shard, parts, reporter))
     sequential_seconds = time.perf_counter() - started
     tokenizer, train = load_tokenizer(paths.tokenizer), paths.tokens("train")
     if to_tokenize:
         corpus = join(job_storage(spec), "corpus")  # the embed stage reads the same shards
-        tokenize_on_ray_data(spec, str(corpus), tokenizer, train, to_tokenize, num_cheap_nodes, reporter)
+        tokenize_on_ray_data(spec, str(corpus), tokenizer, train, to_tokenize, max_nodes, reporter)
     if (tokenized := TokenShard.load(train).num_documents) != split["train_documents"]:
         raise RuntimeError(f"{train}: {tokenized} documents tokenized of the split's {split['train_documents']}")
     return {**prepared(paths, split, tokenizer), "split_tasks": len(parts or ()), "tokenized_on_ray_data": to_tokenize,

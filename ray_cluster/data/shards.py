@@ -2,12 +2,13 @@
 
     num_docs = index_corpus(paths.texts("train"), join(job_storage(spec), "corpus"))   # STORAGE/<job>/corpus/
     shards = shard_ranges(corpus, num_docs)        # [{"shard": location, "first": 0, "stop": 4096}, ...]
-    dataset, num_actors = through_actors(shards, EmbedBatches, kwargs, num_cheap_nodes, options)
+    dataset, max_actors = through_actors(shards, EmbedBatches, kwargs, max_nodes, options)
 
 train.jsonl is streamed into shards of `ROWS_PER_SHARD` documents whose `doc_id` is the document's line, so document
 order, and every later index into the cluster assignments, matches the local runner; a marker (`_index.json`)
 records what was indexed, so the prepare stage, the embed stage and a re-run share the shards. A stage's actors
-(one per cheap node at most: the nodes the pool holds are what the stage costs) each read their own shards from
+(one per node of the stage's tier at most, the pool growing as nodes come: the nodes it holds are what the stage
+costs) each read their own shards from
 storage: Ray Data moves the shards' locations, not their texts.
 """
 
@@ -121,14 +122,17 @@ def shard_dataset(ranges: list[dict]) -> ray.data.Dataset:
     return ray.data.from_items(ranges, override_num_blocks=max(1, len(ranges)))
 
 
-def through_actors(shards: list[dict], udf: type, kwargs: dict, num_cheap_nodes: int, options: dict,
+def through_actors(shards: list[dict], udf: type, kwargs: dict, max_nodes: int, options: dict,
                    shards_per_call: int = 1) -> tuple[ray.data.Dataset, int]:
-    """`shards` through a fixed pool of `udf` actors, one per cheap node and no more than there are shards: the
-    nodes it holds are what the stage costs. Returns the dataset and the pool's size."""
-    num_actors = max(1, min(num_cheap_nodes, len(shards)))
+    """`shards` through a pool of `udf` actors, one per node of the tier: it starts with one and grows, as Ray
+    Data's autoscaling pools do while work is queued, to `max_nodes` (the tier's nodes, or the most its node groups
+    may grow to when an autoscaler adds them) and no more than there are shards. Returns the dataset and the pool's
+    largest size."""
+    max_actors = max(1, min(max_nodes, len(shards)))
+    pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors)
     return shard_dataset(shards).map_batches(
         udf, fn_constructor_kwargs=kwargs, batch_size=max(1, min(shards_per_call, len(shards))),
-        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors), **options), num_actors
+        batch_format="numpy", compute=pool, **options), max_actors
 
 
 def read_shard(location: str, keep_N: np.ndarray | None = None) -> pa.Table:

@@ -1,6 +1,6 @@
 """How each data stage runs on Ray: the one table that the executor and the job's data worker read.
 
-    DATA_STAGES["embed"].on_ray_data(spec, paths, num_cheap_nodes)   # Ray Data over the cheap tier
+    DATA_STAGES["embed"].on_ray_data(spec, paths, max_nodes)   # Ray Data over the cheap tier
     DATA_STAGES["embed"].in_one_process(spec, paths)                 # in the job's data worker
     DATA_STAGES["source"]                                            # DataStage(): moedisco's stage as it is
 
@@ -23,7 +23,7 @@ from ray_cluster.data.prepare import prepare_stage
 
 @dataclass(frozen=True)
 class DataStage:
-    # (spec, paths, num_cheap_nodes, reporter=`placement.NodeUseReporter`); None: moedisco's, in a Ray task
+    # (spec, paths, max_nodes, reporter=`placement.NodeUseReporter`); None: moedisco's, in a Ray task
     on_ray_data: Callable[..., dict] | None = None
     in_one_process: Callable[..., dict] | None = None  # (spec, paths), in the data worker; None: moedisco's
 

@@ -36,9 +36,9 @@ def _public(row: CostRow, final: bool) -> CostRowPublic:
 
 def _live_row(stage: StageRow, resources: ResourcesConfig, now: datetime) -> CostRowPublic | None:
     """A running stage's wall time so far at its tier's price (`price_row`, as the ledger does)."""
-    tier = tier_of(resources, stage.stage) if stage.stage in STAGE_NAMES else None
-    if tier is None or stage.started_at is None:
+    if stage.stage not in STAGE_NAMES or stage.started_at is None:
         return None
+    tier = tier_of(resources, stage.stage)
     seconds = max(0.0, (now - stage.started_at).total_seconds())
     return _public(price_row(stage.stage, tier, resources.prices, seconds, expert=stage.expert), final=False)
 
