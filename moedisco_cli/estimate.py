@@ -32,7 +32,8 @@ def parse_hours(items: list[str]) -> dict[str, float]:
 
 
 def render_estimate(result: dict, console) -> None:
-    """Sizes, the memory table (as written, then as the job runs), the chosen measures and the cost."""
+    """Sizes, the memory table (as written, then as the job runs), the chosen measures, the host memory of the
+    stages that build the whole model, and the cost."""
     from rich.table import Table
 
     counts = result["parameters"]
@@ -56,7 +57,26 @@ def render_estimate(result: dict, console) -> None:
         chosen = ", ".join(f"{k}={v}" for k, v in plan["measures"].items())
         console.print(f"{name} trains with {chosen}" + (f" [red]refused: {plan['refused']}[/red]"
                                                          if plan["refused"] else ""))
+    render_host(result["host"], console)
     render_cost(result["cost"], console)
+
+
+def render_host(host: dict, console) -> None:
+    """One row per stage that holds a whole model in host memory (`source`): its needs against one node's."""
+    from rich.table import Table
+
+    table = Table(title="host memory per node (GB): stages that build the whole model outside training")
+    for column in ("stage", "tier", "model (fp32)", "upcycled", "process", "total", "node", "fits"):
+        table.add_column(column)
+    for stage, plan in host.items():
+        node = "unknown" if plan["node_memory_gb"] is None else f"{plan['node_memory_gb']:g}"
+        upcycled = f"{plan['upcycled_gb']:.2f}" if plan["upcycled_gb"] else "-"
+        table.add_row(stage, plan["tier"], f"{plan['model_gb']:.2f}", upcycled, f"{plan['process_gb']:.2f}",
+                      f"{plan['total_gb']:.2f}", node, "yes" if plan["fits"] else "[red]no[/red]")
+    console.print(table)
+    for plan in host.values():
+        if plan["refused"]:
+            console.print(f"[red]refused: {plan['refused']}[/red]")  # the refusal names its stage
 
 
 def _count(n: float) -> str:

@@ -58,6 +58,7 @@ def test_estimate_plans_the_llama_moe_example_at_its_named_size():
     assert cost["stages"]["submodel"]["recompute"] and cost["full_parameter_usd"] > cost["finetune_usd"] > 0
     for section in ("submodel", "finetune"):  # as written, on one 4090 and one A100
         assert result["plan"][section]["num_devices"] == 1 and not result["plan"][section]["refused"]
+    assert "source: needs 19.3 GB of host memory" in result["host"]["source"]["refused"]  # a 16 GB cpu node
 
 
 def test_mixtral_fits_only_sharded_over_the_devices_the_plan_states():
@@ -136,8 +137,8 @@ def test_budget_stops_at_a_stage_boundary(tmp_path):
     with pytest.raises(BudgetExceeded, match="max_cost_usd"):
         run_job(spec, progress=False)
     done = sorted(p.stem for p in (spec.output_dir / "stages").glob("*.json"))
-    assert done == ["embed", "prepare"]  # embed spent the (tiny) budget; the cluster stage never started
-    assert (spec.output_dir / "embed" / "embeddings.npy").is_file()
+    assert done == ["prepare"]  # prepare, on the priced cpu tier, spent the (tiny) budget; embed never started
+    assert (spec.output_dir / "data").is_dir() and not (spec.output_dir / "embed" / "embeddings.npy").exists()
 
 
 def test_a_budget_left_hook_stops_before_a_stage_it_cannot_pay(tmp_path):

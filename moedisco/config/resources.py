@@ -26,6 +26,12 @@ class _Section(BaseModel):
 
 CPU_DEVICE_TYPE = "cpu"  # the `device_type` of a tier without accelerators
 
+# Host memory of one node, by the device type of its tier, where a tier does not state its own `node_memory_gb`:
+# the pods of k8s/rayservice.yaml (a 4090 pod 24Gi, an A100 pod 96Gi) and, for `cpu`, the 16 GB of the GCP
+# e2-standard-4 its price assumes. In GB of 1e9 bytes, as `devices`' memory_gb: 24Gi is 25.8 GB, so the numbers
+# err on the safe side.
+NODE_MEMORY_GB = {"rtx4090": 24.0, "a100": 96.0, CPU_DEVICE_TYPE: 16.0}
+
 
 class TierConfig(_Section):
     """Where a tier's stages run, and what each of their Ray workers asks for.
@@ -33,6 +39,7 @@ class TierConfig(_Section):
         TierConfig(label="4090", device_type="rtx4090").gpus_per_worker_needed()        # 1
         TierConfig(label="cpu", device_type="cpu").gpus_per_worker_needed()             # 0
         TierConfig(label="4090", device_type="rtx4090", simulated=True)                 # logical GPUs, torch on CPU
+        TierConfig(label="cpu", device_type="cpu", node_memory_gb=64).node_memory_gb_or_default()   # 64.0
     """
 
     label: str = Field(description="Value of the node label `gpu_type` the tier's nodes carry.")
@@ -61,6 +68,13 @@ class TierConfig(_Section):
         False,
         description="Ray: the tier's nodes may be spot / preemptible; a preempted trainer checkpoints and resumes.",
     )
+    # What a stage that holds a whole model outside training (`source` builds the full MoE in fp32) may use; the
+    # memory planner refuses a job whose stage would not fit, before it starts, rather than let it OOM a node.
+    node_memory_gb: float | None = Field(
+        None, gt=0, description="Host memory of one of the tier's nodes (the smallest, if its node groups differ), "
+        "in GB; unset = the default for its `device_type` ("
+        + ", ".join(f"{device} {gb:g}" for device, gb in NODE_MEMORY_GB.items()) + ").",
+    )
 
     @model_validator(mode="after")
     def _cpu_has_no_gpus(self) -> TierConfig:
@@ -73,6 +87,11 @@ class TierConfig(_Section):
         if self.gpus_per_worker is not None:
             return self.gpus_per_worker
         return 0.0 if self.device_type == CPU_DEVICE_TYPE else 1.0
+
+    def node_memory_gb_or_default(self) -> float | None:
+        """GB of host memory one node of this tier has: the field, else `NODE_MEMORY_GB` for its device type, else
+        None (unknown: a stage's host memory on it goes unchecked)."""
+        return self.node_memory_gb if self.node_memory_gb is not None else NODE_MEMORY_GB.get(self.device_type)
 
 
 # A device type not among the defaults below gets this efficiency: the middle of what tuned stacks publish for
@@ -234,6 +253,13 @@ class ResourcesConfig(_Section):
     def _over_defaults(cls, given: Any, info) -> Any:
         return _merged(cls.model_fields[info.field_name].default_factory(), given)
 
+    # So that `--set resources.cpu_tier.node_memory_gb=64` changes one field of the tier and keeps its label.
+    @field_validator("submodel_tier", "finetune_tier", "cpu_tier", mode="before")
+    @classmethod
+    def _tier_over_default(cls, given: Any, info) -> Any:
+        default = cls.model_fields[info.field_name].default_factory()
+        return {**default.model_dump(exclude_unset=True), **given} if isinstance(given, dict) else given
+
     @field_validator("prices")
     @classmethod
     def _non_negative(cls, prices: dict[str, float]) -> dict[str, float]:
@@ -274,4 +300,5 @@ class ResourcesConfig(_Section):
         return sorted(change.since.timestamp() for change in self.price_changes if change.group == group)
 
 
-__all__ = ["CPU_DEVICE_TYPE", "DeviceSpec", "NodeGroupConfig", "PriceChange", "ResourcesConfig", "TierConfig"]
+__all__ = ["CPU_DEVICE_TYPE", "NODE_MEMORY_GB", "DeviceSpec", "NodeGroupConfig", "PriceChange", "ResourcesConfig",
+           "TierConfig"]

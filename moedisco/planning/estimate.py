@@ -2,12 +2,14 @@
 
     result = estimate_job(load_spec("examples/qwen1.5-moe-a2.7b.yaml"))
     result["plan"]["submodel"]["measures"]      # what a submodel trains with to fit the cheap tier
+    result["host"]["source"]["refused"]         # why the full MoE does not fit one node of the cpu tier, or None
     result["cost"]["total_usd"], result["cost"]["model"]      # the cost, and the assumptions it rests on
     estimate_job(spec, hours={"submodel": 2.09, "finetune": 1.73, "full_parameter": 9.87})["cost"]  # measured
 
 Parameter counts come from instantiating the model on the `meta` device (no memory); the memory plan is
-`moedisco.planning.memory_plan`. The cost prices each trained stage (the shared warm-up, one submodel, the
-fine-tune, the full-parameter baseline) under one of two conventions:
+`moedisco.planning.memory_plan`, per device for the training stages, per node (host memory) for `source`. The
+cost prices each trained stage (the shared warm-up, one submodel, the fine-tune, the full-parameter baseline)
+under one of two conventions:
   - `flop`: its FLOPs (`moedisco.planning.cost.flop_cost_usd`: 6 x parameters x tokens, 8 where its memory plan
     turns activation checkpointing on) at its device's `efficiency` of peak, at its tier's price;
   - `paper`: measured wall hours, given per stage, at its tier's price: the paper's Table 3, where the submodels
@@ -28,6 +30,8 @@ from moedisco.job.registry import STAGE, tier_of
 from moedisco.models.architecture import num_experts_of, with_num_experts
 from moedisco.planning.cost import flop_cost_usd
 from moedisco.planning.memory_plan import (
+    host_plans,
+    host_refusal,
     memory_plan,
     memory_plans,
     parameter_counts,
@@ -48,7 +52,8 @@ def estimate_job(spec: JobSpec, sharded: bool = True, hours: dict[str, float] | 
                  convention: str | None = None) -> dict:
     """Sizes, cost, and per tier two memory plans: `memory` as the spec is written (measures as set), and `plan`,
     what the job would actually train with (`memory: auto` resolved) under the Ray runner (`sharded`) or the
-    local one, with `refused` saying why it would not run. `hours`: measured wall hours per stage of
+    local one, with `refused` saying why it would not run; `host`: the host memory of `source` on one node of its
+    tier (`memory_plan.host_plans`), with its `refused`. `hours`: measured wall hours per stage of
     `PRICED_STAGES` (`submodel`: the slowest submodel's) for the `paper` convention; `convention` unset: `paper`
     when hours are given, else `flop`."""
     hours = dict(hours or {})
@@ -59,11 +64,13 @@ def estimate_job(spec: JobSpec, sharded: bool = True, hours: dict[str, float] | 
     counts = parameter_counts(config)
     plans = {section: {**plan, "refused": refusal(section, tier, plan)}
              for section, (_, plan, tier) in memory_plans(spec, config, counts, sharded).items()}
+    host = {stage: {**plan, "refused": host_refusal(stage, plan)}
+            for stage, plan in host_plans(spec, config, counts).items()}
     cost = (measured_cost(spec, hours, sharded) if convention == "paper"
             else flop_cost(spec, counts, _recomputes(spec, config, counts, plans, sharded), sharded))
     return {"arch": config.model_type, "num_experts": num_experts_of(config), "parameters": counts,
             "recipe": _recipe(spec), "memory": _memory_as_written(spec, config, counts), "plan": plans,
-            "cost": cost}
+            "host": host, "cost": cost}
 
 
 def _recipe(spec: JobSpec) -> dict:

@@ -2,12 +2,14 @@
 
     plan = memory_plan(params, config, spec.submodel, seq_len=256, device_gb=24)   # GB per part, and whether it fits
     spec = resolve_memory(spec)      # `memory: auto` resolved per stage, or `MemoryFitError` naming the shortfall
+    host_plans(spec)["source"]       # GB of host memory the source stage needs on one node of its tier
 
 Per device: weights and optimizer state in the bytes per parameter the measures give, plus the largest of the
 step's phases (the forward's kept activations, counted per token and layer from the tensors autograd keeps; the
 backward's gradients; the optimizer step's working set). `plan_measures` climbs `LADDER` on the devices the runner
 gives a stage (`stage_devices`), then shards, until it fits. `benchmarks/memory.py` checks the model against
-measured peaks.
+measured peaks. Outside training, `source` builds the whole MoE in host memory: `host_plans` checks it against
+the memory of one node of its tier (`TierConfig.node_memory_gb`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from moedisco.config.loading import SpecError
 from moedisco.config.resources import CPU_DEVICE_TYPE, TierConfig
 from moedisco.config.spec import JobSpec, TrainConfig
-from moedisco.job.layout import JobPaths
+from moedisco.job.layout import JobPaths, is_done
 from moedisco.job.registry import STAGE, plan, tier_of
 from moedisco.models.architecture import (
     build_moe_config,
@@ -31,12 +33,16 @@ from moedisco.models.architecture import (
     read_config,
     with_num_experts,
 )
+from moedisco.models.upcycle import DENSE_TO_MOE, moe_config_from_dense
 from moedisco.training.memory import GB, measures_of
 
 
 def spec_config(spec: JobSpec) -> PretrainedConfig:
+    """The source MoE's config: built from the spec, read from `model.pretrained`, or, when that is a dense
+    checkpoint, the MoE it is upcycled into (as `split.build_source_moe` builds it)."""
     if spec.model.pretrained is not None:
-        return read_config(spec.model.pretrained)
+        config = read_config(spec.model.pretrained)
+        return moe_config_from_dense(config, spec.model) if config.model_type in DENSE_TO_MOE else config
     vocab = spec.model.overrides.get("vocab_size", spec.tokenizer.vocab_size)
     return build_moe_config(spec.model, vocab, eos_id=0, pad_id=1)
 
@@ -195,11 +201,12 @@ def memory_plan(params: int, config: PretrainedConfig, train: TrainConfig, seq_l
 
 
 class MemoryFitError(SpecError):
-    """Training stages that fit no device of their tier with any measure; `problems` names, per TrainConfig
-    section, the device and the shortfall in GB."""
+    """Stages that do not fit their tier: a training stage that fits no device with any measure, or `source`,
+    whose model does not fit one node's host memory; `problems` names, per TrainConfig section or stage, the
+    device or node and the shortfall in GB."""
 
     def __init__(self, problems: dict[str, str]):
-        super().__init__("the job fits no device of its tier: " + "; ".join(problems.values()))
+        super().__init__("the job does not fit its tiers: " + "; ".join(problems.values()))
         self.problems = problems
 
 
@@ -314,6 +321,67 @@ def refusal(section: str, tier: TierConfig, plan: dict) -> str | None:
 
 
 
+# The host memory of the process a stage runs in before it builds anything: Python with torch and transformers
+# imported (about half a GB), and a Ray worker's own, rounded up.
+PROCESS_GB = 1.0
+# Of a node's memory, the share a stage may fill: Ray's memory monitor kills a task once its node's use passes 95%
+# (`RAY_memory_usage_threshold`).
+NODE_FILL = 0.95
+
+
+def _dense_parameters(spec: JobSpec) -> int:
+    """Parameters of the dense checkpoint `model.pretrained` that `source` upcycles, else 0."""
+    if spec.model.pretrained is None:
+        return 0
+    config = read_config(spec.model.pretrained)
+    if config.model_type not in DENSE_TO_MOE:
+        return 0
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+
+
+def source_plan(spec: JobSpec, config: PretrainedConfig, counts: dict[str, int]) -> dict:
+    """GB of host memory the `source` stage needs on one node of its tier, and whether the node has them.
+
+    `split.build_source_moe` holds the full MoE in fp32, 4 bytes per parameter (a fresh initialisation, or a
+    checkpoint loaded in fp32); upcycling a dense checkpoint, the dense model's fp32 copy sits beside it until the
+    MoE is filled, with one layer's experts being copied from it (`_largest_tensor`). `save_weights` writes from
+    the parameters themselves, copying nothing, with the safetensors constraints.txt pins (older releases copied
+    every tensor to bytes first, safetensors issue #458, doubling the peak). On top: the stage's process
+    (`PROCESS_GB`); the node may fill `NODE_FILL` of its memory."""
+    tier = tier_of(spec.resources, "source")
+    node_gb = tier.node_memory_gb_or_default()
+    dense = _dense_parameters(spec)
+    plan = {"model_gb": 4 * counts["total"] / GB,
+            "upcycled_gb": 4 * (dense + _largest_tensor(config)) / GB if dense else 0.0,
+            "process_gb": PROCESS_GB, "parameters": counts["total"], "tier": tier.label,
+            "node_memory_from": f"resources.{STAGE['source'].tier}.node_memory_gb", "node_memory_gb": node_gb}
+    plan["total_gb"] = plan["model_gb"] + plan["upcycled_gb"] + PROCESS_GB
+    plan["fits"] = node_gb is None or plan["total_gb"] <= node_gb * NODE_FILL
+    return plan
+
+
+def host_plans(spec: JobSpec, config: PretrainedConfig | None = None,
+               counts: dict | None = None) -> dict[str, dict]:
+    """Per stage that holds a whole model in host memory outside training, its plan on one node of its tier
+    (`source_plan`): only `source` builds one (the merge reads and writes the experts' files a tensor at a time)."""
+    config = config or spec_config(spec)
+    return {"source": source_plan(spec, config, counts or parameter_counts(config))}
+
+
+def host_refusal(stage: str, plan: dict) -> str | None:
+    """Why `stage` cannot run on one node of its tier (`host_plans`), with what to do, or None when it fits."""
+    if plan["fits"]:
+        return None
+    node_gb, field = plan["node_memory_gb"], plan["node_memory_from"]
+    upcycled = f", the dense checkpoint it upcycles {plan['upcycled_gb']:.1f} GB" if plan["upcycled_gb"] else ""
+    return (f"{stage}: needs {plan['total_gb']:.1f} GB of host memory on one node of tier `{plan['tier']}` (the "
+            f"full MoE, {plan['parameters'] / 1e9:.2f}B parameters in fp32: {plan['model_gb']:.1f} GB{upcycled}, "
+            f"+ {plan['process_gb']:g} GB for its process), but a node has {node_gb:g} GB ({field}, "
+            f"{NODE_FILL:.0%} usable): {plan['total_gb'] - node_gb * NODE_FILL:.1f} GB short; give the tier a node "
+            f"group with bigger nodes and set {field} to their memory")
+
+
 def _started_run(paths: JobPaths, section: str) -> Path | None:
     """The run folder a training section's stage has already written to (checkpoints, weights), if any."""
     runs = [paths.run("warmup"), *(sorted(paths.submodels.iterdir()) if paths.submodels.is_dir() else [])] \
@@ -345,7 +413,8 @@ def keep_checkpointed_measures(spec: JobSpec) -> tuple[JobSpec, dict[str, Path]]
 def resolve_memory(spec: JobSpec, sharded: bool = True) -> JobSpec:
     """The spec with each training section's memory measures as the planner resolves them for the runner
     (`sharded`: the Ray runner; False: the local one) (the spec a job saves and runs); raises `MemoryFitError`
-    naming the stage, the device and the shortfall when one fits no device. A resumed job keeps the checkpointed
+    naming the stage, the device and the shortfall when one fits no device, and `source` when its model does not
+    fit one node of its tier (`host_plans`) and it has not run yet. A resumed job keeps the checkpointed
     measures of the stages that already trained (`keep_checkpointed_measures`), and is refused, naming their
     run folder, when those no longer fit."""
     spec, kept = keep_checkpointed_measures(spec)
@@ -356,6 +425,9 @@ def resolve_memory(spec: JobSpec, sharded: bool = True) -> JobSpec:
         problems[section] += (f" (its {', '.join(CHECKPOINTED_MEASURES)} are kept from the checkpoints in "
                               f"{kept[section]}, which a resumed stage must load; start over in a new output_dir "
                               "to re-plan them)")
+    paths = JobPaths(spec.output_dir)  # a stage already done (a resumed job) needs no memory any more
+    problems.update({stage: problem for stage, host in host_plans(spec).items()
+                     if not is_done(paths, stage) and (problem := host_refusal(stage, host))})
     if problems:
         raise MemoryFitError(problems)
     return spec.model_copy(update={section: train for section, (train, _, _) in plans.items()})
