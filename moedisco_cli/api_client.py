@@ -65,6 +65,10 @@ class ApiClient:
     def cost(self, job_id: str) -> dict:
         return self.request("GET", f"/v1/jobs/{job_id}/cost")
 
+    def cluster(self) -> dict:
+        """Worker nodes by node group and the launches not up yet (`GET /v1/cluster`)."""
+        return self.request("GET", "/v1/cluster")
+
     def evaluation(self, job_id: str) -> dict | None:
         """The job's downstream scores, or None while it has none (404)."""
         try:

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from moedisco_cli.api_client import ApiClient
+from moedisco_cli.api_client import ApiClient, ApiError
 from service.schemas import TERMINAL_STATES
 
 DONE = ("finished", "skipped")
@@ -63,6 +63,18 @@ def _update_bars(progress: Progress, bars: dict[str, TaskID], job: dict) -> None
         progress.update(bars[label], completed=completed, total=total, info=info)
 
 
+def cluster_line(client: ApiClient) -> str:
+    """The worker nodes by group and those launching, as the autoscaler adds and removes them; empty when the
+    service has no Ray cluster to ask."""
+    try:
+        cluster = client.cluster()
+    except ApiError:  # an older service, or one without Ray: the bars go on without this line
+        return ""
+    alive = ", ".join(f"{group} x{count}" for group, count in sorted(cluster["nodes"].items())) or "no worker node"
+    launching = ", ".join(f"{group} x{count}" for group, count in sorted(cluster["launching"].items()))
+    return alive + (f"; launching {launching}" if launching else "")
+
+
 def follow_job(client: ApiClient, job_id: str, interval_s: float, console: Console) -> dict:
     """Poll the job and redraw its bars until it reaches a terminal state."""
     columns = (TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -70,9 +82,11 @@ def follow_job(client: ApiClient, job_id: str, interval_s: float, console: Conso
     bars: dict[str, TaskID] = {}
     with Progress(*columns, console=console) as progress:
         header = progress.add_task("job", total=None, info="")
+        nodes = progress.add_task("cluster", total=None, info="")
         while True:
             job = client.job(job_id)
             progress.update(header, description=f"job {job['id']}", info=job["state"])
+            progress.update(nodes, info=cluster_line(client))
             _update_bars(progress, bars, job)
             if job["state"] in TERMINAL_STATES:
                 progress.update(header, total=1, completed=1)

@@ -239,6 +239,11 @@ def autoscaler_present(spec: JobSpec) -> bool:
     GCS (KubeRay's in-tree autoscaler v2 does every few seconds; a plain `ray start` cluster has none)."""
     if spec.resources.autoscaling is not None:
         return spec.resources.autoscaling
+    return cluster_autoscales()
+
+
+def cluster_autoscales() -> bool:
+    """Whether an autoscaler has reported its state to the connected cluster's GCS."""
     from ray._raylet import GcsClient
     from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
 
@@ -286,7 +291,7 @@ def on_driver_node() -> dict:
     return {"num_cpus": 0, "label_selector": {"ray.io/node-id": ray.get_runtime_context().get_node_id()}}
 
 
-HOLD_PLACE_TIMEOUT_S = 10.0  # the node was freed a moment ago: its resources are there unless it is gone
+HOLD_PLACE_TIMEOUT_S = 10.0  # the node's resources were free a moment ago: there unless it is gone or taken
 
 
 class RoundHolds:
@@ -306,11 +311,17 @@ class RoundHolds:
         self.held: list[tuple[Any, NodeUse]] = []
 
     def hold(self, spec: JobSpec, task: Task, nodes: list[str]) -> None:
+        from ray._private.state import available_resources_per_node  # a DeveloperAPI
         from ray.util.placement_group import placement_group, remove_placement_group
 
-        tier = placement_tier(spec, task.stage)
+        tier, available = placement_tier(spec, task.stage), available_resources_per_node()
+        wanted = worker_resources(tier)
         for node in nodes:
-            group = placement_group([worker_resources(tier)], strategy="STRICT_PACK", _soft_target_node_id=node,
+            # Only a node whose resources are free now (not taken by the next trainer): a hold that had to wait
+            # would be demand, and the autoscaler would launch a node for it.
+            if any(available.get(node, {}).get(name, 0.0) < amount for name, amount in wanted.items()):
+                continue
+            group = placement_group([wanted], strategy="STRICT_PACK", _soft_target_node_id=node,
                                     bundle_label_selector=[label_selector(spec, tier)])
             ready, _ = ray.wait([group.ready()], timeout=HOLD_PLACE_TIMEOUT_S)
             placed = ready and _bundle_node(group)
@@ -318,7 +329,7 @@ class RoundHolds:
                 remove_placement_group(group)
                 continue
             use = NodeUse(stage="sync", round=task.round, node=node, pid=os.getpid(), start=time.time(),
-                          resources=worker_resources(tier))
+                          resources=wanted)
             self.events(use)
             self.held.append((group, use))
 

@@ -258,3 +258,11 @@ class FilePublic(BaseModel):
     size: int = Field(description="Bytes on the server.")
     modified: datetime = Field(description="When it was uploaded.")
 
+
+
+class ClusterPublic(BaseModel):
+    """The cluster's worker nodes now, by node group; counts only, so no tenant learns whose work holds them."""
+
+    nodes: dict[str, int] = Field(description="Alive worker nodes by node group (`ray.io/node-group`).")
+    launching: dict[str, int] = Field(description="Nodes asked of the autoscaler and not up yet, by node group.")
+    autoscaling: bool = Field(description="Whether an autoscaler has reported to the cluster.")

@@ -38,6 +38,10 @@ class DataConfig(_Section):
         "raise", description="Malformed lines: `raise` an error naming file and line, or `skip` and count them."
     )
     max_documents: int | None = Field(None, gt=0, description="Use at most this many documents (for quick runs).")
+    # A shard is what one actor of a data stage's pool works on at a time: the pools grow to one actor per node up
+    # to the shards there are, and a train split of one shard runs in one process.
+    rows_per_shard: int = Field(4096, ge=1, description="Ray: documents per Parquet shard of the corpus, the data "
+                                "stages' unit of work.")
     sequence_length: int = Field(256, ge=8, le=131072, description="Tokens per packed training sequence.")
 
 

@@ -29,7 +29,6 @@ from ray_cluster.placement import SILENT, NodeUseReporter, prepare_worker, task_
 if TYPE_CHECKING:
     from moedisco.stages.stage_run import StageRun
 
-ONE_PROCESS_MAX_DOCUMENTS = 4096  # ray_cluster.data.shards.ROWS_PER_SHARD: Ray Data would embed it with one actor
 SETUP_STAGES = tuple(stage.name for stage in STAGES if stage.setup)  # what the data worker may run
 
 
@@ -58,8 +57,9 @@ class DataWorker:
             self.idle_since = time.time()
 
 
-def fits_one_process(num_documents: int | None) -> bool:
-    return num_documents is not None and num_documents <= ONE_PROCESS_MAX_DOCUMENTS
+def fits_one_process(spec: JobSpec, num_documents: int | None) -> bool:
+    # One shard: Ray Data would embed it with one actor anyway.
+    return num_documents is not None and num_documents <= spec.data.rows_per_shard
 
 
 def train_documents(spec: JobSpec) -> int | None:
@@ -72,7 +72,7 @@ def train_documents(spec: JobSpec) -> int | None:
 
 
 def data_stages_in_one_process(spec: JobSpec) -> bool:
-    return spec.method != "full_parameter" and fits_one_process(train_documents(spec))
+    return spec.method != "full_parameter" and fits_one_process(spec, train_documents(spec))
 
 
 def data_stages_pending(spec: JobSpec) -> bool:

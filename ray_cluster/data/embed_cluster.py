@@ -45,7 +45,6 @@ from moedisco.job.metrics import MetricsWriter
 from moedisco.stages import cluster
 from ray_cluster.data.shards import (
     PARQUET_ARGS,
-    ROWS_PER_SHARD,
     fresh,
     fs_path,
     index_corpus,
@@ -145,14 +144,14 @@ def _device(spec: JobSpec) -> str:
 
 
 def embed_stage(spec: JobSpec, paths: JobPaths, max_nodes: int, max_fit_documents: int = MAX_FIT_DOCUMENTS,
-                rows_per_shard: int = ROWS_PER_SHARD, reporter: NodeUseReporter = SILENT) -> dict:
+                reporter: NodeUseReporter = SILENT) -> dict:
     """Index the train split, and embed the documents k-means will be fitted on (every one, up to
     `max_fit_documents`; else the local runner's sample, `moedisco.stages.cluster.fit_sample`) into
     STORAGE/<job>/embeddings/. The rest are embedded by `cluster_stage`, once, on their way to a cluster."""
     quiet_data_context()
     started = time.perf_counter()
     storage = job_storage(spec)
-    num_docs = index_corpus(paths.texts("train"), join(storage, "corpus"), rows_per_shard)
+    num_docs = index_corpus(paths.texts("train"), join(storage, "corpus"), spec.data.rows_per_shard)
     index_seconds = time.perf_counter() - started
     remove_tree(join(storage, "assigned"))  # rows of an earlier fit: the fit to come is on these embeddings
     sample = cluster.fit_sample(num_docs, max_fit_documents, spec.seed)

@@ -36,7 +36,6 @@ from moedisco.config.resources import TierConfig
 from moedisco.config.spec import JobSpec
 from moedisco.io.storage import join, open_input, remove_tree
 from ray_cluster.data.shards import (
-    ROWS_PER_SHARD,
     fresh,
     fs_path,
     index_corpus,
@@ -200,17 +199,16 @@ def tokenize_on_ray_data(spec: JobSpec, corpus: str, tokenizer, folder: Path, nu
 # --- 3. the stage: one-process work in a one-CPU task, then the actors ------------------------------------------------
 
 
-def _sequential(spec: JobSpec, paths: JobPaths, rows_per_shard: int, parts: list[dict] | None,
+def _sequential(spec: JobSpec, paths: JobPaths, parts: list[dict] | None,
                 reporter: NodeUseReporter) -> tuple[dict, int]:
     """Prepare's one-process work, in a task of one CPU: the split (joining `parts`, else one reader), the
     tokenizer, the held-out tokens, and either a small train split's tokens or the index of a larger one, which
     the actors tokenize next. Returns the split's summary and the documents left to tokenize (0: none)."""
     with reporter.held():
-        return _sequential_work(spec, paths, rows_per_shard, parts)
+        return _sequential_work(spec, paths, parts)
 
 
-def _sequential_work(spec: JobSpec, paths: JobPaths, rows_per_shard: int,
-                     parts: list[dict] | None) -> tuple[dict, int]:
+def _sequential_work(spec: JobSpec, paths: JobPaths, parts: list[dict] | None) -> tuple[dict, int]:
     from moedisco.io.documents import iter_texts
     from moedisco.io.token_shards import is_complete
     from moedisco.stages.prepare import split_and_tokenizer, write_tokens
@@ -220,6 +218,7 @@ def _sequential_work(spec: JobSpec, paths: JobPaths, rows_per_shard: int,
         join_split(spec, paths, parts)
     split, tokenizer = split_and_tokenizer(spec, paths)
     train, to_tokenize = paths.tokens("train"), 0
+    rows_per_shard = spec.data.rows_per_shard
     if not is_complete(train) and split["train_documents"] <= rows_per_shard:
         write_tokens(iter_texts(paths.texts("train")), tokenizer, train)
     elif not is_complete(train):
@@ -229,7 +228,7 @@ def _sequential_work(spec: JobSpec, paths: JobPaths, rows_per_shard: int,
     return split, to_tokenize
 
 
-def prepare_stage(spec: JobSpec, paths: JobPaths, max_nodes: int, rows_per_shard: int = ROWS_PER_SHARD,
+def prepare_stage(spec: JobSpec, paths: JobPaths, max_nodes: int,
                   reporter: NodeUseReporter = SILENT) -> dict:
     """`moedisco.stages.prepare.stage_prepare`'s outputs and summary, the split of several files and the train split's
     tokens on Ray Data. This task coordinates (no CPU of its own, as the embed and cluster stages): the work of one
@@ -245,7 +244,7 @@ def prepare_stage(spec: JobSpec, paths: JobPaths, max_nodes: int, rows_per_shard
         if len(files := corpus_files(spec.data.train)) > 1:
             parts = split_parts(spec, files, reporter)
     task = ray.remote(_sequential).options(**task_options(spec, spec.resources.cpu_tier))
-    split, to_tokenize = ray.get(task.remote(spec, paths, rows_per_shard, parts, reporter))
+    split, to_tokenize = ray.get(task.remote(spec, paths, parts, reporter))
     sequential_seconds = time.perf_counter() - started
     tokenizer, train = load_tokenizer(paths.tokenizer), paths.tokens("train")
     if to_tokenize:

@@ -4,7 +4,7 @@
     shards = shard_ranges(corpus, num_docs)        # [{"shard": location, "first": 0, "stop": 4096}, ...]
     dataset, max_actors = through_actors(shards, EmbedBatches, kwargs, max_nodes, options)
 
-train.jsonl is streamed into shards of `ROWS_PER_SHARD` documents whose `doc_id` is the document's line, so document
+train.jsonl is streamed into shards of `data.rows_per_shard` documents whose `doc_id` is the document's line, so document
 order, and every later index into the cluster assignments, matches the local runner; a marker (`_index.json`)
 records what was indexed, so the prepare stage, the embed stage and a re-run share the shards. A stage's actors
 (one per node of the stage's tier at most, the pool growing as nodes come: the nodes it holds are what the stage
@@ -28,7 +28,6 @@ import ray.data
 from moedisco.io.storage import filesystem, is_uri, join, list_files, make_dir, open_input, remove_tree
 from ray_cluster.placement import node_cpus
 
-ROWS_PER_SHARD = 4096
 INDEX_MARKER = "_index.json"  # Parquet readers skip names starting with "_"
 SHARD_NAME = "corpus-{:010d}.parquet"  # by its first doc_id: the names sort in corpus order
 # Parquet's dictionary encoding is tried on every column and given up on for unique texts and float vectors; it
@@ -82,7 +81,7 @@ def indexed(corpus: Path | str) -> dict | None:
     return _read_marker(join(corpus, INDEX_MARKER))
 
 
-def index_corpus(train_jsonl: Path, out_dir: Path | str, rows_per_shard: int = ROWS_PER_SHARD) -> int:
+def index_corpus(train_jsonl: Path, out_dir: Path | str, rows_per_shard: int) -> int:
     """Stream train.jsonl into Parquet shards of (doc_id, text), locally or on object storage, unless the shards
     of this very file are there already; returns the number of documents."""
     stat = train_jsonl.stat()
@@ -122,14 +121,27 @@ def shard_dataset(ranges: list[dict]) -> ray.data.Dataset:
     return ray.data.from_items(ranges, override_num_blocks=max(1, len(ranges)))
 
 
+# Ray Data's own cluster autoscaler asks the cluster for what its operators could use, as bundles without labels
+# ({"CPU": 1, "GPU": 1}) that Ray's autoscaler may meet with any node type having them: an A100 node for an embedding
+# pool, a cheap node launched for a request that outlives the stage. The pools' pending actors, which carry their
+# tier's label selector, are the demand instead (`through_actors`), so a data stage's driver runs with Ray Data's
+# scale-up deltas at zero: it asks for no more than the cluster has.
+NO_RAY_DATA_SCALE_UP = {f"RAY_DATA_DEFAULT_CLUSTER_SCALING_UP_MAX_{kind}_RESOURCE_DELTA": "0"
+                        for kind in ("CPU", "GPU", "MEMORY")}
+
+
 def through_actors(shards: list[dict], udf: type, kwargs: dict, max_nodes: int, options: dict,
                    shards_per_call: int = 1) -> tuple[ray.data.Dataset, int]:
-    """`shards` through a pool of `udf` actors, one per node of the tier: it starts with one and grows, as Ray
-    Data's autoscaling pools do while work is queued, to `max_nodes` (the tier's nodes, or the most its node groups
-    may grow to when an autoscaler adds them) and no more than there are shards. Returns the dataset and the pool's
-    largest size."""
+    """`shards` through a pool of `udf` actors, one per node of the tier, up to `max_nodes` (the tier's nodes, or
+    the most its node groups may grow to when an autoscaler adds them) and no more than there are shards. Returns the
+    dataset and the pool's largest size.
+
+    The pool asks for all its actors at once and works with those that have started: the pending ones are the
+    demand that makes the cluster's autoscaler add nodes, each actor starting as its node comes up. (Ray Data grows
+    a pool only within the resources the cluster has now, so a pool that started with one actor on a cluster scaled
+    from zero would never ask for a second node.) Idle actors go as the work runs out, down to one."""
     max_actors = max(1, min(max_nodes, len(shards)))
-    pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors)
+    pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max_actors, initial_size=max_actors)
     return shard_dataset(shards).map_batches(
         udf, fn_constructor_kwargs=kwargs, batch_size=max(1, min(shards_per_call, len(shards))),
         batch_format="numpy", compute=pool, **options), max_actors

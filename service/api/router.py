@@ -11,9 +11,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from service.api.deps import get_caller
-from service.api.routes import artifacts, cost, evaluation, files, jobs, metrics, report, users
+from service.api.routes import artifacts, cluster, cost, evaluation, files, jobs, metrics, report, users
 
 api_router = APIRouter(dependencies=[Depends(get_caller)],
                        responses={401: {"description": "Missing, wrong or revoked bearer token."}})
-for module in (jobs, cost, metrics, evaluation, artifacts, report, files, users):
+for module in (jobs, cost, metrics, evaluation, artifacts, report, files, users, cluster):
     api_router.include_router(module.router)

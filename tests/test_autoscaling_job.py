@@ -1,0 +1,166 @@
+"""A whole job on the autoscaling local cluster, from a head alone: Ray's autoscaler v2 adds the node groups' nodes as
+the job's stages ask for their labels and removes them once idle (`ray_cluster.autoscaling`), as on KubeRay.
+
+One cluster and one job for the module (each simulated node is a raylet and its agents): at most two cheap nodes, one
+A100 node and one CPU node, an idle timeout of a few seconds. The job's corpus is cut into several shards, so its data
+stages run on Ray Data's autoscaling actor pools rather than in one process, and it has two synchronisation rounds.
+What it must show: two experts training at once, the A100 node only for the fine-tune, the data pools on as many
+nodes as the groups allow, no node launched between the two rounds (their nodes are held through the sync), no work
+on the head, and no worker node left after the job.
+
+    pytest tests/test_autoscaling_job.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+
+import pytest
+import ray
+from ray.util.state import list_actors, list_tasks
+
+from moedisco.config.loading import build_spec
+from moedisco.job.layout import JobPaths
+from ray_cluster.local_cluster import (
+    CONTROL_PLANE_LABEL,
+    LocalClusterSpec,
+    free_port,
+    start_local_cluster,
+    stop_local_cluster,
+)
+from ray_cluster.metering import read_node_lives
+from ray_cluster.orchestrate import run_job_on_ray
+from service.api.routes.cluster import cluster as cluster_view
+from tests.conftest import tiny_spec_dict
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.slow
+
+IDLE_TIMEOUT_S = 6
+MAX_NODES = {"cheap-4090": 2, "cheap-4090-spot": 0, "expensive-a100": 1, "cpu": 1}
+CHEAP_GROUPS = ("cheap-4090", "cheap-4090-spot")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    address = start_local_cluster(spec=LocalClusterSpec(autoscale=True, max_nodes=MAX_NODES,
+                                                        idle_timeout_s=IDLE_TIMEOUT_S, dashboard_port=free_port()))
+    ray.init(address=address, log_to_driver=False)
+    try:
+        yield address
+    finally:
+        ray.shutdown()
+        stop_local_cluster()
+
+
+@pytest.fixture(scope="module")
+def job(cluster, tmp_path_factory) -> dict:
+    head = ray.get_runtime_context().get_node_id()
+    assert [node["NodeID"] for node in ray.nodes() if node["Alive"]] == [head], "the job starts from a head alone"
+    out = tmp_path_factory.mktemp("autoscaled") / "job"
+    # 1800 documents in shards of 200: the data stages go through Ray Data's actor pools on the tiers' nodes.
+    spec = build_spec(tiny_spec_dict(out, data={"max_documents": 1800, "rows_per_shard": 200},
+                                     branch={"sync_rounds": 2}))
+    events, views = [], [cluster_view()]  # what GET /v1/cluster says, before the job and as each task starts
+
+    def record(event) -> None:
+        events.append((time.time(), event))
+        if event.event == "stage_started":
+            views.append(cluster_view())
+
+    summary = run_job_on_ray(spec, events=record)
+    cost = json.loads(JobPaths(out).cost.read_text())
+    # Each node's whole life from Ray's node table (the ledger's record of a node alive at the job's end is open),
+    # with the request time the job's meter matched to it.
+    requested = {node["node"]: node["requested_at"] for node in cost["usage"]["nodes"]}
+    nodes = [{**asdict(life), "requested_at": requested.get(life.node)} for life in read_node_lives(spec.resources)]
+    return {"spec": spec, "summary": summary, "events": events, "head": head, "address": cluster,
+            "nodes": nodes, "uses": cost["usage"]["uses"], "views": views}
+
+
+def uses_of(job: dict, stage: str, round_index: int | None = None) -> list[dict]:
+    return [use for use in job["uses"] if use["stage"] == stage
+            and (round_index is None or use.get("round") == round_index)]
+
+
+def peak_alive(job: dict, groups: tuple[str, ...]) -> int:
+    """The most nodes of `groups` alive at once during the job."""
+    edges = sorted([(node["started_at"], 1) for node in job["nodes"] if node["group"] in groups]
+                   + [(node["ended_at"], -1) for node in job["nodes"] if node["group"] in groups and node["ended_at"]])
+    alive = [0]
+    for _, step in edges:
+        alive.append(alive[-1] + step)
+    return max(alive)
+
+
+def started_at(job: dict, stage: str) -> float:
+    return min(t for t, event in job["events"] if event.event == "stage_started" and event.stage == stage)
+
+
+def test_two_experts_train_at_once_on_nodes_the_autoscaler_added(job):
+    cheap = {node["node"] for node in job["nodes"] if node["group"] in CHEAP_GROUPS}
+    assert peak_alive(job, CHEAP_GROUPS) == MAX_NODES["cheap-4090"]
+    trainers = [use for use in uses_of(job, "submodel") if use["resources"].get("GPU")]
+    assert {use["node"] for use in trainers} <= cheap
+    overlapping = [(a, b) for a in trainers for b in trainers
+                   if a["node"] != b["node"] and a["start"] < b["end"] and b["start"] < a["end"]]
+    assert overlapping, "no two experts trained at the same time"
+
+
+def test_the_a100_node_comes_only_for_the_fine_tune(job):
+    a100 = [node for node in job["nodes"] if node["group"] == "expensive-a100"]
+    assert len(a100) == 1, a100
+    asked = a100[0]["requested_at"] or a100[0]["started_at"]
+    assert asked >= started_at(job, "finetune") - 1.0  # the autoscaler's clock has whole seconds
+    assert {use["stage"] for use in job["uses"] if use["node"] == a100[0]["node"]} <= {"finetune", "evaluate"}
+
+
+def test_data_stages_run_on_as_many_nodes_as_their_groups_allow(job):
+    # prepare tokenizes on the CPU group (one node at most here), embed on the cheap groups (two).
+    groups = {node["node"]: node["group"] for node in job["nodes"]}
+    assert {groups[use["node"]] for use in uses_of(job, "prepare")} == {"cpu"}
+    embed_nodes = {use["node"] for use in uses_of(job, "embed")}
+    assert {groups[node] for node in embed_nodes} <= set(CHEAP_GROUPS)
+    assert len(embed_nodes) == MAX_NODES["cheap-4090"], "the embedding pool did not grow to the group's maximum"
+
+
+def test_no_node_is_launched_between_two_rounds(job):
+    first_round_ends = max(use["end"] for use in uses_of(job, "submodel", 0))
+    second_round = uses_of(job, "submodel", 1)
+    second_round_starts = min(use["start"] for use in second_round)
+    launched = [node for node in job["nodes"] if node["group"] in CHEAP_GROUPS
+                and first_round_ends <= (node["requested_at"] or node["started_at"]) <= second_round_starts]
+    assert not launched
+    assert {use["node"] for use in second_round} <= {use["node"] for use in uses_of(job, "submodel", 0)}
+    holds = uses_of(job, "sync", 0)
+    assert holds and all(use["end"] is not None for use in holds)  # billed to the job, and given back
+
+
+def test_the_head_runs_no_work_of_the_job(job):
+    head, address = job["head"], job["address"]
+    on_head = [task for task in list_tasks(address=address, filters=[("node_id", "=", head)], detail=True,
+                                           limit=10000, raise_on_missing_output=False)]
+    on_head += [actor for actor in list_actors(address=address, filters=[("node_id", "=", head)], detail=True,
+                                               limit=10000, raise_on_missing_output=False)]
+    asking = [(getattr(item, "name", "") or getattr(item, "class_name", ""), item.required_resources)
+              for item in on_head if {"CPU", "GPU"} & {k for k, v in (item.required_resources or {}).items() if v}]
+    assert not asking, f"work asked for the head's CPU or GPU: {asking}"
+    assert not any(use["node"] == head for use in job["uses"])
+    head_labels = next(node["Labels"] for node in ray.nodes() if node["NodeID"] == head)
+    assert CONTROL_PLANE_LABEL.items() <= head_labels.items()
+
+
+def test_every_worker_node_goes_once_the_job_is_done(job):
+    def only_the_head():
+        return [node["NodeID"] for node in ray.nodes() if node["Alive"]] == [job["head"]]
+
+    wait_until(only_the_head, timeout_s=4 * IDLE_TIMEOUT_S + 90, interval_s=1, what="the worker nodes to go")
+
+
+def test_the_api_shows_the_nodes_come_and_go(job):
+    first, *during = job["views"]
+    assert first.nodes == {} and first.autoscaling
+    assert any(view.nodes.get("cheap-4090") == MAX_NODES["cheap-4090"] for view in during)
+    assert any(view.nodes.get("cpu") for view in during)
