@@ -127,3 +127,19 @@ def test_the_node_groups_priced_are_the_manifests_worker_groups(cluster: dict) -
         gpus = ray_container(group)["resources"]["limits"].get(GPU)
         assert gpus == (None if declared.device_type == CPU_DEVICE_TYPE else declared.num_devices), name
     assert RESOURCES.node_groups["cheap-4090-spot"].priority > RESOURCES.node_groups["cheap-4090"].priority
+
+
+def gib(quantity: str) -> float:
+    units = {"Gi": 2**30, "Mi": 2**20, "G": 1e9, "M": 1e6}
+    unit = next(unit for unit in units if quantity.endswith(unit))
+    return float(quantity[: -len(unit)]) * units[unit]
+
+
+@pytest.mark.parametrize("cluster", CLUSTER_PARAMS)
+def test_every_pod_holds_the_memory_the_planner_assumes(cluster: dict) -> None:
+    """The memory planner refuses a stage against a tier's `node_memory_gb`, whose defaults are these pods'."""
+    for group in cluster["workerGroupSpecs"]:
+        device = RESOURCES.node_groups[group["groupName"]].device_type
+        tier = next(tier for tier in TIERS if tier.device_type == device)
+        limit = gib(ray_container(group)["resources"]["limits"]["memory"])
+        assert limit >= tier.node_memory_gb_or_default() * 1e9, f"{group['groupName']}: {limit / 1e9:.1f} GB < the planner's"

@@ -111,5 +111,5 @@ def test_the_tiny_spec_fits_and_the_estimate_shows_the_source_row(tmp_path):
     result = CliRunner().invoke(app, ["estimate", str(tmp_path / "spec.yaml"), "--json"])
     assert result.exit_code == 0, result.output
     source = json.loads(result.output)["host"]["source"]
-    assert source["fits"] and source["refused"] is None and source["node_memory_gb"] == 16  # the cpu default
+    assert source["fits"] and source["refused"] is None and source["node_memory_gb"] == 24  # the cpu default
     assert source["tier"] == "cpu" and 0 < source["model_gb"] < 0.01

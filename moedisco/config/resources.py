@@ -27,10 +27,10 @@ class _Section(BaseModel):
 CPU_DEVICE_TYPE = "cpu"  # the `device_type` of a tier without accelerators
 
 # Host memory of one node, by the device type of its tier, where a tier does not state its own `node_memory_gb`:
-# the pods of k8s/rayservice.yaml (a 4090 pod 24Gi, an A100 pod 96Gi) and, for `cpu`, the 16 GB of the GCP
-# e2-standard-4 its price assumes. In GB of 1e9 bytes, as `devices`' memory_gb: 24Gi is 25.8 GB, so the numbers
-# err on the safe side.
-NODE_MEMORY_GB = {"rtx4090": 24.0, "a100": 96.0, CPU_DEVICE_TYPE: 16.0}
+# the pods of k8s/rayservice.yaml (a 4090 pod 24Gi, an A100 pod 96Gi, a CPU pod 24Gi on the e2-highmem-4 the `cpu`
+# price assumes: the source model of examples/llama-moe-3.5b.yaml, 19.3 GB with its process, fits). In GB of 1e9
+# bytes, as `devices`' memory_gb: 24Gi is 25.8 GB, so the numbers err on the safe side.
+NODE_MEMORY_GB = {"rtx4090": 24.0, "a100": 96.0, CPU_DEVICE_TYPE: 24.0}
 
 
 class TierConfig(_Section):
@@ -208,8 +208,8 @@ class ResourcesConfig(_Section):
         description="CPU tier: CPU-only set-up work (the corpus split, tokenization, building the source model).",
     )
     prices: dict[str, float] = Field(
-        # cpu: a node of the CPU group, 4 vCPUs and 16 GB (GCP e2-standard-4, us-central1, on-demand list price).
-        default_factory=lambda: {"rtx4090": 0.35, "a100": 2.28, "cpu": 0.134},
+        # cpu: a node of the CPU group, 4 vCPUs and 32 GB (GCP e2-highmem-4, us-central1, on-demand list price).
+        default_factory=lambda: {"rtx4090": 0.35, "a100": 2.28, "cpu": 0.181},
         description="Dollars per device-hour, by device type (paper sec. 4.4).",
     )
     devices: dict[str, DeviceSpec] = Field(
