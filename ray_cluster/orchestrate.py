@@ -10,10 +10,13 @@ stage is one Ray Train trainer per task on its tier (`ray_cluster.trainers`), a 
 once (`resources.max_parallel` caps them) to wait in Ray for nodes; sync and merge are a Ray task on the cheap tier
 that reads the checkpoints from storage. Every placement asks for what its tier declares, and before the first
 stage the job checks that each tier's label is on some node or that an autoscaler may add one, so that a job never
-waits for a pod that cannot come. Re-running a job whose driver died skips finished stages and resumes the
-interrupted one from its checkpoints; `should_stop()` turning true cancels the job (`JobCancelled`). Every task's
-summary lists the node time its workers held (`summary["node_uses"]`: closed `NodeUse`s as JSON, a trainer's
-restarts and preempted runs included), which the events carried live as they came.
+waits for a pod that cannot come; work that then waits `resources.capacity_timeout_s` for nodes its tier never
+gets (a quota, a stock-out, a node group at zero) fails the job with `CapacityTimeout`, naming the stage, label and
+resources it waited for (`ray_cluster.capacity`), and the job's close gives back all it asked for. Re-running a job
+whose driver died skips finished stages and resumes the interrupted one from its checkpoints; `should_stop()`
+turning true cancels the job (`JobCancelled`). Every task's summary lists the node time its workers held
+(`summary["node_uses"]`: closed `NodeUse`s as JSON, a trainer's restarts and preempted runs included), which the
+events carried live as they came.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from moedisco.planning.billing import NodeLife
 from moedisco.runner.job_runner import BudgetLeft, JobCancelled, JobContext, JobRunner, Started
 from ray_cluster import prestart
 from ray_cluster.auth import connect
+from ray_cluster.capacity import CapacityClock, Demand
 from ray_cluster.data.data_worker import data_stages_in_one_process, start_data_worker
 from ray_cluster.data.stages import DATA_STAGES
 from ray_cluster.local_cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster, wants_token
@@ -68,6 +72,7 @@ class RayExecutor:
         self.data_worker = None
         self.meter: NodeMeter | None = None
         self.holds: RoundHolds | None = None
+        self.autoscaled = False
 
     def open(self, job: JobContext) -> None:
         self.job, self.spec, self.paths = job, job.spec, job.paths
@@ -77,13 +82,15 @@ class RayExecutor:
         except TierUnreachable:
             prestart.stop_helpers(helpers)
             raise
-        self.tracker = Tracker(job.events, job.should_stop)
+        self.autoscaled = autoscaler_present(self.spec)
+        self.tracker = Tracker(job.events, job.should_stop,
+                               capacity=CapacityClock(self.spec.resources.capacity_timeout_s))
         self.holds = RoundHolds(job.events)
         helpers = helpers or prestart.start_helpers(self.spec)
         self.tracker.adopt_launcher(helpers.launcher)
         self.data_worker = helpers.data_worker
         # The nodes' lives, for the billed cost; with an autoscaler, when each node was asked for.
-        self.meter = NodeMeter(self.spec.resources).start(watch_launches=autoscaler_present(self.spec))
+        self.meter = NodeMeter(self.spec.resources).start(watch_launches=self.autoscaled)
 
     def run(self, tasks: list[Task], started: Started) -> Iterator[tuple[Task, dict]]:
         if not STAGE[tasks[0].stage].setup:
@@ -133,7 +140,9 @@ class RayExecutor:
             self.data_worker = start_data_worker(spec)  # the corpus's size was known only after prepare
         if self.data_worker is not None:
             ref = self.data_worker.run.remote(self.job.stage_run(task), self.reporter(task))
-            self.tracker.submit(task.key, ref, actor=self.data_worker, one_process=True)
+            # Whatever the stage, the data worker waits for a cheap node (`start_data_worker`).
+            self.tracker.submit(task.key, ref, actor=self.data_worker, one_process=True,
+                                demand=self.demand("submodel_tier"))
         elif stage.on_ray_data:  # coordinates an actor pool that grows over its tier; its workers report their uses
             max_nodes = tier_capacity(spec, placement_tier(spec, task.stage))
             self.remote(task, stage.on_ray_data, spec, self.paths, max_nodes, options=on_driver_node(),
@@ -146,10 +155,15 @@ class RayExecutor:
     def remote(self, task: Task, function, *args, options: dict | None = None, one_process: bool = True,
                **kwargs) -> None:
         """A Ray task; every stage outside Ray Train is idempotent, so a lost node or a preempted pod re-runs it
-        (up to `resources.max_failures` times, as a trainer restarts)."""
+        (up to `resources.max_failures` times, as a trainer restarts). It, or the actor pool it coordinates, waits
+        for nodes of the stage's tier."""
         retries = self.spec.resources.max_failures
         ref = ray.remote(function).options(max_retries=retries, **(options or {"num_cpus": 1})).remote(*args, **kwargs)
-        self.tracker.submit(task.key, ref, one_process=one_process)
+        self.tracker.submit(task.key, ref, one_process=one_process, demand=self.demand(STAGE[task.stage].tier))
+
+    def demand(self, tier: str) -> Demand:
+        """What work placed on `tier` (a `ResourcesConfig` field) waits for, on the tracker's capacity clock."""
+        return Demand.of(self.spec, tier, self.autoscaled)
 
     def reporter(self, task: Task) -> NodeUseReporter:
         """What the task's workers say their node uses with (`placement.NodeUseReporter`)."""
@@ -165,7 +179,7 @@ class RayExecutor:
             trainer = build_trainer(spec, task, events=self.tracker.queue, runner_id=self.job.runner_id)
             return self.tracker.launcher.fit.remote(trainer)
 
-        self.tracker.enqueue(task.key, start, max_parallel(spec))
+        self.tracker.enqueue(task.key, start, max_parallel(spec), demand=self.demand(STAGE[task.stage].tier))
 
     def result(self, task: Task) -> dict:
         """The task's summary, with `node_uses`: the node uses of all its runs (restarts included), closed, as JSON;

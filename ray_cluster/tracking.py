@@ -15,7 +15,9 @@ not stopped within `STOP_GRACE_S` is killed with the launcher, and the placement
 behind, which Ray Train's cleaner does not know, are removed (`remove_orphaned_placement_groups`). Every process
 that holds a node for a piece of work says so (`moedisco.job.events.NodeUse`, open as it starts, closed as it ends);
 `NodeUses` passes each on as it comes and closes, with the driver's clock, what a killed or cancelled one left
-open, so that `tracker.node_uses.take(key)` gives the work's node time, every use closed.
+open, so that `tracker.node_uses.take(key)` gives the work's node time, every use closed. With a
+`capacity` clock, work submitted with its `Demand` that waits `resources.capacity_timeout_s` for nodes its tier
+never gets raises `CapacityTimeout` from `wait` (`ray_cluster.capacity`); the job's close then cancels it all.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 import ray
 
 from moedisco.job.events import Event, ExpertState, JobCancelledEvent, NodeUse, Progress, WorkerStarted
+from ray_cluster.capacity import CapacityClock, CapacityTimeout, Demand, TierState, autoscaler_note, tier_state
 from ray_cluster.placement import on_driver_node
 
 log = logging.getLogger(__name__)
@@ -159,8 +162,9 @@ def remove_orphaned_placement_groups() -> int:
 
 
 class Tracker:
-    def __init__(self, emit: Callable[[Event], None], should_stop: Callable[[], bool] | None, poll_s: float = 0.5):
-        self.emit, self.should_stop, self.poll_s = emit, should_stop, poll_s
+    def __init__(self, emit: Callable[[Event], None], should_stop: Callable[[], bool] | None, poll_s: float = 0.5,
+                 capacity: CapacityClock | None = None):
+        self.emit, self.should_stop, self.poll_s, self.capacity = emit, should_stop, poll_s, capacity
         remove_orphaned_placement_groups()  # left by an earlier job of this driver that was cancelled
         self.queue = EventQueue.options(**on_driver_node()).remote()
         self._launcher = None
@@ -188,18 +192,23 @@ class Tracker:
         """Use a launcher started ahead of time (`ray_cluster.prestart`); killed with the job's trainers."""
         self._launcher = launcher
 
-    def submit(self, key: Key, ref: ray.ObjectRef, actor=None, one_process: bool = False) -> None:
+    def submit(self, key: Key, ref: ray.ObjectRef, actor=None, one_process: bool = False,
+               demand: Demand | None = None) -> None:
         """Track a task's result, or an actor method's (`actor`: cancelling kills that actor); `one_process`: its
-        work runs in one process at a time (a Ray task, not a Ray Data pool), so a new attempt ends the last."""
+        work runs in one process at a time (a Ray task, not a Ray Data pool), so a new attempt ends the last;
+        `demand`: the nodes it waits for, on the capacity clock."""
         self.pending[key] = ref
+        self.demanded(key, demand)
         if actor is not None:
             self.actors[key] = actor
         if one_process:
             self.one_process.add(key)
 
-    def enqueue(self, key: Key, start: Callable[[], ray.ObjectRef], limit: int) -> None:
-        """Queue a trainer; `start()` submits it once fewer than `limit` trainers of its stage are running."""
+    def enqueue(self, key: Key, start: Callable[[], ray.ObjectRef], limit: int, demand: Demand | None = None) -> None:
+        """Queue a trainer; `start()` submits it once fewer than `limit` trainers of its stage are running. Its wait
+        for nodes counts from now (while others of its tier run, it waits on them, not on the cluster)."""
         self.queued.append((key, start, limit))
+        self.demanded(key, demand)
         self.trainers.add(key)
         self.set_state(key, "waiting")
 
@@ -216,6 +225,9 @@ class Tracker:
     def waiting_trainers(self, stage: str) -> int:
         """Trainers of `stage` queued or submitted whose rank 0 has not started: they still need a node."""
         return sum(1 for key, state in self.states.items() if key[0] == stage and state == "waiting")
+    def demanded(self, key: Key, demand: Demand | None) -> None:
+        if self.capacity is not None and demand is not None:
+            self.capacity.submitted(key, demand, time.monotonic())
 
     def start_queued(self) -> None:
         for item in list(self.queued):
@@ -236,13 +248,43 @@ class Tracker:
             if key in self.pending and ray.wait([self.pending[key]], timeout=self.poll_s)[0]:
                 break
             self.pump()
-        summary = ray.get(self.pending.pop(key))
+            self.check_capacity()
+        ref = self.pending.pop(key)
+        if self.capacity is not None:
+            self.capacity.finished(key, time.monotonic())
+        summary = ray.get(ref)
         self.actors.pop(key, None)
         self.pump()  # events the worker pushed just before returning
         self.node_uses.close(key)  # a Ray Data pool's actors, which say only that they started
         if key in self.trainers and not summary.get("preempted"):  # a preempted one starts again (`preempted`)
             self.set_state(key, "done")
         return summary
+
+    def check_capacity(self) -> None:
+        """Raise `CapacityTimeout` once some work has waited `capacity_timeout_s` for a tier that makes no
+        progress. Work that holds a node counts as running until its result is ready, which is asked here, since
+        `wait` takes results one at a time, in order."""
+        clock = self.capacity
+        if clock is None or not clock.waiting():
+            return
+        now = time.monotonic()
+        running = {self.pending[key]: key for key in clock.running() if key in self.pending}
+        if running:
+            ready, _ = ray.wait(list(running), num_returns=len(running), timeout=0, fetch_local=False)
+            for ref in ready:
+                clock.finished(running[ref], now)
+        gcs_address = ray.get_runtime_context().gcs_address
+
+        def cluster(demand: Demand) -> TierState:
+            try:
+                return tier_state(gcs_address, demand)
+            except Exception as error:  # noqa: BLE001 - unknown is not starved: the job is not failed on a guess
+                log.warning("could not read the cluster's state of %s: %s", demand.selector, error)
+                return TierState(num_pending=0, num_busy=0)
+
+        starved = clock.starved(now, cluster)
+        if starved is not None:
+            raise CapacityTimeout(starved, autoscaler_note(starved.demand, gcs_address))
 
     def billed_seconds(self, key: Key, summary: dict) -> float:
         """Node time from the first start of the trainer's workers to its end, plus that of its preempted runs:
@@ -288,6 +330,10 @@ class Tracker:
 
     def handle(self, event: Event) -> None:
         key = (event.stage, event.expert)
+        # Only an open use: a closed one may be a preempted run's, come after its trainer was queued again.
+        arrived = isinstance(event, WorkerStarted) or (isinstance(event, NodeUse) and event.end is None)
+        if arrived and self.capacity is not None:
+            self.capacity.arrived(key, time.monotonic())
         if isinstance(event, NodeUse):
             self.node_uses.add(event, one_process=key in self.one_process)
         elif isinstance(event, WorkerStarted):
@@ -344,6 +390,8 @@ class Tracker:
             if key in self.trainers:
                 self.set_state(key, "cancelled")
         self.pending.clear()
+        if self.capacity is not None:
+            self.capacity.clear()
         self.close_node_uses()
 
     def close_node_uses(self) -> None:

@@ -1,0 +1,210 @@
+"""A job whose tier never gets nodes fails after `resources.capacity_timeout_s`, and resumes once they come.
+
+The starvation rule (`ray_cluster.capacity.CapacityClock`) is tested in plain Python; one job runs on a local Ray
+cluster with cheap nodes and no A100 node, declared autoscaled so that the reachability check lets it start: its
+fine-tune waits for a node that never comes and the job fails naming it, with nothing of the job left asking for
+nodes; after an A100 node joins, the same job resumes and runs only the fine-tune.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+
+from moedisco.config.loading import build_spec
+from moedisco.job.layout import JobPaths, is_done
+from ray_cluster.capacity import CapacityClock, CapacityTimeout, Demand, Starved, TierState, autoscaler_note
+from ray_cluster.local_cluster import (
+    SIMULATED_LABEL,
+    LocalClusterSpec,
+    free_port,
+    start_local_cluster,
+    stop_local_cluster,
+)
+from ray_cluster.orchestrate import run_job_on_ray
+from tests.conftest import tiny_spec_dict
+from tests.helpers import add_local_node
+
+A100 = Demand("finetune_tier", "gpu_type", "A100", {"CPU": 1, "GPU": 1}, autoscaled=True,
+              node_groups={"expensive-a100": 0})
+CHEAP = Demand("submodel_tier", "gpu_type", "4090", {"CPU": 1, "GPU": 1}, autoscaled=True)
+
+
+def unmet(demand: Demand) -> TierState:
+    """The cluster as a starved label shows it: a request pending, no node of the label in use."""
+    return TierState(num_pending=1, num_busy=0)
+
+
+# --- the rule ----------------------------------------------------------------------------------------------------
+
+def test_work_waiting_for_an_idle_tier_is_starved_after_the_timeout():
+    clock = CapacityClock(timeout_s=10, confirm_s=0)
+    clock.submitted(("finetune", None), A100, now=100.0)
+    assert clock.starved(now=110.0, cluster=unmet) is None
+    starved = clock.starved(now=110.5, cluster=unmet)
+    assert starved.key == ("finetune", None) and starved.waited_s == pytest.approx(10.5)
+
+
+def test_work_that_arrived_or_finished_is_not_starved():
+    clock = CapacityClock(timeout_s=10, confirm_s=0)
+    clock.submitted(("merge", None), CHEAP, now=0.0)
+    clock.submitted(("finetune", None), A100, now=0.0)
+    clock.arrived(("merge", None), now=3.0)
+    clock.finished(("finetune", None), now=4.0)  # failed, say: it waits no more
+    assert clock.starved(now=100.0, cluster=unmet) is None and not clock.waiting()
+
+
+def test_experts_queued_behind_running_ones_are_not_starved():
+    """A tier's clock stands still while work of it runs, and restarts at each start or finish on it."""
+    clock = CapacityClock(timeout_s=10, confirm_s=0)
+    for expert in range(4):
+        clock.submitted(("submodel", expert), CHEAP, now=0.0)
+    clock.arrived(("submodel", 0), now=2.0)
+    clock.arrived(("submodel", 1), now=2.0)
+    assert clock.starved(now=500.0, cluster=unmet) is None  # experts 2 and 3 wait on 0 and 1, however long they train
+    clock.finished(("submodel", 0), now=500.0)
+    clock.arrived(("submodel", 2), now=503.0)
+    clock.finished(("submodel", 1), now=504.0)
+    clock.finished(("submodel", 2), now=505.0)
+    assert clock.starved(now=515.0, cluster=unmet) is None  # expert 3: 10 s since the tier's last progress
+    starved = clock.starved(now=515.5, cluster=unmet)
+    assert starved.key == ("submodel", 3) and starved.idle_s == pytest.approx(10.5)
+    assert starved.waited_s == pytest.approx(515.5)
+
+
+def test_progress_on_another_tier_does_not_count():
+    clock = CapacityClock(timeout_s=10, confirm_s=0)
+    clock.submitted(("finetune", None), A100, now=0.0)
+    clock.submitted(("merge", None), CHEAP, now=0.0)
+    clock.arrived(("merge", None), now=1.0)
+    assert clock.starved(now=10.5, cluster=unmet).key == ("finetune", None)
+
+
+def test_a_trainer_started_anew_waits_from_then():
+    clock = CapacityClock(timeout_s=10, confirm_s=0)
+    clock.submitted(("submodel", 0), CHEAP, now=0.0)
+    clock.arrived(("submodel", 0), now=1.0)
+    clock.finished(("submodel", 0), now=50.0)  # preempted: its result came
+    clock.submitted(("submodel", 0), CHEAP, now=50.0)
+    assert clock.starved(now=59.0, cluster=unmet) is None and clock.starved(now=60.5, cluster=unmet) is not None
+
+
+def test_the_cluster_has_the_last_word():
+    """Workers report their node only once they run: a label with nothing pending is placing or starting its work,
+    and one whose nodes are in use (another job's too) makes progress, which restarts its clock."""
+    clock = CapacityClock(timeout_s=10, confirm_s=0)
+    clock.submitted(("submodel", 0), CHEAP, now=0.0)
+    clock.submitted(("submodel", 1), CHEAP, now=0.0)
+    asked = []
+
+    def starting(demand: Demand) -> TierState:
+        asked.append(demand.selector)
+        return TierState(num_pending=0, num_busy=0)
+
+    assert clock.starved(now=15.0, cluster=starting) is None
+    assert asked == ["gpu_type=4090"]  # once per label
+    assert clock.starved(now=30.0, cluster=lambda demand: TierState(num_pending=2, num_busy=1)) is None
+    assert clock.starved(now=39.0, cluster=unmet) is None  # in use at 30 s: the clock restarted then
+    starved = clock.starved(now=40.5, cluster=lambda demand: TierState(num_pending=2, num_busy=0))
+    assert starved.key == ("submodel", 0) and starved.num_pending == 2 and starved.waited_s == pytest.approx(40.5)
+
+
+def test_starvation_is_confirmed_at_every_look_for_a_while():
+    """A placement group just created is pending for a moment while the nodes are still idle: one look is not
+    enough."""
+    clock = CapacityClock(timeout_s=10, confirm_s=5)
+    clock.submitted(("finetune", None), A100, now=0.0)
+    assert clock.starved(now=11.0, cluster=unmet) is None
+    assert clock.starved(now=14.0, cluster=lambda demand: TierState(num_pending=0, num_busy=0)) is None  # placed?
+    assert clock.starved(now=15.0, cluster=unmet) is None  # the confirmation starts again
+    assert clock.starved(now=19.5, cluster=unmet) is None
+    starved = clock.starved(now=20.0, cluster=unmet)
+    assert starved.confirm_s == pytest.approx(5.0) and starved.waited_s == pytest.approx(20.0)
+    assert CapacityClock(timeout_s=900).confirm_s == 30 and CapacityClock(timeout_s=5).confirm_s == 5
+
+
+def test_the_error_names_the_stage_label_resources_and_wait():
+    note = autoscaler_note(Demand("finetune_tier", "gpu_type", "A100", {"CPU": 1, "GPU": 1}), gcs_address="")
+    error = CapacityTimeout(Starved(("finetune", None), A100, waited_s=905.2, idle_s=901.0, timeout_s=900,
+                                    num_pending=1, confirm_s=30), note)
+    message = str(error)
+    for part in ("stage finetune", "finetune_tier", "gpu_type=A100", "1 CPU, 1 GPU", "905 s",
+                 "capacity_timeout_s = 900", "holds 1 request(s)", "for the last 30 s", "no autoscaler"):
+        assert part in message, (part, message)
+    assert "expert 3" in str(CapacityTimeout(Starved(("submodel", 3), CHEAP, 11, 11, 10)))
+
+
+def test_demand_of_a_tier_reads_the_spec(tmp_path):
+    spec = build_spec(tiny_spec_dict(tmp_path / "job", resources={"node_groups": {"expensive-a100": {"max_nodes": 0}}}))
+    demand = Demand.of(spec, "finetune_tier", autoscaled=True)
+    assert demand.selector == "gpu_type=A100" and demand.resources == {"CPU": 1, "GPU": 1}
+    assert demand.node_groups == {"expensive-a100": 0}
+    typo = Demand("finetune_tier", "gpu_type", "A10O", {"CPU": 1, "GPU": 1}, autoscaled=True)
+    assert "declares no node group of gpu_type=A10O" in autoscaler_note(typo, gcs_address="")
+
+
+# --- on Ray ------------------------------------------------------------------------------------------------------
+
+# Shorter than a cheap trainer takes to start here (its workers report their node only once they run: the cluster's
+# view tells a slow start from starvation), and than the time the job's four experts queue for its two cheap nodes.
+TIMEOUT_S = 5.0
+MARGIN_S = 25.0  # the cluster's confirmation (as long as the timeout), the driver's polls, the autoscaler note
+
+
+@pytest.fixture(scope="module")
+def cheap_only_cluster():
+    """Two cheap nodes and a CPU node; no A100 node, and none will come unless the test adds it."""
+    address = start_local_cluster(spec=LocalClusterSpec(num_cheap=2, num_expensive=0, real_gpus=0,
+                                                        dashboard_port=free_port()))
+    ray.init(address=address, log_to_driver=False)
+    try:
+        yield address
+    finally:
+        ray.shutdown()
+        stop_local_cluster()
+
+
+def job_demand_left() -> list[str]:
+    """This driver's placement groups not removed, and its trainer actors alive: what would still ask for nodes."""
+    from ray.util.state import list_actors
+
+    groups = [group_id for group_id, group in ray.util.placement_group_table().items() if group["state"] != "REMOVED"]
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
+                         raise_on_missing_output=False)
+    return groups + [actor.class_name for actor in actors if actor.class_name in ("TrainController", "TrainerLauncher")]
+
+
+@pytest.mark.slow
+def test_a_starved_fine_tune_fails_the_job_and_resumes_once_its_node_comes(cheap_only_cluster, tmp_path):
+    raw = tiny_spec_dict(tmp_path / "job", submodel={"steps": 4, "checkpoint_every": 4, "eval_every": 4},
+                         branch={"sync_rounds": 1}, resources={"autoscaling": True, "capacity_timeout_s": TIMEOUT_S})
+    spec = build_spec(raw)
+    started: dict[str, float] = {}
+
+    def note_starts(event) -> None:
+        if event.event == "stage_started":
+            started.setdefault(event.stage, time.monotonic())
+
+    with pytest.raises(CapacityTimeout) as failure:
+        run_job_on_ray(spec, events=note_starts)
+    message = str(failure.value)
+    assert "finetune" in started, message  # no earlier stage starved
+    failed_after = time.monotonic() - started["finetune"]
+    for part in ("stage finetune", "gpu_type=A100", "1 CPU, 1 GPU", "node groups of that label"):
+        assert part in message, (part, message)
+    assert "holds 0 request" not in message, message  # the trainer's placement group waits, unmet
+    assert TIMEOUT_S <= failed_after < TIMEOUT_S + MARGIN_S, failed_after
+    paths = JobPaths(spec.output_dir)
+    assert is_done(paths, "merge") and not is_done(paths, "finetune")
+    deadline = time.monotonic() + 30
+    while job_demand_left() and time.monotonic() < deadline:  # the killed controllers' actors die a moment later
+        time.sleep(0.5)
+    assert not job_demand_left()
+
+    add_local_node({"gpu_type": "A100", SIMULATED_LABEL[0]: SIMULATED_LABEL[1]})
+    events = []
+    run_job_on_ray(spec, events=events.append)
+    assert {event.stage for event in events if event.event == "stage_started"} == {"finetune"}
+    assert is_done(paths, "finetune")
