@@ -77,10 +77,13 @@ def stop() -> None:
 
 
 @cluster_app.command()
-def status(address: Annotated[str | None, typer.Option(help="Cluster address; default: the local one.")] = None
+def status(address: Annotated[str | None, typer.Option(help="Cluster address; default: the local one.")] = None,
+           watch: Annotated[float | None, typer.Option(
+               help="Then print every node that arrives or leaves, polling every this many seconds, until Ctrl-C.",
+               min=0.2)] = None,
            ) -> None:
     """Nodes of the cluster by node group, with their labels and logical resources, and the nodes an autoscaler
-    (v2) has asked for that are not up yet.
+    (v2) has asked for that are not up yet; with --watch, the nodes as they come and go.
 
     A cluster with Ray token authentication wants RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN,
     RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token); the local cluster's is sent without being asked."""
@@ -105,8 +108,34 @@ def status(address: Annotated[str | None, typer.Option(help="Cluster address; de
         nodes = local.describe_nodes()
         gcs_address = ray.get_runtime_context().gcs_address
         requests, starting = launch_requests(gcs_address), pending_nodes(gcs_address)
+        _print_status(address, nodes, requests, starting)
+        if watch is not None:
+            _watch(nodes, watch)
     finally:
         ray.shutdown()
+
+
+def _watch(nodes: list[dict], interval_s: float) -> None:
+    """Print each node that arrives or leaves, with its group, until Ctrl-C."""
+    from ray_cluster import local_cluster as local
+
+    known = {node["node_id"]: node for node in nodes}
+    console.print(f"watching (every {interval_s:g} s; Ctrl-C stops)")
+    try:
+        while True:
+            time.sleep(interval_s)
+            now = {node["node_id"]: node for node in local.describe_nodes()}
+            stamp = time.strftime("%H:%M:%S")
+            for node_id in now.keys() - known.keys():
+                console.print(f"{stamp} [green]+[/green] {now[node_id]['group'] or '-'} {node_id[:12]}")
+            for node_id in known.keys() - now.keys():
+                console.print(f"{stamp} [red]-[/red] {known[node_id]['group'] or '-'} {node_id[:12]}")
+            known = now
+    except KeyboardInterrupt:
+        pass
+
+
+def _print_status(address: str, nodes: list[dict], requests: list[dict], starting: list[dict]) -> None:
     table = Table(title=f"cluster {address}")
     for column in ("group", "node", "labels", "resources"):
         table.add_column(column)

@@ -86,7 +86,9 @@ class NodeMeter:
 
         with self.lock:  # the poll thread and `node_lives()` both poll
             self._read_launch_requests()
-            nodes = list_nodes(detail=True, limit=10_000, raise_on_missing_output=False)
+            # The connected cluster's, never auto-detected: another Ray may run on the same machine.
+            nodes = list_nodes(address=ray.get_runtime_context().gcs_address, detail=True, limit=10_000,
+                               raise_on_missing_output=False)
             for node in nodes:
                 if not _is_control_plane(node) and node.start_time_ms:
                     self.nodes[node.node_id] = self._life(node)

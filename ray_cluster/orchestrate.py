@@ -38,6 +38,7 @@ from ray_cluster import prestart
 from ray_cluster.auth import connect
 from ray_cluster.capacity import CapacityClock, Demand
 from ray_cluster.data.data_worker import data_stages_in_one_process, start_data_worker
+from ray_cluster.data.shards import NO_RAY_DATA_SCALE_UP
 from ray_cluster.data.stages import DATA_STAGES
 from ray_cluster.local_cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster, wants_token
 from ray_cluster.metering import NodeMeter
@@ -95,8 +96,8 @@ class RayExecutor:
     def run(self, tasks: list[Task], started: Started) -> Iterator[tuple[Task, dict]]:
         if not STAGE[tasks[0].stage].setup:
             self.stop_data_worker()  # its node is the first trainer's
-        # The round's nodes stay held through the sync but for the one the sync task itself runs on.
-        self.holds.release(keep=max(0, len(self.holds.held) - 1) if tasks[0].stage == "sync" else 0)
+        if tasks[0].stage not in ("sync", "submodel"):
+            self.holds.release()  # the rounds are over
         for task in tasks:
             started(task)
             self.submit(task)
@@ -145,7 +146,8 @@ class RayExecutor:
                                 demand=self.demand("submodel_tier"))
         elif stage.on_ray_data:  # coordinates an actor pool that grows over its tier; its workers report their uses
             max_nodes = tier_capacity(spec, placement_tier(spec, task.stage))
-            self.remote(task, stage.on_ray_data, spec, self.paths, max_nodes, options=on_driver_node(),
+            options = {**on_driver_node(), "runtime_env": {"env_vars": NO_RAY_DATA_SCALE_UP}}
+            self.remote(task, stage.on_ray_data, spec, self.paths, max_nodes, options=options,
                         reporter=self.reporter(task), one_process=False)
         else:  # source: on the CPU tier, with the threads of the node it lands on
             tier = placement_tier(spec, task.stage)
@@ -188,16 +190,10 @@ class RayExecutor:
         uses = self.tracker.node_uses.take(task.key)
         if STAGE[task.stage].setup and uses:
             summary = {**summary, "num_nodes": len({use["node"] for use in uses})}
-        if self.holds_through_sync(task) and uses:
-            self.holds.hold(self.spec, task, nodes=[uses[-1]["node"]])
-        return {**summary, "node_uses": uses}
-
-    def holds_through_sync(self, task: Task) -> bool:
-        """Whether the node of this finished trainer is kept for the next round: a round before the last, and none
-        of the round's trainers still waits for a node (a hold would take it from them)."""
         last_round = self.spec.branch.sync_rounds - 1
-        return (task.stage == "submodel" and task.round is not None and task.round < last_round
-                and not self.tracker.waiting_trainers(task.stage))
+        if task.stage == "submodel" and task.round is not None and task.round < last_round and uses:
+            self.holds.hold(task, nodes=[uses[-1]["node"]])  # kept for the next round
+        return {**summary, "node_uses": uses}
 
     def stage_summary(self, task: Task) -> dict:
         summary = self.tracker.wait(task.key)

@@ -291,54 +291,48 @@ def on_driver_node() -> dict:
     return {"num_cpus": 0, "label_selector": {"ray.io/node-id": ray.get_runtime_context().get_node_id()}}
 
 
-HOLD_PLACE_TIMEOUT_S = 10.0  # the node's resources were free a moment ago: there unless it is gone or taken
+HOLD_PLACE_TIMEOUT_S = 10.0  # a hold asks for next to nothing: it is placed at once unless its node is gone
+# A hold reserves one byte of the node's memory: enough for Ray to count the node as in use, so that the autoscaler
+# keeps it, and nothing a task or trainer asks for, so the next round's trainers (or another job's) still fit.
+HOLD_BUNDLE = {"memory": 1}
 
 
 class RoundHolds:
-    """The nodes a synchronisation round's trainers ran on, kept reserved through the sync until the next round's
-    trainers are submitted: an idle node outlives its idle timeout only if something holds it, and at real scale a
-    sync of a few minutes would otherwise let every expert's pod go and cost the next round E cold starts (a VM and
-    a multi-GB image each). Each hold is a one-bundle placement group of the tier's worker resources on that node,
-    and the job's node use for that time (stage `sync`), so the billed cost charges it to the job.
+    """The nodes a synchronisation round's trainers ran on, kept through the sync and the next round's start: an
+    idle node goes once its idle timeout passes, and at real scale a sync and a trainer's start would otherwise let
+    every expert's pod go and cost the next round E cold starts (a VM and a multi-GB image each). Each hold is a
+    placement group of `HOLD_BUNDLE` on that node, and the job's node use for that time (stage `sync`, the whole
+    node), so the billed cost charges the job for keeping it.
 
         holds = RoundHolds(events)
-        holds.hold(spec, task, nodes=["<node id>"])   # a submodel trainer of a round before the last ended
-        holds.release(keep=0)                          # the next round's trainers are about to be submitted
+        holds.hold(task, nodes=["<node id>"])   # a submodel trainer of a round before the last ended
+        holds.release()                         # the cheap phase is over (the merge starts), or the job ends
     """
 
     def __init__(self, events):
         self.events = events
-        self.held: list[tuple[Any, NodeUse]] = []
+        self.held: dict[str, tuple[Any, NodeUse]] = {}  # by node
 
-    def hold(self, spec: JobSpec, task: Task, nodes: list[str]) -> None:
-        from ray._private.state import available_resources_per_node  # a DeveloperAPI
+    def hold(self, task: Task, nodes: list[str]) -> None:
         from ray.util.placement_group import placement_group, remove_placement_group
 
-        tier, available = placement_tier(spec, task.stage), available_resources_per_node()
-        wanted = worker_resources(tier)
         for node in nodes:
-            # Only a node whose resources are free now (not taken by the next trainer): a hold that had to wait
-            # would be demand, and the autoscaler would launch a node for it.
-            if any(available.get(node, {}).get(name, 0.0) < amount for name, amount in wanted.items()):
+            if node in self.held:
                 continue
-            group = placement_group([wanted], strategy="STRICT_PACK", _soft_target_node_id=node,
-                                    bundle_label_selector=[label_selector(spec, tier)])
+            group = placement_group([HOLD_BUNDLE], strategy="STRICT_PACK", _soft_target_node_id=node)
             ready, _ = ray.wait([group.ready()], timeout=HOLD_PLACE_TIMEOUT_S)
-            placed = ready and _bundle_node(group)
-            if placed != node:  # the node went (a preemption) or was taken: nothing to keep
+            if not ready or _bundle_node(group) != node:  # the node went (a preemption): nothing to keep
                 remove_placement_group(group)
                 continue
-            use = NodeUse(stage="sync", round=task.round, node=node, pid=os.getpid(), start=time.time(),
-                          resources=wanted)
+            use = NodeUse(stage="sync", round=task.round, node=node, pid=os.getpid(), start=time.time())
             self.events(use)
-            self.held.append((group, use))
+            self.held[node] = (group, use)
 
-    def release(self, keep: int = 0) -> None:
-        """Give back all holds but `keep` of them (the sync's own task takes one node's resources)."""
+    def release(self) -> None:
         from ray.util.placement_group import remove_placement_group
 
-        while len(self.held) > keep:
-            group, use = self.held.pop()
+        while self.held:
+            _, (group, use) = self.held.popitem()
             with contextlib.suppress(Exception):  # the cluster is going away: the hold goes with it
                 remove_placement_group(group)
             self.events(use.model_copy(update={"end": time.time()}))

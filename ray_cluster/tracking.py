@@ -222,9 +222,6 @@ class Tracker:
             self.set_state(refs[ref], "done")
         return len(running)
 
-    def waiting_trainers(self, stage: str) -> int:
-        """Trainers of `stage` queued or submitted whose rank 0 has not started: they still need a node."""
-        return sum(1 for key, state in self.states.items() if key[0] == stage and state == "waiting")
     def demanded(self, key: Key, demand: Demand | None) -> None:
         if self.capacity is not None and demand is not None:
             self.capacity.submitted(key, demand, time.monotonic())

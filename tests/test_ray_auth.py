@@ -181,7 +181,7 @@ def test_the_local_cluster_requires_its_token_and_its_clients_send_it(tmp_path):
     home, state = tmp_path / "home", tmp_path / "state" / "local_cluster.json"
     home.mkdir()
     cli = ["-m", "moedisco_cli.main", "cluster"]
-    started = start_client([*cli, "start", "--cheap-nodes", "1", "--expensive-nodes", "0"], home,
+    started = start_client([*cli, "start", "--static", "--cheap-nodes", "1", "--expensive-nodes", "0"], home,
                            MOEDISCO_CLUSTER_STATE=str(state))
     try:
         code, stdout, stderr = finish(started)

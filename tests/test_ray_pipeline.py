@@ -174,7 +174,7 @@ def submodel_summaries(job) -> dict[int, dict]:
 
 def test_cluster_has_labelled_tiers(job):
     labels = sorted(n["labels"]["gpu_type"] for n in job["nodes"])
-    assert labels == ["4090", "4090", "A100", "head"]
+    assert labels == ["4090", "4090", "A100", "cpu", "head"]
 
 
 def test_cancel_stops_trainers_and_keeps_finished_stages(job):
@@ -233,8 +233,10 @@ def test_every_stage_lists_the_node_time_its_workers_held(job):
     for task in (task for group in plan(spec) for task in group):
         uses = [NodeUse(**use) for use in stage_result(job["paths"], task.marker)["node_uses"]]
         assert uses, task.marker
+        # The tiny corpus is one shard: its data stages all run in the job's data worker, on a cheap node.
+        tier = spec.resources.submodel_tier if STAGE[task.stage].setup else placement_tier(spec, task.stage)
         for use in uses:
-            assert tier_of_node.get(use.node) == placement_tier(spec, task.stage).label, (task.marker, use)
+            assert tier_of_node.get(use.node) == tier.label, (task.marker, use)
             assert started_at <= use.start < use.end <= finished_at, (task.marker, use)
             assert (use.stage, use.expert, use.round) == (task.stage, task.expert, task.round)
             assert not STAGE[task.stage].trained or use.resources.get("GPU", 0) > 0, (task.marker, use)
@@ -334,22 +336,22 @@ def test_ray_data_gives_the_local_runners_split_tokens_and_clusters(job, tmp_pat
     for part in range(3):
         (root / "corpus" / f"part-{part}.jsonl").write_text("".join(lines[part * 200 : (part + 1) * 200]))
     specs = [build_spec(tiny_spec_dict(root / name, submodel=TRAIN, branch=ONE_ROUND,
-                                       data={"train": str(root / "corpus"), "max_documents": None}))
+                                       data={"train": str(root / "corpus"), "max_documents": None,
+                                             "rows_per_shard": 64}))
              for name in ("ray", "local")]
     (spec, paths), local_paths, cap = (specs[0], JobPaths(specs[0].output_dir)), JobPaths(specs[1].output_dir), 100
     stage_prepare(StageRun(specs[1], local_paths, MetricsWriter(local_paths.metrics), Task("prepare"), progress=False))
     where = on_driver_node()
     queue = EventQueue.options(**where).remote()
     reporters = {stage: NodeUseReporter(queue, {"stage": stage}) for stage in ("prepare", "embed", "cluster")}
-    prepared = ray.get(ray.remote(prepare.prepare_stage).options(**where).remote(spec, paths, 2, 64,
-                                                                                 reporters["prepare"]))
+    prepared = ray.get(ray.remote(prepare.prepare_stage).options(**where).remote(spec, paths, 2, reporters["prepare"]))
     assert prepared["split_tasks"] == 3 and prepared["tokenized_on_ray_data"] == prepared["train_documents"]
     for name in ("train", "eval"):
         assert paths.texts(name).read_bytes() == local_paths.texts(name).read_bytes()
         ray_data, one_process = (TokenShard.load(p.tokens(name)) for p in (paths, local_paths))
         np.testing.assert_array_equal(ray_data.offsets, one_process.offsets)
         np.testing.assert_array_equal(ray_data.tokens, one_process.tokens)
-    embedded = ray.get(ray.remote(embed_cluster.embed_stage).options(**where).remote(spec, paths, 2, cap, 64,
+    embedded = ray.get(ray.remote(embed_cluster.embed_stage).options(**where).remote(spec, paths, 2, cap,
                                                                                      reporters["embed"]))
     clustered = ray.get(ray.remote(embed_cluster.cluster_stage).options(**where).remote(spec, paths, 2,
                                                                                         reporters["cluster"]))
@@ -374,18 +376,20 @@ def test_ray_data_gives_the_local_runners_split_tokens_and_clusters(job, tmp_pat
 
 
 def assert_pools_and_tasks_reported_their_nodes(events: list, nodes: list[dict]) -> None:
-    """Each stage's Ray Data actors (tokenize, embed, assign) said as they started that they hold a cheap node (the
-    driver closes their uses), and its tasks (the split's, the one-CPU one, the fit) said so as they started and as
-    they ended."""
-    cheap = {node["node_id"] for node in nodes if node["labels"]["gpu_type"] == "4090"}
+    """Each stage's Ray Data actors (tokenize, embed, assign) said as they started that they hold a node of the
+    stage's tier (the driver closes their uses): the CPU node for prepare's, a cheap node for the others; and its
+    tasks (the split's, the one-CPU one, the fit) said so as they started and as they ended."""
+    tier_nodes = {tier: {node["node_id"] for node in nodes if node["labels"]["gpu_type"] == tier}
+                  for tier in ("4090", "cpu")}
     last = node_uses(events)
-    for stage in ("prepare", "embed", "cluster"):
+    for stage, tier in (("prepare", "cpu"), ("embed", "4090"), ("cluster", "4090")):
         actors = [use for use in last.values() if use.stage == stage and use.end is None]
-        assert actors and {use.node for use in actors} <= cheap, stage
+        assert actors and {use.node for use in actors} <= tier_nodes[tier], stage
         assert all(use.resources.get("CPU") == 1 for use in actors), actors
     tasks = [use for use in last.values() if use.end is not None]
     assert {use.stage for use in tasks} == {"prepare", "cluster"} and all(use.start < use.end for use in tasks)
-    assert {use.node for use in tasks if use.stage == "cluster"} <= cheap  # the fit, placed on the cheap tier
+    assert {use.node for use in tasks if use.stage == "prepare"} <= tier_nodes["cpu"]  # split and one-CPU task
+    assert {use.node for use in tasks if use.stage == "cluster"} <= tier_nodes["4090"]  # the fit, on the cheap tier
 
 
 def test_single_worker_trainers_go_without_a_process_group(ray_cluster, tiny_spec_factory):

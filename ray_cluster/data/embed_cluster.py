@@ -307,7 +307,7 @@ def embed_in_process(spec: JobSpec, paths: JobPaths, embedder=None) -> dict:
         embedder = Embedder(spec.embed)
     started = time.perf_counter()
     storage = job_storage(spec)
-    num_docs = index_corpus(paths.texts("train"), join(storage, "corpus"))
+    num_docs = index_corpus(paths.texts("train"), join(storage, "corpus"), spec.data.rows_per_shard)
     index_seconds = time.perf_counter() - started
     corpus = pads.dataset(str(join(storage, "corpus")), format="parquet").to_table().sort_by("doc_id")
     vectors_ND = embedder(corpus["text"].to_pylist())

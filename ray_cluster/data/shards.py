@@ -1,6 +1,6 @@
 """The train split as Parquet shards of (doc_id, text), and a pool of actors over them: what the data stages share.
 
-    num_docs = index_corpus(paths.texts("train"), join(job_storage(spec), "corpus"))   # STORAGE/<job>/corpus/
+    num_docs = index_corpus(paths.texts("train"), join(job_storage(spec), "corpus"), spec.data.rows_per_shard)
     shards = shard_ranges(corpus, num_docs)        # [{"shard": location, "first": 0, "stop": 4096}, ...]
     dataset, max_actors = through_actors(shards, EmbedBatches, kwargs, max_nodes, options)
 
