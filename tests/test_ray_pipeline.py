@@ -410,7 +410,7 @@ def test_sync_rounds_with_data_parallel_submodels_match_the_local_runner(ray_clu
                 "submodel": {"steps": 8, "checkpoint_every": 4, "eval_every": 4}}
     spec = build_spec(tiny_spec_dict(root / "ray", **sections, resources={"workers_per_expert": 2}))
     events = []
-    trained = lambda: all((spec.output_dir / "stages" / f"submodel_{k}.json").is_file() for k in (0, 1))  # noqa: E731
+    trained = lambda: all((spec.output_dir / "stages" / f"submodel_{k}.json").is_file() for k in (0, 1))
     with pytest.raises(JobCancelled):  # stopped before the merge: the rounds are what this test is about
         run_job_on_ray(spec, events=events.append, should_stop=trained)
     local = build_spec(tiny_spec_dict(root / "local", **sections))
