@@ -76,7 +76,9 @@ def test_a_short_tokenization_leaves_no_finished_shard(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(address="local", num_cpus=2, object_store_memory=150 * 2**20, include_dashboard=False, log_to_driver=False)
+    # The CPU tier's label: the split and tokenization run on its nodes.
+    ray.init(address="local", num_cpus=2, object_store_memory=150 * 2**20, include_dashboard=False, log_to_driver=False,
+             labels={"gpu_type": "cpu"})
     yield
     ray.shutdown()
 
