@@ -110,6 +110,26 @@ def autoscaling_config(spec: LocalClusterSpec, head_node_id: str, gcs_address: s
     }
 
 
+def publish_node_groups(gcs_address: str, config: dict) -> None:
+    """The node groups' resources and bounds where Ray keeps a cluster's autoscaling config (the GCS's autoscaler
+    namespace, read by `ray._private.state.state.get_cluster_config`, which Ray Data and
+    `ray_cluster.placement.cluster_group_sizes` use), as a KubeRay cluster's autoscaler config gives them: the
+    monitor of an `external` provider does not write it."""
+    from ray._raylet import GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, GCS_AUTOSCALER_STATE_NAMESPACE, GcsClient
+    from ray.core.generated import autoscaler_pb2
+
+    cluster = autoscaler_pb2.ClusterConfig()
+    for name, node_type in config["available_node_types"].items():
+        if name == HEAD_NODE_TYPE:
+            continue
+        resources = {key: int(value) for key, value in node_type["resources"].items() if value}
+        cluster.node_group_configs.add(name=name, resources=resources, min_count=node_type.get("min_workers", 0),
+                                       max_count=node_type["max_workers"])
+    GcsClient(address=gcs_address).internal_kv_put(GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(),
+                                                   cluster.SerializeToString(), True,
+                                                   GCS_AUTOSCALER_STATE_NAMESPACE.encode())
+
+
 # --- the cluster ------------------------------------------------------------------------------------------------
 
 
@@ -141,6 +161,7 @@ class AutoscalingLocalCluster:
             except BaseException:
                 shutil.rmtree(self._config_dir, ignore_errors=True)
                 raise
+        publish_node_groups(gcs_address, autoscaling_config(spec, head_node_id, gcs_address))
 
     @property
     def address(self) -> str:

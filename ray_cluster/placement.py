@@ -111,8 +111,26 @@ def tier_capacity(spec: JobSpec, tier: TierConfig) -> int:
     alive = len(tier_nodes(spec, tier))
     if not autoscaler_present(spec):
         return alive
-    groups = sum(group.max_nodes for group in spec.resources.node_groups.values() if group.tier == tier.label)
+    most = cluster_group_sizes()
+    groups = sum(most.get(name, group.max_nodes) for name, group in spec.resources.node_groups.items()
+                 if group.tier == tier.label)
     return max(alive, groups)
+
+
+def cluster_group_sizes() -> dict[str, int]:
+    """The most nodes of each node group the connected cluster's autoscaler may run (its config, as autoscaler v2
+    stores it in the GCS: KubeRay's `maxReplicas`, the local cluster's `max_nodes`); empty when there is none. A
+    group asked for more than this would leave work pending that no node will ever take."""
+    from ray._private.state import state  # the GCS accessor Ray Data reads the same config with
+
+    try:
+        config = state.get_cluster_config()
+    except Exception as error:  # an older GCS, a lost connection: the spec's node groups stand in
+        log.warning("could not read the autoscaler's node groups: %s", error)
+        return {}
+    if config is None:
+        return {}
+    return {group.name: group.max_count for group in config.node_group_configs if group.max_count >= 0}
 
 
 def worker_resources(tier: TierConfig) -> dict[str, float]:
