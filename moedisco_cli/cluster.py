@@ -25,9 +25,10 @@ cluster_app = typer.Typer(help="A local simulated Ray cluster with labelled chea
 
 
 @cluster_app.command()
-def start(cheap_nodes: Annotated[int, typer.Option(help="With --static: nodes of the cheap tier.", min=1)] = 2,
-          expensive_nodes: Annotated[int, typer.Option(help="With --static: nodes of the expensive tier.",
-                                                       min=0)] = 1,
+def start(cheap_nodes: Annotated[int | None, typer.Option(help="With --static: nodes of the cheap tier (2).",
+                                                         min=1)] = None,
+          expensive_nodes: Annotated[int | None, typer.Option(help="With --static: nodes of the expensive tier (1).",
+                                                              min=0)] = None,
           label_key: Annotated[str, typer.Option(help="Node label naming the tier.")] = "gpu_type",
           cheap_label: Annotated[str, typer.Option(help="Label value of cheap nodes.")] = "4090",
           expensive_label: Annotated[str, typer.Option(help="Label value of expensive nodes.")] = "A100",
@@ -46,6 +47,11 @@ def start(cheap_nodes: Annotated[int, typer.Option(help="With --static: nodes of
     """Start the cluster in the background; it runs until `moedisco cluster stop`."""
     from ray_cluster import local_cluster as local
 
+    if autoscale and (cheap_nodes is not None or expensive_nodes is not None):
+        raise typer.BadParameter("the autoscaler adds the nodes; fixed node counts need --static (or use "
+                                 "--max-nodes GROUP=N)", param_hint="--cheap-nodes/--expensive-nodes")
+    cheap_nodes = 2 if cheap_nodes is None else cheap_nodes
+    expensive_nodes = 1 if expensive_nodes is None else expensive_nodes
     spec = local.LocalClusterSpec(num_cheap=cheap_nodes, num_expensive=expensive_nodes, label_key=label_key,
                                   cheap_label=cheap_label, expensive_label=expensive_label,
                                   cpus_per_node=cpus_per_node, autoscale=autoscale, idle_timeout_s=idle_timeout,

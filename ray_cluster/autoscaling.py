@@ -161,7 +161,11 @@ class AutoscalingLocalCluster:
             except BaseException:
                 shutil.rmtree(self._config_dir, ignore_errors=True)
                 raise
-        publish_node_groups(gcs_address, autoscaling_config(spec, head_node_id, gcs_address))
+        try:
+            publish_node_groups(gcs_address, autoscaling_config(spec, head_node_id, gcs_address))
+        except BaseException:
+            self.shutdown()
+            raise
 
     @property
     def address(self) -> str:

@@ -80,7 +80,7 @@ class TierState:
     """What the cluster says of a label at one moment (`tier_state`), any job's work counted."""
 
     num_pending: int  # unmet requests that select the label: tasks, actors, placement groups' bundles
-    num_busy: int  # alive nodes of the label with some of their resources in use
+    num_busy: int  # alive nodes of the label with some of their resources in use, and nodes of it launching
 
 
 @dataclass
@@ -201,7 +201,13 @@ def tier_state(gcs_address: str, demand: Demand) -> TierState:
                   for request in selector.resource_requests if _selects(request.label_selectors, demand))
     busy = sum(1 for node in state.node_states if node.labels.get(demand.label_key) == demand.label
                and node.status != NodeStatus.DEAD and _in_use(node, demand))
-    return TierState(num_pending=singles + bundles, num_busy=busy)
+    # A node of the label's groups that the autoscaler is launching is on its way (a GPU VM and a multi-GB image
+    # can take many minutes): that is progress, not starvation.
+    scaling = reply.autoscaling_state
+    launching = sum(request.count for request in scaling.pending_instance_requests
+                    if request.ray_node_type_name in demand.node_groups)
+    launching += sum(1 for node in scaling.pending_instances if node.ray_node_type_name in demand.node_groups)
+    return TierState(num_pending=singles + bundles, num_busy=busy + launching)
 
 
 def _in_use(node, demand: Demand) -> bool:

@@ -1,13 +1,15 @@
-"""A simulated heterogeneous Ray cluster on one machine: a head, N cheap nodes and M expensive nodes.
+"""A simulated heterogeneous Ray cluster on one machine: a head and, static, N cheap, M expensive and K CPU nodes, or
+autoscaling, the nodes Ray's autoscaler adds as work asks (what `moedisco cluster start` and the Ray runner start).
 
-    address = start_local_cluster(num_cheap=2)               # in this process; gone when it exits
-    address = start_local_cluster(num_cheap=4, detach=True)  # a keeper process holds it (`moedisco cluster start`)
+    address = start_local_cluster(num_cheap=2)               # static, in this process; gone when it exits
     address = start_local_cluster(spec=LocalClusterSpec(autoscale=True))  # a head; nodes come and go on demand
+    address = start_local_cluster(spec=spec, detach=True)    # a keeper process holds it (`moedisco cluster start`)
     describe_nodes()          # [{"node_id": ..., "group": "", "labels": {"gpu_type": "4090"}, "resources": {...}}, ...]
     stop_local_cluster()      # the in-process one, else the detached one
 
 Every node is a separate raylet with one CPU and one logical GPU (one trainer worker fits, as on a single-GPU
-machine) and the label `gpu_type` (`4090` cheap, `A100` expensive; key and values from the spec's `resources`). A
+machine), a CPU node none, and the label `gpu_type` (`4090` cheap, `A100` expensive, `cpu`; key and values from the
+spec's `resources`); the head offers no CPU, so only the control plane's zero-CPU actors and tasks run there. A
 logical GPU's node carries `SIMULATED_LABEL`, and a worker on it hides CUDA and trains on the CPU
 (`ray_cluster.placement.prepare_worker`); this machine's real GPUs (`local_gpu_count`) go to the expensive nodes
 instead, unlabelled, so the fine-tune gets the card and the ledger bills it as real. The head carries

@@ -84,9 +84,10 @@ class RayExecutor:
             prestart.stop_helpers(helpers)
             raise
         self.autoscaled = autoscaler_present(self.spec)
-        self.tracker = Tracker(job.events, job.should_stop,
-                               capacity=CapacityClock(self.spec.resources.capacity_timeout_s))
         self.holds = RoundHolds(job.events)
+        self.tracker = Tracker(job.events, job.should_stop,
+                               capacity=CapacityClock(self.spec.resources.capacity_timeout_s),
+                               on_use=lambda use: self.holds.release(use.node))  # the next round's work is on it
         helpers = helpers or prestart.start_helpers(self.spec)
         self.tracker.adopt_launcher(helpers.launcher)
         self.data_worker = helpers.data_worker
@@ -139,7 +140,9 @@ class RayExecutor:
         spec, stage = self.spec, DATA_STAGES[task.stage]
         if stage.on_ray_data and self.data_worker is None and data_stages_in_one_process(spec):
             self.data_worker = start_data_worker(spec)  # the corpus's size was known only after prepare
-        if self.data_worker is not None:
+        if task.stage == "source":
+            self.submit_source(task)
+        elif self.data_worker is not None:
             ref = self.data_worker.run.remote(self.job.stage_run(task), self.reporter(task))
             # Whatever the stage, the data worker waits for a cheap node (`start_data_worker`).
             self.tracker.submit(task.key, ref, actor=self.data_worker, one_process=True,
@@ -149,10 +152,19 @@ class RayExecutor:
             options = {**on_driver_node(), "runtime_env": {"env_vars": NO_RAY_DATA_SCALE_UP}}
             self.remote(task, stage.on_ray_data, spec, self.paths, max_nodes, options=options,
                         reporter=self.reporter(task), one_process=False)
-        else:  # source: on the CPU tier, with the threads of the node it lands on
-            tier = placement_tier(spec, task.stage)
-            self.remote(task, run_stage_on_tier, self.job.stage_run(task), tier, self.reporter(task),
-                        options=task_options(spec, tier))
+
+    def submit_source(self, task: Task) -> None:
+        """The whole model in host memory (`memory_plan.source_plan`): a task of its own on the CPU tier, never in
+        the data worker on a cheap node, asking Ray for the memory it needs, so that two jobs' source models never
+        share a node that holds one. The ask stops at what Ray offers of a node by default (the rest of its memory
+        is the object store); the planner has refused a model too big for the node."""
+        from moedisco.planning.memory_plan import host_plans
+
+        tier = placement_tier(self.spec, task.stage)
+        need_gb = host_plans(self.spec)["source"]["total_gb"]
+        offered_gb = (tier.node_memory_gb_or_default() or need_gb) * RAY_MEMORY_SHARE
+        options = {**task_options(self.spec, tier), "memory": int(min(need_gb, offered_gb) * 1e9)}
+        self.remote(task, run_stage_on_tier, self.job.stage_run(task), tier, self.reporter(task), options=options)
 
     def remote(self, task: Task, function, *args, options: dict | None = None, one_process: bool = True,
                **kwargs) -> None:
@@ -191,8 +203,8 @@ class RayExecutor:
         if STAGE[task.stage].setup and uses:
             summary = {**summary, "num_nodes": len({use["node"] for use in uses})}
         last_round = self.spec.branch.sync_rounds - 1
-        if task.stage == "submodel" and task.round is not None and task.round < last_round and uses:
-            self.holds.hold(task, nodes=[uses[-1]["node"]])  # kept for the next round
+        if task.stage == "submodel" and task.round is not None and task.round < last_round:
+            self.holds.hold(task, nodes=list(dict.fromkeys(use["node"] for use in uses)))  # for the next round
         return {**summary, "node_uses": uses}
 
     def stage_summary(self, task: Task) -> dict:
@@ -227,6 +239,9 @@ class RayExecutor:
         if self.data_worker is not None:
             ray.kill(self.data_worker)
             self.data_worker = None
+
+
+RAY_MEMORY_SHARE = 0.7  # of a node's memory, Ray's `memory` resource: 30% goes to the object store by default
 
 
 def max_parallel(spec: JobSpec) -> int:

@@ -106,15 +106,16 @@ def tier_nodes(spec: JobSpec, tier: TierConfig) -> list[dict]:
 
 def tier_capacity(spec: JobSpec, tier: TierConfig) -> int:
     """The most nodes of `tier` the job may get: its nodes alive now, or with an autoscaler the most its node groups
-    may grow to (`resources.node_groups`, KubeRay's `maxReplicas`), when that is more. A data stage's actor pool
-    grows up to it as the autoscaler adds nodes."""
+    may grow to, when that is more: the cluster's own bounds where its autoscaler config is in the GCS, else the
+    spec's `resources.node_groups` (KubeRay's `maxReplicas`, which a test keeps equal to k8s/). Never more than
+    `resources.max_parallel`, the most pods a job asks for at once. A data stage's actor pool asks for this many."""
     alive = len(tier_nodes(spec, tier))
-    if not autoscaler_present(spec):
-        return alive
-    most = cluster_group_sizes()
-    groups = sum(most.get(name, group.max_nodes) for name, group in spec.resources.node_groups.items()
-                 if group.tier == tier.label)
-    return max(alive, groups)
+    if autoscaler_present(spec):
+        most = cluster_group_sizes()
+        groups = sum(most.get(name, group.max_nodes) for name, group in spec.resources.node_groups.items()
+                     if group.tier == tier.label)
+        alive = max(alive, groups)
+    return min(alive, spec.resources.max_parallel or alive)
 
 
 def cluster_group_sizes() -> dict[str, int]:
@@ -125,7 +126,7 @@ def cluster_group_sizes() -> dict[str, int]:
 
     try:
         config = state.get_cluster_config()
-    except Exception as error:  # an older GCS, a lost connection: the spec's node groups stand in
+    except Exception as error:  # noqa: BLE001 - an older GCS, a lost connection: the spec's node groups stand in
         log.warning("could not read the autoscaler's node groups: %s", error)
         return {}
     if config is None:
@@ -316,15 +317,17 @@ HOLD_BUNDLE = {"memory": 1}
 
 
 class RoundHolds:
-    """The nodes a synchronisation round's trainers ran on, kept through the sync and the next round's start: an
-    idle node goes once its idle timeout passes, and at real scale a sync and a trainer's start would otherwise let
-    every expert's pod go and cost the next round E cold starts (a VM and a multi-GB image each). Each hold is a
-    placement group of `HOLD_BUNDLE` on that node, and the job's node use for that time (stage `sync`, the whole
-    node), so the billed cost charges the job for keeping it.
+    """The nodes a synchronisation round's trainers ran on, kept from their trainer's end until work of the job
+    starts on them again (the next round's trainers, the merge) or the cheap phase ends: an idle node goes once its
+    idle timeout passes, and at real scale a sync and the trainers' start would otherwise let every expert's pod go
+    and cost the next round E cold starts (a VM and a multi-GB image each). Each hold is a placement group of
+    `HOLD_BUNDLE` on that node, and the job's node use for that time (stage `sync`, no resources: the whole node, as
+    it is kept for the job alone), so the billed cost charges the job for keeping it.
 
         holds = RoundHolds(events)
         holds.hold(task, nodes=["<node id>"])   # a submodel trainer of a round before the last ended
-        holds.release()                         # the cheap phase is over (the merge starts), or the job ends
+        holds.release("<node id>")              # work of the job opened a use of that node
+        holds.release()                         # the cheap phase is over, or the job ends
     """
 
     def __init__(self, events):
@@ -332,25 +335,35 @@ class RoundHolds:
         self.held: dict[str, tuple[Any, NodeUse]] = {}  # by node
 
     def hold(self, task: Task, nodes: list[str]) -> None:
+        """Hold each of `nodes`; a node that cannot be held (gone, the cluster unreachable) is left to the
+        autoscaler: a lost hold costs a cold start, never the job."""
+        for node in nodes:
+            if node not in self.held:
+                try:
+                    self._hold(task, node)
+                except Exception as error:  # noqa: BLE001 - any failure: the hold is an optimisation
+                    log.warning("could not hold node %s for the next round: %s", node, error)
+
+    def _hold(self, task: Task, node: str) -> None:
         from ray.util.placement_group import placement_group, remove_placement_group
 
-        for node in nodes:
-            if node in self.held:
-                continue
-            group = placement_group([HOLD_BUNDLE], strategy="STRICT_PACK", _soft_target_node_id=node)
-            ready, _ = ray.wait([group.ready()], timeout=HOLD_PLACE_TIMEOUT_S)
-            if not ready or _bundle_node(group) != node:  # the node went (a preemption): nothing to keep
-                remove_placement_group(group)
-                continue
-            use = NodeUse(stage="sync", round=task.round, node=node, pid=os.getpid(), start=time.time())
-            self.events(use)
-            self.held[node] = (group, use)
+        group = placement_group([HOLD_BUNDLE], strategy="STRICT_PACK", _soft_target_node_id=node)
+        ready, _ = ray.wait([group.ready()], timeout=HOLD_PLACE_TIMEOUT_S)
+        if not ready or _bundle_node(group) != node:  # the node went (a preemption): nothing to keep
+            remove_placement_group(group)
+            return
+        use = NodeUse(stage="sync", round=task.round, node=node, pid=os.getpid(), start=time.time())
+        self.events(use)
+        self.held[node] = (group, use)
 
-    def release(self) -> None:
+    def release(self, node: str | None = None) -> None:
+        """Give back the hold of `node`, or of every node."""
         from ray.util.placement_group import remove_placement_group
 
-        while self.held:
-            _, (group, use) = self.held.popitem()
+        for held in [node] if node is not None else list(self.held):
+            if held not in self.held:
+                continue
+            group, use = self.held.pop(held)
             with contextlib.suppress(Exception):  # the cluster is going away: the hold goes with it
                 remove_placement_group(group)
             self.events(use.model_copy(update={"end": time.time()}))

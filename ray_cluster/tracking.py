@@ -163,8 +163,9 @@ def remove_orphaned_placement_groups() -> int:
 
 class Tracker:
     def __init__(self, emit: Callable[[Event], None], should_stop: Callable[[], bool] | None, poll_s: float = 0.5,
-                 capacity: CapacityClock | None = None):
+                 capacity: CapacityClock | None = None, on_use: Callable[[NodeUse], None] | None = None):
         self.emit, self.should_stop, self.poll_s, self.capacity = emit, should_stop, poll_s, capacity
+        self.on_use = on_use  # told of every node use a worker opens (the executor's round holds)
         remove_orphaned_placement_groups()  # left by an earlier job of this driver that was cancelled
         self.queue = EventQueue.options(**on_driver_node()).remote()
         self._launcher = None
@@ -333,6 +334,8 @@ class Tracker:
             self.capacity.arrived(key, time.monotonic())
         if isinstance(event, NodeUse):
             self.node_uses.add(event, one_process=key in self.one_process)
+            if event.end is None and self.on_use is not None:
+                self.on_use(event)
         elif isinstance(event, WorkerStarted):
             self.node_uses.workers_started(key)
             self.work_done(key).started(event.resume_step)

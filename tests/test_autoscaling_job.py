@@ -134,8 +134,14 @@ def test_no_node_is_launched_between_two_rounds(job):
                 and first_round_ends <= (node["requested_at"] or node["started_at"]) <= second_round_starts]
     assert not launched
     assert {use["node"] for use in second_round} <= {use["node"] for use in uses_of(job, "submodel", 0)}
-    holds = uses_of(job, "sync", 0)
-    assert holds and all(use["end"] is not None for use in holds)  # billed to the job, and given back
+    # The holds: the job's uses of the whole node (no resources) from a trainer's end, given back as soon as work of
+    # the job started on the node again.
+    holds = [use for use in uses_of(job, "sync", 0) if not use["resources"]]
+    assert holds and all(use["end"] is not None for use in holds)
+    next_use = {node: min(use["start"] for use in second_round if use["node"] == node)
+                for node in {use["node"] for use in second_round}}
+    for hold in holds:
+        assert hold["node"] in next_use and hold["end"] <= next_use[hold["node"]] + 2.0, hold
 
 
 def test_the_head_runs_no_work_of_the_job(job):
@@ -164,3 +170,28 @@ def test_the_api_shows_the_nodes_come_and_go(job):
     assert first.nodes == {} and first.autoscaling
     assert any(view.nodes.get("cheap-4090") == MAX_NODES["cheap-4090"] for view in during)
     assert any(view.nodes.get("cpu") for view in during)
+
+
+def test_work_for_a_group_that_may_not_grow_fails_within_the_deadline(job, tmp_path):
+    """A node group whose maximum is 0 (here the spot group, as a quota or a stock-out leaves it) never gets a node:
+    the job fails once its work has waited `capacity_timeout_s`, naming what it waited for, and asks for nothing
+    after. Its tiers are told apart by the node group label, so the full-parameter run can ask for that group only."""
+    from ray.util.state import list_placement_groups
+
+    from ray_cluster.capacity import CapacityTimeout
+
+    key = "ray.io/node-group"
+    spec = build_spec(tiny_spec_dict(tmp_path / "starved", method="full_parameter", resources={
+        "label_key": key, "capacity_timeout_s": 8,
+        "submodel_tier": {"label": "cheap-4090", "device_type": "rtx4090"},
+        "cpu_tier": {"label": "cpu", "device_type": "cpu"},
+        "finetune_tier": {"label": "cheap-4090-spot", "device_type": "rtx4090"}}))
+    asked = time.monotonic()
+    with pytest.raises(CapacityTimeout) as failed:
+        run_job_on_ray(spec)
+    waited = time.monotonic() - asked
+    assert f"{key}=cheap-4090-spot" in str(failed.value) and "full_parameter" in str(failed.value)
+    assert waited < 8 + 120  # the deadline, the data stages before it and the cluster's confirmation
+    pending = [group for group in list_placement_groups(address=job["address"], limit=1000,
+                                                        raise_on_missing_output=False) if group.state == "PENDING"]
+    assert not pending, "the failed job left demand behind"

@@ -233,8 +233,10 @@ def test_every_stage_lists_the_node_time_its_workers_held(job):
     for task in (task for group in plan(spec) for task in group):
         uses = [NodeUse(**use) for use in stage_result(job["paths"], task.marker)["node_uses"]]
         assert uses, task.marker
-        # The tiny corpus is one shard: its data stages all run in the job's data worker, on a cheap node.
-        tier = spec.resources.submodel_tier if STAGE[task.stage].setup else placement_tier(spec, task.stage)
+        # The tiny corpus is one shard: its data stages run in the job's data worker, on a cheap node; the source
+        # model is built on the CPU tier.
+        in_worker = STAGE[task.stage].setup and task.stage != "source"
+        tier = spec.resources.submodel_tier if in_worker else placement_tier(spec, task.stage)
         for use in uses:
             assert tier_of_node.get(use.node) == tier.label, (task.marker, use)
             assert started_at <= use.start < use.end <= finished_at, (task.marker, use)

@@ -1,4 +1,5 @@
-"""The job's data worker: every data stage of a corpus of one shard in one process on the cheap tier.
+"""The job's data worker: the data stages of a corpus of one shard (but `source`, on the CPU tier) in one process on
+the cheap tier.
 
     if data_stages_in_one_process(spec) and data_stages_pending(spec):
         worker = start_data_worker(spec)

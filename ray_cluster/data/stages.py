@@ -1,14 +1,15 @@
 """How each data stage runs on Ray: the one table that the executor and the job's data worker read.
 
-    DATA_STAGES["embed"].on_ray_data(spec, paths, max_nodes)   # Ray Data over the cheap tier
-    DATA_STAGES["embed"].in_one_process(spec, paths)                 # in the job's data worker
-    DATA_STAGES["source"]                                            # DataStage(): moedisco's stage as it is
+    DATA_STAGES["embed"].on_ray_data(spec, paths, max_nodes)   # Ray Data over the stage's tier
+    DATA_STAGES["embed"].in_one_process(spec, paths)           # in the job's data worker
+    DATA_STAGES["source"]                                      # DataStage(): moedisco's stage as it is
 
-The data stages are moedisco's set-up stages. For a corpus of one shard they all run in the job's `DataWorker`
-(`ray_cluster.data.data_worker`), one process on the cheap tier: a stage's `in_one_process` where it has one, else
-moedisco's stage function as it is. Otherwise a stage with `on_ray_data` runs it in a zero-CPU task on the driver's
-node that drives Ray Data over the cheap nodes, and a stage without it runs moedisco's stage function in a Ray task
-on any node (`ray_cluster.orchestrate.RayExecutor.submit_setup`).
+The data stages are moedisco's set-up stages. For a corpus of one shard, prepare, embed and cluster run in the job's
+`DataWorker` (`ray_cluster.data.data_worker`), one process on the cheap tier: a stage's `in_one_process` where it
+has one, else moedisco's stage function as it is. Otherwise a stage with `on_ray_data` runs it in a zero-CPU task on
+the driver's node that drives Ray Data's actor pools over the stage's tier (the CPU tier for prepare, the cheap tier
+for embed and cluster). `source`, which builds the whole model, always runs moedisco's stage function in a Ray task
+of its own on the CPU tier (`ray_cluster.orchestrate.RayExecutor.submit_setup`).
 """
 
 from __future__ import annotations
