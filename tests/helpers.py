@@ -11,13 +11,14 @@ Everything binds to 127.0.0.1, every loop is bounded in time, and every process 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -45,6 +46,23 @@ def wait_until(predicate: Callable[[], T], timeout_s: float, interval_s: float =
         if time.monotonic() > deadline:
             raise TimeoutError(f"not within {timeout_s:.0f} s: {what or predicate}")
         time.sleep(interval_s)
+
+
+@contextlib.contextmanager
+def connected_cluster(spec) -> Iterator[str]:
+    """A local cluster (`ray_cluster.local_cluster.LocalClusterSpec`) started in this process, and this process
+    connected to it; yields its address, and stops only what it started."""
+    import ray
+
+    from ray_cluster.local_cluster import start_local_cluster, stop_local_cluster
+
+    address = start_local_cluster(spec=spec)
+    ray.init(address=address, log_to_driver=False)
+    try:
+        yield address
+    finally:
+        ray.shutdown()
+        stop_local_cluster()
 
 
 def add_local_node(labels: dict[str, str], num_gpus: int = 1, num_cpus: float = 1.0) -> str:

@@ -27,14 +27,12 @@ from ray_cluster.local_cluster import (
     CONTROL_PLANE_LABEL,
     LocalClusterSpec,
     free_port,
-    start_local_cluster,
-    stop_local_cluster,
 )
 from ray_cluster.metering import read_node_lives
 from ray_cluster.orchestrate import run_job_on_ray
 from service.api.routes.cluster import cluster as cluster_view
 from tests.conftest import tiny_spec_dict
-from tests.helpers import wait_until
+from tests.helpers import connected_cluster, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -45,14 +43,9 @@ CHEAP_GROUPS = ("cheap-4090", "cheap-4090-spot")
 
 @pytest.fixture(scope="module")
 def cluster():
-    address = start_local_cluster(spec=LocalClusterSpec(autoscale=True, max_nodes=MAX_NODES,
-                                                        idle_timeout_s=IDLE_TIMEOUT_S, dashboard_port=free_port()))
-    ray.init(address=address, log_to_driver=False)
-    try:
+    with connected_cluster(LocalClusterSpec(autoscale=True, max_nodes=MAX_NODES, idle_timeout_s=IDLE_TIMEOUT_S,
+                                            dashboard_port=free_port())) as address:
         yield address
-    finally:
-        ray.shutdown()
-        stop_local_cluster()
 
 
 @pytest.fixture(scope="module")

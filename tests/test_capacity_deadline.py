@@ -20,12 +20,10 @@ from ray_cluster.local_cluster import (
     SIMULATED_LABEL,
     LocalClusterSpec,
     free_port,
-    start_local_cluster,
-    stop_local_cluster,
 )
 from ray_cluster.orchestrate import run_job_on_ray
 from tests.conftest import tiny_spec_dict
-from tests.helpers import add_local_node
+from tests.helpers import add_local_node, connected_cluster
 
 A100 = Demand("finetune_tier", "gpu_type", "A100", {"CPU": 1, "GPU": 1}, autoscaled=True,
               node_groups={"expensive-a100": 0})
@@ -156,14 +154,9 @@ MARGIN_S = 25.0  # the cluster's confirmation (as long as the timeout), the driv
 @pytest.fixture(scope="module")
 def cheap_only_cluster():
     """Two cheap nodes and a CPU node; no A100 node, and none will come unless the test adds it."""
-    address = start_local_cluster(spec=LocalClusterSpec(num_cheap=2, num_expensive=0, real_gpus=0,
-                                                        dashboard_port=free_port()))
-    ray.init(address=address, log_to_driver=False)
-    try:
+    with connected_cluster(LocalClusterSpec(num_cheap=2, num_expensive=0, real_gpus=0,
+                                            dashboard_port=free_port())) as address:
         yield address
-    finally:
-        ray.shutdown()
-        stop_local_cluster()
 
 
 def job_demand_left() -> list[str]:

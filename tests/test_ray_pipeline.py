@@ -43,15 +43,13 @@ from ray_cluster.local_cluster import (
     LocalClusterSpec,
     describe_nodes,
     free_port,
-    start_local_cluster,
-    stop_local_cluster,
 )
 from ray_cluster.orchestrate import run_job_on_ray
 from ray_cluster.placement import NodeUseReporter, job_storage, on_driver_node, placement_tier
 from ray_cluster.tracking import EventQueue
 from ray_cluster.worker import POINTER_FILE
 from tests.conftest import CORPUS, tiny_spec_dict
-from tests.helpers import add_local_node
+from tests.helpers import add_local_node, connected_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -66,13 +64,8 @@ def ray_cluster():
     # Ray's default dashboard port may belong to another cluster on this machine. Ray Train's preemption watcher
     # polls node drains every 5 s by default; its processes inherit this, so the spot test need not wait.
     os.environ.setdefault("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "0.5")
-    address = start_local_cluster(spec=LocalClusterSpec(num_cheap=2, num_expensive=1, dashboard_port=free_port()))
-    ray.init(address=address, log_to_driver=False)
-    try:
+    with connected_cluster(LocalClusterSpec(num_cheap=2, num_expensive=1, dashboard_port=free_port())) as address:
         yield address
-    finally:
-        ray.shutdown()
-        stop_local_cluster()
 
 
 def alive_trainer_actors() -> list[str]:
