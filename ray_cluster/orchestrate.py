@@ -154,17 +154,11 @@ class RayExecutor:
                         reporter=self.reporter(task), one_process=False)
 
     def submit_source(self, task: Task) -> None:
-        """The whole model in host memory (`memory_plan.source_plan`): a task of its own on the CPU tier, never in
-        the data worker on a cheap node, asking Ray for the memory it needs, so that two jobs' source models never
-        share a node that holds one. The ask stops at what Ray offers of a node by default (the rest of its memory
-        is the object store); the planner has refused a model too big for the node."""
-        from moedisco.planning.memory_plan import host_plans
-
+        """The whole model in host memory (`memory_plan.source_plan`, checked against one node of its tier before
+        the job started): a task of its own on the CPU tier, never in the data worker on a cheap node."""
         tier = placement_tier(self.spec, task.stage)
-        need_gb = host_plans(self.spec)["source"]["total_gb"]
-        offered_gb = (tier.node_memory_gb_or_default() or need_gb) * RAY_MEMORY_SHARE
-        options = {**task_options(self.spec, tier), "memory": int(min(need_gb, offered_gb) * 1e9)}
-        self.remote(task, run_stage_on_tier, self.job.stage_run(task), tier, self.reporter(task), options=options)
+        self.remote(task, run_stage_on_tier, self.job.stage_run(task), tier, self.reporter(task),
+                    options=task_options(self.spec, tier))
 
     def remote(self, task: Task, function, *args, options: dict | None = None, one_process: bool = True,
                **kwargs) -> None:
@@ -239,9 +233,6 @@ class RayExecutor:
         if self.data_worker is not None:
             ray.kill(self.data_worker)
             self.data_worker = None
-
-
-RAY_MEMORY_SHARE = 0.7  # of a node's memory, Ray's `memory` resource: 30% goes to the object store by default
 
 
 def max_parallel(spec: JobSpec) -> int:
