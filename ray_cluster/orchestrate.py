@@ -30,7 +30,7 @@ import ray
 
 from moedisco.config.spec import JobSpec
 from moedisco.io.storage import join, remove_tree
-from moedisco.job.events import Events
+from moedisco.job.events import Events, NodeUse
 from moedisco.job.registry import STAGE, Task, submodel_task
 from moedisco.planning.billing import NodeLife
 from moedisco.runner.job_runner import BudgetLeft, JobCancelled, JobContext, JobRunner, Started
@@ -87,7 +87,7 @@ class RayExecutor:
         self.holds = RoundHolds(job.events)
         self.tracker = Tracker(job.events, job.should_stop,
                                capacity=CapacityClock(self.spec.resources.capacity_timeout_s),
-                               on_use=lambda use: self.holds.release(use.node))  # the next round's work is on it
+                               on_use=self.work_started)
         helpers = helpers or prestart.start_helpers(self.spec)
         self.tracker.adopt_launcher(helpers.launcher)
         self.data_worker = helpers.data_worker
@@ -125,6 +125,12 @@ class RayExecutor:
             self.meter.stop()
 
     # --- placement ----------------------------------------------------------------------------------------------
+
+    def work_started(self, use: NodeUse) -> None:
+        """A worker of the job opened a use of its node: a node held for the next round is given back once that
+        round's work (or the merge) is on it; the sync, which ends before the next round starts, keeps the hold."""
+        if use.stage != "sync":
+            self.holds.release(use.node)
 
     def submit(self, task: Task) -> None:
         if STAGE[task.stage].trained:

@@ -317,8 +317,8 @@ HOLD_BUNDLE = {"memory": 1}
 
 
 class RoundHolds:
-    """The nodes a synchronisation round's trainers ran on, kept from their trainer's end until work of the job
-    starts on them again (the next round's trainers, the merge) or the cheap phase ends: an idle node goes once its
+    """The nodes a synchronisation round's trainers ran on, kept from their trainer's end until the next round's
+    work starts on them (its trainers, the merge; the sync keeps the hold) or the cheap phase ends: an idle node goes once its
     idle timeout passes, and at real scale a sync and the trainers' start would otherwise let every expert's pod go
     and cost the next round E cold starts (a VM and a multi-GB image each). Each hold is a placement group of
     `HOLD_BUNDLE` on that node, and the job's node use for that time (stage `sync`, no resources: the whole node, as
@@ -326,7 +326,7 @@ class RoundHolds:
 
         holds = RoundHolds(events)
         holds.hold(task, nodes=["<node id>"])   # a submodel trainer of a round before the last ended
-        holds.release("<node id>")              # work of the job opened a use of that node
+        holds.release("<node id>")              # the next round's work opened a use of that node
         holds.release()                         # the cheap phase is over, or the job ends
     """
 

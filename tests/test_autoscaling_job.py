@@ -127,8 +127,8 @@ def test_no_node_is_launched_between_two_rounds(job):
                 and first_round_ends <= (node["requested_at"] or node["started_at"]) <= second_round_starts]
     assert not launched
     assert {use["node"] for use in second_round} <= {use["node"] for use in uses_of(job, "submodel", 0)}
-    # The holds: the job's uses of the whole node (no resources) from a trainer's end, given back as soon as work of
-    # the job started on the node again.
+    # The holds: the job's uses of the whole node (no resources) from a trainer's end, through the sync, given back
+    # as soon as the next round's work started on the node.
     holds = [use for use in uses_of(job, "sync", 0) if not use["resources"]]
     assert holds and all(use["end"] is not None for use in holds)
     next_use = {node: min(use["start"] for use in second_round if use["node"] == node)
