@@ -263,6 +263,7 @@ class FilePublic(BaseModel):
 class ClusterPublic(BaseModel):
     """The cluster's worker nodes now, by node group; counts only, so no tenant learns whose work holds them."""
 
+    connected: bool = Field(description="Whether the service has a Ray cluster to ask (else the counts are empty).")
     nodes: dict[str, int] = Field(description="Alive worker nodes by node group (`ray.io/node-group`).")
     launching: dict[str, int] = Field(description="Nodes asked of the autoscaler and not up yet, by node group.")
     autoscaling: bool = Field(description="Whether an autoscaler has reported to the cluster.")

@@ -110,7 +110,7 @@ def test_a_partial_price_or_device_override_keeps_the_other_defaults():
     groups = load_spec(EXAMPLES / "tiny.yaml", ["resources.node_groups.cheap-4090-spot.price_per_hour=0.15"])
     assert groups.resources.node_groups["cheap-4090-spot"].price_per_hour == 0.15
     assert groups.resources.node_groups["cheap-4090-spot"].market == "spot"
-    assert set(groups.resources.node_groups) == {"cheap-4090", "cheap-4090-spot", "expensive-a100"}
+    assert set(groups.resources.node_groups) == {"cheap-4090", "cheap-4090-spot", "expensive-a100", "cpu"}
     with pytest.raises(SpecError, match="price_changes name node groups not in node_groups: nope"):
         load_spec(EXAMPLES / "tiny.yaml", ["resources.price_changes=[{group: nope, since: 2026-01-01T00:00:00Z, "
                                            "price_per_hour: 1}]"])

@@ -122,7 +122,7 @@ def test_the_operators_prices_replace_the_users_and_prometheus_shows_both_views(
         assert created.status_code == 201, created.text
         stored = client.get(f"/v1/jobs/{created.json()['id']}", headers={"Authorization": "Bearer t"}).json()
         resources = stored["spec"]["resources"]
-        assert resources["prices"] == {"rtx4090": 0.35, "a100": 3.0, "cpu": 0.0}
+        assert resources["prices"] == {"rtx4090": 0.35, "a100": 3.0, "cpu": 0.181}
         assert resources["idle_timeout_s"] == 120.0
         assert resources["node_groups"]["cheap-4090-spot"]["price_per_hour"] == 0.12
         metrics = client.get("/metrics", headers={"Authorization": "Bearer t"}).text

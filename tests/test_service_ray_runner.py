@@ -61,7 +61,9 @@ def test_tiny_job_on_the_labelled_tiers(service_url):
     assert trained["state"] == "finished" and trained["runner_state"] == "done"  # the Ray runner's own word
     assert trained["step"] == trained["total_steps"] == 12
     cost = client.cost(job_id)
-    assert [(row["stage"], row["tier"]) for row in cost["stages"]] == [("full_parameter", "A100")]
+    # The CPU tier's set-up work (prepare and the source model, each on the CPU node), then the training.
+    assert [(row["stage"], row["tier"]) for row in cost["stages"]] == [("prepare", "cpu"), ("source", "cpu"),
+                                                                        ("full_parameter", "A100")]
     assert cost["total_usd"] > 0 and cost["note"] == "this job is a full-parameter baseline"
 
 
