@@ -4,9 +4,11 @@ the job's stages ask for their labels and removes them once idle (`ray_cluster.a
 One cluster and one job for the module (each simulated node is a raylet and its agents): at most two cheap nodes, one
 A100 node and one CPU node, an idle timeout of a few seconds. The job's corpus is cut into several shards, so its data
 stages run on Ray Data's autoscaling actor pools rather than in one process, and it has two synchronisation rounds.
-What it must show: two experts training at once, the A100 node only for the fine-tune, the data pools on as many
-nodes as the groups allow, no node launched between the two rounds (their nodes are held through the sync), no work
-on the head, and no worker node left after the job.
+What it must show: two experts training at once, each trainer on one GPU of its tier, the A100 node only for the
+fine-tune, the data pools on as many nodes as the groups allow, no node launched between the two rounds (their
+nodes are held through the sync), the drivers and no work on the head, a 30 s capacity deadline not tripped by
+queued experts and launching nodes, a group that may not grow failing within the deadline, and no worker node left
+after the jobs.
 
     pytest tests/test_autoscaling_job.py -q
 """
@@ -14,6 +16,7 @@ on the head, and no worker node left after the job.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict
 
@@ -23,6 +26,7 @@ from ray.util.state import list_actors, list_tasks
 
 from moedisco.config.loading import build_spec
 from moedisco.job.layout import JobPaths
+from moedisco.job.metrics import read_metrics
 from ray_cluster.local_cluster import (
     CONTROL_PLANE_LABEL,
     LocalClusterSpec,
@@ -30,7 +34,10 @@ from ray_cluster.local_cluster import (
 )
 from ray_cluster.metering import read_node_lives
 from ray_cluster.orchestrate import run_job_on_ray
+from ray_cluster.placement import prepare_worker, task_options
 from service.api.routes.cluster import cluster as cluster_view
+from service.jobs.dispatcher import job_actor_placement
+from service.jobs.executor import JobActor
 from tests.conftest import tiny_spec_dict
 from tests.helpers import connected_cluster, wait_until
 
@@ -54,14 +61,19 @@ def job(cluster, tmp_path_factory) -> dict:
     assert [node["NodeID"] for node in ray.nodes() if node["Alive"]] == [head], "the job starts from a head alone"
     out = tmp_path_factory.mktemp("autoscaled") / "job"
     # 1800 documents in shards of 200: the data stages go through Ray Data's actor pools on the tiers' nodes.
+    # A 30 s capacity deadline: experts queued behind others and nodes being launched must not trip it.
     spec = build_spec(tiny_spec_dict(out, data={"max_documents": 1800, "rows_per_shard": 200},
-                                     branch={"sync_rounds": 2}))
+                                     branch={"sync_rounds": 2}, resources={"capacity_timeout_s": 30}))
     events, views = [], [cluster_view()]  # what GET /v1/cluster says, before the job and as each task starts
+
+    drivers = {}
 
     def record(event) -> None:
         events.append((time.time(), event))
         if event.event == "stage_started":
             views.append(cluster_view())
+        if event.event == "progress" and event.stage == "submodel" and not drivers:
+            drivers.update(actor_nodes("TrainerLauncher", "EventQueue", "TrainController"))
 
     summary = run_job_on_ray(spec, events=record)
     cost = json.loads(JobPaths(out).cost.read_text())
@@ -70,7 +82,14 @@ def job(cluster, tmp_path_factory) -> dict:
     requested = {node["node"]: node["requested_at"] for node in cost["usage"]["nodes"]}
     nodes = [{**asdict(life), "requested_at": requested.get(life.node)} for life in read_node_lives(spec.resources)]
     return {"spec": spec, "summary": summary, "events": events, "head": head, "address": cluster,
-            "nodes": nodes, "uses": cost["usage"]["uses"], "views": views}
+            "nodes": nodes, "uses": cost["usage"]["uses"], "views": views, "drivers": drivers,
+            "metrics": read_metrics(JobPaths(out).metrics)}
+
+
+def actor_nodes(*class_names: str) -> dict[str, str]:
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
+                         limit=1000, raise_on_missing_output=False)
+    return {actor.class_name: actor.node_id for actor in actors if actor.class_name in class_names}
 
 
 def uses_of(job: dict, stage: str, round_index: int | None = None) -> list[dict]:
@@ -137,6 +156,32 @@ def test_no_node_is_launched_between_two_rounds(job):
         assert hold["node"] in next_use and hold["end"] <= next_use[hold["node"]] + 2.0, hold
 
 
+def test_each_trainer_held_one_gpu_of_its_tier(job):
+    rows = [row for row in job["metrics"] if row.get("stage") in ("submodel", "finetune") and "gpu_ids" in row]
+    tiers = {stage: {row["gpu_type"] for row in rows if row["stage"] == stage} for stage in ("submodel", "finetune")}
+    assert tiers == {"submodel": {"4090"}, "finetune": {"A100"}}
+    assert all(len(row["gpu_ids"]) == 1 and row["device"] == "cpu" for row in rows)  # a logical GPU, torch on CPU
+
+
+def test_the_drivers_sit_on_the_head_and_a_simulated_gpu_is_hidden_from_torch(job):
+    """The job's launcher, event queue and trainers' controllers, and the service's job actor, on the head (the
+    control plane): no GPU pod is kept alive by them. A worker on a simulated node sees no CUDA device."""
+    head, spec = job["head"], job["spec"]
+    assert set(job["drivers"].values()) == {head} and {"TrainerLauncher", "EventQueue"} <= set(job["drivers"])
+    actor = ray.remote(JobActor).options(**job_actor_placement("ray")).remote("sqlite://")
+    try:
+        assert wait_until(lambda: actor_nodes("JobActor"), 60, what="the job actor") == {"JobActor": head}
+    finally:
+        ray.kill(actor)
+    probe = ray.remote(visible_devices_after_prepare).options(**task_options(spec, spec.resources.submodel_tier))
+    assert ray.get(probe.remote(spec.resources.submodel_tier), timeout=180) == ("", [0])  # Ray gave GPU 0; torch none
+
+
+def visible_devices_after_prepare(tier) -> tuple[str | None, list]:
+    prepare_worker(tier)
+    return os.environ.get("CUDA_VISIBLE_DEVICES"), ray.get_gpu_ids()
+
+
 def test_the_head_runs_no_work_of_the_job(job):
     head, address = job["head"], job["address"]
     on_head = [task for task in list_tasks(address=address, filters=[("node_id", "=", head)], detail=True,
@@ -149,13 +194,6 @@ def test_the_head_runs_no_work_of_the_job(job):
     assert not any(use["node"] == head for use in job["uses"])
     head_labels = next(node["Labels"] for node in ray.nodes() if node["NodeID"] == head)
     assert CONTROL_PLANE_LABEL.items() <= head_labels.items()
-
-
-def test_every_worker_node_goes_once_the_job_is_done(job):
-    def only_the_head():
-        return [node["NodeID"] for node in ray.nodes() if node["Alive"]] == [job["head"]]
-
-    wait_until(only_the_head, timeout_s=4 * IDLE_TIMEOUT_S + 90, interval_s=1, what="the worker nodes to go")
 
 
 def test_the_api_shows_the_nodes_come_and_go(job):
@@ -188,3 +226,11 @@ def test_work_for_a_group_that_may_not_grow_fails_within_the_deadline(job, tmp_p
     pending = [group for group in list_placement_groups(address=job["address"], limit=1000,
                                                         raise_on_missing_output=False) if group.state == "PENDING"]
     assert not pending, "the failed job left demand behind"
+
+
+def test_every_worker_node_goes_once_the_jobs_are_done(job):
+    """Last: the A100 node's idle timeout (60 s, its group's) runs while the tests above do."""
+    def only_the_head():
+        return [node["NodeID"] for node in ray.nodes() if node["Alive"]] == [job["head"]]
+
+    wait_until(only_the_head, timeout_s=4 * IDLE_TIMEOUT_S + 90, interval_s=1, what="the worker nodes to go")
