@@ -255,7 +255,8 @@ def test_the_ledger_bills_the_worker_nodes_the_job_held_and_never_the_head(job):
     assert billed["basis"] == "nodes" and billed["simulated"] and billed["total_usd"] > 0
     assert {node for row in billed["rows"] for node in row["nodes"]} <= workers
     assert billed["seconds_by_kind"]["boot"] == 0 and billed["seconds_by_kind"]["busy"] > 0
-    assert {row["group"] for row in billed["rows"]} == {"cheap-4090", "expensive-a100"}  # by tier label and market
+    # By tier label and market; the source model was built on the CPU node.
+    assert {row["group"] for row in billed["rows"]} == {"cheap-4090", "expensive-a100", "cpu"}
     assert cost["total_usd"] > 0  # the compute view beside it
 
 
