@@ -48,7 +48,10 @@ class JobPublic(_FromRow):
     reason: str | None = Field(None, description="Why the job failed or was cancelled.")
     cancel_requested: bool
     current_stage: str | None = Field(None, description="Last stage started, e.g. `submodel/1`.")
-    attempts: int = Field(description="Runner starts so far (more than 1 after a lost runner was resumed).")
+    attempts: int = Field(description="Runner starts charged to the job: the first, and one more each time its "
+                                      "runner was lost to the job itself (a crash, killed for memory).")
+    cluster_restarts: int = Field(0, description="Relaunches after cluster events, not counted in `attempts`: a "
+                                                 "node or the runner's cluster lost, a handover during an upgrade.")
     output_dir: str
     created_at: datetime
     started_at: datetime | None

@@ -184,7 +184,7 @@ def test_cancel_before_a_stage_stops_the_local_runner(store, tmp_path, monkeypat
     store.request_cancel(job.id)
     assert executor.execute_job(store, job.id, "local") == "cancelled"
     assert "before stage 'prepare'" in store.get_job(job.id).reason
-    assert [e.event for e in store.events(job.id)] == ["job_cancelled"]
+    assert [e.event for e in store.events(job.id)] == ["runner", "job_cancelled", "runner"]  # started, ended
 
 
 def test_every_write_to_a_job_bumps_its_version(store, tmp_path):

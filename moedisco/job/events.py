@@ -17,6 +17,8 @@ JSON the service stores (`event.model_dump(mode="json")`; `parse_event` reads it
 | node_use        | Ray workers and tasks     | work of the job held resources on a node from `start` (to `end`):     |
 |                 |                           | what the billed cost attributes node time by                          |
 | job_cancelled   | the runners               | the job stopped on request; finished stages and checkpoints are kept  |
+| runner          | the service's job runner  | a runner of the job started, handed the job over to another control   |
+|                 |                           | plane's cluster, or ended; which Ray session and node it ran in       |
 """
 
 from __future__ import annotations
@@ -99,8 +101,16 @@ class JobCancelledEvent(Event):
     event: Literal["job_cancelled"] = "job_cancelled"
 
 
+class RunnerEvent(Event):
+    event: Literal["runner"] = "runner"
+    runner: str  # the runner's id (its lease on the job)
+    state: Literal["started", "handed_over", "ended"]
+    cluster: str | None = None  # its Ray session (None: not in a Ray actor)
+    node: str | None = None
+
+
 AnyEvent = Annotated[Union[StageStarted, StageSkipped, StageFinished, Progress, ExpertState, WorkerStarted,
-                           NodeUse, JobCancelledEvent], Field(discriminator="event")]
+                           NodeUse, JobCancelledEvent, RunnerEvent], Field(discriminator="event")]
 Events = Callable[[Event], None]
 _ADAPTER: TypeAdapter = TypeAdapter(AnyEvent)
 

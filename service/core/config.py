@@ -101,7 +101,11 @@ class Settings(BaseSettings):
     runner: Literal["local", "ray"] = Field("ray", description="`ray`: stages placed on the cluster's tiers; "
                                                               "`local`: the whole job inside its actor.")
     max_running_jobs: int = Field(2, ge=1, description="Jobs running at once; the others wait in the queue.")
-    max_attempts: int = Field(3, ge=1, description="Runner starts of one job before a lost runner fails it.")
+    max_attempts: int = Field(3, ge=1, description="Runner starts charged to one job (its runner lost to the job "
+                                                   "itself: a crash, killed for memory) before a lost runner fails it.")
+    max_cluster_restarts: int = Field(
+        20, ge=0, description="Relaunches of one job after cluster events (a node or cluster lost, an upgrade's "
+                              "handover) before it fails: a bound on a loop, not a budget of failures.")
     ray_address: str | None = Field(None, description="Ray cluster to join when not already inside one.")
     ray_namespace: str = Field("moedisco", description="Ray namespace of the detached job actors.")
     dispatch_interval_s: float = Field(2.0, gt=0, description="Seconds between queue/reconcile passes.")

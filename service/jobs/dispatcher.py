@@ -3,19 +3,28 @@
     dispatcher = Dispatcher(store, RayLauncher(settings), settings)
     dispatcher.tick()      # one pass; `start()` runs passes in a thread every MOEDISCO_DISPATCH_INTERVAL_S
 
-A pass first reconciles: a job marked running whose runner is gone (the API and the cluster restarted, the actor's
-node died) is relaunched on its output_dir, which resumes it; after MOEDISCO_MAX_ATTEMPTS starts it fails. A runner
-is gone when no actor of the job is alive in this cluster and nobody renewed the job's lease in the store for
-MOEDISCO_LEASE_TTL_S: during a RayService upgrade the old cluster's runner keeps its lease, so the new cluster's
-dispatcher leaves the job to it, and takes it over once that runner has stopped. Several dispatchers on one store
-launch a job once: the launch itself is a conditional update of the lease (`Store.begin_attempt`).
-Then it starts queued jobs, oldest first, while fewer than MOEDISCO_MAX_RUNNING_JOBS run.
+One control plane dispatches at a time: a pass first takes or renews the store's dispatch lease
+(`Store.hold_dispatch`), which the newest dispatcher alive holds. During a RayService upgrade the new cluster's
+dispatcher takes it as it starts, so the old one stops launching at once, and the old cluster's runners hand their
+jobs over at their next checkpoint (`service.jobs.executor.Lease`); the new dispatcher relaunches them on its cluster.
+
+A pass then reconciles: a job marked running whose runner is gone is relaunched on its output_dir, which resumes
+it. A runner is gone when no actor of the job is alive in this cluster and nobody renewed the job's lease in the
+store for MOEDISCO_LEASE_TTL_S. How it went decides what the relaunch counts against:
+- a cluster event (the runner's Ray session is not this one: an upgrade, a head lost without GCS fault tolerance,
+  a handover; or its actor died with its node: a drain, a preemption, a lost pod) is not the job's fault, and counts
+  in `cluster_restarts`, bounded by MOEDISCO_MAX_CLUSTER_RESTARTS against loops;
+- anything else (the runner crashed, was killed for memory or by hand) counts in `attempts`, and a job fails once
+  its runner was lost MOEDISCO_MAX_ATTEMPTS times.
+Several dispatchers on one store launch a job once: the launch itself is a conditional update of the lease
+(`Store.begin_attempt`). Then it starts queued jobs, oldest first, while fewer than MOEDISCO_MAX_RUNNING_JOBS run.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from datetime import datetime, timedelta
 
 from service.core.config import Settings
@@ -68,6 +77,35 @@ class RayLauncher:
             return False
         return True
 
+    @staticmethod
+    def cluster_id() -> str:
+        """This cluster's Ray session: a new cluster has a new one, a head restarted with GCS fault tolerance keeps
+        it."""
+        import ray
+
+        return ray.get_runtime_context().get_session_name()
+
+    def node_loss(self, job_id: str) -> str | None:
+        """How the job's last runner actor in this cluster died, when it died with its node (a drain, a spot
+        preemption, a lost pod): a cluster event. None when it died otherwise (a crash, killed for memory or by
+        hand) or nothing is known of it: the job's own loss."""
+        from ray._private.state import state  # the GCS's actor table: no dashboard needed
+        from ray.core.generated.common_pb2 import ActorDiedErrorContext
+
+        try:
+            dead = [actor for actor in state.actor_table(None, actor_state_name="DEAD").values()
+                    if actor["Name"] == self.actor_name(job_id)]
+        except Exception as error:  # the GCS is reachable but the table is not: assume the job's own loss
+            log.warning("job %s: could not read how its runner died (%s)", job_id, error)
+            return None
+        if not dead:
+            return None
+        cause = max(dead, key=lambda actor: actor["EndTime"])["DeathCause"]
+        died = cause.actor_died_error_context
+        if cause.HasField("oom_context") or died.reason != ActorDiedErrorContext.NODE_DIED:
+            return None
+        return f"its node died ({died.node_death_info.reason_message or 'no reason given'})"
+
     def launch(self, job_id: str, runner: str) -> None:
         import ray
 
@@ -82,33 +120,60 @@ class RayLauncher:
 class Dispatcher:
     def __init__(self, store: Store, launcher: RayLauncher, settings: Settings):
         self.store, self.launcher, self.settings = store, launcher, settings
+        self.plane_id, self.born_at = uuid.uuid4().hex, utcnow()  # which control plane this is, and how new
+        self.cluster: str | None = None  # its Ray session, once connected
+        self.leading: bool | None = None
         self._wake, self._stop = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
 
     def tick(self) -> None:
-        self.reconcile()
-        self.start_queued()
+        if self.lead():
+            self.reconcile()
+            self.start_queued()
 
     def stale_before(self) -> datetime:
         return utcnow() - timedelta(seconds=self.settings.lease_ttl_s)
+
+    def lead(self) -> bool:
+        """Take or renew the dispatch lease; False while a newer control plane dispatches (this one stands by)."""
+        if self.cluster is None:
+            self.cluster = self.launcher.cluster_id()
+        leading = self.store.hold_dispatch(self.plane_id, self.cluster, self.born_at, self.stale_before())
+        if leading != self.leading:
+            log.warning("dispatcher %s (Ray session %s) %s", self.plane_id, self.cluster,
+                        "dispatches" if leading else "stands by: a newer control plane dispatches")
+            self.leading = leading
+        return leading
 
     def reconcile(self) -> None:
         for job in self.store.jobs_in_state("running"):
             stale_before = self.stale_before()
             if self.launcher.is_alive(job.id) or self.store.lease_is_fresh(job, stale_before):
                 continue
+            event = self.cluster_event(job)
             # Finished only if nobody renewed the lease in between (a runner starting, another dispatcher).
             if job.cancel_requested:
                 self.store.finish(job.id, "cancelled", "cancelled on request (its runner had already stopped)",
                                   stale_before=stale_before)
-            elif job.attempts >= self.settings.max_attempts:
+            elif event is None and job.attempts >= self.settings.max_attempts:
                 self.store.finish(job.id, "failed", f"runner lost {job.attempts} times; giving up "
                                                     f"(MOEDISCO_MAX_ATTEMPTS={self.settings.max_attempts})",
                                   stale_before=stale_before)
+            elif event is not None and job.cluster_restarts >= self.settings.max_cluster_restarts:
+                self.store.finish(job.id, "failed", f"relaunched {job.cluster_restarts} times after cluster events, "
+                                                    f"the last: {event} (MOEDISCO_MAX_CLUSTER_RESTARTS="
+                                                    f"{self.settings.max_cluster_restarts})",
+                                  stale_before=stale_before)
             else:
-                log.warning("job %s is running but its runner is gone: resuming it (attempt %d)",
-                            job.id, job.attempts + 1)
-                self._launch(job.id, job.runner)
+                log.warning("job %s is running but its runner is gone (%s): resuming it", job.id,
+                            event or "lost to the job itself")
+                self._launch(job.id, job.runner, counted=event is None)
+
+    def cluster_event(self, job) -> str | None:
+        """Why the job's runner is gone, when that was the cluster's doing (see the module's docstring)."""
+        if job.cluster is not None and job.cluster != self.cluster:
+            return f"its runner's cluster ({job.cluster}) went away or handed it over"
+        return self.launcher.node_loss(job.id)
 
     def start_queued(self) -> None:
         while self.store.count_in_state("running") < self.settings.max_running_jobs:
@@ -118,8 +183,9 @@ class Dispatcher:
             log.info("starting job %s (%s)", job.id, job.name)
             self._launch(job.id, job.runner)
 
-    def _launch(self, job_id: str, runner: str) -> None:
-        if self.store.begin_attempt(job_id, self.stale_before()):  # else another dispatcher just launched it
+    def _launch(self, job_id: str, runner: str, counted: bool = True) -> None:
+        # Else another dispatcher just launched it.
+        if self.store.begin_attempt(job_id, self.stale_before(), cluster=self.cluster, counted=counted):
             self.launcher.launch(job_id, runner)
 
     # --- background thread --------------------------------------------------------------------------------------

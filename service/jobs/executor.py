@@ -8,6 +8,8 @@ process (a Serve replica, a uvicorn process) is restarted. Re-running a job on i
 stages are skipped and an interrupted training stage continues from its last checkpoint, which is what makes
 relaunching a lost runner safe. Two runners never work on one job: each holds the job's lease in the store
 (`Lease`), and its claim on the job folder fences off one that was taken for dead (`moedisco.job.layout.ClaimLost`).
+A runner whose Ray session no longer dispatches (a newer control plane, on another cluster, holds the store's
+dispatch lease: an upgrade) stops at its next checkpoint and gives the job up, which that control plane relaunches.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from moedisco.config.loading import SpecError, build_spec, upgrade_saved_spec
 from moedisco.config.spec import JobSpec
-from moedisco.job.events import Events
+from moedisco.job.events import Events, RunnerEvent
 from moedisco.job.layout import ClaimLost
 from service.core.config import AccessRules
 from service.jobs.access import input_errors, owner_as_reader
@@ -79,16 +81,19 @@ def record_estimate(store: Store, job_id: str, spec: JobSpec) -> None:
 
 
 class Lease:
-    """This runner's lease on a job in the store, renewed from a thread every third of `ttl_s` while the job runs,
-    so that a dispatcher (of this cluster, or of the next one during an upgrade) relaunches the job only once
-    nobody has renewed it for `ttl_s`. The runner's id is also its claim on the job folder
-    (`moedisco.job.layout.claim`): a runner taken for dead that wakes up finds another runner's claim there and
-    stops before it writes."""
+    """This runner's lease on a job in the store, renewed from a thread every third of `ttl_s` (at least every
+    HANDOVER_CHECK_S) while the job runs, so that a dispatcher (of this cluster, or of the next one during an upgrade)
+    relaunches the job only once nobody has renewed it for `ttl_s`. The runner's id is also its claim on the job
+    folder (`moedisco.job.layout.claim`): a runner taken for dead that wakes up finds another runner's claim there
+    and stops before it writes.
 
-    def __init__(self, store: Store, job_id: str, ttl_s: float):
-        self.store, self.job_id, self.ttl_s = store, job_id, ttl_s
+    `cluster`: the Ray session the runner runs in. Once a control plane of another session holds the dispatch lease
+    (`Store.hold_dispatch`), `check()` says stop: the runner ends at its next checkpoint and hands the job over."""
+
+    def __init__(self, store: Store, job_id: str, ttl_s: float, cluster: str | None = None):
+        self.store, self.job_id, self.ttl_s, self.cluster = store, job_id, ttl_s, cluster
         self.runner_id = uuid.uuid4().hex
-        self.lost = threading.Event()
+        self.lost, self.handing_over = threading.Event(), threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew, name=f"lease-{job_id}", daemon=True)
 
@@ -109,15 +114,27 @@ class Lease:
             log.warning("job %s: runner %s lost its lease to another runner", self.job_id, self.runner_id)
             self.lost.set()
         self.check()
+        if self.cluster is not None and not self.handing_over.is_set() and self.dispatched_elsewhere():
+            log.warning("job %s: a control plane of another cluster dispatches now; handing the job over at its "
+                        "next checkpoint", self.job_id)
+            self.handing_over.set()
+
+    def dispatched_elsewhere(self) -> bool:
+        holder = self.store.dispatch_holder()
+        return (holder is not None and holder.cluster not in (None, self.cluster)
+                and holder.heartbeat_at >= utcnow() - timedelta(seconds=self.ttl_s))
 
     def check(self) -> bool:
-        """False while the lease is held (what a `should_stop` adds); `ClaimLost` once it is lost."""
+        """What a `should_stop` adds: True once the job is to be handed over; `ClaimLost` once the lease is lost."""
         if self.lost.is_set():
             raise ClaimLost(f"job {self.job_id}: another runner holds its lease")
-        return False
+        return self.handing_over.is_set()
+
+    def hand_over(self) -> None:
+        self.store.release_lease(self.job_id, self.runner_id)
 
     def _renew(self) -> None:
-        while not self._stop.wait(self.ttl_s / 3):
+        while not self._stop.wait(min(self.ttl_s / 3, HANDOVER_CHECK_S)):
             try:
                 self.renew()
             except ClaimLost:
@@ -126,26 +143,43 @@ class Lease:
                 log.exception("job %s: could not renew the lease", self.job_id)
 
 
+HANDOVER_CHECK_S = 5.0  # how soon a runner learns that another cluster's control plane dispatches
+
+
 def execute_job(store: Store, job_id: str, runner: str, lease_ttl_s: float = 60.0,
-                rules: AccessRules | None = None) -> str | None:
+                rules: AccessRules | None = None, cluster: str | None = None, node: str | None = None) -> str | None:
     """Run a `running` job to a terminal state; returns that state (None when the job was not running, another
-    runner holds its lease, or took it over while this one ran). With `rules`, the job's inputs are checked again
-    for its owner (`service.jobs.access`) before it runs: an owner who lost a job or an admin right since submitting
-    cannot have it read what is no longer theirs."""
+    runner holds its lease, took it over while this one ran, or this one handed it over). With `rules`, the job's
+    inputs are checked again for its owner (`service.jobs.access`) before it runs: an owner who lost a job or an
+    admin right since submitting cannot have it read what is no longer theirs. `cluster`, `node`: the Ray session
+    and node this runner runs in (a job actor's), recorded in the job's `runner` events."""
     job = store.get_job(job_id)
     if job is None or job.state != "running":
         return None
-    lease = Lease(store, job_id, lease_ttl_s)
+    lease = Lease(store, job_id, lease_ttl_s, cluster)
     if not lease.claim():
         log.warning("job %s: another runner holds its lease; not running it twice", job_id)
         return None
-    with lease:
-        return _execute(store, job, runner, lease, rules)
-
-
-def _execute(store: Store, job, runner: str, lease: Lease, rules: AccessRules | None) -> str | None:
-    job_id, runner_id = job.id, lease.runner_id
     recorder = EventRecorder(store, job_id, job.output_dir)
+
+    def said(state: str) -> None:
+        recorder(RunnerEvent(runner=lease.runner_id, state=state, cluster=cluster, node=node))
+
+    said("started")
+    with lease:
+        outcome = _execute(store, job, runner, lease, rules, recorder)
+    if outcome == HANDED_OVER:
+        said("handed_over")  # before the lease is free: the next runner's events come after it
+        lease.hand_over()
+        return None
+    if outcome is not None:
+        said("ended")
+    return outcome
+
+
+def _execute(store: Store, job, runner: str, lease: Lease, rules: AccessRules | None,
+             recorder: EventRecorder) -> str | None:
+    job_id, runner_id = job.id, lease.runner_id
     refused = [] if rules is None else input_errors(copy.deepcopy(job.spec), owner_as_reader(store, job.owner), rules)
     if refused:
         reasons = "; ".join(f"{'.'.join(map(str, found['loc'][1:]))}: {found['msg']}" for found in refused)
@@ -168,13 +202,18 @@ def _execute(store: Store, job, runner: str, lease: Lease, rules: AccessRules | 
 
     state, reason, result = run_to_outcome(spec, runner, recorder, should_stop, runner_id,
                                            lambda: users.budget_left(job.owner), before=lease.renew)
-    if state == HANDED_OVER:  # the job is the other runner's now: it records the outcome
+    if state == TAKEN_OVER:  # the job is the other runner's now: it records the outcome
         log.warning("job %s: %s", job_id, reason)
         return None
+    if state == "cancelled" and lease.handing_over.is_set() and not store.is_cancel_requested(job_id):
+        recorder.sync_costs()  # what this runner's stages cost so far is the job's, wherever it goes on
+        log.warning("job %s: handed over to the control plane that dispatches now (%s)", job_id, reason)
+        return HANDED_OVER
     return _finish(store, job_id, recorder, state, reason, result, runner_id)
 
 
-HANDED_OVER = "handed_over"  # not a job state: another runner took the job over
+# Not job states: another runner took the job over; this runner gave it up for another cluster to go on with.
+TAKEN_OVER, HANDED_OVER = "taken_over", "handed_over"
 
 
 def run_to_outcome(spec: JobSpec, runner: str, events: Events, should_stop: ShouldStop, runner_id: str,
@@ -191,7 +230,7 @@ def run_to_outcome(spec: JobSpec, runner: str, events: Events, should_stop: Shou
         before()
         return "succeeded", None, RUNNERS[runner](spec, events, should_stop, runner_id, budget_left)
     except ClaimLost as error:
-        return HANDED_OVER, str(error), None
+        return TAKEN_OVER, str(error), None
     except BudgetExceeded as error:
         return "failed", f"budget exceeded: {error}", None
     except StopRequested as error:  # the runner's JobCancelled is one too
@@ -226,8 +265,10 @@ class JobActor:
             return None
         self.started = True
         store = Store(self.database_url, billing=self.billing)
+        context = ray.get_runtime_context()
         try:
-            return execute_job(store, job_id, runner, self.lease_ttl_s, self.rules)
+            return execute_job(store, job_id, runner, self.lease_ttl_s, self.rules, cluster=context.get_session_name(),
+                               node=context.get_node_id())
         finally:
             store.close()
             ray.actor.exit_actor()  # free the actor's name and CPU: detached actors otherwise live forever

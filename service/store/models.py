@@ -76,7 +76,10 @@ class JobRow(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     current_stage: Mapped[str | None] = mapped_column(Text)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # runner starts charged to the job itself
+    # Relaunches after cluster events (its runner's node or cluster went away, a handover): not the job's fault.
+    cluster_restarts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    cluster: Mapped[str | None] = mapped_column(Text)  # the Ray session the job's runner was last launched in
     runner_id: Mapped[str | None] = mapped_column(String(32))  # the lease: which runner holds the job ...
     heartbeat_at: Mapped[datetime | None]  # ... and when it (or its launch) last renewed it
     result: Mapped[dict[str, Any] | None]
@@ -88,6 +91,20 @@ class JobRow(Base):
     version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # The user who submitted the job (not the runner holding its folder: that is `runner_id`).
     owner: Mapped[str] = mapped_column(String(64), default=BOOTSTRAP_ADMIN, server_default=BOOTSTRAP_ADMIN)
+
+
+class DispatchLeaseRow(Base):
+    """Which control plane dispatches (one row): the newest one alive, as Kubernetes controllers elect a leader.
+    During a RayService upgrade the new cluster's dispatcher takes it from the old one, which stops launching and
+    whose runners hand their jobs over (`service.jobs.dispatcher`)."""
+
+    __tablename__ = "moedisco_dispatch_lease"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(32))  # the dispatcher's id (one per control-plane process)
+    cluster: Mapped[str | None] = mapped_column(Text)  # its Ray session: runners of other sessions hand over
+    born_at: Mapped[datetime]  # when that dispatcher started: a newer one takes the lease
+    heartbeat_at: Mapped[datetime]
 
 
 class UserRow(Base):
@@ -219,6 +236,8 @@ ADDED_COLUMNS = {("moedisco_jobs", "version"): "INTEGER NOT NULL DEFAULT 0",
                  ("moedisco_jobs", "heartbeat_at"): "TIMESTAMP WITH TIME ZONE",
                  # Jobs from before users existed belong to the bootstrap admin (MOEDISCO_API_TOKEN).
                  ("moedisco_jobs", "owner"): "VARCHAR(64) NOT NULL DEFAULT 'admin'",
+                 ("moedisco_jobs", "cluster_restarts"): "INTEGER NOT NULL DEFAULT 0",
+                 ("moedisco_jobs", "cluster"): "TEXT",
                  # Cost rows from before then have none: they count in the month their job was created.
                  ("moedisco_costs", "priced_at"): "TIMESTAMP WITH TIME ZONE",
                  # Work lost to restarts, counted since spot preemptions were: none before.

@@ -4,6 +4,7 @@
     job = store.create_job("a1b2c3", spec_dict, runner="local", owner="ada")
     rows, count = store.list_jobs(states=["queued"], offset=0, limit=20, owner="ada")   # owner None: everyone's
     claimed = store.claim_next_queued()            # queued -> running, atomically (no job starts twice)
+    store.hold_dispatch("plane-1", "session_x", born_at, stale_before)  # True: this control plane dispatches
 
 State changes are conditional UPDATEs (`... WHERE state = 'queued'`), so two processes racing on one job cannot
 both win, on SQLite or PostgreSQL. Every write to a job, its stages or its costs also bumps the job's `version`
@@ -18,14 +19,25 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import bindparam, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from moedisco.planning.cost import CostRow
 from service.core.config import read_prices
 from service.core.db import make_engine, session_factory
 from service.schemas import TERMINAL_STATES
-from service.store.models import BOOTSTRAP_ADMIN, EventRow, JobRow, StageRow, StoredCost, init_db, utcnow
+from service.store.models import (
+    BOOTSTRAP_ADMIN,
+    DispatchLeaseRow,
+    EventRow,
+    JobRow,
+    StageRow,
+    StoredCost,
+    init_db,
+    utcnow,
+)
 
+DISPATCH_LEASE = "dispatcher"  # the dispatch lease's one row
 # A full-parameter job is the measured baseline of a MoE-DisCo job when it trained on the same data and model.
 BASELINE_MATCH = ("data", "tokenizer", "model", "seed")
 
@@ -144,14 +156,17 @@ class Store:
                 return self.get_job(job.id)
         return None
 
-    def begin_attempt(self, job_id: str, stale_before: datetime | None = None) -> bool:
-        """Count a launch of the job's runner and reserve its lease (renewed now, held by no runner yet), unless
-        a runner renewed it since `stale_before`; True when this caller may launch (one of several dispatchers)."""
+    def begin_attempt(self, job_id: str, stale_before: datetime | None = None, cluster: str | None = None,
+                      counted: bool = True) -> bool:
+        """Count a launch of the job's runner in Ray session `cluster` and reserve its lease (renewed now, held by
+        no runner yet), unless a runner renewed it since `stale_before`; True when this caller may launch (one of
+        several dispatchers). `counted` False: a relaunch after a cluster event, counted in `cluster_restarts`
+        instead of `attempts` (which only the job's own losses use up)."""
         lease_free = [JobRow.state == "running"]
         if stale_before is not None:
             lease_free.append(or_(JobRow.heartbeat_at.is_(None), JobRow.heartbeat_at < stale_before))
-        return self._update_job(job_id, lease_free, attempts=JobRow.attempts + 1, runner_id=None,
-                                heartbeat_at=utcnow())
+        count = {"attempts": JobRow.attempts + 1} if counted else {"cluster_restarts": JobRow.cluster_restarts + 1}
+        return self._update_job(job_id, lease_free, runner_id=None, heartbeat_at=utcnow(), cluster=cluster, **count)
 
     # --- the runner's lease -------------------------------------------------------------------------------------
 
@@ -171,9 +186,39 @@ class Store:
                                      .values(heartbeat_at=utcnow(), **values))
         return result.rowcount == 1
 
+    def release_lease(self, job_id: str, runner_id: str) -> bool:
+        """Give the job up at once (a handover to another control plane's cluster): its lease reads as stale, so
+        the dispatcher holding the dispatch lease relaunches it at its next pass."""
+        return self._update_job(job_id, [JobRow.runner_id == runner_id], runner_id=None, heartbeat_at=None)
+
     @staticmethod
     def lease_is_fresh(job: JobRow, stale_before: datetime) -> bool:
         return job.heartbeat_at is not None and job.heartbeat_at >= stale_before
+
+    # --- the dispatch lease: one control plane launches at a time ----------------------------------------------
+
+    def hold_dispatch(self, holder: str, cluster: str | None, born_at: datetime, stale_before: datetime) -> bool:
+        """Take or renew the dispatch lease for dispatcher `holder` (of Ray session `cluster`, started at
+        `born_at`): its own, one of an older dispatcher (a newer control plane takes over at once, as an upgrade
+        wants), or one nobody renewed since `stale_before`. False while a newer dispatcher holds it."""
+        values = {"holder": holder, "cluster": cluster, "born_at": born_at, "heartbeat_at": utcnow()}
+        takeable = or_(DispatchLeaseRow.holder == holder, DispatchLeaseRow.born_at < born_at,
+                       DispatchLeaseRow.heartbeat_at < stale_before)
+        with self.session() as session, session.begin():
+            taken = session.execute(update(DispatchLeaseRow).where(DispatchLeaseRow.name == DISPATCH_LEASE, takeable)
+                                    .values(**values)).rowcount == 1
+            if taken or session.get(DispatchLeaseRow, DISPATCH_LEASE) is not None:
+                return taken
+        try:
+            with self.session() as session, session.begin():
+                session.add(DispatchLeaseRow(name=DISPATCH_LEASE, **values))
+        except IntegrityError:  # another dispatcher created it first: the next pass compares ages
+            return False
+        return True
+
+    def dispatch_holder(self) -> DispatchLeaseRow | None:
+        with self.session() as session:
+            return session.get(DispatchLeaseRow, DISPATCH_LEASE)
 
     def finish(self, job_id: str, state: str, reason: str | None = None, result: dict | None = None,
                runner_id: str | None = None, stale_before: datetime | None = None) -> bool:
