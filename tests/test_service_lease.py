@@ -1,5 +1,6 @@
 """The runner's lease in the job store, and queueing a failed job again, on SQLite and PostgreSQL alike (the
-`store` fixture in tests/conftest.py). No training runs here: runners are replaced by fakes.
+`store` fixture in tests/conftest.py), and which control plane dispatches. No training runs here: runners, and the
+dispatcher's view of a Ray cluster, are replaced by fakes (tests/test_service_upgrade.py runs the real ones).
 
     MOEDISCO_TEST_POSTGRES_URL=$(bash service/scripts/start_postgres.sh) pytest tests/test_service_lease.py -q
 """
