@@ -3,16 +3,21 @@
     save_checkpoint(run_dir, model, optimizer, {"step": 50, ...}, spec_yaml, keep=2)
     state = load_checkpoint(checkpoint_dirs(run_dir)[-1], model, optimizer)   # the newest complete one
 
-A checkpoint is written into a `.partial` folder and renamed into place once its `trainer_state.json` is written, so
-one that looks complete is complete. Sharded (`moedisco.training.fsdp`), every rank writes its part of the optimizer
-state into the same folder and rank 0 the gathered weights.
+A checkpoint is written into a `.partial` folder, its files synced to storage, and renamed into place once its
+`trainer_state.json` is written, so one that looks complete is complete, also after the node that wrote it is gone.
+The weights and the optimizer state are serialised at once, on threads of their own. Sharded
+(`moedisco.training.fsdp`), every rank writes its part of the optimizer state into the same folder and rank 0 the
+gathered weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -66,20 +71,23 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: dict, spec_yaml: str
     def write_files() -> None:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        save_file(weights, partial / "model.safetensors", metadata={"format": "pt"})
+        writes = [lambda: save_file(weights, partial / "model.safetensors", metadata={"format": "pt"}),
+                  lambda: torch.save({"cpu": torch.get_rng_state(), "cuda": _cuda_rng()}, partial / "rng.pt")]
         if not sharded:
-            torch.save(optimizer.state_dict(), partial / "optimizer.pt")
-        torch.save({"cpu": torch.get_rng_state(), "cuda": _cuda_rng()}, partial / "rng.pt")
+            writes.append(lambda: torch.save(optimizer.state_dict(), partial / "optimizer.pt"))
         if second is not None:
-            save_file(second, partial / SECOND_MOMENT_FILE, metadata={"format": "pt"})
+            writes.append(lambda: save_file(second, partial / SECOND_MOMENT_FILE, metadata={"format": "pt"}))
         if spec_yaml is not None:
-            (partial / "spec.yaml").write_text(spec_yaml)
+            writes.append(lambda: (partial / "spec.yaml").write_text(spec_yaml))
+        _run_at_once(writes)
 
     def finish() -> None:
-        # trainer_state.json is written last and the folder renamed into place, so a crash mid-save never leaves a
-        # checkpoint that looks complete.
+        # trainer_state.json is written last, every file synced and the folder renamed into place, so neither a crash
+        # mid-save nor the loss of the node's page cache leaves a checkpoint that looks complete and is not.
         (partial / "trainer_state.json").write_text(json.dumps(state))
+        _run_at_once([lambda file=file: sync_file(file) for file in partial.rglob("*")])
         put_in_place(partial, final)
+        sync_file(final.parent)
         for old in checkpoint_dirs(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -88,6 +96,32 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: dict, spec_yaml: str
         fsdp.save_optimizer(partial, model, optimizer)  # returns once all have written
     fsdp.on_rank_zero(model, rank, finish)
     return final
+
+
+
+def _run_at_once(writes: list) -> None:
+    """Run the writes on threads (safetensors and torch.save serialise with the GIL released); raise the first error."""
+    with ThreadPoolExecutor(max_workers=len(writes)) as pool:
+        for future in [pool.submit(write) for write in writes]:
+            future.result()
+
+
+
+def sync_file(path: Path) -> None:
+    """Flush a file, or a folder's entries, to storage. A folder some filesystems cannot sync (NFS, FUSE mounts
+    refuse with EINVAL) is left to them: they write its entries through."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError) if path.is_dir() else contextlib.nullcontext():
+            os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+
+def checkpoint_bytes(ckpt: Path) -> int:
+    """Bytes of a checkpoint's files, a sharded save's optimizer parts included."""
+    return sum(file.stat().st_size for file in ckpt.rglob("*") if file.is_file())
 
 
 
