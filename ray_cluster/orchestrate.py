@@ -210,9 +210,13 @@ class RayExecutor:
     def stage_summary(self, task: Task) -> dict:
         summary = self.tracker.wait(task.key)
         while summary.get("preempted"):  # checkpointed on notice: only this trainer starts again, from there
-            log.warning("%s[%s] preempted at step %s (%s); starting it again", task.stage, task.expert,
-                        summary["step"], summary.get("reason"))
+            log.warning("%s[%s] preempted at step %s (%s; its checkpoint: %s); starting it again", task.stage,
+                        task.expert, summary["step"], summary.get("reason"), summary.get("notice_checkpoint"))
             self.tracker.preempted(task.key, summary)
+            limit = self.spec.resources.max_preemptions
+            if limit is not None and self.tracker.work_done(task.key).preemptions > limit:
+                raise RuntimeError(f"{task.stage}[{task.expert}] was preempted more than resources.max_preemptions "
+                                   f"({limit}) times")
             self.launch_trainer(task)
             summary = self.tracker.wait(task.key)
         if not STAGE[task.stage].trained:

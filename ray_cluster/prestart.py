@@ -14,7 +14,6 @@ ends the helpers with it.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import ray
 from moedisco.config.spec import JobSpec
 from ray_cluster.data.data_worker import data_stages_in_one_process, data_stages_pending, start_data_worker
 from ray_cluster.placement import on_driver_node
+from ray_cluster.preemption import watch_env
 
 MAX_CONCURRENT_TRAINERS = 256
 
@@ -43,20 +43,13 @@ class TrainerLauncher:
         return result.return_value
 
 
-# Ray Train's preemption watcher, one actor per trainer polling the GCS for drained nodes, is what carries a
-# drain to `ray.train.get_preemption_info()`. The simulated cluster turns it off (`local_cluster.quiet_ray_env`);
-# a job with a spot tier turns it back on for its trainers, whose controllers inherit the launcher's environment,
-# and polls every second rather than Ray's 5, so that a 30 s notice leaves the checkpoint 29 of them.
-def preemption_watch_env() -> dict[str, str]:
-    return {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1",
-            "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": os.environ.get("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")}
-
-
 def start_launcher(spec: JobSpec | None = None):
+    """The launcher; for a job whose trainers may land on spot nodes, with Ray Train's preemption watcher polling
+    every second, which its trainers' controllers inherit (`ray_cluster.preemption.watch_env`)."""
     options = on_driver_node()
-    tiers = (spec.resources.submodel_tier, spec.resources.finetune_tier) if spec is not None else ()
-    if any(tier.spot for tier in tiers):
-        options["runtime_env"] = {"env_vars": preemption_watch_env()}
+    env = watch_env(spec, ray.nodes()) if spec is not None else None
+    if env is not None:
+        options["runtime_env"] = {"env_vars": env}
     return TrainerLauncher.options(**options).remote()
 
 

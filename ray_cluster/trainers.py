@@ -6,17 +6,19 @@
 Each trainer's workers carry the tier's label selector and declared resources; its `RunConfig` is
 `storage_path=<resources.storage_path or output_dir>, name=<job_key>/<task.marker>` (`placement.run_name`), and its
 `FailureConfig` restarts a failed worker group up to `resources.max_failures` times from the latest reported
-checkpoint. A trainer of several workers is a `TorchTrainer`, whose torch.distributed process group data parallelism
-needs; a single worker never uses one, so its trainer is the base `DataParallelTrainer` (a DeveloperAPI), which
-starts faster. All of a job's `fit()` calls run as threads of one launcher actor on the driver's node (Ray Train V2
-runs `fit` off the main thread), so submitting every expert at once costs one process; Ray places each trainer's
-workers as nodes of its tier free up or an autoscaler adds them (a pending placement group retries without charging
-`max_failures`), and killing the launcher kills the trainers' controllers, which own the workers: a cancel.
+checkpoint, and one whose node was preempted before it returned up to `resources.max_preemptions` times
+(`ray_cluster.preemption`). A trainer of several workers is a `TorchTrainer`, whose torch.distributed process group
+data parallelism needs; a single worker never uses one, so its trainer is the base `DataParallelTrainer` (a
+DeveloperAPI), which starts faster. All of a job's `fit()` calls run as threads of one launcher actor on the driver's
+node (Ray Train V2 runs `fit` off the main thread), so submitting every expert at once costs one process; Ray places
+each trainer's workers as nodes of its tier free up or an autoscaler adds them (a pending placement group retries
+without charging `max_failures`), and killing the launcher kills the trainers' controllers, which own the workers:
+a cancel.
 """
 
 from __future__ import annotations
 
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
@@ -31,6 +33,7 @@ from ray_cluster.placement import (
     tier_simulated,
     worker_resources,
 )
+from ray_cluster.preemption import failure_config
 from ray_cluster.worker import train_func
 
 
@@ -61,7 +64,7 @@ def build_trainer(spec: JobSpec, task: Task, events=None, runner_id: str | None 
     train_cfg = getattr(spec, STAGE[task.stage].train_config)
     run_config = RunConfig(
         name=run_name(spec, task), storage_path=str(storage_root(spec)),
-        failure_config=FailureConfig(max_failures=spec.resources.max_failures),
+        failure_config=failure_config(spec.resources),
         checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.keep_checkpoints),
     )
     config = {"spec": spec, "task": task, "events": events, "runner_id": runner_id}

@@ -8,9 +8,10 @@ puts the latest reported one back into the run folder, so that training resumes 
 which node, `gpu_type` and GPUs ran it; every rank says which node it holds and from when to when (a `NodeUse`,
 as it starts and as it returns); rank 0 pushes progress to the job's event queue and reads the driver's stop
 flag at every checkpoint; after every step every rank asks Ray Train whether its node is being preempted (drained
-by the cloud, KubeRay, or a SIGTERM to `ray start`), and if so checkpoints that step and returns
-`{"preempted": True}`, so that the driver starts only this trainer again, from that step, counting a preemption
-rather than one of `max_failures`; with several workers the model is sharded over them (FSDP2).
+by the cloud or KubeRay's preStop), and if so checkpoints that step, within a second before the drain's deadline
+(and `resources.notice_checkpoint_s`), and returns `{"preempted": True, "notice_checkpoint": ...}` (seconds, bytes,
+whether it is on storage), so that the driver starts only this trainer again, from the newest checkpoint on storage,
+counting a preemption rather than one of `max_failures`; with several workers the model is sharded over them (FSDP2).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ray
@@ -58,6 +59,7 @@ def node_identity(label_key: str) -> dict:
 
 
 POINTER_FILE = "moedisco_checkpoint.json"
+RETURN_S = 1.0  # of a drain's deadline, left for returning and reporting after the notice's checkpoint
 
 
 def reportable_checkpoint(folder: Path, storage: Path | str, scratch: Path) -> Path:
@@ -125,13 +127,15 @@ class RayTrainBridge:
         self.storage = storage_root(spec)
         self.latest_checkpoint: tuple[int, Path] | None = None
         self.notice = PreemptionNotice()
+        self.notice_checkpoint_s = spec.resources.notice_checkpoint_s
+        self.drain_deadline: float | None = None  # UNIX seconds: when the drained node goes
 
     def hooks(self):
         from moedisco.training.loop import TrainHooks
 
         return TrainHooks(on_progress=self.on_progress, on_checkpoint=self.on_checkpoint,
                           should_stop=self.at_checkpoint_boundary, wrap_model=self.wrap_model,
-                          preempted=self.preempted,
+                          preempted=self.preempted, notice_seconds=self.notice_seconds,
                           before_write=lambda: check_claim(self.paths, self.runner_id),
                           rank=self.rank, world_size=self.world_size, extra={**self.identity, "rank": self.rank,
                                                                              "gpu_ids": self.gpu_ids})
@@ -147,6 +151,7 @@ class RayTrainBridge:
     def preempted(self) -> bool:
         info = ray.train.get_preemption_info()
         if info is not None:
+            self.drain_deadline = info.deadline_ms / 1000 if info.deadline_ms else None
             deadline = f", deadline {info.deadline_ms / 1000:.0f}" if info.deadline_ms else ""
             self.notice.notify(f"node {self.identity['node']} is being preempted{deadline}")
         if self.world_size == 1:
@@ -162,6 +167,15 @@ class RayTrainBridge:
         if flag.item() and not self.notice():
             self.notice.notify("another worker of this trainer is being preempted")
         return bool(flag.item())
+
+    def notice_seconds(self) -> float | None:
+        """What the notice's checkpoint may take: `resources.notice_checkpoint_s`, and no more than the drain's
+        deadline leaves for returning; None: no bound (neither is set)."""
+        limit = self.notice_checkpoint_s
+        if self.drain_deadline is not None:
+            left = max(0.0, self.drain_deadline - time.time() - RETURN_S)
+            limit = left if limit is None else min(limit, left)
+        return limit
 
     def on_progress(self, record: dict) -> None:
         self.push(progress_event({**record, "round": self.task.round, "time": time.time()}))
@@ -250,8 +264,9 @@ def train(config: dict, started: float) -> dict:
         summary = run_stage(StageRun(spec, paths, MetricsWriter(paths.metrics), task, bridge.hooks(), progress=False))
     except Preempted as stop:
         bridge.report_checkpoint()
-        return {"preempted": True, "step": stop.step, "reason": bridge.notice.reason, **bridge.identity,
-                "started_at": started, "finished_at": time.time()}
+        written = asdict(stop.checkpoint) if stop.checkpoint is not None else None
+        return {"preempted": True, "step": stop.step, "reason": bridge.notice.reason, "notice_checkpoint": written,
+                **bridge.identity, "started_at": started, "finished_at": time.time()}
     except StopRequested:
         return {"stopped": True}  # a clean return, so Ray Train shuts the trainer down instead of retrying it
     except ClaimLost:

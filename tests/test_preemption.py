@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -18,9 +19,11 @@ from moedisco.job.layout import JobPaths, is_done
 from moedisco.job.metrics import MetricsWriter
 from moedisco.planning.cost import CostLedger
 from moedisco.runner.job_runner import JobCancelled, run_job
-from moedisco.training.checkpoint import checkpoint_dir, checkpoint_dirs
+from moedisco.training.checkpoint import checkpoint_bytes, checkpoint_dir, checkpoint_dirs
 from moedisco.training.loop import Preempted, TrainContext, TrainHooks, train
-from moedisco.training.preemption import PreemptionNotice
+from moedisco.training.preemption import NOTICE_WRITER, PreemptionNotice
+from ray_cluster.preemption import failure_config, watch_env
+from ray_cluster.simulated import SIMULATED_LABEL
 from ray_cluster.tracking import WorkDone
 from tests.conftest import tiny_hf_config, tiny_spec_dict
 
@@ -29,13 +32,13 @@ CFG = TrainConfig(steps=6, batch_size=4, lr=1e-2, eval_every=1, checkpoint_every
 ROUND_END = 5
 
 
-def _train(run_dir, hooks: TrainHooks | None = None):
+def _train(run_dir, hooks: TrainHooks | None = None, cfg: TrainConfig = CFG):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_hf_config("qwen2_moe"))
     seqs = torch.randint(0, 97, (16, 16), generator=torch.Generator().manual_seed(1))
     context = TrainContext(run_dir, stage="submodel", seed=0, metrics=MetricsWriter(run_dir.parent / "m.jsonl"),
                            hooks=hooks, progress=False, stop_at=ROUND_END)
-    return train(model, seqs, None, CFG, context)
+    return train(model, seqs, None, cfg, context)
 
 
 def test_sigterm_mid_round_checkpoints_the_step_reached_and_the_resumed_run_loses_none(tmp_path):
@@ -49,6 +52,9 @@ def test_sigterm_mid_round_checkpoints_the_step_reached_and_the_resumed_run_lose
         _train(tmp_path / "run", TrainHooks(on_progress=sigterm_at_step_2, preempted=notice))
     assert stopped.value.step == 2 and notice.reason == "SIGTERM"
     assert checkpoint_dirs(tmp_path / "run") == [checkpoint_dir(tmp_path / "run", 2)]
+    written = stopped.value.checkpoint  # what the log and a Ray trainer's summary report
+    assert written.durable and written.step == 2 and written.deadline_s is None and written.seconds > 0
+    assert written.num_bytes == checkpoint_bytes(checkpoint_dir(tmp_path / "run", 2)) > 0
     assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
     resumed = _train(tmp_path / "run")
     assert resumed.resumed_from == 2 and resumed.steps == ROUND_END  # nothing redone, the round finished
@@ -113,3 +119,50 @@ def test_the_ledger_prices_lost_steps_per_round(tmp_path):
     again = ledger.record("submodel", tier, 3600.0, "cuda:0", expert=1, round_index=0)  # round 0 re-run cleanly
     assert again.lost_steps == 0 and again.lost_usd == 0.0 and again.preemptions == 2
     assert CostLedger(tmp_path / "cost.json", resources).summary()["lost_usd"] == 0.0
+
+
+def test_a_notice_checkpoint_past_its_deadline_is_not_waited_for_and_lands_whole_or_not_at_all(tmp_path):
+    """Storage too slow for the notice: the run stops at its deadline, saying the checkpoint is not on storage; the
+    newest one that is (the periodic step 2) is what a restart would resume from; the late write then lands whole,
+    and a resume takes it."""
+    cfg = CFG.model_copy(update={"checkpoint_every": 2})
+    run = tmp_path / "run"
+
+    def slow_storage() -> None:  # the claim check before every write; only the notice's writer is slow
+        if threading.current_thread().name == NOTICE_WRITER:
+            time.sleep(1.5)
+
+    hooks = TrainHooks(preempted=lambda: checkpoint_dirs(run) != [], notice_seconds=lambda: 0.2,
+                       before_write=slow_storage)
+    with pytest.raises(Preempted, match="not in time") as stopped:
+        _train(run, hooks, cfg)
+    written = stopped.value.checkpoint
+    assert (written.step, written.durable, written.num_bytes, written.deadline_s) == (3, False, 0, 0.2)
+    assert written.seconds < 1.0 and checkpoint_dirs(run) == [checkpoint_dir(run, 2)]
+    for late in [t for t in threading.enumerate() if t.name == NOTICE_WRITER]:
+        late.join()
+    assert checkpoint_dirs(run) == [checkpoint_dir(run, 2), checkpoint_dir(run, 3)]
+    assert _train(run, cfg=cfg).resumed_from == 3
+
+
+def _node(labels: dict) -> dict:
+    return {"NodeID": "n", "Alive": True, "Labels": labels}
+
+
+def test_a_job_on_spot_nodes_gets_the_fast_preemption_watcher_without_a_flag(monkeypatch):
+    """Spot is found from the nodes' labels (market=spot, KubeRay's ray.io/market-type) and, for a tier of real
+    nodes, from its spot node groups; the local simulated cluster's nodes are spot only when labelled so."""
+    monkeypatch.delenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", raising=False)  # the Ray tests' setting
+    spec = build_spec(tiny_spec_dict("/tmp/unused"))
+    simulated = {"gpu_type": "4090", SIMULATED_LABEL[0]: SIMULATED_LABEL[1]}
+    assert watch_env(spec, [_node(simulated)]) is None
+    fast = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1", "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"}
+    assert watch_env(spec, [_node({**simulated, "market": "spot"})]) == fast
+    assert watch_env(spec, [_node({"gpu_type": "4090", "ray.io/market-type": "spot"})]) == fast
+    assert watch_env(spec, []) == fast  # no node yet: the default cheap-4090-spot group may add them
+    no_spot = build_spec(tiny_spec_dict("/tmp/unused", resources={"node_groups": {"cheap-4090-spot": None}}))
+    assert watch_env(no_spot, [_node({"gpu_type": "4090", "market": "on-demand"})]) is None
+    assert watch_env(no_spot, [_node({"gpu_type": "A100", "market": "spot"})]) == fast  # the fine-tune's tier
+    config = failure_config(build_spec(tiny_spec_dict("/tmp/unused", resources={"max_preemptions": 5})).resources)
+    assert (config.max_failures, config.max_preemption_failures) == (3, 5)
+    assert failure_config(spec.resources).max_preemption_failures == -1  # unset: Ray Train's "no limit"

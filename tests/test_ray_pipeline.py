@@ -441,9 +441,9 @@ def drain_as_preemption(node_id: str) -> None:
 
 
 def test_a_preempted_expert_checkpoints_on_notice_and_only_it_starts_again(job, tmp_path):
-    """Expert 0's spot node is drained mid-training: Ray Train's preemption watcher tells the worker, which
-    checkpoints the step it reached; only it starts again, on the replacement node, from that step, with no failure
-    budget (`max_failures: 0`) to spend."""
+    """Expert 0's spot node is drained mid-training: Ray Train's preemption watcher, fast for nodes labelled
+    market=spot without a `spot` flag, tells the worker, which checkpoints the step it reached; only it starts again,
+    on the replacement node, from that step, with no failure budget (`max_failures: 0`) to spend."""
     out, source = tmp_path / "spot", job["paths"].root
     # Ray's own files of the other job (its Ray Train runs point at its folder) stay behind.
     shutil.copytree(source, out, ignore=shutil.ignore_patterns("merged", "final", "runs", "metrics.jsonl",
@@ -453,8 +453,8 @@ def test_a_preempted_expert_checkpoints_on_notice_and_only_it_starts_again(job, 
         (out / "stages" / f"{marker}.json").unlink()
     spec = build_spec(tiny_spec_dict(out, submodel={"steps": 300, "checkpoint_every": 1000, "eval_every": 25},
                                      branch=ONE_ROUND, resources={"max_failures": 0, "submodel_tier": {
-                                         "label": "spot", "device_type": "rtx4090", "spot": True}}))
-    spot = {"gpu_type": "spot", **dict([SIMULATED_LABEL])}
+                                         "label": "spot", "device_type": "rtx4090"}}))
+    spot = {"gpu_type": "spot", "market": "spot", **dict([SIMULATED_LABEL])}
     nodes, events = [add_local_node(spot)], []
 
     def drain_on_first_progress(event) -> None:

@@ -62,11 +62,13 @@ class TierConfig(_Section):
     )
     # A notice (a drain: KubeRay's preStop `ray drain-node`, or the cloud's) reaches the training loop through Ray
     # Train's preemption watcher; the loop checkpoints its step and exits, and only that expert starts again, from that
-    # step, counted as a preemption, not as one of `max_failures`. The watcher is Ray's default; moedisco's local
-    # simulated cluster turns it off (one more process per trainer) unless a tier of the job says `spot`.
+    # step, counted as a preemption, not as one of `max_failures`. The watcher is Ray's default; it polls every second
+    # rather than 5 for a tier that says `spot` or whose label spot nodes carry (`ray_cluster.preemption`); moedisco's
+    # local simulated cluster turns it off (one more process per trainer) for the others.
     spot: bool = Field(
         False,
-        description="Ray: the tier's nodes may be spot / preemptible; a preempted trainer checkpoints and resumes.",
+        description="Ray: the tier's nodes may be spot / preemptible (also found from spot `node_groups` and nodes "
+        "labelled market=spot); a preempted trainer checkpoints and resumes.",
     )
     # What a stage that holds a whole model outside training (`source` builds the full MoE in fp32) may use; the
     # memory planner refuses a job whose stage would not fit, before it starts, rather than let it OOM a node.
@@ -226,6 +228,15 @@ class ResourcesConfig(_Section):
         "(KubeRay `idleTimeoutSeconds`); the billed cost gives them to the node's last user.")
     workers_per_expert: int = Field(1, ge=1, description="Ray: data-parallel workers per submodel trainer.")
     max_failures: int = Field(3, ge=0, description="Ray: restarts of a failed trainer (resumes from checkpoint).")
+    # A drained node (a preemption notice, a node upgrade: k8s/'s preStop) restarts its trainer as a preemption:
+    # counted here, by the driver and by Ray Train (`FailureConfig.max_preemption_failures`), never in `max_failures`.
+    max_preemptions: int | None = Field(
+        None, ge=0, description="Ray: restarts of a trainer after preemptions of its nodes; unset = no limit.")
+    # The drain's deadline is when the node goes (k8s/'s preStop: 10 s on spot, 45 on demand); a checkpoint not in
+    # place by then is not waited for, and the trainer resumes from the newest one on storage (BENCHMARKS section 12).
+    notice_checkpoint_s: float | None = Field(
+        None, gt=0, description="Ray: the most seconds a trainer spends on its checkpoint after a preemption notice; "
+        "unset = until a second before the drain's deadline (a drain without one: until it is written).")
     # The data shards are the data stages' Parquet files.
     storage_path: URI | Path | None = Field(
         None, description="Ray: shared storage for checkpoints and data shards, a folder or `s3://`/`gs://` URI; unset "

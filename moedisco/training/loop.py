@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from moedisco.models.weights import unique_state_dict
 from moedisco.training import fsdp
 from moedisco.training.checkpoint import (
     SECOND_MOMENT_FILE,
+    checkpoint_bytes,
     checkpoint_dirs,
     load_training_state,
     load_weights,
@@ -44,8 +46,10 @@ from moedisco.training.checkpoint import (
 from moedisco.training.heldout import evaluate_loss, router_load
 from moedisco.training.memory import PeakMemory, amp_dtype, measures_of, prepare_model, resolve_device
 from moedisco.training.optimizer import make_optimizer, second_moments
+from moedisco.training.preemption import NoticeCheckpoint, within_deadline
 from moedisco.training.schedule import lr_multiplier
 
+log = logging.getLogger(__name__)
 RESULT_FILE = "result.json"
 @dataclass
 class TrainResult:
@@ -65,6 +69,7 @@ class TrainHooks:
     on_checkpoint: Callable[[int, Path], None] | None = None  # after each checkpoint is written
     should_stop: Callable[[], bool] | None = None  # polled each step; True stops after a checkpoint
     preempted: Callable[[], bool] | None = None  # polled after every step; True: checkpoint it, raise `Preempted`
+    notice_seconds: Callable[[], float | None] | None = None  # how long that checkpoint may take; None: no bound
     wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None  # e.g. DistributedDataParallel
     before_write: Callable[[], None] | None = None  # before each metrics line, checkpoint and the final weights;
     # raises to stop a run whose job folder another runner took over (`moedisco.job.layout.ClaimLost`)
@@ -114,12 +119,13 @@ class StopRequested(RuntimeError):
 
 class Preempted(StopRequested):
     """Raised when `TrainHooks.preempted` said the node is being taken back (`moedisco.training.preemption`): the run
-    checkpointed `step`, the step it had reached, and resumes there (None: a stage without steps was stopped; a
-    re-run redoes only its unfinished pieces)."""
+    reached `step` and checkpointed it, within the notice's deadline when `checkpoint.durable`, and resumes from the
+    newest checkpoint on storage (None: a stage without steps was stopped; a re-run redoes only its unfinished
+    pieces)."""
 
-    def __init__(self, message: str, step: int | None):
+    def __init__(self, message: str, step: int | None, checkpoint: NoticeCheckpoint | None = None):
         super().__init__(message)
-        self.step = step
+        self.step, self.checkpoint = step, checkpoint
 
 
 def finished_result(run_dir: Path) -> TrainResult | None:
@@ -229,10 +235,14 @@ class _Loop:
                 losses = []
             round_end = step == end < cfg.steps
             preempted = self.hooks.preempted is not None and self.hooks.preempted() and step < cfg.steps
-            if (step % cfg.checkpoint_every == 0 and step < cfg.steps) or round_end or preempted:
-                self._checkpoint(moments=round_end and self.ctx.save_second_moment)
-                if preempted:
-                    raise Preempted(f"{self.ctx.label} preempted at step {step}, checkpointed there", step)
+            moments = round_end and self.ctx.save_second_moment
+            if preempted:
+                written = self._checkpoint_on_notice(moments)
+                raise Preempted(f"{self.ctx.label} preempted at step {step}, "
+                                f"{'checkpointed there' if written.durable else 'its checkpoint not in time'}",
+                                step, written)
+            if (step % cfg.checkpoint_every == 0 and step < cfg.steps) or round_end:
+                self._checkpoint(moments)
                 if self.hooks.should_stop and self.hooks.should_stop():
                     raise StopRequested(f"{self.ctx.label} stopped at step {step}")
         bar.close()
@@ -287,12 +297,36 @@ class _Loop:
         if self.hooks.on_progress:
             self.hooks.on_progress(record)
 
-    def _checkpoint(self, moments: bool = False) -> None:
+    def _checkpoint(self, moments: bool = False) -> Path | None:
+        ckpt = self._write_checkpoint(moments)
+        if ckpt is not None and self.hooks.rank == 0 and self.hooks.on_checkpoint:
+            self.hooks.on_checkpoint(self.state["step"], ckpt)
+        return ckpt
+
+    def _write_checkpoint(self, moments: bool) -> Path | None:
+        """The checkpoint of this step; None on a replica that writes none (rank > 0, unsharded)."""
         rank = self.hooks.rank
         if rank != 0 and not fsdp.is_sharded(self.model):
-            return
+            return None
         fsdp.on_rank_zero(self.model, rank, self.hooks.check_write)
-        ckpt = save_checkpoint(self.ctx.run_dir, self.model, self.optimizer, dict(self.state),
+        return save_checkpoint(self.ctx.run_dir, self.model, self.optimizer, dict(self.state),
                                self.ctx.spec_yaml, self.cfg.keep_checkpoints, moments, rank)
-        if rank == 0 and self.hooks.on_checkpoint:
-            self.hooks.on_checkpoint(self.state["step"], ckpt)
+
+    def _checkpoint_on_notice(self, moments: bool) -> NoticeCheckpoint:
+        """The checkpoint after a preemption notice, waited for at most `hooks.notice_seconds()`. A sharded one is
+        written by every rank together, so it is not cut short here: Ray Train's drain deadline bounds it."""
+        started, step = time.perf_counter(), self.state["step"]
+        deadline_s = self.hooks.notice_seconds() if self.hooks.notice_seconds else None
+        if fsdp.is_sharded(self.model):
+            ckpt = self._write_checkpoint(moments)
+        else:
+            ckpt = within_deadline(lambda: self._write_checkpoint(moments), deadline_s)
+        written = NoticeCheckpoint(step=step, durable=ckpt is not None, seconds=round(time.perf_counter() - started, 3),
+                                   num_bytes=checkpoint_bytes(ckpt) if ckpt is not None else 0, deadline_s=deadline_s)
+        if ckpt is not None and self.hooks.rank == 0 and self.hooks.on_checkpoint:
+            self.hooks.on_checkpoint(step, ckpt)
+        if self.hooks.rank == 0:
+            log.warning("%s: checkpoint on the preemption notice at step %d %s in %.2f s (%d bytes, deadline %s s)",
+                        self.ctx.label, step, "on storage" if written.durable else "NOT on storage",
+                        written.seconds, written.num_bytes, deadline_s)
+        return written

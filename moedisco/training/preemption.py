@@ -10,6 +10,11 @@ on as `ray.train.get_preemption_info`). The loop asks `TrainHooks.preempted` aft
 loop checkpoints that step and raises `Preempted`, which a runner counts apart from failures and answers by starting
 that trainer again from that step. A stage that does not poll the flag keeps its finished pieces and is interrupted
 at once (`interrupting`); a run killed without notice resumes from its last periodic checkpoint.
+
+The notice's checkpoint is bounded: the loop waits for it at most `TrainHooks.notice_seconds()` (`within_deadline`),
+then stops either way, and says how it went in `Preempted.checkpoint` (a `NoticeCheckpoint`: seconds, bytes, whether
+it is on storage). One that missed the deadline may still land, whole (it is renamed into place once synced); if it
+does not, the run resumes from the newest checkpoint that did.
 """
 
 from __future__ import annotations
@@ -18,6 +23,41 @@ import contextlib
 import signal
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
+NOTICE_WRITER = "notice-checkpoint"  # the name of the thread writing a notice's checkpoint
+
+
+@dataclass(frozen=True)
+class NoticeCheckpoint:
+    """How the checkpoint after a preemption notice went, as the log and the trainer's summary report it."""
+
+    step: int  # the step the run reached, and checkpointed when `durable`
+    durable: bool  # synced and in place within `deadline_s`
+    seconds: float  # from the loop seeing the notice to the checkpoint in place, or to giving up on it
+    num_bytes: int  # of the checkpoint's files; 0 when it was not in place in time
+    deadline_s: float | None  # what it was allowed; None: no bound
+
+
+def within_deadline(write: Callable[[], T], deadline_s: float | None) -> T | None:
+    """`write()`'s result if it returns within `deadline_s` seconds (None: however long it takes), else None while
+    it goes on in a daemon thread; raises what it raised in time."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = write()
+        except BaseException as error:  # noqa: BLE001 - raised again on the caller's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name=NOTICE_WRITER, daemon=True)
+    thread.start()
+    thread.join(None if deadline_s is None else max(0.0, deadline_s))
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
 
 
 class PreemptionNotice:
