@@ -1,6 +1,6 @@
 """The KubeRay manifests' spot worker group (issue 15): a spot 4090 group beside the on-demand one, none for the A100
-tier, and a preemption notice (a Ray drain) that fits the pod's grace period. The manifests, their CRD schema check
-and the helpers are those of tests/test_k8s_manifests.py."""
+tier, and on every worker group a preemption notice (a Ray drain) that fits the pod's grace period (issue 30). The
+manifests, their CRD schema check and the helpers are those of tests/test_k8s_manifests.py."""
 
 from __future__ import annotations
 
@@ -30,7 +30,27 @@ def test_a_spot_4090_group_beside_the_on_demand_one_and_no_spot_a100(cluster: di
     # Same pod as the on-demand group's but for where it runs and the notice: a drain, within the grace period.
     assert ray_container(group)["resources"] == ray_container(on_demand["4090"])["resources"]
     assert spec["nodeSelector"]["nvidia.com/gpu.product"] == twin["nodeSelector"]["nvidia.com/gpu.product"]
-    (command,) = [ray_container(group)["lifecycle"]["preStop"]["exec"]["command"][-1]]
+    assert drain_timing(group)[2] <= 15, "GKE gives a spot node's pods 15 s of its notice"
+
+
+def drain_timing(group: dict) -> tuple[int, int, int]:
+    """(the drain's deadline, the most seconds the preStop keeps the pod, the grace period) of a worker group,
+    whose preStop drains its Ray node as a preemption and then waits while a Ray Train worker runs there."""
+    command = ray_container(group)["lifecycle"]["preStop"]["exec"]["command"][-1]
     assert "ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION" in command
-    waits = [int(n) for n in re.findall(r"(?:deadline-remaining-seconds|sleep) (\d+)", command)]
-    assert len(waits) == 2 and max(waits) < spec["terminationGracePeriodSeconds"]
+    (pattern,) = re.findall(r"grep -qs '([^']+)' /proc/\[0-9\]\*/cmdline", command)
+    # A Ray Train worker's process title; the pattern never matches the preStop's own command line.
+    assert re.search(pattern, "ray::RayTrainWorker") and not re.search(pattern, command)
+    deadline = int(re.search(r"--deadline-remaining-seconds (\d+)", command).group(1))
+    kept = int(re.search(r"seq (\d+)", command).group(1))
+    return deadline, kept, group["template"]["spec"]["terminationGracePeriodSeconds"]
+
+
+@pytest.mark.parametrize("cluster", CLUSTER_PARAMS)
+def test_every_worker_group_drains_on_sigterm_within_its_grace_period(cluster: dict) -> None:
+    """On-demand pods go too (node upgrades, evictions): every worker group's preStop drains its node, so a trainer
+    there checkpoints and restarts as a preemption; on-demand groups, which no cloud hurries, get longer."""
+    timings = {group["groupName"]: drain_timing(group) for group in cluster["workerGroupSpecs"]}
+    assert all(deadline < kept < grace for deadline, kept, grace in timings.values())
+    spot = timings.pop("cheap-4090-spot")
+    assert timings and all(deadline > spot[0] for deadline, _, _ in timings.values())
