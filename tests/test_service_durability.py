@@ -5,7 +5,8 @@ A Ray cluster (ray.cluster_utils.Cluster) outlives everything else here. The ser
   1. the service is killed mid-training: the job's detached runner keeps training and recording into the store;
   2. the runner is killed too, after a checkpoint of the stage it trains;
   3. a new service reconciles: the job marked running has no runner, so it is relaunched on its output_dir.
-The job then succeeds with every finished stage skipped and the interrupted one resumed from its checkpoint.
+The job then succeeds with every finished stage skipped and the interrupted one resumed from its checkpoint, its
+runner's loss (`ray.kill` on a live node) counted as one of its attempts; a runner lost with its node is not.
 
     pytest tests/test_service_durability.py -q
 """
@@ -108,3 +109,29 @@ def test_job_survives_the_service_and_resumes_after_its_runner_dies(cluster, tmp
     skipped = {e.stage for e in store.events(job_id, "stage_skipped")}
     assert {"prepare", "embed", "cluster"} <= skipped  # done before the runner died: not run again
     store.close()
+
+
+def test_the_dispatcher_tells_a_runner_lost_with_its_node_from_one_lost_to_the_job(cluster, tmp_path):
+    """What decides whether a relaunch uses up one of the job's attempts (`RayLauncher.node_loss`), read from the
+    GCS: a runner actor that died with its node (here: the node removed) is a cluster event; one killed on a live
+    node (a crash, `ray.kill`) is the job's own loss."""
+    from service.core.config import Settings
+    from service.jobs.dispatcher import RayLauncher
+
+    launcher = RayLauncher(Settings(data_dir=tmp_path, ray_namespace=NAMESPACE))
+    node = cluster.add_node(num_cpus=1, resources={"doomed": 2})
+    runner = ray.remote(num_cpus=0, resources={"doomed": 1})(Sleeper)
+    on_node = runner.options(name="job-node0000lost", namespace=NAMESPACE, lifetime="detached").remote()
+    killed = runner.options(name="job-killed000000", namespace=NAMESPACE, lifetime="detached").remote()
+    ray.get([on_node.ready.remote(), killed.ready.remote()], timeout=60)
+    ray.kill(killed)
+    cluster.remove_node(node)
+    wait_until(lambda: not runner_alive("node0000lost"), 60, what="the runner gone with its node")
+    assert launcher.node_loss("node0000lost").startswith("its node died")
+    assert launcher.node_loss("killed000000") is None
+    assert launcher.node_loss("never0started") is None
+
+
+class Sleeper:
+    def ready(self) -> bool:
+        return True
