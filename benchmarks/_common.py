@@ -11,6 +11,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+def publish(report: dict, out: Path | None) -> None:
+    """Print a benchmark's JSON report, and write it to `out` (a results_*.json) when given."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        out.write_text(text + "\n")
+
+
 def sized_config(hidden: int, num_experts: int = 4, layers: int = 4, vocab: int = 8192, arch: str = "qwen2_moe"):
     from moedisco.config.spec import ModelConfig
     from moedisco.models.architecture import build_moe_config

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import REPO
+from _common import REPO, publish
 from billing import final_lives, wait_for_scale_down
 
 sys.path.insert(0, str(REPO))
@@ -174,10 +174,7 @@ def main() -> None:
               "job": whole_job(args)}
     if not args.skip_data:
         report["data_stages"] = [data_stages_alone(args, cheap_max) for cheap_max in (1, 2)]
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    publish(report, args.out)
 
 
 if __name__ == "__main__":

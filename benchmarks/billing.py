@@ -22,7 +22,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from _common import REPO
+from _common import REPO, publish
 
 sys.path.insert(0, str(REPO))
 
@@ -148,10 +148,7 @@ def main() -> None:
                          "unclaimed_seconds": bill.seconds(None),
                          "difference": node_seconds - total_s - bill.seconds(None)},
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    publish(report, args.out)
 
 
 if __name__ == "__main__":
