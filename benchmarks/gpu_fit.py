@@ -63,7 +63,7 @@ def main() -> dict:
     args = parser.parse_args()
     from moedisco.config.loading import load_spec
     from moedisco.models.architecture import with_num_experts
-    from moedisco.planning.memory_plan import parameter_counts, spec_config
+    from moedisco.planning.model_size import parameter_counts, spec_config
 
     overrides = ["model.hidden_size=64", "model.intermediate_size=128", "model.moe_intermediate_size=64",
                  "model.shared_expert_intermediate_size=64", "model.num_hidden_layers=2",

@@ -77,7 +77,8 @@ def child(payload: dict) -> dict:
 
 def _auto_measures(hidden: int, share: float = AUTO_DEVICE_SHARE) -> dict:
     from moedisco.config.spec import TrainConfig
-    from moedisco.planning.memory_plan import memory_plan, parameter_counts, plan_measures
+    from moedisco.planning.memory_plan import memory_plan, plan_measures
+    from moedisco.planning.model_size import parameter_counts
 
     config = _config(hidden)
     params = parameter_counts(config)["total"]
@@ -120,7 +121,8 @@ def auto_job(out_dir: Path) -> dict:
     from moedisco.job.layout import JobPaths
     from moedisco.job.metrics import read_metrics
     from moedisco.models.architecture import with_num_experts
-    from moedisco.planning.memory_plan import memory_plan, parameter_counts, spec_config
+    from moedisco.planning.memory_plan import memory_plan
+    from moedisco.planning.model_size import parameter_counts, spec_config
     from moedisco.runner.job_runner import run_job
     from tests.conftest import tiny_spec_dict
 

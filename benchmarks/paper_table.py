@@ -50,7 +50,7 @@ from moedisco.job.metrics import read_metrics
 from moedisco.job.registry import STAGES, tier_of
 from moedisco.models.architecture import read_config
 from moedisco.planning.cost import flop_cost_usd, price_row
-from moedisco.planning.memory_plan import parameter_counts
+from moedisco.planning.model_size import parameter_counts
 from moedisco.runner.job_runner import run_job
 from moedisco.stages.finetune import anneal
 from moedisco.training.loop import StopRequested

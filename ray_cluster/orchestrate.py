@@ -160,7 +160,7 @@ class RayExecutor:
                         reporter=self.reporter(task), one_process=False)
 
     def submit_source(self, task: Task) -> None:
-        """The whole model in host memory (`memory_plan.source_plan`, checked against one node of its tier before
+        """The whole model in host memory (`host_memory.source_plan`, checked against one node of its tier before
         the job started): a task of its own on the CPU tier, never in the data worker on a cheap node."""
         tier = placement_tier(self.spec, task.stage)
         self.remote(task, run_stage_on_tier, self.job.stage_run(task), tier, self.reporter(task),

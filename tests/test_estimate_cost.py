@@ -12,7 +12,8 @@ from moedisco.config.resources import ResourcesConfig
 from moedisco.models.architecture import with_num_experts
 from moedisco.planning.cost import CostLedger
 from moedisco.planning.estimate import estimate_job
-from moedisco.planning.memory_plan import MemoryFitError, parameter_counts, resolve_memory
+from moedisco.planning.memory_plan import MemoryFitError, resolve_memory
+from moedisco.planning.model_size import parameter_counts
 from moedisco.runner.job_runner import BudgetExceeded, JobRunner, LocalExecutor, run_job
 from tests.conftest import REPO, tiny_hf_config, tiny_spec_dict
 
@@ -161,7 +162,8 @@ def test_a_budget_left_hook_stops_before_a_stage_it_cannot_pay(tmp_path):
 
 def _top_of_ladder_gb(spec, num_devices: int) -> float:
     from moedisco.config.spec import TrainConfig
-    from moedisco.planning.memory_plan import memory_plan, spec_config
+    from moedisco.planning.memory_plan import memory_plan
+    from moedisco.planning.model_size import spec_config
 
     config = with_num_experts(spec_config(spec), 1)
     top = TrainConfig(batch_size=16, micro_batch_size=1, activation_checkpointing=True, precision="bf16-true",
@@ -221,7 +223,8 @@ def test_a_resumed_job_keeps_the_precision_and_optimizer_its_checkpoints_hold(tm
 
 def test_torch_adamw_steps_every_parameter_at_once_on_a_gpu(tmp_path):
     from moedisco.config.spec import TrainConfig
-    from moedisco.planning.memory_plan import memory_plan, spec_config
+    from moedisco.planning.memory_plan import memory_plan
+    from moedisco.planning.model_size import spec_config
 
     spec = _sized_spec(tmp_path, 24.0)
     config, params = spec_config(spec), parameter_counts(spec_config(spec))["total"]

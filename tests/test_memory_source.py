@@ -1,4 +1,4 @@
-"""The host memory of the `source` stage (`memory_plan.host_plans`): the estimate against what the stage's own code
+"""The host memory of the `source` stage (`host_memory.host_plans`): the estimate against what the stage's own code
 allocates, and the refusal of a job whose full MoE does not fit one node of its tier, before it starts."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import pytest
 
 from moedisco.config.loading import build_spec, load_spec
 from moedisco.job.layout import JobPaths, mark_done
-from moedisco.planning.memory_plan import GB, MemoryFitError, host_plans, resolve_memory
+from moedisco.planning.host_memory import host_plans
+from moedisco.planning.memory_plan import GB, MemoryFitError, resolve_memory
 from moedisco.runner.job_runner import run_job
 from tests.conftest import REPO, tiny_spec_dict
 

@@ -29,16 +29,9 @@ from moedisco.config.spec import JobSpec
 from moedisco.job.registry import STAGE, tier_of
 from moedisco.models.architecture import num_experts_of, with_num_experts
 from moedisco.planning.cost import flop_cost_usd
-from moedisco.planning.memory_plan import (
-    host_plans,
-    host_refusal,
-    memory_plan,
-    memory_plans,
-    parameter_counts,
-    refusal,
-    spec_config,
-    stage_devices,
-)
+from moedisco.planning.host_memory import host_plans, host_refusal
+from moedisco.planning.memory_plan import memory_plan, memory_plans, refusal, stage_devices
+from moedisco.planning.model_size import parameter_counts, spec_config
 
 CONVENTIONS = ("flop", "paper")
 PRICED_STAGES = ("warmup", "submodel", "finetune", "full_parameter")  # the stages the estimate prices
@@ -53,7 +46,7 @@ def estimate_job(spec: JobSpec, sharded: bool = True, hours: dict[str, float] | 
     """Sizes, cost, and per tier two memory plans: `memory` as the spec is written (measures as set), and `plan`,
     what the job would actually train with (`memory: auto` resolved) under the Ray runner (`sharded`) or the
     local one, with `refused` saying why it would not run; `host`: the host memory of `source` on one node of its
-    tier (`memory_plan.host_plans`), with its `refused`. `hours`: measured wall hours per stage of
+    tier (`host_memory.host_plans`), with its `refused`. `hours`: measured wall hours per stage of
     `PRICED_STAGES` (`submodel`: the slowest submodel's) for the `paper` convention; `convention` unset: `paper`
     when hours are given, else `flop`."""
     hours = dict(hours or {})

@@ -2,14 +2,13 @@
 
     plan = memory_plan(params, config, spec.submodel, seq_len=256, device_gb=24)   # GB per part, and whether it fits
     spec = resolve_memory(spec)      # `memory: auto` resolved per stage, or `MemoryFitError` naming the shortfall
-    host_plans(spec)["source"]       # GB of host memory the source stage needs on one node of its tier
 
 Per device: weights and optimizer state in the bytes per parameter the measures give, plus the largest of the
 step's phases (the forward's kept activations, counted per token and layer from the tensors autograd keeps; the
 backward's gradients; the optimizer step's working set). `plan_measures` climbs `LADDER` on the devices the runner
 gives a stage (`stage_devices`), then shards, until it fits. `benchmarks/memory.py` checks the model against
-measured peaks. Outside training, `source` builds the whole MoE in host memory: `host_plans` checks it against
-the memory of one node of its tier (`TierConfig.node_memory_gb`).
+measured peaks. Outside training, `source` builds the whole MoE in host memory: `moedisco.planning.host_memory`
+checks it against the memory of one node of its tier.
 """
 
 from __future__ import annotations
@@ -17,9 +16,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
 import yaml
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import PretrainedConfig
 
 from moedisco.config.loading import SpecError
 from moedisco.config.resources import CPU_DEVICE_TYPE, TierConfig
@@ -27,43 +25,11 @@ from moedisco.config.spec import JobSpec, TrainConfig
 from moedisco.job.layout import JobPaths, is_done
 from moedisco.job.registry import STAGE, plan, tier_of
 from moedisco.models.architecture import (
-    build_moe_config,
-    num_experts_of,
-    parameter_roles,
-    read_config,
     with_num_experts,
 )
-from moedisco.models.upcycle import DENSE_TO_MOE, moe_config_from_dense
+from moedisco.planning.host_memory import host_plans, host_refusal
+from moedisco.planning.model_size import intermediate_width, largest_tensor, parameter_counts, spec_config
 from moedisco.training.memory import GB, measures_of
-
-
-def spec_config(spec: JobSpec) -> PretrainedConfig:
-    """The source MoE's config: built from the spec, read from `model.pretrained`, or, when that is a dense
-    checkpoint, the MoE it is upcycled into (as `split.build_source_moe` builds it)."""
-    if spec.model.pretrained is not None:
-        config = read_config(spec.model.pretrained)
-        return moe_config_from_dense(config, spec.model) if config.model_type in DENSE_TO_MOE else config
-    vocab = spec.model.overrides.get("vocab_size", spec.tokenizer.vocab_size)
-    return build_moe_config(spec.model, vocab, eos_id=0, pad_id=1)
-
-
-
-def parameter_counts(config: PretrainedConfig) -> dict[str, int]:
-    with torch.device("meta"):
-        shapes = {n: t.numel() for n, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
-    roles = parameter_roles(config)
-    experts = num_experts_of(config)
-    shared = sum(n for name, n in shapes.items() if roles[name] == "shared")
-    per_expert = sum(n for name, n in shapes.items() if roles[name] != "shared") // experts
-    return {"total": shared + experts * per_expert, "shared": shared, "per_expert": per_expert,
-            "submodel": shared + per_expert, "active": shared + config.num_experts_per_tok * per_expert}
-
-
-
-def _intermediate(config: PretrainedConfig, name: str) -> int:
-    return int(getattr(config, name, 0) or 0)
-
-
 
 # Of a device's memory, the share a plan may fill: the rest is the allocator's fragmentation and the runtime's own.
 FILL = 0.9
@@ -90,8 +56,8 @@ def layer_bytes_per_token(config: PretrainedConfig, seq_len: int, value_bytes: i
     hidden, heads = config.hidden_size, config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     kv = config.num_key_value_heads * head_dim
-    expert_width = _intermediate(config, "moe_intermediate_size") or _intermediate(config, "intermediate_size")
-    shared_width = _intermediate(config, "shared_expert_intermediate_size")
+    expert_width = intermediate_width(config, "moe_intermediate_size") or intermediate_width(config, "intermediate_size")
+    shared_width = intermediate_width(config, "shared_expert_intermediate_size")
     attention = 4 * hidden + heads * head_dim + 2 * kv  # norm in/out, q (and the output), k/v, rotated q/k
     if getattr(config, "_attn_implementation", None) == "eager":  # SDPA/flash keep no scores, eager keeps two
         attention += 2 * heads * seq_len
@@ -129,13 +95,6 @@ def splits_evenly(train: TrainConfig, num_devices: int) -> bool:
     if train.batch_size % num_devices:
         return False
     return not train.micro_batch_size or (train.batch_size // num_devices) % train.micro_batch_size == 0
-
-
-
-def _largest_tensor(config: PretrainedConfig) -> int:
-    """Values of the model's largest parameter: the embedding (or head), or a layer's stacked experts."""
-    expert_width = _intermediate(config, "moe_intermediate_size") or _intermediate(config, "intermediate_size")
-    return max(config.vocab_size, 3 * num_experts_of(config) * expert_width) * config.hidden_size
 
 
 
@@ -177,14 +136,14 @@ def memory_plan(params: int, config: PretrainedConfig, train: TrainConfig, seq_l
     if precision == "bf16-mixed":  # autocast keeps the bf16 copy of every weight a matmul used for its backward
         activations += 2 * params / GB
     if num_devices > 1:  # FSDP2 gathers a unit's whole weights to run it, and prefetches the next one's
-        activations += 2 * weight_bytes * _largest_tensor(config) / GB
+        activations += 2 * weight_bytes * largest_tensor(config) / GB
     gradients = shard * weight_bytes
     # `StoredAdamW` (bf16-true, offload) steps one parameter at a time in fp32: weight, gradient and both moments of
     # the largest one are alive at once, 16 bytes per value. torch's AdamW makes one fp32 temporary per parameter on
     # the CPU, and on a GPU (its `foreach` path) one spanning every parameter at once.
     stored, torch_adamw = true_bf16 or train.offload_optimizer, train.optimizer == "adamw"
     step_gb = 4 * shard if on_gpu and torch_adamw and not stored else \
-        (16 if stored else 4 * torch_adamw) * _largest_tensor(config) / num_devices / GB
+        (16 if stored else 4 * torch_adamw) * largest_tensor(config) / num_devices / GB
     micro_batches = math.ceil(train.batch_size / num_devices) // rows
     plan = {
         "weights_gb": shard * (weight_bytes + (2 if true_bf16 else 0)), "gradients_gb": gradients,
@@ -319,67 +278,6 @@ def refusal(section: str, tier: TierConfig, plan: dict) -> str | None:
                 f"but it trains on {plan['available_devices']} ({fix})")
     return None
 
-
-
-# The host memory of the process a stage runs in before it builds anything: Python with torch and transformers
-# imported (about half a GB), and a Ray worker's own, rounded up.
-PROCESS_GB = 1.0
-# Of a node's memory, the share a stage may fill: Ray's memory monitor kills a task once its node's use passes 95%
-# (`RAY_memory_usage_threshold`).
-NODE_FILL = 0.95
-
-
-def _dense_parameters(spec: JobSpec) -> int:
-    """Parameters of the dense checkpoint `model.pretrained` that `source` upcycles, else 0."""
-    if spec.model.pretrained is None:
-        return 0
-    config = read_config(spec.model.pretrained)
-    if config.model_type not in DENSE_TO_MOE:
-        return 0
-    with torch.device("meta"):
-        return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
-
-
-def source_plan(spec: JobSpec, config: PretrainedConfig, counts: dict[str, int]) -> dict:
-    """GB of host memory the `source` stage needs on one node of its tier, and whether the node has them.
-
-    `split.build_source_moe` holds the full MoE in fp32, 4 bytes per parameter (a fresh initialisation, or a
-    checkpoint loaded in fp32); upcycling a dense checkpoint, the dense model's fp32 copy sits beside it until the
-    MoE is filled, with one layer's experts being copied from it (`_largest_tensor`). `save_weights` writes from
-    the parameters themselves, copying nothing, with the safetensors constraints.txt pins (older releases copied
-    every tensor to bytes first, safetensors issue #458, doubling the peak). On top: the stage's process
-    (`PROCESS_GB`); the node may fill `NODE_FILL` of its memory."""
-    tier = tier_of(spec.resources, "source")
-    node_gb = tier.node_memory_gb_or_default()
-    dense = _dense_parameters(spec)
-    plan = {"model_gb": 4 * counts["total"] / GB,
-            "upcycled_gb": 4 * (dense + _largest_tensor(config)) / GB if dense else 0.0,
-            "process_gb": PROCESS_GB, "parameters": counts["total"], "tier": tier.label,
-            "node_memory_from": f"resources.{STAGE['source'].tier}.node_memory_gb", "node_memory_gb": node_gb}
-    plan["total_gb"] = plan["model_gb"] + plan["upcycled_gb"] + PROCESS_GB
-    plan["fits"] = node_gb is None or plan["total_gb"] <= node_gb * NODE_FILL
-    return plan
-
-
-def host_plans(spec: JobSpec, config: PretrainedConfig | None = None,
-               counts: dict | None = None) -> dict[str, dict]:
-    """Per stage that holds a whole model in host memory outside training, its plan on one node of its tier
-    (`source_plan`): only `source` builds one (the merge reads and writes the experts' files a tensor at a time)."""
-    config = config or spec_config(spec)
-    return {"source": source_plan(spec, config, counts or parameter_counts(config))}
-
-
-def host_refusal(stage: str, plan: dict) -> str | None:
-    """Why `stage` cannot run on one node of its tier (`host_plans`), with what to do, or None when it fits."""
-    if plan["fits"]:
-        return None
-    node_gb, field = plan["node_memory_gb"], plan["node_memory_from"]
-    upcycled = f", the dense checkpoint it upcycles {plan['upcycled_gb']:.1f} GB" if plan["upcycled_gb"] else ""
-    return (f"{stage}: needs {plan['total_gb']:.1f} GB of host memory on one node of tier `{plan['tier']}` (the "
-            f"full MoE, {plan['parameters'] / 1e9:.2f}B parameters in fp32: {plan['model_gb']:.1f} GB{upcycled}, "
-            f"+ {plan['process_gb']:g} GB for its process), but a node has {node_gb:g} GB ({field}, "
-            f"{NODE_FILL:.0%} usable): {plan['total_gb'] - node_gb * NODE_FILL:.1f} GB short; give the tier a node "
-            f"group with bigger nodes and set {field} to their memory")
 
 
 def _started_run(paths: JobPaths, section: str) -> Path | None:
