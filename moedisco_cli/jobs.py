@@ -61,6 +61,9 @@ def status(job_id: JobIdArg,
     console.print(f"job [bold]{job['id']}[/bold] ({job['name']}): [bold]{job['state']}[/bold]"
                   + (f" - {job['reason']}" if job["reason"] else "")
                   + (" (cancel requested)" if job["cancel_requested"] and job["state"] not in TERMINAL_STATES else ""))
+    if job["attempts"] > 1 or job.get("cluster_restarts"):  # the runner was relaunched: say why it was
+        console.print(f"runner starts: {job['attempts']} charged to the job, {job.get('cluster_restarts', 0)} after "
+                      "cluster events (a lost node or cluster, an upgrade's handover)")
     if not follow:
         console.print(stage_table(job["stages"]))
     evaluation = api_call(client.evaluation, job_id) if any(s["stage"] == "evaluate" for s in job["stages"]) else None

@@ -26,8 +26,10 @@ from pathlib import Path
 
 import pytest
 import ray.util
+from typer.testing import CliRunner
 
 from moedisco_cli.api_client import ApiClient
+from moedisco_cli.main import app
 from service.schemas import TERMINAL_STATES
 from service.store.models import utcnow
 from service.store.store import Store
@@ -125,12 +127,15 @@ def test_a_job_outlives_three_upgrades_of_its_control_plane(tmp_path):
             old.kill()
             killed_at[old_cluster] = utcnow()
         job = wait_for_state(planes[-1].client, job_id, TERMINAL_STATES, 600)
+        shown = CliRunner().invoke(app, ["status", job_id], env={"MOEDISCO_API_URL": planes[-1].service.url,
+                                                                  "MOEDISCO_API_TOKEN": TOKEN, "COLUMNS": "200"})
     finally:
         for plane in planes:
             plane.kill()
     logs = "\n".join(path.read_text()[-2000:] for path in sorted(tmp_path.glob("*.service.log")))
     assert job["state"] == "succeeded", (job["reason"], logs)
     assert (job["attempts"], job["cluster_restarts"]) == (1, 3), logs
+    assert "runner starts: 1 charged to the job, 3 after cluster events" in " ".join(shown.output.split())
 
     # One runner per plane, in order; each started only once the one before had handed over or died with its plane.
     started = runner_events(store, job_id, "started")
