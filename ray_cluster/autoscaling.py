@@ -66,7 +66,8 @@ def node_type(name: str, group: NodeGroupConfig, spec: LocalClusterSpec) -> dict
     gpus = 0 if group.device_type == CPU_DEVICE_TYPE else group.num_devices
     return {
         "resources": {"CPU": _whole(spec.cpus_per_node, "cpus_per_node"), "GPU": gpus,
-                      "object_store_memory": spec.object_store_mb * 2**20},
+                      "object_store_memory": spec.object_store_mb * 2**20,
+                      **spec.custom_resources({spec.label_key: group.tier})},  # a CPU group's driver slots
         "labels": {spec.label_key: group.tier, SIMULATED_LABEL[0]: SIMULATED_LABEL[1], RAY_NODE_GROUP_KEY: name,
                    RAY_NODE_MARKET_TYPE_KEY: group.market},
         "node_config": {"market_type": group.market},

@@ -5,6 +5,7 @@ autoscaling, the nodes Ray's autoscaler adds as work asks (what `moedisco cluste
     address = start_local_cluster(spec=LocalClusterSpec(autoscale=True))  # a head; nodes come and go on demand
     address = start_local_cluster(spec=spec, detach=True)    # a keeper process holds it (`moedisco cluster start`)
     describe_nodes()          # [{"node_id": ..., "group": "", "labels": {"gpu_type": "4090"}, "resources": {...}}, ...]
+    kill_head(); start_head() # static, in this process: a head crash and its restart (GCS fault tolerance: redis_address)
     stop_local_cluster()      # the in-process one, else the detached one
 
 Every node is a separate raylet with one CPU and one logical GPU (one trainer worker fits, as on a single-GPU
@@ -13,7 +14,8 @@ spec's `resources`); the head offers no CPU, so only the control plane's zero-CP
 logical GPU's node carries `SIMULATED_LABEL`, and a worker on it hides CUDA and trains on the CPU
 (`ray_cluster.placement.prepare_worker`); this machine's real GPUs (`local_gpu_count`) go to the expensive nodes
 instead, unlabelled, so the fine-tune gets the card and the ledger bills it as real. The head carries
-`CONTROL_PLANE_LABEL`, as the KubeRay head does (k8s/), so that drivers are pinned to it, and runs the dashboard. A
+`CONTROL_PLANE_LABEL`, as the KubeRay head does (k8s/), so that the API is pinned to it, and runs the dashboard; a
+CPU node offers the jobs' drivers their slots (`DRIVER_RESOURCE`), so that a job outlives a head restart. A
 detached cluster is owned by a keeper process (`python -m ray_cluster.local_cluster`), which `stop` signals and
 which shuts down exactly the nodes it started: never `ray stop`, which would kill other Ray instances on the machine.
 An autoscaling cluster (`autoscale=True`) starts the head alone; Ray's autoscaler then adds and removes the nodes of
@@ -40,8 +42,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from moedisco.io.atomic import write_atomically
-from ray_cluster.simulated import (  # noqa: F401 - CONTROL_PLANE_LABEL, SIMULATED_LABEL, free_port: this module's API too
+from ray_cluster.simulated import (  # noqa: F401 - the labels, DRIVER_RESOURCE, free_port: this module's API too
     CONTROL_PLANE_LABEL,
+    DRIVER_RESOURCE,
     LOCAL_MAX_NODES,
     SIMULATED_LABEL,
     LocalClusterSpec,
@@ -58,32 +61,95 @@ START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 60.0
 
 _in_process = None  # the ray.cluster_utils.Cluster this process started, if any
+_head_args: tuple[LocalClusterSpec, dict] | None = None  # its spec and its head's arguments, to start it again
 
 
 def _build_cluster(spec: LocalClusterSpec):
     """A `ray.cluster_utils.Cluster` with every node started, or with `spec.autoscale` an autoscaling one; both
     have `address`, `webui_url` and `shutdown()`."""
+    global _head_args
     if spec.autoscale:
+        if spec.redis_address is not None:
+            raise ValueError("redis_address: GCS fault tolerance is for a static local cluster (autoscale=False)")
         from ray_cluster.autoscaling import AutoscalingLocalCluster
 
         return AutoscalingLocalCluster(spec)
-    import ray.util
     from ray.cluster_utils import Cluster
 
     quiet_ray_env()
     set_up_auth()
     memory = spec.object_store_mb * 2**20
-    gcs_port = free_port()
-    head = head_node_args(spec, gcs_port)
-    # Ray's internals (Ray Train's placement-group cleaner, the state API) find "their" cluster by address
-    # auto-detection, which picks the newest Ray instance on the machine: with two clusters on one machine they
-    # talk to the wrong one. Every process of these nodes inherits RAY_ADDRESS, which auto-detection obeys.
-    with environment(RAY_ADDRESS=f"{ray.util.get_node_ip_address()}:{gcs_port}"):
+    head = head_node_args(spec, free_port())
+    with _cluster_env(spec, head):
         cluster = Cluster(initialize_head=True, head_node_args=head)
         for labels, num_gpus in spec.nodes():
             cluster.add_node(num_cpus=spec.cpus_per_node, num_gpus=num_gpus, object_store_memory=memory,
-                             labels=labels)
+                             labels=labels, resources=spec.custom_resources(labels))
+    _head_args = (spec, head)
     return cluster
+
+
+def _cluster_env(spec: LocalClusterSpec, head: dict):
+    import ray.util
+
+    # Ray's internals (Ray Train's placement-group cleaner, the state API) find "their" cluster by address
+    # auto-detection, which picks the newest Ray instance on the machine: with two clusters on one machine they
+    # talk to the wrong one. Every process of these nodes inherits RAY_ADDRESS, which auto-detection obeys.
+    address = f"{ray.util.get_node_ip_address()}:{head['gcs_server_port']}"
+    return environment(RAY_ADDRESS=address, **spec.gcs_ft_env())
+
+
+def kill_head() -> list[int]:
+    """SIGKILL every process of the head of the static cluster this process started (its GCS, raylet, dashboard,
+    monitor and what they started), as a crashed head pod; returns their pids. With GCS fault tolerance
+    (`LocalClusterSpec.redis_address`) the worker nodes wait for it and `start_head` brings it back; without, they
+    follow it."""
+    import psutil
+    import ray
+
+    if _in_process is None or _head_args is None or _in_process.head_node is None:
+        raise RuntimeError("no static local cluster with a head runs in this process")
+    if ray.is_initialized():  # a driver dies with its raylet, the head's here
+        raise RuntimeError("this process is connected to Ray through the head: ray.shutdown() before kill_head()")
+    head = _in_process.head_node
+    processes = [psutil.Process(info.process.pid) for infos in head.all_processes.values() for info in infos
+                 if info.process.poll() is None]
+    processes += [child for process in list(processes) for child in _descendants(process)]
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(processes, timeout=STOP_TIMEOUT_S)
+    for infos in head.all_processes.values():
+        for info in infos:
+            info.process.wait()  # reap the direct children: no zombie holds the ports
+    _in_process.head_node = None
+    return [process.pid for process in processes]
+
+
+def _descendants(process) -> list:
+    import psutil
+
+    try:
+        return process.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def start_head() -> str:
+    """Start the head `kill_head` killed again, on the same GCS port and dashboard port and, with GCS fault
+    tolerance, the same Redis, where it finds the cluster's session, nodes, actors and placement groups; returns
+    its node id."""
+    if _in_process is None or _head_args is None or _in_process.head_node is not None:
+        raise RuntimeError("no static local cluster whose head was killed runs in this process")
+    spec, head = _head_args
+    with _cluster_env(spec, head):
+        return _in_process.add_node(**head).node_id
+
+
+def restart_head() -> str:
+    """`kill_head` then `start_head`: the new head's node id."""
+    kill_head()
+    return start_head()
 
 
 def start_local_cluster(num_cheap: int = 2, num_expensive: int = 1, detach: bool = False,
@@ -101,9 +167,9 @@ def start_local_cluster(num_cheap: int = 2, num_expensive: int = 1, detach: bool
 
 def stop_local_cluster() -> bool:
     """Stop the cluster this process started, else the detached one. Returns whether one was stopped."""
-    global _in_process
+    global _in_process, _head_args
     if _in_process is not None:
-        cluster, _in_process = _in_process, None
+        cluster, _in_process, _head_args = _in_process, None, None
         cluster.shutdown()
         return True
     return _stop_keeper()

@@ -3,7 +3,7 @@
     placement_tier(spec, "embed")                        # the tier it runs on: spec.resources.submodel_tier
     task_options(spec, tier)                             # {"num_cpus": 1, "num_gpus": 1, "label_selector": {...}}
     check_tiers_reachable(spec)                          # raises TierUnreachable naming a label nothing offers
-    on_control_plane()                                   # options that keep the job's driver on the head
+    on_driver_group()                                    # options that put a job's driver on a CPU node
     run_name(spec, task)                                 # Ray Train's run: "<job_key>/<task.marker>"
     with NodeUseReporter(queue, task.ids).held(): ...    # this worker holds its node for the task (`NodeUse`)
 
@@ -37,7 +37,13 @@ from moedisco.job import registry
 from moedisco.job.events import NodeUse
 from moedisco.job.layout import JobPaths
 from moedisco.job.registry import Task
-from ray_cluster.local_cluster import CONTROL_PLANE_LABEL, SIMULATED_LABEL, describe_nodes, nodes_with_label
+from ray_cluster.local_cluster import (
+    CONTROL_PLANE_LABEL,
+    DRIVER_RESOURCE,
+    SIMULATED_LABEL,
+    describe_nodes,
+    nodes_with_label,
+)
 
 if TYPE_CHECKING:
     from moedisco.stages.stage_run import StageRun
@@ -122,16 +128,7 @@ def cluster_group_sizes() -> dict[str, int]:
     """The most nodes of each node group the connected cluster's autoscaler may run (its config, as autoscaler v2
     stores it in the GCS: KubeRay's `maxReplicas`, the local cluster's `max_nodes`); empty when there is none. A
     group asked for more than this would leave work pending that no node will ever take."""
-    from ray._private.state import state  # the GCS accessor Ray Data reads the same config with
-
-    try:
-        config = state.get_cluster_config()
-    except Exception as error:  # noqa: BLE001 - an older GCS, a lost connection: the spec's node groups stand in
-        log.warning("could not read the autoscaler's node groups: %s", error)
-        return {}
-    if config is None:
-        return {}
-    return {group.name: group.max_count for group in config.node_group_configs if group.max_count >= 0}
+    return {group.name: group.max_count for group in cluster_node_groups() if group.max_count >= 0}
 
 
 def worker_resources(tier: TierConfig) -> dict[str, float]:
@@ -292,16 +289,49 @@ def control_plane_selector() -> dict[str, str] | None:
         return None
     if any(node["labels"].get(key) == value for node in describe_nodes()):
         return dict(CONTROL_PLANE_LABEL)
-    log.warning("no node carries %s=%s: the job's driver may land on any node", key, value)
+    log.warning("no node carries %s=%s: the control plane may land on any node", key, value)
     return None
 
 
-def on_control_plane() -> dict:
-    """Options that keep a zero-CPU driver (the service's job actor, the API's replicas) on the head: a spot GPU
-    pod that goes away would take every expert's controller with it, since the trainers' launcher and event
-    queue follow the driver (`on_driver_node`)."""
+def on_driver_group() -> dict:
+    """Options that put a job's driver (the service's job actor, zero CPUs) on a node of the on-demand CPU group, in
+    one of its `DRIVER_RESOURCE` slots: not on the head, whose restart would end every running job (the trainers'
+    launcher, event queue, Ray Data coordinators and trainers' controllers follow the driver, `on_driver_node`),
+    and not on a spot GPU pod that may go away. The slot, not a label alone, is what a pending driver asks the
+    autoscaler for and what keeps its node from going idle. A cluster whose nodes and autoscaler offer no slot (a
+    plain `ray start`) keeps the driver where it did before: on the head when a node carries the head's label."""
+    if driver_slots_offered():
+        return {"num_cpus": 0, "resources": {DRIVER_RESOURCE: 1}}
     selector = control_plane_selector()
+    log.warning("no node or node group offers %s: the job's driver runs %s", DRIVER_RESOURCE,
+                "on the head" if selector else "on any node")
     return {"num_cpus": 0, **({"label_selector": selector} if selector else {})}
+
+
+# service/jobs/dispatcher.py's name for it, until it calls `on_driver_group`.
+on_control_plane = on_driver_group
+
+
+def driver_slots_offered() -> bool:
+    """Whether an alive node offers `DRIVER_RESOURCE`, or a node group the autoscaler may add does."""
+    if not ray.is_initialized():
+        return False
+    if any(node["resources"].get(DRIVER_RESOURCE) for node in describe_nodes()):
+        return True
+    return any(group.resources.get(DRIVER_RESOURCE) and group.max_count != 0 for group in cluster_node_groups())
+
+
+def cluster_node_groups() -> list:
+    """The autoscaler's node groups as it stored them in the GCS (`autoscaler_pb2.NodeGroupConfig`), empty when
+    there is none or it cannot be read."""
+    from ray._private.state import state  # the GCS accessor Ray Data reads the same config with
+
+    try:
+        config = state.get_cluster_config()
+    except Exception as error:  # noqa: BLE001 - an older GCS, a lost connection: no node groups known
+        log.warning("could not read the autoscaler's node groups: %s", error)
+        return []
+    return list(config.node_group_configs) if config is not None else []
 
 
 def on_driver_node() -> dict:

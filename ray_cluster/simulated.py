@@ -3,6 +3,13 @@ the environment its Ray processes inherit and their token authentication.
 
     spec = LocalClusterSpec(num_cheap=2)            # ray_cluster.local_cluster starts it
     head = head_node_args(spec, gcs_port=free_port())
+    spec = LocalClusterSpec(redis_address="127.0.0.1:6380")   # GCS fault tolerance: the head's tables in that Redis
+
+With `redis_address` (service/scripts/start_redis.sh starts one) the head's GCS keeps its tables in that Redis, as
+KubeRay's `gcsFaultToleranceOptions` make it (k8s/): a head killed and started again on the same GCS port and Redis
+(`ray_cluster.local_cluster.restart_head`) finds the cluster as it was, and the worker nodes, which wait
+`GCS_RECONNECT_TIMEOUT_S` for it, keep their actors and tasks running, the jobs' drivers on the CPU group's nodes
+(`DRIVER_RESOURCE`) among them.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +30,15 @@ DASHBOARD_PORT = 8265
 LOCAL_MAX_NODES = {"cheap-4090": 2, "cheap-4090-spot": 0, "expensive-a100": 1, "cpu": 1}
 
 SIMULATED_LABEL = ("moedisco.io/simulated", "true")  # a node whose GPU is logical
-CONTROL_PLANE_LABEL = {"moedisco.io/role": "control-plane"}  # the head's, here and in k8s/ (drivers go there)
+CONTROL_PLANE_LABEL = {"moedisco.io/role": "control-plane"}  # the head's, here and in k8s/ (the API goes there)
+# The CPU group's nodes offer slots for the jobs' drivers (the service's job actor, with its trainers' launcher, event
+# queue, Ray Data coordinators and trainers' controllers): a driver takes one, so that a pending driver is demand the
+# autoscaler adds a CPU node for, and a node running one is never idle. Here, as in k8s/ (`rayStartParams`).
+DRIVER_RESOURCE = "moedisco_driver"
+DRIVER_SLOTS_PER_NODE = 4
+# How long a worker node's raylet waits for a lost GCS before it exits (Ray's default, 60 s, said explicitly; KubeRay
+# sets 600 on the workers of a cluster with GCS fault tolerance).
+GCS_RECONNECT_TIMEOUT_S = 60
 
 
 def local_gpu_count() -> int:
@@ -54,6 +70,10 @@ class LocalClusterSpec:
     idle_timeout_s: float | None = None  # autoscale: idle seconds before a node goes; unset = resources' default
     # autoscale: most nodes of a group at once, by group; a group not named: its `max_nodes` (the manifests')
     max_nodes: dict[str, int] = field(default_factory=lambda: dict(LOCAL_MAX_NODES))
+    redis_address: str | None = None  # static: host:port of a Redis the GCS keeps its tables in (fault tolerance)
+    # GCS fault tolerance: the prefix of the cluster's keys in that Redis, one per cluster (a head started again
+    # with the same one finds the cluster; a new cluster on the same Redis must not)
+    external_storage_namespace: str = field(default_factory=lambda: f"moedisco-{uuid.uuid4().hex[:12]}")
 
     @classmethod
     def from_resources(cls, resources, **overrides) -> LocalClusterSpec:
@@ -69,6 +89,19 @@ class LocalClusterSpec:
         if self.real_gpus:
             return cheap + [({self.label_key: self.expensive_label}, self.real_gpus)] * self.num_expensive + cpu
         return cheap + [({self.label_key: self.expensive_label, **simulated}, 1)] * self.num_expensive + cpu
+
+    def custom_resources(self, labels: dict[str, str]) -> dict[str, float]:
+        """A node's resources besides CPUs and GPUs: a CPU node's driver slots."""
+        return {DRIVER_RESOURCE: DRIVER_SLOTS_PER_NODE} if labels.get(self.label_key) == self.cpu_label else {}
+
+    def gcs_ft_env(self) -> dict[str, str]:
+        """The head's environment for GCS fault tolerance (Ray reads RAY_REDIS_ADDRESS when a head starts), and the
+        workers' patience with a lost GCS; empty without a Redis."""
+        if self.redis_address is None:
+            return {}
+        return {"RAY_REDIS_ADDRESS": self.redis_address,
+                "RAY_external_storage_namespace": self.external_storage_namespace,
+                "RAY_gcs_rpc_server_reconnect_timeout_s": str(GCS_RECONNECT_TIMEOUT_S)}
 
 
 def quiet_ray_env() -> None:

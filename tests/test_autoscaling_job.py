@@ -6,9 +6,9 @@ A100 node and one CPU node, an idle timeout of a few seconds. The job's corpus i
 stages run on Ray Data's autoscaling actor pools rather than in one process, and it has two synchronisation rounds.
 What it must show: two experts training at once, each trainer on one GPU of its tier, the A100 node only for the
 fine-tune, the data pools on as many nodes as the groups allow, no node launched between the two rounds (their
-nodes are held through the sync), the drivers and no work on the head, a 30 s capacity deadline not tripped by
-queued experts and launching nodes, a group that may not grow failing within the deadline, and no worker node left
-after the jobs.
+nodes are held through the sync), no work on the head and the service's job actor on a CPU node, a 30 s capacity
+deadline not tripped by queued experts and launching nodes, a group that may not grow failing within the deadline,
+and no worker node left after the jobs.
 
     pytest tests/test_autoscaling_job.py -q
 """
@@ -163,14 +163,18 @@ def test_each_trainer_held_one_gpu_of_its_tier(job):
     assert all(len(row["gpu_ids"]) == 1 and row["device"] == "cpu" for row in rows)  # a logical GPU, torch on CPU
 
 
-def test_the_drivers_sit_on_the_head_and_a_simulated_gpu_is_hidden_from_torch(job):
-    """The job's launcher, event queue and trainers' controllers, and the service's job actor, on the head (the
-    control plane): no GPU pod is kept alive by them. A worker on a simulated node sees no CUDA device."""
+def test_the_drivers_helpers_follow_it_the_job_actor_brings_up_a_cpu_node_and_a_simulated_gpu_is_hidden(job):
+    """The job's launcher, event queue and trainers' controllers beside its driver (this test's process, on the
+    head), none on a GPU pod. The service's job actor asks for a driver slot, which only the CPU group offers: the
+    autoscaler brings up a CPU node for it (the job's one has gone idle by now). A worker on a simulated node sees no
+    CUDA device."""
     head, spec = job["head"], job["spec"]
     assert set(job["drivers"].values()) == {head} and {"TrainerLauncher", "EventQueue"} <= set(job["drivers"])
     actor = ray.remote(JobActor).options(**job_actor_placement("ray")).remote("sqlite://")
     try:
-        assert wait_until(lambda: actor_nodes("JobActor"), 60, what="the job actor") == {"JobActor": head}
+        node = wait_until(lambda: actor_nodes("JobActor"), 180, what="the job actor")["JobActor"]
+        group = next(n["Labels"].get("ray.io/node-group") for n in ray.nodes() if n["NodeID"] == node)
+        assert node != head and group == "cpu", group
     finally:
         ray.kill(actor)
     probe = ray.remote(visible_devices_after_prepare).options(**task_options(spec, spec.resources.submodel_tier))
