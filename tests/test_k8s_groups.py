@@ -63,10 +63,19 @@ def test_the_head_offers_ray_no_cpu(cluster: dict) -> None:
     assert cluster["headGroupSpec"]["rayStartParams"].get("num-cpus") == "0"
 
 
-def test_the_batch_jobs_driver_asks_for_no_resources() -> None:
-    # Without entrypoint resources Ray runs the driver on the head; with a CPU asked it would go to a worker pod.
+def test_the_batch_jobs_driver_takes_a_driver_slot_of_the_cpu_group() -> None:
+    # Without entrypoint resources Ray would run the driver on the head, and a head restart would end the job; a
+    # CPU asked would take one from the CPU-tier work. A driver slot only the cpu group offers puts it there.
+    import json
+
+    from ray_cluster.local_cluster import DRIVER_RESOURCE
+
     job = the("RayJob")["spec"]
-    assert not [key for key in ("entrypointNumCpus", "entrypointNumGpus", "entrypointResources") if job.get(key)]
+    assert not [key for key in ("entrypointNumCpus", "entrypointNumGpus") if job.get(key)]
+    assert json.loads(job["entrypointResources"]) == {DRIVER_RESOURCE: 1}
+    offering = [group["groupName"] for group in job["rayClusterSpec"]["workerGroupSpecs"]
+                if float(group.get("resources", {}).get(DRIVER_RESOURCE, 0)) >= 1]
+    assert offering == ["cpu"]
 
 
 @pytest.mark.parametrize("cluster", CLUSTER_PARAMS)

@@ -277,7 +277,7 @@ def test_serve_config_runs_the_api_on_the_head() -> None:
     assert {6379, 8265, 8000, 8080} <= set(ports.values())
 
 
-def test_drivers_and_the_api_are_pinned_to_the_head_label() -> None:
+def test_the_api_is_pinned_to_the_head_label() -> None:
     from ray_cluster.local_cluster import CONTROL_PLANE_LABEL
 
     service = the("RayService")
@@ -343,12 +343,17 @@ def test_service_and_monitors_select_real_pods() -> None:
 
 
 def job_spec_text() -> str:
-    """The spec file the RayJob's entrypoint reads, found through the head's ConfigMap mount."""
+    """The spec file the RayJob's entrypoint reads, found through the ConfigMap mount of the group its driver runs
+    on (the one offering its `entrypointResources`)."""
+    import json
+
     job = the("RayJob")
     path = Path(job["spec"]["entrypoint"].split()[2])
-    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]
-    volumes = {v["name"]: v for v in head["template"]["spec"]["volumes"]}
-    mounts = [m for m in ray_container(head)["volumeMounts"] if "configMap" in volumes[m["name"]]]
+    wanted = json.loads(job["spec"]["entrypointResources"])
+    (group,) = [group for group in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+                if wanted.keys() <= group.get("resources", {}).keys()]
+    volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
+    mounts = [m for m in ray_container(group)["volumeMounts"] if "configMap" in volumes[m["name"]]]
     (mount,) = [m for m in mounts if path.parent == Path(m["mountPath"])]
     config_maps = {c["metadata"]["name"]: c for c in docs_of("ConfigMap")}
     return config_maps[volumes[mount["name"]]["configMap"]["name"]]["data"][path.name]
