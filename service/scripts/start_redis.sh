@@ -4,6 +4,7 @@
 #
 #   export MOEDISCO_TEST_REDIS="$(bash service/scripts/start_redis.sh)"
 #   ... run the tests ...
+#   bash service/scripts/start_redis.sh --stop 127.0.0.1:PORT   # stops that one, by its PID
 #   bash service/scripts/start_redis.sh --stop        # stops every Redis this script started, by its PID
 #
 # Installs Debian's `redis-server` package when it is missing (apt-get; needs root, as on CI), without letting the
@@ -17,19 +18,29 @@ START_TIMEOUT_S=30
 
 log() { echo "start_redis: $*" >&2; }
 
-stop_all() {
+stop_server() {
+  local root="$1" pid
+  if pid=$(cat "$root/redis.pid" 2>/dev/null) && [ -n "$pid" ]; then
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+  fi
+  rm -rf "$root"
+}
+
+# Stop the server listening on $1 (host:port), or every one this script started; forget what was stopped.
+stop_servers() {
   [ -f "$STATE_FILE" ] || exit 0
-  local root pid
+  local only="${1:-}" root kept=()
   while read -r root; do
     [ -d "$root" ] || continue
-    if pid=$(cat "$root/redis.pid" 2>/dev/null) && [ -n "$pid" ]; then
-      kill "$pid" 2>/dev/null || true
-      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      kill -9 "$pid" 2>/dev/null || true
+    if [ -z "$only" ] || [ "$(cat "$root/address" 2>/dev/null)" = "$only" ]; then
+      stop_server "$root"
+    else
+      kept+=("$root")
     fi
-    rm -rf "$root"
   done < "$STATE_FILE"
-  rm -f "$STATE_FILE"
+  if [ "${#kept[@]}" -gt 0 ]; then printf '%s\n' "${kept[@]}" > "$STATE_FILE"; else rm -f "$STATE_FILE"; fi
 }
 
 install_redis() {
@@ -47,7 +58,7 @@ install_redis() {
 }
 
 if [ "${1:-}" = "--stop" ]; then
-  stop_all
+  stop_servers "${2:-}"
   exit 0
 fi
 
@@ -60,6 +71,7 @@ chmod 700 "$ROOT"
 
 redis-server --bind 127.0.0.1 --port "$PORT" --protected-mode yes --save '' --appendonly no \
   --dir "$ROOT" --daemonize yes --pidfile "$ROOT/redis.pid" --logfile "$ROOT/redis.log" >&2
+echo "127.0.0.1:$PORT" > "$ROOT/address"
 echo "$ROOT" >> "$STATE_FILE"
 
 deadline=$((SECONDS + START_TIMEOUT_S))
