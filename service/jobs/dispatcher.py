@@ -37,13 +37,14 @@ log = logging.getLogger(__name__)
 
 def job_actor_placement(runner: str) -> dict:
     """A local-runner actor trains in its own process, so it holds a CPU and goes where one is free; a Ray-runner
-    actor only orchestrates, on the head (`ray_cluster.placement.on_control_plane`), with the trainers' launcher
-    and event queue beside it."""
+    actor only orchestrates, in a driver slot of the on-demand CPU group (`ray_cluster.placement.on_driver_group`),
+    off the head, with the trainers' launcher and event queue beside it: a head restart with GCS fault tolerance
+    does not end it."""
     if runner == "local":
         return {"num_cpus": 1}
-    from ray_cluster.placement import on_control_plane
+    from ray_cluster.placement import on_driver_group
 
-    return on_control_plane()
+    return on_driver_group()
 
 
 class RayLauncher:
