@@ -5,11 +5,14 @@ manifests, their CRD schema check and the helpers are those of tests/test_k8s_ma
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
+import ray
 
 from tests.test_k8s_manifests import CLUSTER_PARAMS, gpu_groups, ray_container
 
+RAYLET = Path(ray.__file__).parent / "core" / "src" / "ray" / "raylet" / "raylet"
 SPOT_SELECTORS = {"cloud.google.com/gke-spot": "true", "eks.amazonaws.com/capacityType": "SPOT"}
 
 
@@ -37,7 +40,10 @@ def drain_timing(group: dict) -> tuple[int, int, int]:
     """(the drain's deadline, the most seconds the preStop keeps the pod, the grace period) of a worker group,
     whose preStop drains its Ray node as a preemption and then waits while a Ray Train worker runs there."""
     command = ray_container(group)["lifecycle"]["preStop"]["exec"]["command"][-1]
-    assert "ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION" in command
+    assert "ray drain-node ${id:+--node-id $id} --reason DRAIN_NODE_REASON_PREEMPTION" in command
+    # The node's id, from the line this Ray's raylet logs as it starts, spares the drain a driver's connection.
+    (logged,) = re.findall(r"grep -som1 '(Setting node ID) node_id=\[0-9a-f\]\*'", command)
+    assert logged.encode() in RAYLET.read_bytes()
     (pattern,) = re.findall(r"grep -qs '([^']+)' /proc/\[0-9\]\*/cmdline", command)
     # A Ray Train worker's process title; the pattern never matches the preStop's own command line.
     assert re.search(pattern, "ray::RayTrainWorker") and not re.search(pattern, command)
