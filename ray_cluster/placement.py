@@ -308,10 +308,6 @@ def on_driver_group() -> dict:
     return {"num_cpus": 0, **({"label_selector": selector} if selector else {})}
 
 
-# service/jobs/dispatcher.py's name for it, until it calls `on_driver_group`.
-on_control_plane = on_driver_group
-
-
 def driver_slots_offered() -> bool:
     """Whether an alive node offers `DRIVER_RESOURCE`, or a node group the autoscaler may add does."""
     if not ray.is_initialized():
