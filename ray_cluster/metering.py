@@ -25,7 +25,7 @@ import ray
 
 from moedisco.config.resources import ResourcesConfig
 from moedisco.planning.billing import NodeLife, price_group
-from ray_cluster.local_cluster import CONTROL_PLANE_LABEL, SIMULATED_LABEL
+from ray_cluster.local_cluster import CONTROL_PLANE_LABEL, DRIVER_RESOURCE, SIMULATED_LABEL
 
 log = logging.getLogger(__name__)
 MAX_BOOT_S = 1800.0  # a VM and a multi-GB image: longer than this, the request was for another node
@@ -96,7 +96,7 @@ class NodeMeter:
     def _life(self, node) -> NodeLife:
         labels = node.labels or {}
         resources = {key: float(value) for key, value in (node.resources_total or {}).items()
-                     if key in ("CPU", "GPU", "memory")}
+                     if key in ("CPU", "GPU", "memory", DRIVER_RESOURCE)}  # what a use's share is of
         group = price_group(self.resources, labels)
         started = node.start_time_ms / 1000.0
         if node.node_id not in self.requested:

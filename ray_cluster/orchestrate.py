@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 
 import ray
@@ -49,6 +50,7 @@ from ray_cluster.placement import (
     autoscaler_present,
     check_output_dir,
     check_tiers_reachable,
+    driver_use,
     on_driver_node,
     placement_tier,
     run_name,
@@ -73,6 +75,7 @@ class RayExecutor:
         self.data_worker = None
         self.meter: NodeMeter | None = None
         self.holds: RoundHolds | None = None
+        self.driver: NodeUse | None = None
         self.autoscaled = False
 
     def open(self, job: JobContext) -> None:
@@ -93,6 +96,9 @@ class RayExecutor:
         self.data_worker = helpers.data_worker
         # The nodes' lives, for the billed cost; with an autoscaler, when each node was asked for.
         self.meter = NodeMeter(self.spec.resources).start(watch_launches=self.autoscaled)
+        self.driver = driver_use()  # this driver's slot on a CPU node, billed to the job while it runs
+        if self.driver is not None:
+            job.events(self.driver)
 
     def run(self, tasks: list[Task], started: Started) -> Iterator[tuple[Task, dict]]:
         if not STAGE[tasks[0].stage].setup:
@@ -118,6 +124,9 @@ class RayExecutor:
     def close(self) -> None:
         if self.holds is not None:
             self.holds.release()
+        if self.driver is not None:
+            self.job.events(self.driver.model_copy(update={"end": time.time()}))
+            self.driver = None
         self.stop_data_worker()
         if self.tracker is not None:
             self.tracker.close()  # after an error or a cancel nothing of this job keeps running

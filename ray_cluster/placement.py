@@ -293,6 +293,19 @@ def control_plane_selector() -> dict[str, str] | None:
     return None
 
 
+def driver_use(stage: str = "driver") -> NodeUse | None:
+    """The use of its node this process holds as a job's driver, when it holds a `DRIVER_RESOURCE` slot (the
+    service's job actor): the CPU node it keeps up is billed to the job too. None for a driver started by hand."""
+    try:
+        held = ray.get_runtime_context().get_assigned_resources().get(DRIVER_RESOURCE, 0.0)
+    except Exception:  # noqa: BLE001 - not a Ray worker (a driver script): it holds no slot
+        return None
+    if not held:
+        return None
+    return NodeUse(stage=stage, node=ray.get_runtime_context().get_node_id(), pid=os.getpid(), start=time.time(),
+                   resources={DRIVER_RESOURCE: held})
+
+
 def on_driver_group() -> dict:
     """Options that put a job's driver (the service's job actor, zero CPUs) on a node of the on-demand CPU group, in
     one of its `DRIVER_RESOURCE` slots: not on the head, whose restart would end every running job (the trainers'

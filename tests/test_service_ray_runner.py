@@ -65,6 +65,9 @@ def test_tiny_job_on_the_labelled_tiers(service_url):
     assert [(row["stage"], row["tier"]) for row in cost["stages"]] == [("prepare", "cpu"), ("source", "cpu"),
                                                                         ("full_parameter", "A100")]
     assert cost["total_usd"] > 0 and cost["note"] == "this job is a full-parameter baseline"
+    # The job's driver held a slot of the CPU node for the whole job: billed to it, as the node's time it kept busy.
+    driver = [row for row in cost["billed"]["rows"] if row["stage"] == "driver"]
+    assert len(driver) == 1 and driver[0]["busy_seconds"] > 0 and "cpu" in driver[0]["group"], cost["billed"]["rows"]
 
 
 def test_two_dispatchers_on_one_store_launch_one_runner(service_url, tmp_path):
