@@ -151,6 +151,24 @@ def test_a_use_its_runner_never_closed_ends_where_the_job_did(store, tmp_path):
     assert job_cost(store, finished).billed_usd == pytest.approx(Users(store).month_spend("ada"), rel=1e-3)
 
 
+def test_a_lost_runners_use_ends_where_the_next_runner_was_launched(store, tmp_path):
+    """A running job relaunched after its runner was lost (here after a cluster event): the lost runner's open use
+    (its driver slot, a trainer's node) ends at the relaunch, not when the job does."""
+    job = make_job(store, tmp_path, "h" * 12, "ada")
+    store.claim_next_queued()
+    assert store.begin_attempt(job.id, ray_session="session_old")
+    opened = time.time()  # by the first runner, after its launch
+    alive = NodeLife(node="n1", group="cheap-4090", started_at=T0 - 30, resources={"GPU": 1.0})
+    _record(store, tmp_path, job.id, [(opened, None, {"GPU": 1.0})], [alive])
+    time.sleep(1.0)
+    assert store.begin_attempt(job.id, counted=False, ray_session="session_new")
+    relaunched = store.get_job(job.id)
+    busy = job_cost(store, relaunched).billed.seconds_by_kind["busy"]
+    assert busy == pytest.approx(relaunched.launched_at.timestamp() - opened, abs=0.2)
+    time.sleep(0.3)
+    assert job_cost(store, store.get_job(job.id)).billed.seconds_by_kind["busy"] == busy  # no longer growing
+
+
 def test_runners_views_of_a_node_merge_and_a_node_not_yet_reported_falls_back_to_compute(store, tmp_path):
     ada = make_job(store, tmp_path, "e" * 12, "ada")
     store.claim_next_queued()

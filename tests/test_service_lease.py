@@ -65,7 +65,7 @@ class Launcher:
     def __init__(self, session: str, node_lost: bool = False):
         self.session, self.node_lost, self.alive, self.launched = session, node_lost, set(), []
 
-    def cluster_id(self) -> str:
+    def ray_session(self) -> str:
         return self.session
 
     def is_alive(self, job_id: str) -> bool:
@@ -90,10 +90,10 @@ def test_the_newest_control_plane_dispatches_and_an_older_one_launches_nothing(s
     old = dispatcher(store, old_cluster)
     first = make_job(store, tmp_path, "a" * 12)
     old.tick()
-    assert old_cluster.launched == [first.id] and store.get_job(first.id).cluster == "session_old"
+    assert old_cluster.launched == [first.id] and store.get_job(first.id).ray_session == "session_old"
     new = dispatcher(store, new_cluster)  # an upgrade: the new cluster's control plane starts
     new.tick()
-    assert store.dispatch_holder().cluster == "session_new"
+    assert store.dispatch_holder().ray_session == "session_new"
     second = make_job(store, tmp_path, "b" * 12)
     old.tick()  # still alive, but no longer dispatching: it launches nothing, however long it lives
     assert old_cluster.launched == [first.id] and not old.leading
@@ -103,6 +103,19 @@ def test_the_newest_control_plane_dispatches_and_an_older_one_launches_nothing(s
     with store.session() as session, session.begin():
         session.get(DispatchLeaseRow, "dispatcher").heartbeat_at = utcnow() - timedelta(hours=1)
     assert old.lead() and store.dispatch_holder().holder == old.plane_id
+
+
+def test_a_restarted_process_of_the_old_cluster_does_not_take_dispatching_back(store, tmp_path):
+    """Newer is the newer Ray session first (an upgrade's new cluster), then, within a session, the later process:
+    the old cluster's API restarting during the upgrade stands by, and a restart in the new cluster takes over."""
+    old_session, new_session = "session_2026-12-07_10-00-00_000000_11", "session_2026-12-07_11-30-00_000000_22"
+    new = dispatcher(store, Launcher(new_session))
+    assert new.lead()
+    restarted_old = dispatcher(store, Launcher(old_session))  # a process started after `new`, in the old cluster
+    assert restarted_old.born_at > new.born_at and not restarted_old.lead()
+    assert store.dispatch_holder().holder == new.plane_id
+    restarted_new = dispatcher(store, Launcher(new_session))
+    assert restarted_new.lead() and not new.lead()
 
 
 def lose_runner(store, job_id: str) -> None:
@@ -122,7 +135,7 @@ def test_a_runner_lost_with_its_cluster_or_node_is_relaunched_without_using_up_a
         new.tick()
         assert new_cluster.launched == [job.id] * restarts
         again = store.get_job(job.id)
-        assert (again.state, again.attempts, again.cluster_restarts, again.cluster) == (
+        assert (again.state, again.attempts, again.cluster_restarts, again.ray_session) == (
             "running", 1, restarts, "session_new")
     lose_runner(store, job.id)
     new.tick()  # a third cluster event: the bound on loops
@@ -164,10 +177,10 @@ def test_a_runner_hands_its_job_over_at_a_checkpoint_once_another_cluster_dispat
 
     monkeypatch.setitem(executor.RUNNERS, "local", trains_until_asked)
     monkeypatch.setattr(executor, "record_estimate", lambda *args: None)
-    assert executor.execute_job(store, job.id, "local", lease_ttl_s=0.3, cluster="session_old") is None
+    assert executor.execute_job(store, job.id, "local", lease_ttl_s=0.3, ray_session="session_old") is None
     after = store.get_job(job.id)
     assert after.state == "running" and after.runner_id is None and after.heartbeat_at is None  # free at once
-    assert [(e.data["state"], e.data["cluster"]) for e in store.events(job.id, "runner")] == [
+    assert [(e.data["state"], e.data["ray_session"]) for e in store.events(job.id, "runner")] == [
         ("started", "session_old"), ("handed_over", "session_old")]
     assert checkpoints[-1] > 10  # went on to a checkpoint after the new plane took over
     new_cluster = Launcher("session_new")

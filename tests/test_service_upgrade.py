@@ -123,7 +123,7 @@ def test_a_job_outlives_three_upgrades_of_its_control_plane(tmp_path):
             wait_until(lambda: store.dispatch_holder().holder != holder, 60, what="the new plane dispatching")
             if upgrade == 2:
                 wait_until(lambda: runner_events(store, job_id, "handed_over"), 120, what="the runner handing over")
-            old_cluster = runner_events(store, job_id, "started")[-1].data["cluster"]
+            old_cluster = runner_events(store, job_id, "started")[-1].data["ray_session"]
             old.kill()
             killed_at[old_cluster] = utcnow()
         job = wait_for_state(planes[-1].client, job_id, TERMINAL_STATES, 600)
@@ -139,11 +139,11 @@ def test_a_job_outlives_three_upgrades_of_its_control_plane(tmp_path):
 
     # One runner per plane, in order; each started only once the one before had handed over or died with its plane.
     started = runner_events(store, job_id, "started")
-    assert len(started) == 4 and len({event.data["cluster"] for event in started}) == 4
+    assert len(started) == 4 and len({event.data["ray_session"] for event in started}) == 4
     handed_over = {event.data["runner"]: event.time for event in runner_events(store, job_id, "handed_over")}
     assert handed_over, "no runner handed the job over"
     for before, after in zip(started, started[1:]):
-        gone = handed_over.get(before.data["runner"], killed_at.get(before.data["cluster"]))
+        gone = handed_over.get(before.data["runner"], killed_at.get(before.data["ray_session"]))
         assert gone is not None and after.time > gone, (before.data, after.data)
 
     # Every training stage that started again went on from a checkpoint, not from step 0.

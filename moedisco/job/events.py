@@ -105,7 +105,7 @@ class RunnerEvent(Event):
     event: Literal["runner"] = "runner"
     runner: str  # the runner's id (its lease on the job)
     state: Literal["started", "handed_over", "ended"]
-    cluster: str | None = None  # its Ray session (None: not in a Ray actor)
+    ray_session: str | None = None  # its cluster's Ray session (None: not in a Ray actor)
     node: str | None = None
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 from service.core.config import Settings
 from service.jobs.executor import JobActor
@@ -79,7 +79,7 @@ class RayLauncher:
         return True
 
     @staticmethod
-    def cluster_id() -> str:
+    def ray_session() -> str:
         """This cluster's Ray session: a new cluster has a new one, a head restarted with GCS fault tolerance keeps
         it."""
         import ray
@@ -118,11 +118,22 @@ class RayLauncher:
         actor.run.remote(job_id, runner)  # fire and forget: the actor reports through the store
 
 
+def session_start(ray_session: str) -> datetime | None:
+    """When a Ray session started, from its name (`session_2026-12-07_17-41-29_023999_20940`: Ray names it after its
+    head's start, UTC here as in a pod); None for a name of another form."""
+    try:
+        started = datetime.strptime(ray_session.removeprefix("session_")[:26], "%Y-%m-%d_%H-%M-%S_%f")
+    except ValueError:
+        return None
+    return started.replace(tzinfo=timezone.utc)
+
+
 class Dispatcher:
     def __init__(self, store: Store, launcher: RayLauncher, settings: Settings):
         self.store, self.launcher, self.settings = store, launcher, settings
         self.plane_id, self.born_at = uuid.uuid4().hex, utcnow()  # which control plane this is, and how new
-        self.cluster: str | None = None  # its Ray session, once connected
+        self.ray_session: str | None = None  # its cluster's Ray session, once connected, and when that started
+        self.session_born_at = self.born_at
         self.leading: bool | None = None
         self._wake, self._stop = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
@@ -137,11 +148,13 @@ class Dispatcher:
 
     def lead(self) -> bool:
         """Take or renew the dispatch lease; False while a newer control plane dispatches (this one stands by)."""
-        if self.cluster is None:
-            self.cluster = self.launcher.cluster_id()
-        leading = self.store.hold_dispatch(self.plane_id, self.cluster, self.born_at, self.stale_before())
+        if self.ray_session is None:
+            self.ray_session = self.launcher.ray_session()
+            self.session_born_at = session_start(self.ray_session) or self.born_at
+        leading = self.store.hold_dispatch(self.plane_id, self.ray_session, self.session_born_at, self.born_at,
+                                           self.stale_before())
         if leading != self.leading:
-            log.warning("dispatcher %s (Ray session %s) %s", self.plane_id, self.cluster,
+            log.warning("dispatcher %s (Ray session %s) %s", self.plane_id, self.ray_session,
                         "dispatches" if leading else "stands by: a newer control plane dispatches")
             self.leading = leading
         return leading
@@ -172,8 +185,8 @@ class Dispatcher:
 
     def cluster_event(self, job) -> str | None:
         """Why the job's runner is gone, when that was the cluster's doing (see the module's docstring)."""
-        if job.cluster is not None and job.cluster != self.cluster:
-            return f"its runner's cluster ({job.cluster}) went away or handed it over"
+        if job.ray_session is not None and job.ray_session != self.ray_session:
+            return f"its runner's cluster (Ray session {job.ray_session}) went away or handed it over"
         return self.launcher.node_loss(job.id)
 
     def start_queued(self) -> None:
@@ -186,7 +199,7 @@ class Dispatcher:
 
     def _launch(self, job_id: str, runner: str, counted: bool = True) -> None:
         # Else another dispatcher just launched it.
-        if self.store.begin_attempt(job_id, self.stale_before(), cluster=self.cluster, counted=counted):
+        if self.store.begin_attempt(job_id, self.stale_before(), ray_session=self.ray_session, counted=counted):
             self.launcher.launch(job_id, runner)
 
     # --- background thread --------------------------------------------------------------------------------------

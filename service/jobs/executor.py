@@ -80,6 +80,9 @@ def record_estimate(store: Store, job_id: str, spec: JobSpec) -> None:
         log.warning("job %s: no cost estimate (%s)", job_id, error)
 
 
+HANDOVER_CHECK_S = 5.0  # how soon a runner learns that another cluster's control plane dispatches
+
+
 class Lease:
     """This runner's lease on a job in the store, renewed from a thread every third of `ttl_s` (at least every
     HANDOVER_CHECK_S) while the job runs, so that a dispatcher (of this cluster, or of the next one during an upgrade)
@@ -87,11 +90,12 @@ class Lease:
     folder (`moedisco.job.layout.claim`): a runner taken for dead that wakes up finds another runner's claim there
     and stops before it writes.
 
-    `cluster`: the Ray session the runner runs in. Once a control plane of another session holds the dispatch lease
-    (`Store.hold_dispatch`), `check()` says stop: the runner ends at its next checkpoint and hands the job over."""
+    `ray_session`: the Ray session the runner runs in. Once a control plane of another session holds the dispatch
+    lease (`Store.hold_dispatch`), `check()` says stop: the runner ends at its next checkpoint and hands the job
+    over."""
 
-    def __init__(self, store: Store, job_id: str, ttl_s: float, cluster: str | None = None):
-        self.store, self.job_id, self.ttl_s, self.cluster = store, job_id, ttl_s, cluster
+    def __init__(self, store: Store, job_id: str, ttl_s: float, ray_session: str | None = None):
+        self.store, self.job_id, self.ttl_s, self.ray_session = store, job_id, ttl_s, ray_session
         self.runner_id = uuid.uuid4().hex
         self.lost, self.handing_over = threading.Event(), threading.Event()
         self._stop = threading.Event()
@@ -114,14 +118,14 @@ class Lease:
             log.warning("job %s: runner %s lost its lease to another runner", self.job_id, self.runner_id)
             self.lost.set()
         self.check()
-        if self.cluster is not None and not self.handing_over.is_set() and self.dispatched_elsewhere():
+        if self.ray_session is not None and not self.handing_over.is_set() and self.dispatched_elsewhere():
             log.warning("job %s: a control plane of another cluster dispatches now; handing the job over at its "
                         "next checkpoint", self.job_id)
             self.handing_over.set()
 
     def dispatched_elsewhere(self) -> bool:
         holder = self.store.dispatch_holder()
-        return (holder is not None and holder.cluster not in (None, self.cluster)
+        return (holder is not None and holder.ray_session not in (None, self.ray_session)
                 and holder.heartbeat_at >= utcnow() - timedelta(seconds=self.ttl_s))
 
     def check(self) -> bool:
@@ -143,27 +147,25 @@ class Lease:
                 log.exception("job %s: could not renew the lease", self.job_id)
 
 
-HANDOVER_CHECK_S = 5.0  # how soon a runner learns that another cluster's control plane dispatches
-
-
 def execute_job(store: Store, job_id: str, runner: str, lease_ttl_s: float = 60.0,
-                rules: AccessRules | None = None, cluster: str | None = None, node: str | None = None) -> str | None:
+                rules: AccessRules | None = None, ray_session: str | None = None, node: str | None = None
+                ) -> str | None:
     """Run a `running` job to a terminal state; returns that state (None when the job was not running, another
     runner holds its lease, took it over while this one ran, or this one handed it over). With `rules`, the job's
     inputs are checked again for its owner (`service.jobs.access`) before it runs: an owner who lost a job or an
-    admin right since submitting cannot have it read what is no longer theirs. `cluster`, `node`: the Ray session
+    admin right since submitting cannot have it read what is no longer theirs. `ray_session`, `node`: the Ray session
     and node this runner runs in (a job actor's), recorded in the job's `runner` events."""
     job = store.get_job(job_id)
     if job is None or job.state != "running":
         return None
-    lease = Lease(store, job_id, lease_ttl_s, cluster)
+    lease = Lease(store, job_id, lease_ttl_s, ray_session)
     if not lease.claim():
         log.warning("job %s: another runner holds its lease; not running it twice", job_id)
         return None
     recorder = EventRecorder(store, job_id, job.output_dir)
 
     def said(state: str) -> None:
-        recorder(RunnerEvent(runner=lease.runner_id, state=state, cluster=cluster, node=node))
+        recorder(RunnerEvent(runner=lease.runner_id, state=state, ray_session=ray_session, node=node))
 
     said("started")
     with lease:
@@ -267,8 +269,8 @@ class JobActor:
         store = Store(self.database_url, billing=self.billing)
         context = ray.get_runtime_context()
         try:
-            return execute_job(store, job_id, runner, self.lease_ttl_s, self.rules, cluster=context.get_session_name(),
-                               node=context.get_node_id())
+            return execute_job(store, job_id, runner, self.lease_ttl_s, self.rules,
+                               ray_session=context.get_session_name(), node=context.get_node_id())
         finally:
             store.close()
             ray.actor.exit_actor()  # free the actor's name and CPU: detached actors otherwise live forever

@@ -92,10 +92,11 @@ def job_resources(store: Store, job: JobRow) -> ResourcesConfig:
 
 
 def _stopped_at(job: JobRow) -> float | None:
-    """Where the job's record says its runner stopped: its end; while it runs, the start of its current runner
-    (a use opened before was a runner's that died or was replaced)."""
+    """Where the job's record says its runner stopped: its end; while it runs, the launch of its current runner
+    (a use opened before was a runner's that died, was replaced or handed the job over)."""
     if job.state == "running":
-        return job.started_at.timestamp() if job.started_at else None
+        launched = job.launched_at or job.started_at
+        return launched.timestamp() if launched else None
     moment = job.finished_at or job.heartbeat_at or job.started_at
     return moment.timestamp() if moment else None
 

@@ -79,7 +79,8 @@ class JobRow(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # runner starts charged to the job itself
     # Relaunches after cluster events (its runner's node or cluster went away, a handover): not the job's fault.
     cluster_restarts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    cluster: Mapped[str | None] = mapped_column(Text)  # the Ray session the job's runner was last launched in
+    ray_session: Mapped[str | None] = mapped_column(Text)  # the Ray session its runner was last launched in ...
+    launched_at: Mapped[datetime | None]  # ... and when: an open node use from before was a lost runner's
     runner_id: Mapped[str | None] = mapped_column(String(32))  # the lease: which runner holds the job ...
     heartbeat_at: Mapped[datetime | None]  # ... and when it (or its launch) last renewed it
     result: Mapped[dict[str, Any] | None]
@@ -102,8 +103,11 @@ class DispatchLeaseRow(Base):
 
     name: Mapped[str] = mapped_column(String(32), primary_key=True)
     holder: Mapped[str] = mapped_column(String(32))  # the dispatcher's id (one per control-plane process)
-    cluster: Mapped[str | None] = mapped_column(Text)  # its Ray session: runners of other sessions hand over
-    born_at: Mapped[datetime]  # when that dispatcher started: a newer one takes the lease
+    ray_session: Mapped[str | None] = mapped_column(Text)  # its Ray session: runners of other sessions hand over
+    # Which dispatcher is newer: the one of the newer Ray session (a newer cluster; a head restarted with GCS fault
+    # tolerance keeps its session), then, within one session, the one started later.
+    session_born_at: Mapped[datetime]
+    born_at: Mapped[datetime]
     heartbeat_at: Mapped[datetime]
 
 
@@ -237,7 +241,8 @@ ADDED_COLUMNS = {("moedisco_jobs", "version"): "INTEGER NOT NULL DEFAULT 0",
                  # Jobs from before users existed belong to the bootstrap admin (MOEDISCO_API_TOKEN).
                  ("moedisco_jobs", "owner"): "VARCHAR(64) NOT NULL DEFAULT 'admin'",
                  ("moedisco_jobs", "cluster_restarts"): "INTEGER NOT NULL DEFAULT 0",
-                 ("moedisco_jobs", "cluster"): "TEXT",
+                 ("moedisco_jobs", "ray_session"): "TEXT",
+                 ("moedisco_jobs", "launched_at"): "TIMESTAMP WITH TIME ZONE",
                  # Cost rows from before then have none: they count in the month their job was created.
                  ("moedisco_costs", "priced_at"): "TIMESTAMP WITH TIME ZONE",
                  # Work lost to restarts, counted since spot preemptions were: none before.

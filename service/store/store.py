@@ -4,7 +4,7 @@
     job = store.create_job("a1b2c3", spec_dict, runner="local", owner="ada")
     rows, count = store.list_jobs(states=["queued"], offset=0, limit=20, owner="ada")   # owner None: everyone's
     claimed = store.claim_next_queued()            # queued -> running, atomically (no job starts twice)
-    store.hold_dispatch("plane-1", "session_x", born_at, stale_before)  # True: this control plane dispatches
+    store.hold_dispatch("plane-1", "session_x", session_born_at, born_at, stale_before)  # True: it dispatches
 
 State changes are conditional UPDATEs (`... WHERE state = 'queued'`), so two processes racing on one job cannot
 both win, on SQLite or PostgreSQL. Every write to a job, its stages or its costs also bumps the job's `version`
@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, or_, select, update
+from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -156,17 +156,19 @@ class Store:
                 return self.get_job(job.id)
         return None
 
-    def begin_attempt(self, job_id: str, stale_before: datetime | None = None, cluster: str | None = None,
+    def begin_attempt(self, job_id: str, stale_before: datetime | None = None, ray_session: str | None = None,
                       counted: bool = True) -> bool:
-        """Count a launch of the job's runner in Ray session `cluster` and reserve its lease (renewed now, held by
-        no runner yet), unless a runner renewed it since `stale_before`; True when this caller may launch (one of
-        several dispatchers). `counted` False: a relaunch after a cluster event, counted in `cluster_restarts`
-        instead of `attempts` (which only the job's own losses use up)."""
+        """Count a launch of the job's runner in `ray_session` and reserve its lease (renewed now, held by no runner
+        yet), unless a runner renewed it since `stale_before`; True when this caller may launch (one of several
+        dispatchers). `counted` False: a relaunch after a cluster event, counted in `cluster_restarts` instead of
+        `attempts` (which only the job's own losses use up)."""
         lease_free = [JobRow.state == "running"]
         if stale_before is not None:
             lease_free.append(or_(JobRow.heartbeat_at.is_(None), JobRow.heartbeat_at < stale_before))
         count = {"attempts": JobRow.attempts + 1} if counted else {"cluster_restarts": JobRow.cluster_restarts + 1}
-        return self._update_job(job_id, lease_free, runner_id=None, heartbeat_at=utcnow(), cluster=cluster, **count)
+        now = utcnow()
+        return self._update_job(job_id, lease_free, runner_id=None, heartbeat_at=now, ray_session=ray_session,
+                                launched_at=now, **count)
 
     # --- the runner's lease -------------------------------------------------------------------------------------
 
@@ -197,21 +199,26 @@ class Store:
 
     # --- the dispatch lease: one control plane launches at a time ----------------------------------------------
 
-    def hold_dispatch(self, holder: str, cluster: str | None, born_at: datetime, stale_before: datetime) -> bool:
-        """Take or renew the dispatch lease for dispatcher `holder` (of Ray session `cluster`, started at
-        `born_at`): its own, one of an older dispatcher (a newer control plane takes over at once, as an upgrade
-        wants), or one nobody renewed since `stale_before`. False while a newer dispatcher holds it."""
-        values = {"holder": holder, "cluster": cluster, "born_at": born_at, "heartbeat_at": utcnow()}
-        takeable = or_(DispatchLeaseRow.holder == holder, DispatchLeaseRow.born_at < born_at,
-                       DispatchLeaseRow.heartbeat_at < stale_before)
+    def hold_dispatch(self, holder: str, ray_session: str | None, session_born_at: datetime, born_at: datetime,
+                      stale_before: datetime) -> bool:
+        """Take or renew the dispatch lease for dispatcher `holder` (of `ray_session`, which started at
+        `session_born_at`; the dispatcher at `born_at`): its own, one of an older control plane (a newer cluster
+        takes over at once, as an upgrade wants; a process of the old cluster restarting meanwhile does not take it
+        back), or one nobody renewed since `stale_before`. False while a newer one holds it."""
+        values = {"holder": holder, "ray_session": ray_session, "session_born_at": session_born_at,
+                  "born_at": born_at, "heartbeat_at": utcnow()}
+        lease = DispatchLeaseRow
+        older = or_(lease.session_born_at < session_born_at,
+                    and_(lease.session_born_at == session_born_at, lease.born_at < born_at))
+        takeable = or_(lease.holder == holder, older, lease.heartbeat_at < stale_before)
         with self.session() as session, session.begin():
-            taken = session.execute(update(DispatchLeaseRow).where(DispatchLeaseRow.name == DISPATCH_LEASE, takeable)
+            taken = session.execute(update(lease).where(lease.name == DISPATCH_LEASE, takeable)
                                     .values(**values)).rowcount == 1
-            if taken or session.get(DispatchLeaseRow, DISPATCH_LEASE) is not None:
+            if taken or session.get(lease, DISPATCH_LEASE) is not None:
                 return taken
         try:
             with self.session() as session, session.begin():
-                session.add(DispatchLeaseRow(name=DISPATCH_LEASE, **values))
+                session.add(lease(name=DISPATCH_LEASE, **values))
         except IntegrityError:  # another dispatcher created it first: the next pass compares ages
             return False
         return True
@@ -254,8 +261,8 @@ class Store:
         """Queue a failed or cancelled job again on its output_dir, where its runner skips what is done and
         resumes an interrupted stage from its checkpoint; False for a job in another state."""
         return self._update_job(job_id, [JobRow.state.in_(("failed", "cancelled"))], state="queued", reason=None,
-                                cancel_requested=False, attempts=0, finished_at=None, result=None,
-                                runner_id=None, heartbeat_at=None)
+                                cancel_requested=False, attempts=0, cluster_restarts=0, finished_at=None,
+                                result=None, runner_id=None, heartbeat_at=None)
 
     def is_cancel_requested(self, job_id: str) -> bool:
         with self.session() as session:
