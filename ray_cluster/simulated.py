@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moedisco.config.resources import DRIVER_SLOTS_PER_NODE
 from ray_cluster.auth import AUTH_MODE, enable_token_auth, ensure_token
 
 DASHBOARD_PORT = 8265
@@ -35,7 +36,6 @@ CONTROL_PLANE_LABEL = {"moedisco.io/role": "control-plane"}  # the head's, here 
 # queue, Ray Data coordinators and trainers' controllers): a driver takes one, so that a pending driver is demand the
 # autoscaler adds a CPU node for, and a node running one is never idle. Here, as in k8s/ (`rayStartParams`).
 DRIVER_RESOURCE = "moedisco_driver"
-DRIVER_SLOTS_PER_NODE = 4
 # How long a worker node's raylet waits for a lost GCS before it exits (Ray's default, 60 s, said explicitly; KubeRay
 # sets 600 on the workers of a cluster with GCS fault tolerance).
 GCS_RECONNECT_TIMEOUT_S = 60

@@ -13,8 +13,8 @@ import json
 
 import pytest
 
+from moedisco.config.resources import DRIVER_SLOTS_PER_NODE
 from ray_cluster.local_cluster import DRIVER_RESOURCE
-from ray_cluster.simulated import DRIVER_SLOTS_PER_NODE
 from tests.test_k8s_manifests import CLUSTER_PARAMS, named, ray_container, schema_errors, the
 
 # KubeRay's validation.go (ValidateRayClusterSpec) refuses these beside gcsFaultToleranceOptions: the options are

@@ -33,6 +33,11 @@ CPU_DEVICE_TYPE = "cpu"  # the `device_type` of a tier without accelerators
 NODE_MEMORY_GB = {"rtx4090": 24.0, "a100": 96.0, CPU_DEVICE_TYPE: 24.0}
 
 
+# Jobs' drivers one node of the CPU tier hosts (the service's job actors, `ray_cluster.placement.on_driver_group`):
+# a stage on that node leaves them their processes' memory (`moedisco.planning.host_memory`).
+DRIVER_SLOTS_PER_NODE = 2
+
+
 class TierConfig(_Section):
     """Where a tier's stages run, and what each of their Ray workers asks for.
 
@@ -311,5 +316,5 @@ class ResourcesConfig(_Section):
         return sorted(change.since.timestamp() for change in self.price_changes if change.group == group)
 
 
-__all__ = ["CPU_DEVICE_TYPE", "NODE_MEMORY_GB", "DeviceSpec", "NodeGroupConfig", "PriceChange", "ResourcesConfig",
-           "TierConfig"]
+__all__ = ["CPU_DEVICE_TYPE", "DRIVER_SLOTS_PER_NODE", "NODE_MEMORY_GB", "DeviceSpec", "NodeGroupConfig",
+           "PriceChange", "ResourcesConfig", "TierConfig"]

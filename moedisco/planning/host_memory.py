@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from moedisco.config.resources import DRIVER_SLOTS_PER_NODE
 from moedisco.config.spec import JobSpec
 from moedisco.job.registry import STAGE, tier_of
 from moedisco.models.architecture import read_config
@@ -44,7 +45,8 @@ def source_plan(spec: JobSpec, config: PretrainedConfig, counts: dict[str, int])
     MoE is filled, with one layer's experts being copied from it (`largest_tensor`). `save_weights` writes from
     the parameters themselves, copying nothing, with the safetensors constraints.txt pins (older releases copied
     every tensor to bytes first, safetensors issue #458, doubling the peak). On top: the stage's process
-    (`PROCESS_GB`); the node may fill `NODE_FILL` of its memory."""
+    (`PROCESS_GB`); the node may fill `NODE_FILL` of its memory, less what the jobs' drivers it may host need
+    (`DRIVER_SLOTS_PER_NODE` processes, on the CPU tier)."""
     tier = tier_of(spec.resources, "source")
     node_gb = tier.node_memory_gb_or_default()
     dense = _dense_parameters(spec)
@@ -53,7 +55,9 @@ def source_plan(spec: JobSpec, config: PretrainedConfig, counts: dict[str, int])
             "process_gb": PROCESS_GB, "parameters": counts["total"], "tier": tier.label,
             "node_memory_from": f"resources.{STAGE['source'].tier}.node_memory_gb", "node_memory_gb": node_gb}
     plan["total_gb"] = plan["model_gb"] + plan["upcycled_gb"] + PROCESS_GB
-    plan["fits"] = node_gb is None or plan["total_gb"] <= node_gb * NODE_FILL
+    plan["drivers_gb"] = DRIVER_SLOTS_PER_NODE * PROCESS_GB if tier.label == spec.resources.cpu_tier.label else 0.0
+    plan["usable_gb"] = None if node_gb is None else node_gb * NODE_FILL - plan["drivers_gb"]
+    plan["fits"] = node_gb is None or plan["total_gb"] <= plan["usable_gb"]
     return plan
 
 
@@ -74,5 +78,6 @@ def host_refusal(stage: str, plan: dict) -> str | None:
     return (f"{stage}: needs {plan['total_gb']:.1f} GB of host memory on one node of tier `{plan['tier']}` (the "
             f"full MoE, {plan['parameters'] / 1e9:.2f}B parameters in fp32: {plan['model_gb']:.1f} GB{upcycled}, "
             f"+ {plan['process_gb']:g} GB for its process), but a node has {node_gb:g} GB ({field}, "
-            f"{NODE_FILL:.0%} usable): {plan['total_gb'] - node_gb * NODE_FILL:.1f} GB short; give the tier a node "
-            f"group with bigger nodes and set {field} to their memory")
+            f"{NODE_FILL:.0%} usable, {plan['drivers_gb']:g} GB of it left to the jobs' drivers it hosts): "
+            f"{plan['total_gb'] - plan['usable_gb']:.1f} GB short; give the tier a node group with bigger nodes and "
+            f"set {field} to their memory")
