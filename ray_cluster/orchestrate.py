@@ -43,14 +43,12 @@ from ray_cluster.data.shards import NO_RAY_DATA_SCALE_UP
 from ray_cluster.data.stages import DATA_STAGES
 from ray_cluster.local_cluster import LocalClusterSpec, start_local_cluster, stop_local_cluster, wants_token
 from ray_cluster.metering import NodeMeter
+from ray_cluster.node_uses import NodeUseReporter, RoundHolds, driver_use
 from ray_cluster.placement import (
-    NodeUseReporter,
-    RoundHolds,
     TierUnreachable,
     autoscaler_present,
     check_output_dir,
     check_tiers_reachable,
-    driver_use,
     on_driver_node,
     placement_tier,
     run_name,
@@ -189,7 +187,7 @@ class RayExecutor:
         return Demand.of(self.spec, tier, self.autoscaled)
 
     def reporter(self, task: Task) -> NodeUseReporter:
-        """What the task's workers say their node uses with (`placement.NodeUseReporter`)."""
+        """What the task's workers say their node uses with (`node_uses.NodeUseReporter`)."""
         return NodeUseReporter(self.tracker.queue, task.ids)
 
     def launch_trainer(self, task: Task) -> None:

@@ -34,7 +34,8 @@ from moedisco.job.events import WorkerStarted, progress_event
 from moedisco.job.layout import ClaimLost, JobPaths, check_claim
 from moedisco.stages.stage_run import StageRun
 from moedisco.training.preemption import PreemptionNotice
-from ray_cluster.placement import NodeUseReporter, placement_tier, prepare_worker, storage_root
+from ray_cluster.node_uses import NodeUseReporter
+from ray_cluster.placement import placement_tier, prepare_worker, storage_root
 
 log = logging.getLogger(__name__)
 

@@ -44,8 +44,9 @@ from ray_cluster.local_cluster import (
     describe_nodes,
     free_port,
 )
+from ray_cluster.node_uses import NodeUseReporter
 from ray_cluster.orchestrate import run_job_on_ray
-from ray_cluster.placement import NodeUseReporter, job_storage, on_driver_node, placement_tier
+from ray_cluster.placement import job_storage, on_driver_node, placement_tier
 from ray_cluster.tracking import EventQueue
 from ray_cluster.worker import POINTER_FILE
 from tests.conftest import CORPUS, tiny_spec_dict

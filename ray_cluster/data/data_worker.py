@@ -10,7 +10,7 @@ prepare, else counted after it) would have Ray Data embed it with a single actor
 would cost more than the work. Its data stages run instead in one `DataWorker`, placed like an embedding actor (one
 cheap node and its GPU, if any), which imports moedisco's stages once when it starts and writes the same shards and
 OUTPUT files as the Ray Data path. Each stage it runs holds its node from the end of the one before (the first:
-from the worker's start, imports included) to its own end (`placement.NodeUseReporter`), so the stages share out
+from the worker's start, imports included) to its own end (`node_uses.NodeUseReporter`), so the stages share out
 its whole life. Light to import (Ray and the spec only), as `ray_cluster.prestart` must be.
 """
 
@@ -25,7 +25,8 @@ from moedisco.config.resources import TierConfig
 from moedisco.config.spec import JobSpec
 from moedisco.job.layout import JobPaths, is_done
 from moedisco.job.registry import STAGES
-from ray_cluster.placement import SILENT, NodeUseReporter, prepare_worker, task_options
+from ray_cluster.node_uses import SILENT, NodeUseReporter
+from ray_cluster.placement import prepare_worker, task_options
 
 if TYPE_CHECKING:
     from moedisco.stages.stage_run import StageRun

@@ -16,7 +16,7 @@ the rows arrive (`AssignedParts`) so that an interrupted pass resumes. So every 
 holds the corpus text or more embeddings than the fit sample's, and the clusters are the local runner's
 (`moedisco.stages.cluster.fit_streaming`), document for document. The in-process variants write the same shards and
 OUTPUT files, their fit seeing every document, so both paths give the same clusters. The fit's task and the pool's
-actors say which node they hold through `reporter` (`placement.NodeUseReporter`); the actors only as they start,
+actors say which node they hold through `reporter` (`node_uses.NodeUseReporter`); the actors only as they start,
 the driver closing their uses when the stage's result arrives.
 """
 
@@ -55,9 +55,8 @@ from ray_cluster.data.shards import (
     shard_ranges,
     through_actors,
 )
+from ray_cluster.node_uses import SILENT, NodeUseReporter
 from ray_cluster.placement import (
-    SILENT,
-    NodeUseReporter,
     job_storage,
     label_selector,
     prepare_worker,

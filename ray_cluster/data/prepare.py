@@ -13,7 +13,7 @@ split of more than one shard is then tokenized by `TokenizeBatches` actors (the 
 JSON so no node reads OUTPUT), Ray Data keeping the shards' order, and appended batch by batch to the train token
 shard: neither texts nor tokens are ever held whole, and the ids are the local runner's, document for document. A
 train split of one shard is tokenized in the one-CPU task and not indexed (the embed stage indexes it). Every task
-and actor that holds a node's CPU says so through `reporter` (`placement.NodeUseReporter`); the actors only as they
+and actor that holds a node's CPU says so through `reporter` (`node_uses.NodeUseReporter`); the actors only as they
 start, the driver closing their uses when the stage's result arrives.
 """
 
@@ -45,7 +45,8 @@ from ray_cluster.data.shards import (
     shard_ranges,
     through_actors,
 )
-from ray_cluster.placement import SILENT, NodeUseReporter, job_storage, prepare_worker, task_options
+from ray_cluster.node_uses import SILENT, NodeUseReporter
+from ray_cluster.placement import job_storage, prepare_worker, task_options
 
 if TYPE_CHECKING:
     from moedisco.job.layout import JobPaths

@@ -24,7 +24,7 @@ from ray_cluster.data.prepare import prepare_stage
 
 @dataclass(frozen=True)
 class DataStage:
-    # (spec, paths, max_nodes, reporter=`placement.NodeUseReporter`); None: moedisco's, in a Ray task
+    # (spec, paths, max_nodes, reporter=`node_uses.NodeUseReporter`); None: moedisco's, in a Ray task
     on_ray_data: Callable[..., dict] | None = None
     in_one_process: Callable[..., dict] | None = None  # (spec, paths), in the data worker; None: moedisco's
 
