@@ -12,6 +12,7 @@ Everything binds to 127.0.0.1, every loop is bounded in time, and every process 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -155,6 +156,27 @@ class ServiceProcess:
 
     def __exit__(self, *exc) -> None:
         self.kill()
+
+
+def service_process_env(tmp_path: Path, token: str, namespace: str, corpus_dir: Path, **settings: str) -> dict:
+    """The environment of a `ServiceProcess` whose runners outlive it on a Ray cluster: its data and SQLite store
+    under `tmp_path`, the local runner, quick dispatch passes, and a killed runner taken for gone after 6 s without
+    renewing its lease; `settings`: more MOEDISCO_* variables, by field name."""
+    env = {"MOEDISCO_DATA_DIR": str(tmp_path / "data"), "MOEDISCO_API_TOKEN": token,
+           "MOEDISCO_DATABASE_URL": f"sqlite:///{tmp_path / 'data' / 'moedisco.db'}",
+           "MOEDISCO_INPUT_ROOTS": json.dumps([str(corpus_dir)]), "MOEDISCO_RAY_NAMESPACE": namespace,
+           "MOEDISCO_RUNNER": "local", "MOEDISCO_DISPATCH_INTERVAL_S": "0.5", "MOEDISCO_LEASE_TTL_S": "6"}
+    return {**env, **{f"MOEDISCO_{name.upper()}": value for name, value in settings.items()}}
+
+
+def training_stage(store, job_id: str, past: int, left: int, stages=("submodel", "finetune")):
+    """The job's running training stage once its step is at least `past` with `left` steps still to go, else
+    None."""
+    for stage in store.stages(job_id):
+        if (stage.state == "running" and stage.stage in stages and stage.step is not None
+                and past <= stage.step <= stage.total_steps - left):
+            return stage
+    return None
 
 
 @dataclass

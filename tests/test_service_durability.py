@@ -13,7 +13,6 @@ runner's loss (`ray.kill` on a live node) counted as one of its attempts; a runn
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 import pytest
@@ -24,13 +23,19 @@ from moedisco_cli.api_client import ApiClient
 from service.schemas import TERMINAL_STATES
 from service.store.store import Store
 from tests.conftest import CORPUS, tiny_spec_dict
-from tests.helpers import ServiceProcess, free_port, wait_for_state, wait_until
+from tests.helpers import (
+    ServiceProcess,
+    free_port,
+    service_process_env,
+    training_stage,
+    wait_for_state,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
 TOKEN = "durable-token"
 NAMESPACE = "moedisco-durability"
-TRAINING = ("submodel", "finetune")
 # 40 steps, a checkpoint every 4: a wide window in which a stage is past a checkpoint and not yet finished. One
 # synchronisation round, so that the window is not cut by round ends (tests/test_pipeline.py resumes across rounds).
 SPEC = tiny_spec_dict("x", name="durable", model={"num_experts": 2, "num_experts_per_tok": 1},
@@ -50,21 +55,9 @@ def cluster():
         cluster.shutdown()
 
 
-def service_env(tmp_path) -> dict[str, str]:
-    return {"MOEDISCO_DATA_DIR": str(tmp_path / "data"), "MOEDISCO_API_TOKEN": TOKEN,
-            "MOEDISCO_DATABASE_URL": f"sqlite:///{tmp_path / 'data' / 'moedisco.db'}",
-            "MOEDISCO_INPUT_ROOTS": json.dumps([str(CORPUS.parent)]), "MOEDISCO_RAY_NAMESPACE": NAMESPACE,
-            "MOEDISCO_RUNNER": "local", "MOEDISCO_DISPATCH_INTERVAL_S": "0.5",
-            "MOEDISCO_LEASE_TTL_S": "6"}  # a killed runner is taken for gone after 6 s without renewing
-
-
 def training_stage_past_checkpoint(store: Store, job_id: str):
     """The running training stage once it logged a step past a checkpoint and still has 12 steps to go."""
-    for stage in store.stages(job_id):
-        if (stage.state == "running" and stage.stage in TRAINING and stage.step is not None
-                and 8 <= stage.step <= stage.total_steps - 12):
-            return stage
-    return None
+    return training_stage(store, job_id, past=8, left=12)
 
 
 def runner_alive(job_id: str) -> bool:
@@ -76,7 +69,7 @@ def runner_alive(job_id: str) -> bool:
 
 
 def test_job_survives_the_service_and_resumes_after_its_runner_dies(cluster, tmp_path):
-    env, log = service_env(tmp_path), tmp_path / "service.log"
+    env, log = service_process_env(tmp_path, TOKEN, NAMESPACE, CORPUS.parent), tmp_path / "service.log"
     store = Store(f"sqlite:///{tmp_path / 'data' / 'moedisco.db'}")
     with ServiceProcess(["--address", cluster.address], env, log) as first:
         job_id = ApiClient(first.url, TOKEN).submit(SPEC)["id"]

@@ -16,7 +16,6 @@ training stage that started again went on from a checkpoint.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -34,7 +33,15 @@ from service.schemas import TERMINAL_STATES
 from service.store.models import utcnow
 from service.store.store import Store
 from tests.conftest import CORPUS, tiny_spec_dict
-from tests.helpers import REPO, ServiceProcess, free_port, wait_for_state, wait_until
+from tests.helpers import (
+    REPO,
+    ServiceProcess,
+    free_port,
+    service_process_env,
+    training_stage,
+    wait_for_state,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -44,8 +51,8 @@ TRAINING = ("submodel", "finetune")
 # The tiny model trains at tens of steps a second: stages long enough that each of the three upgrades (a service
 # starting, a runner handing over or going stale, a new one importing torch) finds one training.
 SPEC = tiny_spec_dict("x", name="upgraded", model={"num_experts": 2, "num_experts_per_tok": 1},
-                      submodel={"steps": 1000, "checkpoint_every": 20, "eval_every": 200}, branch={"sync_rounds": 1},
-                      finetune={"steps": 400, "checkpoint_every": 20, "eval_every": 200})
+                      submodel={"steps": 700, "checkpoint_every": 20, "eval_every": 200}, branch={"sync_rounds": 1},
+                      finetune={"steps": 100, "checkpoint_every": 20, "eval_every": 100})
 # One Ray cluster, a head with 2 CPUs, held by this process until it is killed with its whole session.
 KEEPER = """
 import sys, time
@@ -87,21 +94,9 @@ class Plane:
             self.keeper.wait(timeout=30)
 
 
-def service_env(tmp_path: Path) -> dict[str, str]:
-    return {"MOEDISCO_DATA_DIR": str(tmp_path / "data"), "MOEDISCO_API_TOKEN": TOKEN,
-            "MOEDISCO_DATABASE_URL": f"sqlite:///{tmp_path / 'data' / 'moedisco.db'}",
-            "MOEDISCO_INPUT_ROOTS": json.dumps([str(CORPUS.parent)]), "MOEDISCO_RAY_NAMESPACE": NAMESPACE,
-            "MOEDISCO_RUNNER": "local", "MOEDISCO_DISPATCH_INTERVAL_S": "0.5", "MOEDISCO_MAX_ATTEMPTS": "1",
-            "MOEDISCO_LEASE_TTL_S": "6"}  # a killed runner is taken for gone after 6 s without renewing
-
-
 def training(store: Store, job_id: str):
     """A training stage running past its first checkpoint, with steps left to go."""
-    for stage in store.stages(job_id):
-        if (stage.state == "running" and stage.stage in TRAINING and stage.step is not None
-                and 4 <= stage.step <= stage.total_steps - 8):
-            return stage
-    return None
+    return training_stage(store, job_id, past=4, left=8)
 
 
 def runner_events(store: Store, job_id: str, state: str) -> list:
@@ -109,7 +104,7 @@ def runner_events(store: Store, job_id: str, state: str) -> list:
 
 
 def test_a_job_outlives_three_upgrades_of_its_control_plane(tmp_path):
-    env = service_env(tmp_path)
+    env = service_process_env(tmp_path, TOKEN, NAMESPACE, CORPUS.parent, max_attempts="1", lease_ttl_s="4")
     store = Store(env["MOEDISCO_DATABASE_URL"])
     planes, killed_at = [Plane(tmp_path, "plane0").serve(env)], {}
     try:
