@@ -34,7 +34,8 @@ NODE_MEMORY_GB = {"rtx4090": 24.0, "a100": 96.0, CPU_DEVICE_TYPE: 24.0}
 
 
 # Jobs' drivers one node of the CPU tier hosts (the service's job actors, `ray_cluster.placement.on_driver_group`):
-# a stage on that node leaves them their processes' memory (`moedisco.planning.host_memory`).
+# a stage on that node leaves them their processes' memory (`moedisco.planning.host_memory`: `PROCESS_GB` each, an
+# estimate: a driver's own memory was not measured).
 DRIVER_SLOTS_PER_NODE = 2
 
 
