@@ -77,8 +77,12 @@ class Plane:
         with (tmp_path / f"{name}.cluster.log").open("w") as log:
             self.keeper = subprocess.Popen([sys.executable, "-c", KEEPER, str(port), str(address_file)], cwd=REPO,
                                            env=own, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.address = wait_until(lambda: address_file.exists() and address_file.read_text(), 120,
-                                  what=f"cluster {name}")
+        try:
+            self.address = wait_until(lambda: address_file.exists() and address_file.read_text(), 120,
+                                      what=f"cluster {name}")
+        except BaseException:  # its processes must not outlive the test
+            self.kill()
+            raise
 
     def serve(self, env: dict[str, str]) -> Plane:
         self.service = ServiceProcess(["--address", self.address], env, self.tmp_path / f"{self.name}.service.log")
@@ -104,7 +108,7 @@ def runner_events(store: Store, job_id: str, state: str) -> list:
 
 
 def test_a_job_outlives_three_upgrades_of_its_control_plane(tmp_path):
-    env = service_process_env(tmp_path, TOKEN, NAMESPACE, CORPUS.parent, max_attempts="1", lease_ttl_s="4")
+    env = service_process_env(tmp_path, TOKEN, NAMESPACE, CORPUS.parent, max_attempts="1")
     store = Store(env["MOEDISCO_DATABASE_URL"])
     planes, killed_at = [Plane(tmp_path, "plane0").serve(env)], {}
     try:
