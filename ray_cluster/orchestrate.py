@@ -242,7 +242,7 @@ class RayExecutor:
     def drop_round_runs(self, round_index: int) -> None:
         """A synced round's Ray Train runs: their reported checkpoint copies are never read again (the next round
         is a run of its own and resumes from the synced checkpoints in the job folder)."""
-        for expert in range(self.spec.model.num_experts):
+        for expert in range(self.spec.num_clusters):
             run = run_name(self.spec, submodel_task(self.spec, expert, round_index))
             remove_tree(join(storage_root(self.spec), run))
 
@@ -254,7 +254,7 @@ class RayExecutor:
 
 def max_parallel(spec: JobSpec) -> int:
     """Trainers of one stage submitted at once: the job's cap, else every expert of a round."""
-    return spec.resources.max_parallel or spec.model.num_experts
+    return spec.resources.max_parallel or spec.num_clusters
 
 
 @contextlib.contextmanager

@@ -135,6 +135,7 @@ def test_run_and_submit_find_every_input_beside_the_spec(tmp_path, monkeypatch):
     for section, field in INPUT_PATHS:
         (spec_dir / f"{section}-{field}").mkdir(parents=True)
         raw.setdefault(section, {})[field] = f"{section}-{field}"
+    raw["retire"]["experts"] = [0]
     (spec_dir / "spec.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)  # not beside the spec: only the fallback to the spec's folder finds them
     spec, sent = load_spec(spec_dir / "spec.yaml"), read_spec_file(spec_dir / "spec.yaml", [])

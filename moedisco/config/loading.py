@@ -21,7 +21,7 @@ from moedisco.io.storage import is_uri
 # (section, field) of every spec path a job reads: resolved against the spec's folder here, made absolute by
 # `moedisco submit`, checked against the allowed input roots by the service.
 INPUT_PATHS = (("data", "train"), ("data", "eval"), ("tokenizer", "path"), ("embed", "model_path"),
-               ("model", "pretrained"))
+               ("model", "pretrained"), ("extend", "base"), ("retire", "base"))
 
 
 class SpecError(ValueError):
@@ -95,7 +95,7 @@ def absolute_paths(spec: JobSpec) -> JobSpec:
     spec = spec.model_copy(deep=True, update={"output_dir": output_dir})
     for section, field in SPEC_PATHS:
         obj = getattr(spec, section)
-        path = getattr(obj, field)
+        path = getattr(obj, field, None)  # an optional section (`extend`) may be unset
         if path is not None and not is_uri(path) and not path.is_absolute():
             setattr(obj, field, path.absolute())
     return spec
@@ -116,9 +116,14 @@ def resolve_relative(path: Path, base_dir: Path) -> Path:
 def _resolve_inputs(spec: JobSpec, base_dir: Path) -> None:
     for section, field in INPUT_PATHS:
         obj = getattr(spec, section)
-        path = getattr(obj, field)
+        path = getattr(obj, field, None)
         if path is not None:
             setattr(obj, field, resolve_relative(path, base_dir))
+
+
+def load_saved_spec(path: Path) -> JobSpec:
+    """The spec a job folder saved (`spec.yaml`), as that version of moedisco meant it (`upgrade_saved_spec`)."""
+    return build_spec(upgrade_saved_spec(yaml.safe_load(path.read_text())))
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:

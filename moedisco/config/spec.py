@@ -70,14 +70,30 @@ class EmbedConfig(_Section):
 
 
 class ClusterConfig(_Section):
-    method: Literal["kmeans", "balanced_kmeans", "random"] = Field(
-        "kmeans", description="`kmeans` (paper), `balanced_kmeans` (sizes bounded, as c-BTM) or `random` (ablation)."
+    # `field`: the domains are declared, not found: no embedding and no k-means; the router still starts from each
+    # domain's centroid (`merge.router_init: centroid`).
+    method: Literal["kmeans", "balanced_kmeans", "random", "field"] = Field(
+        "kmeans", description="`kmeans` (paper), `balanced_kmeans` (sizes bounded, as c-BTM), `random` (ablation) "
+        "or `field` (a document field names its expert).",
     )
+    field: str | None = Field(None, min_length=1, description="`field`: the document field (JSON/Parquet) that "
+                              "names each document's domain.")
+    domains: list[str] | None = Field(
+        None, min_length=1, description="`field`: the domain of each expert, in order; unset: the field's distinct "
+        "values, sorted.")
     normalize: bool = Field(True, description="L2-normalise embeddings before clustering (cosine geometry).")
     n_init: int = Field(4, ge=1, le=100, description="k-means restarts; the best objective is kept.")
     balance_slack: float = Field(
         0.25, ge=0.0, le=10.0, description="balanced_kmeans: no cluster exceeds (1 + slack) x N / K documents."
     )
+
+    @model_validator(mode="after")
+    def _field_named(self) -> ClusterConfig:
+        if self.method == "field" and self.field is None:
+            raise ValueError("cluster.method 'field' needs cluster.field: the document field naming the domain")
+        if self.domains is not None and len(set(self.domains)) != len(self.domains):
+            raise ValueError(f"cluster.domains has repeated names: {self.domains}")
+        return self
 
 
 Architecture = Literal["qwen2_moe", "mixtral", "olmoe", "qwen3_moe"]
@@ -288,10 +304,43 @@ class EvaluateConfig(_Section):
         return value
 
 
+class ExtendConfig(_Section):
+    """`method: extend`: new experts for a new corpus (`data`), trained on the cheap tier from a finished model's
+    backbone and merged into it (`moedisco.stages.extend`)."""
+
+    # A job folder gives its final/ model, tokenizer and training data (replayed in the fine-tune); a bare model
+    # folder needs its tokenizer inside and has no data to replay.
+    base: Path = Field(description="The finished job folder (its final/ model) or Hugging Face MoE folder to extend.")
+    new_experts: int = Field(1, ge=1, le=64, description="Experts added: the new corpus is clustered into this many.")
+    # `frozen` leaves every old expert's computation as it was, so the old domains move only through the router.
+    shared: Literal["frozen", "merge"] = Field(
+        "frozen", description="Shared parameters: `frozen` (the base's) or `merge` (the base's and the new "
+        "submodels', weighted by documents).")
+    finetune: Literal["router", "all"] = Field("router", description="What the brief fine-tune trains: the router "
+                                               "rows only, or every parameter.")
+    replay_fraction: float = Field(0.5, ge=0.0, lt=1.0, description="Share of each fine-tune batch drawn from the "
+                                   "base job's training data (0 for a model folder).")
+
+
+class RetireConfig(_Section):
+    """`method: retire`: a finished model with experts removed, their router rows dropped (`moedisco.stages.retire`)."""
+
+    base: Path = Field(description="The finished job folder (its final/ model) or Hugging Face MoE folder.")
+    experts: list[int] = Field(min_length=1, description="Indices of the experts to remove.")
+
+    @field_validator("experts")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value) or min(value) < 0:
+            raise ValueError(f"retire.experts must be distinct indices >= 0, got {value}")
+        return sorted(value)
+
+
 class JobSpec(_Section):
     name: str = Field("moedisco-job", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", description="Job name.")
-    method: Literal["moe_disco", "full_parameter"] = Field(
-        "moe_disco", description="`moe_disco` (split, train submodels, merge, fine-tune) or the baseline."
+    method: Literal["moe_disco", "full_parameter", "extend", "retire"] = Field(
+        "moe_disco", description="`moe_disco` (split, train submodels, merge, fine-tune), the `full_parameter` "
+        "baseline, or `extend` / `retire` a finished model's experts.",
     )
     # An `s3://` / `gs://` URI is worked on in a local staging folder and copied up after every stage
     # (moedisco.io.storage).
@@ -303,7 +352,10 @@ class JobSpec(_Section):
         "manual", description="`auto`: submodel.batch_size and .steps, branch.sync_rounds and finetune.steps chosen "
         "from the baseline budget (full_parameter.steps x batch_size) by the fitted rule, whatever they say.")
     max_cost_usd: float | None = Field(None, gt=0, description="Budget: stop at a stage boundary before exceeding it.")
-    data: DataConfig = Field(description="Training corpus: where it is, how it is read and split, sequence length.")
+    # Unset only for `method: retire`, which trains nothing.
+    data: DataConfig | None = Field(
+        None, validate_default=True,
+        description="Training corpus: where it is, how it is read and split, sequence length.")
     tokenizer: TokenizerConfig = Field(
         default_factory=TokenizerConfig,
         description="Tokenizer: a given one, or a byte-level BPE trained on the corpus."
@@ -326,6 +378,30 @@ class JobSpec(_Section):
     evaluate: EvaluateConfig | None = Field(
         None, description="Downstream tasks scored after training (lm-evaluation-harness); unset: no such stage."
     )
+    extend: ExtendConfig | None = Field(None, description="`method: extend`: the model to extend and how.")
+    retire: RetireConfig | None = Field(None, description="`method: retire`: the model and the experts to remove.")
+
+    @property
+    def num_clusters(self) -> int:
+        """Clusters of this job's corpus, one submodel each: every expert, or an extension's new ones."""
+        return self.extend.new_experts if self.method == "extend" else self.model.num_experts
+
+    @model_validator(mode="after")
+    def _method_section(self) -> JobSpec:
+        for method in ("extend", "retire"):
+            if self.method == method and getattr(self, method) is None:
+                raise ValueError(f"method '{method}' needs the `{method}` section (at least `{method}.base`)")
+        if self.method == "extend" and self.branch.sync_rounds > 1 and "sync_rounds" in self.branch.model_fields_set:
+            raise ValueError("method 'extend' trains its new submodels in one round: branch.sync_rounds must be 1")
+        return self
+
+    @field_validator("data")
+    @classmethod
+    def _data_given(cls, value: DataConfig | None, info) -> DataConfig | None:
+        method = info.data.get("method", "moe_disco")
+        if value is None and method != "retire":
+            raise ValueError(f"Field required (method '{method}' trains on it)")
+        return value
 
     @field_validator("submodel", "finetune", mode="before")
     @classmethod
@@ -349,8 +425,9 @@ class JobSpec(_Section):
 
     @model_validator(mode="after")
     def _rounds_fit_steps(self) -> JobSpec:
-        if "sync_rounds" not in self.branch.model_fields_set:
-            self.branch.sync_rounds = min(self.branch.sync_rounds, self.submodel.steps)
+        if "sync_rounds" not in self.branch.model_fields_set:  # an extension's submodels train in one round
+            self.branch.sync_rounds = 1 if self.method == "extend" else min(self.branch.sync_rounds,
+                                                                            self.submodel.steps)
         if self.branch.sync_rounds > self.submodel.steps:
             raise ValueError(f"branch.sync_rounds ({self.branch.sync_rounds}) exceeds submodel.steps "
                              f"({self.submodel.steps}): every round needs at least one step")

@@ -279,6 +279,34 @@ class TensorSource:
         return batch_for_step(self.seqs_NL, step, batch_size, seed)
 
 
+class MixedSource:
+    """Batches drawn from several sources in fixed shares (an extension's fine-tune replays the base's corpus beside
+    the new one): of a batch of B rows, each source gives its share, rounded (largest remainders first), and steps
+    through its own seeded epochs, so a resumed run sees the same batches."""
+
+    def __init__(self, sources: list[SequenceSource | TensorSource], shares: list[float]):
+        if len(sources) != len(shares) or not sources or min(shares) < 0 or sum(shares) <= 0:
+            raise ValueError(f"{len(sources)} sources need as many shares >= 0 with a positive sum, got {shares}")
+        self.sources, self.shares = sources, [share / sum(shares) for share in shares]
+        self.shape = (sum(len(source) for source in sources), sources[0].shape[1])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def counts(self, batch_size: int) -> list[int]:
+        exact = [share * batch_size for share in self.shares]
+        counts = [int(value) for value in exact]
+        by_remainder = sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])
+        for index in by_remainder[: batch_size - sum(counts)]:
+            counts[index] += 1
+        return counts
+
+    def batch(self, step: int, batch_size: int, seed: int) -> torch.Tensor:
+        return torch.cat([source.batch(step, count, seed + index)
+                          for index, (source, count) in enumerate(zip(self.sources, self.counts(batch_size)))
+                          if count])
+
+
 def batch_source(train: torch.Tensor | SequenceSource | TensorSource) -> SequenceSource | TensorSource:
     """What `moedisco.training.loop.train` reads batches from: a source as it is, a tensor of sequences wrapped."""
     return TensorSource(train) if isinstance(train, torch.Tensor) else train

@@ -53,6 +53,8 @@ STAGES = (
           reads=("data", "merged"), writes=("final",)),
     Stage("full_parameter", "finetune_tier", trained=True,
           train_config="full_parameter", reads=("data", "source"), writes=("final",)),
+    # `method: retire`: slicing tensors, then held-out losses per domain layer by layer, as the merge.
+    Stage("retire", "submodel_tier", writes=("final",)),
     # Optional (spec section `evaluate`): downstream tasks on the final model, scored on the expensive tier.
     Stage("evaluate", "finetune_tier", reads=("final",), writes=("evaluation",)),
 )
@@ -110,14 +112,24 @@ def plan(spec: JobSpec) -> list[list[Task]]:
     evaluate = [[Task("evaluate")]] if spec.evaluate is not None else []
     if spec.method == "full_parameter":
         return [[Task("prepare")], [Task("source")], [Task("full_parameter")]] + evaluate
-    groups = [[Task("prepare")], [Task("embed")], [Task("cluster")], [Task("source")]]
-    if spec.branch.warmup_steps > 0:
+    if spec.method == "retire":
+        return [[Task("retire")]] + evaluate
+    # An extension's source is the base model with its new experts, its submodels those experts: no warm-up.
+    groups = [[Task("prepare")]] + ([[Task("embed")]] if needs_embeddings(spec) else []) + [[Task("cluster")],
+                                                                                             [Task("source")]]
+    if spec.branch.warmup_steps > 0 and spec.method == "moe_disco":
         groups.append([Task("warmup")])
     for round_index in range(spec.branch.sync_rounds):
         if round_index > 0:
             groups.append([Task("sync", round=round_index - 1)])
-        groups.append([submodel_task(spec, k, round_index) for k in range(spec.model.num_experts)])
+        groups.append([submodel_task(spec, k, round_index) for k in range(spec.num_clusters)])
     return groups + [[Task("merge")], [Task("finetune")]] + evaluate
+
+
+def needs_embeddings(spec: JobSpec) -> bool:
+    """Whether the job clusters document embeddings: not when the domains are declared (`cluster.method: field`)
+    or there is one cluster only (an extension by one expert)."""
+    return spec.cluster.method != "field" and spec.num_clusters > 1
 
 
 def round_ends(spec: JobSpec) -> list[int]:

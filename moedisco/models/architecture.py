@@ -83,16 +83,18 @@ def _meta_shapes(config: PretrainedConfig) -> dict[str, torch.Size]:
 
 
 def parameter_roles(config: PretrainedConfig) -> dict[str, Role]:
-    """Role of every tensor of the full MoE's state dict, from comparing it with the one-expert model."""
+    """Role of every tensor of the MoE's state dict, from comparing it with the model of another expert count (one
+    expert; two for a one-expert model, such as an extension's source)."""
     num_experts = num_experts_of(config)
-    full, single = _meta_shapes(config), _meta_shapes(with_num_experts(config, 1))
-    if set(full) != set(single):
+    count = 1 if num_experts > 1 else 2
+    full, other = _meta_shapes(config), _meta_shapes(with_num_experts(config, count))
+    if set(full) != set(other):
         raise ValueError(f"{config.model_type}: expert tensors are not fused; unsupported layout")
     roles: dict[str, Role] = {}
     for name, shape in full.items():
-        if shape == single[name]:
+        if shape == other[name]:
             roles[name] = "shared"
-        elif shape[0] == num_experts and single[name][0] == 1 and shape[1:] == single[name][1:]:
+        elif shape[0] == num_experts and other[name][0] == count and shape[1:] == other[name][1:]:
             roles[name] = "expert" if ".experts." in name else "router"
         else:
             raise ValueError(f"{name}: shape {tuple(shape)} is neither shared nor per-expert")

@@ -315,6 +315,8 @@ def resolve_memory(spec: JobSpec, sharded: bool = True) -> JobSpec:
     fit one node of its tier (`host_plans`) and it has not run yet. A resumed job keeps the checkpointed
     measures of the stages that already trained (`keep_checkpointed_measures`), and is refused, naming their
     run folder, when those no longer fit."""
+    if spec.method == "retire":  # nothing trains and no source is built
+        return spec
     spec, kept = keep_checkpointed_measures(spec)
     plans = memory_plans(spec, sharded=sharded)
     problems = {section: problem for section, (_, plan, tier) in plans.items()

@@ -11,7 +11,13 @@ import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from moedisco.config.spec import JobSpec
-from moedisco.models.architecture import build_moe_config, num_experts_of, parameter_roles, read_config
+from moedisco.models.architecture import (
+    build_moe_config,
+    num_experts_of,
+    parameter_roles,
+    read_config,
+    with_num_experts,
+)
 from moedisco.models.upcycle import DENSE_TO_MOE, moe_config_from_dense
 
 
@@ -20,7 +26,10 @@ def spec_config(spec: JobSpec) -> PretrainedConfig:
     checkpoint, the MoE it is upcycled into (as `split.build_source_moe` builds it)."""
     if spec.model.pretrained is not None:
         config = read_config(spec.model.pretrained)
-        return moe_config_from_dense(config, spec.model) if config.model_type in DENSE_TO_MOE else config
+        if config.model_type in DENSE_TO_MOE:
+            return moe_config_from_dense(config, spec.model)
+        # An extension or retirement delivers the pretrained base with more or fewer experts.
+        return with_num_experts(config, spec.model.num_experts) if spec.method in ("extend", "retire") else config
     vocab = spec.model.overrides.get("vocab_size", spec.tokenizer.vocab_size)
     return build_moe_config(spec.model, vocab, eos_id=0, pad_id=1)
 

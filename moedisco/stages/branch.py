@@ -29,7 +29,7 @@ from moedisco.training.loop import finished_result, train
 
 def branch_point(spec: JobSpec, paths: JobPaths) -> Path:
     """The MoE the submodels branch from: the warmed-up one when there is a shared warm-up."""
-    return paths.branched if spec.branch.warmup_steps > 0 else paths.source
+    return paths.branched if spec.branch.warmup_steps > 0 and spec.method == "moe_disco" else paths.source
 
 
 
@@ -75,7 +75,9 @@ def stage_submodel(run: StageRun) -> dict:
     model = split.load_submodel(branch_point(spec, paths), expert)
     train_NL = train_source(spec, paths, expert)
     roles = parameter_roles(read_config(paths.source))
-    scale = spec.branch.shared_lr_scale
+    # An extension's new experts learn around the base's backbone when it stays frozen (`extend.shared`).
+    frozen = spec.method == "extend" and spec.extend.shared == "frozen"
+    scale = 0.0 if frozen else spec.branch.shared_lr_scale
     context = run.train_context(spec.seed + expert, lr_scale=lambda name: scale if roles[name] == "shared" else 1.0,
                             save_second_moment=spec.merge.weighting == "fisher",
                             stop_at=None if last else round_ends(spec)[round_index])

@@ -15,10 +15,9 @@ import shutil
 from pathlib import Path
 
 import torch
-import yaml
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from moedisco.config.loading import build_spec, upgrade_saved_spec
+from moedisco.config.loading import load_saved_spec
 from moedisco.config.spec import JobSpec
 from moedisco.io.atomic import partial_of, put_in_place
 from moedisco.job.layout import JobPaths
@@ -58,7 +57,7 @@ def anneal(paths: JobPaths, step: int, progress: bool = False) -> tuple[PreTrain
     job's saved spec (the measures its fine-tune trained with); trained in `OUTPUT/anneal/step_N/` from a copy of
     the checkpoint, its metrics there, so the job's own run is untouched. An unsharded fine-tune's checkpoint only
     (a sharded one keeps its optimizer state per rank)."""
-    spec = build_spec(upgrade_saved_spec(yaml.safe_load(paths.spec.read_text())))
+    spec = load_saved_spec(paths.spec)
     cfg = decayed_from(spec.finetune, step)
     cfg = cfg.model_copy(update={"eval_every": cfg.steps, "checkpoint_every": cfg.steps})  # evaluated at its end
     run_dir = paths.anneal(step)

@@ -28,6 +28,7 @@ from safetensors import safe_open
 from moedisco.config.spec import JobSpec
 from moedisco.job.layout import JobPaths
 from moedisco.models.architecture import Role, num_experts_of, parameter_roles, read_config
+from moedisco.models.experts import record_provenance
 from moedisco.models.layerwise import output_head, stream_layers
 from moedisco.models.weights import WEIGHTS_FILE, SavedWeights, WeightsWriter, files_of
 from moedisco.stages import cluster, prepare
@@ -289,20 +290,31 @@ def init_router_from_centroids(model, cluster_seqs: Sequence[torch.Tensor]) -> N
 def merged_losses(folder: Path, eval_NL: torch.Tensor, cluster_eval: Sequence[torch.Tensor], batch_size: int,
                   num_batches: int) -> tuple[float, float | None]:
     """`evaluate.evaluate_loss` and `evaluate.oracle_loss` of the model saved in `folder`, in one pass over its
-    decoder layers (`moedisco.models.layerwise`): the held-out batches, and each cluster's with its tokens forced to that
-    cluster's expert, go through each layer in turn, so the whole MoE is never in memory."""
+    decoder layers (`group_losses`): the held-out batches, and each cluster's with its tokens forced to that
+    cluster's expert."""
     used = batch_size * num_batches
     clusters = [(expert, seqs_NL[:used]) for expert, seqs_NL in enumerate(cluster_eval) if len(seqs_NL)]
-    groups = [eval_NL[:used]] + [seqs_NL for _, seqs_NL in clusters]
-    forced = [None] + [expert for expert, _ in clusters]
+    losses = group_losses(folder, [eval_NL[:used]] + [seqs_NL for _, seqs_NL in clusters], batch_size,
+                          forced=[None] + [expert for expert, _ in clusters])
+    counts = [len(seqs_NL) for _, seqs_NL in clusters]
+    oracle = sum(loss * n for loss, n in zip(losses[1:], counts)) / sum(counts) if counts else None
+    return losses[0], oracle
+
+
+@torch.no_grad()
+def group_losses(folder: Path, groups: Sequence[torch.Tensor], batch_size: int,
+                 forced: Sequence[int | None] | None = None) -> list[float]:
+    """Mean next-token loss of each group of sequences under the model saved in `folder`, in one pass over its
+    decoder layers (`moedisco.models.layerwise`), so the whole MoE is never in memory. `forced[g]`, when set,
+    sends every token of group g to that expert (the oracle routing)."""
+    if not groups:
+        return []
+    forced = list(forced) if forced is not None else [None] * len(groups)
     with SavedWeights(folder) as weights:
         hidden = stream_layers(weights, groups, batch_size, lambda index, layer: lambda group: (
             nullcontext() if forced[group] is None else force_expert(layer, forced[group])))
         head = output_head(weights)
-        losses = [_mean_loss(hidden_NLH, group_NL, head, batch_size) for hidden_NLH, group_NL in zip(hidden, groups)]
-    counts = [len(seqs_NL) for _, seqs_NL in clusters]
-    oracle = sum(loss * n for loss, n in zip(losses[1:], counts)) / sum(counts) if counts else None
-    return losses[0], oracle
+        return [_mean_loss(hidden_NLH, group_NL, head, batch_size) for hidden_NLH, group_NL in zip(hidden, groups)]
 
 
 def _mean_loss(hidden_NLH: torch.Tensor, seqs_NL: torch.Tensor, head: torch.nn.Linear, batch_size: int) -> float:
@@ -323,8 +335,8 @@ def stage_merge(run: StageRun) -> dict:
     spec, paths = run.spec, run.paths
     started = time.perf_counter()
     weights, fisher = shared_weighting(spec, paths)
-    files = [paths.submodel(k) / WEIGHTS_FILE for k in range(spec.model.num_experts)]
-    moments = [paths.submodel(k) / SECOND_MOMENT_FILE for k in range(spec.model.num_experts)] if fisher else None
+    files = [paths.submodel(k) / WEIGHTS_FILE for k in range(spec.num_clusters)]
+    moments = [paths.submodel(k) / SECOND_MOMENT_FILE for k in range(spec.num_clusters)] if fisher else None
     missing = [str(path) for path in moments or [] if not path.is_file()]
     if missing:
         raise FileNotFoundError(f"merge.weighting is 'fisher' but {', '.join(missing)} do not exist: submodels "
@@ -333,8 +345,11 @@ def stage_merge(run: StageRun) -> dict:
                           seed=spec.seed, fisher=moments)
     if spec.merge.router_init == "centroid":  # one decoder layer at a time, then only the router bytes rewritten
         samples = [train_source(spec, paths, k).head(spec.merge.centroid_sequences)
-                   for k in range(spec.model.num_experts)]
+                   for k in range(spec.num_clusters)]
         patch_tensors(paths.merged, centroid_router_rows(paths.merged, samples))
+    record_provenance(paths.merged, [
+        {"job": spec.name, "output_dir": str(paths.remote or paths.root), "data": str(spec.data.train), "cluster": k,
+         "method": spec.method, "clustering": spec.cluster.method} for k in range(spec.num_clusters)])
     prepare.load_tokenizer(paths.tokenizer).save_pretrained(paths.merged)
     cfg = spec.finetune  # evaluated one decoder layer at a time too: the merge never holds the whole MoE
     eval_loss, oracle = merged_losses(paths.merged, eval_sequences(spec, paths),

@@ -140,7 +140,7 @@ def stage_sync(run: StageRun) -> dict:
     spec, paths, round_index = run.spec, run.paths, run.task.round
     started = time.perf_counter()
     step = round_ends(spec)[round_index]
-    checkpoints = [checkpoint_dir(paths.submodel(k), step) for k in range(spec.model.num_experts)]
+    checkpoints = [checkpoint_dir(paths.submodel(k), step) for k in range(spec.num_clusters)]
     for expert, checkpoint in enumerate(checkpoints):
         newest = checkpoint_dirs(paths.submodel(expert))[-1:]
         if newest != [checkpoint]:  # averaging anything else would resume the next round from unsynced weights

@@ -1,0 +1,130 @@
+"""A finished MoE's expert set, grown or shrunk tensor by tensor, and where each expert came from.
+
+    folder = base_model(Path("runs/tiny"))           # a job folder's final/, or a Hugging Face model folder as it is
+    spec = with_base_model(spec)                     # an extend/retire job's `model` and tokenizer: the base's
+    rewrite_experts(folder, out, 3, rows=lambda name, role, tensor: tensor[[0, 1, 3]])    # expert 2 dropped
+    expert_provenance(read_config(out))              # [{"expert": 0, "job": "tiny", "cluster": 0, ...}, ...]
+
+Which tensors are shared, per expert or router rows comes from `moedisco.models.architecture.parameter_roles`, so
+this works for every architecture the split and the merge handle. Each expert's provenance travels in the model's
+`config.json` (key `moedisco_experts`): the job, corpus and cluster it was trained on.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import PretrainedConfig
+
+from moedisco.config.spec import JobSpec
+from moedisco.models.architecture import Role, num_experts_of, parameter_roles, read_config, with_num_experts
+from moedisco.models.weights import SavedWeights, WeightsWriter
+
+PROVENANCE_KEY = "moedisco_experts"
+MAX_FILE_BYTES = 1 << 30
+
+
+def base_model(base: Path) -> Path:
+    """The model folder of `extend.base` / `retire.base`: a finished job's final/, or a model folder as it is."""
+    if (base / "final" / "config.json").is_file():
+        return base / "final"
+    if (base / "config.json").is_file():
+        return base
+    if (base / "spec.yaml").is_file():
+        raise ValueError(f"{base}: the job has no final/ model yet: only a finished job can be extended or retired")
+    raise ValueError(f"{base}: neither a job folder with a final/ model nor a Hugging Face model folder "
+                     "(no config.json)")
+
+
+def is_job_folder(base: Path) -> bool:
+    return (base / "spec.yaml").is_file() and (base / "final" / "config.json").is_file()
+
+
+def with_base_model(spec: JobSpec) -> JobSpec:
+    """An `extend` or `retire` job's spec with its `model` section describing the model it delivers (the base's
+    architecture and widths; its experts plus the new ones, or less the retired ones) and, for an extension, the
+    base's tokenizer, which the new corpus must be tokenized with. Other methods: `spec` unchanged."""
+    if spec.method not in ("extend", "retire"):
+        return spec
+    section = spec.extend if spec.method == "extend" else spec.retire
+    folder = base_model(section.base)
+    config = read_config(folder)
+    experts = num_experts_of(config)
+    if spec.method == "extend":
+        experts += spec.extend.new_experts
+    else:
+        unknown = [k for k in spec.retire.experts if k >= experts]
+        if unknown or len(spec.retire.experts) >= experts:
+            raise ValueError(f"retire.experts {spec.retire.experts}: the base model has experts 0-{experts - 1}, "
+                             "and at least one must stay")
+        experts -= len(spec.retire.experts)
+    model = spec.model.model_copy(update={
+        "arch": config.model_type, "pretrained": folder, "num_experts": experts,
+        "num_experts_per_tok": min(config.num_experts_per_tok, experts)})
+    update = {"model": model}
+    if spec.method == "extend":
+        update["tokenizer"] = spec.tokenizer.model_copy(update={"path": folder})
+    return spec.model_copy(update=update)
+
+
+def layer_of(name: str) -> int | None:
+    """The decoder layer a tensor belongs to (`model.layers.<i>.`), None outside the layers."""
+    found = re.search(r"\.layers\.(\d+)\.", name)
+    return int(found.group(1)) if found else None
+
+
+Rows = Callable[[str, Role, torch.Tensor], torch.Tensor]
+
+
+def rewrite_experts(source: Path, out: Path, num_experts: int, rows: Rows,
+                    shared: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+                    provenance: list[dict] | None = None) -> Path:
+    """Write `source`'s model to `out` with `num_experts` experts: each per-expert or router tensor of `source` is
+    replaced by `rows(name, role, tensor)` (leading dimension `num_experts`), each shared one by `shared(name,
+    tensor)` (default: as it is). One tensor in memory at a time, plus the file being written."""
+    config = with_num_experts(read_config(source), num_experts)
+    roles = parameter_roles(read_config(source))
+    out.mkdir(parents=True, exist_ok=True)
+    writer = WeightsWriter(out, MAX_FILE_BYTES)
+    with SavedWeights(source) as weights:
+        for name in weights.files:
+            role, tensor = roles[name], weights.get(name)
+            if role == "shared":
+                new = shared(name, tensor) if shared else tensor
+            else:
+                new = rows(name, role, tensor)
+                if new.shape[0] != num_experts or new.shape[1:] != tensor.shape[1:]:
+                    raise ValueError(f"{name}: rewritten to {tuple(new.shape)}, expected ({num_experts}, "
+                                     f"{', '.join(map(str, tensor.shape[1:]))})")
+            writer.add(name, new)
+    writer.close()
+    if provenance is not None:
+        set_provenance(config, provenance)
+    config.save_pretrained(out)
+    return out
+
+
+def expert_provenance(config: PretrainedConfig) -> list[dict]:
+    """Where each expert of a model came from, as recorded; an expert of a model moedisco did not train (or whose
+    record does not match its experts) is `{"expert": k, "origin": "<model_type> checkpoint"}`."""
+    recorded = getattr(config, PROVENANCE_KEY, None)
+    experts = num_experts_of(config)
+    if isinstance(recorded, list) and len(recorded) == experts:
+        return [{**entry, "expert": k} for k, entry in enumerate(recorded)]
+    return [{"expert": k, "origin": f"{config.model_type} checkpoint"} for k in range(experts)]
+
+
+def set_provenance(config: PretrainedConfig, entries: list[dict]) -> None:
+    if len(entries) != num_experts_of(config):
+        raise ValueError(f"{len(entries)} provenance entries for {num_experts_of(config)} experts")
+    setattr(config, PROVENANCE_KEY, [{**entry, "expert": k} for k, entry in enumerate(entries)])
+
+
+def record_provenance(folder: Path, entries: list[dict]) -> None:
+    """Write `entries` (one per expert, in order) into the config.json of the model in `folder`."""
+    config = read_config(folder)
+    set_provenance(config, entries)
+    config.save_pretrained(folder)
