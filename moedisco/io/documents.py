@@ -2,9 +2,14 @@
 
     for text in iter_documents("corpus/*.jsonl", spec.data):   # streamed; a malformed record names file and line
         ...
+    for doc in iter_records(path, spec.data, domain=DomainField("source")):   # Document(text, domain)
+        handle.write(split_line(doc))                          # a split's JSON line: {"text": ..., "domain": ...}
     for texts in chunks(iter_texts(paths.texts("train"))):     # a split's documents, CHUNK_DOCUMENTS at a time
+    domains = list(iter_domains(paths.texts("train")))         # `cluster.method: field`: each document's domain
 
 `data.train` is a file, a folder (searched recursively), a glob, or the same on object storage (`moedisco.io.storage`).
+With `cluster.method: field` each record also names its domain (`DomainField`): a record without one, or with one
+that `cluster.domains` does not list, is malformed (raised or skipped as `data.on_error` says).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 from moedisco.io import storage
 
@@ -45,6 +50,33 @@ class DataError(ValueError):
 class ReadReport:
     num_documents: int = 0
     num_skipped: int = 0
+
+
+
+class Document(NamedTuple):
+    text: str
+    domain: str | None = None  # `cluster.method: field`: the value of the record's `cluster.field`
+
+
+
+@dataclass(frozen=True)
+class DomainField:
+    """`cluster.method: field`: the record field naming each document's domain, and the domains a document may
+    have (None: any)."""
+
+    name: str
+    domains: tuple[str, ...] | None = None
+
+    def value_of(self, record: dict, where: str) -> str:
+        value = record.get(self.name)
+        if value is None or value == "":
+            raise DataError(f"{where}: no field {self.name!r} (cluster.field: the document's domain)")
+        if isinstance(value, bool) or not isinstance(value, (str, int)):  # an id-like integer reads as its digits
+            raise DataError(f"{where}: field {self.name!r} is {type(value).__name__}, not a string")
+        value = str(value)
+        if self.domains is not None and value not in self.domains:
+            raise DataError(f"{where}: {self.name} {value!r} is none of cluster.domains ({', '.join(self.domains)})")
+        return value
 
 
 
@@ -110,21 +142,30 @@ def _text_of(record: object, field: str, where: str) -> str:
 
 
 
-def _read_jsonl(path: Path | str, field: str, skip: bool, report: ReadReport) -> Iterator[str]:
+def _document_of(record: object, field: str, domain: DomainField | None, where: str) -> Document:
+    text = _text_of(record, field, where)
+    return Document(text, None if domain is None else domain.value_of(record, where))
+
+
+
+def _read_jsonl(path: Path | str, field: str, skip: bool, report: ReadReport,
+                domain: DomainField | None) -> Iterator[Document]:
     with _open_text(path) as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                yield _text_of(json.loads(line), field, f"{path}:{line_no}")
+                yield _document_of(json.loads(line), field, domain, f"{path}:{line_no}")
             except (json.JSONDecodeError, DataError) as error:
-                if not skip:
-                    raise DataError(f"{path}:{line_no}: malformed line: {error}") from None
+                if not skip:  # a DataError names the file and line already
+                    raise (error if isinstance(error, DataError) else
+                           DataError(f"{path}:{line_no}: malformed line: {error}")) from None
                 report.num_skipped += 1
 
 
 
-def _read_json(path: Path | str, field: str, skip: bool, report: ReadReport) -> Iterator[str]:
+def _read_json(path: Path | str, field: str, skip: bool, report: ReadReport,
+               domain: DomainField | None) -> Iterator[Document]:
     # A JSON array cannot be parsed in pieces: a .json file is read whole (use JSONL or Parquet for big corpora).
     try:
         with _open_text(path) as handle:
@@ -135,7 +176,7 @@ def _read_json(path: Path | str, field: str, skip: bool, report: ReadReport) -> 
         raise DataError(f"{path}: a .json corpus must be a list of objects")
     for index, record in enumerate(records):
         try:
-            yield _text_of(record, field, f"{path}[{index}]")
+            yield _document_of(record, field, domain, f"{path}[{index}]")
         except DataError:
             if not skip:
                 raise
@@ -143,18 +184,34 @@ def _read_json(path: Path | str, field: str, skip: bool, report: ReadReport) -> 
 
 
 
-def _read_parquet(path: Path | str, field: str) -> Iterator[str]:
+def _read_parquet(path: Path | str, field: str, skip: bool, report: ReadReport,
+                  domain: DomainField | None) -> Iterator[Document]:
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(storage.open_input(path, seekable=True))  # its footer comes first
-    if field not in parquet.schema_arrow.names:
-        raise DataError(f"{path}: no column {field!r} (columns: {', '.join(parquet.schema_arrow.names)})")
-    for batch in parquet.iter_batches(batch_size=4096, columns=[field]):
-        yield from (text for text in batch.column(0).to_pylist() if isinstance(text, str))
+    columns = [field] if domain is None else [field, domain.name]
+    for column in columns:
+        if column not in parquet.schema_arrow.names:
+            raise DataError(f"{path}: no column {column!r} (columns: {', '.join(parquet.schema_arrow.names)})")
+    row = 0
+    for batch in parquet.iter_batches(batch_size=4096, columns=columns):
+        for values in zip(*(batch.column(i).to_pylist() for i in range(len(columns)))):
+            row += 1
+            if not isinstance(values[0], str):
+                continue
+            if domain is None:
+                yield Document(values[0])
+                continue
+            try:
+                yield Document(values[0], domain.value_of({domain.name: values[1]}, f"{path} row {row}"))
+            except DataError:
+                if not skip:
+                    raise
+                report.num_skipped += 1
 
 
 
-def _read_text(path: Path | str) -> Iterator[str]:
+def _read_text(path: Path | str) -> Iterator[Document]:
     # Plain text: documents are separated by blank lines, the usual convention for paragraph corpora.
     with _open_text(path) as handle:
         block: list[str] = []
@@ -162,16 +219,27 @@ def _read_text(path: Path | str) -> Iterator[str]:
             if line.strip():
                 block.append(line)
             elif block:
-                yield "".join(block).strip()
+                yield Document("".join(block).strip())
                 block = []
 
 
 
 def read_file(path: Path | str, fmt: str, field: str, skip: bool, report: ReadReport) -> Iterator[str]:
+    """The texts of one file's records (`read_records`)."""
+    return (doc.text for doc in read_records(path, fmt, field, skip, report))
+
+
+
+def read_records(path: Path | str, fmt: str, field: str, skip: bool, report: ReadReport,
+                 domain: DomainField | None = None) -> Iterator[Document]:
+    """One file's records, with each one's domain when `domain` names its field."""
     fmt = detect_format(path, fmt)
-    readers = {"jsonl": lambda: _read_jsonl(path, field, skip, report),
-               "json": lambda: _read_json(path, field, skip, report),
-               "parquet": lambda: _read_parquet(path, field), "text": lambda: _read_text(path)}
+    if fmt == "text" and domain is not None:
+        raise DataError(f"{path}: plain text has no fields; cluster.method 'field' needs JSONL, JSON or Parquet "
+                        "documents")
+    readers = {"jsonl": lambda: _read_jsonl(path, field, skip, report, domain),
+               "json": lambda: _read_json(path, field, skip, report, domain),
+               "parquet": lambda: _read_parquet(path, field, skip, report, domain), "text": lambda: _read_text(path)}
     try:
         yield from readers[fmt]()
     except UnicodeDecodeError as error:
@@ -187,12 +255,20 @@ def read_file(path: Path | str, fmt: str, field: str, skip: bool, report: ReadRe
 
 def iter_documents(path: Path | str, cfg: ReadOptions, report: ReadReport | None = None) -> Iterator[str]:
     """Every non-empty document under `path`, in file order, one at a time (`data.max_documents` at most)."""
+    return (doc.text for doc in iter_records(path, cfg, report))
+
+
+
+def iter_records(path: Path | str, cfg: ReadOptions, report: ReadReport | None = None,
+                 domain: DomainField | None = None) -> Iterator[Document]:
+    """`iter_documents`, each document with its domain when `domain` names its field."""
     report = report if report is not None else ReadReport()
-    texts = (t for file in corpus_files(path) for t in read_file(file, cfg.format, cfg.text_field,
-                                                                  cfg.on_error == "skip", report) if t.strip())
-    for text in itertools.islice(texts, cfg.max_documents):
+    docs = (doc for file in corpus_files(path)
+            for doc in read_records(file, cfg.format, cfg.text_field, cfg.on_error == "skip", report, domain)
+            if doc.text.strip())
+    for doc in itertools.islice(docs, cfg.max_documents):
         report.num_documents += 1
-        yield text
+        yield doc
     if not report.num_documents:
         raise DataError(f"{path}: no documents with text found")
     if report.num_skipped:
@@ -201,6 +277,29 @@ def iter_documents(path: Path | str, cfg: ReadOptions, report: ReadReport | None
 
 
 CHUNK_DOCUMENTS = 4096  # documents tokenized or embedded at a time: a few MB of text
+
+
+
+DOMAIN_KEY = "domain"  # a split's JSON lines name each document's domain under this key (`cluster.method: field`)
+
+
+
+def split_line(doc: Document) -> str:
+    """A document as a line of a split's JSON lines: {"text": ...}, and {"domain": ...} when it has one."""
+    record = {"text": doc.text} if doc.domain is None else {"text": doc.text, DOMAIN_KEY: doc.domain}
+    return json.dumps(record) + "\n"
+
+
+
+def iter_domains(path: Path) -> Iterator[str]:
+    """The domain of each document of a split's JSON lines (`cluster.method: field`), in order."""
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate((line for line in handle if line.strip()), start=1):
+            record = json.loads(line)
+            if DOMAIN_KEY not in record:
+                raise DataError(f"{path}: document {line_no} has no domain: the split was written by a job "
+                                "without cluster.method 'field'; use a new output_dir")
+            yield record[DOMAIN_KEY]
 
 
 

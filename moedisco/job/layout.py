@@ -8,7 +8,8 @@
 Every layer uses it (the stages, both runners, the Ray workers, the service), and it imports no torch. The folder:
 
     OUTPUT/
-      spec.yaml  metrics.jsonl  cost.json  report.png  evaluation.json  owner.json (the claim: the runner that may write here)
+      spec.yaml  metrics.jsonl  cost.json  report.png  evaluation.json
+      owner.json (the claim: the runner that may write here)
       data/{train,eval}.jsonl  data/split.json  data/{train,eval}_tokens/ (token shards)  data/tokenizer/
       embed/embeddings.npy  embed/progress.json  cluster/  cluster/tokens_<k>/ (cluster k's token shard)
       source/  branched/
@@ -75,7 +76,8 @@ class JobPaths:
     submodels = property(lambda self: self.root / "submodels")
 
     def texts(self, split_name: str) -> Path:
-        """One JSON line ({"text": ...}) per document of the `train` or `eval` split."""
+        """One JSON line ({"text": ...}; with `cluster.method: field`, also "domain") per document of the `train` or
+        `eval` split."""
         return self.data / f"{split_name}.jsonl"
 
     def tokens(self, split_name: str) -> Path:

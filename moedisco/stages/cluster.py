@@ -3,11 +3,17 @@
     result = fit_clusters(vectors_ND, spec.cluster, num_clusters=4, seed=0)
     result.assignments      # int64 [N], cluster of each document
     result.save(folder); ClusterResult.load(folder).assign(new_vectors)   # route new documents later
+    result = declared_clusters(spec, paths)   # `field` (or one cluster): no embeddings, no fit
     summary = stage_cluster(run)      # the stage: fit on a bounded sample, assign all, cluster/tokens_<k>/ shards
     source = train_source(spec, paths, expert=2)   # what submodel 2 trains on, read by (seed, step) from its shard
 
 `kmeans` is scikit-learn's k-means. `balanced_kmeans` bounds every cluster at (1 + slack) x N / K documents, as
 c-BTM does, so no expert is starved or drowned. `random` is the paper's Fig. 6 ablation: equal-sized random shares.
+`field` takes the domains a team already knows: the document field `cluster.field`, kept by the prepare stage,
+puts each document, held-out ones too, in the cluster of its domain, cluster k holding `cluster.domains[k]` (by
+default the training documents' distinct values, sorted); nothing is embedded. A job of one cluster (an extension
+by one expert) embeds nothing either: every document is in cluster 0. Such declared clusters have no centroids
+(`ClusterResult.centroids` is [K, 0]), so `assign` cannot route new documents by embedding.
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ import numpy as np
 
 from moedisco.config.spec import ClusterConfig, JobSpec
 from moedisco.io.atomic import write_atomically, writing
-from moedisco.io.documents import DataError, chunks, iter_texts
+from moedisco.io.documents import DataError, chunks, iter_domains, iter_texts
 from moedisco.job.layout import JobPaths
+from moedisco.job.registry import needs_embeddings
 
 if TYPE_CHECKING:
     import torch
@@ -39,13 +46,17 @@ if TYPE_CHECKING:
 # loads a `ClusterResult` (or reads cached assignments) would pay for it at start-up.
 
 
+SINGLE = "single"  # the `method` of a one-cluster job's `ClusterResult`: nothing was fitted
+
+
 @dataclass
 class ClusterResult:
     assignments: np.ndarray
-    centroids: np.ndarray
+    centroids: np.ndarray  # [K, D]; [K, 0] for declared clusters (`field`, one cluster), which have none
     inertia: float
     normalize: bool
     method: str
+    domains: list[str] | None = None  # `field`: cluster k holds the documents of domain k
 
     @property
     def sizes(self) -> list[int]:
@@ -53,6 +64,11 @@ class ClusterResult:
 
     def assign(self, vectors_ND: np.ndarray) -> np.ndarray:
         """Nearest centroid for new documents (what a router of new data would do)."""
+        if len(self.centroids) == 1:
+            return np.zeros(len(vectors_ND), dtype=np.int64)
+        if self.domains is not None:
+            raise ValueError("these clusters are the domains of a document field (cluster.method 'field'): a "
+                             "document's cluster is its domain's index in `domains`, not a nearest centroid")
         return _nearest(prepare_vectors(vectors_ND, self.normalize), self.centroids)
 
     def save(self, folder: Path) -> None:
@@ -60,6 +76,8 @@ class ClusterResult:
         np.save(folder / "assignments.npy", self.assignments)
         np.save(folder / "centroids.npy", self.centroids)
         summary = {"method": self.method, "normalize": self.normalize, "inertia": self.inertia, "sizes": self.sizes}
+        if self.domains is not None:
+            summary["domains"] = self.domains
         write_atomically(folder / "clusters.json", json.dumps(summary, indent=2))  # written last: the result is whole
 
     @classmethod
@@ -71,6 +89,7 @@ class ClusterResult:
             inertia=summary["inertia"],
             normalize=summary["normalize"],
             method=summary["method"],
+            domains=summary.get("domains"),
         )
 
 
@@ -188,16 +207,63 @@ def fit_streaming(vectors_ND: np.ndarray, cfg: ClusterConfig, num_clusters: int,
     return ClusterResult(assignments, fitted.centroids, inertia, cfg.normalize, cfg.method)
 
 
+def _experts_field(spec: JobSpec) -> str:
+    return "extend.new_experts" if spec.method == "extend" else "model.num_experts"
+
+
+def field_domains(spec: JobSpec, train_domains: list[str]) -> list[str]:
+    """The domain of each cluster: `cluster.domains`, else the training documents' distinct values, sorted; one per
+    cluster, each with training documents."""
+    cfg, found = spec.cluster, sorted(set(train_domains))
+    experts = f"{_experts_field(spec)} is {spec.num_clusters}: one expert per domain"
+    if cfg.domains is None and len(found) != spec.num_clusters:
+        raise DataError(f"the training documents' {cfg.field} has {len(found)} values ({', '.join(found)}), but "
+                        f"{experts} (cluster.domains with data.on_error 'skip' keeps only some)")
+    if cfg.domains is not None and len(cfg.domains) != spec.num_clusters:
+        raise DataError(f"cluster.domains names {len(cfg.domains)} domains ({', '.join(cfg.domains)}), but {experts}")
+    if missing := sorted(set(cfg.domains or ()) - set(found)):
+        raise DataError(f"no training document has {cfg.field} {', '.join(missing)} (cluster.domains): every expert "
+                        f"needs documents; the training documents have {', '.join(found)}")
+    return list(cfg.domains or found)
+
+
+def domain_assignments(values: list[str], domains: list[str], where: Path) -> np.ndarray:
+    """The cluster of each document of the split `where`, whose domains are `values`: its domain's index."""
+    index = {domain: k for k, domain in enumerate(domains)}
+    if unknown := sorted(set(values) - set(index)):
+        raise DataError(f"{where}: documents of domain {', '.join(unknown)}, which no expert has (the experts' "
+                        f"domains: {', '.join(domains)})")
+    return np.fromiter((index[value] for value in values), dtype=np.int64, count=len(values))
+
+
+def declared_clusters(spec: JobSpec, paths: JobPaths) -> ClusterResult:
+    """The clusters of a job that embeds nothing (`moedisco.job.registry.needs_embeddings`): with `field`, each
+    training document in its domain's cluster; else (one cluster) every document in cluster 0."""
+    if spec.cluster.method != "field":
+        num_docs = json.loads(paths.split_summary.read_text())["train_documents"]
+        return ClusterResult(np.zeros(num_docs, dtype=np.int64), np.zeros((1, 0)), 0.0, spec.cluster.normalize,
+                             SINGLE)
+    values = list(iter_domains(paths.texts("train")))
+    domains = field_domains(spec, values)
+    assignments = domain_assignments(values, domains, paths.texts("train"))
+    return ClusterResult(assignments, np.zeros((len(domains), 0)), 0.0, spec.cluster.normalize, "field", domains)
+
+
 def _clusters(spec: JobSpec, paths: JobPaths) -> tuple[ClusterResult, bool]:
-    """The job's clusters: those already saved for this corpus, else a fit now (which voids the old shards)."""
+    """The job's clusters: those already saved for this corpus, else a fit now (which voids the old shards);
+    declared ones (`declared_clusters`) are read again, their shards kept when they are the same."""
+    if not needs_embeddings(spec):
+        result = declared_clusters(spec, paths)
+        save_clusters(spec, paths, result)
+        return result, False
     from moedisco.io.token_shards import RowFile
 
     vectors_ND = RowFile(paths.embeddings)  # one pass, through the file: no 1.5 GB of mapped pages at 1M
     if (paths.clusters / "clusters.json").is_file():
         saved = ClusterResult.load(paths.clusters)
-        if len(saved.assignments) == len(vectors_ND) and len(saved.centroids) == spec.model.num_experts:
+        if len(saved.assignments) == len(vectors_ND) and len(saved.centroids) == spec.num_clusters:
             return saved, False
-    result = fit_streaming(vectors_ND, spec.cluster, spec.model.num_experts, spec.seed)
+    result = fit_streaming(vectors_ND, spec.cluster, spec.num_clusters, spec.seed)
     save_clusters(spec, paths, result)
     return result, True
 
@@ -212,9 +278,9 @@ def save_clusters(spec: JobSpec, paths: JobPaths, result: ClusterResult) -> None
     except (OSError, ValueError, KeyError, EOFError):  # no clusters saved yet, or a save cut short
         old = None
     same = old is not None and np.array_equal(old.assignments, result.assignments) and np.array_equal(
-        old.centroids, result.centroids)
+        old.centroids, result.centroids) and old.domains == result.domains
     if not same:
-        for expert in range(spec.model.num_experts):
+        for expert in range(spec.num_clusters):
             shutil.rmtree(paths.cluster_tokens(expert), ignore_errors=True)
         (paths.clusters / "eval_assignments.npy").unlink(missing_ok=True)
     result.save(paths.clusters)
@@ -239,14 +305,17 @@ def stage_cluster(run: StageRun) -> dict:
     result, fitted = _clusters(spec, paths)
     from moedisco.io.token_shards import is_complete
 
-    written = [k for k in range(spec.model.num_experts) if not is_complete(paths.cluster_tokens(k))]
+    written = [k for k in range(spec.num_clusters) if not is_complete(paths.cluster_tokens(k))]
     for expert in written:
         write_cluster_tokens(paths, result.assignments, expert)
+    if not needs_embeddings(spec):
+        eval_assignments(spec, paths)  # no embedding to pay for: a held-out domain no expert has fails here
     seconds = time.perf_counter() - started
     run.metrics.write({"stage": "cluster", "step": 0, "sizes": result.sizes, "inertia": result.inertia,
                        "seconds": seconds, "device": "cpu"})
-    return {"sizes": result.sizes, "inertia": result.inertia, "method": result.method, "fitted": fitted,
-            "shards_written": written, "seconds": seconds}
+    declared = {} if result.domains is None else {"domains": result.domains}
+    return {"sizes": result.sizes, "inertia": result.inertia, "method": result.method, **declared,
+            "fitted": fitted, "shards_written": written, "seconds": seconds}
 
 
 
@@ -271,18 +340,29 @@ def train_source(spec: JobSpec, paths: JobPaths, expert: int | None = None) -> S
 
 
 def eval_assignments(spec: JobSpec, paths: JobPaths) -> np.ndarray:
-    """Cluster of every held-out document, by nearest centroid (computed once, cached next to the clusters)."""
+    """Cluster of every held-out document: its domain's (`field`), 0 (one cluster), else its nearest centroid's
+    (computed once, cached next to the clusters)."""
     cached = paths.clusters / "eval_assignments.npy"
     if not cached.is_file():
-        from moedisco.stages.embed import Embedder
-
-        embedder, clusters = Embedder(spec.embed), ClusterResult.load(paths.clusters)
-        # A chunk at a time: a large corpus's held-out share is more text than one process should hold.
-        assigned = [clusters.assign(embedder(texts)) for texts in chunks(iter_texts(paths.texts("eval")))]
+        assigned = _held_out_clusters(spec, paths, ClusterResult.load(paths.clusters))
         # Written aside and renamed: concurrent submodel trainers may fill the cache at the same time.
         with writing(cached) as partial, partial.open("wb") as handle:
-            np.save(handle, np.concatenate(assigned) if assigned else np.zeros(0, dtype=np.int64))
+            np.save(handle, assigned)
     return np.load(cached)
+
+
+def _held_out_clusters(spec: JobSpec, paths: JobPaths, clusters: ClusterResult) -> np.ndarray:
+    held_out = paths.texts("eval")
+    if clusters.domains is not None:
+        return domain_assignments(list(iter_domains(held_out)), clusters.domains, held_out)
+    if len(clusters.centroids) == 1:
+        return np.zeros(json.loads(paths.split_summary.read_text())["eval_documents"], dtype=np.int64)
+    from moedisco.stages.embed import Embedder
+
+    embedder = Embedder(spec.embed)
+    # A chunk at a time: a large corpus's held-out share is more text than one process should hold.
+    assigned = [clusters.assign(embedder(texts)) for texts in chunks(iter_texts(held_out))]
+    return np.concatenate(assigned) if assigned else np.zeros(0, dtype=np.int64)
 
 
 
@@ -301,4 +381,4 @@ def cluster_eval_sequence(spec: JobSpec, paths: JobPaths, expert: int) -> torch.
 
 
 def cluster_eval_sequences(spec: JobSpec, paths: JobPaths) -> list[torch.Tensor]:
-    return [cluster_eval_sequence(spec, paths, k) for k in range(spec.model.num_experts)]
+    return [cluster_eval_sequence(spec, paths, k) for k in range(spec.num_clusters)]

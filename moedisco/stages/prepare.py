@@ -7,7 +7,8 @@
 
 Documents stream from the input files (`moedisco.io.documents`) into the split's JSON lines, then a chunk at a time
 into the token shards (`moedisco.io.token_shards`); each piece is finished atomically, so an interrupted stage
-resumes from the split, the tokenizer and each shard it finished.
+resumes from the split, the tokenizer and each shard it finished. With `cluster.method: field` each line also keeps
+the document's domain (`domain_field`), which the cluster stage reads instead of embeddings.
 
 Legend: N = number of packed sequences, L = sequence length.
 """
@@ -28,7 +29,16 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from moedisco.config.spec import JobSpec, TokenizerConfig
 from moedisco.io.atomic import write_atomically
-from moedisco.io.documents import DataError, ReadReport, chunks, iter_documents, iter_texts
+from moedisco.io.documents import (
+    DataError,
+    Document,
+    DomainField,
+    ReadReport,
+    chunks,
+    iter_records,
+    iter_texts,
+    split_line,
+)
 from moedisco.io.token_shards import TokenShard, TokenShardWriter, is_complete
 from moedisco.job.layout import JobPaths
 from moedisco.stages.stage_run import StageRun
@@ -85,15 +95,25 @@ def side_of(spec: JobSpec, text: str) -> str:
 
 
 
-def write_sides(spec: JobSpec, texts: Iterator[str], handles: dict, counts: dict, sample: list | None = None) -> None:
-    """Each document as a JSON line to its side's handle; the first `tokenizer.sample_documents` train documents
-    also to `sample`."""
-    for text in texts:
-        name = side_of(spec, text)
-        handles[name].write(json.dumps({"text": text}) + "\n")
+def domain_field(spec: JobSpec) -> DomainField | None:
+    """`cluster.method: field`: the document field the split keeps as each document's domain (None: no field)."""
+    cfg = spec.cluster
+    if cfg.method != "field" or spec.method == "full_parameter":  # a baseline never clusters
+        return None
+    return DomainField(cfg.field, None if cfg.domains is None else tuple(cfg.domains))
+
+
+
+def write_sides(spec: JobSpec, docs: Iterator[Document], handles: dict, counts: dict,
+                sample: list | None = None) -> None:
+    """Each document as a JSON line to its side's handle; the first `tokenizer.sample_documents` train documents'
+    texts also to `sample`."""
+    for doc in docs:
+        name = side_of(spec, doc.text)
+        handles[name].write(split_line(doc))
         counts[name] += 1
         if sample is not None and name == "train" and len(sample) < spec.tokenizer.sample_documents:
-            sample.append(text)
+            sample.append(doc.text)
 
 
 
@@ -106,8 +126,8 @@ def finish_split(spec: JobSpec, paths: JobPaths, handles: dict, counts: dict, sk
     """After `train`'s documents: `eval`'s to the held-out side, the checks, the files renamed into
     place and the split's summary written (an interrupted split leaves only .partial files)."""
     cfg = spec.data
-    for text in iter_documents(cfg.eval, cfg) if cfg.eval is not None else ():
-        handles["eval"].write(json.dumps({"text": text}) + "\n")
+    for doc in iter_records(cfg.eval, cfg, domain=domain_field(spec)) if cfg.eval is not None else ():
+        handles["eval"].write(split_line(doc))
         counts["eval"] += 1
     for handle in handles.values():
         handle.close()
@@ -129,7 +149,8 @@ def _write_split(spec: JobSpec, paths: JobPaths) -> dict:
     report, counts, sample = ReadReport(), {"train": 0, "eval": 0}, []
     handles = {name: path.open("w", encoding="utf-8") for name, path in split_partials(paths).items()}
     try:
-        write_sides(spec, iter_documents(spec.data.train, spec.data, report), handles, counts, sample)
+        write_sides(spec, iter_records(spec.data.train, spec.data, report, domain_field(spec)), handles, counts,
+                    sample)
         summary = finish_split(spec, paths, handles, counts, report.num_skipped)
     finally:
         for handle in handles.values():

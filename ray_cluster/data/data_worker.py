@@ -24,14 +24,12 @@ import ray
 from moedisco.config.resources import TierConfig
 from moedisco.config.spec import JobSpec
 from moedisco.job.layout import JobPaths, is_done
-from moedisco.job.registry import STAGES
+from moedisco.job.registry import STAGE, plan
 from ray_cluster.node_uses import SILENT, NodeUseReporter
 from ray_cluster.placement import prepare_worker, task_options
 
 if TYPE_CHECKING:
     from moedisco.stages.stage_run import StageRun
-
-SETUP_STAGES = tuple(stage.name for stage in STAGES if stage.setup)  # what the data worker may run
 
 
 class DataWorker:
@@ -78,8 +76,9 @@ def data_stages_in_one_process(spec: JobSpec) -> bool:
 
 
 def data_stages_pending(spec: JobSpec) -> bool:
+    """Whether a set-up task of the job's plan is unfinished (a job that embeds nothing has no embed task)."""
     paths = JobPaths(spec.output_dir)
-    return any(not is_done(paths, stage) for stage in SETUP_STAGES)
+    return any(not is_done(paths, task.marker) for group in plan(spec) for task in group if STAGE[task.stage].setup)
 
 
 def start_data_worker(spec: JobSpec):

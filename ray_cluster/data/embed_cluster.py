@@ -17,7 +17,9 @@ holds the corpus text or more embeddings than the fit sample's, and the clusters
 (`moedisco.stages.cluster.fit_streaming`), document for document. The in-process variants write the same shards and
 OUTPUT files, their fit seeing every document, so both paths give the same clusters. The fit's task and the pool's
 actors say which node they hold through `reporter` (`node_uses.NodeUseReporter`); the actors only as they start,
-the driver closing their uses when the stage's result arrives.
+the driver closing their uses when the stage's result arrives. A job that embeds nothing (`cluster.method: field`,
+or one cluster: `moedisco.job.registry.needs_embeddings`) has no embed stage, and its cluster stage, either way, is
+`moedisco.stages.cluster.declared_clusters` in the stage's own process: one read of the split's domains.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from moedisco.config.resources import TierConfig
 from moedisco.config.spec import EmbedConfig, JobSpec
 from moedisco.io.storage import join, remove_tree
 from moedisco.job.metrics import MetricsWriter
+from moedisco.job.registry import needs_embeddings
 from moedisco.stages import cluster
 from ray_cluster.data.shards import (
     PARQUET_ARGS,
@@ -185,7 +188,7 @@ def fit_on_embeddings(spec: JobSpec, embeddings_dir: Path | str,
     sampled fit gives the documents it saw, as in `moedisco.stages.cluster.fit_streaming`)."""
     with reporter.held():
         doc_ids, vectors_ND = read_embeddings(embeddings_dir)
-        result = cluster.fit_clusters(vectors_ND, spec.cluster, spec.model.num_experts, spec.seed)
+        result = cluster.fit_clusters(vectors_ND, spec.cluster, spec.num_clusters, spec.seed)
         return result, assign_batch(doc_ids, vectors_ND, result)
 
 
@@ -256,6 +259,8 @@ def cluster_stage(spec: JobSpec, paths: JobPaths, max_nodes: int,
                   reporter: NodeUseReporter = SILENT) -> dict:
     """Fit k-means on the embedded documents, and assign the corpus: by the fit itself when it saw every
     document, else the rest through `assign_rest`. Saves OUTPUT/cluster/ as `ClusterResult.save` does."""
+    if not needs_embeddings(spec):
+        return declare_clusters(spec, paths)
     quiet_data_context()
     started = time.perf_counter()
     storage, tier = job_storage(spec), spec.resources.submodel_tier
@@ -276,7 +281,8 @@ def cluster_stage(spec: JobSpec, paths: JobPaths, max_nodes: int,
 def _clustered(spec: JobSpec, paths: JobPaths, result: cluster.ClusterResult, assignments: np.ndarray,
                inertia: float, started: float, extra: dict) -> dict:
     """Save OUTPUT/cluster/ and the held-out documents' clusters (both paths end here)."""
-    full = cluster.ClusterResult(assignments, result.centroids, inertia, result.normalize, result.method)
+    full = cluster.ClusterResult(assignments, result.centroids, inertia, result.normalize, result.method,
+                                 result.domains)
     if min(full.sizes) == 0:
         raise ValueError("clustering left an expert with no documents; try cluster.method=balanced_kmeans")
     from moedisco.stages.cluster import eval_assignments, save_clusters
@@ -285,7 +291,8 @@ def _clustered(spec: JobSpec, paths: JobPaths, result: cluster.ClusterResult, as
     # Submodels look up the held-out documents' clusters in a cache next to the clusters that the first of them
     # writes; written here, before any trainer starts, the concurrent submodels never race to write it.
     eval_assignments(spec, paths)
-    summary = {"sizes": full.sizes, "inertia": inertia, "method": full.method, **extra,
+    declared = {} if full.domains is None else {"domains": full.domains}
+    summary = {"sizes": full.sizes, "inertia": inertia, "method": full.method, **declared, **extra,
                "seconds": time.perf_counter() - started}
     MetricsWriter(paths.metrics).write({"stage": "cluster", "step": 0, **summary})
     return summary
@@ -319,7 +326,18 @@ def embed_in_process(spec: JobSpec, paths: JobPaths, embedder=None) -> dict:
 
 def cluster_in_process(spec: JobSpec, paths: JobPaths) -> dict:
     """`cluster_stage`'s outputs with the fit in this process (it sees every document of a one-shard corpus)."""
+    if not needs_embeddings(spec):
+        return declare_clusters(spec, paths)
     started = time.perf_counter()
     result, fitted = fit_on_embeddings(spec, join(job_storage(spec), "embeddings"))
     return _clustered(spec, paths, result, result.assignments, result.inertia, started,
                       {"fit_documents": len(fitted["doc_id"]), "device": "cpu", "num_nodes": 1})
+
+
+def declare_clusters(spec: JobSpec, paths: JobPaths) -> dict:
+    """The clusters of a job that embeds nothing (`moedisco.stages.cluster.declared_clusters`), in this process
+    (on Ray Data too: the work is one read of the split's domains), saved as a fit's are."""
+    started = time.perf_counter()
+    result = cluster.declared_clusters(spec, paths)
+    return _clustered(spec, paths, result, result.assignments, result.inertia, started,
+                      {"fit_documents": 0, "device": "cpu", "num_nodes": 1})

@@ -74,7 +74,7 @@ def _split_files(batch: dict, spec: JobSpec, parts: str, reporter: NodeUseReport
 
 def _split_batch(batch: dict, spec: JobSpec, parts: str) -> dict:
     from moedisco.io import documents
-    from moedisco.stages.prepare import write_sides
+    from moedisco.stages.prepare import domain_field, write_sides
 
     cfg, rows = spec.data, []
     for index, file in zip(batch["index"].tolist(), batch["file"].tolist()):
@@ -82,8 +82,9 @@ def _split_batch(batch: dict, spec: JobSpec, parts: str) -> dict:
         try:
             for name in counts:
                 handles[name] = _text_output(join(parts, f"{index:06d}.{name}.jsonl"))
-            texts = documents.read_file(file, cfg.format, cfg.text_field, cfg.on_error == "skip", report)
-            write_sides(spec, (text for text in texts if text.strip()), handles, counts)
+            docs = documents.read_records(file, cfg.format, cfg.text_field, cfg.on_error == "skip", report,
+                                          domain_field(spec))
+            write_sides(spec, (doc for doc in docs if doc.text.strip()), handles, counts)
         except documents.DataError as failed:  # names its file (and line) already
             error = str(failed)
         except (OSError, ValueError) as failed:  # a part that cannot be written, a Parquet file that is not one

@@ -4,12 +4,12 @@
     shards = shard_ranges(corpus, num_docs)        # [{"shard": location, "first": 0, "stop": 4096}, ...]
     dataset, max_actors = through_actors(shards, EmbedBatches, kwargs, max_nodes, options)
 
-train.jsonl is streamed into shards of `data.rows_per_shard` documents whose `doc_id` is the document's line, so document
-order, and every later index into the cluster assignments, matches the local runner; a marker (`_index.json`)
-records what was indexed, so the prepare stage, the embed stage and a re-run share the shards. A stage's actors
-(one per node of the stage's tier at most, the pool growing as nodes come: the nodes it holds are what the stage
-costs) each read their own shards from
-storage: Ray Data moves the shards' locations, not their texts.
+train.jsonl is streamed into shards of `data.rows_per_shard` documents whose `doc_id` is the document's line, so
+document order, and every later index into the cluster assignments, matches the local runner; a marker
+(`_index.json`) records what was indexed, so the prepare stage, the embed stage and a re-run share the shards. A
+stage's actors (one per node of the stage's tier at most, the pool growing as nodes come: the nodes it holds are
+what the stage costs) each read their own shards from storage: Ray Data moves the shards' locations, not their
+texts.
 """
 
 from __future__ import annotations
