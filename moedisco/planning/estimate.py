@@ -186,7 +186,7 @@ def measured_cost(spec: JobSpec, hours: dict[str, float], sharded: bool = True) 
     is the slowest submodel's, paid E times."""
     stages = {stage: measured_stage(spec, stage, hours[stage], sharded) for stage in _priced_stages(spec)}
     sub = stages["submodel"]
-    model = (f"measured hours, the paper's convention: submodels = {spec.model.num_experts} x the slowest "
+    model = (f"measured hours, the paper's convention: submodels = {spec.num_clusters} x the slowest "
              f"submodel's {sub['hours']:g} h on {sub['device_type']} at ${sub['price_per_hour']:g}/h; fine-tune and "
              f"baseline hours on {stages['finetune']['device_type']} at ${stages['finetune']['price_per_hour']:g}/h")
     return _summary(spec, "paper", model, stages)
@@ -195,7 +195,7 @@ def measured_cost(spec: JobSpec, hours: dict[str, float], sharded: bool = True) 
 def _summary(spec: JobSpec, convention: str, model: str, stages: dict[str, dict]) -> dict:
     none = {"usd": 0.0, "hours": 0.0}
     warmup, one, fine, base = (stages.get(stage, none) for stage in PRICED_STAGES)
-    submodels = spec.model.num_experts * one["usd"]
+    submodels = spec.num_clusters * one["usd"]
     total = warmup["usd"] + submodels + fine["usd"]
     return {"convention": convention, "model": model, "stages": stages,
             "warmup_usd": warmup["usd"], "warmup_hours": warmup["hours"],

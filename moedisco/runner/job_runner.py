@@ -72,7 +72,7 @@ def check_same_job(spec: JobSpec, paths: JobPaths) -> None:
     except ValidationError:
         pass
     current = spec.model_dump(mode="json")
-    moe_disco = spec.method == "moe_disco"
+    moe_disco = spec.method in ("moe_disco", "extend")  # the methods that embed, cluster and branch
     sections = [key for key in IDENTITY_SECTIONS if moe_disco or key not in MOE_DISCO_ONLY]
     changed = [diff for key in sections for diff in _differences(saved.get(key), current.get(key), key)]
     if moe_disco and spec.branch.sync_rounds > 1:  # round ends are fractions of the submodel steps

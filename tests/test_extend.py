@@ -1,0 +1,106 @@
+"""Growing and shrinking a finished MoE: `method: extend` adds experts for a new corpus, `method: retire` drops them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moedisco.config.loading import SpecError, build_spec
+from moedisco.job.layout import JobPaths, stage_result
+from moedisco.models.architecture import num_experts_of, parameter_roles, read_config
+from moedisco.models.experts import expert_provenance
+from moedisco.models.weights import SavedWeights
+from moedisco.runner.job_runner import run_job
+from tests.conftest import CORPUS, tiny_spec_dict
+
+NEW_DOMAIN = "code"
+
+
+def _split_corpus(folder):
+    """The bundled corpus's code documents apart from the other three domains."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = CORPUS.read_text().splitlines()
+    new = [line for line in lines if json.loads(line)["domain"] == NEW_DOMAIN]
+    old = [line for line in lines if json.loads(line)["domain"] != NEW_DOMAIN]
+    (folder / "old.jsonl").write_text("\n".join(old[:240]) + "\n")
+    (folder / "new.jsonl").write_text("\n".join(new[:120]) + "\n")
+    return folder / "old.jsonl", folder / "new.jsonl"
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    """A finished 4-expert job on three domains, extended by one expert for the fourth, then that expert retired."""
+    root = tmp_path_factory.mktemp("extend")
+    old, new = _split_corpus(root / "data")
+    base = build_spec(tiny_spec_dict(root / "base", data={"train": str(old)}, branch={"sync_rounds": 2}))
+    run_job(base, progress=False)
+    extension = build_spec({**tiny_spec_dict(root / "extended", data={"train": str(new)}), "name": "ext",
+                            "method": "extend", "extend": {"base": str(root / "base")}})
+    summary = run_job(extension, progress=False)
+    retired = build_spec({"name": "ret", "output_dir": str(root / "retired"), "method": "retire",
+                          "retire": {"base": str(root / "extended"), "experts": [4]}})
+    run_job(retired, progress=False)
+    return root, summary
+
+
+def _tensors(folder):
+    with SavedWeights(folder) as weights:
+        return {name: weights.get(name) for name in weights.files}
+
+
+def test_an_extension_adds_an_expert_and_leaves_the_old_ones_and_a_frozen_backbone_as_they_were(jobs):
+    root, summary = jobs
+    base, final = _tensors(root / "base" / "final"), _tensors(root / "extended" / "final")
+    config = read_config(root / "extended" / "final")
+    assert num_experts_of(config) == 5
+    roles = parameter_roles(config)
+    for name, tensor in final.items():
+        if roles[name] == "shared":  # frozen while the new expert trained, and not trained by the router fine-tune
+            assert torch.equal(tensor, base[name]), name
+        elif roles[name] == "expert":
+            assert torch.equal(tensor[:4], base[name]), name
+            assert not torch.equal(tensor[4], base[name][0]) and tensor.shape[0] == 5
+    routers = [name for name, role in roles.items() if role == "router"]
+    assert routers and all(final[name].shape[0] == 5 for name in routers)
+    assert any(not torch.equal(final[name][:4], base[name]) for name in routers)  # the router fine-tune moved it
+
+    provenance = expert_provenance(config)
+    assert [entry["job"] for entry in provenance] == ["test"] * 4 + ["ext"]
+    assert provenance[4]["data"].endswith("new.jsonl") and provenance[4]["method"] == "extend"
+    domains = stage_result(JobPaths(root / "extended"), "finetune")["domains"]
+    assert {name.split("/")[0] for name in domains} == {"test", "ext"} and "ext/cluster 0" in domains
+    assert summary["cost"]["total_usd"] > 0
+
+
+def test_retiring_the_new_expert_gives_back_the_base_experts_and_reports_each_domain(jobs):
+    root, _ = jobs
+    base, retired = _tensors(root / "base" / "final"), _tensors(root / "retired" / "final")
+    roles = parameter_roles(read_config(root / "retired" / "final"))
+    assert num_experts_of(read_config(root / "retired" / "final")) == 4
+    for name, tensor in retired.items():
+        if roles[name] != "router":  # the router rows are the extension's fine-tuned ones
+            assert torch.equal(tensor, base[name]), name
+    result = stage_result(JobPaths(root / "retired"), "retire")
+    changes = {row["domain"]: row for row in result["domains"]}
+    assert "ext/cluster 0" in changes and all(row["change"] is not None for row in changes.values())
+    assert result["retired_provenance"][0]["job"] == "ext"
+    assert [entry["job"] for entry in expert_provenance(read_config(root / "retired" / "final"))] == ["test"] * 4
+
+
+def test_bad_extend_and_retire_specs_name_the_field(tmp_path, jobs):
+    root, _ = jobs
+    with pytest.raises(SpecError, match="needs the `extend` section"):
+        build_spec({**tiny_spec_dict(tmp_path / "x"), "method": "extend"})
+    with pytest.raises(SpecError, match="distinct indices"):
+        build_spec({"output_dir": str(tmp_path / "y"), "method": "retire",
+                    "retire": {"base": str(root / "base"), "experts": [1, 1]}})
+    with pytest.raises(ValueError, match="experts 0-3, and at least one must stay"):
+        run_job(build_spec({"output_dir": str(tmp_path / "z"), "method": "retire",
+                            "retire": {"base": str(root / "base"), "experts": [4]}}), progress=False)
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "spec.yaml").write_text("name: x\n")
+    with pytest.raises(ValueError, match="no final/ model yet"):
+        run_job(build_spec({**tiny_spec_dict(tmp_path / "w"), "method": "extend",
+                            "extend": {"base": str(tmp_path / "unfinished")}}), progress=False)
