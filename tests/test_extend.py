@@ -104,3 +104,59 @@ def test_bad_extend_and_retire_specs_name_the_field(tmp_path, jobs):
     with pytest.raises(ValueError, match="no final/ model yet"):
         run_job(build_spec({**tiny_spec_dict(tmp_path / "w"), "method": "extend",
                             "extend": {"base": str(tmp_path / "unfinished")}}), progress=False)
+
+
+def test_every_architecture_grows_and_shrinks_tensor_exactly(arch, tmp_path):
+    """Per architecture: an extension's source (backbone + a copy of the favoured expert, a centroid router row)
+    loads as a submodel, and dropping an expert keeps every other tensor bit for bit, and runs."""
+    from transformers import AutoModelForCausalLM
+
+    from moedisco.models.experts import rewrite_experts
+    from moedisco.models.weights import save_weights
+    from moedisco.stages.extend import new_expert_rows
+    from moedisco.stages.split import load_submodel
+    from tests.conftest import tiny_hf_config
+
+    torch.manual_seed(0)
+    save_weights(AutoModelForCausalLM.from_config(tiny_hf_config(arch)), tmp_path / "base")
+    base = _tensors(tmp_path / "base")
+    rows, copied = new_expert_rows(tmp_path / "base", [torch.randint(2, 97, (4, 16)), torch.randint(2, 97, (4, 16))])
+    assert rows and all(value.shape[0] == 2 for value in rows.values()) and len(copied) == 2
+    rewrite_experts(tmp_path / "base", tmp_path / "source", 2,
+                    lambda name, role, tensor: rows[name] if name in rows else tensor[copied[0]])
+    submodel = load_submodel(tmp_path / "source", 1)
+    assert submodel(input_ids=torch.randint(2, 97, (1, 8))).logits.isfinite().all()
+
+    keep = torch.tensor([0, 2, 3])
+    rewrite_experts(tmp_path / "base", tmp_path / "retired", 3, lambda name, role, tensor: tensor[keep])
+    roles = parameter_roles(read_config(tmp_path / "base"))
+    for name, tensor in _tensors(tmp_path / "retired").items():
+        assert torch.equal(tensor, base[name] if roles[name] == "shared" else base[name][keep]), name
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "retired"))
+    assert num_experts_of(model.config) == 3 and model(input_ids=torch.randint(2, 97, (1, 8))).logits.isfinite().all()
+
+
+def test_a_merged_backbone_is_the_document_weighted_mean_of_the_base_and_the_new_submodel(jobs, tmp_path):
+    root, _ = jobs
+    spec = build_spec({**tiny_spec_dict(tmp_path / "merged_ext", data={"train": str(root / "data" / "new.jsonl")},
+                                        finetune={"steps": 2}),
+                       "method": "extend", "extend": {"base": str(root / "base"), "shared": "merge",
+                                                      "finetune": "all", "replay_fraction": 0.25}})
+    run_job(spec, progress=False)
+    paths = JobPaths(tmp_path / "merged_ext")
+    base, merged = _tensors(root / "base" / "final"), _tensors(paths.merged)
+    from safetensors.torch import load_file
+
+    submodel = load_file(paths.submodel(0) / "model.safetensors")
+    from moedisco.stages.cluster import ClusterResult
+
+    old = sum(ClusterResult.load(JobPaths(root / "base").clusters).sizes)
+    new = sum(ClusterResult.load(paths.clusters).sizes)
+    roles = parameter_roles(read_config(paths.merged))
+    shared = [name for name in merged if roles[name] == "shared"]
+    for name in shared:
+        expected = base[name].float() * old / (old + new) + submodel[name].float() * new / (old + new)
+        torch.testing.assert_close(merged[name].float(), expected, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(merged[name], base[name]) for name in shared)  # the new submodel trained them
+    final = _tensors(paths.final)
+    assert any(not torch.equal(final[name], merged[name]) for name in shared)  # `finetune: all` trains them
