@@ -120,7 +120,8 @@ def main() -> None:
     parser.add_argument("--shared", default="frozen", choices=("frozen", "merge"))
     parser.add_argument("--train", default="router", choices=("router", "all"), help="extend.finetune")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", action="append", default=[], help="override for every job, e.g. merge.weighting=uniform")
+    parser.add_argument("--set", action="append", default=[],
+                        help="override for every job, e.g. merge.weighting=samples")
     parser.add_argument("--quick", action="store_true", help="tiny steps: checks the plumbing, not the targets")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()

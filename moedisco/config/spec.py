@@ -91,6 +91,8 @@ class ClusterConfig(_Section):
     def _field_named(self) -> ClusterConfig:
         if self.method == "field" and self.field is None:
             raise ValueError("cluster.method 'field' needs cluster.field: the document field naming the domain")
+        if self.domains is not None and self.method != "field":
+            raise ValueError(f"cluster.domains is read only with cluster.method 'field', not '{self.method}'")
         if self.domains is not None and len(set(self.domains)) != len(self.domains):
             raise ValueError(f"cluster.domains has repeated names: {self.domains}")
         return self
@@ -391,6 +393,8 @@ class JobSpec(_Section):
         for method in ("extend", "retire"):
             if self.method == method and getattr(self, method) is None:
                 raise ValueError(f"method '{method}' needs the `{method}` section (at least `{method}.base`)")
+        if self.cluster.method == "field" and self.data is not None and self.data.format == "text":
+            raise ValueError("cluster.method 'field' reads a field of each document: data.format 'text' has none")
         if self.method == "extend" and self.branch.sync_rounds > 1 and "sync_rounds" in self.branch.model_fields_set:
             raise ValueError("method 'extend' trains its new submodels in one round: branch.sync_rounds must be 1")
         return self
