@@ -72,6 +72,9 @@ def test_an_extension_adds_an_expert_and_leaves_the_old_ones_and_a_frozen_backbo
     domains = stage_result(JobPaths(root / "extended"), "finetune")["domains"]
     assert {name.split("/")[0] for name in domains} == {"test", "ext"} and "ext/cluster 0" in domains
     assert summary["cost"]["total_usd"] > 0
+    versus = summary["versus_rerun"]  # the base job's recipe again at 5 experts
+    assert versus["rerun_experts"] == 5 and versus["rerun_job"] == str(root / "base")
+    assert 0 < versus["flop_share"] < 1 and versus["rerun_ledger_usd"] > 0 and versus["ledger_share"] > 0
 
 
 def test_retiring_the_new_expert_gives_back_the_base_experts_and_reports_each_domain(jobs):

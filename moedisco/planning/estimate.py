@@ -20,6 +20,7 @@ warm-up + one submodel + fine-tune.
 
 from __future__ import annotations
 
+import json
 import math
 
 from transformers import PretrainedConfig
@@ -94,7 +95,39 @@ def _convention(hours: dict[str, float], convention: str | None) -> str:
 
 
 def _priced_stages(spec: JobSpec) -> list[str]:
-    return [stage for stage in PRICED_STAGES if stage != "warmup" or spec.branch.warmup_steps > 0]
+    warmup = spec.branch.warmup_steps > 0 and spec.method == "moe_disco"  # an extension has none
+    return [stage for stage in PRICED_STAGES if stage != "warmup" or warmup]
+
+
+def job_flop_usd(spec: JobSpec) -> float:
+    """A job's dollars under the FLOP model, without activation checkpointing's recomputation (what the planner
+    turns on depends on the devices, which a re-run may change)."""
+    config = spec_config(spec)
+    return flop_cost(spec, parameter_counts(config), {})["total_usd"]
+
+
+def rerun_estimate(spec: JobSpec, ledger_usd: float | None = None) -> dict | None:
+    """An extension (`method: extend`, its spec as `with_base_model` resolves it) against running its lineage's
+    first job again on the union of the corpora with every expert: that job's recipe at the extended model's expert
+    count. Under the FLOP model both are priced alike; the first job's ledger dollars, scaled by the FLOP ratio of
+    the re-run to it, stand for the re-run's bill beside this job's `ledger_usd`. None for other methods or a
+    base that is a bare model folder (no job to re-run)."""
+    from moedisco.config.loading import load_saved_spec
+    from moedisco.stages.domains import lineage
+
+    jobs = lineage(spec.extend.base) if spec.method == "extend" else []
+    if not jobs:
+        return None
+    first = load_saved_spec(jobs[0] / "spec.yaml")
+    rerun = first.model_copy(update={"model": first.model.model_copy(update={"num_experts": spec.model.num_experts})})
+    first_flop, rerun_flop, flop = job_flop_usd(first), job_flop_usd(rerun), job_flop_usd(spec)
+    ledger = jobs[0] / "cost.json"
+    first_ledger = json.loads(ledger.read_text()).get("total_usd") if ledger.is_file() else None
+    rerun_ledger = first_ledger * rerun_flop / first_flop if first_ledger else None
+    return {"rerun_job": str(jobs[0]), "rerun_experts": spec.model.num_experts,
+            "flop_usd": flop, "rerun_flop_usd": rerun_flop, "flop_share": flop / rerun_flop,
+            "ledger_usd": ledger_usd, "rerun_ledger_usd": rerun_ledger,
+            "ledger_share": ledger_usd / rerun_ledger if ledger_usd is not None and rerun_ledger else None}
 
 
 def _check_hours(spec: JobSpec, hours: dict[str, float]) -> None:

@@ -40,6 +40,7 @@ from moedisco.job.registry import STAGE, Task, plan, tier_of
 from moedisco.models.experts import with_base_model
 from moedisco.planning.billing import NodeLife
 from moedisco.planning.cost import CostLedger
+from moedisco.planning.estimate import rerun_estimate
 from moedisco.planning.memory_plan import resolve_memory
 from moedisco.runner.execute import run_stage
 from moedisco.runner.report import write_report
@@ -236,8 +237,9 @@ class JobRunner:
         write_report(self.paths.metrics, self.paths.cost, self.paths.report, title=self.spec.name)
         self.paths.push()
         evaluation = stage_result(self.paths, "evaluate").get("scores") if is_done(self.paths, "evaluate") else None
-        return {"output_dir": str(self.paths.root), "final": str(self.paths.final), "cost": self.ledger.summary(),
-                "evaluation": evaluation}
+        cost = self.ledger.summary()
+        return {"output_dir": str(self.paths.root), "final": str(self.paths.final), "cost": cost,
+                "evaluation": evaluation, "versus_rerun": rerun_estimate(self.spec, cost["total_usd"])}
 
     def push_after_stop(self, error: BaseException) -> None:
         """A stop (preemption, cancel, budget) or a failure: an output_dir on object storage also gets what was
