@@ -110,15 +110,17 @@ def costs(summary: dict, spec) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/moedisco_extend_bench"))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/moedisco_extend_bench"),
+                        help="jobs already finished there are reused (a variant added later trains only itself)")
     parser.add_argument("--new-domain", default="code")
     parser.add_argument("--submodel-steps", type=int, default=480, help="per expert, in the base and scratch jobs")
     parser.add_argument("--finetune-steps", type=int, default=150, help="the base job's fine-tune")
     parser.add_argument("--extension-steps", type=int, default=480, help="the new expert's submodel steps")
     parser.add_argument("--extension-finetune", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=30)
-    parser.add_argument("--shared", default="frozen", choices=("frozen", "merge"))
-    parser.add_argument("--train", default="router", choices=("router", "all"), help="extend.finetune")
+    parser.add_argument("--variants", nargs="+", default=["frozen:router"],
+                        help="extensions to measure, each `shared:finetune[:replay_fraction]` (extend.shared, "
+                             "extend.finetune, extend.replay_fraction; default replay 0.5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[],
                         help="override for every job, e.g. merge.weighting=samples")
@@ -131,42 +133,53 @@ def main() -> None:
     held_out = split_corpus(args.work / "data", args.new_domain)
 
     # Scratch trains the base's and the extension's sequences together: 5 experts x S' + F' = 4 S + E_S + F + E_F.
-    base_sub, ext_sub = 4 * args.submodel_steps, args.extension_steps
-    scratch_steps = round((base_sub + ext_sub) / 5)
+    scratch_steps = round((4 * args.submodel_steps + args.extension_steps) / 5)
     scratch_ft = args.finetune_steps + args.extension_finetune
     jobs, seconds, specs = {}, {}, {}
     jobs["scratch"], seconds["scratch"], specs["scratch"] = run(
         job_spec(args, "scratch", "all", 5, scratch_steps, scratch_ft), args.set)
-    tokenizer_path = str(args.work / "scratch" / "data" / "tokenizer")
+    tokenizer = {"path": str(args.work / "scratch" / "data" / "tokenizer"), "vocab_size": 2048}  # size: the estimate
     jobs["base"], seconds["base"], specs["base"] = run(
-        {**job_spec(args, "base", "old", 4, args.submodel_steps, args.finetune_steps),
-         "tokenizer": {"path": tokenizer_path}}, args.set)
-    jobs["extension"], seconds["extension"], specs["extension"] = run(
-        {**job_spec(args, "extension", "new", 4, ext_sub, args.extension_finetune), "method": "extend",
-         "extend": {"base": str(args.work / "base"), "shared": args.shared, "finetune": args.train}}, args.set)
-    jobs["retired"], seconds["retired"], specs["retired"] = run(
-        {"name": "retired", "output_dir": str(args.work / "retired"), "method": "retire",
-         "retire": {"base": str(args.work / "extension"), "experts": [4]}}, [])
-
-    domains = domain_sequences(held_out, load_tokenizer(Path(tokenizer_path)), 128)
+        {**job_spec(args, "base", "old", 4, args.submodel_steps, args.finetune_steps), "tokenizer": tokenizer},
+        args.set)
+    domains = domain_sequences(held_out, load_tokenizer(Path(tokenizer["path"])), 128)
     losses = {name: domain_losses(args.work / name / "final", domains) for name in jobs}
+    cost = {name: costs(jobs[name], specs[name]) for name in jobs}
     old = [d.name for d in domains if d.name != args.new_domain]
-    cost = {name: costs(jobs[name], specs[name]) for name in ("scratch", "base", "extension")}
     mean = lambda model, names: sum(losses[model][n] for n in names) / len(names)  # noqa: E731
+    variants = {}
+    for variant in args.variants:
+        shared, train, *replay = variant.split(":")
+        name = f"extension_{shared}_{train}" + (f"_replay{replay[0]}" if replay else "")
+        extend = {"base": str(args.work / "base"), "shared": shared, "finetune": train,
+                  "replay_fraction": float(replay[0]) if replay else 0.5}
+        jobs[name], seconds[name], specs[name] = run(
+            {**job_spec(args, name, "new", 4, args.extension_steps, args.extension_finetune), "method": "extend",
+             "extend": extend}, args.set)
+        retired = f"{name}_retired"
+        jobs[retired], seconds[retired], _ = run(
+            {"name": retired, "output_dir": str(args.work / retired), "method": "retire",
+             "retire": {"base": str(args.work / name), "experts": [4]}}, [])
+        losses[name] = domain_losses(args.work / name / "final", domains)
+        losses[retired] = domain_losses(args.work / retired / "final", domains)
+        cost[name] = costs(jobs[name], specs[name])
+        variants[name] = {
+            "extend": extend,
+            "new_domain_vs_scratch": losses[name][args.new_domain] - losses["scratch"][args.new_domain],
+            "new_domain_vs_base": losses[name][args.new_domain] - losses["base"][args.new_domain],
+            "old_domains_vs_base_max": max(abs(losses[name][n] - losses["base"][n]) for n in old),
+            "old_domains_mean_vs_base": mean(name, old) - mean("base", old),
+            "old_domains_mean_vs_scratch": mean(name, old) - mean("scratch", old),
+            "retired_vs_base_max": max(abs(losses[retired][n] - losses["base"][n]) for n in old),
+            "cost_share_ledger": cost[name]["ledger_usd"] / cost["scratch"]["ledger_usd"],
+            "cost_share_flop": cost[name]["flop_usd"] / cost["scratch"]["flop_usd"],
+            "versus_rerun": jobs[name]["versus_rerun"],
+        }
     report = {
         "config": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                    "scratch_submodel_steps": scratch_steps, "scratch_finetune_steps": scratch_ft},
         "held_out_tokens": {d.name: d.sequences.numel() for d in domains},
-        "losses": losses, "seconds": seconds, "cost": cost,
-        "targets": {
-            "new_domain_vs_scratch": losses["extension"][args.new_domain] - losses["scratch"][args.new_domain],
-            "old_domains_vs_base_max": max(abs(losses["extension"][n] - losses["base"][n]) for n in old),
-            "old_domains_mean_extension_minus_base": mean("extension", old) - mean("base", old),
-            "old_domains_mean_vs_scratch": mean("extension", old) - mean("scratch", old),
-            "retired_vs_base_max": max(abs(losses["retired"][n] - losses["base"][n]) for n in old),
-            "extension_cost_share_ledger": cost["extension"]["ledger_usd"] / cost["scratch"]["ledger_usd"],
-            "extension_cost_share_flop": cost["extension"]["flop_usd"] / cost["scratch"]["flop_usd"],
-        },
+        "losses": losses, "seconds": seconds, "cost": cost, "variants": variants,
     }
     publish(report, args.out)
 
