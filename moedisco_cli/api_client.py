@@ -1,4 +1,4 @@
-"""A small client of the REST API, used by the CLI (`moedisco submit|jobs|status|cost|cancel|users|tokens`,
+"""A small client of the REST API, used by the CLI (`moedisco submit|jobs|status|cost|cancel|experts|users|tokens`,
 `moedisco demo`).
 
     client = ApiClient()              # MOEDISCO_API_URL (default http://127.0.0.1:8000), MOEDISCO_API_TOKEN
@@ -77,6 +77,10 @@ class ApiClient:
             if error.status_code == 404:
                 return None
             raise
+
+    def experts(self, job_id: str) -> dict:
+        """The final model's experts and, for an extension or a retirement, the loss per domain."""
+        return self.request("GET", f"/v1/jobs/{job_id}/experts")
 
     def cancel(self, job_id: str) -> dict:
         return self.request("POST", f"/v1/jobs/{job_id}/cancel")

@@ -61,6 +61,9 @@ def status(job_id: JobIdArg,
     console.print(f"job [bold]{job['id']}[/bold] ({job['name']}): [bold]{job['state']}[/bold]"
                   + (f" - {job['reason']}" if job["reason"] else "")
                   + (" (cancel requested)" if job["cancel_requested"] and job["state"] not in TERMINAL_STATES else ""))
+    base = base_line(job)
+    if base is not None:
+        console.print(base, highlight=False)
     if job["attempts"] > 1 or job.get("cluster_restarts"):  # the runner was relaunched: say why it was
         console.print(f"runner starts: {job['attempts']} charged to the job, {job.get('cluster_restarts', 0)} after "
                       "cluster events (a lost node or cluster, an upgrade's handover)")
@@ -73,6 +76,16 @@ def status(job_id: JobIdArg,
         console.print(scores_table(models))
     if follow and job["state"] != "succeeded":
         raise typer.Exit(1)
+
+
+def base_line(job: dict) -> str | None:
+    """What an extension or a retirement starts from (`moedisco experts` shows the rest); None for other methods."""
+    spec, more = job.get("spec") or {}, f"(experts: moedisco experts {job['id']})"
+    if spec.get("method") == "extend":
+        return f"extends {spec['extend']['base']} with {spec['extend']['new_experts']} new expert(s) {more}"
+    if spec.get("method") == "retire":
+        return f"retires experts {spec['retire']['experts']} of {spec['retire']['base']} {more}"
+    return None
 
 
 def comparison_lines(view: dict) -> list[str]:

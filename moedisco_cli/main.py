@@ -4,6 +4,7 @@
     moedisco estimate examples/qwen1.5-moe-a2.7b.yaml
     moedisco estimate SPEC --hours submodel=2.09 --hours finetune=1.73 --hours full_parameter=9.87  # measured
     moedisco evaluate runs/tiny/final --tasks next_paragraph --limit 200
+    moedisco experts --local runs/extended        # where each expert came from; loss per domain
     moedisco --help              # also: cluster, serve, submit, jobs, status, cost, cancel, demo, users, tokens
 """
 
@@ -17,7 +18,7 @@ from typing import Annotated
 import typer
 
 from moedisco.config.loading import SpecError, load_spec
-from moedisco_cli import cluster, demo, evaluate, files, jobs, serve, users
+from moedisco_cli import cluster, demo, evaluate, experts, files, jobs, serve, users
 from moedisco_cli.common import SetOpt, console, print_cost
 from moedisco_cli.job_events import ConsoleProgress
 
@@ -104,6 +105,7 @@ app.command()(evaluate.evaluate)
 app.command()(serve.serve)
 app.command()(demo.demo)
 jobs.register(app)
+app.command()(experts.experts)
 app.command()(files.upload)
 app.add_typer(files.files_app, name="files")
 app.add_typer(cluster.cluster_app, name="cluster")

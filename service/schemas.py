@@ -183,6 +183,43 @@ class EvaluationPublic(BaseModel):
         description="That baseline job's own evaluation, when it ran one.")
 
 
+class ExpertOriginPublic(BaseModel):
+    """Where one expert of a model came from, as the model records it (`moedisco.models.experts`)."""
+
+    expert: int = Field(description="The expert's index in the model.")
+    job: str | None = Field(None, description="Name of the job that trained it.")
+    output_dir: str | None = Field(None, description="That job's folder.")
+    data: str | None = Field(None, description="The corpus it was trained on.")
+    cluster: int | None = Field(None, description="The cluster of that corpus it was trained on (its submodel).")
+    domain: str | None = Field(None, description="The cluster's declared domain, where the record has one.")
+    method: str | None = Field(None, description="How it was trained: `moe_disco`, or `extend` (added later).")
+    clustering: str | None = Field(None, description="How that corpus was clustered (`cluster.method`).")
+    base: str | None = Field(None, description="An added expert: the model it was added to.")
+    origin: str | None = Field(None, description="An expert moedisco did not train: the checkpoint it came with.")
+
+
+class DomainLossPublic(BaseModel):
+    """Held-out loss on one domain of a model's lineage, before and after an extension or a retirement."""
+
+    domain: str = Field(description="`<job name>/<declared domain or cluster k>`: one cluster of one job's corpus.")
+    before: float | None = Field(description="The base model's loss (null: not measured, e.g. a new domain).")
+    after: float | None = Field(description="This job's model's loss.")
+    change: float | None = Field(description="after - before (null where either is missing).")
+
+
+class ExpertsPublic(BaseModel):
+    """A finished model's experts and, for an extension or a retirement, the loss per domain before and after."""
+
+    job_id: str | None = Field(None, description="The job; null for a model folder (`moedisco experts --local`).")
+    method: str | None = Field(None, description="The job's method; null for a model folder.")
+    base: str | None = Field(None, description="`extend.base` / `retire.base`: the model extended or retired from.")
+    experts: list[ExpertOriginPublic] = Field(description="One per expert of the final model, in order.")
+    retired: list[ExpertOriginPublic] = Field([], description="A retirement: the experts it removed (base indices).")
+    domains: list[DomainLossPublic] = Field([], description="An extension or a retirement: loss per domain.")
+    domains_stage: str | None = Field(None, description="The stage summary `domains` is from: `finetune` (or "
+                                      "`merge`, before it) of an extension, `retire`.")
+
+
 class ArtifactPublic(BaseModel):
     path: str = Field(description="Relative to the job's output_dir; download at /v1/jobs/{id}/artifacts/{path}.")
     size: int
@@ -201,6 +238,7 @@ class Message(BaseModel):
 # Lower case, digits and . _ -: a name is a Prometheus label value and a path segment, and must read the same.
 USER_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 TOKEN_ID_PATTERN = r"^[0-9a-f]{12}$"
+JOB_ID_PATTERN = r"^[0-9a-f]{12}$"  # uuid4 hex, cut
 UserName = Annotated[str, StringConstraints(pattern=USER_NAME_PATTERN)]
 Dollars = Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)]
 

@@ -4,13 +4,18 @@
 
 Pydantic has already checked types and ranges. On top of that the service puts the job in its own folder, keeps
 input paths and object-storage URIs where the submitter may read and write (`service.jobs.access`),
-refuses what JSON and PostgreSQL cannot hold, plans each training stage's memory and refuses an absurd model size;
-`prepare_spec` lists each check.
+refuses what JSON and PostgreSQL cannot hold, describes an extension's or retirement's model as its base's,
+plans each training stage's memory and refuses an absurd model size; `prepare_spec` lists each check.
+
+The base of `method: extend` / `retire` may be named by the job that made it: `extend.base: job:3f2a9c1b7d4e`
+(a service shorthand) or `jobs/3f2a9c1b7d4e` (relative to MOEDISCO_DATA_DIR) both mean that job's folder, and
+pass the same access checks as any path: another user's job reads as one that does not exist.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,10 +27,15 @@ from moedisco.io.storage import is_uri
 from moedisco.job.registry import STAGE
 from service.core.config import Settings
 from service.jobs.access import Reader, error, input_errors
-from service.schemas import JobCreate
+from service.schemas import JOB_ID_PATTERN, JobCreate
 
-FOLDER_INPUTS = (("tokenizer", "path"), ("embed", "model_path"), ("model", "pretrained"),  # loaded as folders
-                 ("evaluate", "baseline"))
+MODEL_FOLDER = "a folder (a saved Hugging Face model or tokenizer)"
+FOLDER_INPUTS = {("tokenizer", "path"): MODEL_FOLDER, ("embed", "model_path"): MODEL_FOLDER,  # loaded as folders
+                 ("model", "pretrained"): MODEL_FOLDER, ("evaluate", "baseline"): MODEL_FOLDER,
+                 ("extend", "base"): "a folder (a finished job's, or a saved Hugging Face MoE model)",
+                 ("retire", "base"): "a folder (a finished job's, or a saved Hugging Face MoE model)"}
+BASE_FIELDS = (("extend", "base"), ("retire", "base"))
+JOB_REFERENCE = "job:"  # `extend.base: job:<id>`: that job's folder
 TRAIN_SECTIONS = tuple(dict.fromkeys(stage.train_config for stage in STAGE.values() if stage.trained))
 
 
@@ -44,11 +54,51 @@ def _unstorable(value: Any, loc: tuple = ()) -> Iterator[dict]:
 
 
 def _not_folders(raw: dict) -> list[dict]:
-    """The inputs loaded as folders (a tokenizer, an embedding model, a pretrained model) that are not one: a
-    file there would fail later, inside the planner or the stage, instead of naming the field."""
+    """The inputs loaded as folders (a tokenizer, an embedding model, a pretrained model, the base of an extension
+    or retirement) that are not one: a file there would fail later, inside the planner or the stage, instead of
+    naming the field."""
     values = {loc: (raw.get(loc[0]) or {}).get(loc[1]) for loc in FOLDER_INPUTS}
-    return [error(loc, "must be a folder (a saved Hugging Face model or tokenizer)", value)
+    return [error(loc, f"must be {FOLDER_INPUTS[loc]}", value)
             for loc, value in values.items() if value is not None and not is_uri(value) and not Path(value).is_dir()]
+
+
+def _job_references(raw: dict, settings: Settings) -> list[dict]:
+    """`extend.base` / `retire.base` given as `job:<id>` replaced in place by that job's folder, which the access
+    checks then treat as any path; an error for a malformed id (no path is built from it)."""
+    errors = []
+    for section, field in BASE_FIELDS:
+        holder = raw.get(section) or {}
+        value = holder.get(field)
+        if not isinstance(value, str) or not value.startswith(JOB_REFERENCE):
+            continue
+        job_id = value.removeprefix(JOB_REFERENCE)
+        if re.fullmatch(JOB_ID_PATTERN, job_id):
+            holder[field] = str(settings.jobs_dir / job_id)
+        else:
+            errors.append(error((section, field), "`job:<id>` needs a job id of 12 hex digits", value))
+    return errors
+
+
+def _with_base_model(spec: JobSpec) -> JobSpec:
+    """An extension's or retirement's spec with the base's model (and, extending, its tokenizer), as the runner
+    will run it (`moedisco.models.experts.with_base_model`); a 422 naming `<method>.base` when the base is no
+    finished model, or `retire.experts` when they do not fit it. Other methods: `spec` unchanged."""
+    if spec.method not in ("extend", "retire"):
+        return spec
+    from moedisco.models.architecture import num_experts_of, read_config
+    from moedisco.models.experts import base_model, with_base_model
+
+    base = getattr(spec, spec.method).base
+    try:
+        num_experts_of(read_config(base_model(base)))
+    except (OSError, ValueError, AttributeError, TypeError) as failure:  # AttributeError: a config of no MoE
+        raise RequestValidationError([error((spec.method, "base"), f"not a finished MoE model: {failure}", base)])
+    try:
+        return with_base_model(spec)
+    except ValueError as failure:  # the base loads: what is left is the experts asked for
+        if spec.method == "retire":
+            raise RequestValidationError([error(("retire", "experts"), str(failure), spec.retire.experts)])
+        raise RequestValidationError([error((spec.method, "base"), str(failure), base)])
 
 
 def parameter_upper_bound(model: ModelConfig, vocab_size: int) -> int:
@@ -75,9 +125,12 @@ def _check_size(spec: JobSpec, settings: Settings) -> dict | None:
 def prepare_spec(job_in: JobCreate, job_id: str, settings: Settings, reader: Reader) -> dict:
     """The spec to run, as a dict; a RequestValidationError naming every offending field. The service:
       - puts the job in MOEDISCO_DATA_DIR/jobs/<id>/, whatever `output_dir` the client sent (it never escapes);
-      - resolves input paths (data, tokenizer, models) against MOEDISCO_DATA_DIR and requires them to exist and to
-        be the submitter's (`reader`) to read, and `resources.storage_path` (where the Ray runner writes) theirs to
-        write, on the server or on object storage (`service.jobs.access`);
+      - resolves input paths (data, tokenizer, models, the base of an extension or retirement, which may be named
+        `job:<id>`) against MOEDISCO_DATA_DIR and requires them to exist and to be the submitter's (`reader`) to
+        read, and `resources.storage_path` (where the Ray runner writes) theirs to write, on the server or on
+        object storage (`service.jobs.access`);
+      - describes an extension's or retirement's model by its base (the base's checkpoint, architecture and
+        experts, as the runner will), refusing a base that is no finished model or `retire.experts` it lacks;
       - refuses NaN/infinity and NUL characters, which JSON responses and PostgreSQL cannot hold;
       - sets the prices the job is billed at (`resources.prices`, `node_groups`, `price_changes`,
         `idle_timeout_s`) to the operator's (MOEDISCO_PRICES_FILE), whatever the client sent;
@@ -92,11 +145,12 @@ def prepare_spec(job_in: JobCreate, job_id: str, settings: Settings, reader: Rea
     raw = job_in.model_dump(mode="json")
     raw["output_dir"] = str(settings.jobs_dir / job_id)
     raw["resources"] = {**(raw.get("resources") or {}), **settings.billing()}
-    errors = input_errors(raw, reader, settings.access)
+    errors = _job_references(raw, settings)
+    errors = errors or input_errors(raw, reader, settings.access)
     errors = errors or _not_folders(raw)
     if errors:
         raise RequestValidationError(errors)
-    spec = JobSpec.model_validate(raw)
+    spec = _with_base_model(JobSpec.model_validate(raw))
     too_big = _check_size(spec, settings)
     if too_big is not None:
         raise RequestValidationError([too_big])

@@ -5,6 +5,7 @@
     GET  /v1/jobs/{id}            JobDetail (from `service.reporting.views`: rebuilt only when the job changed)
     POST /v1/jobs/{id}/cancel     queued: cancelled now; running: stops at the next stage boundary or checkpoint
     POST /v1/jobs/{id}/resume     failed or cancelled: queued again on its output_dir (finished stages are kept)
+    GET  /v1/jobs/{id}/experts    the final model's experts and their provenance (`service.api.routes.experts`)
 
 A user sees and touches only their own jobs (another's is a 404); an admin sees everyone's. Submitting or resuming
 a job checks its owner's queue limit and monthly budget (`service.api.quotas`).
@@ -29,6 +30,7 @@ from service.api.deps import (
     view_response,
 )
 from service.api.quotas import check_monthly_budget, check_queue_limit
+from service.api.routes import experts
 from service.jobs.access import reader_of
 from service.jobs.specs import prepare_spec
 from service.schemas import (
@@ -43,6 +45,7 @@ from service.schemas import (
 )
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+router.include_router(experts.router)
 
 MAX_PAGE = 100
 MAX_OFFSET = 2**31 - 1  # beyond a database integer; no store holds that many jobs
