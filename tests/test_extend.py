@@ -90,6 +90,10 @@ def test_retiring_the_new_expert_gives_back_the_base_experts_and_reports_each_do
     assert "ext/cluster 0" in changes and all(row["change"] is not None for row in changes.values())
     assert result["retired_provenance"][0]["job"] == "ext"
     assert [entry["job"] for entry in expert_provenance(read_config(root / "retired" / "final"))] == ["test"] * 4
+    from moedisco.config.loading import load_saved_spec
+
+    saved = load_saved_spec(root / "retired" / "spec.yaml").model  # the spec describes the model it delivers
+    assert (saved.hidden_size, saved.num_experts, saved.arch) == (32, 4, "qwen2_moe")
 
 
 def test_bad_extend_and_retire_specs_name_the_field(tmp_path, jobs):
@@ -139,27 +143,38 @@ def test_every_architecture_grows_and_shrinks_tensor_exactly(arch, tmp_path):
     assert num_experts_of(model.config) == 3 and model(input_ids=torch.randint(2, 97, (1, 8))).logits.isfinite().all()
 
 
-def test_a_merged_backbone_is_the_document_weighted_mean_of_the_base_and_the_new_submodel(jobs, tmp_path):
+@pytest.mark.parametrize("weighting", ["fisher", "samples"])
+def test_a_merged_backbone_is_the_weighted_mean_of_the_base_and_the_new_submodel(jobs, tmp_path, weighting):
+    """`extend.shared: merge` weighs as the job's merges do: documents, times each party's Fisher estimate with
+    `fisher` (the base's: its submodels' second moments weighted by their clusters' documents)."""
+    from safetensors.torch import load_file
+
+    from moedisco.stages.cluster import ClusterResult
+
     root, _ = jobs
     spec = build_spec({**tiny_spec_dict(tmp_path / "merged_ext", data={"train": str(root / "data" / "new.jsonl")},
-                                        finetune={"steps": 2}),
+                                        finetune={"steps": 2}, merge={"weighting": weighting}),
                        "method": "extend", "extend": {"base": str(root / "base"), "shared": "merge",
                                                       "finetune": "all", "replay_fraction": 0.25}})
     run_job(spec, progress=False)
-    paths = JobPaths(tmp_path / "merged_ext")
+    paths, base_paths = JobPaths(tmp_path / "merged_ext"), JobPaths(root / "base")
     base, merged = _tensors(root / "base" / "final"), _tensors(paths.merged)
-    from safetensors.torch import load_file
-
     submodel = load_file(paths.submodel(0) / "model.safetensors")
-    from moedisco.stages.cluster import ClusterResult
-
-    old = sum(ClusterResult.load(JobPaths(root / "base").clusters).sizes)
-    new = sum(ClusterResult.load(paths.clusters).sizes)
+    sizes = ClusterResult.load(base_paths.clusters).sizes
+    old, new = sum(sizes), sum(ClusterResult.load(paths.clusters).sizes)
+    base_moments = [load_file(base_paths.submodel(k) / "second_moment.safetensors") for k in range(len(sizes))]
+    new_moment = load_file(paths.submodel(0) / "second_moment.safetensors") if weighting == "fisher" else {}
     roles = parameter_roles(read_config(paths.merged))
     shared = [name for name in merged if roles[name] == "shared"]
     for name in shared:
-        expected = base[name].float() * old / (old + new) + submodel[name].float() * new / (old + new)
-        torch.testing.assert_close(merged[name].float(), expected, rtol=1e-5, atol=1e-6)
+        gamma_old, gamma_new = old / (old + new), new / (old + new)
+        if weighting == "fisher" and name in new_moment:
+            f_old = sum(moments[name].float() * size / old for moments, size in zip(base_moments, sizes)) + 1e-30
+            f_new = new_moment[name].float() + 1e-30
+            gamma_old, gamma_new = gamma_old * f_old / (gamma_old * f_old + gamma_new * f_new), \
+                gamma_new * f_new / (gamma_old * f_old + gamma_new * f_new)
+        expected = base[name].float() * gamma_old + submodel[name].float() * gamma_new
+        torch.testing.assert_close(merged[name].float(), expected, rtol=1e-4, atol=1e-6)
     assert any(not torch.equal(merged[name], base[name]) for name in shared)  # the new submodel trained them
     final = _tensors(paths.final)
     assert any(not torch.equal(final[name], merged[name]) for name in shared)  # `finetune: all` trains them

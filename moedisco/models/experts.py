@@ -62,12 +62,26 @@ def with_base_model(spec: JobSpec) -> JobSpec:
                              "and at least one must stay")
         experts -= len(spec.retire.experts)
     model = spec.model.model_copy(update={
-        "arch": config.model_type, "pretrained": folder, "num_experts": experts,
+        **model_widths(config), "arch": config.model_type, "pretrained": folder, "num_experts": experts,
         "num_experts_per_tok": min(config.num_experts_per_tok, experts)})
     update = {"model": model}
     if spec.method == "extend":
         update["tokenizer"] = spec.tokenizer.model_copy(update={"path": folder})
     return spec.model_copy(update=update)
+
+
+WIDTHS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+          "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size")
+
+
+def model_widths(config: PretrainedConfig) -> dict[str, int]:
+    """The `model` section's widths as a saved model has them, so that a job's spec describes the model it trains
+    (`model.pretrained` decides either way). OLMoE calls its expert width `intermediate_size`."""
+    widths = {name: value for name in WIDTHS if isinstance(value := getattr(config, name, None), int) and value >= 8
+              or name.startswith("num_") and isinstance(value, int) and value >= 1}
+    if config.model_type == "olmoe" and "intermediate_size" in widths:
+        widths["moe_intermediate_size"] = widths["intermediate_size"]
+    return widths
 
 
 def layer_of(name: str) -> int | None:

@@ -15,6 +15,7 @@ With `extend.shared: frozen` the backbone stays the base's, so the old domains c
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -31,9 +32,10 @@ from moedisco.stages import prepare
 from moedisco.stages.cluster import ClusterResult, train_source
 from moedisco.stages.domains import domain_losses, lineage, lineage_domains
 from moedisco.stages.finetune import finetune, save_final
-from moedisco.stages.merge import averaging_weights, centroid_router_rows
+from moedisco.stages.merge import averaging_weights, centroid_router_rows, cluster_provenance, shared_average
 from moedisco.stages.prepare import eval_sequences
 from moedisco.stages.stage_run import StageRun
+from moedisco.training.checkpoint import SECOND_MOMENT_FILE
 
 
 def new_cluster_samples(spec: JobSpec, paths: JobPaths) -> list[torch.Tensor]:
@@ -75,14 +77,94 @@ def base_documents(spec: JobSpec) -> int:
     return sum(sum(ClusterResult.load(JobPaths(job).clusters).sizes) for job in jobs)
 
 
+class _Computed:
+    """A safetensors handle's `get_slice`/`keys` over tensors computed here, so that the base takes part in
+    `merge._fisher_sum` as one more submodel."""
+
+    def __init__(self, compute: Callable[[str], torch.Tensor], names: set[str]):
+        self.compute, self.names = compute, names
+        self.last: tuple[str, torch.Tensor] | None = None  # the merge asks for one tensor a block of rows at a time
+
+    def keys(self) -> set[str]:
+        return self.names
+
+    def cached(self, name: str) -> torch.Tensor:
+        if self.last is None or self.last[0] != name:
+            self.last = (name, self.compute(name))
+        return self.last[1]
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self.cached(name).clone()  # the merge scales what it is given in place
+
+    def get_slice(self, name: str) -> _Rows:
+        return _Rows(self, name)
+
+
+class _Rows:
+    def __init__(self, party: _Computed, name: str):
+        self.party, self.name = party, name
+
+    def get_shape(self) -> list[int]:
+        return list(self.party.cached(self.name).shape)
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        return self.party.cached(self.name)[rows].clone()
+
+
+def base_fisher(stack: ExitStack, spec: JobSpec) -> _Computed | None:
+    """The base backbone's diagonal Fisher estimate: sum_k gamma_k F_k over the submodels its jobs merged (their
+    AdamW second moments, as the base's own merge weighed them), or None when they are not all there (a bare
+    model folder, or jobs trained without `merge.weighting: fisher`). The estimate is of the backbone before the
+    base's fine-tune, which moved it little."""
+    parties = []
+    for job in lineage(spec.extend.base):
+        paths = JobPaths(job)
+        sizes = ClusterResult.load(paths.clusters).sizes
+        files = [paths.submodel(k) / SECOND_MOMENT_FILE for k in range(len(sizes))]
+        if not all(path.is_file() for path in files):
+            return None
+        parties += [(stack.enter_context(safe_open(path, framework="pt")), size) for path, size in zip(files, sizes)]
+    if not parties:
+        return None
+    total = sum(size for _, size in parties)
+    names = set.intersection(*(set(handle.keys()) for handle, _ in parties))
+
+    def fisher(name: str) -> torch.Tensor:
+        return sum(handle.get_tensor(name).float() * (size / total) for handle, size in parties)
+
+    return _Computed(fisher, names)
+
+
+def shared_merge(stack: ExitStack, spec: JobSpec, paths: JobPaths, base: SavedWeights,
+                 handles: list) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """`extend.shared: merge`: each shared tensor is the mean of the base's and the new submodels', weighted as
+    the job's merges weigh (`merge.weighting`): gamma by documents, times each party's Fisher estimate with
+    `fisher` (the base's from `base_fisher`, the new submodels' their second moments); by documents alone where a
+    party has no estimate of a tensor."""
+    sizes = ClusterResult.load(paths.clusters).sizes
+    gammas = averaging_weights([base_documents(spec) or sum(sizes), *sizes],
+                               "uniform" if spec.merge.weighting == "uniform" else "samples")
+    base_party = _Computed(lambda name: base.get(name), set(base.files))
+    old_fisher = base_fisher(stack, spec) if spec.merge.weighting == "fisher" else None
+    new_fisher = [stack.enter_context(safe_open(paths.submodel(k) / SECOND_MOMENT_FILE, framework="pt"))
+                  for k in range(spec.num_clusters)] if old_fisher is not None else None
+    with_fisher = (old_fisher.keys() & set.intersection(*(set(h.keys()) for h in new_fisher))
+                   if new_fisher else set())
+
+    def shared(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        fisher = [old_fisher, *new_fisher] if name in with_fisher else None
+        return shared_average(name, [base_party, *handles], gammas, fisher).to(tensor.dtype)
+
+    return shared
+
+
 def stage_merge(run: StageRun) -> dict:
-    """merged/: the base's experts, then the new ones; shared parameters the base's (`frozen`) or the
-    document-weighted mean of the base's and the new submodels' (`merge`)."""
+    """merged/: the base's experts, then the new ones; shared parameters the base's (`frozen`) or merged with the
+    new submodels' (`merge`, `shared_merge`)."""
     spec, paths = run.spec, run.paths
     started = time.perf_counter()
     base = base_model(spec.extend.base)
     config = read_config(base)
-    sizes = ClusterResult.load(paths.clusters).sizes
     with ExitStack() as stack:
         handles = [stack.enter_context(safe_open(paths.submodel(k) / WEIGHTS_FILE, framework="pt"))
                    for k in range(spec.num_clusters)]
@@ -90,17 +172,10 @@ def stage_merge(run: StageRun) -> dict:
         def rows(name: str, role: str, tensor: torch.Tensor) -> torch.Tensor:
             return torch.cat([tensor] + [handle.get_tensor(name).to(tensor.dtype) for handle in handles])
 
-        def shared(name: str, tensor: torch.Tensor) -> torch.Tensor:
-            weights = averaging_weights([base_documents(spec) or sum(sizes), *sizes], "samples")
-            total = tensor.float() * weights[0]
-            for handle, weight in zip(handles, weights[1:]):
-                total.add_(handle.get_tensor(name).float(), alpha=weight)
-            return total.to(tensor.dtype)
-
-        new = [{"job": spec.name, "output_dir": str(paths.remote or paths.root), "data": str(spec.data.train),
-                "cluster": k, "method": "extend", "base": str(base)} for k in range(spec.num_clusters)]
-        rewrite_experts(base, paths.merged, num_experts_of(config) + spec.num_clusters, rows,
-                        shared=None if spec.extend.shared == "frozen" else shared,
+        base_weights = stack.enter_context(SavedWeights(base))
+        shared = None if spec.extend.shared == "frozen" else shared_merge(stack, spec, paths, base_weights, handles)
+        new = [{**entry, "base": str(base)} for entry in cluster_provenance(spec, paths)]
+        rewrite_experts(base, paths.merged, num_experts_of(config) + spec.num_clusters, rows, shared=shared,
                         provenance=expert_provenance(config) + new)
     prepare.load_tokenizer(paths.tokenizer).save_pretrained(paths.merged)
     domains = lineage_domains(paths.root, spec.finetune.batch_size * spec.finetune.eval_batches)

@@ -97,7 +97,7 @@ def _fisher_rows(name: str, handles: list, fisher_handles: list, weights: Sequen
     return numerator.div_(denominator).to(tensor.dtype)
 
 
-def _shared_average(name: str, handles: list, weights: Sequence[float], fisher_handles: list | None) -> torch.Tensor:
+def shared_average(name: str, handles: list, weights: Sequence[float], fisher_handles: list | None) -> torch.Tensor:
     if fisher_handles is not None:
         return _fisher_sum(name, handles, fisher_handles, weights)
     return _weighted_sum(name, handles, weights)
@@ -125,14 +125,14 @@ def average_shared(roles: dict[str, Role], submodels: Sequence[Path], weights: S
     with ExitStack() as stack:
         handles, fisher_for = _open_all(stack, submodels, weights, fisher)
         stored = set(handles[0].keys())
-        return {name: _shared_average(name, handles, weights, fisher_for(name))
+        return {name: shared_average(name, handles, weights, fisher_for(name))
                 for name, role in roles.items() if role == "shared" and name in stored}
 
 
 def _merged_tensor(name: str, role: Role, handles: list, weights: Sequence[float], router_init: str,
                    init_std: float, generator: torch.Generator, fisher_handles: list | None) -> torch.Tensor:
     if role == "shared":
-        return _shared_average(name, handles, weights, fisher_handles)
+        return shared_average(name, handles, weights, fisher_handles)
     if role == "router" and router_init == "random":
         shape = (len(handles), *handles[0].get_slice(name).get_shape()[1:])
         return torch.randn(shape, generator=generator) * init_std
@@ -323,6 +323,15 @@ def _mean_loss(hidden_NLH: torch.Tensor, seqs_NL: torch.Tensor, head: torch.nn.L
     return total / max(1, seqs_NL[:, 1:].numel())
 
 
+def cluster_provenance(spec: JobSpec, paths: JobPaths) -> list[dict]:
+    """The provenance of the experts this job trained, one per cluster (`moedisco.models.experts`): the job, its
+    corpus, the cluster and how the clusters were found (with `cluster.method: field`, the domain)."""
+    domains = cluster.ClusterResult.load(paths.clusters).domains
+    return [{"job": spec.name, "output_dir": str(paths.remote or paths.root), "data": str(spec.data.train),
+             "cluster": k, "method": spec.method, "clustering": spec.cluster.method,
+             **({"domain": domains[k]} if domains else {})} for k in range(spec.num_clusters)]
+
+
 def shared_weighting(spec: JobSpec, paths: JobPaths) -> tuple[list[float], bool]:
     """gamma_k of the shared-parameter average (merge and sync alike), and whether it is Fisher-weighted."""
     sizes = cluster.ClusterResult.load(paths.clusters).sizes
@@ -347,9 +356,7 @@ def stage_merge(run: StageRun) -> dict:
         samples = [train_source(spec, paths, k).head(spec.merge.centroid_sequences)
                    for k in range(spec.num_clusters)]
         patch_tensors(paths.merged, centroid_router_rows(paths.merged, samples))
-    record_provenance(paths.merged, [
-        {"job": spec.name, "output_dir": str(paths.remote or paths.root), "data": str(spec.data.train), "cluster": k,
-         "method": spec.method, "clustering": spec.cluster.method} for k in range(spec.num_clusters)])
+    record_provenance(paths.merged, cluster_provenance(spec, paths))
     prepare.load_tokenizer(paths.tokenizer).save_pretrained(paths.merged)
     cfg = spec.finetune  # evaluated one decoder layer at a time too: the merge never holds the whole MoE
     eval_loss, oracle = merged_losses(paths.merged, eval_sequences(spec, paths),
