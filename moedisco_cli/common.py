@@ -51,6 +51,14 @@ def print_cost(summary: dict) -> None:
     console.print(billed_line(billed, summary["total_usd"]), highlight=False)
 
 
+def print_versus_rerun(versus: dict) -> None:
+    """An extension's cost against running its first job again with every expert (`estimate.rerun_estimate`)."""
+    ledger = (f"; its ledger ${versus['ledger_usd']:.5f} against an estimated ${versus['rerun_ledger_usd']:.5f} "
+              f"({versus['ledger_share']:.0%})" if versus.get("ledger_share") is not None else "")
+    console.print(f"versus re-running {versus['rerun_job']} with {versus['rerun_experts']} experts: "
+                  f"{versus['flop_share']:.0%} of its cost under the FLOP model{ledger}", highlight=False)
+
+
 def compute_table(summary: dict) -> Table:
     table = Table(title="compute: wall time at each tier's price (device-hours)" + (" (simulated devices)"
                                                                                    if summary.get("simulated") else ""))

@@ -19,7 +19,7 @@ import typer
 
 from moedisco.config.loading import SpecError, load_spec
 from moedisco_cli import cluster, demo, evaluate, experts, files, jobs, serve, users
-from moedisco_cli.common import SetOpt, console, print_cost
+from moedisco_cli.common import SetOpt, console, print_cost, print_versus_rerun
 from moedisco_cli.job_events import ConsoleProgress
 
 app = typer.Typer(help="Train Mixture-of-Experts models cheaply (MoE-DisCo).", no_args_is_help=True,
@@ -71,6 +71,8 @@ def run(spec: SpecArg, set_: SetOpt = None,
         console.print(f"[yellow]{stop}; run again to resume[/yellow]")
         raise typer.Exit(143) from None  # 128 + SIGTERM, as a process ended by the signal would
     print_cost(summary["cost"])
+    if summary.get("versus_rerun"):
+        print_versus_rerun(summary["versus_rerun"])
     console.print(f"final model: {summary['final']}\nreport: {Path(summary['output_dir']) / 'report.png'}")
 
 
