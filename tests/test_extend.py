@@ -178,3 +178,19 @@ def test_a_merged_backbone_is_the_weighted_mean_of_the_base_and_the_new_submodel
     assert any(not torch.equal(merged[name], base[name]) for name in shared)  # the new submodel trained them
     final = _tensors(paths.final)
     assert any(not torch.equal(final[name], merged[name]) for name in shared)  # `finetune: all` trains them
+
+
+def test_estimate_prices_an_extension_with_the_base_model_and_refuses_a_retirement(jobs):
+    from moedisco.planning.estimate import EstimateError, estimate_job
+
+    root, _ = jobs
+    extension = build_spec({**tiny_spec_dict(root / "unused", data={"train": str(root / "data" / "new.jsonl")}),
+                            "method": "extend", "extend": {"base": str(root / "base"), "new_experts": 2},
+                            "model": {"hidden_size": 256}})  # the base's widths win
+    estimate = estimate_job(extension)
+    assert estimate["num_experts"] == 6 and estimate["cost"]["warmup_usd"] == 0
+    assert estimate["cost"]["submodels_usd"] == pytest.approx(2 * estimate["cost"]["stages"]["submodel"]["usd"])
+    assert estimate["parameters"]["total"] < 2_000_000  # hidden 32, not 256
+    with pytest.raises(EstimateError, match="trains nothing"):
+        estimate_job(build_spec({"output_dir": str(root / "unused"), "method": "retire",
+                                 "retire": {"base": str(root / "base"), "experts": [0]}}))

@@ -32,6 +32,8 @@ from moedisco.job.events import JobCancelledEvent, NodeUse
 from moedisco.job.layout import JobPaths, stage_result
 from moedisco.job.metrics import MetricsWriter, read_metrics
 from moedisco.job.registry import STAGE, Task, plan
+from moedisco.models.architecture import read_config
+from moedisco.models.experts import expert_provenance
 from moedisco.runner.job_runner import JobCancelled, JobRunner, LocalExecutor
 from moedisco.stages.cluster import ClusterResult, fit_streaming
 from moedisco.stages.embed import Embedder
@@ -477,3 +479,24 @@ def test_a_preempted_expert_checkpoints_on_notice_and_only_it_starts_again(job, 
     row = next(r for r in json.loads((out / "cost.json").read_text())["stages"]
                if r["stage"] == "submodel" and r["expert"] == 0)
     assert row["preemptions"] == 1 and row["lost_steps"] == 0 and row["lost_usd"] == 0.0
+
+
+def test_an_extension_and_a_retirement_run_on_the_cluster(job, tmp_path):
+    """`method: extend` on the finished Ray job: its new submodel and fine-tune on their tiers, the source and
+    merge as tasks; then `method: retire` takes the new expert out again."""
+    new = tmp_path / "new.jsonl"
+    code = [line for line in CORPUS.read_text().splitlines() if json.loads(line)["domain"] == "code"]
+    new.write_text("\n".join(code[:120]) + "\n")
+    spec = build_spec({**tiny_spec_dict(tmp_path / "extended", data={"train": str(new)},
+                                        submodel={"steps": 8, "checkpoint_every": 4}, finetune={"steps": 4}),
+                       "method": "extend", "extend": {"base": str(job["paths"].root)}})
+    summary = run_job_on_ray(spec)
+    rows = {(r["stage"], r["expert"]): r for r in summary["cost"]["stages"]}
+    assert rows[("submodel", 0)]["tier"] == "4090" and rows[("finetune", None)]["tier"] == "A100"
+    assert ("embed", None) not in rows and ("submodel", 1) not in rows  # one new cluster: nothing to embed
+    extended = read_config(tmp_path / "extended" / "final")
+    assert extended.num_experts == 5 and expert_provenance(extended)[4]["job"] == "test"
+    retired = build_spec({"name": "retired", "output_dir": str(tmp_path / "retired"), "method": "retire",
+                          "retire": {"base": str(tmp_path / "extended"), "experts": [4]}})
+    run_job_on_ray(retired)
+    assert read_config(tmp_path / "retired" / "final").num_experts == 4

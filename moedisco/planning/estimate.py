@@ -29,6 +29,7 @@ from moedisco.config.resources import DeviceSpec
 from moedisco.config.spec import JobSpec
 from moedisco.job.registry import STAGE, tier_of
 from moedisco.models.architecture import num_experts_of, with_num_experts
+from moedisco.models.experts import with_base_model
 from moedisco.planning.cost import flop_cost_usd
 from moedisco.planning.host_memory import host_plans, host_refusal
 from moedisco.planning.memory_plan import memory_plan, memory_plans, refusal, stage_devices
@@ -50,6 +51,12 @@ def estimate_job(spec: JobSpec, sharded: bool = True, hours: dict[str, float] | 
     tier (`host_memory.host_plans`), with its `refused`. `hours`: measured wall hours per stage of
     `PRICED_STAGES` (`submodel`: the slowest submodel's) for the `paper` convention; `convention` unset: `paper`
     when hours are given, else `flop`."""
+    if spec.method == "retire":
+        raise EstimateError("method 'retire' trains nothing and reads no corpus: there is nothing to estimate")
+    try:  # an extension's model: the base's, with its new experts
+        spec = with_base_model(spec)
+    except ValueError as error:
+        raise EstimateError(str(error)) from None
     hours = dict(hours or {})
     convention = _convention(hours, convention)
     if convention == "paper":

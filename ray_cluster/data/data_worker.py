@@ -72,7 +72,8 @@ def train_documents(spec: JobSpec) -> int | None:
 
 
 def data_stages_in_one_process(spec: JobSpec) -> bool:
-    return spec.method != "full_parameter" and fits_one_process(spec, train_documents(spec))
+    # Only the methods that embed and cluster have data stages to share a process (a retirement has no corpus).
+    return spec.method in ("moe_disco", "extend") and fits_one_process(spec, train_documents(spec))
 
 
 def data_stages_pending(spec: JobSpec) -> bool:
