@@ -168,6 +168,7 @@ def main() -> None:
             "new_domain_vs_scratch": losses[name][args.new_domain] - losses["scratch"][args.new_domain],
             "new_domain_vs_base": losses[name][args.new_domain] - losses["base"][args.new_domain],
             "old_domains_vs_base_max": max(abs(losses[name][n] - losses["base"][n]) for n in old),
+            "old_domains_worst_increase": max(losses[name][n] - losses["base"][n] for n in old),
             "old_domains_mean_vs_base": mean(name, old) - mean("base", old),
             "old_domains_mean_vs_scratch": mean(name, old) - mean("scratch", old),
             "retired_vs_base_max": max(abs(losses[retired][n] - losses["base"][n]) for n in old),
