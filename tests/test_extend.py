@@ -103,11 +103,11 @@ def test_bad_extend_and_retire_specs_name_the_field(tmp_path, jobs):
     with pytest.raises(SpecError, match="distinct indices"):
         build_spec({"output_dir": str(tmp_path / "y"), "method": "retire",
                     "retire": {"base": str(root / "base"), "experts": [1, 1]}})
-    with pytest.raises(ValueError, match="experts 0-3, and at least one must stay"):
+    with pytest.raises(ValueError, match="experts 0-3, and at least two must stay"):
         run_job(build_spec({"output_dir": str(tmp_path / "z"), "method": "retire",
                             "retire": {"base": str(root / "base"), "experts": [4]}}), progress=False)
     (tmp_path / "unfinished").mkdir()
-    (tmp_path / "unfinished" / "spec.yaml").write_text("name: x\n")
+    (tmp_path / "unfinished" / "spec.yaml").write_text((root / "base" / "spec.yaml").read_text())  # nothing ran
     with pytest.raises(ValueError, match="no final/ model yet"):
         run_job(build_spec({**tiny_spec_dict(tmp_path / "w"), "method": "extend",
                             "extend": {"base": str(tmp_path / "unfinished")}}), progress=False)
@@ -178,6 +178,8 @@ def test_a_merged_backbone_is_the_weighted_mean_of_the_base_and_the_new_submodel
     assert any(not torch.equal(merged[name], base[name]) for name in shared)  # the new submodel trained them
     final = _tensors(paths.final)
     assert any(not torch.equal(final[name], merged[name]) for name in shared)  # `finetune: all` trains them
+    # Base and extension share the name "test": their domains are told apart by their place in the lineage.
+    assert {"test#0/cluster 0", "test#1/cluster 0"} <= set(stage_result(paths, "finetune")["domains"])
 
 
 def test_estimate_prices_an_extension_with_the_base_model_and_refuses_a_retirement(jobs):
@@ -194,3 +196,49 @@ def test_estimate_prices_an_extension_with_the_base_model_and_refuses_a_retireme
     with pytest.raises(EstimateError, match="trains nothing"):
         estimate_job(build_spec({"output_dir": str(root / "unused"), "method": "retire",
                                  "retire": {"base": str(root / "base"), "experts": [0]}}))
+
+
+def test_a_retired_experts_corpus_leaves_the_lineage_and_a_final_folder_names_its_job(jobs, tmp_path):
+    """Extending a model with an expert retired (a data owner opted out) neither replays nor measures its corpus."""
+    from moedisco.stages.domains import lineage, lineage_domains
+    from moedisco.stages.extend import replay_source
+
+    root, _ = jobs
+    assert lineage(root / "base" / "final") == lineage(root / "base")
+    assert [(a.folder, a.clusters) for a in lineage(root / "retired")] == [(root / "base", (0, 1, 2, 3)),
+                                                                           (root / "extended", ())]
+    run_job(build_spec({"name": "optout", "output_dir": str(tmp_path / "optout"), "method": "retire",
+                        "retire": {"base": str(root / "base"), "experts": [1]}}), progress=False)
+    assert [a.clusters for a in lineage(tmp_path / "optout")] == [(0, 2, 3)]
+    assert "test/cluster 1" not in {d.name for d in lineage_domains(tmp_path / "optout")}
+    spec = build_spec({**tiny_spec_dict(tmp_path / "again", data={"train": str(root / "data" / "new.jsonl")}),
+                       "method": "extend", "extend": {"base": str(tmp_path / "optout")}})
+    from moedisco.models.experts import with_base_model
+    from moedisco.stages.cluster import ClusterResult
+
+    sizes = ClusterResult.load(JobPaths(root / "base").clusters).sizes
+    replay = replay_source(with_base_model(spec), JobPaths(root / "extended"))  # the new corpus: any job's will do
+    assert len(replay.sources) == 4  # the new corpus, then base clusters 0, 2 and 3
+    assert replay.shares[1:] == pytest.approx([0.5 * sizes[k] / (sizes[0] + sizes[2] + sizes[3]) for k in (0, 2, 3)])
+
+
+def test_mixed_batches_give_each_source_its_share_and_repeat_on_resume():
+    from moedisco.io.token_shards import MixedSource, TensorSource
+
+    sources = [TensorSource(torch.arange(50).view(50, 1) + 1000 * i) for i in range(4)]
+    mixed = MixedSource(sources, [0.5, 1 / 6, 1 / 6, 1 / 6])
+    given = [sum(column) for column in zip(*(mixed.counts(step, 8) for step in range(30)))]
+    assert given == [120, 40, 40, 40] and all(sum(mixed.counts(step, 8)) == 8 for step in range(30))
+    assert torch.equal(mixed.batch(7, 8, seed=3), mixed.batch(7, 8, seed=3))
+    rows = torch.cat([mixed.batch(step, 8, seed=3) for step in range(30)]).view(-1)
+    assert len(set(rows[(rows >= 1000) & (rows < 2000)].tolist())) == 40  # each row of an epoch once
+    with pytest.raises(ValueError, match="cannot mix"):
+        MixedSource(sources, [0.25] * 4).counts(1, 2)
+
+
+def test_an_extension_refuses_the_auto_recipe_and_domains_that_do_not_match_its_experts(tmp_path):
+    base = {**tiny_spec_dict(tmp_path / "x"), "method": "extend", "extend": {"base": str(tmp_path)}}
+    with pytest.raises(SpecError, match="recipe 'auto'"):
+        build_spec({**base, "recipe": "auto"})
+    with pytest.raises(SpecError, match="cluster.domains names 2 domains but extend.new_experts is 1"):
+        build_spec({**base, "cluster": {"method": "field", "field": "domain", "domains": ["a", "b"]}})

@@ -21,7 +21,9 @@ import yaml
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
+from moedisco.config.loading import build_spec
 from moedisco.job.layout import JobPaths, mark_done
+from moedisco.job.registry import plan
 from moedisco.models.experts import set_provenance
 from moedisco_cli.api_client import ApiClient
 from moedisco_cli.main import app as cli
@@ -93,7 +95,9 @@ def _finish(team: Team, job_id: str, config=None) -> Path:
         shutil.copytree(team.model, folder / "final")
     else:
         config.save_pretrained(folder / "final")
-    (folder / "spec.yaml").write_text(yaml.safe_dump(team.admin.job(job_id)["spec"]))
+    spec = team.admin.job(job_id)["spec"]
+    (folder / "spec.yaml").write_text(yaml.safe_dump(spec))
+    mark_done(JobPaths(folder), plan(build_spec(spec))[-1][-1].marker, {})  # its last stage's marker
     team.store.finish(job_id, "succeeded")
     return folder
 
@@ -154,7 +158,7 @@ def test_a_base_that_is_no_finished_model_or_experts_it_lacks_name_the_field(tea
     (area / "notes.txt").write_text("not a model")
     running = team.ada.submit(tiny_spec_dict("ignored"))["id"]
     team.folder(running).mkdir(parents=True)
-    (team.folder(running) / "spec.yaml").write_text("name: test\n")  # started, no final/ yet
+    (team.folder(running) / "spec.yaml").write_text(yaml.safe_dump(team.ada.job(running)["spec"]))  # no final/ yet
     refused = {f"jobs/{running}": "no final/ model yet", "users/ada/empty": "no config.json",
                "users/ada/notes.txt": "must be a folder", "job:123": "12 hex digits"}
     for base, message in refused.items():

@@ -317,7 +317,7 @@ class ExtendConfig(_Section):
     # `frozen` leaves every old expert's computation as it was, so the old domains move only through the router.
     shared: Literal["frozen", "merge"] = Field(
         "frozen", description="Shared parameters: `frozen` (the base's) or `merge` (the base's and the new "
-        "submodels', weighted by documents).")
+        "submodels', averaged as `merge.weighting` says).")
     finetune: Literal["router", "all"] = Field("router", description="What the brief fine-tune trains: the router "
                                                "rows only, or every parameter.")
     replay_fraction: float = Field(0.5, ge=0.0, lt=1.0, description="Share of each fine-tune batch drawn from the "
@@ -393,6 +393,13 @@ class JobSpec(_Section):
         for method in ("extend", "retire"):
             if self.method == method and getattr(self, method) is None:
                 raise ValueError(f"method '{method}' needs the `{method}` section (at least `{method}.base`)")
+        if self.method == "extend" and self.recipe == "auto":
+            raise ValueError("recipe 'auto' sizes a whole MoE-DisCo job from its baseline budget; an extension's "
+                             "steps are set by hand (submodel.steps, finetune.steps)")
+        if self.cluster.domains is not None and len(self.cluster.domains) != self.num_clusters:
+            count = "extend.new_experts" if self.method == "extend" else "model.num_experts"
+            raise ValueError(f"cluster.domains names {len(self.cluster.domains)} domains but {count} is "
+                             f"{self.num_clusters}: one domain per expert")
         if self.cluster.method == "field" and self.data is not None and self.data.format == "text":
             raise ValueError("cluster.method 'field' reads a field of each document: data.format 'text' has none")
         if self.method == "extend" and self.branch.sync_rounds > 1 and "sync_rounds" in self.branch.model_fields_set:

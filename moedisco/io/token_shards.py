@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import shutil
 import socket
@@ -257,7 +258,10 @@ class SequenceSource:
 
     def batch(self, step: int, batch_size: int, seed: int) -> torch.Tensor:
         """The batch of optimizer step `step`: a seeded shuffle per epoch (`batch_for_step`)."""
-        positions = torch.arange(step * batch_size, (step + 1) * batch_size)
+        return self.take(torch.arange(step * batch_size, (step + 1) * batch_size), seed)
+
+    def take(self, positions: torch.Tensor, seed: int) -> torch.Tensor:
+        """The sequences at `positions` of the stream of seeded per-epoch shuffles."""
         epochs, slots = positions // self.num_sequences, positions % self.num_sequences
         picked = [self._permutation(seed, epoch)[slots[epochs == epoch]] for epoch in epochs.unique().tolist()]
         return self.rows(torch.cat(picked))
@@ -274,36 +278,52 @@ class TensorSource:
         return self.shape[0]
 
     def batch(self, step: int, batch_size: int, seed: int) -> torch.Tensor:
-        from moedisco.io.token_shards import batch_for_step
-
         return batch_for_step(self.seqs_NL, step, batch_size, seed)
+
+    def take(self, positions: torch.Tensor, seed: int) -> torch.Tensor:
+        """The sequences at `positions` of the stream of seeded per-epoch shuffles (as `batch_for_step`)."""
+        num_seqs = self.shape[0]
+        epochs, slots = positions // num_seqs, positions % num_seqs
+        rows = [torch.randperm(num_seqs, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))[
+            slots[epochs == epoch]] for epoch in epochs.unique().tolist()]
+        return self.seqs_NL[torch.cat(rows)]
 
 
 class MixedSource:
     """Batches drawn from several sources in fixed shares (an extension's fine-tune replays the base's corpus beside
-    the new one): of a batch of B rows, each source gives its share, rounded (largest remainders first), and steps
-    through its own seeded epochs, so a resumed run sees the same batches."""
+    the new one). Source i has given floor(t x B x share_i) rows before step t; the source of the largest share
+    gives the rest, so every batch has B rows and over the run each source its share to within a row. Each source
+    reads its rows in order from its own seeded epochs: a pure function of (seed, step), so a resumed run sees the
+    same batches."""
 
     def __init__(self, sources: list[SequenceSource | TensorSource], shares: list[float]):
         if len(sources) != len(shares) or not sources or min(shares) < 0 or sum(shares) <= 0:
             raise ValueError(f"{len(sources)} sources need as many shares >= 0 with a positive sum, got {shares}")
         self.sources, self.shares = sources, [share / sum(shares) for share in shares]
+        self.largest = max(range(len(shares)), key=lambda i: self.shares[i])
         self.shape = (sum(len(source) for source in sources), sources[0].shape[1])
 
     def __len__(self) -> int:
         return self.shape[0]
 
-    def counts(self, batch_size: int) -> list[int]:
-        exact = [share * batch_size for share in self.shares]
-        counts = [int(value) for value in exact]
-        by_remainder = sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])
-        for index in by_remainder[: batch_size - sum(counts)]:
-            counts[index] += 1
+    def given(self, step: int, batch_size: int) -> list[int]:
+        """Rows each source gave before `step`."""
+        rows = [math.floor(step * batch_size * share) for share in self.shares]
+        rows[self.largest] = step * batch_size - (sum(rows) - rows[self.largest])
+        return rows
+
+    def counts(self, step: int, batch_size: int) -> list[int]:
+        counts = [after - before for before, after in zip(self.given(step, batch_size),
+                                                          self.given(step + 1, batch_size))]
+        if min(counts) < 0:
+            raise ValueError(f"a batch of {batch_size} rows cannot mix {len(self.sources)} sources in shares "
+                             f"{[round(s, 3) for s in self.shares]}: raise the batch size or mix fewer sources")
         return counts
 
     def batch(self, step: int, batch_size: int, seed: int) -> torch.Tensor:
-        return torch.cat([source.batch(step, count, seed + index)
-                          for index, (source, count) in enumerate(zip(self.sources, self.counts(batch_size)))
+        starts, counts = self.given(step, batch_size), self.counts(step, batch_size)
+        return torch.cat([source.take(torch.arange(start, start + count), seed + index)
+                          for index, (source, start, count) in enumerate(zip(self.sources, starts, counts))
                           if count])
 
 

@@ -17,9 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from transformers import PretrainedConfig
 
-from moedisco.config.spec import JobSpec
+from moedisco.config.spec import JobSpec, ModelConfig
 from moedisco.models.architecture import Role, num_experts_of, parameter_roles, read_config, with_num_experts
 from moedisco.models.weights import SavedWeights, WeightsWriter
 
@@ -27,26 +28,38 @@ PROVENANCE_KEY = "moedisco_experts"
 MAX_FILE_BYTES = 1 << 30
 
 
+def base_job(base: Path) -> Path:
+    """`extend.base` / `retire.base` as given, or the job folder when it names a job's final/ model."""
+    return base.parent if base.name == "final" and (base.parent / "spec.yaml").is_file() else base
+
+
 def base_model(base: Path) -> Path:
     """The model folder of `extend.base` / `retire.base`: a finished job's final/, or a model folder as it is."""
-    if (base / "final" / "config.json").is_file():
+    from moedisco.config.loading import load_saved_spec
+    from moedisco.job.layout import JobPaths, is_done
+    from moedisco.job.registry import plan
+
+    base = base_job(base)
+    if (base / "spec.yaml").is_file():
+        try:
+            last = plan(load_saved_spec(base / "spec.yaml"))[-1][-1]
+        except ValueError as error:  # SpecError
+            raise ValueError(f"{base}: a job folder whose spec.yaml cannot be read ({error})") from None
+        if not (base / "final" / "config.json").is_file() or not is_done(JobPaths(base), last.marker):
+            raise ValueError(f"{base}: the job has no final/ model yet (its {last.stage} stage has not finished): "
+                             "only a finished job can be extended or retired")
         return base / "final"
     if (base / "config.json").is_file():
         return base
-    if (base / "spec.yaml").is_file():
-        raise ValueError(f"{base}: the job has no final/ model yet: only a finished job can be extended or retired")
     raise ValueError(f"{base}: neither a job folder with a final/ model nor a Hugging Face model folder "
                      "(no config.json)")
-
-
-def is_job_folder(base: Path) -> bool:
-    return (base / "spec.yaml").is_file() and (base / "final" / "config.json").is_file()
 
 
 def with_base_model(spec: JobSpec) -> JobSpec:
     """An `extend` or `retire` job's spec with its `model` section describing the model it delivers (the base's
     architecture and widths; its experts plus the new ones, or less the retired ones) and, for an extension, the
-    base's tokenizer, which the new corpus must be tokenized with. Other methods: `spec` unchanged."""
+    base's tokenizer, which the new corpus must be tokenized with. Other methods: `spec` unchanged. A ValueError
+    names the field when the base cannot be used."""
     if spec.method not in ("extend", "retire"):
         return spec
     section = spec.extend if spec.method == "extend" else spec.retire
@@ -57,13 +70,18 @@ def with_base_model(spec: JobSpec) -> JobSpec:
         experts += spec.extend.new_experts
     else:
         unknown = [k for k in spec.retire.experts if k >= experts]
-        if unknown or len(spec.retire.experts) >= experts:
+        if unknown or len(spec.retire.experts) > experts - 2:
             raise ValueError(f"retire.experts {spec.retire.experts}: the base model has experts 0-{experts - 1}, "
-                             "and at least one must stay")
+                             "and at least two must stay (an MoE routes among two or more)")
         experts -= len(spec.retire.experts)
-    model = spec.model.model_copy(update={
-        **model_widths(config), "arch": config.model_type, "pretrained": folder, "num_experts": experts,
-        "num_experts_per_tok": min(config.num_experts_per_tok, experts)})
+    raw = {**spec.model.model_dump(), **model_widths(config), "arch": config.model_type, "pretrained": folder,
+           "num_experts": experts, "num_experts_per_tok": min(config.num_experts_per_tok, experts)}
+    try:
+        model = ModelConfig.model_validate(raw)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'model'}: {e['msg']}" for e in error.errors())
+        raise ValueError(f"{spec.method}.base {section.base}: its model cannot be described as this job's "
+                         f"`model` ({problems})") from None
     update = {"model": model}
     if spec.method == "extend":
         update["tokenizer"] = spec.tokenizer.model_copy(update={"path": folder})

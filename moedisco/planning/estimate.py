@@ -106,6 +106,13 @@ def _priced_stages(spec: JobSpec) -> list[str]:
     return [stage for stage in PRICED_STAGES if stage != "warmup" or warmup]
 
 
+def cost_estimate(spec: JobSpec) -> dict:
+    """`estimate_job(spec)["cost"]`, and for a retirement, which trains nothing, a cost of 0."""
+    if spec.method == "retire":
+        return _summary(spec, "flop", "a retirement trains nothing: no stage is priced", {})
+    return estimate_job(spec)["cost"]
+
+
 def job_flop_usd(spec: JobSpec) -> float:
     """A job's dollars under the FLOP model, without activation checkpointing's recomputation (what the planner
     turns on depends on the devices, which a re-run may change)."""
@@ -125,13 +132,14 @@ def rerun_estimate(spec: JobSpec, ledger_usd: float | None = None) -> dict | Non
     jobs = lineage(spec.extend.base) if spec.method == "extend" else []
     if not jobs:
         return None
-    first = load_saved_spec(jobs[0] / "spec.yaml")
+    first_job = jobs[0].folder
+    first = load_saved_spec(first_job / "spec.yaml")
     rerun = first.model_copy(update={"model": first.model.model_copy(update={"num_experts": spec.model.num_experts})})
     first_flop, rerun_flop, flop = job_flop_usd(first), job_flop_usd(rerun), job_flop_usd(spec)
-    ledger = jobs[0] / "cost.json"
+    ledger = first_job / "cost.json"
     first_ledger = json.loads(ledger.read_text()).get("total_usd") if ledger.is_file() else None
     rerun_ledger = first_ledger * rerun_flop / first_flop if first_ledger else None
-    return {"rerun_job": str(jobs[0]), "rerun_experts": spec.model.num_experts,
+    return {"rerun_job": str(first_job), "rerun_experts": spec.model.num_experts,
             "flop_usd": flop, "rerun_flop_usd": rerun_flop, "flop_share": flop / rerun_flop,
             "ledger_usd": ledger_usd, "rerun_ledger_usd": rerun_ledger,
             "ledger_share": ledger_usd / rerun_ledger if ledger_usd is not None and rerun_ledger else None}

@@ -239,7 +239,16 @@ class JobRunner:
         evaluation = stage_result(self.paths, "evaluate").get("scores") if is_done(self.paths, "evaluate") else None
         cost = self.ledger.summary()
         return {"output_dir": str(self.paths.root), "final": str(self.paths.final), "cost": cost,
-                "evaluation": evaluation, "versus_rerun": rerun_estimate(self.spec, cost["total_usd"])}
+                "evaluation": evaluation, "versus_rerun": self.versus_rerun(cost["total_usd"])}
+
+    def versus_rerun(self, spent: float) -> dict | None:
+        """An extension against re-running its first job (`rerun_estimate`); None, logged, when that job can no
+        longer be priced (its spec or pretrained model moved since): the extension itself is done either way."""
+        try:
+            return rerun_estimate(self.spec, spent)
+        except Exception as error:  # noqa: BLE001 - a comparison, never a reason to fail a finished job
+            log.warning("%s: no comparison with re-running its first job (%s)", self.spec.name, error)
+            return None
 
     def push_after_stop(self, error: BaseException) -> None:
         """A stop (preemption, cancel, budget) or a failure: an output_dir on object storage also gets what was

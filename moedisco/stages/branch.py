@@ -79,7 +79,7 @@ def stage_submodel(run: StageRun) -> dict:
     frozen = spec.method == "extend" and spec.extend.shared == "frozen"
     scale = 0.0 if frozen else spec.branch.shared_lr_scale
     context = run.train_context(spec.seed + expert, lr_scale=lambda name: scale if roles[name] == "shared" else 1.0,
-                            save_second_moment=spec.merge.weighting == "fisher",
+                            save_second_moment=spec.merge.weighting == "fisher" and not frozen,
                             stop_at=None if last else round_ends(spec)[round_index])
     result = train(model, train_NL, eval_sequences(spec, paths), spec.submodel, context)
     before = (stage_result(paths, submodel_task(spec, expert, round_index - 1).marker)["train_seconds_total"]

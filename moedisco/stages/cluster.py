@@ -339,10 +339,13 @@ def train_source(spec: JobSpec, paths: JobPaths, expert: int | None = None) -> S
     return SequenceSource(shard, spec.data.sequence_length)
 
 
-def eval_assignments(spec: JobSpec, paths: JobPaths) -> np.ndarray:
+def eval_assignments(spec: JobSpec, paths: JobPaths, cache: bool = True) -> np.ndarray:
     """Cluster of every held-out document: its domain's (`field`), 0 (one cluster), else its nearest centroid's
-    (computed once, cached next to the clusters)."""
+    (computed once, cached next to the clusters; `cache` False: never written, as for another job's folder,
+    which may be read-only or another runner's)."""
     cached = paths.clusters / "eval_assignments.npy"
+    if not cached.is_file() and not cache:
+        return _held_out_clusters(spec, paths, ClusterResult.load(paths.clusters))
     if not cached.is_file():
         assigned = _held_out_clusters(spec, paths, ClusterResult.load(paths.clusters))
         # Written aside and renamed: concurrent submodel trainers may fill the cache at the same time.
@@ -366,13 +369,13 @@ def _held_out_clusters(spec: JobSpec, paths: JobPaths, clusters: ClusterResult) 
 
 
 
-def cluster_eval_sequence(spec: JobSpec, paths: JobPaths, expert: int) -> torch.Tensor:
+def cluster_eval_sequence(spec: JobSpec, paths: JobPaths, expert: int, cache: bool = True) -> torch.Tensor:
     """Held-out sequences of cluster `expert` (empty when the cluster has too few held-out tokens)."""
     import torch
 
     from moedisco.stages.prepare import load_corpus
 
-    doc_ids = np.flatnonzero(eval_assignments(spec, paths) == expert)
+    doc_ids = np.flatnonzero(eval_assignments(spec, paths, cache) == expert)
     try:
         return load_corpus(paths, "eval").pack(spec.data.sequence_length, doc_ids)
     except DataError:
@@ -380,5 +383,5 @@ def cluster_eval_sequence(spec: JobSpec, paths: JobPaths, expert: int) -> torch.
 
 
 
-def cluster_eval_sequences(spec: JobSpec, paths: JobPaths) -> list[torch.Tensor]:
-    return [cluster_eval_sequence(spec, paths, k) for k in range(spec.num_clusters)]
+def cluster_eval_sequences(spec: JobSpec, paths: JobPaths, cache: bool = True) -> list[torch.Tensor]:
+    return [cluster_eval_sequence(spec, paths, k, cache) for k in range(spec.num_clusters)]

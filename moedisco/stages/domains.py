@@ -1,6 +1,6 @@
 """Held-out loss per domain of a model's whole lineage: how an extension or a retirement moved each corpus.
 
-    domains = lineage_domains(Path("runs/extended"), sequences=64)   # the base job's clusters, then the extension's
+    domains = lineage_domains(Path("runs/extended"))    # the base job's clusters, then the extension's
     losses = domain_losses(Path("runs/extended/final"), domains)      # {"tiny/cluster 0": 4.61, ...}
 
 A domain is one cluster of one job of the lineage (the job, the job it extended, and so on back to the first), named
@@ -21,6 +21,8 @@ from moedisco.job.layout import JobPaths
 from moedisco.stages.cluster import cluster_eval_sequences
 from moedisco.stages.merge import group_losses
 
+EVAL_SEQUENCES = 64  # held-out sequences per domain (8 batches of 8): an extension and a retirement measure alike
+
 
 @dataclass(frozen=True)
 class Domain:
@@ -29,19 +31,56 @@ class Domain:
     sequences: torch.Tensor  # held-out [N, L]
 
 
-def lineage(folder: Path) -> list[Path]:
-    """The job folders whose corpora the model of job `folder` was trained on, oldest first: `folder` and, through
-    each `extend.base` (and a retirement's `retire.base`), the jobs before it. A bare model folder ends it."""
+@dataclass(frozen=True)
+class Ancestor:
+    """A job of a model's lineage, and which of its clusters' experts the model still has."""
+
+    folder: Path
+    clusters: tuple[int, ...]
+
+
+def lineage(folder: Path) -> list[Ancestor]:
+    """The jobs whose corpora the model of job `folder` was trained on, oldest first: `folder` and, through each
+    `extend.base` (and a retirement's `retire.base`), the jobs before it; a bare model folder ends it. A job's
+    clusters are those whose experts the model still has (its `moedisco_experts` record): a retired expert's corpus
+    is no longer the model's to replay or to be measured on."""
+    from moedisco.models.experts import base_job
+
     chain, seen = [], set()
-    current: Path | None = folder
+    current: Path | None = base_job(folder)
     while current is not None and (current / "spec.yaml").is_file() and current.resolve() not in seen:
         seen.add(current.resolve())
         spec = load_saved_spec(current / "spec.yaml")
         if spec.method in ("moe_disco", "extend"):
-            chain.append(current)
+            chain.append(Ancestor(current, tuple(range(spec.num_clusters))))
         section = spec.extend if spec.method == "extend" else spec.retire if spec.method == "retire" else None
-        current = section.base if section is not None else None
-    return chain[::-1]
+        current = base_job(section.base) if section is not None else None
+    return _surviving(folder, chain[::-1])
+
+
+def _surviving(folder: Path, chain: list[Ancestor]) -> list[Ancestor]:
+    """`chain` with each job's clusters cut to those whose experts the newest final model has: `folder`'s, or,
+    while `folder`'s job has none yet (an extension running), its base's, the job's own clusters all kept."""
+    from moedisco.models.experts import PROVENANCE_KEY, base_job
+
+    holder, running = base_job(folder), set()
+    if not (holder / "final" / "config.json").is_file() and (holder / "spec.yaml").is_file():
+        spec = load_saved_spec(holder / "spec.yaml")
+        section = spec.extend if spec.method == "extend" else spec.retire if spec.method == "retire" else None
+        running, holder = {holder.resolve()}, base_job(section.base) if section is not None else holder
+    final = holder / "final" / "config.json"
+    record = json.loads(final.read_text()).get(PROVENANCE_KEY) if final.is_file() else None
+    if not record:  # no model yet, or one moedisco did not write: every cluster
+        return chain
+    kept: dict[Path, set[int]] = {}
+    for entry in record:
+        if "output_dir" in entry and "cluster" in entry:
+            kept.setdefault(Path(entry["output_dir"]).resolve(), set()).add(int(entry["cluster"]))
+    if not kept.keys() & {a.folder.resolve() for a in chain}:  # moved since, or on object storage: cannot tell
+        return chain
+    return [a if a.folder.resolve() in running else
+            Ancestor(a.folder, tuple(k for k in a.clusters if k in kept.get(a.folder.resolve(), ())))
+            for a in chain]
 
 
 def cluster_names(paths: JobPaths, count: int) -> list[str]:
@@ -51,17 +90,27 @@ def cluster_names(paths: JobPaths, count: int) -> list[str]:
     return list(declared) if declared and len(declared) == count else [f"cluster {k}" for k in range(count)]
 
 
-def job_domains(folder: Path, sequences: int) -> list[Domain]:
-    """Each cluster of the job in `folder` with at least one held-out sequence, at most `sequences` of them."""
-    spec, paths = load_saved_spec(folder / "spec.yaml"), JobPaths(folder)
-    held_out = cluster_eval_sequences(spec, paths)
+def job_domains(ancestor: Ancestor, sequences: int, label: str, own: bool) -> list[Domain]:
+    """Each kept cluster of a lineage job with at least one held-out sequence, at most `sequences` of them, named
+    `<label>/<domain>`. Another job's folder (`own` False) is only read."""
+    spec, paths = load_saved_spec(ancestor.folder / "spec.yaml"), JobPaths(ancestor.folder)
+    held_out = cluster_eval_sequences(spec, paths, cache=own)
     names = cluster_names(paths, len(held_out))
-    return [Domain(f"{spec.name}/{name}", str(folder), seqs_NL[:sequences])
-            for name, seqs_NL in zip(names, held_out) if len(seqs_NL)]
+    return [Domain(f"{label}/{names[k]}", str(ancestor.folder), held_out[k][:sequences])
+            for k in ancestor.clusters if len(held_out[k])]
 
 
-def lineage_domains(folder: Path, sequences: int) -> list[Domain]:
-    return [domain for job in lineage(folder) for domain in job_domains(job, sequences)]
+def lineage_domains(folder: Path, sequences: int = EVAL_SEQUENCES) -> list[Domain]:
+    """The domains of every job of `folder`'s lineage; a job is named by its spec's name, or with its place in the
+    lineage (`name#2`) where two share one."""
+    from moedisco.models.experts import base_job
+
+    jobs = lineage(folder)
+    names = [load_saved_spec(a.folder / "spec.yaml").name for a in jobs]
+    labels = [name if names.count(name) == 1 else f"{name}#{i}" for i, name in enumerate(names)]
+    own = base_job(folder).resolve()
+    return [domain for ancestor, label in zip(jobs, labels)
+            for domain in job_domains(ancestor, sequences, label, ancestor.folder.resolve() == own)]
 
 
 def domain_losses(model: Path, domains: list[Domain], batch_size: int = 8) -> dict[str, float]:

@@ -9,7 +9,8 @@
 The new corpus is prepared with the base's tokenizer and clustered into `extend.new_experts` clusters. Each new
 expert starts as a copy, per layer, of the base expert whose router row is closest to its cluster's mean hidden state
 (the expert the base already sends that data to), and its router row is that mean state, scaled to the base's rows.
-With `extend.shared: frozen` the backbone stays the base's, so the old domains change only through the router.
+With `extend.shared: frozen` and `extend.finetune: router` the backbone and the old experts stay the base's, so the
+old domains change only through the router; how far each setting moves them: BENCHMARKS §14.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from moedisco.models.architecture import num_experts_of, parameter_roles, read_c
 from moedisco.models.experts import base_model, expert_provenance, layer_of, rewrite_experts
 from moedisco.models.weights import WEIGHTS_FILE, SavedWeights
 from moedisco.stages import prepare
-from moedisco.stages.cluster import ClusterResult, train_source
+from moedisco.stages.cluster import ClusterResult, cluster_shard, train_source
 from moedisco.stages.domains import domain_losses, lineage, lineage_domains
 from moedisco.stages.finetune import finetune, save_final
 from moedisco.stages.merge import averaging_weights, centroid_router_rows, cluster_provenance, shared_average
@@ -65,16 +66,15 @@ def stage_source(run: StageRun) -> dict:
     def new_rows(name: str, role: str, tensor: torch.Tensor) -> torch.Tensor:
         return rows[name].to(tensor.dtype) if name in rows else tensor[copied[layer_of(name)]]
 
-    rewrite_experts(base, paths.source, spec.num_clusters, new_rows)
+    rewrite_experts(base, paths.source, spec.num_clusters, new_rows, provenance=cluster_provenance(spec, paths))
     return {"base": str(base), "base_experts": num_experts_of(read_config(base)), "new_experts": spec.num_clusters,
             "copied_from": {str(layer): experts for layer, experts in copied.items()}}
 
 
 def base_documents(spec: JobSpec) -> int:
-    """Training documents behind the base's shared parameters: the clusters of every job of its lineage. A bare
-    model folder counts as much as the new corpus (its corpus is unknown)."""
-    jobs = lineage(spec.extend.base)
-    return sum(sum(ClusterResult.load(JobPaths(job).clusters).sizes) for job in jobs)
+    """Training documents behind the base's shared parameters: every cluster of every job of its lineage (a retired
+    expert's corpus trained the backbone too). 0 for a bare model folder (its corpus is unknown)."""
+    return sum(sum(ClusterResult.load(JobPaths(job.folder).clusters).sizes) for job in lineage(spec.extend.base))
 
 
 class _Computed:
@@ -118,7 +118,7 @@ def base_fisher(stack: ExitStack, spec: JobSpec) -> _Computed | None:
     base's fine-tune, which moved it little."""
     parties = []
     for job in lineage(spec.extend.base):
-        paths = JobPaths(job)
+        paths = JobPaths(job.folder)
         sizes = ClusterResult.load(paths.clusters).sizes
         files = [paths.submodel(k) / SECOND_MOMENT_FILE for k in range(len(sizes))]
         if not all(path.is_file() for path in files):
@@ -178,7 +178,7 @@ def stage_merge(run: StageRun) -> dict:
         rewrite_experts(base, paths.merged, num_experts_of(config) + spec.num_clusters, rows, shared=shared,
                         provenance=expert_provenance(config) + new)
     prepare.load_tokenizer(paths.tokenizer).save_pretrained(paths.merged)
-    domains = lineage_domains(paths.root, spec.finetune.batch_size * spec.finetune.eval_batches)
+    domains = lineage_domains(paths.root)
     before = domain_losses(base, [d for d in domains if d.job != str(paths.root)], spec.finetune.batch_size)
     after = domain_losses(paths.merged, domains, spec.finetune.batch_size)
     seconds = time.perf_counter() - started
@@ -193,15 +193,23 @@ def _mean(losses: dict[str, float]) -> float | None:
 
 def replay_source(spec: JobSpec, paths: JobPaths) -> SequenceSource | MixedSource:
     """What the fine-tune trains on: the new corpus and, `extend.replay_fraction` of every batch, the training
-    sequences of the base's lineage (each of its jobs an equal part), so that the router keeps routing them."""
+    sequences of the base's lineage, each job's part by its documents, so that the router keeps routing them. Only
+    the clusters whose experts the base still has are replayed (a retired expert's corpus is not)."""
     new = train_source(spec, paths)
-    jobs = lineage(spec.extend.base)
-    fraction = spec.extend.replay_fraction
-    if not jobs or fraction == 0:
+    fraction, seq_len = spec.extend.replay_fraction, spec.data.sequence_length
+    old: list[tuple[SequenceSource, int]] = []
+    for job in lineage(spec.extend.base) if fraction > 0 else []:
+        job_paths = JobPaths(job.folder)
+        sizes = ClusterResult.load(job_paths.clusters).sizes
+        if len(job.clusters) == len(sizes):  # all of it: its train split
+            old.append((SequenceSource(TokenShard.load(job_paths.tokens("train")), seq_len), sum(sizes)))
+        else:
+            old += [(SequenceSource(cluster_shard(job_paths, k), seq_len), sizes[k]) for k in job.clusters]
+    if not old:
         return new
-    seq_len = spec.data.sequence_length
-    old = [SequenceSource(TokenShard.load(JobPaths(job).tokens("train")), seq_len) for job in jobs]
-    return MixedSource([new, *old], [1.0 - fraction] + [fraction / len(old)] * len(old))
+    documents = sum(size for _, size in old)
+    return MixedSource([new] + [source for source, _ in old],
+                       [1.0 - fraction] + [fraction * size / documents for _, size in old])
 
 
 def stage_finetune(run: StageRun) -> dict:
@@ -214,7 +222,8 @@ def stage_finetune(run: StageRun) -> dict:
                                 if router_only else None)
     model, result = finetune(paths.merged, replay_source(spec, paths), eval_sequences(spec, paths), spec, context)
     save_final(model, prepare.load_tokenizer(paths.tokenizer), paths.final)
-    domains = lineage_domains(paths.root, spec.finetune.batch_size * spec.finetune.eval_batches)
-    after = domain_losses(paths.final, domains, spec.finetune.batch_size)
+    if run.hooks is not None and run.hooks.rank != 0:  # a sharded fine-tune: rank 0 writes final/ and measures it
+        return result.__dict__
+    after = domain_losses(paths.final, lineage_domains(paths.root), spec.finetune.batch_size)
     before = stage_result(paths, "merge").get("domains_base", {})
     return {**result.__dict__, "domains": after, "domains_base": before}

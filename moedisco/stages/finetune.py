@@ -58,6 +58,8 @@ def anneal(paths: JobPaths, step: int, progress: bool = False) -> tuple[PreTrain
     the checkpoint, its metrics there, so the job's own run is untouched. An unsharded fine-tune's checkpoint only
     (a sharded one keeps its optimizer state per rank)."""
     spec = load_saved_spec(paths.spec)
+    if spec.method != "moe_disco":  # an extension's fine-tune mixes corpora and may train the router alone
+        raise ValueError(f"anneal: {paths.root} is a `{spec.method}` job; only a moe_disco fine-tune is annealed")
     cfg = decayed_from(spec.finetune, step)
     cfg = cfg.model_copy(update={"eval_every": cfg.steps, "checkpoint_every": cfg.steps})  # evaluated at its end
     run_dir = paths.anneal(step)

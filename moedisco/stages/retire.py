@@ -20,8 +20,6 @@ from moedisco.stages import prepare
 from moedisco.stages.domains import domain_losses, lineage_domains, loss_changes
 from moedisco.stages.stage_run import StageRun
 
-EVAL_SEQUENCES = 64  # held-out sequences per domain: 8 batches of 8
-
 
 def stage_retire(run: StageRun) -> dict:
     spec, paths = run.spec, run.paths
@@ -33,7 +31,7 @@ def stage_retire(run: StageRun) -> dict:
     provenance = [entry for entry in expert_provenance(config) if entry["expert"] in keep]
     rewrite_experts(base, paths.final, len(keep), lambda name, role, tensor: tensor[index], provenance=provenance)
     prepare.load_tokenizer(base).save_pretrained(paths.final)
-    domains = lineage_domains(spec.retire.base, EVAL_SEQUENCES)
+    domains = lineage_domains(spec.retire.base)
     changes = loss_changes(domain_losses(base, domains), domain_losses(paths.final, domains))
     seconds = time.perf_counter() - started
     run.metrics.write({"stage": "retire", "step": 0, "seconds": seconds, "device": "cpu"})

@@ -33,10 +33,10 @@ def check_queue_limit(users: Users, settings: Settings, caller: Caller) -> None:
 
 def estimate_cost(spec: dict) -> dict:
     """moedisco's FLOP-model estimate of the job (loads torch and transformers on first use, builds no weights)."""
-    from moedisco.planning.estimate import estimate_job
+    from moedisco.planning.estimate import cost_estimate
 
     try:
-        return estimate_job(JobSpec.model_validate(spec))["cost"]
+        return cost_estimate(JobSpec.model_validate(spec))
     except Exception as error:  # a model config transformers refuses: say so, never a 500
         raise RequestValidationError([{"type": "value_error", "loc": ("body", "model"), "input": None,
                                        "msg": f"cannot estimate this job's cost ({type(error).__name__}: "

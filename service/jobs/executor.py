@@ -73,9 +73,9 @@ def prestart_ray_helpers(spec: JobSpec) -> None:
 def record_estimate(store: Store, job_id: str, spec: JobSpec) -> None:
     """The FLOP-model estimate (with its full-parameter baseline), computed here so the API never loads models."""
     try:
-        from moedisco.planning.estimate import estimate_job
+        from moedisco.planning.estimate import cost_estimate
 
-        store.set_estimate(job_id, estimate_job(spec)["cost"])
+        store.set_estimate(job_id, cost_estimate(spec))
     except Exception as error:  # an estimate is a nicety; the job runs without it
         log.warning("job %s: no cost estimate (%s)", job_id, error)
 
