@@ -20,13 +20,14 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from moedisco.config.spec import ModelConfig
+from moedisco.job.provenance import expert_count_key as count_key_of
 
 Role = Literal["shared", "expert", "router"]
 
 
 
 def expert_count_key(config: PretrainedConfig) -> str:
-    return "num_local_experts" if config.model_type == "mixtral" else "num_experts"
+    return count_key_of(config.model_type)
 
 
 

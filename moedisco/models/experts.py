@@ -21,10 +21,10 @@ from pydantic import ValidationError
 from transformers import PretrainedConfig
 
 from moedisco.config.spec import JobSpec, ModelConfig
+from moedisco.job.provenance import PROVENANCE_KEY, expert_provenance_of
 from moedisco.models.architecture import Role, num_experts_of, parameter_roles, read_config, with_num_experts
 from moedisco.models.weights import SavedWeights, WeightsWriter
 
-PROVENANCE_KEY = "moedisco_experts"
 MAX_FILE_BYTES = 1 << 30
 
 
@@ -140,13 +140,8 @@ def rewrite_experts(source: Path, out: Path, num_experts: int, rows: Rows,
 
 
 def expert_provenance(config: PretrainedConfig) -> list[dict]:
-    """Where each expert of a model came from, as recorded; an expert of a model moedisco did not train (or whose
-    record does not match its experts) is `{"expert": k, "origin": "<model_type> checkpoint"}`."""
-    recorded = getattr(config, PROVENANCE_KEY, None)
-    experts = num_experts_of(config)
-    if isinstance(recorded, list) and len(recorded) == experts:
-        return [{**entry, "expert": k} for k, entry in enumerate(recorded)]
-    return [{"expert": k, "origin": f"{config.model_type} checkpoint"} for k in range(experts)]
+    """Where each expert of a model came from (`moedisco.job.provenance.expert_provenance_of`)."""
+    return expert_provenance_of(config.to_dict())
 
 
 def set_provenance(config: PretrainedConfig, entries: list[dict]) -> None:

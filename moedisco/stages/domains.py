@@ -18,6 +18,7 @@ import torch
 
 from moedisco.config.loading import load_saved_spec
 from moedisco.job.layout import JobPaths
+from moedisco.job.provenance import PROVENANCE_KEY
 from moedisco.stages.cluster import cluster_eval_sequences
 from moedisco.stages.merge import group_losses
 
@@ -61,7 +62,7 @@ def lineage(folder: Path) -> list[Ancestor]:
 def _surviving(folder: Path, chain: list[Ancestor]) -> list[Ancestor]:
     """`chain` with each job's clusters cut to those whose experts the newest final model has: `folder`'s, or,
     while `folder`'s job has none yet (an extension running), its base's, the job's own clusters all kept."""
-    from moedisco.models.experts import PROVENANCE_KEY, base_job
+    from moedisco.models.experts import base_job
 
     holder, running = base_job(folder), set()
     if not (holder / "final" / "config.json").is_file() and (holder / "spec.yaml").is_file():
@@ -117,10 +118,3 @@ def domain_losses(model: Path, domains: list[Domain], batch_size: int = 8) -> di
     """Held-out loss of the model saved in `model` on each domain, in one pass over its layers."""
     losses = group_losses(model, [domain.sequences for domain in domains], batch_size)
     return {domain.name: loss for domain, loss in zip(domains, losses)}
-
-
-def loss_changes(before: dict[str, float], after: dict[str, float]) -> list[dict]:
-    """Per domain: the loss before, after and the change (after - before; None where one side was not measured)."""
-    return [{"domain": name, "before": before.get(name), "after": after.get(name),
-             "change": after[name] - before[name] if name in before and name in after else None}
-            for name in dict.fromkeys([*before, *after])]

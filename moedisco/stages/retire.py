@@ -14,10 +14,11 @@ import time
 
 import torch
 
+from moedisco.job.provenance import loss_changes
 from moedisco.models.architecture import num_experts_of, read_config
 from moedisco.models.experts import base_model, expert_provenance, rewrite_experts
 from moedisco.stages import prepare
-from moedisco.stages.domains import domain_losses, lineage_domains, loss_changes
+from moedisco.stages.domains import domain_losses, lineage_domains
 from moedisco.stages.stage_run import StageRun
 
 

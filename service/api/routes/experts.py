@@ -18,6 +18,7 @@ from fastapi import APIRouter, HTTPException, status
 from pydantic import ValidationError
 
 from moedisco.job.layout import JobPaths
+from moedisco.job.provenance import expert_provenance_of, loss_changes
 from service.api.deps import JobDep
 from service.api.routes.artifacts import safe_artifact
 from service.schemas import DomainLossPublic, ExpertOriginPublic, ExpertsPublic, Message
@@ -46,8 +47,6 @@ def _origin(entry: dict) -> ExpertOriginPublic:
 
 def domain_losses(root: Path, method: str | None) -> tuple[list[DomainLossPublic], str | None]:
     """The loss per domain before and after, and the stage whose summary gave it; nothing for other methods."""
-    from moedisco.stages.domains import loss_changes
-
     for stage in DOMAIN_STAGES.get(method, ()):
         summary = _summary(root, stage)
         if summary is None or "domains" not in summary:
@@ -65,15 +64,13 @@ class UnreadableModel(ValueError):
 def read_experts(root: Path, spec: dict | None, job_id: str | None = None) -> ExpertsPublic | None:
     """The view of job folder `root` (`spec`: its spec as a dict) or, with `spec` None, of model folder `root`;
     None while there is no model (a job without its final/); `UnreadableModel` for a config.json that is none."""
-    from moedisco.models.architecture import read_config
-    from moedisco.models.experts import expert_provenance
-
     config_file = safe_artifact(root, "config.json" if spec is None else "final/config.json")
     if config_file is None:
         return None
-    try:
-        experts = expert_provenance(read_config(config_file.parent))
-    except (OSError, ValueError, AttributeError, TypeError) as failure:  # AttributeError: no expert count
+    try:  # the JSON alone: the API never loads model code
+        config = json.loads(config_file.read_text())
+        experts = expert_provenance_of(config if isinstance(config, dict) else {})
+    except (OSError, ValueError) as failure:
         raise UnreadableModel(f"{config_file.relative_to(root.resolve())} is no MoE model's config ({failure})") \
             from None
     method = (spec or {}).get("method")

@@ -1,0 +1,40 @@
+"""Where each expert of a saved MoE came from, read from its config.json alone (no torch, no transformers).
+
+    expert_provenance_of(json.loads((OUTPUT / "final" / "config.json").read_text()))
+    # [{"expert": 0, "job": "tiny", "data": "corpus.jsonl", "cluster": 0, "method": "moe_disco", ...}, ...]
+    loss_changes({"tiny/cluster 0": 4.61}, {"tiny/cluster 0": 4.63})   # [{"domain", "before", "after", "change"}]
+
+Every model moedisco writes records, under `PROVENANCE_KEY` in its config.json, the job, corpus and cluster of each
+expert (`moedisco.stages.merge.cluster_provenance`); extending and retiring experts carry the record along
+(`moedisco.models.experts`). The service reads it here, so its API never loads model code.
+"""
+
+from __future__ import annotations
+
+PROVENANCE_KEY = "moedisco_experts"
+
+
+def expert_count_key(model_type: str) -> str:
+    """The config key holding the number of experts per MoE layer."""
+    return "num_local_experts" if model_type == "mixtral" else "num_experts"
+
+
+def expert_provenance_of(config: dict) -> list[dict]:
+    """Where each expert of the model whose config.json is `config` came from, as recorded; an expert of a model
+    moedisco did not train (or whose record does not match its experts) is `{"expert": k, "origin": "<model_type>
+    checkpoint"}`. A ValueError when `config` is no MoE's (no expert count)."""
+    model_type = str(config.get("model_type", "unknown"))
+    experts = config.get(expert_count_key(model_type))
+    if not isinstance(experts, int) or isinstance(experts, bool) or experts < 1:
+        raise ValueError(f"no expert count ({expert_count_key(model_type)}) in a {model_type} config")
+    recorded = config.get(PROVENANCE_KEY)
+    if isinstance(recorded, list) and len(recorded) == experts and all(isinstance(e, dict) for e in recorded):
+        return [{**entry, "expert": k} for k, entry in enumerate(recorded)]
+    return [{"expert": k, "origin": f"{model_type} checkpoint"} for k in range(experts)]
+
+
+def loss_changes(before: dict[str, float], after: dict[str, float]) -> list[dict]:
+    """Per domain: the loss before, after and the change (after - before; None where one side was not measured)."""
+    return [{"domain": name, "before": before.get(name), "after": after.get(name),
+             "change": after[name] - before[name] if name in before and name in after else None}
+            for name in dict.fromkeys([*before, *after])]
