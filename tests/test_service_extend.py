@@ -252,3 +252,18 @@ def test_moedisco_experts_from_the_service_and_from_a_folder(team, extended):
     assert _cli(team, "experts").exit_code == 2  # neither a job id nor --local
     assert _cli(team, "experts", "--local", str(team.settings.data_dir)).exit_code == 2
     assert _cli(team, "experts", NO_SUCH_JOB).exit_code == 2  # the API's 404
+
+
+def test_a_job_folder_written_into_a_users_area_cannot_lead_to_another_users_job(team):
+    """A spec.yaml bob writes into his own area, naming ada's job as the base it extended: extending or retiring it
+    would replay and measure ada's corpus, so the submission is refused at the base, and ada's own is accepted."""
+    adas = _finished_job(team, team.ada)
+    fake = team.settings.data_dir / "users" / "bob" / "fake"
+    shutil.copytree(team.model, fake / "final")
+    spec = {**_extend(str(team.folder(adas))), "output_dir": str(fake)}
+    (fake / "spec.yaml").write_text(yaml.safe_dump(build_spec(spec).model_dump(mode="json")))
+    mark_done(JobPaths(fake), plan(build_spec(spec))[-1][-1].marker, {})
+    for submitted, field in ((_extend("users/bob/fake"), "extend.base"), (_retire("users/bob/fake"), "retire.base")):
+        errors = _errors(_submit(team.bob, submitted))
+        assert list(errors) == [field] and "made from a job outside what you may read" in errors[field]
+    assert _submit(team.admin, _retire("users/bob/fake")).status_code == 201  # an admin reads both

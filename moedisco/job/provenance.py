@@ -3,6 +3,7 @@
     expert_provenance_of(json.loads((OUTPUT / "final" / "config.json").read_text()))
     # [{"expert": 0, "job": "tiny", "data": "corpus.jsonl", "cluster": 0, "method": "moe_disco", ...}, ...]
     loss_changes({"tiny/cluster 0": 4.61}, {"tiny/cluster 0": 4.63})   # [{"domain", "before", "after", "change"}]
+    ancestry(Path("runs/extended"))      # [(runs/extended, its spec), (runs/tiny, its spec)]: what it was made from
 
 Every model moedisco writes records, under `PROVENANCE_KEY` in its config.json, the job, corpus and cluster of each
 expert (`moedisco.stages.merge.cluster_provenance`); extending and retiring experts carry the record along
@@ -11,7 +12,31 @@ expert (`moedisco.stages.merge.cluster_provenance`); extending and retiring expe
 
 from __future__ import annotations
 
+from pathlib import Path
+
 PROVENANCE_KEY = "moedisco_experts"
+
+
+def base_job(base: Path) -> Path:
+    """`extend.base` / `retire.base` as given, or the job folder when it names a job's final/ model."""
+    return base.parent if base.name == "final" and (base.parent / "spec.yaml").is_file() else base
+
+
+def ancestry(folder: Path) -> list[tuple[Path, object]]:
+    """The job folders a model was made from, newest first, each with its saved spec: `folder` (a job folder, or a
+    job's final/) and, through each spec's `extend.base` or `retire.base`, the jobs before it; a bare model folder
+    ends it. A spec.yaml that cannot be read raises `SpecError`."""
+    from moedisco.config.loading import load_saved_spec
+
+    chain: list[tuple[Path, object]] = []
+    current: Path | None = base_job(folder)
+    while current is not None and (current / "spec.yaml").is_file() and current.resolve() not in {
+            job.resolve() for job, _ in chain}:
+        spec = load_saved_spec(current / "spec.yaml")
+        chain.append((current, spec))
+        section = spec.extend if spec.method == "extend" else spec.retire if spec.method == "retire" else None
+        current = base_job(section.base) if section is not None else None
+    return chain
 
 
 def expert_count_key(model_type: str) -> str:

@@ -21,16 +21,11 @@ from pydantic import ValidationError
 from transformers import PretrainedConfig
 
 from moedisco.config.spec import JobSpec, ModelConfig
-from moedisco.job.provenance import PROVENANCE_KEY, expert_provenance_of
+from moedisco.job.provenance import PROVENANCE_KEY, base_job, expert_provenance_of
 from moedisco.models.architecture import Role, num_experts_of, parameter_roles, read_config, with_num_experts
 from moedisco.models.weights import SavedWeights, WeightsWriter
 
 MAX_FILE_BYTES = 1 << 30
-
-
-def base_job(base: Path) -> Path:
-    """`extend.base` / `retire.base` as given, or the job folder when it names a job's final/ model."""
-    return base.parent if base.name == "final" and (base.parent / "spec.yaml").is_file() else base
 
 
 def base_model(base: Path) -> Path:

@@ -18,7 +18,7 @@ import torch
 
 from moedisco.config.loading import load_saved_spec
 from moedisco.job.layout import JobPaths
-from moedisco.job.provenance import PROVENANCE_KEY
+from moedisco.job.provenance import PROVENANCE_KEY, ancestry, base_job
 from moedisco.stages.cluster import cluster_eval_sequences
 from moedisco.stages.merge import group_losses
 
@@ -41,29 +41,18 @@ class Ancestor:
 
 
 def lineage(folder: Path) -> list[Ancestor]:
-    """The jobs whose corpora the model of job `folder` was trained on, oldest first: `folder` and, through each
-    `extend.base` (and a retirement's `retire.base`), the jobs before it; a bare model folder ends it. A job's
+    """The jobs whose corpora the model of job `folder` was trained on, oldest first: of `ancestry(folder)` (the job
+    and, through each `extend.base` and `retire.base`, the jobs before it), those that trained experts. A job's
     clusters are those whose experts the model still has (its `moedisco_experts` record): a retired expert's corpus
     is no longer the model's to replay or to be measured on."""
-    from moedisco.models.experts import base_job
-
-    chain, seen = [], set()
-    current: Path | None = base_job(folder)
-    while current is not None and (current / "spec.yaml").is_file() and current.resolve() not in seen:
-        seen.add(current.resolve())
-        spec = load_saved_spec(current / "spec.yaml")
-        if spec.method in ("moe_disco", "extend"):
-            chain.append(Ancestor(current, tuple(range(spec.num_clusters))))
-        section = spec.extend if spec.method == "extend" else spec.retire if spec.method == "retire" else None
-        current = base_job(section.base) if section is not None else None
+    chain = [Ancestor(job, tuple(range(spec.num_clusters))) for job, spec in ancestry(folder)
+             if spec.method in ("moe_disco", "extend")]
     return _surviving(folder, chain[::-1])
 
 
 def _surviving(folder: Path, chain: list[Ancestor]) -> list[Ancestor]:
     """`chain` with each job's clusters cut to those whose experts the newest final model has: `folder`'s, or,
     while `folder`'s job has none yet (an extension running), its base's, the job's own clusters all kept."""
-    from moedisco.models.experts import base_job
-
     holder, running = base_job(folder), set()
     if not (holder / "final" / "config.json").is_file() and (holder / "spec.yaml").is_file():
         spec = load_saved_spec(holder / "spec.yaml")
@@ -104,8 +93,6 @@ def job_domains(ancestor: Ancestor, sequences: int, label: str, own: bool) -> li
 def lineage_domains(folder: Path, sequences: int = EVAL_SEQUENCES) -> list[Domain]:
     """The domains of every job of `folder`'s lineage; a job is named by its spec's name, or with its place in the
     lineage (`name#2`) where two share one."""
-    from moedisco.models.experts import base_job
-
     jobs = lineage(folder)
     names = [load_saved_spec(a.folder / "spec.yaml").name for a in jobs]
     labels = [name if names.count(name) == 1 else f"{name}#{i}" for i, name in enumerate(names)]

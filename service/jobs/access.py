@@ -169,7 +169,35 @@ def check_path(loc: tuple, holder: dict | list, key: str | int, reader: Reader, 
 
 
 def input_errors(raw: dict, reader: Reader, rules: AccessRules) -> list[dict]:
-    """Every path a spec dict reads or writes, checked (and resolved in place) for `reader`."""
+    """Every path a spec dict reads or writes, checked (and resolved in place) for `reader`; and for an extension or
+    a retirement, every job its base was made from (`ancestry_errors`)."""
     checks = [check_path(*slot, reader, rules, writes=False) for slot in _slots(raw, READ_FIELDS)]
     checks += [check_path(*slot, reader, rules, writes=True) for slot in _slots(raw, WRITE_FIELDS)]
-    return [found for found in checks if found is not None]
+    found = [error for error in checks if error is not None]
+    return found or ancestry_errors(raw, reader, rules)
+
+
+BASE_FIELDS = (("extend", "base"), ("retire", "base"))
+
+
+def ancestry_errors(raw: dict, reader: Reader, rules: AccessRules) -> list[dict]:
+    """An extension replays, and both measure, the corpora of every job the base was made from, found through each
+    job's spec.yaml (`moedisco.job.provenance.ancestry`): each must be the reader's to read too, or a spec.yaml
+    written into the reader's own area could lead to another user's job."""
+    from moedisco.job.provenance import ancestry
+
+    errors = []
+    for section, field in BASE_FIELDS:
+        value = (raw.get(section) or {}).get(field)
+        if value is None or is_uri(value):
+            continue
+        try:
+            jobs = [job for job, _ in ancestry(Path(value))]
+        except ValueError as failure:  # a spec.yaml on the way that cannot be read
+            errors.append(error((section, field), f"a job it was made from has an unreadable spec.yaml "
+                                                  f"({str(failure)[:200]})", value))
+            continue
+        if any(not _readable(job.resolve(), reader, rules) for job in jobs):
+            errors.append(error((section, field), f"was made from a job outside what you may read: it must be in "
+                                                  f"{_where(reader)}, as must every job it was made from", value))
+    return errors
