@@ -33,14 +33,16 @@ from moedisco.stages import prepare
 from moedisco.stages.cluster import ClusterResult, cluster_shard, train_source
 from moedisco.stages.domains import domain_losses, lineage, lineage_domains
 from moedisco.stages.finetune import finetune, save_final
-from moedisco.stages.merge import averaging_weights, centroid_router_rows, cluster_provenance, shared_average
+from moedisco.stages.merge import (
+    averaging_weights,
+    centroid_router_rows,
+    cluster_provenance,
+    cluster_samples,
+    shared_average,
+)
 from moedisco.stages.prepare import eval_sequences
 from moedisco.stages.stage_run import StageRun
 from moedisco.training.checkpoint import SECOND_MOMENT_FILE
-
-
-def new_cluster_samples(spec: JobSpec, paths: JobPaths) -> list[torch.Tensor]:
-    return [train_source(spec, paths, k).head(spec.merge.centroid_sequences) for k in range(spec.num_clusters)]
 
 
 def new_expert_rows(base: Path, samples: list[torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[int, list[int]]]:
@@ -61,7 +63,7 @@ def stage_source(run: StageRun) -> dict:
     """source/: the base's backbone with one expert per new cluster, which the new submodels branch from."""
     spec, paths = run.spec, run.paths
     base = base_model(spec.extend.base)
-    rows, copied = new_expert_rows(base, new_cluster_samples(spec, paths))
+    rows, copied = new_expert_rows(base, cluster_samples(spec, paths))
 
     def new_rows(name: str, role: str, tensor: torch.Tensor) -> torch.Tensor:
         return rows[name].to(tensor.dtype) if name in rows else tensor[copied[layer_of(name)]]

@@ -323,6 +323,12 @@ def _mean_loss(hidden_NLH: torch.Tensor, seqs_NL: torch.Tensor, head: torch.nn.L
     return total / max(1, seqs_NL[:, 1:].numel())
 
 
+def cluster_samples(spec: JobSpec, paths: JobPaths) -> list[torch.Tensor]:
+    """The first `merge.centroid_sequences` training sequences of each cluster: what centroid router rows are
+    estimated from."""
+    return [train_source(spec, paths, k).head(spec.merge.centroid_sequences) for k in range(spec.num_clusters)]
+
+
 def cluster_provenance(spec: JobSpec, paths: JobPaths) -> list[dict]:
     """The provenance of the experts this job trained, one per cluster (`moedisco.models.experts`): the job, its
     corpus, the cluster and how the clusters were found (with `cluster.method: field`, the domain)."""
@@ -353,9 +359,7 @@ def stage_merge(run: StageRun) -> dict:
     merge_submodels(branch_point(spec, paths), files, weights, spec.merge.router_init, paths.merged,
                           seed=spec.seed, fisher=moments)
     if spec.merge.router_init == "centroid":  # one decoder layer at a time, then only the router bytes rewritten
-        samples = [train_source(spec, paths, k).head(spec.merge.centroid_sequences)
-                   for k in range(spec.num_clusters)]
-        patch_tensors(paths.merged, centroid_router_rows(paths.merged, samples))
+        patch_tensors(paths.merged, centroid_router_rows(paths.merged, cluster_samples(spec, paths)))
     record_provenance(paths.merged, cluster_provenance(spec, paths))
     prepare.load_tokenizer(paths.tokenizer).save_pretrained(paths.merged)
     cfg = spec.finetune  # evaluated one decoder layer at a time too: the merge never holds the whole MoE
