@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from moedisco.config.loading import SpecError, build_spec
+from moedisco.io.token_shards import TokenShard
 from moedisco.job.layout import JobPaths, stage_result
 from moedisco.models.architecture import num_experts_of, parameter_roles, read_config
 from moedisco.models.experts import expert_provenance
@@ -216,10 +218,15 @@ def test_a_retired_experts_corpus_leaves_the_lineage_and_a_final_folder_names_it
     from moedisco.models.experts import with_base_model
     from moedisco.stages.cluster import ClusterResult
 
-    sizes = ClusterResult.load(JobPaths(root / "base").clusters).sizes
-    replay = replay_source(with_base_model(spec), JobPaths(root / "extended"))  # the new corpus: any job's will do
-    assert len(replay.sources) == 4  # the new corpus, then base clusters 0, 2 and 3
-    assert replay.shares[1:] == pytest.approx([0.5 * sizes[k] / (sizes[0] + sizes[2] + sizes[3]) for k in (0, 2, 3)])
+    clusters = ClusterResult.load(JobPaths(root / "base").clusters)
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / "data").symlink_to(root / "extended" / "data")  # its new corpus, as prepared
+    (tmp_path / "again" / "cluster").symlink_to(root / "extended" / "cluster")
+    replay = replay_source(with_base_model(spec), JobPaths(tmp_path / "again"))
+    assert len(replay.sources) == 2 and replay.shares[1] == pytest.approx(0.5)  # the new corpus, then the base's
+    kept = np.flatnonzero(clusters.assignments != 1)
+    copy = TokenShard.load(tmp_path / "again" / "replay" / "0")  # in this job's folder: the base's is only read
+    assert copy.num_documents == len(kept) and replay.sources[1].shard.num_tokens == copy.num_tokens
 
 
 def test_mixed_batches_give_each_source_its_share_and_repeat_on_resume():

@@ -267,3 +267,7 @@ def test_a_job_folder_written_into_a_users_area_cannot_lead_to_another_users_job
         errors = _errors(_submit(team.bob, submitted))
         assert list(errors) == [field] and "made from a job outside what you may read" in errors[field]
     assert _submit(team.admin, _retire("users/bob/fake")).status_code == 201  # an admin reads both
+    for garbage in ("[", "- a list\n", ""):  # a spec.yaml of one's own that does not load: a 422, never a 500
+        (fake / "spec.yaml").write_text(garbage)
+        errors = _errors(_submit(team.bob, _extend("users/bob/fake")))
+        assert list(errors) == ["extend.base"] and "cannot be followed" in errors["extend.base"], garbage

@@ -17,6 +17,7 @@ Every layer uses it (the stages, both runners, the Ray workers, the service), an
       sync/round_<r>.safetensors  sync/outer_<r>.safetensors (the outer optimizer's state after round r)
       runs/<stage>/             the run folder of warmup, finetune, full_parameter
       anneal/step_<n>/          a stopped fine-tune's stable checkpoint n, decayed (`moedisco.stages.finetune.anneal`)
+      replay/<i>/               an extension's copy of lineage job i's replayed clusters (`moedisco.stages.extend`)
       merged/  final/
       stages/<marker>.json      one per finished stage (its summary)
 """
@@ -96,6 +97,10 @@ class JobPaths:
 
     def run(self, stage: str) -> Path:
         return self.root / "runs" / stage
+
+    def replay(self, index: int) -> Path:
+        """An extension's copy of what it replays of lineage job `index` (the clusters whose experts remain)."""
+        return self.root / "replay" / str(index)
 
     def anneal(self, step: int) -> Path:
         return self.root / "anneal" / f"step_{step}"

@@ -12,6 +12,7 @@ expert (`moedisco.stages.merge.cluster_provenance`); extending and retiring expe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 PROVENANCE_KEY = "moedisco_experts"
@@ -22,19 +23,32 @@ def base_job(base: Path) -> Path:
     return base.parent if base.name == "final" and (base.parent / "spec.yaml").is_file() else base
 
 
-def ancestry(folder: Path) -> list[tuple[Path, object]]:
+class AncestryError(ValueError):
+    """A job a model was made from cannot be followed: its spec.yaml does not load, or names a relative base."""
+
+
+def ancestry(folder: Path, may_read: Callable[[Path], bool] | None = None) -> list[tuple[Path, object]]:
     """The job folders a model was made from, newest first, each with its saved spec: `folder` (a job folder, or a
     job's final/) and, through each spec's `extend.base` or `retire.base`, the jobs before it; a bare model folder
-    ends it. A spec.yaml that cannot be read raises `SpecError`."""
+    ends it. `may_read(job folder)` is asked before each spec.yaml is read: False raises `PermissionError`. A
+    spec.yaml that does not load, or names a relative base, raises `AncestryError`."""
     from moedisco.config.loading import load_saved_spec
 
     chain: list[tuple[Path, object]] = []
     current: Path | None = base_job(folder)
-    while current is not None and (current / "spec.yaml").is_file() and current.resolve() not in {
-            job.resolve() for job, _ in chain}:
-        spec = load_saved_spec(current / "spec.yaml")
+    while current is not None and current.resolve() not in {job.resolve() for job, _ in chain}:
+        if may_read is not None and not may_read(current.resolve()):
+            raise PermissionError(f"{current}: not yours to read")
+        if not (current / "spec.yaml").is_file():
+            break
+        try:
+            spec = load_saved_spec(current / "spec.yaml")
+        except Exception as failure:  # noqa: BLE001 - any malformed file a user may have written
+            raise AncestryError(f"{current / 'spec.yaml'} does not load ({type(failure).__name__})") from None
         chain.append((current, spec))
         section = spec.extend if spec.method == "extend" else spec.retire if spec.method == "retire" else None
+        if section is not None and not section.base.is_absolute():  # moedisco saves every path absolute
+            raise AncestryError(f"{current / 'spec.yaml'} names a relative base ({section.base})")
         current = base_job(section.base) if section is not None else None
     return chain
 

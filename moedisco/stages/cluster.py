@@ -289,13 +289,17 @@ def save_clusters(spec: JobSpec, paths: JobPaths, result: ClusterResult) -> None
 
 def write_cluster_tokens(paths: JobPaths, assignments: np.ndarray, expert: int) -> TokenShard:
     """Cluster `expert`'s documents, in corpus order, copied from the train shard into cluster/tokens_<expert>/."""
+    return copy_documents(paths.tokens("train"), np.flatnonzero(assignments == expert), paths.cluster_tokens(expert))
+
+
+def copy_documents(shard: Path, doc_ids: np.ndarray, out: Path) -> TokenShard:
+    """Documents `doc_ids` of the token shard in `shard`, in order, copied into a shard of their own at `out`."""
     from moedisco.io.token_shards import TokenShard, TokenShardWriter
 
-    train = TokenShard.load(paths.tokens("train"))
-    with TokenShardWriter(paths.cluster_tokens(expert)) as writer:
-        for tokens, lengths in train.select(np.flatnonzero(assignments == expert)):
+    with TokenShardWriter(out) as writer:
+        for tokens, lengths in TokenShard.load(shard).select(doc_ids):
             writer.add_flat(tokens, lengths)
-    return TokenShard.load(paths.cluster_tokens(expert))
+    return TokenShard.load(out)
 
 
 
@@ -369,13 +373,16 @@ def _held_out_clusters(spec: JobSpec, paths: JobPaths, clusters: ClusterResult) 
 
 
 
-def cluster_eval_sequence(spec: JobSpec, paths: JobPaths, expert: int, cache: bool = True) -> torch.Tensor:
-    """Held-out sequences of cluster `expert` (empty when the cluster has too few held-out tokens)."""
+def cluster_eval_sequence(spec: JobSpec, paths: JobPaths, expert: int, cache: bool = True,
+                          assignments: np.ndarray | None = None) -> torch.Tensor:
+    """Held-out sequences of cluster `expert` (empty when the cluster has too few held-out tokens); `assignments`:
+    `eval_assignments` when the caller has them already."""
     import torch
 
     from moedisco.stages.prepare import load_corpus
 
-    doc_ids = np.flatnonzero(eval_assignments(spec, paths, cache) == expert)
+    assigned = eval_assignments(spec, paths, cache) if assignments is None else assignments
+    doc_ids = np.flatnonzero(assigned == expert)
     try:
         return load_corpus(paths, "eval").pack(spec.data.sequence_length, doc_ids)
     except DataError:
@@ -384,4 +391,5 @@ def cluster_eval_sequence(spec: JobSpec, paths: JobPaths, expert: int, cache: bo
 
 
 def cluster_eval_sequences(spec: JobSpec, paths: JobPaths, cache: bool = True) -> list[torch.Tensor]:
-    return [cluster_eval_sequence(spec, paths, k, cache) for k in range(spec.num_clusters)]
+    assignments = eval_assignments(spec, paths, cache)  # once: uncached, they may mean embedding the split
+    return [cluster_eval_sequence(spec, paths, k, assignments=assignments) for k in range(spec.num_clusters)]

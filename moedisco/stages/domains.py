@@ -27,7 +27,7 @@ EVAL_SEQUENCES = 64  # held-out sequences per domain (8 batches of 8): an extens
 
 @dataclass(frozen=True)
 class Domain:
-    name: str  # "<job>/<domain or cluster k>"
+    name: str  # "<job>/<domain or cluster k>", the job's name with its place in the lineage where two share it
     job: str  # the job folder whose corpus it is
     sequences: torch.Tensor  # held-out [N, L]
 
@@ -38,6 +38,7 @@ class Ancestor:
 
     folder: Path
     clusters: tuple[int, ...]
+    recorded: str = ""  # the job's output_dir as its experts' provenance names it (a URI for object storage)
 
 
 def lineage(folder: Path) -> list[Ancestor]:
@@ -45,14 +46,21 @@ def lineage(folder: Path) -> list[Ancestor]:
     and, through each `extend.base` and `retire.base`, the jobs before it), those that trained experts. A job's
     clusters are those whose experts the model still has (its `moedisco_experts` record): a retired expert's corpus
     is no longer the model's to replay or to be measured on."""
-    chain = [Ancestor(job, tuple(range(spec.num_clusters))) for job, spec in ancestry(folder)
-             if spec.method in ("moe_disco", "extend")]
+    chain = [Ancestor(job, tuple(range(spec.num_clusters)), _place(str(spec.output_dir)))
+             for job, spec in ancestry(folder) if spec.method in ("moe_disco", "extend")]
     return _surviving(folder, chain[::-1])
+
+
+def _place(output_dir: str) -> str:
+    """An output_dir as provenance records compare: a URI as it is, a folder resolved."""
+    return output_dir if "://" in output_dir else str(Path(output_dir).resolve())
 
 
 def _surviving(folder: Path, chain: list[Ancestor]) -> list[Ancestor]:
     """`chain` with each job's clusters cut to those whose experts the newest final model has: `folder`'s, or,
-    while `folder`'s job has none yet (an extension running), its base's, the job's own clusters all kept."""
+    while `folder`'s job has none yet (an extension running), its base's, the job's own clusters all kept. A job
+    the record does not name has no expert left, unless the record names none of the chain (a model moedisco did
+    not write, or jobs moved since): then nothing can be told, and every cluster stays."""
     holder, running = base_job(folder), set()
     if not (holder / "final" / "config.json").is_file() and (holder / "spec.yaml").is_file():
         spec = load_saved_spec(holder / "spec.yaml")
@@ -60,17 +68,19 @@ def _surviving(folder: Path, chain: list[Ancestor]) -> list[Ancestor]:
         running, holder = {holder.resolve()}, base_job(section.base) if section is not None else holder
     final = holder / "final" / "config.json"
     record = json.loads(final.read_text()).get(PROVENANCE_KEY) if final.is_file() else None
-    if not record:  # no model yet, or one moedisco did not write: every cluster
-        return chain
-    kept: dict[Path, set[int]] = {}
-    for entry in record:
+    kept: dict[str, set[int]] = {}
+    for entry in record or []:
         if "output_dir" in entry and "cluster" in entry:
-            kept.setdefault(Path(entry["output_dir"]).resolve(), set()).add(int(entry["cluster"]))
-    if not kept.keys() & {a.folder.resolve() for a in chain}:  # moved since, or on object storage: cannot tell
+            kept.setdefault(_place(str(entry["output_dir"])), set()).add(int(entry["cluster"]))
+
+    def names(ancestor: Ancestor) -> set[int] | None:
+        found = [kept[key] for key in {ancestor.recorded, str(ancestor.folder.resolve())} if key in kept]
+        return set().union(*found) if found else None
+
+    if not any(names(a) is not None for a in chain):
         return chain
     return [a if a.folder.resolve() in running else
-            Ancestor(a.folder, tuple(k for k in a.clusters if k in kept.get(a.folder.resolve(), ())))
-            for a in chain]
+            Ancestor(a.folder, tuple(k for k in a.clusters if k in (names(a) or ())), a.recorded) for a in chain]
 
 
 def cluster_names(paths: JobPaths, count: int) -> list[str]:
@@ -90,15 +100,16 @@ def job_domains(ancestor: Ancestor, sequences: int, label: str, own: bool) -> li
             for k in ancestor.clusters if len(held_out[k])]
 
 
-def lineage_domains(folder: Path, sequences: int = EVAL_SEQUENCES) -> list[Domain]:
+def lineage_domains(folder: Path, own: Path | None = None, sequences: int = EVAL_SEQUENCES) -> list[Domain]:
     """The domains of every job of `folder`'s lineage; a job is named by its spec's name, or with its place in the
-    lineage (`name#2`) where two share one."""
+    lineage (`name#2`) where two share one. Only `own`, the running job's folder, may get a cache written (the held-
+    out documents' clusters); every other job's folder is only read."""
     jobs = lineage(folder)
     names = [load_saved_spec(a.folder / "spec.yaml").name for a in jobs]
     labels = [name if names.count(name) == 1 else f"{name}#{i}" for i, name in enumerate(names)]
-    own = base_job(folder).resolve()
+    mine = own.resolve() if own is not None else None
     return [domain for ancestor, label in zip(jobs, labels)
-            for domain in job_domains(ancestor, sequences, label, ancestor.folder.resolve() == own)]
+            for domain in job_domains(ancestor, sequences, label, ancestor.folder.resolve() == mine)]
 
 
 def domain_losses(model: Path, domains: list[Domain], batch_size: int = 8) -> dict[str, float]:

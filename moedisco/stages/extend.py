@@ -20,17 +20,18 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
 from moedisco.config.spec import JobSpec
-from moedisco.io.token_shards import MixedSource, SequenceSource, TokenShard
+from moedisco.io.token_shards import MixedSource, SequenceSource, TokenShard, is_complete
 from moedisco.job.layout import JobPaths, stage_result
 from moedisco.models.architecture import num_experts_of, parameter_roles, read_config
 from moedisco.models.experts import base_model, expert_provenance, layer_of, rewrite_experts
 from moedisco.models.weights import WEIGHTS_FILE, SavedWeights
 from moedisco.stages import prepare
-from moedisco.stages.cluster import ClusterResult, cluster_shard, train_source
+from moedisco.stages.cluster import ClusterResult, copy_documents, train_source
 from moedisco.stages.domains import domain_losses, lineage, lineage_domains
 from moedisco.stages.finetune import finetune, save_final
 from moedisco.stages.merge import (
@@ -180,7 +181,7 @@ def stage_merge(run: StageRun) -> dict:
         rewrite_experts(base, paths.merged, num_experts_of(config) + spec.num_clusters, rows, shared=shared,
                         provenance=expert_provenance(config) + new)
     prepare.load_tokenizer(paths.tokenizer).save_pretrained(paths.merged)
-    domains = lineage_domains(paths.root)
+    domains = lineage_domains(paths.root, own=paths.root)
     before = domain_losses(base, [d for d in domains if d.job != str(paths.root)], spec.finetune.batch_size)
     after = domain_losses(paths.merged, domains, spec.finetune.batch_size)
     seconds = time.perf_counter() - started
@@ -196,22 +197,30 @@ def _mean(losses: dict[str, float]) -> float | None:
 def replay_source(spec: JobSpec, paths: JobPaths) -> SequenceSource | MixedSource:
     """What the fine-tune trains on: the new corpus and, `extend.replay_fraction` of every batch, the training
     sequences of the base's lineage, each job's part by its documents, so that the router keeps routing them. Only
-    the clusters whose experts the base still has are replayed (a retired expert's corpus is not)."""
+    the clusters whose experts the base still has are replayed (a retired expert's corpus is not), read from a copy
+    in this job's folder when some were retired (`JobPaths.replay`): another job's folder is only read."""
     new = train_source(spec, paths)
     fraction, seq_len = spec.extend.replay_fraction, spec.data.sequence_length
     old: list[tuple[SequenceSource, int]] = []
-    for job in lineage(spec.extend.base) if fraction > 0 else []:
+    for index, job in enumerate(lineage(spec.extend.base) if fraction > 0 else []):
         job_paths = JobPaths(job.folder)
-        sizes = ClusterResult.load(job_paths.clusters).sizes
-        if len(job.clusters) == len(sizes):  # all of it: its train split
-            old.append((SequenceSource(TokenShard.load(job_paths.tokens("train")), seq_len), sum(sizes)))
-        else:
-            old += [(SequenceSource(cluster_shard(job_paths, k), seq_len), sizes[k]) for k in job.clusters]
+        clusters = ClusterResult.load(job_paths.clusters)
+        kept = np.flatnonzero(np.isin(clusters.assignments, job.clusters))
+        if not len(kept):
+            continue
+        shard = TokenShard.load(job_paths.tokens("train")) if len(kept) == len(clusters.assignments) else (
+            TokenShard.load(paths.replay(index)) if is_complete(paths.replay(index))
+            else copy_documents(job_paths.tokens("train"), kept, paths.replay(index)))
+        if shard.num_tokens >= seq_len:  # a remnant shorter than one sequence has nothing to replay
+            old.append((SequenceSource(shard, seq_len), len(kept)))
     if not old:
         return new
     documents = sum(size for _, size in old)
-    return MixedSource([new] + [source for source, _ in old],
-                       [1.0 - fraction] + [fraction * size / documents for _, size in old])
+    mixed = MixedSource([new] + [source for source, _ in old],
+                        [1.0 - fraction] + [fraction * size / documents for _, size in old])
+    for step in range(spec.finetune.steps):  # refused now, not at the step that could not be mixed
+        mixed.counts(step, spec.finetune.batch_size)
+    return mixed
 
 
 def stage_finetune(run: StageRun) -> dict:
@@ -226,6 +235,6 @@ def stage_finetune(run: StageRun) -> dict:
     save_final(model, prepare.load_tokenizer(paths.tokenizer), paths.final)
     if run.hooks is not None and run.hooks.rank != 0:  # a sharded fine-tune: rank 0 writes final/ and measures it
         return result.__dict__
-    after = domain_losses(paths.final, lineage_domains(paths.root), spec.finetune.batch_size)
+    after = domain_losses(paths.final, lineage_domains(paths.root, own=paths.root), spec.finetune.batch_size)
     before = stage_result(paths, "merge").get("domains_base", {})
     return {**result.__dict__, "domains": after, "domains_base": before}

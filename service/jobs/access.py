@@ -182,9 +182,9 @@ BASE_FIELDS = (("extend", "base"), ("retire", "base"))
 
 def ancestry_errors(raw: dict, reader: Reader, rules: AccessRules) -> list[dict]:
     """An extension replays, and both measure, the corpora of every job the base was made from, found through each
-    job's spec.yaml (`moedisco.job.provenance.ancestry`): each must be the reader's to read too, or a spec.yaml
-    written into the reader's own area could lead to another user's job."""
-    from moedisco.job.provenance import ancestry
+    job's spec.yaml (`moedisco.job.provenance.ancestry`): each must be the reader's to read too (checked before its
+    spec.yaml is read), or a spec.yaml written into the reader's own area could lead to another user's job."""
+    from moedisco.job.provenance import AncestryError, ancestry
 
     errors = []
     for section, field in BASE_FIELDS:
@@ -192,12 +192,10 @@ def ancestry_errors(raw: dict, reader: Reader, rules: AccessRules) -> list[dict]
         if value is None or is_uri(value):
             continue
         try:
-            jobs = [job for job, _ in ancestry(Path(value))]
-        except ValueError as failure:  # a spec.yaml on the way that cannot be read
-            errors.append(error((section, field), f"a job it was made from has an unreadable spec.yaml "
-                                                  f"({str(failure)[:200]})", value))
-            continue
-        if any(not _readable(job.resolve(), reader, rules) for job in jobs):
+            ancestry(Path(value), may_read=lambda job: _readable(job, reader, rules))
+        except PermissionError:
             errors.append(error((section, field), f"was made from a job outside what you may read: it must be in "
                                                   f"{_where(reader)}, as must every job it was made from", value))
+        except AncestryError as failure:
+            errors.append(error((section, field), f"a job it was made from cannot be followed: {failure}", value))
     return errors

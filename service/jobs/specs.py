@@ -95,8 +95,8 @@ def _with_base_model(spec: JobSpec) -> JobSpec:
         raise RequestValidationError([error((spec.method, "base"), f"not a finished MoE model: {failure}", base)])
     try:
         return with_base_model(spec)
-    except ValueError as failure:  # the base loads: what is left is the experts asked for
-        if spec.method == "retire":
+    except ValueError as failure:  # the base loads: the experts asked for, or a model the spec cannot describe
+        if str(failure).startswith("retire.experts"):
             raise RequestValidationError([error(("retire", "experts"), str(failure), spec.retire.experts)])
         raise RequestValidationError([error((spec.method, "base"), str(failure), base)])
 

@@ -3,7 +3,7 @@
     GET /v1/jobs/{id}/experts                       ExpertsPublic; a 404 until the job has its final/ model
     read_experts(Path("runs/extended"), spec)       the same view of a folder here (`moedisco experts --local`)
 
-The provenance is the final model's own record (its config.json, `moedisco.models.experts.expert_provenance`); the
+The provenance is the final model's own record (its config.json, `moedisco.job.provenance`, read as JSON); the
 loss per domain of the model's lineage comes from the stage summary that measured it: an extension's fine-tune (or,
 before it, its merge), a retirement's retire stage. Only files inside the job's folder are read, resolved as the
 artifacts route resolves them; a folder named in the provenance (a base job's) is shown, never opened.
@@ -58,7 +58,7 @@ def domain_losses(root: Path, method: str | None) -> tuple[list[DomainLossPublic
 
 
 class UnreadableModel(ValueError):
-    """The model's config.json is there but is no MoE config transformers reads."""
+    """The model's config.json is there but is no MoE's config (not JSON, or no expert count)."""
 
 
 def read_experts(root: Path, spec: dict | None, job_id: str | None = None) -> ExpertsPublic | None:
