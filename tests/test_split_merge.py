@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from moedisco.models import layerwise
+from moedisco.config.architectures import REGISTRY
 from moedisco.models.architecture import parameter_roles
 from moedisco.models.weights import WEIGHTS_FILE, save_weights, unique_state_dict
 from moedisco.stages.merge import (
@@ -19,7 +20,8 @@ from moedisco.stages.merge import (
     patch_tensors,
 )
 from moedisco.stages.split import load_submodel
-from moedisco.training.heldout import evaluate_loss, force_expert, oracle_loss
+from moedisco.models.routing import force_experts
+from moedisco.training.heldout import evaluate_loss, oracle_loss
 from tests.conftest import tiny_hf_config
 
 
@@ -30,10 +32,10 @@ def _source(arch, tmp_path, seed=0):
     return model
 
 
-def _save_submodels(tmp_path, num_experts, transform=None):
+def _save_submodels(tmp_path, num_experts, transform=None, group=1):
     files = []
-    for k in range(num_experts):
-        sub = load_submodel(tmp_path / "source", k)
+    for k in range(num_experts // group):
+        sub = load_submodel(tmp_path / "source", k, group)
         if transform is not None:
             transform(k, sub)
         path = tmp_path / f"sub{k}.safetensors"
@@ -46,14 +48,17 @@ def test_roles_cover_experts_router_and_shared(arch):
     roles = parameter_roles(tiny_hf_config(arch))
     assert {"shared", "expert", "router"} == set(roles.values())
     assert all(".experts." in name for name, role in roles.items() if role == "expert")
-    assert all(name.endswith("mlp.gate.weight") for name, role in roles.items() if role == "router")
+    router = f".{REGISTRY[arch].router}."
+    assert all(router in name for name, role in roles.items() if role == "router")
     assert roles["model.embed_tokens.weight"] == "shared" and roles["lm_head.weight"] == "shared"
 
 
-def test_split_then_merge_restores_source_bit_for_bit(arch, tmp_path):
+@pytest.mark.parametrize("largest", [False, True])
+def test_split_then_merge_restores_source_bit_for_bit(arch, largest, tmp_path):
+    """One expert per submodel (or the architecture's smallest group), and groups of half the experts."""
     source = _source(arch, tmp_path)
-    files = _save_submodels(tmp_path, 4)
-    merge_submodels(tmp_path / "source", files, averaging_weights([5, 5, 5, 5], "uniform"), "concat",
+    files = _save_submodels(tmp_path, 4, group=2 if largest else REGISTRY[arch].min_group)
+    merge_submodels(tmp_path / "source", files, averaging_weights([5] * len(files), "uniform"), "concat",
                     tmp_path / "merged")
     merged = load_file(tmp_path / "merged" / WEIGHTS_FILE)
     for name, tensor in source.state_dict().items():
@@ -80,14 +85,23 @@ def test_shared_parameters_are_the_sample_weighted_mean(tmp_path):
     torch.testing.assert_close(merged, expected, rtol=0, atol=1e-6)
 
 
-def test_submodel_forward_equals_source_routed_to_that_expert(arch, tmp_path):
+def test_submodel_forward_equals_source_routed_among_its_experts(arch, tmp_path):
     source = _source(arch, tmp_path)
     input_ids = torch.randint(0, 97, (2, 16))
-    for expert in (0, 3):
-        sub = load_submodel(tmp_path / "source", expert).eval()
-        with force_expert(source, expert):
-            expected = source(input_ids=input_ids).logits
-        torch.testing.assert_close(sub(input_ids=input_ids).logits, expected, rtol=1e-5, atol=1e-5)
+    for group in sorted({REGISTRY[arch].min_group, 2}):
+        for index in (0, 4 // group - 1):
+            sub = load_submodel(tmp_path / "source", index, group).eval()
+            with force_experts(source, range(index * group, (index + 1) * group)):
+                expected = source(input_ids=input_ids).logits
+            torch.testing.assert_close(sub(input_ids=input_ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_group_that_does_not_divide_the_experts_is_refused(tmp_path):
+    _source("qwen3_moe", tmp_path)
+    with pytest.raises(ValueError, match="do not divide"):
+        load_submodel(tmp_path / "source", 0, 3)
+    with pytest.raises(ValueError, match="out of range"):
+        load_submodel(tmp_path / "source", 2, 2)
 
 
 def test_submodel_is_smaller_and_router_gets_no_gradient(tmp_path):
@@ -156,14 +170,17 @@ def test_fisher_merge_falls_back_to_weights_for_tensors_without_moments(tmp_path
 def test_streamed_centroid_rows_equal_the_full_moe_ones_and_patch_only_the_routers(arch, tmp_path, monkeypatch):
     monkeypatch.setattr(layerwise, "PASS_TOKENS", 24)  # batches of 8 sequences of 12 tokens go through in 4 passes
     source = _source(arch, tmp_path)
-    files = _save_submodels(tmp_path, 4)
-    merge_submodels(tmp_path / "source", files, [0.25] * 4, "concat", tmp_path / "merged", max_file_bytes=20_000)
+    group = REGISTRY[arch].min_group
+    files = _save_submodels(tmp_path, 4, group=group)
+    merge_submodels(tmp_path / "source", files, [group / 4] * (4 // group), "concat", tmp_path / "merged",
+                    max_file_bytes=20_000)
     before = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
     generator = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, 97, (n, 12), generator=generator) for n in (3, 9, 1, 5)]  # uneven last batches
     init_router_from_centroids(source, seqs)
     rows = centroid_router_rows(tmp_path / "merged", seqs, batch_size=8)
-    assert set(rows) == {name for name, role in parameter_roles(source.config).items() if role == "router"}
+    assert set(rows) == {name for name, role in parameter_roles(source.config).items()
+                         if role == "router" and name.endswith(".weight")}  # a router's bias keeps its value
     patch_tensors(tmp_path / "merged", rows)
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
     for name, tensor in source.state_dict().items():
@@ -172,8 +189,9 @@ def test_streamed_centroid_rows_equal_the_full_moe_ones_and_patch_only_the_route
         else:
             assert torch.equal(after[name], before[name]), name
     # The merge's evaluation, streamed the same way, gives the loaded model's losses.
-    held_out, cluster_eval = seqs[1], [seqs[0], seqs[3][:0], seqs[3], seqs[2]]
-    eval_loss, oracle = merged_losses(tmp_path / "merged", held_out, cluster_eval, batch_size=2, num_batches=3)
+    held_out, cluster_eval = seqs[1], [seqs[0], seqs[3][:0], seqs[3], seqs[2]][: 4 // group]
+    eval_loss, oracle = merged_losses(tmp_path / "merged", held_out, cluster_eval, batch_size=2, num_batches=3,
+                                      group=group)
     cpu = torch.device("cpu")
     assert eval_loss == pytest.approx(evaluate_loss(source, held_out, 2, 3, cpu), rel=1e-5)
-    assert oracle == pytest.approx(oracle_loss(source, cluster_eval, 2, 3, cpu), rel=1e-5)
+    assert oracle == pytest.approx(oracle_loss(source, cluster_eval, 2, 3, cpu, group), rel=1e-5)

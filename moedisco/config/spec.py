@@ -12,11 +12,12 @@ weight decay 0.01 (Table 5), cosine for the baseline and warmup-stable-decay for
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from moedisco.config.architectures import ARCHITECTURES, REGISTRY
 from moedisco.config.recipe import auto_recipe
 from moedisco.config.resources import CPU_DEVICE_TYPE, DeviceSpec, ResourcesConfig, TierConfig, _Section  # noqa: F401
 from moedisco.config.train import TrainConfig
@@ -99,8 +100,7 @@ class ClusterConfig(_Section):
         return self
 
 
-Architecture = Literal["qwen2_moe", "mixtral", "olmoe", "qwen3_moe"]
-ARCHITECTURES = get_args(Architecture)
+Architecture = Literal[ARCHITECTURES]  # moedisco.config.architectures.REGISTRY
 
 
 class ModelConfig(_Section):
@@ -110,7 +110,11 @@ class ModelConfig(_Section):
     pretrained: Path | None = Field(
         None, description="Local pretrained MoE checkpoint folder; unset builds the model from this config."
     )
-    num_experts: int = Field(4, ge=2, le=256, description="Experts per MoE layer (= number of clusters).")
+    num_experts: int = Field(4, ge=2, le=256, description="Experts per MoE layer.")
+    # Fine-grained MoEs (64-256 small experts) train in groups: submodel k is the backbone with experts
+    # [k*g, (k+1)*g) and the router among them; num_experts / g clusters, one per submodel.
+    experts_per_submodel: int = Field(
+        1, ge=1, description="Experts each submodel trains (g), routed among by their router rows; 1 = the paper's.")
     num_experts_per_tok: int = Field(2, ge=1, description="Experts each token is routed to (top-k).")
     hidden_size: int = Field(64, ge=8, description="Model width.")
     intermediate_size: int = Field(128, ge=8, description="FFN width of dense layers (and Mixtral's experts).")
@@ -133,6 +137,9 @@ class ModelConfig(_Section):
             raise ValueError("hidden_size must be divisible by num_attention_heads")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be divisible by num_key_value_heads")
+        if self.num_experts % self.experts_per_submodel:
+            raise ValueError(f"experts_per_submodel ({self.experts_per_submodel}) must divide num_experts "
+                             f"({self.num_experts}): every submodel trains the same number of experts")
         return self
 
 
@@ -318,14 +325,28 @@ class JobSpec(_Section):
 
     @property
     def num_clusters(self) -> int:
-        """Clusters of this job's corpus, one submodel each: every expert, or an extension's new ones."""
-        return self.extend.new_experts if self.method == "extend" else self.model.num_experts
+        """Clusters of this job's corpus, one submodel each: every group of `model.experts_per_submodel` experts, or
+        an extension's new experts."""
+        if self.method == "extend":
+            return self.extend.new_experts
+        return self.model.num_experts // self.model.experts_per_submodel
 
     @model_validator(mode="after")
     def _method_section(self) -> JobSpec:
         for method in ("extend", "retire"):
             if self.method == method and getattr(self, method) is None:
                 raise ValueError(f"method '{method}' needs the `{method}` section (at least `{method}.base`)")
+        least = REGISTRY[self.model.arch].min_group
+        if self.method == "moe_disco" and self.model.experts_per_submodel < least:
+            raise ValueError(f"model.experts_per_submodel must be at least {least} for {self.model.arch}: its router "
+                             "sums the top two scores of each expert group, so a submodel routes among two experts "
+                             "or more")
+        if self.method == "moe_disco" and least > 1 and self.branch.warmup_steps and self.branch.warmup_model == "dense":
+            raise ValueError(f"branch.warmup_model 'dense' trains a one-expert model, which {self.model.arch} cannot "
+                             "route; use warmup_model 'moe'")
+        if self.method in ("extend", "retire") and self.model.experts_per_submodel != 1:
+            raise ValueError(f"method '{self.method}' adds or removes single experts: model.experts_per_submodel "
+                             "must be 1")
         if self.method == "extend" and self.recipe == "auto":
             raise ValueError("recipe 'auto' sizes a whole MoE-DisCo job from its baseline budget; an extension's "
                              "steps are set by hand (submodel.steps, finetune.steps)")

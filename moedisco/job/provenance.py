@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from moedisco.config.architectures import expert_count_key
+
 PROVENANCE_KEY = "moedisco_experts"
 
 
@@ -51,11 +53,6 @@ def ancestry(folder: Path, may_read: Callable[[Path], bool] | None = None) -> li
             raise AncestryError(f"{current / 'spec.yaml'} names a relative base ({section.base})")
         current = base_job(section.base) if section is not None else None
     return chain
-
-
-def expert_count_key(model_type: str) -> str:
-    """The config key holding the number of experts per MoE layer."""
-    return "num_local_experts" if model_type == "mixtral" else "num_experts"
 
 
 def expert_provenance_of(config: dict) -> list[dict]:

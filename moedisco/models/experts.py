@@ -22,7 +22,15 @@ from transformers import PretrainedConfig
 
 from moedisco.config.spec import JobSpec, ModelConfig
 from moedisco.job.provenance import PROVENANCE_KEY, base_job, expert_provenance_of
-from moedisco.models.architecture import Role, num_experts_of, parameter_roles, read_config, with_num_experts
+from moedisco.models.architecture import (
+    Role,
+    entry_of,
+    expert_axes,
+    num_experts_of,
+    parameter_roles,
+    read_config,
+    with_num_experts,
+)
 from moedisco.models.weights import SavedWeights, WeightsWriter
 
 MAX_FILE_BYTES = 1 << 30
@@ -61,6 +69,7 @@ def with_base_model(spec: JobSpec) -> JobSpec:
     folder = base_model(section.base)
     config = read_config(folder)
     experts = num_experts_of(config)
+    _check_resizable(config, spec.method)
     if spec.method == "extend":
         experts += spec.extend.new_experts
     else:
@@ -83,17 +92,31 @@ def with_base_model(spec: JobSpec) -> JobSpec:
     return spec.model_copy(update=update)
 
 
+def _check_resizable(config: PretrainedConfig, method: str) -> None:
+    """An extension trains each new expert alone in a submodel; a retirement drops router rows one expert at a
+    time: architectures whose router cannot do either are refused before anything runs."""
+    if method == "extend" and entry_of(config).min_group > 1:
+        raise ValueError(f"extend.base: a {config.model_type} model routes among groups of at least "
+                         f"{entry_of(config).min_group} experts, so a new expert cannot train alone; not supported")
+    mixing = [name for name, axes in expert_axes(config).items() if len(axes) > 1]
+    if mixing:
+        raise ValueError(f"{method}.base: a {config.model_type} model's router mixes experts ({mixing[0]}: every "
+                         "expert's score reads every other's), so experts cannot be added or removed one at a time")
+
+
 WIDTHS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
           "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size")
 
 
 def model_widths(config: PretrainedConfig) -> dict[str, int]:
     """The `model` section's widths as a saved model has them, so that a job's spec describes the model it trains
-    (`model.pretrained` decides either way). OLMoE calls its expert width `intermediate_size`."""
+    (`model.pretrained` decides either way). The expert width is read from the architecture's own key (OLMoE's is
+    `intermediate_size`)."""
     widths = {name: value for name in WIDTHS if isinstance(value := getattr(config, name, None), int) and value >= 8
               or name.startswith("num_") and isinstance(value, int) and value >= 1}
-    if config.model_type == "olmoe" and "intermediate_size" in widths:
-        widths["moe_intermediate_size"] = widths["intermediate_size"]
+    expert_width = getattr(config, entry_of(config).expert_width_key, None)
+    if isinstance(expert_width, int) and expert_width >= 8:
+        widths["moe_intermediate_size"] = expert_width
     return widths
 
 
@@ -113,6 +136,8 @@ def rewrite_experts(source: Path, out: Path, num_experts: int, rows: Rows,
     replaced by `rows(name, role, tensor)` (leading dimension `num_experts`), each shared one by `shared(name,
     tensor)` (default: as it is). One tensor in memory at a time, plus the file being written."""
     config = with_num_experts(read_config(source), num_experts)
+    if any(len(axes) > 1 for axes in expert_axes(read_config(source)).values()):
+        raise ValueError(f"{config.model_type}: its router mixes experts; experts cannot be rewritten one at a time")
     roles = parameter_roles(read_config(source))
     out.mkdir(parents=True, exist_ok=True)
     writer = WeightsWriter(out, MAX_FILE_BYTES)

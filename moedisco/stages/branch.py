@@ -1,7 +1,7 @@
 """Independent training (paper sec. 3.2): each submodel trains on its own cluster, after an optional shared warm-up.
 
     stage_warmup(run)     # the whole corpus, one dense submodel (upcycled into every expert) or the full MoE
-    stage_submodel(run)   # submodel k on cluster k, for one synchronisation round (`branch.sync_rounds`)
+    stage_submodel(run)   # submodel k (its group of experts) on cluster k, for one synchronisation round
 
 A submodel is trained with moedisco's loop (`moedisco.training.loop`): resumable from its checkpoints, and stopped at
 the end of each round but the last so that `moedisco.stages.sync` can average the shared parameters.
@@ -72,7 +72,10 @@ def stage_submodel(run: StageRun) -> dict:
     if round_index > 0 and finished_result(run_dir) is None and not checkpoint_dirs(run_dir):
         raise FileNotFoundError(f"submodel {expert} has no checkpoint in {run_dir} to start round {round_index} "
                                 "from; a later round never starts over from the branch point")
-    model = split.load_submodel(branch_point(spec, paths), expert)
+    group = spec.model.experts_per_submodel
+    model = split.load_submodel(branch_point(spec, paths), expert, group)
+    if group > 1:  # its router learns to share the group's tokens, kept balanced as the fine-tune keeps them
+        model = enable_router_loss(model, spec.model.router_aux_loss_coef)
     train_NL = train_source(spec, paths, expert)
     roles = parameter_roles(read_config(paths.source))
     # An extension's new experts learn around the base's backbone when it stays frozen (`extend.shared`).

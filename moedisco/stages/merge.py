@@ -27,7 +27,7 @@ from safetensors import safe_open
 
 from moedisco.config.spec import JobSpec
 from moedisco.job.layout import JobPaths
-from moedisco.models.architecture import Role, num_experts_of, parameter_roles, read_config
+from moedisco.models.architecture import expert_axes, join_experts, num_experts_of, read_config
 from moedisco.models.experts import record_provenance
 from moedisco.models.layerwise import output_head, stream_layers
 from moedisco.models.weights import WEIGHTS_FILE, SavedWeights, WeightsWriter, files_of
@@ -37,7 +37,8 @@ from moedisco.stages.cluster import cluster_eval_sequences, train_source
 from moedisco.stages.prepare import eval_sequences
 from moedisco.stages.stage_run import StageRun
 from moedisco.training.checkpoint import SECOND_MOMENT_FILE
-from moedisco.training.heldout import force_expert, hidden_loss_sum
+from moedisco.models.routing import force_experts, router_modules
+from moedisco.training.heldout import hidden_loss_sum
 
 FISHER_FLOOR = 1e-30
 FISHER_BLOCK_BYTES = 1 << 23  # 8 MB
@@ -129,47 +130,56 @@ def average_shared(roles: dict[str, Role], submodels: Sequence[Path], weights: S
                 for name, role in roles.items() if role == "shared" and name in stored}
 
 
-def _merged_tensor(name: str, role: Role, handles: list, weights: Sequence[float], router_init: str,
-                   init_std: float, generator: torch.Generator, fisher_handles: list | None) -> torch.Tensor:
-    if role == "shared":
+def _merged_tensor(name: str, axes: tuple[int, ...], handles: list, weights: Sequence[float], router_init: str,
+                   init_std: float, generator: torch.Generator, fisher_handles: list | None,
+                   source: SavedWeights) -> torch.Tensor:
+    """Shared: the (Fisher-)weighted average. Per expert: the submodels' slices joined; a router layer mixing
+    experts keeps the branch point's entries between groups, which no submodel trained."""
+    if not axes:
         return shared_average(name, handles, weights, fisher_handles)
-    if role == "router" and router_init == "random":
-        shape = (len(handles), *handles[0].get_slice(name).get_shape()[1:])
-        return torch.randn(shape, generator=generator) * init_std
-    return torch.cat([handle.get_tensor(name) for handle in handles], dim=0)
+    if ".experts." not in name and router_init == "random":
+        return torch.randn(source.get(name).shape, generator=generator) * init_std
+    base = source.get(name) if len(axes) > 1 else None
+    return join_experts([handle.get_tensor(name) for handle in handles], axes, base)
 
 
 def merge_submodels(source: Path, submodels: Sequence[Path], weights: Sequence[float], router_init: str,
                     out: Path, seed: int = 0, max_file_bytes: int = 1 << 30,
                     fisher: Sequence[Path] | None = None) -> Path:
-    """Write the merged MoE to `out` (config.json + safetensors) and return `out`.
+    """Write the merged MoE to `out` (config.json + safetensors) and return `out`. Submodel k's experts (one, or a
+    group) and router rows go back where `split.load_submodel` took them from.
 
     `fisher`, when given, holds each submodel's diagonal Fisher estimate (`optimizer.second_moments`): shared
     parameters are then Fisher-weighted averages, each element scaled by gamma_k F_k.
     """
     config = read_config(source)
-    roles = parameter_roles(config)
+    axes = expert_axes(config)
     generator = torch.Generator().manual_seed(seed)
-    with ExitStack() as stack:
+    with ExitStack() as stack, SavedWeights(source) as source_weights:
         handles, fisher_for = _open_all(stack, submodels, weights, fisher)
         out.mkdir(parents=True, exist_ok=True)
         writer = WeightsWriter(out, max_file_bytes)
         stored = set(handles[0].keys())
-        for name, role in roles.items():
+        for name, tensor_axes in axes.items():
             if name in stored:  # a tied lm_head is stored once, as the embedding
-                writer.add(name, _merged_tensor(name, role, handles, list(weights), router_init,
-                                                config.initializer_range, generator, fisher_for(name)))
+                writer.add(name, _merged_tensor(name, tensor_axes, handles, list(weights), router_init,
+                                                config.initializer_range, generator, fisher_for(name),
+                                                source_weights))
     writer.close()
     config.save_pretrained(out)
     return out
 
 
-def router_modules(model: torch.nn.Module, num_experts: int | None = None) -> dict[str, torch.nn.Module]:
-    """The gate of every MoE layer: modules named `*.mlp.gate` holding an [E, H] weight (E: the model's)."""
-    num_experts = num_experts or num_experts_of(model.config)
-    return {name: module for name, module in model.named_modules()
-            if name.endswith("mlp.gate") and getattr(module, "weight", None) is not None
-            and module.weight.shape[0] == num_experts}
+def _linear_routers(layer: torch.nn.Module, config) -> dict[str, torch.nn.Module]:
+    """The routers whose scores are one linear map of the hidden state ([E, H] `weight`): what centroid rows set."""
+    routers = router_modules(layer, config)
+    experts = num_experts_of(config)
+    linear = {name: module for name, module in routers.items()
+              if getattr(module, "weight", None) is not None and module.weight.shape[0] == experts}
+    if routers and not linear:
+        raise ValueError(f"merge.router_init 'centroid' sets the rows of a linear router; {config.model_type}'s "
+                         "router is not one: use 'concat'")
+    return linear
 
 
 def _input_sum_hooks(gates: dict[str, torch.nn.Module], sums: dict[str, list]) -> list:
@@ -201,11 +211,10 @@ def centroid_router_rows(folder: Path, cluster_seqs: Sequence[torch.Tensor],
     num_batches = [math.ceil(len(seqs_NL) / batch_size) for seqs_NL in cluster_seqs]
     sums: dict[str, list[torch.Tensor]] = {}
     with SavedWeights(folder) as weights:
-        num_experts = num_experts_of(weights.config)
 
         def on_layer(index: int, layer: torch.nn.Module):
             gates = {f"model.layers.{index}.{name}": module
-                     for name, module in router_modules(layer, num_experts).items()}
+                     for name, module in _linear_routers(layer, weights.config).items()}
             current = _batch_sums(gates, weights.config.hidden_size)
             _input_sum_hooks(gates, current)  # the layer goes back to the meta device, hooks and all, after use
             sums.update({name: [torch.zeros(weights.config.hidden_size) for _ in cluster_seqs] for name in gates})
@@ -222,6 +231,19 @@ def centroid_router_rows(folder: Path, cluster_seqs: Sequence[torch.Tensor],
         stream_layers(weights, cluster_seqs, batch_size, on_layer)
     return {f"{name}.weight": _unit_rows(torch.stack([total / count for total, count in zip(rows, num_batches)]))
             for name, rows in sums.items()}
+
+
+def grouped_rows(centroids: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:
+    """Router rows of a model whose submodels each trained a group of g experts from one row per cluster
+    (`centroid_router_rows`, K rows): expert e of group k gets cluster k's row plus its trained row's offset from its
+    group's mean. The centroid sends tokens to the right group; within it, the submodel's own router still picks."""
+    with SavedWeights(folder) as weights:
+        trained = {name: weights.get(name).float() for name in centroids}
+    rows = {}
+    for name, rows_KH in centroids.items():
+        trained_KGH = trained[name].reshape(len(rows_KH), -1, rows_KH.shape[-1])
+        rows[name] = (rows_KH[:, None] + trained_KGH - trained_KGH.mean(1, keepdim=True)).flatten(0, 1)
+    return rows
 
 
 def _unit_rows(means_EH: torch.Tensor) -> torch.Tensor:
@@ -255,7 +277,7 @@ def patch_tensors(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
 @torch.no_grad()
 def cluster_mean_hidden(model, cluster_seqs: Sequence[torch.Tensor], batch_size: int = 8) -> dict[str, torch.Tensor]:
     """For every router: [E, H] mean of the hidden states entering it, row k over cluster k's tokens."""
-    gates = router_modules(model)
+    gates = _linear_routers(model, model.config)
     current = _batch_sums(gates, model.config.hidden_size)
     hooks = _input_sum_hooks(gates, current)
     try:
@@ -281,21 +303,21 @@ def cluster_mean_hidden(model, cluster_seqs: Sequence[torch.Tensor], batch_size:
 def init_router_from_centroids(model, cluster_seqs: Sequence[torch.Tensor]) -> None:
     """Router row k := unit-normalised mean hidden state of cluster k (`_unit_rows`) on a loaded model."""
     means = cluster_mean_hidden(model, cluster_seqs)
-    for name, module in router_modules(model).items():
+    for name, module in _linear_routers(model, model.config).items():
         rows_EH = _unit_rows(means[name])
         module.weight.data.copy_(rows_EH.to(module.weight.dtype))
 
 
 @torch.no_grad()
 def merged_losses(folder: Path, eval_NL: torch.Tensor, cluster_eval: Sequence[torch.Tensor], batch_size: int,
-                  num_batches: int) -> tuple[float, float | None]:
+                  num_batches: int, group: int = 1) -> tuple[float, float | None]:
     """`evaluate.evaluate_loss` and `evaluate.oracle_loss` of the model saved in `folder`, in one pass over its
     decoder layers (`group_losses`): the held-out batches, and each cluster's with its tokens forced to that
-    cluster's expert."""
+    cluster's expert (its group of `group` experts)."""
     used = batch_size * num_batches
-    clusters = [(expert, seqs_NL[:used]) for expert, seqs_NL in enumerate(cluster_eval) if len(seqs_NL)]
+    clusters = [(k, seqs_NL[:used]) for k, seqs_NL in enumerate(cluster_eval) if len(seqs_NL)]
     losses = group_losses(folder, [eval_NL[:used]] + [seqs_NL for _, seqs_NL in clusters], batch_size,
-                          forced=[None] + [expert for expert, _ in clusters])
+                          forced=[None] + [range(k * group, (k + 1) * group) for k, _ in clusters])
     counts = [len(seqs_NL) for _, seqs_NL in clusters]
     oracle = sum(loss * n for loss, n in zip(losses[1:], counts)) / sum(counts) if counts else None
     return losses[0], oracle
@@ -303,16 +325,16 @@ def merged_losses(folder: Path, eval_NL: torch.Tensor, cluster_eval: Sequence[to
 
 @torch.no_grad()
 def group_losses(folder: Path, groups: Sequence[torch.Tensor], batch_size: int,
-                 forced: Sequence[int | None] | None = None) -> list[float]:
+                 forced: Sequence[Sequence[int] | None] | None = None) -> list[float]:
     """Mean next-token loss of each group of sequences under the model saved in `folder`, in one pass over its
     decoder layers (`moedisco.models.layerwise`), so the whole MoE is never in memory. `forced[g]`, when set,
-    sends every token of group g to that expert (the oracle routing)."""
+    routes every token of group g among those experts alone (`force_experts`: the oracle routing)."""
     if not groups:
         return []
     forced = list(forced) if forced is not None else [None] * len(groups)
     with SavedWeights(folder) as weights:
         hidden = stream_layers(weights, groups, batch_size, lambda index, layer: lambda group: (
-            nullcontext() if forced[group] is None else force_expert(layer, forced[group])))
+            nullcontext() if forced[group] is None else force_experts(layer, forced[group], weights.config)))
         head = output_head(weights)
         return [_mean_loss(hidden_NLH, group_NL, head, batch_size) for hidden_NLH, group_NL in zip(hidden, groups)]
 
@@ -359,12 +381,13 @@ def stage_merge(run: StageRun) -> dict:
     merge_submodels(branch_point(spec, paths), files, weights, spec.merge.router_init, paths.merged,
                           seed=spec.seed, fisher=moments)
     if spec.merge.router_init == "centroid":  # one decoder layer at a time, then only the router bytes rewritten
-        patch_tensors(paths.merged, centroid_router_rows(paths.merged, cluster_samples(spec, paths)))
+        rows = centroid_router_rows(paths.merged, cluster_samples(spec, paths))
+        patch_tensors(paths.merged, grouped_rows(rows, paths.merged) if spec.model.experts_per_submodel > 1 else rows)
     record_provenance(paths.merged, cluster_provenance(spec, paths))
     prepare.load_tokenizer(paths.tokenizer).save_pretrained(paths.merged)
     cfg = spec.finetune  # evaluated one decoder layer at a time too: the merge never holds the whole MoE
-    eval_loss, oracle = merged_losses(paths.merged, eval_sequences(spec, paths),
-                                            cluster_eval_sequences(spec, paths), cfg.batch_size, cfg.eval_batches)
+    eval_loss, oracle = merged_losses(paths.merged, eval_sequences(spec, paths), cluster_eval_sequences(spec, paths),
+                                      cfg.batch_size, cfg.eval_batches, spec.model.experts_per_submodel)
     seconds = time.perf_counter() - started
     run.metrics.write({"stage": "merge", "step": 0, "eval_loss": eval_loss, "oracle_eval_loss": oracle,
                        "weights": weights, "seconds": seconds, "device": "cpu"})

@@ -1,13 +1,16 @@
 """Model decoupling: a Hugging Face MoE becomes E dense submodels (paper sec. 3.1.1).
 
     source = build_source_moe(spec, vocab_size=4096, eos_id=0, pad_id=1)   # or from spec.model.pretrained
-    sub = load_submodel(OUTPUT / "source", expert=2)    # shared parameters + expert 2 of every MoE layer
+    sub = load_submodel(OUTPUT / "source", 2)           # shared parameters + expert 2 of every MoE layer
+    sub = load_submodel(OUTPUT / "source", 2, group=8)  # shared parameters + experts 16-23 and their router rows
     summary = stage_source(run)                          # the stage: the source MoE in OUTPUT/source
 
 A submodel is the same architecture with one expert per MoE layer and top-1 routing: the router's softmax over one
 expert is identically 1, so every token goes through the expert (plus the shared expert where the architecture has
-one) and the gate gets no gradient. Keeping the class unchanged makes the submodel an ordinary Hugging Face model,
-and splitting and merging tensor slices (`moedisco.models.architecture.parameter_roles` says which).
+one) and the gate gets no gradient. With `model.experts_per_submodel` = g > 1 (fine-grained MoEs), submodel k holds
+experts [k*g, (k+1)*g) and their router rows, and routes top-k among them. Keeping the class unchanged makes the
+submodel an ordinary Hugging Face model, and splitting and merging tensor slices
+(`moedisco.models.architecture.expert_axes` says which).
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from moedisco.config.spec import ARCHITECTURES, JobSpec, ModelConfig
+from moedisco.config.architectures import ARCHITECTURES
+from moedisco.config.spec import JobSpec, ModelConfig
 from moedisco.models.architecture import (
-    Role,
     build_moe_config,
+    expert_axes,
     num_experts_of,
-    parameter_roles,
     read_config,
+    take_experts,
     with_num_experts,
 )
 from moedisco.models.upcycle import DENSE_TO_MOE, upcycle_dense
@@ -59,26 +63,30 @@ def load_pretrained_moe(path: Path, cfg: ModelConfig) -> PreTrainedModel:
     return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
 
 
-def expert_slice(tensor: torch.Tensor, role: Role, expert: int) -> torch.Tensor:
-    return tensor if role == "shared" else tensor[expert : expert + 1]
+def submodel_state(get_tensor: Callable[[str], torch.Tensor], axes: dict[str, tuple[int, ...]], first: int,
+                   count: int) -> dict:
+    """Shared tensors plus experts [first, first + count) of every per-expert tensor (`expert_axes`);
+    `get_tensor(name)` reads one tensor."""
+    return {name: take_experts(get_tensor(name), tensor_axes, first, count).clone()
+            for name, tensor_axes in axes.items()}
 
 
-def submodel_state(get_tensor: Callable[[str], torch.Tensor], roles: dict[str, Role], expert: int) -> dict:
-    """Shared tensors plus row `expert` of every per-expert tensor; `get_tensor(name)` reads one tensor."""
-    return {name: expert_slice(get_tensor(name), role, expert).clone() for name, role in roles.items()}
-
-
-def load_submodel(source: Path, expert: int) -> PreTrainedModel:
-    """Submodel `expert` of the MoE saved in `source`, read one tensor at a time (the whole MoE is never loaded)."""
+def load_submodel(source: Path, index: int, group: int = 1) -> PreTrainedModel:
+    """Submodel `index` of the MoE saved in `source`: its shared parameters and experts [index * group, (index + 1)
+    * group) of every MoE layer with their router rows, routing top-k among them. Read one tensor at a time (the
+    whole MoE is never loaded)."""
     config = read_config(source)
-    if not 0 <= expert < num_experts_of(config):
-        raise ValueError(f"expert {expert} out of range for {num_experts_of(config)} experts")
-    model = AutoModelForCausalLM.from_config(with_num_experts(config, 1))
-    roles = parameter_roles(config)
+    num_experts = num_experts_of(config)
+    if group < 1 or num_experts % group:
+        raise ValueError(f"groups of {group} experts do not divide the model's {num_experts} experts")
+    if not 0 <= index < num_experts // group:
+        raise ValueError(f"submodel {index} out of range for {num_experts // group} groups of {group} experts")
+    model = AutoModelForCausalLM.from_config(with_num_experts(config, group))
+    axes = expert_axes(config)
     with safe_open(source / WEIGHTS_FILE, framework="pt") as weights:
         # A tied lm_head is stored once (as the embedding); tie_weights() restores it.
-        present = {name: role for name, role in roles.items() if name in set(weights.keys())}
-        model.load_state_dict(submodel_state(weights.get_tensor, present, expert), strict=False)
+        present = {name: tensor_axes for name, tensor_axes in axes.items() if name in set(weights.keys())}
+        model.load_state_dict(submodel_state(weights.get_tensor, present, index * group, group), strict=False)
     model.tie_weights()
     return model
 

@@ -13,9 +13,10 @@ tokens in `router_load`), C = tokens of one chunk, E = experts.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import torch
+
+from moedisco.models.routing import force_experts
 
 LOGITS_PER_CHUNK = 2**24  # logits held at once: 64 MB in fp32, whatever the vocabulary or batch
 
@@ -78,34 +79,15 @@ def router_load(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Te
     return counts if counts is not None else torch.zeros(0)
 
 
-@contextmanager
-def force_expert(model, expert: int):
-    """Route every token of every MoE layer to `expert` alone (weight 1), e.g. for oracle routing."""
-
-    def hook(module, args, output):
-        logits_TE = output[0]
-        forced_TE = torch.full_like(logits_TE, -1e4)
-        forced_TE[:, expert] = 1e4
-        weights, indices = torch.softmax(forced_TE.float(), dim=-1).topk(module.top_k, dim=-1)
-        return forced_TE, weights.to(logits_TE.dtype), indices
-
-    gates = [m for name, m in model.named_modules() if name.endswith("mlp.gate") and hasattr(m, "top_k")]
-    handles = [gate.register_forward_hook(hook) for gate in gates]
-    try:
-        yield model
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def oracle_loss(model, cluster_eval: list[torch.Tensor], batch_size: int, num_batches: int,
-                device: torch.device) -> float | None:
-    """Held-out loss when each cluster's documents go to that cluster's expert: the bound a router could reach."""
+                device: torch.device, group: int = 1) -> float | None:
+    """Held-out loss when each cluster's documents go to that cluster's expert (its group of `group` experts, routed
+    among by their own rows): the bound a router could reach."""
     total, count = 0.0, 0
     for expert, eval_NL in enumerate(cluster_eval):
         if len(eval_NL) == 0:
             continue
-        with force_expert(model, expert):
+        with force_experts(model, range(expert * group, (expert + 1) * group)):
             loss = evaluate_loss(model, eval_NL, batch_size, num_batches, device)
         used = min(len(eval_NL), batch_size * num_batches)
         total, count = total + loss * used, count + used
