@@ -16,7 +16,9 @@ expert or router: `moedisco.models.architecture.parameter_roles`), so an entry o
 - `min_group`: the fewest experts a submodel may route among (DeepSeek's router sums each group's top two scores,
   so a submodel needs two experts: `model.experts_per_submodel` >= 2);
 - `module`: what to import so that transformers knows the architecture (a model class moedisco ships);
-- `expert_width_key`: the config key of an expert's FFN width (OLMoE and gpt-oss call it `intermediate_size`).
+- `expert_width_key`: the config key of an expert's FFN width (OLMoE and gpt-oss call it `intermediate_size`);
+- `linear_router`: whether the router scores are one linear map of the hidden state (an [E, H] weight), which
+  `merge.router_init: centroid` sets; LLaMA-MoE's gate network is two layers, and merges with `concat`.
 
 Adding an architecture is one `ArchitectureEntry` in `REGISTRY` (and a tiny-model test in `tests/conftest.py`).
 This module imports neither torch nor transformers: the spec and the service read it.
@@ -44,6 +46,7 @@ class ArchitectureEntry:
     min_group: int = 1
     module: str | None = None
     expert_width_key: str = "moe_intermediate_size"
+    linear_router: bool = True
 
 
 def _head_dim(model) -> int:
@@ -114,13 +117,14 @@ REGISTRY: dict[str, ArchitectureEntry] = {entry.model_type: entry for entry in (
                                                     intermediate_size=model.intermediate_size),
                       count_key="num_local_experts"),
     ArchitectureEntry("olmoe", _expert_width_is_intermediate("num_experts"), expert_width_key="intermediate_size"),
-    ArchitectureEntry("qwen3_moe", _qwen3_moe),
+    ArchitectureEntry("qwen3_moe", _qwen3_moe, count_key="num_local_experts"),
     ArchitectureEntry("deepseek_v3", _deepseek_v3, count_key="n_routed_experts", resize=_expert_groups, min_group=2),
     ArchitectureEntry("glm4_moe", _glm4_moe, count_key="n_routed_experts", resize=_expert_groups, min_group=2),
     ArchitectureEntry("gpt_oss", _expert_width_is_intermediate("num_local_experts"), count_key="num_local_experts",
                       router="mlp.router", expert_width_key="intermediate_size"),
     ArchitectureEntry("flex_olmo", _expert_width_is_intermediate("num_experts"), expert_width_key="intermediate_size"),
-    ArchitectureEntry("llama_moe", _llama_moe, resize=_expert_widths, module="moedisco.models.llama_moe"),
+    ArchitectureEntry("llama_moe", _llama_moe, resize=_expert_widths, module="moedisco.models.llama_moe",
+                      linear_router=False),
 )}
 ARCHITECTURES = tuple(REGISTRY)
 
@@ -137,6 +141,14 @@ def architecture(model_type: str) -> ArchitectureEntry:
     return entry
 
 
-def expert_count_key(model_type: str) -> str:
-    """The config key holding the number of routed experts per MoE layer (`num_experts` where unknown)."""
-    return REGISTRY[model_type].count_key if model_type in REGISTRY else "num_experts"
+COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def expert_count(config: dict) -> int | None:
+    """The number of routed experts per MoE layer in a config.json's dict: under its architecture's key, or under
+    another one an older transformers wrote (qwen3_moe's was `num_experts`); None when it holds none."""
+    model_type = config.get("model_type")
+    keys = (REGISTRY[model_type].count_key,) if model_type in REGISTRY else ()
+    found = [config[key] for key in (*keys, *COUNT_KEYS) if isinstance(config.get(key), int)
+             and not isinstance(config.get(key), bool)]
+    return found[0] if found else None

@@ -344,6 +344,11 @@ class JobSpec(_Section):
         if self.method == "moe_disco" and least > 1 and self.branch.warmup_steps and self.branch.warmup_model == "dense":
             raise ValueError(f"branch.warmup_model 'dense' trains a one-expert model, which {self.model.arch} cannot "
                              "route; use warmup_model 'moe'")
+        if self.merge.router_init == "centroid" and not REGISTRY[self.model.arch].linear_router:
+            if "router_init" in self.merge.model_fields_set:
+                raise ValueError(f"merge.router_init 'centroid' sets the rows of a linear router; {self.model.arch}'s "
+                                 "router is not one: use 'concat' or 'random'")
+            self.merge.router_init = "concat"  # the default, where it cannot apply
         if self.method in ("extend", "retire") and self.model.experts_per_submodel != 1:
             raise ValueError(f"method '{self.method}' adds or removes single experts: model.experts_per_submodel "
                              "must be 1")

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from moedisco.config.architectures import expert_count_key
+from moedisco.config.architectures import expert_count
 
 PROVENANCE_KEY = "moedisco_experts"
 
@@ -60,9 +60,9 @@ def expert_provenance_of(config: dict) -> list[dict]:
     moedisco did not train (or whose record does not match its experts) is `{"expert": k, "origin": "<model_type>
     checkpoint"}`. A ValueError when `config` is no MoE's (no expert count)."""
     model_type = str(config.get("model_type", "unknown"))
-    experts = config.get(expert_count_key(model_type))
-    if not isinstance(experts, int) or isinstance(experts, bool) or experts < 1:
-        raise ValueError(f"no expert count ({expert_count_key(model_type)}) in a {model_type} config")
+    experts = expert_count(config)
+    if experts is None or experts < 1:
+        raise ValueError(f"no expert count in a {model_type} config")
     recorded = config.get(PROVENANCE_KEY)
     if isinstance(recorded, list) and len(recorded) == experts and all(isinstance(e, dict) for e in recorded):
         return [{**entry, "expert": k} for k, entry in enumerate(recorded)]

@@ -352,12 +352,14 @@ def cluster_samples(spec: JobSpec, paths: JobPaths) -> list[torch.Tensor]:
 
 
 def cluster_provenance(spec: JobSpec, paths: JobPaths) -> list[dict]:
-    """The provenance of the experts this job trained, one per cluster (`moedisco.models.experts`): the job, its
-    corpus, the cluster and how the clusters were found (with `cluster.method: field`, the domain)."""
+    """The provenance of the experts this job trained, one per expert (`moedisco.models.experts`): the job, its
+    corpus, the cluster and how the clusters were found (with `cluster.method: field`, the domain). Every expert of
+    a group (`model.experts_per_submodel`) was trained on its submodel's cluster."""
     domains = cluster.ClusterResult.load(paths.clusters).domains
+    group = spec.model.experts_per_submodel
     return [{"job": spec.name, "output_dir": str(paths.remote or paths.root), "data": str(spec.data.train),
              "cluster": k, "method": spec.method, "clustering": spec.cluster.method,
-             **({"domain": domains[k]} if domains else {})} for k in range(spec.num_clusters)]
+             **({"domain": domains[k]} if domains else {})} for k in range(spec.num_clusters) for _ in range(group)]
 
 
 def shared_weighting(spec: JobSpec, paths: JobPaths) -> tuple[list[float], bool]:

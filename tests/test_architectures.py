@@ -1,0 +1,66 @@
+"""Every architecture in the registry through a whole MoE-DisCo job on the CPU, experts alone or in groups."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from moedisco.config.architectures import REGISTRY, architecture
+from moedisco.config.loading import build_spec
+from moedisco.job.layout import JobPaths
+from moedisco.models.architecture import expert_axes, num_experts_of, read_config
+from moedisco.models.experts import expert_provenance
+from moedisco.models.weights import SavedWeights
+from moedisco.runner.job_runner import run_job
+from tests.conftest import tiny_model_config, tiny_spec_dict
+
+# (architecture, experts per submodel): each new architecture once, and the paper's ones in groups.
+JOBS = [("deepseek_v3", 2), ("glm4_moe", 2), ("gpt_oss", 1), ("flex_olmo", 1), ("llama_moe", 1), ("qwen3_moe", 2)]
+
+
+def _job(tmp_path, arch: str, group: int):
+    model = {**tiny_model_config(arch).model_dump(mode="json"), "experts_per_submodel": group}
+    spec = build_spec(tiny_spec_dict(tmp_path / arch, model=model, cluster={"method": "random"},
+                                     submodel={"steps": 4, "checkpoint_every": 2}, finetune={"steps": 4}))
+    run_job(spec, progress=False)
+    return spec, JobPaths(tmp_path / arch)
+
+
+@pytest.mark.parametrize(("arch", "group"), JOBS)
+def test_a_job_splits_trains_merges_and_finetunes(tmp_path, arch, group):
+    spec, paths = _job(tmp_path, arch, group)
+    config = read_config(paths.merged)
+    assert config.model_type == arch and num_experts_of(config) == 4 and spec.num_clusters == 4 // group
+    # Submodel k's trained experts are the merged model's experts [k*g, (k+1)*g), in place; a group's router rows
+    # train (one expert's get no gradient, only weight decay).
+    with SavedWeights(paths.merged) as merged, SavedWeights(paths.source) as source:
+        for k in range(spec.num_clusters):
+            trained = load_file(paths.submodel(k) / "model.safetensors")
+            for name, axes in expert_axes(config).items():
+                if not axes or name not in trained:
+                    continue
+                if ".experts." in name:
+                    assert torch.equal(merged.get(name).narrow(axes[0], k * group, group), trained[name]), name
+                elif name.endswith("weight") and group > 1:
+                    start = source.get(name).narrow(axes[0], k * group, group)
+                    assert not torch.allclose(trained[name], start, rtol=0.05), name
+    assert [entry["cluster"] for entry in expert_provenance(config)] == [e // group for e in range(4)]
+    final = AutoModelForCausalLM.from_pretrained(str(paths.root / "final")).eval()
+    ids = torch.randint(2, 97, (2, 16))
+    assert final(input_ids=ids, labels=ids).loss.isfinite()
+
+
+def test_an_unknown_architecture_names_what_to_add():
+    with pytest.raises(ValueError, match="add an ArchitectureEntry to moedisco.config.architectures.REGISTRY"):
+        architecture("jamba")
+
+
+@pytest.mark.parametrize("arch", [arch for arch, entry in REGISTRY.items() if entry.min_group > 1])
+def test_group_limited_routers_need_groups_of_two(tmp_path, arch):
+    model = tiny_model_config(arch).model_dump(mode="json")
+    with pytest.raises(ValueError, match="experts_per_submodel must be at least 2"):
+        build_spec(tiny_spec_dict(tmp_path, model=model))
+    with pytest.raises(ValueError, match="must divide num_experts"):
+        build_spec(tiny_spec_dict(tmp_path, model={**model, "experts_per_submodel": 3}))
