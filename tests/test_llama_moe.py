@@ -243,6 +243,7 @@ def test_training_steps_lower_the_loss_with_gradient_checkpointing():
     model = tiny_model()
     model.gradient_checkpointing_enable()
     model.train()
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ids = tokens(shape=(4, 16))
     losses = []
