@@ -50,6 +50,8 @@ def test_a_job_splits_trains_merges_and_finetunes(tmp_path, arch, group):
     final = AutoModelForCausalLM.from_pretrained(str(paths.root / "final")).eval()
     ids = torch.randint(2, 97, (2, 16))
     assert final(input_ids=ids, labels=ids).loss.isfinite()
+    biases = [bias for name, bias in final.named_buffers() if name.endswith("e_score_correction_bias")]
+    assert not biases or any(torch.count_nonzero(bias) for bias in biases)  # balanced with no auxiliary loss
 
 
 def test_an_unknown_architecture_names_what_to_add():
@@ -64,3 +66,31 @@ def test_group_limited_routers_need_groups_of_two(tmp_path, arch):
         build_spec(tiny_spec_dict(tmp_path, model=model))
     with pytest.raises(ValueError, match="must divide num_experts"):
         build_spec(tiny_spec_dict(tmp_path, model={**model, "experts_per_submodel": 3}))
+
+
+def test_a_biased_router_is_balanced_without_an_auxiliary_loss(tmp_path):
+    """DeepSeek-style routers: the expert bias moves by the rate against each expert's load after every step, and
+    only in training; routers without a bias are left alone."""
+    from moedisco.training.balance import BiasBalancer
+    from tests.conftest import tiny_hf_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_hf_config("deepseek_v3"))
+    router = model.model.layers[0].mlp.gate
+    with torch.no_grad():
+        router.weight[0] += 5 * router.weight[0].abs().max()  # expert 0 favoured
+    balancer = BiasBalancer(model, rate=0.01)
+    ids = torch.randint(2, 97, (4, 16))
+    model.eval()
+    model(input_ids=ids)
+    balancer.step()
+    assert torch.count_nonzero(router.e_score_correction_bias) == 0  # evaluation moves nothing
+    model.train()
+    model(input_ids=ids)
+    load = balancer.counts[0].clone()
+    balancer.step()
+    expected = 0.01 * torch.sign(load.mean() - load).float()
+    torch.testing.assert_close(router.e_score_correction_bias, expected)
+    assert router.e_score_correction_bias[int(load.argmax())] < 0
+    balancer.close()
+    assert not BiasBalancer(AutoModelForCausalLM.from_config(tiny_hf_config("qwen2_moe")), 0.01).routers

@@ -25,6 +25,9 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.01, ge=0.0, le=1.0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     grad_clip: float = Field(1.0, ge=0.0, description="Max gradient norm; 0 disables clipping.")
+    # DeepSeek-V3 uses 0.001; routers without an expert bias ignore it (moedisco.training.balance).
+    router_bias_rate: float = Field(0.001, ge=0.0, le=0.1, description="Auxiliary-loss-free balancing: per-step "
+                                    "change of a router's expert bias (DeepSeek-V3, GLM-4.5); 0 = off.")
     eval_every: int = Field(50, ge=1, description="Steps between held-out evaluations.")
     eval_batches: int = Field(8, ge=1, description="Held-out batches per evaluation.")
     checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints (resume granularity).")

@@ -35,6 +35,7 @@ from moedisco.io.atomic import write_atomically
 from moedisco.io.token_shards import batch_source
 from moedisco.models.weights import unique_state_dict
 from moedisco.training import fsdp
+from moedisco.training.balance import BiasBalancer
 from moedisco.training.checkpoint import (
     SECOND_MOMENT_FILE,
     checkpoint_bytes,
@@ -173,7 +174,11 @@ def train(model, train_NL: torch.Tensor, eval_NL: torch.Tensor | None, cfg: Trai
     torch.manual_seed(ctx.seed + resumed_from)
     loop = _Loop(net, model, optimizer, train_NL, eval_NL, cfg, ctx, device, state)
     end = ctx.stop_at or cfg.steps
-    loop.run(end)
+    try:
+        loop.run(end)
+    finally:
+        if loop.balancer is not None:
+            loop.balancer.close()
     result = TrainResult(steps=state["step"], tokens=loop.tokens(state["step"]), seconds=state["seconds"],
                          eval_loss=state["eval_loss"], resumed_from=resumed_from, device=str(device))
     if end < cfg.steps:
@@ -211,6 +216,7 @@ class _Loop:
         self.hooks, self.device, self.state = ctx.hooks, device, state
         self.amp = amp_dtype(cfg, device)
         self.router_counts: torch.Tensor | None = None
+        self.balancer = BiasBalancer(model, cfg.router_bias_rate) if cfg.router_bias_rate > 0 else None
 
     def tokens(self, step: int) -> int:
         return step * self.cfg.batch_size * self.train_NL.shape[1]
@@ -258,6 +264,8 @@ class _Loop:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.balancer is not None:
+            self.balancer.step()
         return loss
 
     def _accumulate(self, micro_BL: torch.Tensor, share: float, last: bool) -> float:
