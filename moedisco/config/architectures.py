@@ -15,18 +15,17 @@ expert or router: `moedisco.models.architecture.parameter_roles`), so an entry o
 - `router`: the router module's name inside a decoder layer (`mlp.gate`, gpt-oss's `mlp.router`);
 - `min_group`: the fewest experts a submodel may route among (DeepSeek's router sums each group's top two scores,
   so a submodel needs two experts: `model.experts_per_submodel` >= 2);
-- `module`: what to import so that transformers knows the architecture (a model class moedisco ships);
 - `expert_width_key`: the config key of an expert's FFN width (OLMoE and gpt-oss call it `intermediate_size`);
 - `linear_router`: whether the router scores are one linear map of the hidden state (an [E, H] weight), which
   `merge.router_init: centroid` sets; LLaMA-MoE's gate network is two layers, and merges with `concat`.
 
-Adding an architecture is one `ArchitectureEntry` in `REGISTRY` (and a tiny-model test in `tests/conftest.py`).
-This module imports neither torch nor transformers: the spec and the service read it.
+Adding an architecture is one `ArchitectureEntry` in `REGISTRY`; a model class transformers does not ship is
+registered with its Auto classes where `moedisco.models.architecture` imports it (LLaMA-MoE:
+`moedisco.models.llama_moe`). This module imports neither torch nor transformers: the spec and the service read it.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +43,6 @@ class ArchitectureEntry:
     resize: Callable[[Any, int], None] = field(default=_no_resize)
     router: str = "mlp.gate"
     min_group: int = 1
-    module: str | None = None
     expert_width_key: str = "moe_intermediate_size"
     linear_router: bool = True
 
@@ -123,8 +121,7 @@ REGISTRY: dict[str, ArchitectureEntry] = {entry.model_type: entry for entry in (
     ArchitectureEntry("gpt_oss", _expert_width_is_intermediate("num_local_experts"), count_key="num_local_experts",
                       router="mlp.router", expert_width_key="intermediate_size"),
     ArchitectureEntry("flex_olmo", _expert_width_is_intermediate("num_experts"), expert_width_key="intermediate_size"),
-    ArchitectureEntry("llama_moe", _llama_moe, resize=_expert_widths, module="moedisco.models.llama_moe",
-                      linear_router=False),
+    ArchitectureEntry("llama_moe", _llama_moe, resize=_expert_widths, linear_router=False),
 )}
 ARCHITECTURES = tuple(REGISTRY)
 
@@ -135,10 +132,7 @@ def architecture(model_type: str) -> ArchitectureEntry:
         raise ValueError(f"model_type {model_type!r} is not an MoE moedisco knows ({', '.join(ARCHITECTURES)}): add "
                          "an ArchitectureEntry to moedisco.config.architectures.REGISTRY (its expert count key, how "
                          "the spec's widths map onto its config, its router's name)")
-    entry = REGISTRY[model_type]
-    if entry.module is not None:
-        importlib.import_module(entry.module)  # registers the model class with transformers' Auto classes
-    return entry
+    return REGISTRY[model_type]
 
 
 COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")

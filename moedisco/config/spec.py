@@ -356,9 +356,10 @@ class JobSpec(_Section):
             raise ValueError("recipe 'auto' sizes a whole MoE-DisCo job from its baseline budget; an extension's "
                              "steps are set by hand (submodel.steps, finetune.steps)")
         if self.cluster.domains is not None and len(self.cluster.domains) != self.num_clusters:
-            count = "extend.new_experts" if self.method == "extend" else "model.num_experts"
+            count = ("extend.new_experts" if self.method == "extend" else "model.num_experts"
+                     if self.model.experts_per_submodel == 1 else "model.num_experts / experts_per_submodel")
             raise ValueError(f"cluster.domains names {len(self.cluster.domains)} domains but {count} is "
-                             f"{self.num_clusters}: one domain per expert")
+                             f"{self.num_clusters}: one domain per submodel")
         if self.cluster.method == "field" and self.data is not None and self.data.format == "text":
             raise ValueError("cluster.method 'field' reads a field of each document: data.format 'text' has none")
         if self.method == "extend" and self.branch.sync_rounds > 1 and "sync_rounds" in self.branch.model_fields_set:

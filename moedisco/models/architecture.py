@@ -14,15 +14,15 @@ architecture's entry in `moedisco.config.architectures`.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Literal
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from moedisco.config.architectures import REGISTRY, ArchitectureEntry, architecture
+from moedisco.config.architectures import ArchitectureEntry, architecture
 from moedisco.config.spec import ModelConfig
+from moedisco.models import llama_moe  # noqa: F401 - registers `llama_moe` with transformers' Auto classes
 
 Role = Literal["shared", "expert", "router"]
 
@@ -122,8 +122,4 @@ def join_experts(parts: list[torch.Tensor], axes: tuple[int, ...], base: torch.T
 
 
 def read_config(folder: Path) -> PretrainedConfig:
-    """The config of the model saved in `folder` (importing the model class moedisco ships for it, if any)."""
-    model_type = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
-    if model_type in REGISTRY:
-        architecture(model_type)
     return AutoConfig.from_pretrained(str(folder), local_files_only=True)

@@ -208,14 +208,16 @@ def fit_streaming(vectors_ND: np.ndarray, cfg: ClusterConfig, num_clusters: int,
 
 
 def _experts_field(spec: JobSpec) -> str:
-    return "extend.new_experts" if spec.method == "extend" else "model.num_experts"
+    if spec.method == "extend":
+        return "extend.new_experts"
+    return "model.num_experts" if spec.model.experts_per_submodel == 1 else "model.num_experts / experts_per_submodel"
 
 
 def field_domains(spec: JobSpec, train_domains: list[str]) -> list[str]:
     """The domain of each cluster: `cluster.domains`, else the training documents' distinct values, sorted; one per
     cluster, each with training documents."""
     cfg, found = spec.cluster, sorted(set(train_domains))
-    experts = f"{_experts_field(spec)} is {spec.num_clusters}: one expert per domain"
+    experts = f"{_experts_field(spec)} is {spec.num_clusters}: one submodel per domain"
     if cfg.domains is None and len(found) != spec.num_clusters:
         raise DataError(f"the training documents' {cfg.field} has {len(found)} values ({', '.join(found)}), but "
                         f"{experts} (cluster.domains with data.on_error 'skip' keeps only some)")
