@@ -4,11 +4,13 @@
     spec = resolve_memory(spec)      # `memory: auto` resolved per stage, or `MemoryFitError` naming the shortfall
 
 Per device: weights and optimizer state in the bytes per parameter the measures give, plus the largest of the
-step's phases (the forward's kept activations, counted per token and layer from the tensors autograd keeps; the
+step's phases (the forward's kept activations, counted per token and layer from the tensors autograd keeps, each
+layer as the model is built: dense or MoE, its attention's and experts' widths, `model_size.model_shape`; the
 backward's gradients; the optimizer step's working set). `plan_measures` climbs `LADDER` on the devices the runner
 gives a stage (`stage_devices`), then shards, until it fits. `benchmarks/memory.py` checks the model against
-measured peaks. Outside training, `source` builds the whole MoE in host memory: `moedisco.planning.host_memory`
-checks it against the memory of one node of its tier.
+measured peaks, tests/test_memory_archs.py each architecture's plan against a measured training step. Outside
+training, `source` builds the whole MoE in host memory: `moedisco.planning.host_memory` checks it against the memory
+of one node of its tier.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from moedisco.models.architecture import (
     with_num_experts,
 )
 from moedisco.planning.host_memory import host_plans, host_refusal
-from moedisco.planning.model_size import intermediate_width, largest_tensor, parameter_counts, spec_config
+from moedisco.planning.model_size import LayerShape, largest_tensor, model_shape, parameter_counts, spec_config
 from moedisco.training.memory import GB, measures_of
 
 # Of a device's memory, the share a plan may fill: the rest is the allocator's fragmentation and the runtime's own.
@@ -50,22 +52,62 @@ CHECKPOINTED_MEASURES = ("precision", "optimizer", "offload_optimizer")
 
 
 
-def layer_bytes_per_token(config: PretrainedConfig, seq_len: int, value_bytes: int) -> float:
-    """What autograd keeps of one decoder layer per token (checked against the saved tensors of a real forward:
-    `saved_tensors_hooks`, within 1% at hidden 512)."""
-    hidden, heads = config.hidden_size, config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    kv = config.num_key_value_heads * head_dim
-    expert_width = intermediate_width(config, "moe_intermediate_size") or intermediate_width(config, "intermediate_size")
-    shared_width = intermediate_width(config, "shared_expert_intermediate_size")
-    attention = 4 * hidden + heads * head_dim + 2 * kv  # norm in/out, q (and the output), k/v, rotated q/k
-    if getattr(config, "_attn_implementation", None) == "eager":  # SDPA/flash keep no scores, eager keeps two
-        attention += 2 * heads * seq_len
-    experts = config.num_experts_per_tok * (4 * expert_width + 2 * hidden)  # gate/up, act, product; in/out copies
-    shared = 4 * shared_width + hidden if shared_width else 0
-    values = (attention + experts + shared + 4 * hidden) * value_bytes
-    # RMSNorm computes in fp32: in 16-bit training its two norms keep an fp32 copy of their input.
-    return values + (2 * hidden * (4 - value_bytes) if value_bytes < 4 else 0)
+def _layer_bytes(layer: LayerShape, attention: str, seq_len: int, value_bytes: int, on_gpu: bool) -> float:
+    """What autograd keeps of one decoder layer per token, in bytes (`layer_bytes`)."""
+    hidden, heads, values = layer.hidden, layer.heads, value_bytes
+    # Each RMSNorm keeps its input, the normalised values and an fp32 scale per row; in 16-bit training what it
+    # keeps per value as measured on the meta device (`Norm`: an fp32 copy of its input, as it computes in fp32).
+    kept = sum(4 * (norm.storage + norm.width + norm.rows) if values == 4 else
+               norm.width * norm.value_bytes_16bit + norm.rows * norm.row_bytes_16bit for norm in layer.norms)
+    # Linear layers keep their inputs: attention's and the FFN's, MLA's normalised latents, the attention output.
+    kept += (2 * hidden + layer.latents + layer.output) * values
+    # Attention keeps the (rotated) queries and keys and the values. SDPA's fused kernels keep nothing more than a
+    # log-sum-exp per head. Eager attention (the model's only one, as gpt-oss's) keeps the softmax's probabilities:
+    # in fp32 (transformers' softmax) and, in 16-bit training, their cast (gpt-oss softmaxes in the run's dtype,
+    # over one more column: the sink); it repeats keys and values for every query head. On the CPU, SDPA computes
+    # a query head width other than the value's (MLA) on its math path, which keeps the probabilities too, copies
+    # the values out of the up-projection they are a view of (a fused kernel keeps that whole projection), and
+    # computes in fp32.
+    value_head = layer.value * layer.kv_groups // heads
+    eager = attention == "eager"
+    fused = not eager and (on_gpu or layer.query // heads == value_head)
+    if fused:
+        kept += (layer.query + layer.key + layer.value_storage) * values + 4 * heads
+    else:
+        repeat, inputs = (layer.kv_groups, values) if eager else (1, 4)
+        score_bytes = 4 if not eager else values if layer.sinks else 4 + (values if values < 4 else 0)
+        kept += (layer.query + repeat * (layer.key + layer.value)) * inputs
+        kept += heads * (seq_len + layer.sinks) * score_bytes + 8 * heads * layer.sinks  # the sink softmax's max
+    # A dense FFN (SwiGLU) keeps gate, up, activation and their product. Each of an MoE layer's top_k experts keeps
+    # `gate_values` expert-wide values, its copy of the token and its output before weighting (a loop over the
+    # experts also the weighted output, for `index_add_`; `batched_mm` a copy of the expert's weights per token);
+    # the router its fp32 scores over the experts and int64 indices and the weight of each expert picked (and, in
+    # 16-bit training, the fp32 copy of its input a router scoring in fp32 keeps); shared experts as a dense FFN,
+    # and a sigmoid gate on them their output.
+    kept += 4 * layer.dense * values
+    if layer.experts:
+        kernel = {"eager": hidden, "batched_mm": 3 * layer.expert_width * hidden}.get(layer.expert_kernel, 0)
+        kept += layer.top_k * (layer.gate_values * layer.expert_width + 2 * hidden + kernel) * values
+        kept += 4 * layer.experts + layer.top_k * (32 + values)
+        kept += hidden * layer.router_copy_16bit if values < 4 else 0
+    kept += (4 * layer.shared + (hidden + 1 if layer.shared_gate else 0)) * values
+    return kept
+
+
+
+def layer_bytes(config: PretrainedConfig, seq_len: int, value_bytes: int, on_gpu: bool = True) -> list[float]:
+    """What autograd keeps of each decoder layer per token, in bytes: read off the model transformers builds
+    (`model_size.model_shape`: dense or MoE layer, attention widths, MLA, query/key norms, shared experts, sinks,
+    the attention kernel), counted per tensor kept. Checked against the saved tensors of a real forward
+    (`saved_tensors_hooks`) for each architecture by tests/test_memory_archs.py."""
+    shape = model_shape(config)
+    return [_layer_bytes(layer, shape.attention, seq_len, value_bytes, on_gpu) for layer in shape.layers]
+
+
+
+def layer_bytes_per_token(config: PretrainedConfig, seq_len: int, value_bytes: int, on_gpu: bool = True) -> float:
+    """What autograd keeps of the costliest decoder layer per token (an MoE layer's more than a dense one's)."""
+    return max(layer_bytes(config, seq_len, value_bytes, on_gpu))
 
 
 
@@ -98,14 +140,14 @@ def splits_evenly(train: TrainConfig, num_devices: int) -> bool:
 
 
 
-def _activations_gb(config, train: TrainConfig, seq_len: int, value_bytes: int, rows: int) -> tuple[float, float]:
-    """(what one micro-batch's forward keeps until its backward, one layer's share of that), in GB. Checkpointing
-    keeps each layer's input only and recomputes one layer at a time in the backward."""
-    layer = layer_bytes_per_token(config, seq_len, value_bytes)
-    kept = config.hidden_size * value_bytes if train.activation_checkpointing else layer
+def _activations_gb(config, train: TrainConfig, seq_len: int, value_bytes: int, rows: int,
+                    on_gpu: bool = True) -> tuple[float, float]:
+    """(what one micro-batch's forward keeps until its backward, the costliest layer's share of that), in GB.
+    Checkpointing keeps each layer's input only and recomputes one layer at a time in the backward."""
+    layers = layer_bytes(config, seq_len, value_bytes, on_gpu)
+    kept = len(layers) * config.hidden_size * value_bytes if train.activation_checkpointing else sum(layers)
     tokens = rows * seq_len
-    return tokens * (config.num_hidden_layers * kept + loss_bytes_per_token(config, value_bytes)) / GB, \
-        tokens * layer / GB
+    return tokens * (kept + loss_bytes_per_token(config, value_bytes)) / GB, tokens * max(layers) / GB
 
 
 
@@ -132,7 +174,7 @@ def memory_plan(params: int, config: PretrainedConfig, train: TrainConfig, seq_l
     value_bytes = 4 if precision == "fp32" else 2
     shard = params / num_devices / GB
     rows = local_rows(train, num_devices)
-    activations, layer = _activations_gb(config, train, seq_len, value_bytes, rows)
+    activations, layer = _activations_gb(config, train, seq_len, value_bytes, rows, on_gpu)
     if precision == "bf16-mixed":  # autocast keeps the bf16 copy of every weight a matmul used for its backward
         activations += 2 * params / GB
     if num_devices > 1:  # FSDP2 gathers a unit's whole weights to run it, and prefetches the next one's
