@@ -94,3 +94,23 @@ def test_a_biased_router_is_balanced_without_an_auxiliary_loss(tmp_path):
     assert router.e_score_correction_bias[int(load.argmax())] < 0
     balancer.close()
     assert not BiasBalancer(AutoModelForCausalLM.from_config(tiny_hf_config("qwen2_moe")), 0.01).routers
+
+
+def test_the_estimate_sizes_a_group_submodel(tmp_path):
+    """A submodel of g experts holds g experts' parameters and activates min(k, g) of them per token: its memory
+    plan and its FLOPs are those, not one expert's."""
+    from moedisco.planning.estimate import estimate_job
+
+    raw = tiny_spec_dict(tmp_path, model={**tiny_model_config("qwen3_moe").model_dump(mode="json"),
+                                          "num_experts": 8, "num_experts_per_tok": 2})
+    single = estimate_job(build_spec(raw))
+    grouped = estimate_job(build_spec({**raw, "model": {**raw["model"], "experts_per_submodel": 4}}))
+    counts = grouped["parameters"]
+    assert counts["submodel"] == counts["shared"] + 4 * counts["per_expert"]
+    assert counts["submodel_active"] == counts["shared"] + 2 * counts["per_expert"]
+    assert grouped["memory"]["submodel"]["total_gb"] > single["memory"]["submodel"]["total_gb"]
+    # Equal steps: two submodels of four experts, each token through two of them, against eight of one.
+    per_step = lambda result: result["cost"]["stages"]["submodel"]["params"]  # noqa: E731
+    assert per_step(grouped) == counts["submodel_active"] and per_step(single) == counts["dense"]
+    assert grouped["cost"]["submodels_usd"] == pytest.approx(
+        single["cost"]["submodels_usd"] * 2 * counts["submodel_active"] / (8 * counts["dense"]), rel=1e-6)

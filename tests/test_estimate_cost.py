@@ -49,7 +49,7 @@ def test_estimate_plans_both_tiers_and_prices_the_paper_setting():
 
 def test_estimate_plans_the_llama_moe_example_at_its_named_size():
     result = estimate_job(load_spec(REPO / "examples" / "llama-moe-3.5b.yaml"))
-    assert result["arch"] == "mixtral" and result["num_experts"] == 4
+    assert result["arch"] == "llama_moe" and result["num_experts"] == 4
     assert 3.4e9 < result["parameters"]["active"] < 3.6e9  # the "3.5B" LLaMA-MoE is named for
     assert result["memory"]["submodel"]["device_gb"] == 24 and result["memory"]["full_moe"]["device_gb"] == 80
     cost = result["cost"]

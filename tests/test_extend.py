@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from moedisco.config.architectures import REGISTRY
 from moedisco.config.loading import SpecError, build_spec
 from moedisco.io.token_shards import TokenShard
 from moedisco.job.layout import JobPaths, stage_result
-from moedisco.config.architectures import REGISTRY
 from moedisco.models.architecture import num_experts_of, parameter_roles, read_config
 from moedisco.models.experts import expert_provenance
 from moedisco.models.weights import SavedWeights

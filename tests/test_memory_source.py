@@ -86,7 +86,7 @@ def test_a_source_model_larger_than_a_cpu_node_is_refused_naming_what_to_change(
         resolve_memory(_llama_moe(tmp_path, 16))
     assert list(refused.value.problems) == ["source"]  # its training stages fit their devices
     message = str(refused.value)
-    for part in ("source: needs 19.3 GB of host memory", "tier `cpu`", "4.57B parameters in fp32: 18.3 GB",
+    for part in ("source: needs 19.3 GB of host memory", "tier `cpu`", "4.58B parameters in fp32: 18.3 GB",
                  "a node has 16 GB", "set resources.cpu_tier.node_memory_gb"):
         assert part in message
     # 21 GB would hold it alone (95% usable: 19.95 GB), but the node hosts jobs' drivers too.

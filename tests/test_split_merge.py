@@ -7,9 +7,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from moedisco.models import layerwise
 from moedisco.config.architectures import REGISTRY
+from moedisco.models import layerwise
 from moedisco.models.architecture import parameter_roles
+from moedisco.models.routing import force_experts
 from moedisco.models.weights import WEIGHTS_FILE, save_weights, unique_state_dict
 from moedisco.stages.merge import (
     averaging_weights,
@@ -20,7 +21,6 @@ from moedisco.stages.merge import (
     patch_tensors,
 )
 from moedisco.stages.split import load_submodel
-from moedisco.models.routing import force_experts
 from moedisco.training.heldout import evaluate_loss, oracle_loss
 from tests.conftest import tiny_hf_config
 

@@ -341,7 +341,8 @@ class JobSpec(_Section):
             raise ValueError(f"model.experts_per_submodel must be at least {least} for {self.model.arch}: its router "
                              "sums the top two scores of each expert group, so a submodel routes among two experts "
                              "or more")
-        if self.method == "moe_disco" and least > 1 and self.branch.warmup_steps and self.branch.warmup_model == "dense":
+        dense_warmup = self.branch.warmup_steps and self.branch.warmup_model == "dense"
+        if self.method == "moe_disco" and least > 1 and dense_warmup:
             raise ValueError(f"branch.warmup_model 'dense' trains a one-expert model, which {self.model.arch} cannot "
                              "route; use warmup_model 'moe'")
         if self.merge.router_init == "centroid" and not REGISTRY[self.model.arch].linear_router:

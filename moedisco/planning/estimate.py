@@ -33,7 +33,7 @@ from moedisco.models.experts import with_base_model
 from moedisco.planning.cost import flop_cost_usd
 from moedisco.planning.host_memory import host_plans, host_refusal
 from moedisco.planning.memory_plan import memory_plan, memory_plans, refusal, stage_devices
-from moedisco.planning.model_size import parameter_counts, spec_config
+from moedisco.planning.model_size import spec_config, spec_counts, submodel_group
 
 CONVENTIONS = ("flop", "paper")
 PRICED_STAGES = ("warmup", "submodel", "finetune", "full_parameter")  # the stages the estimate prices
@@ -62,7 +62,7 @@ def estimate_job(spec: JobSpec, sharded: bool = True, hours: dict[str, float] | 
     if convention == "paper":
         _check_hours(spec, hours)
     config = spec_config(spec)
-    counts = parameter_counts(config)
+    counts = spec_counts(spec, config)
     plans = {section: {**plan, "refused": refusal(section, tier, plan)}
              for section, (_, plan, tier) in memory_plans(spec, config, counts, sharded).items()}
     host = {stage: {**plan, "refused": host_refusal(stage, plan)}
@@ -85,8 +85,8 @@ def _memory_as_written(spec: JobSpec, config: PretrainedConfig, counts: dict[str
     res, seq_len = spec.resources, spec.data.sequence_length
     cheap, dear = res.devices[res.submodel_tier.device_type], res.devices[res.finetune_tier.device_type]
     return {
-        "submodel": memory_plan(counts["submodel"], with_num_experts(config, 1), spec.submodel, seq_len,
-                                cheap.memory_gb),
+        "submodel": memory_plan(counts["submodel"], with_num_experts(config, submodel_group(spec)), spec.submodel,
+                                seq_len, cheap.memory_gb),
         "full_moe": memory_plan(counts["total"], config, spec.finetune, seq_len, dear.memory_gb),
     }
 
@@ -117,7 +117,7 @@ def job_flop_usd(spec: JobSpec) -> float:
     """A job's dollars under the FLOP model, without activation checkpointing's recomputation (what the planner
     turns on depends on the devices, which a re-run may change)."""
     config = spec_config(spec)
-    return flop_cost(spec, parameter_counts(config), {})["total_usd"]
+    return flop_cost(spec, spec_counts(spec, config), {})["total_usd"]
 
 
 def rerun_estimate(spec: JobSpec, ledger_usd: float | None = None) -> dict | None:
@@ -184,8 +184,9 @@ def _stage_work(spec: JobSpec, counts: dict[str, int], stage: str) -> tuple[int,
     submodel section's batch: a submodel (`warmup_model: dense`) or the whole MoE (`moe`)."""
     train = getattr(spec, STAGE[stage].train_config)
     steps = spec.branch.warmup_steps if stage == "warmup" else train.steps
-    dense = stage == "submodel" or (stage == "warmup" and spec.branch.warmup_model == "dense")
-    return counts["submodel" if dense else "active"], steps * train.batch_size * spec.data.sequence_length
+    active = ("submodel_active" if stage == "submodel" else
+              "dense" if stage == "warmup" and spec.branch.warmup_model == "dense" else "active")
+    return counts[active], steps * train.batch_size * spec.data.sequence_length
 
 
 def _device_spec(spec: JobSpec, stage: str, device_type: str) -> DeviceSpec:

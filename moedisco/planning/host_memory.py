@@ -15,7 +15,7 @@ from moedisco.config.spec import JobSpec
 from moedisco.job.registry import STAGE, tier_of
 from moedisco.models.architecture import read_config
 from moedisco.models.upcycle import DENSE_TO_MOE
-from moedisco.planning.model_size import largest_tensor, parameter_counts, spec_config
+from moedisco.planning.model_size import largest_tensor, spec_config, spec_counts
 from moedisco.training.memory import GB
 
 # The host memory of the process a stage runs in before it builds anything: Python with torch and transformers
@@ -66,7 +66,7 @@ def host_plans(spec: JobSpec, config: PretrainedConfig | None = None,
     """Per stage that holds a whole model in host memory outside training, its plan on one node of its tier
     (`source_plan`): only `source` builds one (the merge reads and writes the experts' files a tensor at a time)."""
     config = config or spec_config(spec)
-    return {"source": source_plan(spec, config, counts or parameter_counts(config))}
+    return {"source": source_plan(spec, config, counts or spec_counts(spec, config))}
 
 
 def host_refusal(stage: str, plan: dict) -> str | None:

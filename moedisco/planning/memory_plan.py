@@ -30,7 +30,14 @@ from moedisco.models.architecture import (
     with_num_experts,
 )
 from moedisco.planning.host_memory import host_plans, host_refusal
-from moedisco.planning.model_size import LayerShape, largest_tensor, model_shape, parameter_counts, spec_config
+from moedisco.planning.model_size import (
+    LayerShape,
+    largest_tensor,
+    model_shape,
+    spec_config,
+    spec_counts,
+    submodel_group,
+)
 from moedisco.training.memory import GB, measures_of
 
 # Of a device's memory, the share a plan may fill: the rest is the allocator's fragmentation and the runtime's own.
@@ -274,7 +281,8 @@ def stage_devices(spec: JobSpec, section: str, sharded: bool) -> tuple[int, str]
 def _training_stages(spec: JobSpec, config: PretrainedConfig, counts: dict) -> list[tuple]:
     """(TrainConfig section, parameters, model config, tier) of each training stage the job runs, in plan order."""
     moe_warmup = spec.branch.warmup_steps > 0 and spec.branch.warmup_model == "moe"  # the whole MoE, cheap tier
-    submodel = (counts["total"], config) if moe_warmup else (counts["submodel"], with_num_experts(config, 1))
+    submodel = ((counts["total"], config) if moe_warmup
+                else (counts["submodel"], with_num_experts(config, submodel_group(spec))))
     sizes = {"submodel": submodel, "finetune": (counts["total"], config), "full_parameter": (counts["total"], config)}
     trained = {STAGE[task.stage].train_config: task.stage for group in plan(spec) for task in group
                if STAGE[task.stage].trained}  # the warm-up and the submodels share one section
@@ -289,7 +297,7 @@ def memory_plans(spec: JobSpec, config: PretrainedConfig | None = None, counts: 
     its workers, else for the local one (`stage_devices`); each plan says which in `devices_from`. A tier whose
     `device_type` has no `devices` entry (memory unknown, e.g. a `cpu` tier) is not planned."""
     config = config or spec_config(spec)
-    counts = counts or parameter_counts(config)
+    counts = counts or spec_counts(spec, config)
     plans = {}
     for section, params, model_config, tier in _training_stages(spec, config, counts):
         device = spec.resources.devices.get(tier.device_type)

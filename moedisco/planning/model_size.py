@@ -1,7 +1,8 @@
 """What a spec's model is, before anything is built: its config, its parameters by role, and its layers' widths.
 
     config = spec_config(spec)              # the source MoE's transformers config
-    parameter_counts(config)                # {"total", "shared", "per_expert", "submodel", "active"}
+    parameter_counts(config, group=2)       # {"total", "shared", "per_expert", "dense", "submodel", "active", ...}
+    spec_counts(spec)                       # the same for the job's model and its submodels' group
     largest_tensor(config)                  # values of its largest parameter (or of one layer's stacked experts)
     model_shape(config).layers              # per decoder layer, the widths the memory planner counts
 
@@ -42,15 +43,30 @@ def spec_config(spec: JobSpec) -> PretrainedConfig:
     return build_moe_config(spec.model, vocab, eos_id=0, pad_id=1)
 
 
-def parameter_counts(config: PretrainedConfig) -> dict[str, int]:
+def parameter_counts(config: PretrainedConfig, group: int = 1) -> dict[str, int]:
+    """Parameters of the MoE (`total`), of a token's path through it (`active`), of the one-expert model a dense
+    warm-up trains (`dense`), and of a submodel of `group` experts (`submodel`) and its token's path
+    (`submodel_active`)."""
     with torch.device("meta"):
         shapes = {n: t.numel() for n, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
     roles = parameter_roles(config)
     experts = num_experts_of(config)
     shared = sum(n for name, n in shapes.items() if roles[name] == "shared")
     per_expert = sum(n for name, n in shapes.items() if roles[name] != "shared") // experts
+    top_k = config.num_experts_per_tok
     return {"total": shared + experts * per_expert, "shared": shared, "per_expert": per_expert,
-            "submodel": shared + per_expert, "active": shared + config.num_experts_per_tok * per_expert}
+            "dense": shared + per_expert, "submodel": shared + group * per_expert,
+            "submodel_active": shared + min(top_k, group) * per_expert, "active": shared + top_k * per_expert}
+
+
+def submodel_group(spec: JobSpec) -> int:
+    """Experts per submodel the job trains: `model.experts_per_submodel` for MoE-DisCo, one for an extension."""
+    return spec.model.experts_per_submodel if spec.method == "moe_disco" else 1
+
+
+def spec_counts(spec: JobSpec, config: PretrainedConfig | None = None) -> dict[str, int]:
+    """`parameter_counts` of the job's model, its submodels of `submodel_group(spec)` experts."""
+    return parameter_counts(config or spec_config(spec), submodel_group(spec))
 
 
 @dataclass(frozen=True)

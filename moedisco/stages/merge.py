@@ -27,9 +27,10 @@ from safetensors import safe_open
 
 from moedisco.config.spec import JobSpec
 from moedisco.job.layout import JobPaths
-from moedisco.models.architecture import expert_axes, join_experts, num_experts_of, read_config
+from moedisco.models.architecture import Role, expert_axes, join_experts, num_experts_of, read_config
 from moedisco.models.experts import record_provenance
 from moedisco.models.layerwise import output_head, stream_layers
+from moedisco.models.routing import force_experts, router_modules
 from moedisco.models.weights import WEIGHTS_FILE, SavedWeights, WeightsWriter, files_of
 from moedisco.stages import cluster, prepare
 from moedisco.stages.branch import branch_point
@@ -37,7 +38,6 @@ from moedisco.stages.cluster import cluster_eval_sequences, train_source
 from moedisco.stages.prepare import eval_sequences
 from moedisco.stages.stage_run import StageRun
 from moedisco.training.checkpoint import SECOND_MOMENT_FILE
-from moedisco.models.routing import force_experts, router_modules
 from moedisco.training.heldout import hidden_loss_sum
 
 FISHER_FLOOR = 1e-30
