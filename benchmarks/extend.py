@@ -98,9 +98,9 @@ def run(raw: dict, overrides: list[str]) -> tuple[dict, float, object]:
 
 
 def costs(summary: dict, spec) -> dict:
-    from moedisco.models.experts import with_base_model
+    from moedisco.models.experts import with_checkpoint_model
 
-    spec = with_base_model(spec)
+    spec = with_checkpoint_model(spec)
     config = spec_config(spec)
     flop = flop_cost(spec, parameter_counts(config), {})
     return {"ledger_usd": summary["cost"]["total_usd"], "flop_usd": flop["total_usd"],

@@ -114,3 +114,71 @@ def test_the_estimate_sizes_a_group_submodel(tmp_path):
     assert per_step(grouped) == counts["submodel_active"] and per_step(single) == counts["dense"]
     assert grouped["cost"]["submodels_usd"] == pytest.approx(
         single["cost"]["submodels_usd"] * 2 * counts["submodel_active"] / (8 * counts["dense"]), rel=1e-6)
+
+
+def test_a_pretrained_checkpoint_names_its_architecture(tmp_path):
+    """`model.arch` left out is learnt from the checkpoint, and the architecture's rules apply to it; a spec that
+    names another architecture is refused."""
+    from moedisco.models.experts import with_checkpoint_model
+    from moedisco.models.weights import save_weights
+    from tests.conftest import tiny_hf_config
+
+    save_weights(AutoModelForCausalLM.from_config(tiny_hf_config("deepseek_v3")), tmp_path / "ds")
+    model = {"pretrained": str(tmp_path / "ds"), "num_experts": 4, "experts_per_submodel": 2}
+    spec = with_checkpoint_model(build_spec(tiny_spec_dict(tmp_path / "a", model=model)))
+    assert spec.model.arch == "deepseek_v3"
+    with pytest.raises(ValueError, match="at least 2 for deepseek_v3"):
+        with_checkpoint_model(build_spec(tiny_spec_dict(tmp_path / "b", model={**model, "experts_per_submodel": 1})))
+    with pytest.raises(ValueError, match="model.arch is 'mixtral' but model.pretrained"):
+        with_checkpoint_model(build_spec(tiny_spec_dict(tmp_path / "c", model={**model, "arch": "mixtral"})))
+
+
+def test_the_auto_recipe_gives_groups_the_cheap_phase_of_single_experts(tmp_path):
+    raw = tiny_spec_dict(tmp_path, recipe="auto", full_parameter={"steps": 1000, "batch_size": 64},
+                         model={**tiny_model_config("qwen3_moe").model_dump(mode="json"), "num_experts": 16})
+    sequences = lambda spec: spec.num_clusters * spec.submodel.steps * spec.submodel.batch_size  # noqa: E731
+    single = build_spec(raw)
+    grouped = build_spec({**raw, "model": {**raw["model"], "experts_per_submodel": 4}})
+    assert grouped.num_clusters == 4 and sequences(grouped) == pytest.approx(sequences(single), rel=0.05)
+
+
+@pytest.mark.parametrize(("groups", "picked", "expected"), [(2, 1, (1, 1)), (4, 1, (2, 1)), (4, 2, (2, 2))])
+def test_a_submodel_keeps_the_size_of_deepseek_expert_groups_and_routes_as_forced(tmp_path, groups, picked,
+                                                                                  expected):
+    """8 experts in routing groups of 8 / `groups`, tokens routed within `picked` groups: a submodel of 4 experts
+    keeps the groups' size, and forcing the full model onto those experts gives the submodel's output."""
+    from moedisco.models.architecture import with_num_experts
+    from moedisco.models.routing import force_experts
+    from moedisco.models.weights import save_weights
+    from moedisco.stages.split import load_submodel
+    from tests.conftest import tiny_hf_config
+
+    config = tiny_hf_config("deepseek_v3", num_experts=8)
+    config.n_group, config.topk_group, config.num_experts_per_tok = groups, picked, 2
+    sub_config = with_num_experts(config, 4)
+    assert (sub_config.n_group, sub_config.topk_group) == expected
+    torch.manual_seed(0)
+    source = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for layer in source.model.layers:
+            layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(8) * 0.1)  # a trained model's bias
+    save_weights(source, tmp_path / "source")
+    ids = torch.randint(2, 97, (2, 16))
+    sub = load_submodel(tmp_path / "source", 1, 4).eval()
+    with force_experts(source, range(4, 8)):
+        expected = source(input_ids=ids).logits
+    torch.testing.assert_close(sub(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_balanced_bias_stays_in_fp32_in_a_bf16_model():
+    from moedisco.training.balance import BiasBalancer
+    from tests.conftest import tiny_hf_config
+
+    model = AutoModelForCausalLM.from_config(tiny_hf_config("deepseek_v3")).to(torch.bfloat16).train()
+    balancer = BiasBalancer(model, rate=1e-3)
+    bias = model.model.layers[0].mlp.gate.e_score_correction_bias
+    assert bias.dtype == torch.float32
+    bias.fill_(0.4)  # in bf16, 0.4 + 0.001 rounds back to 0.4
+    model(input_ids=torch.randint(2, 97, (2, 16)))
+    balancer.step()
+    assert not torch.equal(model.model.layers[0].mlp.gate.e_score_correction_bias, torch.full((4,), 0.4))

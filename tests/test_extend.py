@@ -221,14 +221,14 @@ def test_a_retired_experts_corpus_leaves_the_lineage_and_a_final_folder_names_it
     assert "test/cluster 1" not in {d.name for d in lineage_domains(tmp_path / "optout")}
     spec = build_spec({**tiny_spec_dict(tmp_path / "again", data={"train": str(root / "data" / "new.jsonl")}),
                        "method": "extend", "extend": {"base": str(tmp_path / "optout")}})
-    from moedisco.models.experts import with_base_model
+    from moedisco.models.experts import with_checkpoint_model
     from moedisco.stages.cluster import ClusterResult
 
     clusters = ClusterResult.load(JobPaths(root / "base").clusters)
     (tmp_path / "again").mkdir()
     (tmp_path / "again" / "data").symlink_to(root / "extended" / "data")  # its new corpus, as prepared
     (tmp_path / "again" / "cluster").symlink_to(root / "extended" / "cluster")
-    replay = replay_source(with_base_model(spec), JobPaths(tmp_path / "again"))
+    replay = replay_source(with_checkpoint_model(spec), JobPaths(tmp_path / "again"))
     assert len(replay.sources) == 2 and replay.shares[1] == pytest.approx(0.5)  # the new corpus, then the base's
     kept = np.flatnonzero(clusters.assignments != 1)
     copy = TokenShard.load(tmp_path / "again" / "replay" / "0")  # in this job's folder: the base's is only read

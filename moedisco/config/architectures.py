@@ -11,7 +11,7 @@ expert or router: `moedisco.models.architecture.parameter_roles`), so an entry o
 - `count_key`: the config key of the number of routed experts per MoE layer;
 - `config_keys(model)`: how the spec's widths map onto the architecture's config keys;
 - `resize(config, experts)`: keys besides `count_key` and top-k that must follow the expert count (DeepSeek's
-  expert groups, LLaMA-MoE's per-expert widths);
+  expert groups, LLaMA-MoE's per-expert widths), called while `config` still has the old count;
 - `router`: the router module's name inside a decoder layer (`mlp.gate`, gpt-oss's `mlp.router`);
 - `min_group`: the fewest experts a submodel may route among (DeepSeek's router sums each group's top two scores,
   so a submodel needs two experts: `model.experts_per_submodel` >= 2);
@@ -91,10 +91,15 @@ def _glm4_moe(model) -> dict:
 
 def _expert_groups(config: Any, experts: int) -> None:
     """DeepSeek-style group-limited routing: `n_group` groups of experts, tokens routed within `topk_group` of them.
-    A smaller expert set keeps as many groups as still divide it with two experts each (the router sums each
-    group's top two scores), and top-k stays within the groups it may pick."""
-    groups = max((g for g in range(1, min(config.n_group, experts) + 1) if experts % g == 0 and experts // g >= 2),
-                 default=1)
+    A smaller expert set keeps the groups' size where it divides it (a submodel of two of the full model's groups
+    routes as the full model does between those two); else as many groups as divide it with two experts each (the
+    router sums each group's top two scores). Top-k stays within the groups it may pick."""
+    size = config.n_routed_experts // config.n_group
+    if experts % size == 0 and size >= 2:
+        groups = experts // size
+    else:
+        groups = max((g for g in range(1, min(config.n_group, experts) + 1)
+                      if experts % g == 0 and experts // g >= 2), default=1)
     config.n_group, config.topk_group = groups, min(config.topk_group, groups)
     config.num_experts_per_tok = min(config.num_experts_per_tok, config.topk_group * experts // groups)
 

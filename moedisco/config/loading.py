@@ -9,13 +9,15 @@ The spec itself, every section and field, is `moedisco.config.spec`; this module
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
-from moedisco.config.spec import JobSpec
+from moedisco.config.architectures import REGISTRY
+from moedisco.config.spec import JobSpec, ModelConfig
 from moedisco.io.storage import is_uri
 
 # (section, field) of every spec path a job reads: resolved against the spec's folder here, made absolute by
@@ -99,6 +101,28 @@ def absolute_paths(spec: JobSpec) -> JobSpec:
         if path is not None and not is_uri(path) and not path.is_absolute():
             setattr(obj, field, path.absolute())
     return spec
+
+
+def with_pretrained_arch(spec: JobSpec) -> JobSpec:
+    """`model.arch` from the pretrained MoE checkpoint's config.json (a dense one, upcycled, keeps the spec's), and
+    the spec's architecture checks run again for it (`JobSpec._architecture_fits`); a ValueError when the spec
+    names another architecture. Reads one JSON file: the service calls it without loading model code."""
+    pretrained = spec.model.pretrained
+    found = _checkpoint_type(pretrained) if pretrained is not None else None
+    if found is None or found not in REGISTRY or found == spec.model.arch:
+        return spec
+    if spec.model.arch != ModelConfig.model_fields["arch"].default:  # the default is what leaving it out gives
+        raise ValueError(f"model.arch is {spec.model.arch!r} but model.pretrained {pretrained} is a {found} "
+                         "checkpoint: leave model.arch out, or make it match")
+    checked = spec.model_copy(update={"model": spec.model.model_copy(update={"arch": found})}, deep=True)
+    return checked._architecture_fits()
+
+
+def _checkpoint_type(folder: Path) -> str | None:
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):  # no folder yet, or not a model's config: the source stage says so
+        return None
 
 
 def resolve_relative(path: Path, base_dir: Path) -> Path:

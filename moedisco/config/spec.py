@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from moedisco.config.architectures import ARCHITECTURES, REGISTRY
+from moedisco.config.architectures import ARCHITECTURES, REGISTRY, architecture
 from moedisco.config.recipe import auto_recipe
 from moedisco.config.resources import CPU_DEVICE_TYPE, DeviceSpec, ResourcesConfig, TierConfig, _Section  # noqa: F401
 from moedisco.config.train import TrainConfig
@@ -128,6 +128,13 @@ class ModelConfig(_Section):
     overrides: dict[str, Any] = Field(
         default_factory=dict, description="Extra Hugging Face config keys, passed through unchanged."
     )
+
+    @field_validator("arch", mode="before")
+    @classmethod
+    def _known_architecture(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in REGISTRY:
+            architecture(value)  # a ValueError naming the registry an architecture is added to
+        return value
 
     @model_validator(mode="after")
     def _check_shapes(self) -> ModelConfig:
@@ -304,7 +311,8 @@ class JobSpec(_Section):
     )
     embed: EmbedConfig = Field(default_factory=EmbedConfig, description="Document embeddings the clustering uses.")
     cluster: ClusterConfig = Field(
-        default_factory=ClusterConfig, description="Clustering of the documents, one cluster per expert."
+        default_factory=ClusterConfig,
+        description="Clustering of the documents, one cluster per submodel (expert or group)."
     )
     model: ModelConfig = Field(
         default_factory=ModelConfig, description="The MoE model: architecture and sizes, or a pretrained checkpoint."
@@ -336,20 +344,6 @@ class JobSpec(_Section):
         for method in ("extend", "retire"):
             if self.method == method and getattr(self, method) is None:
                 raise ValueError(f"method '{method}' needs the `{method}` section (at least `{method}.base`)")
-        least = REGISTRY[self.model.arch].min_group
-        if self.method == "moe_disco" and self.model.experts_per_submodel < least:
-            raise ValueError(f"model.experts_per_submodel must be at least {least} for {self.model.arch}: its router "
-                             "sums the top two scores of each expert group, so a submodel routes among two experts "
-                             "or more")
-        dense_warmup = self.branch.warmup_steps and self.branch.warmup_model == "dense"
-        if self.method == "moe_disco" and least > 1 and dense_warmup:
-            raise ValueError(f"branch.warmup_model 'dense' trains a one-expert model, which {self.model.arch} cannot "
-                             "route; use warmup_model 'moe'")
-        if self.merge.router_init == "centroid" and not REGISTRY[self.model.arch].linear_router:
-            if "router_init" in self.merge.model_fields_set:
-                raise ValueError(f"merge.router_init 'centroid' sets the rows of a linear router; {self.model.arch}'s "
-                                 "router is not one: use 'concat' or 'random'")
-            self.merge.router_init = "concat"  # the default, where it cannot apply
         if self.method in ("extend", "retire") and self.model.experts_per_submodel != 1:
             raise ValueError(f"method '{self.method}' adds or removes single experts: model.experts_per_submodel "
                              "must be 1")
@@ -365,6 +359,26 @@ class JobSpec(_Section):
             raise ValueError("cluster.method 'field' reads a field of each document: data.format 'text' has none")
         if self.method == "extend" and self.branch.sync_rounds > 1 and "sync_rounds" in self.branch.model_fields_set:
             raise ValueError("method 'extend' trains its new submodels in one round: branch.sync_rounds must be 1")
+        return self
+
+    @model_validator(mode="after")
+    def _architecture_fits(self) -> JobSpec:
+        """What the model's architecture allows (its registry entry); run again when `model.arch` is learnt from a
+        checkpoint (`moedisco.models.experts.with_checkpoint_model`)."""
+        least = REGISTRY[self.model.arch].min_group
+        if self.method == "moe_disco" and self.model.experts_per_submodel < least:
+            raise ValueError(f"model.experts_per_submodel must be at least {least} for {self.model.arch}: its router "
+                             "sums the top two scores of each expert group, so a submodel routes among two experts "
+                             "or more")
+        dense_warmup = self.branch.warmup_steps and self.branch.warmup_model == "dense"
+        if self.method == "moe_disco" and least > 1 and dense_warmup:
+            raise ValueError(f"branch.warmup_model 'dense' trains a one-expert model, which {self.model.arch} cannot "
+                             "route; use warmup_model 'moe'")
+        if self.merge.router_init == "centroid" and not REGISTRY[self.model.arch].linear_router:
+            if "router_init" in self.merge.model_fields_set:
+                raise ValueError(f"merge.router_init 'centroid' sets the rows of a linear router; {self.model.arch}'s "
+                                 "router is not one: use 'concat' or 'random'")
+            self.merge.router_init = "concat"  # the default, where it cannot apply
         return self
 
     @field_validator("data")
@@ -388,7 +402,7 @@ class JobSpec(_Section):
     @model_validator(mode="after")
     def _auto_recipe(self) -> JobSpec:  # before the checks below, which then check what it chose
         if self.recipe == "auto":
-            chosen = auto_recipe(self.full_parameter.steps, self.full_parameter.batch_size, self.model.num_experts,
+            chosen = auto_recipe(self.full_parameter.steps, self.full_parameter.batch_size, self.num_clusters,
                                  self.finetune.batch_size)
             self.submodel.batch_size, self.submodel.steps = chosen.submodel_batch, chosen.submodel_steps
             self.finetune.steps = chosen.finetune_steps

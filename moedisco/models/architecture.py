@@ -45,9 +45,9 @@ def with_num_experts(config: PretrainedConfig, num_experts: int) -> PretrainedCo
     architecture sizes by its expert count (its registry entry's `resize`)."""
     config = copy.deepcopy(config)
     entry = entry_of(config)
+    entry.resize(config, num_experts)  # before the count changes: it may size by the old one
     setattr(config, entry.count_key, num_experts)
     config.num_experts_per_tok = min(config.num_experts_per_tok, num_experts)
-    entry.resize(config, num_experts)
     return config
 
 

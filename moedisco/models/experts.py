@@ -1,7 +1,7 @@
 """A finished MoE's expert set, grown or shrunk tensor by tensor, and where each expert came from.
 
     folder = base_model(Path("runs/tiny"))           # a job folder's final/, or a Hugging Face model folder as it is
-    spec = with_base_model(spec)                     # an extend/retire job's `model` and tokenizer: the base's
+    spec = with_checkpoint_model(spec)                     # an extend/retire job's `model` and tokenizer: the base's
     rewrite_experts(folder, out, 3, rows=lambda name, role, tensor: tensor[[0, 1, 3]])    # expert 2 dropped
     expert_provenance(read_config(out))              # [{"expert": 0, "job": "tiny", "cluster": 0, ...}, ...]
 
@@ -20,6 +20,7 @@ import torch
 from pydantic import ValidationError
 from transformers import PretrainedConfig
 
+from moedisco.config.loading import with_pretrained_arch
 from moedisco.config.spec import JobSpec, ModelConfig
 from moedisco.job.provenance import PROVENANCE_KEY, base_job, expert_provenance_of
 from moedisco.models.architecture import (
@@ -58,13 +59,14 @@ def base_model(base: Path) -> Path:
                      "(no config.json)")
 
 
-def with_base_model(spec: JobSpec) -> JobSpec:
-    """An `extend` or `retire` job's spec with its `model` section describing the model it delivers (the base's
-    architecture and widths; its experts plus the new ones, or less the retired ones) and, for an extension, the
-    base's tokenizer, which the new corpus must be tokenized with. Other methods: `spec` unchanged. A ValueError
-    names the field when the base cannot be used."""
+def with_checkpoint_model(spec: JobSpec) -> JobSpec:
+    """A job's spec with its `model` section describing the checkpoint it starts from. An `extend` or `retire`
+    job: the base's architecture and widths, its experts plus the new ones or less the retired ones, and, for an
+    extension, the base's tokenizer, which the new corpus must be tokenized with. A job on a pretrained MoE
+    checkpoint (`model.pretrained`): the checkpoint's architecture, which `model.arch` may leave out but may not
+    contradict. Otherwise `spec` unchanged. A ValueError names the field when the checkpoint cannot be used."""
     if spec.method not in ("extend", "retire"):
-        return spec
+        return with_pretrained_arch(spec)
     section = spec.extend if spec.method == "extend" else spec.retire
     folder = base_model(section.base)
     config = read_config(folder)

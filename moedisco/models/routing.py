@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 from transformers import PretrainedConfig
 
-from moedisco.models.architecture import entry_of, expert_axes, num_experts_of, take_experts
+from moedisco.models.architecture import entry_of, expert_axes, num_experts_of, take_experts, with_num_experts
 
 
 def router_modules(model: torch.nn.Module, config: PretrainedConfig | None = None) -> dict[str, torch.nn.Module]:
@@ -32,19 +32,30 @@ def router_modules(model: torch.nn.Module, config: PretrainedConfig | None = Non
             if (name == suffix or name.endswith("." + suffix)) and hasattr(module, "top_k")}
 
 
+_AXES: dict[str, dict[str, tuple[int, ...]]] = {}
+
+
 def router_axes(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
-    """The expert axes of each tensor of a router module, by its name inside the router (`weight`, `bias`, ...)."""
-    suffix = "." + entry_of(config).router + "."
-    axes: dict[str, tuple[int, ...]] = {}
-    for name, tensor_axes in expert_axes(config).items():
-        if suffix in name and tensor_axes:
-            axes.setdefault(name.split(suffix, 1)[1], tensor_axes)
-    return axes
+    """The expert axes of each tensor of a router module, by its name inside the router (`weight`, `bias`, ...).
+    Kept per config: `expert_axes` builds two models on the meta device, and forced routing asks once per layer,
+    group and batch of an evaluation."""
+    key = config.to_json_string(use_diff=False)
+    if key not in _AXES:
+        if len(_AXES) >= 16:
+            _AXES.clear()
+        suffix = "." + entry_of(config).router + "."
+        axes: dict[str, tuple[int, ...]] = {}
+        for name, tensor_axes in expert_axes(config).items():
+            if suffix in name and tensor_axes:
+                axes.setdefault(name.split(suffix, 1)[1], tensor_axes)
+        _AXES[key] = axes
+    return _AXES[key]
 
 
-def restricted_router(router: torch.nn.Module, axes: dict[str, tuple[int, ...]], first: int,
-                      count: int) -> torch.nn.Module:
-    """A copy of `router` over experts [first, first + count) only: what a submodel of those experts routes with."""
+def restricted_router(router: torch.nn.Module, axes: dict[str, tuple[int, ...]], first: int, count: int,
+                      config: PretrainedConfig) -> torch.nn.Module:
+    """A copy of `router` over experts [first, first + count) only, routing as the submodel of those experts does
+    (`config`: the MoE's, resized to `count` experts by `with_num_experts`)."""
     sub = copy.deepcopy(router)
     for name, tensor in list(sub.state_dict(keep_vars=True).items()):
         if name in axes:
@@ -55,9 +66,9 @@ def restricted_router(router: torch.nn.Module, axes: dict[str, tuple[int, ...]],
                 module._parameters[leaf] = torch.nn.Parameter(narrowed, requires_grad=False)
             else:
                 module._buffers[leaf] = narrowed
-    sub.num_experts, sub.top_k = count, min(sub.top_k, count)
-    if hasattr(sub, "num_group"):  # DeepSeek-style group-limited routing: one group of the chosen experts
-        sub.num_group = sub.topk_group = 1
+    sub.num_experts, sub.top_k = count, config.num_experts_per_tok
+    if hasattr(sub, "num_group"):  # DeepSeek-style group-limited routing, as the submodel's config has it
+        sub.num_group, sub.topk_group = config.n_group, config.topk_group
     return sub
 
 
@@ -76,14 +87,15 @@ def force_experts(model: torch.nn.Module, experts: Sequence[int], config: Pretra
     first, count = _contiguous(experts)
     if first + count > num_experts_of(config):
         raise ValueError(f"experts {first}-{first + count - 1}: the model has {num_experts_of(config)}")
-    axes = router_axes(config)
+    axes, submodel = router_axes(config), with_num_experts(config, count)
 
     def rerouted(sub: torch.nn.Module, args: tuple, output: tuple) -> tuple:
         _, weights, indices = sub(*args)
         return output[0], weights, indices + first
 
     handles = [router.register_forward_hook(
-        lambda module, args, output, sub=restricted_router(router, axes, first, count): rerouted(sub, args, output))
+        lambda module, args, output, sub=restricted_router(router, axes, first, count, submodel):
+        rerouted(sub, args, output))
         for router in router_modules(model, config).values()]
     try:
         yield model

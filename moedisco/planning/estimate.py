@@ -29,7 +29,7 @@ from moedisco.config.resources import DeviceSpec
 from moedisco.config.spec import JobSpec
 from moedisco.job.registry import STAGE, tier_of
 from moedisco.models.architecture import num_experts_of, with_num_experts
-from moedisco.models.experts import with_base_model
+from moedisco.models.experts import with_checkpoint_model
 from moedisco.planning.cost import flop_cost_usd
 from moedisco.planning.host_memory import host_plans, host_refusal
 from moedisco.planning.memory_plan import memory_plan, memory_plans, refusal, stage_devices
@@ -54,7 +54,7 @@ def estimate_job(spec: JobSpec, sharded: bool = True, hours: dict[str, float] | 
     if spec.method == "retire":
         raise EstimateError("method 'retire' trains nothing and reads no corpus: there is nothing to estimate")
     try:  # an extension's model: the base's, with its new experts
-        spec = with_base_model(spec)
+        spec = with_checkpoint_model(spec)
     except ValueError as error:
         raise EstimateError(str(error)) from None
     hours = dict(hours or {})
@@ -121,7 +121,7 @@ def job_flop_usd(spec: JobSpec) -> float:
 
 
 def rerun_estimate(spec: JobSpec, ledger_usd: float | None = None) -> dict | None:
-    """An extension (`method: extend`, its spec as `with_base_model` resolves it) against running its lineage's
+    """An extension (`method: extend`, its spec as `with_checkpoint_model` resolves it) against running its lineage's
     first job again on the union of the corpora with every expert: that job's recipe at the extended model's expert
     count. Under the FLOP model both are priced alike; the first job's ledger dollars, scaled by the FLOP ratio of
     the re-run to it, stand for the re-run's bill beside this job's `ledger_usd`. None for other methods or a

@@ -37,7 +37,7 @@ from moedisco.job.events import (
 from moedisco.job.layout import ClaimLost, JobPaths, check_claim, claim, is_done, mark_done, stage_result
 from moedisco.job.metrics import MetricsWriter
 from moedisco.job.registry import STAGE, Task, plan, tier_of
-from moedisco.models.experts import with_base_model
+from moedisco.models.experts import with_checkpoint_model
 from moedisco.planning.billing import NodeLife
 from moedisco.planning.cost import CostLedger
 from moedisco.planning.estimate import rerun_estimate
@@ -196,7 +196,7 @@ class JobRunner:
         # (`memory: auto`), which the saved spec then holds; a job that fits no device is refused before it starts.
         # An output_dir on object storage comes down first (a resume on a fresh machine): the memory plan keeps
         # the measures its checkpoints were trained with, and the ledger what the job spent so far.
-        spec = with_base_model(absolute_paths(spec))  # an extension's or retirement's model: the base's
+        spec = with_checkpoint_model(absolute_paths(spec))  # an extension's or retirement's model: the base's
         paths = JobPaths(spec.output_dir)
         paths.pull()
         spec = resolve_memory(spec, sharded=executor.shards)

@@ -1,4 +1,4 @@
-"""Data decoupling: partition documents into one cluster per expert (paper sec. 3.1.2, eq. 4).
+"""Data decoupling: one cluster of documents per submodel, an expert or a group (paper sec. 3.1.2, eq. 4).
 
     result = fit_clusters(vectors_ND, spec.cluster, num_clusters=4, seed=0)
     result.assignments      # int64 [N], cluster of each document
@@ -157,7 +157,8 @@ def _random_split(vectors_ND: np.ndarray, num_clusters: int, seed: int) -> tuple
 
 def fit_clusters(vectors_ND: np.ndarray, cfg: ClusterConfig, num_clusters: int, seed: int) -> ClusterResult:
     if len(vectors_ND) < num_clusters:
-        raise ValueError(f"{len(vectors_ND)} documents cannot fill {num_clusters} clusters (model.num_experts)")
+        raise ValueError(f"{len(vectors_ND)} documents cannot fill {num_clusters} clusters (one per submodel: "
+                         "model.num_experts / model.experts_per_submodel)")
     vectors_ND = prepare_vectors(vectors_ND, cfg.normalize)
     if cfg.method == "kmeans":
         from sklearn.cluster import KMeans

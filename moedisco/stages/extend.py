@@ -1,6 +1,6 @@
 """Extending a finished MoE with experts for a new corpus (`method: extend`), on the paper's cheap/expensive split.
 
-    spec = with_base_model(load_spec("extend.yaml"))    # model and tokenizer: the base's (moedisco.models.experts)
+    spec = with_checkpoint_model(load_spec("extend.yaml"))   # model and tokenizer: the base's (models.experts)
     stage_source(run)     # source/: the base's backbone + one expert per new cluster, copied from the base
     stage_submodel(...)   # (moedisco.stages.branch) each new expert trains on its cluster on the cheap tier
     stage_merge(run)      # merged/: the base's experts + the new ones, router rows from the new clusters' centroids

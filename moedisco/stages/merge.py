@@ -37,6 +37,7 @@ from moedisco.stages.branch import branch_point
 from moedisco.stages.cluster import cluster_eval_sequences, train_source
 from moedisco.stages.prepare import eval_sequences
 from moedisco.stages.stage_run import StageRun
+from moedisco.training.balance import BIAS
 from moedisco.training.checkpoint import SECOND_MOMENT_FILE
 from moedisco.training.heldout import hidden_loss_sum
 
@@ -134,13 +135,30 @@ def _merged_tensor(name: str, axes: tuple[int, ...], handles: list, weights: Seq
                    init_std: float, generator: torch.Generator, fisher_handles: list | None,
                    source: SavedWeights) -> torch.Tensor:
     """Shared: the (Fisher-)weighted average. Per expert: the submodels' slices joined; a router layer mixing
-    experts keeps the branch point's entries between groups, which no submodel trained."""
+    experts keeps the branch point's entries between groups, which no submodel trained, and each group's expert
+    bias (`moedisco.training.balance`) keeps its branch-point mean, so that no group is favoured by how far its
+    own drifted."""
     if not axes:
         return shared_average(name, handles, weights, fisher_handles)
-    if ".experts." not in name and router_init == "random":
-        return torch.randn(source.get(name).shape, generator=generator) * init_std
-    base = source.get(name) if len(axes) > 1 else None
-    return join_experts([handle.get_tensor(name) for handle in handles], axes, base)
+    if ".experts." not in name and router_init == "random":  # gate weights drawn, biases and noise scales zero
+        fresh = name.endswith(".weight") and "noise" not in name
+        shape = source.get(name).shape
+        return torch.randn(shape, generator=generator) * init_std if fresh else torch.zeros(shape)
+    parts = [handle.get_tensor(name) for handle in handles]
+    if name.endswith(BIAS):  # each group's expert bias drifted on its own: only its ranking within the group counts
+        parts = _undrifted(parts, source.get(name))
+    return join_experts(parts, axes, source.get(name) if len(axes) > 1 else None)
+
+
+def _undrifted(parts: list[torch.Tensor], branched: torch.Tensor) -> list[torch.Tensor]:
+    """Each group's trained expert bias shifted back to the mean it had at the branch point: its experts' ranking
+    among themselves is what its submodel learnt; a level common to the group is only how its updates drifted."""
+    out, first = [], 0
+    for part in parts:
+        shift = part.float().mean() - branched[first : first + len(part)].float().mean()
+        out.append(part if shift == 0 else (part.float() - shift).to(part.dtype))
+        first += len(part)
+    return out
 
 
 def merge_submodels(source: Path, submodels: Sequence[Path], weights: Sequence[float], router_init: str,

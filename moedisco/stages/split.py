@@ -55,7 +55,8 @@ def load_pretrained_moe(path: Path, cfg: ModelConfig) -> PreTrainedModel:
         return upcycle_dense(path, cfg)
     if config.model_type not in ARCHITECTURES:
         raise ValueError(f"model.pretrained {path}: model_type {config.model_type!r} is neither an MoE "
-                         f"{ARCHITECTURES} nor a dense model to upcycle {tuple(DENSE_TO_MOE)}")
+                         f"{ARCHITECTURES} nor a dense model to upcycle {tuple(DENSE_TO_MOE)}; an MoE is added as "
+                         "an ArchitectureEntry in moedisco.config.architectures.REGISTRY")
     if num_experts_of(config) != cfg.num_experts:
         raise ValueError(
             f"model.num_experts is {cfg.num_experts} but the checkpoint at {path} has {num_experts_of(config)} experts"

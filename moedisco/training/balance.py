@@ -22,6 +22,8 @@ class BiasBalancer:
     def __init__(self, model: torch.nn.Module, rate: float):
         self.rate = rate
         self.routers = [module for module in model.modules() if isinstance(getattr(module, BIAS, None), torch.Tensor)]
+        for router in self.routers:  # in bf16 a step of 1e-3 vanishes once the bias passes 0.25
+            setattr(router, BIAS, getattr(router, BIAS).float())
         self.counts = [torch.zeros_like(getattr(router, BIAS), dtype=torch.float64) for router in self.routers]
         self.handles = [router.register_forward_hook(self._counter(index)) for index, router in enumerate(self.routers)]
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 
+from moedisco.config.loading import with_pretrained_arch
 from moedisco.config.spec import JobSpec, ModelConfig
 from moedisco.io.storage import is_uri
 from moedisco.job.registry import STAGE
@@ -79,14 +80,18 @@ def _job_references(raw: dict, settings: Settings) -> list[dict]:
     return errors
 
 
-def _with_base_model(spec: JobSpec) -> JobSpec:
+def _with_checkpoint_model(spec: JobSpec) -> JobSpec:
     """An extension's or retirement's spec with the base's model (and, extending, its tokenizer), as the runner
-    will run it (`moedisco.models.experts.with_base_model`); a 422 naming `<method>.base` when the base is no
-    finished model, or `retire.experts` when they do not fit it. Other methods: `spec` unchanged."""
+    will run it (`moedisco.models.experts.with_checkpoint_model`); a 422 naming `<method>.base` when the base is no
+    finished model, or `retire.experts` when they do not fit it. Other methods: the pretrained checkpoint's
+    architecture (`with_pretrained_arch`), or a 422 naming `model.arch`."""
     if spec.method not in ("extend", "retire"):
-        return spec
+        try:  # a pretrained MoE checkpoint's architecture, read from its config.json without model code
+            return with_pretrained_arch(spec)
+        except ValueError as failure:
+            raise RequestValidationError([error(("model", "arch"), str(failure), spec.model.arch)])
     from moedisco.models.architecture import num_experts_of, read_config
-    from moedisco.models.experts import base_model, with_base_model
+    from moedisco.models.experts import base_model, with_checkpoint_model
 
     base = getattr(spec, spec.method).base
     try:
@@ -94,7 +99,7 @@ def _with_base_model(spec: JobSpec) -> JobSpec:
     except (OSError, ValueError, AttributeError, TypeError) as failure:  # AttributeError: a config of no MoE
         raise RequestValidationError([error((spec.method, "base"), f"not a finished MoE model: {failure}", base)])
     try:
-        return with_base_model(spec)
+        return with_checkpoint_model(spec)
     except ValueError as failure:  # the base loads: the experts asked for, or a model the spec cannot describe
         if str(failure).startswith("retire.experts"):
             raise RequestValidationError([error(("retire", "experts"), str(failure), spec.retire.experts)])
@@ -150,7 +155,7 @@ def prepare_spec(job_in: JobCreate, job_id: str, settings: Settings, reader: Rea
     errors = errors or _not_folders(raw)
     if errors:
         raise RequestValidationError(errors)
-    spec = _with_base_model(JobSpec.model_validate(raw))
+    spec = _with_checkpoint_model(JobSpec.model_validate(raw))
     too_big = _check_size(spec, settings)
     if too_big is not None:
         raise RequestValidationError([too_big])
