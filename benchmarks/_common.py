@@ -19,6 +19,14 @@ def publish(report: dict, out: Path | None) -> None:
         out.write_text(text + "\n")
 
 
+def add_job_arguments(parser, example_override: str) -> None:
+    """The options every job-running benchmark takes: its seed, spec overrides, a quick plumbing run, an output."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], help=f"override for every job, e.g. {example_override}")
+    parser.add_argument("--quick", action="store_true", help="tiny steps: checks the plumbing, not the figures")
+    parser.add_argument("--out", type=Path)
+
+
 def sized_config(hidden: int, num_experts: int = 4, layers: int = 4, vocab: int = 8192, arch: str = "qwen2_moe"):
     from moedisco.config.spec import ModelConfig
     from moedisco.models.architecture import build_moe_config

@@ -23,7 +23,7 @@ import json
 import time
 from pathlib import Path
 
-from _common import REPO, publish
+from _common import REPO, add_job_arguments, publish
 
 from moedisco.config.loading import apply_overrides, build_spec
 from moedisco.planning.estimate import flop_cost
@@ -121,11 +121,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["frozen:router"],
                         help="extensions to measure, each `shared:finetune[:replay_fraction]` (extend.shared, "
                              "extend.finetune, extend.replay_fraction; default replay 0.5)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", action="append", default=[],
-                        help="override for every job, e.g. merge.weighting=samples")
-    parser.add_argument("--quick", action="store_true", help="tiny steps: checks the plumbing, not the targets")
-    parser.add_argument("--out", type=Path)
+    add_job_arguments(parser, "merge.weighting=samples")
     args = parser.parse_args()
     if args.quick:
         args.submodel_steps, args.finetune_steps, args.extension_steps, args.extension_finetune = 16, 8, 16, 4

@@ -17,7 +17,7 @@ import argparse
 import time
 from pathlib import Path
 
-from _common import publish
+from _common import add_job_arguments, publish
 from extend import domain_sequences, split_corpus
 
 from moedisco.config.loading import apply_overrides, build_spec
@@ -80,11 +80,7 @@ def main() -> None:
     parser.add_argument("--submodel-steps", type=int, default=150, help="per submodel of one expert (x g for g)")
     parser.add_argument("--finetune-steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=30, help="shared warm-up steps of the whole MoE")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", action="append", default=[],
-                        help="override for every job, e.g. merge.router_init=concat")
-    parser.add_argument("--quick", action="store_true", help="tiny steps: checks the plumbing, not the figures")
-    parser.add_argument("--out", type=Path)
+    add_job_arguments(parser, "merge.router_init=concat")
     args = parser.parse_args()
     if args.quick:
         args.submodel_steps, args.finetune_steps, args.warmup = 4, 4, 2
