@@ -50,7 +50,8 @@ def child(payload: dict) -> dict:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from moedisco.stages.merge import centroid_router_rows, merge_submodels, patch_tensors
+    from moedisco.stages.merge import merge_submodels
+    from moedisco.stages.router_rows import centroid_router_rows, patch_tensors
 
     folder = Path(payload["folder"])
     generator = torch.Generator().manual_seed(0)

@@ -12,8 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
+from moedisco.config.architectures import ARCHITECTURES  # noqa: E402
 from moedisco.config.loading import build_spec
-from moedisco.config.spec import ARCHITECTURES, ModelConfig  # noqa: E402
+from moedisco.config.spec import ModelConfig  # noqa: E402
 from moedisco.models.architecture import build_moe_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,14 +12,8 @@ from moedisco.models import layerwise
 from moedisco.models.architecture import parameter_roles
 from moedisco.models.routing import force_experts
 from moedisco.models.weights import WEIGHTS_FILE, save_weights, unique_state_dict
-from moedisco.stages.merge import (
-    averaging_weights,
-    centroid_router_rows,
-    init_router_from_centroids,
-    merge_submodels,
-    merged_losses,
-    patch_tensors,
-)
+from moedisco.stages.merge import averaging_weights, merge_submodels, merged_losses
+from moedisco.stages.router_rows import centroid_router_rows, init_router_from_centroids, patch_tensors
 from moedisco.stages.split import load_submodel
 from moedisco.training.heldout import evaluate_loss, oracle_loss
 from tests.conftest import tiny_hf_config

@@ -17,7 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from moedisco.config.architectures import ARCHITECTURES, REGISTRY, architecture
+from moedisco.config.architectures import REGISTRY
+from moedisco.config.model import Architecture, ModelConfig  # noqa: F401 - the spec's `model` section
 from moedisco.config.recipe import auto_recipe
 from moedisco.config.resources import CPU_DEVICE_TYPE, DeviceSpec, ResourcesConfig, TierConfig, _Section  # noqa: F401
 from moedisco.config.train import TrainConfig
@@ -97,56 +98,6 @@ class ClusterConfig(_Section):
             raise ValueError(f"cluster.domains is read only with cluster.method 'field', not '{self.method}'")
         if self.domains is not None and len(set(self.domains)) != len(self.domains):
             raise ValueError(f"cluster.domains has repeated names: {self.domains}")
-        return self
-
-
-Architecture = Literal[ARCHITECTURES]  # moedisco.config.architectures.REGISTRY
-
-
-class ModelConfig(_Section):
-    arch: Architecture = Field(
-        "qwen2_moe", description="Hugging Face MoE architecture (`model_type`)."
-    )
-    pretrained: Path | None = Field(
-        None, description="Local pretrained MoE checkpoint folder; unset builds the model from this config."
-    )
-    num_experts: int = Field(4, ge=2, le=256, description="Experts per MoE layer.")
-    # Fine-grained MoEs (64-256 small experts) train in groups: submodel k is the backbone with experts
-    # [k*g, (k+1)*g) and the router among them; num_experts / g clusters, one per submodel.
-    experts_per_submodel: int = Field(
-        1, ge=1, description="Experts each submodel trains (g), routed among by their router rows; 1 = the paper's.")
-    num_experts_per_tok: int = Field(2, ge=1, description="Experts each token is routed to (top-k).")
-    hidden_size: int = Field(64, ge=8, description="Model width.")
-    intermediate_size: int = Field(128, ge=8, description="FFN width of dense layers (and Mixtral's experts).")
-    moe_intermediate_size: int = Field(64, ge=8, description="Expert FFN width (Qwen/OLMoE families).")
-    shared_expert_intermediate_size: int = Field(64, ge=8, description="Shared expert FFN width (qwen2_moe).")
-    num_hidden_layers: int = Field(2, ge=1, description="Transformer layers.")
-    num_attention_heads: int = Field(4, ge=1, description="Attention heads.")
-    num_key_value_heads: int = Field(2, ge=1, description="Key/value heads (grouped-query attention).")
-    max_position_embeddings: int = Field(4096, ge=8, description="Longest position the model supports.")
-    router_aux_loss_coef: float = Field(0.01, ge=0.0, description="Load-balancing loss weight in the fine-tune.")
-    overrides: dict[str, Any] = Field(
-        default_factory=dict, description="Extra Hugging Face config keys, passed through unchanged."
-    )
-
-    @field_validator("arch", mode="before")
-    @classmethod
-    def _known_architecture(cls, value: Any) -> Any:
-        if isinstance(value, str) and value not in REGISTRY:
-            architecture(value)  # a ValueError naming the registry an architecture is added to
-        return value
-
-    @model_validator(mode="after")
-    def _check_shapes(self) -> ModelConfig:
-        if self.num_experts_per_tok > self.num_experts:
-            raise ValueError("num_experts_per_tok must be <= num_experts")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError("hidden_size must be divisible by num_attention_heads")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("num_attention_heads must be divisible by num_key_value_heads")
-        if self.num_experts % self.experts_per_submodel:
-            raise ValueError(f"experts_per_submodel ({self.experts_per_submodel}) must divide num_experts "
-                             f"({self.num_experts}): every submodel trains the same number of experts")
         return self
 
 

@@ -34,14 +34,9 @@ from moedisco.stages import prepare
 from moedisco.stages.cluster import ClusterResult, copy_documents, train_source
 from moedisco.stages.domains import domain_losses, lineage, lineage_domains
 from moedisco.stages.finetune import finetune, save_final
-from moedisco.stages.merge import (
-    averaging_weights,
-    centroid_router_rows,
-    cluster_provenance,
-    cluster_samples,
-    shared_average,
-)
+from moedisco.stages.merge import averaging_weights, cluster_provenance, cluster_samples, shared_average
 from moedisco.stages.prepare import eval_sequences
+from moedisco.stages.router_rows import centroid_router_rows
 from moedisco.stages.stage_run import StageRun
 from moedisco.training.checkpoint import SECOND_MOMENT_FILE
 
