@@ -170,15 +170,50 @@ def test_a_submodel_keeps_the_size_of_deepseek_expert_groups_and_routes_as_force
     torch.testing.assert_close(sub(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_the_balanced_bias_stays_in_fp32_in_a_bf16_model():
-    from moedisco.training.balance import BiasBalancer
+def test_the_balanced_bias_stays_in_fp32_in_a_bf16_model_across_a_resume(tmp_path):
+    """bf16-true casts every weight; the expert bias stays fp32 (in bf16, 0.375 + 0.001 rounds back to 0.375), also
+    when a run resumes from its checkpoint: after 4 steps every entry is a whole number of 1e-3 steps."""
+    from moedisco.config.spec import TrainConfig
+    from moedisco.job.metrics import MetricsWriter
+    from moedisco.training.loop import TrainContext, train
     from tests.conftest import tiny_hf_config
 
-    model = AutoModelForCausalLM.from_config(tiny_hf_config("deepseek_v3")).to(torch.bfloat16).train()
-    balancer = BiasBalancer(model, rate=1e-3)
-    bias = model.model.layers[0].mlp.gate.e_score_correction_bias
-    assert bias.dtype == torch.float32
-    bias.fill_(0.4)  # in bf16, 0.4 + 0.001 rounds back to 0.4
-    model(input_ids=torch.randint(2, 97, (2, 16)))
-    balancer.step()
-    assert not torch.equal(model.model.layers[0].mlp.gate.e_score_correction_bias, torch.full((4,), 0.4))
+    torch.manual_seed(0)
+    seqs = torch.randint(2, 97, (16, 16))
+    cfg = TrainConfig(steps=4, batch_size=4, precision="bf16-true", device="cpu", eval_every=4, checkpoint_every=2,
+                      router_bias_rate=1e-3)
+    for stop_at in (2, None):  # a round's end, then the resumed run to the end
+        model = AutoModelForCausalLM.from_config(tiny_hf_config("deepseek_v3"))
+        with torch.no_grad():  # 0.375 is exact in bf16, whose spacing there (0.002) swallows a step of 0.001
+            model.model.layers[1].mlp.gate.e_score_correction_bias.fill_(0.375)
+        train(model, seqs, None, cfg, TrainContext(tmp_path / "run", stage="finetune", seed=0, stop_at=stop_at,
+                                                   metrics=MetricsWriter(tmp_path / "m.jsonl"), progress=False))
+    biases = [layer.mlp.gate.e_score_correction_bias for layer in model.model.layers]
+    assert all(bias.dtype == torch.float32 for bias in biases)
+    steps = torch.cat([biases[0], biases[1] - 0.375]) / 1e-3
+    torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-3)
+    assert steps.abs().max() > 0
+
+
+def test_a_job_saved_before_the_arch_was_learnt_resumes(tmp_path):
+    """A job on a pretrained checkpoint saved its spec with the default `model.arch` (qwen2_moe) before the arch was
+    learnt from the checkpoint: resuming it compares like with like and goes on."""
+    from moedisco.job.layout import JobPaths
+    from moedisco.models.experts import with_checkpoint_model
+    from moedisco.models.weights import save_weights
+    from moedisco.runner.job_runner import check_same_job
+    from tests.conftest import tiny_hf_config
+
+    save_weights(AutoModelForCausalLM.from_config(tiny_hf_config("mixtral")), tmp_path / "mixtral")
+    spec = build_spec(tiny_spec_dict(tmp_path / "job", model={"pretrained": str(tmp_path / "mixtral"),
+                                                              "num_experts": 4}))
+    assert spec.model.arch == "qwen2_moe"
+    paths = JobPaths(tmp_path / "job")
+    paths.root.mkdir(parents=True)
+    spec.save(paths.spec)  # as the earlier version saved it
+    resumed = with_checkpoint_model(spec)
+    assert resumed.model.arch == "mixtral"
+    check_same_job(resumed, paths)
+    with pytest.raises(ValueError, match="different model.arch"):
+        check_same_job(resumed.model_copy(update={"model": resumed.model.model_copy(update={"arch": "olmoe"})}),
+                       paths)

@@ -271,3 +271,14 @@ def test_a_job_folder_written_into_a_users_area_cannot_lead_to_another_users_job
         (fake / "spec.yaml").write_text(garbage)
         errors = _errors(_submit(team.bob, _extend("users/bob/fake")))
         assert list(errors) == ["extend.base"] and "cannot be followed" in errors["extend.base"], garbage
+
+
+def test_a_pretrained_checkpoint_gives_the_job_its_architecture(team):
+    """`model.arch` left out is the checkpoint's in the job as stored; one that contradicts it is a 422 there."""
+    folder = team.settings.data_dir / "users" / "ada" / "mixtral"
+    AutoModelForCausalLM.from_config(tiny_hf_config("mixtral", 4)).save_pretrained(folder)
+    model = {"pretrained": "users/ada/mixtral", "num_experts": 4}
+    stored = team.ada.job(team.ada.submit({**tiny_spec_dict("ignored"), "model": model})["id"])["spec"]
+    assert stored["model"]["arch"] == "mixtral"
+    refused = _errors(_submit(team.ada, {**tiny_spec_dict("ignored"), "model": {**model, "arch": "olmoe"}}))
+    assert "is a mixtral checkpoint" in refused["model.arch"]

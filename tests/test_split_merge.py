@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -88,6 +90,37 @@ def test_submodel_forward_equals_source_routed_among_its_experts(arch, tmp_path)
             with force_experts(source, range(index * group, (index + 1) * group)):
                 expected = source(input_ids=input_ids).logits
             torch.testing.assert_close(sub(input_ids=input_ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@contextmanager
+def _every_token_to(model, arch, expert):
+    """Independently of `force_experts`: each router's output replaced by one sending every token to `expert` with
+    weight 1 (the softmax of a +-1e4 row)."""
+
+    def hook(module, args, output):
+        forced_TE = torch.full_like(output[0], -1e4)
+        forced_TE[:, expert] = 1e4
+        weights, indices = torch.softmax(forced_TE.float(), dim=-1).topk(module.top_k, dim=-1)
+        return forced_TE, weights.to(output[0].dtype), indices
+
+    suffix = REGISTRY[arch].router
+    handles = [m.register_forward_hook(hook) for name, m in model.named_modules() if name.endswith(suffix)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("arch", [arch for arch, entry in REGISTRY.items() if entry.min_group == 1])
+def test_a_one_expert_submodel_is_the_source_with_every_token_sent_to_its_expert(arch, tmp_path):
+    source = _source(arch, tmp_path)
+    input_ids = torch.randint(0, 97, (2, 16))
+    for expert in (0, 3):
+        with _every_token_to(source, arch, expert):
+            expected = source(input_ids=input_ids).logits
+        sub = load_submodel(tmp_path / "source", expert).eval()
+        torch.testing.assert_close(sub(input_ids=input_ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_group_that_does_not_divide_the_experts_is_refused(tmp_path):

@@ -134,7 +134,10 @@ def rerun_estimate(spec: JobSpec, ledger_usd: float | None = None) -> dict | Non
         return None
     first_job = jobs[0].folder
     first = load_saved_spec(first_job / "spec.yaml")
-    rerun = first.model_copy(update={"model": first.model.model_copy(update={"num_experts": spec.model.num_experts})})
+    experts, group = spec.model.num_experts, first.model.experts_per_submodel
+    group = group if experts % group == 0 else 1  # the first job's groups, where they still divide the experts
+    rerun = first.model_copy(update={"model": first.model.model_copy(
+        update={"num_experts": experts, "experts_per_submodel": group})})
     first_flop, rerun_flop, flop = job_flop_usd(first), job_flop_usd(rerun), job_flop_usd(spec)
     ledger = first_job / "cost.json"
     first_ledger = json.loads(ledger.read_text()).get("total_usd") if ledger.is_file() else None

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import yaml
 from pydantic import ValidationError
 
-from moedisco.config.loading import absolute_paths, upgrade_saved_spec
+from moedisco.config.loading import absolute_paths, upgrade_saved_spec, with_pretrained_arch
 from moedisco.config.spec import JobSpec
 from moedisco.job.events import (
     Events,
@@ -68,9 +68,10 @@ def check_same_job(spec: JobSpec, paths: JobPaths) -> None:
     if not saved_path.is_file():
         return
     saved = upgrade_saved_spec(yaml.safe_load(saved_path.read_text()))
-    try:  # fields newer than the saved spec get their defaults; an older version saved relative paths as given
-        saved = absolute_paths(JobSpec.model_validate(saved)).model_dump(mode="json")
-    except ValidationError:
+    try:  # fields newer than the saved spec get their defaults; an older version saved relative paths as given;
+        # one that predates learning `model.arch` from a pretrained checkpoint gets it as the current spec does
+        saved = with_pretrained_arch(absolute_paths(JobSpec.model_validate(saved))).model_dump(mode="json")
+    except (ValidationError, ValueError):
         pass
     current = spec.model_dump(mode="json")
     moe_disco = spec.method in ("moe_disco", "extend")  # the methods that embed, cluster and branch

@@ -76,10 +76,25 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig, device: torch.device
     if device.type == "cpu":
         return_freed_tensors_to_the_os()
     model.to(device=device, dtype=weight_dtype(cfg))
+    _keep_strictly_fp32(model)
     if cfg.activation_checkpointing:
         # Non-reentrant: works with frozen inputs (embeddings) and keyword arguments, and is what torch recommends.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def _keep_strictly_fp32(model: torch.nn.Module) -> None:
+    """Tensors the architecture declares fp32 whatever the weights' dtype (`_keep_in_fp32_modules_strict`, e.g.
+    DeepSeek's expert bias, whose updates of 1e-3 vanish in bf16) are cast back after `.to(dtype)`, which casts
+    every floating tensor; a checkpoint loaded into them afterwards keeps its fp32 values."""
+    names = getattr(model, "_keep_in_fp32_modules_strict", None) or ()
+    for module in model.modules():
+        for name in names:
+            tensor = module._buffers.get(name)
+            if tensor is not None and tensor.is_floating_point():
+                module._buffers[name] = tensor.float()
+            elif isinstance(module._parameters.get(name), torch.nn.Parameter):
+                module._parameters[name].data = module._parameters[name].data.float()
 
 
 # --- the per-parameter AdamW with stored state ---------------------------------------------------------------
