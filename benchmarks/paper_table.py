@@ -338,7 +338,8 @@ def parse_args(argv=None):
 
 def resolve_recipe(args, raw: dict) -> None:
     """`--recipe auto`: the submodel batch, steps and sync rounds `recipe: auto` gives the budget B of `raw`."""
-    chosen = auto_recipe(args.baseline_steps, raw["full_parameter"]["batch_size"], raw["model"]["num_experts"],
+    submodels = raw["model"]["num_experts"] // raw["model"].get("experts_per_submodel", 1)  # JobSpec.num_clusters
+    chosen = auto_recipe(args.baseline_steps, raw["full_parameter"]["batch_size"], submodels,
                          raw["finetune"]["batch_size"])
     raw["submodel"]["batch_size"] = chosen.submodel_batch
     args.submodel_steps, args.sync_rounds = [chosen.submodel_steps], [chosen.sync_rounds]
