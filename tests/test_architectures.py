@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from moedisco.config.architectures import REGISTRY, architecture
 from moedisco.config.loading import build_spec
 from moedisco.job.layout import JobPaths
+from moedisco.job.metrics import read_metrics
 from moedisco.models.architecture import expert_axes, num_experts_of, read_config
 from moedisco.models.experts import expert_provenance
 from moedisco.models.weights import SavedWeights
@@ -52,6 +53,8 @@ def test_a_job_splits_trains_merges_and_finetunes(tmp_path, arch, group):
     assert final(input_ids=ids, labels=ids).loss.isfinite()
     biases = [bias for name, bias in final.named_buffers() if name.endswith("e_score_correction_bias")]
     assert not biases or any(torch.count_nonzero(bias) for bias in biases)  # balanced with no auxiliary loss
+    loads = [record["router_load"] for record in read_metrics(paths.metrics, "finetune") if "router_load" in record]
+    assert loads and all(len(load) == 4 and sum(load) == pytest.approx(1.0) for load in loads)
 
 
 def test_an_unknown_architecture_names_what_to_add():
@@ -217,3 +220,22 @@ def test_a_job_saved_before_the_arch_was_learnt_resumes(tmp_path):
     with pytest.raises(ValueError, match="different model.arch"):
         check_same_job(resumed.model_copy(update={"model": resumed.model.model_copy(update={"arch": "olmoe"})}),
                        paths)
+
+
+def test_the_router_load_of_a_biased_router_counts_what_it_picked(tmp_path):
+    """The logged router load of a DeepSeek-style router is the routing its bias made, not its logits' top-k."""
+    from moedisco.config.spec import TrainConfig
+    from moedisco.job.metrics import MetricsWriter
+    from moedisco.training.loop import TrainContext, train
+    from tests.conftest import tiny_hf_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_hf_config("deepseek_v3"))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.e_score_correction_bias.copy_(torch.tensor([5.0, 5.0, 0.0, 0.0]))  # always experts 0, 1
+    cfg = TrainConfig(steps=1, batch_size=4, device="cpu", eval_every=1, checkpoint_every=1, router_bias_rate=1e-3)
+    train(model, torch.randint(2, 97, (8, 16)), None, cfg, TrainContext(
+        tmp_path / "run", stage="finetune", seed=0, metrics=MetricsWriter(tmp_path / "m.jsonl"), progress=False))
+    load = [r["router_load"] for r in read_metrics(tmp_path / "m.jsonl") if "router_load" in r][-1]
+    assert load == pytest.approx([0.5, 0.5, 0.0, 0.0])

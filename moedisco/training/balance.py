@@ -26,6 +26,7 @@ class BiasBalancer:
             setattr(router, BIAS, getattr(router, BIAS).float())
         self.counts = [torch.zeros_like(getattr(router, BIAS), dtype=torch.float64) for router in self.routers]
         self.handles = [router.register_forward_hook(self._counter(index)) for index, router in enumerate(self.routers)]
+        self.since_taken: torch.Tensor | None = None  # tokens per expert, summed over layers, for the metrics
 
     def _counter(self, index: int):
         def count(module: torch.nn.Module, args, output) -> None:
@@ -42,7 +43,14 @@ class BiasBalancer:
             if load.sum() > 0:
                 bias = getattr(router, BIAS)
                 bias.add_(torch.sign(load.mean() - load).to(bias.dtype), alpha=self.rate)
+                self.since_taken = load.float().cpu() + (0 if self.since_taken is None else self.since_taken)
             load.zero_()
+
+    def take_load(self) -> torch.Tensor | None:
+        """Tokens each expert got since the last call, summed over the MoE layers (the routing as picked, bias and
+        expert groups included): what the training metrics log as `router_load`."""
+        taken, self.since_taken = self.since_taken, None
+        return taken
 
     def close(self) -> None:
         for handle in self.handles:

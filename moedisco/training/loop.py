@@ -297,9 +297,12 @@ class _Loop:
         if self.ctx.meter is not None:
             record["peak_memory_gb"] = self.ctx.meter.peak_gb()
         record["memory_measures"] = measures_of(self.cfg)
-        if self.router_counts is not None:
+        picked = self.balancer.take_load() if self.balancer is not None else None
+        if picked is not None:  # a biased router picks by more than its logits: count what it picked
+            self.router_counts = picked
+        if self.router_counts is not None and self.router_counts.sum() > 0:
             record["router_load"] = (self.router_counts / self.router_counts.sum()).tolist()
-            self.router_counts = None
+        self.router_counts = None
         fsdp.on_rank_zero(self.model, self.hooks.rank, lambda: (self.hooks.check_write(),
                                                                     self.ctx.metrics.write(record)))
         if self.hooks.on_progress:
