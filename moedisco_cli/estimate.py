@@ -37,9 +37,12 @@ def render_estimate(result: dict, console) -> None:
     from rich.table import Table
 
     counts = result["parameters"]
+    group = result["experts_per_submodel"]
+    submodels = f"{result['num_experts'] // group} submodels of {group} experts" if group > 1 else "submodel"
     console.print(f"[bold]{result['arch']}[/bold], {result['num_experts']} experts: "
                   f"{counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active, "
-                  f"submodel {counts['submodel'] / 1e6:.2f}M ({counts['submodel'] / counts['total']:.0%} of the MoE)")
+                  f"{submodels} {counts['submodel'] / 1e6:.2f}M "
+                  f"({counts['submodel'] / counts['total']:.0%} of the MoE)")
     recipe = result["recipe"]
     console.print(f"recipe {recipe['recipe']}: {recipe['submodel_steps']} submodel steps in {recipe['sync_rounds']} "
                   f"rounds, {recipe['finetune_steps']} fine-tune steps, for a baseline of "

@@ -69,7 +69,8 @@ def estimate_job(spec: JobSpec, sharded: bool = True, hours: dict[str, float] | 
             for stage, plan in host_plans(spec, config, counts).items()}
     cost = (measured_cost(spec, hours, sharded) if convention == "paper"
             else flop_cost(spec, counts, _recomputes(spec, config, counts, plans, sharded), sharded))
-    return {"arch": config.model_type, "num_experts": num_experts_of(config), "parameters": counts,
+    return {"arch": config.model_type, "num_experts": num_experts_of(config),
+            "experts_per_submodel": submodel_group(spec), "parameters": counts,
             "recipe": _recipe(spec), "memory": _memory_as_written(spec, config, counts), "plan": plans,
             "host": host, "cost": cost}
 
