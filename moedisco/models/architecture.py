@@ -92,6 +92,12 @@ def expert_axes(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
     return axes
 
 
+def mixing_tensors(config: PretrainedConfig) -> list[str]:
+    """Tensors with several expert axes (a router layer where every expert's score reads every other's, as
+    LLaMA-MoE's gate network): experts cannot be added or removed one at a time where there are any."""
+    return [name for name, axes in expert_axes(config).items() if len(axes) > 1]
+
+
 def parameter_roles(config: PretrainedConfig) -> dict[str, Role]:
     """Role of every tensor of the MoE's state dict: per-expert tensors (`expert_axes`) are the experts' under
     `.experts.` and the router's elsewhere."""

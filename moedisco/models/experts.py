@@ -1,7 +1,7 @@
 """A finished MoE's expert set, grown or shrunk tensor by tensor, and where each expert came from.
 
     folder = base_model(Path("runs/tiny"))           # a job folder's final/, or a Hugging Face model folder as it is
-    spec = with_checkpoint_model(spec)                     # an extend/retire job's `model` and tokenizer: the base's
+    spec = with_checkpoint_model(spec)               # an extend/retire job's `model` and tokenizer: the base's
     rewrite_experts(folder, out, 3, rows=lambda name, role, tensor: tensor[[0, 1, 3]])    # expert 2 dropped
     expert_provenance(read_config(out))              # [{"expert": 0, "job": "tiny", "cluster": 0, ...}, ...]
 
@@ -26,7 +26,7 @@ from moedisco.job.provenance import PROVENANCE_KEY, base_job, expert_provenance_
 from moedisco.models.architecture import (
     Role,
     entry_of,
-    expert_axes,
+    mixing_tensors,
     num_experts_of,
     parameter_roles,
     read_config,
@@ -100,7 +100,7 @@ def _check_resizable(config: PretrainedConfig, method: str) -> None:
     if method == "extend" and entry_of(config).min_group > 1:
         raise ValueError(f"extend.base: a {config.model_type} model routes among groups of at least "
                          f"{entry_of(config).min_group} experts, so a new expert cannot train alone; not supported")
-    mixing = [name for name, axes in expert_axes(config).items() if len(axes) > 1]
+    mixing = mixing_tensors(config)
     if mixing:
         raise ValueError(f"{method}.base: a {config.model_type} model's router mixes experts ({mixing[0]}: every "
                          "expert's score reads every other's), so experts cannot be added or removed one at a time")
@@ -137,10 +137,11 @@ def rewrite_experts(source: Path, out: Path, num_experts: int, rows: Rows,
     """Write `source`'s model to `out` with `num_experts` experts: each per-expert or router tensor of `source` is
     replaced by `rows(name, role, tensor)` (leading dimension `num_experts`), each shared one by `shared(name,
     tensor)` (default: as it is). One tensor in memory at a time, plus the file being written."""
-    config = with_num_experts(read_config(source), num_experts)
-    if any(len(axes) > 1 for axes in expert_axes(read_config(source)).values()):
-        raise ValueError(f"{config.model_type}: its router mixes experts; experts cannot be rewritten one at a time")
-    roles = parameter_roles(read_config(source))
+    source_config = read_config(source)
+    if mixing_tensors(source_config):
+        raise ValueError(f"{source_config.model_type}: its router mixes experts; experts cannot be rewritten one at "
+                         "a time")
+    config, roles = with_num_experts(source_config, num_experts), parameter_roles(source_config)
     out.mkdir(parents=True, exist_ok=True)
     writer = WeightsWriter(out, MAX_FILE_BYTES)
     with SavedWeights(source) as weights:
